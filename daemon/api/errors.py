@@ -1,0 +1,54 @@
+"""Errors raised by API handlers and turned into HTTP responses by the error middleware.
+
+Native endpoints answer ``{"error": message}``; ``/v1`` endpoints answer OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``. Raise :class:`ApiError` anywhere below a
+handler; never let another exception escape as a traceback (the middleware maps it to 500).
+"""
+
+from __future__ import annotations
+
+# Ollama's exact texts (shared/reference/ollama-api.md §2).
+QUEUE_FULL = "server busy, please try again.  maximum pending requests exceeded"
+
+
+class ApiError(Exception):
+    """An error with an HTTP status and a client-facing message."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def __repr__(self) -> str:
+        return f"ApiError({self.status}, {self.message!r})"
+
+
+def model_not_found(name: str) -> ApiError:
+    return ApiError(404, f'model "{name}" not found, try pulling it first')
+
+
+def openai_error_type(status: int) -> str:
+    """OpenAI's ``error.type`` for a status code."""
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 404:
+        return "not_found_error"
+    if status == 429 or status == 503:
+        return "rate_limit_error" if status == 429 else "server_error"
+    if 400 <= status < 500:
+        return "invalid_request_error"
+    return "api_error"
+
+
+def native_body(err: ApiError) -> dict:
+    return {"error": err.message}
+
+
+def openai_body(err: ApiError) -> dict:
+    return {"error": {"message": err.message, "type": openai_error_type(err.status),
+                      "param": err.param, "code": err.code}}
