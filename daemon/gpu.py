@@ -1,0 +1,356 @@
+"""GPU and host-memory probes: each returns the scheduler's :class:`Inventory`.
+
+Three probes share one interface (:class:`GpuProbe`):
+
+* :class:`NvmlProbe` reads NVIDIA GPUs through ``pynvml`` (device count, name, total/free memory;
+  CUDA GPUs are discrete). It honours ``CUDA_VISIBLE_DEVICES`` (indices or ``GPU-`` UUID
+  prefixes). If NVML cannot be initialised the probe reports no GPUs and logs that once.
+* :class:`SimulatedProbe` reports the GPUs described by ``CORRAL_SIMULATE_GPUS`` (a JSON list);
+  tests change their free memory with :meth:`SimulatedProbe.set_free`.
+* host memory always comes from ``psutil`` (total, available) unless a fixed value is injected.
+
+Contracts:
+
+* ``read()`` may block (NVML calls into the driver); the event loop calls ``await refresh()``,
+  which runs ``read()`` in a worker thread when the probe may block.
+* ``read()`` never raises for a device error: a GPU whose memory cannot be read is left out of
+  that reading and the failure is logged once per device.
+* ``close()`` shuts NVML down (if it was initialised) and is idempotent.
+* ``visible_devices(gpu_ids)`` tells the runner launcher what to put in the child's
+  ``CUDA_VISIBLE_DEVICES`` for a placement; ``None`` means "leave the environment alone"
+  (simulated GPUs and CPU-only placements never narrow it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Protocol
+
+import psutil
+import structlog
+
+from corral.scheduler.types import Gpu, HostMemory, Inventory
+
+log = structlog.get_logger(__name__)
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True, slots=True)
+class GpuReading:
+    """One GPU as a probe measured it (bytes)."""
+
+    id: str            # what the scheduler and /api/ps call this GPU
+    name: str
+    total: int
+    free: int
+    library: str = "CUDA"
+    integrated: bool = False
+    visible_id: str | None = None   # value for the child's CUDA_VISIBLE_DEVICES (None: no narrowing)
+
+
+def host_memory_psutil() -> tuple[int, int]:
+    """(total, available) bytes of host RAM, from psutil. Cheap, does not block."""
+    vm = psutil.virtual_memory()
+    return int(vm.total), int(vm.available)
+
+
+def make_inventory(gpus: Iterable[GpuReading], host: tuple[int, int]) -> Inventory:
+    """Build the scheduler's Inventory from probe readings (the only place that knows its shape)."""
+    return Inventory(
+        gpus=tuple(
+            Gpu(id=g.id, name=g.name, library=g.library, total=g.total, free=g.free,
+                integrated=g.integrated)
+            for g in gpus
+        ),
+        host=HostMemory(total=host[0], available=host[1]),
+    )
+
+
+class GpuProbe(Protocol):
+    """What the supervisor needs from a probe (see the module docstring for the contracts)."""
+
+    blocking: bool            # True: call read() off the event loop
+
+    def read(self) -> Inventory: ...
+
+    async def refresh(self) -> Inventory: ...
+
+    def visible_devices(self, gpu_ids: Sequence[str]) -> str | None: ...
+
+    def close(self) -> None: ...
+
+
+class _ProbeBase:
+    blocking = False
+
+    def __init__(self, host: Callable[[], tuple[int, int]] | tuple[int, int] | None = None) -> None:
+        if host is None:
+            self._host: Callable[[], tuple[int, int]] = host_memory_psutil
+        elif callable(host):
+            self._host = host
+        else:
+            fixed = (int(host[0]), int(host[1]))
+            self._host = lambda: fixed
+
+    def gpu_readings(self) -> list[GpuReading]:
+        raise NotImplementedError
+
+    def read(self) -> Inventory:
+        return make_inventory(self.gpu_readings(), self._host())
+
+    async def refresh(self) -> Inventory:
+        if self.blocking:
+            return await asyncio.to_thread(self.read)
+        return self.read()
+
+    def visible_devices(self, gpu_ids: Sequence[str]) -> str | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class CpuOnlyProbe(_ProbeBase):
+    """No GPUs; host memory only."""
+
+    def gpu_readings(self) -> list[GpuReading]:
+        return []
+
+
+# ---------------------------------------------------------------------------------------- simulated
+
+def _parse_bytes(value: Any, field: str) -> int:
+    """Bytes from an int, a float, or a string like ``"24GiB"``, ``"8 GB"``, ``"512MiB"``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{field}: expected a size, got {value!r}")
+    if isinstance(value, (int, float)):
+        return int(value)
+    if isinstance(value, str):
+        s = value.strip().replace(" ", "")
+        units = {"TIB": 1024**4, "GIB": GiB, "MIB": 1024**2, "KIB": 1024,
+                 "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+        up = s.upper()
+        for suffix, mult in units.items():
+            if up.endswith(suffix):
+                return int(float(s[: -len(suffix)]) * mult)
+        return int(float(s))
+    raise ValueError(f"{field}: expected a size, got {value!r}")
+
+
+def parse_simulated(spec: Any) -> list[GpuReading]:
+    """GPU readings from ``CORRAL_SIMULATE_GPUS``: a JSON list (or the already-parsed list).
+
+    Each item is an object with ``total`` (bytes or a size string; alias ``vram``/``memory``) and
+    optional ``free`` (default: total), ``name``, ``id`` (default: its index), ``library``
+    (default ``CUDA``), ``integrated`` (default false). A bare number is a GPU of that size.
+    Raises ValueError naming the bad item.
+    """
+    if spec is None or spec == "":
+        return []
+    if isinstance(spec, (str, bytes)):
+        spec = json.loads(spec)
+    if isinstance(spec, dict):
+        spec = [spec]
+    out: list[GpuReading] = []
+    for i, item in enumerate(spec):
+        where = f"CORRAL_SIMULATE_GPUS[{i}]"
+        if not isinstance(item, dict):
+            if hasattr(item, "__struct_fields__"):   # a msgspec Struct from Config
+                item = {f: getattr(item, f) for f in item.__struct_fields__}
+            else:
+                item = {"total": item}
+        total_raw = next((item[k] for k in ("total", "vram", "memory", "total_memory")
+                          if item.get(k) is not None), None)
+        if total_raw is None:
+            raise ValueError(f"{where}: missing 'total'")
+        total = _parse_bytes(total_raw, f"{where}.total")
+        free = _parse_bytes(item["free"], f"{where}.free") if item.get("free") is not None else total
+        if total <= 0 or free < 0 or free > total:
+            raise ValueError(f"{where}: need 0 <= free <= total and total > 0")
+        out.append(GpuReading(
+            id=str(item.get("id", i)),
+            name=str(item.get("name") or f"Simulated GPU {i}"),
+            total=total, free=free,
+            library=str(item.get("library") or "CUDA"),
+            integrated=bool(item.get("integrated", False)),
+        ))
+    return out
+
+
+class SimulatedProbe(_ProbeBase):
+    """GPUs that exist only on paper. The child's environment is never narrowed for them."""
+
+    def __init__(self, gpus: Any, host: Callable[[], tuple[int, int]] | tuple[int, int] | None = None
+                 ) -> None:
+        super().__init__(host)
+        self._gpus = {g.id: g for g in parse_simulated(gpus)}
+        self._lock = threading.Lock()
+
+    def gpu_readings(self) -> list[GpuReading]:
+        with self._lock:
+            return list(self._gpus.values())
+
+    def set_free(self, gpu_id: str, free: int) -> None:
+        """Test hook: the next reading reports ``free`` bytes for ``gpu_id``."""
+        with self._lock:
+            g = self._gpus[gpu_id]
+            self._gpus[gpu_id] = GpuReading(g.id, g.name, g.total, min(max(free, 0), g.total),
+                                            g.library, g.integrated, g.visible_id)
+
+
+# --------------------------------------------------------------------------------------------- NVML
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def parse_visible_devices(value: str | None) -> list[str] | None:
+    """``CUDA_VISIBLE_DEVICES`` as a list of entries; None when unset (all devices visible).
+
+    CUDA stops at the first invalid entry; an empty string or ``-1`` hides every device.
+    """
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",")]
+    out: list[str] = []
+    for v in items:
+        if not v or v.startswith("-"):
+            break
+        out.append(v)
+    return out
+
+
+class NvmlProbe(_ProbeBase):
+    """NVIDIA GPUs through NVML. ``nvml`` is the ``pynvml`` module (tests pass a fake one)."""
+
+    blocking = True
+
+    def __init__(self, *, visible_devices: str | None = None, nvml: ModuleType | None = None,
+                 host: Callable[[], tuple[int, int]] | tuple[int, int] | None = None) -> None:
+        super().__init__(host)
+        self._nvml = nvml
+        self._visible = parse_visible_devices(visible_devices)
+        self._lock = threading.Lock()       # NVML calls from worker threads are serialised
+        self._state = "new"                 # new -> ready | unavailable -> closed
+        self._warned: set[str] = set()
+
+    # -- NVML lifecycle (under self._lock)
+
+    def _init(self) -> bool:
+        if self._state == "ready":
+            return True
+        if self._state != "new":
+            return False
+        try:
+            if self._nvml is None:
+                import pynvml  # noqa: PLC0415 (optional native dependency)
+                self._nvml = pynvml
+            self._nvml.nvmlInit()
+        except Exception as exc:  # NVMLError, ImportError, OSError: no usable driver
+            self._state = "unavailable"
+            log.info("nvml unavailable, no NVIDIA GPUs", error=str(exc) or type(exc).__name__)
+            return False
+        self._state = "ready"
+        return True
+
+    def _warn_once(self, key: str, **kw: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("nvml device read failed", **kw)
+
+    def _selected(self, count: int, uuids: list[str | None]) -> list[int]:
+        """Indices of the NVML devices CUDA may use, in CUDA_VISIBLE_DEVICES order."""
+        if self._visible is None:
+            return list(range(count))
+        out: list[int] = []
+        for entry in self._visible:
+            if entry.isdigit():
+                idx = int(entry)
+                if idx >= count:
+                    break
+            else:
+                matches = [i for i, u in enumerate(uuids) if u and u.startswith(entry)]
+                if len(matches) != 1:
+                    break
+                idx = matches[0]
+            if idx not in out:
+                out.append(idx)
+        return out
+
+    def gpu_readings(self) -> list[GpuReading]:
+        with self._lock:
+            if not self._init():
+                return []
+            nv = self._nvml
+            try:
+                count = int(nv.nvmlDeviceGetCount())
+            except Exception as exc:
+                self._warn_once("count", error=str(exc))
+                return []
+            handles: list[Any] = []
+            uuids: list[str | None] = []
+            for i in range(count):
+                try:
+                    h = nv.nvmlDeviceGetHandleByIndex(i)
+                except Exception as exc:
+                    self._warn_once(f"handle{i}", index=i, error=str(exc))
+                    h = None
+                handles.append(h)
+                uuid = None
+                if h is not None:
+                    try:
+                        uuid = _text(nv.nvmlDeviceGetUUID(h))
+                    except Exception:
+                        uuid = None
+                uuids.append(uuid)
+            out: list[GpuReading] = []
+            for i in self._selected(count, uuids):
+                h = handles[i]
+                if h is None:
+                    continue
+                try:
+                    mem = nv.nvmlDeviceGetMemoryInfo(h)
+                    name = _text(nv.nvmlDeviceGetName(h))
+                except Exception as exc:
+                    self._warn_once(f"mem{i}", index=i, error=str(exc))
+                    continue
+                total = int(mem.total)
+                out.append(GpuReading(
+                    id=str(i), name=name, total=total, free=min(int(mem.free), total),
+                    library="CUDA", integrated=False, visible_id=uuids[i] or str(i),
+                ))
+            self._by_id = {g.id: g for g in out}
+            return out
+
+    def visible_devices(self, gpu_ids: Sequence[str]) -> str | None:
+        """The child's CUDA_VISIBLE_DEVICES for a placement on ``gpu_ids`` (UUIDs when known)."""
+        if not gpu_ids:
+            return None
+        known = getattr(self, "_by_id", {})
+        ids = [known[g].visible_id if g in known and known[g].visible_id else g for g in gpu_ids]
+        return ",".join(str(i) for i in ids)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._state == "ready":
+                try:
+                    self._nvml.nvmlShutdown()
+                except Exception as exc:
+                    log.warning("nvml shutdown failed", error=str(exc))
+            self._state = "closed"
+
+
+def make_probe(config: Any, *, nvml: ModuleType | None = None,
+               host: Callable[[], tuple[int, int]] | tuple[int, int] | None = None) -> GpuProbe:
+    """The probe the daemon uses for ``config``: simulated GPUs when configured, else NVML."""
+    simulated = getattr(config, "simulate_gpus", None)
+    if simulated is not None:        # () simulates a machine without GPUs
+        return SimulatedProbe(simulated, host=host)
+    return NvmlProbe(visible_devices=getattr(config, "cuda_visible_devices", None), nvml=nvml,
+                     host=host)

@@ -1,0 +1,359 @@
+"""Runner processes: spawn, handshake, exit watch, stop escalation, stderr tail.
+
+One :class:`RunnerProcess` owns one ``python -m corral.runner`` child (STYLE rules 8, 9):
+
+* **spawn** in its own session/process group (``start_new_session=True``) so a stop can signal
+  the whole group; the ``LaunchSpec`` is written as one JSON line on stdin and stdin then stays
+  open (EOF tells the child the daemon is gone).
+* **handshake**: :meth:`RunnerProcess.start` reads the child's stdout events (``Loading``...
+  then ``Ready`` or ``Failed``). It fails at once when the child exits, and after
+  ``load_timeout`` seconds *without progress*: any byte on stdout or stderr pushes the stall
+  deadline forward (Ollama's ``OLLAMA_LOAD_TIMEOUT`` semantics; ``<= 0`` or None = no limit).
+* **stderr tail**: the last lines of the child's stderr are kept (bounded); the last
+  error-looking one is what client-facing errors quote.
+* **exit watch**: the process's exit is noticed when the child watcher reaps it (no polling);
+  once its pipes are drained (bounded) ``on_exit(runner, returncode)`` is called exactly once,
+  whatever the cause of the exit.
+* **stop** = SIGTERM to the group, bounded wait, SIGKILL to the group, then wait for the reap.
+
+Contracts: ``start()`` either returns ``Ready`` with the child running, or raises
+:class:`RunnerStartError` (or is cancelled) with the child stopped and reaped. ``stop()`` is
+idempotent, safe to call concurrently and before/after ``start()``, and returns only once the
+child is reaped. Nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import msgspec
+import structlog
+
+from corral.runner.protocol import Failed, LaunchSpec, Loading, Ready, decode_event, encode
+
+log = structlog.get_logger(__name__)
+
+RUNNER_ARGV: tuple[str, ...] = (sys.executable, "-m", "corral.runner")
+STDERR_TAIL_LINES = 20
+MAX_LINE = 8192                 # longer lines are cut (a runaway log line must not grow memory)
+PIPE_DRAIN_AFTER_EXIT = 1.0     # seconds to wait for a dead child's pipes before closing them
+
+# Lines that look like an error, in llama.cpp's, CUDA's and Python's words (Ollama keeps
+# "error:", "CUDA error", "cudaMalloc failed", "GGML_ASSERT", "panic:" ...).
+_ERROR_LINE = re.compile(
+    r"error|fail|panic|assert|abort|fatal|exception|out of memory|not enough memory|killed|"
+    r"segmentation fault|no such file|invalid|unable to|cannot",
+    re.IGNORECASE,
+)
+
+
+class RunnerStartError(Exception):
+    """The runner did not become ready. ``reason`` is client-facing (Ollama's wording)."""
+
+    def __init__(self, reason: str, *, oom: bool = False, kind: str = "failed") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.oom = oom
+        self.kind = kind          # "failed" (Failed event) | "exited" | "stalled" | "spawn"
+
+
+def describe_returncode(returncode: int | None) -> str:
+    """Go's ``exec.ExitError`` text: ``exit status 1`` / ``signal: killed``."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            name = (signal.strsignal(-returncode) or f"signal {-returncode}").lower()
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"signal: {name}"
+    return f"exit status {returncode}"
+
+
+def child_env(visible_devices: str | None, base: Mapping[str, str] | None = None
+              ) -> dict[str, str] | None:
+    """The child's environment: inherited, with CUDA_VISIBLE_DEVICES narrowed when given.
+
+    None means "inherit unchanged" (the cheap common case).
+    """
+    if visible_devices is None and base is None:
+        return None
+    env = dict(os.environ if base is None else base)
+    if visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices
+    return env
+
+
+class _Protocol(asyncio.SubprocessProtocol):
+    def __init__(self, owner: RunnerProcess) -> None:
+        self._owner = owner
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        self._owner._on_data(fd, data)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self._owner._on_pipe_closed(fd)
+
+    def process_exited(self) -> None:
+        self._owner._on_process_exited()
+
+
+class RunnerProcess:
+    """One runner child process. Use from the event loop thread only."""
+
+    def __init__(self, runner_id: str, *, env: Mapping[str, str] | None = None,
+                 on_exit: Callable[[RunnerProcess, int], None] | None = None,
+                 argv: Sequence[str] = RUNNER_ARGV, stderr_lines: int = STDERR_TAIL_LINES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.runner_id = runner_id
+        self._env = dict(env) if env is not None else None
+        self._on_exit = on_exit
+        self._argv = tuple(argv)
+        self._clock = clock
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=stderr_lines)
+        self._last_error: str = ""
+        self._partial: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
+        self._open_pipes: set[int] = set()
+        self._events: collections.deque[Loading | Ready | Failed] = collections.deque()
+        self._last_activity = 0.0
+        self._wake = asyncio.Event()            # something happened (data, event, exit)
+        self._exited = asyncio.Event()          # the child was reaped
+        self._done = asyncio.Event()            # reaped, pipes drained/closed, on_exit called
+        self._watcher: asyncio.Task[None] | None = None
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        self.ready: Ready | None = None
+        self.stopping = False                   # stop() was called: the exit is expected
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def running(self) -> bool:
+        return self._transport is not None and not self._exited.is_set()
+
+    def stderr_tail(self) -> list[str]:
+        return list(self._tail)
+
+    def last_error(self) -> str:
+        """The last error-looking stderr line, else the last stderr line, else ''."""
+        return self._last_error or (self._tail[-1] if self._tail else "")
+
+    def exit_reason(self) -> str:
+        """Client-facing text for an exit: ``llama runner process has terminated: ...``."""
+        text = f"llama runner process has terminated: {describe_returncode(self.returncode)}"
+        last = self.last_error()
+        return f"{text}: {last}" if last else text
+
+    async def start(self, spec: LaunchSpec, *, load_timeout: float | None) -> Ready:
+        """Spawn the child, send ``spec`` and wait for the handshake (see the module contract)."""
+        if self._transport is not None:
+            raise RuntimeError("RunnerProcess.start() called twice")
+        loop = asyncio.get_running_loop()
+        self._last_activity = self._clock()
+        try:
+            transport, _ = await loop.subprocess_exec(
+                lambda: _Protocol(self), *self._argv,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True, env=self._env,
+            )
+        except OSError as exc:
+            self._exited.set()
+            self._done.set()
+            raise RunnerStartError(f"unable to start runner: {exc}", kind="spawn") from exc
+        self._transport = transport
+        self.pid = transport.get_pid()
+        self._open_pipes = {1, 2}
+        self._watcher = asyncio.create_task(self._watch_exit(), name=f"runner-exit-{self.runner_id}")
+        log.debug("runner spawned", runner_id=self.runner_id, pid=self.pid)
+        try:
+            stdin = transport.get_pipe_transport(0)
+            assert stdin is not None
+            stdin.write(encode(spec) + b"\n")
+            ready = await self._handshake(load_timeout)
+        except BaseException:
+            # Cancelled or failed: leave no child behind (the contract of start()).
+            await asyncio.shield(self.stop(grace=1.0))
+            raise
+        self.ready = ready
+        return ready
+
+    async def stop(self, grace: float) -> int | None:
+        """SIGTERM the group, wait up to ``grace`` s, SIGKILL the group, wait for the reap.
+
+        Returns the child's return code (None if it was never spawned).
+        """
+        if self._transport is None:
+            return None
+        self.stopping = True
+        if not self._exited.is_set():
+            self._signal_group(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._done.wait()), timeout=max(grace, 0.0))
+            except TimeoutError:
+                log.warning("runner ignored SIGTERM, killing its process group",
+                            runner_id=self.runner_id, pid=self.pid, grace=grace)
+                self._signal_group(signal.SIGKILL)
+        await asyncio.shield(self._done.wait())
+        return self.returncode
+
+    async def wait_exited(self) -> int | None:
+        """Block until the child is reaped and on_exit ran."""
+        await self._done.wait()
+        return self.returncode
+
+    # ------------------------------------------------------------------ internals
+
+    def _signal_group(self, sig: int) -> None:
+        if self.pid is None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def _handshake(self, load_timeout: float | None) -> Ready:
+        limit = load_timeout if load_timeout is not None and load_timeout > 0 else None
+        exited_at: float | None = None
+        while True:
+            # 1. Events in arrival order: Loading is progress, Ready/Failed end the wait.
+            while self._events:
+                ev = self._events.popleft()
+                if isinstance(ev, Ready):
+                    return ev
+                if isinstance(ev, Failed):
+                    await self._wait_exit_after_failed()
+                    last = self.last_error()
+                    reason = ev.reason
+                    raise RunnerStartError(reason, oom=ev.oom, kind="failed") if reason else \
+                        RunnerStartError(last or self.exit_reason(), oom=ev.oom, kind="failed")
+            now = self._clock()
+            # 2. The child is gone: fail at once (after its pipes are drained, so a Failed line
+            #    written just before the exit still wins and the stderr tail is complete).
+            if self._exited.is_set():
+                exited_at = exited_at if exited_at is not None else now
+                if not (self._open_pipes and now - exited_at < PIPE_DRAIN_AFTER_EXIT):
+                    await self._done.wait()
+                    if self._events:
+                        continue
+                    raise RunnerStartError(self.exit_reason(), oom=_looks_oom(self.last_error()),
+                                           kind="exited")
+            # 3. Stall: no byte from the child for load_timeout seconds.
+            timeout: float | None = None
+            if limit is not None:
+                timeout = self._last_activity + limit - now
+                if timeout <= 0:
+                    raise RunnerStartError(
+                        _stall_text(limit, self.last_error()), kind="stalled")
+            if exited_at is not None:
+                drain_left = exited_at + PIPE_DRAIN_AFTER_EXIT - now
+                timeout = drain_left if timeout is None else min(timeout, drain_left)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            except TimeoutError:
+                pass
+
+    async def _wait_exit_after_failed(self) -> None:
+        """After Failed the child exits by itself; give it a moment so the stderr tail is full."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._done.wait()), timeout=PIPE_DRAIN_AFTER_EXIT)
+        except TimeoutError:
+            pass
+
+    def _on_data(self, fd: int, data: bytes) -> None:
+        self._last_activity = self._clock()
+        buf = self._partial[fd]
+        buf.extend(data)
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                break
+            line = bytes(buf[:nl])
+            del buf[: nl + 1]
+            self._on_line(fd, line)
+        if len(buf) > MAX_LINE:
+            line = bytes(buf[:MAX_LINE])
+            buf.clear()
+            self._on_line(fd, line)
+        self._wake.set()
+
+    def _on_line(self, fd: int, raw: bytes) -> None:
+        if fd == 1:
+            stripped = raw.strip()
+            if stripped.startswith(b"{"):
+                try:
+                    self._events.append(decode_event(stripped))
+                    return
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    pass
+        text = raw.decode("utf-8", errors="replace").rstrip()
+        if not text.strip():
+            return
+        if fd == 2:
+            self._tail.append(text)
+            if _ERROR_LINE.search(text):
+                self._last_error = text.strip()
+        log.debug("runner output", runner_id=self.runner_id, fd=fd, line=text)
+
+    def _on_pipe_closed(self, fd: int) -> None:
+        if fd in self._partial and self._partial[fd]:
+            line = bytes(self._partial[fd])
+            self._partial[fd].clear()
+            self._on_line(fd, line)
+        self._open_pipes.discard(fd)
+        self._wake.set()
+
+    def _on_process_exited(self) -> None:
+        assert self._transport is not None
+        self.returncode = self._transport.get_returncode()
+        self._exited.set()
+        self._wake.set()
+
+    async def _watch_exit(self) -> None:
+        """The exit watcher: reaped -> drain pipes (bounded) -> close -> on_exit, exactly once."""
+        await self._exited.wait()
+        deadline = self._clock() + PIPE_DRAIN_AFTER_EXIT
+        while self._open_pipes and self._clock() < deadline:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=deadline - self._clock())
+            except TimeoutError:
+                break
+        if self._open_pipes:
+            # Something else in the group holds our pipes: nothing of a dead runner may live on.
+            self._signal_group(signal.SIGKILL)
+        assert self._transport is not None
+        self._transport.close()
+        self._done.set()
+        self._wake.set()
+        log.debug("runner exited", runner_id=self.runner_id, pid=self.pid,
+                  returncode=self.returncode, expected=self.stopping)
+        if self._on_exit is not None:
+            self._on_exit(self, self.returncode if self.returncode is not None else -1)
+
+
+def _looks_oom(text: str) -> bool:
+    t = text.lower()
+    return any(s in t for s in (
+        "out of memory", "out of device memory", "cudamalloc failed", "hipmalloc failed",
+        "failed to allocate", "allocation failed", "not enough memory", "insufficient memory",
+        "vk_error_out_of_device_memory", "erroroutofmemory"))
+
+
+def looks_oom(text: str) -> bool:
+    """Ollama's ``IsOutOfMemory`` substrings (case-insensitive)."""
+    return _looks_oom(text)
+
+
+def _stall_text(limit: float, last: str) -> str:
+    text = f"timed out waiting for llama runner to start (no progress for {limit:g}s)"
+    return f"{text} - {last}" if last else text

@@ -1,0 +1,190 @@
+"""RunnerProcess with real children: the FakeEngine runner and small scripted stand-ins."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+import aiohttp
+import pytest
+
+from corral.daemon.runners import RunnerProcess, RunnerStartError, describe_returncode
+from corral.runner.protocol import FakeKnobs, LaunchSpec
+
+SAFETY = 20.0   # wall-clock safety net only; tests wait on events
+
+
+def spec(**knobs) -> LaunchSpec:
+    return LaunchSpec(model_path="/nonexistent/fake.gguf", engine="fake", num_ctx=256,
+                      fake=FakeKnobs(**knobs))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def script(code: str) -> tuple[str, ...]:
+    return (sys.executable, "-c", code)
+
+
+class Exits:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.event = asyncio.Event()
+
+    def __call__(self, runner: RunnerProcess, rc: int) -> None:
+        self.calls.append((runner.runner_id, rc))
+        self.event.set()
+
+
+async def test_handshake_serves_http_and_stops_gracefully():
+    exits = Exits()
+    r = RunnerProcess("m:1", on_exit=exits)
+    ready = await asyncio.wait_for(r.start(spec(load_time=0.05), load_timeout=10), SAFETY)
+    assert ready.pid == r.pid and ready.port > 0 and ready.n_ctx_per_slot == 256
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{ready.port}/health") as resp:
+            assert resp.status == 200
+    assert exits.calls == []
+    rc = await asyncio.wait_for(r.stop(grace=5), SAFETY)
+    assert rc == 0
+    assert exits.calls == [("m:1", 0)]
+    assert not pid_alive(r.pid)
+    assert await r.stop(grace=5) == 0            # idempotent
+    assert exits.calls == [("m:1", 0)]           # on_exit exactly once
+
+
+async def test_failed_load_reports_reason_and_oom():
+    r = RunnerProcess("m:1")
+    with pytest.raises(RunnerStartError) as ei:
+        await asyncio.wait_for(r.start(spec(fail_load_oom=True), load_timeout=10), SAFETY)
+    assert ei.value.oom and ei.value.kind == "failed"
+    assert "out of memory" in ei.value.reason
+    assert not pid_alive(r.pid)
+
+
+async def test_exit_during_load_fails_at_once_with_last_error_line():
+    code = ("import sys, time\n"
+            "sys.stdin.readline()\n"
+            "print('loading tensors', file=sys.stderr)\n"
+            "print('error: GGML_ASSERT(ctx) failed', file=sys.stderr)\n"
+            "print('cleanup done', file=sys.stderr)\n"
+            "sys.exit(3)\n")
+    r = RunnerProcess("m:1", argv=script(code))
+    t0 = time.monotonic()
+    with pytest.raises(RunnerStartError) as ei:
+        await asyncio.wait_for(r.start(spec(), load_timeout=60), SAFETY)
+    assert time.monotonic() - t0 < 5
+    assert ei.value.kind == "exited"
+    assert ei.value.reason == ("llama runner process has terminated: exit status 3: "
+                               "error: GGML_ASSERT(ctx) failed")
+    assert r.stderr_tail() == ["loading tensors", "error: GGML_ASSERT(ctx) failed", "cleanup done"]
+
+
+async def test_stall_timeout_kills_a_silent_child():
+    r = RunnerProcess("m:1", argv=script("import time; time.sleep(60)"))
+    t0 = time.monotonic()
+    with pytest.raises(RunnerStartError) as ei:
+        await asyncio.wait_for(r.start(spec(), load_timeout=0.5), SAFETY)
+    assert 0.4 < time.monotonic() - t0 < 5
+    assert ei.value.kind == "stalled"
+    assert "timed out waiting for llama runner to start" in ei.value.reason
+    assert not pid_alive(r.pid)                  # start() never leaves a child behind
+
+
+async def test_progress_on_stderr_pushes_the_stall_deadline():
+    # 1.2 s of loading with a byte every 0.1 s passes a 0.5 s stall timeout.
+    code = ("import sys, time, os, json\n"
+            "sys.stdin.readline()\n"
+            "for _ in range(12):\n"
+            "    time.sleep(0.1); print('.', file=sys.stderr, flush=True)\n"
+            "print(json.dumps({'type': 'ready', 'version': 1, 'port': 1, 'pid': os.getpid(),\n"
+            "    'n_ctx': 8, 'n_ctx_per_slot': 8, 'parallel': 1}), flush=True)\n"
+            "sys.stdin.read()\n")
+    r = RunnerProcess("m:1", argv=script(code))
+    ready = await asyncio.wait_for(r.start(spec(), load_timeout=0.5), SAFETY)
+    assert ready.pid == r.pid
+    assert await asyncio.wait_for(r.stop(grace=5), SAFETY) is not None
+    assert not pid_alive(r.pid)
+
+
+async def test_sigterm_ignored_is_escalated_to_sigkill_of_the_group():
+    exits = Exits()
+    r = RunnerProcess("m:1", on_exit=exits)
+    await asyncio.wait_for(r.start(spec(ignore_sigterm=True), load_timeout=10), SAFETY)
+    t0 = time.monotonic()
+    rc = await asyncio.wait_for(r.stop(grace=0.3), SAFETY)
+    took = time.monotonic() - t0
+    assert rc == -9 and describe_returncode(rc) == "signal: killed"
+    assert 0.25 < took < 5
+    assert exits.calls == [("m:1", -9)]
+    assert not pid_alive(r.pid)
+
+
+async def test_grandchildren_die_with_the_group():
+    code = ("import subprocess, sys, time, os, json\n"
+            "sys.stdin.readline()\n"
+            "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import signal,time; "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'])\n"
+            "print(json.dumps({'type': 'ready', 'version': 1, 'port': p.pid, 'pid': os.getpid(),\n"
+            "    'n_ctx': 8, 'n_ctx_per_slot': 8, 'parallel': 1}), flush=True)\n"
+            "time.sleep(60)\n")
+    r = RunnerProcess("m:1", argv=script(code))
+    ready = await asyncio.wait_for(r.start(spec(), load_timeout=10), SAFETY)
+    grandchild = ready.port                      # smuggled through the Ready line
+    assert pid_alive(grandchild)
+    await asyncio.wait_for(r.stop(grace=0.2), SAFETY)
+    for _ in range(100):                         # the grandchild is init's to reap: poll briefly
+        if not pid_alive(grandchild):
+            break
+        await asyncio.sleep(0.02)
+    assert not pid_alive(grandchild)
+
+
+async def test_exit_watcher_notices_a_crash_at_once():
+    exits = Exits()
+    r = RunnerProcess("m:1", on_exit=exits)
+    ready = await asyncio.wait_for(r.start(spec(), load_timeout=10), SAFETY)
+    os.kill(ready.pid, 9)
+    await asyncio.wait_for(exits.event.wait(), SAFETY)
+    assert exits.calls == [("m:1", -9)]
+    assert r.exit_reason().startswith("llama runner process has terminated: signal: killed")
+    assert await r.stop(grace=1) == -9
+
+
+async def test_cancelled_start_leaves_no_child():
+    r = RunnerProcess("m:1")
+    task = asyncio.create_task(r.start(spec(load_time=30), load_timeout=60))
+    while r.pid is None:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, SAFETY)
+    assert not pid_alive(r.pid)
+
+
+async def test_child_env_narrowing_reaches_the_child():
+    code = ("import sys, os, json\n"
+            "sys.stdin.readline()\n"
+            "print('CVD=' + os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>'), file=sys.stderr)\n"
+            "sys.exit(1)\n")
+    from corral.daemon.runners import child_env
+    r = RunnerProcess("m:1", argv=script(code), env=child_env("GPU-bbbb"))
+    with pytest.raises(RunnerStartError):
+        await asyncio.wait_for(r.start(spec(), load_timeout=10), SAFETY)
+    assert r.stderr_tail() == ["CVD=GPU-bbbb"]
+
+
+async def test_spawn_failure_is_a_start_error():
+    r = RunnerProcess("m:1", argv=("/nonexistent/python",))
+    with pytest.raises(RunnerStartError) as ei:
+        await r.start(spec(), load_timeout=10)
+    assert ei.value.kind == "spawn"
+    assert await r.stop(grace=1) is None
