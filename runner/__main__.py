@@ -1,0 +1,184 @@
+"""``python -m corral.runner``: one model, one process.
+
+Sequence (docs/DESIGN.md "Runner process protocol"):
+1. stdout becomes the event pipe: its fd is duplicated for events and fd 1 is pointed at stderr,
+   so nothing else (llama.cpp, a stray print) can corrupt the pipe.
+2. Read one LaunchSpec JSON line from stdin (a bad line: Failed, exit 2; EOF: exit 0).
+3. Loading events, load the engine in a worker thread; failure: Failed(reason, oom), exit 1.
+4. Bind 127.0.0.1:0, emit Ready(port, pid, n_ctx, memory...), serve HTTP.
+5. stdin EOF (the daemon is gone): cancel everything, exit 0. SIGTERM/SIGINT: refuse new work,
+   let in-flight work finish within LaunchSpec.grace_period, cancel the rest, exit 0.
+   Either one during the load exits 0 at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import BinaryIO
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from corral.runner.common import LoadError
+from corral.runner.protocol import Failed, LaunchSpec, Loading, Ready, decode_launch, encode
+
+log = structlog.get_logger("corral.runner")
+
+
+class EventPipe:
+    """Writes lifecycle events, one JSON line each, on the original stdout. Thread-safe."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+
+    def send(self, event: msgspec.Struct) -> None:
+        with self._lock:
+            try:
+                self._out.write(encode(event) + b"\n")
+                self._out.flush()
+            except (BrokenPipeError, ValueError):
+                pass  # the daemon stopped reading; stdin EOF will end us
+
+
+def take_stdout() -> EventPipe:
+    fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return EventPipe(os.fdopen(fd, "wb", buffering=0))
+
+
+def configure_logging() -> None:
+    level = logging.DEBUG if os.environ.get("CORRAL_RUNNER_DEBUG") else logging.INFO
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.LogfmtRenderer(key_order=["timestamp", "level", "event"]),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    )
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+
+
+def make_engine(spec: LaunchSpec):
+    if spec.engine == "fake":
+        from corral.runner.fake import FakeEngine
+
+        return FakeEngine(spec)
+    from corral.runner.engine import Engine  # the only import of llama_cpp
+
+    return Engine(spec)
+
+
+async def run(spec: LaunchSpec, events: EventPipe) -> int:
+    from corral.runner.server import RunnerServer
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    why: list[str] = []
+    loading = True
+
+    def request_stop(reason: str) -> None:  # on the loop
+        if loading:
+            log.info("runner exiting during load", reason=reason)
+            os._exit(0)
+        why.append(reason)
+        stop.set()
+
+    if spec.engine == "fake" and spec.fake.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        loop.add_signal_handler(signal.SIGTERM, request_stop, "sigterm")
+    loop.add_signal_handler(signal.SIGINT, request_stop, "sigterm")
+
+    def watch_stdin() -> None:  # thread: EOF means the daemon is gone
+        while sys.stdin.buffer.read(4096):
+            pass
+        loop.call_soon_threadsafe(request_stop, "stdin eof")
+
+    threading.Thread(target=watch_stdin, name="stdin-watch", daemon=True).start()
+
+    engine = make_engine(spec)
+    events.send(Loading(progress=0.0))
+    t0 = time.perf_counter_ns()
+    try:
+        await loop.run_in_executor(None, engine.load, lambda p: events.send(Loading(progress=p)))
+    except LoadError as e:
+        log.error("load failed", reason=e.reason, oom=e.oom)
+        events.send(Failed(reason=e.reason, oom=e.oom))
+        return 1
+    except Exception as e:  # an engine bug must still end the handshake
+        log.exception("load failed")
+        events.send(Failed(reason=f"{type(e).__name__}: {e}"))
+        return 1
+    load_ns = time.perf_counter_ns() - t0
+    engine.start()
+    server = RunnerServer(engine)
+    runner = web.AppRunner(server.app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    loading = False
+    events.send(
+        Ready(
+            port=port,
+            pid=os.getpid(),
+            n_ctx=engine.n_ctx,
+            n_ctx_per_slot=engine.n_ctx_per_slot,
+            parallel=engine.parallel,
+            n_ctx_train=engine.n_ctx_train,
+            memory=engine.memory,
+            load_duration=load_ns,
+        )
+    )
+    log.info("runner ready", port=port, model=spec.model_path, parallel=engine.parallel, n_ctx=engine.n_ctx)
+    try:
+        await stop.wait()
+        server.draining = True
+        log.info("runner stopping", reason=why[0], inflight=server.inflight)
+        if why[0] == "sigterm":
+            try:
+                await asyncio.wait_for(server.wait_idle(), spec.grace_period)
+            except TimeoutError:
+                log.warning("grace period over: cancelling in-flight work", inflight=server.inflight)
+        engine.cancel_all("runner is shutting down")
+        try:
+            await asyncio.wait_for(server.wait_idle(), 2.0)
+        except TimeoutError:
+            pass
+    finally:
+        await runner.cleanup()
+        await loop.run_in_executor(None, engine.close)
+    return 0
+
+
+def main() -> int:
+    events = take_stdout()
+    configure_logging()
+    line = sys.stdin.buffer.readline()
+    if not line.strip():
+        return 0
+    try:
+        spec = decode_launch(line)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        events.send(Failed(reason=f"bad launch spec: {e}"))
+        return 2
+    return asyncio.run(run(spec, events))
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stderr.flush()
+    # Hard exit: the stdin watcher and llama.cpp's threads must not keep the process alive.
+    os._exit(code)

@@ -1,0 +1,128 @@
+"""What the real Engine and the FakeEngine share: the engine interface, errors, jobs, and the text
+stream that turns token bytes into safe-to-emit text (whole UTF-8 characters, stop strings held
+back and never emitted). No llama_cpp here.
+"""
+
+from __future__ import annotations
+
+import codecs
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from corral.runner.protocol import (
+    CompletionChunk,
+    CompletionDone,
+    CompletionError,
+    CompletionRequest,
+    EmbedResponse,
+    MemoryUse,
+)
+
+CompletionEvent = CompletionChunk | CompletionDone | CompletionError
+Emit = Callable[[CompletionEvent], None]  # called from the decode thread; must not block
+
+
+class LoadError(Exception):
+    """The model could not be loaded; becomes Failed(reason, oom)."""
+
+    def __init__(self, reason: str, oom: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.oom = oom
+
+
+class BadRequest(Exception):
+    """The request cannot be served as given (HTTP 400); nothing was started."""
+
+
+class Job:
+    """One submitted completion. ``cancel()`` is thread-safe and takes effect at the next decode
+    step: the sequence's slot and KV are freed and nothing more is emitted."""
+
+    def __init__(self, request: CompletionRequest, emit: Emit) -> None:
+        self.request = request
+        self.emit = emit
+        self.cancelled = threading.Event()
+        self.submitted_at = time.perf_counter_ns()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class EngineLike(Protocol):
+    """The interface server.py drives. ``load`` and ``embed`` block (call them off the event loop);
+    ``submit`` is cheap and thread-safe; events reach ``emit`` from the engine's decode thread, the
+    last one being exactly one CompletionDone or CompletionError unless the job was cancelled."""
+
+    parallel: int
+    n_ctx: int
+    n_ctx_per_slot: int
+    n_ctx_train: int
+    memory: dict[str, MemoryUse]
+
+    def load(self, progress: Callable[[float], None]) -> None: ...
+    def start(self) -> None: ...
+    def submit(self, request: CompletionRequest, emit: Emit) -> Job: ...
+    def embed(self, inputs: list[str], truncate: bool) -> EmbedResponse: ...
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]: ...
+    def detokenize(self, tokens: list[int]) -> str: ...
+    def busy(self) -> int: ...
+    def queued(self) -> int: ...
+    def cancel_all(self, reason: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class TextStream:
+    """Token bytes in, emit-safe text out.
+
+    Guarantees: (1) a UTF-8 character split over tokens is emitted only once complete; (2) text that
+    could be the start of a stop string is held back until it cannot be; (3) once a stop string
+    appears, the text before it is released and nothing after it ever is (``stopped`` is set).
+    """
+
+    def __init__(self, stop: list[str]) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stop = [s for s in stop if s]
+        self._held = ""
+        self.stopped = False
+        self.text: list[str] = []  # everything released, for stream=false
+
+    def feed(self, piece: bytes) -> str:
+        if self.stopped:
+            return ""
+        return self._release(self._held + self._decoder.decode(piece), final=False)
+
+    def finish(self) -> str:
+        """Release what is held at the end of the generation (a broken trailing character
+        becomes U+FFFD)."""
+        if self.stopped:
+            return ""
+        return self._release(self._held + self._decoder.decode(b"", final=True), final=True)
+
+    def _release(self, text: str, final: bool) -> str:
+        cut = -1
+        for s in self._stop:
+            i = text.find(s)
+            if i >= 0 and (cut < 0 or i < cut):
+                cut = i
+        if cut >= 0:
+            self.stopped = True
+            self._held = ""
+            out = text[:cut]
+        elif final:
+            self._held = ""
+            out = text
+        else:
+            keep = 0
+            for s in self._stop:  # longest suffix of text that is a proper prefix of a stop string
+                for n in range(min(len(s) - 1, len(text)), keep, -1):
+                    if s.startswith(text[-n:]):
+                        keep = n
+                        break
+            self._held = text[len(text) - keep :] if keep else ""
+            out = text[: len(text) - keep]
+        if out:
+            self.text.append(out)
+        return out

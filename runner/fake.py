@@ -1,0 +1,232 @@
+"""FakeEngine: the runner's engine interface without llama.cpp, for tests of the daemon.
+
+It keeps the real engine's ordering: a load that takes time and reports progress, at most
+``parallel`` sequences decoding at once (the rest wait in FIFO order), one token per sequence per
+step at ``tokens_per_second``, cancellation at the next step, stop strings and num_predict honoured,
+a final CompletionDone with counts and durations. Vocabulary: ids 0..255 are bytes, 256+k is
+``WORDS[k]``; so tokenize/detokenize round-trip and ``tokens`` of the final record detokenize to
+prompt + output.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+
+from corral.runner.common import BadRequest, Emit, Job, LoadError, TextStream
+from corral.runner.protocol import (
+    CompletionChunk,
+    CompletionDone,
+    CompletionError,
+    CompletionRequest,
+    EmbedResponse,
+    FakeKnobs,
+    LaunchSpec,
+    MemoryUse,
+)
+
+WORDS = ["the", " quick", " brown", " fox", " jumps", " over", " lazy", " dog", ".", " A", " bird", " sings", ","]
+JSON_WORDS = ['{"', "fake", '":', " true", "}"]  # what format="json"/schema produces
+_BASE = 256
+_MiB = 1 << 20
+
+
+class _Seq:
+    def __init__(self, job: Job, prompt: list[int], limit: int, rng: random.Random) -> None:
+        self.job = job
+        self.tokens = list(prompt)
+        self.n_prompt = len(prompt)
+        self.limit = limit
+        self.rng = rng
+        self.text = TextStream(job.request.options.stop)
+        self.started = time.perf_counter_ns()
+        self.first_token_at = 0
+        self.done = False
+
+
+class FakeEngine:
+    def __init__(self, spec: LaunchSpec) -> None:
+        self.spec = spec
+        self.knobs: FakeKnobs = spec.fake
+        self.parallel = spec.parallel
+        self.n_ctx_per_slot = spec.num_ctx
+        self.n_ctx = spec.num_ctx * spec.parallel
+        self.n_ctx_train = spec.num_ctx
+        self.memory: dict[str, MemoryUse] = dict(self.knobs.memory or {})
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._active: list[_Seq] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._emitted = 0  # tokens over the process, for crash_after_tokens
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def load(self, progress: Callable[[float], None]) -> None:
+        k = self.knobs
+        steps = max(1, int(k.load_time / 0.05))
+        for i in range(steps):
+            time.sleep(k.load_time / steps)
+            progress((i + 1) / steps)
+        if k.fail_load_oom or k.fail_load:
+            reason = k.fail_load or "cudaMalloc failed: out of memory (fake)"
+            raise LoadError(reason, oom=k.fail_load_oom)
+        if not self.memory:
+            kv = self.n_ctx * 1024
+            self.memory = {"CPU": MemoryUse(weights=1 * _MiB, kv=kv, compute=_MiB // 2)}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="fake-decode", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.cancel_all("runner closed")
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def submit(self, request: CompletionRequest, emit: Emit) -> Job:
+        prompt = list(request.tokens or [])
+        if request.prompt:
+            prompt += self.tokenize(request.prompt, request.add_special, True)
+        if not prompt:
+            raise BadRequest("empty prompt")
+        if len(prompt) >= self.n_ctx_per_slot and not request.truncate:
+            raise BadRequest("the input length exceeds the context length")
+        job = Job(request, emit)
+        job.prompt = prompt  # type: ignore[attr-defined]
+        with self._cond:
+            if self._stopping:
+                raise BadRequest("runner is shutting down")
+            self._waiting.append(job)
+            self._cond.notify_all()
+        return job
+
+    def cancel_all(self, reason: str) -> None:
+        with self._cond:
+            jobs = list(self._waiting) + [s.job for s in self._active]
+            self._waiting.clear()
+            self._active.clear()
+            for job in jobs:
+                if not job.cancelled.is_set():
+                    job.emit(CompletionError(error=reason))
+                    job.cancel()
+
+    def busy(self) -> int:
+        return len(self._active)
+
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    # -- decode loop -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        period = 1.0 / self.knobs.tokens_per_second if self.knobs.tokens_per_second > 0 else 0.0
+        while True:
+            with self._cond:
+                while not self._stopping and not self._active and not self._waiting:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                t0 = time.perf_counter()
+                self._admit()
+                for seq in self._active:
+                    self._step(seq)
+                self._active = [s for s in self._active if not s.done]
+            rest = period - (time.perf_counter() - t0)
+            if rest > 0:
+                time.sleep(rest)
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._active) < self.parallel:
+            job = self._waiting.popleft()
+            if job.cancelled.is_set():
+                continue
+            o = job.request.options
+            n = o.num_predict
+            if n < 0:
+                n = self.knobs.default_num_predict if n == -1 else self.n_ctx_per_slot - len(job.prompt)  # type: ignore[attr-defined]
+            rng = random.Random(o.seed if o.seed >= 0 else None)
+            prompt = job.prompt[-self.n_ctx_per_slot + 1 :]  # type: ignore[attr-defined]
+            self._active.append(_Seq(job, prompt, max(0, n), rng))
+
+    def _step(self, seq: _Seq) -> None:
+        job = seq.job
+        if job.cancelled.is_set():
+            seq.done = True
+            return
+        generated = len(seq.tokens) - seq.n_prompt
+        if generated < seq.limit and not seq.text.stopped:
+            if job.request.format is not None:
+                tok = _BASE + len(WORDS) + generated % len(JSON_WORDS)
+            else:
+                tok = _BASE + seq.rng.randrange(len(WORDS))
+            seq.tokens.append(tok)
+            if not seq.first_token_at:
+                seq.first_token_at = time.perf_counter_ns()
+            out = seq.text.feed(self._piece(tok))
+            if out and job.request.stream:
+                job.emit(CompletionChunk(content=out))
+            self._emitted += 1
+            if self.knobs.crash_after_tokens is not None and self._emitted >= self.knobs.crash_after_tokens:
+                os._exit(1)
+            if len(seq.tokens) - seq.n_prompt < seq.limit and not seq.text.stopped:
+                return
+        tail = seq.text.finish()
+        if tail and job.request.stream:
+            job.emit(CompletionChunk(content=tail))
+        now = time.perf_counter_ns()
+        first = seq.first_token_at or now
+        n_gen = len(seq.tokens) - seq.n_prompt
+        reason = "length" if n_gen >= seq.limit and not seq.text.stopped and job.request.options.num_predict != -1 else "stop"
+        seq.done = True
+        job.emit(
+            CompletionDone(
+                content="" if job.request.stream else "".join(seq.text.text),
+                done_reason=reason,
+                prompt_eval_count=seq.n_prompt,
+                prompt_eval_duration=max(1, first - seq.started),
+                eval_count=n_gen,
+                eval_duration=max(1, now - first),
+                tokens=seq.tokens,
+            )
+        )
+
+    # -- tokens and embeddings -----------------------------------------------------------------
+
+    def _piece(self, tok: int) -> bytes:
+        if tok < _BASE:
+            return bytes([tok])
+        vocab = WORDS + JSON_WORDS
+        return vocab[(tok - _BASE) % len(vocab)].encode()
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self._piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def embed(self, inputs: list[str], truncate: bool) -> EmbedResponse:
+        out, count = [], 0
+        for text in inputs:
+            toks = self.tokenize(text, True, True)
+            if len(toks) > self.n_ctx_per_slot:
+                if not truncate:
+                    raise BadRequest("the input length exceeds the context length")
+                toks = toks[: self.n_ctx_per_slot]
+            count += len(toks)
+            digest = hashlib.sha256(bytes(t & 0xFF for t in toks)).digest()
+            vec = [(digest[i % len(digest)] - 127.5) / 127.5 for i in range(self.knobs.embedding_dim)]
+            norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+            out.append([v / norm for v in vec])
+        return EmbedResponse(embeddings=out, prompt_eval_count=count)

@@ -1,0 +1,235 @@
+"""Wire types shared by the daemon and the runner child process.
+
+Everything that crosses the process boundary is a msgspec Struct defined here and encoded as JSON:
+the ``LaunchSpec`` the daemon writes on the child's stdin, the lifecycle events the child writes on
+its stdout (one JSON line each), and the bodies of the runner's HTTP API. Every message carries a
+``type`` tag; top-level launch/event messages also carry ``version`` (``Literal[1]``), so a message
+from a different protocol version or with an unknown tag fails to decode instead of being guessed
+at. No pickle anywhere.
+
+This module imports msgspec and the stdlib only: the daemon imports it, and must never pull in
+llama.cpp through it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+Version = Literal[1]
+
+# ----------------------------------------------------------------------------------------------
+# Launch spec (daemon -> runner, one JSON line on stdin)
+
+
+class MemoryUse(msgspec.Struct, frozen=True, kw_only=True):
+    """Bytes llama.cpp allocated on one device, from its buffer-size log lines."""
+
+    weights: int = 0
+    kv: int = 0
+    compute: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.compute
+
+
+class FakeKnobs(msgspec.Struct, frozen=True, kw_only=True):
+    """Behaviour of the FakeEngine (``LaunchSpec.engine == "fake"``), for tests of the daemon."""
+
+    load_time: float = 0.0  # seconds the load takes (Loading progress is reported meanwhile)
+    tokens_per_second: float = 1000.0  # per sequence; sequences run concurrently up to `parallel`
+    fail_load: str | None = None  # the load fails with Failed(reason=fail_load, oom=fail_load_oom)
+    fail_load_oom: bool = False  # the load fails as out of memory (reason defaults to an OOM text)
+    crash_after_tokens: int | None = None  # the process exits hard (os._exit(1)) after N tokens total
+    ignore_sigterm: bool = False  # SIGTERM is ignored (the daemon must escalate to SIGKILL)
+    default_num_predict: int = 16  # tokens generated when num_predict < 0 (the fake has no EOS)
+    embedding_dim: int = 8
+    memory: dict[str, MemoryUse] | None = None  # Ready.memory to report; None: a small CPU figure
+
+
+KvCacheType = Literal["f16", "f32", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+
+
+class LaunchSpec(msgspec.Struct, frozen=True, kw_only=True, tag="launch", tag_field="type"):
+    """How to load one model. ``num_ctx`` is per slot: the context holds num_ctx * parallel."""
+
+    version: Version = PROTOCOL_VERSION
+    model_path: str
+    engine: Literal["llama", "fake"] = "llama"
+    num_ctx: int = 4096
+    parallel: int = 1
+    n_gpu_layers: int = -1  # -1: all layers (llama.cpp clamps); 0: CPU only
+    main_gpu: int = 0
+    tensor_split: list[float] | None = None
+    split_mode: Literal["none", "layer", "row"] = "layer"
+    flash_attention: bool | None = None  # None: llama.cpp decides (auto)
+    kv_cache_type: KvCacheType = "f16"
+    use_mmap: bool = True
+    num_thread: int = 0  # 0: llama.cpp's default (physical cores)
+    num_batch: int = 512
+    embedding: bool = False  # an embedding model: load the embedding context up front
+    shift: bool = True  # context shift when a generation fills its slot (else done_reason "length")
+    grace_period: float = 5.0  # seconds in-flight work may run on after SIGTERM before it is cancelled
+    fake: FakeKnobs = msgspec.field(default_factory=FakeKnobs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Lifecycle events (runner -> daemon, one JSON line each on stdout)
+
+
+class Loading(msgspec.Struct, frozen=True, kw_only=True, tag="loading", tag_field="type"):
+    version: Version = PROTOCOL_VERSION
+    progress: float = 0.0  # 0..1
+
+
+class Ready(msgspec.Struct, frozen=True, kw_only=True, tag="ready", tag_field="type"):
+    version: Version = PROTOCOL_VERSION
+    port: int  # on 127.0.0.1
+    pid: int
+    n_ctx: int  # whole context: n_ctx_per_slot * parallel
+    n_ctx_per_slot: int
+    parallel: int
+    n_ctx_train: int = 0
+    memory: dict[str, MemoryUse] = msgspec.field(default_factory=dict)  # device name -> bytes
+    load_duration: int = 0  # ns the model load took inside the runner
+
+
+class Failed(msgspec.Struct, frozen=True, kw_only=True, tag="failed", tag_field="type"):
+    version: Version = PROTOCOL_VERSION
+    reason: str
+    oom: bool = False
+
+
+RunnerEvent = Loading | Ready | Failed
+
+_event_decoder = msgspec.json.Decoder(RunnerEvent)
+_launch_decoder = msgspec.json.Decoder(LaunchSpec)
+_encoder = msgspec.json.Encoder()
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    """JSON bytes without a newline."""
+    return _encoder.encode(msg)
+
+
+def decode_event(line: bytes | str) -> Loading | Ready | Failed:
+    """Raise msgspec.ValidationError/DecodeError on an unknown tag, version or a bad field."""
+    return _event_decoder.decode(line)
+
+
+def decode_launch(line: bytes | str) -> LaunchSpec:
+    return _launch_decoder.decode(line)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runner HTTP API bodies
+
+
+class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
+    """Ollama's predict options (api.Options) with Ollama's defaults. Unknown keys are ignored."""
+
+    num_keep: int = 4
+    seed: int = -1  # -1: random
+    num_predict: int = -1  # -1: until EOS or the context is full (with shift: unbounded); -2: fill
+    top_k: int = 40
+    top_p: float = 0.9
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repeat_last_n: int = 64  # 0 off, -1 = num_ctx
+    temperature: float = 0.8
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = msgspec.field(default_factory=list)
+
+    @classmethod
+    def from_ollama(cls, options: dict[str, Any] | None) -> SamplingOptions:
+        """Build from an Ollama ``options`` map: unknown keys ignored, JSON floats truncated to int
+        where Ollama expects int. Raise msgspec.ValidationError naming the bad field."""
+        return msgspec.convert(options or {}, cls, strict=False)
+
+
+Format = Literal["json"] | dict[str, Any] | None
+
+
+class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Exactly one of ``prompt`` (text; special tokens are parsed) and ``tokens`` is used; when both
+    are given, ``tokens`` come first and ``prompt`` is tokenized and appended (generate's context)."""
+
+    prompt: str | None = None
+    tokens: list[int] | None = None
+    options: SamplingOptions = msgspec.field(default_factory=SamplingOptions)
+    format: Format = None  # "json" or a JSON schema: output constrained by a llama.cpp grammar
+    stream: bool = True
+    add_special: bool = True  # add BOS etc. when tokenizing `prompt` (ignored for `tokens`)
+    shift: bool | None = None  # None: the LaunchSpec's setting
+    truncate: bool = True  # a prompt longer than the slot keeps num_keep + the tail; else 400
+
+
+class CompletionChunk(msgspec.Struct, frozen=True, kw_only=True, tag="chunk", tag_field="type"):
+    content: str  # whole UTF-8 characters only
+
+
+class CompletionDone(msgspec.Struct, frozen=True, kw_only=True, tag="done", tag_field="type"):
+    content: str = ""  # the whole text when stream=false, else ""
+    done_reason: Literal["stop", "length"] = "stop"
+    prompt_eval_count: int = 0  # prompt tokens actually evaluated (a prompt-cache hit is not counted)
+    prompt_eval_duration: int = 0  # ns
+    eval_count: int = 0  # tokens generated
+    eval_duration: int = 0  # ns
+    tokens: list[int] = msgspec.field(default_factory=list)  # prompt + generated (generate's context)
+    truncated: bool = False  # the prompt was truncated to fit the slot
+
+
+class CompletionError(msgspec.Struct, frozen=True, kw_only=True, tag="error", tag_field="type"):
+    error: str
+
+
+CompletionEvent = CompletionChunk | CompletionDone | CompletionError
+_completion_event_decoder = msgspec.json.Decoder(CompletionEvent)
+
+
+def decode_completion_event(line: bytes | str) -> CompletionChunk | CompletionDone | CompletionError:
+    return _completion_event_decoder.decode(line)
+
+
+class EmbedRequest(msgspec.Struct, frozen=True, kw_only=True):
+    input: list[str]
+    truncate: bool = True
+
+
+class EmbedResponse(msgspec.Struct, frozen=True, kw_only=True):
+    embeddings: list[list[float]]  # L2-normalised, one per input
+    prompt_eval_count: int = 0  # tokens over all inputs
+
+
+class TokenizeRequest(msgspec.Struct, frozen=True, kw_only=True):
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+
+
+class TokenizeResponse(msgspec.Struct, frozen=True, kw_only=True):
+    tokens: list[int]
+
+
+class DetokenizeRequest(msgspec.Struct, frozen=True, kw_only=True):
+    tokens: list[int]
+
+
+class DetokenizeResponse(msgspec.Struct, frozen=True, kw_only=True):
+    content: str
+
+
+class Health(msgspec.Struct, frozen=True, kw_only=True):
+    status: Literal["ok", "loading", "draining"] = "ok"
+    slots_total: int = 0
+    slots_busy: int = 0
+    queued: int = 0
+
+
+class ErrorResponse(msgspec.Struct, frozen=True, kw_only=True):
+    error: str

@@ -1,0 +1,187 @@
+"""The runner's HTTP API (aiohttp), in front of an engine (real or fake).
+
+Contract (docs/DESIGN.md "Runner HTTP API"): JSON bodies are the msgspec structs of
+``corral.runner.protocol``. ``/completion`` streams NDJSON lines, each a tagged CompletionEvent,
+the last one ``done`` or ``error``. A client that disconnects cancels its job (handler
+cancellation is on), which frees the slot at the engine's next step. While draining (SIGTERM),
+new work is refused with 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from corral.runner.common import BadRequest, EngineLike
+from corral.runner.protocol import (
+    CompletionDone,
+    CompletionError,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    EmbedRequest,
+    ErrorResponse,
+    Health,
+    TokenizeRequest,
+    TokenizeResponse,
+    encode,
+)
+
+log = structlog.get_logger(__name__)
+
+NDJSON = "application/x-ndjson"
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Unexpected exceptions become JSON 500s; HTTP errors (404, 405) keep their status."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return RunnerServer._json(ErrorResponse(error=e.reason), e.status)
+    except Exception as e:
+        log.exception("runner request failed", path=request.path)
+        return RunnerServer._json(ErrorResponse(error=f"{type(e).__name__}: {e}"), 500)
+
+
+class RunnerServer:
+    """Owns the aiohttp app; ``draining`` and ``inflight`` are read by the shutdown sequence."""
+
+    def __init__(self, engine: EngineLike) -> None:
+        self.engine = engine
+        self.draining = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._embed_lock = asyncio.Lock()
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_errors])
+        app.router.add_get("/health", self.health)
+        app.router.add_post("/completion", self.completion)
+        app.router.add_post("/embed", self.embed)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+        self.app = app
+
+    async def wait_idle(self) -> None:
+        """Return once no request is in flight."""
+        await self._idle.wait()
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _enter(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    @staticmethod
+    def _json(obj: Any, status: int = 200) -> web.Response:
+        return web.Response(body=encode(obj), status=status, content_type="application/json")
+
+    def _error(self, status: int, message: str) -> web.Response:
+        return self._json(ErrorResponse(error=message), status)
+
+    async def _body(self, request: web.Request, typ: type) -> Any:
+        try:
+            return msgspec.json.decode(await request.read(), type=typ)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise BadRequest(str(e)) from None
+
+    # -- routes ------------------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        return self._json(
+            Health(
+                status="draining" if self.draining else "ok",
+                slots_total=self.engine.parallel,
+                slots_busy=self.engine.busy(),
+                queued=self.engine.queued(),
+            )
+        )
+
+    async def completion(self, request: web.Request) -> web.StreamResponse:
+        if self.draining:
+            return self._error(503, "runner is shutting down")
+        self._enter()
+        try:
+            return await self._completion(request)
+        finally:
+            self._leave()
+
+    async def _completion(self, request: web.Request) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(event: Any) -> None:  # decode thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # loop closed: nobody is listening any more
+                pass
+
+        try:
+            req = await self._body(request, CompletionRequest)
+            job = await loop.run_in_executor(None, self.engine.submit, req, emit)
+        except BadRequest as e:
+            return self._error(400, str(e))
+        try:
+            if not req.stream:
+                while True:
+                    event = await queue.get()
+                    if isinstance(event, CompletionDone):
+                        return self._json(event)
+                    if isinstance(event, CompletionError):
+                        return self._error(500, event.error)
+            resp = web.StreamResponse(headers={"Content-Type": NDJSON})
+            await resp.prepare(request)
+            while True:
+                event = await queue.get()
+                await resp.write(encode(event) + b"\n")
+                if isinstance(event, CompletionDone | CompletionError):
+                    break
+            await resp.write_eof()
+            return resp
+        finally:
+            # 1. normal end: the job is finished, cancel is a no-op; 2. client gone (handler
+            # cancelled or write failed): the engine frees the slot at its next step.
+            job.cancel()
+
+    async def embed(self, request: web.Request) -> web.Response:
+        if self.draining:
+            return self._error(503, "runner is shutting down")
+        self._enter()
+        try:
+            req = await self._body(request, EmbedRequest)
+            async with self._embed_lock:
+                resp = await asyncio.get_running_loop().run_in_executor(
+                    None, self.engine.embed, req.input, req.truncate
+                )
+            return self._json(resp)
+        except BadRequest as e:
+            return self._error(400, str(e))
+        finally:
+            self._leave()
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        try:
+            req = await self._body(request, TokenizeRequest)
+        except BadRequest as e:
+            return self._error(400, str(e))
+        tokens = self.engine.tokenize(req.content, req.add_special, req.parse_special)
+        return self._json(TokenizeResponse(tokens=tokens))
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        try:
+            req = await self._body(request, DetokenizeRequest)
+            content = self.engine.detokenize(req.tokens)
+        except BadRequest as e:
+            return self._error(400, str(e))
+        return self._json(DetokenizeResponse(content=content))
