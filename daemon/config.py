@@ -421,6 +421,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     runner_engine: Literal["llama", "fake"] = "llama"
     # CORRAL_FAKE_KNOBS: JSON object handed to fake runners (None = defaults)
     fake_knobs: dict[str, Any] | None = None
+    # CORRAL_DEFAULT_MODEL: the embedded model `corral serve` imports (and preloads) at start;
+    # "" disables it.
+    default_model: str = "gemma3:270m"
 
     @property
     def bind_host(self) -> str | None:
@@ -539,6 +542,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             simulate_gpus=simulate,
             runner_engine=engine,  # type: ignore[arg-type]
             fake_knobs=knobs,
+            default_model=(env["CORRAL_DEFAULT_MODEL"].strip() if "CORRAL_DEFAULT_MODEL" in env
+                           else "gemma3:270m"),
         )
 
     def env_summary(self) -> dict[str, str]:
