@@ -1,0 +1,46 @@
+"""The error middleware: every failure of a handler becomes a JSON error response.
+
+* ``ApiError`` -> its status with ``{"error": message}`` (native) or OpenAI's error object for
+  paths under ``/v1/``.
+* aiohttp's own ``HTTPException`` (404 unknown path, 405, 413 body too large, ...) passes through
+  unchanged, except that 413 gets a JSON body.
+* Any other exception -> 500 with its text; the traceback is logged, never sent.
+* Cancellation (client gone) propagates.
+
+Streaming handlers that already sent their headers cannot change the status any more; they must
+report a late error themselves as a final ``{"error": ...}`` line (see ``native_models``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from corral.daemon.api.errors import ApiError, native_body, openai_body
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(request: web.Request, err: ApiError) -> web.Response:
+    body = openai_body(err) if request.path.startswith("/v1/") else native_body(err)
+    return web.json_response(body, status=err.status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return error_response(request, err)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return error_response(request, ApiError(413, exc.text or "request body too large"))
+    except (web.HTTPException, asyncio.CancelledError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a 500
+        log.exception("api.unhandled", path=request.path, method=request.method)
+        return error_response(request, ApiError(500, str(exc) or type(exc).__name__))

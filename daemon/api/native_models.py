@@ -1,0 +1,393 @@
+"""Native model-management routes: /, /api/version, tags, show, create, blobs, copy, delete,
+pull, push.
+
+Handlers read ``app[STORE]`` (and ``app[SUPERVISOR]`` when present, to unload a deleted or
+replaced model without waiting for it). Bodies are decoded with msgspec into the Structs below:
+unknown fields are ignored, a wrong type is a 400 naming the field, malformed JSON a 400.
+Progress endpoints stream NDJSON (one compact object per line) unless ``"stream": false``; an
+error before the first line gets a real status, a later one is a final ``{"error": ...}`` line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from corral.daemon import gguf_info, modelfile
+from corral.daemon.api.errors import ApiError
+from corral.daemon.api.keys import STORE, SUPERVISOR
+from corral.daemon.registry import Registry
+from corral.daemon.store import ModelRecord, Store, parse_digest, parse_name
+
+log = structlog.get_logger(__name__)
+
+VERSION = "0.13.0"
+NDJSON = "application/x-ndjson"
+
+# The registry client used by pull/push; tests put one with a loopback mapping here.
+REGISTRY: web.AppKey[Registry] = web.AppKey("registry", Registry)
+
+
+# ---- request bodies ---------------------------------------------------------------------------
+
+
+class ModelRequest(msgspec.Struct):
+    model: str = ""
+    name: str = ""          # legacy alias of model
+    verbose: bool = False
+    system: str | None = None
+    template: str | None = None
+    options: dict[str, Any] | None = None
+    insecure: bool = False
+    stream: bool | None = None
+
+    def target(self) -> str:
+        return self.model or self.name
+
+
+class CreateRequest(msgspec.Struct):
+    model: str = ""
+    name: str = ""
+    from_: str | None = msgspec.field(default=None, name="from")
+    files: dict[str, str] | None = None
+    adapters: dict[str, str] | None = None
+    template: str | None = None
+    system: str | None = None
+    license: str | list[str] | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[dict[str, Any]] | None = None
+    quantize: str | None = None
+    quantization: str | None = None
+    modelfile: str | None = None      # legacy (<= v0.5.4) form
+    stream: bool | None = None
+
+
+class CopyRequest(msgspec.Struct):
+    source: str = ""
+    destination: str = ""
+
+
+def decode_body(raw: bytes, kind: type[Any]) -> Any:
+    """JSON body -> ``kind``; every failure is ApiError(400) with a message naming the field."""
+    if not raw.strip():
+        raise ApiError(400, "missing request body")
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as e:
+        raise ApiError(400, f"invalid request body: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ApiError(400, f"invalid JSON in request body: {e}") from None
+
+
+async def read_body(request: web.Request, kind: type[Any]) -> Any:
+    return decode_body(await request.read(), kind)
+
+
+# ---- response helpers -----------------------------------------------------------------------
+
+
+def timestamp(epoch: float) -> str:
+    """RFC 3339 local time with offset and microseconds (Go's modified_at form)."""
+    return dt.datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="microseconds")
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(obj), status=status,
+                        content_type="application/json", charset="utf-8")
+
+
+class ProgressStream:
+    """Sends progress objects as NDJSON, preparing the response lazily on the first one.
+
+    Once the client is gone, further objects are dropped so the work (e.g. a pull) can finish.
+    """
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+        self.gone = False
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        if self.gone:
+            return
+        try:
+            if self.response is None:
+                self.response = web.StreamResponse(headers={"Content-Type": NDJSON})
+                await self.response.prepare(self.request)
+            await self.response.write(msgspec.json.encode(obj) + b"\n")
+        except (ConnectionError, RuntimeError):
+            self.gone = True
+
+    async def finish(self) -> web.StreamResponse:
+        assert self.response is not None
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.response.write_eof()
+        return self.response
+
+
+Work = Callable[[Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
+
+
+async def run_progress(request: web.Request, stream: bool | None, work: Work) -> web.StreamResponse:
+    """Run ``work(progress)`` and answer with its progress as a stream or as the last object."""
+    if stream is False:
+        last: dict[str, Any] = {}
+
+        async def keep(obj: dict[str, Any]) -> None:
+            last.clear()
+            last.update(obj)
+
+        await work(keep)
+        return _json(last or {"status": "success"})
+    out = ProgressStream(request)
+    try:
+        await work(out.send)
+    except ApiError as err:
+        if out.response is None:
+            raise
+        await out.send({"error": err.message})
+    if out.response is None:
+        await out.send({"status": "success"})
+    return await out.finish()
+
+
+def _store(request: web.Request) -> Store:
+    return request.app[STORE]
+
+
+def _registry(request: web.Request) -> Registry:
+    app = request.app
+    if REGISTRY in app:
+        return app[REGISTRY]
+    return Registry(app[STORE])
+
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _unload_soon(request: web.Request, record: ModelRecord) -> None:
+    """Ask the supervisor (if any) to unload ``record``; never waits for it."""
+    supervisor = request.app.get(SUPERVISOR) if SUPERVISOR in request.app else None
+    hook = getattr(supervisor, "unload", None) if supervisor is not None else None
+    if hook is None:
+        return
+
+    async def run() -> None:
+        try:
+            await hook(record)
+        except Exception as e:  # noqa: BLE001 - best effort
+            log.warning("models.unload_failed", model=record.name, error=str(e))
+
+    task = asyncio.get_running_loop().create_task(run())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+def details_dict(record: ModelRecord) -> dict[str, Any]:
+    d = msgspec.structs.asdict(record.details)
+    if record.config.context_length:
+        d["context_length"] = record.config.context_length
+    if record.config.embedding_length:
+        d["embedding_length"] = record.config.embedding_length
+    return d
+
+
+# ---- handlers ----------------------------------------------------------------------------------
+
+
+async def root(request: web.Request) -> web.Response:
+    return web.Response(text="Ollama is running")
+
+
+async def version(request: web.Request) -> web.Response:
+    return _json({"version": VERSION})
+
+
+async def tags(request: web.Request) -> web.Response:
+    records = await asyncio.to_thread(_store(request).list)
+    models = []
+    for r in records:
+        item = {"name": r.name, "model": r.name, "modified_at": timestamp(r.modified_at),
+                "size": r.size, "digest": r.digest, "details": details_dict(r)}
+        if r.config.capabilities:
+            item["capabilities"] = r.config.capabilities
+        models.append(item)
+    return _json({"models": models})
+
+
+async def show(request: web.Request) -> web.Response:
+    req = await read_body(request, ModelRequest)
+    if not req.target():
+        raise ApiError(400, "model is required")
+    store = _store(request)
+    name = parse_name(req.target())
+    try:
+        record = store.resolve(name)
+    except ApiError as e:
+        if e.status == 404:
+            raise ApiError(404, f"model '{name.display}' not found") from None
+        raise
+    info = None
+    if record.model_path is not None and record.model_path.is_file():
+        try:
+            info = await gguf_info.read_info_async(record.model_path)
+        except Exception as e:  # noqa: BLE001 - a non-GGUF model layer has no metadata
+            log.warning("show.gguf_unreadable", model=record.name, error=str(e))
+    params = dict(record.parameters)
+    if req.options:
+        params.update(req.options)
+    system = req.system if req.system is not None else record.system
+    body: dict[str, Any] = {}
+    if record.license:
+        body["license"] = "\n".join(record.license)
+    body["modelfile"] = modelfile.render(record, system=req.system, options=req.options)
+    body["parameters"] = modelfile.format_parameters(params)
+    template = record.template
+    if template is None:
+        template = (info.chat_template if info is not None else None) or "{{ .Prompt }}"
+    body["template"] = template
+    if system:
+        body["system"] = system
+    if record.config.renderer:
+        body["renderer"] = record.config.renderer
+    if record.config.parser:
+        body["parser"] = record.config.parser
+    body["details"] = details_dict(record)
+    if record.messages:
+        body["messages"] = record.messages
+    if info is not None:
+        body["model_info"] = await asyncio.to_thread(gguf_info.model_info, info, verbose=req.verbose)
+        body["tensors"] = gguf_info.tensor_list(info)
+    else:
+        body["model_info"] = {}
+    if record.projectors:
+        with contextlib.suppress(Exception):
+            pinfo = await gguf_info.read_info_async(record.projectors[0])
+            body["projector_info"] = gguf_info.model_info(pinfo)
+    body["capabilities"] = gguf_info.capabilities(
+        info, template=record.template, has_projector=bool(record.projectors),
+        declared=record.config.capabilities)
+    body["modified_at"] = timestamp(record.modified_at)
+    if record.config.requires:
+        body["requires"] = record.config.requires
+    return _json(body)
+
+
+def _legacy_modelfile(req: CreateRequest) -> CreateRequest:
+    """Map the legacy ``modelfile`` form onto the current one (``FROM @sha256:…`` = a blob)."""
+    try:
+        parsed = modelfile.parse(req.modelfile or "").create_request()
+    except modelfile.ModelfileError as e:
+        raise ApiError(400, str(e)) from None
+    source = parsed.pop("from", None)
+    files = adapters = None
+    if source and source.startswith("@"):
+        files = {"model.gguf": source[1:]}
+        source = None
+    if parsed.get("adapters"):
+        adapters = {f"adapter{i}.gguf": a.lstrip("@") for i, a in enumerate(parsed["adapters"])}
+    return msgspec.structs.replace(
+        req, from_=source, files=files, adapters=adapters,
+        template=parsed.get("template", req.template), system=parsed.get("system", req.system),
+        license=parsed.get("license", req.license), messages=parsed.get("messages", req.messages),
+        parameters=parsed.get("parameters", req.parameters))
+
+
+async def create(request: web.Request) -> web.StreamResponse:
+    req = await read_body(request, CreateRequest)
+    if req.modelfile and not req.from_ and not req.files:
+        req = _legacy_modelfile(req)
+    target = req.model or req.name
+    parse_name(target)  # 400 before any streaming
+    store = _store(request)
+    replaced = store.resolve(target) if store.exists(target) else None
+
+    async def work(progress: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        await store.create(
+            target, from_=req.from_, files=req.files, adapters=req.adapters,
+            template=req.template, system=req.system, parameters=req.parameters,
+            messages=req.messages, license=req.license, quantize=req.quantize or req.quantization,
+            progress=progress)
+        if replaced is not None:
+            _unload_soon(request, replaced)
+
+    return await run_progress(request, req.stream, work)
+
+
+async def head_blob(request: web.Request) -> web.Response:
+    digest = parse_digest(request.match_info["digest"])
+    if not _store(request).has_blob(digest):
+        raise ApiError(404, f'blob "{digest}" not found')
+    return web.Response(status=200)
+
+
+async def post_blob(request: web.Request) -> web.Response:
+    digest = parse_digest(request.match_info["digest"])
+    store = _store(request)
+    if store.has_blob(digest):
+        return web.Response(status=200)
+    written = await store.write_blob_stream(digest, request.content.iter_chunked(1 << 20))
+    return web.Response(status=201 if written else 200)
+
+
+async def copy(request: web.Request) -> web.Response:
+    req = await read_body(request, CopyRequest)
+    await _store(request).copy(req.source, req.destination)
+    return web.Response(status=200)
+
+
+async def delete(request: web.Request) -> web.Response:
+    req = await read_body(request, ModelRequest)
+    if not req.target():
+        raise ApiError(400, "model is required")
+    record = await _store(request).delete(req.target())
+    _unload_soon(request, record)
+    return web.Response(status=200)
+
+
+async def pull(request: web.Request) -> web.StreamResponse:
+    req = await read_body(request, ModelRequest)
+    if not req.target():
+        raise ApiError(400, "model is required")
+    name = parse_name(req.target())
+    registry = _registry(request)
+
+    async def work(progress: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        await registry.pull(name, insecure=req.insecure, progress=progress)
+
+    return await run_progress(request, req.stream, work)
+
+
+async def push(request: web.Request) -> web.StreamResponse:
+    req = await read_body(request, ModelRequest)
+    if not req.target():
+        raise ApiError(400, "model is required")
+    name = parse_name(req.target())
+    registry = _registry(request)
+
+    async def work(progress: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        await registry.push(name, insecure=req.insecure, progress=progress)
+
+    return await run_progress(request, req.stream, work)
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the model-management routes (GET routes also answer HEAD)."""
+    app.router.add_get("/", root)
+    app.router.add_get("/api/version", version)
+    app.router.add_get("/api/tags", tags)
+    app.router.add_post("/api/show", show)
+    app.router.add_post("/api/create", create)
+    app.router.add_head("/api/blobs/{digest}", head_blob)
+    app.router.add_post("/api/blobs/{digest}", post_blob)
+    app.router.add_post("/api/copy", copy)
+    app.router.add_delete("/api/delete", delete)
+    app.router.add_post("/api/pull", pull)
+    app.router.add_post("/api/push", push)

@@ -1,0 +1,257 @@
+"""GGUF metadata and tensor facts, read once per blob with the ``gguf`` package.
+
+:func:`read_info` returns a frozen :class:`GGUFInfo`; results are cached by (path, size, mtime),
+so each blob is parsed once per daemon run. Parsing memory-maps the file and only touches the
+header (key/values and tensor infos), but a 256k-token vocabulary still takes a moment:
+async callers use :func:`read_info_async`, which runs in a worker thread.
+
+The supervisor turns a ``GGUFInfo`` into the scheduler's ModelFacts; /api/show uses
+:func:`model_info`, :func:`tensor_list` and :func:`capabilities`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+# Arrays longer than this are shown as [] in /api/show unless verbose (Ollama's rule).
+SHOW_ARRAY_LIMIT = 5
+# Keys /api/show never lists in model_info.
+_HIDDEN_KEYS = ("general.name", "tokenizer.chat_template")
+
+
+class TensorInfo(msgspec.Struct, frozen=True):
+    name: str
+    type: str             # ggml type name, e.g. "Q4_K", "F16"
+    shape: list[int]      # GGUF order (ne0 first), as /api/show prints it
+    n_elements: int
+    n_bytes: int
+
+
+class GGUFInfo(msgspec.Struct, frozen=True):
+    """What the daemon needs from one GGUF file. Integers are None when the key is absent."""
+
+    path: str
+    architecture: str
+    name: str
+    file_type: int | None
+    file_type_name: str              # Ollama's quantization label: "Q4_K_M", "F16", ...
+    parameter_count: int
+    context_length: int | None
+    embedding_length: int | None
+    block_count: int | None
+    head_count: int | None
+    head_count_kv: int | None        # max over layers when the file stores one per layer
+    key_length: int | None
+    value_length: int | None
+    sliding_window: int | None
+    vocab_size: int | None
+    chat_template: str | None
+    pooling_type: int | None
+    is_embedding: bool               # "<arch>.pooling_type" present (Ollama's rule)
+    has_vision: bool                 # "<arch>.vision.*" keys or a vision encoder (clip)
+    is_projector: bool               # a clip/mmproj file, stored as a projector layer
+    layer_bytes: list[int]           # bytes of the tensors of blk.N, index N
+    output_bytes: int                # output.weight (+ output_norm)
+    token_embd_bytes: int
+    tensor_bytes: int                # all tensors
+    metadata: dict[str, Any]         # every key/value; arrays longer than 5 replaced by []
+    tensors: list[TensorInfo]
+
+
+_cache: dict[tuple[str, int, int], GGUFInfo] = {}
+_cache_lock = threading.Lock()
+_key_locks: dict[tuple[str, int, int], threading.Lock] = {}
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def read_info(path: str | os.PathLike[str]) -> GGUFInfo:
+    """Parse (or fetch from the cache) the GGUF at ``path``. Blocks; raises on a non-GGUF file."""
+    p = Path(path)
+    key = _file_key(p)
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            return hit
+        lock = _key_locks.setdefault(key, threading.Lock())
+    with lock:  # one parse per file even when several callers ask at once
+        with _cache_lock:
+            hit = _cache.get(key)
+        if hit is None:
+            hit = _parse(p)
+            with _cache_lock:
+                _cache[key] = hit
+                _key_locks.pop(key, None)
+        return hit
+
+
+async def read_info_async(path: str | os.PathLike[str]) -> GGUFInfo:
+    return await asyncio.to_thread(read_info, path)
+
+
+def clear_cache() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
+def _field_value(field: Any, *, full: bool) -> Any:
+    from gguf import GGUFValueType
+
+    if not field.types:
+        return None
+    if field.types[0] == GGUFValueType.ARRAY and not full and len(field.data) > SHOW_ARRAY_LIMIT:
+        return []
+    value = field.contents()
+    if isinstance(value, float):
+        value = float(f"{value:.7g}")  # float32 noise -> the number the file meant
+    return value
+
+
+def read_metadata(path: str | os.PathLike[str], *, full: bool = True) -> dict[str, Any]:
+    """All key/values of the GGUF (uncached); ``full=False`` replaces long arrays with []."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path), "r")
+    return {name: _field_value(f, full=full) for name, f in reader.fields.items()
+            if not name.startswith("GGUF.")}
+
+
+def _file_type_name(ft: int | None) -> str:
+    from gguf import LlamaFileType
+
+    if ft is None:
+        return "unknown"
+    try:
+        name = LlamaFileType(ft).name
+    except ValueError:
+        return "unknown"
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+def _int(meta: dict[str, Any], key: str) -> int | None:
+    v = meta.get(key)
+    if isinstance(v, list):
+        nums = [x for x in v if isinstance(x, (int, float))]
+        return int(max(nums)) if nums else None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return int(v)
+    return None
+
+
+_BLOCK = re.compile(r"blk\.(\d+)\.")
+
+
+def _parse(path: Path) -> GGUFInfo:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path), "r")
+    meta = {name: _field_value(f, full=False) for name, f in reader.fields.items()
+            if not name.startswith("GGUF.")}
+    chat_template = None
+    if (f := reader.fields.get("tokenizer.chat_template")) is not None:
+        chat_template = f.contents()
+    arch = str(meta.get("general.architecture") or "")
+    tensors: list[TensorInfo] = []
+    layer_bytes: dict[int, int] = {}
+    output_bytes = token_embd_bytes = total = n_params = 0
+    for t in reader.tensors:
+        n_bytes = int(t.n_bytes)
+        tensors.append(TensorInfo(name=t.name, type=t.tensor_type.name,
+                                  shape=[int(x) for x in t.shape], n_elements=int(t.n_elements),
+                                  n_bytes=n_bytes))
+        total += n_bytes
+        n_params += int(t.n_elements)
+        if m := _BLOCK.match(t.name):
+            layer_bytes[int(m.group(1))] = layer_bytes.get(int(m.group(1)), 0) + n_bytes
+        elif t.name.startswith("output"):
+            output_bytes += n_bytes
+        elif t.name.startswith("token_embd"):
+            token_embd_bytes += n_bytes
+    if "general.parameter_count" not in meta and n_params:
+        meta["general.parameter_count"] = n_params
+    param_count = _int(meta, "general.parameter_count") or 0
+    n_layers = max(layer_bytes) + 1 if layer_bytes else 0
+    file_type = _int(meta, "general.file_type")
+    vocab = _int(meta, f"{arch}.vocab_size")
+    if vocab is None and (tok := reader.fields.get("tokenizer.ggml.tokens")) is not None:
+        vocab = len(tok.data)
+    is_projector = arch == "clip" or any(k.startswith("clip.") for k in meta)
+    has_vision = is_projector or any(k.startswith(f"{arch}.vision.") for k in meta)
+    pooling = _int(meta, f"{arch}.pooling_type")
+    return GGUFInfo(
+        path=str(path), architecture=arch, name=str(meta.get("general.name") or ""),
+        file_type=file_type, file_type_name=_file_type_name(file_type),
+        parameter_count=param_count,
+        context_length=_int(meta, f"{arch}.context_length"),
+        embedding_length=_int(meta, f"{arch}.embedding_length"),
+        block_count=_int(meta, f"{arch}.block_count"),
+        head_count=_int(meta, f"{arch}.attention.head_count"),
+        head_count_kv=_int(meta, f"{arch}.attention.head_count_kv"),
+        key_length=_int(meta, f"{arch}.attention.key_length"),
+        value_length=_int(meta, f"{arch}.attention.value_length"),
+        sliding_window=_int(meta, f"{arch}.attention.sliding_window"),
+        vocab_size=vocab, chat_template=chat_template, pooling_type=pooling,
+        is_embedding=f"{arch}.pooling_type" in meta, has_vision=has_vision,
+        is_projector=is_projector,
+        layer_bytes=[layer_bytes.get(i, 0) for i in range(n_layers)],
+        output_bytes=output_bytes, token_embd_bytes=token_embd_bytes, tensor_bytes=total,
+        metadata=meta, tensors=tensors)
+
+
+def model_info(info: GGUFInfo, *, verbose: bool = False) -> dict[str, Any]:
+    """/api/show ``model_info``: the key/values minus name and chat template; long arrays are
+    [] unless ``verbose`` (then the file is re-read for the full arrays)."""
+    meta = read_metadata(info.path, full=True) if verbose else info.metadata
+    out = {k: v for k, v in meta.items() if k not in _HIDDEN_KEYS}
+    if "general.parameter_count" not in out and info.parameter_count:
+        out["general.parameter_count"] = info.parameter_count
+    return dict(sorted(out.items()))
+
+
+def tensor_list(info: GGUFInfo) -> list[dict[str, Any]]:
+    """/api/show ``tensors``."""
+    return [{"name": t.name, "type": t.type, "shape": t.shape} for t in info.tensors]
+
+
+def capabilities(info: GGUFInfo | None, *, template: str | None = None,
+                 has_projector: bool = False, declared: list[str] | None = None) -> list[str]:
+    """Ollama's capability list for a model.
+
+    ``template`` is the Go TEMPLATE layer (None when the model has none; then the GGUF's jinja
+    chat template is inspected). ``declared`` are capabilities listed in the config blob.
+    """
+    caps: list[str] = []
+    if info is not None and info.is_embedding:
+        caps.append("embedding")
+    else:
+        caps.append("completion")
+    if template is not None:
+        if ".Tools" in template:
+            caps.append("tools")
+        if ".Suffix" in template:
+            caps.append("insert")
+        if ".Thinking" in template or ".Think" in template:
+            caps.append("thinking")
+    elif info is not None and info.chat_template:
+        jt = info.chat_template
+        if "tools" in jt or "tool_call" in jt:
+            caps.append("tools")
+        if "<think>" in jt and "</think>" in jt:
+            caps.append("thinking")
+    if has_projector or (info is not None and info.has_vision):
+        caps.append("vision")
+    for cap in declared or ():
+        if cap not in caps:
+            caps.append(cap)
+    order = ["completion", "tools", "insert", "vision", "embedding", "thinking"]
+    return sorted(caps, key=lambda c: order.index(c) if c in order else len(order))
