@@ -1,0 +1,463 @@
+"""The ``corral`` command: ``serve`` runs the daemon; the other verbs are Ollama-style clients.
+
+Client verbs talk HTTP to the daemon at ``OLLAMA_HOST`` (as ``ollama`` does), print errors as
+``Error: <message>`` on stderr and exit 1. Output goes to stdout through :func:`_out`; the daemon
+itself logs only through structlog.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import aiohttp
+
+from corral.daemon.config import Config
+
+VERSION = "0.13.0"
+
+
+class CliError(Exception):
+    """A failure to report as ``Error: …`` with exit status 1."""
+
+
+def _out(text: str = "", end: str = "\n") -> None:
+    sys.stdout.write(text + end)
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------- formatting (Ollama's CLI formats)
+
+def human_bytes(n: int) -> str:
+    """SI units, ``%d`` when >= 10 or integral, else one decimal: ``4.7 GB``, ``274 MB``, ``512 B``."""
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if value < 1000 or unit == "PB":
+            if unit == "B" or value >= 10 or value == int(value):
+                return f"{int(value)} {unit}"
+            return f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def human_time_ago(then: _dt.datetime, now: _dt.datetime | None = None) -> str:
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    secs = (now - then).total_seconds()
+    return _human_duration(secs) + " ago" if secs >= 1 else "Less than a second ago"
+
+
+def human_time_until(then: _dt.datetime, now: _dt.datetime | None = None) -> str:
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    secs = (then - now).total_seconds()
+    if secs > 20 * 365 * 86400:
+        return "Forever"
+    if secs <= 0:
+        return "Stopping..."
+    if secs < 1:
+        return "Less than a second from now"
+    return _human_duration(secs) + " from now"
+
+
+def _human_duration(secs: float) -> str:
+    def plural(n: int, unit: str) -> str:
+        return f"{n} {unit}" + ("" if n == 1 else "s")
+
+    if secs < 60:
+        return plural(int(secs), "second")
+    minutes = secs / 60
+    if minutes < 2:
+        return "About a minute"
+    if minutes < 60:
+        return plural(int(minutes), "minute")
+    hours = minutes / 60
+    if hours < 2:
+        return "About an hour"
+    if hours < 48:
+        return plural(int(hours), "hour")
+    days = hours / 24
+    if days < 14:
+        return plural(int(days), "day")
+    if days < 60:
+        return plural(int(days / 7), "week")
+    if days < 730:
+        return plural(int(days / 30), "month")
+    return plural(int(days / 365), "year")
+
+
+def table(rows: list[list[str]]) -> str:
+    """Ollama's borderless table: columns padded to the widest cell plus 4 spaces."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [c.ljust(widths[i] + 4) if i < len(row) - 1 else c for i, c in enumerate(row)]
+        lines.append("".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _parse_time(value: str) -> _dt.datetime:
+    return _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+# ---------------------------------------------------------------- HTTP client helpers
+
+class Client:
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> "Client":
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._session is not None
+        await self._session.close()
+
+    async def request(self, method: str, path: str, body: Any = None) -> Any:
+        assert self._session is not None
+        try:
+            async with self._session.request(method, self.base_url + path, json=body) as resp:
+                text = await resp.text()
+                if resp.status >= 400:
+                    raise CliError(_error_text(text, resp.status))
+                return json.loads(text) if text.strip() else None
+        except aiohttp.ClientConnectionError as exc:
+            raise CliError("could not connect to corral server, run 'corral serve' to start it") from exc
+
+    async def stream(self, path: str, body: Any) -> AsyncIterator[dict]:
+        assert self._session is not None
+        try:
+            async with self._session.post(self.base_url + path, json=body) as resp:
+                if resp.status >= 400:
+                    raise CliError(_error_text(await resp.text(), resp.status))
+                async for raw in resp.content:
+                    line = raw.strip()
+                    if not line:
+                        continue
+                    obj = json.loads(line)
+                    if "error" in obj:
+                        raise CliError(obj["error"])
+                    yield obj
+        except aiohttp.ClientConnectionError as exc:
+            raise CliError("could not connect to corral server, run 'corral serve' to start it") from exc
+
+    async def upload_blob(self, path: Path) -> str:
+        assert self._session is not None
+        digest = "sha256:" + await asyncio.to_thread(_sha256_file, path)
+        async with self._session.head(f"{self.base_url}/api/blobs/{digest}") as resp:
+            if resp.status == 200:
+                return digest
+        with path.open("rb") as fh:
+            async with self._session.post(f"{self.base_url}/api/blobs/{digest}", data=fh) as resp:
+                if resp.status >= 400:
+                    raise CliError(_error_text(await resp.text(), resp.status))
+        return digest
+
+
+def _error_text(text: str, status: int) -> str:
+    try:
+        err = json.loads(text).get("error")
+        if isinstance(err, dict):
+            err = err.get("message")
+        if err:
+            return str(err)
+    except (ValueError, AttributeError):
+        pass
+    return text.strip() or f"HTTP {status}"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- verbs
+
+async def cmd_list(c: Client, args: argparse.Namespace) -> None:
+    models = (await c.request("GET", "/api/tags"))["models"]
+    rows = [["NAME", "ID", "SIZE", "MODIFIED"]]
+    for m in models:
+        if args.prefix and not m["name"].startswith(args.prefix):
+            continue
+        rows.append([m["name"], m["digest"][:12], human_bytes(m["size"]),
+                     human_time_ago(_parse_time(m["modified_at"]))])
+    _out(table(rows))
+
+
+async def cmd_ps(c: Client, args: argparse.Namespace) -> None:
+    models = (await c.request("GET", "/api/ps"))["models"]
+    rows = [["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]]
+    for m in models:
+        size, vram = m.get("size", 0), m.get("size_vram", 0)
+        if size == 0:
+            proc = "Unknown"
+        elif vram >= size:
+            proc = "100% GPU"
+        elif vram == 0:
+            proc = "100% CPU"
+        else:
+            gpu = round(vram * 100 / size)
+            proc = f"{100 - gpu}%/{gpu}% CPU/GPU"
+        until = human_time_until(_parse_time(m["expires_at"])) if m.get("expires_at") else ""
+        if m.get("state") == "loading":
+            until = "Loading..."
+        rows.append([m["name"], m["digest"][:12], human_bytes(size), proc,
+                     str(m.get("context_length", "")), until])
+    _out(table(rows))
+
+
+async def cmd_show(c: Client, args: argparse.Namespace) -> None:
+    info = await c.request("POST", "/api/show", {"model": args.model, "verbose": args.verbose})
+    for flag in ("license", "modelfile", "parameters", "system", "template"):
+        if getattr(args, flag):
+            _out(info.get(flag) or "")
+            return
+    details, mi = info.get("details", {}), info.get("model_info", {}) or {}
+    arch = mi.get("general.architecture", details.get("family", ""))
+    rows = [("architecture", arch), ("parameters", details.get("parameter_size", ""))]
+    if f"{arch}.context_length" in mi:
+        rows.append(("context length", str(mi[f"{arch}.context_length"])))
+    if f"{arch}.embedding_length" in mi:
+        rows.append(("embedding length", str(mi[f"{arch}.embedding_length"])))
+    rows.append(("quantization", details.get("quantization_level", "")))
+    _out("  Model")
+    for k, v in rows:
+        _out(f"    {k:<20}{v}")
+    _out()
+    if info.get("capabilities"):
+        _out("  Capabilities")
+        for cap in info["capabilities"]:
+            _out(f"    {cap}")
+        _out()
+    if info.get("parameters"):
+        _out("  Parameters")
+        for line in info["parameters"].splitlines():
+            k, _, v = line.partition(" ")
+            _out(f"    {k:<20}{v.strip()}")
+        _out()
+    if info.get("system"):
+        _out("  System")
+        for line in info["system"].splitlines()[:2]:
+            _out(f"    {line}")
+        _out()
+
+
+async def cmd_pull(c: Client, args: argparse.Namespace, verb: str = "pull") -> None:
+    last = None
+    async for p in c.stream(f"/api/{verb}", {"model": args.model, "insecure": args.insecure}):
+        status = p.get("status", "")
+        if p.get("total"):
+            pct = int(100 * p.get("completed", 0) / p["total"])
+            sys.stderr.write(f"\r{status}: {pct:3d}% {human_bytes(p['total'])}   ")
+            last = status
+        else:
+            if last:
+                sys.stderr.write("\n")
+                last = None
+            sys.stderr.write(status + "\n")
+    sys.stderr.flush()
+
+
+async def cmd_push(c: Client, args: argparse.Namespace) -> None:
+    await cmd_pull(c, args, verb="push")
+
+
+async def cmd_rm(c: Client, args: argparse.Namespace) -> None:
+    for name in args.models:
+        try:
+            await c.request("POST", "/api/generate", {"model": name, "keep_alive": 0})
+        except CliError:
+            pass
+        await c.request("DELETE", "/api/delete", {"model": name})
+        _out(f"deleted '{name}'")
+
+
+async def cmd_cp(c: Client, args: argparse.Namespace) -> None:
+    await c.request("POST", "/api/copy", {"source": args.source, "destination": args.destination})
+    _out(f"copied '{args.source}' to '{args.destination}'")
+
+
+async def cmd_stop(c: Client, args: argparse.Namespace) -> None:
+    try:
+        await c.request("POST", "/api/show", {"model": args.model})
+    except CliError as exc:
+        raise CliError(f'couldn\'t find model "{args.model}" to stop') from exc
+    await c.request("POST", "/api/generate", {"model": args.model, "keep_alive": 0})
+
+
+async def cmd_create(c: Client, args: argparse.Namespace) -> None:
+    from corral.daemon.modelfile import parse_modelfile
+
+    path = Path(args.file) if args.file else Path("Modelfile")
+    if not path.exists():
+        raise CliError(f"no Modelfile found at {path}")
+    req = parse_modelfile(path.read_text(encoding="utf-8-sig"))
+    base = path.resolve().parent
+    src = req.pop("from", None)
+    if src:
+        candidate = Path(os.path.expanduser(src))
+        candidate = candidate if candidate.is_absolute() else base / candidate
+        if candidate.is_file():
+            req["files"] = {candidate.name: await c.upload_blob(candidate)}
+        else:
+            req["from"] = src
+    req["model"] = args.model
+    async for p in c.stream("/api/create", req):
+        sys.stderr.write(p.get("status", "") + "\n")
+
+
+async def cmd_run(c: Client, args: argparse.Namespace) -> None:
+    try:
+        await c.request("POST", "/api/show", {"model": args.model})
+    except CliError as exc:
+        if "not found" not in str(exc):
+            raise
+        await cmd_pull(c, argparse.Namespace(model=args.model, insecure=args.insecure))
+    opts: dict[str, Any] = {"model": args.model}
+    if args.keepalive:
+        opts["keep_alive"] = args.keepalive
+    if args.format:
+        opts["format"] = args.format
+    prompt = " ".join(args.prompt)
+    if not prompt and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    if prompt:
+        final = {}
+        async for p in c.stream("/api/generate", {**opts, "prompt": prompt}):
+            sys.stdout.write(p.get("response", ""))
+            sys.stdout.flush()
+            final = p
+        _out()
+        if args.verbose:
+            _print_metrics(final)
+        return
+    # Interactive chat.
+    await c.request("POST", "/api/generate", opts)
+    messages: list[dict] = []
+    while True:
+        try:
+            line = await asyncio.to_thread(input, ">>> ")
+        except EOFError:
+            _out()
+            return
+        if line.strip() in ("/bye", "/exit"):
+            return
+        if line.strip() == "/clear":
+            messages.clear()
+            _out("Cleared session context")
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply, final = "", {}
+        async for p in c.stream("/api/chat", {**opts, "messages": messages}):
+            piece = p.get("message", {}).get("content", "")
+            reply += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            final = p
+        _out("\n")
+        messages.append({"role": "assistant", "content": reply})
+        if args.verbose:
+            _print_metrics(final)
+
+
+def _print_metrics(final: dict) -> None:
+    def secs(key: str) -> float:
+        return final.get(key, 0) / 1e9
+
+    pe, ev = final.get("prompt_eval_count", 0), final.get("eval_count", 0)
+    sys.stderr.write(
+        f"total duration:       {secs('total_duration'):.6f}s\n"
+        f"load duration:        {secs('load_duration'):.6f}s\n"
+        f"prompt eval count:    {pe} token(s)\n"
+        f"prompt eval duration: {secs('prompt_eval_duration'):.6f}s\n"
+        f"prompt eval rate:     {pe / secs('prompt_eval_duration') if secs('prompt_eval_duration') else 0:.2f} tokens/s\n"
+        f"eval count:           {ev} token(s)\n"
+        f"eval duration:        {secs('eval_duration'):.6f}s\n"
+        f"eval rate:            {ev / secs('eval_duration') if secs('eval_duration') else 0:.2f} tokens/s\n")
+
+
+# ---------------------------------------------------------------- entry point
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="corral", description="Ollama-compatible model server")
+    p.add_argument("-v", "--version", action="store_true", help="show version information")
+    sub = p.add_subparsers(dest="verb")
+    sub.add_parser("serve", aliases=["start"], help="start the daemon")
+    r = sub.add_parser("run", help="run a model")
+    r.add_argument("model")
+    r.add_argument("prompt", nargs="*")
+    r.add_argument("--keepalive")
+    r.add_argument("--verbose", action="store_true")
+    r.add_argument("--insecure", action="store_true")
+    r.add_argument("--format")
+    sub.add_parser("stop", help="stop a running model").add_argument("model")
+    for verb in ("pull", "push"):
+        x = sub.add_parser(verb, help=f"{verb} a model")
+        x.add_argument("model")
+        x.add_argument("--insecure", action="store_true")
+    ls = sub.add_parser("list", aliases=["ls"], help="list models")
+    ls.add_argument("prefix", nargs="?")
+    sub.add_parser("ps", help="list running models")
+    s = sub.add_parser("show", help="show information for a model")
+    s.add_argument("model")
+    for flag in ("license", "modelfile", "parameters", "system", "template"):
+        s.add_argument(f"--{flag}", action="store_true")
+    s.add_argument("-v", "--verbose", action="store_true")
+    rm = sub.add_parser("rm", help="remove a model")
+    rm.add_argument("models", nargs="+")
+    cp = sub.add_parser("cp", help="copy a model")
+    cp.add_argument("source")
+    cp.add_argument("destination")
+    cr = sub.add_parser("create", help="create a model from a Modelfile")
+    cr.add_argument("model")
+    cr.add_argument("-f", "--file")
+    return p
+
+
+VERBS = {"list": cmd_list, "ls": cmd_list, "ps": cmd_ps, "show": cmd_show, "pull": cmd_pull,
+         "push": cmd_push, "rm": cmd_rm, "cp": cmd_cp, "stop": cmd_stop, "create": cmd_create,
+         "run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = Config.from_env()
+    if args.version:
+        _out(f"corral version is {VERSION}")
+        return 0
+    if args.verb in ("serve", "start"):
+        from corral.daemon.serve import serve
+
+        return serve(config)
+    if args.verb is None:
+        build_parser().print_help()
+        return 0
+
+    async def go() -> None:
+        async with Client(config.client_url) as c:
+            await VERBS[args.verb](c, args)
+
+    try:
+        asyncio.run(go())
+    except CliError as exc:
+        sys.stderr.write(f"Error: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

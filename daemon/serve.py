@@ -1,0 +1,105 @@
+"""``corral serve``: wire the store, the GPU probe, the supervisor and the HTTP app, run until a
+signal, then shut down in order.
+
+Shutdown order (STYLE rule 11): stop accepting connections, fail queued requests, let streams
+drain within a budget, stop runners in parallel, close the probe. The whole stop stays within
+``SHUTDOWN_BUDGET`` seconds, under the service manager's stop timeout (systemd unit: 30 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from corral.daemon import logging as corral_logging
+from corral.daemon.config import Config
+
+log = structlog.get_logger("corral.serve")
+
+SHUTDOWN_BUDGET = 15.0
+STREAM_DRAIN = 5.0
+
+
+def serve(config: Config) -> int:
+    corral_logging.configure(level=config.log_level, json=config.log_format == "json")
+    try:
+        asyncio.run(run(config))
+    except OSError as exc:  # e.g. address already in use
+        log.error("serve failed", error=str(exc))
+        return 1
+    return 0
+
+
+async def run(config: Config, ready: Callable[[str], Awaitable[None] | None] | None = None,
+              stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set). ``ready`` gets the listening URL."""
+    from corral.daemon.api.app import make_app
+    from corral.daemon.default_model import ensure_default_model
+    from corral.daemon.gpu import make_probe
+    from corral.daemon.store import Store
+    from corral.daemon.supervisor import Supervisor
+
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    log.info("server config", **config.env_summary())
+    store = Store(config.models, noprune=config.noprune)
+    if not config.noprune:
+        await asyncio.to_thread(store.prune)
+    await ensure_default_model(store, config)
+
+    probe = make_probe(config)
+    supervisor = Supervisor(config, store, probe)
+    await supervisor.start()
+    app = make_app(config, store, supervisor)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=STREAM_DRAIN)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, config.bind_host or None, config.bind_port,
+                           reuse_address=True)
+        await site.start()
+        addresses = [f"{s[0]}:{s[1]}" for s in (runner.addresses or [])]
+        log.info("Listening", addresses=addresses, version=_version())
+        if ready is not None:
+            res = ready(config.client_url)
+            if asyncio.iscoroutine(res):
+                await res
+        await supervisor.preload_default()
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        # 1. stop accepting; 2. fail queued; 3. drain streams (runner.cleanup waits up to
+        # STREAM_DRAIN for handlers); 4. stop runners in parallel; 5. close the probe.
+        async def _shutdown() -> None:
+            await supervisor.begin_shutdown()
+            await runner.cleanup()
+            await supervisor.close()
+
+        try:
+            await asyncio.wait_for(_shutdown(), SHUTDOWN_BUDGET)
+        except asyncio.TimeoutError:
+            log.error("shutdown budget exceeded; killing runners")
+            await supervisor.kill_all()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        log.info("stopped")
+
+
+def _version() -> str:
+    from corral.daemon.cli import VERSION
+
+    return VERSION
+
+
+if __name__ == "__main__":  # pragma: no cover
+    logging.basicConfig()
+    sys.exit(serve(Config.from_env()))

@@ -1,0 +1,129 @@
+"""End-to-end fixtures: a real ``corral serve`` process on a free port with a temporary store.
+
+The daemon is started as a subprocess and is ready when it logs its ``Listening`` line (a
+handshake, not a sleep). Each test module that needs different ``OLLAMA_*`` settings starts its
+own daemon with :func:`start_daemon`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen
+    url: str
+    models: Path
+    log: list[str] = field(default_factory=list)
+
+    def log_text(self) -> str:
+        return "\n".join(self.log)
+
+    def runner_pids(self) -> set[int]:
+        """Pids of this daemon's runner children (``python -m corral.runner``)."""
+        import psutil
+
+        try:
+            kids = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return set()
+        pids = set()
+        for k in kids:
+            with contextlib.suppress(psutil.Error):
+                if "corral.runner" in " ".join(k.cmdline()):
+                    pids.add(k.pid)
+        return pids
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def start_daemon(tmp_path: Path, **env_overrides: str) -> Iterator[Daemon]:
+    models = tmp_path / "models"
+    models.mkdir(exist_ok=True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "CORRAL_"))}
+    env.update({
+        "OLLAMA_HOST": f"127.0.0.1:{port}",
+        "OLLAMA_MODELS": str(models),
+        "CORRAL_DEFAULT_MODEL": "",  # no Gemma import unless a test asks for it
+        "OLLAMA_DEBUG": "1",
+    })
+    env.update(env_overrides)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corral.daemon.cli", "serve"],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, bufsize=1,
+    )
+    d = Daemon(proc=proc, url=f"http://127.0.0.1:{port}", models=models)
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            d.log.append(line.rstrip("\n"))
+            if "Listening" in line:
+                ready.set()
+        ready.set()
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    ready.wait(60)
+    if proc.poll() is not None or not any("Listening" in line for line in d.log):
+        d.stop()
+        pytest.fail("daemon did not start:\n" + d.log_text())
+    try:
+        yield d
+    finally:
+        pids = d.runner_pids()
+        rc = d.stop()
+        t.join(5)
+        assert rc == 0, f"daemon exited {rc}:\n{d.log_text()[-4000:]}"
+        # No runner process may outlive the daemon.
+        assert not [p for p in pids if pid_alive(p)]
+
+
+def pid_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_until(pred, timeout: float = 20.0, interval: float = 0.02) -> bool:
+    """Poll a condition owned by another process (safety-net timeout only)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()

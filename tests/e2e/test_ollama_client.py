@@ -1,0 +1,155 @@
+"""The real ``ollama`` Python client against a real ``corral serve`` with the tiny llama model.
+
+One daemon for the module; the tests run in order and build on each other's store state only
+where stated (create → list → show → …), each asserting what it needs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ollama
+import pytest
+
+from tests.e2e.conftest import start_daemon, wait_until
+from tests.fixtures.tiny_gguf import write_tiny_llama
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e-ollama")
+    with start_daemon(tmp, OLLAMA_KEEP_ALIVE="5m") as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def client(daemon) -> ollama.Client:
+    return ollama.Client(host=daemon.url)
+
+
+@pytest.fixture(scope="module")
+def tiny(daemon, client, tmp_path_factory) -> str:
+    """Create ``tiny:latest`` from a GGUF through create_blob + create(files=…)."""
+    path = write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf", seed=1)
+    digest = client.create_blob(path)
+    assert digest.startswith("sha256:")
+    statuses = [p.status for p in client.create(model="tiny", files={"tiny.gguf": digest},
+                                                 parameters={"temperature": 0, "seed": 7},
+                                                 stream=True)]
+    assert statuses[-1] == "success"
+    return "tiny:latest"
+
+
+def test_list_show(client, tiny):
+    names = [m.model for m in client.list().models]
+    assert tiny in names
+    info = client.show(tiny)
+    assert info.details.family == "llama"
+    assert "completion" in info.capabilities
+    assert info.modelinfo["general.architecture"] == "llama"
+    assert "temperature" in info.parameters
+    assert info.modelfile.startswith("#")
+
+
+def test_copy_and_delete(client, tiny, daemon):
+    blobs_before = sorted(p.name for p in (daemon.models / "blobs").iterdir())
+    client.copy(tiny, "tiny-copy:v1")
+    assert "tiny-copy:v1" in [m.model for m in client.list().models]
+    client.delete("tiny-copy:v1")
+    assert "tiny-copy:v1" not in [m.model for m in client.list().models]
+    # the blobs are still used by tiny:latest
+    assert sorted(p.name for p in (daemon.models / "blobs").iterdir()) == blobs_before
+    with pytest.raises(ollama.ResponseError) as err:
+        client.delete("tiny-copy:v1")
+    assert err.value.status_code == 404
+
+
+def test_generate_not_streaming(client, tiny):
+    r = client.generate(model=tiny, prompt="hello", options={"num_predict": 8})
+    assert r.done and r.done_reason in ("stop", "length")
+    assert r.eval_count and r.eval_count <= 8
+    assert r.prompt_eval_count and r.prompt_eval_count > 0
+    assert r.total_duration and r.total_duration >= r.eval_duration
+    assert r.context and isinstance(r.context, list)
+
+
+def test_generate_streaming(client, tiny):
+    parts = list(client.generate(model=tiny, prompt="hello", stream=True,
+                                 options={"num_predict": 6}))
+    assert parts[-1].done and not any(p.done for p in parts[:-1])
+    assert parts[-1].eval_count == sum(1 for p in parts[:-1] if p.response) or parts[-1].eval_count
+
+
+def test_chat(client, tiny):
+    r = client.chat(model=tiny, messages=[{"role": "user", "content": "hi"}],
+                    options={"num_predict": 5})
+    assert r.message.role == "assistant" and r.done
+    chunks = list(client.chat(model=tiny, messages=[{"role": "user", "content": "hi"}],
+                              stream=True, options={"num_predict": 5}))
+    assert chunks[-1].done and chunks[-1].done_reason
+
+
+def test_embed(client, tiny):
+    r = client.embed(model=tiny, input=["one", "two words"])
+    assert len(r.embeddings) == 2 and len(r.embeddings[0]) == 64
+    norm = sum(x * x for x in r.embeddings[0]) ** 0.5
+    assert abs(norm - 1.0) < 1e-3
+    legacy = client.embeddings(model=tiny, prompt="one")
+    assert len(legacy.embedding) == 64
+
+
+def test_preload_unload_and_ps(client, tiny, daemon):
+    r = client.generate(model=tiny, prompt="", keep_alive="10m")
+    assert r.done_reason == "load"
+    ps = client.ps().models
+    assert [m.model for m in ps] == [tiny]
+    assert ps[0].size_vram == 0 and ps[0].context_length > 0
+    assert daemon.runner_pids()
+    r = client.generate(model=tiny, prompt="", keep_alive=0)
+    assert r.done_reason == "unload"
+    assert wait_until(lambda: not client.ps().models)
+    assert wait_until(lambda: not daemon.runner_pids())
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(ollama.ResponseError) as err:
+        client.generate(model="nope", prompt="x")
+    assert err.value.status_code == 404
+    assert 'model "nope" not found' in err.value.error
+
+
+def test_bad_bodies_keep_store_unchanged(daemon, tiny):
+    import urllib.error
+    import urllib.request
+
+    def tree() -> list[str]:
+        return sorted(str(p.relative_to(daemon.models)) for p in Path(daemon.models).rglob("*"))
+
+    before = tree()
+    cases = [
+        ("POST", "/api/generate", b"{not json"),
+        ("POST", "/api/generate", b""),
+        ("POST", "/api/chat", json.dumps({"model": tiny, "messages": "hi"}).encode()),
+        ("POST", "/api/generate", json.dumps({"model": tiny, "prompt": "x",
+                                              "keep_alive": "300"}).encode()),
+        ("POST", "/api/show", json.dumps({"model": "../../etc/passwd"}).encode()),
+        ("POST", "/api/copy", json.dumps({"source": tiny, "destination": "../x"}).encode()),
+        ("DELETE", "/api/delete", json.dumps({"model": "a/../../b"}).encode()),
+        ("POST", "/api/blobs/sha256:..%2F..%2Fx", b"data"),
+        ("POST", "/api/blobs/sha256:" + "0" * 64, b"data"),
+        ("POST", "/api/create", json.dumps({"model": "x", "files": {"a.gguf": "sha256:zz"}}).encode()),
+    ]
+    for method, path, body in cases:
+        req = urllib.request.Request(daemon.url + path, data=body, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=30)
+        assert 400 <= err.value.code < 500, (path, body, err.value.code)
+        payload = json.loads(err.value.read())
+        assert isinstance(payload.get("error"), str) and payload["error"], (path, payload)
+    assert tree() == before
+    # and the daemon still serves
+    assert ollama.Client(host=daemon.url).list().models
