@@ -24,6 +24,7 @@ Contracts:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +35,7 @@ from typing import Any, Protocol
 import psutil
 import structlog
 
+from corral.scheduler.estimate import minimum_memory
 from corral.scheduler.types import Gpu, HostMemory, Inventory
 
 log = structlog.get_logger(__name__)
@@ -49,13 +51,14 @@ class GpuReading:
     name: str
     total: int
     free: int
-    library: str = "CUDA"
+    library: str = "cuda"
     integrated: bool = False
     visible_id: str | None = None   # value for the child's CUDA_VISIBLE_DEVICES (None: no narrowing)
+    min_overhead: int = 0           # what the backend keeps for itself on the device
 
 
 def host_memory_psutil() -> tuple[int, int]:
-    """(total, available) bytes of host RAM, from psutil. Cheap, does not block."""
+    """(total, available) bytes of host RAM (MemAvailable), from psutil. Cheap, no blocking."""
     vm = psutil.virtual_memory()
     return int(vm.total), int(vm.available)
 
@@ -65,10 +68,10 @@ def make_inventory(gpus: Iterable[GpuReading], host: tuple[int, int]) -> Invento
     return Inventory(
         gpus=tuple(
             Gpu(id=g.id, name=g.name, library=g.library, total=g.total, free=g.free,
-                integrated=g.integrated)
+                integrated=g.integrated, min_overhead=g.min_overhead)
             for g in gpus
         ),
-        host=HostMemory(total=host[0], available=host[1]),
+        host=HostMemory(total=host[0], free=host[1]),
     )
 
 
@@ -148,7 +151,7 @@ def parse_simulated(spec: Any) -> list[GpuReading]:
 
     Each item is an object with ``total`` (bytes or a size string; alias ``vram``/``memory``) and
     optional ``free`` (default: total), ``name``, ``id`` (default: its index), ``library``
-    (default ``CUDA``), ``integrated`` (default false). A bare number is a GPU of that size.
+    (default ``cuda``), ``integrated`` (default false). Simulated GPUs have no backend overhead. A bare number is a GPU of that size.
     Raises ValueError naming the bad item.
     """
     if spec is None or spec == "":
@@ -177,7 +180,7 @@ def parse_simulated(spec: Any) -> list[GpuReading]:
             id=str(item.get("id", i)),
             name=str(item.get("name") or f"Simulated GPU {i}"),
             total=total, free=free,
-            library=str(item.get("library") or "CUDA"),
+            library=str(item.get("library") or "cuda").lower(),
             integrated=bool(item.get("integrated", False)),
         ))
     return out
@@ -200,8 +203,7 @@ class SimulatedProbe(_ProbeBase):
         """Test hook: the next reading reports ``free`` bytes for ``gpu_id``."""
         with self._lock:
             g = self._gpus[gpu_id]
-            self._gpus[gpu_id] = GpuReading(g.id, g.name, g.total, min(max(free, 0), g.total),
-                                            g.library, g.integrated, g.visible_id)
+            self._gpus[gpu_id] = dataclasses.replace(g, free=min(max(free, 0), g.total))
 
 
 # --------------------------------------------------------------------------------------------- NVML
@@ -323,7 +325,8 @@ class NvmlProbe(_ProbeBase):
                 total = int(mem.total)
                 out.append(GpuReading(
                     id=str(i), name=name, total=total, free=min(int(mem.free), total),
-                    library="CUDA", integrated=False, visible_id=uuids[i] or str(i),
+                    library="cuda", integrated=False, visible_id=uuids[i] or str(i),
+                    min_overhead=minimum_memory("cuda"),
                 ))
             self._by_id = {g.id: g for g in out}
             return out

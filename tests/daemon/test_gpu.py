@@ -27,7 +27,8 @@ def test_nvml_reads_devices_and_host_memory():
         ("0", "RTX A", 24 * GiB, 20 * GiB, False),
         ("1", "RTX B", 12 * GiB, 11 * GiB, False),
     ]
-    assert (inv.host.total, inv.host.available) == HOST
+    assert (inv.host.total, inv.host.free) == HOST
+    assert {(g.library, g.min_overhead) for g in inv.gpus} == {("cuda", 457 * 1024**2)}
     assert nv.init_calls == 1
     probe.read()
     assert nv.init_calls == 1          # initialised once, not per read
@@ -130,3 +131,11 @@ def test_make_probe_picks_simulated_or_nvml():
     probe = gpu.make_probe(Cfg(), nvml=two_gpus(), host=HOST)
     assert isinstance(probe, gpu.NvmlProbe)
     assert len(probe.read().gpus) == 2
+
+
+def test_simulated_gpus_from_config_structs():
+    from corral.daemon.config import Config, SimulatedGpu
+    cfg = Config(simulate_gpus=(SimulatedGpu(id="a", total=8 * GiB, free=6 * GiB, name="Sim A"),))
+    inv = gpu.make_probe(cfg, host=HOST).read()
+    assert [(g.id, g.name, g.library, g.total, g.free, g.min_overhead) for g in inv.gpus] == [
+        ("a", "Sim A", "cuda", 8 * GiB, 6 * GiB, 0)]
