@@ -1,0 +1,720 @@
+"""The real engine: continuous batching on llama-cpp-python's low-level API.
+
+This is the only module of corral that imports ``llama_cpp``.
+
+Shape: one llama_model, one llama_context with ``n_seq_max = parallel`` and
+``n_ctx = num_ctx * parallel`` (per-sequence KV streams, ``kv_unified = false``, so every slot
+has exactly num_ctx cells), and ONE decode thread that owns the context. Other threads talk to it
+only through ``submit`` (a locked inbox) and ``Job.cancel`` (an Event).
+
+Each step of the decode thread:
+1. drops cancelled jobs (their slot is free at once; the slot's KV is kept as its prompt cache),
+2. admits waiting jobs into free slots, choosing the free slot whose cached tokens share the
+   longest prefix with the prompt; only the tokens after that prefix are evaluated,
+3. builds ONE llama_batch: the next token of every decoding sequence, then prompt chunks of
+   sequences in prefill while the batch has room (``num_batch``),
+4. calls llama_decode once,
+5. samples every sequence whose logits were produced with its own sampler chain, streams the
+   text (whole UTF-8 characters, stop strings held back), and finishes, shifts or continues it.
+
+Embeddings use a second context with ``embeddings = true`` on the same llama_model (created at
+load for an embedding model, else on the first /embed), driven by the caller's thread (the server
+serialises /embed calls).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import json
+import math
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import llama_cpp
+from llama_cpp import llama_grammar
+
+from corral.runner.common import BadRequest, Emit, Job, LoadError, TextStream
+from corral.runner.protocol import (
+    CompletionChunk,
+    CompletionDone,
+    CompletionError,
+    CompletionRequest,
+    EmbedResponse,
+    LaunchSpec,
+    MemoryUse,
+    SamplingOptions,
+)
+
+_MiB = 1 << 20
+
+_KV_TYPES = {
+    "f32": llama_cpp.GGML_TYPE_F32,
+    "f16": llama_cpp.GGML_TYPE_F16,
+    "bf16": 30,  # GGML_TYPE_BF16
+    "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+    "q4_0": llama_cpp.GGML_TYPE_Q4_0,
+    "q4_1": llama_cpp.GGML_TYPE_Q4_1,
+    "iq4_nl": llama_cpp.GGML_TYPE_IQ4_NL,
+    "q5_0": llama_cpp.GGML_TYPE_Q5_0,
+    "q5_1": llama_cpp.GGML_TYPE_Q5_1,
+}
+_SPLIT = {"none": llama_cpp.LLAMA_SPLIT_MODE_NONE, "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER, "row": llama_cpp.LLAMA_SPLIT_MODE_ROW}
+
+# "load_tensors:   CPU_Mapped model buffer size =   100.00 MiB", "llama_kv_cache:  CUDA0 KV buffer
+# size = 36.00 MiB", "llama_context:  CPU compute buffer size = 77.5 MiB", output/RS buffers too.
+_BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|compute|output|RS)\s+buffer size\s*=\s*([0-9.]+)\s*MiB")
+_OOM_TEXT = re.compile(r"out of memory|failed to allocate|cudaMalloc failed|unable to allocate", re.I)
+
+
+def _device_name(buffer_name: str) -> str:
+    """``CPU_Mapped``/``CPU_REPACK``/``CUDA_Host`` -> ``CPU``; ``CUDA0`` -> ``CUDA0``."""
+    base, _, suffix = buffer_name.partition("_")
+    if base == "CPU" or suffix.lower() == "host":
+        return "CPU"
+    return base
+
+
+class _LlamaLog:
+    """Receives llama.cpp's log (any thread), forwards it to stderr line by line, and sums the
+    buffer-size lines into bytes per device while ``capture`` is on. The ctypes callback object
+    is kept here: if it were garbage-collected, llama.cpp would call freed memory."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._partial = b""
+        self.capture = True
+        self.memory: dict[str, dict[str, int]] = {}
+        self.tail: collections.deque[str] = collections.deque(maxlen=40)
+        self._callback = llama_cpp.llama_log_callback(self._on_log)
+        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+
+    def _on_log(self, level: int, text: bytes | None, user_data: ctypes.c_void_p) -> None:
+        try:
+            if not text:
+                return
+            with self._lock:
+                data = self._partial + text
+                *lines, self._partial = data.split(b"\n")
+                for raw in lines:
+                    self._line(raw.decode("utf-8", errors="replace"))
+        except Exception:  # never raise into C
+            pass
+
+    def _line(self, line: str) -> None:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        self.tail.append(line)
+        if not self.capture:
+            return
+        m = _BUFFER_LINE.search(line)
+        if m:
+            dev = self.memory.setdefault(_device_name(m.group(1)), {"weights": 0, "kv": 0, "compute": 0})
+            kind = {"model": "weights", "KV": "kv", "RS": "kv"}.get(m.group(2), "compute")
+            dev[kind] += int(float(m.group(3)) * _MiB)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._partial:
+                self._line(self._partial.decode("utf-8", errors="replace"))
+                self._partial = b""
+
+    def usage(self) -> dict[str, MemoryUse]:
+        with self._lock:
+            return {d: MemoryUse(**v) for d, v in self.memory.items()}
+
+    def oom_seen(self) -> bool:
+        return any(_OOM_TEXT.search(line) for line in self.tail)
+
+
+_LOG: _LlamaLog | None = None
+
+
+def _default_threads() -> int:
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
+class _Slot:
+    """One sequence of the context (seq_id = index). ``cache`` are the tokens whose KV is in the
+    sequence at positions 0..len-1; everything else is per-request state."""
+
+    def __init__(self, seq_id: int) -> None:
+        self.id = seq_id
+        self.cache: list[int] = []
+        self.last_used = 0
+        self.job: Job | None = None
+
+    def start(self, job: Job, prompt: list[int], n_cached: int, truncated: bool) -> None:
+        self.job = job
+        self.pending = prompt[n_cached:]  # prompt tokens still to evaluate
+        self.n_prompt_eval = len(self.pending)
+        self.tokens = list(prompt)  # prompt + generated, for the final record
+        self.n_generated = 0
+        self.next_token: int | None = None  # sampled, to be decoded at the next step
+        self.batch_index = -1  # where this slot's logits are in the current batch
+        self.text = TextStream(job.request.options.stop)
+        self.truncated = truncated
+        self.t_start = 0
+        self.t_first = 0
+        self.sampler = job.sampler  # type: ignore[attr-defined]
+
+    def release(self) -> None:
+        if self.job is not None and getattr(self, "sampler", None):
+            llama_cpp.llama_sampler_free(self.sampler)
+            self.sampler = None
+        self.job = None
+
+
+class Engine:
+    def __init__(self, spec: LaunchSpec) -> None:
+        self.spec = spec
+        self.parallel = max(1, spec.parallel)
+        self.n_ctx_per_slot = spec.num_ctx
+        self.n_ctx = spec.num_ctx * self.parallel
+        self.n_ctx_train = 0
+        self.memory: dict[str, MemoryUse] = {}
+        self.n_threads = spec.num_thread if spec.num_thread > 0 else _default_threads()
+        self.model = None
+        self.ctx = None
+        self.embd_ctx = None
+        self.steps = 0  # decode steps so far (read by tests from emit callbacks)
+        self._cond = threading.Condition()
+        self._inbox: collections.deque[Job] = collections.deque()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._cancel_all: str | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._slots: list[_Slot] = []
+        self._embd_lock = threading.Lock()
+        self._keepalive: list[object] = []  # ctypes objects llama.cpp points at
+
+    # -- load --------------------------------------------------------------------------------
+
+    def load(self, progress: Callable[[float], None]) -> None:
+        """Blocking. Raise LoadError(reason, oom) when the model or the context cannot be made."""
+        global _LOG
+        if _LOG is None:
+            llama_cpp.llama_backend_init()
+            _LOG = _LlamaLog()
+        _LOG.capture = True
+        _LOG.memory.clear()
+        spec = self.spec
+        if not os.path.exists(spec.model_path):
+            raise LoadError(f"model file not found: {spec.model_path}")
+
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = spec.n_gpu_layers if spec.n_gpu_layers >= 0 else 999
+        mp.split_mode = _SPLIT[spec.split_mode]
+        mp.main_gpu = spec.main_gpu
+        mp.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if spec.use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
+        if spec.tensor_split:
+            n = max(llama_cpp.llama_max_devices(), len(spec.tensor_split))
+            arr = (ctypes.c_float * n)(*spec.tensor_split)
+            self._keepalive.append(arr)
+            mp.tensor_split = arr
+
+        last = [0.0]
+
+        def on_progress(p: float, _user: ctypes.c_void_p) -> bool:
+            if p - last[0] >= 0.1 or p >= 1.0:
+                last[0] = p
+                try:
+                    progress(min(1.0, float(p)) * 0.9)
+                except Exception:
+                    pass
+            return True
+
+        cb = llama_cpp.llama_progress_callback(on_progress)
+        self._keepalive.append(cb)
+        mp.progress_callback = cb
+
+        model = llama_cpp.llama_model_load_from_file(spec.model_path.encode(), mp)
+        if not model:
+            _LOG.flush()
+            raise LoadError(self._failure_text("failed to load model"), oom=_LOG.oom_seen())
+        self.model = model
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
+        self.n_embd = llama_cpp.llama_model_n_embd(model)
+
+        if not spec.embedding:
+            cp = self._context_params()
+            ctx = llama_cpp.llama_init_from_model(model, cp)
+            if not ctx:
+                _LOG.flush()
+                raise LoadError(self._failure_text("failed to create the context"), oom=_LOG.oom_seen())
+            self.ctx = ctx
+            self.mem = llama_cpp.llama_get_memory(ctx)
+            self.n_ctx = llama_cpp.llama_n_ctx(ctx)
+            self.n_ctx_per_slot = llama_cpp.llama_n_ctx_seq(ctx)
+            self.can_shift = bool(llama_cpp.llama_memory_can_shift(self.mem))
+            self.n_batch = max(self.spec.num_batch, self.parallel)
+            self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+            self._slots = [_Slot(i) for i in range(self.parallel)]
+        else:
+            self._embedding_context()  # raises LoadError
+            self.n_ctx = self.n_ctx_per_slot
+        _LOG.flush()
+        _LOG.capture = False
+        self.memory = _LOG.usage()
+        progress(1.0)
+
+    def _failure_text(self, what: str) -> str:
+        assert _LOG is not None
+        errors = [line for line in _LOG.tail if "error" in line.lower() or "failed" in line.lower()]
+        return f"{what}: {errors[-1].strip()}" if errors else what
+
+    def _context_params(self, embeddings: bool = False):
+        spec = self.spec
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_threads = self.n_threads
+        cp.n_threads_batch = self.n_threads
+        cp.type_k = cp.type_v = _KV_TYPES[spec.kv_cache_type]
+        if spec.flash_attention is not None:
+            cp.flash_attn_type = (
+                llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if spec.flash_attention else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
+        cp.no_perf = True
+        if embeddings:
+            cp.n_ctx = spec.num_ctx
+            cp.n_batch = cp.n_ubatch = spec.num_ctx  # a non-causal model needs the input in one ubatch
+            cp.n_seq_max = 1
+            cp.embeddings = True
+        else:
+            cp.n_ctx = spec.num_ctx * self.parallel
+            cp.n_batch = max(spec.num_batch, self.parallel)
+            cp.n_ubatch = min(cp.n_batch, 512)
+            cp.n_seq_max = self.parallel
+            cp.kv_unified = False  # one KV stream per slot, num_ctx cells each
+            cp.embeddings = False
+        return cp
+
+    def _embedding_context(self) -> None:
+        """Create the embeddings context (mean pooling when the model declares none)."""
+        cp = self._context_params(embeddings=True)
+        ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        if ctx and llama_cpp.llama_pooling_type(ctx) == llama_cpp.LLAMA_POOLING_TYPE_NONE:
+            llama_cpp.llama_free(ctx)
+            cp.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+            ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        if not ctx:
+            assert _LOG is not None
+            raise LoadError(self._failure_text("failed to create the embedding context"), oom=_LOG.oom_seen())
+        self.embd_ctx = ctx
+        self.n_ctx_per_slot = llama_cpp.llama_n_ctx(ctx)
+
+    # -- thread lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.ctx is None:
+            return  # embedding-only runner: no decode thread
+        self._thread = threading.Thread(target=self._loop, name="decode", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Cancel everything, stop the decode thread, free llama.cpp objects. Blocks."""
+        with self._cond:
+            self._stopping = True
+            self._cancel_all = self._cancel_all or "runner closed"
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            if self._thread.is_alive():
+                return  # a decode is stuck; the process exit frees everything
+        for slot in self._slots:
+            slot.release()
+        if self.ctx is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        with self._embd_lock:
+            if self.embd_ctx is not None:
+                llama_cpp.llama_free(self.embd_ctx)
+                self.embd_ctx = None
+        if self.model is not None:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+    def busy(self) -> int:
+        return sum(1 for s in self._slots if s.job is not None)
+
+    def queued(self) -> int:
+        return len(self._waiting) + len(self._inbox)
+
+    def cancel_all(self, reason: str) -> None:
+        """Every queued and running job ends with CompletionError(reason) at the next step."""
+        with self._cond:
+            self._cancel_all = reason
+            self._cond.notify_all()
+
+    # -- tokens --------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            n_max = -n
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        if any(t < 0 or t >= self.n_vocab for t in tokens):
+            raise BadRequest(f"token id out of range [0, {self.n_vocab})")
+        arr = (llama_cpp.llama_token * max(1, len(tokens)))(*tokens)
+        size = 16 * len(tokens) + 16
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_detokenize(self.vocab, arr, len(tokens), buf, size, False, True)
+        if n < 0:
+            size = -n
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_detokenize(self.vocab, arr, len(tokens), buf, size, False, True)
+        return buf.raw[:n].decode("utf-8", errors="replace")
+
+    # -- submit (any thread) --------------------------------------------------------------------
+
+    def submit(self, request: CompletionRequest, emit: Emit) -> Job:
+        """Validate, tokenize, build the sampler chain; queue the job. Raise BadRequest."""
+        if self.ctx is None:
+            raise BadRequest("this runner was loaded for embeddings only")
+        prompt = list(request.tokens or [])
+        if any(t < 0 or t >= self.n_vocab for t in prompt):
+            raise BadRequest(f"token id out of range [0, {self.n_vocab})")
+        if request.prompt:
+            prompt += self.tokenize(request.prompt, request.add_special and not prompt, True)
+        if not prompt:
+            raise BadRequest("empty prompt")
+        opts = request.options
+        truncated = False
+        limit = self.n_ctx_per_slot - 1  # room for at least one generated token
+        if len(prompt) > limit:
+            if not request.truncate:
+                raise BadRequest("the input length exceeds the context length")
+            keep = max(0, min(opts.num_keep, limit // 2))
+            prompt = prompt[:keep] + prompt[len(prompt) - (limit - keep) :]
+            truncated = True
+        job = Job(request, emit)
+        job.prompt = prompt  # type: ignore[attr-defined]
+        job.truncated = truncated  # type: ignore[attr-defined]
+        job.sampler = self._sampler(opts, request.format, prompt)  # type: ignore[attr-defined]
+        with self._cond:
+            if self._stopping:
+                llama_cpp.llama_sampler_free(job.sampler)  # type: ignore[attr-defined]
+                raise BadRequest("runner is shutting down")
+            self._inbox.append(job)
+            self._cond.notify_all()
+        return job
+
+    def _sampler(self, o: SamplingOptions, fmt: object, prompt: list[int]):
+        """Ollama's sampling as a llama.cpp chain: [grammar] top_k, [penalties], typical_p, top_p,
+        min_p, temperature, dist(seed); greedy when temperature <= 0."""
+        grammar = None
+        if fmt is not None:
+            try:
+                gbnf = llama_grammar.JSON_GBNF if fmt == "json" else llama_grammar.json_schema_to_gbnf(json.dumps(fmt))
+            except Exception as e:
+                raise BadRequest(f"invalid JSON schema in format: {e}") from None
+            grammar = llama_cpp.llama_sampler_init_grammar(self.vocab, gbnf.encode(), b"root")
+            if not grammar:
+                raise BadRequest("invalid format: the grammar could not be built")
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
+        if grammar is not None:
+            add(grammar)
+        penalize = o.repeat_penalty != 1.0 or o.presence_penalty != 0.0 or o.frequency_penalty != 0.0
+        last_n = self.n_ctx_per_slot if o.repeat_last_n < 0 else o.repeat_last_n
+        if o.temperature <= 0:
+            if penalize and last_n:
+                add(self._penalties(o, last_n, prompt))
+            add(llama_cpp.llama_sampler_init_greedy())
+            return chain
+        if o.top_k > 0:
+            add(llama_cpp.llama_sampler_init_top_k(o.top_k))
+        if penalize and last_n:
+            add(self._penalties(o, last_n, prompt))
+        if 0 < o.typical_p < 1.0:
+            add(llama_cpp.llama_sampler_init_typical(o.typical_p, 1))
+        if 0 < o.top_p < 1.0:
+            add(llama_cpp.llama_sampler_init_top_p(o.top_p, 1))
+        if o.min_p > 0:
+            add(llama_cpp.llama_sampler_init_min_p(o.min_p, 1))
+        add(llama_cpp.llama_sampler_init_temp(o.temperature))
+        seed = o.seed & 0xFFFFFFFF if o.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED
+        add(llama_cpp.llama_sampler_init_dist(seed))
+        return chain
+
+    def _penalties(self, o: SamplingOptions, last_n: int, prompt: list[int]):
+        s = llama_cpp.llama_sampler_init_penalties(
+            self.n_vocab, last_n, o.repeat_penalty, o.frequency_penalty, o.presence_penalty
+        )
+        for t in prompt[-last_n:]:  # the prompt counts as history, not the grammar's
+            llama_cpp.llama_sampler_accept(s, t)
+        return s
+
+    # -- decode thread ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._inbox and self._cancel_all is None and not self._has_work():
+                        self._cond.wait()
+                    self._waiting.extend(self._inbox)
+                    self._inbox.clear()
+                    reason, self._cancel_all = self._cancel_all, None
+                    stopping = self._stopping
+                if reason is not None:
+                    self._fail_everything(reason)
+                if stopping:
+                    return
+                self._step()
+        except BaseException as e:  # a bug must not leave clients hanging
+            self._fail_everything(f"decode loop failed: {type(e).__name__}: {e}")
+            raise
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting) or any(s.job is not None for s in self._slots)
+
+    def _fail_everything(self, reason: str) -> None:
+        for slot in self._slots:
+            if slot.job is not None:
+                job = slot.job
+                self._free(slot)
+                if not job.cancelled.is_set():
+                    job.emit(CompletionError(error=reason))
+        while self._waiting:
+            job = self._waiting.popleft()
+            llama_cpp.llama_sampler_free(job.sampler)  # type: ignore[attr-defined]
+            if not job.cancelled.is_set():
+                job.emit(CompletionError(error=reason))
+
+    def _free(self, slot: _Slot) -> None:
+        """The slot takes new work at once. Its KV stays as the prompt cache: with one KV stream
+        per slot the cells could not serve another sequence anyway."""
+        slot.release()
+        slot.last_used = self.steps
+
+    def _admit(self) -> None:
+        # drop jobs cancelled while waiting
+        for job in [j for j in self._waiting if j.cancelled.is_set()]:
+            self._waiting.remove(job)
+            llama_cpp.llama_sampler_free(job.sampler)  # type: ignore[attr-defined]
+        while self._waiting:
+            free = [s for s in self._slots if s.job is None]
+            if not free:
+                return
+            job = self._waiting.popleft()
+            prompt: list[int] = job.prompt  # type: ignore[attr-defined]
+
+            def common(slot: _Slot) -> int:
+                n = 0
+                for a, b in zip(slot.cache, prompt):
+                    if a != b:
+                        break
+                    n += 1
+                return n
+
+            slot = max(free, key=lambda s: (common(s), -s.last_used))
+            n = min(common(slot), len(prompt) - 1)  # at least one token is evaluated for logits
+            if n < len(slot.cache):
+                ok = llama_cpp.llama_memory_seq_rm(self.mem, slot.id, n, -1)
+                # SWA or recurrent memory may not hold the positions the prefix needs: start over
+                if not ok or (n > 0 and llama_cpp.llama_memory_seq_pos_min(self.mem, slot.id) > 0):
+                    llama_cpp.llama_memory_seq_rm(self.mem, slot.id, -1, -1)
+                    n = 0
+                slot.cache = slot.cache[:n]
+            slot.start(job, prompt, n, job.truncated)  # type: ignore[attr-defined]
+
+    def _step(self) -> None:
+        # 1. cancelled sequences leave at once
+        for slot in self._slots:
+            if slot.job is not None and slot.job.cancelled.is_set():
+                self._free(slot)
+        # 2. new work joins
+        self._admit()
+        active = [s for s in self._slots if s.job is not None]
+        if not active:
+            return
+        # 3. one batch: next tokens first, then prompt chunks while there is room
+        b = self.batch
+        n = 0
+        now = time.perf_counter_ns()
+        for s in active:
+            s.batch_index = -1
+            if s.next_token is not None:
+                self._put(n, s.next_token, len(s.cache), s.id, True)
+                s.cache.append(s.next_token)
+                s.next_token = None
+                s.batch_index = n
+                n += 1
+        for s in active:
+            if not s.pending or n >= self.n_batch:
+                continue
+            if not s.t_start:
+                s.t_start = now
+            take = s.pending[: self.n_batch - n]
+            del s.pending[: len(take)]
+            for i, t in enumerate(take):
+                last = not s.pending and i == len(take) - 1
+                self._put(n, t, len(s.cache), s.id, last)
+                s.cache.append(t)
+                if last:
+                    s.batch_index = n
+                n += 1
+        b.n_tokens = n
+        # 4. decode
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        self.steps += 1
+        if rc != 0:
+            reason = f"llama_decode failed ({rc})"
+            for s in active:
+                job = s.job
+                llama_cpp.llama_memory_seq_rm(self.mem, s.id, -1, -1)
+                s.cache = []
+                self._free(s)
+                if job is not None and not job.cancelled.is_set():
+                    job.emit(CompletionError(error=reason))
+            return
+        # 5. sample
+        for s in active:
+            if s.batch_index >= 0 and s.job is not None:
+                self._sample(s)
+
+    def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        b = self.batch
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = logits
+
+    def _sample(self, s: _Slot) -> None:
+        job = s.job
+        assert job is not None
+        req = job.request
+        o = req.options
+        token = llama_cpp.llama_sampler_sample(s.sampler, self.ctx, s.batch_index)
+        now = time.perf_counter_ns()
+        if not s.t_first:
+            s.t_first = now
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            return self._finish(s, "stop")
+        s.tokens.append(token)
+        s.n_generated += 1
+        out = s.text.feed(self.piece(token))
+        if out and req.stream:
+            job.emit(CompletionChunk(content=out))
+        if s.text.stopped:
+            return self._finish(s, "stop")
+        if o.num_predict > 0 and s.n_generated >= o.num_predict:
+            return self._finish(s, "length")
+        if len(s.cache) >= self.n_ctx_per_slot:  # the next token has no cell left
+            shift = self.spec.shift if req.shift is None else req.shift
+            if not shift or o.num_predict == -2 or not self.can_shift:
+                return self._finish(s, "length")
+            self._shift(s, o.num_keep)
+        s.next_token = token
+
+    def _shift(self, s: _Slot, num_keep: int) -> None:
+        """Keep num_keep tokens, drop half of the rest, slide the remainder down."""
+        n_past = len(s.cache)
+        keep = max(0, min(num_keep, n_past - 2))
+        discard = (n_past - keep) // 2
+        llama_cpp.llama_memory_seq_rm(self.mem, s.id, keep, keep + discard)
+        llama_cpp.llama_memory_seq_add(self.mem, s.id, keep + discard, n_past, -discard)
+        del s.cache[keep : keep + discard]
+
+    def _finish(self, s: _Slot, reason: str) -> None:
+        job = s.job
+        assert job is not None
+        tail = s.text.finish()
+        if tail and job.request.stream:
+            job.emit(CompletionChunk(content=tail))
+        now = time.perf_counter_ns()
+        first = s.t_first or now
+        done = CompletionDone(
+            content="" if job.request.stream else "".join(s.text.text),
+            done_reason=reason,  # type: ignore[arg-type]
+            prompt_eval_count=s.n_prompt_eval,
+            prompt_eval_duration=max(1, first - (s.t_start or first)),
+            eval_count=s.n_generated,
+            eval_duration=max(1, now - first),
+            tokens=s.tokens,
+            truncated=s.truncated,
+        )
+        self._free(s)
+        job.emit(done)
+
+    # -- embeddings (caller's thread) ---------------------------------------------------------
+
+    def embed(self, inputs: list[str], truncate: bool) -> EmbedResponse:
+        """Pooled, L2-normalised vectors. Blocking; serialised by a lock."""
+        with self._embd_lock:
+            if self.model is None:
+                raise BadRequest("runner is closed")
+            if self.embd_ctx is None:
+                assert _LOG is not None
+                try:
+                    self._embedding_context()
+                except LoadError as e:
+                    raise BadRequest(e.reason) from None
+            ctx = self.embd_ctx
+            n_ctx = llama_cpp.llama_n_ctx(ctx)
+            mem = llama_cpp.llama_get_memory(ctx)
+            batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+            out: list[list[float]] = []
+            count = 0
+            try:
+                for text in inputs:
+                    toks = self.tokenize(text, True, True)
+                    if len(toks) > n_ctx:
+                        if not truncate:
+                            raise BadRequest("the input length exceeds the context length")
+                        toks = toks[:n_ctx]
+                    if not toks:
+                        raise BadRequest("cannot embed an empty input")
+                    count += len(toks)
+                    llama_cpp.llama_memory_clear(mem, True)
+                    for i, t in enumerate(toks):
+                        batch.token[i] = t
+                        batch.pos[i] = i
+                        batch.n_seq_id[i] = 1
+                        batch.seq_id[i][0] = 0
+                        batch.logits[i] = True
+                    batch.n_tokens = len(toks)
+                    if llama_cpp.llama_model_has_encoder(self.model) and not llama_cpp.llama_model_has_decoder(self.model):
+                        rc = llama_cpp.llama_encode(ctx, batch)
+                    else:
+                        rc = llama_cpp.llama_decode(ctx, batch)
+                    if rc != 0:
+                        raise RuntimeError(f"embedding decode failed ({rc})")
+                    ptr = llama_cpp.llama_get_embeddings_seq(ctx, 0)
+                    if not ptr:
+                        raise RuntimeError("the model produced no pooled embedding")
+                    vec = ptr[: self.n_embd]
+                    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+                    out.append([v / norm for v in vec])
+            finally:
+                llama_cpp.llama_batch_free(batch)
+            return EmbedResponse(embeddings=out, prompt_eval_count=count)
