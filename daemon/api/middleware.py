@@ -1,0 +1,229 @@
+"""HTTP middlewares around every route: request log, CORS, Host-header check, JSON 404/405.
+
+Order (outermost first, as ``make_app`` installs them): :func:`request_log` (one line per request,
+also for rejected ones), :func:`cors_middleware` (Ollama's gin-contrib/cors configuration),
+:func:`host_middleware` (DNS-rebinding protection when bound to loopback), :func:`json_not_found`
+(aiohttp's own 404/405 as JSON), then the error middleware (``middleware_errors``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+import structlog
+from aiohttp import web
+
+from corral.daemon.api.errors import ApiError
+from corral.daemon.api.middleware_errors import error_response
+
+log = structlog.get_logger("corral.daemon.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# handlers put the model name here so the request log line can carry it
+LOG_MODEL = "corral.model"
+
+
+@web.middleware
+async def request_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One ``api.request`` line per request: method, path, model, status, duration."""
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        fields = {"method": request.method, "path": request.path, "status": status,
+                  "duration_ms": round((time.perf_counter() - start) * 1000, 3)}
+        model = request.get(LOG_MODEL)
+        if model:
+            fields["model"] = model
+        log.info("api.request", **fields)
+
+
+# ---- CORS --------------------------------------------------------------------------------------
+
+CORS_METHODS = "GET,POST,PUT,PATCH,DELETE,HEAD"
+CORS_HEADERS = ",".join((
+    "Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With", "Openai-Beta",
+    "X-Stainless-Arch", "X-Stainless-Async", "X-Stainless-Custom-Poll-Interval",
+    "X-Stainless-Helper-Method", "X-Stainless-Lang", "X-Stainless-Os",
+    "X-Stainless-Package-Version", "X-Stainless-Poll-Helper", "X-Stainless-Retry-Count",
+    "X-Stainless-Runtime", "X-Stainless-Runtime-Version", "X-Stainless-Timeout"))
+CORS_MAX_AGE = "43200"
+
+
+class OriginPolicy:
+    """gin-contrib/cors v1.7 origin matching: exact entries, and entries with one ``*``
+    (``*suffix``, ``prefix*``, ``pre*suf``). A trailing ``*`` also drops the character before
+    it (upstream quirk: ``http://localhost:*`` is the prefix ``http://localhost``). An entry
+    that is just ``*`` allows every origin."""
+
+    def __init__(self, origins: Iterable[str]) -> None:
+        self.exact: set[str] = set()
+        self.rules: list[tuple[str, str]] = []
+        self.allow_all = False
+        for o in origins:
+            o = o.lower()
+            if o == "*":
+                self.allow_all = True
+            elif "*" not in o:
+                self.exact.add(o)
+            else:
+                i = o.index("*")
+                if i == 0:
+                    self.rules.append(("", o[1:]))
+                elif i == len(o) - 1:
+                    self.rules.append((o[:i - 1], ""))
+                else:
+                    self.rules.append((o[:i], o[i + 1:]))
+
+    def allows(self, origin: str) -> bool:
+        if self.allow_all or origin in self.exact:
+            return True
+        return any(origin.startswith(p) and origin.endswith(s) for p, s in self.rules)
+
+
+def cors_middleware(origins: Iterable[str]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    policy = OriginPolicy(origins)
+
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        host = request.headers.get("Host", "")
+        if not origin or origin in (f"http://{host}", f"https://{host}"):
+            return await handler(request)
+        if not policy.allows(origin):
+            return web.Response(status=403)
+        allow_origin = "*" if policy.allow_all else origin
+        if request.method == "OPTIONS":
+            headers = {"Access-Control-Allow-Origin": allow_origin,
+                       "Access-Control-Allow-Methods": CORS_METHODS,
+                       "Access-Control-Allow-Headers": CORS_HEADERS,
+                       "Access-Control-Max-Age": CORS_MAX_AGE}
+            if not policy.allow_all:
+                headers["Vary"] = ("Origin, Access-Control-Request-Method, "
+                                   "Access-Control-Request-Headers")
+            return web.Response(status=204, headers=headers)
+        cors_headers = {"Access-Control-Allow-Origin": allow_origin}
+        if not policy.allow_all:
+            cors_headers["Vary"] = "Origin"
+        # added by add_cors_headers when the response (also a stream) sends its headers
+        request[_CORS_HEADERS] = cors_headers
+        return await handler(request)
+
+    return cors
+
+
+_CORS_HEADERS = "corral.cors_headers"
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare`` hook: CORS headers for an allowed cross-origin request."""
+    headers = request.get(_CORS_HEADERS)
+    if headers:
+        response.headers.update(headers)
+
+
+# ---- Host header ---------------------------------------------------------------------------------
+
+def is_loopback_bind(bind_host: str | None) -> bool:
+    """Whether the listener address is loopback (only then is the Host header checked)."""
+    if bind_host is None:
+        return False
+    if bind_host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bind_host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _local_addresses() -> frozenset[str]:
+    addrs: set[str] = set()
+    try:
+        import psutil
+        for entries in psutil.net_if_addrs().values():
+            for e in entries:
+                if e.family in (socket.AF_INET, socket.AF_INET6):
+                    addrs.add(e.address.split("%", 1)[0])
+    except Exception:  # noqa: BLE001 - no interface list: loopback/private rules still apply
+        pass
+    return frozenset(addrs)
+
+
+def _strip_port(host: str) -> str:
+    if host.startswith("["):
+        end = host.find("]")
+        return host[1:end] if end > 0 else host
+    if host.count(":") == 1:
+        return host.split(":", 1)[0]
+    return host
+
+
+class HostPolicy:
+    """Ollama's ``allowedHost``: loopback/private/unspecified/local IPs, ``localhost``, the
+    machine's hostname and names under ``.localhost``, ``.local``, ``.internal``."""
+
+    def __init__(self, hostname: str | None = None, local_ips: frozenset[str] | None = None) -> None:
+        self.hostname = (hostname if hostname is not None else socket.gethostname()).lower()
+        self._local_ips = local_ips
+
+    @property
+    def local_ips(self) -> frozenset[str]:
+        if self._local_ips is None:
+            self._local_ips = _local_addresses()
+        return self._local_ips
+
+    def ip_allowed(self, host: str) -> bool | None:
+        """True/False for an IP literal, None for a name."""
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return None
+        return (ip.is_loopback or ip.is_private or ip.is_unspecified
+                or str(ip) in self.local_ips)
+
+    def name_allowed(self, host: str) -> bool:
+        h = host.lower()
+        if h in ("", "localhost") or h == self.hostname:
+            return True
+        return h.endswith((".localhost", ".local", ".internal"))
+
+
+def host_middleware(policy: HostPolicy) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def check_host(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = _strip_port(request.headers.get("Host", ""))
+        ip_ok = policy.ip_allowed(host)
+        if ip_ok:
+            return await handler(request)
+        if ip_ok is None and policy.name_allowed(host):
+            if request.method == "OPTIONS":
+                return web.Response(status=204)
+            return await handler(request)
+        return web.Response(status=403)
+
+    return check_host
+
+
+# ---- aiohttp's own 404/405 ----------------------------------------------------------------------
+
+@web.middleware
+async def json_not_found(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Unknown path / wrong method as a JSON error (OpenAI's shape under /v1)."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound as exc:
+        if exc.text and exc.text != "404: Not Found":
+            raise
+        return error_response(request, ApiError(404, "404 page not found"))
+    except web.HTTPMethodNotAllowed:
+        return error_response(request, ApiError(405, "405 method not allowed"))

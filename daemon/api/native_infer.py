@@ -1,0 +1,705 @@
+"""Inference routes: POST /api/generate, /api/chat, /api/embed, /api/embeddings; GET /api/ps.
+
+One request = validate (400s) -> resolve the model (404) -> capability checks -> render the prompt
+(template errors) -> ``Supervisor.acquire`` (503 queue full, 499 cancelled, 500 load failure) ->
+stream the runner's NDJSON ``/completion`` lines -> Ollama's lines. Everything that can fail before
+the first line fails with a real HTTP status; a failure after it is a final ``{"error": ...}`` line.
+
+:func:`completion_job` is the shared core (the OpenAI routes use it too): an async context manager
+holding the lease, whose :meth:`Job.events` yields :class:`Delta` and one final :class:`Done`.
+The lease is released exactly once when the context exits (also when the client went away).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import inspect
+import math
+import secrets
+import string
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgspec
+import structlog
+from aiohttp import web
+
+from corral.daemon import gguf_info, templates
+from corral.daemon.api import options as opts
+from corral.daemon.api.errors import ApiError
+from corral.daemon.api.keys import STORE, SUPERVISOR
+from corral.daemon.api.middleware import LOG_MODEL
+from corral.daemon.store import ModelRecord
+from corral.runner import protocol
+
+log = structlog.get_logger(__name__)
+
+NDJSON = "application/x-ndjson"
+_enc = msgspec.json.Encoder()
+
+
+def now_rfc3339() -> str:
+    """``created_at``: UTC, microseconds, ``Z`` (Go's RFC3339Nano form, ≤ 6 digits)."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_enc.encode(obj), status=status, content_type="application/json",
+                        charset="utf-8")
+
+
+# ---- models and capabilities ---------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Model:
+    record: ModelRecord
+    info: gguf_info.GGUFInfo | None
+    capabilities: list[str]
+
+    def renderer(self, override: str | None = None) -> templates.Renderer:
+        chat_template = self.info.chat_template if self.info is not None else None
+        return templates.for_model(override or self.record.template, chat_template)
+
+
+async def resolve(app: web.Application, name: str, *, style: str) -> Model:
+    """The model ``name`` with its GGUF facts. ``style`` picks Ollama's not-found text:
+    ``"quoted"`` -> ``model 'x' not found`` (generate/chat), else the store's
+    ``model "x" not found, try pulling it first`` (embed, scheduler)."""
+    try:
+        record = app[STORE].resolve(name)
+    except ApiError as e:
+        if e.status == 404 and style == "quoted":
+            raise ApiError(404, f"model '{name}' not found") from None
+        raise
+    info = None
+    if record.model_path is not None:
+        try:
+            info = await gguf_info.read_info_async(record.model_path)
+        except Exception as e:  # noqa: BLE001 - an unreadable GGUF fails later, in the runner
+            log.warning("api.gguf_unreadable", model=record.name, error=str(e))
+    caps = gguf_info.capabilities(info, template=record.template,
+                                  has_projector=bool(record.projectors),
+                                  declared=record.config.capabilities)
+    return Model(record, info, caps)
+
+
+def _require(model: Model, caps: Sequence[str]) -> None:
+    missing = [c for c in caps if c not in model.capabilities]
+    if missing:
+        raise ApiError(400, "\n".join(f"{model.record.full_name} does not support {c}"
+                                      for c in missing))
+
+
+# ---- runner I/O --------------------------------------------------------------------------------------
+
+async def _runner_error(resp: aiohttp.ClientResponse) -> str:
+    text = (await resp.text()).strip()
+    try:
+        data = msgspec.json.decode(text)
+        if isinstance(data, dict) and isinstance(data.get("error"), str):
+            return data["error"]
+    except msgspec.DecodeError:
+        pass
+    return text or f"runner answered {resp.status}"
+
+
+def _gone_message(lease: Any, exc: BaseException) -> str:
+    """The text for a runner that broke the connection: its own last error line when the lease
+    knows it (the supervisor keeps the stderr tail), else the connection error."""
+    for attr in ("failure", "last_error"):
+        hook = getattr(lease, attr, None)
+        value = hook() if callable(hook) else hook
+        if value:
+            return str(value)
+    return f"llama runner process has terminated: {exc}"
+
+
+async def runner_lines(lease: Any, body: protocol.CompletionRequest,
+                       ) -> AsyncIterator[protocol.CompletionChunk | protocol.CompletionDone]:
+    """The runner's completion events; an error line or a broken connection raises ApiError."""
+    url = f"{lease.base_url}/completion"
+    try:
+        async with lease.session.post(url, data=protocol.encode(body),
+                                      headers={"Content-Type": "application/json"}) as resp:
+            if resp.status != 200:
+                status = resp.status if resp.status in (400, 503) else 500
+                raise ApiError(status, await _runner_error(resp))
+            async for line in resp.content:
+                if not line.strip():
+                    continue
+                ev = protocol.decode_completion_event(line)
+                if isinstance(ev, protocol.CompletionError):
+                    raise ApiError(500, ev.error)
+                yield ev
+                if isinstance(ev, protocol.CompletionDone):
+                    return
+    except (aiohttp.ClientError, ConnectionError) as e:
+        raise ApiError(500, _gone_message(lease, e)) from None
+    except msgspec.DecodeError as e:
+        raise ApiError(500, f"bad line from runner: {e}") from None
+    raise ApiError(500, _gone_message(lease, ConnectionError("stream ended without done")))
+
+
+async def runner_json(lease: Any, path: str, body: msgspec.Struct, kind: type[Any]) -> Any:
+    try:
+        async with lease.session.post(f"{lease.base_url}{path}", data=protocol.encode(body),
+                                      headers={"Content-Type": "application/json"}) as resp:
+            if resp.status != 200:
+                status = resp.status if resp.status in (400, 503) else 500
+                raise ApiError(status, await _runner_error(resp))
+            return msgspec.json.decode(await resp.read(), type=kind)
+    except (aiohttp.ClientError, ConnectionError) as e:
+        raise ApiError(500, _gone_message(lease, e)) from None
+
+
+# ---- output processing ---------------------------------------------------------------------------
+
+class ThinkingSplitter:
+    """Splits ``<think>…</think>`` at the start of the output into thinking text (streaming-safe:
+    a tag split across chunks is held back until it is complete)."""
+
+    def __init__(self, open_tag: str = "<think>", close_tag: str = "</think>") -> None:
+        self.open, self.close = open_tag, close_tag
+        self.state = "start"
+        self.buf = ""
+
+    def add(self, s: str) -> tuple[str, str]:
+        """-> (thinking, content) for this chunk."""
+        self.buf += s
+        thinking = content = ""
+        if self.state == "start":
+            stripped = self.buf.lstrip()
+            if self.open.startswith(stripped):
+                return "", ""                         # maybe the tag, wait for more
+            if stripped.startswith(self.open):
+                self.buf = stripped[len(self.open):].lstrip()
+                self.state = "thinking"
+            else:
+                self.state = "content"
+        if self.state == "thinking":
+            i = self.buf.find(self.close)
+            if i >= 0:
+                thinking, rest = self.buf[:i], self.buf[i + len(self.close):]
+                self.buf, self.state = rest.lstrip(), "content"
+            else:
+                keep = next((k for k in range(min(len(self.close) - 1, len(self.buf)), 0, -1)
+                             if self.buf.endswith(self.close[:k])), 0)
+                thinking, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+                return thinking, ""
+        if self.state == "content":
+            content, self.buf = self.buf, ""
+        return thinking, content
+
+    def flush(self) -> tuple[str, str]:
+        buf, self.buf = self.buf, ""
+        return (buf, "") if self.state == "thinking" else ("", buf)
+
+
+_ID_CHARS = string.ascii_lowercase + string.digits
+
+
+def tool_call_id() -> str:
+    return "call_" + "".join(secrets.choice(_ID_CHARS) for _ in range(8))
+
+
+@dataclass(slots=True)
+class Delta:
+    content: str = ""
+    thinking: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Done:
+    done_reason: str
+    prompt_eval_count: int
+    prompt_eval_duration: int
+    eval_count: int
+    eval_duration: int
+    total_duration: int
+    load_duration: int
+    tokens: list[int]
+
+
+@dataclass
+class Job:
+    """One acquired completion. ``body`` is None for a load-only request."""
+
+    model: Model
+    lease: Any
+    started: float
+    load_duration: int
+    body: protocol.CompletionRequest | None
+    thinking: ThinkingSplitter | None = None
+    tools: templates.ToolCallParser | None = None
+
+    def _process(self, text: str) -> Delta:
+        d = Delta()
+        if self.thinking is not None:
+            d.thinking, text = self.thinking.add(text)
+        if self.tools is not None and text:
+            calls, text = self.tools.add(text)
+            d.tool_calls = [{"id": tool_call_id(), **c} for c in calls]
+        d.content = text
+        return d
+
+    def _flush(self) -> Delta:
+        d = Delta()
+        if self.thinking is not None:
+            d.thinking, text = self.thinking.flush()
+            if text:
+                d2 = self._process(text)
+                d.content, d.tool_calls = d2.content, d2.tool_calls
+        if self.tools is not None:
+            d.content += self.tools.flush()
+        return d
+
+    async def events(self) -> AsyncIterator[Delta | Done]:
+        assert self.body is not None
+        async with contextlib.aclosing(runner_lines(self.lease, self.body)) as lines:
+            async for ev in lines:
+                if isinstance(ev, protocol.CompletionChunk):
+                    text = ev.content
+                else:
+                    text = ev.content           # the whole text when the runner did not stream
+                if text:
+                    d = self._process(text)
+                    if d.content or d.thinking or d.tool_calls:
+                        yield d
+                if isinstance(ev, protocol.CompletionDone):
+                    d = self._flush()
+                    if d.content or d.thinking or d.tool_calls:
+                        yield d
+                    yield Done(
+                        done_reason=ev.done_reason, prompt_eval_count=ev.prompt_eval_count,
+                        prompt_eval_duration=ev.prompt_eval_duration, eval_count=ev.eval_count,
+                        eval_duration=ev.eval_duration,
+                        total_duration=int((time.monotonic() - self.started) * 1e9),
+                        load_duration=self.load_duration, tokens=ev.tokens)
+
+
+def sampling(options: dict[str, Any]) -> protocol.SamplingOptions:
+    try:
+        return protocol.SamplingOptions.from_ollama(options)
+    except msgspec.ValidationError as e:
+        raise ApiError(500, f"invalid options: {e}") from None
+
+
+@contextlib.asynccontextmanager
+async def completion_job(app: web.Application, model: Model, *, options: dict[str, Any],
+                         keep_alive: float | None, started: float, prompt: str | None,
+                         context: list[int] | None = None, fmt: Any = None, stream: bool = True,
+                         thinking: bool = False, tools: Sequence[dict] | None = None,
+                         renderer: templates.Renderer | None = None, shift: bool | None = None,
+                         truncate: bool | None = None) -> AsyncIterator[Job]:
+    """Acquire a slot for ``model`` and yield the :class:`Job` (load-only when ``prompt`` is
+    None). Releases the lease on exit, exactly once."""
+    body = None
+    if prompt is not None:
+        body = protocol.CompletionRequest(
+            prompt=prompt, tokens=context or None, options=sampling(options), format=fmt,
+            stream=stream, shift=shift, truncate=True if truncate is None else truncate)
+    lease = await app[SUPERVISOR].acquire(model.record, options, keep_alive, kind="completion")
+    async with lease:
+        job = Job(model, lease, started, int((time.monotonic() - started) * 1e9), body)
+        if thinking:
+            job.thinking = ThinkingSplitter()
+        if tools and renderer is not None and renderer.supports_tools:
+            job.tools = templates.ToolCallParser(renderer.tool_call_tag(), tools)
+        yield job
+
+
+def render(renderer: templates.Renderer, messages: Sequence[dict], tools: Sequence[dict] | None,
+           *, prompt: str = "", suffix: str = "", think: tuple[bool, str, bool] = (False, "", False),
+           status: int = 500) -> str:
+    try:
+        return renderer.render(messages, tools, prompt=prompt, suffix=suffix, think=think[0],
+                               think_level=think[1], is_think_set=think[2])
+    except templates.TemplateError as e:
+        raise ApiError(status, str(e)) from None
+
+
+def parse_template(text: str) -> templates.GoTemplate:
+    try:
+        return templates.GoTemplate(text)
+    except templates.TemplateError as e:
+        raise ApiError(500, str(e)) from None
+
+
+# ---- NDJSON streaming ------------------------------------------------------------------------------
+
+class NdjsonWriter:
+    """Writes lines, preparing the response at the first one. ``gone`` turns true when the client
+    closed the connection; later writes are dropped (the handler then stops)."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+        self.gone = False
+
+    async def write(self, line: bytes) -> None:
+        if self.gone:
+            return
+        try:
+            if self.response is None:
+                self.response = web.StreamResponse(headers={"Content-Type": NDJSON})
+                await self.response.prepare(self.request)
+            await self.response.write(line)
+        except (ConnectionError, RuntimeError):
+            self.gone = True
+
+    async def finish(self) -> web.StreamResponse:
+        assert self.response is not None
+        if not self.gone:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.response.write_eof()
+        return self.response
+
+
+def _stream_flag(value: bool | None) -> bool:
+    return value is not False
+
+
+def _metrics(done: Done) -> dict[str, Any]:
+    return {"total_duration": done.total_duration, "load_duration": done.load_duration,
+            "prompt_eval_count": done.prompt_eval_count,
+            "prompt_eval_duration": done.prompt_eval_duration,
+            "eval_count": done.eval_count, "eval_duration": done.eval_duration}
+
+
+async def _drive(request: web.Request, job: Job, stream: bool, chunk_line, final_obj,
+                 collect) -> web.StreamResponse:
+    """Run ``job`` to the end: NDJSON lines when streaming (an error after the first line is a
+    last ``{"error"}`` line), else one object built by ``final_obj`` from the collected deltas."""
+    if not stream:
+        async for ev in job.events():
+            if isinstance(ev, Done):
+                return json_response(final_obj(ev))
+            collect(ev)
+        raise ApiError(500, "runner ended without a final record")
+    out = NdjsonWriter(request)
+    try:
+        async for ev in job.events():
+            if isinstance(ev, Done):
+                await out.write(_enc.encode(final_obj(ev, streamed=True)) + b"\n")
+                break
+            await out.write(chunk_line(ev))
+            if out.gone:
+                break
+    except ApiError as e:
+        if out.response is None:
+            raise
+        await out.write(_enc.encode({"error": e.message}) + b"\n")
+    return await out.finish()
+
+
+# ---- /api/generate -------------------------------------------------------------------------------
+
+def generate_prompt(model: Model, prompt: str, *, suffix: str = "", system: str | None = None,
+                    template: str | None = None, raw: bool = False,
+                    context: list[int] | None = None,
+                    think: tuple[bool, str, bool] = (False, "", False)) -> str | None:
+    """The text sent to the runner for a generate request; None = load only (empty prompt).
+    Not raw: [system (request or Modelfile)] + Modelfile MESSAGEs (unless ``context``) + the
+    user prompt, rendered with the request's or the model's template (FIM with ``suffix``)."""
+    if not prompt and not suffix:
+        return None
+    if raw:
+        return prompt
+    renderer = parse_template(template) if template else model.renderer()
+    system = system if system is not None else model.record.system
+    messages: list[dict] = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    if not context:
+        messages += model.record.messages
+    messages.append({"role": "user", "content": prompt})
+    return render(renderer, messages, None, prompt=prompt, suffix=suffix, think=think)
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    started = time.monotonic()
+    app = request.app
+    req = opts.decode(await request.read(), opts.GenerateRequest)
+    request[LOG_MODEL] = req.model
+    if not req.model:
+        raise ApiError(404, "model '' not found")
+    keep_alive = opts.keep_alive(req.keep_alive)
+    fmt = opts.parse_format(req.format)
+    think = opts.parse_think(req.think)
+    if req.raw and (req.template or req.system or req.context):
+        raise ApiError(400, "raw mode does not support template, system, or context")
+    images = opts.check_images(req.images)
+    model = await resolve(app, req.model, style="quoted")
+    created = now_rfc3339()
+    if req.prompt == "" and keep_alive == 0:
+        await app[SUPERVISOR].unload(model.record)
+        return json_response({"model": req.model, "created_at": created, "response": "",
+                              "done": True, "done_reason": "unload"})
+    if "completion" not in model.capabilities:
+        raise ApiError(400, f'"{req.model}" does not support generate')
+    _require(model, (["insert"] if req.suffix else []) + (["vision"] if images else []))
+    if think[0] and "thinking" not in model.capabilities:
+        raise ApiError(400, f'"{req.model}" does not support thinking')
+    if images:
+        raise ApiError(400, "image input is not supported by this server yet")
+    options = opts.merge_options(model.record.parameters, req.options)
+
+    prompt = generate_prompt(model, req.prompt, suffix=req.suffix, system=req.system,
+                             template=req.template, raw=req.raw, context=req.context, think=think)
+    stream = _stream_flag(req.stream)
+    async with completion_job(app, model, options=options, keep_alive=keep_alive,
+                              started=started, prompt=prompt, context=req.context, fmt=fmt,
+                              stream=stream, thinking=think[0], shift=req.shift,
+                              truncate=req.truncate) as job:
+        if prompt is None:
+            return json_response({"model": req.model, "created_at": now_rfc3339(),
+                                  "response": "", "done": True, "done_reason": "load"})
+        head = b'{"model":' + _enc.encode(req.model) + b',"created_at":"'
+        parts: list[str] = []
+        thoughts: list[str] = []
+
+        def chunk_line(d: Delta) -> bytes:
+            line = head + now_rfc3339().encode() + b'","response":' + _enc.encode(d.content)
+            if d.thinking:
+                line += b',"thinking":' + _enc.encode(d.thinking)
+            return line + b',"done":false}\n'
+
+        def collect(d: Delta) -> None:
+            parts.append(d.content)
+            if d.thinking:
+                thoughts.append(d.thinking)
+
+        def final_obj(done: Done, streamed: bool = False) -> dict[str, Any]:
+            obj: dict[str, Any] = {"model": req.model, "created_at": now_rfc3339(),
+                                   "response": "" if streamed else "".join(parts)}
+            if thoughts and not streamed:
+                obj["thinking"] = "".join(thoughts)
+            obj["done"] = True
+            obj["done_reason"] = done.done_reason
+            if not req.raw:
+                obj["context"] = done.tokens
+            obj.update(_metrics(done))
+            return obj
+
+        return await _drive(request, job, stream, chunk_line, final_obj, collect)
+
+
+# ---- /api/chat -----------------------------------------------------------------------------------
+
+def chat_messages(model: Model, messages: Sequence[dict]) -> list[dict]:
+    """Modelfile MESSAGEs + request messages, with the Modelfile SYSTEM first when the request
+    does not start with a system message."""
+    msgs = list(model.record.messages) + list(messages)
+    if model.record.system and (not messages or messages[0].get("role") != "system"):
+        msgs.insert(0, {"role": "system", "content": model.record.system})
+    return msgs
+
+
+def _message_dict(m: opts.Message) -> dict[str, Any]:
+    d = msgspec.structs.asdict(m)
+    d["role"] = (d.get("role") or "").lower()
+    d["content"] = d.get("content") or ""
+    return d
+
+
+async def start_chat(app: web.Application, *, model_name: str, messages: list[dict],
+                     tools: list[dict] | None, options: dict[str, Any] | None, fmt: Any,
+                     keep_alive: float | None, think: tuple[bool, str, bool], stream: bool,
+                     started: float, shift: bool | None = None, truncate: bool | None = None,
+                     ) -> contextlib.AbstractAsyncContextManager[Job] | dict[str, Any]:
+    """Validate and resolve a chat; returns the unload reply (a dict) or the job context."""
+    model = await resolve(app, model_name, style="quoted")
+    if not messages and keep_alive == 0:
+        await app[SUPERVISOR].unload(model.record)
+        return {"model": model_name, "created_at": now_rfc3339(),
+                "message": {"role": "assistant", "content": ""}, "done_reason": "unload",
+                "done": True}
+    if "completion" not in model.capabilities:
+        raise ApiError(400, f'"{model_name}" does not support chat')
+    _require(model, (["tools"] if tools else [])
+             + (["vision"] if any(m.get("images") for m in messages) else []))
+    if think[0] and "thinking" not in model.capabilities:
+        raise ApiError(400, f'"{model_name}" does not support thinking')
+    if any(m.get("images") for m in messages):
+        for m in messages:
+            opts.check_images(m.get("images"))
+        raise ApiError(400, "image input is not supported by this server yet")
+    merged = opts.merge_options(model.record.parameters, options)
+    prompt = None
+    renderer = model.renderer()
+    if messages:
+        prompt = render(renderer, chat_messages(model, messages), tools, think=think)
+    return completion_job(app, model, options=merged, keep_alive=keep_alive, started=started,
+                          prompt=prompt, fmt=fmt, stream=stream, thinking=think[0], tools=tools,
+                          renderer=renderer, shift=shift, truncate=truncate)
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    started = time.monotonic()
+    req = opts.decode(await request.read(), opts.ChatRequest)
+    request[LOG_MODEL] = req.model
+    if not req.model:
+        raise ApiError(400, "model is required")
+    keep_alive = opts.keep_alive(req.keep_alive)
+    fmt = opts.parse_format(req.format)
+    think = opts.parse_think(req.think)
+    messages = [_message_dict(m) for m in req.messages or []]
+    stream = _stream_flag(req.stream)
+    started_job = await start_chat(request.app, model_name=req.model, messages=messages,
+                                   tools=req.tools or None, options=req.options, fmt=fmt,
+                                   keep_alive=keep_alive, think=think, stream=stream,
+                                   started=started, shift=req.shift, truncate=req.truncate)
+    if isinstance(started_job, dict):
+        return json_response(started_job)
+    async with started_job as job:
+        if job.body is None:
+            return json_response({"model": req.model, "created_at": now_rfc3339(),
+                                  "message": {"role": "assistant", "content": ""},
+                                  "done_reason": "load", "done": True})
+        head = b'{"model":' + _enc.encode(req.model) + b',"created_at":"'
+        parts: list[str] = []
+        thoughts: list[str] = []
+        calls: list[dict] = []
+
+        def message(d: Delta) -> dict[str, Any]:
+            msg: dict[str, Any] = {"role": "assistant", "content": d.content}
+            if d.thinking:
+                msg["thinking"] = d.thinking
+            if d.tool_calls:
+                msg["tool_calls"] = d.tool_calls
+            return msg
+
+        def chunk_line(d: Delta) -> bytes:
+            return (head + now_rfc3339().encode() + b'","message":' + _enc.encode(message(d))
+                    + b',"done":false}\n')
+
+        def collect(d: Delta) -> None:
+            parts.append(d.content)
+            thoughts.append(d.thinking)
+            calls.extend(d.tool_calls)
+
+        def final_obj(done: Done, streamed: bool = False) -> dict[str, Any]:
+            d = Delta() if streamed else Delta("".join(parts), "".join(thoughts), calls)
+            return {"model": req.model, "created_at": now_rfc3339(), "message": message(d),
+                    "done": True, "done_reason": done.done_reason, **_metrics(done)}
+
+        return await _drive(request, job, stream, chunk_line, final_obj, collect)
+
+
+# ---- /api/embed, /api/embeddings --------------------------------------------------------------------
+
+def _embed_inputs(value: Any) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(x, str) for x in value):
+        return value
+    raise ApiError(400, "invalid input type")
+
+
+def _shorten(vec: list[float], dimensions: int | None) -> list[float]:
+    if not dimensions or dimensions <= 0 or dimensions >= len(vec):
+        return vec
+    cut = vec[:dimensions]
+    norm = math.sqrt(sum(v * v for v in cut)) or 1.0
+    return [v / norm for v in cut]
+
+
+async def embed_texts(app: web.Application, model: Model, inputs: list[str], *,
+                      options: dict[str, Any] | None, keep_alive: float | None,
+                      truncate: bool | None) -> tuple[protocol.EmbedResponse, int]:
+    """Embeddings for ``inputs`` (loads the model even when empty) -> (response, load ns)."""
+    started = time.monotonic()
+    merged = opts.merge_options(model.record.parameters, options)
+    lease = await app[SUPERVISOR].acquire(model.record, merged, keep_alive, kind="embedding")
+    async with lease:
+        load = int((time.monotonic() - started) * 1e9)
+        if not inputs:
+            return protocol.EmbedResponse(embeddings=[], prompt_eval_count=0), load
+        body = protocol.EmbedRequest(input=inputs, truncate=truncate is not False)
+        return await runner_json(lease, "/embed", body, protocol.EmbedResponse), load
+
+
+async def embed(request: web.Request) -> web.Response:
+    started = time.monotonic()
+    req = opts.decode(await request.read(), opts.EmbedRequest)
+    request[LOG_MODEL] = req.model
+    if not req.model:
+        raise ApiError(404, "model '' not found")
+    keep_alive = opts.keep_alive(req.keep_alive)
+    inputs = _embed_inputs(req.input)
+    model = await resolve(request.app, req.model, style="store")
+    res, load = await embed_texts(request.app, model, inputs, options=req.options,
+                                  keep_alive=keep_alive, truncate=req.truncate)
+    if not inputs:
+        return json_response({"model": req.model, "embeddings": []})
+    return json_response({
+        "model": req.model,
+        "embeddings": [_shorten(v, req.dimensions) for v in res.embeddings],
+        "total_duration": int((time.monotonic() - started) * 1e9), "load_duration": load,
+        "prompt_eval_count": res.prompt_eval_count})
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    req = opts.decode(await request.read(), opts.EmbeddingsRequest)
+    request[LOG_MODEL] = req.model
+    if not req.model:
+        raise ApiError(400, "model is required")
+    keep_alive = opts.keep_alive(req.keep_alive)
+    model = await resolve(request.app, req.model, style="store")
+    inputs = [req.prompt] if req.prompt else []
+    res, _ = await embed_texts(request.app, model, inputs, options=req.options,
+                               keep_alive=keep_alive, truncate=True)
+    return json_response({"embedding": res.embeddings[0] if res.embeddings else []})
+
+
+# ---- /api/ps ---------------------------------------------------------------------------------------
+
+_FAR_FUTURE = dt.datetime(2318, 1, 1, tzinfo=dt.UTC)
+
+
+def _expires(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dt.datetime):
+        when = value
+    elif value is None or (isinstance(value, float) and math.isinf(value)):
+        when = _FAR_FUTURE
+    else:
+        when = dt.datetime.fromtimestamp(float(value), dt.UTC)
+    return when.astimezone().isoformat(timespec="microseconds")
+
+
+def ps_row(entry: Any) -> dict[str, Any]:
+    """One /api/ps item in Ollama's field order from a supervisor row (a dict or a Struct)."""
+    row = entry if isinstance(entry, dict) else msgspec.to_builtins(entry)
+    out: dict[str, Any] = {"name": row.get("name", ""), "model": row.get("model")
+                           or row.get("name", ""), "size": row.get("size", 0),
+                           "digest": row.get("digest", ""), "details": row.get("details") or {},
+                           "expires_at": _expires(entry.get("expires_at") if isinstance(entry, dict)
+                                                  else getattr(entry, "expires_at", None)),
+                           "size_vram": row.get("size_vram", 0)}
+    if row.get("context_length"):
+        out["context_length"] = row["context_length"]
+    return out
+
+
+async def ps(request: web.Request) -> web.Response:
+    rows = request.app[SUPERVISOR].ps()
+    if inspect.isawaitable(rows):
+        rows = await rows
+    return json_response({"models": [ps_row(r) for r in rows]})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/generate", generate)
+    app.router.add_post("/api/chat", chat)
+    app.router.add_post("/api/embed", embed)
+    app.router.add_post("/api/embeddings", embeddings)
+    app.router.add_get("/api/ps", ps)

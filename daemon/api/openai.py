@@ -1,0 +1,435 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models.
+
+Requests are translated into the native core (``native_infer``) the way Ollama's OpenAI
+middleware does (reference §3): temperature and top_p default to 1.0, max_tokens ->
+num_predict, response_format -> format, content parts -> one message each. Streams are SSE
+(``data: {...}\\n\\n`` ... ``data: [DONE]\\n\\n``). Errors use OpenAI's shape (the error middleware
+does that for every path under /v1/); an error after the stream started is a last
+``data: {"error": ...}`` event.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import random
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from corral.daemon.api import native_infer as core
+from corral.daemon.api import options as opts
+from corral.daemon.api.errors import ApiError, openai_body
+from corral.daemon.api.keys import STORE
+from corral.daemon.api.middleware import LOG_MODEL
+
+_enc = msgspec.json.Encoder()
+FINGERPRINT = "fp_ollama"
+
+
+def _body(raw: bytes) -> dict[str, Any]:
+    data = opts.decode(raw, Any)
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid request body: expected a JSON object")
+    return data
+
+
+def _options(body: dict[str, Any], *, top_p_zero_is_default: bool = False) -> dict[str, Any]:
+    """OpenAI sampling fields -> Ollama options (temperature/top_p default 1.0)."""
+    o: dict[str, Any] = {}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        o["num_predict"] = max_tokens
+    for key in ("seed", "frequency_penalty", "presence_penalty"):
+        if body.get(key) is not None:
+            o[key] = body[key]
+    temperature = body.get("temperature")
+    o["temperature"] = 1.0 if temperature is None else temperature
+    top_p = body.get("top_p")
+    o["top_p"] = 1.0 if top_p is None or (top_p_zero_is_default and top_p == 0) else top_p
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        o["stop"] = [stop]
+    elif isinstance(stop, list):
+        for s in stop:
+            if not isinstance(s, str):
+                raise ApiError(400, f"invalid type for 'stop' field: {type(s).__name__}")
+        o["stop"] = stop
+    elif stop is not None:
+        raise ApiError(400, f"invalid type for 'stop' field: {type(stop).__name__}")
+    return o
+
+
+def _format(response_format: Any) -> Any:
+    if not isinstance(response_format, dict):
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return "json"
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        return schema if isinstance(schema, dict) else None
+    return None
+
+
+_EFFORT = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+           "max": "max", "xhigh": "max", "ultra": "max"}
+
+
+def _think(body: dict[str, Any]) -> tuple[bool, str, bool]:
+    effort = body.get("reasoning_effort")
+    if effort is None and isinstance(body.get("reasoning"), dict):
+        effort = body["reasoning"].get("effort")
+    if effort is None:
+        return False, "", False
+    if effort not in _EFFORT:
+        raise ApiError(400, f"invalid reasoning value: {json.dumps(effort)}")
+    return opts.parse_think(_EFFORT[effort])
+
+
+def _image(part: dict[str, Any]) -> str:
+    url = part.get("image_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    if not isinstance(url, str):
+        raise ApiError(400, "invalid image input")
+    if url.startswith(("http://", "https://")):
+        raise ApiError(400, "image URLs are not currently supported, please use base64 encoded "
+                            "data instead")
+    head, sep, data = url.partition(";base64,")
+    if not sep or not head.startswith("data:"):
+        raise ApiError(400, "invalid image input")
+    return data
+
+
+def chat_messages(raw: Any) -> list[dict[str, Any]]:
+    """OpenAI messages -> native messages (each content part becomes its own message)."""
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(400, "[] is too short - 'messages'")
+    out: list[dict[str, Any]] = []
+    names_by_id: dict[str, str] = {}
+    for m in raw:
+        if not isinstance(m, dict):
+            raise ApiError(400, "invalid message format")
+        role = str(m.get("role") or "").lower()
+        content = m.get("content")
+        calls = []
+        for c in m.get("tool_calls") or []:
+            fn = c.get("function") or {}
+            args = fn.get("arguments")
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args) if args.strip() else {}
+                except ValueError:
+                    raise ApiError(400, "invalid tool call arguments") from None
+            call = {"function": {"name": fn.get("name", ""), "arguments": args or {}}}
+            if c.get("id"):
+                call["id"] = c["id"]
+                names_by_id[c["id"]] = fn.get("name", "")
+            calls.append(call)
+        base: dict[str, Any] = {"role": role}
+        if role == "tool":
+            name = m.get("name") or names_by_id.get(m.get("tool_call_id") or "", "")
+            if name:
+                base["tool_name"] = name
+            if m.get("tool_call_id"):
+                base["tool_call_id"] = m["tool_call_id"]
+        if isinstance(m.get("reasoning"), str):
+            base["thinking"] = m["reasoning"]
+        if isinstance(content, str):
+            out.append({**base, "content": content, **({"tool_calls": calls} if calls else {})})
+        elif isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    out.append({**base, "content": part.get("text") or ""})
+                elif kind == "image_url":
+                    out.append({**base, "content": "", "images": [_image(part)]})
+                else:
+                    raise ApiError(400, f"invalid message content type: {kind}")
+            if calls:
+                out.append({**base, "content": "", "tool_calls": calls})
+        elif content is None and calls:
+            out.append({**base, "content": "", "tool_calls": calls})
+        else:
+            raise ApiError(400, f"invalid message content type: {content!r}".replace(
+                "None", "<nil>"))
+    return out
+
+
+def _completion_id(prefix: str) -> str:
+    return f"{prefix}-{random.randint(0, 998)}"
+
+
+def _usage(done: core.Done | None) -> dict[str, int]:
+    p = done.prompt_eval_count if done else 0
+    c = done.eval_count if done else 0
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _tool_calls(calls: list[dict[str, Any]], start: int = 0) -> list[dict[str, Any]]:
+    return [{"id": c.get("id") or core.tool_call_id(), "index": start + i, "type": "function",
+             "function": {"name": c["function"]["name"],
+                          "arguments": json.dumps(c["function"].get("arguments") or {},
+                                                  separators=(",", ":"), ensure_ascii=False)}}
+            for i, c in enumerate(calls)]
+
+
+def _finish(done: core.Done, tool_calls: bool) -> str:
+    if done.done_reason == "length":
+        return "length"
+    return "tool_calls" if tool_calls else "stop"
+
+
+class SseWriter:
+    """``data: <json>`` events; the response is prepared at the first one."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+        self.gone = False
+
+    async def send(self, payload: bytes) -> None:
+        if self.gone:
+            return
+        try:
+            if self.response is None:
+                self.response = web.StreamResponse(headers={
+                    "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+                await self.response.prepare(self.request)
+            await self.response.write(b"data: " + payload + b"\n\n")
+        except (ConnectionError, RuntimeError):
+            self.gone = True
+
+    async def finish(self) -> web.StreamResponse:
+        await self.send(b"[DONE]")
+        assert self.response is not None
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.response.write_eof()
+        return self.response
+
+
+async def _stream(request: web.Request, job: core.Job, chunk: Callable[[dict], bytes],
+                  delta_of: Callable[[core.Delta], dict | None],
+                  finish: Callable[[core.Done], list[bytes]]) -> web.StreamResponse:
+    out = SseWriter(request)
+    try:
+        async for ev in job.events():
+            if isinstance(ev, core.Done):
+                for payload in finish(ev):
+                    await out.send(payload)
+                break
+            d = delta_of(ev)
+            if d is not None:
+                await out.send(chunk(d))
+            if out.gone:
+                break
+    except ApiError as e:
+        if out.response is None:
+            raise
+        await out.send(_enc.encode(openai_body(e)))
+    return await out.finish()
+
+
+# ---- /v1/chat/completions ------------------------------------------------------------------------
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    started = time.monotonic()
+    body = _body(await request.read())
+    model_name = body.get("model") or ""
+    request[LOG_MODEL] = model_name
+    if not isinstance(model_name, str) or not model_name:
+        raise ApiError(400, "model is required")
+    messages = chat_messages(body.get("messages"))
+    stream = body.get("stream") is True
+    include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
+    tools = body.get("tools") or None
+    started_job = await core.start_chat(
+        request.app, model_name=model_name, messages=messages, tools=tools,
+        options=_options(body), fmt=_format(body.get("response_format")), keep_alive=None,
+        think=_think(body), stream=stream, started=started)
+    assert not isinstance(started_job, dict)  # messages are never empty here
+    cid = _completion_id("chatcmpl")
+    created = int(time.time())
+    async with started_job as job:
+        if not stream:
+            parts, thoughts, calls = [], [], []
+            async for ev in job.events():
+                if isinstance(ev, core.Done):
+                    msg: dict[str, Any] = {"role": "assistant", "content": "".join(parts)}
+                    if thoughts:
+                        msg["reasoning"] = "".join(thoughts)
+                    if calls:
+                        msg["tool_calls"] = _tool_calls(calls)
+                    return core.json_response({
+                        "id": cid, "object": "chat.completion", "created": created,
+                        "model": model_name, "system_fingerprint": FINGERPRINT,
+                        "choices": [{"index": 0, "message": msg,
+                                     "finish_reason": _finish(ev, bool(calls))}],
+                        "usage": _usage(ev)})
+                parts.append(ev.content)
+                if ev.thinking:
+                    thoughts.append(ev.thinking)
+                calls.extend(ev.tool_calls)
+            raise ApiError(500, "runner ended without a final record")
+
+        head = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                "model": model_name, "system_fingerprint": FINGERPRINT}
+        state = {"first": True, "calls": 0}
+
+        def chunk(delta: dict) -> bytes:
+            return _enc.encode({**head, "choices": [{"index": 0, "delta": delta,
+                                                     "finish_reason": None}]})
+
+        def delta_of(d: core.Delta) -> dict | None:
+            delta: dict[str, Any] = {}
+            if state["first"]:
+                delta["role"] = "assistant"
+                state["first"] = False
+            if d.thinking:
+                delta["reasoning"] = d.thinking
+            if d.content:
+                delta["content"] = d.content
+            if d.tool_calls:
+                delta["tool_calls"] = _tool_calls(d.tool_calls, state["calls"])
+                state["calls"] += len(d.tool_calls)
+            return delta
+
+        def finish(done: core.Done) -> list[bytes]:
+            out = [_enc.encode({**head, "choices": [{
+                "index": 0, "delta": {}, "finish_reason": _finish(done, state["calls"] > 0)}]})]
+            if include_usage:
+                out.append(_enc.encode({**head, "choices": [], "usage": _usage(done)}))
+            return out
+
+        return await _stream(request, job, chunk, delta_of, finish)
+
+
+# ---- /v1/completions -----------------------------------------------------------------------------
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    started = time.monotonic()
+    body = _body(await request.read())
+    model_name = body.get("model") or ""
+    request[LOG_MODEL] = model_name
+    if not isinstance(model_name, str) or not model_name:
+        raise ApiError(404, "model '' not found")
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "invalid type for 'prompt' field: only a string is supported")
+    suffix = body.get("suffix") or ""
+    stream = body.get("stream") is True
+    include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
+    options = _options(body, top_p_zero_is_default=True)
+    model = await core.resolve(request.app, model_name, style="quoted")
+    if "completion" not in model.capabilities:
+        raise ApiError(400, f'"{model_name}" does not support generate')
+    if suffix:
+        core._require(model, ["insert"])
+    text = core.generate_prompt(model, prompt, suffix=suffix)
+    merged = opts.merge_options(model.record.parameters, options)
+    cid = _completion_id("cmpl")
+    created = int(time.time())
+    head = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+            "system_fingerprint": FINGERPRINT}
+    async with core.completion_job(request.app, model, options=merged, keep_alive=None,
+                                   started=started, prompt=text if text is not None else "",
+                                   stream=stream) as job:
+        if not stream:
+            parts = []
+            async for ev in job.events():
+                if isinstance(ev, core.Done):
+                    return core.json_response({**head, "choices": [{
+                        "text": "".join(parts), "index": 0,
+                        "finish_reason": _finish(ev, False)}], "usage": _usage(ev)})
+                parts.append(ev.content)
+            raise ApiError(500, "runner ended without a final record")
+
+        def chunk(c: dict) -> bytes:
+            return _enc.encode({**head, "choices": [c]})
+
+        def delta_of(d: core.Delta) -> dict | None:
+            if not d.content:
+                return None
+            return {"text": d.content, "index": 0, "finish_reason": None}
+
+        def finish(done: core.Done) -> list[bytes]:
+            out = [chunk({"text": "", "index": 0, "finish_reason": _finish(done, False)})]
+            if include_usage:
+                out.append(_enc.encode({**head, "choices": [], "usage": _usage(done)}))
+            return out
+
+        return await _stream(request, job, chunk, delta_of, finish)
+
+
+# ---- /v1/embeddings ----------------------------------------------------------------------------
+
+async def embeddings(request: web.Request) -> web.Response:
+    body = _body(await request.read())
+    model_name = body.get("model") or ""
+    request[LOG_MODEL] = model_name
+    if not isinstance(model_name, str) or not model_name:
+        raise ApiError(400, "model is required")
+    raw = body.get("input")
+    if isinstance(raw, str):
+        inputs = [raw]
+    elif isinstance(raw, list) and raw and all(isinstance(x, str) for x in raw):
+        inputs = raw
+    else:
+        raise ApiError(400, "invalid input")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise ApiError(400, f"Invalid value for 'encoding_format' = {encoding}. "
+                            "Supported values: ['float', 'base64'].")
+    dims = body.get("dimensions")
+    model = await core.resolve(request.app, model_name, style="store")
+    res, _ = await core.embed_texts(request.app, model, inputs, options=None, keep_alive=None,
+                                    truncate=True)
+    data = []
+    for i, vec in enumerate(res.embeddings):
+        vec = core._shorten(vec, dims if isinstance(dims, int) else None)
+        value: Any = vec if encoding == "float" else base64.b64encode(
+            struct.pack(f"<{len(vec)}f", *vec)).decode()
+        data.append({"object": "embedding", "embedding": value, "index": i})
+    return core.json_response({"object": "list", "data": data, "model": model_name,
+                               "usage": {"prompt_tokens": res.prompt_eval_count,
+                                         "total_tokens": res.prompt_eval_count}})
+
+
+# ---- /v1/models --------------------------------------------------------------------------------
+
+def _model_obj(model_id: str, record: Any) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": int(record.modified_at),
+            "owned_by": record.model_name.namespace}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    import asyncio
+    records = await asyncio.to_thread(request.app[STORE].list)
+    return core.json_response({"object": "list",
+                               "data": [_model_obj(r.name, r) for r in records]})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    try:
+        record = request.app[STORE].resolve(name)
+    except ApiError as e:
+        if e.status == 404:
+            raise ApiError(404, f"model '{name}' not found") from None
+        raise
+    return core.json_response(_model_obj(name, record))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", retrieve_model)
