@@ -120,18 +120,21 @@ class Registry:
 
     Knobs (defaults are Ollama's): ``min_part``/``max_part`` byte bounds of a download part,
     ``max_streams`` concurrent part downloads, ``retries`` per part with ``backoff`` seconds
-    (doubled each time), ``stall_timeout`` seconds without a byte before a part is retried.
+    (doubled each time), ``stall_timeout`` seconds without a byte before a part is retried,
+    ``write_batch`` bytes buffered per disk write, ``progress_interval`` seconds between reports.
     """
 
     def __init__(self, store: Store, *, base_url_for: Callable[[ModelName], str] | None = None,
                  min_part: int = 100 * MB, max_part: int = 1000 * MB, max_streams: int = NUM_PARTS,
-                 retries: int = 6, backoff: float = 1.0, stall_timeout: float = 30.0) -> None:
+                 retries: int = 6, backoff: float = 1.0, stall_timeout: float = 30.0,
+                 write_batch: int = 1 << 20, progress_interval: float = 0.06) -> None:
         self.store = store
         self.base_url_for = base_url_for
         self.min_part, self.max_part = min_part, max_part
         self.max_streams = max_streams
         self.retries, self.backoff = retries, backoff
         self.stall_timeout = stall_timeout
+        self.write_batch, self.progress_interval = write_batch, progress_interval
 
     # ---- plumbing -----------------------------------------------------------------------------
 
@@ -278,7 +281,7 @@ class Registry:
                 return False
             parts = await asyncio.to_thread(self._load_parts, blob.digest, blob.size)
             url = f"{base}/v2/{repo}/blobs/{blob.digest}"
-            throttle = _Throttle(progress)
+            throttle = _Throttle(progress, self.progress_interval)
             done = lambda: sum(p.Completed for p in parts)  # noqa: E731
             await throttle(_progress_msg("pulling", blob.digest, blob.size, done()), force=True)
             sem = asyncio.Semaphore(self.max_streams)
@@ -289,10 +292,13 @@ class Registry:
                                               lambda: throttle(_progress_msg(
                                                   "pulling", blob.digest, blob.size, done())))
 
-            async with asyncio.TaskGroup() as tg:
-                for part in parts:
-                    if not part.done:
-                        tg.create_task(run(part))
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    for part in parts:
+                        if not part.done:
+                            tg.create_task(run(part))
+            except ExceptionGroup as group:  # surface the first part's failure as itself
+                raise _first_leaf(group) from None
             await throttle(_progress_msg("pulling", blob.digest, blob.size, done()), force=True)
             return True
 
@@ -347,13 +353,15 @@ class Registry:
                 buf, pending = [], 0
                 await tick()
 
-            async for chunk in chunks:
-                buf.append(chunk)
-                pending += len(chunk)
-                if pending >= 1 << 20:
+            try:
+                async for chunk in chunks:
+                    buf.append(chunk)
+                    pending += len(chunk)
+                    if pending >= self.write_batch:
+                        await drain()
+            finally:  # bytes received before a broken connection still count for the resume
+                if buf:
                     await drain()
-            if buf:
-                await drain()
         finally:
             await asyncio.to_thread(f.close)
         if not part.done:
@@ -457,6 +465,11 @@ class Registry:
 
 class _TransferError(Exception):
     pass
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def _file_chunks(path: Path, offset: int, length: int) -> AsyncIterator[bytes]:

@@ -4,7 +4,9 @@
 of the distribution API Ollama uses: manifests GET/HEAD/PUT, blobs GET (with Range)/HEAD, and
 the upload flow POST/PATCH/PUT. Knobs let tests break it on purpose:
 
-* ``cut_after[digest] = n``: a blob GET sends the right headers but closes after n bytes;
+* ``cut_after[digest] = n``: the next blob GET sends the right headers but closes after n bytes
+  (one shot);
+* ``stall_after[digest] = n``: blob GETs send n bytes, then hang until the server closes;
 * ``corrupt.add(digest)``: a blob GET serves different bytes of the same length;
 * ``fail_blob[digest] = status``: blob GETs answer that status.
 
@@ -16,6 +18,7 @@ Every request is recorded in ``requests`` as (method, path, Range header).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import uuid
@@ -87,6 +90,8 @@ class RegistryServer:
         self.uploads: dict[str, bytearray] = {}
         self.requests: list[tuple[str, str, str | None]] = []
         self.cut_after: dict[str, int] = {}
+        self.stall_after: dict[str, int] = {}
+        self._closing = asyncio.Event()
         self.corrupt: set[str] = set()
         self.fail_blob: dict[str, int] = {}
         app = web.Application()
@@ -102,6 +107,7 @@ class RegistryServer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._closing.set()
         await self._server.close()
 
     @property
@@ -171,7 +177,11 @@ class RegistryServer:
         if status == 206:
             resp.headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
         await resp.prepare(request)
-        cut = self.cut_after.get(digest)
+        if (stall := self.stall_after.get(digest)) is not None:
+            await resp.write(body[:max(0, stall - start)])
+            await self._closing.wait()
+            return resp
+        cut = self.cut_after.pop(digest, None)
         if cut is not None:
             sent = max(0, cut - start)
             await resp.write(body[:sent])
