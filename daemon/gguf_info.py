@@ -236,11 +236,12 @@ def capabilities(info: GGUFInfo | None, *, template: str | None = None,
     else:
         caps.append("completion")
     if template is not None:
-        if ".Tools" in template:
+        names = _template_vars(template)
+        if "tools" in names:
             caps.append("tools")
-        if ".Suffix" in template:
+        if "suffix" in names:
             caps.append("insert")
-        if ".Thinking" in template or ".Think" in template:
+        if "thinking" in names or "think" in names:
             caps.append("thinking")
     elif info is not None and info.chat_template:
         jt = info.chat_template
@@ -255,3 +256,14 @@ def capabilities(info: GGUFInfo | None, *, template: str | None = None,
             caps.append(cap)
     order = ["completion", "tools", "insert", "vision", "embedding", "thinking"]
     return sorted(caps, key=lambda c: order.index(c) if c in order else len(order))
+
+
+def _template_vars(template: str) -> frozenset[str]:
+    """Lower-cased identifiers a Go template uses (Ollama's ``Template.Vars``); a template the
+    parser rejects falls back to a plain text scan."""
+    from corral.daemon.templates import GoTemplate, TemplateError
+
+    try:
+        return GoTemplate(template).vars
+    except TemplateError:
+        return frozenset(m.lower() for m in re.findall(r"\.([A-Za-z_]\w*)", template))

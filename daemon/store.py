@@ -813,6 +813,12 @@ class Store:
             await self._add_small(layers, media, text.encode(), progress)
 
         if template is not None:
+            from corral.daemon.templates import GoTemplate, TemplateError
+
+            try:
+                GoTemplate(template)
+            except TemplateError as e:
+                raise ApiError(400, f"template error: {e}") from None
             await text_layer(MEDIA_TEMPLATE, template, replace=(MEDIA_TEMPLATE, MEDIA_PROMPT))
         if system is not None:
             await text_layer(MEDIA_SYSTEM, system, replace=(MEDIA_SYSTEM,))

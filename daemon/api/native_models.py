@@ -214,8 +214,9 @@ async def tags(request: web.Request) -> web.Response:
     records = await asyncio.to_thread(_store(request).list)
     models = []
     for r in records:
+        details = details_dict(r) | {"parent_model": ""}  # as Ollama's list
         item = {"name": r.name, "model": r.name, "modified_at": timestamp(r.modified_at),
-                "size": r.size, "digest": r.digest, "details": details_dict(r)}
+                "size": r.size, "digest": r.digest, "details": details}
         if r.config.capabilities:
             item["capabilities"] = r.config.capabilities
         models.append(item)

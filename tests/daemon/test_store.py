@@ -273,6 +273,7 @@ async def test_create_copy_delete(tmp_path: Path, tiny_gguf: Path) -> None:
     ({"files": {"m.gguf": "@D"}, "parameters": {"num_ctx": "lots"}}, 400, "num_ctx"),
     ({"files": {"m.gguf": "@D"}, "messages": [{"role": "robot", "content": "x"}]}, 400,
      "message role"),
+    ({"files": {"m.gguf": "@D"}, "template": "{{ if .Prompt }}unclosed"}, 400, "template error"),
 ])
 async def test_create_rejects(tmp_path: Path, tiny_gguf: Path, kwargs: dict, status: int,
                               text: str) -> None:
