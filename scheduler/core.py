@@ -1,27 +1,741 @@
-"""The Scheduler: pure decisions, events in, effects out (implementation in progress)."""
+"""The Scheduler: pure decisions, events in, effects out.
+
+``Scheduler(limits, inventory)``; ``dispatch(event, now) -> list[Effect]``;
+``next_deadline() -> float | None``; ``snapshot() -> SchedulerSnapshot``. One task owns it (no
+locks); ``now`` is the supervisor's monotonic clock in seconds. The protocol (events, effects,
+ordering duties of the caller) is described in ``scheduler/events.py``.
+
+State the scheduler owns: the waiting requests (FIFO per model, ``max_queue`` counts them all,
+also those waiting for a slot on a loaded model), the granted requests per runner, each runner's
+state (loading -> ready -> [expiring] -> stopping -> gone), the memory ledger (what every runner
+holds per GPU and on the host, plus stopped runners whose memory has not been seen to come back)
+and the idle deadlines.
+
+Decisions on every event (``_pump``):
+
+1. Idle runners past their keep-alive deadline, and idle ``expiring`` runners, are stopped.
+   Reservations of stopped runners expire after ``Limits.reclaim_timeout``.
+2. Models with waiting requests are served in the order they started waiting; a model never
+   waits for another model's load (no head-of-line blocking across models). For each model,
+   FIFO on its requests:
+   2a. its current runner is compatible (``needs_reload`` false): grant free slots in order;
+       wait while it loads or while all slots are busy;
+   2b. its runner is ready but incompatible (options changed): the runner becomes ``expiring``
+       (no new grants; stops once idle) and a new runner is loaded for the head request;
+   2c. no runner: place a new one (``placement.place``) if a loaded-model slot and memory are
+       free; two requests for one model share a load; loads of different models run at once;
+   2d. otherwise choose eviction victims (idle first: soonest deadline, then least recently
+       used; then busy ones by shortest keep-alive) until the model would fit once they are
+       gone; busy victims become ``expiring``, nobody is killed with requests in flight.
+       When nothing else is loaded, partial offload is allowed; when even that cannot fit the
+       host, the waiting requests fail with Ollama's system-memory message.
+3. Load failures: out of memory -> one retry (lower an automatic num_ctx tier and/or evict all
+   other runners first); otherwise the requests waiting for that load fail with its reason.
+
+Memory accounting ("trust the smaller number"): usable on a GPU for a new runner is
+``min(measured free, total - reserved) - OLLAMA_GPU_OVERHEAD - backend minimum`` where
+``reserved`` sums our runners' placements there (actual figures once RunnerReady reports them)
+and stopped runners still reclaiming. Host RAM uses the same rule: ``min(host.free, host.total -
+our CPU reservations)``. MemAvailable may or may not already exclude what our runners hold (mmap'd
+weights are page cache and look available), so neither number alone is right and the smaller one
+never double-counts in our favour.
+"""
 
 from __future__ import annotations
 
-from .events import Effect, Event
-from .types import Inventory, Limits, SchedulerSnapshot
+import math
+from dataclasses import dataclass, field
+
+import msgspec
+
+from .estimate import (
+    auto_batch,
+    effective_num_ctx,
+    estimate,
+    is_out_of_memory,
+    lower_ctx_tier,
+    parallel_for,
+)
+from .events import (
+    QUEUE_FULL_MESSAGE,
+    SHUTTING_DOWN_MESSAGE,
+    Abort,
+    Effect,
+    Event,
+    Fail,
+    Grant,
+    InventoryUpdated,
+    Reject,
+    RequestArrived,
+    RequestCancelled,
+    RequestFinished,
+    RunnerExited,
+    RunnerLoadFailed,
+    RunnerOutOfMemory,
+    RunnerReady,
+    RunnerStopped,
+    Shutdown,
+    StartRunner,
+    StopRunner,
+    Tick,
+    UnloadRequested,
+)
+from .placement import place, usable_memory
+from .types import (
+    GpuView,
+    Inventory,
+    Limits,
+    ModelFacts,
+    Placement,
+    RunnerOptions,
+    RunnerView,
+    SchedulerSnapshot,
+)
+
+_MMAP_HOST_MARGIN = 8_000_000_000  # Ollama's host-pressure margin: max(8 GB, total / 10)
+
+
+@dataclass(slots=True, eq=False)
+class _Req:
+    req_id: int
+    model_key: str
+    facts: ModelFacts
+    options: RunnerOptions
+    keep_alive: float | None
+    runner_id: str | None = None  # set once granted
+
+
+@dataclass(slots=True, eq=False)
+class _Waiting:
+    """The requests waiting for one model, FIFO, and the retry state of its next load."""
+
+    key: str
+    reqs: dict[int, _Req] = field(default_factory=dict)
+    oom_retried: bool = False
+    ctx_override: int | None = None
+    evict_all: bool = False
+    blocked_at: int = -1  # ledger version at which the head could not be placed
+
+
+@dataclass(slots=True, eq=False)
+class _Runner:
+    id: str
+    model_key: str
+    facts: ModelFacts
+    options: RunnerOptions  # effective launch options
+    placement: Placement
+    parallel: int
+    keep_alive: float
+    started_at: float
+    state: str = "loading"  # loading | ready | stopping
+    expiring: bool = False
+    in_flight: set[int] = field(default_factory=set)
+    deadline: float | None = None
+    pid: int | None = None
+    ready_at: float | None = None
+    last_used: float = 0.0
+    oom_retried: bool = False  # this runner is the one retry after an out-of-memory load
+    stop_reason: str = "expired"
+    n_ctx: int = 0  # per slot as the runner reported it (0 = not reported)
+
+
+@dataclass(slots=True, eq=False)
+class _Reclaim:
+    """A stopped runner's GPU memory, reserved until seen back or ``deadline``."""
+
+    runner_id: str
+    gpu_bytes: dict[str, int]
+    baseline: dict[str, int]  # measured free per GPU when it stopped
+    deadline: float
+
+
+def _kv_type(s: str) -> str:
+    s = s.lower()
+    return "f16" if s == "" else s
+
+
+def needs_reload(runner_opts: RunnerOptions, facts: ModelFacts, req: RunnerOptions) -> bool:
+    """Whether a runner launched with ``runner_opts`` cannot serve a request with ``req``.
+
+    Ollama's rules (§2.5): the request's num_ctx is clamped to n_ctx_train; automatic num_ctx on
+    both sides is never a difference, nor automatic num_batch on both sides, nor an unset use_mmap
+    against an automatically resolved one, nor ``num_gpu < 0`` (automatic).
+    """
+    if not (runner_opts.num_ctx_auto and req.num_ctx_auto):
+        if effective_num_ctx(facts, req.num_ctx) != runner_opts.num_ctx:
+            return True
+    if not (runner_opts.num_batch_auto and req.num_batch_auto):
+        if req.num_batch != runner_opts.num_batch:
+            return True
+    if not (req.use_mmap is None and runner_opts.use_mmap_auto):
+        if req.use_mmap != runner_opts.use_mmap:
+            return True
+    if req.num_gpu >= 0 and req.num_gpu != runner_opts.num_gpu:
+        return True
+    if req.main_gpu != runner_opts.main_gpu:
+        return True
+    if req.num_thread != runner_opts.num_thread:
+        return True
+    if _kv_type(req.kv_cache_type) != _kv_type(runner_opts.kv_cache_type):
+        return True
+    return req.flash_attention != runner_opts.flash_attention
 
 
 class Scheduler:
     """Owns the queue, in-flight counts, runner states, the memory ledger and idle deadlines.
 
-    ``dispatch(event, now) -> list[Effect]``; ``next_deadline() -> float | None``;
-    ``snapshot() -> SchedulerSnapshot``. Not thread-safe: one task owns it.
+    Pure and synchronous: no I/O, no clock. Not thread-safe: one task owns it.
     """
 
     def __init__(self, limits: Limits, inventory: Inventory) -> None:
         self.limits = limits
         self.inventory = inventory
+        self.max_loaded = limits.max_loaded or 3 * max(len(inventory.gpus), 1)
+        self._runners: dict[str, _Runner] = {}
+        self._current: dict[str, _Runner] = {}  # model_key -> runner taking new grants
+        self._reclaims: dict[str, _Reclaim] = {}
+        self._waiting: dict[str, _Waiting] = {}  # ordered by when the model started waiting
+        self._requests: dict[int, _Req] = {}  # waiting and granted
+        self._n_waiting = 0
+        self._next_id = 0
+        self._version = 0  # bumps on any change to runners, memory or inventory
+        self._rooms_cache: tuple[int, list, int] | None = None
+        self._closing = False
+
+    # -- public API --------------------------------------------------------------------------
 
     def dispatch(self, event: Event, now: float) -> list[Effect]:
-        raise NotImplementedError
+        """Apply ``event`` at time ``now``; return the effects to execute, in order."""
+        out: list[Effect] = []
+        handler = _HANDLERS.get(type(event))
+        if handler is None:
+            raise TypeError(f"not a scheduler event: {event!r}")
+        handler(self, event, now, out)
+        self._pump(now, out)
+        return out
 
     def next_deadline(self) -> float | None:
-        raise NotImplementedError
+        """Earliest time at which a ``Tick`` would change something (None = nothing pending)."""
+        best = math.inf
+        for r in self._runners.values():
+            if r.deadline is not None and r.deadline < best:
+                best = r.deadline
+        for c in self._reclaims.values():
+            if c.deadline < best:
+                best = c.deadline
+        return None if best == math.inf else best
 
     def snapshot(self) -> SchedulerSnapshot:
-        raise NotImplementedError
+        """An immutable view of the current state (for /api/ps, metrics and logs)."""
+        waiting = {k: len(w.reqs) for k, w in self._waiting.items()}
+        runners = []
+        for r in self._runners.values():
+            state = r.state
+            if state == "ready" and r.expiring:
+                state = "expiring"
+            runners.append(RunnerView(
+                runner_id=r.id, model_key=r.model_key, state=state, options=r.options,
+                placement=r.placement, parallel=r.parallel, in_flight=len(r.in_flight),
+                queued=waiting.get(r.model_key, 0) if self._current.get(r.model_key) is r else 0,
+                keep_alive=r.keep_alive, deadline=r.deadline, pid=r.pid,
+                context_length=r.n_ctx or r.options.num_ctx,
+                started_at=r.started_at, ready_at=r.ready_at, last_used=r.last_used,
+            ))
+        reserved = self._reserved_gpu()
+        rooms, _ = self._rooms()
+        gpus = tuple(
+            GpuView(id=g.id, name=g.name, library=g.library, total=g.total, free=g.free,
+                    reserved=reserved.get(g.id, 0), usable=usable)
+            for g, usable in rooms
+        )
+        host = self.inventory.host
+        return SchedulerSnapshot(
+            runners=tuple(runners), waiting=waiting, queued=self._n_waiting,
+            in_flight=sum(len(r.in_flight) for r in self._runners.values()),
+            max_loaded=self.max_loaded, gpus=gpus, host_total=host.total, host_free=host.free,
+            host_reserved=self._reserved_host(), reclaiming=tuple(self._reclaims),
+        )
+
+    # -- event handlers ----------------------------------------------------------------------
+
+    def _on_arrived(self, ev: RequestArrived, now: float, out: list[Effect]) -> None:
+        if ev.req_id in self._requests:
+            return  # duplicate id: the first one stands
+        if self._closing:
+            out.append(Reject(ev.req_id, 503, SHUTTING_DOWN_MESSAGE))
+            return
+        req = _Req(ev.req_id, ev.model_key, ev.facts, ev.options, ev.keep_alive)
+        # Fast path: nobody waits for this model and its runner has a free compatible slot.
+        if ev.model_key not in self._waiting:
+            r = self._current.get(ev.model_key)
+            if (r is not None and r.state == "ready" and len(r.in_flight) < r.parallel
+                    and not needs_reload(r.options, r.facts, ev.options)):
+                self._requests[req.req_id] = req
+                self._grant(req, r, now, out)
+                return
+        if self._n_waiting >= self.limits.max_queue:
+            out.append(Reject(ev.req_id, 503, QUEUE_FULL_MESSAGE))
+            return
+        w = self._waiting.get(ev.model_key)
+        if w is None:
+            w = self._waiting[ev.model_key] = _Waiting(ev.model_key)
+        w.reqs[req.req_id] = req
+        self._requests[req.req_id] = req
+        self._n_waiting += 1
+
+    def _on_cancelled(self, ev: RequestCancelled, now: float, out: list[Effect]) -> None:
+        req = self._requests.get(ev.req_id)
+        if req is None:
+            return
+        if req.runner_id is not None:
+            self._release(req, now)
+        else:
+            self._unqueue(req)
+
+    def _on_finished(self, ev: RequestFinished, now: float, out: list[Effect]) -> None:
+        req = self._requests.get(ev.req_id)
+        if req is not None and req.runner_id is not None:
+            self._release(req, now)
+
+    def _on_ready(self, ev: RunnerReady, now: float, out: list[Effect]) -> None:
+        r = self._runners.get(ev.runner_id)
+        if r is None or r.state != "loading":
+            return
+        r.state = "ready"
+        r.pid = ev.pid
+        r.ready_at = now
+        r.last_used = now
+        # The reported context is shown by /api/ps; reuse decisions keep comparing with the
+        # launch value (a runner that pads or clamps its context must not cause reload thrash).
+        r.n_ctx = ev.n_ctx
+        if ev.gpu_bytes is not None or ev.cpu_bytes is not None:
+            p = r.placement
+            gpus = list(p.gpus)
+            sizes = list(p.gpu_bytes)
+            if ev.gpu_bytes is not None:
+                sizes = [ev.gpu_bytes.get(g, 0) for g in gpus]
+                for g, b in ev.gpu_bytes.items():
+                    if g not in gpus and b > 0:
+                        gpus.append(g)
+                        sizes.append(b)
+            r.placement = msgspec.structs.replace(
+                p, gpus=tuple(gpus), gpu_bytes=tuple(sizes),
+                cpu_bytes=p.cpu_bytes if ev.cpu_bytes is None else ev.cpu_bytes)
+        w = self._waiting.get(r.model_key)
+        if w is not None and self._current.get(r.model_key) is r:
+            w.oom_retried = False
+            w.ctx_override = None
+            w.evict_all = False
+        self._set_idle_deadline(r, now)
+        self._version += 1
+
+    def _on_load_failed(self, ev: RunnerLoadFailed, now: float, out: list[Effect]) -> None:
+        r = self._runners.get(ev.runner_id)
+        if r is None:
+            return
+        if r.state != "loading":
+            self._on_exited(RunnerExited(ev.runner_id, ev.reason), now, out)
+            return
+        self._load_failed(r, ev.reason, ev.oom or is_out_of_memory(ev.reason), now, out)
+
+    def _on_exited(self, ev: RunnerExited, now: float, out: list[Effect]) -> None:
+        r = self._runners.get(ev.runner_id)
+        if r is None:
+            return
+        if r.state == "loading":
+            self._load_failed(r, ev.reason, is_out_of_memory(ev.reason), now, out)
+            return
+        self._gone(r, now, out, ev.reason)
+
+    def _on_stopped(self, ev: RunnerStopped, now: float, out: list[Effect]) -> None:
+        r = self._runners.get(ev.runner_id)
+        if r is None:
+            return
+        if r.state == "loading":
+            self._load_failed(r, "runner stopped while loading", False, now, out)
+            return
+        self._gone(r, now, out, "runner stopped")
+
+    def _on_runtime_oom(self, ev: RunnerOutOfMemory, now: float, out: list[Effect]) -> None:
+        for r in self._runners.values():
+            r.keep_alive = 0.0
+            if r.state == "ready" and not r.in_flight:
+                r.deadline = now
+
+    def _on_inventory(self, ev: InventoryUpdated, now: float, out: list[Effect]) -> None:
+        self.inventory = ev.inventory
+        free = {g.id: g.free for g in ev.inventory.gpus}
+        for rid in list(self._reclaims):
+            c = self._reclaims[rid]
+            back = all(
+                g not in free or free[g] - c.baseline.get(g, free[g]) >= 0.75 * b
+                for g, b in c.gpu_bytes.items()
+            )
+            if back:
+                del self._reclaims[rid]
+            else:
+                # A newer baseline never lowers: memory seen back stays counted as back.
+                for g in c.gpu_bytes:
+                    if g in free:
+                        c.baseline[g] = min(c.baseline.get(g, free[g]), free[g])
+        self._version += 1
+
+    def _on_unload(self, ev: UnloadRequested, now: float, out: list[Effect]) -> None:
+        r = self._current.get(ev.model_key)
+        if r is None:
+            return
+        if r.state == "loading":
+            r.keep_alive = 0.0  # serve whoever waits for this load, then unload when idle
+        else:
+            self._retire(r, "unload", now, out)
+
+    def _on_tick(self, ev: Tick, now: float, out: list[Effect]) -> None:
+        pass
+
+    def _on_shutdown(self, ev: Shutdown, now: float, out: list[Effect]) -> None:
+        self._closing = True
+        for w in list(self._waiting.values()):
+            for req in list(w.reqs.values()):
+                self._unqueue(req)
+                out.append(Fail(req.req_id, 503, SHUTTING_DOWN_MESSAGE))
+        for r in list(self._runners.values()):
+            if r.state != "stopping":
+                self._retire(r, "shutdown", now, out)
+
+    # -- helpers: requests -------------------------------------------------------------------
+
+    def _unqueue(self, req: _Req) -> None:
+        w = self._waiting.get(req.model_key)
+        if w is not None and w.reqs.pop(req.req_id, None) is not None:
+            self._n_waiting -= 1
+            w.blocked_at = -1
+            if not w.reqs:
+                del self._waiting[req.model_key]
+        self._requests.pop(req.req_id, None)
+
+    def _grant(self, req: _Req, r: _Runner, now: float, out: list[Effect]) -> None:
+        req.runner_id = r.id
+        r.in_flight.add(req.req_id)
+        r.deadline = None
+        r.last_used = now
+        if req.keep_alive is not None and not r.expiring:
+            r.keep_alive = req.keep_alive  # sticky for later requests without keep_alive
+        out.append(Grant(req.req_id, r.id))
+
+    def _release(self, req: _Req, now: float) -> None:
+        self._requests.pop(req.req_id, None)
+        r = self._runners.get(req.runner_id or "")
+        if r is None:
+            return
+        r.in_flight.discard(req.req_id)
+        r.last_used = now
+        self._set_idle_deadline(r, now)
+
+    def _set_idle_deadline(self, r: _Runner, now: float) -> None:
+        if r.state == "ready" and not r.in_flight:
+            r.deadline = None if math.isinf(r.keep_alive) else now + max(0.0, r.keep_alive)
+
+    def _fail_waiters(self, key: str, pred, status: int, message: str,
+                      out: list[Effect]) -> None:
+        w = self._waiting.get(key)
+        if w is None:
+            return
+        for req in list(w.reqs.values()):
+            if pred(req):
+                self._unqueue(req)
+                out.append(Fail(req.req_id, status, message))
+
+    # -- helpers: runners --------------------------------------------------------------------
+
+    def _stop(self, r: _Runner, reason: str, out: list[Effect]) -> None:
+        assert not r.in_flight, "never stop a runner with requests in flight"
+        r.state = "stopping"
+        r.expiring = True
+        r.deadline = None
+        if self._current.get(r.model_key) is r:
+            del self._current[r.model_key]
+        self._version += 1
+        out.append(StopRunner(r.id, reason))
+
+    def _retire(self, r: _Runner, reason: str, now: float, out: list[Effect]) -> None:
+        """Take ``r`` out of service: no new grants; stopped now if idle, else once idle."""
+        if not r.expiring:
+            r.expiring = True
+            r.stop_reason = reason
+        if self._current.get(r.model_key) is r:
+            del self._current[r.model_key]
+        self._version += 1
+        if r.state == "ready" and not r.in_flight:
+            self._stop(r, reason, out)
+
+    def _gone(self, r: _Runner, now: float, out: list[Effect], reason: str) -> None:
+        """The process of ``r`` is gone: abort its requests, keep its GPU memory reclaiming."""
+        for rid in sorted(r.in_flight):
+            self._requests.pop(rid, None)
+            out.append(Abort(rid, r.id, reason))
+        r.in_flight.clear()
+        del self._runners[r.id]
+        if self._current.get(r.model_key) is r:
+            del self._current[r.model_key]
+        used = {g: b for g, b in zip(r.placement.gpus, r.placement.gpu_bytes) if b > 0}
+        if used:
+            free = {g.id: g.free for g in self.inventory.gpus}
+            self._reclaims[r.id] = _Reclaim(
+                r.id, used, {g: free.get(g, 0) for g in used}, now + self.limits.reclaim_timeout)
+        self._version += 1
+
+    def _load_failed(self, r: _Runner, reason: str, oom: bool, now: float,
+                     out: list[Effect]) -> None:
+        key = r.model_key
+        was_current = self._current.get(key) is r
+        self._gone(r, now, out, reason)
+        w = self._waiting.get(key)
+        if w is None or not was_current:
+            return
+        others = bool(self._runners)
+        if oom and not r.oom_retried:
+            w.oom_retried = True
+            lower = lower_ctx_tier(r.options.num_ctx) if r.options.num_ctx_auto else None
+            if lower is not None:
+                w.ctx_override = lower
+                w.evict_all = others
+                return
+            if others:
+                w.evict_all = True
+                return
+        opts, facts = r.options, r.facts
+        self._fail_waiters(key, lambda q: not needs_reload(opts, facts, q.options), 500, reason,
+                           out)
+
+    # -- memory ------------------------------------------------------------------------------
+
+    def _reserved_gpu(self, exclude_pending: bool = False) -> dict[str, int]:
+        res: dict[str, int] = {}
+        for r in self._runners.values():
+            if exclude_pending and r.expiring:
+                continue
+            for g, b in zip(r.placement.gpus, r.placement.gpu_bytes):
+                res[g] = res.get(g, 0) + b
+        if not exclude_pending:
+            for c in self._reclaims.values():
+                for g, b in c.gpu_bytes.items():
+                    res[g] = res.get(g, 0) + b
+        return res
+
+    def _reserved_host(self, exclude_pending: bool = False) -> int:
+        return sum(r.placement.cpu_bytes for r in self._runners.values()
+                   if not (exclude_pending and r.expiring))
+
+    def _rooms(self, prospective: bool = False) -> tuple[list, int]:
+        """(GPU rooms, host usable) now, or once expiring/stopping/reclaiming memory is back."""
+        if not prospective and self._rooms_cache is not None \
+                and self._rooms_cache[0] == self._version:
+            return self._rooms_cache[1], self._rooms_cache[2]
+        reserved = self._reserved_gpu()
+        overhead = self.limits.gpu_overhead
+        host = self.inventory.host
+        host_res = self._reserved_host()
+        if prospective:
+            kept = self._reserved_gpu(exclude_pending=True)
+            kept_host = self._reserved_host(exclude_pending=True)
+            rooms = []
+            for g in self.inventory.gpus:
+                pend = reserved.get(g.id, 0) - kept.get(g.id, 0)
+                free = min(g.total, g.free + pend)
+                rooms.append((g, max(0, min(free, g.total - kept.get(g.id, 0))
+                                     - overhead - g.min_overhead)))
+            host_usable = max(0, min(host.free + host_res - kept_host, host.total - kept_host))
+        else:
+            rooms = [(g, usable_memory(g, reserved.get(g.id, 0), overhead))
+                     for g in self.inventory.gpus]
+            host_usable = max(0, min(host.free, host.total - host_res))
+        for i, (g, u) in enumerate(rooms):
+            if g.integrated:  # shares system RAM: never more than the host has left
+                rooms[i] = (g, min(u, host_usable))
+        if not prospective:
+            self._rooms_cache = (self._version, rooms, host_usable)
+        return rooms, host_usable
+
+    # -- the decision pass -------------------------------------------------------------------
+
+    def _pump(self, now: float, out: list[Effect]) -> None:
+        # 1. Expiry of reservations and idle runners.
+        for rid in [rid for rid, c in self._reclaims.items() if c.deadline <= now]:
+            del self._reclaims[rid]
+            self._version += 1
+        # 2. Serve waiting models in the order they started waiting.
+        if self._waiting:
+            for w in list(self._waiting.values()):
+                if w.reqs:
+                    self._serve(w, now, out)
+        for r in list(self._runners.values()):
+            if r.state == "ready" and not r.in_flight:
+                if r.expiring:
+                    self._stop(r, r.stop_reason, out)
+                elif r.deadline is not None and r.deadline <= now:
+                    self._stop(r, "expired", out)
+
+    def _serve(self, w: _Waiting, now: float, out: list[Effect]) -> None:
+        key = w.key
+        while w.reqs:
+            head = next(iter(w.reqs.values()))
+            r = self._current.get(key)
+            if r is not None:
+                if not needs_reload(r.options, r.facts, head.options):
+                    # 2a. Compatible: grant a free slot, or wait (loading / all slots busy).
+                    if r.state != "ready" or len(r.in_flight) >= r.parallel:
+                        return
+                    self._unqueue_for_grant(w, head)
+                    self._grant(head, r, now, out)
+                    continue
+                if r.state == "loading":
+                    return  # let the load finish; the head reloads it afterwards
+                # 2b. Options changed: retire the loaded runner and load anew.
+                self._retire(r, "reload", now, out)
+            # 2c./2d.
+            self._load(w, head, now, out)
+            return
+
+    def _unqueue_for_grant(self, w: _Waiting, req: _Req) -> None:
+        del w.reqs[req.req_id]
+        self._n_waiting -= 1
+        if not w.reqs:
+            del self._waiting[w.key]
+
+    def _launch_options(self, w: _Waiting, head: _Req) -> RunnerOptions:
+        opts = head.options
+        num_ctx = effective_num_ctx(head.facts, opts.num_ctx)
+        if w.ctx_override is not None and opts.num_ctx_auto:
+            num_ctx = min(num_ctx, w.ctx_override)
+        return msgspec.structs.replace(opts, num_ctx=num_ctx)
+
+    def _load(self, w: _Waiting, head: _Req, now: float, out: list[Effect]) -> None:
+        if self._closing or w.blocked_at == self._version:
+            return
+        key = w.key
+        others = [o for o in self._runners.values()]
+        if w.evict_all:
+            if others or self._reclaims:
+                for o in others:
+                    if o.state == "ready" and not o.expiring:
+                        self._retire(o, "evicted", now, out)
+                w.blocked_at = self._version
+                return
+            w.evict_all = False
+        opts = self._launch_options(w, head)
+        facts = head.facts
+        parallel = parallel_for(facts, self.limits.num_parallel)
+        metal = bool(self.inventory.gpus) and all(g.library == "metal"
+                                                 for g in self.inventory.gpus)
+        est = estimate(facts, opts, parallel, metal=metal)
+        alone = not others and not self._reclaims
+        slot_free = len(self._runners) < self.max_loaded
+        if slot_free:
+            rooms, host_usable = self._rooms()
+            p = place(est, opts, rooms, host_usable, spread=self.limits.sched_spread,
+                      allow_partial=alone)
+            if isinstance(p, Placement):
+                self._start(w, head, opts, est, p, parallel, rooms, now, out)
+                return
+            if alone:
+                # Nothing else holds memory: it will never fit.
+                self._fail_waiters(key, lambda q: q.options == head.options, 500,
+                                   p.message or "model does not fit in available memory", out)
+                return
+            reason = p.reason
+        else:
+            reason = "slot"
+        # 2d. Evict until the model would fit once the victims are gone.
+        victims = sorted(
+            (o for o in others if o.state == "ready" and not o.expiring),
+            key=lambda o: (bool(o.in_flight),
+                           o.deadline if o.deadline is not None and not o.in_flight else
+                           (o.keep_alive if o.in_flight else math.inf),
+                           o.last_used),
+        )
+        for v in victims:
+            if self._would_fit(est, opts):
+                break
+            if reason == "gpu" and not v.placement.gpus:
+                continue  # a CPU runner frees no GPU memory
+            self._retire(v, "evicted", now, out)
+        w.blocked_at = self._version
+
+    def _would_fit(self, est, opts: RunnerOptions) -> bool:
+        pending = sum(1 for r in self._runners.values() if r.expiring)
+        if len(self._runners) - pending >= self.max_loaded:
+            return False
+        rooms, host_usable = self._rooms(prospective=True)
+        alone = all(r.expiring for r in self._runners.values())
+        p = place(est, opts, rooms, host_usable, spread=self.limits.sched_spread,
+                  allow_partial=alone)
+        return isinstance(p, Placement) or alone
+
+    def _start(self, w: _Waiting, head: _Req, opts: RunnerOptions, est, p: Placement,
+               parallel: int, rooms: list, now: float, out: list[Effect]) -> None:
+        # Automatic batch (§3.1.2) for completion models; keep the larger one only if it fits.
+        if opts.num_batch_auto and not head.facts.is_embedding_model:
+            used = {g for g in p.gpus}
+            available = sum(u for g, u in rooms if g.id in used)
+            predicted = p.vram if p.gpus else 0
+            batch = auto_batch(est.ctx_total, predicted, available)
+            if batch != opts.num_batch:
+                bigger = msgspec.structs.replace(opts, num_batch=batch)
+                est2 = estimate(head.facts, bigger, parallel,
+                                metal=p.library == "metal")
+                rooms_now, host_usable = self._rooms()
+                p2 = place(est2, bigger, rooms_now, host_usable,
+                           spread=self.limits.sched_spread,
+                           allow_partial=not self._runners and not self._reclaims)
+                if isinstance(p2, Placement) and p2.n_gpu_layers >= p.n_gpu_layers:
+                    opts, p = bigger, p2
+        opts = self._resolve_mmap(opts, head.facts, p, est)
+        self._next_id += 1
+        rid = f"r{self._next_id}"
+        keep_alive = head.keep_alive if head.keep_alive is not None \
+            else self.limits.default_keep_alive
+        r = _Runner(id=rid, model_key=w.key, facts=head.facts, options=opts, placement=p,
+                    parallel=parallel, keep_alive=keep_alive, started_at=now, last_used=now,
+                    oom_retried=w.oom_retried)
+        self._runners[rid] = r
+        self._current[w.key] = r
+        self._version += 1
+        out.append(StartRunner(rid, w.key, opts, p, parallel))
+
+    def _resolve_mmap(self, opts: RunnerOptions, facts: ModelFacts, p: Placement,
+                      est) -> RunnerOptions:
+        """Ollama's use_mmap default when unset (§3.1.3); explicit values always win."""
+        if opts.use_mmap is not None:
+            return opts
+        use = True
+        if not p.gpus:
+            use = False  # "cpu"
+        elif p.library == "metal" and p.n_gpu_layers < est.block_count + 1:
+            use = False  # "metal_partial_offload"
+        else:
+            gpus = {g.id: g for g in self.inventory.gpus}
+            host = self.inventory.host
+            if all(not gpus[g].integrated for g in p.gpus if g in gpus) \
+                    and p.n_gpu_layers >= est.block_count + 1:
+                mapped = sum(r.facts.file_size for r in self._runners.values()
+                             if r.options.use_mmap)
+                margin = max(_MMAP_HOST_MARGIN, host.total // 10)
+                if host.free < facts.file_size + mapped + margin:
+                    use = False  # host pressure
+        return msgspec.structs.replace(opts, use_mmap=use, use_mmap_auto=True)
+
+
+_HANDLERS = {
+    RequestArrived: Scheduler._on_arrived,
+    RequestCancelled: Scheduler._on_cancelled,
+    RequestFinished: Scheduler._on_finished,
+    RunnerReady: Scheduler._on_ready,
+    RunnerLoadFailed: Scheduler._on_load_failed,
+    RunnerExited: Scheduler._on_exited,
+    RunnerStopped: Scheduler._on_stopped,
+    RunnerOutOfMemory: Scheduler._on_runtime_oom,
+    InventoryUpdated: Scheduler._on_inventory,
+    UnloadRequested: Scheduler._on_unload,
+    Tick: Scheduler._on_tick,
+    Shutdown: Scheduler._on_shutdown,
+}

@@ -201,6 +201,7 @@ class RunnerView(msgspec.Struct, frozen=True, kw_only=True):
     keep_alive: float  # sticky keep-alive (seconds, inf = forever)
     deadline: float | None  # idle expiry time (supervisor clock); None = busy/forever/not ready
     pid: int | None
+    context_length: int  # per-slot context: reported by the runner, else the launch value
     started_at: float  # when StartRunner was emitted
     ready_at: float | None
     last_used: float  # last grant or release
