@@ -197,25 +197,35 @@ class Registry:
         repo = self._repo(name)
         auth: dict[str, str] = {}
         async with self.store.name_lock(name), self._session() as session:
-            await _report(progress, {"status": "pulling manifest"})
-            raw = await self._get_manifest(session, f"{base}/v2/{repo}/manifests/{name.tag}", auth)
-            try:
-                manifest = msgspec.json.decode(raw, type=Manifest)
-                blobs = [_Blob(parse_digest(layer.digest), layer.size)
-                         for layer in manifest.all_layers()]
-            except (msgspec.DecodeError, ApiError) as e:
-                raise ApiError(500, f"pull model manifest: invalid manifest: {e}") from None
-            fresh: list[str] = []
-            for blob in blobs:
-                if await self._download(session, base, repo, blob, auth, progress):
-                    fresh.append(blob.digest)
-            await _report(progress, {"status": "verifying sha256 digest"})
-            for digest in fresh:
-                await self._verify_and_commit(digest)
-            await _report(progress, {"status": "writing manifest"})
-            await self.store.write_manifest(name, raw)
+            with self.store.pinned() as pin:
+                raw = await self._pull_locked(session, name, base, repo, auth, pin, progress)
         await _report(progress, {"status": "success"})
         return self.store.resolve(name)
+
+    async def _pull_locked(self, session: aiohttp.ClientSession, name: ModelName, base: str,
+                           repo: str, auth: dict[str, str], pin: Callable[[str], None],
+                           progress: ProgressFn | None) -> bytes:
+        """Fetch the manifest and the blobs it lists, verify them, write the manifest."""
+        await _report(progress, {"status": "pulling manifest"})
+        raw = await self._get_manifest(session, f"{base}/v2/{repo}/manifests/{name.tag}", auth)
+        try:
+            manifest = msgspec.json.decode(raw, type=Manifest)
+            blobs = [_Blob(parse_digest(layer.digest), layer.size)
+                     for layer in manifest.all_layers()]
+        except (msgspec.DecodeError, ApiError) as e:
+            raise ApiError(500, f"pull model manifest: invalid manifest: {e}") from None
+        for blob in blobs:  # protected from a concurrent delete until the manifest is written
+            pin(blob.digest)
+        fresh: list[str] = []
+        for blob in blobs:
+            if await self._download(session, base, repo, blob, auth, progress):
+                fresh.append(blob.digest)
+        await _report(progress, {"status": "verifying sha256 digest"})
+        for digest in fresh:
+            await self._verify_and_commit(digest)
+        await _report(progress, {"status": "writing manifest"})
+        await self.store.write_manifest(name, raw)
+        return raw
 
     async def _get_manifest(self, session: aiohttp.ClientSession, url: str,
                             auth: dict[str, str]) -> bytes:

@@ -26,7 +26,8 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -415,6 +416,28 @@ class Store:
         self.noprune = noprune
         self._name_locks: dict[tuple[str, ...], asyncio.Lock] = {}
         self._commit_lock = asyncio.Lock()
+        self._pins: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[Callable[[str], None]]:
+        """Protect blobs an unfinished create/pull will reference from garbage collection.
+
+        Yields ``pin(digest)``; every pin is released when the block ends.
+        """
+        mine: list[str] = []
+
+        def pin(digest: str) -> None:
+            d = parse_digest(digest)
+            self._pins[d] += 1
+            mine.append(d)
+
+        try:
+            yield pin
+        finally:
+            for d in mine:
+                self._pins[d] -= 1
+                if self._pins[d] <= 0:
+                    del self._pins[d]
 
     # ---- paths ------------------------------------------------------------------------------
 
@@ -653,7 +676,7 @@ class Store:
                 digest = parse_digest(layer.digest)
             except ApiError:
                 continue
-            if digest not in refs:
+            if digest not in refs and digest not in self._pins:
                 with contextlib.suppress(FileNotFoundError):
                     self.blob_path(digest).unlink()
                     removed += 1
@@ -712,7 +735,7 @@ class Store:
                     if not target.exists():
                         os.replace(path, target)
                     continue
-                if m and f"sha256:{m.group(1)}" in refs:
+                if m and (f"sha256:{m.group(1)}" in refs or f"sha256:{m.group(1)}" in self._pins):
                     continue
                 try:
                     if now - path.stat().st_mtime < grace or not path.is_file():
@@ -752,9 +775,22 @@ class Store:
         manifest is written; a failed create leaves the store's manifests unchanged (new small
         layer blobs may stay until the next prune, as in Ollama).
         """
+        target = parse_name(name)
+        async with self.name_lock(target):
+            with self.pinned() as pin:
+                return await self._create(
+                    target, pin, from_=from_, files=files, adapters=adapters, template=template,
+                    system=system, parameters=parameters, messages=messages, license=license,
+                    quantize=quantize, progress=progress)
+
+    async def _create(self, target: ModelName, pin: Callable[[str], None], *,
+                      from_: str | None, files: Mapping[str, str] | None,
+                      adapters: Mapping[str, str] | None, template: str | None,
+                      system: str | None, parameters: Mapping[str, Any] | None,
+                      messages: list[dict[str, Any]] | None, license: str | list[str] | None,
+                      quantize: str | None, progress: ProgressFn | None) -> ModelRecord:
         from corral.daemon import gguf_info  # local: gguf/numpy are heavy to import
 
-        target = parse_name(name)
         if quantize:
             raise ApiError(400, f"quantization to {quantize!r} is not supported by corral; "
                                 "quantize the GGUF with llama.cpp's llama-quantize first")
@@ -766,6 +802,8 @@ class Store:
         inherited_params: dict[str, Any] = {}
         if from_:
             source = self.resolve(from_)
+            for layer in source.manifest.all_layers():
+                pin(layer.digest)
             config = source.config
             for layer in source.manifest.layers:
                 if layer.mediaType == MEDIA_PARAMS:
@@ -779,7 +817,7 @@ class Store:
             model_layers, projector_layers = [], []
             families: list[str] = []
             for fname, digest in files.items():
-                layer, info = await self._gguf_layer(fname, digest, progress, gguf_info)
+                layer, info = await self._gguf_layer(fname, digest, progress, gguf_info, pin)
                 if info.architecture == "clip" or info.is_projector:
                     projector_layers.append(msgspec.structs.replace(layer, mediaType=MEDIA_PROJECTOR))
                     continue
@@ -803,14 +841,14 @@ class Store:
             if len(adapters) > 1:
                 raise ApiError(400, "only one adapter is currently supported")
             fname, digest = next(iter(adapters.items()))
-            layer, _ = await self._gguf_layer(fname, digest, progress, gguf_info)
+            layer, _ = await self._gguf_layer(fname, digest, progress, gguf_info, pin)
             layers = [lay for lay in layers if lay.mediaType != MEDIA_ADAPTER]
             layers.append(msgspec.structs.replace(layer, mediaType=MEDIA_ADAPTER))
 
         async def text_layer(media: str, text: str, *, replace: tuple[str, ...]) -> None:
             nonlocal layers
             layers = [lay for lay in layers if lay.mediaType not in replace]
-            await self._add_small(layers, media, text.encode(), progress)
+            await self._add_small(layers, media, text.encode(), progress, pin)
 
         if template is not None:
             from corral.daemon.templates import GoTemplate, TemplateError
@@ -826,7 +864,7 @@ class Store:
             texts = [license] if isinstance(license, str) else list(license)
             layers = [lay for lay in layers if lay.mediaType != MEDIA_LICENSE]
             for text in texts:
-                await self._add_small(layers, MEDIA_LICENSE, text.encode(), progress)
+                await self._add_small(layers, MEDIA_LICENSE, text.encode(), progress, pin)
         if messages is not None:
             clean = []
             for m in messages:
@@ -835,37 +873,41 @@ class Store:
                     raise ApiError(400, 'message role must be one of "system", "user", or "assistant"')
                 clean.append({k: v for k, v in m.items() if v not in (None, "", [])} | {"role": role})
             layers = [lay for lay in layers if lay.mediaType != MEDIA_MESSAGES]
-            await self._add_small(layers, MEDIA_MESSAGES, msgspec.json.encode(clean), progress)
+            await self._add_small(layers, MEDIA_MESSAGES, msgspec.json.encode(clean), progress,
+                                  pin)
         merged = dict(inherited_params)
         if parameters:
             merged.update(typed_params(parameters))
         if merged:
-            await self._add_small(layers, MEDIA_PARAMS, msgspec.json.encode(merged), progress)
+            await self._add_small(layers, MEDIA_PARAMS, msgspec.json.encode(merged), progress, pin)
 
         config = msgspec.structs.replace(
             config, architecture=config.architecture or "amd64", os=config.os or "linux",
             rootfs=RootFS(diff_ids=[parse_digest(lay.digest) for lay in layers]))
-        config_layer = await self.write_blob_bytes(msgspec.json.encode(config))
+        config_bytes = msgspec.json.encode(config)
+        pin("sha256:" + hashlib.sha256(config_bytes).hexdigest())
+        config_layer = await self.write_blob_bytes(config_bytes)
         config_layer = msgspec.structs.replace(config_layer, mediaType=CONFIG_MEDIA)
         manifest = Manifest(config=config_layer, layers=layers)
         await _report(progress, {"status": "writing manifest"})
-        async with self.name_lock(target):
-            await self.write_manifest(target, msgspec.json.encode(manifest) + b"\n")
+        await self.write_manifest(target, msgspec.json.encode(manifest) + b"\n")
         await _report(progress, {"status": "success"})
         return self.resolve(target)
 
     async def _add_small(self, layers: list[Layer], media: str, data: bytes,
-                         progress: ProgressFn | None) -> None:
+                         progress: ProgressFn | None, pin: Callable[[str], None]) -> None:
+        pin("sha256:" + hashlib.sha256(data).hexdigest())
         layer = await self.write_blob_bytes(data)
         await _report(progress, {"status": f"using existing layer {layer.digest}"})
         layers.append(msgspec.structs.replace(layer, mediaType=media))
 
     async def _gguf_layer(self, fname: str, digest: str, progress: ProgressFn | None,
-                          gguf_info: Any) -> tuple[Layer, Any]:
+                          gguf_info: Any, pin: Callable[[str], None]) -> tuple[Layer, Any]:
         """Validate one uploaded file of a create request and read its GGUF metadata."""
         if not _valid_relative(fname):
             raise ApiError(400, "file path must be relative")
         d = parse_digest(digest)
+        pin(d)
         path = self.blob_path(d)
         if not path.is_file():
             raise ApiError(400, f'blob "{d}" not found; upload it with POST /api/blobs/{d} first')

@@ -323,6 +323,27 @@ async def test_concurrent_creates_of_one_name_do_not_corrupt(tmp_path: Path, tin
         lay.digest.replace(":", "-") for lay in rec.manifest.all_layers()}
 
 
+async def test_delete_during_create_keeps_the_blobs_create_uses(tmp_path: Path,
+                                                              tiny_gguf: Path) -> None:
+    store = Store(tmp_path)
+    digest = await upload(store, tiny_gguf)
+    await store.create("a", files={"m.gguf": digest})
+    parsed, go_on = asyncio.Event(), asyncio.Event()
+
+    async def hold(msg: dict) -> None:
+        if msg["status"] == "parsing GGUF":
+            parsed.set()
+            await go_on.wait()
+
+    creating = asyncio.create_task(store.create("b", files={"m.gguf": digest}, progress=hold))
+    await parsed.wait()
+    await store.delete("a")  # the GGUF is unreferenced now, but "b" is about to use it
+    assert store.has_blob(digest)
+    go_on.set()
+    rec = await creating
+    assert rec.model_digest == digest and store.has_blob(digest)
+
+
 async def test_copy_and_delete_errors_keep_store(tmp_path: Path, tiny_gguf: Path) -> None:
     ollama_store(tmp_path, tiny_gguf)
     store = Store(tmp_path)
