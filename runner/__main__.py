@@ -55,8 +55,8 @@ def take_stdout() -> EventPipe:
     return EventPipe(os.fdopen(fd, "wb", buffering=0))
 
 
-def configure_logging() -> None:
-    level = logging.DEBUG if os.environ.get("CORRAL_RUNNER_DEBUG") else logging.INFO
+def configure_logging(verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -174,6 +174,7 @@ def main() -> int:
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         events.send(Failed(reason=f"bad launch spec: {e}"))
         return 2
+    configure_logging(spec.verbose)
     return asyncio.run(run(spec, events))
 
 

@@ -90,12 +90,18 @@ class _LlamaLog:
         self.capture = True
         self.memory: dict[str, dict[str, int]] = {}
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
+        self.verbose = False  # forward GGML_LOG_LEVEL_DEBUG lines too
+        self._level = 1
         self._callback = llama_cpp.llama_log_callback(self._on_log)
         llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
 
     def _on_log(self, level: int, text: bytes | None, user_data: ctypes.c_void_p) -> None:
         try:
             if not text:
+                return
+            if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous line's level
+                self._level = level
+            if self._level == 4 and not self.verbose:
                 return
             with self._lock:
                 data = self._partial + text
@@ -132,6 +138,22 @@ class _LlamaLog:
 
 
 _LOG: _LlamaLog | None = None
+
+
+class _SchemaConverter(llama_grammar.SchemaConverter):
+    """llama-cpp-python's converter writes constants with json.dumps' ASCII escapes, which the
+    GBNF parser reads back as code points: a non-BMP character (an emoji) becomes two surrogates,
+    i.e. invalid UTF-8. Write constants as real characters instead."""
+
+    def _generate_constant_rule(self, value):
+        return self._format_literal(json.dumps(value, ensure_ascii=False))
+
+
+def schema_to_gbnf(schema: dict) -> str:
+    """GBNF for a JSON schema (remote $refs are not fetched)."""
+    converter = _SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    converter.visit(converter.resolve_refs(schema, "input"), "")
+    return converter.format_grammar()
 
 
 def _default_threads() -> int:
@@ -207,6 +229,7 @@ class Engine:
             llama_cpp.llama_backend_init()
             _LOG = _LlamaLog()
         _LOG.capture = True
+        _LOG.verbose = self.spec.verbose
         _LOG.memory.clear()
         spec = self.spec
         if not os.path.exists(spec.model_path):
@@ -432,7 +455,7 @@ class Engine:
         grammar = None
         if fmt is not None:
             try:
-                gbnf = llama_grammar.JSON_GBNF if fmt == "json" else llama_grammar.json_schema_to_gbnf(json.dumps(fmt))
+                gbnf = llama_grammar.JSON_GBNF if fmt == "json" else schema_to_gbnf(fmt)  # type: ignore[arg-type]
             except Exception as e:
                 raise BadRequest(f"invalid JSON schema in format: {e}") from None
             grammar = llama_cpp.llama_sampler_init_grammar(self.vocab, gbnf.encode(), b"root")

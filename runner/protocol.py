@@ -73,6 +73,7 @@ class LaunchSpec(msgspec.Struct, frozen=True, kw_only=True, tag="launch", tag_fi
     embedding: bool = False  # an embedding model: load the embedding context up front
     shift: bool = True  # context shift when a generation fills its slot (else done_reason "length")
     grace_period: float = 5.0  # seconds in-flight work may run on after SIGTERM before it is cancelled
+    verbose: bool = False  # llama.cpp's debug log and the runner's debug lines on stderr
     fake: FakeKnobs = msgspec.field(default_factory=FakeKnobs)
 
 

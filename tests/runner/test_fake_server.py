@@ -1,0 +1,112 @@
+"""The runner's HTTP API over the FakeEngine (no llama.cpp)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from corral.runner.fake import FakeEngine
+from corral.runner.protocol import FakeKnobs, LaunchSpec
+from tests.runner.conftest import complete, serve, wait_until
+
+
+def fake(parallel: int = 2, **knobs) -> FakeEngine:
+    e = FakeEngine(LaunchSpec(model_path="fake.gguf", engine="fake", parallel=parallel, num_ctx=64,
+                              fake=FakeKnobs(**knobs)))
+    e.load(lambda p: None)
+    e.start()
+    return e
+
+
+@pytest.fixture
+def engine():
+    e = fake(tokens_per_second=2000)
+    yield e
+    e.close()
+
+
+async def test_health_and_stream(engine):
+    async with serve(engine) as (client, _):
+        health = await (await client.get("/health")).json()
+        assert health == {"status": "ok", "slots_total": 2, "slots_busy": 0, "queued": 0}
+        chunks, done = await complete(client, prompt="hi", options={"num_predict": 7})
+        assert done["eval_count"] == 7 and done["done_reason"] == "length" and len(chunks) == 7
+        assert done["prompt_eval_count"] == 2 and done["tokens"][:2] == [104, 105]
+        text = await (await client.post("/detokenize", json={"tokens": done["tokens"]})).json()
+        assert text["content"] == "hi" + "".join(chunks)
+
+
+async def test_non_streaming_returns_one_object(engine):
+    async with serve(engine) as (client, _):
+        resp = await client.post("/completion", json={"prompt": "x", "stream": False, "options": {"num_predict": 3}})
+        body = await resp.json()
+        assert body["type"] == "done" and body["eval_count"] == 3 and body["content"]
+
+
+async def test_stop_and_default_length(engine):
+    async with serve(engine) as (client, _):
+        _, done = await complete(client, prompt="x", options={"seed": 1})
+        assert done["eval_count"] == 16 and done["done_reason"] == "stop"
+        chunks, done = await complete(client, prompt="x", options={"seed": 1, "stop": ["the", " fox"]})
+        assert all("fox" not in c for c in chunks) and done["done_reason"] == "stop"
+
+
+async def test_bad_requests_get_400(engine):
+    async with serve(engine) as (client, _):
+        assert (await client.post("/completion", data=b"{nope")).status == 400
+        assert (await client.post("/completion", json={"prompt": ""})).status == 400
+        r = await client.post("/completion", json={"prompt": "x" * 100, "truncate": False})
+        assert r.status == 400 and "context length" in (await r.json())["error"]
+        assert (await client.post("/embed", json={"input": ["x" * 100], "truncate": False})).status == 400
+        r = await client.post("/completion", json={"prompt": "x", "options": {"top_k": "lots"}})
+        assert r.status == 400 and "top_k" in (await r.json())["error"]
+
+
+async def test_queueing_beyond_parallel_and_cancel_frees_slot():
+    engine = fake(parallel=1, tokens_per_second=200)
+    try:
+        async with serve(engine) as (client, _):
+            long = await client.post("/completion", json={"prompt": "a", "options": {"num_predict": 100000}})
+            await long.content.readline()
+            assert engine.busy() == 1
+            short_task = client.post("/completion", json={"prompt": "b", "options": {"num_predict": 2}})
+            async with short_task as short:
+                await wait_until(lambda: engine.queued() == 1)
+                long.close()  # the client goes away: the slot frees at the next step
+                lines = [json.loads(x) async for x in short.content]
+                assert lines[-1]["type"] == "done" and lines[-1]["eval_count"] == 2
+            await wait_until(lambda: engine.busy() == 0)
+    finally:
+        engine.close()
+
+
+async def test_embed_tokenize(engine):
+    async with serve(engine) as (client, _):
+        body = await (await client.post("/embed", json={"input": ["a", "b", "a"]})).json()
+        a, b, a2 = body["embeddings"]
+        assert a == a2 and a != b and abs(sum(v * v for v in a) - 1) < 1e-6
+        toks = await (await client.post("/tokenize", json={"content": "hé"})).json()
+        assert toks == {"tokens": [104, 195, 169]}
+
+
+async def test_draining_refuses_new_work(engine):
+    async with serve(engine) as (client, server):
+        server.draining = True
+        assert (await client.post("/completion", json={"prompt": "x"})).status == 503
+        assert (await (await client.get("/health")).json())["status"] == "draining"
+
+
+async def test_cancel_all_ends_streams_with_error(engine):
+    async with serve(engine) as (client, _):
+        resp = await client.post("/completion", json={"prompt": "a", "options": {"num_predict": 100000}})
+        await resp.content.readline()
+        engine.cancel_all("runner is shutting down")
+        lines = [json.loads(x) async for x in resp.content]
+        assert lines[-1] == {"type": "error", "error": "runner is shutting down"}
+
+
+async def test_unknown_route_is_json_404(engine):
+    async with serve(engine) as (client, _):
+        r = await client.get("/nope")
+        assert r.status == 404 and "error" in await r.json()
