@@ -24,7 +24,7 @@ log = structlog.get_logger("corral.daemon.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # handlers put the model name here so the request log line can carry it
-LOG_MODEL = "corral.model"
+LOG_MODEL: web.RequestKey[str] = web.RequestKey("corral.model", str)
 
 
 @web.middleware
@@ -122,7 +122,7 @@ def cors_middleware(origins: Iterable[str]) -> Callable[..., Awaitable[web.Strea
     return cors
 
 
-_CORS_HEADERS = "corral.cors_headers"
+_CORS_HEADERS: web.RequestKey[dict[str, str]] = web.RequestKey("corral.cors_headers", dict)
 
 
 async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:

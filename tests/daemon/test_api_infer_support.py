@@ -1,0 +1,222 @@
+"""Test doubles and fixtures for the inference API tests (no tests here).
+
+* :class:`ScriptedRunner` speaks the runner HTTP API of docs/DESIGN.md (``/completion`` NDJSON
+  of tagged ``CompletionChunk``/``CompletionDone``/``error`` lines, ``/embed``, ``/health``) with
+  the protocol structs, and answers with a script the test sets; it records every request.
+* :class:`FakeSupervisor` has the ``Supervisor`` surface the API uses (``acquire`` -> ``Lease``
+  async context manager with base_url/session/n_ctx/load_duration, ``unload``, ``ps``) and
+  counts leases so tests can check each one is released exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import ollama
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from corral.daemon.api.app import make_app
+from corral.daemon.api.errors import ApiError
+from corral.daemon.config import Config, HostAddr
+from corral.daemon.store import Store
+from corral.runner import protocol
+from tests.daemon.registry_server import make_gguf
+from tests.daemon.test_templates_library import CHATML, TOOLS_CHATML
+
+THINKER = """{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}
+{{ end }}<|assistant|>{{ if .Think }}<think>{{ end }}"""
+
+
+@dataclass
+class Script:
+    chunks: list[str] = field(default_factory=lambda: ["Hello", ",", " world"])
+    done_reason: str = "stop"
+    error_after: int | None = None     # send an error line after this many chunks
+    status: int = 200                  # answer /completion with this status and an error body
+    status_error: str = "bad request"
+    embed_status: int = 200
+    embed_error: str = ""
+
+
+class ScriptedRunner:
+    def __init__(self) -> None:
+        self.script = Script()
+        self.requests: list[protocol.CompletionRequest] = []
+        self.embeds: list[protocol.EmbedRequest] = []
+        app = web.Application()
+        app.router.add_get("/health", self.health)
+        app.router.add_post("/completion", self.completion)
+        app.router.add_post("/embed", self.embed)
+        self.app = app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(body=protocol.encode(protocol.Health(slots_total=1)),
+                            content_type="application/json")
+
+    async def completion(self, request: web.Request) -> web.StreamResponse:
+        req = msgspec.json.decode(await request.read(), type=protocol.CompletionRequest)
+        self.requests.append(req)
+        s = self.script
+        if s.status != 200:
+            return web.Response(body=protocol.encode(protocol.ErrorResponse(error=s.status_error)),
+                                status=s.status, content_type="application/json")
+        prompt_tokens = list(req.tokens or []) + list((req.prompt or "").encode())
+        done = protocol.CompletionDone(
+            content="" if req.stream else "".join(s.chunks), done_reason=s.done_reason,
+            prompt_eval_count=len(prompt_tokens), prompt_eval_duration=1000,
+            eval_count=len(s.chunks), eval_duration=2000,
+            tokens=prompt_tokens + list(range(len(s.chunks))))
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        if req.stream:
+            for i, c in enumerate(s.chunks):
+                if s.error_after is not None and i == s.error_after:
+                    await resp.write(msgspec.json.encode(
+                        {"type": "error", "error": "runner exploded"}) + b"\n")
+                    return resp
+                await resp.write(protocol.encode(protocol.CompletionChunk(content=c)) + b"\n")
+        elif s.error_after is not None:
+            await resp.write(msgspec.json.encode({"type": "error", "error": "runner exploded"}) + b"\n")
+            return resp
+        await resp.write(protocol.encode(done) + b"\n")
+        return resp
+
+    async def embed(self, request: web.Request) -> web.Response:
+        req = msgspec.json.decode(await request.read(), type=protocol.EmbedRequest)
+        self.embeds.append(req)
+        if self.script.embed_status != 200:
+            return web.Response(body=protocol.encode(protocol.ErrorResponse(
+                error=self.script.embed_error)), status=self.script.embed_status,
+                content_type="application/json")
+        vecs = [[0.6, 0.8, 0.0, 0.0] for _ in req.input]
+        return web.Response(body=protocol.encode(protocol.EmbedResponse(
+            embeddings=vecs, prompt_eval_count=sum(len(t) for t in req.input))),
+            content_type="application/json")
+
+
+class Lease:
+    def __init__(self, sup: FakeSupervisor, base_url: str) -> None:
+        self.sup = sup
+        self.base_url = base_url
+        self.session = sup.session
+        self.runner_id = "r1"
+        self.n_ctx = 4096
+        self.load_duration = 0.001
+        self.released = 0
+
+    async def __aenter__(self) -> Lease:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.released += 1
+        self.sup.active -= 1
+
+
+class FakeSupervisor:
+    def __init__(self, base_url: str, session: aiohttp.ClientSession) -> None:
+        self.base_url = base_url
+        self.session = session
+        self.acquired: list[tuple[str, dict, float | None, str]] = []
+        self.leases: list[Lease] = []
+        self.unloaded: list[str] = []
+        self.fail: ApiError | None = None
+        self.active = 0
+        self.rows: list[dict] = []
+
+    async def acquire(self, model: Any, options: dict, keep_alive: float | None,
+                      kind: str = "completion") -> Lease:
+        if self.fail is not None:
+            raise self.fail
+        self.acquired.append((model.name, dict(options), keep_alive, kind))
+        lease = Lease(self, self.base_url)
+        self.leases.append(lease)
+        self.active += 1
+        return lease
+
+    async def unload(self, model: Any) -> None:
+        self.unloaded.append(model.name)
+
+    def ps(self) -> list[dict]:
+        return self.rows
+
+
+@dataclass
+class Env:
+    url: str
+    runner: ScriptedRunner
+    supervisor: FakeSupervisor
+    store: Store
+    session: aiohttp.ClientSession
+    ollama: ollama.AsyncClient
+    openai: openai.AsyncOpenAI
+
+    async def post(self, path: str, body: Any = None, raw: bytes | None = None,
+                   ) -> tuple[int, Any, str]:
+        data = raw if raw is not None else msgspec.json.encode(body)
+        async with self.session.post(self.url + path, data=data) as r:
+            text = await r.text()
+            try:
+                parsed = msgspec.json.decode(text) if text else None
+            except msgspec.DecodeError:
+                parsed = None
+            return r.status, parsed, text
+
+    async def lines(self, path: str, body: Any) -> tuple[int, list[dict], str]:
+        async with self.session.post(self.url + path, data=msgspec.json.encode(body)) as r:
+            text = await r.text()
+            assert "\n\n" not in text and not text.startswith("\n")
+            return r.status, [msgspec.json.decode(x) for x in text.splitlines()], \
+                r.headers.get("Content-Type", "")
+
+    def assert_released(self) -> None:
+        assert all(lease.released == 1 for lease in self.supervisor.leases)
+        assert self.supervisor.active == 0
+
+
+async def _files(store: Store, path: Path) -> dict[str, str]:
+    layer = await store.write_blob_bytes(path.read_bytes())
+    return {"model.gguf": layer.digest}
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    store = Store(tmp_path / "models")
+    plain = make_gguf(tmp_path / "plain.gguf")
+    emb = make_gguf(tmp_path / "emb.gguf", embedding=True, seed=1)
+    await store.create("qwen", files=await _files(store, plain), template=TOOLS_CHATML,
+                       parameters={"temperature": 0.1, "stop": ["<|im_end|>"]})
+    await store.create("chatml", files=await _files(store, plain), template=CHATML,
+                       system="You are terse.")
+    await store.create("plain", files=await _files(store, plain))
+    await store.create("thinker", files=await _files(store, plain), template=THINKER)
+    await store.create("embedder", files=await _files(store, emb))
+    runner = ScriptedRunner()
+    runner_srv = TestServer(runner.app)
+    await runner_srv.start_server()
+    session = aiohttp.ClientSession()
+    sup = FakeSupervisor(str(runner_srv.make_url("")).rstrip("/"), session)
+    config = Config(host=HostAddr(host="127.0.0.1", port=11434))
+    app = make_app(config, store, sup)  # type: ignore[arg-type]
+    srv = TestServer(app)
+    await srv.start_server()
+    client_session = aiohttp.ClientSession()
+    url = str(srv.make_url("")).rstrip("/")
+    oc = ollama.AsyncClient(host=url)
+    oa = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    try:
+        yield Env(url, runner, sup, store, client_session, oc, oa)
+    finally:
+        await oa.close()
+        await oc.close()
+        await client_session.close()
+        await srv.close()
+        await session.close()
+        await runner_srv.close()
