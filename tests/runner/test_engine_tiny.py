@@ -58,11 +58,11 @@ def test_parallel_sequences_share_decode_steps(engine):
         return emit
 
     for i in range(4):
-        engine.submit(CompletionRequest(prompt=f"the {i} word", options=SamplingOptions(temperature=0, num_predict=24)),
+        engine.submit(CompletionRequest(prompt=f"the {i} word", options=SamplingOptions(temperature=0, num_predict=150)),
                       emitter(i))
     done.wait()
     shared = set.intersection(*steps.values())
-    assert len(shared) >= 10, steps
+    assert len(shared) >= 50, steps
 
 
 async def test_concurrent_http_streams_interleave(engine):
@@ -70,7 +70,7 @@ async def test_concurrent_http_streams_interleave(engine):
         order: list[tuple[int, str]] = []
 
         async def one(i: int):
-            resp = await client.post("/completion", json={"prompt": f"say {i}", "options": {**GREEDY, "num_predict": 40}})
+            resp = await client.post("/completion", json={"prompt": f"say {i}", "options": {**GREEDY, "num_predict": 200}})
             async for raw in resp.content:
                 order.append((i, json.loads(raw)["type"]))
 
