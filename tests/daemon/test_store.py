@@ -410,3 +410,36 @@ def test_gguf_variants(tmp_path: Path) -> None:
     assert "tokenizer.chat_template" not in info and "general.name" not in info
     assert info["tokenizer.ggml.tokens"] == []
     assert len(gguf_info.model_info(chat, verbose=True)["tokenizer.ggml.tokens"]) == 16
+
+
+def test_fast_gguf_reader_matches_gguf_package(tmp_path: Path, tiny_gguf: Path) -> None:
+    from gguf import GGUFReader
+
+    from corral.daemon import gguf_info
+
+    path = make_gguf(tmp_path / "t.gguf", chat_template="{{ messages }}", embedding=True)
+    for p in (tiny_gguf, path):
+        reader = GGUFReader(str(p))
+        want = {}
+        for key, field in reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            v = field.contents()
+            want[key] = [float(f"{x:.7g}") if isinstance(x, float) else x for x in v] \
+                if isinstance(v, list) else (float(f"{v:.7g}") if isinstance(v, float) else v)
+        assert gguf_info.read_metadata(p) == want
+        info = gguf_info.read_info(p)
+        assert [(t.name, t.type, t.shape, t.n_bytes) for t in info.tensors] == [
+            (t.name, t.tensor_type.name, [int(x) for x in t.shape], int(t.n_bytes))
+            for t in reader.tensors]
+        assert info.tensor_bytes == sum(int(t.n_bytes) for t in reader.tensors)
+
+
+def test_gguf_reader_rejects_garbage(tmp_path: Path, tiny_gguf: Path) -> None:
+    from corral.daemon import gguf_info
+
+    (tmp_path / "not.gguf").write_bytes(b"NOPE" + b"\0" * 64)
+    (tmp_path / "short.gguf").write_bytes(tiny_gguf.read_bytes()[:200])
+    for name in ("not.gguf", "short.gguf"):
+        with pytest.raises(ValueError):
+            gguf_info.read_info(tmp_path / name)
