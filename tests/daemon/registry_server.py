@@ -8,7 +8,9 @@ the upload flow POST/PATCH/PUT. Knobs let tests break it on purpose:
   (one shot);
 * ``stall_after[digest] = n``: blob GETs send n bytes, then hang until the server closes;
 * ``corrupt.add(digest)``: a blob GET serves different bytes of the same length;
-* ``fail_blob[digest] = status``: blob GETs answer that status.
+* ``fail_blob[digest] = status``: blob GETs answer that status;
+* ``token = "..."``: every /v2 request needs ``Authorization: Bearer <token>``, else 401 with a
+  Bearer challenge whose realm (``/token``) hands the token out.
 
 Every request is recorded in ``requests`` as (method, path, Range header).
 
@@ -94,7 +96,9 @@ class RegistryServer:
         self._closing = asyncio.Event()
         self.corrupt: set[str] = set()
         self.fail_blob: dict[str, int] = {}
-        app = web.Application()
+        self.token: str | None = None
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/token", self._token)
         r = app.router
         r.add_route("*", "/v2/{ns}/{model}/manifests/{tag}", self._manifest)
         r.add_route("*", "/v2/{ns}/{model}/blobs/uploads/", self._start_upload)
@@ -137,6 +141,21 @@ class RegistryServer:
         return [rng for m, p, rng in self.requests if m == "GET" and p.endswith(digest)]
 
     # ---- handlers ---------------------------------------------------------------------------
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.token is None or not request.path.startswith("/v2/"):
+            return await handler(request)
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            self._log(request)
+            realm = f"http://{self.host}/token"
+            return web.Response(status=401, headers={"WWW-Authenticate": (
+                f'Bearer realm="{realm}",service="test",scope="repository:x:pull"')})
+        return await handler(request)
+
+    async def _token(self, request: web.Request) -> web.Response:
+        assert request.query.get("service") == "test"
+        return web.json_response({"token": self.token})
 
     def _log(self, request: web.Request) -> None:
         self.requests.append((request.method, request.path, request.headers.get("Range")))

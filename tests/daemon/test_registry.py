@@ -219,6 +219,18 @@ async def test_push_uploads_missing_blobs_then_manifest(tmp_path: Path, reg: Reg
     assert back.digest == rec.digest and back.system == "pushed"
 
 
+async def test_bearer_token_challenge(tmp_path: Path, reg: RegistryServer, tiny_gguf: Path) -> None:
+    gguf = tiny_gguf.read_bytes()
+    publish_tiny(reg, gguf)
+    reg.token = "s3cret"
+    store = Store(tmp_path)
+    rec = await registry(store).pull(f"{reg.host}/library/tiny", insecure=True)
+    assert rec.model_path is not None and rec.model_path.read_bytes() == gguf
+    await store.copy(f"{reg.host}/library/tiny", f"{reg.host}/me/t:1")
+    await registry(store).push(f"{reg.host}/me/t:1", insecure=True)
+    assert ("me/t", "1") in reg.manifests
+
+
 # ---- over HTTP -------------------------------------------------------------------------------
 
 
