@@ -365,16 +365,21 @@ class Scheduler:
     def _on_inventory(self, ev: InventoryUpdated, now: float, out: list[Effect]) -> None:
         self.inventory = ev.inventory
         free = {g.id: g.free for g in ev.inventory.gpus}
+        total = {g.id: g.total for g in ev.inventory.gpus}
         for rid in list(self._reclaims):
-            c = self._reclaims[rid]
+            c = self._reclaims.pop(rid)
+            held = self._reserved_gpu()  # everything else we hold
+            # Back when free rose by 3/4 of what it held (Ollama's rule), or when free already
+            # covers all but our other reservations (the probe never saw the memory in use).
             back = all(
-                g not in free or free[g] - c.baseline.get(g, free[g]) >= 0.75 * b
+                g not in free
+                or free[g] - c.baseline.get(g, free[g]) >= 0.75 * b
+                or free[g] >= total[g] - held.get(g, 0)
                 for g, b in c.gpu_bytes.items()
             )
-            if back:
-                del self._reclaims[rid]
-            else:
-                # A newer baseline never lowers: memory seen back stays counted as back.
+            if not back:
+                self._reclaims[rid] = c
+                # The baseline only moves down (memory seen still in use).
                 for g in c.gpu_bytes:
                     if g in free:
                         c.baseline[g] = min(c.baseline.get(g, free[g]), free[g])
