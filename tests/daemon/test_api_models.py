@@ -251,6 +251,16 @@ async def test_create_streams_ndjson(http: aiohttp.ClientSession, srv: Server,
         assert await r.json() == {"status": "success"}
 
 
+async def test_field_names_match_case_insensitively(http: aiohttp.ClientSession, srv: Server,
+                                                     tiny_gguf: Path) -> None:
+    ollama_store(srv.root, tiny_gguf)
+    async with http.post("/api/show", json={"Model": "llama3.2"}) as r:
+        assert r.status == 200
+    async with http.post("/api/copy", json={"SOURCE": "llama3.2", "Destination": "b"}) as r:
+        assert r.status == 200
+    assert srv.store.exists("b")
+
+
 async def test_legacy_modelfile_create(http: aiohttp.ClientSession, srv: Server,
                                        tiny_gguf: Path) -> None:
     data = tiny_gguf.read_bytes()
