@@ -405,8 +405,8 @@ GGUF_MAGIC = b"GGUF"
 class Store:
     """The model store rooted at ``root``. One instance per daemon; methods are loop-bound.
 
-    ``noprune`` (``OLLAMA_NOPRUNE``) keeps blobs that lose their last reference when a model is
-    replaced or deleted... as Ollama, deletion of a model still removes its own unused layers.
+    ``noprune`` (``OLLAMA_NOPRUNE``) keeps the blobs a model loses when it is replaced (create or
+    pull over an existing name). Deleting a model removes its unused blobs either way, as Ollama.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, noprune: bool = False) -> None:
