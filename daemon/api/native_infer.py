@@ -107,14 +107,19 @@ async def _runner_error(resp: aiohttp.ClientResponse) -> str:
     return text or f"runner answered {resp.status}"
 
 
-def _gone_message(lease: Any, exc: BaseException) -> str:
-    """The text for a runner that broke the connection: its own last error line when the lease
-    knows it (the supervisor keeps the stderr tail), else the connection error."""
-    for attr in ("failure", "last_error"):
-        hook = getattr(lease, attr, None)
-        value = hook() if callable(hook) else hook
-        if value:
-            return str(value)
+async def _gone_message(lease: Any, exc: BaseException) -> str:
+    """The text for a runner that broke the connection: the runner's exit reason with its last
+    stderr line when the lease knows it (waiting briefly for the exit to be noticed), else the
+    connection error."""
+    wait = getattr(lease, "wait_failure", None)
+    if callable(wait):
+        reason = await wait()
+        if reason:
+            return str(reason)
+    hook = getattr(lease, "failure", None)
+    value = hook() if callable(hook) else None
+    if value:
+        return str(value)
     return f"llama runner process has terminated: {exc}"
 
 
@@ -138,10 +143,10 @@ async def runner_lines(lease: Any, body: protocol.CompletionRequest,
                 if isinstance(ev, protocol.CompletionDone):
                     return
     except (aiohttp.ClientError, ConnectionError) as e:
-        raise ApiError(500, _gone_message(lease, e)) from None
+        raise ApiError(500, await _gone_message(lease, e)) from None
     except msgspec.DecodeError as e:
         raise ApiError(500, f"bad line from runner: {e}") from None
-    raise ApiError(500, _gone_message(lease, ConnectionError("stream ended without done")))
+    raise ApiError(500, await _gone_message(lease, ConnectionError("stream ended without done")))
 
 
 async def runner_json(lease: Any, path: str, body: msgspec.Struct, kind: type[Any]) -> Any:
@@ -153,7 +158,7 @@ async def runner_json(lease: Any, path: str, body: msgspec.Struct, kind: type[An
                 raise ApiError(status, await _runner_error(resp))
             return msgspec.json.decode(await resp.read(), type=kind)
     except (aiohttp.ClientError, ConnectionError) as e:
-        raise ApiError(500, _gone_message(lease, e)) from None
+        raise ApiError(500, await _gone_message(lease, e)) from None
 
 
 # ---- output processing ---------------------------------------------------------------------------
@@ -687,6 +692,7 @@ def ps_row(entry: Any) -> dict[str, Any]:
                            "size_vram": row.get("size_vram", 0)}
     if row.get("context_length"):
         out["context_length"] = row["context_length"]
+    out.update((k, v) for k, v in row.items() if k not in out)  # corral's extras after Ollama's
     return out
 
 
