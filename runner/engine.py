@@ -68,6 +68,7 @@ _SPLIT = {"none": llama_cpp.LLAMA_SPLIT_MODE_NONE, "layer": llama_cpp.LLAMA_SPLI
 # "load_tensors:   CPU_Mapped model buffer size =   100.00 MiB", "llama_kv_cache:  CUDA0 KV buffer
 # size = 36.00 MiB", "llama_context:  CPU compute buffer size = 77.5 MiB", output/RS buffers too.
 _BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|compute|output|RS)\s+buffer size\s*=\s*([0-9.]+)\s*MiB")
+_LOG_DEBUG, _LOG_CONT = 1, 5  # enum ggml_log_level (include/ggml.h): NONE, DEBUG, INFO, WARN, ERROR, CONT
 _OOM_TEXT = re.compile(r"out of memory|failed to allocate|cudaMalloc failed|unable to allocate", re.I)
 
 
@@ -91,7 +92,7 @@ class _LlamaLog:
         self.memory: dict[str, dict[str, int]] = {}
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
         self.verbose = False  # forward GGML_LOG_LEVEL_DEBUG lines too
-        self._level = 1
+        self._level = _LOG_DEBUG
         self._callback = llama_cpp.llama_log_callback(self._on_log)
         llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
 
@@ -99,22 +100,22 @@ class _LlamaLog:
         try:
             if not text:
                 return
-            if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous line's level
-                self._level = level
-            if self._level == 4 and not self.verbose:
-                return
             with self._lock:
+                if level != _LOG_CONT:  # CONT continues the previous line's level
+                    self._level = level
+                forward = self.verbose or self._level != _LOG_DEBUG
                 data = self._partial + text
                 *lines, self._partial = data.split(b"\n")
                 for raw in lines:
-                    self._line(raw.decode("utf-8", errors="replace"))
+                    self._line(raw.decode("utf-8", errors="replace"), forward)
         except Exception:  # never raise into C
             pass
 
-    def _line(self, line: str) -> None:
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-        self.tail.append(line)
+    def _line(self, line: str, forward: bool = True) -> None:
+        if forward:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+            self.tail.append(line)
         if not self.capture:
             return
         m = _BUFFER_LINE.search(line)
