@@ -296,12 +296,15 @@ async def cmd_stop(c: Client, args: argparse.Namespace) -> None:
 
 
 async def cmd_create(c: Client, args: argparse.Namespace) -> None:
-    from corral.daemon.modelfile import parse_modelfile
+    from corral.daemon.modelfile import ModelfileError, parse
 
     path = Path(args.file) if args.file else Path("Modelfile")
     if not path.exists():
         raise CliError(f"no Modelfile found at {path}")
-    req = parse_modelfile(path.read_text(encoding="utf-8-sig"))
+    try:
+        req = parse(path.read_text(encoding="utf-8-sig")).create_request()
+    except ModelfileError as exc:
+        raise CliError(str(exc)) from exc
     base = path.resolve().parent
     src = req.pop("from", None)
     if src:
