@@ -55,6 +55,25 @@ _ERROR_LINE = re.compile(
 )
 
 
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait for ``event`` up to ``timeout`` s (None: forever); False on timeout.
+
+    Uses ``asyncio.timeout`` rather than ``wait_for``: on Python 3.11 ``wait_for`` can swallow
+    a cancellation that races with the awaited event, leaving a cancelled task running.
+    """
+    if event.is_set():
+        return True
+    if timeout is None:
+        await event.wait()
+        return True
+    try:
+        async with asyncio.timeout(max(timeout, 0.0)):
+            await event.wait()
+    except TimeoutError:
+        return event.is_set()
+    return True
+
+
 class RunnerStartError(Exception):
     """The runner did not become ready. ``reason`` is client-facing (Ollama's wording)."""
 
@@ -62,7 +81,7 @@ class RunnerStartError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.oom = oom
-        self.kind = kind          # "failed" (Failed event) | "exited" | "stalled" | "spawn"
+        self.kind = kind  # "failed" (Failed event) | "exited" | "stalled" | "spawn" | "stopped"
 
 
 def describe_returncode(returncode: int | None) -> str:
@@ -133,6 +152,8 @@ class RunnerProcess:
         self.returncode: int | None = None
         self.ready: Ready | None = None
         self.stopping = False                   # stop() was called: the exit is expected
+        self._spawning = False
+        self._spawned = asyncio.Event()         # subprocess_exec finished (or failed)
 
     # ------------------------------------------------------------------ public
 
@@ -144,8 +165,8 @@ class RunnerProcess:
         return list(self._tail)
 
     def last_error(self) -> str:
-        """The last error-looking stderr line, else the last stderr line, else ''."""
-        return self._last_error or (self._tail[-1] if self._tail else "")
+        """The last error-looking stderr line, else '' (routine log lines are never quoted)."""
+        return self._last_error
 
     def exit_reason(self) -> str:
         """Client-facing text for an exit: ``llama runner process has terminated: ...``."""
@@ -155,10 +176,13 @@ class RunnerProcess:
 
     async def start(self, spec: LaunchSpec, *, load_timeout: float | None) -> Ready:
         """Spawn the child, send ``spec`` and wait for the handshake (see the module contract)."""
-        if self._transport is not None:
+        if self._transport is not None or self._spawning:
             raise RuntimeError("RunnerProcess.start() called twice")
+        if self.stopping:
+            raise RunnerStartError("runner stopped before it started", kind="stopped")
         loop = asyncio.get_running_loop()
         self._last_activity = self._clock()
+        self._spawning = True
         try:
             transport, _ = await loop.subprocess_exec(
                 lambda: _Protocol(self), *self._argv,
@@ -169,19 +193,24 @@ class RunnerProcess:
             self._exited.set()
             self._done.set()
             raise RunnerStartError(f"unable to start runner: {exc}", kind="spawn") from exc
+        finally:
+            self._spawning = False
+            self._spawned.set()
         self._transport = transport
         self.pid = transport.get_pid()
         self._open_pipes = {1, 2}
         self._watcher = asyncio.create_task(self._watch_exit(), name=f"runner-exit-{self.runner_id}")
         log.debug("runner spawned", runner_id=self.runner_id, pid=self.pid)
         try:
+            if self.stopping:   # stop() was called while we were spawning
+                raise RunnerStartError("runner stopped while starting", kind="stopped")
             stdin = transport.get_pipe_transport(0)
             assert stdin is not None
             stdin.write(encode(spec) + b"\n")
             ready = await self._handshake(load_timeout)
         except BaseException:
             # Cancelled or failed: leave no child behind (the contract of start()).
-            await asyncio.shield(self.stop(grace=1.0))
+            await asyncio.shield(self._terminate(grace=1.0))
             raise
         self.ready = ready
         return ready
@@ -189,20 +218,25 @@ class RunnerProcess:
     async def stop(self, grace: float) -> int | None:
         """SIGTERM the group, wait up to ``grace`` s, SIGKILL the group, wait for the reap.
 
-        Returns the child's return code (None if it was never spawned).
+        Returns the child's return code (None if it was never spawned). A stop before or during
+        the spawn makes ``start()`` fail with kind ``"stopped"``.
         """
+        self.stopping = True
+        if self._spawning:
+            await self._spawned.wait()
+        return await self._terminate(grace)
+
+    async def _terminate(self, grace: float) -> int | None:
+        """The stop escalation without marking the exit as asked for (start()'s cleanup)."""
         if self._transport is None:
             return None
-        self.stopping = True
         if not self._exited.is_set():
             self._signal_group(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(asyncio.shield(self._done.wait()), timeout=max(grace, 0.0))
-            except TimeoutError:
+            if not await wait_event(self._done, grace):
                 log.warning("runner ignored SIGTERM, killing its process group",
                             runner_id=self.runner_id, pid=self.pid, grace=grace)
                 self._signal_group(signal.SIGKILL)
-        await asyncio.shield(self._done.wait())
+        await self._done.wait()
         return self.returncode
 
     async def wait_exited(self) -> int | None:
@@ -257,17 +291,11 @@ class RunnerProcess:
                 drain_left = exited_at + PIPE_DRAIN_AFTER_EXIT - now
                 timeout = drain_left if timeout is None else min(timeout, drain_left)
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, timeout)
 
     async def _wait_exit_after_failed(self) -> None:
         """After Failed the child exits by itself; give it a moment so the stderr tail is full."""
-        try:
-            await asyncio.wait_for(asyncio.shield(self._done.wait()), timeout=PIPE_DRAIN_AFTER_EXIT)
-        except TimeoutError:
-            pass
+        await wait_event(self._done, PIPE_DRAIN_AFTER_EXIT)
 
     def _on_data(self, fd: int, data: bytes) -> None:
         self._last_activity = self._clock()
@@ -324,9 +352,7 @@ class RunnerProcess:
         deadline = self._clock() + PIPE_DRAIN_AFTER_EXIT
         while self._open_pipes and self._clock() < deadline:
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=deadline - self._clock())
-            except TimeoutError:
+            if not await wait_event(self._wake, deadline - self._clock()):
                 break
         if self._open_pipes:
             # Something else in the group holds our pipes: nothing of a dead runner may live on.

@@ -1,0 +1,811 @@
+"""The Supervisor: the asyncio shell around the pure Scheduler.
+
+One owner task holds the :class:`~corral.scheduler.Scheduler` and an inbox of events (STYLE
+rules 1-3). It is the only code that calls ``dispatch``; it executes the returned effects in
+order and never blocks doing so: spawning and stopping runner processes happen in tasks that
+post completion events (``RunnerReady``, ``RunnerLoadFailed``, ``RunnerStopped``...) back to
+the inbox. The only timer is the one armed for ``scheduler.next_deadline()`` (a ``Tick``).
+
+Used by the HTTP layer:
+
+* ``lease = await sup.acquire(model, options, keep_alive, kind)`` waits for a runner slot and
+  raises :class:`ApiError` (503 queue full / shutting down, 500 load failure, 400/404).
+  Cancelling the awaiting task (client gone) withdraws the request: a queued request frees its
+  queue place at once.
+* ``async with lease:`` - leaving it releases the slot exactly once (also on exceptions and
+  cancellation). ``lease.base_url`` / ``lease.session`` talk to the runner. If the runner dies
+  mid-request, the HTTP stream breaks; ``await lease.wait_failure()`` (or
+  ``lease.failure_reason()``) gives the client-facing text with the runner's last stderr line.
+* ``await sup.unload(model)`` (keep_alive 0 with an empty prompt), ``sup.ps()`` (/api/ps rows).
+* ``await sup.start()`` / ``await sup.close()`` (shutdown: stop accepting, fail queued
+  requests, let streams drain within ``drain_timeout``, stop runners in parallel, close the
+  probe; the total stays under ``drain_timeout + stop_grace + 1`` s).
+
+Test hooks: ``await sup.wait_processed()`` (every posted event dispatched),
+``await sup.wait_until(predicate)`` (re-checked after every dispatch), ``sup.snapshot()``,
+``sup.runner_process(runner_id)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any, Literal, Protocol
+
+import aiohttp
+import msgspec
+import structlog
+
+from corral.daemon import gguf_info
+from corral.daemon.api.errors import QUEUE_FULL, ApiError
+from corral.daemon.gpu import GpuProbe, make_probe
+from corral.daemon.runners import (
+    RUNNER_ARGV,
+    RunnerProcess,
+    RunnerStartError,
+    child_env,
+    looks_oom,
+    wait_event,
+)
+from corral.runner.protocol import FakeKnobs, LaunchSpec, Ready
+from corral.scheduler import (
+    SHUTTING_DOWN_MESSAGE,
+    Abort,
+    Effect,
+    Event,
+    Fail,
+    Grant,
+    Inventory,
+    InventoryUpdated,
+    Limits,
+    ModelFacts,
+    Reject,
+    RequestArrived,
+    RequestCancelled,
+    RequestFinished,
+    RunnerExited,
+    RunnerLoadFailed,
+    RunnerOptions,
+    RunnerOutOfMemory,
+    RunnerReady,
+    RunnerStopped,
+    RunnerView,
+    Scheduler,
+    SchedulerSnapshot,
+    Shutdown,
+    StartRunner,
+    StopRunner,
+    Tick,
+    UnloadRequested,
+)
+from corral.scheduler.estimate import default_num_ctx
+
+log = structlog.get_logger(__name__)
+
+assert QUEUE_FULL == "server busy, please try again.  maximum pending requests exceeded"
+
+MAX_DURATION_S = ((1 << 63) - 1) / 1e9     # Go's MaxInt64 ns: "forever" in expires_at
+REFRESH_INTERVAL = 0.25                    # probe polling while stopped runners' memory is held
+DEFAULT_STOP_GRACE = 5.0
+DEFAULT_DRAIN_TIMEOUT = 3.0
+
+Kind = Literal["completion", "embedding"]
+
+
+class ModelLike(Protocol):
+    """What acquire() needs of a model (``store.ModelRecord`` has all of it)."""
+
+    name: str
+    digest: str
+    model_path: Any
+    parameters: Mapping[str, Any]
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+def facts_from_info(info: gguf_info.GGUFInfo, file_size: int) -> ModelFacts:
+    """The scheduler's ModelFacts from parsed GGUF metadata."""
+    return ModelFacts(
+        architecture=info.architecture,
+        file_size=file_size,
+        block_count=info.block_count or len(info.layer_bytes),
+        n_ctx_train=info.context_length or 0,
+        embedding_length=info.embedding_length or 0,
+        head_count=info.head_count or 0,
+        head_count_kv=info.head_count_kv or info.head_count or 0,
+        key_length=info.key_length or 0,
+        value_length=info.value_length or 0,
+        vocab_size=info.vocab_size or 0,
+        sliding_window=info.sliding_window or 0,
+        layer_bytes=tuple(info.layer_bytes),
+        output_bytes=info.output_bytes,
+        token_embd_bytes=info.token_embd_bytes,
+        is_embedding_model=info.is_embedding,
+        has_vision=info.has_vision,
+    )
+
+
+def _opt_int(merged: Mapping[str, Any], key: str) -> int | None:
+    value = merged.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(400, f"option {key!r} must be a number")
+    return int(value)
+
+
+def runner_options(merged: Mapping[str, Any], *, context_length: int, default_ctx: int,
+                   facts: ModelFacts, kv_cache_type: str = "",
+                   flash_attention: bool | None = None) -> RunnerOptions:
+    """Ollama's option rules (defaults <- Modelfile <- request, already merged in ``merged``).
+
+    1. ``num_ctx``: explicit value, else OLLAMA_CONTEXT_LENGTH, else the VRAM tier
+       (``default_ctx``); only the last is *auto*. Floor 4; vision models floor 2048.
+    2. ``num_batch``: explicit, else 512 marked auto.
+    3. ``num_gpu`` (-1 auto), ``main_gpu``, ``use_mmap``, ``num_thread`` pass through.
+    """
+    num_ctx = _opt_int(merged, "num_ctx")                       # 1.
+    num_ctx_auto = False
+    if num_ctx is None:
+        if context_length > 0:
+            num_ctx = context_length
+        else:
+            num_ctx, num_ctx_auto = default_ctx, True
+    num_ctx = max(num_ctx, 4)
+    if facts.has_vision:
+        num_ctx = max(num_ctx, 2048)
+    num_batch = _opt_int(merged, "num_batch")                   # 2.
+    num_batch_auto = num_batch is None
+    use_mmap = merged.get("use_mmap")                           # 3.
+    if use_mmap is not None and not isinstance(use_mmap, bool):
+        raise ApiError(400, "option 'use_mmap' must be a boolean")
+    num_gpu = _opt_int(merged, "num_gpu")
+    return RunnerOptions(
+        num_ctx=num_ctx,
+        num_batch=512 if num_batch is None else max(1, num_batch),
+        num_gpu=-1 if num_gpu is None else num_gpu,
+        main_gpu=_opt_int(merged, "main_gpu"),
+        use_mmap=use_mmap,
+        num_thread=max(0, _opt_int(merged, "num_thread") or 0),
+        kv_cache_type=kv_cache_type,
+        flash_attention=flash_attention,
+        num_ctx_auto=num_ctx_auto,
+        num_batch_auto=num_batch_auto,
+    )
+
+
+def rfc3339_local(wall: float) -> str:
+    """Go's RFC3339Nano in local time (``2026-08-22T14:09:12.123456-07:00``), zeros trimmed."""
+    dt = datetime.fromtimestamp(wall).astimezone()
+    text = dt.isoformat(timespec="microseconds")
+    head, _, rest = text.partition(".")
+    frac, offset = rest[:6].rstrip("0"), rest[6:]
+    return f"{head}.{frac}{offset}" if frac else f"{head}{offset}"
+
+
+def _wall_in(seconds: float) -> float:
+    return time.time() + min(seconds, MAX_DURATION_S)
+
+
+def _is_gpu_device(name: str) -> bool:
+    n = name.upper()
+    return not (n.startswith("CPU") or n.endswith("_HOST") or n == "BLAS")
+
+
+# ----------------------------------------------------------------------------------------- Lease
+
+class Lease:
+    """One granted runner slot. Leave the ``async with`` block to release it (exactly once)."""
+
+    def __init__(self, sup: Supervisor, req_id: int, runner_id: str, base_url: str, n_ctx: int,
+                 load_duration: float, session: aiohttp.ClientSession,
+                 proc: RunnerProcess | None) -> None:
+        self._sup = sup
+        self.req_id = req_id
+        self.runner_id = runner_id
+        self.base_url = base_url
+        self.n_ctx = n_ctx                  # per slot
+        self.load_duration = load_duration  # seconds from acquire() to the grant
+        self.session = session
+        self._proc = proc
+        self._released = False
+        self._abort_message: str | None = None
+        self.aborted = asyncio.Event()      # set when the runner was lost under this lease
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    async def __aenter__(self) -> Lease:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Give the slot back (idempotent; never blocks)."""
+        if not self._released:
+            self._released = True
+            self._sup._release(self)
+
+    def _abort(self, message: str) -> None:
+        self._abort_message = message
+        self.aborted.set()
+
+    def failure(self) -> str | None:
+        """Alias of :meth:`failure_reason` (the HTTP layer's name)."""
+        return self.failure_reason()
+
+    def failure_reason(self) -> str | None:
+        """Why the runner behind this lease is gone (its last stderr line included), else None."""
+        if self._abort_message is not None:
+            return self._abort_message
+        p = self._proc
+        if p is not None and p.returncode is not None:
+            return p.exit_reason()
+        return None
+
+    async def wait_failure(self, timeout: float = 2.0) -> str | None:
+        """After a broken runner stream: wait (bounded) until the runner's exit is known.
+
+        Returns the client-facing reason, or None if the runner is still alive after
+        ``timeout`` (then the failure was something else, e.g. a network error).
+        """
+        if (reason := self.failure_reason()) is not None:
+            return reason
+        if self._proc is not None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._proc.wait_exited()
+            except TimeoutError:
+                pass
+        return self.failure_reason()
+
+
+# ------------------------------------------------------------------------------------ Supervisor
+
+class _Runner:
+    """What the supervisor knows about one runner beyond the scheduler's view."""
+
+    __slots__ = ("runner_id", "model_key", "proc", "ready", "record", "start_effect", "task",
+                 "exit_posted")
+
+    def __init__(self, runner_id: str, model_key: str, proc: RunnerProcess, record: Any,
+                 start_effect: StartRunner) -> None:
+        self.runner_id = runner_id
+        self.model_key = model_key
+        self.proc = proc
+        self.ready: Ready | None = None
+        self.record = record
+        self.start_effect = start_effect
+        self.task: asyncio.Task[None] | None = None
+        self.exit_posted = False
+
+
+class Supervisor:
+    """Owns the Scheduler (one task), runner processes and the waiting requests' futures."""
+
+    def __init__(self, config: Any, store: Any = None, probe: GpuProbe | None = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 limits: Limits | None = None,
+                 runner_argv: Sequence[str] = RUNNER_ARGV,
+                 stop_grace: float = DEFAULT_STOP_GRACE,
+                 drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+                 load_timeout: float | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.probe: GpuProbe = probe if probe is not None else make_probe(config)
+        self._clock = clock
+        self._limits = limits if limits is not None else Limits(
+            max_loaded=config.max_loaded_models,
+            num_parallel=max(1, config.num_parallel),
+            max_queue=config.max_queue,
+            default_keep_alive=config.keep_alive,
+            sched_spread=config.sched_spread,
+            gpu_overhead=config.gpu_overhead,
+        )
+        self._argv = tuple(runner_argv)
+        self.stop_grace = stop_grace
+        self.drain_timeout = drain_timeout
+        lt = config.load_timeout if load_timeout is None else load_timeout
+        self.load_timeout = None if lt is None or math.isinf(lt) or lt <= 0 else lt
+        self._sched: Scheduler | None = None
+        self._inbox: collections.deque[Event] = collections.deque()
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Event()       # replaced after every dispatch (test hooks)
+        self._dispatching = False
+        self._owner: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._waiters: dict[int, asyncio.Future[str]] = {}
+        self._leases: dict[int, Lease] = {}
+        self._runners: dict[str, _Runner] = {}
+        self._records: dict[str, Any] = {}       # model_key -> the record last asked for
+        self._facts: dict[str, ModelFacts] = {}  # blob path -> facts
+        self._ids = itertools.count(1)
+        self._default_ctx = 4096
+        self._gpu_names: dict[str, str] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._closing = False
+        self._closed = False
+        self._refreshing = False
+        self.processed = 0                       # events dispatched so far
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Read the inventory, build the Scheduler and start the owner task."""
+        inventory = await self.probe.refresh()
+        self._gpu_names = {g.id: g.name for g in inventory.gpus}
+        cl = getattr(self.config, "context_length", 0) or 0
+        self._default_ctx = cl if cl > 0 else default_num_ctx(
+            [g.total for g in inventory.gpus], self._limits.gpu_overhead)
+        self._sched = Scheduler(self._limits, inventory)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+        )
+        self._owner = asyncio.create_task(self._run(), name="supervisor")
+        log.info("supervisor started", gpus=len(inventory.gpus), default_num_ctx=self._default_ctx,
+                 max_loaded=self._limits.max_loaded, num_parallel=self._limits.num_parallel,
+                 max_queue=self._limits.max_queue)
+
+    async def begin_shutdown(self) -> None:
+        """Shutdown steps 1-2: refuse new requests (503) and fail every queued one. Idempotent;
+        returns once the scheduler has processed it (bounded). In-flight leases stay valid."""
+        if self._closing:
+            return
+        self._closing = True                                  # 1. stop accepting
+        log.info("supervisor shutting down", shutdown_step="stop_accepting")
+        if self._owner is not None and not self._owner.done():
+            self.post(Shutdown())                             # 2. fail queued requests
+            try:
+                async with asyncio.timeout(2.0):
+                    await self.wait_processed()
+            except TimeoutError:
+                pass
+
+    async def kill_all(self) -> None:
+        """Last resort when the shutdown budget is exhausted: SIGKILL every runner group, reap."""
+        procs = [r.proc for r in self._runners.values()]
+        if procs:
+            await asyncio.gather(*(p.stop(0.0) for p in procs), return_exceptions=True)
+
+    async def preload_default(self, name: str | None = None) -> None:
+        """Load model ``name`` from the store with the default keep-alive and release it at once
+        (Ollama's empty-prompt preload). Without a name (or a store) there is nothing to do;
+        failures are logged, never raised."""
+        if name is None or self.store is None:
+            return
+        try:
+            record = self.store.resolve(name)
+            async with await self.acquire(record, {}, None, "completion"):
+                pass
+        except Exception as exc:
+            log.warning("preload failed", model=name, error=getattr(exc, "message", str(exc)))
+
+    async def close(self) -> None:
+        """Shut down in order (STYLE rule 11); idempotent. Total <= drain + grace + ~1 s."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.begin_shutdown()                           # 1.-2.
+        if self._owner is not None and not self._owner.done():
+            log.info("supervisor shutting down", shutdown_step="drain",  # 3. drain streams
+                     in_flight=len(self._leases))
+            try:
+                async with asyncio.timeout(self.drain_timeout):
+                    await self.wait_until(lambda: not self._leases)
+            except TimeoutError:
+                log.warning("drain timeout: stopping runners with requests in flight",
+                            in_flight=len(self._leases))
+        procs = [r.proc for r in self._runners.values()]    # 4. stop runners in parallel
+        log.info("supervisor shutting down", shutdown_step="stop_runners", runners=len(procs))
+        if procs:
+            await asyncio.gather(*(p.stop(self.stop_grace) for p in procs),
+                                 return_exceptions=True)
+        for lease in list(self._leases.values()):
+            lease._abort(SHUTTING_DOWN_MESSAGE)
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(ApiError(503, SHUTTING_DOWN_MESSAGE))
+        if self._owner is not None:
+            self._owner.cancel()
+        pending = [t for t in (self._owner, *self._tasks) if t is not None]
+        for t in self._tasks:
+            t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+        log.info("supervisor shutting down", shutdown_step="close_probe")
+        self.probe.close()                                    # 5. close NVML
+        log.info("supervisor stopped")
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Supervisor.start() was not called"
+        return self._session
+
+    async def acquire(self, model: ModelLike, options: Mapping[str, Any] | None = None,
+                      keep_alive: float | None = None, kind: Kind = "completion") -> Lease:
+        """Wait for a runner slot for ``model``. See the module docstring for the contract."""
+        if self._sched is None or self._owner is None:
+            raise RuntimeError("Supervisor.start() was not called")
+        if self._closing:
+            raise ApiError(503, SHUTTING_DOWN_MESSAGE)
+        t0 = self._clock()
+        if model.model_path is None:
+            raise ApiError(400, f'"{model.name}" does not support generate')
+        model_key = str(model.model_path)
+        facts = await self._model_facts(model, model_key)
+        merged = {**dict(model.parameters or {}), **dict(options or {})}
+        opts = runner_options(merged, context_length=getattr(self.config, "context_length", 0),
+                              default_ctx=self._default_ctx, facts=facts,
+                              kv_cache_type=getattr(self.config, "kv_cache_type", "") or "",
+                              flash_attention=getattr(self.config, "flash_attention", None))
+        if self._closing:
+            raise ApiError(503, SHUTTING_DOWN_MESSAGE)
+        req_id = next(self._ids)
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiters[req_id] = fut
+        self._records[model_key] = model
+        self.post(RequestArrived(req_id=req_id, model_key=model_key, facts=facts, options=opts,
+                                 keep_alive=keep_alive, embedding=kind == "embedding"))
+        try:
+            runner_id = await fut
+        except asyncio.CancelledError:
+            # The client went away: queued -> leaves the queue; granted meanwhile -> released.
+            self.post(RequestCancelled(req_id=req_id))
+            raise
+        finally:
+            self._waiters.pop(req_id, None)
+        r = self._runners.get(runner_id)
+        ready = r.ready if r is not None else None
+        if r is None or ready is None:   # cannot happen: Grant follows RunnerReady
+            self.post(RequestFinished(req_id=req_id))
+            raise ApiError(500, "runner is not available")
+        lease = Lease(self, req_id, runner_id, f"http://127.0.0.1:{ready.port}",
+                      ready.n_ctx_per_slot, self._clock() - t0, self.session, r.proc)
+        self._leases[req_id] = lease
+        return lease
+
+    async def unload(self, model: ModelLike) -> None:
+        """Unload ``model`` as soon as it is idle (no-op when it is not loaded). Returns at once."""
+        if model.model_path is None or self._sched is None:
+            return
+        self.post(UnloadRequested(model_key=str(model.model_path)))
+
+    def report_out_of_memory(self, lease: Lease) -> None:
+        """A granted request failed with an out-of-memory error at run time: every runner
+        unloads as soon as it is idle (Ollama's runtime-OOM rule)."""
+        self.post(RunnerOutOfMemory(runner_id=lease.runner_id))
+
+    def snapshot(self) -> SchedulerSnapshot:
+        assert self._sched is not None
+        return self._sched.snapshot()
+
+    def runner_process(self, runner_id: str) -> RunnerProcess | None:
+        r = self._runners.get(runner_id)
+        return r.proc if r is not None else None
+
+    def ps(self) -> list[dict[str, Any]]:
+        """/api/ps rows (Ollama's fields and order, then corral's extras), longest-lived first."""
+        if self._sched is None:
+            return []
+        snap = self._sched.snapshot()
+        now = self._clock()
+        rows: list[tuple[float, dict[str, Any]]] = []
+        for v in snap.runners:
+            if v.state == "loading":
+                continue          # Ollama lists a model only once its runner is healthy
+            r = self._runners.get(v.runner_id)
+            rows.append(self._ps_row(v, r, now))
+        rows.sort(key=lambda x: x[0], reverse=True)
+        return [row for _, row in rows]
+
+    def _ps_row(self, v: RunnerView, r: _Runner | None, now: float) -> tuple[float, dict[str, Any]]:
+        record = r.record if r is not None else self._records.get(v.model_key)
+        if v.state in ("expiring", "stopping"):
+            remaining = 0.0
+        elif v.deadline is not None:
+            remaining = max(0.0, v.deadline - now)
+        else:                      # busy, or kept forever
+            remaining = v.keep_alive
+        wall = _wall_in(remaining)
+        name = getattr(record, "name", v.model_key)
+        details = getattr(record, "details", None)
+        if details is not None and not isinstance(details, dict):
+            details = msgspec.to_builtins(details)
+        p = v.placement
+        gpus = [{"id": g, "name": self._gpu_names.get(g, g), "vram": b}
+                for g, b in zip(p.gpus, p.gpu_bytes)]
+        row = {
+            "name": name,
+            "model": name,
+            "size": p.total,
+            "digest": getattr(record, "digest", ""),
+            "details": details or {},
+            "expires_at": rfc3339_local(wall),
+            "size_vram": p.vram,
+            "context_length": v.options.num_ctx,
+            "state": v.state,
+            "gpus": gpus,
+            "num_parallel": v.parallel,
+            "in_flight": v.in_flight,
+            "queued": v.queued,
+            "pid": v.pid if v.pid is not None else (r.proc.pid if r is not None else None),
+        }
+        return wall, row
+
+    # ------------------------------------------------------------------ test hooks
+
+    async def wait_processed(self) -> None:
+        """Block until every event posted so far has been dispatched."""
+        await self.wait_until(lambda: not self._inbox and not self._dispatching)
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Block until ``predicate()`` holds; re-checked after every dispatch."""
+        while not predicate():
+            if self._owner is None or self._owner.done():
+                raise RuntimeError("supervisor is not running")
+            await self._changed.wait()
+
+    # ------------------------------------------------------------------ the owner task
+
+    def post(self, event: Event) -> None:
+        """Queue an event for the owner task. Never blocks; callable from any task."""
+        self._inbox.append(event)
+        self._wake.set()
+
+    async def _run(self) -> None:
+        sched = self._sched
+        assert sched is not None
+        while True:
+            while self._inbox:
+                self._dispatch(self._inbox.popleft())
+            deadline = sched.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - self._clock())
+            self._wake.clear()
+            if timeout == 0.0:
+                self._dispatch(Tick())
+                await asyncio.sleep(0)       # let the posting tasks run between ticks
+                continue
+            if not await wait_event(self._wake, timeout):
+                self._dispatch(Tick())
+
+    def _dispatch(self, event: Event) -> None:
+        sched = self._sched
+        assert sched is not None
+        self._dispatching = True
+        try:
+            effects = sched.dispatch(event, now=self._clock())
+        except Exception:
+            log.exception("scheduler failed on an event", event=type(event).__name__)
+            effects = []
+            if isinstance(event, RequestArrived):
+                effects = [Fail(req_id=event.req_id, status=500, message="internal scheduler error")]
+        try:
+            for effect in effects:
+                try:
+                    self._execute(effect)
+                except Exception:
+                    log.exception("effect failed", effect=type(effect).__name__)
+        finally:
+            self._dispatching = False
+            self.processed += 1
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()
+        if isinstance(event, (RunnerStopped, RunnerExited, RunnerReady, RunnerLoadFailed)):
+            self._schedule_refresh()
+
+    def _execute(self, effect: Effect) -> None:
+        """Carry out one effect without blocking (slow work goes to a task)."""
+        if isinstance(effect, Grant):
+            fut = self._waiters.get(effect.req_id)
+            if fut is None or fut.done():
+                # The caller is gone (cancelled): give the slot straight back.
+                self.post(RequestFinished(req_id=effect.req_id))
+            else:
+                fut.set_result(effect.runner_id)
+        elif isinstance(effect, (Reject, Fail)):
+            fut = self._waiters.get(effect.req_id)
+            if fut is not None and not fut.done():
+                fut.set_exception(ApiError(effect.status, effect.message))
+            if isinstance(effect, Fail) or effect.status != 503:
+                log.info("request failed", req_id=effect.req_id, status=effect.status,
+                         error=effect.message)
+        elif isinstance(effect, Abort):
+            lease = self._leases.get(effect.req_id)
+            if lease is not None:
+                lease._abort(effect.message)
+        elif isinstance(effect, StartRunner):
+            self._start_runner(effect)
+        elif isinstance(effect, StopRunner):
+            self._stop_runner(effect)
+        else:  # pragma: no cover - a new effect type must be handled here
+            log.error("unknown effect", effect=repr(effect))
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ------------------------------------------------------------------ runners
+
+    def _launch_spec(self, eff: StartRunner) -> LaunchSpec:
+        o, p = eff.options, eff.placement
+        facts = self._facts.get(eff.model_key)
+        knobs = getattr(self.config, "fake_knobs", None) or {}
+        return LaunchSpec(
+            model_path=eff.model_key,
+            engine=getattr(self.config, "runner_engine", "llama"),
+            num_ctx=o.num_ctx,
+            parallel=eff.parallel,
+            n_gpu_layers=p.n_gpu_layers if p.gpus else 0,
+            main_gpu=p.main_gpu,
+            tensor_split=[float(x) for x in p.tensor_split] if len(p.tensor_split) > 1 else None,
+            split_mode="layer" if p.split_mode == "layer" else "none" if p.gpus else "layer",
+            flash_attention=o.flash_attention,
+            kv_cache_type=o.kv_cache_type or "f16",  # type: ignore[arg-type]
+            use_mmap=True if o.use_mmap is None else o.use_mmap,
+            num_thread=o.num_thread,
+            num_batch=o.num_batch,
+            embedding=bool(facts and facts.is_embedding_model),
+            grace_period=max(0.0, self.stop_grace - 1.0),
+            fake=msgspec.convert(knobs, FakeKnobs) if knobs else FakeKnobs(),
+        )
+
+    def _start_runner(self, eff: StartRunner) -> None:
+        env = child_env(self.probe.visible_devices(eff.placement.gpus))
+        proc = RunnerProcess(eff.runner_id, env=env, on_exit=self._on_runner_exit,
+                             argv=self._argv, clock=self._clock)
+        r = _Runner(eff.runner_id, eff.model_key, proc, self._records.get(eff.model_key), eff)
+        self._runners[eff.runner_id] = r
+        log.info("starting runner", runner_id=eff.runner_id, model=getattr(r.record, "name", None),
+                 gpus=list(eff.placement.gpus), num_ctx=eff.options.num_ctx,
+                 parallel=eff.parallel, n_gpu_layers=eff.placement.n_gpu_layers)
+        r.task = self._spawn(self._load(r), f"load-{eff.runner_id}")
+
+    async def _load(self, r: _Runner) -> None:
+        try:
+            spec = self._launch_spec(r.start_effect)
+            ready = await r.proc.start(spec, load_timeout=self.load_timeout)
+        except RunnerStartError as exc:
+            if not r.proc.stopping:     # a stop we asked for answers with RunnerStopped instead
+                log.warning("runner failed to load", runner_id=r.runner_id, reason=exc.reason,
+                            oom=exc.oom, kind=exc.kind, stderr=r.proc.stderr_tail()[-5:])
+                self.post(RunnerLoadFailed(runner_id=r.runner_id, reason=exc.reason,
+                                           oom=exc.oom or looks_oom(exc.reason)))
+            return
+        except Exception as exc:  # a bug here must still answer the scheduler
+            log.exception("runner start crashed", runner_id=r.runner_id)
+            asked = r.proc.stopping
+            await r.proc.stop(1.0)
+            if not asked:
+                self.post(RunnerLoadFailed(runner_id=r.runner_id, reason=str(exc)))
+            return
+        r.ready = ready
+        gpu_bytes, cpu_bytes = self._memory_report(r.start_effect, ready)
+        log.info("runner ready", runner_id=r.runner_id, pid=ready.pid, port=ready.port,
+                 n_ctx=ready.n_ctx_per_slot)
+        if r.proc.returncode is not None:
+            # Died between Ready and now: the exit watcher may have run and posted nothing.
+            await r.proc.wait_exited()
+            if not r.exit_posted and not r.proc.stopping:
+                r.exit_posted = True
+                self.post(RunnerExited(runner_id=r.runner_id, reason=r.proc.exit_reason()))
+            return
+        self.post(RunnerReady(runner_id=r.runner_id, pid=ready.pid, n_ctx=ready.n_ctx_per_slot,
+                              gpu_bytes=gpu_bytes, cpu_bytes=cpu_bytes))
+
+    def _memory_report(self, eff: StartRunner, ready: Ready) -> tuple[dict[str, int] | None,
+                                                                      int | None]:
+        """Ready.memory by Gpu.id. None when the report does not cover the placement's GPUs
+        (e.g. the FakeEngine on simulated GPUs): the scheduler keeps its estimate."""
+        if not ready.memory:
+            return None, None
+        gpus = eff.placement.gpus
+        gpu_bytes: dict[str, int] = {}
+        cpu = 0
+        for device, use in ready.memory.items():
+            if not _is_gpu_device(device):
+                cpu += use.total
+                continue
+            digits = "".join(ch for ch in device if ch.isdigit())
+            if device in gpus:
+                gid = device
+            elif digits and int(digits) < len(gpus):
+                gid = gpus[int(digits)]   # CUDA0.. index the (narrowed) placement list
+            else:
+                continue
+            gpu_bytes[gid] = gpu_bytes.get(gid, 0) + use.total
+        if gpus and not gpu_bytes:
+            return None, None
+        return gpu_bytes, cpu
+
+    def _on_runner_exit(self, proc: RunnerProcess, returncode: int) -> None:
+        """Exit watcher callback: an exit we did not ask for, after Ready, is a crash."""
+        r = self._runners.get(proc.runner_id)
+        if r is None or proc.stopping or r.ready is None or r.exit_posted:
+            return                # stop -> RunnerStopped; during load -> RunnerLoadFailed
+        r.exit_posted = True
+        reason = proc.exit_reason()
+        log.warning("runner exited unexpectedly", runner_id=proc.runner_id, pid=proc.pid,
+                    returncode=returncode, reason=reason)
+        for lease in self._leases.values():
+            if lease.runner_id == proc.runner_id:
+                lease._abort(reason)
+        self.post(RunnerExited(runner_id=proc.runner_id, reason=reason))
+
+    def _stop_runner(self, eff: StopRunner) -> None:
+        r = self._runners.get(eff.runner_id)
+        log.info("stopping runner", runner_id=eff.runner_id, reason=eff.reason,
+                 pid=r.proc.pid if r is not None else None)
+        self._spawn(self._stop(eff.runner_id, r), f"stop-{eff.runner_id}")
+
+    async def _stop(self, runner_id: str, r: _Runner | None) -> None:
+        if r is not None:
+            await r.proc.stop(self.stop_grace)
+            if r.task is not None:
+                await asyncio.gather(r.task, return_exceptions=True)
+            self._runners.pop(runner_id, None)
+        self.post(RunnerStopped(runner_id=runner_id))
+
+    def _release(self, lease: Lease) -> None:
+        self._leases.pop(lease.req_id, None)
+        self.post(RequestFinished(req_id=lease.req_id))
+
+    # ------------------------------------------------------------------ probes and facts
+
+    def _schedule_refresh(self) -> None:
+        if self._refreshing or self._closing:
+            return
+        self._refreshing = True
+        self._spawn(self._refresh_loop(), "inventory-refresh")
+
+    async def _refresh_loop(self) -> None:
+        """Post fresh readings now, then every REFRESH_INTERVAL while memory is being reclaimed."""
+        try:
+            while not self._closing:
+                try:
+                    inventory: Inventory = await self.probe.refresh()
+                except Exception:
+                    log.exception("probe refresh failed")
+                    return
+                self.post(InventoryUpdated(inventory=inventory))
+                await self.wait_processed()
+                if not self.snapshot().reclaiming:
+                    return
+                await asyncio.sleep(REFRESH_INTERVAL)
+        finally:
+            self._refreshing = False
+
+    async def _model_facts(self, model: ModelLike, model_key: str) -> ModelFacts:
+        facts = self._facts.get(model_key)
+        if facts is not None:
+            return facts
+        try:
+            info = await gguf_info.read_info_async(model_key)
+            size = os.path.getsize(model_key)
+        except FileNotFoundError as exc:
+            raise ApiError(404, f'model "{model.name}" not found, try pulling it first') from exc
+        except Exception as exc:
+            raise ApiError(500, f"unable to load model: {model_key}: {exc}: this model may be "
+                                "incompatible with your version of corral. If you previously "
+                                f"pulled this model, try updating it by running `ollama pull "
+                                f"{model.name}`") from exc
+        facts = facts_from_info(info, size)
+        self._facts[model_key] = facts
+        return facts
+
+
+__all__ = ["Lease", "Supervisor", "facts_from_info", "rfc3339_local", "runner_options"]

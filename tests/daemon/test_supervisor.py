@@ -1,0 +1,445 @@
+"""Supervisor acceptance: real FakeEngine runner processes, simulated GPUs, the real Scheduler.
+
+Tests wait on supervisor events (``wait_until`` / ``wait_processed``), never on sleeps; every
+wait is wrapped in a wall-clock safety net only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from corral.daemon.api.errors import QUEUE_FULL, ApiError
+from corral.daemon.config import Config, SimulatedGpu
+from corral.daemon.gpu import SimulatedProbe
+from corral.daemon.supervisor import Lease, Supervisor, rfc3339_local, runner_options
+from corral.runner import protocol
+from corral.scheduler import ModelFacts
+
+GiB = 1 << 30
+SAFETY = float(os.environ.get("TEST_SAFETY", "30"))
+HOST = (64 * GiB, 48 * GiB)
+
+
+@dataclass
+class Model:
+    """A ModelRecord stand-in: what acquire() reads."""
+
+    name: str
+    model_path: Path
+    digest: str = "0" * 64
+    parameters: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=lambda: {
+        "parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
+        "parameter_size": "0.2M", "quantization_level": "F32"})
+
+
+def pid_alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# A runner that writes an error line and dies on SIGUSR1 (a CUDA fault stand-in); otherwise the
+# real `python -m corral.runner`.
+CRASHY_RUNNER = (sys.executable, "-c", (
+    "import os, signal, sys\n"
+    "def boom(*_):\n"
+    "    os.write(2, b'CUDA error: an illegal memory access was encountered\\n')\n"
+    "    os._exit(134)\n"
+    "signal.signal(signal.SIGUSR1, boom)\n"
+    "from corral.runner.__main__ import main\n"
+    "code = main()\n"
+    "sys.stderr.flush()\n"
+    "os._exit(code)\n"))
+SILENT_RUNNER = (sys.executable, "-c", "import sys, time; sys.stdin.readline(); time.sleep(60)")
+
+
+def config(**kw: Any) -> Config:
+    knobs = kw.pop("fake_knobs", {})
+    base: dict[str, Any] = dict(
+        runner_engine="fake",
+        simulate_gpus=(SimulatedGpu(id="0", total=24 * GiB, free=24 * GiB, name="Sim 24G"),),
+        fake_knobs={"load_time": 0.0, "tokens_per_second": 200.0, **knobs},
+        keep_alive=300.0,
+        load_timeout=20.0,
+    )
+    base.update(kw)
+    return Config(**base)
+
+
+@pytest.fixture
+def models(tiny_gguf_factory: Callable[[int], Path]) -> Callable[[int], Model]:
+    def make(i: int = 0) -> Model:
+        return Model(name=f"tiny{i}:latest", model_path=tiny_gguf_factory(i),
+                     digest=f"{i:064x}")
+    return make
+
+
+@pytest.fixture
+async def make_sup() -> AsyncIterator[Callable[..., Any]]:
+    made: list[Supervisor] = []
+
+    async def make(cfg: Config | None = None, **kw: Any) -> Supervisor:
+        cfg = cfg or config()
+        kw.setdefault("stop_grace", 2.0)
+        kw.setdefault("drain_timeout", 1.0)
+        sup = Supervisor(cfg, probe=SimulatedProbe(cfg.simulate_gpus, host=HOST), **kw)
+        await sup.start()
+        made.append(sup)
+        return sup
+
+    yield make
+    for sup in made:
+        await asyncio.wait_for(sup.close(), SAFETY)
+        for r in sup._runners.values():
+            assert not pid_alive(r.proc.pid), "a runner outlived the supervisor"
+
+
+async def until(sup: Supervisor, pred: Callable[[], bool], timeout: float = SAFETY) -> None:
+    await asyncio.wait_for(sup.wait_until(pred), timeout)
+
+
+def loaded(sup: Supervisor) -> list[str]:
+    return [v.runner_id for v in sup.snapshot().runners]
+
+
+async def acquire(sup: Supervisor, model: Model, **kw: Any) -> Lease:
+    kw.setdefault("options", {})
+    kw.setdefault("keep_alive", None)
+    return await asyncio.wait_for(
+        sup.acquire(model, kw.pop("options"), kw.pop("keep_alive"), **kw), SAFETY)
+
+
+# ------------------------------------------------------------------------------------ basics
+
+async def test_acquire_loads_grants_and_serves_http(make_sup, models):
+    sup = await make_sup()
+    m = models(0)
+    async with await acquire(sup, m) as lease:
+        assert lease.base_url.startswith("http://127.0.0.1:")
+        assert lease.n_ctx == 4096                       # CPU-tier default, clamped to n_ctx_train
+        assert lease.load_duration > 0
+        async with lease.session.get(f"{lease.base_url}/health") as resp:
+            assert resp.status == 200
+        body = protocol.CompletionRequest(prompt="hi", options=protocol.SamplingOptions(
+            num_predict=3), stream=False)
+        async with lease.session.post(f"{lease.base_url}/completion",
+                                      data=protocol.encode(body)) as resp:
+            assert resp.status == 200
+            lines = [protocol.decode_completion_event(x) for x in (await resp.read()).splitlines()
+                     if x.strip()]
+        assert isinstance(lines[-1], protocol.CompletionDone) and lines[-1].eval_count == 3
+        assert sup.snapshot().in_flight == 1
+        assert lease.failure_reason() is None
+    await sup.wait_processed()
+    assert sup.snapshot().in_flight == 0
+    # The same model is served by the same runner without a reload.
+    async with await acquire(sup, m) as lease2:
+        assert lease2.runner_id == lease.runner_id
+        assert lease2.load_duration < lease.load_duration + 1
+
+
+async def test_lease_release_is_exactly_once_also_on_exceptions(make_sup, models):
+    sup = await make_sup()
+    with pytest.raises(RuntimeError):
+        async with await acquire(sup, models(0)) as lease:
+            raise RuntimeError("handler bug")
+    lease.release()
+    lease.release()
+    await sup.wait_processed()
+    assert sup.snapshot().in_flight == 0
+
+
+async def test_ps_rows_have_ollamas_fields_and_our_extras(make_sup, models):
+    sup = await make_sup()
+    async with await acquire(sup, models(0), keep_alive=120.0) as lease:
+        rows = sup.ps()
+        assert [list(r)[:8] for r in rows] == [["name", "model", "size", "digest", "details",
+                                               "expires_at", "size_vram", "context_length"]]
+        row = rows[0]
+        assert row["name"] == row["model"] == "tiny0:latest"
+        assert row["digest"] == f"{0:064x}"
+        assert row["context_length"] == 4096
+        assert row["state"] == "ready" and row["in_flight"] == 1 and row["queued"] == 0
+        assert row["num_parallel"] == 1
+        assert row["pid"] == sup.runner_process(lease.runner_id).pid
+        assert row["size"] >= row["size_vram"] > 0
+        assert row["gpus"] == [{"id": "0", "name": "Sim 24G", "vram": row["size_vram"]}]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?[+-]\d\d:\d\d",
+                            row["expires_at"])
+    await sup.wait_processed()
+    # Idle: expires about keep-alive from now; longest-lived first.
+    async with await acquire(sup, models(1), keep_alive=math.inf):
+        pass
+    await sup.wait_processed()
+    names = [r["name"] for r in sup.ps()]
+    assert names == ["tiny1:latest", "tiny0:latest"]
+    assert sup.ps()[0]["expires_at"].startswith(("22", "23"))   # "forever" is ~292 years out
+
+
+def test_rfc3339_local_trims_zeros_and_has_offset():
+    text = rfc3339_local(1_700_000_000.5)
+    assert re.fullmatch(r"2023-11-\d\dT\d\d:\d\d:20\.5[+-]\d\d:\d\d", text)
+    assert "." not in rfc3339_local(1_700_000_000.0)
+
+
+def test_runner_options_follow_ollamas_auto_rules():
+    facts = ModelFacts(architecture="llama", file_size=1, block_count=2)
+    auto = runner_options({}, context_length=0, default_ctx=32768, facts=facts)
+    assert (auto.num_ctx, auto.num_ctx_auto, auto.num_batch, auto.num_batch_auto) == (
+        32768, True, 512, True)
+    env = runner_options({}, context_length=8192, default_ctx=32768, facts=facts)
+    assert (env.num_ctx, env.num_ctx_auto) == (8192, False)
+    explicit = runner_options({"num_ctx": 2.0, "num_batch": 128, "num_gpu": 0}, context_length=0,
+                              default_ctx=4096, facts=facts)
+    assert (explicit.num_ctx, explicit.num_ctx_auto, explicit.num_batch, explicit.num_gpu) == (
+        4, False, 128, 0)
+    vision = runner_options({"num_ctx": 128}, context_length=0, default_ctx=4096,
+                            facts=msgspec.structs.replace(facts, has_vision=True))
+    assert vision.num_ctx == 2048
+    with pytest.raises(ApiError) as ei:
+        runner_options({"num_ctx": "big"}, context_length=0, default_ctx=4096, facts=facts)
+    assert ei.value.status == 400
+
+
+async def test_missing_blob_is_404_and_closed_supervisor_is_503(make_sup, models, tmp_path):
+    sup = await make_sup()
+    with pytest.raises(ApiError) as ei:
+        await acquire(sup, Model(name="gone:latest", model_path=tmp_path / "nope.gguf"))
+    assert ei.value.status == 404
+    assert ei.value.message == 'model "gone:latest" not found, try pulling it first'
+    await sup.close()
+    with pytest.raises(ApiError) as ei:
+        await acquire(sup, models(0))
+    assert ei.value.status == 503
+
+
+# ------------------------------------------------------------------------- scheduler behaviour
+
+async def test_max_loaded_models_evicts_the_idle_runner(make_sup, models):
+    sup = await make_sup(config(max_loaded_models=1))
+    async with await acquire(sup, models(0)) as a:
+        pid_a = sup.runner_process(a.runner_id).pid
+    async with await acquire(sup, models(1)) as b:
+        assert b.runner_id != a.runner_id
+        assert loaded(sup) == [b.runner_id]
+        assert not pid_alive(pid_a)
+    assert [r["name"] for r in sup.ps()] == ["tiny1:latest"]
+
+
+async def test_max_loaded_models_waits_for_a_busy_runner(make_sup, models):
+    sup = await make_sup(config(max_loaded_models=1))
+    a = await acquire(sup, models(0))
+    waiter = asyncio.create_task(sup.acquire(models(1), {}, None))
+    await until(sup, lambda: sup.snapshot().queued == 1)
+    assert not waiter.done()                    # nobody is killed with a request in flight
+    pid_a = sup.runner_process(a.runner_id).pid
+    assert pid_alive(pid_a)
+    a.release()
+    async with await asyncio.wait_for(waiter, SAFETY) as b:
+        assert b.runner_id != a.runner_id
+        assert not pid_alive(pid_a)
+
+
+async def test_keep_alive_expiry_stops_the_process(make_sup, models):
+    sup = await make_sup()
+    async with await acquire(sup, models(0), keep_alive=0.3) as lease:
+        pid = sup.runner_process(lease.runner_id).pid
+    t0 = time.monotonic()
+    await until(sup, lambda: not loaded(sup))
+    assert time.monotonic() - t0 >= 0.2
+    assert not pid_alive(pid)
+    assert sup.ps() == []
+
+
+async def test_keep_alive_zero_unloads_when_idle(make_sup, models):
+    sup = await make_sup()
+    async with await acquire(sup, models(0), keep_alive=0.0) as lease:
+        pid = sup.runner_process(lease.runner_id).pid
+        await sup.wait_processed()
+        assert loaded(sup) == [lease.runner_id]  # busy: not stopped under the request
+    await until(sup, lambda: not loaded(sup))
+    assert not pid_alive(pid)
+
+
+async def test_unload_stops_an_idle_runner(make_sup, models):
+    sup = await make_sup()
+    m = models(0)
+    async with await acquire(sup, m, keep_alive=math.inf) as lease:
+        pid = sup.runner_process(lease.runner_id).pid
+    await sup.unload(m)
+    await until(sup, lambda: not loaded(sup))
+    assert not pid_alive(pid)
+    await sup.unload(m)                          # not loaded: a no-op
+    await sup.wait_processed()
+
+
+async def test_max_queue_rejects_with_ollamas_503_text(make_sup, models):
+    sup = await make_sup(config(max_queue=1))
+    m = models(0)
+    held = await acquire(sup, m)                 # loaded model, its only slot busy
+    second = asyncio.create_task(sup.acquire(m, {}, None))
+    await until(sup, lambda: sup.snapshot().queued == 1)
+    with pytest.raises(ApiError) as ei:
+        await acquire(sup, m)
+    assert (ei.value.status, ei.value.message) == (503, QUEUE_FULL)
+    held.release()
+    async with await asyncio.wait_for(second, SAFETY) as lease:
+        assert lease.runner_id == held.runner_id
+
+
+async def test_cancelled_while_queued_frees_its_queue_place(make_sup, models):
+    sup = await make_sup(config(max_queue=1))
+    m = models(0)
+    held = await acquire(sup, m)
+    queued = asyncio.create_task(sup.acquire(m, {}, None))
+    await until(sup, lambda: sup.snapshot().queued == 1)
+    queued.cancel()                              # the client went away
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    await until(sup, lambda: sup.snapshot().queued == 0)
+    again = asyncio.create_task(sup.acquire(m, {}, None))   # the place is free again
+    await until(sup, lambda: sup.snapshot().queued == 1)
+    held.release()
+    async with await asyncio.wait_for(again, SAFETY):
+        assert sup.snapshot().in_flight == 1
+    await sup.wait_processed()
+    assert sup.snapshot().in_flight == 0
+
+
+async def test_num_parallel_grants_concurrent_slots(make_sup, models):
+    sup = await make_sup(config(num_parallel=2))
+    m = models(0)
+    a = await acquire(sup, m)
+    b = await acquire(sup, m)
+    assert a.runner_id == b.runner_id
+    assert sup.ps()[0]["num_parallel"] == 2 and sup.ps()[0]["in_flight"] == 2
+    third = asyncio.create_task(sup.acquire(m, {}, None))
+    await until(sup, lambda: sup.snapshot().queued == 1)
+    b.release()
+    async with await asyncio.wait_for(third, SAFETY) as c:
+        assert c.runner_id == a.runner_id
+    a.release()
+
+
+async def test_num_ctx_change_reloads(make_sup, models):
+    sup = await make_sup()
+    m = models(0)
+    async with await acquire(sup, m, options={"num_ctx": 512}) as a:
+        assert a.n_ctx == 512
+        pid_a = sup.runner_process(a.runner_id).pid
+    async with await acquire(sup, m, options={"num_ctx": 512}) as same:
+        assert same.runner_id == a.runner_id
+    async with await acquire(sup, m, options={"num_ctx": 1024}) as b:
+        assert b.runner_id != a.runner_id and b.n_ctx == 1024
+    await until(sup, lambda: loaded(sup) == [b.runner_id])
+    assert not pid_alive(pid_a)
+
+
+async def test_sigkill_mid_request_fails_it_and_the_next_acquire_reloads(make_sup, models):
+    sup = await make_sup()
+    m = models(0)
+    lease = await acquire(sup, m)
+    pid = sup.runner_process(lease.runner_id).pid
+    os.kill(pid, signal.SIGKILL)
+    reason = await asyncio.wait_for(lease.wait_failure(), SAFETY)
+    assert reason is not None
+    assert reason.startswith("llama runner process has terminated: signal: killed")
+    await asyncio.wait_for(lease.aborted.wait(), SAFETY)
+    await until(sup, lambda: lease.runner_id not in loaded(sup))
+    lease.release()                              # late release after the crash: harmless
+    async with await acquire(sup, m) as again:
+        assert again.runner_id != lease.runner_id
+        assert sup.runner_process(again.runner_id).pid != pid
+    await sup.wait_processed()
+    assert sup.snapshot().in_flight == 0
+
+
+async def test_crash_error_carries_the_runners_last_stderr_line(make_sup, models):
+    sup = await make_sup(runner_argv=CRASHY_RUNNER)
+    lease = await acquire(sup, models(0))
+    os.kill(sup.runner_process(lease.runner_id).pid, signal.SIGUSR1)
+    reason = await asyncio.wait_for(lease.wait_failure(), SAFETY)
+    assert reason == ("llama runner process has terminated: exit status 134: "
+                      "CUDA error: an illegal memory access was encountered")
+    assert lease.failure() == reason
+    lease.release()
+
+
+async def test_crash_while_streaming_breaks_the_stream(make_sup, models):
+    sup = await make_sup(config(fake_knobs={"crash_after_tokens": 3}))
+    async with await acquire(sup, models(0)) as lease:
+        body = protocol.CompletionRequest(prompt="hi", options=protocol.SamplingOptions(
+            num_predict=50))
+        import aiohttp
+        with pytest.raises((aiohttp.ClientError, ConnectionError)):
+            async with lease.session.post(f"{lease.base_url}/completion",
+                                          data=protocol.encode(body)) as resp:
+                async for _ in resp.content:
+                    pass
+                raise ConnectionError("stream ended without done")
+        reason = await asyncio.wait_for(lease.wait_failure(), SAFETY)
+        assert reason is not None and reason.startswith(
+            "llama runner process has terminated: exit status 1")
+
+
+async def test_load_failure_with_oom_is_a_500_with_the_runners_message(make_sup, models):
+    sup = await make_sup(config(fake_knobs={"fail_load_oom": True}))
+    with pytest.raises(ApiError) as ei:
+        await acquire(sup, models(0))
+    assert ei.value.status == 500
+    assert "out of memory" in ei.value.message
+    await until(sup, lambda: not loaded(sup))
+    assert sup.snapshot().queued == 0
+
+
+async def test_stall_timeout_fails_the_load(make_sup, models):
+    sup = await make_sup(config(load_timeout=0.5), runner_argv=SILENT_RUNNER)
+    t0 = time.monotonic()
+    with pytest.raises(ApiError) as ei:
+        await acquire(sup, models(0))
+    assert 0.4 < time.monotonic() - t0 < 10
+    assert ei.value.status == 500
+    assert "timed out waiting for llama runner to start" in ei.value.message
+    await until(sup, lambda: not loaded(sup))
+
+
+async def test_runner_ignoring_sigterm_is_killed_after_the_grace(make_sup, models):
+    sup = await make_sup(config(fake_knobs={"ignore_sigterm": True}), stop_grace=0.5)
+    async with await acquire(sup, models(0), keep_alive=0.0) as lease:
+        proc = sup.runner_process(lease.runner_id)
+    t0 = time.monotonic()
+    await until(sup, lambda: not loaded(sup))
+    assert 0.4 < time.monotonic() - t0 < 10
+    assert proc.returncode == -signal.SIGKILL
+    assert not pid_alive(proc.pid)
+
+
+async def test_cancel_during_load_leaves_no_queued_request(make_sup, models):
+    sup = await make_sup(config(fake_knobs={"load_time": 0.5}))
+    m = models(0)
+    task = asyncio.create_task(sup.acquire(m, {}, None))
+    await until(sup, lambda: bool(loaded(sup)))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await until(sup, lambda: sup.snapshot().queued == 0 and sup.snapshot().in_flight == 0)
+    async with await acquire(sup, m):            # the load went on; the next request uses it
+        pass
