@@ -424,7 +424,10 @@ class Supervisor:
         if self._session is not None:
             await self._session.close()
         log.info("supervisor shutting down", shutdown_step="close_probe")
-        self.probe.close()                                    # 5. close NVML
+        if getattr(self.probe, "blocking", False):            # 5. close NVML
+            await asyncio.to_thread(self.probe.close)
+        else:
+            self.probe.close()
         log.info("supervisor stopped")
 
     # ------------------------------------------------------------------ public API
@@ -441,7 +444,7 @@ class Supervisor:
             raise RuntimeError("Supervisor.start() was not called")
         if self._closing:
             raise ApiError(503, SHUTTING_DOWN_MESSAGE)
-        t0 = self._clock()
+        t0 = time.monotonic()
         if model.model_path is None:
             raise ApiError(400, f'"{model.name}" does not support generate')
         model_key = str(model.model_path)
@@ -473,7 +476,7 @@ class Supervisor:
             self.post(RequestFinished(req_id=req_id))
             raise ApiError(500, "runner is not available")
         lease = Lease(self, req_id, runner_id, f"http://127.0.0.1:{ready.port}",
-                      ready.n_ctx_per_slot, self._clock() - t0, self.session, r.proc)
+                      ready.n_ctx_per_slot, time.monotonic() - t0, self.session, r.proc)
         self._leases[req_id] = lease
         return lease
 
@@ -546,6 +549,10 @@ class Supervisor:
         return wall, row
 
     # ------------------------------------------------------------------ test hooks
+
+    def tick(self) -> None:
+        """Re-evaluate deadlines now (tests with a fake clock call this after advancing it)."""
+        self.post(Tick())
 
     async def wait_processed(self) -> None:
         """Block until every event posted so far has been dispatched."""
@@ -666,8 +673,9 @@ class Supervisor:
 
     def _start_runner(self, eff: StartRunner) -> None:
         env = child_env(self.probe.visible_devices(eff.placement.gpus))
+        # Stall timeouts are about a real process: real time, whatever the scheduler's clock.
         proc = RunnerProcess(eff.runner_id, env=env, on_exit=self._on_runner_exit,
-                             argv=self._argv, clock=self._clock)
+                             argv=self._argv)
         r = _Runner(eff.runner_id, eff.model_key, proc, self._records.get(eff.model_key), eff)
         self._runners[eff.runner_id] = r
         log.info("starting runner", runner_id=eff.runner_id, model=getattr(r.record, "name", None),

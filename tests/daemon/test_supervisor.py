@@ -443,3 +443,41 @@ async def test_cancel_during_load_leaves_no_queued_request(make_sup, models):
     await until(sup, lambda: sup.snapshot().queued == 0 and sup.snapshot().in_flight == 0)
     async with await acquire(sup, m):            # the load went on; the next request uses it
         pass
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_keep_alive_deadline_follows_the_injected_clock(make_sup, models):
+    clock = FakeClock()
+    sup = await make_sup(clock=clock)
+    async with await acquire(sup, models(0), keep_alive=60.0) as lease:
+        pid = sup.runner_process(lease.runner_id).pid
+    await sup.wait_processed()
+    clock.now += 59.0
+    sup.tick()
+    await sup.wait_processed()
+    assert loaded(sup) == [lease.runner_id]
+    assert sup.ps()[0]["state"] == "ready"
+    clock.now += 2.0
+    sup.tick()
+    await until(sup, lambda: not loaded(sup))
+    assert not pid_alive(pid)
+
+
+async def test_runtime_out_of_memory_unloads_every_runner_once_idle(make_sup, models):
+    sup = await make_sup()
+    async with await acquire(sup, models(0), keep_alive=math.inf) as a:
+        pid_a = sup.runner_process(a.runner_id).pid
+    async with await acquire(sup, models(1), keep_alive=math.inf) as b:
+        pid_b = sup.runner_process(b.runner_id).pid
+        sup.report_out_of_memory(b)
+        await sup.wait_processed()
+        assert b.runner_id in loaded(sup)          # busy: it finishes first
+    await until(sup, lambda: not loaded(sup))
+    assert not pid_alive(pid_a) and not pid_alive(pid_b)
