@@ -60,7 +60,9 @@ async def run(config: Config, ready: Callable[[str], Awaitable[None] | None] | N
     supervisor = Supervisor(config, store, probe)
     await supervisor.start()
     app = make_app(config, store, supervisor)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+    # handler_cancellation: a client that goes away cancels its handler, so a request waiting
+    # in the scheduler queue leaves it at once and a stream frees its slot.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,
                            shutdown_timeout=STREAM_DRAIN)
     try:
         await runner.setup()

@@ -105,6 +105,8 @@ def start_daemon(tmp_path: Path, **env_overrides: str) -> Iterator[Daemon]:
         pids = d.runner_pids()
         rc = d.stop()
         t.join(5)
+        if proc.stderr is not None:
+            proc.stderr.close()
         assert rc == 0, f"daemon exited {rc}:\n{d.log_text()[-4000:]}"
         # No runner process may outlive the daemon.
         assert not [p for p in pids if pid_alive(p)]

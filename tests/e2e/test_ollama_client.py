@@ -26,8 +26,9 @@ def daemon(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(daemon) -> ollama.Client:
-    return ollama.Client(host=daemon.url)
+def client(daemon):
+    with ollama.Client(host=daemon.url) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_unknown_model_is_404(client):
     with pytest.raises(ollama.ResponseError) as err:
         client.generate(model="nope", prompt="x")
     assert err.value.status_code == 404
-    assert 'model "nope" not found' in err.value.error
+    assert err.value.error == "model 'nope' not found"  # generate's text (single quotes)
 
 
 def test_bad_bodies_keep_store_unchanged(daemon, tiny):
@@ -152,4 +153,5 @@ def test_bad_bodies_keep_store_unchanged(daemon, tiny):
         assert isinstance(payload.get("error"), str) and payload["error"], (path, payload)
     assert tree() == before
     # and the daemon still serves
-    assert ollama.Client(host=daemon.url).list().models
+    with ollama.Client(host=daemon.url) as c:
+        assert c.list().models

@@ -19,15 +19,16 @@ def daemon(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e-openai")
     with start_daemon(tmp) as d:
         path = write_tiny_llama(tmp / "tiny.gguf", seed=2)
-        c = ollama.Client(host=d.url)
-        digest = c.create_blob(path)
-        c.create(model="tiny", files={"tiny.gguf": digest})
+        with ollama.Client(host=d.url) as c:
+            digest = c.create_blob(path)
+            c.create(model="tiny", files={"tiny.gguf": digest})
         yield d
 
 
 @pytest.fixture(scope="module")
-def oai(daemon) -> openai.OpenAI:
-    return openai.OpenAI(base_url=daemon.url + "/v1", api_key="corral")
+def oai(daemon):
+    with openai.OpenAI(base_url=daemon.url + "/v1", api_key="corral") as c:
+        yield c
 
 
 def test_models(oai):
