@@ -351,6 +351,7 @@ class Supervisor:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
         )
         self._owner = asyncio.create_task(self._run(), name="supervisor")
+        self._owner.add_done_callback(self._owner_done)
         log.info("supervisor started", gpus=len(inventory.gpus), default_num_ctx=self._default_ctx,
                  max_loaded=self._limits.max_loaded, num_parallel=self._limits.num_parallel,
                  max_queue=self._limits.max_queue)
@@ -587,6 +588,16 @@ class Supervisor:
                 continue
             if not await wait_event(self._wake, timeout):
                 self._dispatch(Tick())
+
+    def _owner_done(self, task: asyncio.Task[None]) -> None:
+        """The owner task ended: if it crashed, nobody may wait for it forever."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("supervisor loop crashed", error=repr(task.exception()))
+        self._closing = True
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(ApiError(500, "internal scheduler error"))
 
     def _dispatch(self, event: Event) -> None:
         sched = self._sched
