@@ -93,6 +93,7 @@ from .types import (
 )
 
 _MMAP_HOST_MARGIN = 8_000_000_000  # Ollama's host-pressure margin: max(8 GB, total / 10)
+_ALL = "all"  # a claim on everything: the model must load alone
 
 
 @dataclass(slots=True, eq=False)
@@ -115,6 +116,7 @@ class _Waiting:
     ctx_override: int | None = None
     evict_all: bool = False
     blocked_at: int = -1  # ledger version at which the head could not be placed
+    claim: object = None  # what it waits for then: a Placement, or _ALL
 
 
 @dataclass(slots=True, eq=False)
@@ -201,6 +203,12 @@ class Scheduler:
         self._version = 0  # bumps on any change to runners, memory or inventory
         self._rooms_cache: tuple[int, list, int] | None = None
         self._closing = False
+        # Claims of the current decision pass (see _add_claim).
+        self._claimed = False
+        self._claim_all = False
+        self._claim_slots = 0
+        self._claim_gpu: dict[str, int] = {}
+        self._claim_host = 0
 
     # -- public API --------------------------------------------------------------------------
 
@@ -564,6 +572,11 @@ class Scheduler:
     # -- the decision pass -------------------------------------------------------------------
 
     def _pump(self, now: float, out: list[Effect]) -> None:
+        self._claimed = False
+        self._claim_all = False
+        self._claim_slots = 0
+        self._claim_gpu = {}
+        self._claim_host = 0
         # 1. Expiry of reservations and idle runners.
         for rid in [rid for rid, c in self._reclaims.items() if c.deadline <= now]:
             del self._reclaims[rid]
@@ -615,16 +628,20 @@ class Scheduler:
         return msgspec.structs.replace(opts, num_ctx=num_ctx)
 
     def _load(self, w: _Waiting, head: _Req, now: float, out: list[Effect]) -> None:
-        if self._closing or w.blocked_at == self._version:
+        if self._closing:
+            return
+        if w.blocked_at == self._version:
+            self._add_claim(w.claim)  # nothing changed since it was last found blocked
             return
         key = w.key
-        others = [o for o in self._runners.values()]
+        others = list(self._runners.values())
         if w.evict_all:
+            # 3. Retry after an out-of-memory load: alone, once everything else is gone.
             if others or self._reclaims:
                 for o in others:
                     if o.state == "ready" and not o.expiring:
                         self._retire(o, "evicted", now, out)
-                w.blocked_at = self._version
+                self._block(w, _ALL)
                 return
             w.evict_all = False
         opts = self._launch_options(w, head)
@@ -634,9 +651,12 @@ class Scheduler:
                                                  for g in self.inventory.gpus)
         est = estimate(facts, opts, parallel, metal=metal)
         alone = not others and not self._reclaims
-        slot_free = len(self._runners) < self.max_loaded
+        if self._claim_all:
+            return  # an earlier model waits to load alone: no new loads before it
+        slot_free = len(self._runners) + self._claim_slots < self.max_loaded
+        reason = "slot"
         if slot_free:
-            rooms, host_usable = self._rooms()
+            rooms, host_usable = self._claimed_rooms()
             p = place(est, opts, rooms, host_usable, spread=self.limits.sched_spread,
                       allow_partial=alone)
             if isinstance(p, Placement):
@@ -648,33 +668,73 @@ class Scheduler:
                                    p.message or "model does not fit in available memory", out)
                 return
             reason = p.reason
-        else:
-            reason = "slot"
+        if self._claimed:
+            # An earlier model is already waiting for memory; do not evict on top of it.
+            return
         # 2d. Evict until the model would fit once the victims are gone.
+        # Victim order: idle before busy; idle by soonest deadline then least recently used,
+        # busy by shortest keep-alive then least recently used. Short of GPU memory, runners
+        # holding GPU memory go first (a CPU runner only goes so the model can load alone).
         victims = sorted(
             (o for o in others if o.state == "ready" and not o.expiring),
-            key=lambda o: (bool(o.in_flight),
-                           o.deadline if o.deadline is not None and not o.in_flight else
-                           (o.keep_alive if o.in_flight else math.inf),
+            key=lambda o: (reason == "gpu" and not o.placement.gpus,
+                           bool(o.in_flight),
+                           o.keep_alive if o.in_flight else
+                           (o.deadline if o.deadline is not None else math.inf),
                            o.last_used),
         )
+        prospect = self._prospect(est, opts)
         for v in victims:
-            if self._would_fit(est, opts):
+            if prospect is not None:
                 break
-            if reason == "gpu" and not v.placement.gpus:
-                continue  # a CPU runner frees no GPU memory
             self._retire(v, "evicted", now, out)
-        w.blocked_at = self._version
+            prospect = self._prospect(est, opts)
+        self._block(w, prospect if isinstance(prospect, Placement) else _ALL)
 
-    def _would_fit(self, est, opts: RunnerOptions) -> bool:
+    def _block(self, w: _Waiting, claim) -> None:
+        """``w`` waits for memory or a slot: remember what it will take, and claim it now."""
+        w.blocked_at = self._version
+        w.claim = claim
+        self._add_claim(claim)
+
+    def _add_claim(self, claim) -> None:
+        """Later models in this pass may not start loads that take what ``claim`` waits for."""
+        self._claimed = True
+        if claim is _ALL or claim is None:
+            self._claim_all = True
+            return
+        self._claim_slots += 1
+        for g, b in zip(claim.gpus, claim.gpu_bytes):
+            self._claim_gpu[g] = self._claim_gpu.get(g, 0) + b
+        self._claim_host += claim.cpu_bytes
+
+    def _claimed_rooms(self) -> tuple[list, int]:
+        """Current rooms minus what earlier blocked models will take beyond pending releases."""
+        rooms, host_usable = self._rooms()
+        if not self._claimed:
+            return rooms, host_usable
+        reserved = self._reserved_gpu()
+        kept = self._reserved_gpu(exclude_pending=True)
+        adjusted = []
+        for g, u in rooms:
+            pending = reserved.get(g.id, 0) - kept.get(g.id, 0)
+            adjusted.append((g, max(0, u - max(0, self._claim_gpu.get(g.id, 0) - pending))))
+        pending_host = self._reserved_host() - self._reserved_host(exclude_pending=True)
+        return adjusted, max(0, host_usable - max(0, self._claim_host - pending_host))
+
+    def _prospect(self, est, opts: RunnerOptions):
+        """Where the model would go once every expiring runner and reclaim is gone:
+        a Placement, ``_ALL`` (only alone, everything else must go) or None (not even then)."""
         pending = sum(1 for r in self._runners.values() if r.expiring)
         if len(self._runners) - pending >= self.max_loaded:
-            return False
+            return None
         rooms, host_usable = self._rooms(prospective=True)
         alone = all(r.expiring for r in self._runners.values())
         p = place(est, opts, rooms, host_usable, spread=self.limits.sched_spread,
                   allow_partial=alone)
-        return isinstance(p, Placement) or alone
+        if isinstance(p, Placement):
+            return p
+        return _ALL if alone else None
 
     def _start(self, w: _Waiting, head: _Req, opts: RunnerOptions, est, p: Placement,
                parallel: int, rooms: list, now: float, out: list[Effect]) -> None:
