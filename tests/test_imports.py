@@ -1,0 +1,158 @@
+"""Import directions (docs/DESIGN.md, shared/STYLE.md), checked by parsing every module.
+
+Allowed: ``daemon -> scheduler``, ``daemon -> runner.protocol``, ``runner.* -> runner.*``.
+``scheduler`` imports nothing of ours and only stdlib + msgspec, and none of the stdlib modules
+that mean I/O, clock, environment, concurrency or logging. ``daemon`` never imports
+``runner.engine`` / ``runner.fake`` / ``runner.server`` / ``runner.__main__``. Only
+``runner/engine.py`` imports ``llama_cpp``; ``runner/protocol.py`` needs nothing but msgspec.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = {"daemon": "corral.daemon", "runner": "corral.runner", "scheduler": "corral.scheduler"}
+
+# Stdlib modules the pure scheduler must not use: I/O, clock, environment, processes,
+# concurrency, logging (time is an argument; the supervisor does the rest).
+SCHEDULER_FORBIDDEN_STDLIB = {
+    "asyncio", "concurrent", "datetime", "io", "logging", "multiprocessing", "os", "pathlib",
+    "random", "select", "selectors", "shutil", "signal", "socket", "subprocess", "sys",
+    "tempfile", "threading", "time",
+}
+
+
+def _modules() -> list[tuple[str, Path]]:
+    out = []
+    for folder, pkg in PACKAGES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(ROOT / folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            out.append((".".join([pkg, *parts]), path))
+    return out
+
+
+def _imports(module: str, path: Path) -> list[tuple[str, int]]:
+    """Absolute names imported by ``module`` (relative imports resolved), with line numbers."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    is_pkg = path.name == "__init__.py"
+    package = module if is_pkg else module.rpartition(".")[0]
+    names: list[tuple[str, int]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                if node.level > 1:
+                    base = base[: len(base) - (node.level - 1)]
+                base_name = ".".join(base)
+                target = f"{base_name}.{node.module}" if node.module else base_name
+            else:
+                target = node.module or ""
+            names.append((target, node.lineno))
+            # "from . import engine" / "from corral.runner import engine" may name submodules
+            names += [(f"{target}.{a.name}", node.lineno) for a in node.names if a.name != "*"]
+    return names
+
+
+def _is_ours(name: str) -> bool:
+    return name == "corral" or name.startswith("corral.")
+
+
+def _within(name: str, pkg: str) -> bool:
+    return name == pkg or name.startswith(pkg + ".")
+
+
+def _violations(module: str, imported: str) -> str | None:
+    top = imported.split(".")[0]
+    if module.startswith("corral.scheduler"):
+        if _is_ours(imported) and not _within(imported, "corral.scheduler"):
+            return "scheduler imports nothing of ours"
+        if not _is_ours(imported):
+            if top in SCHEDULER_FORBIDDEN_STDLIB:
+                return f"scheduler is pure: no {top}"
+            if top not in sys.stdlib_module_names and top not in ("msgspec", "__future__"):
+                return f"scheduler may use only the stdlib and msgspec, not {top}"
+    if module.startswith("corral.daemon") and _within(imported, "corral.runner"):
+        if imported not in ("corral.runner", "corral.runner.protocol") \
+                and not _within(imported, "corral.runner.protocol"):
+            return "daemon may import only runner.protocol"
+    if module.startswith("corral.runner"):
+        if _within(imported, "corral.daemon") or _within(imported, "corral.scheduler"):
+            return "runner imports only runner modules"
+        if module == "corral.runner.protocol" and _is_ours(imported) \
+                and not _within(imported, "corral.runner.protocol"):
+            return "runner.protocol imports nothing else of ours"
+    if top == "llama_cpp" and module != "corral.runner.engine":
+        return "only runner/engine.py imports llama_cpp"
+    return None
+
+
+MODULES = _modules()
+
+
+def test_every_package_has_modules() -> None:
+    found = {m.split(".")[1] for m, _ in MODULES}
+    assert found == {"daemon", "runner", "scheduler"}
+
+
+@pytest.mark.parametrize(("module", "path"), MODULES, ids=[m for m, _ in MODULES])
+def test_import_directions(module: str, path: Path) -> None:
+    bad = []
+    for imported, line in _imports(module, path):
+        why = _violations(module, imported)
+        if why:
+            bad.append(f"{path.relative_to(ROOT)}:{line}: imports {imported}: {why}")
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize(
+    ("module", "imported", "ok"),
+    [
+        ("corral.scheduler.core", "corral.daemon.config", False),
+        ("corral.scheduler.core", "asyncio", False),
+        ("corral.scheduler.core", "time", False),
+        ("corral.scheduler.core", "aiohttp", False),
+        ("corral.scheduler.core", "msgspec", True),
+        ("corral.scheduler.core", "math", True),
+        ("corral.scheduler.core", "corral.scheduler.types", True),
+        ("corral.daemon.supervisor", "corral.scheduler", True),
+        ("corral.daemon.supervisor", "corral.runner.protocol", True),
+        ("corral.daemon.supervisor", "corral.runner.engine", False),
+        ("corral.daemon.supervisor", "corral.runner.fake", False),
+        ("corral.daemon.supervisor", "llama_cpp", False),
+        ("corral.runner.server", "corral.runner.engine", True),
+        ("corral.runner.server", "corral.daemon.config", False),
+        ("corral.runner.protocol", "corral.runner.engine", False),
+        ("corral.runner.engine", "llama_cpp", True),
+    ],
+)
+def test_the_checker_itself(module: str, imported: str, ok: bool) -> None:
+    assert (_violations(module, imported) is None) is ok
+
+
+def test_relative_imports_are_resolved(tmp_path: Path) -> None:
+    p = tmp_path / "x.py"
+    p.write_text("from . import engine\nfrom .protocol import Ready\nfrom ..daemon import config\n")
+    got = {n for n, _ in _imports("corral.runner.server", p)}
+    assert {"corral.runner.engine", "corral.runner.protocol", "corral.daemon",
+            "corral.daemon.config"} <= got
+
+
+def test_importing_the_scheduler_loads_no_io_stack() -> None:
+    code = (
+        "import sys, corral.scheduler\n"
+        "bad = [m for m in ('asyncio', 'aiohttp', 'llama_cpp', 'psutil', 'pynvml') "
+        "if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         timeout=60)
+    assert out.stdout.strip() == ""
