@@ -30,16 +30,21 @@ def daemon(tmp_path):
         yield d
 
 
+@pytest.fixture
+async def c(daemon):
+    async with ollama.AsyncClient(host=daemon.url) as client:
+        yield client
+
+
 def store_tree(d) -> list[str]:
     """Stored files; partial downloads (kept for resuming, pruned at start) are not counted."""
     return sorted(str(p.relative_to(d.models)) for p in d.models.rglob("*")
                   if p.is_file() and "partial" not in p.name)
 
 
-async def test_pull_then_generate(reg, daemon, tmp_path):
+async def test_pull_then_generate(reg, daemon, tmp_path, c):
     data = write_tiny_llama(tmp_path / "t.gguf", seed=5).read_bytes()
     reg.publish("library/tiny", "latest", [(GGUF, data), (PARAMS, b'{"temperature":0}')])
-    c = ollama.AsyncClient(host=daemon.url)
     name = f"{reg.host}/library/tiny:latest"
     progress = [p async for p in await c.pull(name, insecure=True, stream=True)]
     assert progress[0].status == "pulling manifest" and progress[-1].status == "success"
@@ -50,13 +55,12 @@ async def test_pull_then_generate(reg, daemon, tmp_path):
     assert r.done
 
 
-async def test_interrupted_pull_resumes(reg, daemon, tmp_path):
+async def test_interrupted_pull_resumes(reg, daemon, tmp_path, c):
     data = write_tiny_llama(tmp_path / "t.gguf", seed=6).read_bytes()
     digest = sha256(data)
     reg.publish("library/big", "latest", [(GGUF, data)])
     reg.stall_after[digest] = len(data) // 2
     name = f"{reg.host}/library/big:latest"
-    c = ollama.AsyncClient(host=daemon.url)
 
     async def first() -> None:
         async for p in await c.pull(name, insecure=True, stream=True):
@@ -80,12 +84,11 @@ async def test_interrupted_pull_resumes(reg, daemon, tmp_path):
     assert (daemon.models / "blobs" / f"sha256-{digest[7:]}").read_bytes() == data
 
 
-async def test_wrong_digest_is_refused(reg, daemon, tmp_path):
+async def test_wrong_digest_is_refused(reg, daemon, tmp_path, c):
     data = write_tiny_llama(tmp_path / "t.gguf", seed=7).read_bytes()
     reg.publish("library/bad", "latest", [(GGUF, data)])
     reg.corrupt.add(sha256(data))
     before = store_tree(daemon)
-    c = ollama.AsyncClient(host=daemon.url)
     with pytest.raises(ollama.ResponseError) as err:
         async for _ in await c.pull(f"{reg.host}/library/bad:latest", insecure=True, stream=True):
             pass
@@ -95,9 +98,8 @@ async def test_wrong_digest_is_refused(reg, daemon, tmp_path):
     assert f"{reg.host}/library/bad:latest" not in [m.model for m in (await c.list()).models]
 
 
-async def test_push_to_registry(reg, daemon, tmp_path):
+async def test_push_to_registry(reg, daemon, tmp_path, c):
     path = write_tiny_llama(tmp_path / "t.gguf", seed=8)
-    c = ollama.AsyncClient(host=daemon.url)
     name = f"{reg.host}/team/tiny:v1"
     digest = await c.create_blob(path)
     await c.create(model=name, files={"t.gguf": digest})
