@@ -117,6 +117,7 @@ class _Waiting:
     evict_all: bool = False
     blocked_at: int = -1  # ledger version at which the head could not be placed
     claim: object = None  # what it waits for then: a Placement, or _ALL
+    compat: tuple | None = None  # (runner, head request, compatible) cache for _serve
 
 
 @dataclass(slots=True, eq=False)
@@ -599,7 +600,9 @@ class Scheduler:
             head = next(iter(w.reqs.values()))
             r = self._current.get(key)
             if r is not None:
-                if not needs_reload(r.options, r.facts, head.options):
+                if w.compat is None or w.compat[0] is not r or w.compat[1] is not head:
+                    w.compat = (r, head, not needs_reload(r.options, r.facts, head.options))
+                if w.compat[2]:
                     # 2a. Compatible: grant a free slot, or wait (loading / all slots busy).
                     if r.state != "ready" or len(r.in_flight) >= r.parallel:
                         return
