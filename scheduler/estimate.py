@@ -35,7 +35,7 @@ _KV_BYTES = {"f16": 2.0, "": 2.0, "f32": 4.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 OOM_MARKERS = (
     "out of memory", "out of device memory", "cudamalloc failed", "hipmalloc failed",
     "failed to allocate", "allocation failed", "not enough memory", "insufficient memory",
-    "vk_error_out_of_device_memory", "erroroutofmemory",
+    "vk_error_out_of_device_memory", "erroroutofmemory", "erroroutofdevicememory",
 )
 
 
