@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 
 import llama_cpp
+import numpy as np
 from llama_cpp import llama_grammar
 
 from corral.runner.common import BadRequest, Emit, Job, LoadError, TextStream
@@ -189,13 +190,46 @@ class _Slot:
         self.truncated = truncated
         self.t_start = 0
         self.t_first = 0
-        self.sampler = job.sampler  # type: ignore[attr-defined]
+        self.sampler, self.grammar = job.sampler  # type: ignore[attr-defined]
 
     def release(self) -> None:
-        if self.job is not None and getattr(self, "sampler", None):
-            llama_cpp.llama_sampler_free(self.sampler)
-            self.sampler = None
+        if self.job is not None:
+            _free_samplers((self.sampler, self.grammar))
+            self.sampler = self.grammar = None
         self.job = None
+
+
+def _free_samplers(pair: tuple[object, object]) -> None:
+    for smpl in pair:
+        if smpl:
+            llama_cpp.llama_sampler_free(smpl)
+
+
+class _Candidates:
+    """A llama_token_data_array over numpy memory (decode thread only), for sampling by hand."""
+
+    _dtype = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
+
+    def __init__(self, n: int) -> None:
+        self.data = np.zeros(n, dtype=self._dtype)
+        self.ids = np.arange(n, dtype=np.intc)
+        self.arr = llama_cpp.llama_token_data_array(
+            data=self.data.ctypes.data_as(llama_cpp.llama_token_data_p), size=n, selected=-1, sorted=False
+        )
+
+    def fill(self, logits: np.ndarray) -> None:
+        self.data["id"] = self.ids
+        self.data["logit"] = logits
+        self.data["p"] = 0.0
+        self.arr.size = len(self.data)
+        self.arr.selected = -1
+        self.arr.sorted = False
+
+    def apply(self, smpl) -> None:
+        llama_cpp.llama_sampler_apply(smpl, ctypes.byref(self.arr))
+
+    def selected(self) -> int:
+        return int(self.data[self.arr.selected]["id"])
 
 
 class Engine:
@@ -286,6 +320,8 @@ class Engine:
             self.n_batch = max(self.spec.num_batch, self.parallel)
             self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
             self._slots = [_Slot(i) for i in range(self.parallel)]
+            self._candidates = _Candidates(self.n_vocab)
+            self._one = _Candidates(1)
         else:
             self._embedding_context()  # raises LoadError
             self.n_ctx = self.n_ctx_per_slot
@@ -441,31 +477,34 @@ class Engine:
         job = Job(request, emit)
         job.prompt = prompt  # type: ignore[attr-defined]
         job.truncated = truncated  # type: ignore[attr-defined]
-        job.sampler = self._sampler(opts, request.format, prompt)  # type: ignore[attr-defined]
+        job.sampler = (self._sampler(opts, prompt), self._grammar(request.format))  # type: ignore[attr-defined]
         with self._cond:
             if self._stopping:
-                llama_cpp.llama_sampler_free(job.sampler)  # type: ignore[attr-defined]
+                _free_samplers(job.sampler)  # type: ignore[attr-defined]
                 raise BadRequest("runner is shutting down")
             self._inbox.append(job)
             self._cond.notify_all()
         return job
 
-    def _sampler(self, o: SamplingOptions, fmt: object, prompt: list[int]):
-        """Ollama's sampling as a llama.cpp chain: [grammar] top_k, [penalties], typical_p, top_p,
-        min_p, temperature, dist(seed); greedy when temperature <= 0."""
-        grammar = None
-        if fmt is not None:
-            try:
-                gbnf = llama_grammar.JSON_GBNF if fmt == "json" else schema_to_gbnf(fmt)  # type: ignore[arg-type]
-            except Exception as e:
-                raise BadRequest(f"invalid JSON schema in format: {e}") from None
-            grammar = llama_cpp.llama_sampler_init_grammar(self.vocab, gbnf.encode(), b"root")
-            if not grammar:
-                raise BadRequest("invalid format: the grammar could not be built")
+    def _grammar(self, fmt: object):
+        """The grammar sampler for format "json" or a JSON schema (None without a format). It is
+        kept out of the chain: see _pick."""
+        if fmt is None:
+            return None
+        try:
+            gbnf = llama_grammar.JSON_GBNF if fmt == "json" else schema_to_gbnf(fmt)  # type: ignore[arg-type]
+        except Exception as e:
+            raise BadRequest(f"invalid JSON schema in format: {e}") from None
+        grammar = llama_cpp.llama_sampler_init_grammar(self.vocab, gbnf.encode(), b"root")
+        if not grammar:
+            raise BadRequest("invalid format: the grammar could not be built")
+        return grammar
+
+    def _sampler(self, o: SamplingOptions, prompt: list[int]):
+        """Ollama's sampling as a llama.cpp chain: top_k, [penalties], typical_p, top_p, min_p,
+        temperature, dist(seed); [penalties] greedy when temperature <= 0."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
-        if grammar is not None:
-            add(grammar)
         penalize = o.repeat_penalty != 1.0 or o.presence_penalty != 0.0 or o.frequency_penalty != 0.0
         last_n = self.n_ctx_per_slot if o.repeat_last_n < 0 else o.repeat_last_n
         if o.temperature <= 0:
@@ -529,7 +568,7 @@ class Engine:
                     job.emit(CompletionError(error=reason))
         while self._waiting:
             job = self._waiting.popleft()
-            llama_cpp.llama_sampler_free(job.sampler)  # type: ignore[attr-defined]
+            _free_samplers(job.sampler)  # type: ignore[attr-defined]
             if not job.cancelled.is_set():
                 job.emit(CompletionError(error=reason))
 
@@ -543,7 +582,7 @@ class Engine:
         # drop jobs cancelled while waiting
         for job in [j for j in self._waiting if j.cancelled.is_set()]:
             self._waiting.remove(job)
-            llama_cpp.llama_sampler_free(job.sampler)  # type: ignore[attr-defined]
+            _free_samplers(job.sampler)  # type: ignore[attr-defined]
         while self._waiting:
             free = [s for s in self._slots if s.job is None]
             if not free:
@@ -638,7 +677,7 @@ class Engine:
         assert job is not None
         req = job.request
         o = req.options
-        token = llama_cpp.llama_sampler_sample(s.sampler, self.ctx, s.batch_index)
+        token = self._pick(s)
         now = time.perf_counter_ns()
         if not s.t_first:
             s.t_first = now
@@ -659,6 +698,31 @@ class Engine:
                 return self._finish(s, "length")
             self._shift(s, o.num_keep)
         s.next_token = token
+
+    def _pick(self, s: _Slot) -> int:
+        """Sample and accept the slot's next token. With a grammar, llama.cpp's common_sampler
+        strategy: sample with the chain alone, keep the token if the grammar accepts it, else
+        apply the grammar to the whole vocabulary and sample again (checking a whole 262k vocab
+        against the grammar at every step is ~100 ms)."""
+        if s.grammar is None:
+            return llama_cpp.llama_sampler_sample(s.sampler, self.ctx, s.batch_index)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, s.batch_index), shape=(self.n_vocab,))
+        c = self._candidates
+        c.fill(logits)
+        c.apply(s.sampler)
+        token = c.selected()
+        one = self._one
+        one.data[0] = (token, 1.0, 0.0)
+        one.arr.size, one.arr.selected, one.arr.sorted = 1, -1, False
+        one.apply(s.grammar)
+        if not np.isfinite(one.data[0]["logit"]):
+            c.fill(logits)
+            c.apply(s.grammar)
+            c.apply(s.sampler)
+            token = c.selected()
+        llama_cpp.llama_sampler_accept(s.grammar, token)
+        llama_cpp.llama_sampler_accept(s.sampler, token)
+        return token
 
     def _shift(self, s: _Slot, num_keep: int) -> None:
         """Keep num_keep tokens, drop half of the rest, slide the remainder down."""
