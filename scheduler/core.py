@@ -746,17 +746,22 @@ class Scheduler:
             used = {g for g in p.gpus}
             available = sum(u for g, u in rooms if g.id in used)
             predicted = p.vram if p.gpus else 0
-            batch = auto_batch(est.ctx_total, predicted, available)
+            gpus = {g.id: g for g in self.inventory.gpus}
+            cuda = [gpus[g] for g in p.gpus if g in gpus and gpus[g].library == "cuda"]
+            batch = auto_batch(
+                est.ctx_total, predicted, available,
+                flash_attention_off=opts.flash_attention is False and bool(cuda),
+                cuda_small_gpu=any((g.free or g.total) <= 8 * (1 << 30) for g in cuda))
             if batch != opts.num_batch:
-                bigger = msgspec.structs.replace(opts, num_batch=batch)
-                est2 = estimate(head.facts, bigger, parallel,
+                other = msgspec.structs.replace(opts, num_batch=batch)
+                est2 = estimate(head.facts, other, parallel,
                                 metal=p.library == "metal")
                 rooms_now, host_usable = self._rooms()
-                p2 = place(est2, bigger, rooms_now, host_usable,
+                p2 = place(est2, other, rooms_now, host_usable,
                            spread=self.limits.sched_spread,
                            allow_partial=not self._runners and not self._reclaims)
                 if isinstance(p2, Placement) and p2.n_gpu_layers >= p.n_gpu_layers:
-                    opts, p = bigger, p2
+                    opts, p = other, p2
         opts = self._resolve_mmap(opts, head.facts, p, est)
         self._next_id += 1
         rid = f"r{self._next_id}"

@@ -358,3 +358,14 @@ def test_duplicate_request_id_is_ignored() -> None:
 def test_tick_without_anything_pending() -> None:
     h = Harness(inv=GPU24)
     assert h.do(Tick()) == []
+
+
+def test_automatic_batch_with_flash_attention_off_on_a_small_cuda_gpu() -> None:
+    h = Harness(inv=inventory(cuda("0", 6 * (1 << 30)), host_total=64 * GB, host_free=60 * GB))
+    opts = RunnerOptions(num_ctx=16384, num_batch_auto=True, flash_attention=False)
+    s = only(h.arrive("m", facts(1 * GB), opts), StartRunner)
+    assert s.options.num_batch == 256
+    h = Harness(inv=GPU24)
+    s = only(h.arrive("m", facts(1 * GB), RunnerOptions(num_ctx=16384, num_batch_auto=True)),
+             StartRunner)
+    assert s.options.num_batch == 1024
