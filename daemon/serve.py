@@ -54,7 +54,7 @@ async def run(config: Config, ready: Callable[[str], Awaitable[None] | None] | N
     store = Store(config.models, noprune=config.noprune)
     if not config.noprune:
         await asyncio.to_thread(store.prune)
-    await ensure_default_model(store, config)
+    default = await ensure_default_model(store, config)
 
     probe = make_probe(config)
     supervisor = Supervisor(config, store, probe)
@@ -75,8 +75,11 @@ async def run(config: Config, ready: Callable[[str], Awaitable[None] | None] | N
             res = ready(config.client_url)
             if asyncio.iscoroutine(res):
                 await res
-        await supervisor.preload_default()
+        # Load the default model in the background so it is ready for the first chat; a request
+        # that arrives meanwhile shares that load.
+        preload = asyncio.create_task(supervisor.preload_default(default))
         await stop.wait()
+        preload.cancel()
         log.info("shutting down")
     finally:
         # 1. stop accepting; 2. fail queued; 3. drain streams (runner.cleanup waits up to
