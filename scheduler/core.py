@@ -13,8 +13,7 @@ and the idle deadlines.
 
 Decisions on every event (``_pump``):
 
-1. Idle runners past their keep-alive deadline, and idle ``expiring`` runners, are stopped.
-   Reservations of stopped runners expire after ``Limits.reclaim_timeout``.
+1. Reservations of stopped runners not seen back expire after ``Limits.reclaim_timeout``.
 2. Models with waiting requests are served in the order they started waiting; a model never
    waits for another model's load (no head-of-line blocking across models). For each model,
    FIFO on its requests:
@@ -29,8 +28,14 @@ Decisions on every event (``_pump``):
        gone; busy victims become ``expiring``, nobody is killed with requests in flight.
        When nothing else is loaded, partial offload is allowed; when even that cannot fit the
        host, the waiting requests fail with Ollama's system-memory message.
-3. Load failures: out of memory -> one retry (lower an automatic num_ctx tier and/or evict all
-   other runners first); otherwise the requests waiting for that load fail with its reason.
+       A model waiting for evictions *claims* what it will take: models after it in the pass
+       may still use loaded runners but may not start loads that take that memory or slot,
+       nor evict on top of it (so a big model is not starved by a stream of small ones).
+3. Idle runners past their keep-alive deadline, and idle ``expiring`` runners, are stopped
+   (after step 2, so a request that arrives at the deadline still uses the runner).
+4. Load failures: out of memory -> one retry (lower an automatic num_ctx tier and/or evict all
+   other runners first, then load alone); otherwise the requests waiting for that load fail
+   with its reason. Requests with other options keep waiting and load anew.
 
 Memory accounting ("trust the smaller number"): usable on a GPU for a new runner is
 ``min(measured free, total - reserved) - OLLAMA_GPU_OVERHEAD - backend minimum`` where
@@ -507,7 +512,7 @@ class Scheduler:
         if w is None or not was_current:
             return
         others = bool(self._runners)
-        if oom and not r.oom_retried:
+        if oom and not r.oom_retried:  # 4. one retry after an out-of-memory load
             w.oom_retried = True
             lower = lower_ctx_tier(r.options.num_ctx) if r.options.num_ctx_auto else None
             if lower is not None:
@@ -578,7 +583,7 @@ class Scheduler:
         self._claim_slots = 0
         self._claim_gpu = {}
         self._claim_host = 0
-        # 1. Expiry of reservations and idle runners.
+        # 1. Reservations that were never seen back.
         for rid in [rid for rid, c in self._reclaims.items() if c.deadline <= now]:
             del self._reclaims[rid]
             self._version += 1
@@ -587,6 +592,7 @@ class Scheduler:
             for w in list(self._waiting.values()):
                 if w.reqs:
                     self._serve(w, now, out)
+        # 3. Idle runners: expiring ones, and those past their keep-alive deadline.
         for r in list(self._runners.values()):
             if r.state == "ready" and not r.in_flight:
                 if r.expiring:
@@ -639,7 +645,7 @@ class Scheduler:
         key = w.key
         others = list(self._runners.values())
         if w.evict_all:
-            # 3. Retry after an out-of-memory load: alone, once everything else is gone.
+            # 4. Retry after an out-of-memory load: alone, once everything else is gone.
             if others or self._reclaims:
                 for o in others:
                     if o.state == "ready" and not o.expiring:
