@@ -208,3 +208,14 @@ def test_memory_comes_from_llama_log(engine):
     cpu = engine.memory["CPU"]
     assert cpu.weights > 500_000 and cpu.kv > 0 and cpu.compute > 0
     assert engine.n_ctx == 1024 and engine.n_ctx_per_slot == 256
+
+
+async def test_penalties_and_top_k_change_sampling(engine):
+    async with serve(engine) as (client, _):
+        base = {"num_predict": 40, "seed": 5}
+        greedy, _ = await complete(client, prompt="loop", options={**base, "temperature": 0})
+        top1, _ = await complete(client, prompt="loop", options={**base, "temperature": 1.0, "top_k": 1})
+        assert top1 == greedy  # top_k 1 is greedy whatever the temperature
+        for penalty in ({"repeat_penalty": 3.0}, {"presence_penalty": 5.0}, {"frequency_penalty": 5.0}):
+            other, _ = await complete(client, prompt="loop", options={**base, "temperature": 0, **penalty})
+            assert other != greedy, penalty
