@@ -738,12 +738,12 @@ class Scheduler:
         if len(self._runners) - pending >= self.max_loaded:
             return None
         rooms, host_usable = self._rooms(prospective=True)
-        alone = all(r.expiring for r in self._runners.values())
-        p = place(est, opts, rooms, host_usable, spread=self.limits.sched_spread,
-                  allow_partial=alone)
+        p = place(est, opts, rooms, host_usable, spread=self.limits.sched_spread)
         if isinstance(p, Placement):
             return p
-        return _ALL if alone else None
+        # Only a partial offload (or nothing) remains: that needs the machine to itself, so
+        # the claim is on everything - another load in between would break "alone".
+        return _ALL if all(r.expiring for r in self._runners.values()) else None
 
     def _start(self, w: _Waiting, head: _Req, opts: RunnerOptions, est, p: Placement,
                parallel: int, rooms: list, now: float, out: list[Effect]) -> None:

@@ -155,10 +155,10 @@ def drain(h: Harness) -> None:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(
     inv=st.integers(0, len(INVENTORIES) - 1),
-    max_loaded=st.sampled_from([0, 2]),
+    max_loaded=st.sampled_from([0, 1, 2]),
     parallel=st.sampled_from([1, 2]),
-    max_queue=st.sampled_from([3, 8]),
-    actions=st.lists(action, min_size=5, max_size=40),
+    max_queue=st.sampled_from([2, 8]),
+    actions=st.lists(action, min_size=5, max_size=60),
 )
 def test_random_event_sequences_keep_invariants(inv, max_loaded, parallel, max_queue,
                                                 actions) -> None:
