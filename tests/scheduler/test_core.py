@@ -369,3 +369,21 @@ def test_automatic_batch_with_flash_attention_off_on_a_small_cuda_gpu() -> None:
     s = only(h.arrive("m", facts(1 * GB), RunnerOptions(num_ctx=16384, num_batch_auto=True)),
              StartRunner)
     assert s.options.num_batch == 1024
+
+
+def test_model_that_must_load_alone_is_not_starved_by_other_loads() -> None:
+    """Found by the hypothesis run: a model too big for the GPU evicted a small model, the small
+    model's next request loaded it again on CPU, and so on for ever. A model that can only load
+    partially claims everything until it has loaded."""
+    inv = inventory(metal(total=24 * GB, free=24 * GB), host_total=64 * GB, host_free=60 * GB)
+    h = Harness(inv=inv)
+    ra, a = start_ready(h, "small", 4 * GB)
+    h.do(RequestFinished(a))
+    assert h.arrive("huge", facts(30 * GB, blocks=30)) == [StopRunner(ra, "evicted")]
+    assert h.arrive("small", facts(4 * GB), RunnerOptions(num_gpu=0)) == []  # must wait
+    assert h.do(RunnerStopped(ra)) == []
+    huge = only(h.do(InventoryUpdated(inv)), StartRunner)
+    assert huge.model_key == "huge" and huge.placement.cpu_bytes > 0
+    eff = h.do(RunnerReady(huge.runner_id))
+    assert eff[0] == Grant(2, huge.runner_id)
+    assert only(eff, StartRunner).model_key == "small"  # now it may load beside (on CPU)
