@@ -156,3 +156,24 @@ def test_importing_the_scheduler_loads_no_io_stack() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          timeout=60)
     assert out.stdout.strip() == ""
+
+
+# daemon/runners.py copies the whole environment for the runner processes it spawns; it does
+# not read settings from it.
+ENVIRON_ALLOWED = {"daemon/config.py", "daemon/runners.py"}
+
+
+@pytest.mark.parametrize(("module", "path"), MODULES, ids=[m for m, _ in MODULES])
+def test_only_config_reads_the_environment(module: str, path: Path) -> None:
+    rel = str(path.relative_to(ROOT))
+    if rel in ENVIRON_ALLOWED:
+        return
+    tree = ast.parse(path.read_text(), filename=rel)
+    bad = [
+        node.lineno for node in ast.walk(tree)
+        if (isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv", "environb")
+            and isinstance(node.value, ast.Name) and node.value.id == "os")
+        or (isinstance(node, ast.ImportFrom) and node.module == "os"
+            and any(a.name in ("environ", "getenv") for a in node.names))
+    ]
+    assert not bad, f"{rel}:{bad}: reads the environment; use corral.daemon.config.Config"
