@@ -4,9 +4,32 @@ No asyncio, I/O, clock reads, environment or logging here: the daemon's supervis
 with the current time and executes the returned effects. See ``events`` (the protocol),
 ``types`` (the data), ``estimate`` (memory from GGUF facts), ``placement`` (GPU/CPU choice) and
 ``core`` (the :class:`Scheduler`).
+
+Public API (stable; the daemon's supervisor is written against it):
+
+* ``Scheduler(limits: Limits, inventory: Inventory)``
+  - ``dispatch(event: Event, now: float) -> list[Effect]`` - execute the effects in order;
+  - ``next_deadline() -> float | None`` - send a ``Tick`` then;
+  - ``snapshot() -> SchedulerSnapshot`` - immutable view for /api/ps and metrics;
+  - ``max_loaded`` - effective OLLAMA_MAX_LOADED_MODELS (auto resolved at construction).
+* events: RequestArrived, RequestCancelled, RequestFinished, RunnerReady, RunnerLoadFailed,
+  RunnerExited, RunnerStopped, RunnerOutOfMemory, InventoryUpdated, UnloadRequested, Tick,
+  Shutdown; effects: StartRunner, StopRunner, Grant, Reject, Fail, Abort (``events`` module).
+* data: Gpu, HostMemory, Inventory, ModelFacts, RunnerOptions, Estimate, Placement, NoFit,
+  Limits, RunnerView, GpuView, SchedulerSnapshot (``types`` module).
+* helpers: estimate(), place(), usable_memory(), needs_reload(), default_num_ctx(),
+  effective_num_ctx(), parallel_for(), is_out_of_memory(), minimum_memory().
 """
 
-from .core import Scheduler
+from .core import Scheduler, needs_reload
+from .estimate import (
+    default_num_ctx,
+    effective_num_ctx,
+    estimate,
+    is_out_of_memory,
+    minimum_memory,
+    parallel_for,
+)
 from .events import (
     QUEUE_FULL_MESSAGE,
     SHUTTING_DOWN_MESSAGE,
@@ -31,6 +54,7 @@ from .events import (
     Tick,
     UnloadRequested,
 )
+from .placement import place, usable_memory
 from .types import (
     FOREVER,
     Estimate,
@@ -55,4 +79,6 @@ __all__ = [
     "RunnerOptions", "RunnerOutOfMemory", "RunnerReady", "RunnerStopped", "RunnerView",
     "Scheduler", "SchedulerSnapshot", "Shutdown", "StartRunner", "StopRunner", "Tick",
     "UnloadRequested",
+    "default_num_ctx", "effective_num_ctx", "estimate", "is_out_of_memory", "minimum_memory",
+    "needs_reload", "parallel_for", "place", "usable_memory",
 ]
