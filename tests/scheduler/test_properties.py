@@ -48,7 +48,7 @@ INVENTORIES = [
 
 _arrive = st.tuples(st.just("arrive"), st.integers(0, 3), st.integers(0, 2), st.integers(0, 3))
 _finish = st.tuples(st.just("finish"), st.integers(0, 50))
-_ready = st.tuples(st.just("ready"), st.integers(0, 50))
+_ready = st.tuples(st.just("ready"), st.integers(0, 50), st.booleans())
 _stopped = st.tuples(st.just("stopped"), st.integers(0, 50))
 action = st.one_of(
     _arrive, _arrive, _arrive, _arrive,
@@ -107,7 +107,13 @@ def run(h: Harness, actions) -> None:
                 h.do(RequestFinished(rid))
         elif kind == "ready":
             rid = _pick(_loading(h), act[1])
-            if rid is not None:
+            if rid is not None and act[2]:
+                # the runner reports its real use: a bit less than the estimate, as llama.cpp
+                p = h.starts[rid].placement
+                h.do(RunnerReady(rid, pid=1, n_ctx=2048,
+                                 gpu_bytes={g: b * 9 // 10 for g, b in zip(p.gpus, p.gpu_bytes)},
+                                 cpu_bytes=p.cpu_bytes * 9 // 10))
+            elif rid is not None:
                 h.do(RunnerReady(rid, pid=1))
         elif kind == "load_fail":
             rid = _pick(_loading(h), act[1])
