@@ -44,24 +44,66 @@ def chat(prompt: str) -> str:
     return f"<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
 
 
-def baseline(model: str, threads: int, tokens: int, repeat: int) -> float:
-    """Decode tok/s of llama_cpp.Llama.create_completion (streaming, first->last token)."""
-    import llama_cpp
+class Baseline:
+    """llama_cpp.Llama.create_completion in this process (streaming, first->last token)."""
 
-    llm = llama_cpp.Llama(model, n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
-    rates = []
-    for i in range(repeat + 1):  # the first run warms up
+    def __init__(self, model: str, threads: int) -> None:
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model, n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                                   verbose=False)
+
+    def rate(self, tokens: int) -> float:
         t_first = t_last = 0.0
         n = 0
-        for _ in llm.create_completion(chat(PROMPTS[0]), max_tokens=tokens, temperature=0.0, stream=True):
+        for _ in self.llm.create_completion(chat(PROMPTS[0]), max_tokens=tokens, temperature=0.0, stream=True):
             now = time.perf_counter()
             t_first = t_first or now
             t_last = now
             n += 1
-        if i:
-            rates.append((n - 1) / (t_last - t_first))
-    llm.close()
-    return statistics.median(rates)
+        return (n - 1) / (t_last - t_first)
+
+
+def decode_ceiling(model: str, threads: int, sizes=(1, 2, 4, 8), steps: int = 30) -> dict[int, float]:
+    """tok/s of bare llama_decode calls holding one token of each of n sequences (no sampling,
+    no Python per token): what batching can give on this machine at best."""
+    import ctypes
+
+    import llama_cpp as L
+
+    quiet = L.llama_log_callback(lambda level, text, user: None)
+    L.llama_log_set(quiet, ctypes.c_void_p(0))
+    m = L.llama_model_load_from_file(model.encode(), L.llama_model_default_params())
+    cp = L.llama_context_default_params()
+    cp.n_ctx, cp.n_seq_max, cp.n_batch, cp.n_ubatch = 8 * 1024, 8, 512, 512
+    cp.n_threads = cp.n_threads_batch = threads
+    cp.kv_unified = False
+    ctx = L.llama_init_from_model(m, cp)
+    b = L.llama_batch_init(512, 0, 1)
+    pos = [0] * 8
+
+    def decode(seqs: list[int], per_seq: int) -> float:
+        n = 0
+        for s in seqs:
+            for _ in range(per_seq):
+                b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = 100 + pos[s] % 1000, pos[s], 1, True
+                b.seq_id[n][0] = s
+                pos[s] += 1
+                n += 1
+        b.n_tokens = n
+        t = time.perf_counter()
+        assert L.llama_decode(ctx, b) == 0
+        return time.perf_counter() - t
+
+    decode(list(range(8)), 20)
+    out = {}
+    for k in sizes:
+        times = sorted(decode(list(range(k)), 1) for _ in range(steps))
+        out[k] = k / times[len(times) // 2]
+    L.llama_batch_free(b)
+    L.llama_free(ctx)
+    L.llama_model_free(m)
+    return out
 
 
 class Runner:
@@ -118,14 +160,10 @@ async def concurrent(url: str, n: int, tokens: int) -> tuple[float, list[float],
     return total / wall, [r["ttft"] for r in results], results
 
 
-async def one_stream_rate(url: str, tokens: int, repeat: int) -> float:
-    rates = []
+async def one_stream_rate(url: str, tokens: int) -> float:
     async with aiohttp.ClientSession() as session:
-        for i in range(repeat + 1):
-            r = await stream(session, url, PROMPTS[0], tokens)
-            if i:
-                rates.append((r["eval_count"] - 1) / (r["last"] - r["first"]))
-    return statistics.median(rates)
+        r = await stream(session, url, PROMPTS[0], tokens)
+    return (r["eval_count"] - 1) / (r["last"] - r["first"])
 
 
 def main() -> None:
@@ -141,15 +179,22 @@ def main() -> None:
 
         args.model = str(gemma_path())
 
-    base = baseline(args.model, args.threads, args.tokens, args.repeat)
-    print(f"(a) llama_cpp.Llama.create_completion in-process: {base:6.1f} tok/s", flush=True)
-
+    # (a) alternate the two so that load from other processes hits both alike
+    base_llm = Baseline(args.model, args.threads)
     runner = Runner(LaunchSpec(model_path=args.model, num_ctx=args.num_ctx, parallel=8,
                                num_thread=args.threads, num_batch=512))
     try:
-        one = asyncio.run(one_stream_rate(runner.url, args.tokens, args.repeat))
-        print(f"(a) runner over HTTP, one stream:               {one:6.1f} tok/s   ratio {one / base:.2f} (target >= 0.95)",
-              flush=True)
+        base_llm.rate(16)  # warm-up
+        asyncio.run(one_stream_rate(runner.url, 16))
+        bases, ones = [], []
+        for _ in range(args.repeat + 1):
+            bases.append(base_llm.rate(args.tokens))
+            ones.append(asyncio.run(one_stream_rate(runner.url, args.tokens)))
+        base, one = statistics.median(bases), statistics.median(ones)
+        base_llm.llm.close()
+        print(f"(a) llama_cpp.Llama.create_completion in-process: {base:6.1f} tok/s  (runs: {', '.join(f'{x:.1f}' for x in bases)})")
+        print(f"(a) runner over HTTP, one stream:               {one:6.1f} tok/s  (runs: {', '.join(f'{x:.1f}' for x in ones)})")
+        print(f"(a) ratio {one / base:.2f} (target >= 0.95)", flush=True)
         agg: dict[int, float] = {}
         for n in (1, 2, 4, 8):
             rates, ttfts = [], []
@@ -158,8 +203,12 @@ def main() -> None:
                 rates.append(rate)
                 ttfts += tt
             agg[n] = statistics.median(rates)
-            print(f"(b) {n} concurrent streams: aggregate {agg[n]:6.1f} tok/s  scaling {agg[n] / agg.get(1, agg[n]):.2f}x"
+            runs = ", ".join(f"{x:.0f}" for x in rates)
+            print(f"(b) {n} concurrent streams: aggregate {agg[n]:6.1f} tok/s  scaling {agg[n] / agg.get(1, agg[n]):.2f}x (runs: {runs})"
                   f"   (c) TTFT p50 {statistics.median(ttfts) * 1000:6.0f} ms", flush=True)
+        ceiling = decode_ceiling(args.model, args.threads)
+        print("ceiling: bare llama_decode, one token of n sequences per call: "
+              + ", ".join(f"{k}: {v:.0f} tok/s ({v / ceiling[1]:.2f}x)" for k, v in ceiling.items()))
         print(f"summary: ratio_a={one / base:.3f} scaling_4={agg[4] / agg[1]:.2f} scaling_8={agg[8] / agg[1]:.2f}")
     finally:
         runner.close()

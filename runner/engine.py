@@ -252,6 +252,8 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._slots: list[_Slot] = []
+        self._cost: dict[int, float] = {}  # EMA seconds of a pure-decode llama_decode by batch size
+        self._explore = 0
         self._embd_lock = threading.Lock()
         self._keepalive: list[object] = []  # ctypes objects llama.cpp points at
 
@@ -619,11 +621,30 @@ class Engine:
         active = [s for s in self._slots if s.job is not None]
         if not active:
             return
+        # 3-5. normally ONE batch for all; see _split for the exception
+        for group in self._split(active):
+            self._decode_group(group)
+        self.steps += 1
+
+    def _split(self, active: list[_Slot]) -> list[list[_Slot]]:
+        """Groups to decode this step, in order. One group (one llama_decode) unless every active
+        sequence only decodes its next token and the measured cost says k single-token calls are
+        cheaper than one k-token call (ggml's kernels can make a 2-token batch cost more than
+        two 1-token ones). Every 32nd such step batches anyway, to keep the measure fresh."""
+        k = len(active)
+        if k == 1 or any(s.pending for s in active):
+            return [active]
+        c1, ck = self._cost.get(1), self._cost.get(k)
+        self._explore += 1
+        if c1 is None or ck is None or c1 * k >= ck or self._explore % 32 == 0:
+            return [active]
+        return [[s] for s in active]
+
+    def _decode_group(self, group: list[_Slot]) -> None:
         # 3. one batch: next tokens first, then prompt chunks while there is room
-        b = self.batch
         n = 0
         now = time.perf_counter_ns()
-        for s in active:
+        for s in group:
             s.batch_index = -1
             if s.next_token is not None:
                 self._put(n, s.next_token, len(s.cache), s.id, True)
@@ -631,7 +652,8 @@ class Engine:
                 s.next_token = None
                 s.batch_index = n
                 n += 1
-        for s in active:
+        pure_decode = n
+        for s in group:
             if not s.pending or n >= self.n_batch:
                 continue
             if not s.t_start:
@@ -645,13 +667,17 @@ class Engine:
                 if last:
                     s.batch_index = n
                 n += 1
-        b.n_tokens = n
+        self.batch.n_tokens = n
         # 4. decode
-        rc = llama_cpp.llama_decode(self.ctx, b)
-        self.steps += 1
+        t0 = time.perf_counter()
+        rc = llama_cpp.llama_decode(self.ctx, self.batch)
+        if pure_decode == n and rc == 0:
+            old = self._cost.get(n)
+            took = time.perf_counter() - t0
+            self._cost[n] = took if old is None else 0.8 * old + 0.2 * took
         if rc != 0:
             reason = f"llama_decode failed ({rc})"
-            for s in active:
+            for s in group:
                 job = s.job
                 llama_cpp.llama_memory_seq_rm(self.mem, s.id, -1, -1)
                 s.cache = []
@@ -659,8 +685,8 @@ class Engine:
                 if job is not None and not job.cancelled.is_set():
                     job.emit(CompletionError(error=reason))
             return
-        # 5. sample
-        for s in active:
+        # 5. sample (before the next llama_decode overwrites the logits)
+        for s in group:
             if s.batch_index >= 0 and s.job is not None:
                 self._sample(s)
 
