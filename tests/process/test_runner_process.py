@@ -84,6 +84,15 @@ def fake(**knobs) -> LaunchSpec:
                       grace_period=grace, fake=FakeKnobs(**knobs))
 
 
+def stream_then_sigterm(c: Child, num_predict: int):
+    """Start a stream, read its first line, send SIGTERM; return the open response."""
+    assert isinstance(c.handshake(), Ready)
+    resp = c.post("/completion", {"prompt": "x", "options": {"num_predict": num_predict}})
+    assert json.loads(resp.readline())["type"] == "chunk"
+    c.proc.send_signal(signal.SIGTERM)
+    return resp
+
+
 def lines(resp) -> list[dict]:
     with resp:
         return [json.loads(x) for x in resp]
@@ -144,23 +153,14 @@ def test_sigterm_idle_exits_zero(spawn):
 
 def test_sigterm_lets_inflight_finish_and_refuses_new_work(spawn):
     c = spawn(fake(tokens_per_second=50))
-    assert isinstance(c.handshake(), Ready)
-    resp = c.post("/completion", {"prompt": "x", "options": {"num_predict": 25}})
-    first = json.loads(resp.readline())
-    assert first["type"] == "chunk"
-    c.proc.send_signal(signal.SIGTERM)
-    rest = lines(resp)
+    rest = lines(stream_then_sigterm(c, 25))
     assert rest[-1]["type"] == "done" and rest[-1]["eval_count"] == 25
     assert c.proc.wait(10) == 0
 
 
 def test_sigterm_cancels_work_past_the_grace_period(spawn):
     c = spawn(fake(tokens_per_second=100, grace_period=0.3))
-    assert isinstance(c.handshake(), Ready)
-    resp = c.post("/completion", {"prompt": "x", "options": {"num_predict": 100000}})
-    resp.readline()
-    c.proc.send_signal(signal.SIGTERM)
-    rest = lines(resp)
+    rest = lines(stream_then_sigterm(c, 100000))
     assert rest[-1] == {"type": "error", "error": "runner is shutting down"}
     assert c.proc.wait(10) == 0
 
@@ -227,10 +227,7 @@ def test_corrupt_model_file_fails(spawn, tmp_path):
 
 def test_refused_after_drain_starts(spawn):
     c = spawn(fake(tokens_per_second=50, grace_period=3))
-    assert isinstance(c.handshake(), Ready)
-    resp = c.post("/completion", {"prompt": "x", "options": {"num_predict": 40}})
-    resp.readline()
-    c.proc.send_signal(signal.SIGTERM)
+    resp = stream_then_sigterm(c, 40)
     deadline = time.monotonic() + 5
     while True:  # the signal is handled asynchronously: wait until the runner reports draining
         health = get_json(c.url("/health"))
