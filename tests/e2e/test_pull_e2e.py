@@ -63,9 +63,13 @@ async def test_interrupted_pull_resumes(reg, daemon, tmp_path, c):
     name = f"{reg.host}/library/big:latest"
 
     async def first() -> None:
-        async for p in await c.pull(name, insecure=True, stream=True):
-            if p.digest == digest and (p.completed or 0) >= len(data) // 2:
-                return  # the user gives up half-way (Ctrl-C): the connection closes
+        stream = await c.pull(name, insecure=True, stream=True)
+        try:
+            async for p in stream:
+                if p.digest == digest and (p.completed or 0) >= len(data) // 2:
+                    return  # the user gives up half-way (Ctrl-C) ...
+        finally:
+            await stream.aclose()  # ... and the connection closes
 
     await asyncio.wait_for(first(), 60)
     # the half-downloaded blob is kept as a partial file for the next pull
