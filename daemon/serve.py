@@ -60,6 +60,14 @@ async def run(config: Config, ready: Callable[[str], Awaitable[None] | None] | N
     supervisor = Supervisor(config, store, probe)
     await supervisor.start()
     app = make_app(config, store, supervisor)
+
+    async def _stop_supervisor(_app: web.Application) -> None:
+        # Runs after the listening sockets are closed and before aiohttp waits for (and then
+        # cancels) the remaining handlers: queued requests fail, streams drain, runners stop, so
+        # every in-flight stream still ends with its final line or an error line.
+        await supervisor.close()
+
+    app.on_shutdown.append(_stop_supervisor)
     # handler_cancellation: a client that goes away cancels its handler, so a request waiting
     # in the scheduler queue leaves it at once and a stream frees its slot.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,
@@ -82,12 +90,13 @@ async def run(config: Config, ready: Callable[[str], Awaitable[None] | None] | N
         preload.cancel()
         log.info("shutting down")
     finally:
-        # 1. stop accepting; 2. fail queued; 3. drain streams (runner.cleanup waits up to
-        # STREAM_DRAIN for handlers); 4. stop runners in parallel; 5. close the probe.
+        # 1. stop accepting (sites close) and fail queued requests; 2. drain streams, stop
+        # runners in parallel, close the probe (supervisor.close in on_shutdown); 3. aiohttp
+        # waits up to STREAM_DRAIN for handlers to write their last lines.
         async def _shutdown() -> None:
             await supervisor.begin_shutdown()
             await runner.cleanup()
-            await supervisor.close()
+            await supervisor.close()  # idempotent; covers a failure before on_shutdown ran
 
         try:
             await asyncio.wait_for(_shutdown(), SHUTDOWN_BUDGET)

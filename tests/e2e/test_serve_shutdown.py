@@ -1,0 +1,60 @@
+"""`corral serve` on SIGTERM: ordered shutdown within the service manager's stop timeout (the
+systemd unit gives 30 s), even with a stream in flight and runners that ignore SIGTERM; no runner
+process outlives the daemon and the in-flight stream ends with a final line (done or error),
+never cut off or hung."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.e2e.conftest import pid_alive, start_daemon
+from tests.fixtures.tiny_gguf import write_tiny_llama
+
+pytestmark = pytest.mark.timeout(120)
+
+UNIT = Path(__file__).resolve().parents[2] / "systemd" / "corral.service"
+
+
+async def create(s: aiohttp.ClientSession, url: str, tmp_path: Path, name: str, seed: int) -> None:
+    data = write_tiny_llama(tmp_path / f"{name}.gguf", seed=seed).read_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    async with s.post(f"{url}/api/blobs/{digest}", data=data) as r:
+        assert r.status in (200, 201)
+    async with s.post(f"{url}/api/create", json={"model": name, "files": {"m.gguf": digest},
+                                                 "stream": False}) as r:
+        assert r.status == 200, await r.text()
+
+
+async def test_sigterm_stops_within_the_unit_timeout(tmp_path):
+    stop_timeout = int(re.search(r"TimeoutStopSec=(\d+)", UNIT.read_text()).group(1))
+    knobs = {"tokens_per_second": 20, "default_num_predict": 10_000, "ignore_sigterm": True}
+    with start_daemon(tmp_path, CORRAL_RUNNER_ENGINE="fake", CORRAL_FAKE_KNOBS=json.dumps(knobs),
+                      OLLAMA_MAX_LOADED_MODELS="2") as d:
+        async with aiohttp.ClientSession() as s:
+            await create(s, d.url, tmp_path, "a", 1)
+            await create(s, d.url, tmp_path, "b", 2)
+            async with s.post(f"{d.url}/api/generate",
+                              json={"model": "b", "prompt": "", "stream": False}) as r:
+                assert r.status == 200  # a second, idle runner
+            async with s.post(f"{d.url}/api/generate", json={"model": "a", "prompt": "x"}) as r:
+                assert json.loads(await r.content.readline())["done"] is False
+                pids = d.runner_pids()
+                assert len(pids) == 2
+                t0 = time.monotonic()
+                d.proc.send_signal(signal.SIGTERM)
+                rest = [json.loads(x) for x in (await r.content.read()).splitlines() if x]
+            assert rest and (rest[-1].get("done") or "error" in rest[-1]), rest[-2:]
+            rc = await asyncio.to_thread(d.proc.wait, stop_timeout)
+            elapsed = time.monotonic() - t0
+            assert rc == 0
+            assert elapsed < stop_timeout, elapsed
+            assert not [p for p in pids if pid_alive(p)]
