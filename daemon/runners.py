@@ -207,6 +207,11 @@ class RunnerProcess:
             stdin = transport.get_pipe_transport(0)
             assert stdin is not None
             stdin.write(encode(spec) + b"\n")
+            # What the child received, for tests and debugging (e2e tests match it to /api/ps
+            # by pid: layers, tensor split and main GPU must agree with the placement).
+            log.debug("runner launch spec", runner_id=self.runner_id, pid=self.pid,
+                      cuda_visible_devices=(self._env or {}).get("CUDA_VISIBLE_DEVICES"),
+                      spec=msgspec.to_builtins(spec))
             ready = await self._handshake(load_timeout)
         except BaseException:
             # Cancelled or failed: leave no child behind (the contract of start()).

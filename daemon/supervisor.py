@@ -110,10 +110,15 @@ class ModelLike(Protocol):
 # ------------------------------------------------------------------------------------- helpers
 
 def facts_from_info(info: gguf_info.GGUFInfo, file_size: int) -> ModelFacts:
-    """The scheduler's ModelFacts from parsed GGUF metadata."""
+    """The scheduler's ModelFacts from parsed GGUF metadata.
+
+    ``file_size`` is never taken below the tensor table's bytes: a file shorter than its
+    tensors (truncated, or a header-only test model) must not shrink the estimate of the
+    weights that stay on CPU. For a well-formed file this changes nothing.
+    """
     return ModelFacts(
         architecture=info.architecture,
-        file_size=file_size,
+        file_size=max(file_size, info.tensor_bytes),
         block_count=info.block_count or len(info.layer_bytes),
         n_ctx_train=info.context_length or 0,
         embedding_length=info.embedding_length or 0,
@@ -531,10 +536,16 @@ class Supervisor:
         p = v.placement
         gpus = [{"id": g, "name": self._gpu_names.get(g, g), "vram": b}
                 for g, b in zip(p.gpus, p.gpu_bytes)]
+        size = p.total
+        facts = self._facts.get(v.model_key)
+        if p.gpus and facts is not None and p.n_gpu_layers >= facts.block_count + 1:
+            # Every layer is on GPU: Ollama's full-offload rule reports size == size_vram
+            # (what stays in host memory - token embeddings, pinned buffers - is not "CPU").
+            size = p.vram
         row = {
             "name": name,
             "model": name,
-            "size": p.total,
+            "size": size,
             "digest": getattr(record, "digest", ""),
             "details": details or {},
             "expires_at": rfc3339_local(wall),
