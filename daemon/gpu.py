@@ -6,7 +6,9 @@ Three probes share one interface (:class:`GpuProbe`):
   CUDA GPUs are discrete). It honours ``CUDA_VISIBLE_DEVICES`` (indices or ``GPU-`` UUID
   prefixes). If NVML cannot be initialised the probe reports no GPUs and logs that once.
 * :class:`SimulatedProbe` reports the GPUs described by ``CORRAL_SIMULATE_GPUS`` (a JSON list);
-  tests change their free memory with :meth:`SimulatedProbe.set_free`.
+  tests change their free memory with :meth:`SimulatedProbe.set_free`. Paper GPUs do not lose
+  free memory when a runner loads, so the supervisor tells the probe what its runners hold
+  (:meth:`note_usage`) and readings report ``free - held``, as a real device would.
 * host memory always comes from ``psutil`` (total, available) unless a fixed value is injected.
 
 Contracts:
@@ -16,6 +18,8 @@ Contracts:
 * ``read()`` never raises for a device error: a GPU whose memory cannot be read is left out of
   that reading and the failure is logged once per device.
 * ``close()`` shuts NVML down (if it was initialised) and is idempotent.
+* ``note_usage(held)``: bytes per GPU id that our live runners hold, as the scheduler believes;
+  called by the supervisor before every ``refresh()``. Probes that measure ignore it.
 * ``visible_devices(gpu_ids)`` tells the runner launcher what to put in the child's
   ``CUDA_VISIBLE_DEVICES`` for a placement; ``None`` means "leave the environment alone"
   (simulated GPUs and CPU-only placements never narrow it).
@@ -27,7 +31,7 @@ import asyncio
 import dataclasses
 import json
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
@@ -86,6 +90,8 @@ class GpuProbe(Protocol):
 
     def visible_devices(self, gpu_ids: Sequence[str]) -> str | None: ...
 
+    def note_usage(self, held: Mapping[str, int]) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -114,6 +120,9 @@ class _ProbeBase:
 
     def visible_devices(self, gpu_ids: Sequence[str]) -> str | None:
         return None
+
+    def note_usage(self, held: Mapping[str, int]) -> None:
+        """Measuring probes see our runners' memory on the device itself: nothing to do."""
 
     def close(self) -> None:
         pass
@@ -193,14 +202,28 @@ class SimulatedProbe(_ProbeBase):
                  ) -> None:
         super().__init__(host)
         self._gpus = {g.id: g for g in parse_simulated(gpus)}
+        self._held: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def gpu_readings(self) -> list[GpuReading]:
+        """The configured GPUs; ``free`` minus what our runners hold (see :meth:`note_usage`)."""
         with self._lock:
-            return list(self._gpus.values())
+            return [dataclasses.replace(g, free=max(0, g.free - self._held.get(g.id, 0)))
+                    for g in self._gpus.values()]
+
+    def note_usage(self, held: Mapping[str, int]) -> None:
+        """Our runners hold ``held`` bytes per GPU id from now on (replaces the last value).
+
+        Without it a paper GPU would keep reporting its configured free memory while our
+        runners fill it, and "trust the smaller number" would trust ``total - reserved``
+        alone: memory that others use (total - free) would be handed out twice.
+        """
+        with self._lock:
+            self._held = {k: int(v) for k, v in held.items() if v > 0}
 
     def set_free(self, gpu_id: str, free: int) -> None:
-        """Test hook: the next reading reports ``free`` bytes for ``gpu_id``."""
+        """Test hook: the next reading reports ``free`` bytes for ``gpu_id`` (less what our
+        runners hold there, see :meth:`note_usage`)."""
         with self._lock:
             g = self._gpus[gpu_id]
             self._gpus[gpu_id] = dataclasses.replace(g, free=min(max(free, 0), g.total))

@@ -115,7 +115,10 @@ def facts_from_info(info: gguf_info.GGUFInfo, file_size: int) -> ModelFacts:
     ``file_size`` is never taken below the tensor table's bytes: a file shorter than its
     tensors (truncated, or a header-only test model) must not shrink the estimate of the
     weights that stay on CPU. For a well-formed file this changes nothing.
+    ``output_bytes`` is the "+1" layer: output_norm and the output head, which is
+    ``token_embd`` itself when the model has no ``output.weight`` (tied embeddings).
     """
+    tied = not any(t.name == "output.weight" for t in info.tensors)
     return ModelFacts(
         architecture=info.architecture,
         file_size=max(file_size, info.tensor_bytes),
@@ -129,7 +132,7 @@ def facts_from_info(info: gguf_info.GGUFInfo, file_size: int) -> ModelFacts:
         vocab_size=info.vocab_size or 0,
         sliding_window=info.sliding_window or 0,
         layer_bytes=tuple(info.layer_bytes),
-        output_bytes=info.output_bytes,
+        output_bytes=info.output_bytes + (info.token_embd_bytes if tied else 0),
         token_embd_bytes=info.token_embd_bytes,
         is_embedding_model=info.is_embedding,
         has_vision=info.has_vision,
@@ -339,6 +342,7 @@ class Supervisor:
         self._closing = False
         self._closed = False
         self._refreshing = False
+        self._refresh_again = False
         self.processed = 0                       # events dispatched so far
 
     # ------------------------------------------------------------------ lifecycle
@@ -632,7 +636,10 @@ class Supervisor:
             self.processed += 1
             changed, self._changed = self._changed, asyncio.Event()
             changed.set()
-        if isinstance(event, (RunnerStopped, RunnerExited, RunnerReady, RunnerLoadFailed)):
+        # Memory moves when a runner starts, reports its real use or goes away: read the probe
+        # again (a simulated probe also learns what our runners hold then).
+        if isinstance(event, (RunnerStopped, RunnerExited, RunnerReady, RunnerLoadFailed)) \
+                or any(isinstance(e, StartRunner) for e in effects):
             self._schedule_refresh()
 
     def _execute(self, effect: Effect) -> None:
@@ -797,22 +804,38 @@ class Supervisor:
     # ------------------------------------------------------------------ probes and facts
 
     def _schedule_refresh(self) -> None:
-        if self._refreshing or self._closing:
+        if self._closing:
+            return
+        if self._refreshing:
+            self._refresh_again = True   # the running loop reads once more: nothing is lost
             return
         self._refreshing = True
         self._spawn(self._refresh_loop(), "inventory-refresh")
 
+    def _held_by_runners(self) -> dict[str, int]:
+        """GPU bytes per GPU id of every runner the scheduler still has (loading to stopping)."""
+        held: dict[str, int] = {}
+        for v in self.snapshot().runners:
+            for g, b in zip(v.placement.gpus, v.placement.gpu_bytes):
+                held[g] = held.get(g, 0) + b
+        return held
+
     async def _refresh_loop(self) -> None:
-        """Post fresh readings now, then every REFRESH_INTERVAL while memory is being reclaimed."""
+        """Post fresh readings now, again at once if another refresh was asked for meanwhile,
+        then every REFRESH_INTERVAL while memory is being reclaimed."""
         try:
             while not self._closing:
+                self._refresh_again = False
                 try:
+                    self.probe.note_usage(self._held_by_runners())
                     inventory: Inventory = await self.probe.refresh()
                 except Exception:
                     log.exception("probe refresh failed")
                     return
                 self.post(InventoryUpdated(inventory=inventory))
                 await self.wait_processed()
+                if self._refresh_again:
+                    continue
                 if not self.snapshot().reclaiming:
                     return
                 await asyncio.sleep(REFRESH_INTERVAL)

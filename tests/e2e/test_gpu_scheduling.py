@@ -289,3 +289,21 @@ async def test_loaded_model_is_served_while_another_loads(tmp_path, session):
         rows = await ps(session, d)
         assert_whole_on(rows[a], "1", "Sim B")
         assert_whole_on(rows[b], "0", "Sim A")
+
+
+async def test_gpu_used_by_others_is_not_overcommitted(tmp_path, session):
+    """Only 6 of the GPU's 10 GiB are free (another process holds 4): once a 5 GiB model is
+    loaded there, a 3 GiB model does not fit next to it; the idle one is evicted first."""
+    gpus = gpus_env(("Sim A", 10, 6))
+    with start_daemon(tmp_path, **env(gpus)) as d:
+        x = await create_model(session, d, tmp_path, "x", 5.0)
+        y = await create_model(session, d, tmp_path, "y", 3.0)
+        await generate(session, d, x)
+        row_x = (await ps(session, d))[x]
+        assert_whole_on(row_x, "0", "Sim A")
+        await generate(session, d, y)
+        rows = await ps(session, d)
+        assert sum(g["vram"] for r in rows.values() for g in r["gpus"]) <= 6 * GiB, rows
+        assert set(rows) == {y}
+        assert_whole_on(rows[y], "0", "Sim A")
+        assert not pid_alive(row_x["pid"])
