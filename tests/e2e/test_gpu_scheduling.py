@@ -307,3 +307,60 @@ async def test_gpu_used_by_others_is_not_overcommitted(tmp_path, session):
         assert set(rows) == {y}
         assert_whole_on(rows[y], "0", "Sim A")
         assert not pid_alive(row_x["pid"])
+
+
+async def test_busy_model_is_only_evicted_once_its_stream_ends(tmp_path, session):
+    """The only victim is busy: it turns ``expiring`` (no new grants), streams to the end, and
+    only then stops; the new model waits for it and then takes the GPU."""
+    gpus = gpus_env(("Sim A", 8, 8))
+    with start_daemon(tmp_path, **env(gpus)) as d:
+        p = await create_model(session, d, tmp_path, "p", 5.0)
+        q = await create_model(session, d, tmp_path, "q", 5.0)
+        await generate(session, d, p)
+        pid_p = (await ps(session, d))[p]["pid"]
+        async with session.post(f"{d.url}/api/generate",
+                                json={"model": p, "prompt": "hi",
+                                      "options": {"num_predict": 100}}) as stream:
+            assert json.loads(await stream.content.readline())["done"] is False
+            waiting_q = asyncio.create_task(generate(session, d, q))
+            t0 = time.monotonic()
+            while (await ps(session, d))[p]["state"] != "expiring":
+                assert time.monotonic() - t0 < 10
+                await asyncio.sleep(0.02)
+            assert not waiting_q.done()
+            lines = [json.loads(raw) async for raw in stream.content if raw.strip()]
+        assert lines[-1]["done"] is True and not any("error" in x for x in lines)
+        assert (await waiting_q)["done"] is True
+        rows = await ps(session, d)
+        assert set(rows) == {q}
+        assert_whole_on(rows[q], "0", "Sim A")
+        assert not pid_alive(pid_p)
+
+
+async def test_main_gpu_pins_the_model_to_that_gpu(tmp_path, session):
+    gpus = gpus_env(("Sim A", 6, 6), ("Sim B", 8, 8))
+    with start_daemon(tmp_path, **env(gpus)) as d:
+        m = await create_model(session, d, tmp_path, "m", 1.0)
+        await generate(session, d, m, options={"main_gpu": 0})   # not the one with most free
+        row = (await ps(session, d))[m]
+        assert_whole_on(row, "0", "Sim A")
+        spec = assert_spec_matches(d, row, n_layers=32)
+        assert spec["main_gpu"] == 0 and spec["split_mode"] == "none"
+
+
+async def test_two_models_load_at_the_same_time_on_two_gpus(tmp_path, session):
+    """Loads of different models overlap (Ollama loads one model at a time)."""
+    load_time = 3.0
+    gpus = gpus_env(("Sim A", 6, 6), ("Sim B", 8, 8))
+    with start_daemon(tmp_path, **env(gpus, load_time=load_time)) as d:
+        a = await create_model(session, d, tmp_path, "a", 5.0)
+        b = await create_model(session, d, tmp_path, "b", 5.0)
+        t0 = time.monotonic()
+        ra, rb = await asyncio.gather(generate(session, d, a), generate(session, d, b))
+        elapsed = time.monotonic() - t0
+        assert ra["done"] and rb["done"]
+        assert elapsed < 2 * load_time - 0.5, elapsed
+        rows = await ps(session, d)
+        assert {g["id"] for r in rows.values() for g in r["gpus"]} == {"0", "1"}
+        for r in rows.values():
+            assert r["size_vram"] == r["size"] and len(r["gpus"]) == 1
