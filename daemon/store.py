@@ -771,9 +771,10 @@ class Store:
     ) -> ModelRecord:
         """Create (or replace) model ``name`` in the current ``/api/create`` form.
 
-        Emits Ollama's status messages through ``progress``. All validation happens before the
-        manifest is written; a failed create leaves the store's manifests unchanged (new small
-        layer blobs may stay until the next prune, as in Ollama).
+        Emits Ollama's status messages through ``progress``. Every check a request can fail
+        (names, files, template, messages, parameters) runs before anything is written, so a
+        rejected create leaves the store as it was; a later I/O failure leaves the manifests
+        unchanged (new small layer blobs may stay until the next prune, as in Ollama).
         """
         target = parse_name(name)
         async with self.name_lock(target):
@@ -796,6 +797,24 @@ class Store:
                                 "quantize the GGUF with llama.cpp's llama-quantize first")
         if not from_ and not files:
             raise ApiError(400, "neither 'from' or 'files' was specified")
+        # Everything a client can get wrong is checked before the first blob is written.
+        if template is not None:
+            from corral.daemon.templates import GoTemplate, TemplateError
+
+            try:
+                GoTemplate(template)
+            except TemplateError as e:
+                raise ApiError(400, f"template error: {e}") from None
+        clean_messages = None
+        if messages is not None:
+            clean_messages = []
+            for m in messages:
+                role = m.get("role") if isinstance(m, Mapping) else None
+                if role not in ("system", "user", "assistant", "tool"):
+                    raise ApiError(400, 'message role must be one of "system", "user", or "assistant"')
+                clean_messages.append({k: v for k, v in m.items() if v not in (None, "", [])}
+                                      | {"role": role})
+        new_params = typed_params(parameters) if parameters else {}
 
         layers: list[Layer] = []
         config = ConfigBlob(model_format="gguf")
@@ -851,12 +870,6 @@ class Store:
             await self._add_small(layers, media, text.encode(), progress, pin)
 
         if template is not None:
-            from corral.daemon.templates import GoTemplate, TemplateError
-
-            try:
-                GoTemplate(template)
-            except TemplateError as e:
-                raise ApiError(400, f"template error: {e}") from None
             await text_layer(MEDIA_TEMPLATE, template, replace=(MEDIA_TEMPLATE, MEDIA_PROMPT))
         if system is not None:
             await text_layer(MEDIA_SYSTEM, system, replace=(MEDIA_SYSTEM,))
@@ -865,19 +878,12 @@ class Store:
             layers = [lay for lay in layers if lay.mediaType != MEDIA_LICENSE]
             for text in texts:
                 await self._add_small(layers, MEDIA_LICENSE, text.encode(), progress, pin)
-        if messages is not None:
-            clean = []
-            for m in messages:
-                role = m.get("role")
-                if role not in ("system", "user", "assistant", "tool"):
-                    raise ApiError(400, 'message role must be one of "system", "user", or "assistant"')
-                clean.append({k: v for k, v in m.items() if v not in (None, "", [])} | {"role": role})
+        if clean_messages is not None:
             layers = [lay for lay in layers if lay.mediaType != MEDIA_MESSAGES]
-            await self._add_small(layers, MEDIA_MESSAGES, msgspec.json.encode(clean), progress,
-                                  pin)
+            await self._add_small(layers, MEDIA_MESSAGES, msgspec.json.encode(clean_messages),
+                                  progress, pin)
         merged = dict(inherited_params)
-        if parameters:
-            merged.update(typed_params(parameters))
+        merged.update(new_params)
         if merged:
             await self._add_small(layers, MEDIA_PARAMS, msgspec.json.encode(merged), progress, pin)
 

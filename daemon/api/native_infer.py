@@ -329,10 +329,11 @@ def render(renderer: templates.Renderer, messages: Sequence[dict], tools: Sequen
 
 
 def parse_template(text: str) -> templates.GoTemplate:
+    """A request's ``template`` override; a parse error is the client's: 400 (Ollama: 500)."""
     try:
         return templates.GoTemplate(text)
     except templates.TemplateError as e:
-        raise ApiError(500, str(e)) from None
+        raise ApiError(400, str(e)) from None
 
 
 # ---- NDJSON streaming ------------------------------------------------------------------------------
@@ -506,7 +507,7 @@ def chat_messages(model: Model, messages: Sequence[dict]) -> list[dict]:
 
 
 def _message_dict(m: opts.Message) -> dict[str, Any]:
-    d = msgspec.structs.asdict(m)
+    d = m.as_dict()
     d["role"] = (d.get("role") or "").lower()
     d["content"] = d.get("content") or ""
     return d

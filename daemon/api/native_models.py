@@ -21,6 +21,7 @@ import structlog
 from aiohttp import web
 
 from corral.daemon import gguf_info, modelfile
+from corral.daemon.api import options as opts
 from corral.daemon.api.errors import ApiError
 from corral.daemon.api.keys import STORE, SUPERVISOR
 from corral.daemon.registry import Registry
@@ -75,33 +76,8 @@ class CopyRequest(msgspec.Struct):
 
 
 def decode_body(raw: bytes, kind: type[Any]) -> Any:
-    """JSON body -> ``kind``; every failure is ApiError(400) with a message naming the field.
-
-    Top-level keys match case-insensitively, as Go's encoding/json does (``"Model"`` works);
-    an exact-case key wins over a differently cased duplicate.
-    """
-    if not raw.strip():
-        raise ApiError(400, "missing request body")
-    try:
-        data = msgspec.json.decode(raw)
-    except msgspec.DecodeError as e:
-        raise ApiError(400, f"invalid JSON in request body: {e}") from None
-    if isinstance(data, dict):
-        fields = {f.lower(): f for f in _wire_names(kind)}
-        folded: dict[str, Any] = {}
-        for key, value in data.items():
-            wire = fields.get(key.lower(), key)
-            if wire not in folded or key == wire:
-                folded[wire] = value
-        data = folded
-    try:
-        return msgspec.convert(data, type=kind)
-    except msgspec.ValidationError as e:
-        raise ApiError(400, f"invalid request body: {e}") from None
-
-
-def _wire_names(kind: type[Any]) -> tuple[str, ...]:
-    return tuple(f.encode_name for f in msgspec.structs.fields(kind))
+    """JSON body -> ``kind``; every failure is ApiError(400) (Go's rules: see ``options.convert``)."""
+    return opts.decode(raw, kind)
 
 
 async def read_body(request: web.Request, kind: type[Any]) -> Any:

@@ -32,10 +32,100 @@ _enc = msgspec.json.Encoder()
 FINGERPRINT = "fp_ollama"
 
 
-def _body(raw: bytes) -> dict[str, Any]:
-    data = opts.decode(raw, Any)
+# ---- request shapes ------------------------------------------------------------------------------
+# What Ollama's openai.*Request structs declare: a body is checked against its schema (a wrong
+# type is a 400 naming the field, as Go's ShouldBindJSON), then the handlers read the JSON dict.
+
+class _ImageUrl(msgspec.Struct):
+    url: str = ""
+
+
+class _Part(msgspec.Struct):
+    type: str = ""
+    text: str | None = None
+    image_url: str | _ImageUrl | None = None
+
+
+class _Function(msgspec.Struct):
+    name: str = ""
+    arguments: str | dict[str, Any] | None = None
+
+
+class _ToolCall(msgspec.Struct):
+    function: _Function
+    id: str | None = None
+    type: str | None = None
+
+
+class _Message(msgspec.Struct):
+    role: str = ""
+    content: str | list[_Part] | None = None
+    name: str | None = None
+    tool_calls: list[_ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning: str | None = None
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class _JsonSchema(msgspec.Struct):
+    schema: dict[str, Any] | None = None
+
+
+class _ResponseFormat(msgspec.Struct):
+    type: str = ""
+    json_schema: _JsonSchema | None = None
+
+
+class _Reasoning(msgspec.Struct):
+    effort: str | None = None
+
+
+class _Sampling(msgspec.Struct):
+    model: str = ""
+    stream: bool | None = None
+    stream_options: _StreamOptions | None = None
+    max_tokens: opts.Int64 | None = None
+    seed: opts.Int64 | None = None
+    stop: str | list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[_Message] | None = None
+    max_completion_tokens: opts.Int64 | None = None
+    response_format: _ResponseFormat | None = None
+    tools: list[opts.Tool] | None = None
+    reasoning_effort: str | None = None
+    reasoning: _Reasoning | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: Any = ""
+    suffix: str | None = None
+
+
+class EmbeddingRequest(msgspec.Struct):
+    model: str = ""
+    input: Any = None
+    dimensions: opts.Int64 | None = None
+    encoding_format: str | None = None
+
+
+def _body(raw: bytes, schema: type[msgspec.Struct]) -> dict[str, Any]:
+    """The request object (``null`` = ``{}``), checked against ``schema``."""
+    data = opts.decode_json(raw)
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise ApiError(400, "invalid request body: expected a JSON object")
+    data = opts.fold_keys(data, schema)
+    opts.convert(data, schema)
     return data
 
 
@@ -239,7 +329,7 @@ async def _stream(request: web.Request, job: core.Job, chunk: Callable[[dict], b
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
-    body = _body(await request.read())
+    body = _body(await request.read(), ChatCompletionRequest)
     model_name = body.get("model") or ""
     request[LOG_MODEL] = model_name
     if not isinstance(model_name, str) or not model_name:
@@ -313,7 +403,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
-    body = _body(await request.read())
+    body = _body(await request.read(), CompletionRequest)
     model_name = body.get("model") or ""
     request[LOG_MODEL] = model_name
     if not isinstance(model_name, str) or not model_name:
@@ -371,7 +461,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 # ---- /v1/embeddings ----------------------------------------------------------------------------
 
 async def embeddings(request: web.Request) -> web.Response:
-    body = _body(await request.read())
+    body = _body(await request.read(), EmbeddingRequest)
     model_name = body.get("model") or ""
     request[LOG_MODEL] = model_name
     if not isinstance(model_name, str) or not model_name:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -24,15 +24,54 @@ LOAD_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mm
 
 _KIND = {bool: "boolean", int: "integer", float: "float32", list: "array"}
 
+# Go's ``int`` (int64): a JSON number outside it is a decode error there, never a wrap-around here.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+Int64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
+# A token id (llama.cpp's int32 llama_token; negative ids do not exist).
+Token = Annotated[int, msgspec.Meta(ge=0, le=(1 << 31) - 1)]
+
+
+class ToolCallFunction(msgspec.Struct, omit_defaults=True):
+    name: str = ""
+    arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+    index: Int64 | None = None
+
+
+class ToolCall(msgspec.Struct, omit_defaults=True):
+    """``api.ToolCall``: the shape is checked, the dict form goes on to the templates."""
+
+    function: ToolCallFunction
+    id: str = ""
+
+
+class ToolFunction(msgspec.Struct):
+    name: str = ""
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(msgspec.Struct):
+    """``api.Tool`` (only checked: templates read the request's dicts)."""
+
+    type: str = ""
+    function: ToolFunction | None = None
+
 
 class Message(msgspec.Struct, omit_defaults=True):
     role: str = ""
     content: str | None = ""
     thinking: str = ""
     images: list[str] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_name: str = ""
     tool_call_id: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as the templates read it: every field, tool calls as plain dicts."""
+        d = msgspec.structs.asdict(self)
+        if self.tool_calls is not None:
+            d["tool_calls"] = msgspec.to_builtins(self.tool_calls)
+        return d
 
 
 class GenerateRequest(msgspec.Struct):
@@ -41,7 +80,7 @@ class GenerateRequest(msgspec.Struct):
     suffix: str = ""
     system: str | None = None
     template: str | None = None
-    context: list[int] | None = None
+    context: list[Token] | None = None
     stream: bool | None = None
     raw: bool = False
     format: Any = None
@@ -56,7 +95,7 @@ class GenerateRequest(msgspec.Struct):
 class ChatRequest(msgspec.Struct):
     model: str = ""
     messages: list[Message] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None      # each checked against Tool by decode()
     stream: bool | None = None
     format: Any = None
     keep_alive: Any = None
@@ -70,7 +109,7 @@ class EmbedRequest(msgspec.Struct):
     model: str = ""
     input: Any = None
     truncate: bool | None = None
-    dimensions: int | None = None
+    dimensions: Int64 | None = None
     keep_alive: Any = None
     options: dict[str, Any] | None = None
 
@@ -82,16 +121,47 @@ class EmbeddingsRequest(msgspec.Struct):
     options: dict[str, Any] | None = None
 
 
-def decode(raw: bytes, kind: type[Any]) -> Any:
-    """A JSON request body -> ``kind``; empty -> 400 ``missing request body``; bad -> 400."""
+def decode_json(raw: bytes) -> Any:
+    """A request body as JSON values; empty -> 400 ``missing request body``; malformed (also
+    NaN, Infinity, numbers beyond float64) -> 400."""
     if not raw.strip():
         raise ApiError(400, "missing request body")
     try:
-        return msgspec.json.decode(raw, type=kind)
+        return msgspec.json.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise ApiError(400, f"invalid JSON in request body: {e}") from None
+
+
+def fold_keys(data: Any, kind: type[Any]) -> Any:
+    """Go's field matching: top-level keys of ``data`` that equal a field of ``kind`` ignoring
+    case are renamed to it (an exact-case key wins over a differently cased duplicate)."""
+    if not isinstance(data, dict):
+        return data
+    fields = {f.encode_name.lower(): f.encode_name for f in msgspec.structs.fields(kind)}
+    folded: dict[str, Any] = {}
+    for key, value in data.items():
+        wire = fields.get(key.lower(), key)
+        if wire not in folded or key == wire:
+            folded[wire] = value
+    return folded
+
+
+def convert(data: Any, kind: type[Any]) -> Any:
+    """Decoded JSON -> ``kind`` with Go's ``encoding/json`` rules for a struct: ``null`` is an
+    empty object, keys fold as :func:`fold_keys`, unknown keys are ignored, a wrong type is a
+    400 naming the field. A ``tools`` field is checked against :class:`Tool`."""
+    try:
+        out = msgspec.convert(fold_keys({} if data is None else data, kind), type=kind)
+        if getattr(out, "tools", None):
+            msgspec.convert(out.tools, type=list[Tool])
     except msgspec.ValidationError as e:
         raise ApiError(400, f"invalid request body: {e}") from None
-    except msgspec.DecodeError as e:
-        raise ApiError(400, f"invalid JSON in request body: {e}") from None
+    return out
+
+
+def decode(raw: bytes, kind: type[Any]) -> Any:
+    """A JSON request body -> ``kind`` (:func:`decode_json` then :func:`convert`)."""
+    return convert(decode_json(raw), kind)
 
 
 def keep_alive(value: Any) -> float | None:
@@ -105,18 +175,19 @@ def keep_alive(value: Any) -> float | None:
 def request_options(options: dict[str, Any] | None) -> dict[str, Any]:
     """A request's ``options`` typed as Go decodes them into ``api.Options``: numbers for number
     fields (ints truncated), bools, a list of strings for ``stop``; unknown keys are dropped.
-    A wrong type is Ollama's ``option "x" must be of type ...`` (a 500 there, as here)."""
+    A wrong type is Ollama's ``option "x" must be of type ...`` with 400 (Ollama answers 500
+    for this client error); an integer option outside int64 (``1e30``) is a 400 too, where Go
+    would silently wrap it."""
     out: dict[str, Any] = {}
     for key, value in (options or {}).items():
         if key not in KNOWN_PARAMS or value is None:
             continue
-        try:
-            typed = type_param(key, value)
-        except ApiError as e:
-            raise ApiError(500, e.message) from None
+        typed = type_param(key, value)
         if isinstance(value, str) or (key == "stop" and not isinstance(value, list)):
             # Go's JSON decoding never converts a string into a number or bool
-            raise ApiError(500, f'option "{key}" must be of type {_KIND[type(typed)]}')
+            raise ApiError(400, f'option "{key}" must be of type {_KIND[type(typed)]}')
+        if type(typed) is int and not INT64_MIN <= typed <= INT64_MAX:
+            raise ApiError(400, f'option "{key}" is out of range: {value}')
         out[key] = typed
     return out
 
@@ -138,7 +209,8 @@ def parse_format(value: Any) -> str | dict[str, Any] | None:
     if isinstance(value, dict):
         return value
     raw = json.dumps(value, separators=(",", ":"))
-    raise ApiError(500, f'invalid format: {json.dumps(raw)}; expected "json" or a valid JSON Schema object')
+    # Ollama's text; its status is 500, ours 400: the request is wrong, not the server
+    raise ApiError(400, f'invalid format: {json.dumps(raw)}; expected "json" or a valid JSON Schema object')
 
 
 def parse_think(value: Any) -> tuple[bool, str, bool]:
