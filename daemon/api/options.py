@@ -123,12 +123,12 @@ class EmbeddingsRequest(msgspec.Struct):
 
 def decode_json(raw: bytes) -> Any:
     """A request body as JSON values; empty -> 400 ``missing request body``; malformed (also
-    NaN, Infinity, numbers beyond float64) -> 400."""
+    NaN, Infinity, numbers beyond float64, lone surrogates, nesting too deep) -> 400."""
     if not raw.strip():
         raise ApiError(400, "missing request body")
     try:
         return msgspec.json.decode(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as e:
         raise ApiError(400, f"invalid JSON in request body: {e}") from None
 
 

@@ -166,7 +166,10 @@ def body_cases() -> list[Case]:
                           error=None if path.startswith("/v1/") else "missing request body"))
         for raw in (b"   \n", b"{not json", b'{"model": "tiny"', b"\xff\xfe", b'{"model": "t"}}',
                     b"[]", b'["model"]', b'"model"', b"42", b"true", b"NaN", b"Infinity",
-                    b'{"model": NaN}'):
+                    b'{"model": NaN}', b'{"model": "tiny", "prompt": "\\ud800"}',
+                    b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+                    b'{"model": "tiny", "options": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+                    b"1" * 100_000):
             cases.append(Case(method, path, raw=raw))
     return cases
 
@@ -470,30 +473,57 @@ FIELDS = sorted({k for p in FUZZ_ROUTES for k in _route_fields(p)} | {"stream", 
                                                                        "prompt", "input"})
 
 
-def _small_options() -> st.SearchStrategy[dict[str, Any]]:
-    # keep generations short: num_predict and num_ctx stay small (random values elsewhere)
-    return st.dictionaries(st.sampled_from(OPTION_KEYS), json_value, max_size=4).map(
-        lambda o: {**o, "num_predict": o["num_predict"] if isinstance(o.get("num_predict"), str)
-                   else 2, **({"num_ctx": o["num_ctx"]} if "num_ctx" in o else {})})
+# num_predict/max_tokens stay small or wrong-typed: a huge valid one is a long generation
+small_count = st.one_of(st.integers(min_value=-2, max_value=4), json_leaf.filter(
+    lambda v: not isinstance(v, (int, float)) or isinstance(v, bool)))
+
+
+def _value_for(key: str) -> st.SearchStrategy[Any]:
+    return small_count if key in ("num_predict", "max_tokens", "max_completion_tokens") \
+        else json_value
 
 
 @st.composite
 def random_body(draw: st.DrawFn) -> tuple[str, bytes]:
+    """A route and a body: any JSON value, a random object, or (mostly) a valid body with a few
+    fields or options replaced by random JSON."""
     path = draw(st.sampled_from(FUZZ_ROUTES))
-    kind = draw(st.sampled_from(["value", "object", "object", "object"]))
+    kind = draw(st.sampled_from(["value", "object", "mutate", "mutate", "mutate", "mutate"]))
     if kind == "value":
         return path, json.dumps(draw(json_value)).encode()
-    obj: dict[str, Any] = draw(st.dictionaries(st.sampled_from(FIELDS), json_value, max_size=5))
-    if draw(st.booleans()):
-        obj["model"] = draw(st.sampled_from([TINY, THINKING, "unknown", "../x", ""]))
-    if "options" in obj or draw(st.booleans()):
-        obj["options"] = draw(_small_options())
-    obj["max_tokens"] = 2
+    if kind == "object":
+        obj: dict[str, Any] = {k: draw(_value_for(k)) for k in draw(
+            st.lists(st.sampled_from(FIELDS), max_size=5, unique=True))}
+        obj["model"] = draw(st.sampled_from([TINY, THINKING, "unknown", "../x", "", 5]))
+        obj.setdefault("max_tokens", 2)
+    else:
+        obj = json.loads(json.dumps(BASE[path]))
+        obj["model"] = draw(st.sampled_from([TINY, TINY, THINKING]))
+        obj["stream"] = draw(st.sampled_from([False, True, None]))
+        for key in draw(st.lists(st.sampled_from(_route_fields(path) + OPTION_KEYS), min_size=1,
+                                 max_size=3, unique=True)):
+            if key in OPTION_KEYS:
+                options = obj.setdefault("options", {})
+                if isinstance(options, dict):
+                    options[key] = draw(_value_for(key))
+            else:
+                obj[key] = draw(_value_for(key))
+    if isinstance(obj.get("options"), dict):
+        obj["options"].setdefault("num_predict", 2)
     if draw(st.booleans()):
         obj["messages"] = draw(st.lists(st.dictionaries(
             st.sampled_from(["role", "content", "images", "tool_calls", "thinking", "tool_name"]),
             json_value, max_size=3), max_size=2))
     return path, json.dumps(obj).encode()
+
+
+def assert_clean_stream(path: str, text: str) -> None:
+    """A 200 stream never carries an error: errors before the first line get a real status."""
+    if path.startswith("/v1/"):
+        assert '"error"' not in text.split("data: [DONE]")[0] or not text.startswith("data:"), text
+        return
+    for line in text.splitlines():
+        assert "error" not in json.loads(line), text
 
 
 @settings(max_examples=200, deadline=None, derandomize=True,
@@ -506,6 +536,8 @@ async def test_random_bodies_never_5xx(env: Env, req: tuple[str, bytes]) -> None
     assert status < 500, (path, raw, status, text)
     if status >= 400:
         check_error(path, status, text, body, ctype, "POST")
+    elif body is None:
+        assert_clean_stream(path, text)
     await env.idle()
     assert tree(env.root) == before
     await env.alive()
