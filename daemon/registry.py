@@ -96,16 +96,38 @@ def _blob_lock(store: Store, digest: str) -> asyncio.Lock:
 
 
 class _Throttle:
-    """Progress at most every ``interval`` seconds, plus the final one."""
+    """Progress at most every ``interval`` seconds, plus the forced ones. A report held back is
+    sent once the interval has passed even if nothing else happens (a stalled download still
+    shows how far it got). ``close()`` drops a held-back report; call it when the transfer ends.
+    """
 
     def __init__(self, progress: ProgressFn | None, interval: float = 0.06) -> None:
         self.progress, self.interval, self.last = progress, interval, 0.0
+        self._pending: dict[str, Any] | None = None
+        self._timer: asyncio.Task[None] | None = None
 
     async def __call__(self, msg: dict[str, Any], *, force: bool = False) -> None:
         now = time.monotonic()
         if force or now - self.last >= self.interval:
+            self._pending = None
             self.last = now
             await _report(self.progress, msg)
+            return
+        self._pending = msg
+        if self._timer is None or self._timer.done():
+            self._timer = asyncio.ensure_future(self._trailing(self.last + self.interval - now))
+
+    async def _trailing(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self._pending is not None:
+            msg, self._pending = self._pending, None
+            self.last = time.monotonic()
+            await _report(self.progress, msg)
+
+    def close(self) -> None:
+        self._pending = None
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 def _progress_msg(verb: str, digest: str, total: int, completed: int) -> dict[str, Any]:
@@ -309,6 +331,8 @@ class Registry:
                             tg.create_task(run(part))
             except ExceptionGroup as group:  # surface the first part's failure as itself
                 raise _first_leaf(group) from None
+            finally:
+                throttle.close()
             await throttle(_progress_msg("pulling", blob.digest, blob.size, done()), force=True)
             return True
 
@@ -468,6 +492,7 @@ class Registry:
             if resp.status not in (200, 201, 204):
                 raise ApiError(500, f"push {digest}: finish upload: {resp.status}: "
                                     f"{body.decode('utf-8', 'replace').strip()}")
+            throttle.close()
             await throttle(_progress_msg("pushing", digest, size, size), force=True)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             raise ApiError(500, f"push {digest}: {e or type(e).__name__}") from None

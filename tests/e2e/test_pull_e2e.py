@@ -4,6 +4,7 @@ the test runs on loopback (plain http, so ``insecure=True`` as with any private 
 from __future__ import annotations
 
 import asyncio
+import os
 
 import ollama
 import pytest
@@ -56,17 +57,18 @@ async def test_pull_then_generate(reg, daemon, tmp_path, c):
 
 
 async def test_interrupted_pull_resumes(reg, daemon, tmp_path, c):
-    data = write_tiny_llama(tmp_path / "t.gguf", seed=6).read_bytes()
+    # 4 MiB, stalled after 3 MiB: past the daemon's 1 MiB write batches, so progress shows it
+    data = os.urandom(4 << 20)
     digest = sha256(data)
     reg.publish("library/big", "latest", [(GGUF, data)])
-    reg.stall_after[digest] = len(data) // 2
+    reg.stall_after[digest] = 3 << 20
     name = f"{reg.host}/library/big:latest"
 
     async def first() -> None:
         stream = await c.pull(name, insecure=True, stream=True)
         try:
             async for p in stream:
-                if p.digest == digest and (p.completed or 0) >= len(data) // 2:
+                if p.digest == digest and (p.completed or 0) >= 2 << 20:
                     return  # the user gives up half-way (Ctrl-C) ...
         finally:
             await stream.aclose()  # ... and the connection closes
