@@ -252,9 +252,9 @@ async def test_chat_tool_calls(env: Env) -> None:
     assert calls and calls[0].function.name == "get_weather"
     assert calls[0].function.arguments == {"city": "Tokyo"}
     prompt = env.runner.requests[-1].prompt
-    assert ('{"type": "function", "function": {"name":"get_weather","description":"Get the weather",'
-            '"parameters":{"type":"object","required":["city"],"properties":{"city":'
-            '{"type":"string","description":"The city"}}}}}') in prompt
+    assert ('<tools>\n{"type":"function","function":{"name":"get_weather","description":'
+            '"Get the weather","parameters":{"type":"object","required":["city"],"properties":'
+            '{"city":{"type":"string","description":"The city"}}}}}\n</tools>') in prompt
     # streaming: the call arrives in one chunk with an id; no content leaks
     status, lines, _ = await env.lines("/api/chat", {
         "model": "qwen", "messages": [{"role": "user", "content": "Weather?"}],
@@ -273,7 +273,7 @@ async def test_chat_tool_calls(env: Env) -> None:
         {"role": "tool", "content": "22C", "tool_name": "get_weather"}])
     assert env.runner.requests[-1].prompt.endswith(
         '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city":"Tokyo"}}\n'
-        "</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n22C\n</tool_response>"
+        "</tool_call><|im_end|>\n<|im_start|>tool\n<tool_response>\n22C\n</tool_response>"
         "<|im_end|>\n<|im_start|>assistant\n")
 
 

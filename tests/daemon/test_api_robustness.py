@@ -29,12 +29,13 @@ from corral.daemon.config import Config, HostAddr, SimulatedGpu
 from corral.daemon.gpu import SimulatedProbe
 from corral.daemon.store import Store
 from corral.daemon.supervisor import Supervisor
-from tests.daemon.test_api_infer_support import QWEN25, THINKER
+from tests.daemon.test_api_infer_support import THINKER
 from tests.daemon.test_store import tree
+from tests.daemon.test_templates_library import TOOLS_CHATML
 
 GiB = 1 << 30
 SAFETY = float(os.environ.get("TEST_SAFETY", "30"))
-TINY = "tiny"              # QWEN25 template: completion + tools
+TINY = "tiny"              # TOOLS_CHATML template: completion + tools
 THINKING = "thinker"       # THINKER template: completion + thinking
 DIGEST0 = "sha256:" + "0" * 64
 NULL = "<the JSON body null>"
@@ -93,7 +94,7 @@ async def env(tmp_path: Path, tiny_gguf: Path) -> AsyncIterator[Env]:
     root = tmp_path / "models"
     store = Store(root)
     layer = await store.write_blob_bytes(tiny_gguf.read_bytes())
-    await store.create(TINY, files={"tiny.gguf": layer.digest}, template=QWEN25)
+    await store.create(TINY, files={"tiny.gguf": layer.digest}, template=TOOLS_CHATML)
     await store.create(THINKING, files={"tiny.gguf": layer.digest}, template=THINKER)
     cfg = config()
     sup = Supervisor(cfg, store, probe=SimulatedProbe(cfg.simulate_gpus, host=(64 * GiB, 48 * GiB)),
