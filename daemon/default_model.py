@@ -21,17 +21,22 @@ from corral.daemon.store import Store
 
 log = structlog.get_logger("corral.default_model")
 
-GEMMA3_TEMPLATE = """{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if or (eq .Role "user") (eq .Role "system") }}<start_of_turn>user
+# Gemma's turn format written in Ollama's template dialect: the system prompt is folded into the
+# first user turn (Gemma has no system role), every turn is closed with <end_of_turn>, and the
+# prompt ends with an open model turn unless the conversation already ends with the model.
+GEMMA3_TEMPLATE = """{{- $sys := .System }}{{ $role := "" }}
+{{- range .Messages }}
+{{- $role = .Role }}
+{{- if eq .Role "user" }}<start_of_turn>user
+{{ if $sys }}{{ $sys }}
+
+{{ $sys = "" }}{{ end }}{{ .Content }}<end_of_turn>
+{{ else if eq .Role "assistant" }}<start_of_turn>model
 {{ .Content }}<end_of_turn>
-{{ if $last }}<start_of_turn>model
-{{ end }}
-{{- else if eq .Role "assistant" }}<start_of_turn>model
-{{ .Content }}{{ if not $last }}<end_of_turn>
 {{ end }}
 {{- end }}
-{{- end }}"""
+{{- if ne $role "assistant" }}<start_of_turn>model
+{{ end }}"""
 
 GEMMA3_PARAMETERS = {"stop": ["<end_of_turn>"], "temperature": 1, "top_k": 64, "top_p": 0.95}
 
