@@ -33,7 +33,7 @@ def test_gemma_chat_native_and_openai(daemon):
     with ollama.Client(host=daemon.url) as c:
         r = c.chat(model="gemma3:270m", messages=[{"role": "user", "content": "Say hello."}],
                    options={"num_predict": 24, "temperature": 0})
-    assert r.message.content.strip()
+    assert r.message.content.strip(), r
     assert 0 < r.eval_count <= 24 and r.prompt_eval_count > 5
     # timings are sane: positive, and the parts fit in the total
     assert 0 < r.eval_duration < r.total_duration

@@ -30,7 +30,7 @@ from corral.scheduler import (
     Tick,
 )
 
-from sched_harness import GB, Harness, cuda, facts, inventory, kinds, metal, only
+from tests.scheduler.sched_harness import GB, Harness, cuda, facts, inventory, kinds, metal, only
 
 GPU24 = inventory(cuda("0", 24 * GB), host_total=64 * GB, host_free=60 * GB)
 

@@ -17,7 +17,7 @@ from corral.scheduler.estimate import (
     sliding_pattern,
 )
 
-from sched_harness import GiB, MiB
+from tests.scheduler.sched_harness import GiB, MiB
 
 GEMMA3_270M = ModelFacts(
     architecture="gemma3", file_size=253_000_000, block_count=18, n_ctx_train=32768,

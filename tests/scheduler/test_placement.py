@@ -8,7 +8,7 @@ from corral.scheduler import Gpu, NoFit, Placement, RunnerOptions
 from corral.scheduler.estimate import estimate
 from corral.scheduler.placement import human_bytes2, place, usable_memory
 
-from sched_harness import GB, cuda, facts
+from tests.scheduler.sched_harness import GB, cuda, facts
 
 
 def est(size: int, blocks: int = 10):

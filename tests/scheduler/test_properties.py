@@ -26,7 +26,7 @@ from corral.scheduler import (
     UnloadRequested,
 )
 
-from sched_harness import GB, Harness, cuda, facts, inventory, metal
+from tests.scheduler.sched_harness import GB, Harness, cuda, facts, inventory, metal
 
 MODELS = [
     ("m0", facts(4 * GB, blocks=8)),

@@ -39,7 +39,7 @@ from corral.scheduler.core import needs_reload
 from corral.scheduler.estimate import auto_batch, estimate
 from corral.scheduler.placement import place
 
-from sched_harness import GB, GiB, MiB, Harness, cuda, facts, inventory, kinds, metal, only
+from tests.scheduler.sched_harness import GB, GiB, MiB, Harness, cuda, facts, inventory, kinds, metal, only
 
 AUTO = RunnerOptions(num_ctx_auto=True, num_batch_auto=True)
 
