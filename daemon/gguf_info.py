@@ -1,9 +1,10 @@
 """GGUF metadata and tensor facts, read once per blob.
 
-:func:`read_info` returns a frozen :class:`GGUFInfo`; results are cached by (path, size, mtime),
+:func:`read_info` returns a frozen :class:`GGUFInfo`; results are cached by (file, size, mtime),
 so each blob is parsed once per daemon run. Parsing memory-maps the file and only touches the
 header (key/values and tensor infos), but a 256k-token vocabulary still takes a moment:
-async callers use :func:`read_info_async`, which runs in a worker thread.
+async callers use :func:`read_info_async`, which parses in a worker thread (a cache hit is
+returned inline).
 
 The supervisor turns a ``GGUFInfo`` into the scheduler's ModelFacts; /api/show uses
 :func:`model_info`, :func:`tensor_list` and :func:`capabilities`.
@@ -67,14 +68,17 @@ class GGUFInfo(msgspec.Struct, frozen=True):
     tensors: list[TensorInfo]
 
 
-_cache: dict[tuple[str, int, int], GGUFInfo] = {}
+_FileKey = tuple[int, int, int, int]
+_cache: dict[_FileKey, GGUFInfo] = {}
 _cache_lock = threading.Lock()
-_key_locks: dict[tuple[str, int, int], threading.Lock] = {}
+_key_locks: dict[_FileKey, threading.Lock] = {}
 
 
-def _file_key(path: Path) -> tuple[str, int, int]:
+def _file_key(path: Path) -> _FileKey:
+    """The file itself (device, inode: every link and symlink to it shares the key) and its
+    version (size, mtime). One stat call."""
     st = path.stat()
-    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def read_info(path: str | os.PathLike[str]) -> GGUFInfo:
@@ -98,6 +102,17 @@ def read_info(path: str | os.PathLike[str]) -> GGUFInfo:
 
 
 async def read_info_async(path: str | os.PathLike[str]) -> GGUFInfo:
+    """:func:`read_info` for the event loop: a cached parse that is still current costs one
+    stat call and is returned inline; a parse runs in a worker thread."""
+    try:
+        key = _file_key(Path(path))
+    except OSError:
+        key = None                        # read_info raises the real error in the thread
+    if key is not None:
+        with _cache_lock:
+            hit = _cache.get(key)
+        if hit is not None:
+            return hit
     return await asyncio.to_thread(read_info, path)
 
 
@@ -339,9 +354,9 @@ def capabilities(info: GGUFInfo | None, *, template: str | None = None,
 def _template_vars(template: str) -> frozenset[str]:
     """Lower-cased identifiers a Go template uses (Ollama's ``Template.Vars``); a template the
     parser rejects falls back to a plain text scan."""
-    from corral.daemon.templates import GoTemplate, TemplateError
+    from corral.daemon.templates import TemplateError, go_template
 
     try:
-        return GoTemplate(template).vars
+        return go_template(template).vars
     except TemplateError:
         return frozenset(m.lower() for m in re.findall(r"\.([A-Za-z_]\w*)", template))

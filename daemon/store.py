@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import os
 import re
+import stat
 import time
 import uuid
 from collections import Counter
@@ -417,6 +418,10 @@ class Store:
         self._name_locks: dict[tuple[str, ...], asyncio.Lock] = {}
         self._commit_lock = asyncio.Lock()
         self._pins: Counter[str] = Counter()
+        # manifest path -> ((inode, size, mtime_ns), record): see _read_record
+        self._records: dict[Path, tuple[tuple[int, int, int], ModelRecord]] = {}
+        # a name as clients spell it -> its manifest path, for names found with that spelling
+        self._exact_paths: dict[str, Path] = {}
 
     @contextlib.contextmanager
     def pinned(self) -> Iterator[Callable[[str], None]]:
@@ -485,15 +490,29 @@ class Store:
     # ---- reading ----------------------------------------------------------------------------
 
     def resolve(self, name: str | ModelName) -> ModelRecord:
-        """The model called ``name``; ``ApiError(400)`` for a bad name, 404 when absent."""
+        """The model called ``name``; ``ApiError(400)`` for a bad name, 404 when absent.
+
+        Fast path (every inference request): a name that resolved before to its exact spelling
+        on disk costs one stat of that manifest while the file is unchanged."""
+        if isinstance(name, str):
+            path = self._exact_paths.get(name)
+            if path is not None:
+                record = self._current_record(path)
+                if record is not None:
+                    return record
         parsed = parse_name(name) if isinstance(name, str) else name
         found = self._existing(parsed)
         if found is None:
             raise model_not_found(str(name) if isinstance(name, str) else parsed.display)
         try:
-            return self._read_record(found)
+            record = self._read_record(found)
         except FileNotFoundError:
             raise model_not_found(str(name) if isinstance(name, str) else parsed.display) from None
+        if isinstance(name, str) and found == parsed:   # not a case-insensitive match
+            if len(self._exact_paths) >= 1024:
+                self._exact_paths.clear()
+            self._exact_paths[name] = record.manifest_path
+        return record
 
     def exists(self, name: str | ModelName) -> bool:
         parsed = parse_name(name) if isinstance(name, str) else name
@@ -510,9 +529,36 @@ class Store:
         return self.blob_path(layer.digest).read_text(encoding="utf-8")
 
     def _read_record(self, name: ModelName) -> ModelRecord:
+        """The record of manifest ``name``, re-read only when the manifest file changed (another
+        inode, size or mtime: every writer replaces the file, Ollama too). Blobs are content-
+        addressed, so an unchanged manifest means an unchanged record. Records are shared
+        between callers: treat them and their lists and dicts as read-only."""
         path = self.manifest_path(name)
+        st = path.stat()
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._records.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        record = self._parse_record(name, path, st.st_mtime)
+        self._records[path] = (key, record)
+        return record
+
+    def _current_record(self, path: Path) -> ModelRecord | None:
+        """The cached record of the manifest at ``path`` if that is still a regular file and
+        unchanged, else None."""
+        cached = self._records.get(path)
+        if cached is None:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode) or cached[0] != (st.st_ino, st.st_size, st.st_mtime_ns):
+            return None
+        return cached[1]
+
+    def _parse_record(self, name: ModelName, path: Path, mtime: float) -> ModelRecord:
         manifest, raw = self.read_manifest(name)
-        mtime = path.stat().st_mtime
         config = ConfigBlob()
         if manifest.config.digest:
             with contextlib.suppress(FileNotFoundError, msgspec.DecodeError):
@@ -713,6 +759,7 @@ class Store:
             record = self._read_record(found)
             path = self.manifest_path(found)
             path.unlink()
+            self._records.pop(path, None)
             self._prune_empty_dirs(path.parent)
             self._remove_unreferenced(record.manifest.all_layers())
         return record

@@ -42,9 +42,17 @@ NDJSON = "application/x-ndjson"
 _enc = msgspec.json.Encoder()
 
 
+_second: tuple[int, str] = (-1, "")       # (epoch second, its "YYYY-MM-DDTHH:MM:SS")
+
+
 def now_rfc3339() -> str:
-    """``created_at``: UTC, microseconds, ``Z`` (Go's RFC3339Nano form, ≤ 6 digits)."""
-    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """``created_at``: UTC, microseconds, ``Z`` (Go's RFC3339Nano form, ≤ 6 digits). The date
+    part is formatted once per second (this runs for every streamed line)."""
+    global _second
+    sec, us = divmod(time.time_ns() // 1000, 1_000_000)
+    if _second[0] != sec:
+        _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{_second[1]}.{us:06d}Z"
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
@@ -331,7 +339,7 @@ def render(renderer: templates.Renderer, messages: Sequence[dict], tools: Sequen
 def parse_template(text: str) -> templates.GoTemplate:
     """A request's ``template`` override; a parse error is the client's: 400 (Ollama: 500)."""
     try:
-        return templates.GoTemplate(text)
+        return templates.go_template(text)
     except templates.TemplateError as e:
         raise ApiError(400, str(e)) from None
 
@@ -441,8 +449,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "raw mode does not support template, system, or context")
     images = opts.check_images(req.images)
     model = await resolve(app, req.model, style="quoted")
-    created = now_rfc3339()
     if req.prompt == "" and keep_alive == 0:
+        created = now_rfc3339()
         await app[SUPERVISOR].unload(model.record)
         return json_response({"model": req.model, "created_at": created, "response": "",
                               "done": True, "done_reason": "unload"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from typing import Annotated, Any
 
@@ -132,12 +133,19 @@ def decode_json(raw: bytes) -> Any:
         raise ApiError(400, f"invalid JSON in request body: {e}") from None
 
 
+@functools.cache
+def _wire_names(kind: type[Any]) -> dict[str, str]:
+    """lower-cased wire name -> wire name of each field of ``kind`` (``msgspec.structs.fields``
+    evaluates the type annotations: ~50 µs a call, so once per type)."""
+    return {f.encode_name.lower(): f.encode_name for f in msgspec.structs.fields(kind)}
+
+
 def fold_keys(data: Any, kind: type[Any]) -> Any:
     """Go's field matching: top-level keys of ``data`` that equal a field of ``kind`` ignoring
     case are renamed to it (an exact-case key wins over a differently cased duplicate)."""
     if not isinstance(data, dict):
         return data
-    fields = {f.encode_name.lower(): f.encode_name for f in msgspec.structs.fields(kind)}
+    fields = _wire_names(kind)
     folded: dict[str, Any] = {}
     for key, value in data.items():
         wire = fields.get(key.lower(), key)
