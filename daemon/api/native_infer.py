@@ -33,12 +33,12 @@ from corral.daemon.api import options as opts
 from corral.daemon.api.errors import ApiError
 from corral.daemon.api.keys import STORE, SUPERVISOR
 from corral.daemon.api.middleware import LOG_MODEL
+from corral.daemon.api.responses import LazyStream, json_response
 from corral.daemon.store import ModelRecord
 from corral.runner import protocol
 
 log = structlog.get_logger(__name__)
 
-NDJSON = "application/x-ndjson"
 _enc = msgspec.json.Encoder()
 
 
@@ -53,11 +53,6 @@ def now_rfc3339() -> str:
     if _second[0] != sec:
         _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
     return f"{_second[1]}.{us:06d}Z"
-
-
-def json_response(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(body=_enc.encode(obj), status=status, content_type="application/json",
-                        charset="utf-8")
 
 
 # ---- models and capabilities ---------------------------------------------------------------------
@@ -346,34 +341,6 @@ def parse_template(text: str) -> templates.GoTemplate:
 
 # ---- NDJSON streaming ------------------------------------------------------------------------------
 
-class NdjsonWriter:
-    """Writes lines, preparing the response at the first one. ``gone`` turns true when the client
-    closed the connection; later writes are dropped (the handler then stops)."""
-
-    def __init__(self, request: web.Request) -> None:
-        self.request = request
-        self.response: web.StreamResponse | None = None
-        self.gone = False
-
-    async def write(self, line: bytes) -> None:
-        if self.gone:
-            return
-        try:
-            if self.response is None:
-                self.response = web.StreamResponse(headers={"Content-Type": NDJSON})
-                await self.response.prepare(self.request)
-            await self.response.write(line)
-        except (ConnectionError, RuntimeError):
-            self.gone = True
-
-    async def finish(self) -> web.StreamResponse:
-        assert self.response is not None
-        if not self.gone:
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await self.response.write_eof()
-        return self.response
-
-
 def _stream_flag(value: bool | None) -> bool:
     return value is not False
 
@@ -395,20 +362,38 @@ async def _drive(request: web.Request, job: Job, stream: bool, chunk_line, final
                 return json_response(final_obj(ev))
             collect(ev)
         raise ApiError(500, "runner ended without a final record")
-    out = NdjsonWriter(request)
+    out = LazyStream.ndjson(request)
     try:
         async for ev in job.events():
             if isinstance(ev, Done):
-                await out.write(_enc.encode(final_obj(ev, streamed=True)) + b"\n")
+                await out.send(final_obj(ev, streamed=True))
                 break
             await out.write(chunk_line(ev))
             if out.gone:
                 break
     except ApiError as e:
-        if out.response is None:
+        if not out.started:
             raise
-        await out.write(_enc.encode({"error": e.message}) + b"\n")
+        await out.send({"error": e.message})
     return await out.finish()
+
+
+# ---- request set-up ------------------------------------------------------------------------------
+
+async def read_request(request: web.Request, kind: type[Any], missing: tuple[int, str],
+                       ) -> tuple[Any, float | None]:
+    """A native inference body decoded as ``kind`` -> (request, keep_alive seconds). Its model
+    goes into the request log; an empty model is ``ApiError(*missing)`` (Ollama's text differs
+    per route)."""
+    req = opts.decode(await request.read(), kind)
+    request[LOG_MODEL] = req.model
+    if not req.model:
+        raise ApiError(*missing)
+    return req, opts.keep_alive(req.keep_alive)
+
+
+_NOT_FOUND = (404, "model '' not found")
+_REQUIRED = (400, "model is required")
 
 
 # ---- /api/generate -------------------------------------------------------------------------------
@@ -438,11 +423,7 @@ def generate_prompt(model: Model, prompt: str, *, suffix: str = "", system: str 
 async def generate(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
     app = request.app
-    req = opts.decode(await request.read(), opts.GenerateRequest)
-    request[LOG_MODEL] = req.model
-    if not req.model:
-        raise ApiError(404, "model '' not found")
-    keep_alive = opts.keep_alive(req.keep_alive)
+    req, keep_alive = await read_request(request, opts.GenerateRequest, _NOT_FOUND)
     fmt = opts.parse_format(req.format)
     think = opts.parse_think(req.think)
     if req.raw and (req.template or req.system or req.context):
@@ -481,7 +462,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
             line = head + now_rfc3339().encode() + b'","response":' + _enc.encode(d.content)
             if d.thinking:
                 line += b',"thinking":' + _enc.encode(d.thinking)
-            return line + b',"done":false}\n'
+            return line + b',"done":false}'
 
         def collect(d: Delta) -> None:
             parts.append(d.content)
@@ -555,11 +536,7 @@ async def start_chat(app: web.Application, *, model_name: str, messages: list[di
 
 async def chat(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
-    req = opts.decode(await request.read(), opts.ChatRequest)
-    request[LOG_MODEL] = req.model
-    if not req.model:
-        raise ApiError(400, "model is required")
-    keep_alive = opts.keep_alive(req.keep_alive)
+    req, keep_alive = await read_request(request, opts.ChatRequest, _REQUIRED)
     fmt = opts.parse_format(req.format)
     think = opts.parse_think(req.think)
     messages = [_message_dict(m) for m in req.messages or []]
@@ -590,7 +567,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
         def chunk_line(d: Delta) -> bytes:
             return (head + now_rfc3339().encode() + b'","message":' + _enc.encode(message(d))
-                    + b',"done":false}\n')
+                    + b',"done":false}')
 
         def collect(d: Delta) -> None:
             parts.append(d.content)
@@ -642,11 +619,7 @@ async def embed_texts(app: web.Application, model: Model, inputs: list[str], *,
 
 async def embed(request: web.Request) -> web.Response:
     started = time.monotonic()
-    req = opts.decode(await request.read(), opts.EmbedRequest)
-    request[LOG_MODEL] = req.model
-    if not req.model:
-        raise ApiError(404, "model '' not found")
-    keep_alive = opts.keep_alive(req.keep_alive)
+    req, keep_alive = await read_request(request, opts.EmbedRequest, _NOT_FOUND)
     inputs = _embed_inputs(req.input)
     model = await resolve(request.app, req.model, style="store")
     res, load = await embed_texts(request.app, model, inputs, options=req.options,
@@ -661,11 +634,7 @@ async def embed(request: web.Request) -> web.Response:
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    req = opts.decode(await request.read(), opts.EmbeddingsRequest)
-    request[LOG_MODEL] = req.model
-    if not req.model:
-        raise ApiError(400, "model is required")
-    keep_alive = opts.keep_alive(req.keep_alive)
+    req, keep_alive = await read_request(request, opts.EmbeddingsRequest, _REQUIRED)
     model = await resolve(request.app, req.model, style="store")
     inputs = [req.prompt] if req.prompt else []
     res, _ = await embed_texts(request.app, model, inputs, options=req.options,

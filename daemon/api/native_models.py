@@ -24,13 +24,13 @@ from corral.daemon import gguf_info, modelfile
 from corral.daemon.api import options as opts
 from corral.daemon.api.errors import ApiError
 from corral.daemon.api.keys import STORE, SUPERVISOR
+from corral.daemon.api.responses import LazyStream, json_response
 from corral.daemon.registry import Registry
 from corral.daemon.store import ModelRecord, Store, parse_digest, parse_name
 
 log = structlog.get_logger(__name__)
 
 VERSION = "0.13.0"
-NDJSON = "application/x-ndjson"
 
 # The registry client used by pull/push; tests put one with a loopback mapping here.
 REGISTRY: web.AppKey[Registry] = web.AppKey("registry", Registry)
@@ -92,40 +92,6 @@ def timestamp(epoch: float) -> str:
     return dt.datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="microseconds")
 
 
-def _json(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(body=msgspec.json.encode(obj), status=status,
-                        content_type="application/json", charset="utf-8")
-
-
-class ProgressStream:
-    """Sends progress objects as NDJSON, preparing the response lazily on the first one.
-
-    Once the client is gone, further objects are dropped so the work (e.g. a pull) can finish.
-    """
-
-    def __init__(self, request: web.Request) -> None:
-        self.request = request
-        self.response: web.StreamResponse | None = None
-        self.gone = False
-
-    async def send(self, obj: dict[str, Any]) -> None:
-        if self.gone:
-            return
-        try:
-            if self.response is None:
-                self.response = web.StreamResponse(headers={"Content-Type": NDJSON})
-                await self.response.prepare(self.request)
-            await self.response.write(msgspec.json.encode(obj) + b"\n")
-        except (ConnectionError, RuntimeError):
-            self.gone = True
-
-    async def finish(self) -> web.StreamResponse:
-        assert self.response is not None
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await self.response.write_eof()
-        return self.response
-
-
 Work = Callable[[Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
 
 
@@ -139,15 +105,15 @@ async def run_progress(request: web.Request, stream: bool | None, work: Work) ->
             last.update(obj)
 
         await work(keep)
-        return _json(last or {"status": "success"})
-    out = ProgressStream(request)
+        return json_response(last or {"status": "success"})
+    out = LazyStream.ndjson(request)
     try:
         await work(out.send)
     except ApiError as err:
-        if out.response is None:
+        if not out.started:
             raise
         await out.send({"error": err.message})
-    if out.response is None:
+    if not out.started:
         await out.send({"status": "success"})
     return await out.finish()
 
@@ -201,7 +167,7 @@ async def root(request: web.Request) -> web.Response:
 
 
 async def version(request: web.Request) -> web.Response:
-    return _json({"version": VERSION})
+    return json_response({"version": VERSION})
 
 
 async def tags(request: web.Request) -> web.Response:
@@ -214,7 +180,7 @@ async def tags(request: web.Request) -> web.Response:
         if r.config.capabilities:
             item["capabilities"] = r.config.capabilities
         models.append(item)
-    return _json({"models": models})
+    return json_response({"models": models})
 
 
 async def show(request: web.Request) -> web.Response:
@@ -272,7 +238,7 @@ async def show(request: web.Request) -> web.Response:
     body["modified_at"] = timestamp(record.modified_at)
     if record.config.requires:
         body["requires"] = record.config.requires
-    return _json(body)
+    return json_response(body)
 
 
 def _legacy_modelfile(req: CreateRequest) -> CreateRequest:
@@ -347,7 +313,9 @@ async def delete(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
-async def pull(request: web.Request) -> web.StreamResponse:
+async def _transfer(request: web.Request, op: str) -> web.StreamResponse:
+    """/api/pull and /api/push: ``registry.<op>(name, insecure=, progress=)``, its progress
+    streamed (:func:`run_progress`)."""
     req = await read_body(request, ModelRequest)
     if not req.target():
         raise ApiError(400, "model is required")
@@ -355,22 +323,17 @@ async def pull(request: web.Request) -> web.StreamResponse:
     registry = _registry(request)
 
     async def work(progress: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
-        await registry.pull(name, insecure=req.insecure, progress=progress)
+        await getattr(registry, op)(name, insecure=req.insecure, progress=progress)
 
     return await run_progress(request, req.stream, work)
+
+
+async def pull(request: web.Request) -> web.StreamResponse:
+    return await _transfer(request, "pull")
 
 
 async def push(request: web.Request) -> web.StreamResponse:
-    req = await read_body(request, ModelRequest)
-    if not req.target():
-        raise ApiError(400, "model is required")
-    name = parse_name(req.target())
-    registry = _registry(request)
-
-    async def work(progress: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
-        await registry.push(name, insecure=req.insecure, progress=progress)
-
-    return await run_progress(request, req.stream, work)
+    return await _transfer(request, "push")
 
 
 def add_routes(app: web.Application) -> None:

@@ -11,7 +11,6 @@ does that for every path under /v1/); an error after the stream started is a las
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import random
 import struct
@@ -27,6 +26,7 @@ from corral.daemon.api import options as opts
 from corral.daemon.api.errors import ApiError, openai_body
 from corral.daemon.api.keys import STORE
 from corral.daemon.api.middleware import LOG_MODEL
+from corral.daemon.api.responses import LazyStream, json_response
 
 _enc = msgspec.json.Encoder()
 FINGERPRINT = "fp_ollama"
@@ -127,6 +127,24 @@ def _body(raw: bytes, schema: type[msgspec.Struct]) -> dict[str, Any]:
     data = opts.fold_keys(data, schema)
     opts.convert(data, schema)
     return data
+
+
+async def _read(request: web.Request, schema: type[msgspec.Struct], missing: tuple[int, str],
+                ) -> tuple[dict[str, Any], str]:
+    """(body checked against ``schema``, its model name). The name goes into the request log;
+    an empty one is ``ApiError(*missing)`` (Ollama's text differs per route)."""
+    body = _body(await request.read(), schema)
+    model_name = body.get("model") or ""
+    request[LOG_MODEL] = model_name
+    if not isinstance(model_name, str) or not model_name:
+        raise ApiError(*missing)
+    return body, model_name
+
+
+def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, stream_options.include_usage): usage chunks only when streaming."""
+    stream = body.get("stream") is True
+    return stream, stream and bool((body.get("stream_options") or {}).get("include_usage"))
 
 
 def _options(body: dict[str, Any], *, top_p_zero_is_default: bool = False) -> dict[str, Any]:
@@ -275,53 +293,30 @@ def _finish(done: core.Done, tool_calls: bool) -> str:
     return "tool_calls" if tool_calls else "stop"
 
 
-class SseWriter:
-    """``data: <json>`` events; the response is prepared at the first one."""
-
-    def __init__(self, request: web.Request) -> None:
-        self.request = request
-        self.response: web.StreamResponse | None = None
-        self.gone = False
-
-    async def send(self, payload: bytes) -> None:
-        if self.gone:
-            return
-        try:
-            if self.response is None:
-                self.response = web.StreamResponse(headers={
-                    "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-                await self.response.prepare(self.request)
-            await self.response.write(b"data: " + payload + b"\n\n")
-        except (ConnectionError, RuntimeError):
-            self.gone = True
-
-    async def finish(self) -> web.StreamResponse:
-        await self.send(b"[DONE]")
-        assert self.response is not None
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await self.response.write_eof()
-        return self.response
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
 async def _stream(request: web.Request, job: core.Job, chunk: Callable[[dict], bytes],
                   delta_of: Callable[[core.Delta], dict | None],
                   finish: Callable[[core.Done], list[bytes]]) -> web.StreamResponse:
-    out = SseWriter(request)
+    """``data: <json>`` events, then ``data: [DONE]``."""
+    out = LazyStream(request, _SSE_HEADERS, prefix=b"data: ", suffix=b"\n\n")
     try:
         async for ev in job.events():
             if isinstance(ev, core.Done):
                 for payload in finish(ev):
-                    await out.send(payload)
+                    await out.write(payload)
                 break
             d = delta_of(ev)
             if d is not None:
-                await out.send(chunk(d))
+                await out.write(chunk(d))
             if out.gone:
                 break
     except ApiError as e:
-        if out.response is None:
+        if not out.started:
             raise
-        await out.send(_enc.encode(openai_body(e)))
+        await out.send(openai_body(e))
+    await out.write(b"[DONE]")
     return await out.finish()
 
 
@@ -329,14 +324,9 @@ async def _stream(request: web.Request, job: core.Job, chunk: Callable[[dict], b
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
-    body = _body(await request.read(), ChatCompletionRequest)
-    model_name = body.get("model") or ""
-    request[LOG_MODEL] = model_name
-    if not isinstance(model_name, str) or not model_name:
-        raise ApiError(400, "model is required")
+    body, model_name = await _read(request, ChatCompletionRequest, (400, "model is required"))
     messages = chat_messages(body.get("messages"))
-    stream = body.get("stream") is True
-    include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
+    stream, include_usage = _streaming(body)
     tools = body.get("tools") or None
     started_job = await core.start_chat(
         request.app, model_name=model_name, messages=messages, tools=tools,
@@ -355,7 +345,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                         msg["reasoning"] = "".join(thoughts)
                     if calls:
                         msg["tool_calls"] = _tool_calls(calls)
-                    return core.json_response({
+                    return json_response({
                         "id": cid, "object": "chat.completion", "created": created,
                         "model": model_name, "system_fingerprint": FINGERPRINT,
                         "choices": [{"index": 0, "message": msg,
@@ -403,19 +393,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
-    body = _body(await request.read(), CompletionRequest)
-    model_name = body.get("model") or ""
-    request[LOG_MODEL] = model_name
-    if not isinstance(model_name, str) or not model_name:
-        raise ApiError(404, "model '' not found")
+    body, model_name = await _read(request, CompletionRequest, (404, "model '' not found"))
     prompt = body.get("prompt", "")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise ApiError(400, "invalid type for 'prompt' field: only a string is supported")
     suffix = body.get("suffix") or ""
-    stream = body.get("stream") is True
-    include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
+    stream, include_usage = _streaming(body)
     options = _options(body, top_p_zero_is_default=True)
     model = await core.resolve(request.app, model_name, style="quoted")
     if "completion" not in model.capabilities:
@@ -435,7 +420,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             parts = []
             async for ev in job.events():
                 if isinstance(ev, core.Done):
-                    return core.json_response({**head, "choices": [{
+                    return json_response({**head, "choices": [{
                         "text": "".join(parts), "index": 0,
                         "finish_reason": _finish(ev, False)}], "usage": _usage(ev)})
                 parts.append(ev.content)
@@ -461,11 +446,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 # ---- /v1/embeddings ----------------------------------------------------------------------------
 
 async def embeddings(request: web.Request) -> web.Response:
-    body = _body(await request.read(), EmbeddingRequest)
-    model_name = body.get("model") or ""
-    request[LOG_MODEL] = model_name
-    if not isinstance(model_name, str) or not model_name:
-        raise ApiError(400, "model is required")
+    body, model_name = await _read(request, EmbeddingRequest, (400, "model is required"))
     raw = body.get("input")
     if isinstance(raw, str):
         inputs = [raw]
@@ -487,9 +468,9 @@ async def embeddings(request: web.Request) -> web.Response:
         value: Any = vec if encoding == "float" else base64.b64encode(
             struct.pack(f"<{len(vec)}f", *vec)).decode()
         data.append({"object": "embedding", "embedding": value, "index": i})
-    return core.json_response({"object": "list", "data": data, "model": model_name,
-                               "usage": {"prompt_tokens": res.prompt_eval_count,
-                                         "total_tokens": res.prompt_eval_count}})
+    return json_response({"object": "list", "data": data, "model": model_name,
+                          "usage": {"prompt_tokens": res.prompt_eval_count,
+                                    "total_tokens": res.prompt_eval_count}})
 
 
 # ---- /v1/models --------------------------------------------------------------------------------
@@ -502,8 +483,8 @@ def _model_obj(model_id: str, record: Any) -> dict[str, Any]:
 async def list_models(request: web.Request) -> web.Response:
     import asyncio
     records = await asyncio.to_thread(request.app[STORE].list)
-    return core.json_response({"object": "list",
-                               "data": [_model_obj(r.name, r) for r in records]})
+    return json_response({"object": "list",
+                          "data": [_model_obj(r.name, r) for r in records]})
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
@@ -514,7 +495,7 @@ async def retrieve_model(request: web.Request) -> web.Response:
         if e.status == 404:
             raise ApiError(404, f"model '{name}' not found") from None
         raise
-    return core.json_response(_model_obj(name, record))
+    return json_response(_model_obj(name, record))
 
 
 def add_routes(app: web.Application) -> None:

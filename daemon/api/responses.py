@@ -1,0 +1,70 @@
+"""Response helpers shared by the route modules: a JSON response and a lazily started stream.
+
+:class:`LazyStream` is every streamed answer (NDJSON of generate/chat/pull/push/create, SSE of
+``/v1``): its headers go out with the first frame, so a handler that fails before that still
+answers with a real status; after it, the handler reports a late error as a last frame.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+NDJSON = "application/x-ndjson"
+_enc = msgspec.json.Encoder()
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_enc.encode(obj), status=status, content_type="application/json",
+                        charset="utf-8")
+
+
+class LazyStream:
+    """Frames ``prefix + payload + suffix``; the response (with ``headers``) is prepared at the
+    first one. ``gone`` turns true when the client closed the connection; later frames are
+    dropped (the handler then stops, or lets its work finish). Never raises on a closed
+    connection."""
+
+    def __init__(self, request: web.Request, headers: dict[str, str], *, prefix: bytes = b"",
+                 suffix: bytes = b"\n") -> None:
+        self.request = request
+        self.headers = headers
+        self.prefix, self.suffix = prefix, suffix
+        self.response: web.StreamResponse | None = None
+        self.gone = False
+
+    @classmethod
+    def ndjson(cls, request: web.Request) -> LazyStream:
+        """One JSON value per line."""
+        return cls(request, {"Content-Type": NDJSON})
+
+    @property
+    def started(self) -> bool:
+        """Whether the headers (200) went out: an error must then be a frame."""
+        return self.response is not None
+
+    async def write(self, payload: bytes) -> None:
+        if self.gone:
+            return
+        try:
+            if self.response is None:
+                self.response = web.StreamResponse(headers=self.headers)
+                await self.response.prepare(self.request)
+            await self.response.write(self.prefix + payload + self.suffix)
+        except (ConnectionError, RuntimeError):
+            self.gone = True
+
+    async def send(self, obj: Any) -> None:
+        """``write`` of ``obj`` as JSON."""
+        await self.write(_enc.encode(obj))
+
+    async def finish(self) -> web.StreamResponse:
+        """End the stream; at least one frame must have been written."""
+        assert self.response is not None
+        if not self.gone:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.response.write_eof()
+        return self.response
