@@ -8,6 +8,31 @@
 (c) time to first token, p50, per concurrency.
 
     .venv/bin/python bench/runner.py [--model PATH] [--threads 2] [--tokens 128] [--repeat 2]
+
+Why (b) stays below ~2x on a 2-core CPU (measured on this machine, a 2-core Zen 5 VM; the last
+two lines of the output reproduce it). The runner reaches the bare llama_decode ceiling; the
+ceiling itself is compute-bound. Gemma 3 270M's tied 640 x 262144 Q8_0 output projection is 168M
+of its ~240M multiply-adds per generated token (logits are requested for each sequence's last
+token only; prompt tokens compute none). ggml's Q8_0 dot kernel does ~22 GMAC/s per core here,
+~7.5 ms per sequence per core, and that cost is per column: batching does not amortise it, it
+only amortises the transformer layers (Q5_0/Q4_K, ~5 ms for one token, ~13 ms for four on one
+thread). One 4-sequence step therefore costs >= 4 x 7.5 / 2 + ~6 = ~21 ms on 2 threads against
+~11-13 ms for one token, i.e. <= ~2.2x in theory and ~1.6-1.8x as measured.
+
+The stock build was worse: llamafile's tinyBLAS takes every Q8_0 matmul from 2 columns on and,
+with k = 20 blocks per row, is 1.7-2.4x slower per column than vec_dot at 2-4 columns.
+scripts/patch-llama.py sends 2-7 columns back to vec_dot. Bare llama_decode, one token of each
+of n sequences, ms per call (1 thread: CPU time; 2 threads: wall, best of interleaved runs):
+
+    n                       1      2      4      8
+    1 thread, stock      12.7   46.1   66.4   82.8   (without logits: 4.9  9.1  13.4  24.2)
+    1 thread, patched    13.6   25.9   44.7      -
+    2 threads, stock     10.9   24.0   33.5   41.5
+    2 threads, patched   12.2   22.6   28.4      -   (n = 8 takes the stock path)
+
+Not helping (measured): GGML_LLAMAFILE=OFF (same decode gain but prompt processing 460 -> 290
+tok/s, and the Q5_0 layers lose tinyBLAS at 4-8 tokens); per-sequence splitting of a step (the
+engine already does it when k single calls are cheaper, see Engine._split).
 """
 
 from __future__ import annotations
@@ -64,9 +89,11 @@ class Baseline:
         return (n - 1) / (t_last - t_first)
 
 
-def decode_ceiling(model: str, threads: int, sizes=(1, 2, 4, 8), steps: int = 30) -> dict[int, float]:
+def decode_ceiling(model: str, threads: int, sizes=(1, 2, 4, 8), steps: int = 30,
+                   logits: bool = True) -> dict[int, float]:
     """tok/s of bare llama_decode calls holding one token of each of n sequences (no sampling,
-    no Python per token): what batching can give on this machine at best."""
+    no Python per token): what batching can give on this machine at best. ``logits=False``
+    skips the output projection (the 262k-vocab matmul) to show its share."""
     import ctypes
 
     import llama_cpp as L
@@ -86,7 +113,7 @@ def decode_ceiling(model: str, threads: int, sizes=(1, 2, 4, 8), steps: int = 30
         n = 0
         for s in seqs:
             for _ in range(per_seq):
-                b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = 100 + pos[s] % 1000, pos[s], 1, True
+                b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = 100 + pos[s] % 1000, pos[s], 1, logits
                 b.seq_id[n][0] = s
                 pos[s] += 1
                 n += 1
@@ -209,6 +236,9 @@ def main() -> None:
         ceiling = decode_ceiling(args.model, args.threads)
         print("ceiling: bare llama_decode, one token of n sequences per call: "
               + ", ".join(f"{k}: {v:.0f} tok/s ({v / ceiling[1]:.2f}x)" for k, v in ceiling.items()))
+        bare = decode_ceiling(args.model, args.threads, logits=False)
+        print("ms per call, of which output projection (same call without logits subtracted): "
+              + ", ".join(f"{k}: {1e3 * k / v:.1f} ({1e3 * k / v - 1e3 * k / bare[k]:.1f})" for k, v in ceiling.items()))
         print(f"summary: ratio_a={one / base:.3f} scaling_4={agg[4] / agg[1]:.2f} scaling_8={agg[8] / agg[1]:.2f}")
     finally:
         runner.close()
