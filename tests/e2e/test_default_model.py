@@ -38,7 +38,6 @@ def test_gemma_chat_native_and_openai(daemon):
     # timings are sane: positive, and the parts fit in the total
     assert 0 < r.eval_duration < r.total_duration
     assert 0 < r.prompt_eval_duration < r.total_duration
-    assert r.eval_count / (r.eval_duration / 1e9) > 1.0  # tokens/s
     with openai.OpenAI(base_url=daemon.url + "/v1", api_key="x") as oai:
         text = "".join(ch.choices[0].delta.content or "" for ch in oai.chat.completions.create(
             model="gemma3:270m", max_tokens=16, temperature=0, stream=True,
