@@ -17,20 +17,21 @@ token only; prompt tokens compute none). ggml's Q8_0 dot kernel does ~22 GMAC/s 
 ~7.5 ms per sequence per core, and that cost is per column: batching does not amortise it, it
 only amortises the transformer layers (Q5_0/Q4_K, ~5 ms for one token, ~13 ms for four on one
 thread). One 4-sequence step therefore costs >= 4 x 7.5 / 2 + ~6 = ~21 ms on 2 threads against
-~11-13 ms for one token, i.e. <= ~2.2x in theory and ~1.6-1.8x as measured.
+~11 ms for one token, i.e. <= ~2.1x in theory and ~1.6x as measured (28 ms).
 
 The stock build was worse: llamafile's tinyBLAS takes every Q8_0 matmul from 2 columns on and,
 with k = 20 blocks per row, is 1.7-2.4x slower per column than vec_dot at 2-4 columns.
 scripts/patch-llama.py sends 2-7 columns back to vec_dot. Bare llama_decode, one token of each
-of n sequences, ms per call (1 thread: CPU time; 2 threads: wall, best of interleaved runs):
+of n sequences, ms per call (10th percentile of 40-80 calls; 1 thread: CPU time; 2 threads: wall, stock and patched
+runs interleaved):
 
     n                       1      2      4      8
     1 thread, stock      12.7   46.1   66.4   82.8   (without logits: 4.9  9.1  13.4  24.2)
     1 thread, patched    13.6   25.9   44.7      -
-    2 threads, stock     10.9   24.0   33.5   41.5
-    2 threads, patched   12.2   22.6   28.4      -   (n = 8 takes the stock path)
+    2 threads, stock     11.2   24.4   35.5   42.2   (n = 1 and 4: medians of 3 interleaved runs)
+    2 threads, patched   11.2   23.2   28.0      -   (n = 8 takes the stock path)
 
-Not helping (measured): GGML_LLAMAFILE=OFF (same decode gain but prompt processing 460 -> 290
+Not helping (measured): GGML_LLAMAFILE=OFF (a similar decode gain but prompt processing 460 -> 290
 tok/s, and the Q5_0 layers lose tinyBLAS at 4-8 tokens); per-sequence splitting of a step (the
 engine already does it when k single calls are cheaper, see Engine._split).
 """
