@@ -274,6 +274,8 @@ class ModelRecord:
 
 
 ProgressFn = Callable[[dict[str, Any]], Awaitable[None] | None]
+# Fetches a missing model into the store (``Registry.pull`` bound to its options).
+PullFn = Callable[[ModelName, ProgressFn | None], Awaitable[Any]]
 
 
 async def _report(progress: ProgressFn | None, msg: dict[str, Any]) -> None:
@@ -815,6 +817,7 @@ class Store:
         license: str | list[str] | None = None,
         quantize: str | None = None,
         progress: ProgressFn | None = None,
+        pull: PullFn | None = None,
     ) -> ModelRecord:
         """Create (or replace) model ``name`` in the current ``/api/create`` form.
 
@@ -822,6 +825,10 @@ class Store:
         (names, files, template, messages, parameters) runs before anything is written, so a
         rejected create leaves the store as it was; a later I/O failure leaves the manifests
         unchanged (new small layer blobs may stay until the next prune, as in Ollama).
+
+        A ``from_`` model missing here is fetched with ``pull(name, progress)`` first (Ollama's
+        ``parseFromModel``), its progress in the same stream; without ``pull`` it is a 404. A
+        failed pull writes no manifest and ends the create with the pull's error.
         """
         target = parse_name(name)
         async with self.name_lock(target):
@@ -829,14 +836,15 @@ class Store:
                 return await self._create(
                     target, pin, from_=from_, files=files, adapters=adapters, template=template,
                     system=system, parameters=parameters, messages=messages, license=license,
-                    quantize=quantize, progress=progress)
+                    quantize=quantize, progress=progress, pull=pull)
 
     async def _create(self, target: ModelName, pin: Callable[[str], None], *,
                       from_: str | None, files: Mapping[str, str] | None,
                       adapters: Mapping[str, str] | None, template: str | None,
                       system: str | None, parameters: Mapping[str, Any] | None,
                       messages: list[dict[str, Any]] | None, license: str | list[str] | None,
-                      quantize: str | None, progress: ProgressFn | None) -> ModelRecord:
+                      quantize: str | None, progress: ProgressFn | None,
+                      pull: PullFn | None) -> ModelRecord:
         from corral.daemon import gguf_info  # local: gguf/numpy are heavy to import
 
         if quantize:
@@ -867,6 +875,11 @@ class Store:
         config = ConfigBlob(model_format="gguf")
         inherited_params: dict[str, Any] = {}
         if from_:
+            source_name = parse_name(from_)
+            # Not when the source is the target: its name lock is ours (the pull would wait on it).
+            if (pull is not None and source_name.key() != target.key()
+                    and not self.exists(source_name)):
+                await pull(source_name, progress)
             source = self.resolve(from_)
             for layer in source.manifest.all_layers():
                 pin(layer.digest)

@@ -26,7 +26,14 @@ from corral.daemon.api.errors import ApiError
 from corral.daemon.api.keys import STORE, SUPERVISOR
 from corral.daemon.api.responses import LazyStream, json_response
 from corral.daemon.registry import Registry
-from corral.daemon.store import ModelRecord, Store, parse_digest, parse_name
+from corral.daemon.store import (
+    ModelName,
+    ModelRecord,
+    ProgressFn,
+    Store,
+    parse_digest,
+    parse_name,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -270,12 +277,16 @@ async def create(request: web.Request) -> web.StreamResponse:
     store = _store(request)
     replaced = store.resolve(target) if store.exists(target) else None
 
+    async def pull_missing(name: ModelName, progress: ProgressFn | None) -> None:
+        # As Ollama's parseFromModel: default registry options (CreateRequest has no insecure).
+        await _registry(request).pull(name, insecure=False, progress=progress)
+
     async def work(progress: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
         await store.create(
             target, from_=req.from_, files=req.files, adapters=req.adapters,
             template=req.template, system=req.system, parameters=req.parameters,
             messages=req.messages, license=req.license, quantize=req.quantize or req.quantization,
-            progress=progress)
+            progress=progress, pull=pull_missing)
         if replaced is not None:
             _unload_soon(request, replaced)
 

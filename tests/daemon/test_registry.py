@@ -14,6 +14,7 @@ import ollama
 import pytest
 
 from corral.daemon.api.errors import ApiError
+from corral.daemon.api.native_models import REGISTRY
 from corral.daemon.registry import Registry
 from corral.daemon.store import MEDIA_MODEL, MEDIA_PARAMS, MEDIA_TEMPLATE, Store
 from tests.daemon.registry_server import OLLAMA_TEMPLATE, RegistryServer
@@ -274,6 +275,68 @@ async def test_pull_and_push_routes(srv: Server, reg: RegistryServer, tiny_gguf:
                                                 "insecure": True}) as r:
             assert r.status == 200
             assert r.headers["Content-Type"] == "application/x-ndjson"
+            lines = (await r.read()).decode().splitlines()
+        assert [json.loads(x) for x in lines] == [
+            {"status": "pulling manifest"}, {"error": "pull model manifest: file does not exist"}]
+
+
+async def test_create_from_missing_model_pulls_it_first(srv: Server, reg: RegistryServer,
+                                                        tiny_gguf: Path) -> None:
+    """Ollama's parseFromModel: a ``from`` not in the store is pulled (default registry options,
+    no insecure: the loopback registry is reached through ``base_url_for``), its progress lines in
+    the create stream; a ``from`` the registry lacks fails with the pull's error and no trace."""
+    gguf = tiny_gguf.read_bytes()
+    reg.publish("library/base", "latest", [
+        (MEDIA_MODEL, gguf), (MEDIA_TEMPLATE, OLLAMA_TEMPLATE.encode()),
+        (MEDIA_PARAMS, b'{"stop":["<|eot_id|>"]}')])
+    srv.server.app[REGISTRY].base_url_for = lambda _name: f"http://{reg.host}"
+    base = f"{reg.host}/library/base:latest"
+    assert not srv.store.exists(base)
+
+    client = ollama.AsyncClient(host=srv.url)
+    try:
+        lines = [p async for p in await client.create(
+            model="derived", from_=base, system="be brief", parameters={"temperature": 0.25},
+            stream=True)]
+        statuses = [p.status for p in lines]
+        assert statuses[0] == "pulling manifest"  # the pull's lines come first, as in Ollama
+        assert any(p.digest == sha(gguf) and p.total == len(gguf) for p in lines)
+        assert statuses.index("writing manifest") < statuses.index("success") < len(statuses) - 1
+        assert statuses[-1] == "success"
+        pulled = srv.store.resolve(base)
+        assert pulled.model_path is not None and pulled.model_path.read_bytes() == gguf
+        derived = srv.store.resolve("derived")
+        assert derived.system == "be brief"
+        assert derived.parameters == {"stop": ["<|eot_id|>"], "temperature": 0.25}
+        assert derived.template == OLLAMA_TEMPLATE
+        assert derived.model_path == pulled.model_path
+        assert (await client.show("derived")).details.parent_model == base
+
+        # the base is local now: a second derived model does not touch the registry
+        reg.requests.clear()
+        assert (await client.create(model="derived2", from_=base)).status == "success"
+        assert reg.requests == []
+
+        # unknown `from`: streaming ⇒ the pull's error line; stream=false ⇒ 500; nothing stored
+        before = tree(srv.root)
+        with pytest.raises(ollama.ResponseError) as exc:
+            async for _ in await client.create(model="bad", from_=f"{reg.host}/library/nope",
+                                               stream=True):
+                pass
+        assert exc.value.error == "pull model manifest: file does not exist"
+        with pytest.raises(ollama.ResponseError) as exc:
+            await client.create(model="bad", from_=f"{reg.host}/library/nope")
+        assert exc.value.status_code == 500
+        assert exc.value.error == "pull model manifest: file does not exist"
+        assert tree(srv.root) == before
+        assert not srv.store.exists("bad") and not srv.store.exists(f"{reg.host}/library/nope")
+    finally:
+        await client._client.aclose()
+
+    async with aiohttp.ClientSession(base_url=srv.url) as http:
+        async with http.post("/api/create", json={"model": "bad",
+                                                  "from": f"{reg.host}/library/nope"}) as r:
+            assert r.status == 200
             lines = (await r.read()).decode().splitlines()
         assert [json.loads(x) for x in lines] == [
             {"status": "pulling manifest"}, {"error": "pull model manifest: file does not exist"}]
