@@ -259,7 +259,7 @@ class Registry:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             raise ApiError(500, f"pull model manifest: {e or type(e).__name__}") from None
         if resp.status == 404:
-            raise ApiError(500, "pull model manifest: file does not exist")
+            raise ApiError(404, "pull model manifest: file does not exist")
         if resp.status >= 400:
             raise ApiError(500, f"pull model manifest: {resp.status}: "
                                 f"{body.decode('utf-8', 'replace').strip()}")

@@ -259,14 +259,15 @@ async def test_pull_and_push_routes(srv: Server, reg: RegistryServer, tiny_gguf:
         assert (await client.push(f"{reg.host}/me/copy:1", insecure=True)).status == "success"
         assert ("me/copy", "1") in reg.manifests
 
-        # unknown model: 200 stream with a final error line; stream=false: 500
+        # unknown model: 200 stream with a final error line; stream=false: 404 (Ollama: 500;
+        # a model the registry doesn't have is the client's error, not the server's)
         with pytest.raises(ollama.ResponseError) as exc:
             async for _ in await client.pull(f"{reg.host}/library/nope", insecure=True, stream=True):
                 pass
         assert exc.value.error == "pull model manifest: file does not exist"
         with pytest.raises(ollama.ResponseError) as exc:
             await client.pull(f"{reg.host}/library/nope", insecure=True)
-        assert exc.value.status_code == 500
+        assert exc.value.status_code == 404
     finally:
         await client._client.aclose()
 
@@ -317,7 +318,7 @@ async def test_create_from_missing_model_pulls_it_first(srv: Server, reg: Regist
         assert (await client.create(model="derived2", from_=base)).status == "success"
         assert reg.requests == []
 
-        # unknown `from`: streaming ⇒ the pull's error line; stream=false ⇒ 500; nothing stored
+        # unknown `from`: streaming ⇒ the pull's error line; stream=false ⇒ 404; nothing stored
         before = tree(srv.root)
         with pytest.raises(ollama.ResponseError) as exc:
             async for _ in await client.create(model="bad", from_=f"{reg.host}/library/nope",
@@ -326,7 +327,7 @@ async def test_create_from_missing_model_pulls_it_first(srv: Server, reg: Regist
         assert exc.value.error == "pull model manifest: file does not exist"
         with pytest.raises(ollama.ResponseError) as exc:
             await client.create(model="bad", from_=f"{reg.host}/library/nope")
-        assert exc.value.status_code == 500
+        assert exc.value.status_code == 404
         assert exc.value.error == "pull model manifest: file does not exist"
         assert tree(srv.root) == before
         assert not srv.store.exists("bad") and not srv.store.exists(f"{reg.host}/library/nope")
