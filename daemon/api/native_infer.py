@@ -290,6 +290,96 @@ class Job:
                         load_duration=self.load_duration, tokens=ev.tokens)
 
 
+# ---- chat history truncation -----------------------------------------------------------------------
+
+# Tokens a tokenizer adds beyond what the text itself yields: BOS and EOS (add_special) and
+# SentencePiece's dummy-prefix space (a one-byte "▁" that can be a token of its own), rounded up.
+_ADDED_TOKENS = 4
+
+
+def token_bound(text: str) -> int:
+    """An upper bound on the tokens llama.cpp makes of ``text`` (with BOS), no tokenizer needed.
+
+    Every token the tokenizer cuts from the text covers at least one byte of it: BPE and WPM
+    pieces are merges of whole bytes, a parsed special token covers its own text, and
+    SentencePiece's byte fallback (the tiny test model, llama 2, gemma) is the worst case, one
+    token per byte. SentencePiece first escapes each space to "▁" (3 bytes) and falls back on the
+    escaped bytes, so a vocabulary without a "▁" piece spends up to 3 tokens per space: hence 2
+    extra per space. Tokens that cover no text are the ``_ADDED_TOKENS``. Not covered: UGM (T5)
+    vocabularies, whose charsmap normalization can expand text (NFKC); no chat model uses one,
+    and a wrong guess only means the runner truncates (num_keep + tail) instead of us."""
+    return len(text.encode("utf-8", "surrogatepass")) + 2 * text.count(" ") + _ADDED_TOKENS
+
+
+async def count_tokens(lease: Any, text: str) -> int:
+    """The runner's token count for ``text`` as ``/completion`` would tokenize it (BOS added,
+    special tokens parsed). One HTTP round trip."""
+    body = protocol.TokenizeRequest(content=text, add_special=True, parse_special=True)
+    res = await runner_json(lease, "/tokenize", body, protocol.TokenizeResponse)
+    return len(res.tokens)
+
+
+@dataclass(slots=True)
+class ChatHistory:
+    """A rendered chat that can be re-rendered without its oldest messages (Ollama's
+    ``server/prompt.go chatPrompt``): :meth:`fit` is called once the runner, hence its context
+    per slot, is known."""
+
+    renderer: templates.Renderer
+    messages: list[dict]
+    tools: Sequence[dict] | None
+    think: tuple[bool, str, bool]
+    prompt: str                       # the rendering of all of ``messages``
+
+    def _render(self, start: int) -> str:
+        """The system messages before ``start`` + ``messages[start:]``, rendered."""
+        if start == 0:
+            return self.prompt
+        kept = [m for m in self.messages[:start] if m.get("role") == "system"]
+        return render(self.renderer, kept + self.messages[start:], self.tools, think=self.think)
+
+    async def fit(self, lease: Any) -> str:
+        """The prompt with the fewest oldest non-system messages dropped so that it fits the
+        slot with room for one generated token (the runner's own truncation limit, so it never
+        cuts a prompt fitted here). System messages and the last message always stay; if the
+        last message alone does not fit it is sent anyway and the runner truncates it.
+
+        Cost: nothing but a length check when :func:`token_bound` of the whole prompt fits (the
+        usual case); otherwise one ``/tokenize`` of the whole prompt and, when it is too long, a
+        binary search over the first kept message, tokenizing only renderings whose bound does
+        not already fit: O(log n) round trips where Ollama tokenizes up to n renderings. The
+        search assumes a longer suffix never renders to fewer tokens (true of chat templates),
+        which makes it pick Ollama's message: the oldest one from which every later one fits."""
+        limit = lease.n_ctx - 1
+        calls = 0
+
+        async def fits(text: str) -> bool:
+            nonlocal calls
+            if token_bound(text) <= limit:
+                return True
+            calls += 1
+            return await count_tokens(lease, text) <= limit
+
+        if await fits(self.prompt):
+            if calls:
+                log.debug("api.chat_fits", tokenize_calls=calls, n_ctx=lease.n_ctx)
+            return self.prompt
+        lo, hi = 1, len(self.messages) - 1     # hi: the last message is always kept
+        best = None
+        while lo < hi:
+            mid = (lo + hi) // 2
+            text = self._render(mid)
+            if await fits(text):
+                hi, best = mid, text
+            else:
+                lo = mid + 1
+        prompt = best if best is not None else self._render(hi)   # best: the rendering of hi
+        log.debug("api.chat_truncated", dropped=sum(1 for m in self.messages[:hi]
+                                                    if m.get("role") != "system"),
+                  kept=len(self.messages) - hi, tokenize_calls=calls, n_ctx=lease.n_ctx)
+        return prompt
+
+
 def sampling(options: dict[str, Any]) -> protocol.SamplingOptions:
     try:
         return protocol.SamplingOptions.from_ollama(options)
@@ -303,9 +393,12 @@ async def completion_job(app: web.Application, model: Model, *, options: dict[st
                          context: list[int] | None = None, fmt: Any = None, stream: bool = True,
                          thinking: bool = False, tools: Sequence[dict] | None = None,
                          renderer: templates.Renderer | None = None, shift: bool | None = None,
-                         truncate: bool | None = None) -> AsyncIterator[Job]:
+                         truncate: bool | None = None, history: ChatHistory | None = None,
+                         ) -> AsyncIterator[Job]:
     """Acquire a slot for ``model`` and yield the :class:`Job` (load-only when ``prompt`` is
-    None). Releases the lease on exit, exactly once."""
+    None). With ``history`` (a chat whose rendering is ``prompt``) and ``truncate`` not False,
+    the oldest messages are dropped until the prompt fits the runner's slot. Releases the lease
+    on exit, exactly once."""
     body = None
     if prompt is not None:
         body = protocol.CompletionRequest(
@@ -313,6 +406,10 @@ async def completion_job(app: web.Application, model: Model, *, options: dict[st
             stream=stream, shift=shift, truncate=True if truncate is None else truncate)
     lease = await app[SUPERVISOR].acquire(model.record, options, keep_alive, kind="completion")
     async with lease:
+        if body is not None and history is not None and body.truncate:
+            fitted = await history.fit(lease)
+            if fitted is not body.prompt:
+                body = msgspec.structs.replace(body, prompt=fitted)
         job = Job(model, lease, started, int((time.monotonic() - started) * 1e9), body)
         if thinking:
             job.thinking = ThinkingSplitter()
@@ -525,13 +622,15 @@ async def start_chat(app: web.Application, *, model_name: str, messages: list[di
             opts.check_images(m.get("images"))
         raise ApiError(400, "image input is not supported by this server yet")
     merged = opts.merge_options(model.record.parameters, options)
-    prompt = None
+    prompt = history = None
     renderer = model.renderer()
     if messages:
-        prompt = render(renderer, chat_messages(model, messages), tools, think=think)
+        msgs = chat_messages(model, messages)
+        prompt = render(renderer, msgs, tools, think=think)
+        history = ChatHistory(renderer, msgs, tools, think, prompt)
     return completion_job(app, model, options=merged, keep_alive=keep_alive, started=started,
                           prompt=prompt, fmt=fmt, stream=stream, thinking=think[0], tools=tools,
-                          renderer=renderer, shift=shift, truncate=truncate)
+                          renderer=renderer, shift=shift, truncate=truncate, history=history)
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
