@@ -257,7 +257,8 @@ class Registry:
             async with resp:
                 body = await resp.read()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-            raise ApiError(500, f"pull model manifest: {e or type(e).__name__}") from None
+            # the registry could not be reached: an upstream failure, not ours
+            raise ApiError(502, f"pull model manifest: {e or type(e).__name__}") from None
         if resp.status == 404:
             raise ApiError(404, "pull model manifest: file does not exist")
         if resp.status >= 400:

@@ -25,6 +25,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 
 from corral.daemon.api.app import make_app
+from corral.daemon.api.native_models import REGISTRY
+from corral.daemon.registry import Registry
 from corral.daemon.config import Config, HostAddr, SimulatedGpu
 from corral.daemon.gpu import SimulatedProbe
 from corral.daemon.store import Store
@@ -100,7 +102,11 @@ async def env(tmp_path: Path, tiny_gguf: Path) -> AsyncIterator[Env]:
     sup = Supervisor(cfg, store, probe=SimulatedProbe(cfg.simulate_gpus, host=(64 * GiB, 48 * GiB)),
                      stop_grace=2.0, drain_timeout=1.0)
     await sup.start()
-    client = TestClient(TestServer(make_app(cfg, store, sup), host="127.0.0.1"))
+    app = make_app(cfg, store, sup)
+    # Pulls (e.g. a create `from` a model that isn't local) go to a closed loopback port, never
+    # off this machine.
+    app[REGISTRY] = Registry(store, base_url_for=lambda name: "http://127.0.0.1:9")
+    client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
     try:
         yield Env(root, store, sup, client)
@@ -268,6 +274,8 @@ def value_cases() -> list[Case]:
                              else ["unknown-model"])
         if path == "/api/create" and key == "model":
             names = BAD_NAMES
+        if path == "/api/create" and key == "from":
+            names = BAD_NAMES  # an unknown `from` is pulled: see test_create_from_unreachable_registry
         for name in names:
             cases.append(Case(METHOD[path], path, {**BASE[path], key: name}))
     # options: wrong types, huge numbers, negative load sizes, NaN-ish values
@@ -660,3 +668,15 @@ async def test_ollama_client_parses_everything(env: Env) -> None:
     finally:
         await client._client.aclose()
     await env.idle()
+
+
+async def test_create_from_unreachable_registry(env: Env) -> None:
+    """A `from` that isn't local is pulled; with the registry unreachable that is an upstream
+    failure (502 with the reason), not a server error, and nothing is stored."""
+    before = tree(env.root)
+    r = await env.client.post("/api/create", json={"model": "x", "from": "unknown-model",
+                                                    "stream": False})
+    body = await r.json()
+    assert r.status == 502, body
+    assert body["error"].startswith("pull model manifest: ")
+    assert tree(env.root) == before
