@@ -270,10 +270,7 @@ class Job:
         assert self.body is not None
         async with contextlib.aclosing(runner_lines(self.lease, self.body)) as lines:
             async for ev in lines:
-                if isinstance(ev, protocol.CompletionChunk):
-                    text = ev.content
-                else:
-                    text = ev.content           # the whole text when the runner did not stream
+                text = ev.content  # a chunk's text, or the whole text if the runner didn't stream
                 if text:
                     d = self._process(text)
                     if d.content or d.thinking or d.tool_calls:
