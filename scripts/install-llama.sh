@@ -1,36 +1,44 @@
 #!/usr/bin/env bash
-# Installs llama-cpp-python into the active Python environment, built with the CPU flags this
-# project needs (the default native build segfaults in ggml's AMX matmul on our CPUs) from its
-# sdist with the source edits of scripts/patch-llama.py (batched decode speed, see there).
-# The wheel is kept in a folder keyed by version + flags + patch, because pip's own wheel cache
-# ignores CMAKE_ARGS and would silently reuse a wheel built without them.
+# Installs llama-cpp-python into the active Python environment, built for this machine: the
+# backend (CPU, CUDA, HIP, Metal) and the CPU instruction sets are chosen by scripts/llama_build.py
+# (it prints its choice and the reason; CORRAL_LLAMA_BACKEND=auto|cpu|cuda|hip|metal overrides),
+# from the sdist with the source edits of scripts/patch-llama.py (batched decode speed, see there).
+# The wheel is kept in a folder keyed by version + backend + flags + Python + patch, because pip's
+# own wheel cache ignores CMAKE_ARGS and would silently reuse a wheel built without them.
 set -euo pipefail
-LLAMA_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
-export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
--DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
--DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+export LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+LLAMA_VERSION="$LLAMA_CPP_PYTHON_VERSION"
 PY="${PYTHON:-python}"
-PATCHER="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/patch-llama.py"
-key=$(printf '%s|%s|%s|%s' "$LLAMA_VERSION" "$CMAKE_ARGS" "$("$PY" -c 'import sys;print(sys.version_info[:2])')" \
-      "$(sha256sum < "$PATCHER")" | sha256sum | cut -c1-16)
-wheels="${CORRAL_WHEEL_DIR:-$HOME/.cache/corral/wheels}/$key"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PATCHER="$HERE/patch-llama.py"
+plan=$("$PY" "$HERE/llama_build.py" --shell)
+eval "$plan"
+echo "$LLAMA_REASON" >&2
+if [ -n "$LLAMA_WARNINGS" ]; then printf 'warning: %s\n' "$LLAMA_WARNINGS" >&2; fi
+export CMAKE_ARGS="$LLAMA_CMAKE_ARGS"
+for kv in $LLAMA_ENV; do export "$kv"; done
+wheels="${CORRAL_WHEEL_DIR:-$HOME/.cache/corral/wheels}/$LLAMA_KEY"
 if "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_cpp_python') != '$LLAMA_VERSION')" 2>/dev/null \
    && [ -f "$wheels/.installed-from-here" ] && [ "$(cat "$wheels/.installed-from-here")" = "$("$PY" -c 'import sys;print(sys.prefix)')" ]; then
   exit 0
 fi
 if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-  echo "building llama-cpp-python $LLAMA_VERSION (takes about 4 minutes, once)" >&2
+  echo "building llama-cpp-python $LLAMA_VERSION ($LLAMA_BACKEND; about 8 minutes on 2 cores for a CPU build, once)" >&2
   src=$(mktemp -d)
   trap 'rm -rf "$src"' EXIT
   "$PY" -m pip download --no-cache-dir --no-deps --no-binary :all: -d "$src" "llama-cpp-python==$LLAMA_VERSION" >/dev/null
   tar xzf "$src"/llama_cpp_python-*.tar.gz -C "$src"
   "$PY" "$PATCHER" "$src/llama_cpp_python-$LLAMA_VERSION"
   mkdir -p "$wheels.tmp"
-  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$PY" -m pip wheel --no-cache-dir --no-deps \
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc 2>/dev/null || sysctl -n hw.ncpu)" "$PY" -m pip wheel --no-cache-dir --no-deps \
       -w "$wheels.tmp" "$src/llama_cpp_python-$LLAMA_VERSION"
+  printf '%s\n' "$LLAMA_BACKEND" "$CMAKE_ARGS" > "$wheels.tmp/build-plan.txt"
   rm -rf "$wheels"; mv "$wheels.tmp" "$wheels"
 fi
 "$PY" -m pip install --no-deps --force-reinstall --no-index "$wheels"/llama_cpp_python-*.whl >/dev/null
 "$PY" -m pip install "llama-cpp-python==$LLAMA_VERSION" --no-index --find-links "$wheels" >/dev/null 2>&1 || \
   "$PY" -m pip install "numpy>=1.20" "typing-extensions>=4.5" "diskcache>=5.6.1" "jinja2>=2.11.3" >/dev/null
+"$PY" -c "$(printf 'import json, sys\njson.dump({"backend": sys.argv[1], "cmake_args": sys.argv[2], "key": sys.argv[3], "version": sys.argv[4], "patch_sha256": sys.argv[5]}, open(sys.argv[6], "w"))')" \
+  "$LLAMA_BACKEND" "$CMAKE_ARGS" "$LLAMA_KEY" "$LLAMA_VERSION" "$(sha256sum < "$PATCHER" | cut -c1-64)" \
+  "$("$PY" -c 'import sys;print(sys.prefix)')/corral-llama-build.json"
 "$PY" -c 'import sys;print(sys.prefix)' > "$wheels/.installed-from-here"

@@ -1,0 +1,340 @@
+"""Chooses how llama.cpp (inside llama-cpp-python) is built for the machine it is installed on.
+
+    python scripts/llama_build.py            # one line: the chosen build and why (stderr too)
+    python scripts/llama_build.py --shell    # shell assignments for scripts/install-llama.sh
+    python scripts/llama_build.py --json     # the whole plan
+
+`plan(machine, override)` is pure: from the OS, the architecture, the CPU's feature flags, the GPUs
+seen and the toolkits found it derives the backend, the CMake options, extra environment and the
+wheel cache key. `probe_machine()` gathers those facts (reads /proc/cpuinfo or sysctl, looks for
+nvcc / hipcc, asks NVML or nvidia-smi for compute capabilities); it is the only part that touches
+the system. `CORRAL_LLAMA_BACKEND=auto|cpu|cuda|hip|metal` overrides the backend.
+
+Decision tree of the backend (numbers appear in the code):
+ 1. an override other than `auto` wins; `cuda`/`hip` without their compiler is an error.
+ 2. macOS on arm64: Metal (llama.cpp's default there); no x86 flag.
+ 3. NVIDIA GPUs seen and a CUDA toolkit found: CUDA, with the GPUs' compute capabilities as
+    CMAKE_CUDA_ARCHITECTURES when known. GPUs without a toolkit: CPU build and a warning.
+ 4. AMD GPUs seen and ROCm's hipcc found: HIP (gfx targets from rocminfo when known).
+ 5. otherwise CPU. A toolkit without a GPU is not a reason to build for it (a CUDA build takes
+    an hour on two cores and its runner would find no device); the override forces it.
+
+CPU flags on x86-64 (every backend keeps a CPU backend for what is not offloaded):
+`GGML_NATIVE=OFF` and each instruction set set explicitly ON or OFF from the CPU's flags (ggml
+turns SSE4.2/AVX/AVX2/BMI2/FMA/F16C on by default when NATIVE is off, which dies with an illegal
+instruction on CPUs without them). AMX is always OFF: ggml's AMX matmul segfaults on some CPUs,
+and a native build (`-march=native`) would enable it on every AMX CPU, so native is not used on
+x86. Other architectures (aarch64 Linux) build natively: the wheel is built on the machine that
+runs it and ARM has no such crash.
+
+Why not one portable x86 build (`GGML_BACKEND_DL` + `GGML_CPU_ALL_VARIANTS`): llama-cpp-python
+0.3.36 never calls `ggml_backend_load_all()`, so a build with dynamically loaded backends has no
+CPU backend at all without more patching; it compiles the CPU backend thirteen times (over half an
+hour on two cores); and its runtime pick on an AMX CPU is the `sapphirerapids` variant with AMX on,
+the very crash above. A per-machine build is what `./dev` does anyway (the wheel is cached per
+plan key, so a changed CPU or a new toolkit builds again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+BACKENDS = ("auto", "cpu", "cuda", "hip", "metal")
+
+# ggml CMake option -> the CPU flags (Linux /proc/cpuinfo names) it needs, in ggml's order.
+X86_OPTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("GGML_SSE42", ("sse4_2",)),
+    ("GGML_AVX", ("avx",)),
+    ("GGML_F16C", ("f16c",)),
+    ("GGML_FMA", ("fma",)),
+    ("GGML_AVX2", ("avx2",)),
+    ("GGML_BMI2", ("bmi2",)),
+    ("GGML_AVX_VNNI", ("avx_vnni",)),
+    # ggml compiles its AVX512 path with -mavx512f -mavx512cd -mavx512vl -mavx512dq -mavx512bw
+    ("GGML_AVX512", ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")),
+    ("GGML_AVX512_VBMI", ("avx512f", "avx512vbmi")),
+    ("GGML_AVX512_VNNI", ("avx512f", "avx512_vnni")),
+    ("GGML_AVX512_BF16", ("avx512f", "avx512_bf16")),
+)
+AMX_OFF = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
+
+# macOS sysctl spellings -> Linux cpuinfo spellings
+_MAC_NAMES = {
+    "sse4.2": "sse4_2", "avx1.0": "avx", "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16",
+    "avxvnni": "avx_vnni", "avx512vbmi": "avx512vbmi",
+}
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the build depends on. Every field is plain data, so tests write machines by hand."""
+
+    os: str  # "linux" | "darwin" | ...
+    arch: str  # "x86_64" | "arm64" | "aarch64" | ...
+    cpu_flags: frozenset[str] = frozenset()
+    nvidia_gpus: int = 0
+    cuda_capabilities: tuple[str, ...] = ()  # "86", "89", ... as CMAKE_CUDA_ARCHITECTURES wants
+    amd_gpus: int = 0
+    hip_targets: tuple[str, ...] = ()  # "gfx1100", ...
+    nvcc: str | None = None
+    hipcc: str | None = None
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    backend: str
+    cmake_args: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    reason: str = ""
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def cmake_args_str(self) -> str:
+        return " ".join(self.cmake_args)
+
+    def key(self, version: str, python: str, patch: bytes) -> str:
+        """The wheel cache key: llama-cpp-python version, backend, flags, extra env, Python, patch."""
+        blob = json.dumps(
+            [version, self.backend, list(self.cmake_args), sorted(self.env.items()), python,
+             hashlib.sha256(patch).hexdigest()]
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class PlanError(ValueError):
+    """The override asks for a build this machine cannot make."""
+
+
+def normalize_flags(raw: str) -> frozenset[str]:
+    """CPU flags from /proc/cpuinfo's `flags` or macOS sysctl words, in cpuinfo spelling."""
+    out = set()
+    for word in raw.replace(",", " ").split():
+        w = word.strip().lower()
+        out.add(_MAC_NAMES.get(w, w))
+    return frozenset(out)
+
+
+def x86_args(flags: frozenset[str]) -> tuple[list[str], list[str]]:
+    """(CMake options, names of the sets turned on) for an x86-64 CPU with these flags."""
+    args = ["-DGGML_NATIVE=OFF"]
+    on = []
+    for opt, need in X86_OPTIONS:
+        have = all(f in flags for f in need)
+        args.append(f"-D{opt}={'ON' if have else 'OFF'}")
+        if have:
+            on.append(opt.removeprefix("GGML_"))
+    args += [f"-D{opt}=OFF" for opt in AMX_OFF]
+    return args, on
+
+
+def _is_x86(arch: str) -> bool:
+    return arch.lower() in ("x86_64", "amd64", "x64")
+
+
+def plan(m: Machine, override: str = "auto") -> BuildPlan:
+    """The build for machine `m`. Pure; raises PlanError for an override the machine can't take."""
+    override = (override or "auto").strip().lower()
+    if override not in BACKENDS:
+        raise PlanError(f"CORRAL_LLAMA_BACKEND={override!r}: use one of {', '.join(BACKENDS)}")
+    warnings: list[str] = []
+    why: str
+    # 1. the override wins
+    if override != "auto":
+        backend = override
+        why = f"CORRAL_LLAMA_BACKEND={override}"
+        if backend == "cuda" and not m.nvcc:
+            raise PlanError("CORRAL_LLAMA_BACKEND=cuda but no CUDA toolkit: nvcc is not on PATH, "
+                            "under $CUDA_HOME/bin or /usr/local/cuda/bin")
+        if backend == "hip" and not m.hipcc:
+            raise PlanError("CORRAL_LLAMA_BACKEND=hip but ROCm's hipcc was not found")
+        if backend == "metal" and m.os != "darwin":
+            raise PlanError("CORRAL_LLAMA_BACKEND=metal needs macOS")
+    # 2. Apple silicon
+    elif m.os == "darwin" and not _is_x86(m.arch):
+        backend, why = "metal", "macOS on Apple silicon: Metal"
+    # 3. NVIDIA
+    elif m.nvidia_gpus and m.nvcc:
+        backend, why = "cuda", f"{m.nvidia_gpus} NVIDIA GPU(s) and CUDA toolkit {m.nvcc}"
+    # 4. AMD
+    elif m.amd_gpus and m.hipcc:
+        backend, why = "hip", f"{m.amd_gpus} AMD GPU(s) and ROCm {m.hipcc}"
+    # 5. CPU
+    else:
+        backend, why = "cpu", "no usable GPU toolkit"
+        if m.nvidia_gpus:
+            warnings.append(
+                f"{m.nvidia_gpus} NVIDIA GPU(s) found but no CUDA toolkit (nvcc): this build runs on "
+                "the CPU only; install the CUDA toolkit and reinstall with CORRAL_LLAMA_BACKEND=cuda")
+            why = "NVIDIA GPU(s) without a CUDA toolkit"
+        elif m.amd_gpus:
+            warnings.append(
+                f"{m.amd_gpus} AMD GPU(s) found but no ROCm hipcc: this build runs on the CPU only; "
+                "install ROCm and reinstall with CORRAL_LLAMA_BACKEND=hip")
+            why = "AMD GPU(s) without ROCm"
+        elif m.nvcc:
+            why = "CUDA toolkit found but no NVIDIA GPU (CORRAL_LLAMA_BACKEND=cuda forces it)"
+        elif m.hipcc:
+            why = "ROCm found but no AMD GPU (CORRAL_LLAMA_BACKEND=hip forces it)"
+
+    args: list[str] = []
+    env: dict[str, str] = {}
+    if _is_x86(m.arch):
+        cpu_args, on = x86_args(m.cpu_flags)
+        args += cpu_args
+        cpu_desc = "x86-64 " + ("+".join(on) if on else "baseline") + ", AMX off"
+    else:
+        args.append("-DGGML_NATIVE=ON")
+        cpu_desc = f"{m.arch} native"
+    if backend == "cuda":
+        args.append("-DGGML_CUDA=ON")
+        if m.cuda_capabilities:
+            args.append("-DCMAKE_CUDA_ARCHITECTURES=" + ";".join(sorted(set(m.cuda_capabilities))))
+        if m.nvcc:
+            env["CUDACXX"] = m.nvcc
+    elif backend == "hip":
+        args.append("-DGGML_HIP=ON")
+        if m.hip_targets:
+            args.append("-DAMDGPU_TARGETS=" + ";".join(sorted(set(m.hip_targets))))
+    elif backend == "metal":
+        args.append("-DGGML_METAL=ON")
+    elif m.os == "darwin":
+        args.append("-DGGML_METAL=OFF")  # an Intel Mac: CPU build
+    reason = f"llama.cpp build: {backend} ({cpu_desc}) because {why}"
+    return BuildPlan(backend, tuple(args), env, reason, tuple(warnings))
+
+
+# ---------------------------------------------------------------- probing (touches the system)
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def find_nvcc(env: dict[str, str] | None = None) -> str | None:
+    env = os.environ if env is None else env
+    found = shutil.which("nvcc", path=env.get("PATH"))
+    if found:
+        return found
+    for root in (env.get("CUDA_HOME"), env.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and os.access(Path(root, "bin", "nvcc"), os.X_OK):
+            return str(Path(root, "bin", "nvcc"))
+    return None
+
+
+def find_hipcc(env: dict[str, str] | None = None) -> str | None:
+    env = os.environ if env is None else env
+    found = shutil.which("hipcc", path=env.get("PATH"))
+    if found:
+        return found
+    for root in (env.get("ROCM_PATH"), "/opt/rocm"):
+        if root and os.access(Path(root, "bin", "hipcc"), os.X_OK):
+            return str(Path(root, "bin", "hipcc"))
+    return None
+
+
+def cpu_flags(os_name: str) -> frozenset[str]:
+    if os_name == "linux":
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("flags"):
+                    return normalize_flags(line.split(":", 1)[1])
+        except OSError:
+            return frozenset()
+        return frozenset()
+    if os_name == "darwin":
+        return normalize_flags(" ".join(
+            _run(["sysctl", "-n", key]) for key in
+            ("machdep.cpu.features", "machdep.cpu.leaf7_features", "machdep.cpu.extfeatures")))
+    return frozenset()
+
+
+def nvidia_gpus() -> tuple[int, tuple[str, ...]]:
+    """(count, compute capabilities) from NVML, else nvidia-smi, else /proc/driver/nvidia."""
+    try:
+        import pynvml  # nvidia-ml-py, when it is already installed
+
+        pynvml.nvmlInit()
+        try:
+            n = pynvml.nvmlDeviceGetCount()
+            caps = []
+            for i in range(n):
+                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(
+                    pynvml.nvmlDeviceGetHandleByIndex(i))
+                caps.append(f"{major}{minor}")
+            return n, tuple(caps)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no library, no driver: try the next source
+        pass
+    if shutil.which("nvidia-smi"):
+        out = _run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"])
+        caps = tuple(c.strip().replace(".", "") for c in out.splitlines() if re.fullmatch(r"\s*\d+\.\d+\s*", c))
+        if caps:
+            return len(caps), caps
+    gpus = Path("/proc/driver/nvidia/gpus")
+    if gpus.is_dir():
+        return len(list(gpus.iterdir())), ()
+    return 0, ()
+
+
+def amd_gpus(hipcc: str | None) -> tuple[int, tuple[str, ...]]:
+    if not Path("/dev/kfd").exists():
+        return 0, ()
+    rocminfo = shutil.which("rocminfo") or ("/opt/rocm/bin/rocminfo" if hipcc else None)
+    targets = tuple(sorted(set(re.findall(r"\bgfx[0-9a-f]{3,4}\b", _run([rocminfo]))))) if rocminfo else ()
+    return max(len(targets), 1), targets
+
+
+def probe_machine() -> Machine:
+    os_name = platform.system().lower()
+    arch = platform.machine().lower()
+    nvcc, hipcc = find_nvcc(), find_hipcc()
+    n_nv, caps = nvidia_gpus() if os_name == "linux" or os_name == "windows" else (0, ())
+    n_amd, targets = amd_gpus(hipcc) if os_name == "linux" else (0, ())
+    return Machine(os_name, arch, cpu_flags(os_name), n_nv, caps, n_amd, targets, nvcc, hipcc)
+
+
+def main(argv: list[str]) -> int:
+    override = os.environ.get("CORRAL_LLAMA_BACKEND", "auto")
+    machine = probe_machine()
+    try:
+        p = plan(machine, override)
+    except PlanError as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        return 2
+    version = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "0.3.36")
+    patch = Path(__file__).with_name("patch-llama.py").read_bytes()
+    key = p.key(version, "%d.%d" % sys.version_info[:2], patch)
+    if "--shell" in argv:
+        import shlex
+
+        print(f"LLAMA_BACKEND={shlex.quote(p.backend)}")
+        print(f"LLAMA_CMAKE_ARGS={shlex.quote(p.cmake_args_str)}")
+        print(f"LLAMA_KEY={key}")
+        print(f"LLAMA_REASON={shlex.quote(p.reason)}")
+        print("LLAMA_ENV=" + shlex.quote(" ".join(f"{k}={v}" for k, v in sorted(p.env.items()))))
+        print("LLAMA_WARNINGS=" + shlex.quote("\n".join(p.warnings)))
+    elif "--json" in argv:
+        print(json.dumps({**asdict(p), "key": key, "version": version,
+                          "machine": {**asdict(machine), "cpu_flags": sorted(machine.cpu_flags)}}))
+    else:
+        print(p.reason)
+        for w in p.warnings:
+            print("warning: " + w)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
