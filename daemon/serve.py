@@ -23,6 +23,7 @@ from corral.daemon.config import Config
 log = structlog.get_logger("corral.serve")
 
 SHUTDOWN_BUDGET = 15.0
+LISTEN_BACKLOG = 4096
 STREAM_DRAIN = 5.0
 
 
@@ -51,6 +52,7 @@ async def run(config: Config, ready: Callable[[str], Awaitable[None] | None] | N
         loop.add_signal_handler(sig, stop.set)
 
     log.info("server config", **config.env_summary())
+    _raise_fd_limit()
     store = Store(config.models, noprune=config.noprune)
     if not config.noprune:
         await asyncio.to_thread(store.prune)
@@ -74,8 +76,10 @@ async def run(config: Config, ready: Callable[[str], Awaitable[None] | None] | N
                            shutdown_timeout=STREAM_DRAIN)
     try:
         await runner.setup()
+        # A burst of clients must wait in the accept queue, not be dropped (the kernel caps
+        # the backlog at net.core.somaxconn; Go's listeners ask for the same).
         site = web.TCPSite(runner, config.bind_host or None, config.bind_port,
-                           reuse_address=True)
+                           reuse_address=True, backlog=LISTEN_BACKLOG)
         await site.start()
         addresses = [f"{s[0]}:{s[1]}" for s in (runner.addresses or [])]
         log.info("Listening", addresses=addresses, version=_version())
@@ -106,6 +110,26 @@ async def run(config: Config, ready: Callable[[str], Awaitable[None] | None] | N
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         log.info("stopped")
+
+
+def _raise_fd_limit() -> None:
+    """Raise the soft open-files limit to the hard one (as Go's runtime does for Ollama): every
+    client connection and every runner's pipes and socket take descriptors, and the usual soft
+    default of 1024 refuses a burst of a thousand clients."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 10240)  # macOS OPEN_MAX
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("could not raise the open files limit", soft=soft, hard=hard, error=str(exc))
+        return
+    log.debug("open files limit raised", soft=want, previous=soft)
 
 
 def _version() -> str:

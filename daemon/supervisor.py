@@ -720,6 +720,7 @@ class Supervisor:
             if not r.proc.stopping:     # a stop we asked for answers with RunnerStopped instead
                 log.warning("runner failed to load", runner_id=r.runner_id, reason=exc.reason,
                             oom=exc.oom, kind=exc.kind, stderr=r.proc.stderr_tail()[-5:])
+                self._runners.pop(r.runner_id, None)   # reaped: nothing will stop it
                 self.post(RunnerLoadFailed(runner_id=r.runner_id, reason=exc.reason,
                                            oom=exc.oom or looks_oom(exc.reason)))
             return
@@ -728,6 +729,7 @@ class Supervisor:
             asked = r.proc.stopping
             await r.proc.stop(1.0)
             if not asked:
+                self._runners.pop(r.runner_id, None)
                 self.post(RunnerLoadFailed(runner_id=r.runner_id, reason=str(exc)))
             return
         r.ready = ready
@@ -739,6 +741,7 @@ class Supervisor:
             await r.proc.wait_exited()
             if not r.exit_posted and not r.proc.stopping:
                 r.exit_posted = True
+                self._runners.pop(r.runner_id, None)
                 self.post(RunnerExited(runner_id=r.runner_id, reason=r.proc.exit_reason()))
             return
         self.post(RunnerReady(runner_id=r.runner_id, pid=ready.pid, n_ctx=ready.n_ctx_per_slot,
@@ -775,6 +778,9 @@ class Supervisor:
         if r is None or proc.stopping or r.ready is None or r.exit_posted:
             return                # stop -> RunnerStopped; during load -> RunnerLoadFailed
         r.exit_posted = True
+        # Nothing will stop a dead runner: forget it here (a crash loop must not grow the table;
+        # its leases keep their own reference to the process for the failure text).
+        self._runners.pop(proc.runner_id, None)
         reason = proc.exit_reason()
         log.warning("runner exited unexpectedly", runner_id=proc.runner_id, pid=proc.pid,
                     returncode=returncode, reason=reason)

@@ -70,6 +70,8 @@ class FakeEngine:
 
     def load(self, progress: Callable[[float], None]) -> None:
         k = self.knobs
+        while k.hang_load_while is not None and os.path.exists(k.hang_load_while):
+            time.sleep(0.05)
         steps = max(1, int(k.load_time / 0.05))
         for i in range(steps):
             time.sleep(k.load_time / steps)

@@ -48,6 +48,9 @@ class FakeKnobs(msgspec.Struct, frozen=True, kw_only=True):
     default_num_predict: int = 16  # tokens generated when num_predict < 0 (the fake has no EOS)
     embedding_dim: int = 8
     memory: dict[str, MemoryUse] | None = None  # Ready.memory to report; None: a small CPU figure
+    # The load hangs without a sign of life (no progress, no output; a stuck driver or disk)
+    # for as long as this file exists, then carries on.
+    hang_load_while: str | None = None
 
 
 KvCacheType = Literal["f16", "f32", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]

@@ -36,6 +36,14 @@ Decisions on every event (``_pump``):
 4. Load failures: out of memory -> one retry (lower an automatic num_ctx tier and/or evict all
    other runners first, then load alone); otherwise the requests waiting for that load fail
    with its reason. Requests with other options keep waiting and load anew.
+5. Crash-loop backoff: a model whose load failed (step 4's final failure) is not loaded again
+   with compatible options before ``retry_at`` = start of the failed load + ``load_backoff *
+   2**(n-1)`` (capped at ``load_backoff_max``; n = failures in a row). Requests for it that
+   would need that load fail at once with the failure's reason (no retry storm; a client
+   retrying in a loop costs one load per backoff period). A successful load resets it; a
+   failure long after the last one (past ``retry_at + load_backoff_max``) counts from 1 again.
+   A load that took longer than its backoff (a hung load killed at the stall timeout) may
+   be retried by the next request at once.
 
 Memory accounting ("trust the smaller number"): usable on a GPU for a new runner is
 ``min(measured free, total - reserved) - OLLAMA_GPU_OVERHEAD - backend minimum`` where
@@ -148,6 +156,17 @@ class _Runner:
 
 
 @dataclass(slots=True, eq=False)
+class _Backoff:
+    """The recent load failures of one model (decision 5)."""
+
+    options: RunnerOptions  # launch options of the failed load
+    facts: ModelFacts
+    failures: int  # in a row
+    retry_at: float  # no compatible load starts before this
+    reason: str
+
+
+@dataclass(slots=True, eq=False)
 class _Reclaim:
     """A stopped runner's GPU memory, reserved until seen back or ``deadline``."""
 
@@ -204,6 +223,7 @@ class Scheduler:
         self._reclaims: dict[str, _Reclaim] = {}
         self._waiting: dict[str, _Waiting] = {}  # ordered by when the model started waiting
         self._requests: dict[int, _Req] = {}  # waiting and granted
+        self._backoff: dict[str, _Backoff] = {}  # model_key -> its recent load failures
         self._n_waiting = 0
         self._next_id = 0
         self._version = 0  # bumps on any change to runners, memory or inventory
@@ -335,6 +355,7 @@ class Scheduler:
             r.placement = msgspec.structs.replace(
                 p, gpus=tuple(gpus), gpu_bytes=tuple(sizes),
                 cpu_bytes=p.cpu_bytes if ev.cpu_bytes is None else ev.cpu_bytes)
+        self._backoff.pop(r.model_key, None)
         w = self._waiting.get(r.model_key)
         if w is not None and self._current.get(r.model_key) is r:
             w.oom_retried = False
@@ -366,7 +387,8 @@ class Scheduler:
         if r is None:
             return
         if r.state == "loading":
-            self._load_failed(r, "runner stopped while loading", False, now, out)
+            self._load_failed(r, "runner stopped while loading", False, now, out,
+                              backoff=False)
             return
         self._gone(r, now, out, "runner stopped")
 
@@ -504,27 +526,48 @@ class Scheduler:
         self._version += 1
 
     def _load_failed(self, r: _Runner, reason: str, oom: bool, now: float,
-                     out: list[Effect]) -> None:
+                     out: list[Effect], backoff: bool = True) -> None:
         key = r.model_key
         was_current = self._current.get(key) is r
         self._gone(r, now, out, reason)
         w = self._waiting.get(key)
+        if w is not None and was_current and oom and not r.oom_retried:
+            if self._oom_retry(w, r):
+                return
+        if backoff:
+            self._note_failure(r, reason)
         if w is None or not was_current:
             return
-        others = bool(self._runners)
-        if oom and not r.oom_retried:  # 4. one retry after an out-of-memory load
-            w.oom_retried = True
-            lower = lower_ctx_tier(r.options.num_ctx) if r.options.num_ctx_auto else None
-            if lower is not None:
-                w.ctx_override = lower
-                w.evict_all = others
-                return
-            if others:
-                w.evict_all = True
-                return
         opts, facts = r.options, r.facts
         self._fail_waiters(key, lambda q: not needs_reload(opts, facts, q.options), 500, reason,
                            out)
+
+    def _oom_retry(self, w: _Waiting, r: _Runner) -> bool:
+        """4. Plan the one retry after an out-of-memory load; False when there is nothing to
+        change (no lower context tier, nothing else to evict): then the load has failed."""
+        others = bool(self._runners)
+        w.oom_retried = True
+        lower = lower_ctx_tier(r.options.num_ctx) if r.options.num_ctx_auto else None
+        if lower is not None:
+            w.ctx_override = lower
+            w.evict_all = others
+            return True
+        if others:
+            w.evict_all = True
+            return True
+        return False
+
+    def _note_failure(self, r: _Runner, reason: str) -> None:
+        """5. Remember a failed load of ``r``'s model: when it may be tried again."""
+        lim = self.limits
+        if lim.load_backoff <= 0:
+            return
+        prev = self._backoff.get(r.model_key)
+        n = 1
+        if prev is not None and r.started_at <= prev.retry_at + lim.load_backoff_max:
+            n = prev.failures + 1
+        delay = min(lim.load_backoff * 2 ** min(n - 1, 30), lim.load_backoff_max)
+        self._backoff[r.model_key] = _Backoff(r.options, r.facts, n, r.started_at + delay, reason)
 
     # -- memory ------------------------------------------------------------------------------
 
@@ -619,6 +662,13 @@ class Scheduler:
                     return  # let the load finish; the head reloads it afterwards
                 # 2b. Options changed: retire the loaded runner and load anew.
                 self._retire(r, "reload", now, out)
+            b = self._backoff.get(key)
+            if b is not None and now < b.retry_at \
+                    and not needs_reload(b.options, b.facts, head.options):
+                # 5. Backing off: what would need this load fails now with the last reason.
+                self._fail_waiters(key, lambda q: not needs_reload(b.options, b.facts, q.options),
+                                   500, b.reason, out)
+                continue
             # 2c./2d.
             self._load(w, head, now, out)
             return

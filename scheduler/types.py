@@ -182,6 +182,12 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     gpu_overhead: int = 0  # OLLAMA_GPU_OVERHEAD, bytes kept free on every GPU
     # How long a stopped runner's memory stays reserved when the probes do not see it come back.
     reclaim_timeout: float = 5.0
+    # Crash-loop backoff: after a load fails (its waiters got the error), a load of that model
+    # with compatible options starts no sooner than ``load_backoff * 2**(n-1)`` seconds (at most
+    # ``load_backoff_max``) after the start of the n-th failed one in a row; requests meanwhile
+    # fail at once with the last failure's reason. 0 disables it.
+    load_backoff: float = 1.0
+    load_backoff_max: float = 30.0
 
 
 FOREVER = math.inf
