@@ -12,6 +12,7 @@ import asyncio
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -426,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     cr = sub.add_parser("create", help="create a model from a Modelfile")
     cr.add_argument("model")
     cr.add_argument("-f", "--file")
+    dr = sub.add_parser("doctor", help="show what this machine is to corral, and what is wrong")
+    dr.add_argument("--json", action="store_true", help="one JSON document, for scripts")
     return p
 
 
@@ -446,6 +449,13 @@ def main(argv: list[str] | None = None) -> int:
         return serve(config)
     if args.verb is None:
         build_parser().print_help()
+        return 0
+    if args.verb == "doctor":
+        from corral.daemon import doctor
+        from corral.daemon.logging import configure
+
+        configure(logging.WARNING)          # the report on stdout, problems while probing: stderr
+        _out(doctor.main(config, args.json))
         return 0
 
     async def go() -> None:

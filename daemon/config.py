@@ -375,6 +375,23 @@ class SimulatedGpu(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     integrated: bool = False
 
 
+def _cache_dir(env: Mapping[str, str]) -> Path | None:
+    xdg = (env.get("XDG_CACHE_HOME") or "").strip()
+    if xdg:
+        return Path(xdg) / "corral"
+    home = (env.get("HOME") or "").strip()
+    return Path(home) / ".cache" / "corral" if home else None
+
+
+SUMMARY_VARS = (
+    "OLLAMA_HOST", "OLLAMA_ORIGINS", "OLLAMA_MODELS", "OLLAMA_KEEP_ALIVE", "OLLAMA_LOAD_TIMEOUT",
+    "OLLAMA_MAX_LOADED_MODELS", "OLLAMA_NUM_PARALLEL", "OLLAMA_MAX_QUEUE", "OLLAMA_SCHED_SPREAD",
+    "OLLAMA_GPU_OVERHEAD", "OLLAMA_CONTEXT_LENGTH", "OLLAMA_FLASH_ATTENTION",
+    "OLLAMA_KV_CACHE_TYPE", "OLLAMA_DEBUG", "OLLAMA_NOPRUNE", "CORRAL_LOG_FORMAT",
+    "CORRAL_RUNNER_ENGINE",
+)
+
+
 class Config(msgspec.Struct, frozen=True, kw_only=True):
     """Everything corral reads from the environment, parsed once. Defaults live here.
 
@@ -421,6 +438,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     runner_engine: Literal["llama", "fake"] = "llama"
     # CORRAL_FAKE_KNOBS: JSON object handed to fake runners (None = defaults)
     fake_knobs: dict[str, Any] | None = None
+    # CORRAL_LLAMA_BACKEND: the build the install chose (auto|cpu|cuda|hip|metal), for `doctor`
+    llama_backend: str = "auto"
+    # names of the variables of env_summary() that the environment sets (the rest are defaults)
+    env_set: frozenset[str] = frozenset()
+    # XDG_CACHE_HOME/corral (else ~/.cache/corral): the engine probe's cache; None = no cache
+    cache_dir: Path | None = None
     # CORRAL_DEFAULT_MODEL: the embedded model `corral serve` imports (and preloads) at start;
     # "" disables it.
     default_model: str = "gemma3:270m"
@@ -542,6 +565,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             simulate_gpus=simulate,
             runner_engine=engine,  # type: ignore[arg-type]
             fake_knobs=knobs,
+            cache_dir=_cache_dir(env),
+            llama_backend=var("CORRAL_LLAMA_BACKEND").lower() or "auto",
+            env_set=frozenset(k for k in SUMMARY_VARS if k in env),
             default_model=(env["CORRAL_DEFAULT_MODEL"].strip() if "CORRAL_DEFAULT_MODEL" in env
                            else "gemma3:270m"),
         )

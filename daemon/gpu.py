@@ -9,7 +9,18 @@ Three probes share one interface (:class:`GpuProbe`):
   tests change their free memory with :meth:`SimulatedProbe.set_free`. Paper GPUs do not lose
   free memory when a runner loads, so the supervisor tells the probe what its runners hold
   (:meth:`note_usage`) and readings report ``free - held``, as a real device would.
-* host memory always comes from ``psutil`` (total, available) unless a fixed value is injected.
+* :class:`UnifiedMemoryProbe` is Apple silicon's one Metal GPU, sized as llama.cpp's Metal
+  device reports it (its recommended working set, from the engine probe), integrated: it shares
+  the host's RAM, so the scheduler never gives it more than the host has left, and what our
+  runners hold there is subtracted as for simulated GPUs.
+* host memory comes from ``psutil`` (total, MemAvailable), capped by the cgroup v2 limit when one
+  is set (``memory.max`` - ``memory.current``, as a container's pod limit), unless a fixed value is
+  injected.
+
+The engine gate: a GPU is only offered to the scheduler when the llama.cpp build can use it. The
+supervisor runs ``python -m corral.runner --probe`` once (daemon/engine_probe.py) and calls
+:meth:`GpuProbe.restrict` with the GPU libraries the engine has; :func:`engine_verdict` says in one
+line why GPUs were left out ("llama.cpp was built without CUDA; 2 NVIDIA GPUs unused; ...").
 
 Contracts:
 
@@ -30,15 +41,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
 import psutil
 import structlog
 
+from corral.runner.protocol import EngineProbe
 from corral.scheduler.estimate import minimum_memory
 from corral.scheduler.types import Gpu, HostMemory, Inventory
 
@@ -61,10 +75,55 @@ class GpuReading:
     min_overhead: int = 0           # what the backend keeps for itself on the device
 
 
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None   # "max" (no limit) -> None
+
+
+def cgroup_limit(root: Path = Path("/sys/fs/cgroup"),
+                 self_cgroup: Path = Path("/proc/self/cgroup")) -> tuple[int, int] | None:
+    """(memory.max, memory.current) of this process's cgroup v2, or None without a limit.
+
+    The cgroup is the ``0::/path`` line of /proc/self/cgroup below ``root``; inside a container
+    the namespace makes that ``/``, so ``root/memory.max`` is the pod's limit.
+    """
+    rel = ""
+    try:
+        for line in self_cgroup.read_text().splitlines():
+            if line.startswith("0::"):
+                rel = line[3:].strip().lstrip("/")
+                break
+    except OSError:
+        pass
+    for folder in dict.fromkeys([root / rel, root]):     # our own group first, then the root
+        limit = _read_int(folder / "memory.max")
+        if limit is not None:
+            return limit, _read_int(folder / "memory.current") or 0
+    return None
+
+
+def host_memory(root: Path = Path("/sys/fs/cgroup"),
+                self_cgroup: Path = Path("/proc/self/cgroup"),
+                vm: Callable[[], Any] = psutil.virtual_memory) -> tuple[int, int]:
+    """(total, available) bytes of host RAM: psutil's total and MemAvailable, capped by the cgroup
+    v2 limit when one is set (total <= memory.max, available <= memory.max - memory.current).
+    Cheap, no blocking."""
+    v = vm()
+    total, available = int(v.total), int(v.available)
+    limit = cgroup_limit(root, self_cgroup)
+    if limit is not None:
+        cap, current = limit
+        total = min(total, cap)
+        available = min(available, max(0, cap - current))
+    return total, available
+
+
 def host_memory_psutil() -> tuple[int, int]:
-    """(total, available) bytes of host RAM (MemAvailable), from psutil. Cheap, no blocking."""
-    vm = psutil.virtual_memory()
-    return int(vm.total), int(vm.available)
+    """The host memory every probe uses by default (cgroup-aware, see :func:`host_memory`)."""
+    return host_memory()
 
 
 def make_inventory(gpus: Iterable[GpuReading], host: tuple[int, int]) -> Inventory:
@@ -92,6 +151,10 @@ class GpuProbe(Protocol):
 
     def note_usage(self, held: Mapping[str, int]) -> None: ...
 
+    def restrict(self, libraries: Iterable[str] | None) -> None: ...
+
+    def gpu_readings(self) -> list[GpuReading]: ...
+
     def close(self) -> None: ...
 
 
@@ -107,11 +170,23 @@ class _ProbeBase:
             fixed = (int(host[0]), int(host[1]))
             self._host = lambda: fixed
 
+    _libraries: frozenset[str] | None = None   # GPU libraries the engine can use; None: all
+
     def gpu_readings(self) -> list[GpuReading]:
         raise NotImplementedError
 
+    def restrict(self, libraries: Iterable[str] | None) -> None:
+        """Offer only GPUs of these libraries from now on (None: every GPU). See engine_verdict."""
+        self._libraries = None if libraries is None else frozenset(libraries)
+
+    def usable_readings(self) -> list[GpuReading]:
+        readings = self.gpu_readings()
+        if self._libraries is None:
+            return readings
+        return [g for g in readings if g.library in self._libraries]
+
     def read(self) -> Inventory:
-        return make_inventory(self.gpu_readings(), self._host())
+        return make_inventory(self.usable_readings(), self._host())
 
     async def refresh(self) -> Inventory:
         if self.blocking:
@@ -227,6 +302,67 @@ class SimulatedProbe(_ProbeBase):
         with self._lock:
             g = self._gpus[gpu_id]
             self._gpus[gpu_id] = dataclasses.replace(g, free=min(max(free, 0), g.total))
+
+
+# ------------------------------------------------------------------------------ the engine's view
+
+# llama.cpp backend registry names -> our GPU library names (Gpu.library)
+ENGINE_LIBRARIES = {"cuda": "cuda", "rocm": "rocm", "hip": "rocm", "metal": "metal",
+                    "mtl": "metal", "vulkan": "vulkan", "sycl": "oneapi"}
+_BUILD_FLAG = {"cuda": "cuda", "rocm": "hip", "metal": "metal"}
+_VENDOR = {"cuda": "NVIDIA", "rocm": "AMD", "metal": "Apple"}
+
+
+def engine_libraries(engine: EngineProbe) -> frozenset[str]:
+    """The GPU libraries (``Gpu.library`` names) the engine has devices for."""
+    return frozenset(ENGINE_LIBRARIES.get(b, b) for b in engine.gpu_backends())
+
+
+def engine_verdict(readings: Sequence[GpuReading], engine: EngineProbe | None
+                   ) -> tuple[frozenset[str] | None, str | None]:
+    """(libraries to offer, one-line reason when GPUs are left out). Pure.
+
+    No engine probe (the fake engine, simulated GPUs): everything is offered. Otherwise a GPU is
+    offered only when the engine has a device of its library.
+    """
+    if engine is None:
+        return None, None
+    usable = engine_libraries(engine)
+    unused: dict[str, int] = {}
+    for g in readings:
+        if g.library not in usable:
+            unused[g.library] = unused.get(g.library, 0) + 1
+    if not unused:
+        return usable, None
+    parts = []
+    for lib, n in sorted(unused.items()):
+        vendor = _VENDOR.get(lib, lib)
+        flag = _BUILD_FLAG.get(lib, lib)
+        why = (f"llama.cpp could not be loaded ({engine.error})" if engine.error
+               else f"llama.cpp was built without {lib.upper() if lib != 'rocm' else 'ROCm/HIP'}")
+        parts.append(f"{why}; {n} {vendor} GPU{'s' if n != 1 else ''} unused; "
+                     f"reinstall with CORRAL_LLAMA_BACKEND={flag}")
+    return usable, "; ".join(parts)
+
+
+class UnifiedMemoryProbe(SimulatedProbe):
+    """Apple silicon: the engine's Metal device is the one GPU, integrated (unified memory).
+
+    Its size is what llama.cpp's Metal device reports (the recommended working set), read once
+    from the engine probe; like a paper GPU it loses what our runners hold (note_usage).
+    """
+
+    def __init__(self, engine: EngineProbe,
+                 host: Callable[[], tuple[int, int]] | tuple[int, int] | None = None) -> None:
+        super().__init__([], host=host)
+        devs = [d for d in engine.devices
+                if d.type in ("gpu", "igpu") and ENGINE_LIBRARIES.get(d.backend.lower()) == "metal"]
+        self._gpus = {
+            str(i): GpuReading(id=str(i), name=d.description or d.name, total=d.total,
+                               free=min(d.free or d.total, d.total), library="metal",
+                               integrated=True, min_overhead=minimum_memory("metal"))
+            for i, d in enumerate(devs) if d.total > 0
+        }
 
 
 # --------------------------------------------------------------------------------------------- NVML
@@ -373,10 +509,16 @@ class NvmlProbe(_ProbeBase):
 
 
 def make_probe(config: Any, *, nvml: ModuleType | None = None,
-               host: Callable[[], tuple[int, int]] | tuple[int, int] | None = None) -> GpuProbe:
-    """The probe the daemon uses for ``config``: simulated GPUs when configured, else NVML."""
+               host: Callable[[], tuple[int, int]] | tuple[int, int] | None = None,
+               engine: EngineProbe | None = None, platform: str = sys.platform) -> GpuProbe:
+    """The probe the daemon uses for ``config``: simulated GPUs when configured; on macOS the
+    engine's Metal device; else NVML."""
     simulated = getattr(config, "simulate_gpus", None)
     if simulated is not None:        # () simulates a machine without GPUs
         return SimulatedProbe(simulated, host=host)
+    if platform == "darwin":
+        if engine is not None and "metal" in engine_libraries(engine):
+            return UnifiedMemoryProbe(engine, host=host)
+        return CpuOnlyProbe(host=host)
     return NvmlProbe(visible_devices=getattr(config, "cuda_visible_devices", None), nvml=nvml,
                      host=host)

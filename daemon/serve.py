@@ -42,7 +42,6 @@ async def run(config: Config, ready: Callable[[str], Awaitable[None] | None] | N
     """Serve until SIGTERM/SIGINT (or ``stop`` is set). ``ready`` gets the listening URL."""
     from corral.daemon.api.app import make_app
     from corral.daemon.default_model import ensure_default_model
-    from corral.daemon.gpu import make_probe
     from corral.daemon.store import Store
     from corral.daemon.supervisor import Supervisor
 
@@ -58,8 +57,7 @@ async def run(config: Config, ready: Callable[[str], Awaitable[None] | None] | N
         await asyncio.to_thread(store.prune)
     default = await ensure_default_model(store, config)
 
-    probe = make_probe(config)
-    supervisor = Supervisor(config, store, probe)
+    supervisor = Supervisor(config, store)
     await supervisor.start()
     app = make_app(config, store, supervisor)
 

@@ -44,7 +44,8 @@ import structlog
 
 from corral.daemon import gguf_info
 from corral.daemon.api.errors import QUEUE_FULL, ApiError
-from corral.daemon.gpu import GpuProbe, make_probe
+from corral.daemon import engine_probe
+from corral.daemon.gpu import GpuProbe, engine_verdict, make_probe
 from corral.daemon.runners import (
     RUNNER_ARGV,
     RunnerProcess,
@@ -53,7 +54,7 @@ from corral.daemon.runners import (
     looks_oom,
     wait_event,
 )
-from corral.runner.protocol import FakeKnobs, LaunchSpec, Ready
+from corral.runner.protocol import EngineProbe, FakeKnobs, LaunchSpec, Ready
 from corral.scheduler import (
     SHUTTING_DOWN_MESSAGE,
     Abort,
@@ -305,10 +306,17 @@ class Supervisor:
                  runner_argv: Sequence[str] = RUNNER_ARGV,
                  stop_grace: float = DEFAULT_STOP_GRACE,
                  drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
-                 load_timeout: float | None = None) -> None:
+                 load_timeout: float | None = None,
+                 engine: EngineProbe | None | Literal["probe"] = "probe") -> None:
+        """``engine``: what the llama.cpp build can do. ``"probe"`` asks it at start (skipped for
+        the fake engine and simulated GPUs, which are paper on purpose); tests pass an answer."""
         self.config = config
         self.store = store
+        self._probe_given = probe is not None
         self.probe: GpuProbe = probe if probe is not None else make_probe(config)
+        self._engine_arg = engine
+        self.engine: EngineProbe | None = None
+        self.gpu_note: str | None = None      # why GPUs are not offered, when some are not
         self._clock = clock
         self._limits = limits if limits is not None else Limits(
             max_loaded=config.max_loaded_models,
@@ -347,8 +355,31 @@ class Supervisor:
 
     # ------------------------------------------------------------------ lifecycle
 
+    async def _probe_engine(self) -> EngineProbe | None:
+        if self._engine_arg != "probe":
+            return self._engine_arg
+        cfg = self.config
+        if getattr(cfg, "runner_engine", "llama") == "fake" or getattr(cfg, "simulate_gpus", None) \
+                is not None:
+            return None
+        return await engine_probe.probe_engine(getattr(cfg, "cache_dir", None),
+                                               getattr(cfg, "cuda_visible_devices", None),
+                                               self._argv)
+
     async def start(self) -> None:
-        """Read the inventory, build the Scheduler and start the owner task."""
+        """Ask the engine what it can do, gate the GPUs by it, read the inventory, build the
+        Scheduler and start the owner task."""
+        engine = self.engine = await self._probe_engine()
+        if engine is not None:
+            if not self._probe_given:       # macOS: the Metal device comes from the engine
+                self.probe = make_probe(self.config, engine=engine)
+            readings = (await asyncio.to_thread(self.probe.gpu_readings) if self.probe.blocking
+                        else self.probe.gpu_readings())
+            libraries, self.gpu_note = engine_verdict(readings, engine)
+            self.probe.restrict(libraries)
+            log.info("llama.cpp engine", **engine_probe.summary(engine))
+            if self.gpu_note:
+                log.warning("gpus unused", reason=self.gpu_note)
         inventory = await self.probe.refresh()
         self._gpu_names = {g.id: g.name for g in inventory.gpus}
         cl = getattr(self.config, "context_length", 0) or 0
@@ -539,10 +570,10 @@ class Supervisor:
             details = msgspec.to_builtins(details)
         p = v.placement
         gpus = [{"id": g, "name": self._gpu_names.get(g, g), "vram": b}
-                for g, b in zip(p.gpus, p.gpu_bytes)]
+                for g, b in zip(p.gpus, p.gpu_bytes) if b > 0]
         size = p.total
         facts = self._facts.get(v.model_key)
-        if p.gpus and facts is not None and p.n_gpu_layers >= facts.block_count + 1:
+        if p.vram > 0 and facts is not None and p.n_gpu_layers >= facts.block_count + 1:
             # Every layer is on GPU: Ollama's full-offload rule reports size == size_vram
             # (what stays in host memory - token embeddings, pinned buffers - is not "CPU").
             size = p.vram
@@ -749,8 +780,12 @@ class Supervisor:
 
     def _memory_report(self, eff: StartRunner, ready: Ready) -> tuple[dict[str, int] | None,
                                                                       int | None]:
-        """Ready.memory by Gpu.id. None when the report does not cover the placement's GPUs
-        (e.g. the FakeEngine on simulated GPUs): the scheduler keeps its estimate."""
+        """Ready.memory by Gpu.id: what the runner measured replaces the plan.
+
+        An empty report (the FakeEngine on paper GPUs) keeps the estimate. A report with no GPU
+        device for a GPU placement means llama.cpp computes on the CPU (a build without that GPU
+        backend): it is logged and reported as measured (no VRAM), never as planned.
+        """
         if not ready.memory:
             return None, None
         gpus = eff.placement.gpus
@@ -768,8 +803,11 @@ class Supervisor:
             else:
                 continue
             gpu_bytes[gid] = gpu_bytes.get(gid, 0) + use.total
-        if gpus and not gpu_bytes:
-            return None, None
+        if gpus and not any(gpu_bytes.values()):
+            log.warning("runner uses no GPU memory although placed on GPUs: reporting what it "
+                        "measured (CPU)", runner_id=eff.runner_id, gpus=list(gpus),
+                        devices=sorted(ready.memory), cpu_bytes=cpu)
+            return {}, cpu
         return gpu_bytes, cpu
 
     def _on_runner_exit(self, proc: RunnerProcess, returncode: int) -> None:

@@ -1,5 +1,7 @@
 """``python -m corral.runner``: one model, one process.
 
+``python -m corral.runner --probe`` prints one EngineProbe JSON line (runner/devices.py) and exits.
+
 Sequence (docs/DESIGN.md "Runner process protocol"):
 1. stdout becomes the event pipe: its fd is duplicated for events and fd 1 is pointed at stderr,
    so nothing else (llama.cpp, a stray print) can corrupt the pipe.
@@ -164,6 +166,12 @@ async def run(spec: LaunchSpec, events: EventPipe) -> int:
 
 
 def main() -> int:
+    if sys.argv[1:] == ["--probe"]:
+        from corral.runner.devices import probe
+
+        events = take_stdout()  # llama.cpp's own log lines go to stderr, the answer to stdout
+        events.send(probe())
+        return 0
     events = take_stdout()
     configure_logging()
     line = sys.stdin.buffer.readline()

@@ -79,7 +79,7 @@ class FakeEngine:
         if k.fail_load_oom or k.fail_load:
             reason = k.fail_load or "cudaMalloc failed: out of memory (fake)"
             raise LoadError(reason, oom=k.fail_load_oom)
-        if not self.memory:
+        if not self.memory and not (self.spec.n_gpu_layers > 0 and k.gpu_offload):
             kv = self.n_ctx * 1024
             self.memory = {"CPU": MemoryUse(weights=1 * _MiB, kv=kv, compute=_MiB // 2)}
 

@@ -47,7 +47,11 @@ class FakeKnobs(msgspec.Struct, frozen=True, kw_only=True):
     ignore_sigterm: bool = False  # SIGTERM is ignored (the daemon must escalate to SIGKILL)
     default_num_predict: int = 16  # tokens generated when num_predict < 0 (the fake has no EOS)
     embedding_dim: int = 8
-    memory: dict[str, MemoryUse] | None = None  # Ready.memory to report; None: a small CPU figure
+    memory: dict[str, MemoryUse] | None = None  # Ready.memory to report; None: see gpu_offload
+    # With memory None: a CPU placement reports a small CPU figure. A GPU placement
+    # (n_gpu_layers > 0) reports nothing when gpu_offload (the daemon keeps its estimate: the fake
+    # measures no device), and everything on "CPU" when not, as a CPU-only llama.cpp build does.
+    gpu_offload: bool = True
     # The load hangs without a sign of life (no progress, no output; a stuck driver or disk)
     # for as long as this file exists, then carries on.
     hang_load_while: str | None = None
@@ -108,6 +112,45 @@ class Failed(msgspec.Struct, frozen=True, kw_only=True, tag="failed", tag_field=
 
 
 RunnerEvent = Loading | Ready | Failed
+
+# ----------------------------------------------------------------------------------------------
+# Engine probe (``python -m corral.runner --probe``: one JSON line on stdout, no model loaded)
+
+
+class EngineDevice(msgspec.Struct, frozen=True, kw_only=True):
+    """One device as llama.cpp's backend registry sees it (bytes)."""
+
+    name: str  # "CPU", "CUDA0", "Metal", "ROCm0", "Vulkan0"...
+    description: str = ""  # "NVIDIA A100-SXM4-80GB", "Apple M2 Max", the CPU's model name
+    type: Literal["cpu", "gpu", "igpu", "accel", "meta", "unknown"] = "unknown"
+    backend: str = ""  # the registry's name: "CPU", "CUDA", "ROCm", "Metal", "Vulkan", "BLAS"
+    total: int = 0
+    free: int = 0
+
+
+class EngineProbe(msgspec.Struct, frozen=True, kw_only=True, tag="probe", tag_field="type"):
+    """What the engine this runner was built with can do."""
+
+    version: Version = PROTOCOL_VERSION
+    llama_cpp_python: str = ""  # the package version
+    gpu_offload: bool = False  # llama_supports_gpu_offload()
+    devices: list[EngineDevice] = msgspec.field(default_factory=list)
+    system_info: str = ""  # llama_print_system_info(): the CPU features compiled in
+    build: dict[str, str] = msgspec.field(default_factory=dict)  # scripts/install-llama.sh's record
+    error: str | None = None  # the engine could not be loaded at all (the daemon uses CPU only)
+
+    def gpu_backends(self) -> set[str]:
+        """Backend names (lower case) of the GPU-like devices, e.g. {"cuda"}, {"metal"}."""
+        return {d.backend.lower() for d in self.devices if d.type in ("gpu", "igpu")}
+
+
+_probe_decoder = msgspec.json.Decoder(EngineProbe)
+
+
+def decode_probe(line: bytes | str) -> EngineProbe:
+    """Raise msgspec.ValidationError/DecodeError on a bad probe line."""
+    return _probe_decoder.decode(line)
+
 
 _event_decoder = msgspec.json.Decoder(RunnerEvent)
 _launch_decoder = msgspec.json.Decoder(LaunchSpec)

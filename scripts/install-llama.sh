@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs llama-cpp-python into the active Python environment, built for this machine: the
-# backend (CPU, CUDA, HIP, Metal) and the CPU instruction sets are chosen by scripts/llama_build.py
+# backend (CPU, CUDA, HIP, Metal) and the CPU instruction sets are chosen by daemon/buildplan.py
 # (it prints its choice and the reason; CORRAL_LLAMA_BACKEND=auto|cpu|cuda|hip|metal overrides),
 # from the sdist with the source edits of scripts/patch-llama.py (batched decode speed, see there).
 # The wheel is kept in a folder keyed by version + backend + flags + Python + patch, because pip's
@@ -11,7 +11,7 @@ LLAMA_VERSION="$LLAMA_CPP_PYTHON_VERSION"
 PY="${PYTHON:-python}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PATCHER="$HERE/patch-llama.py"
-plan=$("$PY" "$HERE/llama_build.py" --shell)
+plan=$("$PY" "$HERE/../daemon/buildplan.py" --shell)
 eval "$plan"
 echo "$LLAMA_REASON" >&2
 if [ -n "$LLAMA_WARNINGS" ]; then printf 'warning: %s\n' "$LLAMA_WARNINGS" >&2; fi

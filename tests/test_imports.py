@@ -4,7 +4,8 @@ Allowed: ``daemon -> scheduler``, ``daemon -> runner.protocol``, ``runner.* -> r
 ``scheduler`` imports nothing of ours and only stdlib + msgspec, and none of the stdlib modules
 that mean I/O, clock, environment, concurrency or logging. ``daemon`` never imports
 ``runner.engine`` / ``runner.fake`` / ``runner.server`` / ``runner.__main__``. Only
-``runner/engine.py`` imports ``llama_cpp``; ``runner/protocol.py`` needs nothing but msgspec.
+``runner/engine.py`` and ``runner/devices.py`` (the engine probe) import ``llama_cpp``;
+``runner/protocol.py`` needs nothing but msgspec.
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ def _violations(module: str, imported: str) -> str | None:
         if module == "corral.runner.protocol" and _is_ours(imported) \
                 and not _within(imported, "corral.runner.protocol"):
             return "runner.protocol imports nothing else of ours"
-    if top == "llama_cpp" and module != "corral.runner.engine":
-        return "only runner/engine.py imports llama_cpp"
+    if top == "llama_cpp" and module not in ("corral.runner.engine", "corral.runner.devices"):
+        return "only runner/engine.py and runner/devices.py import llama_cpp"
     return None
 
 
@@ -159,8 +160,9 @@ def test_importing_the_scheduler_loads_no_io_stack() -> None:
 
 
 # daemon/runners.py copies the whole environment for the runner processes it spawns; it does
-# not read settings from it.
-ENVIRON_ALLOWED = {"daemon/config.py", "daemon/runners.py"}
+# not read settings from it. daemon/buildplan.py runs at build time (scripts/install-llama.sh,
+# before corral is installed) and finds toolkits as a build does (PATH, CUDA_HOME, ROCM_PATH).
+ENVIRON_ALLOWED = {"daemon/config.py", "daemon/runners.py", "daemon/buildplan.py"}
 
 
 @pytest.mark.parametrize(("module", "path"), MODULES, ids=[m for m, _ in MODULES])

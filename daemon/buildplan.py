@@ -1,8 +1,11 @@
 """Chooses how llama.cpp (inside llama-cpp-python) is built for the machine it is installed on.
 
-    python scripts/llama_build.py            # one line: the chosen build and why (stderr too)
-    python scripts/llama_build.py --shell    # shell assignments for scripts/install-llama.sh
-    python scripts/llama_build.py --json     # the whole plan
+    python daemon/buildplan.py            # one line: the chosen build and why
+    python daemon/buildplan.py --shell    # shell assignments for scripts/install-llama.sh
+    python daemon/buildplan.py --json     # the whole plan
+
+Standard library only and runnable as a file: scripts/install-llama.sh runs it before corral is
+installed; `corral doctor` imports it as ``corral.daemon.buildplan``.
 
 `plan(machine, override)` is pure: from the OS, the architecture, the CPU's feature flags, the GPUs
 seen and the toolkits found it derives the backend, the CMake options, extra environment and the
@@ -315,7 +318,7 @@ def main(argv: list[str]) -> int:
         print(f"corral: {exc}", file=sys.stderr)
         return 2
     version = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "0.3.36")
-    patch = Path(__file__).with_name("patch-llama.py").read_bytes()
+    patch = (Path(__file__).resolve().parent.parent / "scripts" / "patch-llama.py").read_bytes()
     key = p.key(version, "%d.%d" % sys.version_info[:2], patch)
     if "--shell" in argv:
         import shlex

@@ -1,0 +1,192 @@
+"""``corral doctor``: what this machine is to corral, and what is wrong with it (with the fix).
+
+It gathers, without a running daemon:
+1. the llama.cpp build (backend, CMake flags, llama-cpp-python version, source patch) from the
+   engine probe (``python -m corral.runner --probe``) and the install's record;
+2. the CPU's instruction sets and the build plan ``daemon/buildplan.py`` derives for this machine;
+3. GPUs as NVML sees them and as llama.cpp sees them, and which are usable (the engine gate);
+4. host memory (cgroup-aware, as the scheduler sees it);
+5. the model store: path, models, bytes;
+6. the effective ``OLLAMA_*`` / ``CORRAL_*`` values with their source (environment or default);
+7. problems, each with its fix.
+
+:func:`collect` returns plain data (``--json`` prints it); :func:`render` makes the text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from corral.daemon import buildplan, engine_probe
+from corral.daemon.config import Config
+from corral.daemon.gpu import NvmlProbe, cgroup_limit, engine_verdict, host_memory
+from corral.runner.protocol import EngineProbe
+
+GiB = 1024**3
+
+
+def _dir_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += (Path(root) / f).stat().st_size
+            except OSError:
+                pass
+    return total
+
+
+def _store(config: Config) -> dict[str, Any]:
+    path = config.models
+    manifests = path / "manifests"
+    count = sum(1 for p in manifests.rglob("*") if p.is_file()) if manifests.is_dir() else 0
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent              # a store not made yet: can it be made?
+    writable = os.access(existing, os.W_OK)
+    return {"path": str(path), "exists": path.is_dir(), "writable": writable, "models": count,
+            "bytes": _dir_size(path / "blobs") if path.is_dir() else 0}
+
+
+def _problems(build: dict[str, Any], engine: EngineProbe, gpu_note: str | None,
+              store: dict[str, Any], want: buildplan.BuildPlan | None) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
+    if engine.error:
+        out.append({"problem": f"llama.cpp cannot be loaded: {engine.error}",
+                    "fix": "reinstall: ./dev install (or scripts/install-llama.sh in your venv)"})
+    if gpu_note:
+        out.append({"problem": gpu_note, "fix": "see the note: rebuild llama.cpp for the GPU"})
+    info = engine.system_info
+    if "AMX_INT8 = 1" in info:
+        out.append({"problem": "llama.cpp was built with AMX, whose matmul crashes on some CPUs",
+                    "fix": "reinstall with scripts/install-llama.sh (AMX is always off there)"})
+    if want is not None and build.get("cmake_args") and build["cmake_args"] != want.cmake_args_str:
+        out.append({"problem": "the installed llama.cpp was built for another machine or plan "
+                               f"({build.get('backend')}) than this one ({want.backend})",
+                    "fix": "run ./dev install (it rebuilds for this machine)"})
+    if not store["writable"]:
+        out.append({"problem": f"the model store {store['path']} is not writable",
+                    "fix": "set OLLAMA_MODELS to a writable folder or fix its owner"})
+    return out
+
+
+async def collect(config: Config, engine: EngineProbe | None = None,
+                  nvml: Any = None) -> dict[str, Any]:
+    """Everything ``corral doctor`` reports, as plain data. Never raises for a missing part."""
+    if engine is None:
+        engine = await engine_probe.probe_engine(config.cache_dir, config.cuda_visible_devices)
+    machine = await asyncio.to_thread(buildplan.probe_machine)
+    try:
+        want: buildplan.BuildPlan | None = buildplan.plan(
+            machine, config.llama_backend)
+    except buildplan.PlanError:
+        want = None
+    nv = NvmlProbe(visible_devices=config.cuda_visible_devices, nvml=nvml)
+    try:
+        readings = await asyncio.to_thread(nv.gpu_readings)
+    finally:
+        await asyncio.to_thread(nv.close)
+    libraries, gpu_note = engine_verdict(readings, engine)
+    total, available = host_memory()
+    limit = cgroup_limit()
+    store = await asyncio.to_thread(_store, config)
+    x86 = [opt.removeprefix("GGML_") for opt, need in buildplan.X86_OPTIONS
+           if all(f in machine.cpu_flags for f in need)]
+    if "amx_int8" in machine.cpu_flags:
+        x86.append("AMX (not used)")
+    build = dict(engine.build)
+    env_rows = {k: {"value": v, "source": "environment" if k in config.env_set else "default"}
+                for k, v in config.env_summary().items()}
+    return {
+        "build": {
+            "backend": build.get("backend", "unknown"),
+            "cmake_args": build.get("cmake_args", ""),
+            "llama_cpp_python": engine.llama_cpp_python,
+            "patch_sha256": build.get("patch_sha256", ""),
+            "gpu_offload": engine.gpu_offload,
+            "system_info": engine.system_info,
+            "plan_for_this_machine": want.reason if want else None,
+        },
+        "cpu": {"model": _cpu_model(), "arch": machine.arch, "os": machine.os,
+                "instruction_sets": x86, "cores": os.cpu_count()},
+        "gpus": {
+            "nvml": [{"id": g.id, "name": g.name, "total": g.total, "free": g.free,
+                      "library": g.library,
+                      "usable": libraries is None or g.library in libraries} for g in readings],
+            "engine": [{"name": d.name, "description": d.description, "type": d.type,
+                        "backend": d.backend, "total": d.total, "free": d.free}
+                       for d in engine.devices],
+            "toolkits": {"nvcc": machine.nvcc, "hipcc": machine.hipcc},
+        },
+        "memory": {"total": total, "available": available,
+                   "cgroup_limit": limit[0] if limit else None,
+                   "cgroup_current": limit[1] if limit else None},
+        "store": store,
+        "environment": env_rows,
+        "problems": _problems(build, engine, gpu_note, store, want),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / GiB:.1f} GiB"
+
+
+def render(r: dict[str, Any]) -> str:
+    b, c, g, m, s = r["build"], r["cpu"], r["gpus"], r["memory"], r["store"]
+    lines = [
+        "build",
+        f"  backend            {b['backend']} (llama-cpp-python {b['llama_cpp_python'] or '?'}, "
+        f"gpu offload {'yes' if b['gpu_offload'] else 'no'})",
+        f"  cmake flags        {b['cmake_args'] or '(not recorded: not installed by ./dev)'}",
+        f"  source patch       {b['patch_sha256'][:16] or '-'}",
+        f"  compiled features  {b['system_info'] or '-'}",
+        f"  this machine wants {b['plan_for_this_machine'] or '-'}",
+        "cpu",
+        f"  {c['model']} ({c['arch']}, {c['cores']} cores): {' '.join(c['instruction_sets']) or '-'}",
+        "gpus",
+    ]
+    if not g["nvml"]:
+        lines.append("  nvml   no NVIDIA GPU")
+    for d in g["nvml"]:
+        lines.append(f"  nvml   {d['id']}: {d['name']} {_gib(d['total'])} total, {_gib(d['free'])} "
+                     f"free: {'usable' if d['usable'] else 'NOT usable by this build'}")
+    for d in g["engine"]:
+        lines.append(f"  engine {d['name']}: {d['description']} ({d['backend']}, {d['type']}) "
+                     f"{_gib(d['total'])}")
+    tk = g["toolkits"]
+    lines.append(f"  toolkits: nvcc {tk['nvcc'] or 'no'}, hipcc {tk['hipcc'] or 'no'}")
+    cg = f", cgroup limit {_gib(m['cgroup_limit'])}" if m["cgroup_limit"] is not None else ""
+    lines += ["memory", f"  {_gib(m['total'])} total, {_gib(m['available'])} available{cg}",
+              "store",
+              f"  {s['path']}: {s['models']} models, {_gib(s['bytes'])}"
+              f"{'' if s['exists'] else ' (does not exist yet)'}"
+              f"{'' if s['writable'] else ' (NOT writable)'}",
+              "environment"]
+    for k, v in r["environment"].items():
+        lines.append(f"  {k}={v['value']} ({v['source']})")
+    lines.append("problems")
+    if not r["problems"]:
+        lines.append("  none")
+    for p in r["problems"]:
+        lines.append(f"  - {p['problem']}\n    fix: {p['fix']}")
+    return "\n".join(lines)
+
+
+def main(config: Config, as_json: bool) -> str:
+    report = asyncio.run(collect(config))
+    return json.dumps(report, indent=2) if as_json else render(report)

@@ -1,0 +1,170 @@
+"""daemon/buildplan.py: the llama.cpp build chosen for a machine (issue 7 point 1).
+
+The plan is a pure function of a Machine, so every case is a machine written by hand. The last
+tests check the environment this suite runs in: the installed llama.cpp was built with exactly the
+flags the function derives for this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from corral.daemon import buildplan as lb
+
+ROOT = Path(__file__).resolve().parents[2]
+
+ZEN3 = lb.normalize_flags("fpu sse sse2 ssse3 sse4_1 sse4_2 avx f16c fma bmi1 avx2 bmi2 popcnt")
+SAPPHIRE = lb.normalize_flags(
+    "sse4_2 avx f16c fma avx2 bmi2 avx512f avx512cd avx512vl avx512dq avx512bw avx512vbmi "
+    "avx512_vnni avx512_bf16 avx_vnni amx_tile amx_int8 amx_bf16")
+OLD = lb.normalize_flags("sse sse2 ssse3 sse4_1 sse4_2 popcnt")
+
+
+def args(plan) -> dict[str, str]:
+    out = {}
+    for a in plan.cmake_args:
+        k, _, v = a.removeprefix("-D").partition("=")
+        out[k] = v
+    return out
+
+
+def linux(**kw) -> "lb.Machine":
+    kw.setdefault("cpu_flags", ZEN3)
+    return lb.Machine(os="linux", arch="x86_64", **kw)
+
+
+def test_avx2_only_cpu_gets_no_avx512():
+    a = args(lb.plan(linux()))
+    assert a["GGML_NATIVE"] == "OFF"
+    assert a["GGML_AVX2"] == a["GGML_FMA"] == a["GGML_F16C"] == a["GGML_BMI2"] == "ON"
+    for opt in ("GGML_AVX512", "GGML_AVX512_VBMI", "GGML_AVX512_VNNI", "GGML_AVX512_BF16",
+                "GGML_AVX_VNNI"):
+        assert a[opt] == "OFF", opt
+
+
+def test_cpu_without_avx_gets_every_set_off_explicitly():
+    # ggml turns AVX/AVX2/FMA/F16C/BMI2 ON by default when NATIVE is off: they must be said OFF
+    a = args(lb.plan(linux(cpu_flags=OLD)))
+    assert a["GGML_SSE42"] == "ON"
+    for opt in ("GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2"):
+        assert a[opt] == "OFF", opt
+
+
+def test_amx_cpu_gets_amx_off_and_its_other_sets_on():
+    p = lb.plan(linux(cpu_flags=SAPPHIRE))
+    a = args(p)
+    assert a["GGML_AMX_TILE"] == a["GGML_AMX_INT8"] == a["GGML_AMX_BF16"] == "OFF"
+    assert a["GGML_AVX512"] == a["GGML_AVX512_VNNI"] == a["GGML_AVX_VNNI"] == "ON"
+    assert "AMX off" in p.reason
+
+
+def test_avx512f_without_bw_is_not_enough_for_ggml_avx512():
+    knl = lb.normalize_flags("sse4_2 avx f16c fma avx2 bmi2 avx512f avx512cd")   # Xeon Phi
+    assert args(lb.plan(linux(cpu_flags=knl)))["GGML_AVX512"] == "OFF"
+
+
+def test_linux_with_nvidia_gpus_and_nvcc_builds_cuda_with_their_architectures():
+    p = lb.plan(linux(nvidia_gpus=2, cuda_capabilities=("86", "89", "86"), nvcc="/usr/bin/nvcc"))
+    a = args(p)
+    assert p.backend == "cuda"
+    assert a["GGML_CUDA"] == "ON"
+    assert a["CMAKE_CUDA_ARCHITECTURES"] == "86;89"
+    assert a["GGML_AVX2"] == "ON" and a["GGML_AMX_TILE"] == "OFF"   # the CPU part still fits
+    assert p.env["CUDACXX"] == "/usr/bin/nvcc"
+
+
+def test_cuda_without_known_capabilities_leaves_architectures_to_llama_cpp():
+    p = lb.plan(linux(nvidia_gpus=1, nvcc="/usr/local/cuda/bin/nvcc"))
+    assert p.backend == "cuda" and "CMAKE_CUDA_ARCHITECTURES" not in args(p)
+
+
+def test_gpu_without_toolkit_is_a_cpu_build_with_a_warning_that_says_how():
+    p = lb.plan(linux(nvidia_gpus=2))
+    assert p.backend == "cpu" and "GGML_CUDA" not in args(p)
+    assert len(p.warnings) == 1 and "CORRAL_LLAMA_BACKEND=cuda" in p.warnings[0]
+    assert "CUDA toolkit" in p.warnings[0]
+
+
+def test_toolkit_without_gpu_is_a_cpu_build():
+    p = lb.plan(linux(nvcc="/usr/local/bin/nvcc"))
+    assert p.backend == "cpu" and not p.warnings
+    assert "no NVIDIA GPU" in p.reason
+
+
+def test_amd_gpu_with_hipcc_builds_hip():
+    p = lb.plan(linux(amd_gpus=1, hip_targets=("gfx1100",), hipcc="/opt/rocm/bin/hipcc"))
+    assert p.backend == "hip"
+    assert args(p)["GGML_HIP"] == "ON" and args(p)["AMDGPU_TARGETS"] == "gfx1100"
+
+
+def test_macos_arm64_is_metal_without_any_x86_flag():
+    p = lb.plan(lb.Machine(os="darwin", arch="arm64"))
+    a = args(p)
+    assert p.backend == "metal" and a["GGML_METAL"] == "ON"
+    assert not any(k.startswith(("GGML_AVX", "GGML_AMX", "GGML_SSE", "GGML_FMA", "GGML_F16C"))
+                   for k in a)
+
+
+def test_intel_mac_reads_sysctl_spellings_and_builds_cpu():
+    flags = lb.normalize_flags("FPU SSE4.2 AVX1.0 F16C FMA AVX2 BMI2")
+    p = lb.plan(lb.Machine(os="darwin", arch="x86_64", cpu_flags=flags))
+    a = args(p)
+    assert p.backend == "cpu" and a["GGML_METAL"] == "OFF"
+    assert a["GGML_AVX"] == a["GGML_AVX2"] == a["GGML_SSE42"] == "ON"
+
+
+def test_aarch64_linux_builds_natively():
+    p = lb.plan(lb.Machine(os="linux", arch="aarch64"))
+    assert args(p)["GGML_NATIVE"] == "ON" and p.backend == "cpu"
+
+
+def test_the_override_wins():
+    m = linux(nvidia_gpus=1, nvcc="/usr/bin/nvcc")
+    assert lb.plan(m, "cpu").backend == "cpu"
+    assert "GGML_CUDA" not in args(lb.plan(m, "cpu"))
+    assert lb.plan(linux(nvcc="/usr/bin/nvcc"), "cuda").backend == "cuda"   # no GPU seen: forced
+    assert "CORRAL_LLAMA_BACKEND=cuda" in lb.plan(linux(nvcc="/x/nvcc"), "CUDA").reason
+
+
+@pytest.mark.parametrize(("machine", "override", "text"), [
+    (linux(), "cuda", "nvcc"),
+    (linux(), "hip", "hipcc"),
+    (linux(), "metal", "macOS"),
+    (linux(), "vulkan", "one of"),
+])
+def test_an_override_the_machine_cannot_take_is_an_error(machine, override, text):
+    with pytest.raises(lb.PlanError, match=text):
+        lb.plan(machine, override)
+
+
+def test_the_cache_key_changes_with_backend_flags_patch_version_and_python():
+    m = linux(nvidia_gpus=1, nvcc="/usr/bin/nvcc")
+    base = lb.plan(m, "cpu").key("0.3.36", "3.11", b"patch")
+    assert lb.plan(m, "cuda").key("0.3.36", "3.11", b"patch") != base
+    assert lb.plan(linux(cpu_flags=SAPPHIRE), "cpu").key("0.3.36", "3.11", b"patch") != base
+    assert lb.plan(m, "cpu").key("0.3.36", "3.11", b"patch2") != base
+    assert lb.plan(m, "cpu").key("0.3.37", "3.11", b"patch") != base
+    assert lb.plan(m, "cpu").key("0.3.36", "3.12", b"patch") != base
+    assert lb.plan(m, "cpu").key("0.3.36", "3.11", b"patch") == base
+
+
+def test_the_script_prints_its_choice_and_reason_in_one_line():
+    out = subprocess.run([sys.executable, str(ROOT / "daemon" / "buildplan.py")],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("llama.cpp build: ") and " because " in out[0]
+
+
+def test_this_environment_runs_the_build_the_function_derives_for_this_machine():
+    """./dev built llama-cpp-python with the plan of this machine (the install records it)."""
+    record = Path(sys.prefix) / "corral-llama-build.json"
+    installed = json.loads(record.read_text())
+    want = lb.plan(lb.probe_machine(), os.environ.get("CORRAL_LLAMA_BACKEND", "auto"))
+    assert installed["backend"] == want.backend
+    assert installed["cmake_args"] == want.cmake_args_str
+    assert "-DGGML_AMX_INT8=OFF" in installed["cmake_args"]

@@ -1,0 +1,94 @@
+"""``python -m corral.runner --probe`` on this machine's real llama.cpp build, and the daemon's
+cached use of it (issue 7 points 2 and 6)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from corral.daemon import doctor, engine_probe
+from corral.daemon.config import Config
+from corral.runner.protocol import EngineProbe, decode_probe, encode
+from tests.daemon.fake_pynvml import FakeDevice, FakeNvml
+
+GiB = 1 << 30
+
+
+def test_the_probe_prints_one_json_line_with_this_builds_devices():
+    out = subprocess.run([sys.executable, "-m", "corral.runner", "--probe"], capture_output=True,
+                         timeout=120, check=True)
+    lines = out.stdout.splitlines()
+    assert len(lines) == 1                      # llama.cpp's own log goes to stderr
+    probe = decode_probe(lines[0])
+    assert probe.error is None
+    cpu = [d for d in probe.devices if d.type == "cpu"]
+    assert len(cpu) == 1 and cpu[0].backend == "CPU" and cpu[0].total > 0
+    # offload support and GPU devices agree (this machine: neither)
+    assert probe.gpu_offload == bool(probe.gpu_backends())
+    assert "AVX2 = 1" in probe.system_info or "NEON = 1" in probe.system_info
+    assert "AMX_INT8 = 1" not in probe.system_info
+    assert probe.build["backend"] in ("cpu", "cuda", "hip", "metal")
+    assert "-DGGML_AMX_INT8=OFF" in probe.build["cmake_args"] or probe.build["backend"] == "metal"
+
+
+def _counting_probe(tmp_path: Path, answer: EngineProbe) -> tuple[tuple[str, ...], Path]:
+    calls = tmp_path / "calls"
+    script = (f"import sys; open({str(calls)!r}, 'a').write('x'); "
+              f"sys.stdout.write({encode(answer).decode()!r} + '\\n')")
+    return (sys.executable, "-c", script), calls
+
+
+async def test_the_daemon_probes_once_per_engine_build(tmp_path):
+    argv, calls = _counting_probe(tmp_path, EngineProbe(llama_cpp_python="9.9"))
+    cache = tmp_path / "cache"
+    first = await engine_probe.probe_engine(cache, None, argv=argv)
+    second = await engine_probe.probe_engine(cache, None, argv=argv)
+    assert first == second and first.llama_cpp_python == "9.9"
+    assert calls.read_text() == "x"             # the second answer came from the cache
+    await engine_probe.probe_engine(cache, "1", argv=argv)   # another device mask: probe again
+    assert calls.read_text() == "xx"
+
+
+@pytest.mark.parametrize(("argv", "text"), [
+    ((sys.executable, "-c", "import sys; sys.stderr.write('libcuda.so.1: cannot open\\n'); "
+                            "sys.exit(1)"), "libcuda.so.1: cannot open"),
+    ((sys.executable, "-c", "print('not json')"), "garbage"),
+    (("/nonexistent/python",), "cannot start"),
+])
+async def test_a_failing_probe_is_an_error_answer_never_an_exception_and_never_cached(
+        tmp_path, argv, text):
+    result = await engine_probe.probe_engine(tmp_path, None, argv=argv)
+    assert result.error is not None and text in result.error
+    assert result.devices == [] and not result.gpu_offload
+    assert not list(tmp_path.glob("engine-probe-*.json"))
+
+
+# ------------------------------------------------------------------------------ corral doctor
+
+def test_doctor_prints_this_machines_real_build_and_cpu_flags():
+    out = subprocess.run([sys.executable, "-m", "corral.daemon.cli", "doctor"],
+                         capture_output=True, text=True, timeout=180, check=True).stdout
+    for heading in ("build", "cpu", "gpus", "memory", "store", "environment", "problems"):
+        assert f"\n{heading}\n" in f"\n{out}"
+    record = json.loads((Path(sys.prefix) / "corral-llama-build.json").read_text())
+    assert record["cmake_args"] in out            # the real flags of this install
+    assert "AVX2" in out and "OLLAMA_HOST=" in out
+
+
+async def test_doctor_json_parses_and_names_the_unused_gpus(tmp_path):
+    cpu_only = EngineProbe(llama_cpp_python="0.3.36", build={"backend": "cpu"})
+    nv = FakeNvml(devices=[FakeDevice(name="NVIDIA L4", total=24 * GiB)]).module()
+    config = Config(models=tmp_path / "models")
+    report = await doctor.collect(config, engine=cpu_only, nvml=nv)
+    report = json.loads(json.dumps(report))       # plain data
+    assert report["gpus"]["nvml"][0]["usable"] is False
+    assert any("1 NVIDIA GPU unused" in p["problem"] for p in report["problems"])
+    assert report["environment"]["OLLAMA_MODELS"]["value"] == str(tmp_path / "models")
+    out = subprocess.run([sys.executable, "-m", "corral.daemon.cli", "doctor", "--json"],
+                         capture_output=True, text=True, timeout=180, check=True).stdout
+    parsed = json.loads(out)
+    assert set(parsed) >= {"build", "cpu", "gpus", "memory", "store", "environment", "problems"}
