@@ -1,0 +1,125 @@
+"""Runner faults against a real ``corral serve``: a model that fails on every load, a load that
+hangs.
+
+Crash loop: a model whose GGUF is cut short (a corrupt download) makes the real llama.cpp
+runner fail on every load. A client retrying it in a tight loop gets the runner's last error
+line every time, the daemon spaces the loads (1 s, 2 s, ... after each failed start: the
+scheduler's crash-loop backoff) instead of spawning a runner per retry, and a healthy model keeps
+answering meanwhile.
+
+Hung load: a FakeEngine runner whose load hangs silently is killed at ``OLLAMA_LOAD_TIMEOUT`` (3 s
+here: a Python runner on a busy machine may take a second to say anything);
+its waiters get a clear error, and the next request starts a fresh runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+
+import aiohttp
+import pytest
+
+from tests.e2e.conftest import pid_alive, start_daemon
+from tests.e2e.test_scheduler_http import create_model, generate
+from tests.fixtures.tiny_gguf import write_tiny_llama
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+async def create_from_file(s: aiohttp.ClientSession, url: str, name: str, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    async with s.post(f"{url}/api/blobs/{digest}", data=data) as r:
+        assert r.status in (200, 201), await r.text()
+    async with s.post(f"{url}/api/create", json={"model": name, "files": {"m.gguf": digest},
+                                                 "stream": False}) as r:
+        assert r.status == 200, await r.text()
+    return f"{name}:latest"
+
+
+def starts_of(log: list[str], model: str) -> list[str]:
+    """Runner ids of the daemon's ``starting runner`` lines for ``model``."""
+    out = []
+    for line in log:
+        if "starting runner" in line and f"model={model}" in line:
+            out.append(re.search(r"runner_id=(\S+)", line).group(1))
+    return out
+
+
+@pytest.fixture
+async def session():
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def test_crash_loop_backs_off_and_other_models_keep_serving(tmp_path, session):
+    good_path = write_tiny_llama(tmp_path / "good.gguf", seed=1)
+    whole = write_tiny_llama(tmp_path / "whole.gguf", seed=2).read_bytes()
+    with start_daemon(tmp_path) as d:
+        good = await create_from_file(session, d.url, "good", good_path.read_bytes())
+        bad = await create_from_file(session, d.url, "bad", whole[: len(whole) - 4096])
+        first = await generate(session, d.url, bad, options={"num_predict": 2})
+        assert first["_status"] == 500, first
+        error = first["error"]
+        # the client sees the runner's last error line (llama.cpp's words), not a generic text
+        assert error.startswith("failed to load model: llama_model_load"), error
+
+        loop = asyncio.get_running_loop()
+        bad_answers: list[dict] = []
+        good_answers: list[dict] = []
+
+        async def retrying_client() -> None:
+            end = loop.time() + 8.0
+            while loop.time() < end:
+                bad_answers.append(await generate(session, d.url, bad,
+                                                  options={"num_predict": 2}))
+                await asyncio.sleep(0.02)
+
+        async def healthy_client() -> None:
+            for _ in range(10):
+                good_answers.append(await generate(session, d.url, good,
+                                                   options={"num_predict": 2}))
+                await asyncio.sleep(0.5)
+
+        await asyncio.gather(retrying_client(), healthy_client())
+        assert [a["_status"] for a in good_answers] == [200] * 10
+        assert len(bad_answers) >= 20
+        assert {(a["_status"], a["error"]) for a in bad_answers} == {(500, error)}
+        # Loads start at t=0 (the first request), then no sooner than 1, 2, 4 s after each failed
+        # start: within the ~8 s of retries at most 4 loads however long one takes (a load here
+        # takes about a second; without the backoff every retry would load).
+        loads = starts_of(d.log, bad)
+        assert 2 <= len(loads) <= 4, loads
+        print(f"\nCRASH LOOP: {len(bad_answers) + 1} requests in ~8 s for a model failing on "
+              f"every load -> {len(loads)} loads; {len(good_answers)} requests for another "
+              f"model meanwhile, all 200; error: {error!r}")
+        print("\n".join(line for line in d.log if "runner failed to load" in line)[:3000])
+
+
+async def test_hung_load_is_killed_at_the_load_timeout_and_the_next_request_loads_afresh(
+        tmp_path, session):
+    hang = tmp_path / "driver-stuck"
+    hang.touch()
+    env = {"CORRAL_RUNNER_ENGINE": "fake", "OLLAMA_LOAD_TIMEOUT": "3s",
+           "CORRAL_FAKE_KNOBS": json.dumps({"hang_load_while": str(hang)})}
+    with start_daemon(tmp_path, **env) as d:
+        model = await create_model(session, d.url, tmp_path, "m", 1)
+        waiters = await asyncio.gather(*(generate(session, d.url, model,
+                                                  options={"num_predict": 2})
+                                         for _ in range(3)))
+        for w in waiters:
+            assert w["_status"] == 500
+            assert w["error"].startswith(
+                "timed out waiting for llama runner to start (no progress for 3s)"), w
+        [hung] = starts_of(d.log, model)
+        pids = [int(m.group(1)) for line in d.log
+                if f"runner_id={hung}" in line and "runner spawned" in line
+                for m in [re.search(r"pid=(\d+)", line)]]
+        assert len(pids) == 1 and not pid_alive(pids[0])   # killed, not left hanging
+
+        hang.unlink()                    # the driver recovers
+        ok = await generate(session, d.url, model, options={"num_predict": 2})
+        assert ok["_status"] == 200 and ok["done"], ok
+        assert len(starts_of(d.log, model)) == 2          # a fresh runner, not the hung one
