@@ -4,7 +4,9 @@ Pull: ``GET /v2/<ns>/<model>/manifests/<tag>``, then every layer and the config 
 parallel GETs into ``blobs/sha256-<hex>-partial`` (progress per part in ``-partial-<N>`` JSON
 files, Ollama's format, so a restarted pull continues where the last one stopped), then each new
 blob is hashed; a match is renamed into place, a mismatch is deleted and the pull fails without
-touching anything already stored. Finally the manifest is written byte for byte.
+touching anything already stored. Finally the manifest is written byte for byte. A full disk
+ends the pull at once (507, no retries, as Ollama aborts on ENOSPC) with no manifest written; the
+``-partial`` file keeps what was written and a later pull resumes from there.
 
 Push: per blob ``HEAD`` (present -> skip), else ``POST .../blobs/uploads/``, ``PATCH`` the bytes
 in parts, ``PUT <location>?digest=``; then ``PUT .../manifests/<tag>``.
@@ -42,6 +44,7 @@ from corral.daemon.store import (
     ProgressFn,
     Store,
     _report,
+    disk_writes,
     parse_digest,
     parse_name,
 )
@@ -312,7 +315,8 @@ class Registry:
             if self.store.has_blob(blob.digest):  # cache hit: not downloaded, not re-verified
                 await _report(progress, _progress_msg("pulling", blob.digest, blob.size, blob.size))
                 return False
-            parts = await asyncio.to_thread(self._load_parts, blob.digest, blob.size)
+            with disk_writes(self._partial(blob.digest)):
+                parts = await asyncio.to_thread(self._load_parts, blob.digest, blob.size)
             url = f"{base}/v2/{repo}/blobs/{blob.digest}"
             throttle = _Throttle(progress, self.progress_interval)
             done = lambda: sum(p.Completed for p in parts)  # noqa: E731
@@ -354,8 +358,9 @@ class Registry:
                         raise _TransferError(f"{resp.status}: {body}")
                     if resp.status == 200 and start != 0:
                         raise _TransferError("registry ignored the Range header")
-                    await self._write_stream(blob.digest, part, resp.content.iter_chunked(1 << 16),
-                                             tick)
+                    with disk_writes(self._partial(blob.digest)):
+                        await self._write_stream(blob.digest, part,
+                                                 resp.content.iter_chunked(1 << 16), tick)
             except (aiohttp.ClientError, asyncio.TimeoutError, _TransferError, OSError) as e:
                 attempt += 1
                 if attempt > self.retries:
@@ -417,7 +422,8 @@ class Registry:
             os.replace(data, self.store.blob_path(digest))
             self._discard_partial(digest)
 
-        await asyncio.to_thread(commit)
+        with disk_writes(data):
+            await asyncio.to_thread(commit)
 
     # ---- push ---------------------------------------------------------------------------------
 

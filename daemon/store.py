@@ -9,9 +9,16 @@ Contracts:
 * Every name and digest that reaches a path is validated first (:func:`parse_name`,
   :func:`parse_digest`); anything that could leave the store is ``ApiError(400)``.
 * Writes are atomic: a temp file in the target directory, fsync, ``os.replace``. A reader sees
-  the old file or the new one, never a torn one. Writers of one name are serialised by a
-  per-name lock; manifest commits and blob garbage collection by one store-wide lock, so a
-  delete never removes a blob that a concurrent create is about to reference.
+  the old file or the new one, never a torn one. Writers of one name (create, pull) are
+  serialised by a per-name lock; manifest commits, deletes and blob garbage collection by one
+  store-wide lock, so a delete never removes a blob that a concurrent create is about to
+  reference, and never waits for a pull of that name to finish.
+* A full disk (ENOSPC, EDQUOT) is ``ApiError(507, "write <file>: no space left on device")``
+  (Go's wording, as Ollama prints it); the temp file is removed and no manifest changes.
+* Blobs in use are never collected: create/pull pin what they will reference
+  (:meth:`Store.pinned`), the supervisor holds a model's blob from a request's arrival until its
+  runner is gone (:meth:`Store.hold`). A blob that lost its last manifest while pinned or held is
+  removed when the last pin or hold goes.
 * Large blob I/O runs in a worker thread; small reads (manifests, config, text layers) are done
   inline: they are a few KiB.
 * A model's digest is the sha256 of its manifest bytes; pulled manifests are kept byte for byte.
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -389,6 +397,23 @@ def _atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
+NO_SPACE = 507  # Insufficient Storage
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def disk_writes(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn a full disk or quota while writing ``path`` into ``ApiError(507)``; other errors
+    pass through unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        log.warning("store.disk_full", path=str(path), error=os.strerror(e.errno))
+        raise ApiError(NO_SPACE, f"write {path}: {os.strerror(e.errno).lower()}") from None
+
+
 def _valid_relative(path: str) -> bool:
     """Go's ``fs.ValidPath``: slash-separated, no empty, '.' or '..' elements, not absolute."""
     if not path or path.startswith("/") or "\\" in path or "\x00" in path:
@@ -419,32 +444,70 @@ class Store:
         self.noprune = noprune
         self._name_locks: dict[tuple[str, ...], asyncio.Lock] = {}
         self._commit_lock = asyncio.Lock()
-        self._pins: Counter[str] = Counter()
+        self._pins: Counter[str] = Counter()   # digest -> pins and holds
+        self._orphans: set[str] = set()         # unreferenced but pinned when last collected
         # manifest path -> ((inode, size, mtime_ns), record): see _read_record
         self._records: dict[Path, tuple[tuple[int, int, int], ModelRecord]] = {}
         # a name as clients spell it -> its manifest path, for names found with that spelling
         self._exact_paths: dict[str, Path] = {}
 
     @contextlib.contextmanager
-    def pinned(self) -> Iterator[Callable[[str], None]]:
+    def pinned(self, *, drop_new_on_error: bool = False) -> Iterator[Callable[[str], None]]:
         """Protect blobs an unfinished create/pull will reference from garbage collection.
 
-        Yields ``pin(digest)``; every pin is released when the block ends.
+        Yields ``pin(digest)``; every pin is released when the block ends. With
+        ``drop_new_on_error``, blobs that did not exist when pinned and that no manifest uses
+        are removed if the block fails (a failed create leaves no layers of its own behind).
         """
         mine: list[str] = []
+        new: list[str] = []
 
         def pin(digest: str) -> None:
             d = parse_digest(digest)
             self._pins[d] += 1
             mine.append(d)
+            if drop_new_on_error and not self.has_blob(d):
+                new.append(d)
 
         try:
             yield pin
+        except BaseException:
+            self._orphans.update(new)
+            raise
         finally:
             for d in mine:
-                self._pins[d] -= 1
-                if self._pins[d] <= 0:
-                    del self._pins[d]
+                self._unpin(d)
+
+    def hold(self, blob_path: str | os.PathLike[str]) -> None:
+        """Keep the blob at ``blob_path`` (a model's ``model_path``) while a request or a runner
+        uses it, even if its last manifest goes (a copy or delete onto a name being loaded).
+        Paths outside the store's blob naming are ignored. Pair with :meth:`release`."""
+        d = self._digest_of(blob_path)
+        if d is not None:
+            self._pins[d] += 1
+
+    def release(self, blob_path: str | os.PathLike[str]) -> None:
+        """End a :meth:`hold`; the blob goes if nothing references or holds it any more."""
+        d = self._digest_of(blob_path)
+        if d is not None and self._pins.get(d, 0) > 0:
+            self._unpin(d)
+
+    @staticmethod
+    def _digest_of(blob_path: str | os.PathLike[str]) -> str | None:
+        m = re.fullmatch(r"sha256-([0-9a-f]{64})", os.path.basename(blob_path))
+        return f"sha256:{m.group(1)}" if m else None
+
+    def _unpin(self, d: str) -> None:
+        self._pins[d] -= 1
+        if self._pins[d] > 0:
+            return
+        del self._pins[d]
+        if d in self._orphans:
+            self._orphans.discard(d)
+            if d not in self.referenced_digests():
+                with contextlib.suppress(FileNotFoundError):
+                    self.blob_path(d).unlink()
+                    log.info("store.blob_removed", digest=d, reason="unreferenced, released")
 
     # ---- paths ------------------------------------------------------------------------------
 
@@ -650,7 +713,8 @@ class Store:
         self.blobs_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.blobs_dir / f"tmp-{uuid.uuid4().hex}"
         h = hashlib.sha256()
-        f = await asyncio.to_thread(open, tmp, "wb")
+        with disk_writes(tmp):
+            f = await asyncio.to_thread(open, tmp, "wb")
         try:
             buf: list[bytes] = []
             pending = 0
@@ -659,14 +723,15 @@ class Store:
                 h.update(data)
                 f.write(data)
 
-            async for chunk in chunks:
-                buf.append(chunk)
-                pending += len(chunk)
-                if pending >= 1 << 20:
+            with disk_writes(tmp):
+                async for chunk in chunks:
+                    buf.append(chunk)
+                    pending += len(chunk)
+                    if pending >= 1 << 20:
+                        await asyncio.to_thread(flush, b"".join(buf))
+                        buf, pending = [], 0
+                if buf:
                     await asyncio.to_thread(flush, b"".join(buf))
-                    buf, pending = [], 0
-            if buf:
-                await asyncio.to_thread(flush, b"".join(buf))
             got = "sha256:" + h.hexdigest()
             if got != want:
                 raise ApiError(400, f'digest mismatch, expected "{want}", got "{got}"')
@@ -677,10 +742,12 @@ class Store:
                 f.close()
                 os.replace(tmp, final)
 
-            await asyncio.to_thread(commit)
+            with disk_writes(tmp):
+                await asyncio.to_thread(commit)
             return True
         finally:
-            f.close()
+            with contextlib.suppress(OSError):  # a close that cannot flush: the file goes anyway
+                f.close()
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
@@ -689,7 +756,8 @@ class Store:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         path = self.blob_path(digest)
         if not path.is_file():
-            await asyncio.to_thread(_atomic_write, path, data)
+            with disk_writes(path):
+                await asyncio.to_thread(_atomic_write, path, data)
         return Layer(mediaType="", digest=digest, size=len(data))
 
     # ---- writing manifests -----------------------------------------------------------------
@@ -711,7 +779,8 @@ class Store:
             if existing is not None:
                 with contextlib.suppress(ApiError, OSError):
                     old = self.read_manifest(existing)[0].all_layers()
-            await asyncio.to_thread(_atomic_write, self.manifest_path(target), data)
+            with disk_writes(self.manifest_path(target)):
+                await asyncio.to_thread(_atomic_write, self.manifest_path(target), data)
             if old and not self.noprune:
                 self._remove_unreferenced(old)
 
@@ -724,10 +793,14 @@ class Store:
                 digest = parse_digest(layer.digest)
             except ApiError:
                 continue
-            if digest not in refs and digest not in self._pins:
-                with contextlib.suppress(FileNotFoundError):
-                    self.blob_path(digest).unlink()
-                    removed += 1
+            if digest in refs:
+                continue
+            if digest in self._pins:
+                self._orphans.add(digest)   # removed when its last pin or hold goes
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                self.blob_path(digest).unlink()
+                removed += 1
         return removed
 
     def _prune_empty_dirs(self, start: Path) -> None:
@@ -754,7 +827,9 @@ class Store:
     async def delete(self, name: str) -> ModelRecord:
         """Remove the manifest of ``name`` and every blob of it that no other manifest uses."""
         parsed = parse_name(name, error=f'name "{name}" is invalid')
-        async with self.name_lock(parsed), self._commit_lock:
+        # Not the name lock: a delete must not wait for a pull or create of that name (it may
+        # take hours); manifest writes are serialised with it by the commit lock.
+        async with self._commit_lock:
             found = self._existing(parsed)
             if found is None:
                 raise ApiError(404, f"model '{name}' not found")
@@ -824,7 +899,7 @@ class Store:
         Emits Ollama's status messages through ``progress``. Every check a request can fail
         (names, files, template, messages, parameters) runs before anything is written, so a
         rejected create leaves the store as it was; a later I/O failure leaves the manifests
-        unchanged (new small layer blobs may stay until the next prune, as in Ollama).
+        unchanged and removes the small layer blobs it wrote.
 
         A ``from_`` model missing here is fetched with ``pull(name, progress)`` first (Ollama's
         ``parseFromModel``), its progress in the same stream; without ``pull`` it is a 404. A
@@ -832,7 +907,7 @@ class Store:
         """
         target = parse_name(name)
         async with self.name_lock(target):
-            with self.pinned() as pin:
+            with self.pinned(drop_new_on_error=True) as pin:
                 return await self._create(
                     target, pin, from_=from_, files=files, adapters=adapters, template=template,
                     system=system, parameters=parameters, messages=messages, license=license,

@@ -501,6 +501,9 @@ class Supervisor:
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiters[req_id] = fut
         self._records[model_key] = model
+        # The blob must outlive a copy/delete onto this name until a runner holds it.
+        if self.store is not None:
+            self.store.hold(model_key)
         self.post(RequestArrived(req_id=req_id, model_key=model_key, facts=facts, options=opts,
                                  keep_alive=keep_alive, embedding=kind == "embedding"))
         try:
@@ -511,6 +514,8 @@ class Supervisor:
             raise
         finally:
             self._waiters.pop(req_id, None)
+            if self.store is not None:
+                self.store.release(model_key)
         r = self._runners.get(runner_id)
         ready = r.ready if r is not None else None
         if r is None or ready is None:   # cannot happen: Grant follows RunnerReady
@@ -738,6 +743,8 @@ class Supervisor:
                              argv=self._argv)
         r = _Runner(eff.runner_id, eff.model_key, proc, self._records.get(eff.model_key), eff)
         self._runners[eff.runner_id] = r
+        if self.store is not None:   # its blob stays while the runner lives (see _forget)
+            self.store.hold(eff.model_key)
         log.info("starting runner", runner_id=eff.runner_id, model=getattr(r.record, "name", None),
                  gpus=list(eff.placement.gpus), num_ctx=eff.options.num_ctx,
                  parallel=eff.parallel, n_gpu_layers=eff.placement.n_gpu_layers)
@@ -751,7 +758,7 @@ class Supervisor:
             if not r.proc.stopping:     # a stop we asked for answers with RunnerStopped instead
                 log.warning("runner failed to load", runner_id=r.runner_id, reason=exc.reason,
                             oom=exc.oom, kind=exc.kind, stderr=r.proc.stderr_tail()[-5:])
-                self._runners.pop(r.runner_id, None)   # reaped: nothing will stop it
+                self._forget(r.runner_id)   # reaped: nothing will stop it
                 self.post(RunnerLoadFailed(runner_id=r.runner_id, reason=exc.reason,
                                            oom=exc.oom or looks_oom(exc.reason)))
             return
@@ -760,7 +767,7 @@ class Supervisor:
             asked = r.proc.stopping
             await r.proc.stop(1.0)
             if not asked:
-                self._runners.pop(r.runner_id, None)
+                self._forget(r.runner_id)
                 self.post(RunnerLoadFailed(runner_id=r.runner_id, reason=str(exc)))
             return
         r.ready = ready
@@ -772,7 +779,7 @@ class Supervisor:
             await r.proc.wait_exited()
             if not r.exit_posted and not r.proc.stopping:
                 r.exit_posted = True
-                self._runners.pop(r.runner_id, None)
+                self._forget(r.runner_id)
                 self.post(RunnerExited(runner_id=r.runner_id, reason=r.proc.exit_reason()))
             return
         self.post(RunnerReady(runner_id=r.runner_id, pid=ready.pid, n_ctx=ready.n_ctx_per_slot,
@@ -818,7 +825,7 @@ class Supervisor:
         r.exit_posted = True
         # Nothing will stop a dead runner: forget it here (a crash loop must not grow the table;
         # its leases keep their own reference to the process for the failure text).
-        self._runners.pop(proc.runner_id, None)
+        self._forget(proc.runner_id)
         reason = proc.exit_reason()
         log.warning("runner exited unexpectedly", runner_id=proc.runner_id, pid=proc.pid,
                     returncode=returncode, reason=reason)
@@ -838,8 +845,14 @@ class Supervisor:
             await r.proc.stop(self.stop_grace)
             if r.task is not None:
                 await asyncio.gather(r.task, return_exceptions=True)
-            self._runners.pop(runner_id, None)
+            self._forget(runner_id)
         self.post(RunnerStopped(runner_id=runner_id))
+
+    def _forget(self, runner_id: str) -> None:
+        """The runner's process is gone: drop it and its hold on the model's blob."""
+        r = self._runners.pop(runner_id, None)
+        if r is not None and self.store is not None:
+            self.store.release(r.model_key)
 
     def _release(self, lease: Lease) -> None:
         self._leases.pop(lease.req_id, None)

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import resource
 import signal
 import time
@@ -32,7 +33,7 @@ import psutil
 import pytest
 
 from tests.e2e.conftest import start_daemon
-from tests.e2e.test_scheduler_http import QUEUE_FULL, create_model, fake_env, ps
+from tests.e2e.test_scheduler_http import QUEUE_FULL, create_model, fake_env, generate, ps
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -200,3 +201,70 @@ async def test_flood_rejects_exactly_the_overflow_and_loses_nothing(tmp_path):
               f"after {after / 2**20:.1f} MiB ({(after / before - 1) * 100:+.1f} %)")
     finally:
         daemon_cm.__exit__(None, None, None)
+
+
+CHURN_MODELS = 4
+CHURN_CLIENTS = 3
+CHURN_ROUNDS = int(os.environ.get("CHURN_ROUNDS", "1"))  # README figure: 5
+
+
+def runner_lifetimes(log: list[str]) -> list[str]:
+    """Walk the daemon's log in order; return violations of "one live runner per model" (a
+    runner lives from its ``starting runner`` line to its ``runner exited`` line)."""
+    model_of: dict[str, str] = {}
+    alive: dict[str, set[str]] = {}
+    bad = []
+    for line in log:
+        rid = re.search(r"runner_id=(\S+)", line)
+        if rid is None:
+            continue
+        if "starting runner" in line:
+            model = re.search(r"model=(\S+)", line).group(1)
+            if alive.get(model):
+                bad.append(f"{rid.group(1)} started while {alive[model]} of {model} alive")
+            model_of[rid.group(1)] = model
+            alive.setdefault(model, set()).add(rid.group(1))
+        elif "runner exited" in line and rid.group(1) in model_of:
+            alive[model_of[rid.group(1)]].discard(rid.group(1))
+    return bad
+
+
+async def test_churn_four_models_on_two_slots(tmp_path):
+    """Every answer comes from the model asked for, no errors, never two runners of a model."""
+    greedy = {"num_predict": 4, "temperature": 0, "seed": 1}
+    with start_daemon(tmp_path, OLLAMA_MAX_LOADED_MODELS="2") as d:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=240)) as s:
+            models = [await create_model(s, d.url, tmp_path, f"m{k}", k + 1)
+                      for k in range(CHURN_MODELS)]
+            ref = {}
+            for m in models:   # each model's answer when asked alone
+                ref[m] = (await generate(s, d.url, m, options=greedy))["response"]
+            assert len(set(ref.values())) == CHURN_MODELS
+            loads_before = sum("starting runner" in line for line in d.log)
+
+            async def client(c: int) -> list[tuple[str, dict, float]]:
+                out = []
+                loop = asyncio.get_running_loop()
+                for i in range(CHURN_ROUNDS * CHURN_MODELS):
+                    m = models[(c + i) % CHURN_MODELS]
+                    t = loop.time()
+                    answer = await generate(s, d.url, m, options=greedy)
+                    out.append((m, answer, loop.time() - t))
+                return out
+
+            t0 = time.monotonic()
+            results = [x for c in await asyncio.gather(*(client(c) for c in
+                                                         range(CHURN_CLIENTS))) for x in c]
+            elapsed = time.monotonic() - t0
+            loads = sum("starting runner" in line for line in d.log) - loads_before
+            assert [a["_status"] for _, a, _ in results] == [200] * len(results)
+            wrong = [(m, a["response"], ref[m]) for m, a, _ in results if a["response"] != ref[m]]
+            assert not wrong
+            assert len(await ps(s, d.url)) <= 2
+        assert runner_lifetimes(d.log) == []
+        ms = [t * 1000 for _, _, t in results]
+        print(f"\nCHURN {CHURN_MODELS} models, OLLAMA_MAX_LOADED_MODELS=2, {CHURN_CLIENTS} "
+              f"clients x {CHURN_ROUNDS} rounds ({len(results)} requests, real llama.cpp runners "
+              f"of a tiny model): 0 errors, 0 wrong answers, {loads} loads in {elapsed:.1f} s "
+              f"({loads / elapsed:.2f} loads/s), latency p50 {pct(ms, 50):.0f} ms, "
+              f"p99 {pct(ms, 99):.0f} ms")

@@ -123,3 +123,41 @@ async def test_hung_load_is_killed_at_the_load_timeout_and_the_next_request_load
         ok = await generate(session, d.url, model, options={"num_predict": 2})
         assert ok["_status"] == 200 and ok["done"], ok
         assert len(starts_of(d.log, model)) == 2          # a fresh runner, not the hung one
+
+
+async def test_copy_onto_a_name_being_loaded_is_safe(tmp_path, session):
+    """``cp B A`` while A's runner is loading: the load still has A's weights (its blob is held
+    until the runner is gone, then removed), later requests for A get B."""
+    a_data = write_tiny_llama(tmp_path / "a.gguf", seed=1).read_bytes()
+    b_data = write_tiny_llama(tmp_path / "b.gguf", seed=2).read_bytes()
+    greedy = {"num_predict": 6, "temperature": 0, "seed": 1}
+    with start_daemon(tmp_path) as d:
+        a = await create_from_file(session, d.url, "a", a_data)
+        b = await create_from_file(session, d.url, "b", b_data)
+        ref = {}
+        for m in (a, b):   # what each model answers, then unloaded
+            ref[m] = (await generate(session, d.url, m, options=greedy, keep_alive=0))["response"]
+        assert ref[a] != ref[b]
+        a_blob = d.models / "blobs" / ("sha256-" + hashlib.sha256(a_data).hexdigest())
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 30
+        while any(p for p in d.runner_pids()) and loop.time() < end:
+            await asyncio.sleep(0.05)
+        n_starts = len(starts_of(d.log, a))
+
+        request = asyncio.create_task(generate(session, d.url, a, options=greedy,
+                                               keep_alive="1s"))
+        while len(starts_of(d.log, a)) == n_starts and loop.time() < end:
+            await asyncio.sleep(0.005)      # the daemon is starting A's runner now
+        async with session.post(f"{d.url}/api/copy",
+                                json={"source": b, "destination": a}) as r:
+            assert r.status == 200
+        answer = await request
+        assert answer["_status"] == 200 and answer["response"] == ref[a], answer
+        again = await generate(session, d.url, a, options=greedy, keep_alive=0)
+        assert again["response"] == ref[b]
+        # A's old blob goes once its runner has stopped (keep-alive 1 s): nothing leaks
+        end = loop.time() + 30
+        while a_blob.exists() and loop.time() < end:
+            await asyncio.sleep(0.05)
+        assert not a_blob.exists()
