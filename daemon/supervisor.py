@@ -46,6 +46,7 @@ from corral.daemon import gguf_info
 from corral.daemon.api.errors import QUEUE_FULL, ApiError
 from corral.daemon import engine_probe
 from corral.daemon.gpu import GpuProbe, engine_verdict, make_probe
+from corral.daemon.metrics import Metrics
 from corral.daemon.runners import (
     RUNNER_ARGV,
     RunnerProcess,
@@ -202,6 +203,19 @@ def _wall_in(seconds: float) -> float:
     return time.time() + min(seconds, MAX_DURATION_S)
 
 
+STDERR_TAIL = 10      # stderr lines in a load failure / crash log line
+
+# StopRunner reasons -> the scheduling decision a log line names
+_DECISIONS = {"expired": "expire", "evicted": "evict", "reload": "reload", "unload": "unload",
+              "shutdown": "shutdown", "out of memory": "oom_unload"}
+
+
+def _changed_options(old: RunnerOptions, new: RunnerOptions) -> dict[str, list[Any]]:
+    """The launch options that differ: ``{name: [old, new]}``."""
+    a, b = msgspec.structs.asdict(old), msgspec.structs.asdict(new)
+    return {k: [a[k], b[k]] for k in a if a[k] != b[k]}
+
+
 def _is_gpu_device(name: str) -> bool:
     n = name.upper()
     return not (n.startswith("CPU") or n.endswith("_HOST") or n == "BLAS")
@@ -283,7 +297,7 @@ class _Runner:
     """What the supervisor knows about one runner beyond the scheduler's view."""
 
     __slots__ = ("runner_id", "model_key", "proc", "ready", "record", "start_effect", "task",
-                 "exit_posted")
+                 "exit_posted", "started", "stop_reason")
 
     def __init__(self, runner_id: str, model_key: str, proc: RunnerProcess, record: Any,
                  start_effect: StartRunner) -> None:
@@ -295,6 +309,12 @@ class _Runner:
         self.start_effect = start_effect
         self.task: asyncio.Task[None] | None = None
         self.exit_posted = False
+        self.started = time.monotonic()
+        self.stop_reason: str | None = None   # of the StopRunner executed for it
+
+    @property
+    def name(self) -> str:
+        return getattr(self.record, "name", None) or self.model_key
 
 
 class Supervisor:
@@ -307,10 +327,13 @@ class Supervisor:
                  stop_grace: float = DEFAULT_STOP_GRACE,
                  drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
                  load_timeout: float | None = None,
-                 engine: EngineProbe | None | Literal["probe"] = "probe") -> None:
+                 engine: EngineProbe | None | Literal["probe"] = "probe",
+                 metrics: Metrics | None = None) -> None:
         """``engine``: what the llama.cpp build can do. ``"probe"`` asks it at start (skipped for
         the fake engine and simulated GPUs, which are paper on purpose); tests pass an answer."""
         self.config = config
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.source = self
         self.store = store
         self._probe_given = probe is not None
         self.probe: GpuProbe = probe if probe is not None else make_probe(config)
@@ -351,6 +374,9 @@ class Supervisor:
         self._closed = False
         self._refreshing = False
         self._refresh_again = False
+        # model_key -> why its next load happens ("oom_retry" / "reload") and the options of the
+        # runner it replaces; dropped once nobody waits for the model.
+        self._next_load: dict[str, tuple[str, RunnerOptions]] = {}
         self.processed = 0                       # events dispatched so far
 
     # ------------------------------------------------------------------ lifecycle
@@ -484,6 +510,7 @@ class Supervisor:
         if self._sched is None or self._owner is None:
             raise RuntimeError("Supervisor.start() was not called")
         if self._closing:
+            self._count_rejected(SHUTTING_DOWN_MESSAGE)
             raise ApiError(503, SHUTTING_DOWN_MESSAGE)
         t0 = time.monotonic()
         if model.model_path is None:
@@ -540,6 +567,23 @@ class Supervisor:
     def snapshot(self) -> SchedulerSnapshot:
         assert self._sched is not None
         return self._sched.snapshot()
+
+    def _count_rejected(self, message: str) -> None:
+        reason = "queue_full" if message == QUEUE_FULL else "shutting_down" \
+            if message == SHUTTING_DOWN_MESSAGE else "other"
+        self.metrics.rejected.labels(reason).inc()
+
+    def model_name(self, model_key: str) -> str:
+        """The name a model was last asked for by (its blob path if never)."""
+        return getattr(self._records.get(model_key), "name", None) or model_key
+
+    def gpu_name(self, gpu_id: str) -> str:
+        return self._gpu_names.get(gpu_id, gpu_id)
+
+    def runner_urls(self) -> dict[str, str]:
+        """Base URLs of the runners that are ready and still running, by runner id."""
+        return {rid: f"http://127.0.0.1:{r.ready.port}" for rid, r in self._runners.items()
+                if r.ready is not None and r.proc.returncode is None}
 
     def runner_process(self, runner_id: str) -> RunnerProcess | None:
         r = self._runners.get(runner_id)
@@ -677,6 +721,10 @@ class Supervisor:
         if isinstance(event, (RunnerStopped, RunnerExited, RunnerReady, RunnerLoadFailed)) \
                 or any(isinstance(e, StartRunner) for e in effects):
             self._schedule_refresh()
+        if self._next_load:
+            waiting = self.snapshot().waiting       # no retry/reload once nobody waits for it
+            for key in [k for k in self._next_load if k not in waiting]:
+                del self._next_load[key]
 
     def _execute(self, effect: Effect) -> None:
         """Carry out one effect without blocking (slow work goes to a task)."""
@@ -691,6 +739,8 @@ class Supervisor:
             fut = self._waiters.get(effect.req_id)
             if fut is not None and not fut.done():
                 fut.set_exception(ApiError(effect.status, effect.message))
+            if effect.status == 503:
+                self._count_rejected(effect.message)
             if isinstance(effect, Fail) or effect.status != 503:
                 log.info("request failed", req_id=effect.req_id, status=effect.status,
                          error=effect.message)
@@ -742,12 +792,27 @@ class Supervisor:
         proc = RunnerProcess(eff.runner_id, env=env, on_exit=self._on_runner_exit,
                              argv=self._argv)
         r = _Runner(eff.runner_id, eff.model_key, proc, self._records.get(eff.model_key), eff)
+        # Why this load: a reload (an older runner of the model is retiring: which options
+        # changed), the retry after an out-of-memory load, or a new load.
+        old = next((o for o in self._runners.values() if o.model_key == eff.model_key
+                    and o.proc.returncode is None and o.stop_reason in (None, "reload")), None)
+        why = self._next_load.pop(eff.model_key, None)
+        fields: dict[str, Any] = {}
+        if old is not None:          # still running (busy, or stopping right now)
+            why = ("reload", old.start_effect.options)
+            fields["previous_pid"] = old.proc.pid
+        reason = "new" if why is None else why[0]
+        if why is not None:
+            fields["changed"] = _changed_options(why[1], eff.options)
         self._runners[eff.runner_id] = r
         if self.store is not None:   # its blob stays while the runner lives (see _forget)
             self.store.hold(eff.model_key)
-        log.info("starting runner", runner_id=eff.runner_id, model=getattr(r.record, "name", None),
-                 gpus=list(eff.placement.gpus), num_ctx=eff.options.num_ctx,
-                 parallel=eff.parallel, n_gpu_layers=eff.placement.n_gpu_layers)
+        p = eff.placement
+        log.info("starting runner", decision="load", reason=reason, runner_id=eff.runner_id,
+                 model=r.name, gpus=list(p.gpus), gpu_bytes=list(p.gpu_bytes),
+                 cpu_bytes=p.cpu_bytes, n_gpu_layers=p.n_gpu_layers, split=p.split_mode,
+                 num_ctx=eff.options.num_ctx, parallel=eff.parallel, **fields)
+        self.metrics.loads.labels(r.name, reason).inc()
         r.task = self._spawn(self._load(r), f"load-{eff.runner_id}")
 
     async def _load(self, r: _Runner) -> None:
@@ -756,11 +821,15 @@ class Supervisor:
             ready = await r.proc.start(spec, load_timeout=self.load_timeout)
         except RunnerStartError as exc:
             if not r.proc.stopping:     # a stop we asked for answers with RunnerStopped instead
-                log.warning("runner failed to load", runner_id=r.runner_id, reason=exc.reason,
-                            oom=exc.oom, kind=exc.kind, stderr=r.proc.stderr_tail()[-5:])
+                oom = exc.oom or looks_oom(exc.reason)
+                log.warning("runner failed to load", runner_id=r.runner_id, model=r.name,
+                            pid=r.proc.pid, reason=exc.reason, oom=oom, kind=exc.kind,
+                            stderr=r.proc.stderr_tail()[-STDERR_TAIL:])
+                self.metrics.load_failures.labels(r.name, "true" if oom else "false").inc()
+                if oom:
+                    self._next_load[r.model_key] = ("oom_retry", r.start_effect.options)
                 self._forget(r.runner_id)   # reaped: nothing will stop it
-                self.post(RunnerLoadFailed(runner_id=r.runner_id, reason=exc.reason,
-                                           oom=exc.oom or looks_oom(exc.reason)))
+                self.post(RunnerLoadFailed(runner_id=r.runner_id, reason=exc.reason, oom=oom))
             return
         except Exception as exc:  # a bug here must still answer the scheduler
             log.exception("runner start crashed", runner_id=r.runner_id)
@@ -772,8 +841,11 @@ class Supervisor:
             return
         r.ready = ready
         gpu_bytes, cpu_bytes = self._memory_report(r.start_effect, ready)
-        log.info("runner ready", runner_id=r.runner_id, pid=ready.pid, port=ready.port,
-                 n_ctx=ready.n_ctx_per_slot)
+        took = time.monotonic() - r.started
+        log.info("runner ready", runner_id=r.runner_id, model=r.name, pid=ready.pid,
+                 port=ready.port, n_ctx=ready.n_ctx_per_slot, load_s=round(took, 3),
+                 memory={d: m.total for d, m in ready.memory.items()})
+        self.metrics.load_duration.labels(r.name).observe(took)
         if r.proc.returncode is not None:
             # Died between Ready and now: the exit watcher may have run and posted nothing.
             await r.proc.wait_exited()
@@ -827,8 +899,10 @@ class Supervisor:
         # its leases keep their own reference to the process for the failure text).
         self._forget(proc.runner_id)
         reason = proc.exit_reason()
-        log.warning("runner exited unexpectedly", runner_id=proc.runner_id, pid=proc.pid,
-                    returncode=returncode, reason=reason)
+        log.warning("runner exited unexpectedly", decision="crash", runner_id=proc.runner_id,
+                    model=r.name, pid=proc.pid, returncode=returncode, reason=reason,
+                    stderr=proc.stderr_tail()[-STDERR_TAIL:])
+        self.metrics.crashes.labels(r.name).inc()
         for lease in self._leases.values():
             if lease.runner_id == proc.runner_id:
                 lease._abort(reason)
@@ -836,8 +910,26 @@ class Supervisor:
 
     def _stop_runner(self, eff: StopRunner) -> None:
         r = self._runners.get(eff.runner_id)
-        log.info("stopping runner", runner_id=eff.runner_id, reason=eff.reason,
-                 pid=r.proc.pid if r is not None else None)
+        name = r.name if r is not None else None
+        if r is not None:
+            r.stop_reason = eff.reason
+            if eff.reason == "reload" and not any(
+                    o.model_key == r.model_key and o is not r and o.proc.returncode is None
+                    for o in self._runners.values()):
+                self._next_load[r.model_key] = ("reload", r.start_effect.options)
+        fields: dict[str, Any] = {}
+        view = next((v for v in self.snapshot().runners if v.runner_id == eff.runner_id), None)
+        if view is not None:
+            fields["idle_s"] = round(max(0.0, self._clock() - view.last_used), 3)
+            fields["keep_alive"] = view.keep_alive
+        if eff.reason == "evicted":
+            # The victim goes so that the models with waiting requests can load.
+            fields["waiting"] = sorted({self.model_name(k) for k in self.snapshot().waiting}
+                                       - {name})
+        log.info("stopping runner", decision=_DECISIONS.get(eff.reason, "stop"),
+                 reason=eff.reason, runner_id=eff.runner_id, model=name,
+                 pid=r.proc.pid if r is not None else None, **fields)
+        self.metrics.unloads.labels(name or "", eff.reason).inc()
         self._spawn(self._stop(eff.runner_id, r), f"stop-{eff.runner_id}")
 
     async def _stop(self, runner_id: str, r: _Runner | None) -> None:

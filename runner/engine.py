@@ -414,6 +414,10 @@ class Engine:
     def queued(self) -> int:
         return len(self._waiting) + len(self._inbox)
 
+    def kv_used(self) -> int:
+        """KV cells held by running sequences (read without the decode thread: a snapshot)."""
+        return sum(len(s.cache) for s in self._slots if s.job is not None)
+
     def cancel_all(self, reason: str) -> None:
         """Every queued and running job ends with CompletionError(reason) at the next step."""
         with self._cond:

@@ -130,6 +130,10 @@ class FakeEngine:
     def queued(self) -> int:
         return len(self._waiting)
 
+    def kv_used(self) -> int:
+        return sum(len(s.tokens) for s in list(self._active)
+                   if not s.done and not s.job.cancelled.is_set())
+
     # -- decode loop -------------------------------------------------------------------------
 
     def _loop(self) -> None:

@@ -276,6 +276,8 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     slots_total: int = 0
     slots_busy: int = 0
     queued: int = 0
+    kv_used: int = 0     # KV cells held by running sequences (a finished slot's cache is free)
+    kv_total: int = 0    # KV cells of the context (n_ctx)
 
 
 class ErrorResponse(msgspec.Struct, frozen=True, kw_only=True):

@@ -105,6 +105,8 @@ class RunnerServer:
                 slots_total=self.engine.parallel,
                 slots_busy=self.engine.busy(),
                 queued=self.engine.queued(),
+                kv_used=self.engine.kv_used(),
+                kv_total=self.engine.n_ctx,
             )
         )
 

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from corral.daemon.api import middleware, native_infer, native_models, openai
-from corral.daemon.api.keys import CONFIG, STORE, SUPERVISOR
+from corral.daemon.api import metrics, middleware, native_infer, native_models, openai
+from corral.daemon.api.keys import CONFIG, METRICS, STORE, SUPERVISOR
 from corral.daemon.api.middleware_errors import error_middleware
+from corral.daemon.metrics import Metrics
 
 if TYPE_CHECKING:
     from corral.daemon.config import Config
@@ -29,7 +30,8 @@ def make_app(config: Config, store: Store, supervisor: Supervisor, *,
              hostname: str | None = None) -> web.Application:
     """The daemon's web application. ``hostname`` overrides the machine name the Host check
     accepts (tests)."""
-    mws = [middleware.request_log, middleware.cors_middleware(config.origins)]
+    mws = [metrics.count_requests, middleware.request_log,
+           middleware.cors_middleware(config.origins)]
     if middleware.is_loopback_bind(config.bind_host):
         mws.append(middleware.host_middleware(middleware.HostPolicy(hostname)))
     mws += [middleware.json_not_found, error_middleware]
@@ -37,8 +39,11 @@ def make_app(config: Config, store: Store, supervisor: Supervisor, *,
     app[CONFIG] = config
     app[STORE] = store
     app[SUPERVISOR] = supervisor
+    # The supervisor's registry (it counts loads and evictions); a test double may have none.
+    app[METRICS] = getattr(supervisor, "metrics", None) or Metrics()
     app.on_response_prepare.append(middleware.add_cors_headers)
     native_models.add_routes(app)
     native_infer.add_routes(app)
     openai.add_routes(app)
+    metrics.add_routes(app)
     return app

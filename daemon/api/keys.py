@@ -11,9 +11,11 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from corral.daemon.config import Config
+    from corral.daemon.metrics import Metrics
     from corral.daemon.store import Store
     from corral.daemon.supervisor import Supervisor
 
 CONFIG: web.AppKey["Config"] = web.AppKey("config")
 STORE: web.AppKey["Store"] = web.AppKey("store")
 SUPERVISOR: web.AppKey["Supervisor"] = web.AppKey("supervisor")
+METRICS: web.AppKey["Metrics"] = web.AppKey("metrics")

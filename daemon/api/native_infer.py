@@ -31,9 +31,10 @@ from aiohttp import web
 from corral.daemon import gguf_info, templates
 from corral.daemon.api import options as opts
 from corral.daemon.api.errors import ApiError
-from corral.daemon.api.keys import STORE, SUPERVISOR
+from corral.daemon.api.keys import METRICS, STORE, SUPERVISOR
 from corral.daemon.api.middleware import LOG_MODEL
 from corral.daemon.api.responses import LazyStream, json_response
+from corral.daemon.metrics import ModelSeries
 from corral.daemon.store import ModelRecord
 from corral.runner import protocol
 
@@ -244,6 +245,7 @@ class Job:
     body: protocol.CompletionRequest | None
     thinking: ThinkingSplitter | None = None
     tools: templates.ToolCallParser | None = None
+    series: ModelSeries | None = None   # the model's metrics: TTFT, inter-token, tokens
 
     def _process(self, text: str) -> Delta:
         d = Delta()
@@ -266,19 +268,36 @@ class Job:
             d.content += self.tools.flush()
         return d
 
+    def _sent(self, last: float) -> float:
+        """Metrics for a piece about to reach the client: TTFT (first), else inter-token."""
+        now = time.monotonic()
+        if self.series is not None:
+            if last:
+                self.series.itl.observe(now - last)
+            else:
+                self.series.ttft.observe(now - self.started)
+        return now
+
     async def events(self) -> AsyncIterator[Delta | Done]:
         assert self.body is not None
+        last = 0.0
         async with contextlib.aclosing(runner_lines(self.lease, self.body)) as lines:
             async for ev in lines:
                 text = ev.content  # a chunk's text, or the whole text if the runner didn't stream
                 if text:
                     d = self._process(text)
                     if d.content or d.thinking or d.tool_calls:
+                        last = self._sent(last)
                         yield d
                 if isinstance(ev, protocol.CompletionDone):
                     d = self._flush()
                     if d.content or d.thinking or d.tool_calls:
+                        last = self._sent(last)
                         yield d
+                    if self.series is not None:
+                        self.series.prompt_tokens.inc(ev.prompt_eval_count)
+                        self.series.generated_tokens.inc(ev.eval_count)
+                        self.series.duration.observe(time.monotonic() - self.started)
                     yield Done(
                         done_reason=ev.done_reason, prompt_eval_count=ev.prompt_eval_count,
                         prompt_eval_duration=ev.prompt_eval_duration, eval_count=ev.eval_count,
@@ -407,7 +426,8 @@ async def completion_job(app: web.Application, model: Model, *, options: dict[st
             fitted = await history.fit(lease)
             if fitted is not body.prompt:
                 body = msgspec.structs.replace(body, prompt=fitted)
-        job = Job(model, lease, started, int((time.monotonic() - started) * 1e9), body)
+        job = Job(model, lease, started, int((time.monotonic() - started) * 1e9), body,
+                  series=app[METRICS].model(model.record.name))
         if thinking:
             job.thinking = ThinkingSplitter()
         if tools and renderer is not None and renderer.supports_tools:
@@ -710,7 +730,9 @@ async def embed_texts(app: web.Application, model: Model, inputs: list[str], *,
         if not inputs:
             return protocol.EmbedResponse(embeddings=[], prompt_eval_count=0), load
         body = protocol.EmbedRequest(input=inputs, truncate=truncate is not False)
-        return await runner_json(lease, "/embed", body, protocol.EmbedResponse), load
+        resp = await runner_json(lease, "/embed", body, protocol.EmbedResponse)
+        app[METRICS].model(model.record.name).prompt_tokens.inc(resp.prompt_eval_count)
+        return resp, load
 
 
 async def embed(request: web.Request) -> web.Response:

@@ -29,7 +29,8 @@ def engine():
 async def test_health_and_stream(engine):
     async with serve(engine) as (client, _):
         health = await (await client.get("/health")).json()
-        assert health == {"status": "ok", "slots_total": 2, "slots_busy": 0, "queued": 0}
+        assert health == {"status": "ok", "slots_total": 2, "slots_busy": 0, "queued": 0,
+                          "kv_used": 0, "kv_total": engine.n_ctx}
         chunks, done = await complete(client, prompt="hi", options={"num_predict": 7})
         assert done["eval_count"] == 7 and done["done_reason"] == "length" and len(chunks) == 7
         assert done["prompt_eval_count"] == 2 and done["tokens"][:2] == [104, 105]

@@ -1,0 +1,265 @@
+"""Prometheus metrics for ``GET /metrics`` (text format written by ``prometheus-client``).
+
+Two kinds of series:
+
+* **Recorded** as things happen (counters and histograms): HTTP requests by route and status,
+  503 rejections, tokens, time to first token, inter-token latency, request and load durations,
+  loads / unloads by reason, load failures and runner crashes. The hot path only touches
+  per-model children cached in :class:`ModelSeries` (one dict lookup, then ``inc``/``observe``).
+* **Collected** at scrape time from the supervisor's scheduler snapshot (runner states, in-flight,
+  queued, parallel slots, GPU memory) and from each ready runner's ``/health`` (KV-cache cells
+  in use), which the ``/metrics`` handler polls right before rendering. Nothing of this runs
+  per request.
+
+For the Gateway API Inference Extension's endpoint picker the daemon also exports, as single
+server-wide gauges, the model-server protocol's vLLM names: ``vllm:num_requests_waiting``
+(TotalQueuedRequests), ``vllm:num_requests_running`` (TotalRunningRequests),
+``vllm:kv_cache_usage_perc`` and its older name ``vllm:gpu_cache_usage_perc`` (KVCacheUtilization,
+0..1) and ``vllm:lora_requests_info`` (no adapters: empty adapter labels, value = scrape time).
+One series per family: the picker takes the first sample of a family, so per-model series there
+would hide the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Protocol
+
+import aiohttp
+import msgspec
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from corral.runner.protocol import Health
+
+disable_created_metrics()   # no *_created series: half the output, nothing a dashboard reads
+
+# The classic text format (every scraper, the endpoint picker's parser included, reads it; the
+# names we use need no UTF-8 escaping, so the bytes are the same in format 1.0.0).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STATES = ("loading", "ready", "expiring", "stopping")
+HEALTH_TIMEOUT = 0.5        # s per runner /health poll at scrape time
+
+# Latency buckets (seconds). TTFT spans a warm runner (ms) to a cold load (minutes).
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5)
+REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Source(Protocol):
+    """What the scrape-time collector reads (the Supervisor has it)."""
+
+    def snapshot(self) -> Any: ...
+    def model_name(self, model_key: str) -> str: ...
+    def gpu_name(self, gpu_id: str) -> str: ...
+    def runner_urls(self) -> Mapping[str, str]: ...
+
+
+class ModelSeries:
+    """The per-model children of the recorded metrics (labels resolved once per model)."""
+
+    __slots__ = ("prompt_tokens", "generated_tokens", "ttft", "itl", "duration")
+
+    def __init__(self, m: Metrics, model: str) -> None:
+        self.prompt_tokens = m.prompt_tokens.labels(model)
+        self.generated_tokens = m.generated_tokens.labels(model)
+        self.ttft = m.ttft.labels(model)
+        self.itl = m.itl.labels(model)
+        self.duration = m.request_duration.labels(model)
+
+
+class Metrics:
+    """One registry per daemon (tests run several daemons in one process)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.http_requests = Counter(
+            "corral_http_requests", "HTTP requests by route, method and status.",
+            ["route", "method", "status"], registry=r)
+        self.rejected = Counter(
+            "corral_requests_rejected", "Requests answered 503 (queue full, shutting down).",
+            ["reason"], registry=r)
+        self.prompt_tokens = Counter(
+            "corral_prompt_tokens", "Prompt tokens evaluated (a prompt-cache hit is not counted).",
+            ["model"], registry=r)
+        self.generated_tokens = Counter(
+            "corral_generated_tokens", "Tokens generated.", ["model"], registry=r)
+        self.ttft = Histogram(
+            "corral_time_to_first_token_seconds",
+            "From the request's arrival (queueing and load included) to its first token.",
+            ["model"], buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram(
+            "corral_inter_token_latency_seconds",
+            "Time between two streamed pieces of one response, as the daemon forwards them.",
+            ["model"], buckets=ITL_BUCKETS, registry=r)
+        self.request_duration = Histogram(
+            "corral_request_duration_seconds",
+            "Completion requests from arrival to the final record.",
+            ["model"], buckets=REQUEST_BUCKETS, registry=r)
+        self.load_duration = Histogram(
+            "corral_model_load_duration_seconds", "Runner start to Ready.",
+            ["model"], buckets=LOAD_BUCKETS, registry=r)
+        self.loads = Counter(
+            "corral_model_loads",
+            "Runner starts by reason: new, reload (options changed), oom_retry.",
+            ["model", "reason"], registry=r)
+        self.load_failures = Counter(
+            "corral_model_load_failures", "Loads that failed, by whether it was out of memory.",
+            ["model", "oom"], registry=r)
+        self.unloads = Counter(
+            "corral_model_unloads",
+            "Runner stops by reason: expired, evicted, reload, unload, shutdown.",
+            ["model", "reason"], registry=r)
+        self.crashes = Counter(
+            "corral_runner_crashes", "Runners that exited without being asked after Ready.",
+            ["model"], registry=r)
+        self._models: dict[str, ModelSeries] = {}
+        self._http: dict[tuple[str, str, str], Any] = {}
+        self.source: Source | None = None
+        self.kv: dict[str, tuple[int, int]] = {}   # runner id -> (cells used, cells total)
+        r.register(_StateCollector(self))
+
+    def model(self, name: str) -> ModelSeries:
+        series = self._models.get(name)
+        if series is None:
+            series = self._models[name] = ModelSeries(self, name)
+        return series
+
+    def count_request(self, route: str, method: str, status: str) -> None:
+        child = self._http.get((route, method, status))
+        if child is None:
+            child = self._http[(route, method, status)] = self.http_requests.labels(
+                route, method, status)
+        child.inc()
+
+    async def poll_runners(self, session: aiohttp.ClientSession) -> None:
+        """Read every ready runner's /health (bounded); keep the KV-cache figures for collect.
+        A runner that does not answer in time drops out of the KV figures of this scrape."""
+        if self.source is None:
+            self.kv = {}
+            return
+        urls = dict(self.source.runner_urls())
+        results = await asyncio.gather(*(_health(session, u) for u in urls.values()))
+        self.kv = {rid: (h.kv_used, h.kv_total) for rid, h in zip(urls, results)
+                   if h is not None and h.kv_total > 0}
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def _health(session: aiohttp.ClientSession, base_url: str) -> Health | None:
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT):
+            async with session.get(base_url + "/health") as resp:
+                if resp.status != 200:
+                    return None
+                return msgspec.json.decode(await resp.read(), type=Health)
+    except (TimeoutError, aiohttp.ClientError, msgspec.DecodeError, OSError):
+        return None
+
+
+def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=list(labels))
+
+
+class _StateCollector(Collector):
+    """Scrape-time gauges from the scheduler snapshot and the last runner health poll."""
+
+    def __init__(self, m: Metrics) -> None:
+        self.m = m
+
+    def describe(self) -> list[Metric]:
+        return []   # collected on demand: registration must not call the supervisor
+
+    def collect(self) -> Iterator[Metric]:
+        src = self.m.source
+        snap = src.snapshot() if src is not None else None
+        runners = snap.runners if snap is not None else ()
+        kv = self.m.kv
+
+        state = _gauge("corral_model_runners", "Runners of a model by state.", ["model", "state"])
+        loaded = _gauge("corral_model_loaded", "1 when a ready runner serves the model.", ["model"])
+        in_flight = _gauge("corral_model_in_flight", "Granted requests being served.", ["model"])
+        queued = _gauge("corral_model_queued", "Requests waiting for the model.", ["model"])
+        slots = _gauge("corral_model_parallel_slots", "Parallel sequences of the model's runners.",
+                       ["model"])
+        kv_ratio = _gauge("corral_model_kv_cache_usage_ratio",
+                          "KV-cache cells held by running sequences / cells (runner /health).",
+                          ["model"])
+        per: dict[str, dict[str, Any]] = {}
+        for v in runners:
+            name = src.model_name(v.model_key) if src is not None else v.model_key
+            p = per.setdefault(name, {"states": dict.fromkeys(STATES, 0), "in_flight": 0,
+                                      "slots": 0, "kv_used": 0, "kv_total": 0})
+            p["states"][v.state] = p["states"].get(v.state, 0) + 1
+            p["in_flight"] += v.in_flight
+            if v.state != "stopping":
+                p["slots"] += v.parallel
+            used, total = kv.get(v.runner_id, (0, 0))
+            p["kv_used"] += used
+            p["kv_total"] += total
+        waiting = dict(snap.waiting) if snap is not None else {}
+        for key, n in waiting.items():
+            name = src.model_name(key) if src is not None else key
+            per.setdefault(name, {"states": dict.fromkeys(STATES, 0), "in_flight": 0,
+                                  "slots": 0, "kv_used": 0, "kv_total": 0})["queued"] = n
+        for name, p in sorted(per.items()):
+            for st, n in p["states"].items():
+                state.add_metric([name, st], n)
+            loaded.add_metric([name], 1 if p["states"]["ready"] + p["states"]["expiring"] else 0)
+            in_flight.add_metric([name], p["in_flight"])
+            queued.add_metric([name], p.get("queued", 0))
+            slots.add_metric([name], p["slots"])
+            if p["kv_total"]:
+                kv_ratio.add_metric([name], p["kv_used"] / p["kv_total"])
+        yield from (state, loaded, in_flight, queued, slots, kv_ratio)
+
+        total = _gauge("corral_gpu_memory_total_bytes", "GPU memory.", ["gpu", "gpu_name"])
+        free = _gauge("corral_gpu_memory_free_bytes", "GPU memory free as measured.",
+                      ["gpu", "gpu_name"])
+        reserved = _gauge("corral_gpu_memory_reserved_bytes",
+                          "GPU memory reserved by corral's runners (incl. stopped ones not yet "
+                          "seen released).", ["gpu", "gpu_name"])
+        for g in (snap.gpus if snap is not None else ()):
+            labels = [g.id, g.name]
+            total.add_metric(labels, g.total)
+            free.add_metric(labels, g.free)
+            reserved.add_metric(labels, g.reserved)
+        yield from (total, free, reserved)
+
+        n_queued = snap.queued if snap is not None else 0
+        n_running = snap.in_flight if snap is not None else 0
+        yield _value("corral_queue_depth", "Requests waiting, all models.", n_queued)
+        yield _value("corral_requests_in_flight", "Granted requests being served, all models.",
+                     n_running)
+        yield _value("corral_models_loaded", "Runners ready (or expiring).",
+                     sum(1 for v in runners if v.state in ("ready", "expiring")))
+        used = sum(u for u, _ in kv.values())
+        cells = sum(t for _, t in kv.values())
+        usage = used / cells if cells else 0.0
+        yield _value("vllm:num_requests_waiting", "Requests waiting (all models).", n_queued)
+        yield _value("vllm:num_requests_running", "Requests being served (all models).",
+                     n_running)
+        yield _value("vllm:kv_cache_usage_perc", "KV-cache usage, 1 = 100% (all runners).", usage)
+        yield _value("vllm:gpu_cache_usage_perc", "KV-cache usage, 1 = 100% (older name).", usage)
+        lora = _gauge("vllm:lora_requests_info", "LoRA adapters (none): value = scrape time.",
+                      ["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        lora.add_metric(["0", "", ""], time.time())
+        yield lora
+
+
+def _value(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+__all__ = ["CONTENT_TYPE", "Metrics", "ModelSeries"]
