@@ -41,6 +41,7 @@ DEFAULT_KEEP_ALIVE = 300.0
 DEFAULT_LOAD_TIMEOUT = 300.0
 DEFAULT_MAX_QUEUE = 512
 DEFAULT_PORT = 11434
+DEFAULT_PREDICT_LIMIT = 10  # CORRAL_PREDICT_LIMIT: generated tokens per request <= 10 x num_ctx
 
 # Appended to every OLLAMA_ORIGINS list, in this order (17 entries).
 DEFAULT_ORIGINS: tuple[str, ...] = (
@@ -388,7 +389,7 @@ SUMMARY_VARS = (
     "OLLAMA_MAX_LOADED_MODELS", "OLLAMA_NUM_PARALLEL", "OLLAMA_MAX_QUEUE", "OLLAMA_SCHED_SPREAD",
     "OLLAMA_GPU_OVERHEAD", "OLLAMA_CONTEXT_LENGTH", "OLLAMA_FLASH_ATTENTION",
     "OLLAMA_KV_CACHE_TYPE", "OLLAMA_DEBUG", "OLLAMA_NOPRUNE", "CORRAL_LOG_FORMAT",
-    "CORRAL_RUNNER_ENGINE",
+    "CORRAL_RUNNER_ENGINE", "CORRAL_DEFAULT_MODEL", "CORRAL_PREDICT_LIMIT",
 )
 
 
@@ -444,9 +445,14 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     env_set: frozenset[str] = frozenset()
     # XDG_CACHE_HOME/corral (else ~/.cache/corral): the engine probe's cache; None = no cache
     cache_dir: Path | None = None
-    # CORRAL_DEFAULT_MODEL: the embedded model `corral serve` imports (and preloads) at start;
-    # "" disables it.
+    # CORRAL_DEFAULT_MODEL: the name under which `corral serve` imports (and preloads) the
+    # embedded model; "" disables it. Unset: only into a store that holds no other model.
     default_model: str = "gemma3:270m"
+    # True when CORRAL_DEFAULT_MODEL names a model (import and preload whatever the store holds)
+    default_model_explicit: bool = False
+    # CORRAL_PREDICT_LIMIT: a generation ends (done_reason "length") after this many times
+    # num_ctx generated tokens, whatever num_predict asks (Ollama's 10); 0 = no limit
+    predict_limit: int = DEFAULT_PREDICT_LIMIT
 
     @property
     def bind_host(self) -> str | None:
@@ -544,6 +550,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             except msgspec.DecodeError as e:
                 warn("CORRAL_FAKE_KNOBS", knobs_raw, None, str(e))
 
+        default_model = (env["CORRAL_DEFAULT_MODEL"].strip() if "CORRAL_DEFAULT_MODEL" in env
+                         else "gemma3:270m")
+
         return cls(
             host=host,
             origins=parse_origins(var("OLLAMA_ORIGINS")),
@@ -568,8 +577,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             cache_dir=_cache_dir(env),
             llama_backend=var("CORRAL_LLAMA_BACKEND").lower() or "auto",
             env_set=frozenset(k for k in SUMMARY_VARS if k in env),
-            default_model=(env["CORRAL_DEFAULT_MODEL"].strip() if "CORRAL_DEFAULT_MODEL" in env
-                           else "gemma3:270m"),
+            default_model=default_model,
+            default_model_explicit=bool(default_model) and "CORRAL_DEFAULT_MODEL" in env,
+            predict_limit=uint("CORRAL_PREDICT_LIMIT", DEFAULT_PREDICT_LIMIT),
         )
 
     def env_summary(self) -> dict[str, str]:
@@ -593,4 +603,6 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             "OLLAMA_NOPRUNE": str(self.noprune).lower(),
             "CORRAL_LOG_FORMAT": self.log_format,
             "CORRAL_RUNNER_ENGINE": self.runner_engine,
+            "CORRAL_DEFAULT_MODEL": self.default_model if self.default_model_explicit else "",
+            "CORRAL_PREDICT_LIMIT": str(self.predict_limit),
         }

@@ -209,11 +209,30 @@ def render(record: ModelRecord, *, system: str | None = None,
     return "\n".join(out) + "\n"
 
 
+_GO_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
+               "\t": "\\t", "\v": "\\v", "\\": "\\\\", '"': '\\"'}
+
+
+def go_quote(text: str) -> str:
+    """Go's ``%#v`` of a string (``strconv.Quote``): one line, ``\\n``/``\\"``/``\\\\`` escaped,
+    other control characters as ``\\xNN``; printable Unicode as is."""
+    out = []
+    for ch in text:
+        if ch in _GO_ESCAPES:
+            out.append(_GO_ESCAPES[ch])
+        elif ch < " " or ch == "\x7f":
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
 def format_parameters(params: dict[str, Any]) -> str:
-    """/api/show ``parameters``: one ``%-30s %v`` line per value, strings quoted, lists repeated."""
+    """/api/show ``parameters``: one ``%-30s %#v`` line per value (strings Go-quoted, so a stop
+    sequence with a newline stays on its line), lists repeated."""
     lines = []
     for key, value in params.items():
         for v in value if isinstance(value, list) else [value]:
-            shown = f'"{v}"' if isinstance(v, str) else _format_param(v)
+            shown = go_quote(v) if isinstance(v, str) else _format_param(v)
             lines.append(f"{key:<30} {shown}")
     return "\n".join(lines)

@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 from typing import Awaitable, Callable
 
 import structlog
 from aiohttp import web
 
 from corral.daemon import logging as corral_logging
-from corral.daemon.config import Config
+from corral.daemon.config import Config, HostAddr
 
 log = structlog.get_logger("corral.serve")
 
 SHUTDOWN_BUDGET = 15.0
 LISTEN_BACKLOG = 4096
 STREAM_DRAIN = 5.0
+DEFAULT_CLIENT_URL = HostAddr().url  # where `corral` clients look without OLLAMA_HOST
 
 
 def serve(config: Config) -> int:
@@ -86,8 +89,14 @@ async def run(config: Config, ready: Callable[[str], Awaitable[None] | None] | N
             if asyncio.iscoroutine(res):
                 await res
         # Load the default model in the background so it is ready for the first chat; a request
-        # that arrives meanwhile shares that load.
-        preload = asyncio.create_task(supervisor.preload_default(default))
+        # that arrives meanwhile shares that load. The start-up ends with one line saying where
+        # corral listens and what to try first.
+        async def _preload_then_greet() -> None:
+            await supervisor.preload_default(default)
+            log.info("corral is ready", url=config.client_url, model=default,
+                     **{"try": first_command(config, default)})
+
+        preload = asyncio.create_task(_preload_then_greet())
         await stop.wait()
         preload.cancel()
         log.info("shutting down")
@@ -128,6 +137,23 @@ def _raise_fd_limit() -> None:
         log.warning("could not raise the open files limit", soft=soft, hard=hard, error=str(exc))
         return
     log.debug("open files limit raised", soft=want, previous=soft)
+
+
+def first_command(config: Config, model: str | None) -> str:
+    """The command the ``corral is ready`` line suggests: a completion on the default model, or
+    the model list when no default was loaded. It names this install's ``corral`` (relative to
+    the working directory when inside it, e.g. ``.venv/bin/corral`` for ``./dev serve``) and sets
+    OLLAMA_HOST when the daemon is not on the client default."""
+    exe = Path(sys.executable).with_name("corral")
+    corral = "corral"
+    if exe.exists():
+        rel = os.path.relpath(exe)
+        corral = str(exe) if rel.startswith("..") else rel
+    if config.client_url != DEFAULT_CLIENT_URL:
+        corral = f"OLLAMA_HOST={config.client_url} {corral}"
+    if model is None:
+        return f"{corral} list"
+    return f"{corral} run {model} 'The capital of France is'"
 
 
 def _version() -> str:

@@ -783,6 +783,7 @@ class Supervisor:
             num_batch=o.num_batch,
             embedding=bool(facts and facts.is_embedding_model),
             grace_period=max(0.0, self.stop_grace - 1.0),
+            predict_limit=self.config.predict_limit,
             fake=msgspec.convert(knobs, FakeKnobs) if knobs else FakeKnobs(),
         )
 

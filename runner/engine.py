@@ -722,6 +722,9 @@ class Engine:
             return self._finish(s, "stop")
         if o.num_predict > 0 and s.n_generated >= o.num_predict:
             return self._finish(s, "length")
+        # a model that never ends its turn can't hold a slot forever (LaunchSpec.predict_limit)
+        if self.spec.predict_limit and s.n_generated >= self.spec.predict_limit * self.n_ctx_per_slot:
+            return self._finish(s, "length")
         if len(s.cache) >= self.n_ctx_per_slot:  # the next token has no cell left
             shift = self.spec.shift if req.shift is None else req.shift
             if not shift or o.num_predict == -2 or not self.can_shift:

@@ -38,11 +38,13 @@ _MiB = 1 << 20
 
 
 class _Seq:
-    def __init__(self, job: Job, prompt: list[int], limit: int, rng: random.Random) -> None:
+    def __init__(self, job: Job, prompt: list[int], limit: int, rng: random.Random,
+                 capped: bool) -> None:
         self.job = job
         self.tokens = list(prompt)
         self.n_prompt = len(prompt)
         self.limit = limit
+        self.capped = capped  # limit is LaunchSpec.predict_limit x num_ctx
         self.rng = rng
         self.text = TextStream(job.request.options.stop)
         self.started = time.perf_counter_ns()
@@ -162,9 +164,12 @@ class FakeEngine:
             n = o.num_predict
             if n < 0:
                 n = self.knobs.default_num_predict if n == -1 else self.n_ctx_per_slot - len(job.prompt)  # type: ignore[attr-defined]
+            # as the real engine: the limit ends a generation with "length" whatever num_predict asks
+            cap = self.spec.predict_limit * self.n_ctx_per_slot
+            capped = 0 < cap < n
             rng = random.Random(o.seed if o.seed >= 0 else None)
             prompt = job.prompt[-self.n_ctx_per_slot + 1 :]  # type: ignore[attr-defined]
-            self._active.append(_Seq(job, prompt, max(0, n), rng))
+            self._active.append(_Seq(job, prompt, max(0, cap if capped else n), rng, capped))
 
     def _step(self, seq: _Seq) -> None:
         job = seq.job
@@ -194,7 +199,8 @@ class FakeEngine:
         now = time.perf_counter_ns()
         first = seq.first_token_at or now
         n_gen = len(seq.tokens) - seq.n_prompt
-        reason = "length" if n_gen >= seq.limit and not seq.text.stopped and job.request.options.num_predict != -1 else "stop"
+        at_limit = n_gen >= seq.limit and not seq.text.stopped
+        reason = "length" if at_limit and (seq.capped or job.request.options.num_predict != -1) else "stop"
         seq.done = True
         job.emit(
             CompletionDone(

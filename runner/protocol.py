@@ -45,7 +45,9 @@ class FakeKnobs(msgspec.Struct, frozen=True, kw_only=True):
     fail_load_oom: bool = False  # the load fails as out of memory (reason defaults to an OOM text)
     crash_after_tokens: int | None = None  # the process exits hard (os._exit(1)) after N tokens total
     ignore_sigterm: bool = False  # SIGTERM is ignored (the daemon must escalate to SIGKILL)
-    default_num_predict: int = 16  # tokens generated when num_predict < 0 (the fake has no EOS)
+    # tokens before the fake's "end of turn" when num_predict is -1 (huge: a model that never
+    # ends its turn, which only num_ctx-bound limits stop)
+    default_num_predict: int = 16
     embedding_dim: int = 8
     memory: dict[str, MemoryUse] | None = None  # Ready.memory to report; None: see gpu_offload
     # With memory None: a CPU placement reports a small CPU figure. A GPU placement
@@ -79,6 +81,9 @@ class LaunchSpec(msgspec.Struct, frozen=True, kw_only=True, tag="launch", tag_fi
     num_batch: int = 512
     embedding: bool = False  # an embedding model: load the embedding context up front
     shift: bool = True  # context shift when a generation fills its slot (else done_reason "length")
+    # a generation ends with done_reason "length" after predict_limit x num_ctx generated tokens,
+    # whatever num_predict asks (the daemon sets CORRAL_PREDICT_LIMIT); 0 = no limit
+    predict_limit: int = 0
     grace_period: float = 5.0  # seconds in-flight work may run on after SIGTERM before it is cancelled
     verbose: bool = False  # llama.cpp's debug log and the runner's debug lines on stderr
     fake: FakeKnobs = msgspec.field(default_factory=FakeKnobs)

@@ -65,7 +65,9 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def start_daemon(tmp_path: Path, **env_overrides: str) -> Iterator[Daemon]:
+def start_daemon(tmp_path: Path, **env_overrides: str | None) -> Iterator[Daemon]:
+    """A daemon on a free port with an empty store; ``env_overrides`` set variables (None
+    unsets one, e.g. ``CORRAL_DEFAULT_MODEL=None`` for what a fresh install does)."""
     models = tmp_path / "models"
     models.mkdir(exist_ok=True)
     port = free_port()
@@ -76,7 +78,9 @@ def start_daemon(tmp_path: Path, **env_overrides: str) -> Iterator[Daemon]:
         "CORRAL_DEFAULT_MODEL": "",  # no Gemma import unless a test asks for it
         "OLLAMA_DEBUG": "1",
     })
-    env.update(env_overrides)
+    env.update({k: v for k, v in env_overrides.items() if v is not None})
+    for k in [k for k, v in env_overrides.items() if v is None]:
+        env.pop(k, None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "corral.daemon.cli", "serve"],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -1,35 +1,104 @@
-"""What `./dev serve` promises: the daemon imports the embedded Gemma 3 270M as gemma3:270m, loads
-it in the background, and chats through the real ollama and openai clients."""
+"""What `./dev serve` promises on a fresh install: the daemon imports the embedded Gemma 3 270M
+(a base model) as gemma3:270m into an empty store, loads it, says so in one last start-up line,
+and the README's quick-start examples, run as written, end by themselves or at the default cap.
+
+Assertions count tokens, never time (a shared machine may be slow)."""
 
 from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
 
 import ollama
 import openai
 import pytest
 
+from corral.daemon.default_model import DEFAULT_PARAMETERS
 from tests.e2e.conftest import start_daemon, wait_until
 
 pytestmark = [pytest.mark.gemma, pytest.mark.slow, pytest.mark.timeout(300)]
 
+README = (Path(__file__).parents[2] / "README.md").read_text()
+CAP = DEFAULT_PARAMETERS["num_predict"]
+
+
+def readme_command(pattern: str) -> str:
+    """The one README line that matches ``pattern`` (so the test runs what the README says)."""
+    [line] = [ln for ln in README.splitlines() if re.search(pattern, ln)]
+    return line.split("  #")[0].strip()
+
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    with start_daemon(tmp_path_factory.mktemp("gemma"), CORRAL_DEFAULT_MODEL="gemma3:270m",
+    # a fresh install: CORRAL_DEFAULT_MODEL unset, empty store
+    with start_daemon(tmp_path_factory.mktemp("gemma"), CORRAL_DEFAULT_MODEL=None,
                       OLLAMA_NUM_PARALLEL="2") as d:
+        assert wait_until(lambda: "corral is ready" in d.log_text(), 240), d.log_text()[-3000:]
         yield d
+
+
+def cli(daemon, *args: str) -> str:
+    env = {**os.environ, "OLLAMA_HOST": daemon.url}
+    r = subprocess.run([sys.executable, "-m", "corral.daemon.cli", *args], env=env,
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
 
 
 def test_default_model_is_imported_and_preloaded(daemon):
     with ollama.Client(host=daemon.url) as c:
-        assert "gemma3:270m" in [m.model for m in c.list().models]
+        assert [m.model for m in c.list().models] == ["gemma3:270m"]
         info = c.show("gemma3:270m")
-        assert info.details.family == "gemma3" and "<start_of_turn>" in info.template
-        assert wait_until(lambda: [m.model for m in c.ps().models] == ["gemma3:270m"], 120)
+        assert info.details.family == "gemma3" and "Assistant:" in info.template
+        assert [m.model for m in c.ps().models] == ["gemma3:270m"]  # loaded before "ready"
         [row] = c.ps().models
         assert row.context_length == 4096 and row.size > 200_000_000
+    [ready] = [ln for ln in daemon.log if "corral is ready" in ln]
+    assert f"url={daemon.url}" in ready and "model=gemma3:270m" in ready
+    assert "run gemma3:270m 'The capital of France is'" in ready
 
 
-def test_gemma_chat_native_and_openai(daemon):
+def test_show_parameters_lists_the_defaults(daemon):
+    lines = cli(daemon, "show", "gemma3:270m", "--parameters").splitlines()
+    assert any(re.fullmatch(rf"\s*num_predict\s+{CAP}", ln) for ln in lines), lines
+    assert any(re.fullmatch(r'\s*stop\s+"\\n\\n"', ln) for ln in lines), lines
+
+
+def test_readme_chat_example_ends_within_the_cap(daemon):
+    """The README's curl, same URL path and body, streamed as curl receives it."""
+    cmd = shlex.split(readme_command(r"^curl .*/api/chat"))
+    url, body = cmd[1], cmd[cmd.index("-d") + 1]
+    assert url == "http://127.0.0.1:11434/api/chat"
+    req = urllib.request.Request(daemon.url + "/api/chat", data=body.encode())
+    with urllib.request.urlopen(req, timeout=240) as r:
+        lines = [json.loads(ln) for ln in r.read().splitlines()]
+    final = lines[-1]
+    assert final["done"] and not any(ln["done"] for ln in lines[:-1])
+    assert final["done_reason"] in ("stop", "length")
+    assert 0 < final["eval_count"] <= CAP
+    text = "".join(ln["message"]["content"] for ln in lines)
+    assert text.strip() and "User:" not in text  # an answer, not the next question
+
+
+def test_readme_completion_example(daemon):
+    """`corral run gemma3:270m "The capital of France is"`, as the README writes it."""
+    args = shlex.split(readme_command(r"corral run gemma3:270m"))
+    assert args[0].endswith("corral")
+    out = cli(daemon, *args[1:])
+    assert out.strip() and "User:" not in out
+    # greedy, the same prompt through the API: the base model knows this one
+    with ollama.Client(host=daemon.url) as c:
+        r = c.generate(model="gemma3:270m", prompt=args[-1], options={"temperature": 0})
+    assert "Paris" in r.response and r.done_reason in ("stop", "length") and r.eval_count <= CAP
+
+
+def test_request_options_override_the_model_parameters(daemon):
     with ollama.Client(host=daemon.url) as c:
         r = c.chat(model="gemma3:270m", messages=[{"role": "user", "content": "Say hello."}],
                    options={"num_predict": 24, "temperature": 0})
@@ -38,6 +107,9 @@ def test_gemma_chat_native_and_openai(daemon):
     # timings are sane: positive, and the parts fit in the total
     assert 0 < r.eval_duration < r.total_duration
     assert 0 < r.prompt_eval_duration < r.total_duration
+
+
+def test_gemma_chat_openai(daemon):
     with openai.OpenAI(base_url=daemon.url + "/v1", api_key="x") as oai:
         text = "".join(ch.choices[0].delta.content or "" for ch in oai.chat.completions.create(
             model="gemma3:270m", max_tokens=16, temperature=0, stream=True,
