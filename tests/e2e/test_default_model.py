@@ -88,7 +88,7 @@ def test_readme_chat_example_ends_within_the_cap(daemon):
 
 def test_readme_completion_example(daemon):
     """`corral run gemma3:270m "The capital of France is"`, as the README writes it."""
-    args = shlex.split(readme_command(r"corral run gemma3:270m"))
+    args = shlex.split(readme_command(r"^\.venv/bin/corral run gemma3:270m"))
     assert args[0].endswith("corral")
     out = cli(daemon, *args[1:])
     assert out.strip() and "User:" not in out
