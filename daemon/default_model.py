@@ -15,34 +15,38 @@ what it does well. So it ships with what fits a completion model (``DEFAULT_TEMP
   or inventing the next one (without the examples it mostly repeated the question, see below);
 * ``stop`` ends the answer at the next turn label or a blank line (a base model that has
   answered goes on with a new ``User:`` line or a new paragraph);
-* ``num_predict`` bounds what is left (a base model may never reach a boundary), and a cooler
-  temperature than Gemma's 1.0 keeps a 270M model on topic.
+* ``num_predict`` bounds what is left (a base model may never reach a boundary), and a low
+  temperature keeps a 270M model on topic.
 
 Prompts tried on the real model through ``corral serve`` on 2026-11-30 (/api/chat with one user
 message; "sampled" with the default parameters, "greedy" with ``temperature`` 0). Every answer
 ended by itself: done_reason ``stop``, eval_count in brackets::
 
-    "Hi"                       sampled " I'm sorry, I'm not the same person." (16)
+    "Hi"                       sampled " Hi!" (5)
                                greedy  " Hello!" (5)
     "What is the capital of France? Answer in one word."
                                sampled " The capital of France is Paris." (10)
                                greedy  " The capital of France is Paris." (10)
     "Write a haiku about the sea."
-                               sampled " A soft wind on the shore, a calm song in the morning." (17)
+                               sampled " The sea is a beautiful place, and the sea is calm." (16)
                                greedy  " The sea is a beautiful place, a calm place." (14)
-    "Name three colours."      sampled " Red, blue and yellow." (9)
+    "Name three colours."      sampled " Red, blue, green." (9)
                                greedy  " Red, blue, yellow, green, orange, purple, black, white." (19)
     "Who wrote Romeo and Juliet?"
-                               sampled " It was a happy day." (9)
+                               sampled " I'm sorry, I don't know." (14)
                                greedy  " The famous play." (7)
-    "Why is the sky blue?"     sampled " Because I need to see the sky blue." (12)
+    "Why is the sky blue?"     sampled " The sky is blue because the sun is shining." (13)
                                greedy  " Because the sky is blue." (9)
     "Translate 'thank you' into French."
-                               sampled " You can say Thank you in Chinese." (11)
+                               sampled " Thank you for your work." (9)
                                greedy  " Thank you for your help." (9)
     /api/generate "The capital of France is"
-                               sampled " Paris, the capital of France." (10)
+                               sampled " The capital of France is Paris." (10)
                                greedy  " Paris." (5)
+
+Temperature 0.4, not Gemma's 1.0: six samples of "Hi" (llama_cpp, same template and stops) at
+0.7 gave " Hello", " Hi, hello, how are you?", but also " My name is, and I am from Spain." and
+a copy of the rain example; at 0.4 four of six were " Hello!" / " Hi!".
 
 So: short completions and small talk, not knowledge or instructions (it is 270M and untuned).
 Framed as a bare ``User: …`` / ``Assistant:`` transcript without the example turns (stop at
@@ -101,7 +105,7 @@ Assistant: Soft rain on the roof, a quiet song all night.
 DEFAULT_PARAMETERS: dict[str, Any] = {
     "num_predict": 128,
     "stop": ["\nUser:", "\nAssistant:", "\n\n"],
-    "temperature": 0.7,
+    "temperature": 0.4,
     "top_k": 64,
     "top_p": 0.95,
 }
