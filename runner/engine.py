@@ -14,8 +14,10 @@ Each step of the decode thread:
 3. builds ONE llama_batch: the next token of every decoding sequence, then prompt chunks of
    sequences in prefill while the batch has room (``num_batch``),
 4. calls llama_decode once,
-5. samples every sequence whose logits were produced with its own sampler chain, streams the
-   text (whole UTF-8 characters, stop strings held back), and finishes, shifts or continues it.
+5. samples every sequence whose logits were produced with its own sampler chain (numpy's argmax
+   for a plain greedy chain), turns the token into text (whole UTF-8 characters, stop strings
+   held back), and finishes, shifts or continues it,
+6. hands the step's events to their jobs' ``emit``, all at once at the end of the step.
 
 Embeddings use a second context with ``embeddings = true`` on the same llama_model (created at
 load for an embedding model, else on the first /embed), driven by the caller's thread (the server
@@ -191,12 +193,21 @@ class _Slot:
         self.t_start = 0
         self.t_first = 0
         self.sampler, self.grammar = job.sampler  # type: ignore[attr-defined]
+        self.argmax = self.grammar is None and _only_greedy(self.sampler)
 
     def release(self) -> None:
         if self.job is not None:
             _free_samplers((self.sampler, self.grammar))
             self.sampler = self.grammar = None
         self.job = None
+
+
+def _only_greedy(chain) -> bool:
+    """Whether the chain is llama.cpp's greedy sampler alone: its pick is the first largest logit,
+    which is numpy's argmax (~25 us) without the 262k-entry candidate array that
+    llama_sampler_sample fills first (~300 us per token, on the decode thread between steps)."""
+    return (llama_cpp.llama_sampler_chain_n(chain) == 1
+            and llama_cpp.llama_sampler_name(llama_cpp.llama_sampler_chain_get(chain, 0)) == b"greedy")
 
 
 def _free_samplers(pair: tuple[object, object]) -> None:
@@ -255,6 +266,9 @@ class Engine:
         self._cost: dict[int, float] = {}  # EMA seconds of a pure-decode llama_decode by batch size
         self._explore = 0
         self._embd_lock = threading.Lock()
+        # events of the current step, handed over when it ends: the HTTP side then wakes once per
+        # step, not in the middle of sampling (where every ctypes call lets it take the GIL)
+        self._outbox: list[tuple[Emit, CompletionChunk | CompletionDone | CompletionError]] = []
         self._keepalive: list[object] = []  # ctypes objects llama.cpp points at
 
     # -- load --------------------------------------------------------------------------------
@@ -616,6 +630,18 @@ class Engine:
             slot.start(job, prompt, n, job.truncated)  # type: ignore[attr-defined]
 
     def _step(self) -> None:
+        try:
+            self._step_slots()
+        finally:
+            out, self._outbox = self._outbox, []
+            for emit, event in out:
+                emit(event)
+
+    def _post(self, job: Job, event: CompletionChunk | CompletionDone | CompletionError) -> None:
+        """Emit ``event`` at the end of this step (in order)."""
+        self._outbox.append((job.emit, event))
+
+    def _step_slots(self) -> None:
         # 1. cancelled sequences leave at once
         for slot in self._slots:
             if slot.job is not None and slot.job.cancelled.is_set():
@@ -687,7 +713,7 @@ class Engine:
                 s.cache = []
                 self._free(s)
                 if job is not None and not job.cancelled.is_set():
-                    job.emit(CompletionError(error=reason))
+                    self._post(job, CompletionError(error=reason))
             return
         # 5. sample (before the next llama_decode overwrites the logits)
         for s in group:
@@ -717,7 +743,7 @@ class Engine:
         s.n_generated += 1
         out = s.text.feed(self.piece(token))
         if out and req.stream:
-            job.emit(CompletionChunk(content=out))
+            self._post(job, CompletionChunk(content=out))
         if s.text.stopped:
             return self._finish(s, "stop")
         if o.num_predict > 0 and s.n_generated >= o.num_predict:
@@ -737,9 +763,11 @@ class Engine:
         strategy: sample with the chain alone, keep the token if the grammar accepts it, else
         apply the grammar to the whole vocabulary and sample again (checking a whole 262k vocab
         against the grammar at every step is ~100 ms)."""
+        if s.argmax:  # greedy keeps no state: nothing to accept
+            return int(self._logits(s.batch_index).argmax())
         if s.grammar is None:
             return llama_cpp.llama_sampler_sample(s.sampler, self.ctx, s.batch_index)
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, s.batch_index), shape=(self.n_vocab,))
+        logits = self._logits(s.batch_index)
         c = self._candidates
         c.fill(logits)
         c.apply(s.sampler)
@@ -757,6 +785,10 @@ class Engine:
         llama_cpp.llama_sampler_accept(s.sampler, token)
         return token
 
+    def _logits(self, batch_index: int) -> np.ndarray:
+        """The logits row of a batch position (a view, valid until the next llama_decode)."""
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, batch_index), shape=(self.n_vocab,))
+
     def _shift(self, s: _Slot, num_keep: int) -> None:
         """Keep num_keep tokens, drop half of the rest, slide the remainder down."""
         n_past = len(s.cache)
@@ -771,7 +803,7 @@ class Engine:
         assert job is not None
         tail = s.text.finish()
         if tail and job.request.stream:
-            job.emit(CompletionChunk(content=tail))
+            self._post(job, CompletionChunk(content=tail))
         now = time.perf_counter_ns()
         first = s.t_first or now
         done = CompletionDone(
@@ -785,7 +817,7 @@ class Engine:
             truncated=s.truncated,
         )
         self._free(s)
-        job.emit(done)
+        self._post(job, done)
 
     # -- embeddings (caller's thread) ---------------------------------------------------------
 

@@ -10,6 +10,8 @@ new work is refused with 503.
 from __future__ import annotations
 
 import asyncio
+import collections
+import threading
 from typing import Any
 
 import msgspec
@@ -50,6 +52,36 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return RunnerServer._json(ErrorResponse(error=f"{type(e).__name__}: {e}"), 500)
 
 
+class _Mailbox:
+    """Events from the engine's decode thread to the event loop. One decode step emits a token
+    for every running sequence; they cross over with ONE loop wake-up (the first event of a burst
+    schedules the delivery, later ones join it), not one self-pipe write and GIL hand-off each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: collections.deque[tuple[asyncio.Queue, Any]] = collections.deque()
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue, event: Any) -> None:  # any thread; never blocks
+        with self._lock:
+            self._items.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # loop closed: nobody is listening any more
+            pass
+
+    def _deliver(self) -> None:  # on the loop
+        with self._lock:
+            items, self._items = self._items, collections.deque()
+            self._scheduled = False
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
 class RunnerServer:
     """Owns the aiohttp app; ``draining`` and ``inflight`` are read by the shutdown sequence."""
 
@@ -60,6 +92,7 @@ class RunnerServer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._embed_lock = asyncio.Lock()
+        self._mailbox: _Mailbox | None = None
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_errors])
         app.router.add_get("/health", self.health)
         app.router.add_post("/completion", self.completion)
@@ -122,12 +155,12 @@ class RunnerServer:
     async def _completion(self, request: web.Request) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        if self._mailbox is None:
+            self._mailbox = _Mailbox(loop)
+        mailbox = self._mailbox
 
         def emit(event: Any) -> None:  # decode thread
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # loop closed: nobody is listening any more
-                pass
+            mailbox.put(queue, event)
 
         try:
             req = await self._body(request, CompletionRequest)
@@ -144,11 +177,19 @@ class RunnerServer:
                         return self._error(500, event.error)
             resp = web.StreamResponse(headers={"Content-Type": NDJSON})
             await resp.prepare(request)
-            while True:
-                event = await queue.get()
-                await resp.write(encode(event) + b"\n")
-                if isinstance(event, CompletionDone | CompletionError):
-                    break
+            end = False
+            while not end:
+                # everything queued for this stream goes out in one write (a client that fell
+                # behind gets several tokens per chunk instead of one wake-up per token)
+                lines = []
+                while True:
+                    event = await queue.get() if not lines else queue.get_nowait()
+                    lines.append(encode(event))
+                    end = isinstance(event, CompletionDone | CompletionError)
+                    if end or queue.empty():
+                        break
+                lines.append(b"")
+                await resp.write(b"\n".join(lines))
             await resp.write_eof()
             return resp
         finally:

@@ -128,8 +128,10 @@ async def _gone_message(lease: Any, exc: BaseException) -> str:
 
 
 async def runner_lines(lease: Any, body: protocol.CompletionRequest,
-                       ) -> AsyncIterator[protocol.CompletionChunk | protocol.CompletionDone]:
-    """The runner's completion events; an error line or a broken connection raises ApiError."""
+                       ) -> AsyncIterator[tuple[protocol.CompletionChunk | protocol.CompletionDone, bool]]:
+    """The runner's completion events, each with whether another one already arrived with it (a
+    writer may then hold it back and send both in one write: fewer wake-ups per token for a
+    client that fell behind). An error line or a broken connection raises ApiError."""
     url = f"{lease.base_url}/completion"
     try:
         async with lease.session.post(url, data=protocol.encode(body),
@@ -137,15 +139,21 @@ async def runner_lines(lease: Any, body: protocol.CompletionRequest,
             if resp.status != 200:
                 status = resp.status if resp.status in (400, 503) else 500
                 raise ApiError(status, await _runner_error(resp))
-            async for line in resp.content:
-                if not line.strip():
-                    continue
-                ev = protocol.decode_completion_event(line)
-                if isinstance(ev, protocol.CompletionError):
-                    raise ApiError(500, ev.error)
-                yield ev
-                if isinstance(ev, protocol.CompletionDone):
-                    return
+            rest = b""
+            eof = False
+            while not eof:
+                data = await resp.content.readany()  # whatever has arrived; b"" at the end
+                eof = not data
+                # whole lines only; at the end also the last one (a non-streamed answer has no \n)
+                *lines, rest = (rest + data + b"\n" * eof).split(b"\n")
+                lines = [line for line in lines if line.strip()]
+                for i, line in enumerate(lines):
+                    ev = protocol.decode_completion_event(line)
+                    if isinstance(ev, protocol.CompletionError):
+                        raise ApiError(500, ev.error)
+                    yield ev, i < len(lines) - 1
+                    if isinstance(ev, protocol.CompletionDone):
+                        return
     except (aiohttp.ClientError, ConnectionError) as e:
         raise ApiError(500, await _gone_message(lease, e)) from None
     except msgspec.DecodeError as e:
@@ -220,6 +228,7 @@ class Delta:
     content: str = ""
     thinking: str = ""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    more: bool = False  # another event follows at once: its frame may go out with the next one
 
 
 @dataclass(slots=True)
@@ -282,17 +291,20 @@ class Job:
         assert self.body is not None
         last = 0.0
         async with contextlib.aclosing(runner_lines(self.lease, self.body)) as lines:
-            async for ev in lines:
+            async for ev, more in lines:
+                final = isinstance(ev, protocol.CompletionDone)
                 text = ev.content  # a chunk's text, or the whole text if the runner didn't stream
                 if text:
                     d = self._process(text)
                     if d.content or d.thinking or d.tool_calls:
                         last = self._sent(last)
+                        d.more = more or final
                         yield d
-                if isinstance(ev, protocol.CompletionDone):
+                if final:
                     d = self._flush()
                     if d.content or d.thinking or d.tool_calls:
                         last = self._sent(last)
+                        d.more = True
                         yield d
                     if self.series is not None:
                         self.series.prompt_tokens.inc(ev.prompt_eval_count)
@@ -482,7 +494,7 @@ async def _drive(request: web.Request, job: Job, stream: bool, chunk_line, final
             if isinstance(ev, Done):
                 await out.send(final_obj(ev, streamed=True))
                 break
-            await out.write(chunk_line(ev))
+            await out.write(chunk_line(ev), hold=ev.more)
             if out.gone:
                 break
     except ApiError as e:

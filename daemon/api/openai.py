@@ -309,7 +309,7 @@ async def _stream(request: web.Request, job: core.Job, chunk: Callable[[dict], b
                 break
             d = delta_of(ev)
             if d is not None:
-                await out.write(chunk(d))
+                await out.write(chunk(d), hold=ev.more)
             if out.gone:
                 break
     except ApiError as e:

@@ -35,6 +35,7 @@ class LazyStream:
         self.prefix, self.suffix = prefix, suffix
         self.response: web.StreamResponse | None = None
         self.gone = False
+        self._held: list[bytes] = []
 
     @classmethod
     def ndjson(cls, request: web.Request) -> LazyStream:
@@ -43,17 +44,26 @@ class LazyStream:
 
     @property
     def started(self) -> bool:
-        """Whether the headers (200) went out: an error must then be a frame."""
-        return self.response is not None
+        """Whether the headers (200) went out or a frame is held for them: an error must then be
+        a frame."""
+        return self.response is not None or bool(self._held)
 
-    async def write(self, payload: bytes) -> None:
+    async def write(self, payload: bytes, *, hold: bool = False) -> None:
+        """Send one frame. ``hold``: the caller has the next frame at hand; this one waits and
+        goes out with it in one write."""
         if self.gone:
             return
+        self._held.append(self.prefix + payload + self.suffix)
+        if not hold:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        frames, self._held = b"".join(self._held), []
         try:
             if self.response is None:
                 self.response = web.StreamResponse(headers=self.headers)
                 await self.response.prepare(self.request)
-            await self.response.write(self.prefix + payload + self.suffix)
+            await self.response.write(frames)
         except (ConnectionError, RuntimeError):
             self.gone = True
 
@@ -62,7 +72,9 @@ class LazyStream:
         await self.write(_enc.encode(obj))
 
     async def finish(self) -> web.StreamResponse:
-        """End the stream; at least one frame must have been written."""
+        """End the stream (held frames go out first); at least one frame must have been written."""
+        if self._held and not self.gone:
+            await self._flush()
         assert self.response is not None
         if not self.gone:
             with contextlib.suppress(ConnectionError, RuntimeError):

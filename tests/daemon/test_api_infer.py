@@ -215,6 +215,31 @@ async def test_error_after_stream_started(env: Env) -> None:
     env.assert_released()
 
 
+async def test_lines_arriving_together_leave_together(env: Env) -> None:
+    """Tokens the runner sent in one write (its reader fell behind) reach the client in one
+    HTTP chunk, native and OpenAI, not one write and wake-up each."""
+    env.runner.script.together = True
+
+    async def http_chunks(path: str, body: dict) -> list[bytes]:
+        chunks, part = [], b""
+        async with env.session.post(env.url + path, json=body) as r:
+            assert r.status == 200
+            async for data, end_of_chunk in r.content.iter_chunks():
+                part += data
+                if end_of_chunk and part:
+                    chunks.append(part)
+                    part = b""
+        return chunks
+
+    native = await http_chunks("/api/generate", {"model": "chatml", "prompt": "x"})
+    assert len(native) == 1 and len(native[0].splitlines()) == 4  # 3 tokens + the final record
+    sse = await http_chunks("/v1/chat/completions", {"model": "chatml", "stream": True,
+                                                     "messages": [{"role": "user", "content": "x"}]})
+    assert b"".join(sse).count(b"data: ") >= 5
+    assert len(sse) <= 2  # the tokens, the finish chunk and [DONE] (may follow on its own)
+    env.assert_released()
+
+
 async def test_runner_rejects_before_streaming(env: Env) -> None:
     env.runner.script.status = 400
     env.runner.script.status_error = "the input length exceeds the context length"

