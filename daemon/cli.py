@@ -223,6 +223,11 @@ async def cmd_show(c: Client, args: argparse.Namespace) -> None:
         if getattr(args, flag):
             _out(info.get(flag) or "")
             return
+    print_show(info)
+
+
+def print_show(info: dict[str, Any]) -> None:
+    """The sections of ``show MODEL`` (also ``/show info`` in ``run``)."""
     details, mi = info.get("details", {}), info.get("model_info", {}) or {}
     arch = mi.get("general.architecture", details.get("family", ""))
     rows = [("architecture", arch), ("parameters", details.get("parameter_size", ""))]
@@ -254,19 +259,11 @@ async def cmd_show(c: Client, args: argparse.Namespace) -> None:
 
 
 async def cmd_pull(c: Client, args: argparse.Namespace, verb: str = "pull") -> None:
-    last = None
-    async for p in c.stream(f"/api/{verb}", {"model": args.model, "insecure": args.insecure}):
-        status = p.get("status", "")
-        if p.get("total"):
-            pct = int(100 * p.get("completed", 0) / p["total"])
-            sys.stderr.write(f"\r{status}: {pct:3d}% {human_bytes(p['total'])}   ")
-            last = status
-        else:
-            if last:
-                sys.stderr.write("\n")
-                last = None
-            sys.stderr.write(status + "\n")
-    sys.stderr.flush()
+    from corral.daemon.interactive import Progress
+
+    with Progress("pushing" if verb == "push" else "pulling") as progress:
+        async for p in c.stream(f"/api/{verb}", {"model": args.model, "insecure": args.insecure}):
+            progress.update(p)
 
 
 async def cmd_push(c: Client, args: argparse.Namespace) -> None:
@@ -327,53 +324,44 @@ async def cmd_run(c: Client, args: argparse.Namespace) -> None:
         if "not found" not in str(exc):
             raise
         await cmd_pull(c, argparse.Namespace(model=args.model, insecure=args.insecure))
+    from corral.daemon.interactive import Session, repl, think_value
+
+    think = think_value(args.think)
     opts: dict[str, Any] = {"model": args.model}
     if args.keepalive:
         opts["keep_alive"] = args.keepalive
     if args.format:
         opts["format"] = args.format
+    if think is not None:
+        opts["think"] = think
     prompt = " ".join(args.prompt)
     if not prompt and not sys.stdin.isatty():
         prompt = sys.stdin.read()
     if prompt:
         final = {}
+        thinking = False
         async for p in c.stream("/api/generate", {**opts, "prompt": prompt}):
+            if p.get("thinking") and not args.hidethinking:
+                if not thinking:
+                    sys.stdout.write("Thinking...\n")
+                    thinking = True
+                sys.stdout.write(p["thinking"])
+            if p.get("response") and thinking:
+                sys.stdout.write("\n...done thinking.\n\n")
+                thinking = False
             sys.stdout.write(p.get("response", ""))
             sys.stdout.flush()
             final = p
+        if thinking:
+            sys.stdout.write("\n...done thinking.\n")
         _out()
         if args.verbose:
             _print_metrics(final)
         return
-    # Interactive chat.
-    await c.request("POST", "/api/generate", opts)
-    messages: list[dict] = []
-    while True:
-        try:
-            line = await asyncio.to_thread(input, ">>> ")
-        except EOFError:
-            _out()
-            return
-        if line.strip() in ("/bye", "/exit"):
-            return
-        if line.strip() == "/clear":
-            messages.clear()
-            _out("Cleared session context")
-            continue
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        reply, final = "", {}
-        async for p in c.stream("/api/chat", {**opts, "messages": messages}):
-            piece = p.get("message", {}).get("content", "")
-            reply += piece
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-            final = p
-        _out("\n")
-        messages.append({"role": "assistant", "content": reply})
-        if args.verbose:
-            _print_metrics(final)
+    session = Session(c, args.model, keepalive=args.keepalive, fmt=args.format, think=think,
+                      hide_thinking=args.hidethinking, verbose=args.verbose)
+    await session.preload()
+    await repl(session)
 
 
 def _print_metrics(final: dict) -> None:
@@ -406,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--verbose", action="store_true")
     r.add_argument("--insecure", action="store_true")
     r.add_argument("--format")
+    r.add_argument("--think", nargs="?", const="true",
+                   help="think before answering: true/false or high, medium, low")
+    r.add_argument("--hidethinking", action="store_true",
+                   help="think (with --think or the model's default) but do not print it")
     sub.add_parser("stop", help="stop a running model").add_argument("model")
     for verb in ("pull", "push"):
         x = sub.add_parser(verb, help=f"{verb} a model")
@@ -473,4 +465,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, not this __main__ copy: its classes (CliError) are the ones the
+    # modules it calls (interactive) catch.
+    from corral.daemon.cli import main as _main
+
+    sys.exit(_main())
