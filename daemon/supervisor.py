@@ -378,6 +378,9 @@ class Supervisor:
         # runner it replaces; dropped once nobody waits for the model.
         self._next_load: dict[str, tuple[str, RunnerOptions]] = {}
         self.processed = 0                       # events dispatched so far
+        # The start-up preload (preload_default) loaded its model, or had none to load: what
+        # GET /readyz reports (a Kubernetes readiness probe), latched.
+        self.preloaded = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -448,6 +451,7 @@ class Supervisor:
         (Ollama's empty-prompt preload). Without a name (or a store) there is nothing to do;
         failures are logged, never raised."""
         if name is None or self.store is None:
+            self.preloaded = True
             return
         try:
             record = self.store.resolve(name)
@@ -455,6 +459,8 @@ class Supervisor:
                 pass
         except Exception as exc:
             log.warning("preload failed", model=name, error=getattr(exc, "message", str(exc)))
+            return
+        self.preloaded = True
 
     async def close(self) -> None:
         """Shut down in order (STYLE rule 11); idempotent. Total <= drain + grace + ~1 s."""
@@ -567,6 +573,11 @@ class Supervisor:
     def snapshot(self) -> SchedulerSnapshot:
         assert self._sched is not None
         return self._sched.snapshot()
+
+    @property
+    def closing(self) -> bool:
+        """Shutdown has begun: new requests get 503."""
+        return self._closing
 
     def _count_rejected(self, message: str) -> None:
         reason = "queue_full" if message == QUEUE_FULL else "shutting_down" \

@@ -1,0 +1,198 @@
+"""deploy/kubernetes: every manifest against the Kubernetes schemas, and the manifests against the
+daemon's real behaviour (ports, bind address, probes, shutdown budget, image user).
+
+Schemas: ``kubernetes-validate`` ships the OpenAPI schemas of each Kubernetes release and works
+offline. It has none for custom resources: the InferencePool (Gateway API Inference Extension)
+and HTTPRoute (Gateway API) are checked here for what ties them to the StatefulSet instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from aiohttp.test_utils import TestClient, TestServer
+
+from corral.daemon.api.app import make_app
+from corral.daemon.config import Config
+from corral.daemon.gpu import SimulatedProbe
+from corral.daemon.serve import SHUTDOWN_BUDGET
+from corral.daemon.store import Store
+from corral.daemon.supervisor import Supervisor
+
+REPO = Path(__file__).resolve().parents[2]
+KUBE = REPO / "deploy" / "kubernetes"
+VERSIONS = ["1.29.0", kubernetes_validate.utils.latest_version()]
+SAFETY = float(os.environ.get("TEST_SAFETY", "30"))
+GiB = 1 << 30
+
+
+def docs(name: str) -> list[dict[str, Any]]:
+    with (KUBE / name).open() as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def kind(name: str, k: str) -> dict[str, Any]:
+    (doc,) = [d for d in docs(name) if d["kind"] == k]
+    return doc
+
+
+def container() -> dict[str, Any]:
+    (c,) = kind("statefulset.yaml", "StatefulSet")["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
+    """RFC 6902 ``add`` (what the GPU overlay uses), JSON-pointer escapes included."""
+    for op in ops:
+        assert op["op"] == "add", op
+        *parents, last = [p.replace("~1", "/").replace("~0", "~")
+                          for p in op["path"].lstrip("/").split("/")]
+        node: Any = doc
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+        node[last] = op["value"]
+    return doc
+
+
+# ---- schemas -----------------------------------------------------------------------------------
+
+CORE = ["configmap.yaml", "statefulset.yaml", "service.yaml"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("name", CORE)
+def test_manifests_validate_strictly(name, version):
+    for doc in docs(name):
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_gpu_overlay_validates(version):
+    overlay = yaml.safe_load((KUBE / "gpu" / "kustomization.yaml").read_text())
+    assert overlay["resources"] == [".."]
+    (patch,) = overlay["patches"]
+    assert patch["target"]["kind"] == "StatefulSet" and patch["target"]["name"] == "corral"
+    sts = json_patch(kind("statefulset.yaml", "StatefulSet"), yaml.safe_load(patch["patch"]))
+    kubernetes_validate.validate(sts, version, strict=True)
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_kustomization_lists_every_core_manifest():
+    k = yaml.safe_load((KUBE / "kustomization.yaml").read_text())
+    assert sorted(k["resources"]) == sorted(CORE)
+    assert sorted(p.name for p in KUBE.glob("*.yaml")) == sorted(
+        CORE + ["kustomization.yaml", "inferencepool.yaml"])
+
+
+def test_custom_resources_have_no_bundled_schema_and_match_the_statefulset():
+    pool = kind("inferencepool.yaml", "InferencePool")
+    route = kind("inferencepool.yaml", "HTTPRoute")
+    for doc in (pool, route):
+        with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+            kubernetes_validate.validate(doc, VERSIONS[-1], strict=True)
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    pod_labels = kind("statefulset.yaml", "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    assert pool["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    port = container()["ports"][0]["containerPort"]
+    assert pool["spec"]["targetPorts"] == [{"number": port}]
+    assert set(pool["spec"]["endpointPickerRef"]) <= {"name", "port", "failureMode", "kind",
+                                                      "group"}
+    (rule,) = route["spec"]["rules"]
+    assert rule["backendRefs"] == [{"group": "inference.networking.k8s.io",
+                                    "kind": "InferencePool", "name": pool["metadata"]["name"]}]
+
+
+# ---- agreement with the daemon -----------------------------------------------------------------
+
+def test_ports_and_bind_address_agree_with_the_daemon():
+    env = kind("configmap.yaml", "ConfigMap")["data"]
+    cfg = Config.from_env(env)                  # the daemon's own parser of these variables
+    c = container()
+    (port,) = c["ports"]
+    assert cfg.bind_port == port["containerPort"] == 11434
+    # Not loopback: probes and Services reach the pod IP (and the Host-header check, which only
+    # applies to a loopback bind, would refuse their Host headers).
+    assert cfg.bind_host in ("0.0.0.0", "")
+    assert c["envFrom"] == [{"configMapRef": {"name": "corral"}}]
+    mount = c["volumeMounts"][0]["mountPath"]
+    assert str(cfg.models).startswith(mount + "/")
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["port"] == port["name"]
+    for svc in docs("service.yaml"):
+        (p,) = svc["spec"]["ports"]
+        assert p["targetPort"] == port["name"] and p["port"] == port["containerPort"]
+        assert svc["spec"]["selector"].items() <= \
+            kind("statefulset.yaml", "StatefulSet")["spec"]["template"]["metadata"]["labels"].items()
+    annotations = kind("statefulset.yaml", "StatefulSet")["spec"]["template"]["metadata"][
+        "annotations"]
+    assert annotations["prometheus.io/port"] == str(port["containerPort"])
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_grace_period_covers_prestop_and_the_shutdown_budget():
+    spec = kind("statefulset.yaml", "StatefulSet")["spec"]["template"]["spec"]
+    pre = container()["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre[0] == "sleep"
+    assert spec["terminationGracePeriodSeconds"] > int(pre[1]) + SHUTDOWN_BUDGET
+
+
+def test_image_installs_with_the_readme_command_and_runs_as_the_pod_user():
+    text = (KUBE / "Dockerfile").read_text()
+    assert "./dev install" in (REPO / "README.md").read_text()
+    assert re.search(r"^RUN .*\./dev install", text, re.M)
+    assert re.search(r"^COPY \. /opt/corral$", text, re.M)
+    assert re.search(r'^ENTRYPOINT \["/opt/corral/\.venv/bin/corral"\]$', text, re.M)
+    assert re.search(r'^CMD \["serve"\]$', text, re.M)
+    port = container()["ports"][0]["containerPort"]
+    assert re.search(rf"^EXPOSE {port}$", text, re.M)
+    uid = int(re.search(r"useradd .*--uid (\d+)", text).group(1))
+    assert re.search(rf"^USER {uid}$", text, re.M)
+    sec = kind("statefulset.yaml", "StatefulSet")["spec"]["template"]["spec"]["securityContext"]
+    assert sec["runAsUser"] == sec["fsGroup"] == uid
+    assert container()["args"] == ["serve"]
+
+
+async def test_probe_endpoints_behave_as_the_manifest_expects(tmp_path, tiny_gguf):
+    """/ is live at once; /readyz is 503 until the start-up preload has loaded the model, 200
+    then, and 503 again as soon as shutdown begins (the replica leaves the endpoints)."""
+    c = container()
+    ready_path = c["readinessProbe"]["httpGet"]["path"]
+    live_path = c["livenessProbe"]["httpGet"]["path"]
+    store = Store(tmp_path / "models")
+    layer = await store.write_blob_bytes(tiny_gguf.read_bytes())
+    await store.create("tiny", files={"m.gguf": layer.digest})
+    cfg = Config(runner_engine="fake", fake_knobs={"load_time": 0.3}, keep_alive=-1.0)
+    sup = Supervisor(cfg, store, probe=SimulatedProbe((), host=(64 * GiB, 48 * GiB)),
+                     stop_grace=2.0, drain_timeout=1.0)
+    await sup.start()
+    client = TestClient(TestServer(make_app(cfg, store, sup), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        async with client.get(live_path) as r:
+            assert r.status == 200 and await r.text() == "Ollama is running"
+        async with client.get(ready_path) as r:
+            assert r.status == 503
+        preload = asyncio.create_task(sup.preload_default("tiny"))
+        await asyncio.wait_for(sup.wait_until(lambda: sup.snapshot().runners != ()), SAFETY)
+        async with client.get(ready_path) as r:          # loading (0.3 s load)
+            assert r.status == 503 and (await r.json())["status"] == "loading"
+        await asyncio.wait_for(preload, SAFETY)
+        async with client.get(ready_path) as r:
+            assert r.status == 200 and (await r.json())["status"] == "ready"
+        await sup.begin_shutdown()
+        async with client.get(ready_path) as r:
+            assert r.status == 503 and (await r.json())["status"] == "shutting down"
+        async with client.get(live_path) as r:
+            assert r.status == 200
+    finally:
+        await client.close()
+        await asyncio.wait_for(sup.close(), SAFETY)
