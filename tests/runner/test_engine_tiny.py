@@ -242,3 +242,19 @@ async def test_greedy_takes_argmax_with_llama_greedy_tokens(engine, monkeypatch)
     slow = await run()
     assert len(calls) == 3 * 25
     assert fast == slow
+
+
+async def test_health_reports_kv_cells_of_running_sequences(engine):
+    async with serve(engine) as (client, _):
+        prompt = (await (await client.post("/tokenize", json={"content": "count the cells",
+                                                              "add_special": True})).json())
+        resp = await client.post("/completion", json={"prompt": "count the cells",
+                                                      "options": {**GREEDY, "num_predict": 200}})
+        await resp.content.readline()                 # decoding: prompt + >= 1 token in KV
+        health = await (await client.get("/health")).json()
+        assert health["kv_total"] == engine.n_ctx == 4 * 256
+        assert len(prompt["tokens"]) <= health["kv_used"] <= len(prompt["tokens"]) + 200
+        resp.close()
+        await wait_until(lambda: engine.busy() == 0)
+        # The finished slot keeps its tokens as prompt cache: not counted as used.
+        assert (await (await client.get("/health")).json())["kv_used"] == 0
