@@ -334,13 +334,15 @@ def capabilities(info: GGUFInfo | None, *, template: str | None = None,
             caps.append("tools")
         if "suffix" in names:
             caps.append("insert")
-        if "thinking" in names or "think" in names:
+        if all(_go_think_tags(template)):
             caps.append("thinking")
     elif info is not None and info.chat_template:
+        from corral.daemon.templates import jinja_think_tags
+
         jt = info.chat_template
         if "tools" in jt or "tool_call" in jt:
             caps.append("tools")
-        if "<think>" in jt and "</think>" in jt:
+        if all(jinja_think_tags(jt)):
             caps.append("thinking")
     if has_projector or (info is not None and info.has_vision):
         caps.append("vision")
@@ -349,6 +351,17 @@ def capabilities(info: GGUFInfo | None, *, template: str | None = None,
             caps.append(cap)
     order = ["completion", "tools", "insert", "vision", "embedding", "thinking"]
     return sorted(caps, key=lambda c: order.index(c) if c in order else len(order))
+
+
+def _go_think_tags(template: str) -> tuple[str, str]:
+    """The thinking tags Ollama's ``InferTags`` finds in a Go template ("" when it cannot
+    parse): a model thinks when the template writes a message's thinking between two tags."""
+    from corral.daemon.templates import TemplateError, go_template
+
+    try:
+        return go_template(template).think_tags()
+    except TemplateError:
+        return "", ""
 
 
 def _template_vars(template: str) -> frozenset[str]:

@@ -838,6 +838,62 @@ def _tool_call_tag(nodes: list[Any]) -> str:
     return tag or "{"
 
 
+def _think_tags(nodes: list[Any]) -> tuple[str, str]:
+    """The tags a Go template writes around a message's thinking (Ollama's ``InferTags``): for
+    each ``.Thinking`` field used inside a ``range`` over ``.Messages``, the list (template body
+    or branch body) that most closely holds it gives the opening tag (its first node, if text)
+    and the closing tag (its last node, if text), whitespace trimmed; later uses overwrite
+    earlier ones. ``("", "")`` when the template never writes a message's thinking."""
+    tags = ["", ""]
+
+    def uses(p: _Pipe, name: str) -> bool:
+        return any(isinstance(a, _Field) and a.idents[:1] == (name,)
+                   for c in p.cmds for a in c.args)
+
+    def found(ns: list[Any]) -> None:
+        if ns and isinstance(ns[0], _Text):
+            tags[0] = ns[0].text.strip()
+        if ns and isinstance(ns[-1], _Text):
+            tags[1] = ns[-1].text.strip()
+
+    def walk(ns: list[Any], in_messages: bool) -> None:
+        for n in ns:
+            if isinstance(n, _Action):
+                if in_messages and uses(n.pipe, "Thinking"):
+                    found(ns)
+            elif isinstance(n, _Branch):
+                inner = uses(n.pipe, "Messages") if n.kind == "range" else in_messages
+                if in_messages and uses(n.pipe, "Thinking"):
+                    found(ns)                    # a field in the branch's own pipeline
+                walk(n.body, inner)
+                if n.orelse is not None:
+                    walk(n.orelse, inner)
+
+    walk(nodes, False)
+    return tags[0], tags[1]
+
+
+# Reasoning tag pairs a GGUF Jinja chat template can write (Ollama's closed table): a pair
+# counts only when the template text contains both halves; the first such pair wins.
+_JINJA_THINK_TAGS = (("<think>", "</think>"), ("<|channel>", "<channel|>"),
+                     ("<|START_THINKING|>", "<|END_THINKING|>"),
+                     ("<seed:think>", "</seed:think>"))
+
+
+def jinja_think_tags(text: str) -> tuple[str, str]:
+    """The thinking tags of a Jinja chat template: a pair from the table whose both halves it
+    contains, else a pair whose closing tag it splits assistant content at (Qwen/DeepSeek
+    templates strip earlier reasoning with ``content.split('</think>')`` without writing the
+    opening tag), else ``("", "")``."""
+    for open_tag, close_tag in _JINJA_THINK_TAGS:
+        if open_tag in text and close_tag in text:
+            return open_tag, close_tag
+    for open_tag, close_tag in _JINJA_THINK_TAGS:
+        if f"content.split('{close_tag}')" in text or f'content.split("{close_tag}")' in text:
+            return open_tag, close_tag
+    return "", ""
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluator
 # ---------------------------------------------------------------------------------------------
@@ -1254,6 +1310,7 @@ class GoTemplate:
             # Ollama appends {{ .Response }} to templates without one
             self.nodes = [*self.nodes, _Action(_Pipe(0, [], False, [_Cmd([_Field(("Response",))])]))]
         self._tag: str | None = None
+        self._think: tuple[str, str] | None = None
 
     @property
     def uses_messages(self) -> bool:
@@ -1271,6 +1328,12 @@ class GoTemplate:
         if self._tag is None:
             self._tag = _tool_call_tag(self.nodes)
         return self._tag
+
+    def think_tags(self) -> tuple[str, str]:
+        """(opening, closing) thinking tags inferred from the template; ("", "") if none."""
+        if self._think is None:
+            self._think = _think_tags(self.nodes)
+        return self._think
 
     def execute(self, data: dict[str, Any], nodes: list[Any] | None = None) -> str:
         """Execute with ``data`` as dot (``missingkey=zero``: absent keys are nil)."""
@@ -1355,6 +1418,9 @@ class JinjaTemplate:
         except jinja2.TemplateSyntaxError as e:
             raise TemplateError(f"chat template: line {e.lineno}: {e.message}") from None
         self.supports_tools = "tools" in text
+
+    def think_tags(self) -> tuple[str, str]:
+        return jinja_think_tags(self.text)
 
     def tool_call_tag(self) -> str:
         m = re.search(r"<tool_call>|\[TOOL_CALLS\]|<\|python_tag\|>", self.text)

@@ -18,6 +18,7 @@ from corral.runner.protocol import (
     CompletionRequest,
     EmbedResponse,
     MemoryUse,
+    TokenLogprob,
 )
 
 CompletionEvent = CompletionChunk | CompletionDone | CompletionError
@@ -73,6 +74,27 @@ class EngineLike(Protocol):
     def kv_used(self) -> int: ...
     def cancel_all(self, reason: str) -> None: ...
     def close(self) -> None: ...
+
+
+def take_logprobs(pending: list[TokenLogprob]) -> list[TokenLogprob] | None:
+    """The pending logprob entries (None when there are none), leaving ``pending`` empty."""
+    if not pending:
+        return None
+    out = list(pending)
+    pending.clear()
+    return out
+
+
+def past_thinking(text: str, open_tag: str, close_tag: str) -> bool:
+    """Whether generated ``text`` is past the model's thinking (``CompletionRequest.format_after``):
+    it contains the closing tag, or (the opening tag not already in the prompt, i.e.
+    ``open_tag`` given) it has started with something that cannot become the opening tag."""
+    if close_tag and close_tag in text:
+        return True
+    if not open_tag:
+        return False
+    t = text.lstrip()
+    return bool(t) and not t.startswith(open_tag) and not open_tag.startswith(t)
 
 
 class TextStream:

@@ -19,8 +19,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from corral.runner.common import BadRequest, Emit, Job, LoadError, TextStream
+from corral.runner.common import BadRequest, Emit, Job, LoadError, TextStream, past_thinking, take_logprobs
 from corral.runner.protocol import (
+    MAX_TOP_LOGPROBS,
     CompletionChunk,
     CompletionDone,
     CompletionError,
@@ -29,6 +30,8 @@ from corral.runner.protocol import (
     FakeKnobs,
     LaunchSpec,
     MemoryUse,
+    TokenLogprob,
+    TopLogprob,
 )
 
 WORDS = ["the", " quick", " brown", " fox", " jumps", " over", " lazy", " dog", ".", " A", " bird", " sings", ","]
@@ -50,6 +53,12 @@ class _Seq:
         self.started = time.perf_counter_ns()
         self.first_token_at = 0
         self.done = False
+        fmt = job.request.format is not None
+        self.grammar_wait = job.request.format_after if fmt else None
+        self.json = fmt and self.grammar_wait is None  # the "grammar" (JSON_WORDS) applies
+        self.generated = ""
+        self.n_json = 0
+        self.logprobs: list[TokenLogprob] = []
 
 
 class FakeEngine:
@@ -105,6 +114,8 @@ class FakeEngine:
             prompt += self.tokenize(request.prompt, request.add_special, True)
         if not prompt:
             raise BadRequest("empty prompt")
+        if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise BadRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
         if len(prompt) >= self.n_ctx_per_slot and not request.truncate:
             raise BadRequest("the input length exceeds the context length")
         job = Job(request, emit)
@@ -178,16 +189,24 @@ class FakeEngine:
             return
         generated = len(seq.tokens) - seq.n_prompt
         if generated < seq.limit and not seq.text.stopped:
-            if job.request.format is not None:
-                tok = _BASE + len(WORDS) + generated % len(JSON_WORDS)
+            if seq.json:
+                tok = _BASE + len(WORDS) + seq.n_json % len(JSON_WORDS)
+                seq.n_json += 1
             else:
                 tok = _BASE + seq.rng.randrange(len(WORDS))
             seq.tokens.append(tok)
             if not seq.first_token_at:
                 seq.first_token_at = time.perf_counter_ns()
-            out = seq.text.feed(self._piece(tok))
+            piece = self._piece(tok)
+            if job.request.logprobs:
+                seq.logprobs.append(self._logprob(tok, seq.json, job.request.top_logprobs))
+            if seq.grammar_wait is not None:
+                seq.generated += piece.decode()
+                if past_thinking(seq.generated, *seq.grammar_wait):
+                    seq.grammar_wait, seq.json = None, True
+            out = seq.text.feed(piece)
             if out and job.request.stream:
-                job.emit(CompletionChunk(content=out))
+                job.emit(CompletionChunk(content=out, logprobs=take_logprobs(seq.logprobs)))
             self._emitted += 1
             if self.knobs.crash_after_tokens is not None and self._emitted >= self.knobs.crash_after_tokens:
                 os._exit(1)
@@ -195,7 +214,7 @@ class FakeEngine:
                 return
         tail = seq.text.finish()
         if tail and job.request.stream:
-            job.emit(CompletionChunk(content=tail))
+            job.emit(CompletionChunk(content=tail, logprobs=take_logprobs(seq.logprobs)))
         now = time.perf_counter_ns()
         first = seq.first_token_at or now
         n_gen = len(seq.tokens) - seq.n_prompt
@@ -211,8 +230,19 @@ class FakeEngine:
                 eval_count=n_gen,
                 eval_duration=max(1, now - first),
                 tokens=seq.tokens,
+                logprobs=take_logprobs(seq.logprobs),
             )
         )
+
+    def _logprob(self, tok: int, json_mode: bool, top: int) -> TokenLogprob:
+        """The fake's true distribution: JSON_WORDS are certain, WORDS are drawn uniformly."""
+        if json_mode:
+            cands, lp = [tok], 0.0
+        else:
+            cands, lp = [_BASE + i for i in range(len(WORDS))], -math.log(len(WORDS))
+        alts = [TopLogprob(token=self._piece(t).decode(), logprob=lp, bytes=list(self._piece(t))) for t in cands[:top]]
+        piece = self._piece(tok)
+        return TokenLogprob(token=piece.decode(), logprob=lp, bytes=list(piece), top_logprobs=alts)
 
     # -- tokens and embeddings -----------------------------------------------------------------
 

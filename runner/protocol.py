@@ -207,6 +207,29 @@ class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 Format = Literal["json"] | dict[str, Any] | None
 
 
+MAX_TOP_LOGPROBS = 20
+
+
+class TopLogprob(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One candidate token: its text (the token's bytes decoded, U+FFFD for a partial UTF-8
+    character), natural-log probability and raw bytes."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A generated token's log probability under the model's distribution at that step
+    (log-softmax of the logits, before temperature/top-k/top-p), with the ``top_logprobs`` most
+    likely tokens of that distribution (empty unless asked for)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = msgspec.field(default_factory=list)
+
+
 class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True):
     """Exactly one of ``prompt`` (text; special tokens are parsed) and ``tokens`` is used; when both
     are given, ``tokens`` come first and ``prompt`` is tokenized and appended (generate's context)."""
@@ -215,14 +238,24 @@ class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True):
     tokens: list[int] | None = None
     options: SamplingOptions = msgspec.field(default_factory=SamplingOptions)
     format: Format = None  # "json" or a JSON schema: output constrained by a llama.cpp grammar
+    # (opening, closing) thinking tags: the format grammar applies only once the model is past
+    # its thinking, i.e. the generated text contains the closing tag, or (opening tag not "")
+    # the text has started with something that is not the opening tag. None: from the start.
+    format_after: tuple[str, str] | None = None
+    logprobs: bool = False  # each generated token's log probability in the chunks / done record
+    top_logprobs: int = 0  # 0..MAX_TOP_LOGPROBS most likely alternatives per token (with logprobs)
     stream: bool = True
     add_special: bool = True  # add BOS etc. when tokenizing `prompt` (ignored for `tokens`)
     shift: bool | None = None  # None: the LaunchSpec's setting
     truncate: bool = True  # a prompt longer than the slot keeps num_keep + the tail; else 400
 
 
-class CompletionChunk(msgspec.Struct, frozen=True, kw_only=True, tag="chunk", tag_field="type"):
+class CompletionChunk(msgspec.Struct, frozen=True, kw_only=True, tag="chunk", tag_field="type",
+                      omit_defaults=True):
     content: str  # whole UTF-8 characters only
+    # with logprobs: the tokens sampled since the previous chunk (their text may still be held
+    # back, e.g. as a possible stop string; a token is never reported twice)
+    logprobs: list[TokenLogprob] | None = None
 
 
 class CompletionDone(msgspec.Struct, frozen=True, kw_only=True, tag="done", tag_field="type"):
@@ -234,6 +267,8 @@ class CompletionDone(msgspec.Struct, frozen=True, kw_only=True, tag="done", tag_
     eval_duration: int = 0  # ns
     tokens: list[int] = msgspec.field(default_factory=list)  # prompt + generated (generate's context)
     truncated: bool = False  # the prompt was truncated to fit the slot
+    # with logprobs: the tokens not yet reported in a chunk (all of them when stream=false)
+    logprobs: list[TokenLogprob] | None = None
 
 
 class CompletionError(msgspec.Struct, frozen=True, kw_only=True, tag="error", tag_field="type"):

@@ -176,44 +176,82 @@ async def runner_json(lease: Any, path: str, body: msgspec.Struct, kind: type[An
 # ---- output processing ---------------------------------------------------------------------------
 
 class ThinkingSplitter:
-    """Splits ``<think>…</think>`` at the start of the output into thinking text (streaming-safe:
-    a tag split across chunks is held back until it is complete)."""
+    """Splits model output into thinking and content at the template's thinking tags (Ollama's
+    ``thinking.Parser`` states). Streaming-safe: text that may be the start of a tag split
+    across chunks is held back until it is decided, and the whitespace after either tag is
+    dropped also when it arrives in later chunks.
+
+    States: ``looking`` (output so far is blank or a prefix of the opening tag), ``opened``
+    (opening tag seen, only whitespace since), ``thinking``, ``closed`` (closing tag seen, only
+    whitespace since), ``done`` (everything from here is content). When the prompt itself ends
+    with the opening tag (most thinking templates), :meth:`add` is fed that tag first, so the
+    model's output starts in ``opened``."""
 
     def __init__(self, open_tag: str = "<think>", close_tag: str = "</think>") -> None:
         self.open, self.close = open_tag, close_tag
-        self.state = "start"
+        self.state = "looking"
         self.buf = ""
 
+    @property
+    def thinking_over(self) -> bool:
+        return self.state in ("closed", "done")
+
     def add(self, s: str) -> tuple[str, str]:
-        """-> (thinking, content) for this chunk."""
+        """-> (thinking, content) released by this chunk."""
         self.buf += s
-        thinking = content = ""
-        if self.state == "start":
-            stripped = self.buf.lstrip()
-            if self.open.startswith(stripped):
-                return "", ""                         # maybe the tag, wait for more
-            if stripped.startswith(self.open):
-                self.buf = stripped[len(self.open):].lstrip()
+        thinking: list[str] = []
+        content: list[str] = []
+        while True:
+            if self.state == "looking":
+                t = self.buf.lstrip()
+                if t.startswith(self.open):
+                    self.buf = t[len(self.open):]
+                    self.state = "opened"
+                    continue
+                if self.open.startswith(t):         # blank, or maybe the tag: wait for more
+                    break
+                content.append(self.buf)
+                self.buf, self.state = "", "done"
+            elif self.state == "opened":
+                t = self.buf.lstrip()
+                self.buf = t
+                if not t:
+                    break
                 self.state = "thinking"
-            else:
-                self.state = "content"
-        if self.state == "thinking":
-            i = self.buf.find(self.close)
-            if i >= 0:
-                thinking, rest = self.buf[:i], self.buf[i + len(self.close):]
-                self.buf, self.state = rest.lstrip(), "content"
-            else:
+                continue
+            elif self.state == "thinking":
+                i = self.buf.find(self.close)
+                if i >= 0:
+                    thinking.append(self.buf[:i])
+                    rest = self.buf[i + len(self.close):].lstrip()
+                    self.buf = ""
+                    self.state = "done" if rest else "closed"
+                    content.append(rest)
+                    break
                 keep = next((k for k in range(min(len(self.close) - 1, len(self.buf)), 0, -1)
                              if self.buf.endswith(self.close[:k])), 0)
-                thinking, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
-                return thinking, ""
-        if self.state == "content":
-            content, self.buf = self.buf, ""
-        return thinking, content
+                thinking.append(self.buf[:len(self.buf) - keep])
+                self.buf = self.buf[len(self.buf) - keep:]
+            elif self.state == "closed":
+                t, self.buf = self.buf.lstrip(), ""
+                if t:
+                    content.append(t)
+                    self.state = "done"
+            else:
+                content.append(self.buf)
+                self.buf = ""
+            break
+        return "".join(thinking), "".join(content)
 
     def flush(self) -> tuple[str, str]:
+        """What is held back at the end of the output: a partial closing tag is thinking, a
+        partial opening tag is content, whitespace after a tag is dropped."""
         buf, self.buf = self.buf, ""
-        return (buf, "") if self.state == "thinking" else ("", buf)
+        if self.state == "thinking":
+            return buf, ""
+        if self.state == "looking":
+            return "", buf
+        return "", ""
 
 
 _ID_CHARS = string.ascii_lowercase + string.digits
@@ -229,6 +267,10 @@ class Delta:
     thinking: str = ""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     more: bool = False  # another event follows at once: its frame may go out with the next one
+    logprobs: list[protocol.TokenLogprob] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.content or self.thinking or self.tool_calls or self.logprobs)
 
 
 @dataclass(slots=True)
@@ -288,21 +330,25 @@ class Job:
         return now
 
     async def events(self) -> AsyncIterator[Delta | Done]:
+        """The deltas of the output (thinking split off, tool calls parsed, each token's
+        logprobs with the delta of the runner chunk that reported it), then one Done."""
         assert self.body is not None
         last = 0.0
         async with contextlib.aclosing(runner_lines(self.lease, self.body)) as lines:
             async for ev, more in lines:
                 final = isinstance(ev, protocol.CompletionDone)
                 text = ev.content  # a chunk's text, or the whole text if the runner didn't stream
-                if text:
-                    d = self._process(text)
+                d = self._process(text) if text else Delta()
+                if ev.logprobs:
+                    d.logprobs = ev.logprobs
+                if d:
                     if d.content or d.thinking or d.tool_calls:
                         last = self._sent(last)
-                        d.more = more or final
-                        yield d
+                    d.more = more or final
+                    yield d
                 if final:
                     d = self._flush()
-                    if d.content or d.thinking or d.tool_calls:
+                    if d:
                         last = self._sent(last)
                         d.more = True
                         yield d
@@ -415,6 +461,38 @@ def sampling(options: dict[str, Any]) -> protocol.SamplingOptions:
         raise ApiError(500, f"invalid options: {e}") from None
 
 
+def resolve_think(model: Model, think: tuple[bool, str, bool], name: str, *,
+                  relaxed: bool = False) -> tuple[bool, str, bool]:
+    """The request's ``think`` against the model (Ollama 0.33): a thinking-capable model thinks
+    when ``think`` is unset (it becomes set: templates see ``IsThinkSet``); asking a model
+    without the capability to think is a 400, or (``relaxed``, the Anthropic route, whose
+    clients send ``thinking`` to any model) quietly off."""
+    if "thinking" in model.capabilities:
+        return think if think[2] else (True, "", True)
+    if think[0]:
+        if relaxed:
+            return False, "", False
+        raise ApiError(400, f'"{name}" does not support thinking')
+    return think
+
+
+@dataclass(frozen=True, slots=True)
+class Logprobs:
+    """What a request asked for: ``enabled`` (``logprobs``) and ``top`` alternatives (0..20)."""
+
+    enabled: bool = False
+    top: int = 0
+
+
+def check_logprobs(enabled: Any, top: Any) -> Logprobs:
+    """``logprobs``/``top_logprobs`` as Ollama checks them: top outside 0..20 is a 400."""
+    top = top or 0
+    if not isinstance(top, int) or isinstance(top, bool) or not \
+            0 <= top <= protocol.MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"top_logprobs must be between 0 and {protocol.MAX_TOP_LOGPROBS}")
+    return Logprobs(bool(enabled), top)
+
+
 @contextlib.asynccontextmanager
 async def completion_job(app: web.Application, model: Model, *, options: dict[str, Any],
                          keep_alive: float | None, started: float, prompt: str | None,
@@ -422,26 +500,41 @@ async def completion_job(app: web.Application, model: Model, *, options: dict[st
                          thinking: bool = False, tools: Sequence[dict] | None = None,
                          renderer: templates.Renderer | None = None, shift: bool | None = None,
                          truncate: bool | None = None, history: ChatHistory | None = None,
+                         logprobs: Logprobs = Logprobs(),
                          ) -> AsyncIterator[Job]:
     """Acquire a slot for ``model`` and yield the :class:`Job` (load-only when ``prompt`` is
     None). With ``history`` (a chat whose rendering is ``prompt``) and ``truncate`` not False,
     the oldest messages are dropped until the prompt fits the runner's slot. Releases the lease
-    on exit, exactly once."""
+    on exit, exactly once.
+
+    ``thinking`` (the resolved think value) splits the output at the tags inferred from the
+    model's template (none inferred: no split, as Ollama); a prompt ending with the opening tag
+    means the output starts inside the thinking. A ``fmt`` grammar then applies only after the
+    thinking (``format_after``)."""
     body = None
+    tags = model.renderer().think_tags() if thinking else ("", "")
+    splitter = ThinkingSplitter(*tags) if all(tags) else None
     if prompt is not None:
         body = protocol.CompletionRequest(
             prompt=prompt, tokens=context or None, options=sampling(options), format=fmt,
-            stream=stream, shift=shift, truncate=True if truncate is None else truncate)
+            stream=stream, shift=shift, truncate=True if truncate is None else truncate,
+            logprobs=logprobs.enabled, top_logprobs=logprobs.top if logprobs.enabled else 0)
     lease = await app[SUPERVISOR].acquire(model.record, options, keep_alive, kind="completion")
     async with lease:
         if body is not None and history is not None and body.truncate:
             fitted = await history.fit(lease)
             if fitted is not body.prompt:
                 body = msgspec.structs.replace(body, prompt=fitted)
+        if splitter is not None and body is not None:
+            opened = (body.prompt or "").rstrip().endswith(tags[0])
+            if opened:
+                splitter.add(tags[0])
+            if fmt is not None:
+                body = msgspec.structs.replace(
+                    body, format_after=("" if opened else tags[0], tags[1]))
         job = Job(model, lease, started, int((time.monotonic() - started) * 1e9), body,
                   series=app[METRICS].model(model.record.name))
-        if thinking:
-            job.thinking = ThinkingSplitter()
+        job.thinking = splitter
         if tools and renderer is not None and renderer.supports_tools:
             job.tools = templates.ToolCallParser(renderer.tool_call_tag(), tools)
         yield job
@@ -546,10 +639,27 @@ def generate_prompt(model: Model, prompt: str, *, suffix: str = "", system: str 
     return render(renderer, messages, None, prompt=prompt, suffix=suffix, think=think)
 
 
+def warn_ignored(model: str, keys: Sequence[str]) -> None:
+    """One warning per request naming what it asked for that has no effect here."""
+    if keys:
+        log.warning("api.options_ignored", model=model, ignored=list(keys))
+
+
+def _logprob_dicts(entries: Sequence[protocol.TokenLogprob]) -> list[dict[str, Any]]:
+    """Ollama's logprob items: ``bytes`` and ``top_logprobs`` left out when empty."""
+    return [msgspec.to_builtins(e) for e in entries]
+
+
+def debug_info(prompt: str) -> dict[str, Any]:
+    """``_debug_info`` of a ``_debug_render_only`` answer (images are not counted yet)."""
+    return {"rendered_template": prompt, "image_count": 0}
+
+
 async def generate(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
     app = request.app
     req, keep_alive = await read_request(request, opts.GenerateRequest, _NOT_FOUND)
+    logprobs = check_logprobs(req.logprobs, req.top_logprobs)
     fmt = opts.parse_format(req.format)
     think = opts.parse_think(req.think)
     if req.raw and (req.template or req.system or req.context):
@@ -564,36 +674,44 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if "completion" not in model.capabilities:
         raise ApiError(400, f'"{req.model}" does not support generate')
     _require(model, (["insert"] if req.suffix else []) + (["vision"] if images else []))
-    if think[0] and "thinking" not in model.capabilities:
-        raise ApiError(400, f'"{req.model}" does not support thinking')
+    think = resolve_think(model, think, req.model)
     if images:
         raise ApiError(400, "image input is not supported by this server yet")
     options = opts.merge_options(model.record.parameters, req.options)
+    warn_ignored(req.model, opts.ignored_options(req.options))
 
     prompt = generate_prompt(model, req.prompt, suffix=req.suffix, system=req.system,
                              template=req.template, raw=req.raw, context=req.context, think=think)
+    if req.debug_render_only:
+        return json_response({"model": req.model, "created_at": now_rfc3339(), "response": "",
+                              "done": False, "_debug_info": debug_info(prompt or "")})
     stream = _stream_flag(req.stream)
     async with completion_job(app, model, options=options, keep_alive=keep_alive,
                               started=started, prompt=prompt, context=req.context, fmt=fmt,
                               stream=stream, thinking=think[0], shift=req.shift,
-                              truncate=req.truncate) as job:
+                              truncate=req.truncate, logprobs=logprobs) as job:
         if prompt is None:
             return json_response({"model": req.model, "created_at": now_rfc3339(),
                                   "response": "", "done": True, "done_reason": "load"})
         head = b'{"model":' + _enc.encode(req.model) + b',"created_at":"'
         parts: list[str] = []
         thoughts: list[str] = []
+        probs: list[protocol.TokenLogprob] = []
 
         def chunk_line(d: Delta) -> bytes:
             line = head + now_rfc3339().encode() + b'","response":' + _enc.encode(d.content)
             if d.thinking:
                 line += b',"thinking":' + _enc.encode(d.thinking)
-            return line + b',"done":false}'
+            line += b',"done":false'
+            if d.logprobs:
+                line += b',"logprobs":' + _enc.encode(d.logprobs)
+            return line + b"}"
 
         def collect(d: Delta) -> None:
             parts.append(d.content)
             if d.thinking:
                 thoughts.append(d.thinking)
+            probs.extend(d.logprobs)
 
         def final_obj(done: Done, streamed: bool = False) -> dict[str, Any]:
             obj: dict[str, Any] = {"model": req.model, "created_at": now_rfc3339(),
@@ -605,6 +723,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
             if not req.raw:
                 obj["context"] = done.tokens
             obj.update(_metrics(done))
+            if probs and not streamed:
+                obj["logprobs"] = _logprob_dicts(probs)
             return obj
 
         return await _drive(request, job, stream, chunk_line, final_obj, collect)
@@ -632,8 +752,12 @@ async def start_chat(app: web.Application, *, model_name: str, messages: list[di
                      tools: list[dict] | None, options: dict[str, Any] | None, fmt: Any,
                      keep_alive: float | None, think: tuple[bool, str, bool], stream: bool,
                      started: float, shift: bool | None = None, truncate: bool | None = None,
+                     logprobs: Logprobs = Logprobs(), debug_render_only: bool = False,
+                     relaxed_think: bool = False, ignored: Sequence[str] = (),
                      ) -> contextlib.AbstractAsyncContextManager[Job] | dict[str, Any]:
-    """Validate and resolve a chat; returns the unload reply (a dict) or the job context."""
+    """Validate and resolve a chat; returns the unload or ``_debug_render_only`` reply (a
+    dict) or the job context. ``ignored``: request fields the caller's route does not honour,
+    warned about with the ignored options."""
     model = await resolve(app, model_name, style="quoted")
     if not messages and keep_alive == 0:
         await app[SUPERVISOR].unload(model.record)
@@ -644,27 +768,33 @@ async def start_chat(app: web.Application, *, model_name: str, messages: list[di
         raise ApiError(400, f'"{model_name}" does not support chat')
     _require(model, (["tools"] if tools else [])
              + (["vision"] if any(m.get("images") for m in messages) else []))
-    if think[0] and "thinking" not in model.capabilities:
-        raise ApiError(400, f'"{model_name}" does not support thinking')
+    think = resolve_think(model, think, model_name, relaxed=relaxed_think)
     if any(m.get("images") for m in messages):
         for m in messages:
             opts.check_images(m.get("images"))
         raise ApiError(400, "image input is not supported by this server yet")
     merged = opts.merge_options(model.record.parameters, options)
+    warn_ignored(model_name, [*ignored, *opts.ignored_options(options)])
     prompt = history = None
     renderer = model.renderer()
     if messages:
         msgs = chat_messages(model, messages)
         prompt = render(renderer, msgs, tools, think=think)
         history = ChatHistory(renderer, msgs, tools, think, prompt)
+    if debug_render_only:
+        return {"model": model_name, "created_at": now_rfc3339(),
+                "message": {"role": "", "content": ""}, "done": False,
+                "_debug_info": debug_info(prompt or "")}
     return completion_job(app, model, options=merged, keep_alive=keep_alive, started=started,
                           prompt=prompt, fmt=fmt, stream=stream, thinking=think[0], tools=tools,
-                          renderer=renderer, shift=shift, truncate=truncate, history=history)
+                          renderer=renderer, shift=shift, truncate=truncate, history=history,
+                          logprobs=logprobs)
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
     req, keep_alive = await read_request(request, opts.ChatRequest, _REQUIRED)
+    logprobs = check_logprobs(req.logprobs, req.top_logprobs)
     fmt = opts.parse_format(req.format)
     think = opts.parse_think(req.think)
     messages = [_message_dict(m) for m in req.messages or []]
@@ -672,7 +802,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     started_job = await start_chat(request.app, model_name=req.model, messages=messages,
                                    tools=req.tools or None, options=req.options, fmt=fmt,
                                    keep_alive=keep_alive, think=think, stream=stream,
-                                   started=started, shift=req.shift, truncate=req.truncate)
+                                   started=started, shift=req.shift, truncate=req.truncate,
+                                   logprobs=logprobs, debug_render_only=req.debug_render_only)
     if isinstance(started_job, dict):
         return json_response(started_job)
     async with started_job as job:
@@ -684,6 +815,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         parts: list[str] = []
         thoughts: list[str] = []
         calls: list[dict] = []
+        probs: list[protocol.TokenLogprob] = []
 
         def message(d: Delta) -> dict[str, Any]:
             msg: dict[str, Any] = {"role": "assistant", "content": d.content}
@@ -694,18 +826,25 @@ async def chat(request: web.Request) -> web.StreamResponse:
             return msg
 
         def chunk_line(d: Delta) -> bytes:
-            return (head + now_rfc3339().encode() + b'","message":' + _enc.encode(message(d))
-                    + b',"done":false}')
+            line = (head + now_rfc3339().encode() + b'","message":' + _enc.encode(message(d))
+                    + b',"done":false')
+            if d.logprobs:
+                line += b',"logprobs":' + _enc.encode(d.logprobs)
+            return line + b"}"
 
         def collect(d: Delta) -> None:
             parts.append(d.content)
             thoughts.append(d.thinking)
             calls.extend(d.tool_calls)
+            probs.extend(d.logprobs)
 
         def final_obj(done: Done, streamed: bool = False) -> dict[str, Any]:
             d = Delta() if streamed else Delta("".join(parts), "".join(thoughts), calls)
-            return {"model": req.model, "created_at": now_rfc3339(), "message": message(d),
-                    "done": True, "done_reason": done.done_reason, **_metrics(done)}
+            obj = {"model": req.model, "created_at": now_rfc3339(), "message": message(d),
+                   "done": True, "done_reason": done.done_reason}
+            if probs and not streamed:
+                obj["logprobs"] = _logprob_dicts(probs)
+            return {**obj, **_metrics(done)}
 
         return await _drive(request, job, stream, chunk_line, final_obj, collect)
 

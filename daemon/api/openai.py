@@ -103,11 +103,34 @@ class ChatCompletionRequest(_Sampling):
     tools: list[opts.Tool] | None = None
     reasoning_effort: str | None = None
     reasoning: _Reasoning | None = None
+    logprobs: bool | None = None
+    top_logprobs: opts.Int64 | None = None
+    n: opts.Int64 | None = None
+    debug_render_only: bool = msgspec.field(default=False, name="_debug_render_only")
 
 
 class CompletionRequest(_Sampling):
     prompt: Any = ""
     suffix: str | None = None
+    logprobs: opts.Int64 | None = None   # legacy API: the number of alternatives (0..20)
+    n: opts.Int64 | None = None
+
+
+# Request fields of the OpenAI APIs that are accepted and have no effect here; a request that
+# sets one gets them named in one warning (``n`` > 1 is refused instead: see _check_n).
+_IGNORED_FIELDS = ("tool_choice", "logit_bias", "parallel_tool_calls", "user", "service_tier",
+                   "best_of", "echo", "prediction", "store", "metadata", "modalities", "audio")
+
+
+def _ignored(body: dict[str, Any]) -> list[str]:
+    return [k for k in _IGNORED_FIELDS if body.get(k) is not None]
+
+
+def _check_n(body: dict[str, Any]) -> None:
+    """One choice per request: ``n`` > 1 would silently get one, so it is a 400."""
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise ApiError(400, f"n must be 1 (this server returns one choice per request), got {n}")
 
 
 class EmbeddingRequest(msgspec.Struct):
@@ -297,9 +320,9 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 
 
 async def _stream(request: web.Request, job: core.Job, chunk: Callable[[dict], bytes],
-                  delta_of: Callable[[core.Delta], dict | None],
+                  choice_of: Callable[[core.Delta], dict | None],
                   finish: Callable[[core.Done], list[bytes]]) -> web.StreamResponse:
-    """``data: <json>`` events, then ``data: [DONE]``."""
+    """``data: <json>`` events (``chunk`` of each delta's choice), then ``data: [DONE]``."""
     out = LazyStream(request, _SSE_HEADERS, prefix=b"data: ", suffix=b"\n\n")
     try:
         async for ev in job.events():
@@ -307,9 +330,9 @@ async def _stream(request: web.Request, job: core.Job, chunk: Callable[[dict], b
                 for payload in finish(ev):
                     await out.write(payload)
                 break
-            d = delta_of(ev)
-            if d is not None:
-                await out.write(chunk(d), hold=ev.more)
+            c = choice_of(ev)
+            if c is not None:
+                await out.write(chunk(c), hold=ev.more)
             if out.gone:
                 break
     except ApiError as e:
@@ -325,19 +348,23 @@ async def _stream(request: web.Request, job: core.Job, chunk: Callable[[dict], b
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
     body, model_name = await _read(request, ChatCompletionRequest, (400, "model is required"))
+    _check_n(body)
+    logprobs = core.check_logprobs(body.get("logprobs"), body.get("top_logprobs"))
     messages = chat_messages(body.get("messages"))
     stream, include_usage = _streaming(body)
     tools = body.get("tools") or None
     started_job = await core.start_chat(
         request.app, model_name=model_name, messages=messages, tools=tools,
         options=_options(body), fmt=_format(body.get("response_format")), keep_alive=None,
-        think=_think(body), stream=stream, started=started)
-    assert not isinstance(started_job, dict)  # messages are never empty here
+        think=_think(body), stream=stream, started=started, logprobs=logprobs,
+        debug_render_only=body.get("_debug_render_only") is True, ignored=_ignored(body))
+    if isinstance(started_job, dict):          # _debug_render_only (messages are never empty)
+        return json_response(started_job)
     cid = _completion_id("chatcmpl")
     created = int(time.time())
     async with started_job as job:
         if not stream:
-            parts, thoughts, calls = [], [], []
+            parts, thoughts, calls, probs = [], [], [], []
             async for ev in job.events():
                 if isinstance(ev, core.Done):
                     msg: dict[str, Any] = {"role": "assistant", "content": "".join(parts)}
@@ -345,27 +372,29 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                         msg["reasoning"] = "".join(thoughts)
                     if calls:
                         msg["tool_calls"] = _tool_calls(calls)
+                    choice: dict[str, Any] = {"index": 0, "message": msg,
+                                              "finish_reason": _finish(ev, bool(calls))}
+                    if logprobs.enabled:
+                        choice["logprobs"] = {"content": chat_logprobs(probs)}
                     return json_response({
                         "id": cid, "object": "chat.completion", "created": created,
                         "model": model_name, "system_fingerprint": FINGERPRINT,
-                        "choices": [{"index": 0, "message": msg,
-                                     "finish_reason": _finish(ev, bool(calls))}],
-                        "usage": _usage(ev)})
+                        "choices": [choice], "usage": _usage(ev)})
                 parts.append(ev.content)
                 if ev.thinking:
                     thoughts.append(ev.thinking)
                 calls.extend(ev.tool_calls)
+                probs.extend(ev.logprobs)
             raise ApiError(500, "runner ended without a final record")
 
         head = {"id": cid, "object": "chat.completion.chunk", "created": created,
                 "model": model_name, "system_fingerprint": FINGERPRINT}
         state = {"first": True, "calls": 0}
 
-        def chunk(delta: dict) -> bytes:
-            return _enc.encode({**head, "choices": [{"index": 0, "delta": delta,
-                                                     "finish_reason": None}]})
+        def chunk(choice: dict) -> bytes:
+            return _enc.encode({**head, "choices": [choice]})
 
-        def delta_of(d: core.Delta) -> dict | None:
+        def choice_of(d: core.Delta) -> dict | None:
             delta: dict[str, Any] = {}
             if state["first"]:
                 delta["role"] = "assistant"
@@ -377,7 +406,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             if d.tool_calls:
                 delta["tool_calls"] = _tool_calls(d.tool_calls, state["calls"])
                 state["calls"] += len(d.tool_calls)
-            return delta
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
+            if d.logprobs:
+                choice["logprobs"] = {"content": chat_logprobs(d.logprobs)}
+            return choice
 
         def finish(done: core.Done) -> list[bytes]:
             out = [_enc.encode({**head, "choices": [{
@@ -386,14 +418,49 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 out.append(_enc.encode({**head, "choices": [], "usage": _usage(done)}))
             return out
 
-        return await _stream(request, job, chunk, delta_of, finish)
+        return await _stream(request, job, chunk, choice_of, finish)
 
 
 # ---- /v1/completions -----------------------------------------------------------------------------
 
+def chat_logprobs(entries: list[Any]) -> list[dict[str, Any]]:
+    """Chat logprob items in OpenAI's shape: ``top_logprobs`` always present (a list)."""
+    out = []
+    for e in entries:
+        item = msgspec.to_builtins(e)
+        item.setdefault("bytes", None)
+        item.setdefault("top_logprobs", [])
+        for alt in item["top_logprobs"]:
+            alt.setdefault("bytes", None)
+        out.append(item)
+    return out
+
+
+class _LegacyLogprobs:
+    """The legacy completions ``logprobs`` object, built chunk by chunk: parallel lists of
+    tokens, their logprobs, ``{token: logprob}`` of the alternatives, and each token's offset
+    in the completion text."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+
+    def of(self, entries: list[Any]) -> dict[str, Any]:
+        tokens, offsets = [], []
+        for e in entries:
+            tokens.append(e.token)
+            offsets.append(self.offset)
+            self.offset += len(e.token)
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{a.token: a.logprob for a in e.top_logprobs} for e in entries],
+                "text_offset": offsets}
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
     body, model_name = await _read(request, CompletionRequest, (404, "model '' not found"))
+    _check_n(body)
+    n_logprobs = body.get("logprobs")
+    logprobs = core.check_logprobs(n_logprobs is not None, n_logprobs)
     prompt = body.get("prompt", "")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -407,32 +474,42 @@ async def completions(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, f'"{model_name}" does not support generate')
     if suffix:
         core._require(model, ["insert"])
-    text = core.generate_prompt(model, prompt, suffix=suffix)
+    think = core.resolve_think(model, (False, "", False), model_name)
+    text = core.generate_prompt(model, prompt, suffix=suffix, think=think)
     merged = opts.merge_options(model.record.parameters, options)
+    core.warn_ignored(model_name, _ignored(body))
     cid = _completion_id("cmpl")
     created = int(time.time())
     head = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
             "system_fingerprint": FINGERPRINT}
+    legacy = _LegacyLogprobs()
     async with core.completion_job(request.app, model, options=merged, keep_alive=None,
                                    started=started, prompt=text if text is not None else "",
-                                   stream=stream) as job:
+                                   stream=stream, thinking=think[0],
+                                   logprobs=logprobs) as job:
         if not stream:
-            parts = []
+            parts, probs = [], []
             async for ev in job.events():
                 if isinstance(ev, core.Done):
-                    return json_response({**head, "choices": [{
-                        "text": "".join(parts), "index": 0,
-                        "finish_reason": _finish(ev, False)}], "usage": _usage(ev)})
+                    choice: dict[str, Any] = {"text": "".join(parts), "index": 0,
+                                              "finish_reason": _finish(ev, False)}
+                    if logprobs.enabled:
+                        choice["logprobs"] = legacy.of(probs)
+                    return json_response({**head, "choices": [choice], "usage": _usage(ev)})
                 parts.append(ev.content)
+                probs.extend(ev.logprobs)
             raise ApiError(500, "runner ended without a final record")
 
         def chunk(c: dict) -> bytes:
             return _enc.encode({**head, "choices": [c]})
 
-        def delta_of(d: core.Delta) -> dict | None:
-            if not d.content:
+        def choice_of(d: core.Delta) -> dict | None:
+            if not d.content and not d.logprobs:
                 return None
-            return {"text": d.content, "index": 0, "finish_reason": None}
+            choice = {"text": d.content, "index": 0, "finish_reason": None}
+            if d.logprobs:
+                choice["logprobs"] = legacy.of(d.logprobs)
+            return choice
 
         def finish(done: core.Done) -> list[bytes]:
             out = [chunk({"text": "", "index": 0, "finish_reason": _finish(done, False)})]
@@ -440,7 +517,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 out.append(_enc.encode({**head, "choices": [], "usage": _usage(done)}))
             return out
 
-        return await _stream(request, job, chunk, delta_of, finish)
+        return await _stream(request, job, chunk, choice_of, finish)
 
 
 # ---- /v1/embeddings ----------------------------------------------------------------------------

@@ -91,6 +91,9 @@ class GenerateRequest(msgspec.Struct):
     think: bool | str | None = None
     truncate: bool | None = None
     shift: bool | None = None
+    logprobs: bool = False
+    top_logprobs: Int64 = 0
+    debug_render_only: bool = msgspec.field(default=False, name="_debug_render_only")
 
 
 class ChatRequest(msgspec.Struct):
@@ -104,6 +107,9 @@ class ChatRequest(msgspec.Struct):
     think: bool | str | None = None
     truncate: bool | None = None
     shift: bool | None = None
+    logprobs: bool = False
+    top_logprobs: Int64 = 0
+    debug_render_only: bool = msgspec.field(default=False, name="_debug_render_only")
 
 
 class EmbedRequest(msgspec.Struct):
@@ -198,6 +204,21 @@ def request_options(options: dict[str, Any] | None) -> dict[str, Any]:
             raise ApiError(400, f'option "{key}" is out of range: {value}')
         out[key] = typed
     return out
+
+
+# Options Ollama knows (current or legacy names clients still send) that corral's runner does
+# not implement: mirostat sampling, tail-free sampling, newline penalty, speculative decoding
+# and the legacy load flags. They are accepted and ignored, and named in a warning.
+UNHONOURED_OPTIONS = frozenset({
+    "mirostat", "mirostat_tau", "mirostat_eta", "tfs_z", "penalize_newline",
+    "draft_num_predict", "low_vram", "f16_kv", "logits_all", "vocab_only", "use_mlock", "numa"})
+
+
+def ignored_options(options: dict[str, Any] | None) -> list[str]:
+    """The keys of a request's ``options`` that will have no effect: unknown to Ollama, or
+    known but not implemented here (:data:`UNHONOURED_OPTIONS`). Sorted."""
+    return sorted(k for k, v in (options or {}).items()
+                  if v is not None and (k not in KNOWN_PARAMS or k in UNHONOURED_OPTIONS))
 
 
 def merge_options(model_params: dict[str, Any] | None, request: dict[str, Any] | None) -> dict[str, Any]:

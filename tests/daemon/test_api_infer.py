@@ -310,7 +310,8 @@ async def test_chat_plain_text_with_tools(env: Env) -> None:
 
 
 async def test_thinking(env: Env) -> None:
-    env.runner.script.chunks = ["<thi", "nk>Let me", " see</th", "ink>\n\nAnswer", "!"]
+    # the template ends the prompt with <think>: a real model continues inside the thinking
+    env.runner.script.chunks = ["Let me", " see</th", "ink>\n\nAnswer", "!"]
     res = await client(env).chat(model="thinker", think=True,
                                  messages=[{"role": "user", "content": "x"}])
     assert res.message.thinking == "Let me see" and res.message.content == "Answer!"

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,9 @@ from corral.runner import protocol
 from tests.daemon.registry_server import make_gguf
 from tests.daemon.test_templates_library import CHATML, TOOLS_CHATML
 
-THINKER = """{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}
+# A thinking template as real ones are written: a message's thinking between <think> tags (the
+# tags Ollama infers), and the prompt opening the thinking when think is on.
+THINKER = """{{- range .Messages }}<|{{ .Role }}|>{{ if .Thinking }}<think>{{ .Thinking }}</think>{{ end }}{{ .Content }}
 {{ end }}<|assistant|>{{ if .Think }}<think>{{ end }}"""
 
 
@@ -45,6 +47,9 @@ class Script:
     embed_status: int = 200
     embed_error: str = ""
     together: bool = False             # all lines in one write (the runner's reader fell behind)
+    # the chunks as a function of the request (a model's answer depends on its prompt);
+    # overrides ``chunks`` when set
+    reply: Callable[[protocol.CompletionRequest], list[str]] | None = None
 
 
 class ScriptedRunner:
@@ -69,25 +74,31 @@ class ScriptedRunner:
         if s.status != 200:
             return web.Response(body=protocol.encode(protocol.ErrorResponse(error=s.status_error)),
                                 status=s.status, content_type="application/json")
+        chunks = s.reply(req) if s.reply is not None else s.chunks
+        probs = [protocol.TokenLogprob(token=c, logprob=-0.5 - i, bytes=list(c.encode()))
+                 for i, c in enumerate(chunks)] if req.logprobs else None
         prompt_tokens = list(req.tokens or []) + list((req.prompt or "").encode())
         done = protocol.CompletionDone(
-            content="" if req.stream else "".join(s.chunks), done_reason=s.done_reason,
+            content="" if req.stream else "".join(chunks), done_reason=s.done_reason,
             prompt_eval_count=len(prompt_tokens), prompt_eval_duration=1000,
-            eval_count=len(s.chunks), eval_duration=2000,
-            tokens=prompt_tokens + list(range(len(s.chunks))))
+            eval_count=len(chunks), eval_duration=2000,
+            tokens=prompt_tokens + list(range(len(chunks))),
+            logprobs=None if req.stream else probs)
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         if s.together and req.stream:
             await resp.write(b"".join(protocol.encode(protocol.CompletionChunk(content=c)) + b"\n"
-                                      for c in s.chunks) + protocol.encode(done) + b"\n")
+                                      for c in chunks) + protocol.encode(done) + b"\n")
             return resp
         if req.stream:
-            for i, c in enumerate(s.chunks):
+            for i, c in enumerate(chunks):
                 if s.error_after is not None and i == s.error_after:
                     await resp.write(msgspec.json.encode(
                         {"type": "error", "error": "runner exploded"}) + b"\n")
                     return resp
-                await resp.write(protocol.encode(protocol.CompletionChunk(content=c)) + b"\n")
+                chunk = protocol.CompletionChunk(content=c, logprobs=probs[i:i + 1] if probs
+                                                 else None)
+                await resp.write(protocol.encode(chunk) + b"\n")
         elif s.error_after is not None:
             await resp.write(msgspec.json.encode({"type": "error", "error": "runner exploded"}) + b"\n")
             return resp

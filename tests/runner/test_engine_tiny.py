@@ -258,3 +258,75 @@ async def test_health_reports_kv_cells_of_running_sequences(engine):
         await wait_until(lambda: engine.busy() == 0)
         # The finished slot keeps its tokens as prompt cache: not counted as used.
         assert (await (await client.get("/health")).json())["kv_used"] == 0
+
+
+def _log_softmax_rows(tiny_gguf, tokens: list[int]):
+    """In-process reference: llama-cpp-python's own Llama evaluates ``tokens`` and returns the
+    log-softmax of every position's logits (float64). Flash attention on, as the engine's
+    "auto" resolves on this CPU build (off, the logits differ by ~5e-3)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(tiny_gguf), n_ctx=256, logits_all=True, verbose=False, n_threads=1, flash_attn=True)
+    try:
+        llm.eval(tokens)
+        x = np.asarray(llm.scores[: len(tokens)], dtype=np.float64)
+    finally:
+        llm.close()
+    peak = x.max(axis=1, keepdims=True)
+    return x - (peak + np.log(np.exp(x - peak).sum(axis=1, keepdims=True)))
+
+
+async def test_logprobs_match_an_in_process_computation(engine, tiny_gguf):
+    """Each generated token's logprob and top-5 alternatives agree within 1e-3 with the
+    log-softmax of the logits llama-cpp-python computes in-process for the same tokens, streamed
+    (entries spread over the chunks) and not."""
+    opts = {"temperature": 0.9, "seed": 7, "num_predict": 10}
+    async with serve(engine) as (client, _):
+        resp = await client.post("/completion", json={"prompt": "the quick", "options": opts,
+                                                      "logprobs": True, "top_logprobs": 5})
+        entries, done = [], None
+        async for raw in resp.content:
+            line = json.loads(raw)
+            entries += line.get("logprobs") or []
+            if line["type"] == "done":
+                done = line
+        resp = await client.post("/completion", json={"prompt": "the quick", "options": opts, "stream": False,
+                                                      "logprobs": True, "top_logprobs": 5})
+        whole = await resp.json()
+        bad = await client.post("/completion", json={"prompt": "x", "logprobs": True, "top_logprobs": 21})
+        assert bad.status == 400 and "top_logprobs must be between 0 and 20" in (await bad.json())["error"]
+    assert done is not None and len(entries) == done["eval_count"] == 10
+    assert whole["tokens"] == done["tokens"]  # same seed, same tokens (the 2nd run hits the prompt cache)
+    assert [e["token"] for e in whole["logprobs"]] == [e["token"] for e in entries]
+    assert [e["logprob"] for e in whole["logprobs"]] == pytest.approx([e["logprob"] for e in entries], abs=1e-3)
+    tokens = done["tokens"]
+    n_prompt = len(tokens) - 10
+    ref = _log_softmax_rows(tiny_gguf, tokens)
+    for k, e in enumerate(entries):
+        pos = n_prompt + k
+        row = ref[pos - 1]                        # the logits that predicted tokens[pos]
+        assert abs(e["logprob"] - row[tokens[pos]]) < 1e-3, (k, e)
+        top = sorted(row, reverse=True)[:5]
+        assert [a["logprob"] for a in e["top_logprobs"]] == pytest.approx(top, abs=1e-3)
+        assert e["logprob"] <= e["top_logprobs"][0]["logprob"] + 1e-9
+        assert bytes(e["bytes"]).decode("utf-8", "replace") == e["token"]
+
+
+async def test_format_after_waits_for_the_thinking_to_end(engine):
+    """With format_after the grammar starts only once the closing tag was generated: the text
+    before it is unconstrained, the text after it is JSON. The tiny model's own greedy output
+    stands in for the thinking: its first characters play the closing tag."""
+    async with serve(engine) as (client, _):
+        free, _ = await complete(client, prompt="hello", options={**GREEDY, "num_predict": 8})
+        text = "".join(free)
+        close = text[:4]
+        assert not close.lstrip().startswith("{")
+        chunks, done = await complete(client, prompt="hello", format="json", format_after=["", close],
+                                      options={**GREEDY, "num_predict": 40})
+        out = "".join(chunks)
+        assert out.startswith(close)
+        rest = out[out.index(close) + len(close):]
+        assert rest.lstrip().startswith("{")            # the grammar took over right after it
+        if done["done_reason"] == "stop":
+            json.loads(rest)
