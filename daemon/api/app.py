@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from corral.daemon.api import metrics, middleware, native_infer, native_models, openai
+from corral.daemon.api import anthropic, metrics, middleware, native_infer, native_models, openai
 from corral.daemon.api.keys import CONFIG, METRICS, STORE, SUPERVISOR
 from corral.daemon.api.middleware_errors import error_middleware
 from corral.daemon.metrics import Metrics
@@ -46,4 +46,5 @@ def make_app(config: Config, store: Store, supervisor: Supervisor, *,
     native_infer.add_routes(app)
     openai.add_routes(app)
     metrics.add_routes(app)
+    anthropic.add_routes(app)
     return app

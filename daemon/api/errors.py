@@ -1,7 +1,8 @@
 """Errors raised by API handlers and turned into HTTP responses by the error middleware.
 
 Native endpoints answer ``{"error": message}``; ``/v1`` endpoints answer OpenAI's shape
-``{"error": {"message", "type", "param", "code"}}``. Raise :class:`ApiError` anywhere below a
+``{"error": {"message", "type", "param", "code"}}``, except ``/v1/messages`` (Anthropic's
+``{"type": "error", "error": {"type", "message"}, "request_id"}``). Raise :class:`ApiError` anywhere below a
 handler; never let another exception escape as a traceback (the middleware maps it to 500).
 """
 
@@ -52,3 +53,22 @@ def native_body(err: ApiError) -> dict:
 def openai_body(err: ApiError) -> dict:
     return {"error": {"message": err.message, "type": openai_error_type(err.status),
                       "param": err.param, "code": err.code}}
+
+
+def anthropic_error_type(status: int) -> str:
+    """Anthropic's ``error.type`` for a status code."""
+    return {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+            404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+            503: "overloaded_error", 529: "overloaded_error"}.get(status, "api_error")
+
+
+def anthropic_error(err: ApiError) -> dict:
+    """The ``error`` object of Anthropic's error body and of its stream ``error`` event."""
+    return {"type": anthropic_error_type(err.status), "message": err.message}
+
+
+def anthropic_body(err: ApiError) -> dict:
+    import secrets
+
+    return {"type": "error", "error": anthropic_error(err),
+            "request_id": "req_" + secrets.token_hex(12)}

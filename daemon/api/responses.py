@@ -71,6 +71,16 @@ class LazyStream:
         """``write`` of ``obj`` as JSON."""
         await self.write(_enc.encode(obj))
 
+    @classmethod
+    def events(cls, request: web.Request) -> LazyStream:
+        """Named server-sent events (:meth:`event`), as the Anthropic and Responses APIs send."""
+        return cls(request, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
+                   suffix=b"")
+
+    async def event(self, name: str, obj: Any) -> None:
+        """One ``event: name`` / ``data: <json>`` server-sent event."""
+        await self.write(b"event: " + name.encode() + b"\ndata: " + _enc.encode(obj) + b"\n\n")
+
     async def finish(self) -> web.StreamResponse:
         """End the stream (held frames go out first); at least one frame must have been written."""
         if self._held and not self.gone:
