@@ -29,9 +29,9 @@ import msgspec
 from aiohttp import web
 
 from corral.daemon.api import native_infer as core
+from corral.daemon.api import openai as oa
 from corral.daemon.api import options as opts
 from corral.daemon.api.errors import ApiError, anthropic_error
-from corral.daemon.api.middleware import LOG_MODEL
 from corral.daemon.api.responses import LazyStream, json_response
 
 # ---- request shapes (checked: a wrong type is a 400 naming the field) --------------------------
@@ -257,13 +257,7 @@ def _tool_block(call: dict[str, Any], with_input: bool = True) -> dict[str, Any]
 
 async def messages(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
-    data = opts.decode_json(await request.read())
-    if not isinstance(data, dict):
-        raise ApiError(400, "invalid request body: expected a JSON object")
-    req = opts.convert(data, MessagesRequest)
-    request[LOG_MODEL] = req.model
-    if not req.model:
-        raise ApiError(400, "model is required")
+    data, req = await oa.read_typed(request, MessagesRequest, (400, "model is required"))
     if req.max_tokens is None or req.max_tokens <= 0:
         raise ApiError(400, "max_tokens is required and must be positive")
     if not req.messages:

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from corral.daemon.api import anthropic, metrics, middleware, native_infer, native_models, openai
+from corral.daemon.api import (anthropic, metrics, middleware, native_infer, native_models,
+                               openai, openai_responses)
 from corral.daemon.api.keys import CONFIG, METRICS, STORE, SUPERVISOR
 from corral.daemon.api.middleware_errors import error_middleware
 from corral.daemon.metrics import Metrics
@@ -47,4 +48,5 @@ def make_app(config: Config, store: Store, supervisor: Supervisor, *,
     openai.add_routes(app)
     metrics.add_routes(app)
     anthropic.add_routes(app)
+    openai_responses.add_routes(app)
     return app

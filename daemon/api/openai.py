@@ -140,28 +140,34 @@ class EmbeddingRequest(msgspec.Struct):
     encoding_format: str | None = None
 
 
-def _body(raw: bytes, schema: type[msgspec.Struct]) -> dict[str, Any]:
-    """The request object (``null`` = ``{}``), checked against ``schema``."""
+def _body(raw: bytes, schema: type[msgspec.Struct]) -> tuple[dict[str, Any], Any]:
+    """The request object (``null`` = ``{}``) and its typed form as ``schema``."""
     data = opts.decode_json(raw)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ApiError(400, "invalid request body: expected a JSON object")
     data = opts.fold_keys(data, schema)
-    opts.convert(data, schema)
-    return data
+    return data, opts.convert(data, schema)
 
 
-async def _read(request: web.Request, schema: type[msgspec.Struct], missing: tuple[int, str],
-                ) -> tuple[dict[str, Any], str]:
-    """(body checked against ``schema``, its model name). The name goes into the request log;
+async def read_typed(request: web.Request, schema: type[msgspec.Struct],
+                     missing: tuple[int, str]) -> tuple[dict[str, Any], Any]:
+    """(the body as JSON, the body as ``schema``). Its model name goes into the request log;
     an empty one is ``ApiError(*missing)`` (Ollama's text differs per route)."""
-    body = _body(await request.read(), schema)
-    model_name = body.get("model") or ""
-    request[LOG_MODEL] = model_name
-    if not isinstance(model_name, str) or not model_name:
+    data, typed = _body(await request.read(), schema)
+    request[LOG_MODEL] = typed.model
+    if not typed.model:
         raise ApiError(*missing)
-    return body, model_name
+    return data, typed
+
+
+async def read_body(request: web.Request, schema: type[msgspec.Struct], missing: tuple[int, str],
+                    ) -> tuple[dict[str, Any], str]:
+    """(body checked against ``schema``, its model name): :func:`read_typed` for the handlers
+    that read the JSON dict."""
+    data, typed = await read_typed(request, schema, missing)
+    return data, typed.model
 
 
 def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -224,7 +230,11 @@ def _think(body: dict[str, Any]) -> tuple[bool, str, bool]:
 
 
 def _image(part: dict[str, Any]) -> str:
-    url = part.get("image_url")
+    return image_data(part.get("image_url"))
+
+
+def image_data(url: Any) -> str:
+    """The base64 data of an image URL (a string or ``{"url"}``): only data URLs are taken."""
     url = url.get("url") if isinstance(url, dict) else url
     if not isinstance(url, str):
         raise ApiError(400, "invalid image input")
@@ -302,7 +312,7 @@ def _usage(done: core.Done | None) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def _tool_calls(calls: list[dict[str, Any]], start: int = 0) -> list[dict[str, Any]]:
+def tool_calls_out(calls: list[dict[str, Any]], start: int = 0) -> list[dict[str, Any]]:
     return [{"id": c.get("id") or core.tool_call_id(), "index": start + i, "type": "function",
              "function": {"name": c["function"]["name"],
                           "arguments": json.dumps(c["function"].get("arguments") or {},
@@ -347,7 +357,7 @@ async def _stream(request: web.Request, job: core.Job, chunk: Callable[[dict], b
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
-    body, model_name = await _read(request, ChatCompletionRequest, (400, "model is required"))
+    body, model_name = await read_body(request, ChatCompletionRequest, (400, "model is required"))
     _check_n(body)
     logprobs = core.check_logprobs(body.get("logprobs"), body.get("top_logprobs"))
     messages = chat_messages(body.get("messages"))
@@ -371,7 +381,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                     if thoughts:
                         msg["reasoning"] = "".join(thoughts)
                     if calls:
-                        msg["tool_calls"] = _tool_calls(calls)
+                        msg["tool_calls"] = tool_calls_out(calls)
                     choice: dict[str, Any] = {"index": 0, "message": msg,
                                               "finish_reason": _finish(ev, bool(calls))}
                     if logprobs.enabled:
@@ -404,7 +414,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             if d.content:
                 delta["content"] = d.content
             if d.tool_calls:
-                delta["tool_calls"] = _tool_calls(d.tool_calls, state["calls"])
+                delta["tool_calls"] = tool_calls_out(d.tool_calls, state["calls"])
                 state["calls"] += len(d.tool_calls)
             choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
             if d.logprobs:
@@ -457,7 +467,7 @@ class _LegacyLogprobs:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
-    body, model_name = await _read(request, CompletionRequest, (404, "model '' not found"))
+    body, model_name = await read_body(request, CompletionRequest, (404, "model '' not found"))
     _check_n(body)
     n_logprobs = body.get("logprobs")
     logprobs = core.check_logprobs(n_logprobs is not None, n_logprobs)
@@ -523,7 +533,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 # ---- /v1/embeddings ----------------------------------------------------------------------------
 
 async def embeddings(request: web.Request) -> web.Response:
-    body, model_name = await _read(request, EmbeddingRequest, (400, "model is required"))
+    body, model_name = await read_body(request, EmbeddingRequest, (400, "model is required"))
     raw = body.get("input")
     if isinstance(raw, str):
         inputs = [raw]
