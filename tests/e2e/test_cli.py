@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import ollama
 import pytest
 
 from corral.daemon.cli import human_bytes, human_time_ago, human_time_until, table
@@ -80,6 +81,10 @@ def test_cli_create_list_show_run_ps_cp_rm(daemon, tmp_path):
     r = corral(daemon, "run", "clitiny", "hello", "--verbose")
     assert r.returncode == 0, r.stderr
     assert "eval count:" in r.stderr
+    # what it printed is the model's answer: the same greedy generation through the API
+    with ollama.Client(host=daemon.url) as c:
+        expected = c.generate(model="clitiny", prompt="hello").response
+    assert expected.strip() and r.stdout == expected + "\n"
 
     r = corral(daemon, "ps")
     header, *rows = r.stdout.splitlines()

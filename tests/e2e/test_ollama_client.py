@@ -81,7 +81,26 @@ def test_generate_streaming(client, tiny):
     parts = list(client.generate(model=tiny, prompt="hello", stream=True,
                                  options={"num_predict": 6}))
     assert parts[-1].done and not any(p.done for p in parts[:-1])
-    assert parts[-1].eval_count == sum(1 for p in parts[:-1] if p.response) or parts[-1].eval_count
+    # num_predict caps the tokens, and the reason says which way it ended
+    last = parts[-1]
+    assert 1 <= last.eval_count <= 6
+    assert last.done_reason == ("length" if last.eval_count == 6 else "stop")
+    assert "".join(p.response for p in parts) and last.response == ""
+
+
+def test_format_json_is_whole_json(client, tiny):
+    """format "json" constrains the whole output: with room to finish, the answer parses."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    r = client.generate(model=tiny, prompt="answer", format=schema,
+                        options={"num_predict": 400, "temperature": 0})
+    assert r.done_reason == "stop", r.response      # the grammar ended it, not the limit
+    assert set(json.loads(r.response)) == {"ok"}
+    r = client.generate(model=tiny, prompt="answer", format="json",
+                        options={"num_predict": 12, "temperature": 0})
+    assert r.response.lstrip().startswith("{")
+    if r.done_reason == "stop":
+        json.loads(r.response)
 
 
 def test_chat(client, tiny):

@@ -60,11 +60,16 @@ def test_chat_completion_stream_with_usage(oai):
 
 
 def test_json_response_format(oai):
-    r = oai.chat.completions.create(model="tiny", max_tokens=40, temperature=0,
-                                    response_format={"type": "json_object"},
-                                    messages=[{"role": "user", "content": "json please"}])
-    if r.choices[0].finish_reason == "stop":
-        json.loads(r.choices[0].message.content)
+    """A schema whose every value is bounded: the grammar must end the answer well within
+    max_tokens, so it always stops and always parses."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    r = oai.chat.completions.create(
+        model="tiny", max_tokens=400, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        messages=[{"role": "user", "content": "json please"}])
+    assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+    assert set(json.loads(r.choices[0].message.content)) == {"ok"}
 
 
 def test_completions(oai):
