@@ -344,7 +344,7 @@ def capabilities(info: GGUFInfo | None, *, template: str | None = None,
             caps.append("tools")
         if all(jinja_think_tags(jt)):
             caps.append("thinking")
-    if has_projector or (info is not None and info.has_vision):
+    if has_projector:                 # images need the projector (llama.cpp's mmproj)
         caps.append("vision")
     for cap in declared or ():
         if cap not in caps:

@@ -172,7 +172,10 @@ class Registry:
 
     def _session(self) -> aiohttp.ClientSession:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.stall_timeout)
-        return aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": USER_AGENT})
+        # trust_env: HTTP(S)_PROXY, NO_PROXY (and ~/.netrc) apply, as Go's ProxyFromEnvironment
+        # in Ollama: a pull behind a corporate proxy works
+        return aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": USER_AGENT},
+                                     trust_env=True)
 
     @staticmethod
     def _repo(name: ModelName) -> str:

@@ -157,13 +157,32 @@ def _unload_soon(request: web.Request, record: ModelRecord) -> None:
     task.add_done_callback(_background.discard)
 
 
-def details_dict(record: ModelRecord) -> dict[str, Any]:
+def details_dict(record: ModelRecord, info: gguf_info.GGUFInfo | None = None) -> dict[str, Any]:
+    """``details`` with ``context_length``/``embedding_length`` from the config blob, else from
+    the GGUF (as Ollama reads them)."""
     d = msgspec.structs.asdict(record.details)
-    if record.config.context_length:
-        d["context_length"] = record.config.context_length
-    if record.config.embedding_length:
-        d["embedding_length"] = record.config.embedding_length
+    ctx = record.config.context_length or (info.context_length if info is not None else None)
+    emb = record.config.embedding_length or (info.embedding_length if info is not None else None)
+    if ctx:
+        d["context_length"] = ctx
+    if emb:
+        d["embedding_length"] = emb
     return d
+
+
+async def model_facts(record: ModelRecord) -> tuple[gguf_info.GGUFInfo | None, list[str]]:
+    """The model's GGUF facts (None for a missing or non-GGUF layer) and its capabilities, as
+    /api/show and /api/tags both report them. A cached GGUF costs one stat."""
+    info = None
+    if record.model_path is not None and record.model_path.is_file():
+        try:
+            info = await gguf_info.read_info_async(record.model_path)
+        except Exception as e:  # noqa: BLE001 - a non-GGUF model layer has no metadata
+            log.warning("show.gguf_unreadable", model=record.name, error=str(e))
+    caps = gguf_info.capabilities(info, template=record.template,
+                                  has_projector=bool(record.projectors),
+                                  declared=record.config.capabilities)
+    return info, caps
 
 
 # ---- handlers ----------------------------------------------------------------------------------
@@ -181,12 +200,11 @@ async def tags(request: web.Request) -> web.Response:
     records = await asyncio.to_thread(_store(request).list)
     models = []
     for r in records:
-        details = details_dict(r) | {"parent_model": ""}  # as Ollama's list
-        item = {"name": r.name, "model": r.name, "modified_at": timestamp(r.modified_at),
-                "size": r.size, "digest": r.digest, "details": details}
-        if r.config.capabilities:
-            item["capabilities"] = r.config.capabilities
-        models.append(item)
+        info, caps = await model_facts(r)
+        details = details_dict(r, info) | {"parent_model": ""}  # as Ollama's list
+        models.append({"name": r.name, "model": r.name, "modified_at": timestamp(r.modified_at),
+                       "size": r.size, "digest": r.digest, "details": details,
+                       "capabilities": caps})
     return json_response({"models": models})
 
 
@@ -202,12 +220,7 @@ async def show(request: web.Request) -> web.Response:
         if e.status == 404:
             raise ApiError(404, f"model '{name.display}' not found") from None
         raise
-    info = None
-    if record.model_path is not None and record.model_path.is_file():
-        try:
-            info = await gguf_info.read_info_async(record.model_path)
-        except Exception as e:  # noqa: BLE001 - a non-GGUF model layer has no metadata
-            log.warning("show.gguf_unreadable", model=record.name, error=str(e))
+    info, caps = await model_facts(record)
     params = dict(record.parameters)
     if req.options:
         params.update(req.options)
@@ -227,7 +240,7 @@ async def show(request: web.Request) -> web.Response:
         body["renderer"] = record.config.renderer
     if record.config.parser:
         body["parser"] = record.config.parser
-    body["details"] = details_dict(record)
+    body["details"] = details_dict(record, info)
     if record.messages:
         body["messages"] = record.messages
     if info is not None:
@@ -239,9 +252,7 @@ async def show(request: web.Request) -> web.Response:
         with contextlib.suppress(Exception):
             pinfo = await gguf_info.read_info_async(record.projectors[0])
             body["projector_info"] = gguf_info.model_info(pinfo)
-    body["capabilities"] = gguf_info.capabilities(
-        info, template=record.template, has_projector=bool(record.projectors),
-        declared=record.config.capabilities)
+    body["capabilities"] = caps
     body["modified_at"] = timestamp(record.modified_at)
     if record.config.requires:
         body["requires"] = record.config.requires

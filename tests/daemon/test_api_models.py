@@ -150,6 +150,15 @@ async def test_show_reads_ollama_store_and_capabilities(client: ollama.AsyncClie
     assert shown.template == "{{ tools }} <think></think>"  # no Go template: the GGUF's jinja
     await client.create(model="fim", from_="tools", template="{{ .Prompt }}{{ .Suffix }}")
     assert (await client.show("fim")).capabilities == ["completion", "insert"]
+    # /api/tags computes what /api/show does: capabilities, and the GGUF's context length
+    listed = {m["model"]: m for m in (await client._client.get("/api/tags")).json()["models"]}
+    for name in ("emb", "tools", "fim", "llama3.2"):
+        shown = (await client._client.post("/api/show", json={"model": name})).json()
+        assert listed[f"{name}:latest"]["capabilities"] == shown["capabilities"], name
+        assert listed[f"{name}:latest"]["details"] == {**shown["details"], "parent_model": ""}
+    assert listed["tools:latest"]["capabilities"] == ["completion", "tools", "thinking"]
+    assert listed["tools:latest"]["details"]["context_length"] == 256
+    assert listed["tools:latest"]["details"]["embedding_length"] == 8
 
 
 async def test_blobs(http: aiohttp.ClientSession, srv: Server) -> None:

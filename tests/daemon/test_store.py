@@ -9,6 +9,7 @@ import os
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from corral.daemon.api.errors import ApiError
@@ -403,6 +404,9 @@ def test_gguf_variants(tmp_path: Path) -> None:
         "completion", "insert"]
     assert gguf_info.capabilities(chat, template="{{ .Tools }}", has_projector=True) == [
         "completion", "tools", "vision"]
+    # vision keys in the model GGUF alone are not enough: images need the projector
+    vision_keys = msgspec.structs.replace(chat, has_vision=True)
+    assert "vision" not in gguf_info.capabilities(vision_keys)
     assert chat.layer_bytes and len(chat.layer_bytes) == chat.block_count
     assert chat.token_embd_bytes > 0 and chat.output_bytes > 0
     assert gguf_info.read_info(tmp_path / "c.gguf") is chat  # cached
