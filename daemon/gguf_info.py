@@ -66,6 +66,8 @@ class GGUFInfo(msgspec.Struct, frozen=True):
     tensor_bytes: int                # all tensors
     metadata: dict[str, Any]         # every key/value; arrays longer than 5 replaced by []
     tensors: list[TensorInfo]
+    bos_token: str = ""              # token texts for a Jinja chat template ("" without one)
+    eos_token: str = ""
 
 
 _FileKey = tuple[int, int, int, int]
@@ -135,6 +137,7 @@ class _Header(msgspec.Struct):
     meta: dict[str, Any]
     tensors: list[TensorInfo]
     array_lengths: dict[str, int]
+    special: dict[str, str] = {}          # "bos"/"eos" -> token text (with a chat template)
 
 
 class _Cursor:
@@ -199,10 +202,14 @@ def _read_header(path: Path, *, full: bool) -> _Header:
             n_tensors, n_kv = c.unpack("<Q"), c.unpack("<Q")
             meta: dict[str, Any] = {}
             lengths: dict[str, int] = {}
+            tokens_at = -1
             for _ in range(n_kv):
                 key = c.string()
+                if key == "tokenizer.ggml.tokens":
+                    tokens_at = c.pos
                 meta[key] = c.value(c.unpack("<I"), full=full or key == "tokenizer.chat_template",
                                     key=key, lengths=lengths)
+            special = _special_tokens(buf, tokens_at, meta) if tokens_at >= 0 else {}
             tensors = []
             for _ in range(n_tensors):
                 name = c.string()
@@ -219,7 +226,35 @@ def _read_header(path: Path, *, full: bool) -> _Header:
             raise ValueError("truncated GGUF header") from None
         finally:
             buf.release()
-    return _Header(meta=meta, tensors=tensors, array_lengths=lengths)
+    return _Header(meta=meta, tensors=tensors, array_lengths=lengths, special=special)
+
+
+def _special_tokens(buf: memoryview, tokens_at: int, meta: dict[str, Any]) -> dict[str, str]:
+    """The text of the BOS and EOS tokens (``tokenizer.ggml.{bos,eos}_token_id`` indexes into
+    ``tokenizer.ggml.tokens``), for Jinja chat templates' ``bos_token``/``eos_token``. Only for
+    a model with a chat template; skips up to the larger id (~50 ms for a 128k vocabulary)."""
+    if not isinstance(meta.get("tokenizer.chat_template"), str):
+        return {}
+    ids = {name: meta.get(f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos")}
+    ids = {k: v for k, v in ids.items() if isinstance(v, int) and not isinstance(v, bool)}
+    c = _Cursor(buf)
+    c.pos = tokens_at + 4                                   # after the key: item type, count
+    if not ids or struct.unpack_from("<I", buf, c.pos - 4)[0] != _ARRAY:
+        return {}
+    itype, count = c.unpack("<I"), c.unpack("<Q")
+    if itype != _STRING:
+        return {}
+    wanted = {v: k for k, v in ids.items() if 0 <= v < count}
+    out: dict[str, str] = {}
+    for i in range(max(wanted, default=-1) + 1):
+        if i in wanted:
+            text = c.string()
+            for name, tid in ids.items():
+                if tid == i:
+                    out[name] = text
+        else:
+            c.skip_string()
+    return out
 
 
 def read_metadata(path: str | os.PathLike[str], *, full: bool = True) -> dict[str, Any]:
@@ -298,7 +333,8 @@ def _parse(path: Path) -> GGUFInfo:
         is_projector=is_projector,
         layer_bytes=[layer_bytes.get(i, 0) for i in range(n_layers)],
         output_bytes=output_bytes, token_embd_bytes=token_embd_bytes, tensor_bytes=total,
-        metadata=meta, tensors=header.tensors)
+        metadata=meta, tensors=header.tensors, bos_token=header.special.get("bos", ""),
+        eos_token=header.special.get("eos", ""))
 
 
 def model_info(info: GGUFInfo, *, verbose: bool = False) -> dict[str, Any]:

@@ -65,8 +65,13 @@ class Model:
     capabilities: list[str]
 
     def renderer(self, override: str | None = None) -> templates.Renderer:
-        chat_template = self.info.chat_template if self.info is not None else None
-        return templates.for_model(override or self.record.template, chat_template)
+        """The Go TEMPLATE (or ``override``), else the GGUF's Jinja template with the model's
+        real ``bos_token``/``eos_token``, else ``{{ .Prompt }}``."""
+        info = self.info
+        if info is None:
+            return templates.for_model(override or self.record.template)
+        return templates.for_model(override or self.record.template, info.chat_template,
+                                   bos_token=info.bos_token, eos_token=info.eos_token)
 
 
 async def resolve(app: web.Application, name: str, *, style: str) -> Model:

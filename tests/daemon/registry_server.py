@@ -65,6 +65,8 @@ def make_gguf(path: str | Path, *, arch: str = "llama", seed: int = 0, n_layers:
     w.add_vocab_size(vocab)
     w.add_tokenizer_model("llama")
     w.add_token_list([f"tok{i}" for i in range(vocab)])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
     if chat_template is not None:
         w.add_chat_template(chat_template)
     if embedding:

@@ -41,3 +41,14 @@ async def test_debug_render_only(env: Env) -> None:
         "model": "chatml", "messages": MSG, "_debug_render_only": True})
     assert status == 200 and body["_debug_info"]["rendered_template"] == rendered
     assert env.runner.requests == [] and env.supervisor.acquired == []    # nothing ran
+
+
+async def test_jinja_template_gets_the_models_bos_and_eos(env: Env, tmp_path) -> None:
+    from tests.daemon.registry_server import make_gguf
+
+    jinja = "{{ bos_token }}{% for m in messages %}[{{ m.content }}]{{ eos_token }}{% endfor %}"
+    path = make_gguf(tmp_path / "j.gguf", seed=9, chat_template=jinja)
+    layer = await env.store.write_blob_bytes(path.read_bytes())
+    await env.store.create("jinja", files={"j.gguf": layer.digest})   # no Go template
+    await env.ollama.chat(model="jinja", messages=MSG)
+    assert env.runner.requests[-1].prompt == "tok1[Hi]tok2"
