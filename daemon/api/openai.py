@@ -330,9 +330,9 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 
 
 async def _stream(request: web.Request, job: core.Job, chunk: Callable[[dict], bytes],
-                  choice_of: Callable[[core.Delta], dict | None],
+                  choices_of: Callable[[core.Delta], list[dict]],
                   finish: Callable[[core.Done], list[bytes]]) -> web.StreamResponse:
-    """``data: <json>`` events (``chunk`` of each delta's choice), then ``data: [DONE]``."""
+    """``data: <json>`` events (one ``chunk`` per choice of each delta), then ``data: [DONE]``."""
     out = LazyStream(request, _SSE_HEADERS, prefix=b"data: ", suffix=b"\n\n")
     try:
         async for ev in job.events():
@@ -340,9 +340,9 @@ async def _stream(request: web.Request, job: core.Job, chunk: Callable[[dict], b
                 for payload in finish(ev):
                     await out.write(payload)
                 break
-            c = choice_of(ev)
-            if c is not None:
-                await out.write(chunk(c), hold=ev.more)
+            choices = choices_of(ev)
+            for i, c in enumerate(choices):
+                await out.write(chunk(c), hold=ev.more or i < len(choices) - 1)
             if out.gone:
                 break
     except ApiError as e:
@@ -404,22 +404,28 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         def chunk(choice: dict) -> bytes:
             return _enc.encode({**head, "choices": [choice]})
 
-        def choice_of(d: core.Delta) -> dict | None:
+        def choices_of(d: core.Delta) -> list[dict]:
+            """One chunk's choice; a delta with both reasoning and content (or tool calls)
+            becomes a reasoning chunk then a content chunk, as Ollama sends them."""
             delta: dict[str, Any] = {}
             if state["first"]:
                 delta["role"] = "assistant"
                 state["first"] = False
             if d.thinking:
                 delta["reasoning"] = d.thinking
+            rest: dict[str, Any] = {}
             if d.content:
-                delta["content"] = d.content
+                rest["content"] = d.content
             if d.tool_calls:
-                delta["tool_calls"] = tool_calls_out(d.tool_calls, state["calls"])
+                rest["tool_calls"] = tool_calls_out(d.tool_calls, state["calls"])
                 state["calls"] += len(d.tool_calls)
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
+            first: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
             if d.logprobs:
-                choice["logprobs"] = {"content": chat_logprobs(d.logprobs)}
-            return choice
+                first["logprobs"] = {"content": chat_logprobs(d.logprobs)}
+            if d.thinking and rest:
+                return [first, {"index": 0, "delta": rest, "finish_reason": None}]
+            delta.update(rest)
+            return [first]
 
         def finish(done: core.Done) -> list[bytes]:
             out = [_enc.encode({**head, "choices": [{
@@ -428,7 +434,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 out.append(_enc.encode({**head, "choices": [], "usage": _usage(done)}))
             return out
 
-        return await _stream(request, job, chunk, choice_of, finish)
+        return await _stream(request, job, chunk, choices_of, finish)
 
 
 # ---- /v1/completions -----------------------------------------------------------------------------
@@ -513,13 +519,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
         def chunk(c: dict) -> bytes:
             return _enc.encode({**head, "choices": [c]})
 
-        def choice_of(d: core.Delta) -> dict | None:
+        def choices_of(d: core.Delta) -> list[dict]:
             if not d.content and not d.logprobs:
-                return None
+                return []
             choice = {"text": d.content, "index": 0, "finish_reason": None}
             if d.logprobs:
                 choice["logprobs"] = legacy.of(d.logprobs)
-            return choice
+            return [choice]
 
         def finish(done: core.Done) -> list[bytes]:
             out = [chunk({"text": "", "index": 0, "finish_reason": _finish(done, False)})]
@@ -527,7 +533,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 out.append(_enc.encode({**head, "choices": [], "usage": _usage(done)}))
             return out
 
-        return await _stream(request, job, chunk, choice_of, finish)
+        return await _stream(request, job, chunk, choices_of, finish)
 
 
 # ---- /v1/embeddings ----------------------------------------------------------------------------

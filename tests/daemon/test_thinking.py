@@ -169,6 +169,15 @@ async def test_openai_reasoning(env: Env) -> None:
             reasoning.append((c.choices[0].delta.model_extra or {}).get("reasoning") or "")
             content.append(c.choices[0].delta.content or "")
     assert ("".join(reasoning), "".join(content)) == (THOUGHT, ANSWER)
+    # a runner chunk "…</think>\n\nAnswer" gives a reasoning chunk, then a content chunk:
+    # no chunk carries both (Ollama's split)
+    env.runner.script.reply = lambda req: ["Let me see</think>\n\nAnswer!"]
+    stream = await env.openai.chat.completions.create(
+        model="thinker", messages=[{"role": "user", "content": "x"}], stream=True)
+    deltas = [c.choices[0].delta async for c in stream if c.choices]
+    assert [((d.model_extra or {}).get("reasoning"), d.content) for d in deltas[:2]] == [
+        ("Let me see", None), (None, "Answer!")]
+    env.runner.script.reply = thinking_model
     r = await env.openai.chat.completions.create(
         model="thinker", messages=[{"role": "user", "content": "x"}], reasoning_effort="none")
     assert r.choices[0].message.content == ANSWER
