@@ -32,6 +32,7 @@ from corral.daemon.api import native_infer as core
 from corral.daemon.api import openai as oa
 from corral.daemon.api import options as opts
 from corral.daemon.api.errors import ApiError, anthropic_error
+from corral.daemon.api.keys import SUPERVISOR
 from corral.daemon.api.responses import LazyStream, json_response
 
 # ---- request shapes (checked: a wrong type is a 400 naming the field) --------------------------
@@ -360,5 +361,26 @@ async def _stream(request: web.Request, job: core.Job, msg_id: str, model: str,
     return await out.finish()
 
 
+async def count_tokens(request: web.Request) -> web.Response:
+    """POST /v1/messages/count_tokens: the tokens the request's prompt takes, counted by the
+    model's own tokenizer on the prompt as /v1/messages would render it (the model is loaded
+    for that, as for a request; Ollama estimates characters / 4 instead)."""
+    _, req = await oa.read_typed(request, MessagesRequest, (400, "model is required"))
+    if not req.messages:
+        raise ApiError(400, "messages is required")
+    model = await core.resolve(request.app, req.model, style="quoted")
+    if "completion" not in model.capabilities:
+        raise ApiError(400, f'"{req.model}" does not support chat')
+    think = core.resolve_think(model, _think(req), req.model, relaxed=True)
+    msgs = core.chat_messages(model, native_messages(req))
+    prompt = core.render(model.renderer(), msgs, _tools(req), think=think)
+    options = opts.merge_options(model.record.parameters, None)
+    lease = await request.app[SUPERVISOR].acquire(model.record, options, None, kind="completion")
+    async with lease:
+        n = await core.count_tokens(lease, prompt)
+    return json_response({"input_tokens": n})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)

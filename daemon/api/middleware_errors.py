@@ -1,7 +1,7 @@
 """The error middleware: every failure of a handler becomes a JSON error response.
 
 * ``ApiError`` -> its status with ``{"error": message}`` (native), Anthropic's error object for
-  ``/v1/messages``, or OpenAI's for the other paths under ``/v1/``.
+  ``/v1/messages*``, or OpenAI's for the other paths under ``/v1/``.
 * aiohttp's own ``HTTPException`` (404 unknown path, 405, 413 body too large, ...) passes through
   unchanged, except that 413 gets a JSON body.
 * Any other exception -> 500 with its text; the traceback is logged, never sent.
@@ -27,7 +27,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def error_response(request: web.Request, err: ApiError) -> web.Response:
-    if request.path == "/v1/messages":
+    if request.path.startswith("/v1/messages"):
         body = anthropic_body(err)
     elif request.path.startswith("/v1/"):
         body = openai_body(err)

@@ -163,3 +163,17 @@ async def test_thinking_on_a_model_that_cannot_think_is_ignored(env: Env,
                                        thinking={"type": "enabled", "budget_tokens": 1024},
                                        messages=[{"role": "user", "content": "x"}])
     assert [b.type for b in msg.content] == ["text"]
+
+
+async def test_count_tokens(env: Env, claude: anthropic.AsyncAnthropic) -> None:
+    res = await claude.messages.count_tokens(model="chatml", system="Be brief.",
+                                             messages=[{"role": "user", "content": "Hi"}])
+    prompt = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+              "<|im_start|>assistant\n")
+    assert res.input_tokens == len(prompt.encode()) + 1        # the runner's count, BOS included
+    assert env.runner.requests == [] and env.supervisor.acquired[-1][0] == "chatml:latest"
+    env.assert_released()
+    status, body, _ = await env.post("/v1/messages/count_tokens", {"model": "nope",
+                                                                   "messages": [{"role": "user",
+                                                                                 "content": "x"}]})
+    assert status == 404 and body["type"] == "error"

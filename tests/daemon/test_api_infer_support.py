@@ -61,6 +61,7 @@ class ScriptedRunner:
         app.router.add_get("/health", self.health)
         app.router.add_post("/completion", self.completion)
         app.router.add_post("/embed", self.embed)
+        app.router.add_post("/tokenize", self.tokenize)
         self.app = app
 
     async def health(self, request: web.Request) -> web.Response:
@@ -104,6 +105,13 @@ class ScriptedRunner:
             return resp
         await resp.write(protocol.encode(done) + b"\n")
         return resp
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """A byte tokenizer with a BOS token (id 1) when add_special."""
+        req = msgspec.json.decode(await request.read(), type=protocol.TokenizeRequest)
+        tokens = ([1] if req.add_special else []) + list(req.content.encode())
+        return web.Response(body=protocol.encode(protocol.TokenizeResponse(tokens=tokens)),
+                            content_type="application/json")
 
     async def embed(self, request: web.Request) -> web.Response:
         req = msgspec.json.decode(await request.read(), type=protocol.EmbedRequest)

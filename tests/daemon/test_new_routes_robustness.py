@@ -1,4 +1,4 @@
-"""Hostile bodies on /v1/messages and /v1/responses: every one is a 4xx in the route's error
+"""Hostile bodies on /v1/messages (and count_tokens) and /v1/responses: every one is a 4xx in the route's error
 shape (Anthropic's, OpenAI's), never a 500, and no runner is asked for anything."""
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ CASES: list[tuple[str, bytes | dict]] = [
 for field in ("model", "max_tokens", "messages", "system", "stream", "temperature", "top_k",
               "stop_sequences", "tools", "thinking"):
     CASES += [("/v1/messages", {**MSG, field: v}) for v in JUNK]
+for field in ("model", "messages", "system", "tools", "thinking"):
+    CASES += [("/v1/messages/count_tokens", {**MSG, field: v}) for v in JUNK]
 for field in ("model", "input", "instructions", "max_output_tokens", "temperature",
               "reasoning", "text", "tools", "stream"):
     CASES += [("/v1/responses", {**RESP, field: v}) for v in JUNK]
@@ -41,7 +43,7 @@ async def test_bad_bodies(env: Env, path: str, body: bytes | dict) -> None:
         assert res is not None or text.startswith("event:")
         return
     assert 400 <= status < 500, (status, text)
-    if path == "/v1/messages":
+    if path.startswith("/v1/messages"):
         assert res["type"] == "error" and res["error"]["type"].endswith("_error")
     else:
         assert isinstance(res["error"]["message"], str) and res["error"]["message"]

@@ -66,6 +66,11 @@ def test_anthropic_messages(claude):
     with pytest.raises(anthropic.NotFoundError):
         claude.messages.create(model="nope", max_tokens=5,
                                messages=[{"role": "user", "content": "hi"}])
+    # counted by the model's tokenizer: a longer message is more tokens, BOS included
+    short = claude.messages.count_tokens(model="tiny", messages=[{"role": "user", "content": "hi"}])
+    longer = claude.messages.count_tokens(model="tiny", messages=[
+        {"role": "user", "content": "hi there, how are you today?"}])
+    assert 2 <= short.input_tokens < longer.input_tokens
 
 
 def test_anthropic_thinking(claude):
