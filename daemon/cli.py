@@ -319,12 +319,15 @@ async def cmd_create(c: Client, args: argparse.Namespace) -> None:
 
 async def cmd_run(c: Client, args: argparse.Namespace) -> None:
     try:
-        await c.request("POST", "/api/show", {"model": args.model})
+        info = await c.request("POST", "/api/show", {"model": args.model})
     except CliError as exc:
         if "not found" not in str(exc):
             raise
         await cmd_pull(c, argparse.Namespace(model=args.model, insecure=args.insecure))
-    from corral.daemon.interactive import Session, repl, think_value
+        info = await c.request("POST", "/api/show", {"model": args.model})
+    from corral.daemon.interactive import Session, extract_images, repl, think_value
+
+    vision = "vision" in ((info or {}).get("capabilities") or [])
 
     think = think_value(args.think)
     opts: dict[str, Any] = {"model": args.model}
@@ -340,6 +343,11 @@ async def cmd_run(c: Client, args: argparse.Namespace) -> None:
     if prompt:
         final = {}
         thinking = False
+        images: list[str] = []
+        if vision:
+            prompt, images = extract_images(prompt)
+            if images:
+                opts["images"] = images
         async for p in c.stream("/api/generate", {**opts, "prompt": prompt}):
             if p.get("thinking") and not args.hidethinking:
                 if not thinking:
@@ -359,7 +367,7 @@ async def cmd_run(c: Client, args: argparse.Namespace) -> None:
             _print_metrics(final)
         return
     session = Session(c, args.model, keepalive=args.keepalive, fmt=args.format, think=think,
-                      hide_thinking=args.hidethinking, verbose=args.verbose)
+                      hide_thinking=args.hidethinking, verbose=args.verbose, vision=vision)
     await session.preload()
     await repl(session)
 

@@ -12,6 +12,10 @@ turn is one streamed ``/api/chat``. Commands (Ollama's texts):
   the session's parameters, system message and messages), ``/clear``, ``/bye`` / ``/exit``,
   ``/?`` / ``/help``.
 
+For a model with the ``vision`` capability, paths of PNG, JPEG or WebP files in a message
+(``./cat.png``, ``/tmp/a b.jpg`` written ``/tmp/a\\ b.jpg``, ``~/x.webp``) are read, sent as the
+message's images and removed from its text (``Added image '…'``).
+
 A line with an unclosed ``\"\"\"`` continues (prompt ``... ``) until a line closes it; the quotes
 are dropped, so ``/set system \"\"\"…\"\"\"`` takes several lines too. Ctrl+C stops a reply
 (the turn is dropped) or, at the prompt, prints how to leave; Ctrl+D leaves.
@@ -20,6 +24,9 @@ are dropped, so ``/set system \"\"\"…\"\"\"`` takes several lines too. Ctrl+C 
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -89,6 +96,36 @@ HELP_SHORTCUTS = """Available keyboard shortcuts:
 """
 
 
+# A path starting with ./ ../ ~/ or / and ending in an image extension; "\ " escapes a space.
+IMAGE_PATH = re.compile(r"(?:\.{1,2}/|~/|/)(?:[^\s\\]|\\ )+?\.(?:jpe?g|png|webp)(?!\w)", re.I)
+IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")     # PNG, JPEG; WebP checked below
+MAX_IMAGE = 100 * 1000 * 1000
+
+
+def _is_image(data: bytes) -> bool:
+    return data.startswith(IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def extract_images(text: str) -> tuple[str, list[str]]:
+    """The image files named in ``text``: (text without their paths, base64 images). A path
+    that is not a readable PNG/JPEG/WebP file (at most 100 MB) stays in the text."""
+    images: list[str] = []
+    for raw in IMAGE_PATH.findall(text):
+        path = Path(os.path.expanduser(raw.replace("\\ ", " ")))
+        try:
+            if path.stat().st_size > MAX_IMAGE:
+                continue
+            data = path.read_bytes()
+        except OSError:
+            continue
+        if not _is_image(data):
+            continue
+        images.append(base64.b64encode(data).decode())
+        text = text.replace(raw, "", 1)
+        _write(f"Added image '{path}'\n")
+    return (" ".join(text.split()) if images else text), images
+
+
 class ClientLike(Protocol):
     async def request(self, method: str, path: str, body: Any = None) -> Any: ...
     def stream(self, path: str, body: Any) -> Any: ...
@@ -116,7 +153,8 @@ class Session:
 
     def __init__(self, client: ClientLike, model: str, *, keepalive: str | None = None,
                  fmt: str | None = None, think: bool | str | None = None,
-                 hide_thinking: bool = False, verbose: bool = False) -> None:
+                 hide_thinking: bool = False, verbose: bool = False,
+                 vision: bool = False) -> None:
         self.client = client
         self.model = model
         self.keepalive = keepalive
@@ -124,6 +162,7 @@ class Session:
         self.think = think
         self.hide_thinking = hide_thinking
         self.verbose = verbose
+        self.vision = vision                 # the model reads images: paths become images
         self.options: dict[str, Any] = {}
         self.system: str | None = None
         self.messages: list[dict[str, Any]] = []
@@ -144,7 +183,11 @@ class Session:
 
     async def chat(self, text: str) -> None:
         """One turn: stream the reply; on success both messages join the conversation."""
-        user = {"role": "user", "content": text}
+        user: dict[str, Any] = {"role": "user", "content": text}
+        if self.vision:
+            user["content"], images = extract_images(text)
+            if images:
+                user["images"] = images
         sent = ([{"role": "system", "content": self.system}] if self.system else []) \
             + self.messages + [user]
         body = {**self._common(), "messages": sent, "stream": True}
@@ -306,7 +349,7 @@ class Session:
         previous = self.model
         self.model = model
         try:
-            await self.client.request("POST", "/api/show", {"model": model})
+            info = await self.client.request("POST", "/api/show", {"model": model})
             await self.preload()
         except CliError as e:
             self.model = previous
@@ -314,6 +357,7 @@ class Session:
             return
         self.messages = []
         self.system = None
+        self.vision = "vision" in ((info or {}).get("capabilities") or [])
 
     async def _save(self, name: str) -> None:
         from corral.daemon.cli import CliError
@@ -484,4 +528,5 @@ class Progress:
             sys.stderr.flush()
 
 
-__all__ = ["Progress", "Session", "layer_line", "read_message", "repl", "think_value"]
+__all__ = ["Progress", "Session", "extract_images", "layer_line", "read_message", "repl",
+           "think_value"]

@@ -4,6 +4,7 @@ as the daemon does for a thinking model (``message.thinking`` pieces, then conte
 from __future__ import annotations
 
 import argparse
+import base64
 from typing import Any
 
 import pytest
@@ -15,12 +16,13 @@ from corral.daemon.interactive import Session, read_message, think_value
 class Scripted:
     """Records requests; streams the lines a thinking model's /api/chat or /api/generate gives."""
 
-    def __init__(self) -> None:
+    def __init__(self, capabilities: list[str] | None = None) -> None:
         self.requests: list[tuple[str, Any]] = []
+        self.capabilities = capabilities or ["completion"]
 
     async def request(self, method: str, path: str, body: Any = None) -> Any:
         self.requests.append((path, body))
-        return {}
+        return {"capabilities": self.capabilities} if path == "/api/show" else {}
 
     async def stream(self, path: str, body: Any):
         self.requests.append((path, body))
@@ -109,3 +111,40 @@ def test_think_values():
     assert [think_value(x) for x in (None, "true", "false", "high", "")] == \
         [None, True, False, "high", True]
     assert isinstance(cli.build_parser().parse_args(["run", "m", "--think"]), argparse.Namespace)
+
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 24     # the signature is what is checked
+
+
+async def test_image_paths_become_images_for_a_vision_model(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cat.png").write_bytes(PNG)
+    (tmp_path / "my dir").mkdir()
+    (tmp_path / "my dir" / "dog.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 16)
+    (tmp_path / "fake.png").write_text("not an image")
+    c = Scripted()
+    s = Session(c, "llava", vision=True)
+    await s.chat("compare ./cat.png with ./my\\ dir/dog.jpg and ./fake.png")
+    user = c.requests[-1][1]["messages"][-1]
+    assert user["content"] == "compare with and ./fake.png"
+    assert user["images"] == [base64.b64encode(PNG).decode(), base64.b64encode(
+        (tmp_path / "my dir" / "dog.jpg").read_bytes()).decode()]
+    out = capsys.readouterr().out
+    assert "Added image 'cat.png'" in out and "Added image 'my dir/dog.jpg'" in out
+
+    plain = Session(c, "tiny")                       # no vision: the text is sent as typed
+    await plain.chat("what is ./cat.png")
+    assert c.requests[-1][1]["messages"][-1] == {"role": "user", "content": "what is ./cat.png"}
+
+
+async def test_one_shot_attaches_images_only_for_vision_models(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cat.png").write_bytes(PNG)
+    for caps, images in ((["completion", "vision"], [base64.b64encode(PNG).decode()]),
+                         (["completion"], None)):
+        c = Scripted(caps)
+        await cli.cmd_run(c, cli.build_parser().parse_args(  # type: ignore[arg-type]
+            ["run", "m", "describe ./cat.png"]))
+        body = c.requests[-1][1]
+        assert body.get("images") == images
+        assert body["prompt"] == ("describe" if images else "describe ./cat.png")
