@@ -21,8 +21,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 
 from corral.daemon.config import Config
-
-VERSION = "0.13.0"
+from corral.daemon.version import VERSION
 
 
 class CliError(Exception):

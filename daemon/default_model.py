@@ -78,9 +78,10 @@ from typing import Any
 
 import structlog
 
-from corral.daemon.api.errors import ApiError
 from corral.daemon.config import Config
-from corral.daemon.store import ModelRecord, Store, parse_name, typed_params
+from corral.daemon.errors import CorralError
+from corral.daemon.params import typed_params
+from corral.daemon.store import ModelRecord, Store, parse_name
 
 log = structlog.get_logger("corral.default_model")
 
@@ -172,7 +173,7 @@ async def ensure_default_model(store: Store, config: Config,
         return None
     try:
         await _import(store, name, embedded, refresh=stored is not None)    # 2. / 3. / 4.
-    except (ApiError, OSError, ValueError) as exc:
+    except (CorralError, OSError, ValueError) as exc:
         log.error("default model import failed", model=name,
                   error=getattr(exc, "message", str(exc)))
         return None

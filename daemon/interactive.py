@@ -39,8 +39,8 @@ from prompt_toolkit.output import create_output
 from prompt_toolkit.shortcuts import ProgressBar
 from prompt_toolkit.shortcuts.progress_bar.formatters import Formatter
 
-from corral.daemon.api.errors import ApiError
-from corral.daemon.store import type_param
+from corral.daemon.errors import InvalidRequest
+from corral.daemon.params import type_param
 
 PROMPT = ">>> "
 CONTINUE = "... "
@@ -267,7 +267,7 @@ class Session:
             raw: Any = value.split() if name == "stop" else value
             try:
                 self.options[name] = type_param(name, raw)
-            except ApiError as e:
+            except InvalidRequest as e:
                 _write(f"Couldn't set parameter: {e.message}\n")
                 return
             shown = ", ".join(raw) if name == "stop" else value

@@ -15,7 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from corral.daemon.store import KNOWN_PARAMS, ModelRecord, type_param
+from corral.daemon.errors import InvalidRequest
+from corral.daemon.params import KNOWN_PARAMS, type_param
+from corral.daemon.store import ModelRecord
 
 COMMANDS = ("from", "license", "template", "system", "adapter", "draft", "renderer", "parser",
             "parameter", "message", "requires")
@@ -145,8 +147,8 @@ def parse(text: str) -> Modelfile:
                 raise ModelfileError(f"(line {line}): unknown parameter '{key}'")
             try:
                 type_param(key, value)
-            except Exception as e:  # ApiError from the typing helper
-                raise ModelfileError(f"(line {line}): {getattr(e, 'message', e)}") from None
+            except InvalidRequest as e:
+                raise ModelfileError(f"(line {line}): {e.message}") from None
         elif instr == "message":
             key = key.lower()
             if key not in MESSAGE_ROLES:

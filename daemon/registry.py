@@ -34,7 +34,7 @@ import aiohttp
 import msgspec
 import structlog
 
-from corral.daemon.api.errors import ApiError
+from corral.daemon.errors import CorralError, Failed, InvalidRequest, NotFound, RegistryUnreachable
 from corral.daemon.store import (
     MANIFEST_V2,
     Layer,
@@ -167,7 +167,7 @@ class Registry:
         if self.base_url_for is not None:
             return self.base_url_for(name).rstrip("/")
         if name.scheme == "http" and not insecure:
-            raise ApiError(400, "insecure protocol http")
+            raise InvalidRequest("insecure protocol http")
         return f"{'http' if insecure else name.scheme}://{name.host}"
 
     def _session(self) -> aiohttp.ClientSession:
@@ -219,7 +219,7 @@ class Registry:
 
     async def pull(self, name: ModelName | str, *, insecure: bool = False,
                    progress: ProgressFn | None = None) -> ModelRecord:
-        """Pull ``name`` into the store; raises ApiError (500 for registry/transfer failures)."""
+        """Pull ``name`` into the store; raises a CorralError (``Failed`` for registry/transfer failures)."""
         name = parse_name(name) if isinstance(name, str) else name
         base = self.base_url(name, insecure)
         repo = self._repo(name)
@@ -240,8 +240,8 @@ class Registry:
             manifest = msgspec.json.decode(raw, type=Manifest)
             blobs = [_Blob(parse_digest(layer.digest), layer.size)
                      for layer in manifest.all_layers()]
-        except (msgspec.DecodeError, ApiError) as e:
-            raise ApiError(500, f"pull model manifest: invalid manifest: {e}") from None
+        except (msgspec.DecodeError, CorralError) as e:
+            raise Failed(f"pull model manifest: invalid manifest: {e}") from None
         for blob in blobs:  # protected from a concurrent delete until the manifest is written
             pin(blob.digest)
         fresh: list[str] = []
@@ -264,11 +264,11 @@ class Registry:
                 body = await resp.read()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             # the registry could not be reached: an upstream failure, not ours
-            raise ApiError(502, f"pull model manifest: {e or type(e).__name__}") from None
+            raise RegistryUnreachable(f"pull model manifest: {e or type(e).__name__}") from None
         if resp.status == 404:
-            raise ApiError(404, "pull model manifest: file does not exist")
+            raise NotFound("pull model manifest: file does not exist")
         if resp.status >= 400:
-            raise ApiError(500, f"pull model manifest: {resp.status}: "
+            raise Failed(f"pull model manifest: {resp.status}: "
                                 f"{body.decode('utf-8', 'replace').strip()}")
         return body
 
@@ -367,7 +367,7 @@ class Registry:
             except (aiohttp.ClientError, asyncio.TimeoutError, _TransferError, OSError) as e:
                 attempt += 1
                 if attempt > self.retries:
-                    raise ApiError(500, f"download failed for {blob.digest}: "
+                    raise Failed(f"download failed for {blob.digest}: "
                                         f"{e or type(e).__name__}") from None
                 log.warning("registry.part_retry", digest=blob.digest, part=part.N,
                             attempt=attempt, error=str(e))
@@ -416,7 +416,7 @@ class Registry:
         got = await asyncio.to_thread(_sha256_file, data)
         if got != digest:
             await asyncio.to_thread(self._discard_partial, digest)
-            raise ApiError(500, f"digest mismatch, file must be downloaded again: "
+            raise Failed(f"digest mismatch, file must be downloaded again: "
                                 f"want {digest}, got {got}")
 
         def commit() -> None:
@@ -451,9 +451,9 @@ class Registry:
                 async with resp:
                     body = await resp.read()
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-                raise ApiError(500, f"push manifest: {e or type(e).__name__}") from None
+                raise Failed(f"push manifest: {e or type(e).__name__}") from None
             if resp.status >= 400:
-                raise ApiError(500, f"push manifest: {resp.status}: "
+                raise Failed(f"push manifest: {resp.status}: "
                                     f"{body.decode('utf-8', 'replace').strip()}")
         await _report(progress, {"status": "success"})
 
@@ -473,7 +473,7 @@ class Registry:
             async with resp:
                 await resp.read()
             if resp.status not in (201, 202):
-                raise ApiError(500, f"push {digest}: start upload: {resp.status}")
+                raise Failed(f"push {digest}: start upload: {resp.status}")
             location = urljoin(blob_url, resp.headers.get("Docker-Upload-Location")
                                or resp.headers.get("Location", ""))
             throttle = _Throttle(progress)
@@ -490,7 +490,7 @@ class Registry:
                 async with resp:
                     await resp.read()
                 if resp.status not in (202, 204):
-                    raise ApiError(500, f"push {digest}: upload part: {resp.status}")
+                    raise Failed(f"push {digest}: upload part: {resp.status}")
                 location = urljoin(location, resp.headers.get("Docker-Upload-Location")
                                    or resp.headers.get("Location") or location)
                 sent += length
@@ -500,12 +500,12 @@ class Registry:
             async with resp:
                 body = await resp.read()
             if resp.status not in (200, 201, 204):
-                raise ApiError(500, f"push {digest}: finish upload: {resp.status}: "
+                raise Failed(f"push {digest}: finish upload: {resp.status}: "
                                     f"{body.decode('utf-8', 'replace').strip()}")
             throttle.close()
             await throttle(_progress_msg("pushing", digest, size, size), force=True)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-            raise ApiError(500, f"push {digest}: {e or type(e).__name__}") from None
+            raise Failed(f"push {digest}: {e or type(e).__name__}") from None
 
 
 class _TransferError(Exception):

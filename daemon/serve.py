@@ -21,6 +21,7 @@ from aiohttp import web
 
 from corral.daemon import logging as corral_logging
 from corral.daemon.config import Config, HostAddr
+from corral.daemon.version import VERSION
 
 log = structlog.get_logger("corral.serve")
 
@@ -83,7 +84,7 @@ async def run(config: Config, ready: Callable[[str], Awaitable[None] | None] | N
                            reuse_address=True, backlog=LISTEN_BACKLOG)
         await site.start()
         addresses = [f"{s[0]}:{s[1]}" for s in (runner.addresses or [])]
-        log.info("Listening", addresses=addresses, version=_version())
+        log.info("Listening", addresses=addresses, version=VERSION)
         if ready is not None:
             res = ready(config.client_url)
             if asyncio.iscoroutine(res):
@@ -154,12 +155,6 @@ def first_command(config: Config, model: str | None) -> str:
     if model is None:
         return f"{corral} list"
     return f"{corral} run {model} 'The capital of France is'"
-
-
-def _version() -> str:
-    from corral.daemon.cli import VERSION
-
-    return VERSION
 
 
 if __name__ == "__main__":  # pragma: no cover

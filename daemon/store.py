@@ -7,13 +7,13 @@ Layout under the root (``OLLAMA_MODELS``), the same one Ollama writes, so both c
 
 Contracts:
 * Every name and digest that reaches a path is validated first (:func:`parse_name`,
-  :func:`parse_digest`); anything that could leave the store is ``ApiError(400)``.
+  :func:`parse_digest`); anything that could leave the store is ``InvalidRequest``.
 * Writes are atomic: a temp file in the target directory, fsync, ``os.replace``. A reader sees
   the old file or the new one, never a torn one. Writers of one name (create, pull) are
   serialised by a per-name lock; manifest commits, deletes and blob garbage collection by one
   store-wide lock, so a delete never removes a blob that a concurrent create is about to
   reference, and never waits for a pull of that name to finish.
-* A full disk (ENOSPC, EDQUOT) is ``ApiError(507, "write <file>: no space left on device")``
+* A full disk (ENOSPC, EDQUOT) is ``NoSpace("write <file>: no space left on device")``
   (Go's wording, as Ollama prints it); the temp file is removed and no manifest changes.
 * Blobs in use are never collected: create/pull pin what they will reference
   (:meth:`Store.pinned`), the supervisor holds a model's blob from a request's arrival until its
@@ -44,7 +44,8 @@ from typing import Any
 import msgspec
 import structlog
 
-from corral.daemon.api.errors import ApiError, model_not_found
+from corral.daemon.errors import CorralError, Failed, InvalidRequest, NoSpace, NotFound, model_not_found
+from corral.daemon.params import typed_params
 
 log = structlog.get_logger(__name__)
 
@@ -117,11 +118,11 @@ def _valid_part(kind: str, s: str) -> bool:
 def parse_name(text: str, *, error: str = INVALID_NAME) -> ModelName:
     """Parse ``[scheme://][host/][namespace/]model[:tag]`` as Ollama does, filling defaults.
 
-    Raises ``ApiError(400, error)`` for anything that is not a valid name: bad characters,
+    Raises ``InvalidRequest(error)`` for anything that is not a valid name: bad characters,
     empty parts (``a//b``), ``..`` or ``.`` parts, too many slashes, absolute paths.
     """
     if not isinstance(text, str) or not text:
-        raise ApiError(400, error)
+        raise InvalidRequest(error)
     s, tag, host, namespace, scheme = text, "", "", "", "https"
     # Parse from the right; a ':' after the last '/' starts the tag.
     if s.rfind(":") > s.rfind("/"):
@@ -142,10 +143,10 @@ def parse_name(text: str, *, error: str = INVALID_NAME) -> ModelName:
     name = ModelName(host=host or DEFAULT_HOST, namespace=namespace or DEFAULT_NAMESPACE,
                      model=model, tag=tag or DEFAULT_TAG, scheme=scheme or "https")
     if scheme not in ("http", "https"):
-        raise ApiError(400, error)
+        raise InvalidRequest(error)
     for kind, part in zip(("host", "namespace", "model", "tag"), name.parts, strict=True):
         if not _valid_part(kind, part):
-            raise ApiError(400, error)
+            raise InvalidRequest(error)
     return name
 
 
@@ -160,7 +161,7 @@ def parse_digest(text: Any) -> str:
     """``sha256:<hex>`` or ``sha256-<hex>`` -> canonical ``sha256:<lowercase hex>``; else 400."""
     m = _DIGEST.match(text) if isinstance(text, str) else None
     if m is None:
-        raise ApiError(400, INVALID_DIGEST)
+        raise InvalidRequest(INVALID_DIGEST)
     return "sha256:" + m.group(1).lower()
 
 
@@ -297,74 +298,6 @@ async def _report(progress: ProgressFn | None, msg: dict[str, Any]) -> None:
 # Parameters
 
 # api.Options / api.Runner field types (Ollama HEAD plus legacy names still sent by clients).
-_INT_PARAMS = frozenset({
-    "num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch", "num_gpu",
-    "main_gpu", "num_thread", "draft_num_predict", "mirostat",
-})
-_FLOAT_PARAMS = frozenset({
-    "top_p", "min_p", "typical_p", "temperature", "repeat_penalty", "presence_penalty",
-    "frequency_penalty", "tfs_z", "mirostat_tau", "mirostat_eta",
-})
-_BOOL_PARAMS = frozenset({
-    "use_mmap", "penalize_newline", "numa", "low_vram", "f16_kv", "logits_all", "vocab_only",
-    "use_mlock",
-})
-_LIST_PARAMS = frozenset({"stop"})
-KNOWN_PARAMS = _INT_PARAMS | _FLOAT_PARAMS | _BOOL_PARAMS | _LIST_PARAMS
-
-
-def _bad_param(key: str, kind: str) -> ApiError:
-    return ApiError(400, f'option "{key}" must be of type {kind}')
-
-
-def type_param(key: str, value: Any) -> Any:
-    """One Modelfile/create parameter value -> its typed form (raises ApiError 400 on a bad one).
-
-    Strings are converted by the key's type; ``stop`` always becomes a list of strings; values of
-    unknown keys are kept as given (Ollama stores them and ignores them at run time).
-    """
-    if key in _LIST_PARAMS:
-        items = value if isinstance(value, list) else [value]
-        if not all(isinstance(v, str) for v in items):
-            raise _bad_param(key, "array")
-        return list(items)
-    if key in _INT_PARAMS:
-        if isinstance(value, bool):
-            raise _bad_param(key, "integer")
-        if isinstance(value, (int, float)):
-            return int(value)
-        try:
-            return int(str(value).strip())
-        except ValueError:
-            try:
-                return int(float(str(value).strip()))
-            except ValueError:
-                raise _bad_param(key, "integer") from None
-    if key in _FLOAT_PARAMS:
-        if isinstance(value, bool):
-            raise _bad_param(key, "float32")
-        if isinstance(value, (int, float)):
-            return float(value)
-        try:
-            return float(str(value).strip())
-        except ValueError:
-            raise _bad_param(key, "float32") from None
-    if key in _BOOL_PARAMS:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "1", "t"):
-            return True
-        if text in ("false", "0", "f"):
-            return False
-        raise _bad_param(key, "boolean")
-    return value
-
-
-def typed_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: type_param(k, v) for k, v in params.items()}
-
-
 # ---------------------------------------------------------------------------------------------
 # Small helpers
 
@@ -397,13 +330,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
-NO_SPACE = 507  # Insufficient Storage
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @contextlib.contextmanager
 def disk_writes(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Turn a full disk or quota while writing ``path`` into ``ApiError(507)``; other errors
+    """Turn a full disk or quota while writing ``path`` into ``NoSpace``; other errors
     pass through unchanged."""
     try:
         yield
@@ -411,7 +343,7 @@ def disk_writes(path: str | os.PathLike[str]) -> Iterator[None]:
         if e.errno not in _DISK_FULL:
             raise
         log.warning("store.disk_full", path=str(path), error=os.strerror(e.errno))
-        raise ApiError(NO_SPACE, f"write {path}: {os.strerror(e.errno).lower()}") from None
+        raise NoSpace(f"write {path}: {os.strerror(e.errno).lower()}") from None
 
 
 def _valid_relative(path: str) -> bool:
@@ -546,7 +478,7 @@ class Store:
             host, ns, model, tag = path.relative_to(self.manifests_dir).parts
             try:
                 name = parse_name(f"{host}/{ns}/{model}:{tag}")
-            except ApiError:
+            except CorralError:
                 continue
             if name.parts == (host, ns, model, tag):
                 names.append(name)
@@ -555,7 +487,7 @@ class Store:
     # ---- reading ----------------------------------------------------------------------------
 
     def resolve(self, name: str | ModelName) -> ModelRecord:
-        """The model called ``name``; ``ApiError(400)`` for a bad name, 404 when absent.
+        """The model called ``name``; ``InvalidRequest`` for a bad name, ``NotFound`` when absent.
 
         Fast path (every inference request): a name that resolved before to its exact spelling
         on disk costs one stat of that manifest while the file is unchanged."""
@@ -588,7 +520,7 @@ class Store:
         try:
             return _manifest_decoder.decode(raw), raw
         except msgspec.DecodeError as e:
-            raise ApiError(500, f"invalid manifest for {name.display}: {e}") from None
+            raise Failed(f"invalid manifest for {name.display}: {e}") from None
 
     def _read_text(self, layer: Layer) -> str:
         return self.blob_path(layer.digest).read_text(encoding="utf-8")
@@ -654,7 +586,7 @@ class Store:
             elif mt == MEDIA_PARAMS:
                 data = msgspec.json.decode(self.blob_path(layer.digest).read_bytes())
                 if isinstance(data, dict):
-                    with contextlib.suppress(ApiError):
+                    with contextlib.suppress(CorralError):
                         data = typed_params(data)
                     params = data
             elif mt == MEDIA_MESSAGES:
@@ -679,7 +611,7 @@ class Store:
         for name in self._manifest_names():
             try:
                 records.append(self._read_record(name))
-            except (ApiError, OSError, msgspec.DecodeError) as e:
+            except (CorralError, OSError, msgspec.DecodeError) as e:
                 log.warning("store.bad_manifest", name=name.full, error=str(e))
         records.sort(key=lambda r: r.modified_at, reverse=True)
         return records
@@ -690,10 +622,10 @@ class Store:
         for name in self._manifest_names():
             try:
                 manifest, _ = self.read_manifest(name)
-            except (ApiError, OSError):
+            except (CorralError, OSError):
                 continue
             for layer in manifest.all_layers():
-                with contextlib.suppress(ApiError):
+                with contextlib.suppress(CorralError):
                     refs.add(parse_digest(layer.digest))
         return refs
 
@@ -703,7 +635,7 @@ class Store:
         """Store the bytes of ``chunks`` as blob ``digest``; True if written, False if present.
 
         The sha256 is computed while streaming; on a mismatch nothing is left behind and
-        ``ApiError(400, 'digest mismatch, expected "…", got "…"')`` is raised. Disk writes and
+        ``InvalidRequest('digest mismatch, expected "…", got "…"')`` is raised. Disk writes and
         hashing run in a worker thread, in batches of about 1 MiB.
         """
         want = parse_digest(digest)
@@ -734,7 +666,7 @@ class Store:
                     await asyncio.to_thread(flush, b"".join(buf))
             got = "sha256:" + h.hexdigest()
             if got != want:
-                raise ApiError(400, f'digest mismatch, expected "{want}", got "{got}"')
+                raise InvalidRequest(f'digest mismatch, expected "{want}", got "{got}"')
 
             def commit() -> None:
                 f.flush()
@@ -772,12 +704,12 @@ class Store:
         async with self._commit_lock:
             for layer in manifest.all_layers():
                 if not self.has_blob(layer.digest):
-                    raise ApiError(500, f"blob {parse_digest(layer.digest)} is missing")
+                    raise Failed(f"blob {parse_digest(layer.digest)} is missing")
             existing = self._existing(name)
             target = existing or name
             old: list[Layer] = []
             if existing is not None:
-                with contextlib.suppress(ApiError, OSError):
+                with contextlib.suppress(CorralError, OSError):
                     old = self.read_manifest(existing)[0].all_layers()
             with disk_writes(self.manifest_path(target)):
                 await asyncio.to_thread(_atomic_write, self.manifest_path(target), data)
@@ -791,7 +723,7 @@ class Store:
         for layer in layers:
             try:
                 digest = parse_digest(layer.digest)
-            except ApiError:
+            except CorralError:
                 continue
             if digest in refs:
                 continue
@@ -818,7 +750,7 @@ class Store:
         d = parse_name(dst, error=f'destination "{dst}" is invalid')
         found = self._existing(s)
         if found is None:
-            raise ApiError(404, f'model "{src}" not found')
+            raise NotFound(f'model "{src}" not found')
         async with self.name_lock(d):
             data = self.manifest_path(found).read_bytes()
             await self.write_manifest(d, data)
@@ -832,7 +764,7 @@ class Store:
         async with self._commit_lock:
             found = self._existing(parsed)
             if found is None:
-                raise ApiError(404, f"model '{name}' not found")
+                raise NotFound(f"model '{name}' not found")
             record = self._read_record(found)
             path = self.manifest_path(found)
             path.unlink()
@@ -923,10 +855,10 @@ class Store:
         from corral.daemon import gguf_info  # local: gguf/numpy are heavy to import
 
         if quantize:
-            raise ApiError(400, f"quantization to {quantize!r} is not supported by corral; "
+            raise InvalidRequest(f"quantization to {quantize!r} is not supported by corral; "
                                 "quantize the GGUF with llama.cpp's llama-quantize first")
         if not from_ and not files:
-            raise ApiError(400, "neither 'from' or 'files' was specified")
+            raise InvalidRequest("neither 'from' or 'files' was specified")
         # Everything a client can get wrong is checked before the first blob is written.
         if template is not None:
             from corral.daemon.templates import GoTemplate, TemplateError
@@ -934,14 +866,14 @@ class Store:
             try:
                 GoTemplate(template)
             except TemplateError as e:
-                raise ApiError(400, f"template error: {e}") from None
+                raise InvalidRequest(f"template error: {e}") from None
         clean_messages = None
         if messages is not None:
             clean_messages = []
             for m in messages:
                 role = m.get("role") if isinstance(m, Mapping) else None
                 if role not in ("system", "user", "assistant", "tool"):
-                    raise ApiError(400, 'message role must be one of "system", "user", or "assistant"')
+                    raise InvalidRequest('message role must be one of "system", "user", or "assistant"')
                 clean_messages.append({k: v for k, v in m.items() if v not in (None, "", [])}
                                       | {"role": role})
         new_params = typed_params(parameters) if parameters else {}
@@ -984,7 +916,7 @@ class Store:
                 if info.architecture and info.architecture not in families:
                     families.append(info.architecture)
             if len(model_layers) != 1:
-                raise ApiError(400, "exactly one GGUF model file is required"
+                raise InvalidRequest("exactly one GGUF model file is required"
                                if not model_layers else "only one GGUF model file is supported")
             config = msgspec.structs.replace(config, model_families=families or None)
             layers = [lay for lay in layers
@@ -993,7 +925,7 @@ class Store:
 
         if adapters:
             if len(adapters) > 1:
-                raise ApiError(400, "only one adapter is currently supported")
+                raise InvalidRequest("only one adapter is currently supported")
             fname, digest = next(iter(adapters.items()))
             layer, _ = await self._gguf_layer(fname, digest, progress, gguf_info, pin)
             layers = [lay for lay in layers if lay.mediaType != MEDIA_ADAPTER]
@@ -1046,23 +978,23 @@ class Store:
                           gguf_info: Any, pin: Callable[[str], None]) -> tuple[Layer, Any]:
         """Validate one uploaded file of a create request and read its GGUF metadata."""
         if not _valid_relative(fname):
-            raise ApiError(400, "file path must be relative")
+            raise InvalidRequest("file path must be relative")
         d = parse_digest(digest)
         pin(d)
         path = self.blob_path(d)
         if not path.is_file():
-            raise ApiError(400, f'blob "{d}" not found; upload it with POST /api/blobs/{d} first')
+            raise InvalidRequest(f'blob "{d}" not found; upload it with POST /api/blobs/{d} first')
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic != GGUF_MAGIC:
             if fname.endswith((".safetensors", ".json", ".bin", ".pth", ".model")):
-                raise ApiError(400, "importing safetensors/PyTorch files is not supported by "
+                raise InvalidRequest("importing safetensors/PyTorch files is not supported by "
                                     "corral; convert the model to GGUF first")
-            raise ApiError(400, "supplied file was not in GGUF format")
+            raise InvalidRequest("supplied file was not in GGUF format")
         await _report(progress, {"status": "parsing GGUF"})
         try:
             info = await gguf_info.read_info_async(path)
         except Exception as e:  # noqa: BLE001 - any reader failure is a bad upload
-            raise ApiError(400, f"invalid GGUF file {fname}: {e}") from None
+            raise InvalidRequest(f"invalid GGUF file {fname}: {e}") from None
         await _report(progress, {"status": f"using existing layer {d}"})
         return Layer(mediaType=MEDIA_MODEL, digest=d, size=path.stat().st_size), info

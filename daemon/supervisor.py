@@ -9,7 +9,8 @@ the inbox. The only timer is the one armed for ``scheduler.next_deadline()`` (a 
 Used by the HTTP layer:
 
 * ``lease = await sup.acquire(model, options, keep_alive, kind)`` waits for a runner slot and
-  raises :class:`ApiError` (503 queue full / shutting down, 500 load failure, 400/404).
+  raises a :class:`~corral.daemon.errors.CorralError` (``Busy``: queue full / shutting down,
+  ``Failed``: load failure, ``InvalidRequest``/``NotFound``).
   Cancelling the awaiting task (client gone) withdraws the request: a queued request frees its
   queue place at once.
 * ``async with lease:`` - leaving it releases the slot exactly once (also on exceptions and
@@ -43,7 +44,7 @@ import msgspec
 import structlog
 
 from corral.daemon import gguf_info
-from corral.daemon.api.errors import QUEUE_FULL, ApiError
+from corral.daemon.errors import Busy, CorralError, Failed, InvalidRequest, NotFound
 from corral.daemon import engine_probe
 from corral.daemon.gpu import GpuProbe, engine_verdict, make_probe
 from corral.daemon.metrics import Metrics
@@ -57,6 +58,7 @@ from corral.daemon.runners import (
 )
 from corral.runner.protocol import EngineProbe, FakeKnobs, LaunchSpec, Ready
 from corral.scheduler import (
+    QUEUE_FULL_MESSAGE,
     SHUTTING_DOWN_MESSAGE,
     Abort,
     Effect,
@@ -89,8 +91,6 @@ from corral.scheduler import (
 from corral.scheduler.estimate import default_num_ctx
 
 log = structlog.get_logger(__name__)
-
-assert QUEUE_FULL == "server busy, please try again.  maximum pending requests exceeded"
 
 MAX_DURATION_S = ((1 << 63) - 1) / 1e9     # Go's MaxInt64 ns: "forever" in expires_at
 REFRESH_INTERVAL = 0.25                    # probe polling while stopped runners' memory is held
@@ -141,12 +141,18 @@ def facts_from_info(info: gguf_info.GGUFInfo, file_size: int) -> ModelFacts:
     )
 
 
+def _scheduler_error(status: int, message: str) -> CorralError:
+    """A scheduler Reject/Fail as a domain error: 503 (queue full, shutting down) means try later,
+    the scheduler's other status (500) a load failure."""
+    return Busy(message) if status == 503 else Failed(message)
+
+
 def _opt_int(merged: Mapping[str, Any], key: str) -> int | None:
     value = merged.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ApiError(400, f"option {key!r} must be a number")
+        raise InvalidRequest(f"option {key!r} must be a number")
     return int(value)
 
 
@@ -174,7 +180,7 @@ def runner_options(merged: Mapping[str, Any], *, context_length: int, default_ct
     num_batch_auto = num_batch is None
     use_mmap = merged.get("use_mmap")                           # 3.
     if use_mmap is not None and not isinstance(use_mmap, bool):
-        raise ApiError(400, "option 'use_mmap' must be a boolean")
+        raise InvalidRequest("option 'use_mmap' must be a boolean")
     num_gpu = _opt_int(merged, "num_gpu")
     return RunnerOptions(
         num_ctx=num_ctx,
@@ -486,7 +492,7 @@ class Supervisor:
             lease._abort(SHUTTING_DOWN_MESSAGE)
         for fut in self._waiters.values():
             if not fut.done():
-                fut.set_exception(ApiError(503, SHUTTING_DOWN_MESSAGE))
+                fut.set_exception(Busy(SHUTTING_DOWN_MESSAGE))
         if self._owner is not None:
             self._owner.cancel()
         pending = [t for t in (self._owner, *self._tasks) if t is not None]
@@ -517,10 +523,10 @@ class Supervisor:
             raise RuntimeError("Supervisor.start() was not called")
         if self._closing:
             self._count_rejected(SHUTTING_DOWN_MESSAGE)
-            raise ApiError(503, SHUTTING_DOWN_MESSAGE)
+            raise Busy(SHUTTING_DOWN_MESSAGE)
         t0 = time.monotonic()
         if model.model_path is None:
-            raise ApiError(400, f'"{model.name}" does not support generate')
+            raise InvalidRequest(f'"{model.name}" does not support generate')
         model_key = str(model.model_path)
         facts = await self._model_facts(model, model_key)
         merged = {**dict(model.parameters or {}), **dict(options or {})}
@@ -529,7 +535,7 @@ class Supervisor:
                               kv_cache_type=getattr(self.config, "kv_cache_type", "") or "",
                               flash_attention=getattr(self.config, "flash_attention", None))
         if self._closing:
-            raise ApiError(503, SHUTTING_DOWN_MESSAGE)
+            raise Busy(SHUTTING_DOWN_MESSAGE)
         req_id = next(self._ids)
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiters[req_id] = fut
@@ -553,7 +559,7 @@ class Supervisor:
         ready = r.ready if r is not None else None
         if r is None or ready is None:   # cannot happen: Grant follows RunnerReady
             self.post(RequestFinished(req_id=req_id))
-            raise ApiError(500, "runner is not available")
+            raise Failed("runner is not available")
         lease = Lease(self, req_id, runner_id, f"http://127.0.0.1:{ready.port}",
                       ready.n_ctx_per_slot, time.monotonic() - t0, self.session, r.proc)
         self._leases[req_id] = lease
@@ -580,7 +586,7 @@ class Supervisor:
         return self._closing
 
     def _count_rejected(self, message: str) -> None:
-        reason = "queue_full" if message == QUEUE_FULL else "shutting_down" \
+        reason = "queue_full" if message == QUEUE_FULL_MESSAGE else "shutting_down" \
             if message == SHUTTING_DOWN_MESSAGE else "other"
         self.metrics.rejected.labels(reason).inc()
 
@@ -703,7 +709,7 @@ class Supervisor:
         self._closing = True
         for fut in self._waiters.values():
             if not fut.done():
-                fut.set_exception(ApiError(500, "internal scheduler error"))
+                fut.set_exception(Failed("internal scheduler error"))
 
     def _dispatch(self, event: Event) -> None:
         sched = self._sched
@@ -749,7 +755,7 @@ class Supervisor:
         elif isinstance(effect, (Reject, Fail)):
             fut = self._waiters.get(effect.req_id)
             if fut is not None and not fut.done():
-                fut.set_exception(ApiError(effect.status, effect.message))
+                fut.set_exception(_scheduler_error(effect.status, effect.message))
             if effect.status == 503:
                 self._count_rejected(effect.message)
             if isinstance(effect, Fail) or effect.status != 503:
@@ -1011,9 +1017,9 @@ class Supervisor:
             info = await gguf_info.read_info_async(model_key)
             size = os.path.getsize(model_key)
         except FileNotFoundError as exc:
-            raise ApiError(404, f'model "{model.name}" not found, try pulling it first') from exc
+            raise NotFound(f'model "{model.name}" not found, try pulling it first') from exc
         except Exception as exc:
-            raise ApiError(500, f"unable to load model: {model_key}: {exc}: this model may be "
+            raise Failed(f"unable to load model: {model_key}: {exc}: this model may be "
                                 "incompatible with your version of corral. If you previously "
                                 f"pulled this model, try updating it by running `ollama pull "
                                 f"{model.name}`") from exc

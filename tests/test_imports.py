@@ -5,7 +5,9 @@ Allowed: ``daemon -> scheduler``, ``daemon -> runner.protocol``, ``runner.* -> r
 that mean I/O, clock, environment, concurrency or logging. ``daemon`` never imports
 ``runner.engine`` / ``runner.fake`` / ``runner.server`` / ``runner.__main__``. Only
 ``runner/engine.py`` and ``runner/devices.py`` (the engine probe) import ``llama_cpp``;
-``runner/protocol.py`` needs nothing but msgspec.
+``runner/protocol.py`` needs nothing but msgspec. Only the api layer (``daemon/api``) and the
+composition root (``daemon/serve.py``, which builds the app) import ``daemon.api``: the domain
+raises ``daemon.errors`` and never the web layer's errors.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ def _within(name: str, pkg: str) -> bool:
     return name == pkg or name.startswith(pkg + ".")
 
 
+# serve builds the aiohttp app from the api layer and the domain objects it wires together.
+API_IMPORTERS = {"corral.daemon.serve"}
+
+
 def _violations(module: str, imported: str) -> str | None:
     top = imported.split(".")[0]
     if module.startswith("corral.scheduler"):
@@ -91,6 +97,9 @@ def _violations(module: str, imported: str) -> str | None:
         if module == "corral.runner.protocol" and _is_ours(imported) \
                 and not _within(imported, "corral.runner.protocol"):
             return "runner.protocol imports nothing else of ours"
+    if _within(imported, "corral.daemon.api") and not _within(module, "corral.daemon.api") \
+            and module not in API_IMPORTERS:
+        return "only daemon/api and the composition root import daemon.api"
     if top == "llama_cpp" and module not in ("corral.runner.engine", "corral.runner.devices"):
         return "only runner/engine.py and runner/devices.py import llama_cpp"
     return None
@@ -133,6 +142,11 @@ def test_import_directions(module: str, path: Path) -> None:
         ("corral.runner.server", "corral.daemon.config", False),
         ("corral.runner.protocol", "corral.runner.engine", False),
         ("corral.runner.engine", "llama_cpp", True),
+        ("corral.daemon.store", "corral.daemon.api.errors", False),
+        ("corral.daemon.supervisor", "corral.daemon.api", False),
+        ("corral.daemon.supervisor", "corral.daemon.errors", True),
+        ("corral.daemon.api.native_infer", "corral.daemon.api.errors", True),
+        ("corral.daemon.serve", "corral.daemon.api.app", True),
     ],
 )
 def test_the_checker_itself(module: str, imported: str, ok: bool) -> None:

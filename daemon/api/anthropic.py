@@ -31,9 +31,10 @@ from aiohttp import web
 from corral.daemon.api import native_infer as core
 from corral.daemon.api import openai as oa
 from corral.daemon.api import options as opts
-from corral.daemon.api.errors import ApiError, anthropic_error
+from corral.daemon.api.errors import ApiError, anthropic_error, as_api_error
 from corral.daemon.api.keys import SUPERVISOR
 from corral.daemon.api.responses import LazyStream, json_response
+from corral.daemon.errors import CorralError
 
 # ---- request shapes (checked: a wrong type is a 400 naming the field) --------------------------
 
@@ -354,10 +355,10 @@ async def _stream(request: web.Request, job: core.Job, msg_id: str, model: str,
                 await close()
             if out.gone:
                 break
-    except ApiError as e:
+    except (ApiError, CorralError) as e:
         if not out.started:
             raise
-        await out.event("error", {"type": "error", "error": anthropic_error(e)})
+        await out.event("error", {"type": "error", "error": anthropic_error(as_api_error(e))})
     return await out.finish()
 
 

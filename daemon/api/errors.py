@@ -4,12 +4,26 @@ Native endpoints answer ``{"error": message}``; ``/v1`` endpoints answer OpenAI'
 ``{"error": {"message", "type", "param", "code"}}``, except ``/v1/messages`` (Anthropic's
 ``{"type": "error", "error": {"type", "message"}, "request_id"}``). Raise :class:`ApiError` anywhere below a
 handler; never let another exception escape as a traceback (the middleware maps it to 500).
+The domain's errors (``daemon/errors.py``) carry no status: :func:`http_status` is the one table
+that gives each its status, and the middleware answers them as it answers an ``ApiError``.
 """
 
 from __future__ import annotations
 
-# Ollama's exact texts (shared/reference/ollama-api.md §2).
-QUEUE_FULL = "server busy, please try again.  maximum pending requests exceeded"
+from corral.daemon.errors import (
+    Busy,
+    CorralError,
+    Failed,
+    InvalidRequest,
+    NoSpace,
+    NotFound,
+    RegistryUnreachable,
+)
+
+STATUS: dict[type[CorralError], int] = {
+    InvalidRequest: 400, NotFound: 404, Failed: 500, RegistryUnreachable: 502, Busy: 503,
+    NoSpace: 507,
+}
 
 
 class ApiError(Exception):
@@ -27,8 +41,14 @@ class ApiError(Exception):
         return f"ApiError({self.status}, {self.message!r})"
 
 
-def model_not_found(name: str) -> ApiError:
-    return ApiError(404, f'model "{name}" not found, try pulling it first')
+def http_status(err: ApiError | CorralError) -> int:
+    """The HTTP status a client gets for ``err``."""
+    return err.status if isinstance(err, ApiError) else STATUS[type(err)]
+
+
+def as_api_error(err: ApiError | CorralError) -> ApiError:
+    """``err`` as the web layer's error (a domain error gets its status from :data:`STATUS`)."""
+    return err if isinstance(err, ApiError) else ApiError(STATUS[type(err)], err.message)
 
 
 def openai_error_type(status: int) -> str:

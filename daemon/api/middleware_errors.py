@@ -4,6 +4,7 @@
   ``/v1/messages*``, or OpenAI's for the other paths under ``/v1/``.
 * aiohttp's own ``HTTPException`` (404 unknown path, 405, 413 body too large, ...) passes through
   unchanged, except that 413 gets a JSON body.
+* A domain ``CorralError`` -> the status ``errors.STATUS`` gives its class, bodies as above.
 * Any other exception -> 500 with its text; the traceback is logged, never sent.
 * Cancellation (client gone) propagates.
 
@@ -19,7 +20,14 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from corral.daemon.api.errors import ApiError, anthropic_body, native_body, openai_body
+from corral.daemon.api.errors import (
+    ApiError,
+    anthropic_body,
+    as_api_error,
+    native_body,
+    openai_body,
+)
+from corral.daemon.errors import CorralError
 
 log = structlog.get_logger(__name__)
 
@@ -40,8 +48,8 @@ def error_response(request: web.Request, err: ApiError) -> web.Response:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as err:
-        return error_response(request, err)
+    except (ApiError, CorralError) as err:
+        return error_response(request, as_api_error(err))
     except web.HTTPRequestEntityTooLarge as exc:
         return error_response(request, ApiError(413, exc.text or "request body too large"))
     except (web.HTTPException, asyncio.CancelledError):

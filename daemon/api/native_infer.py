@@ -34,6 +34,7 @@ from corral.daemon.api.errors import ApiError
 from corral.daemon.api.keys import METRICS, STORE, SUPERVISOR
 from corral.daemon.api.middleware import LOG_MODEL
 from corral.daemon.api.responses import LazyStream, json_response
+from corral.daemon.errors import CorralError, NotFound
 from corral.daemon.metrics import ModelSeries
 from corral.daemon.store import ModelRecord
 from corral.runner import protocol
@@ -80,8 +81,8 @@ async def resolve(app: web.Application, name: str, *, style: str) -> Model:
     ``model "x" not found, try pulling it first`` (embed, scheduler)."""
     try:
         record = app[STORE].resolve(name)
-    except ApiError as e:
-        if e.status == 404 and style == "quoted":
+    except NotFound:
+        if style == "quoted":
             raise ApiError(404, f"model '{name}' not found") from None
         raise
     info = None
@@ -595,7 +596,7 @@ async def _drive(request: web.Request, job: Job, stream: bool, chunk_line, final
             await out.write(chunk_line(ev), hold=ev.more)
             if out.gone:
                 break
-    except ApiError as e:
+    except (ApiError, CorralError) as e:
         if not out.started:
             raise
         await out.send({"error": e.message})

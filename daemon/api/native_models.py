@@ -25,7 +25,9 @@ from corral.daemon.api import options as opts
 from corral.daemon.api.errors import ApiError
 from corral.daemon.api.keys import STORE, SUPERVISOR
 from corral.daemon.api.responses import LazyStream, json_response
+from corral.daemon.errors import CorralError, NotFound
 from corral.daemon.registry import Registry
+from corral.daemon.version import VERSION
 from corral.daemon.store import (
     ModelName,
     ModelRecord,
@@ -36,8 +38,6 @@ from corral.daemon.store import (
 )
 
 log = structlog.get_logger(__name__)
-
-VERSION = "0.13.0"
 
 # The registry client used by pull/push; tests put one with a loopback mapping here.
 REGISTRY: web.AppKey[Registry] = web.AppKey("registry", Registry)
@@ -116,7 +116,7 @@ async def run_progress(request: web.Request, stream: bool | None, work: Work) ->
     out = LazyStream.ndjson(request)
     try:
         await work(out.send)
-    except ApiError as err:
+    except (ApiError, CorralError) as err:
         if not out.started:
             raise
         await out.send({"error": err.message})
@@ -216,10 +216,8 @@ async def show(request: web.Request) -> web.Response:
     name = parse_name(req.target())
     try:
         record = store.resolve(name)
-    except ApiError as e:
-        if e.status == 404:
-            raise ApiError(404, f"model '{name.display}' not found") from None
-        raise
+    except NotFound:
+        raise ApiError(404, f"model '{name.display}' not found") from None
     info, caps = await model_facts(record)
     params = dict(record.parameters)
     if req.options:

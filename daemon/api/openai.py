@@ -23,10 +23,11 @@ from aiohttp import web
 
 from corral.daemon.api import native_infer as core
 from corral.daemon.api import options as opts
-from corral.daemon.api.errors import ApiError, openai_body
+from corral.daemon.api.errors import ApiError, as_api_error, openai_body
 from corral.daemon.api.keys import STORE
 from corral.daemon.api.middleware import LOG_MODEL
 from corral.daemon.api.responses import LazyStream, json_response
+from corral.daemon.errors import CorralError, NotFound
 
 _enc = msgspec.json.Encoder()
 FINGERPRINT = "fp_ollama"
@@ -345,10 +346,10 @@ async def _stream(request: web.Request, job: core.Job, chunk: Callable[[dict], b
                 await out.write(chunk(c), hold=ev.more or i < len(choices) - 1)
             if out.gone:
                 break
-    except ApiError as e:
+    except (ApiError, CorralError) as e:
         if not out.started:
             raise
-        await out.send(openai_body(e))
+        await out.send(openai_body(as_api_error(e)))
     await out.write(b"[DONE]")
     return await out.finish()
 
@@ -584,10 +585,8 @@ async def retrieve_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     try:
         record = request.app[STORE].resolve(name)
-    except ApiError as e:
-        if e.status == 404:
-            raise ApiError(404, f"model '{name}' not found") from None
-        raise
+    except NotFound:
+        raise ApiError(404, f"model '{name}' not found") from None
     return json_response(_model_obj(name, record))
 
 

@@ -31,8 +31,9 @@ from aiohttp import web
 from corral.daemon.api import native_infer as core
 from corral.daemon.api import openai as oa
 from corral.daemon.api import options as opts
-from corral.daemon.api.errors import ApiError, openai_body
+from corral.daemon.api.errors import ApiError, as_api_error, openai_body
 from corral.daemon.api.responses import LazyStream, json_response
+from corral.daemon.errors import CorralError
 
 
 class _Reasoning(msgspec.Struct):
@@ -370,10 +371,10 @@ async def _stream(request: web.Request, job: core.Job, result: _Result) -> web.S
                     index += 1
             if out.gone:
                 break
-    except ApiError as e:
+    except (ApiError, CorralError) as e:
         if not out.started:
             raise
-        await event("error", {**openai_body(e)["error"]})
+        await event("error", {**openai_body(as_api_error(e))["error"]})
     return await out.finish()
 
 

@@ -16,7 +16,7 @@ import msgspec
 
 from corral.daemon.api.errors import ApiError
 from corral.daemon.config import keep_alive_from_json
-from corral.daemon.store import KNOWN_PARAMS, type_param
+from corral.daemon.params import KNOWN_PARAMS, type_param
 
 # The api.Runner options: they decide how a model is loaded (a change forces a reload).
 LOAD_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread",

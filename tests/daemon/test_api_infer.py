@@ -7,7 +7,9 @@ import math
 import ollama
 import pytest
 
-from corral.daemon.api.errors import QUEUE_FULL, ApiError
+from corral.daemon.api.errors import ApiError
+from corral.daemon.errors import Busy
+from corral.scheduler import QUEUE_FULL_MESSAGE as QUEUE_FULL
 from tests.daemon.test_api_infer_support import Env, env  # noqa: F401 - fixture
 
 WEATHER_TOOL = {"type": "function", "function": {
@@ -187,7 +189,7 @@ async def test_bad_bodies(env: Env) -> None:
 
 
 async def test_queue_full_and_cancel(env: Env) -> None:
-    env.supervisor.fail = ApiError(503, QUEUE_FULL)
+    env.supervisor.fail = Busy(QUEUE_FULL)
     with pytest.raises(ollama.ResponseError) as e:
         async for _ in await client(env).generate(model="chatml", prompt="x", stream=True):
             pass

@@ -25,6 +25,7 @@ from aiohttp.test_utils import TestServer
 
 from corral.daemon.api.app import make_app
 from corral.daemon.api.errors import ApiError
+from corral.daemon.errors import CorralError
 from corral.daemon.config import Config, HostAddr
 from corral.daemon.store import Store
 from corral.runner import protocol
@@ -151,7 +152,7 @@ class FakeSupervisor:
         self.acquired: list[tuple[str, dict, float | None, str]] = []
         self.leases: list[Lease] = []
         self.unloaded: list[str] = []
-        self.fail: ApiError | None = None
+        self.fail: ApiError | CorralError | None = None
         self.active = 0
         self.rows: list[dict] = []
 

@@ -13,7 +13,7 @@ import aiohttp
 import ollama
 import pytest
 
-from corral.daemon.api.errors import ApiError
+from corral.daemon.errors import CorralError
 from corral.daemon.api.native_models import REGISTRY
 from corral.daemon.registry import Registry
 from corral.daemon.store import MEDIA_MODEL, MEDIA_PARAMS, MEDIA_TEMPLATE, Store
@@ -145,7 +145,7 @@ async def test_wrong_digest_is_refused_and_store_untouched(tmp_path: Path, reg: 
     other = gguf + b"\0" * 16  # a new blob the registry serves corrupted
     reg.publish("library/tiny", "bad", [(MEDIA_MODEL, other)])
     reg.corrupt.add(sha(other))
-    with pytest.raises(ApiError) as exc:
+    with pytest.raises(CorralError) as exc:
         await registry(store).pull(f"{reg.host}/library/tiny:bad", insecure=True)
     assert exc.value.message.startswith(
         f"digest mismatch, file must be downloaded again: want {sha(other)}, got sha256:")
@@ -178,14 +178,14 @@ async def test_pull_errors(tmp_path: Path, reg: RegistryServer, tiny_gguf: Path,
                                            "size": 1}, "layers": []}).encode()
     store = Store(tmp_path)
     name = f"{reg.host}/library/{'nope' if setup == 'missing' else 'tiny'}"
-    with pytest.raises(ApiError) as exc:
+    with pytest.raises(CorralError) as exc:
         await registry(store, retries=1).pull(name, insecure=True)
     assert error in exc.value.message
     assert not (tmp_path / "manifests").exists()
 
 
 async def test_http_scheme_needs_insecure(tmp_path: Path, reg: RegistryServer) -> None:
-    with pytest.raises(ApiError, match="insecure protocol http"):
+    with pytest.raises(CorralError, match="insecure protocol http"):
         await registry(Store(tmp_path)).pull(f"http://{reg.host}/library/tiny")
 
 

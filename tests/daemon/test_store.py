@@ -12,7 +12,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from corral.daemon.api.errors import ApiError
+from corral.daemon.api.errors import http_status
+from corral.daemon.errors import CorralError
 from corral.daemon.store import (
     MEDIA_LICENSE,
     MEDIA_MODEL,
@@ -93,9 +94,9 @@ def test_parse_name_valid(text: str, full: str, display: str) -> None:
     "a\\b", "a\x00b", "m:..", "m:.", "ftp://h/n/m", "a" * 81, "m@sha256:abc", "m;rm", "m:t:u",
 ])
 def test_parse_name_invalid(text: str) -> None:
-    with pytest.raises(ApiError) as exc:
+    with pytest.raises(CorralError) as exc:
         parse_name(text)
-    assert exc.value.status == 400
+    assert http_status(exc.value) == 400
     assert exc.value.message == "invalid model name"
 
 
@@ -111,9 +112,9 @@ def test_parse_digest_valid(text: str) -> None:
     "sha256:../../" + "a" * 58, "sha256:" + "a" * 64 + "/../x", "../sha256-" + "a" * 64, None, 5,
 ])
 def test_parse_digest_invalid(text: object) -> None:
-    with pytest.raises(ApiError) as exc:
+    with pytest.raises(CorralError) as exc:
         parse_digest(text)
-    assert exc.value.status == 400
+    assert http_status(exc.value) == 400
 
 
 @pytest.mark.parametrize(("n", "text"), [
@@ -150,9 +151,9 @@ def test_reads_an_ollama_written_store(tmp_path: Path, tiny_gguf: Path) -> None:
 
 
 def test_resolve_unknown_is_404(tmp_path: Path) -> None:
-    with pytest.raises(ApiError) as exc:
+    with pytest.raises(CorralError) as exc:
         Store(tmp_path).resolve("nope")
-    assert exc.value.status == 404
+    assert http_status(exc.value) == 404
     assert "not found" in exc.value.message
 
 
@@ -180,9 +181,9 @@ async def test_write_blob_stream_verifies(tmp_path: Path) -> None:
     assert store.blob_path(sha(data)).read_bytes() == data
     assert not await store.write_blob_stream(sha(data), chunks(b"ignored"))  # already present
     before = tree(tmp_path)
-    with pytest.raises(ApiError) as exc:
+    with pytest.raises(CorralError) as exc:
         await store.write_blob_stream(sha(b"other"), chunks(data))
-    assert exc.value.status == 400
+    assert http_status(exc.value) == 400
     assert exc.value.message == f'digest mismatch, expected "{sha(b"other")}", got "{sha(data)}"'
     assert tree(tmp_path) == before
 
@@ -289,9 +290,9 @@ async def test_create_rejects(tmp_path: Path, tiny_gguf: Path, kwargs: dict, sta
         return {"@D": digest, "@T": sha(text_blob)}.get(v, v) if isinstance(v, str) else v
 
     before = tree(tmp_path)
-    with pytest.raises(ApiError) as exc:
+    with pytest.raises(CorralError) as exc:
         await store.create("bad", **{k: fill(v) for k, v in kwargs.items()})
-    assert exc.value.status == status
+    assert http_status(exc.value) == status
     assert text in exc.value.message
     assert tree(tmp_path) == before
 
@@ -357,11 +358,11 @@ async def test_copy_and_delete_errors_keep_store(tmp_path: Path, tiny_gguf: Path
         (store.delete("missing"), 404),
         (store.delete("../../blobs/x"), 400),
     ]:
-        with pytest.raises(ApiError) as exc:
+        with pytest.raises(CorralError) as exc:
             await call
-        assert exc.value.status == status
+        assert http_status(exc.value) == status
     assert tree(tmp_path) == before
-    with pytest.raises(ApiError, match="invalid"):
+    with pytest.raises(CorralError, match="invalid"):
         store.blob_path("sha256:../../manifests")
 
 

@@ -21,7 +21,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from corral.daemon.api.errors import QUEUE_FULL, ApiError
+from corral.daemon.api.errors import http_status
+from corral.daemon.errors import CorralError
+from corral.scheduler import QUEUE_FULL_MESSAGE as QUEUE_FULL
 from corral.daemon.config import Config, SimulatedGpu
 from corral.daemon.gpu import SimulatedProbe
 from corral.daemon.supervisor import Lease, Supervisor, rfc3339_local, runner_options
@@ -214,21 +216,21 @@ def test_runner_options_follow_ollamas_auto_rules():
     vision = runner_options({"num_ctx": 128}, context_length=0, default_ctx=4096,
                             facts=msgspec.structs.replace(facts, has_vision=True))
     assert vision.num_ctx == 2048
-    with pytest.raises(ApiError) as ei:
+    with pytest.raises(CorralError) as ei:
         runner_options({"num_ctx": "big"}, context_length=0, default_ctx=4096, facts=facts)
-    assert ei.value.status == 400
+    assert http_status(ei.value) == 400
 
 
 async def test_missing_blob_is_404_and_closed_supervisor_is_503(make_sup, models, tmp_path):
     sup = await make_sup()
-    with pytest.raises(ApiError) as ei:
+    with pytest.raises(CorralError) as ei:
         await acquire(sup, Model(name="gone:latest", model_path=tmp_path / "nope.gguf"))
-    assert ei.value.status == 404
+    assert http_status(ei.value) == 404
     assert ei.value.message == 'model "gone:latest" not found, try pulling it first'
     await sup.close()
-    with pytest.raises(ApiError) as ei:
+    with pytest.raises(CorralError) as ei:
         await acquire(sup, models(0))
-    assert ei.value.status == 503
+    assert http_status(ei.value) == 503
 
 
 # ------------------------------------------------------------------------- scheduler behaviour
@@ -297,9 +299,9 @@ async def test_max_queue_rejects_with_ollamas_503_text(make_sup, models):
     held = await acquire(sup, m)                 # loaded model, its only slot busy
     second = asyncio.create_task(sup.acquire(m, {}, None))
     await until(sup, lambda: sup.snapshot().queued == 1)
-    with pytest.raises(ApiError) as ei:
+    with pytest.raises(CorralError) as ei:
         await acquire(sup, m)
-    assert (ei.value.status, ei.value.message) == (503, QUEUE_FULL)
+    assert (http_status(ei.value), ei.value.message) == (503, QUEUE_FULL)
     held.release()
     async with await asyncio.wait_for(second, SAFETY) as lease:
         assert lease.runner_id == held.runner_id
@@ -402,9 +404,9 @@ async def test_crash_while_streaming_breaks_the_stream(make_sup, models):
 
 async def test_load_failure_with_oom_is_a_500_with_the_runners_message(make_sup, models):
     sup = await make_sup(config(fake_knobs={"fail_load_oom": True}))
-    with pytest.raises(ApiError) as ei:
+    with pytest.raises(CorralError) as ei:
         await acquire(sup, models(0))
-    assert ei.value.status == 500
+    assert http_status(ei.value) == 500
     assert "out of memory" in ei.value.message
     await until(sup, lambda: not loaded(sup))
     assert sup.snapshot().queued == 0
@@ -413,10 +415,10 @@ async def test_load_failure_with_oom_is_a_500_with_the_runners_message(make_sup,
 async def test_stall_timeout_fails_the_load(make_sup, models):
     sup = await make_sup(config(load_timeout=0.5), runner_argv=SILENT_RUNNER)
     t0 = time.monotonic()
-    with pytest.raises(ApiError) as ei:
+    with pytest.raises(CorralError) as ei:
         await acquire(sup, models(0))
     assert 0.4 < time.monotonic() - t0 < 10
-    assert ei.value.status == 500
+    assert http_status(ei.value) == 500
     assert "timed out waiting for llama runner to start" in ei.value.message
     await until(sup, lambda: not loaded(sup))
 

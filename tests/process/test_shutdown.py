@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from corral.daemon.api.errors import ApiError
+from corral.daemon.api.errors import http_status
+from corral.daemon.errors import CorralError
 from corral.daemon.gpu import SimulatedProbe
 from corral.daemon.supervisor import Supervisor
 from corral.scheduler import SHUTTING_DOWN_MESSAGE
@@ -57,12 +58,12 @@ async def test_close_fails_queued_requests_and_drains_in_flight_ones(tiny_gguf_f
     queued = asyncio.create_task(sup.acquire(m, {}, None))
     await asyncio.wait_for(sup.wait_until(lambda: sup.snapshot().queued == 1), SAFETY)
     closing = asyncio.create_task(sup.close())
-    with pytest.raises(ApiError) as ei:                 # 2. queued requests fail at once
+    with pytest.raises(CorralError) as ei:                 # 2. queued requests fail at once
         await asyncio.wait_for(queued, SAFETY)
-    assert ei.value.status in (500, 503) and ei.value.message == SHUTTING_DOWN_MESSAGE
-    with pytest.raises(ApiError) as ei:                 # 1. nothing new is accepted
+    assert http_status(ei.value) in (500, 503) and ei.value.message == SHUTTING_DOWN_MESSAGE
+    with pytest.raises(CorralError) as ei:                 # 1. nothing new is accepted
         await sup.acquire(m, {}, None)
-    assert ei.value.status == 503
+    assert http_status(ei.value) == 503
     assert not closing.done() and pid_alive(pid)        # 3. the stream may drain...
     async with held.session.get(f"{held.base_url}/health") as resp:
         assert resp.status == 200
@@ -92,9 +93,9 @@ async def test_close_during_a_load_leaves_no_process(tiny_gguf_factory):
     t0 = time.monotonic()
     await asyncio.wait_for(sup.close(), SAFETY)
     assert time.monotonic() - t0 < 3.0                  # did not wait for the 5 s load
-    with pytest.raises(ApiError) as ei:
+    with pytest.raises(CorralError) as ei:
         await task
-    assert ei.value.status in (500, 503)
+    assert http_status(ei.value) in (500, 503)
     assert proc.pid is None or not pid_alive(proc.pid)
 
 
