@@ -165,7 +165,25 @@ async def run(spec: LaunchSpec, events: EventPipe) -> int:
     return 0
 
 
+# libgomp's busy-wait before a waiting thread sleeps, in spins (one `pause`, ~30 ns on this
+# machine). Its default, 300,000 (~10 ms), is made for cores that are ours alone: on a 2-core
+# machine shared with the daemon, clients or other work, a decode thread that waits at one of
+# llama.cpp's ~300 barriers per step for a partner that was preempted burns its own time slice
+# and the step crawls (4 streams of Gemma 3 270M on 2 threads, load ~7.5 from other processes:
+# 3.7 tok/s at the default, 22 at 300-2000 spins, 26 at 0, 13.5 at 6000). 2000 spins (~60 us)
+# are meant to cover a partner's normal lateness at a barrier on an idle machine.
+GOMP_SPINCOUNT = "2000"
+
+
+def openmp_wait_policy(env: dict[str, str] | os._Environ) -> None:
+    """Set the OpenMP wait of llama.cpp's decode threads unless the user chose one (either
+    variable). Must run before llama_cpp is imported: libgomp reads it when it is loaded."""
+    if "GOMP_SPINCOUNT" not in env and "OMP_WAIT_POLICY" not in env:
+        env["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
+
+
 def main() -> int:
+    openmp_wait_policy(os.environ)
     if sys.argv[1:] == ["--probe"]:
         from corral.runner.devices import probe
 

@@ -168,3 +168,15 @@ def test_earliest_stop_wins_and_text_is_collected():
     s = TextStream(["world", "lo w"])
     feed_all(s, [b"hello world"])
     assert "".join(s.text) == "hel"
+
+
+def test_runner_sets_openmp_spin_unless_the_user_chose():
+    from corral.runner.__main__ import GOMP_SPINCOUNT, openmp_wait_policy
+
+    env: dict[str, str] = {}
+    openmp_wait_policy(env)
+    assert env == {"GOMP_SPINCOUNT": GOMP_SPINCOUNT}
+    for mine in ({"GOMP_SPINCOUNT": "INFINITE"}, {"OMP_WAIT_POLICY": "active"}):
+        env = dict(mine)
+        openmp_wait_policy(env)
+        assert env == mine
