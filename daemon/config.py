@@ -21,11 +21,12 @@ message), :func:`parse_duration` (env rule), :func:`keep_alive_from_json` (the r
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -366,7 +367,7 @@ def parse_origins(value: str) -> tuple[str, ...]:
 
 
 class SimulatedGpu(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One entry of CORRAL_SIMULATE_GPUS (bytes)."""
+    """One entry of CORRAL_SIMULATE_GPUS, in bytes (see :func:`parse_simulated_gpus`)."""
 
     id: str
     total: int
@@ -374,6 +375,83 @@ class SimulatedGpu(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str = "Simulated GPU"
     library: str = "cuda"
     integrated: bool = False
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+_SIM_FIELDS = ("id", "name", "total", "free", "library", "integrated")
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from a number or a size string (``"24GiB"``, ``"8 GB"``, ``"512MiB"``, ``"1.5GB"``).
+    Raises ValueError saying what is wrong."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{value!r} is not a size")
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m is None:
+            raise ValueError(f"{value!r} is not a size (bytes, or a number with B, KB, MB, GB, "
+                             "TB, KiB, MiB, GiB or TiB)")
+        value = float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "B").upper()]
+    if value < 0 or value != value:
+        raise ValueError(f"{value!r} is not a size")
+    return int(value)
+
+
+def parse_simulated_gpus(spec: str | Sequence[Any]) -> tuple[SimulatedGpu, ...]:
+    """CORRAL_SIMULATE_GPUS: a JSON list (or the list itself) of objects with ``total`` (bytes or
+    a size string) and optional ``free`` (default: total), ``id`` (default: the index), ``name``,
+    ``library`` (default ``cuda``) and ``integrated``. Items already parsed pass through.
+
+    The one parser of the variable. Raises ValueError naming the item and the field
+    (``CORRAL_SIMULATE_GPUS[1].free: ...``); ``corral serve`` stops with it.
+    """
+    where = "CORRAL_SIMULATE_GPUS"
+    if isinstance(spec, (str, bytes)):
+        try:
+            spec = json.loads(spec)
+        except ValueError as e:
+            raise ValueError(f"{where}: not JSON: {e}") from None
+    if not isinstance(spec, (list, tuple)):
+        raise ValueError(f"{where}: expected a JSON list of GPUs, got {type(spec).__name__}")
+    out: list[SimulatedGpu] = []
+    for i, item in enumerate(spec):
+        at = f"{where}[{i}]"
+        if isinstance(item, SimulatedGpu):
+            out.append(item)
+            continue
+        if not isinstance(item, dict):
+            raise ValueError(f"{at}: expected an object, got {item!r}")
+        unknown = sorted(set(item) - set(_SIM_FIELDS))
+        if unknown:
+            raise ValueError(f"{at}.{unknown[0]}: unknown field (known: {', '.join(_SIM_FIELDS)})")
+        if item.get("total") is None:
+            raise ValueError(f"{at}.total: missing")
+        sizes = {}
+        for key in ("total", "free"):
+            if item.get(key) is not None:
+                try:
+                    sizes[key] = parse_size(item[key])
+                except ValueError as e:
+                    raise ValueError(f"{at}.{key}: {e}") from None
+        total = sizes["total"]
+        free = sizes.get("free", total)
+        if total <= 0:
+            raise ValueError(f"{at}.total: must be more than 0")
+        if free > total:
+            raise ValueError(f"{at}.free: {free} is more than total {total}")
+        for key in ("id", "name", "library"):
+            if item.get(key) is not None and not isinstance(item[key], (str, int)):
+                raise ValueError(f"{at}.{key}: expected a string, got {item[key]!r}")
+        integrated = item.get("integrated", False)
+        if not isinstance(integrated, bool):
+            raise ValueError(f"{at}.integrated: expected true or false, got {integrated!r}")
+        out.append(SimulatedGpu(
+            id=str(item.get("id", i)), total=total, free=free,
+            name=str(item.get("name") or f"Simulated GPU {i}"),
+            library=str(item.get("library") or "cuda").lower(), integrated=integrated))
+    return tuple(out)
 
 
 def _cache_dir(env: Mapping[str, str]) -> Path | None:
@@ -435,6 +513,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     log_format: Literal["text", "json"] = "text"
     # CORRAL_SIMULATE_GPUS: None = probe real devices; () = simulate a machine without GPUs
     simulate_gpus: tuple[SimulatedGpu, ...] | None = None
+    # A value `corral serve` must not start with (a bad CORRAL_SIMULATE_GPUS: probing the real
+    # GPUs instead would hide the typo); serve stops with this message. Client commands ignore it.
+    startup_error: str | None = None
     # CORRAL_RUNNER_ENGINE
     runner_engine: Literal["llama", "fake"] = "llama"
     # CORRAL_FAKE_KNOBS: JSON object handed to fake runners (None = defaults)
@@ -535,12 +616,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             engine = "llama"
 
         simulate: tuple[SimulatedGpu, ...] | None = None
+        startup_error: str | None = None
         sim_raw = (env.get("CORRAL_SIMULATE_GPUS") or "").strip()
         if sim_raw:
             try:
-                simulate = tuple(msgspec.json.decode(sim_raw, type=list[SimulatedGpu]))
-            except msgspec.DecodeError as e:
-                warn("CORRAL_SIMULATE_GPUS", sim_raw, None, str(e))
+                simulate = parse_simulated_gpus(sim_raw)
+            except ValueError as e:
+                startup_error = str(e)
 
         knobs: dict[str, Any] | None = None
         knobs_raw = (env.get("CORRAL_FAKE_KNOBS") or "").strip()
@@ -572,6 +654,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
             log_format=log_format,  # type: ignore[arg-type]
             simulate_gpus=simulate,
+            startup_error=startup_error,
             runner_engine=engine,  # type: ignore[arg-type]
             fake_knobs=knobs,
             cache_dir=_cache_dir(env),

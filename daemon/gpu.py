@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -52,13 +51,13 @@ from typing import Any, Protocol
 import psutil
 import structlog
 
+from corral.daemon.config import Config, parse_simulated_gpus
 from corral.runner.protocol import EngineProbe
 from corral.scheduler.estimate import minimum_memory
 from corral.scheduler.types import Gpu, HostMemory, Inventory
 
 log = structlog.get_logger(__name__)
 
-GiB = 1024**3
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,71 +211,17 @@ class CpuOnlyProbe(_ProbeBase):
 
 # ---------------------------------------------------------------------------------------- simulated
 
-def _parse_bytes(value: Any, field: str) -> int:
-    """Bytes from an int, a float, or a string like ``"24GiB"``, ``"8 GB"``, ``"512MiB"``."""
-    if isinstance(value, bool):
-        raise ValueError(f"{field}: expected a size, got {value!r}")
-    if isinstance(value, (int, float)):
-        return int(value)
-    if isinstance(value, str):
-        s = value.strip().replace(" ", "")
-        units = {"TIB": 1024**4, "GIB": GiB, "MIB": 1024**2, "KIB": 1024,
-                 "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
-        up = s.upper()
-        for suffix, mult in units.items():
-            if up.endswith(suffix):
-                return int(float(s[: -len(suffix)]) * mult)
-        return int(float(s))
-    raise ValueError(f"{field}: expected a size, got {value!r}")
-
-
-def parse_simulated(spec: Any) -> list[GpuReading]:
-    """GPU readings from ``CORRAL_SIMULATE_GPUS``: a JSON list (or the already-parsed list).
-
-    Each item is an object with ``total`` (bytes or a size string; alias ``vram``/``memory``) and
-    optional ``free`` (default: total), ``name``, ``id`` (default: its index), ``library``
-    (default ``cuda``), ``integrated`` (default false). Simulated GPUs have no backend overhead. A bare number is a GPU of that size.
-    Raises ValueError naming the bad item.
-    """
-    if spec is None or spec == "":
-        return []
-    if isinstance(spec, (str, bytes)):
-        spec = json.loads(spec)
-    if isinstance(spec, dict):
-        spec = [spec]
-    out: list[GpuReading] = []
-    for i, item in enumerate(spec):
-        where = f"CORRAL_SIMULATE_GPUS[{i}]"
-        if not isinstance(item, dict):
-            if hasattr(item, "__struct_fields__"):   # a msgspec Struct from Config
-                item = {f: getattr(item, f) for f in item.__struct_fields__}
-            else:
-                item = {"total": item}
-        total_raw = next((item[k] for k in ("total", "vram", "memory", "total_memory")
-                          if item.get(k) is not None), None)
-        if total_raw is None:
-            raise ValueError(f"{where}: missing 'total'")
-        total = _parse_bytes(total_raw, f"{where}.total")
-        free = _parse_bytes(item["free"], f"{where}.free") if item.get("free") is not None else total
-        if total <= 0 or free < 0 or free > total:
-            raise ValueError(f"{where}: need 0 <= free <= total and total > 0")
-        out.append(GpuReading(
-            id=str(item.get("id", i)),
-            name=str(item.get("name") or f"Simulated GPU {i}"),
-            total=total, free=free,
-            library=str(item.get("library") or "cuda").lower(),
-            integrated=bool(item.get("integrated", False)),
-        ))
-    return out
-
-
 class SimulatedProbe(_ProbeBase):
     """GPUs that exist only on paper. The child's environment is never narrowed for them."""
 
-    def __init__(self, gpus: Any, host: Callable[[], tuple[int, int]] | tuple[int, int] | None = None
-                 ) -> None:
+    def __init__(self, gpus: str | Sequence[Any],
+                 host: Callable[[], tuple[int, int]] | tuple[int, int] | None = None) -> None:
+        """``gpus``: Config.simulate_gpus, or anything :func:`config.parse_simulated_gpus`
+        takes (its ValueError passes through)."""
         super().__init__(host)
-        self._gpus = {g.id: g for g in parse_simulated(gpus)}
+        self._gpus = {g.id: GpuReading(id=g.id, name=g.name, total=g.total, free=g.free,
+                                       library=g.library, integrated=g.integrated)
+                      for g in parse_simulated_gpus(gpus)}
         self._held: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -508,17 +453,17 @@ class NvmlProbe(_ProbeBase):
             self._state = "closed"
 
 
-def make_probe(config: Any, *, nvml: ModuleType | None = None,
+def make_probe(config: Config, *, nvml: ModuleType | None = None,
                host: Callable[[], tuple[int, int]] | tuple[int, int] | None = None,
                engine: EngineProbe | None = None, platform: str = sys.platform) -> GpuProbe:
     """The probe the daemon uses for ``config``: simulated GPUs when configured; on macOS the
     engine's Metal device; else NVML."""
-    simulated = getattr(config, "simulate_gpus", None)
+    simulated = config.simulate_gpus
     if simulated is not None:        # () simulates a machine without GPUs
         return SimulatedProbe(simulated, host=host)
     if platform == "darwin":
         if engine is not None and "metal" in engine_libraries(engine):
             return UnifiedMemoryProbe(engine, host=host)
         return CpuOnlyProbe(host=host)
-    return NvmlProbe(visible_devices=getattr(config, "cuda_visible_devices", None), nvml=nvml,
+    return NvmlProbe(visible_devices=config.cuda_visible_devices, nvml=nvml,
                      host=host)

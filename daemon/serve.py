@@ -33,6 +33,9 @@ DEFAULT_CLIENT_URL = HostAddr().url  # where `corral` clients look without OLLAM
 
 def serve(config: Config) -> int:
     corral_logging.configure(level=config.log_level, json=config.log_format == "json")
+    if config.startup_error is not None:   # e.g. a bad CORRAL_SIMULATE_GPUS: never guess
+        log.error("serve failed", error=config.startup_error)
+        return 1
     try:
         asyncio.run(run(config))
     except OSError as exc:  # e.g. address already in use

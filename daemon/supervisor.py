@@ -36,16 +36,15 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 import aiohttp
 import msgspec
 import structlog
 
-from corral.daemon import gguf_info
+from corral.daemon import engine_probe, gguf_info
+from corral.daemon.config import Config
 from corral.daemon.errors import Busy, CorralError, Failed, InvalidRequest, NotFound
-from corral.daemon import engine_probe
 from corral.daemon.gpu import GpuProbe, engine_verdict, make_probe
 from corral.daemon.metrics import Metrics
 from corral.daemon.runners import (
@@ -56,6 +55,7 @@ from corral.daemon.runners import (
     looks_oom,
     wait_event,
 )
+from corral.daemon.timefmt import rfc3339
 from corral.runner.protocol import EngineProbe, FakeKnobs, LaunchSpec, Ready
 from corral.scheduler import (
     QUEUE_FULL_MESSAGE,
@@ -156,26 +156,21 @@ def _opt_int(merged: Mapping[str, Any], key: str) -> int | None:
     return int(value)
 
 
-def runner_options(merged: Mapping[str, Any], *, context_length: int, default_ctx: int,
-                   facts: ModelFacts, kv_cache_type: str = "",
-                   flash_attention: bool | None = None) -> RunnerOptions:
+def runner_options(merged: Mapping[str, Any], *, default_ctx: tuple[int, bool],
+                   kv_cache_type: str = "", flash_attention: bool | None = None) -> RunnerOptions:
     """Ollama's option rules (defaults <- Modelfile <- request, already merged in ``merged``).
 
-    1. ``num_ctx``: explicit value, else OLLAMA_CONTEXT_LENGTH, else the VRAM tier
-       (``default_ctx``); only the last is *auto*. Floor 4; vision models floor 2048.
+    1. ``num_ctx``: explicit value, else ``default_ctx`` = (OLLAMA_CONTEXT_LENGTH, not auto) or
+       (the VRAM tier, auto), decided once at start. The floors (4; 2048 with vision) and the
+       n_ctx_train clamp are the scheduler's (``estimate.effective_num_ctx``), applied to
+       what it launches and compares.
     2. ``num_batch``: explicit, else 512 marked auto.
     3. ``num_gpu`` (-1 auto), ``main_gpu``, ``use_mmap``, ``num_thread`` pass through.
     """
     num_ctx = _opt_int(merged, "num_ctx")                       # 1.
     num_ctx_auto = False
     if num_ctx is None:
-        if context_length > 0:
-            num_ctx = context_length
-        else:
-            num_ctx, num_ctx_auto = default_ctx, True
-    num_ctx = max(num_ctx, 4)
-    if facts.has_vision:
-        num_ctx = max(num_ctx, 2048)
+        num_ctx, num_ctx_auto = default_ctx
     num_batch = _opt_int(merged, "num_batch")                   # 2.
     num_batch_auto = num_batch is None
     use_mmap = merged.get("use_mmap")                           # 3.
@@ -194,15 +189,6 @@ def runner_options(merged: Mapping[str, Any], *, context_length: int, default_ct
         num_ctx_auto=num_ctx_auto,
         num_batch_auto=num_batch_auto,
     )
-
-
-def rfc3339_local(wall: float) -> str:
-    """Go's RFC3339Nano in local time (``2026-08-22T14:09:12.123456-07:00``), zeros trimmed."""
-    dt = datetime.fromtimestamp(wall).astimezone()
-    text = dt.isoformat(timespec="microseconds")
-    head, _, rest = text.partition(".")
-    frac, offset = rest[:6].rstrip("0"), rest[6:]
-    return f"{head}.{frac}{offset}" if frac else f"{head}{offset}"
 
 
 def _wall_in(seconds: float) -> float:
@@ -326,7 +312,7 @@ class _Runner:
 class Supervisor:
     """Owns the Scheduler (one task), runner processes and the waiting requests' futures."""
 
-    def __init__(self, config: Any, store: Any = None, probe: GpuProbe | None = None, *,
+    def __init__(self, config: Config, store: Any = None, probe: GpuProbe | None = None, *,
                  clock: Callable[[], float] = time.monotonic,
                  limits: Limits | None = None,
                  runner_argv: Sequence[str] = RUNNER_ARGV,
@@ -373,7 +359,8 @@ class Supervisor:
         self._records: dict[str, Any] = {}       # model_key -> the record last asked for
         self._facts: dict[str, ModelFacts] = {}  # blob path -> facts
         self._ids = itertools.count(1)
-        self._default_ctx = 4096
+        # num_ctx when neither request nor Modelfile sets it, and whether it is automatic
+        self._default_ctx: tuple[int, bool] = (4096, True)
         self._gpu_names: dict[str, str] = {}
         self._session: aiohttp.ClientSession | None = None
         self._closing = False
@@ -394,12 +381,9 @@ class Supervisor:
         if self._engine_arg != "probe":
             return self._engine_arg
         cfg = self.config
-        if getattr(cfg, "runner_engine", "llama") == "fake" or getattr(cfg, "simulate_gpus", None) \
-                is not None:
+        if cfg.runner_engine == "fake" or cfg.simulate_gpus is not None:
             return None
-        return await engine_probe.probe_engine(getattr(cfg, "cache_dir", None),
-                                               getattr(cfg, "cuda_visible_devices", None),
-                                               self._argv)
+        return await engine_probe.probe_engine(cfg.cache_dir, cfg.cuda_visible_devices, self._argv)
 
     async def start(self) -> None:
         """Ask the engine what it can do, gate the GPUs by it, read the inventory, build the
@@ -417,9 +401,9 @@ class Supervisor:
                 log.warning("gpus unused", reason=self.gpu_note)
         inventory = await self.probe.refresh()
         self._gpu_names = {g.id: g.name for g in inventory.gpus}
-        cl = getattr(self.config, "context_length", 0) or 0
-        self._default_ctx = cl if cl > 0 else default_num_ctx(
-            [g.total for g in inventory.gpus], self._limits.gpu_overhead)
+        cl = self.config.context_length
+        self._default_ctx = (cl, False) if cl > 0 else (default_num_ctx(
+            [g.total for g in inventory.gpus], self._limits.gpu_overhead), True)
         self._sched = Scheduler(self._limits, inventory)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0),
@@ -427,7 +411,7 @@ class Supervisor:
         )
         self._owner = asyncio.create_task(self._run(), name="supervisor")
         self._owner.add_done_callback(self._owner_done)
-        log.info("supervisor started", gpus=len(inventory.gpus), default_num_ctx=self._default_ctx,
+        log.info("supervisor started", gpus=len(inventory.gpus), default_num_ctx=self._default_ctx[0],
                  max_loaded=self._limits.max_loaded, num_parallel=self._limits.num_parallel,
                  max_queue=self._limits.max_queue)
 
@@ -530,10 +514,9 @@ class Supervisor:
         model_key = str(model.model_path)
         facts = await self._model_facts(model, model_key)
         merged = {**dict(model.parameters or {}), **dict(options or {})}
-        opts = runner_options(merged, context_length=getattr(self.config, "context_length", 0),
-                              default_ctx=self._default_ctx, facts=facts,
-                              kv_cache_type=getattr(self.config, "kv_cache_type", "") or "",
-                              flash_attention=getattr(self.config, "flash_attention", None))
+        opts = runner_options(merged, default_ctx=self._default_ctx,
+                              kv_cache_type=self.config.kv_cache_type,
+                              flash_attention=self.config.flash_attention)
         if self._closing:
             raise Busy(SHUTTING_DOWN_MESSAGE)
         req_id = next(self._ids)
@@ -649,7 +632,7 @@ class Supervisor:
             "size": size,
             "digest": getattr(record, "digest", ""),
             "details": details or {},
-            "expires_at": rfc3339_local(wall),
+            "expires_at": rfc3339(wall),
             "size_vram": p.vram,
             "context_length": v.options.num_ctx,
             "state": v.state,
@@ -783,10 +766,10 @@ class Supervisor:
     def _launch_spec(self, eff: StartRunner) -> LaunchSpec:
         o, p = eff.options, eff.placement
         facts = self._facts.get(eff.model_key)
-        knobs = getattr(self.config, "fake_knobs", None) or {}
+        knobs = self.config.fake_knobs or {}
         return LaunchSpec(
             model_path=eff.model_key,
-            engine=getattr(self.config, "runner_engine", "llama"),
+            engine=self.config.runner_engine,
             num_ctx=o.num_ctx,
             parallel=eff.parallel,
             n_gpu_layers=p.n_gpu_layers if p.gpus else 0,
@@ -1028,4 +1011,4 @@ class Supervisor:
         return facts
 
 
-__all__ = ["Lease", "Supervisor", "facts_from_info", "rfc3339_local", "runner_options"]
+__all__ = ["Lease", "Supervisor", "facts_from_info", "runner_options"]

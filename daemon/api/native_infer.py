@@ -37,24 +37,12 @@ from corral.daemon.api.responses import LazyStream, json_response
 from corral.daemon.errors import CorralError, NotFound
 from corral.daemon.metrics import ModelSeries
 from corral.daemon.store import ModelRecord
+from corral.daemon.timefmt import now_utc, rfc3339
 from corral.runner import protocol
 
 log = structlog.get_logger(__name__)
 
 _enc = msgspec.json.Encoder()
-
-
-_second: tuple[int, str] = (-1, "")       # (epoch second, its "YYYY-MM-DDTHH:MM:SS")
-
-
-def now_rfc3339() -> str:
-    """``created_at``: UTC, microseconds, ``Z`` (Go's RFC3339Nano form, ≤ 6 digits). The date
-    part is formatted once per second (this runs for every streamed line)."""
-    global _second
-    sec, us = divmod(time.time_ns() // 1000, 1_000_000)
-    if _second[0] != sec:
-        _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
-    return f"{_second[1]}.{us:06d}Z"
 
 
 # ---- models and capabilities ---------------------------------------------------------------------
@@ -673,7 +661,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     images = opts.check_images(req.images)
     model = await resolve(app, req.model, style="quoted")
     if req.prompt == "" and keep_alive == 0:
-        created = now_rfc3339()
+        created = now_utc()
         await app[SUPERVISOR].unload(model.record)
         return json_response({"model": req.model, "created_at": created, "response": "",
                               "done": True, "done_reason": "unload"})
@@ -689,7 +677,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     prompt = generate_prompt(model, req.prompt, suffix=req.suffix, system=req.system,
                              template=req.template, raw=req.raw, context=req.context, think=think)
     if req.debug_render_only:
-        return json_response({"model": req.model, "created_at": now_rfc3339(), "response": "",
+        return json_response({"model": req.model, "created_at": now_utc(), "response": "",
                               "done": False, "_debug_info": debug_info(prompt or "")})
     stream = _stream_flag(req.stream)
     async with completion_job(app, model, options=options, keep_alive=keep_alive,
@@ -697,7 +685,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
                               stream=stream, thinking=think[0], shift=req.shift,
                               truncate=req.truncate, logprobs=logprobs) as job:
         if prompt is None:
-            return json_response({"model": req.model, "created_at": now_rfc3339(),
+            return json_response({"model": req.model, "created_at": now_utc(),
                                   "response": "", "done": True, "done_reason": "load"})
         head = b'{"model":' + _enc.encode(req.model) + b',"created_at":"'
         parts: list[str] = []
@@ -705,7 +693,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         probs: list[protocol.TokenLogprob] = []
 
         def chunk_line(d: Delta) -> bytes:
-            line = head + now_rfc3339().encode() + b'","response":' + _enc.encode(d.content)
+            line = head + now_utc().encode() + b'","response":' + _enc.encode(d.content)
             if d.thinking:
                 line += b',"thinking":' + _enc.encode(d.thinking)
             line += b',"done":false'
@@ -720,7 +708,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
             probs.extend(d.logprobs)
 
         def final_obj(done: Done, streamed: bool = False) -> dict[str, Any]:
-            obj: dict[str, Any] = {"model": req.model, "created_at": now_rfc3339(),
+            obj: dict[str, Any] = {"model": req.model, "created_at": now_utc(),
                                    "response": "" if streamed else "".join(parts)}
             if thoughts and not streamed:
                 obj["thinking"] = "".join(thoughts)
@@ -767,7 +755,7 @@ async def start_chat(app: web.Application, *, model_name: str, messages: list[di
     model = await resolve(app, model_name, style="quoted")
     if not messages and keep_alive == 0:
         await app[SUPERVISOR].unload(model.record)
-        return {"model": model_name, "created_at": now_rfc3339(),
+        return {"model": model_name, "created_at": now_utc(),
                 "message": {"role": "assistant", "content": ""}, "done_reason": "unload",
                 "done": True}
     if "completion" not in model.capabilities:
@@ -788,7 +776,7 @@ async def start_chat(app: web.Application, *, model_name: str, messages: list[di
         prompt = render(renderer, msgs, tools, think=think)
         history = ChatHistory(renderer, msgs, tools, think, prompt)
     if debug_render_only:
-        return {"model": model_name, "created_at": now_rfc3339(),
+        return {"model": model_name, "created_at": now_utc(),
                 "message": {"role": "", "content": ""}, "done": False,
                 "_debug_info": debug_info(prompt or "")}
     return completion_job(app, model, options=merged, keep_alive=keep_alive, started=started,
@@ -814,7 +802,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return json_response(started_job)
     async with started_job as job:
         if job.body is None:
-            return json_response({"model": req.model, "created_at": now_rfc3339(),
+            return json_response({"model": req.model, "created_at": now_utc(),
                                   "message": {"role": "assistant", "content": ""},
                                   "done_reason": "load", "done": True})
         head = b'{"model":' + _enc.encode(req.model) + b',"created_at":"'
@@ -832,7 +820,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
             return msg
 
         def chunk_line(d: Delta) -> bytes:
-            line = (head + now_rfc3339().encode() + b'","message":' + _enc.encode(message(d))
+            line = (head + now_utc().encode() + b'","message":' + _enc.encode(message(d))
                     + b',"done":false')
             if d.logprobs:
                 line += b',"logprobs":' + _enc.encode(d.logprobs)
@@ -846,7 +834,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
         def final_obj(done: Done, streamed: bool = False) -> dict[str, Any]:
             d = Delta() if streamed else Delta("".join(parts), "".join(thoughts), calls)
-            obj = {"model": req.model, "created_at": now_rfc3339(), "message": message(d),
+            obj = {"model": req.model, "created_at": now_utc(), "message": message(d),
                    "done": True, "done_reason": done.done_reason}
             if probs and not streamed:
                 obj["logprobs"] = _logprob_dicts(probs)
@@ -926,12 +914,10 @@ def _expires(value: Any) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, dt.datetime):
-        when = value
-    elif value is None or (isinstance(value, float) and math.isinf(value)):
-        when = _FAR_FUTURE
-    else:
-        when = dt.datetime.fromtimestamp(float(value), dt.UTC)
-    return when.astimezone().isoformat(timespec="microseconds")
+        return rfc3339(value.timestamp())
+    if value is None or (isinstance(value, float) and math.isinf(value)):
+        return rfc3339(_FAR_FUTURE.timestamp())
+    return rfc3339(float(value))
 
 
 def ps_row(entry: Any) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,7 +26,6 @@ from corral.daemon.api.keys import STORE, SUPERVISOR
 from corral.daemon.api.responses import LazyStream, json_response
 from corral.daemon.errors import CorralError, NotFound
 from corral.daemon.registry import Registry
-from corral.daemon.version import VERSION
 from corral.daemon.store import (
     ModelName,
     ModelRecord,
@@ -36,6 +34,8 @@ from corral.daemon.store import (
     parse_digest,
     parse_name,
 )
+from corral.daemon.timefmt import rfc3339
+from corral.daemon.version import VERSION
 
 log = structlog.get_logger(__name__)
 
@@ -95,8 +95,8 @@ async def read_body(request: web.Request, kind: type[Any]) -> Any:
 
 
 def timestamp(epoch: float) -> str:
-    """RFC 3339 local time with offset and microseconds (Go's modified_at form)."""
-    return dt.datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="microseconds")
+    """``modified_at``: local time with its offset (Go's RFC3339Nano, see ``daemon.timefmt``)."""
+    return rfc3339(epoch)
 
 
 Work = Callable[[Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]

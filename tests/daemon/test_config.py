@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from corral.daemon.config import (
     Config,
     SimulatedGpu,
     format_duration,
+    parse_simulated_gpus,
     keep_alive_from_json,
     parse_duration,
     parse_go_duration,
@@ -343,8 +347,6 @@ def test_corral_variables() -> None:
 @pytest.mark.parametrize(("name", "value", "field", "default"), [
     ("CORRAL_LOG_FORMAT", "xml", "log_format", "text"),
     ("CORRAL_RUNNER_ENGINE", "vllm", "runner_engine", "llama"),
-    ("CORRAL_SIMULATE_GPUS", "[{", "simulate_gpus", None),
-    ("CORRAL_SIMULATE_GPUS", '[{"id":"0"}]', "simulate_gpus", None),
     ("CORRAL_FAKE_KNOBS", "[1]", "fake_knobs", None),
 ])
 def test_bad_corral_values_warn_and_default(name, value, field, default) -> None:
@@ -352,6 +354,46 @@ def test_bad_corral_values_warn_and_default(name, value, field, default) -> None
         c = cfg(**{name: value})
     assert getattr(c, field) == default
     assert [e["variable"] for e in logs if e["log_level"] == "warning"] == [name]
+
+
+GiB = 1 << 30
+
+
+def test_simulated_gpus_sizes_with_units_and_free_optional() -> None:
+    got = parse_simulated_gpus('[{"name": "Sim 24", "total": "24GiB", "free": "20 GiB"},'
+                               ' {"total": 8589934592}, {"id": "x", "total": "1.5GB", "free": 0,'
+                               ' "library": "ROCm", "integrated": true}]')
+    assert got == (
+        SimulatedGpu(id="0", name="Sim 24", total=24 * GiB, free=20 * GiB),
+        SimulatedGpu(id="1", name="Simulated GPU 1", total=8 * GiB, free=8 * GiB),
+        SimulatedGpu(id="x", name="Simulated GPU 2", total=1_500_000_000, free=0, library="rocm",
+                     integrated=True))
+    assert parse_simulated_gpus([{"total": 512 << 20}]) == parse_simulated_gpus('[{"total":"512MiB"}]')
+    assert parse_simulated_gpus(got) == got          # already parsed: unchanged
+    assert cfg(CORRAL_SIMULATE_GPUS='[{"total": "2 GiB"}]').simulate_gpus == (
+        SimulatedGpu(id="0", name="Simulated GPU 0", total=2 * GiB, free=2 * GiB),)
+
+
+@pytest.mark.parametrize(("value", "error"), [
+    ("[{", "CORRAL_SIMULATE_GPUS: not JSON: "),
+    ('{"total": 1}', "CORRAL_SIMULATE_GPUS: expected a JSON list of GPUs, got dict"),
+    ("[8]", "CORRAL_SIMULATE_GPUS[0]: expected an object, got 8"),
+    ('[{"id": "0"}]', "CORRAL_SIMULATE_GPUS[0].total: missing"),
+    ('[{"total": 1}, {"total": "24 GiBs"}]', "CORRAL_SIMULATE_GPUS[1].total: '24 GiBs' is not a size"),
+    ('[{"total": 1, "free": 2}]', "CORRAL_SIMULATE_GPUS[0].free: 2 is more than total 1"),
+    ('[{"total": 1, "free": -1}]', "CORRAL_SIMULATE_GPUS[0].free: -1 is not a size"),
+    ('[{"total": 0}]', "CORRAL_SIMULATE_GPUS[0].total: must be more than 0"),
+    ('[{"total": true}]', "CORRAL_SIMULATE_GPUS[0].total: True is not a size"),
+    ('[{"total": 1, "vram": 1}]', "CORRAL_SIMULATE_GPUS[0].vram: unknown field"),
+    ('[{"total": 1, "integrated": "yes"}]', "CORRAL_SIMULATE_GPUS[0].integrated: expected true"),
+])
+def test_bad_simulated_gpus_name_the_item_and_field(value, error) -> None:
+    with pytest.raises(ValueError) as e:
+        parse_simulated_gpus(value)
+    assert str(e.value).startswith(error)
+    c = cfg(CORRAL_SIMULATE_GPUS=value)        # from_env never raises: serve stops on it
+    assert c.startup_error == str(e.value) and c.simulate_gpus is None
+    assert cfg().startup_error is None
 
 
 def test_config_is_frozen() -> None:
@@ -364,3 +406,17 @@ def test_env_summary_prints_forever_like_ollama() -> None:
     s = cfg(OLLAMA_KEEP_ALIVE="-1").env_summary()
     assert s["OLLAMA_KEEP_ALIVE"] == "2562047h47m16.854775807s"
     assert math.isinf(cfg(OLLAMA_KEEP_ALIVE="-1").keep_alive)
+
+
+def test_serve_stops_on_a_bad_simulated_gpu_list(tmp_path: Path) -> None:
+    """A typo in CORRAL_SIMULATE_GPUS stops `corral serve` with the message, before it binds or
+    probes anything (it used to warn and silently probe the real GPUs)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "CORRAL_"))}
+    env.update(OLLAMA_HOST="127.0.0.1:0", OLLAMA_MODELS=str(tmp_path), CORRAL_DEFAULT_MODEL="",
+               CORRAL_SIMULATE_GPUS='[{"total": "24GB"}, {"total": "8GB", "free": "9GB"}]')
+    out = subprocess.run([sys.executable, "-m", "corral.daemon.cli", "serve"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert ("CORRAL_SIMULATE_GPUS[1].free: 9000000000 is more than total 8000000000"
+            in out.stderr + out.stdout)
+    assert "Listening" not in out.stderr + out.stdout

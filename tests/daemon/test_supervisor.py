@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 
 from corral.daemon.api.errors import http_status
@@ -26,9 +25,8 @@ from corral.daemon.errors import CorralError
 from corral.scheduler import QUEUE_FULL_MESSAGE as QUEUE_FULL
 from corral.daemon.config import Config, SimulatedGpu
 from corral.daemon.gpu import SimulatedProbe
-from corral.daemon.supervisor import Lease, Supervisor, rfc3339_local, runner_options
+from corral.daemon.supervisor import Lease, Supervisor, runner_options
 from corral.runner import protocol
-from corral.scheduler import ModelFacts
 
 GiB = 1 << 30
 SAFETY = float(os.environ.get("TEST_SAFETY", "30"))
@@ -196,29 +194,27 @@ async def test_ps_rows_have_ollamas_fields_and_our_extras(make_sup, models):
     assert sup.ps()[0]["expires_at"].startswith(("22", "23"))   # "forever" is ~292 years out
 
 
-def test_rfc3339_local_trims_zeros_and_has_offset():
-    text = rfc3339_local(1_700_000_000.5)
-    assert re.fullmatch(r"2023-11-\d\dT\d\d:\d\d:20\.5[+-]\d\d:\d\d", text)
-    assert "." not in rfc3339_local(1_700_000_000.0)
-
-
 def test_runner_options_follow_ollamas_auto_rules():
-    facts = ModelFacts(architecture="llama", file_size=1, block_count=2)
-    auto = runner_options({}, context_length=0, default_ctx=32768, facts=facts)
+    auto = runner_options({}, default_ctx=(32768, True))
     assert (auto.num_ctx, auto.num_ctx_auto, auto.num_batch, auto.num_batch_auto) == (
         32768, True, 512, True)
-    env = runner_options({}, context_length=8192, default_ctx=32768, facts=facts)
+    env = runner_options({}, default_ctx=(8192, False))     # OLLAMA_CONTEXT_LENGTH
     assert (env.num_ctx, env.num_ctx_auto) == (8192, False)
-    explicit = runner_options({"num_ctx": 2.0, "num_batch": 128, "num_gpu": 0}, context_length=0,
-                              default_ctx=4096, facts=facts)
+    explicit = runner_options({"num_ctx": 2.0, "num_batch": 128, "num_gpu": 0},
+                              default_ctx=(4096, True))
     assert (explicit.num_ctx, explicit.num_ctx_auto, explicit.num_batch, explicit.num_gpu) == (
-        4, False, 128, 0)
-    vision = runner_options({"num_ctx": 128}, context_length=0, default_ctx=4096,
-                            facts=msgspec.structs.replace(facts, has_vision=True))
-    assert vision.num_ctx == 2048
+        2, False, 128, 0)        # floored where it is used: scheduler.estimate.effective_num_ctx
     with pytest.raises(CorralError) as ei:
-        runner_options({"num_ctx": "big"}, context_length=0, default_ctx=4096, facts=facts)
+        runner_options({"num_ctx": "big"}, default_ctx=(4096, True))
     assert http_status(ei.value) == 400
+
+
+async def test_num_ctx_floors_apply_to_what_is_launched(make_sup, models):
+    """A num_ctx under the floor launches the runner with the floor (4; 2048 for vision, see
+    tests/scheduler/test_estimate.py) and /api/ps shows it."""
+    sup = await make_sup()
+    async with await acquire(sup, models(0), options={"num_ctx": 2}) as lease:
+        assert lease.n_ctx == 4 and sup.ps()[0]["context_length"] == 4
 
 
 async def test_missing_blob_is_404_and_closed_supervisor_is_503(make_sup, models, tmp_path):
