@@ -44,8 +44,18 @@ from typing import Any
 import msgspec
 import structlog
 
-from corral.daemon.errors import CorralError, Failed, InvalidRequest, NoSpace, NotFound, model_not_found
+from corral.daemon import gguf_info
+from corral.daemon.errors import (
+    CorralError,
+    Failed,
+    InvalidRequest,
+    NoSpace,
+    NotFound,
+    model_not_found,
+)
+from corral.daemon.gotemplate import TemplateError
 from corral.daemon.params import typed_params
+from corral.daemon.templates import GoTemplate
 
 log = structlog.get_logger(__name__)
 
@@ -852,8 +862,6 @@ class Store:
                       messages: list[dict[str, Any]] | None, license: str | list[str] | None,
                       quantize: str | None, progress: ProgressFn | None,
                       pull: PullFn | None) -> ModelRecord:
-        from corral.daemon import gguf_info  # local: gguf/numpy are heavy to import
-
         if quantize:
             raise InvalidRequest(f"quantization to {quantize!r} is not supported by corral; "
                                 "quantize the GGUF with llama.cpp's llama-quantize first")
@@ -861,8 +869,6 @@ class Store:
             raise InvalidRequest("neither 'from' or 'files' was specified")
         # Everything a client can get wrong is checked before the first blob is written.
         if template is not None:
-            from corral.daemon.templates import GoTemplate, TemplateError
-
             try:
                 GoTemplate(template)
             except TemplateError as e:

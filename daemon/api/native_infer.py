@@ -28,7 +28,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from corral.daemon import gguf_info, templates
+from corral.daemon import gguf_info, templates, toolcalls
 from corral.daemon.api import options as opts
 from corral.daemon.api.errors import ApiError
 from corral.daemon.api.keys import METRICS, STORE, SUPERVISOR
@@ -79,7 +79,7 @@ async def resolve(app: web.Application, name: str, *, style: str) -> Model:
             info = await gguf_info.read_info_async(record.model_path)
         except Exception as e:  # noqa: BLE001 - an unreadable GGUF fails later, in the runner
             log.warning("api.gguf_unreadable", model=record.name, error=str(e))
-    caps = gguf_info.capabilities(info, template=record.template,
+    caps = templates.capabilities(info, template=record.template,
                                   has_projector=bool(record.projectors),
                                   declared=record.config.capabilities)
     return Model(record, info, caps)
@@ -289,7 +289,7 @@ class Job:
     load_duration: int
     body: protocol.CompletionRequest | None
     thinking: ThinkingSplitter | None = None
-    tools: templates.ToolCallParser | None = None
+    tools: toolcalls.ToolCallParser | None = None
     series: ModelSeries | None = None   # the model's metrics: TTFT, inter-token, tokens
 
     def _process(self, text: str) -> Delta:
@@ -530,7 +530,7 @@ async def completion_job(app: web.Application, model: Model, *, options: dict[st
                   series=app[METRICS].model(model.record.name))
         job.thinking = splitter
         if tools and renderer is not None and renderer.supports_tools:
-            job.tools = templates.ToolCallParser(renderer.tool_call_tag(), tools)
+            job.tools = toolcalls.ToolCallParser(renderer.tool_call_tag(), tools)
         yield job
 
 

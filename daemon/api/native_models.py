@@ -19,7 +19,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from corral.daemon import gguf_info, modelfile
+from corral.daemon import gguf_info, modelfile, templates
 from corral.daemon.api import options as opts
 from corral.daemon.api.errors import ApiError
 from corral.daemon.api.keys import STORE, SUPERVISOR
@@ -179,7 +179,7 @@ async def model_facts(record: ModelRecord) -> tuple[gguf_info.GGUFInfo | None, l
             info = await gguf_info.read_info_async(record.model_path)
         except Exception as e:  # noqa: BLE001 - a non-GGUF model layer has no metadata
             log.warning("show.gguf_unreadable", model=record.name, error=str(e))
-    caps = gguf_info.capabilities(info, template=record.template,
+    caps = templates.capabilities(info, template=record.template,
                                   has_projector=bool(record.projectors),
                                   declared=record.config.capabilities)
     return info, caps

@@ -12,6 +12,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from corral.daemon import templates
 from corral.daemon.api.errors import http_status
 from corral.daemon.errors import CorralError
 from corral.daemon.store import (
@@ -397,17 +398,17 @@ def test_gguf_variants(tmp_path: Path) -> None:
 
     emb = gguf_info.read_info(make_gguf(tmp_path / "e.gguf", arch="bert", embedding=True))
     assert emb.is_embedding
-    assert gguf_info.capabilities(emb) == ["embedding"]
+    assert templates.capabilities(emb) == ["embedding"]
     chat = gguf_info.read_info(make_gguf(
         tmp_path / "c.gguf", chat_template="{% if tools %}{{ tools }}{% endif %}<think></think>"))
-    assert gguf_info.capabilities(chat) == ["completion", "tools", "thinking"]
-    assert gguf_info.capabilities(chat, template="{{ .Prompt }}{{ .Suffix }}") == [
+    assert templates.capabilities(chat) == ["completion", "tools", "thinking"]
+    assert templates.capabilities(chat, template="{{ .Prompt }}{{ .Suffix }}") == [
         "completion", "insert"]
-    assert gguf_info.capabilities(chat, template="{{ .Tools }}", has_projector=True) == [
+    assert templates.capabilities(chat, template="{{ .Tools }}", has_projector=True) == [
         "completion", "tools", "vision"]
     # vision keys in the model GGUF alone are not enough: images need the projector
     vision_keys = msgspec.structs.replace(chat, has_vision=True)
-    assert "vision" not in gguf_info.capabilities(vision_keys)
+    assert "vision" not in templates.capabilities(vision_keys)
     assert chat.layer_bytes and len(chat.layer_bytes) == chat.block_count
     assert chat.token_embd_bytes > 0 and chat.output_bytes > 0
     assert gguf_info.read_info(tmp_path / "c.gguf") is chat  # cached

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from corral.daemon.templates import (
-    GoTemplate,
-    JinjaTemplate,
-    TemplateError,
-    ToolCallParser,
-    for_model,
-    go_json,
-)
+from corral.daemon.gotemplate import go_json
+from corral.daemon.templates import GoTemplate, JinjaTemplate, TemplateError, for_model
+from corral.daemon.toolcalls import ToolCallParser
 from tests.daemon.test_templates_library import CONVERSATIONS, LIBRARY, TOOLS_CHATML
 
 
