@@ -17,7 +17,8 @@ Used by the HTTP layer:
   cancellation). ``lease.base_url`` / ``lease.session`` talk to the runner. If the runner dies
   mid-request, the HTTP stream breaks; ``await lease.wait_failure()`` (or
   ``lease.failure_reason()``) gives the client-facing text with the runner's last stderr line.
-* ``await sup.unload(model)`` (keep_alive 0 with an empty prompt), ``sup.ps()`` (/api/ps rows).
+* ``await sup.unload(model)`` (keep_alive 0 with an empty prompt); ``sup.snapshot()`` with
+  ``record``/``facts``/``gpu_name``/``now`` for /api/ps (rendered in ``api/ps.py``).
 * ``await sup.start()`` / ``await sup.close()`` (shutdown: stop accepting, fail queued
   requests, let streams drain within ``drain_timeout``, stop runners in parallel, close the
   probe; the total stays under ``drain_timeout + stop_grace + 1`` s).
@@ -55,7 +56,6 @@ from corral.daemon.runners import (
     looks_oom,
     wait_event,
 )
-from corral.daemon.timefmt import rfc3339
 from corral.runner.protocol import EngineProbe, FakeKnobs, LaunchSpec, Ready
 from corral.scheduler import (
     QUEUE_FULL_MESSAGE,
@@ -92,7 +92,6 @@ from corral.scheduler.estimate import default_num_ctx
 
 log = structlog.get_logger(__name__)
 
-MAX_DURATION_S = ((1 << 63) - 1) / 1e9     # Go's MaxInt64 ns: "forever" in expires_at
 REFRESH_INTERVAL = 0.25                    # probe polling while stopped runners' memory is held
 DEFAULT_STOP_GRACE = 5.0
 DEFAULT_DRAIN_TIMEOUT = 3.0
@@ -189,10 +188,6 @@ def runner_options(merged: Mapping[str, Any], *, default_ctx: tuple[int, bool],
         num_ctx_auto=num_ctx_auto,
         num_batch_auto=num_batch_auto,
     )
-
-
-def _wall_in(seconds: float) -> float:
-    return time.time() + min(seconds, MAX_DURATION_S)
 
 
 STDERR_TAIL = 10      # stderr lines in a load failure / crash log line
@@ -589,60 +584,17 @@ class Supervisor:
         r = self._runners.get(runner_id)
         return r.proc if r is not None else None
 
-    def ps(self) -> list[dict[str, Any]]:
-        """/api/ps rows (Ollama's fields and order, then corral's extras), longest-lived first."""
-        if self._sched is None:
-            return []
-        snap = self._sched.snapshot()
-        now = self._clock()
-        rows: list[tuple[float, dict[str, Any]]] = []
-        for v in snap.runners:
-            if v.state == "loading":
-                continue          # Ollama lists a model only once its runner is healthy
-            r = self._runners.get(v.runner_id)
-            rows.append(self._ps_row(v, r, now))
-        rows.sort(key=lambda x: x[0], reverse=True)
-        return [row for _, row in rows]
+    def now(self) -> float:
+        """The supervisor's clock (the one the snapshot's deadlines are on)."""
+        return self._clock()
 
-    def _ps_row(self, v: RunnerView, r: _Runner | None, now: float) -> tuple[float, dict[str, Any]]:
-        record = r.record if r is not None else self._records.get(v.model_key)
-        if v.state in ("expiring", "stopping"):
-            remaining = 0.0
-        elif v.deadline is not None:
-            remaining = max(0.0, v.deadline - now)
-        else:                      # busy, or kept forever
-            remaining = v.keep_alive
-        wall = _wall_in(remaining)
-        name = getattr(record, "name", v.model_key)
-        details = getattr(record, "details", None)
-        if details is not None and not isinstance(details, dict):
-            details = msgspec.to_builtins(details)
-        p = v.placement
-        gpus = [{"id": g, "name": self._gpu_names.get(g, g), "vram": b}
-                for g, b in zip(p.gpus, p.gpu_bytes) if b > 0]
-        size = p.total
-        facts = self._facts.get(v.model_key)
-        if p.vram > 0 and facts is not None and p.n_gpu_layers >= facts.block_count + 1:
-            # Every layer is on GPU: Ollama's full-offload rule reports size == size_vram
-            # (what stays in host memory - token embeddings, pinned buffers - is not "CPU").
-            size = p.vram
-        row = {
-            "name": name,
-            "model": name,
-            "size": size,
-            "digest": getattr(record, "digest", ""),
-            "details": details or {},
-            "expires_at": rfc3339(wall),
-            "size_vram": p.vram,
-            "context_length": v.options.num_ctx,
-            "state": v.state,
-            "gpus": gpus,
-            "num_parallel": v.parallel,
-            "in_flight": v.in_flight,
-            "queued": v.queued,
-            "pid": v.pid if v.pid is not None else (r.proc.pid if r is not None else None),
-        }
-        return wall, row
+    def record(self, view: RunnerView) -> Any:
+        """The model record the runner of ``view`` was started for (None if unknown)."""
+        r = self._runners.get(view.runner_id)
+        return r.record if r is not None else self._records.get(view.model_key)
+
+    def facts(self, model_key: str) -> ModelFacts | None:
+        return self._facts.get(model_key)
 
     # ------------------------------------------------------------------ test hooks
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from corral.daemon.api import (anthropic, metrics, middleware, native_infer, native_models,
-                               openai, openai_responses)
+                               openai, openai_responses, ps)
 from corral.daemon.api.keys import CONFIG, METRICS, STORE, SUPERVISOR
 from corral.daemon.api.middleware_errors import error_middleware
 from corral.daemon.metrics import Metrics
@@ -45,6 +45,7 @@ def make_app(config: Config, store: Store, supervisor: Supervisor, *,
     app.on_response_prepare.append(middleware.add_cors_headers)
     native_models.add_routes(app)
     native_infer.add_routes(app)
+    ps.add_routes(app)
     openai.add_routes(app)
     metrics.add_routes(app)
     anthropic.add_routes(app)

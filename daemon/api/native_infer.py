@@ -13,8 +13,6 @@ The lease is released exactly once when the context exits (also when the client 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import inspect
 import math
 import secrets
 import string
@@ -37,7 +35,7 @@ from corral.daemon.api.responses import LazyStream, json_response
 from corral.daemon.errors import CorralError, NotFound
 from corral.daemon.metrics import ModelSeries
 from corral.daemon.store import ModelRecord
-from corral.daemon.timefmt import now_utc, rfc3339
+from corral.daemon.timefmt import now_utc
 from corral.runner import protocol
 
 log = structlog.get_logger(__name__)
@@ -905,46 +903,8 @@ async def embeddings(request: web.Request) -> web.Response:
     return json_response({"embedding": res.embeddings[0] if res.embeddings else []})
 
 
-# ---- /api/ps ---------------------------------------------------------------------------------------
-
-_FAR_FUTURE = dt.datetime(2318, 1, 1, tzinfo=dt.UTC)
-
-
-def _expires(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dt.datetime):
-        return rfc3339(value.timestamp())
-    if value is None or (isinstance(value, float) and math.isinf(value)):
-        return rfc3339(_FAR_FUTURE.timestamp())
-    return rfc3339(float(value))
-
-
-def ps_row(entry: Any) -> dict[str, Any]:
-    """One /api/ps item in Ollama's field order from a supervisor row (a dict or a Struct)."""
-    row = entry if isinstance(entry, dict) else msgspec.to_builtins(entry)
-    out: dict[str, Any] = {"name": row.get("name", ""), "model": row.get("model")
-                           or row.get("name", ""), "size": row.get("size", 0),
-                           "digest": row.get("digest", ""), "details": row.get("details") or {},
-                           "expires_at": _expires(entry.get("expires_at") if isinstance(entry, dict)
-                                                  else getattr(entry, "expires_at", None)),
-                           "size_vram": row.get("size_vram", 0)}
-    if row.get("context_length"):
-        out["context_length"] = row["context_length"]
-    out.update((k, v) for k, v in row.items() if k not in out)  # corral's extras after Ollama's
-    return out
-
-
-async def ps(request: web.Request) -> web.Response:
-    rows = request.app[SUPERVISOR].ps()
-    if inspect.isawaitable(rows):
-        rows = await rows
-    return json_response({"models": [ps_row(r) for r in rows]})
-
-
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/generate", generate)
     app.router.add_post("/api/chat", chat)
     app.router.add_post("/api/embed", embed)
     app.router.add_post("/api/embeddings", embeddings)
-    app.router.add_get("/api/ps", ps)

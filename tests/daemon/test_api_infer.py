@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import ollama
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from corral.daemon.api.errors import ApiError
 from corral.daemon.errors import Busy
 from corral.scheduler import QUEUE_FULL_MESSAGE as QUEUE_FULL
+from corral.scheduler import Placement, RunnerOptions, RunnerView
 from tests.daemon.test_api_infer_support import Env, env  # noqa: F401 - fixture
 
 WEATHER_TOOL = {"type": "function", "function": {
@@ -345,12 +347,19 @@ async def test_embed(env: Env) -> None:
 
 async def test_ps(env: Env) -> None:
     assert (await client(env).ps()).models == []
-    env.supervisor.rows = [{"name": "chatml:latest", "model": "chatml:latest", "size": 10,
-                            "digest": "ab", "details": {"format": "gguf"},
-                            "expires_at": 1.9e9, "size_vram": 0, "context_length": 4096}]
+    env.supervisor.records["/m.gguf"] = SimpleNamespace(name="chatml:latest", digest="ab",
+                                                        details={"format": "gguf"})
+    # the runner was asked for 4096 per slot and reported 4352 (llama.cpp pads): /api/ps shows
+    # what the runner has
+    env.supervisor.runners = [RunnerView(
+        runner_id="r1", model_key="/m.gguf", state="ready",
+        options=RunnerOptions(num_ctx=4096), placement=Placement(cpu_bytes=10), parallel=1,
+        in_flight=0, queued=0, keep_alive=300.0, deadline=1000.0 + 86400 * 365 * 4, pid=7,
+        context_length=4352, started_at=0.0, ready_at=1.0, last_used=1.0)]
     res = await client(env).ps()
-    assert res.models[0].model == "chatml:latest" and res.models[0].context_length == 4096
-    assert res.models[0].expires_at is not None and res.models[0].expires_at.year == 2030
+    assert res.models[0].model == "chatml:latest" and res.models[0].context_length == 4352
+    assert res.models[0].size == 10 and res.models[0].digest == "ab"
+    assert res.models[0].expires_at is not None and res.models[0].expires_at.year >= 2030
 
 
 async def test_unknown_paths_are_json(env: Env) -> None:

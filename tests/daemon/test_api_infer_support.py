@@ -29,6 +29,7 @@ from corral.daemon.errors import CorralError
 from corral.daemon.config import Config, HostAddr
 from corral.daemon.store import Store
 from corral.runner import protocol
+from corral.scheduler import RunnerView, SchedulerSnapshot
 from tests.daemon.registry_server import make_gguf
 from tests.daemon.test_templates_library import CHATML, TOOLS_CHATML
 
@@ -154,7 +155,8 @@ class FakeSupervisor:
         self.unloaded: list[str] = []
         self.fail: ApiError | CorralError | None = None
         self.active = 0
-        self.rows: list[dict] = []
+        self.runners: list[RunnerView] = []    # what snapshot() reports (/api/ps)
+        self.records: dict[str, Any] = {}
 
     async def acquire(self, model: Any, options: dict, keep_alive: float | None,
                       kind: str = "completion") -> Lease:
@@ -169,8 +171,25 @@ class FakeSupervisor:
     async def unload(self, model: Any) -> None:
         self.unloaded.append(model.name)
 
-    def ps(self) -> list[dict]:
-        return self.rows
+    def snapshot(self) -> SchedulerSnapshot:
+        return SchedulerSnapshot(runners=tuple(self.runners), waiting={}, queued=0, in_flight=0,
+                                 max_loaded=3, gpus=(), host_total=0, host_free=0,
+                                 host_reserved=0, reclaiming=())
+
+    def now(self) -> float:
+        return 1000.0
+
+    def record(self, view: RunnerView) -> Any:
+        return self.records.get(view.model_key)
+
+    def facts(self, model_key: str) -> None:
+        return None
+
+    def gpu_name(self, gpu_id: str) -> str:
+        return gpu_id
+
+    def runner_process(self, runner_id: str) -> None:
+        return None
 
 
 @dataclass

@@ -25,6 +25,7 @@ from corral.daemon.gpu import (
     host_memory,
     make_probe,
 )
+from corral.daemon.api.ps import ps_models
 from corral.daemon.supervisor import Supervisor
 from corral.runner.protocol import EngineDevice, EngineProbe, MemoryUse
 from tests.daemon.fake_pynvml import FakeDevice, FakeNvml
@@ -105,7 +106,7 @@ async def test_nvml_gpus_with_a_cpu_only_engine_place_on_cpu_log_once_and_report
             for i in range(2):
                 async with await acquire(sup, models(i)):
                     pass
-            rows = sup.ps()
+            rows = ps_models(sup)
             assert len(rows) == 2
             for row in rows:
                 assert row["size_vram"] == 0 and row["gpus"] == [] and row["size"] > 0
@@ -126,7 +127,7 @@ async def test_nvml_gpus_with_a_cuda_engine_place_on_gpu_as_before(models):
             assert [g.id for g in (await sup.probe.refresh()).gpus] == ["0", "1"]
             async with await acquire(sup, models(0)):
                 pass
-            (row,) = sup.ps()
+            (row,) = ps_models(sup)
             assert row["size_vram"] > 0 and row["size"] == row["size_vram"]
             assert [g["id"] for g in row["gpus"]] == ["0"]
         finally:
@@ -143,7 +144,7 @@ async def test_a_runner_that_measures_no_gpu_memory_is_reported_as_measured(mode
         try:
             async with await acquire(sup, models(0)):
                 pass
-            (row,) = sup.ps()
+            (row,) = ps_models(sup)
             assert row["size_vram"] == 0 and row["gpus"] == []
             assert row["size"] > 0
             (view,) = sup.snapshot().runners
@@ -161,7 +162,7 @@ async def test_measured_gpu_memory_replaces_the_estimate(models):
     try:
         async with await acquire(sup, models(0)):
             pass
-        (row,) = sup.ps()
+        (row,) = ps_models(sup)
         assert row["size_vram"] == 160 << 20
         assert row["gpus"] == [{"id": "0", "name": "NVIDIA A100", "vram": 160 << 20}]
     finally:

@@ -25,6 +25,7 @@ from corral.daemon.errors import CorralError
 from corral.scheduler import QUEUE_FULL_MESSAGE as QUEUE_FULL
 from corral.daemon.config import Config, SimulatedGpu
 from corral.daemon.gpu import SimulatedProbe
+from corral.daemon.api.ps import ps_models
 from corral.daemon.supervisor import Lease, Supervisor, runner_options
 from corral.runner import protocol
 
@@ -170,7 +171,7 @@ async def test_lease_release_is_exactly_once_also_on_exceptions(make_sup, models
 async def test_ps_rows_have_ollamas_fields_and_our_extras(make_sup, models):
     sup = await make_sup()
     async with await acquire(sup, models(0), keep_alive=120.0) as lease:
-        rows = sup.ps()
+        rows = ps_models(sup)
         assert [list(r)[:8] for r in rows] == [["name", "model", "size", "digest", "details",
                                                "expires_at", "size_vram", "context_length"]]
         row = rows[0]
@@ -189,9 +190,9 @@ async def test_ps_rows_have_ollamas_fields_and_our_extras(make_sup, models):
     async with await acquire(sup, models(1), keep_alive=math.inf):
         pass
     await sup.wait_processed()
-    names = [r["name"] for r in sup.ps()]
+    names = [r["name"] for r in ps_models(sup)]
     assert names == ["tiny1:latest", "tiny0:latest"]
-    assert sup.ps()[0]["expires_at"].startswith(("22", "23"))   # "forever" is ~292 years out
+    assert ps_models(sup)[0]["expires_at"].startswith(("22", "23"))   # "forever" is ~292 years out
 
 
 def test_runner_options_follow_ollamas_auto_rules():
@@ -214,7 +215,7 @@ async def test_num_ctx_floors_apply_to_what_is_launched(make_sup, models):
     tests/scheduler/test_estimate.py) and /api/ps shows it."""
     sup = await make_sup()
     async with await acquire(sup, models(0), options={"num_ctx": 2}) as lease:
-        assert lease.n_ctx == 4 and sup.ps()[0]["context_length"] == 4
+        assert lease.n_ctx == 4 and ps_models(sup)[0]["context_length"] == 4
 
 
 async def test_missing_blob_is_404_and_closed_supervisor_is_503(make_sup, models, tmp_path):
@@ -239,7 +240,7 @@ async def test_max_loaded_models_evicts_the_idle_runner(make_sup, models):
         assert b.runner_id != a.runner_id
         assert loaded(sup) == [b.runner_id]
         assert not pid_alive(pid_a)
-    assert [r["name"] for r in sup.ps()] == ["tiny1:latest"]
+    assert [r["name"] for r in ps_models(sup)] == ["tiny1:latest"]
 
 
 async def test_max_loaded_models_waits_for_a_busy_runner(make_sup, models):
@@ -264,7 +265,7 @@ async def test_keep_alive_expiry_stops_the_process(make_sup, models):
     await until(sup, lambda: not loaded(sup))
     assert time.monotonic() - t0 >= 0.2
     assert not pid_alive(pid)
-    assert sup.ps() == []
+    assert ps_models(sup) == []
 
 
 async def test_keep_alive_zero_unloads_when_idle(make_sup, models):
@@ -328,7 +329,7 @@ async def test_num_parallel_grants_concurrent_slots(make_sup, models):
     a = await acquire(sup, m)
     b = await acquire(sup, m)
     assert a.runner_id == b.runner_id
-    assert sup.ps()[0]["num_parallel"] == 2 and sup.ps()[0]["in_flight"] == 2
+    assert ps_models(sup)[0]["num_parallel"] == 2 and ps_models(sup)[0]["in_flight"] == 2
     third = asyncio.create_task(sup.acquire(m, {}, None))
     await until(sup, lambda: sup.snapshot().queued == 1)
     b.release()
@@ -461,7 +462,7 @@ async def test_keep_alive_deadline_follows_the_injected_clock(make_sup, models):
     sup.tick()
     await sup.wait_processed()
     assert loaded(sup) == [lease.runner_id]
-    assert sup.ps()[0]["state"] == "ready"
+    assert ps_models(sup)[0]["state"] == "ready"
     clock.now += 2.0
     sup.tick()
     await until(sup, lambda: not loaded(sup))

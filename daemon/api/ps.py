@@ -1,0 +1,80 @@
+"""GET /api/ps: the loaded models, rendered in one place from the scheduler's snapshot.
+
+Ollama's fields in Ollama's order (``name``, ``model``, ``size``, ``digest``, ``details``,
+``expires_at``, ``size_vram``, ``context_length``), then corral's (``state``, ``gpus``,
+``num_parallel``, ``in_flight``, ``queued``, ``pid``); longest-lived first. A runner still
+loading is not listed (Ollama lists a model once its runner is healthy). ``context_length`` is
+the runner's own per-slot context (what it reported when ready), not the requested one.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from corral.daemon.api.keys import SUPERVISOR
+from corral.daemon.api.responses import json_response
+from corral.daemon.timefmt import rfc3339
+
+MAX_DURATION_S = ((1 << 63) - 1) / 1e9     # Go's MaxInt64 ns: "forever" in expires_at
+
+
+def ps_models(sup: Any) -> list[dict[str, Any]]:
+    """The ``models`` of /api/ps from ``sup.snapshot()`` (plus the supervisor's records, GPU
+    names and GGUF facts)."""
+    snap = sup.snapshot()
+    now, wall_now = sup.now(), time.time()
+    rows: list[tuple[float, dict[str, Any]]] = []
+    for v in snap.runners:
+        if v.state == "loading":
+            continue
+        if v.state in ("expiring", "stopping"):
+            remaining = 0.0
+        elif v.deadline is not None:
+            remaining = max(0.0, v.deadline - now)
+        else:                      # busy, or kept forever
+            remaining = v.keep_alive
+        wall = wall_now + min(remaining, MAX_DURATION_S)
+        record = sup.record(v)
+        name = getattr(record, "name", None) or v.model_key
+        details = getattr(record, "details", None)
+        if details is not None and not isinstance(details, dict):
+            details = msgspec.to_builtins(details)
+        p = v.placement
+        size = p.total
+        facts = sup.facts(v.model_key)
+        if p.vram > 0 and facts is not None and p.n_gpu_layers >= facts.block_count + 1:
+            # Every layer is on GPU: Ollama's full-offload rule reports size == size_vram
+            # (what stays in host memory - token embeddings, pinned buffers - is not "CPU").
+            size = p.vram
+        proc = sup.runner_process(v.runner_id) if v.pid is None else None
+        rows.append((wall, {
+            "name": name,
+            "model": name,
+            "size": size,
+            "digest": getattr(record, "digest", ""),
+            "details": details or {},
+            "expires_at": rfc3339(wall),
+            "size_vram": p.vram,
+            "context_length": v.context_length,
+            "state": v.state,
+            "gpus": [{"id": g, "name": sup.gpu_name(g), "vram": b}
+                     for g, b in zip(p.gpus, p.gpu_bytes) if b > 0],
+            "num_parallel": v.parallel,
+            "in_flight": v.in_flight,
+            "queued": v.queued,
+            "pid": v.pid if v.pid is not None else (proc.pid if proc is not None else None),
+        }))
+    rows.sort(key=lambda x: x[0], reverse=True)
+    return [row for _, row in rows]
+
+
+async def ps(request: web.Request) -> web.Response:
+    return json_response({"models": ps_models(request.app[SUPERVISOR])})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/ps", ps)
