@@ -41,6 +41,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import llama_grammar
 
+from corral.runner import images
 from corral.runner.common import BadRequest, Emit, Job, LoadError, TextStream, past_thinking, take_logprobs
 from corral.runner.protocol import (
     MAX_TOP_LOGPROBS,
@@ -185,7 +186,8 @@ class _Slot:
 
     def start(self, job: Job, prompt: list[int], n_cached: int, truncated: bool) -> None:
         self.job = job
-        self.pending = prompt[n_cached:]  # prompt tokens still to evaluate
+        self.media: dict[int, images.Span] = job.media  # type: ignore[attr-defined]
+        self.pending = prompt[n_cached:]  # prompt tokens (and image cells) still to evaluate
         self.n_prompt_eval = len(self.pending)
         self.tokens = list(prompt)  # prompt + generated, for the final record
         self.n_generated = 0
@@ -250,6 +252,23 @@ class _Candidates:
         return int(self.data[self.arr.selected]["id"])
 
 
+def _span_floor(media: dict[int, images.Span], n: int) -> int:
+    """``n``, or the start of the image whose cells ``n`` falls inside (an image is evaluated
+    whole: a prompt cache or a truncation may only stop at its edges)."""
+    for start, span in media.items():
+        if start < n < start + span.n_pos:
+            return start
+    return n
+
+
+def _span_ceil(media: dict[int, images.Span], n: int) -> int:
+    """``n``, or the end of the image whose cells ``n`` falls inside."""
+    for start, span in media.items():
+        if start < n < start + span.n_pos:
+            return start + span.n_pos
+    return n
+
+
 class Engine:
     def __init__(self, spec: LaunchSpec) -> None:
         self.spec = spec
@@ -262,6 +281,7 @@ class Engine:
         self.model = None
         self.ctx = None
         self.embd_ctx = None
+        self.vision: images.Vision | None = None
         self.steps = 0  # decode steps so far (read by tests from emit callbacks)
         self._cond = threading.Condition()
         self._inbox: collections.deque[Job] = collections.deque()
@@ -345,6 +365,10 @@ class Engine:
             self._slots = [_Slot(i) for i in range(self.parallel)]
             self._candidates = _Candidates(self.n_vocab)
             self._one = _Candidates(1)
+            if spec.projector_path:
+                self.vision = images.Vision(spec.projector_path, model, use_gpu=spec.n_gpu_layers != 0,
+                                            n_threads=self.n_threads, failure_text=self._failure_text,
+                                            log_callback=_LOG._callback)
         else:
             self._embedding_context()  # raises LoadError
             self.n_ctx = self.n_ctx_per_slot
@@ -417,6 +441,9 @@ class Engine:
                 return  # a decode is stuck; the process exit frees everything
         for slot in self._slots:
             slot.release()
+        if self.vision is not None:
+            self.vision.close()
+            self.vision = None
         if self.ctx is not None:
             llama_cpp.llama_batch_free(self.batch)
             llama_cpp.llama_free(self.ctx)
@@ -488,7 +515,12 @@ class Engine:
         prompt = list(request.tokens or [])
         if any(t < 0 or t >= self.n_vocab for t in prompt):
             raise BadRequest(f"token id out of range [0, {self.n_vocab})")
-        if request.prompt:
+        media: dict[int, images.Span] = {}
+        if request.prompt and self.vision is not None and request.images:
+            ids, spans = self.vision.tokenize(request.prompt, request.images, request.add_special and not prompt)
+            media = {len(prompt) + i: span for i, span in spans.items()}
+            prompt += ids
+        elif request.prompt:
             prompt += self.tokenize(request.prompt, request.add_special and not prompt, True)
         if not prompt:
             raise BadRequest("empty prompt")
@@ -500,11 +532,14 @@ class Engine:
         if len(prompt) > limit:
             if not request.truncate:
                 raise BadRequest("the input length exceeds the context length")
-            keep = max(0, min(opts.num_keep, limit // 2))
-            prompt = prompt[:keep] + prompt[len(prompt) - (limit - keep) :]
+            keep = _span_floor(media, max(0, min(opts.num_keep, limit // 2)))
+            tail = _span_ceil(media, len(prompt) - (limit - keep))  # images are cut whole
+            media = {i if i < keep else i - tail + keep: sp for i, sp in media.items() if i < keep or i >= tail}
+            prompt = prompt[:keep] + prompt[tail:]
             truncated = True
         job = Job(request, emit)
         job.prompt = prompt  # type: ignore[attr-defined]
+        job.media = media  # type: ignore[attr-defined]
         job.truncated = truncated  # type: ignore[attr-defined]
         job.sampler = (self._sampler(opts, prompt), self._grammar(request.format))  # type: ignore[attr-defined]
         with self._cond:
@@ -629,6 +664,7 @@ class Engine:
 
             slot = max(free, key=lambda s: (common(s), -s.last_used))
             n = min(common(slot), len(prompt) - 1)  # at least one token is evaluated for logits
+            n = _span_floor(job.media, n)  # type: ignore[attr-defined]
             if n < len(slot.cache):
                 ok = llama_cpp.llama_memory_seq_rm(self.mem, slot.id, n, -1)
                 # SWA or recurrent memory may not hold the positions the prefix needs: start over
@@ -680,9 +716,14 @@ class Engine:
         return [[s] for s in active]
 
     def _decode_group(self, group: list[_Slot]) -> None:
-        # 3. one batch: next tokens first, then prompt chunks while there is room
-        n = 0
         now = time.perf_counter_ns()
+        # 3a. images at the head of a prompt: encoded and decoded on their own (an embeddings
+        # batch cannot carry tokens); a prompt ending in an image samples from it right away
+        for s in group:
+            while s.job is not None and s.pending and s.pending[0] < 0:
+                self._eval_image(s, now)
+        # 3b. one batch: next tokens first, then prompt chunks while there is room
+        n = 0
         for s in group:
             s.batch_index = -1
             if s.next_token is not None:
@@ -693,11 +734,13 @@ class Engine:
                 n += 1
         pure_decode = n
         for s in group:
-            if not s.pending or n >= self.n_batch:
+            if not s.pending or n >= self.n_batch or s.pending[0] < 0:
                 continue
             if not s.t_start:
                 s.t_start = now
             take = s.pending[: self.n_batch - n]
+            if s.media:
+                take = take[: next((i for i, t in enumerate(take) if t < 0), len(take))]
             del s.pending[: len(take)]
             for i, t in enumerate(take):
                 last = not s.pending and i == len(take) - 1
@@ -732,6 +775,60 @@ class Engine:
     def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
         b = self.batch
         b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = logits
+
+    def _eval_image(self, s: _Slot, now: int) -> None:
+        """Encode the image at the head of ``s.pending`` and decode its embeddings into the
+        slot's sequence (in n_batch pieces); logits of its last cell when it ends the prompt.
+        A failure ends the request with an error and clears the slot's cache."""
+        assert self.vision is not None and s.job is not None
+        span = s.media[len(s.cache)]
+        if not s.t_start:
+            s.t_start = now
+        del s.pending[: span.n_pos]
+        last = not s.pending
+        n_tok, n_embd = span.n_tokens, self.n_embd
+        pos0 = len(s.cache)
+        batch = None
+        non_causal = self.vision.non_causal(span)
+        try:
+            embd = self.vision.encode(span)
+            step = min(n_tok, self.n_batch)
+            batch = llama_cpp.llama_batch_init(step, n_embd, 1)
+            if non_causal:
+                llama_cpp.llama_set_causal_attn(self.ctx, False)
+            for off in range(0, n_tok, step):
+                k = min(step, n_tok - off)
+                ctypes.memmove(batch.embd, ctypes.addressof(embd.contents) + off * n_embd * 4, k * n_embd * 4)
+                for i in range(k):
+                    self._put_embd(batch, i, pos0 + off + i, s.id, last and off + i == n_tok - 1)
+                batch.n_tokens = k
+                rc = llama_cpp.llama_decode(self.ctx, batch)
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode failed ({rc}) on an image")
+        except RuntimeError as e:
+            job = s.job
+            llama_cpp.llama_memory_seq_rm(self.mem, s.id, -1, -1)
+            s.cache = []
+            self._free(s)
+            if not job.cancelled.is_set():
+                job.emit(CompletionError(error=str(e)))
+            return
+        finally:
+            if non_causal:
+                llama_cpp.llama_set_causal_attn(self.ctx, True)
+            if batch is not None:
+                llama_cpp.llama_batch_free(batch)
+        s.cache += [span.key] * span.n_pos
+        if last:
+            s.batch_index = (n_tok - 1) % step
+            self._sample(s)
+
+    @staticmethod
+    def _put_embd(b, i: int, pos: int, seq: int, logits: bool) -> None:
         b.pos[i] = pos
         b.n_seq_id[i] = 1
         b.seq_id[i][0] = seq
@@ -830,6 +927,8 @@ class Engine:
         llama_cpp.llama_memory_seq_rm(self.mem, s.id, keep, keep + discard)
         llama_cpp.llama_memory_seq_add(self.mem, s.id, keep + discard, n_past, -discard)
         del s.cache[keep : keep + discard]
+        if s.media:  # a moved image no longer matches its prompt: never reuse its cells
+            s.cache[keep:] = [images.POISONED if t < 0 else t for t in s.cache[keep:]]
 
     def _finish(self, s: _Slot, reason: str) -> None:
         job = s.job
@@ -847,7 +946,7 @@ class Engine:
             prompt_eval_duration=max(1, first - (s.t_start or first)),
             eval_count=s.n_generated,
             eval_duration=max(1, now - first),
-            tokens=s.tokens,
+            tokens=[t for t in s.tokens if t >= 0] if s.media else s.tokens,
             truncated=s.truncated,
         )
         self._free(s)

@@ -67,6 +67,7 @@ class LaunchSpec(msgspec.Struct, frozen=True, kw_only=True, tag="launch", tag_fi
 
     version: Version = PROTOCOL_VERSION
     model_path: str
+    projector_path: str | None = None  # a vision projector (mmproj GGUF) loaded with libmtmd
     engine: Literal["llama", "fake"] = "llama"
     num_ctx: int = 4096
     parallel: int = 1
@@ -248,6 +249,8 @@ class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True):
     add_special: bool = True  # add BOS etc. when tokenizing `prompt` (ignored for `tokens`)
     shift: bool | None = None  # None: the LaunchSpec's setting
     truncate: bool = True  # a prompt longer than the slot keeps num_keep + the tail; else 400
+    images: list[bytes] = msgspec.field(default_factory=list)  # base64 in JSON; "[img-N]" in
+    # the prompt is images[N] (a runner without a projector leaves the markers as text)
 
 
 class CompletionChunk(msgspec.Struct, frozen=True, kw_only=True, tag="chunk", tag_field="type",

@@ -1,7 +1,7 @@
 """Shared fixtures: model files for tests (nothing is downloaded).
 
 * ``tiny_gguf``: path of a tiny random-weight llama GGUF (seed 0), written once per session.
-  Other seeds: ``tiny_gguf_factory(seed)``.
+  Other seeds: ``tiny_gguf_factory(seed)``. ``tiny_projector``: a tiny vision projector for it.
 * ``gemma_gguf``: path of Gemma 3 270M (Q4_K_M), assembled from the registry package once and
   cached across runs in ~/.cache/corral/models.
 """
@@ -15,6 +15,7 @@ import pytest
 
 from tests.fixtures.gemma import gemma_path
 from tests.fixtures.tiny_gguf import write_tiny_llama
+from tests.fixtures.tiny_vision import write_tiny_projector
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +33,12 @@ def tiny_gguf_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int
 @pytest.fixture(scope="session")
 def tiny_gguf(tiny_gguf_factory: Callable[[int], Path]) -> Path:
     return tiny_gguf_factory(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_projector(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny vision projector (LLaVA ``mlp``) that pairs with ``tiny_gguf``."""
+    return write_tiny_projector(tmp_path_factory.mktemp("vision") / "mmproj.gguf", 0)
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,8 @@ Allowed: ``daemon -> scheduler``, ``daemon -> runner.protocol``, ``runner.* -> r
 ``scheduler`` imports nothing of ours and only stdlib + msgspec, and none of the stdlib modules
 that mean I/O, clock, environment, concurrency or logging. ``daemon`` never imports
 ``runner.engine`` / ``runner.fake`` / ``runner.server`` / ``runner.__main__``. Only
-``runner/engine.py`` and ``runner/devices.py`` (the engine probe) import ``llama_cpp``;
-``runner/protocol.py`` needs nothing but msgspec. Only the api layer (``daemon/api``) and the
+``runner/engine.py``, ``runner/images.py`` (its multimodal half) and ``runner/devices.py`` (the
+engine probe) import ``llama_cpp``; ``runner/protocol.py`` needs nothing but msgspec. Only the api layer (``daemon/api``) and the
 composition root (``daemon/serve.py``, which builds the app) import ``daemon.api``: the domain
 raises ``daemon.errors`` and never the web layer's errors.
 """
@@ -100,8 +100,9 @@ def _violations(module: str, imported: str) -> str | None:
     if _within(imported, "corral.daemon.api") and not _within(module, "corral.daemon.api") \
             and module not in API_IMPORTERS:
         return "only daemon/api and the composition root import daemon.api"
-    if top == "llama_cpp" and module not in ("corral.runner.engine", "corral.runner.devices"):
-        return "only runner/engine.py and runner/devices.py import llama_cpp"
+    if top == "llama_cpp" and module not in ("corral.runner.engine", "corral.runner.images",
+                                             "corral.runner.devices"):
+        return "only runner/engine.py, runner/images.py and runner/devices.py import llama_cpp"
     return None
 
 
