@@ -304,13 +304,13 @@ async def cmd_create(c: Client, args: argparse.Namespace) -> None:
         raise CliError(str(exc)) from exc
     base = path.resolve().parent
     src = req.pop("from", None)
-    if src:
-        candidate = Path(os.path.expanduser(src))
+    for value in [src] if isinstance(src, str) else src or []:  # several FROM: model + projector
+        candidate = Path(os.path.expanduser(value))
         candidate = candidate if candidate.is_absolute() else base / candidate
         if candidate.is_file():
-            req["files"] = {candidate.name: await c.upload_blob(candidate)}
+            req.setdefault("files", {})[candidate.name] = await c.upload_blob(candidate)
         else:
-            req["from"] = src
+            req["from"] = value
     req["model"] = args.model
     async for p in c.stream("/api/create", req):
         sys.stderr.write(p.get("status", "") + "\n")

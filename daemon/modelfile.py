@@ -46,8 +46,9 @@ class Modelfile:
 
     def create_request(self) -> dict[str, Any]:
         """The /api/create body (without ``model``): from, adapters, template, system, license,
-        messages, parameters. ``from`` holds the FROM value verbatim; the caller replaces it
-        with ``files`` after uploading a local file."""
+        messages, parameters. ``from`` holds the FROM value verbatim (a list when there are
+        several, as for a model GGUF plus its vision projector); the caller replaces local
+        files with ``files`` after uploading them."""
         req: dict[str, Any] = {}
         params: dict[str, Any] = {}
         licenses: list[str] = []
@@ -55,7 +56,8 @@ class Modelfile:
         adapters: list[str] = []
         for c in self.commands:
             if c.name == "from":
-                req["from"] = c.value
+                prev = req.get("from")
+                req["from"] = c.value if prev is None else [*([prev] if isinstance(prev, str) else prev), c.value]
             elif c.name == "adapter":
                 adapters.append(c.value)
             elif c.name in ("template", "system", "renderer", "parser", "requires", "draft"):
@@ -190,6 +192,8 @@ def render(record: ModelRecord, *, system: str | None = None,
         out.append(f"FROM {record.model_path}")
     else:
         out.append(f"FROM {record.name}")
+    for p in record.projectors:
+        out.append(f"FROM {p}")
     for a in record.adapters:
         out.append(f"ADAPTER {a}")
     if record.template is not None:

@@ -88,7 +88,7 @@ from corral.scheduler import (
     Tick,
     UnloadRequested,
 )
-from corral.scheduler.estimate import default_num_ctx
+from corral.scheduler.estimate import default_num_ctx, projector_graph
 
 log = structlog.get_logger(__name__)
 
@@ -109,6 +109,36 @@ class ModelLike(Protocol):
 
 
 # ------------------------------------------------------------------------------------- helpers
+
+_PROJECTOR = "\n+projector "
+
+
+def model_key(model: ModelLike) -> str:
+    """The scheduler's key of a model: its GGUF path, plus its vision projector's when it has
+    one (the same GGUF with and without a projector are different runners)."""
+    projectors = getattr(model, "projectors", None) or ()
+    return str(model.model_path) + (f"{_PROJECTOR}{projectors[0]}" if projectors else "")
+
+
+def key_paths(key: str) -> tuple[str, str | None]:
+    """(model path, projector path or None) of a :func:`model_key`."""
+    path, _, projector = key.partition(_PROJECTOR)
+    return path, projector or None
+
+
+def projector_facts(facts: ModelFacts, projector: gguf_info.GGUFInfo) -> ModelFacts:
+    """``facts`` with a vision projector: its tensor bytes and its encoder's compute buffer."""
+    meta = projector.metadata
+
+    def num(key: str) -> int:
+        value = meta.get(f"clip.vision.{key}")
+        return int(value) if isinstance(value, (int, float)) else 0
+
+    graph = projector_graph(num("image_size"), num("patch_size"), num("embedding_length"),
+                            num("attention.head_count"))
+    return msgspec.structs.replace(facts, has_vision=True, projector_bytes=projector.tensor_bytes,
+                                   projector_graph=graph)
+
 
 def facts_from_info(info: gguf_info.GGUFInfo, file_size: int) -> ModelFacts:
     """The scheduler's ModelFacts from parsed GGUF metadata.
@@ -506,8 +536,8 @@ class Supervisor:
         t0 = time.monotonic()
         if model.model_path is None:
             raise InvalidRequest(f'"{model.name}" does not support generate')
-        model_key = str(model.model_path)
-        facts = await self._model_facts(model, model_key)
+        key = model_key(model)
+        facts = await self._model_facts(model, key)
         merged = {**dict(model.parameters or {}), **dict(options or {})}
         opts = runner_options(merged, default_ctx=self._default_ctx,
                               kv_cache_type=self.config.kv_cache_type,
@@ -517,11 +547,11 @@ class Supervisor:
         req_id = next(self._ids)
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiters[req_id] = fut
-        self._records[model_key] = model
+        self._records[key] = model
         # The blob must outlive a copy/delete onto this name until a runner holds it.
         if self.store is not None:
-            self.store.hold(model_key)
-        self.post(RequestArrived(req_id=req_id, model_key=model_key, facts=facts, options=opts,
+            self._hold(key)
+        self.post(RequestArrived(req_id=req_id, model_key=key, facts=facts, options=opts,
                                  keep_alive=keep_alive, embedding=kind == "embedding"))
         try:
             runner_id = await fut
@@ -532,7 +562,7 @@ class Supervisor:
         finally:
             self._waiters.pop(req_id, None)
             if self.store is not None:
-                self.store.release(model_key)
+                self._release_blobs(key)
         r = self._runners.get(runner_id)
         ready = r.ready if r is not None else None
         if r is None or ready is None:   # cannot happen: Grant follows RunnerReady
@@ -547,7 +577,7 @@ class Supervisor:
         """Unload ``model`` as soon as it is idle (no-op when it is not loaded). Returns at once."""
         if model.model_path is None or self._sched is None:
             return
-        self.post(UnloadRequested(model_key=str(model.model_path)))
+        self.post(UnloadRequested(model_key=model_key(model)))
 
     def report_out_of_memory(self, lease: Lease) -> None:
         """A granted request failed with an out-of-memory error at run time: every runner
@@ -719,8 +749,10 @@ class Supervisor:
         o, p = eff.options, eff.placement
         facts = self._facts.get(eff.model_key)
         knobs = self.config.fake_knobs or {}
+        model_path, projector_path = key_paths(eff.model_key)
         return LaunchSpec(
-            model_path=eff.model_key,
+            model_path=model_path,
+            projector_path=projector_path,
             engine=self.config.runner_engine,
             num_ctx=o.num_ctx,
             parallel=eff.parallel,
@@ -759,7 +791,7 @@ class Supervisor:
             fields["changed"] = _changed_options(why[1], eff.options)
         self._runners[eff.runner_id] = r
         if self.store is not None:   # its blob stays while the runner lives (see _forget)
-            self.store.hold(eff.model_key)
+            self._hold(eff.model_key)
         p = eff.placement
         log.info("starting runner", decision="load", reason=reason, runner_id=eff.runner_id,
                  model=r.name, gpus=list(p.gpus), gpu_bytes=list(p.gpu_bytes),
@@ -897,7 +929,7 @@ class Supervisor:
         """The runner's process is gone: drop it and its hold on the model's blob."""
         r = self._runners.pop(runner_id, None)
         if r is not None and self.store is not None:
-            self.store.release(r.model_key)
+            self._release_blobs(r.model_key)
 
     def _release(self, lease: Lease) -> None:
         self._leases.pop(lease.req_id, None)
@@ -944,22 +976,39 @@ class Supervisor:
         finally:
             self._refreshing = False
 
-    async def _model_facts(self, model: ModelLike, model_key: str) -> ModelFacts:
-        facts = self._facts.get(model_key)
+    def _hold(self, key: str) -> None:
+        """Store.hold for every blob of a model key (the GGUF and its projector)."""
+        assert self.store is not None
+        for path in key_paths(key):
+            if path:
+                self.store.hold(path)
+
+    def _release_blobs(self, key: str) -> None:
+        assert self.store is not None
+        for path in key_paths(key):
+            if path:
+                self.store.release(path)
+
+    async def _model_facts(self, model: ModelLike, key: str) -> ModelFacts:
+        facts = self._facts.get(key)
         if facts is not None:
             return facts
+        model_path, projector_path = key_paths(key)
         try:
-            info = await gguf_info.read_info_async(model_key)
-            size = os.path.getsize(model_key)
+            info = await gguf_info.read_info_async(model_path)
+            size = os.path.getsize(model_path)
+            projector = await gguf_info.read_info_async(projector_path) if projector_path else None
         except FileNotFoundError as exc:
             raise NotFound(f'model "{model.name}" not found, try pulling it first') from exc
         except Exception as exc:
-            raise Failed(f"unable to load model: {model_key}: {exc}: this model may be "
+            raise Failed(f"unable to load model: {model_path}: {exc}: this model may be "
                                 "incompatible with your version of corral. If you previously "
                                 f"pulled this model, try updating it by running `ollama pull "
                                 f"{model.name}`") from exc
         facts = facts_from_info(info, size)
-        self._facts[model_key] = facts
+        if projector is not None:
+            facts = projector_facts(facts, projector)
+        self._facts[key] = facts
         return facts
 
 

@@ -75,6 +75,9 @@ _SPLIT = {"none": llama_cpp.LLAMA_SPLIT_MODE_NONE, "layer": llama_cpp.LLAMA_SPLI
 # "load_tensors:   CPU_Mapped model buffer size =   100.00 MiB", "llama_kv_cache:  CUDA0 KV buffer
 # size = 36.00 MiB", "llama_context:  CPU compute buffer size = 77.5 MiB", output/RS buffers too.
 _BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|compute|output|RS)\s+buffer size\s*=\s*([0-9.]+)\s*MiB")
+# The vision projector (libmtmd's clip) logs its device, then its weights without "buffer".
+_CLIP_DEVICE = re.compile(r"CLIP using (\S+) backend")
+_CLIP_WEIGHTS = re.compile(r"load_hparams: model size:\s*([0-9.]+)\s*MiB")
 _LOG_DEBUG, _LOG_CONT = 1, 5  # enum ggml_log_level (include/ggml.h): NONE, DEBUG, INFO, WARN, ERROR, CONT
 _OOM_TEXT = re.compile(r"out of memory|failed to allocate|cudaMalloc failed|unable to allocate", re.I)
 
@@ -97,6 +100,7 @@ class _LlamaLog:
         self._partial = b""
         self.capture = True
         self.memory: dict[str, dict[str, int]] = {}
+        self.clip_device = "CPU"
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
         self.verbose = False  # forward GGML_LOG_LEVEL_DEBUG lines too
         self._level = _LOG_DEBUG
@@ -130,6 +134,11 @@ class _LlamaLog:
             dev = self.memory.setdefault(_device_name(m.group(1)), {"weights": 0, "kv": 0, "compute": 0})
             kind = {"model": "weights", "KV": "kv", "RS": "kv"}.get(m.group(2), "compute")
             dev[kind] += int(float(m.group(3)) * _MiB)
+        elif m := _CLIP_DEVICE.search(line):
+            self.clip_device = _device_name(m.group(1))
+        elif m := _CLIP_WEIGHTS.search(line):
+            dev = self.memory.setdefault(self.clip_device, {"weights": 0, "kv": 0, "compute": 0})
+            dev["weights"] += int(float(m.group(1)) * _MiB)
 
     def flush(self) -> None:
         with self._lock:
@@ -537,6 +546,15 @@ class Engine:
             media = {i if i < keep else i - tail + keep: sp for i, sp in media.items() if i < keep or i >= tail}
             prompt = prompt[:keep] + prompt[tail:]
             truncated = True
+        if media:  # encode here, off the decode thread, unless a slot has the image cached
+            assert self.vision is not None
+            cached = {t for slot in self._slots for t in list(slot.cache) if t < 0}
+            for span in media.values():
+                if span.key not in cached:
+                    try:
+                        self.vision.encode(span, self.n_embd)
+                    except RuntimeError as e:
+                        raise BadRequest(f"Failed to create new sequence: failed to process inputs: {e}") from None
         job = Job(request, emit)
         job.prompt = prompt  # type: ignore[attr-defined]
         job.media = media  # type: ignore[attr-defined]
@@ -795,14 +813,14 @@ class Engine:
         batch = None
         non_causal = self.vision.non_causal(span)
         try:
-            embd = self.vision.encode(span)
+            embd = self.vision.encode(span, n_embd)  # at once unless submit did not encode it
             step = min(n_tok, self.n_batch)
             batch = llama_cpp.llama_batch_init(step, n_embd, 1)
             if non_causal:
                 llama_cpp.llama_set_causal_attn(self.ctx, False)
             for off in range(0, n_tok, step):
                 k = min(step, n_tok - off)
-                ctypes.memmove(batch.embd, ctypes.addressof(embd.contents) + off * n_embd * 4, k * n_embd * 4)
+                ctypes.memmove(batch.embd, embd.ctypes.data + off * n_embd * 4, k * n_embd * 4)
                 for i in range(k):
                     self._put_embd(batch, i, pos0 + off + i, s.id, last and off + i == n_tok - 1)
                 batch.n_tokens = k
@@ -823,6 +841,7 @@ class Engine:
             if batch is not None:
                 llama_cpp.llama_batch_free(batch)
         s.cache += [span.key] * span.n_pos
+        span.embd = None  # the KV holds it now
         if last:
             s.batch_index = (n_tok - 1) % step
             self._sample(s)

@@ -9,9 +9,10 @@
   convention: N indexes the request's images) and returns the prompt as ids where each image
   is ``n_pos`` copies of a negative id derived from the image's SHA-256, plus the image spans
   by start index. Equal images at equal places give equal ids, so the slot prompt cache
-  matches them like tokens. ``encode`` runs the vision encoder on one span (decode thread only:
-  mtmd's encoder is not thread-safe) and returns a pointer to its embeddings, valid until the
-  next encode.
+  matches them like tokens. ``encode`` runs the vision encoder on one span and keeps a copy of
+  its embeddings in ``Span.embd``; encodes are serialised by a lock (mtmd's encoder is not
+  thread-safe), and they may run beside a llama_decode (the encoder has its own backend
+  context): the engine encodes in the submitting thread, so other sequences keep decoding.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import ctypes
 import hashlib
 import io
 import re
+import threading
 import warnings
 
+import numpy as np
 from llama_cpp import mtmd_cpp
 
 from corral.runner.common import BadRequest, LoadError
@@ -68,6 +71,7 @@ class Span:
         self.key = key
         self.n_tokens = int(mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk))
         self.n_pos = int(mtmd_cpp.mtmd_input_chunk_get_n_pos(chunk))
+        self.embd: np.ndarray | None = None  # n_tokens x n_embd float32, once encoded
 
     def __del__(self) -> None:
         chunk, self.chunk = getattr(self, "chunk", None), None
@@ -83,6 +87,7 @@ class Vision:
         """``log_callback``: the engine's llama.cpp log callback, so that the projector's
         buffer sizes count in the runner's memory and its errors reach the failure text."""
         mtmd_cpp.mtmd_log_set(log_callback, ctypes.c_void_p(0))
+        self._lock = threading.Lock()
         params = mtmd_cpp.mtmd_context_params_default()
         params.use_gpu = use_gpu
         params.n_threads = n_threads
@@ -174,14 +179,18 @@ class Vision:
             ids += [span.key] * span.n_pos
         return ids, spans
 
-    # -- decode thread -----------------------------------------------------------------------
-
-    def encode(self, span: Span):
-        """Run the vision encoder; a float pointer to n_tokens x n_embd embeddings."""
-        rc = mtmd_cpp.mtmd_encode_chunk(self.ctx, span.chunk)
-        if rc != 0:
-            raise RuntimeError(f"image encoding failed ({rc})")
-        return mtmd_cpp.mtmd_get_output_embd(self.ctx)
+    def encode(self, span: Span, n_embd: int) -> np.ndarray:
+        """Run the vision encoder once for ``span`` (blocking; any thread); its embeddings."""
+        if span.embd is not None:
+            return span.embd
+        with self._lock:
+            if span.embd is None:
+                rc = mtmd_cpp.mtmd_encode_chunk(self.ctx, span.chunk)
+                if rc != 0:
+                    raise RuntimeError(f"image encoding failed ({rc})")
+                out = mtmd_cpp.mtmd_get_output_embd(self.ctx)
+                span.embd = np.ctypeslib.as_array(out, shape=(span.n_tokens * n_embd,)).copy()
+            return span.embd
 
     def non_causal(self, span: Span) -> bool:
         """Gemma 3 style: the image's cells attend to each other both ways."""

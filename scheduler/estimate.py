@@ -17,6 +17,8 @@ Rules kept from Ollama's estimator:
    ``batch = min(num_ctx, num_batch)``; on Metal the partial graph equals the full one.
    For Gemma 3 270M at batch 512 the full graph is 4 x 512 x (640 + 262144) bytes, about
    514 MiB - what llama.cpp really reserves for its compute buffer.
+5. A vision projector adds its weights and its encoder's compute buffer
+   (:func:`projector_graph`), held on the first GPU of the placement (Ollama's rule), or on CPU.
 """
 
 from __future__ import annotations
@@ -182,7 +184,18 @@ def estimate(facts: ModelFacts, options: RunnerOptions, parallel: int = 1,
         file_size=facts.file_size,
         ctx_total=ctx_total,
         kv_bytes_per_element=bpe,
+        projector=facts.projector_bytes + facts.projector_graph,
     )
+
+
+def projector_graph(image_size: int, patch_size: int, embedding_length: int, head_count: int) -> int:
+    """Compute buffer of a CLIP-style vision encoder for one image (our rule, f32): the input
+    image, and per patch (+ a class token) the attention scores of every head over all patches
+    plus four embedding-wide activations."""
+    if image_size <= 0 or patch_size <= 0:
+        return 0
+    n = (image_size // patch_size) ** 2 + 1
+    return 4 * (3 * image_size * image_size + n * (n * max(1, head_count) + 4 * embedding_length))
 
 
 # -- automatic values ------------------------------------------------------------------------

@@ -26,6 +26,7 @@ Layers are counted as llama.cpp's ``-ngl``: blocks from the last one down, then 
 layer, so ``n_gpu_layers == block_count + 1`` means everything on GPU. Each GPU holding layers
 also holds a compute graph: the full one when a single GPU holds the whole model, else the
 partial one. ``num_gpu > 0`` asks for exactly that many layers on GPU (fewer only under rule 6).
+A vision projector (``Estimate.projector``) goes with the first GPU of a placement, or to CPU.
 """
 
 from __future__ import annotations
@@ -114,15 +115,16 @@ def _fill(sizes: list[int], caps: list[int], proportional: bool) -> tuple[list[i
 
 def _on_gpus(est: Estimate, sizes: list[int], group: list[Room], graph: int,
              proportional: bool, need_all: bool) -> tuple[list[Room], list[int], list[int]] | None:
-    caps = [u - graph for _, u in group]
+    caps = [u - graph - (est.projector if j == 0 else 0) for j, (_, u) in enumerate(group)]
     if all(c <= 0 for c in caps):
         return None
     counts, used = _fill(sizes, caps, proportional)
     if need_all and sum(counts) < len(sizes):
         return None
     keep = [j for j in range(len(group)) if counts[j] > 0]
-    if not keep:
+    if not keep or (est.projector and keep[0] != 0):  # the projector sits on the first GPU
         return None
+    used[0] += est.projector
     return [group[j] for j in keep], [counts[j] for j in keep], [used[j] + graph for j in keep]
 
 

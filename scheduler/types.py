@@ -75,6 +75,8 @@ class ModelFacts(msgspec.Struct, frozen=True, kw_only=True):
     token_embd_bytes: int = 0
     is_embedding_model: bool = False  # no completion capability -> parallel 1
     has_vision: bool = False  # num_ctx floor 2048
+    projector_bytes: int = 0  # vision projector weights (loaded on the first GPU, or CPU)
+    projector_graph: int = 0  # its encoder's compute buffer for one image
 
 
 class RunnerOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -110,6 +112,7 @@ class Estimate(msgspec.Struct, frozen=True):
     file_size: int
     ctx_total: int
     kv_bytes_per_element: float
+    projector: int = 0  # vision projector weights + compute, on the first GPU of a placement
 
     @property
     def block_count(self) -> int:
@@ -126,12 +129,13 @@ class Estimate(msgspec.Struct, frozen=True):
     @property
     def full_gpu_bytes(self) -> int:
         """All layers + output + KV + full graph on one GPU."""
-        return sum(self.layer_weights) + self.kv_total + self.output_bytes + self.graph_full
+        return (sum(self.layer_weights) + self.kv_total + self.output_bytes + self.graph_full
+                + self.projector)
 
     @property
     def cpu_bytes(self) -> int:
         """The whole model on CPU: every tensor of the file + KV + compute graph."""
-        return self.file_size + self.kv_total + self.graph_full
+        return self.file_size + self.kv_total + self.graph_full + self.projector
 
 
 class Placement(msgspec.Struct, frozen=True, kw_only=True):

@@ -493,7 +493,7 @@ async def completion_job(app: web.Application, model: Model, *, options: dict[st
                          renderer: templates.Renderer | None = None, shift: bool | None = None,
                          truncate: bool | None = None, history: ChatHistory | None = None,
                          logprobs: Logprobs = Logprobs(),
-                         ) -> AsyncIterator[Job]:
+                         images: list[bytes] | None = None) -> AsyncIterator[Job]:
     """Acquire a slot for ``model`` and yield the :class:`Job` (load-only when ``prompt`` is
     None). With ``history`` (a chat whose rendering is ``prompt``) and ``truncate`` not False,
     the oldest messages are dropped until the prompt fits the runner's slot. Releases the lease
@@ -510,7 +510,8 @@ async def completion_job(app: web.Application, model: Model, *, options: dict[st
         body = protocol.CompletionRequest(
             prompt=prompt, tokens=context or None, options=sampling(options), format=fmt,
             stream=stream, shift=shift, truncate=True if truncate is None else truncate,
-            logprobs=logprobs.enabled, top_logprobs=logprobs.top if logprobs.enabled else 0)
+            logprobs=logprobs.enabled, top_logprobs=logprobs.top if logprobs.enabled else 0,
+            images=images or [])
     lease = await app[SUPERVISOR].acquire(model.record, options, keep_alive, kind="completion")
     async with lease:
         if body is not None and history is not None and body.truncate:
@@ -612,10 +613,12 @@ _REQUIRED = (400, "model is required")
 def generate_prompt(model: Model, prompt: str, *, suffix: str = "", system: str | None = None,
                     template: str | None = None, raw: bool = False,
                     context: list[int] | None = None,
-                    think: tuple[bool, str, bool] = (False, "", False)) -> str | None:
+                    think: tuple[bool, str, bool] = (False, "", False),
+                    n_images: int = 0) -> str | None:
     """The text sent to the runner for a generate request; None = load only (empty prompt).
-    Not raw: [system (request or Modelfile)] + Modelfile MESSAGEs (unless ``context``) + the
-    user prompt, rendered with the request's or the model's template (FIM with ``suffix``)."""
+    Not raw: [system (request or Modelfile)] + Modelfile MESSAGEs (unless ``context``) + one
+    ``[img-N]`` user message per image + the user prompt, rendered with the request's or the
+    model's template (FIM with ``suffix``). Raw: the prompt carries its own ``[img-N]``."""
     if not prompt and not suffix:
         return None
     if raw:
@@ -627,6 +630,7 @@ def generate_prompt(model: Model, prompt: str, *, suffix: str = "", system: str 
         messages.append({"role": "system", "content": system})
     if not context:
         messages += model.record.messages
+    messages += [{"role": "user", "content": f"[img-{i}]"} for i in range(n_images)]
     messages.append({"role": "user", "content": prompt})
     return render(renderer, messages, None, prompt=prompt, suffix=suffix, think=think)
 
@@ -667,13 +671,12 @@ async def generate(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, f'"{req.model}" does not support generate')
     _require(model, (["insert"] if req.suffix else []) + (["vision"] if images else []))
     think = resolve_think(model, think, req.model)
-    if images:
-        raise ApiError(400, "image input is not supported by this server yet")
     options = opts.merge_options(model.record.parameters, req.options)
     warn_ignored(req.model, opts.ignored_options(req.options))
 
     prompt = generate_prompt(model, req.prompt, suffix=req.suffix, system=req.system,
-                             template=req.template, raw=req.raw, context=req.context, think=think)
+                             template=req.template, raw=req.raw, context=req.context, think=think,
+                             n_images=len(images))
     if req.debug_render_only:
         return json_response({"model": req.model, "created_at": now_utc(), "response": "",
                               "done": False, "_debug_info": debug_info(prompt or "")})
@@ -681,7 +684,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     async with completion_job(app, model, options=options, keep_alive=keep_alive,
                               started=started, prompt=prompt, context=req.context, fmt=fmt,
                               stream=stream, thinking=think[0], shift=req.shift,
-                              truncate=req.truncate, logprobs=logprobs) as job:
+                              truncate=req.truncate, logprobs=logprobs, images=images) as job:
         if prompt is None:
             return json_response({"model": req.model, "created_at": now_utc(),
                                   "response": "", "done": True, "done_reason": "load"})
@@ -733,6 +736,29 @@ def chat_messages(model: Model, messages: Sequence[dict]) -> list[dict]:
     return msgs
 
 
+def tag_images(messages: list[dict]) -> tuple[list[dict], list[bytes]]:
+    """Ollama's image tags: the request's images are numbered in order, and each becomes
+    ``[img-N]`` in its message's content, replacing the next ``[img]`` there or else prefixed;
+    the decoded bytes go to the runner beside the prompt (a bad base64 image is a 400)."""
+    out: list[dict] = []
+    images: list[bytes] = []
+    for m in messages:
+        data = opts.check_images(m.get("images"))
+        if not data:
+            out.append(m)
+            continue
+        content, prefix = m.get("content") or "", ""
+        for blob in data:
+            tag = f"[img-{len(images)}]"
+            images.append(blob)
+            if "[img]" in content:
+                content = content.replace("[img]", tag, 1)
+            else:
+                prefix += tag
+        out.append({**m, "content": prefix + content})
+    return out, images
+
+
 def _message_dict(m: opts.Message) -> dict[str, Any]:
     d = m.as_dict()
     d["role"] = (d.get("role") or "").lower()
@@ -761,10 +787,7 @@ async def start_chat(app: web.Application, *, model_name: str, messages: list[di
     _require(model, (["tools"] if tools else [])
              + (["vision"] if any(m.get("images") for m in messages) else []))
     think = resolve_think(model, think, model_name, relaxed=relaxed_think)
-    if any(m.get("images") for m in messages):
-        for m in messages:
-            opts.check_images(m.get("images"))
-        raise ApiError(400, "image input is not supported by this server yet")
+    messages, images = tag_images(messages)
     merged = opts.merge_options(model.record.parameters, options)
     warn_ignored(model_name, [*ignored, *opts.ignored_options(options)])
     prompt = history = None
@@ -780,7 +803,7 @@ async def start_chat(app: web.Application, *, model_name: str, messages: list[di
     return completion_job(app, model, options=merged, keep_alive=keep_alive, started=started,
                           prompt=prompt, fmt=fmt, stream=stream, thinking=think[0], tools=tools,
                           renderer=renderer, shift=shift, truncate=truncate, history=history,
-                          logprobs=logprobs)
+                          logprobs=logprobs, images=images)
 
 
 async def chat(request: web.Request) -> web.StreamResponse:

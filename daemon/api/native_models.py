@@ -263,11 +263,14 @@ def _legacy_modelfile(req: CreateRequest) -> CreateRequest:
         parsed = modelfile.parse(req.modelfile or "").create_request()
     except modelfile.ModelfileError as e:
         raise ApiError(400, str(e)) from None
-    source = parsed.pop("from", None)
-    files = adapters = None
-    if source and source.startswith("@"):
-        files = {"model.gguf": source[1:]}
-        source = None
+    sources = parsed.pop("from", None)
+    files: dict[str, str] | None = None
+    adapters = source = None
+    for i, value in enumerate([sources] if isinstance(sources, str) else sources or []):
+        if value.startswith("@"):  # a blob: the model GGUF, then e.g. its vision projector
+            files = (files or {}) | {"model.gguf" if i == 0 else f"model{i}.gguf": value[1:]}
+        else:
+            source = value
     if parsed.get("adapters"):
         adapters = {f"adapter{i}.gguf": a.lstrip("@") for i, a in enumerate(parsed["adapters"])}
     return msgspec.structs.replace(

@@ -243,9 +243,18 @@ def image_data(url: Any) -> str:
         raise ApiError(400, "image URLs are not currently supported, please use base64 encoded "
                             "data instead")
     head, sep, data = url.partition(";base64,")
-    if not sep or not head.startswith("data:"):
+    if not sep or head not in _IMAGE_URI_TYPES:
         raise ApiError(400, "invalid image input")
+    try:
+        base64.b64decode(data, validate=True)
+    except ValueError:  # binascii.Error
+        raise ApiError(400, "invalid image input") from None
     return data
+
+
+# Ollama's accepted data-URI heads (anything else, including other image types, is invalid)
+_IMAGE_URI_TYPES = frozenset({"data:image/jpeg", "data:image/jpg", "data:image/png",
+                              "data:image/webp", "data:"})
 
 
 def chat_messages(raw: Any) -> list[dict[str, Any]]:
