@@ -244,6 +244,17 @@ def print_show(info: dict[str, Any]) -> None:
         for cap in info["capabilities"]:
             _out(f"    {cap}")
         _out()
+    if pi := info.get("projector_info"):
+        from corral.daemon.store import human_number
+
+        parch = pi.get("general.architecture", "")
+        _out("  Projector")
+        for k, v in (("architecture", parch),
+                     ("parameters", human_number(int(pi.get("general.parameter_count", 0)))),
+                     ("embedding length", pi.get(f"{parch}.vision.embedding_length", "")),
+                     ("dimensions", pi.get(f"{parch}.vision.projection_dim", ""))):
+            _out(f"    {k:<20}{v}")
+        _out()
     if info.get("parameters"):
         _out("  Parameters")
         for line in info["parameters"].splitlines():

@@ -158,3 +158,13 @@ def test_cli_create_from_a_modelfile_with_the_projector(daemon, client, files, t
     assert done.returncode == 0, done.stderr
     assert "vision" in client.show("vis2").capabilities
     assert client.generate(model="vis2", prompt="x", images=[PNG]).prompt_eval_count >= IMAGE_TOKENS
+
+
+def test_cli_show_has_a_projector_section(daemon):
+    env = {**os.environ, "OLLAMA_HOST": daemon.url.removeprefix("http://")}
+    out = subprocess.run([sys.executable, "-m", "corral.daemon.cli", "show", "vis"], env=env,
+                         capture_output=True, text=True, timeout=60).stdout
+    section = out.split("  Projector\n")[1].split("\n\n")[0]
+    assert section.splitlines() == ["    architecture        clip", "    parameters          18K",
+                                    "    embedding length    32", "    dimensions          64"]
+    assert "    vision" in out.split("  Capabilities\n")[1].split("\n\n")[0]
