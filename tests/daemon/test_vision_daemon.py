@@ -78,3 +78,19 @@ def test_modelfile_with_a_projector_round_trips(tmp_path):
 
     text = modelfile.render(Rec())  # type: ignore[arg-type]
     assert "FROM /b/sha256-m\nFROM /b/sha256-p\n" in text
+
+
+def test_the_projector_blob_is_held_with_the_model():
+    from types import SimpleNamespace
+
+    from corral.daemon.supervisor import Supervisor
+
+    calls: list[tuple[str, str]] = []
+    store = SimpleNamespace(hold=lambda p: calls.append(("hold", str(p))),
+                            release=lambda p: calls.append(("release", str(p))))
+    sup = SimpleNamespace(store=store)
+    key = model_key(_Rec("/b/sha256-a", ["/b/sha256-p"]))
+    Supervisor._hold(sup, key)  # type: ignore[arg-type]
+    Supervisor._release_blobs(sup, key)  # type: ignore[arg-type]
+    assert calls == [("hold", "/b/sha256-a"), ("hold", "/b/sha256-p"),
+                     ("release", "/b/sha256-a"), ("release", "/b/sha256-p")]

@@ -116,10 +116,11 @@ def test_text_sequences_keep_batching_beside_an_image(engine):
                 threading.Thread(target=done.wait).start()
         return emit
 
+    # the image request first: its submit decodes and encodes the image before it is queued
+    engine.submit(CompletionRequest(prompt="see [img-0] here", images=[image_bytes("PNG", seed=21)],
+                                    options=SamplingOptions(temperature=0, num_predict=100)), emitter(1))
     engine.submit(CompletionRequest(prompt="a long text story", options=SamplingOptions(temperature=0, num_predict=120)),
                   emitter(0))
-    engine.submit(CompletionRequest(prompt="see [img-0] here", images=[PNG],
-                                    options=SamplingOptions(temperature=0, num_predict=100)), emitter(1))
     done.wait()
     assert type(results[1]).__name__ == "CompletionDone", results[1]
     assert len(steps[0] & steps[1]) >= 50, steps
