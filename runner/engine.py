@@ -833,7 +833,7 @@ class Engine:
             s.cache = []
             self._free(s)
             if not job.cancelled.is_set():
-                job.emit(CompletionError(error=str(e)))
+                self._post(job, CompletionError(error=str(e)))
             return
         finally:
             if non_causal:
