@@ -140,7 +140,7 @@ def test_cli_run_reads_image_paths(daemon, tmp_path):
 
     with_image, without = run(f"what is in {img} now"), run("what is in now")
     assert with_image.returncode == 0, with_image.stderr
-    assert f"Added image '{img}'" in with_image.stderr
+    assert f"Added image '{img}'" in with_image.stdout + with_image.stderr
 
     def count(p: subprocess.CompletedProcess) -> int:
         return int(re.search(r"prompt eval count:\s+(\d+)", p.stderr).group(1))
@@ -168,3 +168,22 @@ def test_cli_show_has_a_projector_section(daemon):
     assert section.splitlines() == ["    architecture        clip", "    parameters          18K",
                                     "    embedding length    32", "    dimensions          64"]
     assert "    vision" in out.split("  Capabilities\n")[1].split("\n\n")[0]
+
+
+def test_anthropic_image_blocks(daemon):
+    import anthropic
+
+    with anthropic.Anthropic(base_url=daemon.url, api_key="unused") as ant:
+        fresh = image_bytes("PNG", seed=31)  # not in any slot's cache yet: its 16 cells are counted
+        block = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                              "data": base64.b64encode(fresh).decode()}}
+        msg = ant.messages.create(model="vis", max_tokens=4, messages=[
+            {"role": "user", "content": [block, {"type": "text", "text": "what is it"}]}])
+        assert msg.content and msg.usage.input_tokens >= IMAGE_TOKENS
+        bad = {**block, "source": {**block["source"], "data": base64.b64encode(b"junk").decode()}}
+        with pytest.raises(anthropic.BadRequestError) as err:
+            ant.messages.create(model="vis", max_tokens=2, messages=[{"role": "user", "content": [bad]}])
+        assert "image: unknown format" in str(err.value)
+        with pytest.raises(anthropic.BadRequestError) as err:
+            ant.messages.create(model="txt", max_tokens=2, messages=[{"role": "user", "content": [block]}])
+        assert "does not support vision" in str(err.value)
