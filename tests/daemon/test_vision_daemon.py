@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from corral.daemon import gguf_info, modelfile
+from corral.daemon import gguf_info, modelfile, templates
 from corral.daemon.api.native_infer import tag_images
 from corral.daemon.supervisor import facts_from_info, key_paths, model_key, projector_facts
 from corral.scheduler import RunnerOptions
@@ -42,14 +42,14 @@ def test_model_key_tells_the_pair_from_the_text_model():
 
 def test_vision_capability_only_with_a_projector(tiny_projector, tiny_gguf):
     info = gguf_info.read_info(tiny_gguf)
-    assert "vision" not in gguf_info.capabilities(info)
-    assert "vision" in gguf_info.capabilities(info, has_projector=True)
+    assert "vision" not in templates.capabilities(info)
+    assert "vision" in templates.capabilities(info, has_projector=True)
     assert gguf_info.read_info(tiny_projector).is_projector
 
 
 @pytest.mark.gemma
 def test_gemma3_270m_is_not_a_vision_model(gemma_gguf):
-    caps = gguf_info.capabilities(gguf_info.read_info(gemma_gguf))
+    caps = templates.capabilities(gguf_info.read_info(gemma_gguf))
     assert "vision" not in caps and "completion" in caps
 
 
