@@ -28,40 +28,35 @@ N, and corral's share of it. `uptime`'s load is printed with every round: other 
 
 Where the time went at 4 streams (`--timeline 4`: the runner's decode loop wrapped with timers by
 bench/timeline_hooks, CPU seconds per process and thread from /proc; ms per decode step of 4
-sequences, means over ~130 steps per run):
+sequences, means over the ~130 steps of one run of 4 x 128 tokens; before = main at 47458ed,
+after = this code, run one after the other at load ~3.2):
 
-                                batch  llama_   sampling  detok-   emit   rest  gap   decode thread
-                                build  decode   (_pick)   enise           of    to    CPU per step
-                                                                          step  next
-  before (main 47458ed, load 13)  0.02  1482     1.06      0.10     4.54   0.20  1.00  200 ms
-  after  (load 4.5)               0.06    98     0.44      0.08     0.44   0.13  0.05   51 ms
+                 batch  llama_decode     sampling  detok-  emit  rest  gap    decode thread  tok/s
+                 build  mean (p50/p90)   (_pick)   enise         of    to     CPU per step
+                                                                 step  next
+  before         0.02   206 (72/528)     2.62      0.17    1.07  0.19  0.32   114 ms         21.2
+  after          0.02    77 (87/95)      0.33      0.06    0.42  0.12  0.04    45 ms         50.9
 
-  * llama_decode is everything: the Python around it was ~7 ms per step before (sampling: the
-    262k-entry candidate array llama_sampler_sample fills, ~300 us per token; emit: one self-pipe
-    write per token, each handing the GIL to the HTTP thread in the middle of sampling) and is
-    ~1 ms after (numpy argmax ~25 us per token; the step's events handed over once at its end).
-    "k single decodes when cheaper" never fired at 4 (0 of 259 steps split; it is for k = 2).
-  * The decode itself crawled on a busy machine because of libgomp's default busy-wait
-    (300,000 spins, ~10 ms): at each of the ~300 barriers of a step the thread whose partner was
-    preempted spun its time slice away. CPU seconds for 512 tokens at 4 streams, load ~4.5:
-    llama-server 23 s (main 11.5 + its OpenMP worker 11.6, the same spin), corral's runner 12-14 s
-    (decode thread + worker) with GOMP_SPINCOUNT=2000, its HTTP thread 0.06 s, the daemon 0.10 s,
-    the benchmark client 0.06 s. Before the change the runner took 51 s for the same 512 tokens.
+  CPU seconds for the 512 tokens: runner 26.4 -> 11.6 (two decode threads; its HTTP loop thread
+  0.09 -> 0.06), daemon 0.11 -> 0.08, benchmark client 0.07 -> 0.05.
+
+  * llama_decode is nearly everything. The Python around it was ~4.4 ms per step before
+    (sampling: the 262k-entry candidate array llama_sampler_sample fills, ~300 us per token
+    unloaded; emit: one self-pipe write per token, each handing the GIL to the HTTP thread in
+    the middle of sampling) and ~1 ms after (numpy argmax ~25 us per token unloaded; the step's
+    events handed over once at its end). "k single decodes when cheaper" never fired at 4
+    (0 of 132 steps split; it is for k = 2).
+  * The decode's tail (p90 528 ms) was libgomp's default busy-wait (300,000 spins, ~10 ms): at
+    each of the ~300 barriers of a step, the thread whose partner was preempted by another
+    process spun its time slice away. GOMP_SPINCOUNT=2000 (runner/__main__.py) cut the runner's
+    CPU by more than half and the p90 to 95 ms; llama-server keeps the default (at load ~4.5 it
+    took 23 CPU-s for the same 512 tokens). On a quiet moment llama-batched-bench at 4 sequences
+    ran 104.9 tok/s with the default spin and 105.8 with 2000: no cost when the cores are free.
   * The HTTP side is small: ~120 us CPU per token in the runner's loop thread and ~150-200 us in
     the daemon (mostly the send() of the loopback write, see py-spy), against 28-35 ms per
     4-token step on an idle machine: ~2-3 %, doubled because it preempts one of the two decode
     threads and the other waits at the next barrier. Tokens that queue up (a reader that fell
     behind) now cross the runner -> daemon -> client hops in one write each.
-
-Measured (2 rounds or more, best of each side; the machine shared with other agents' tests):
-
-  run                                  load      1 stream       4 streams      8 streams
-  defaults (llama-server's spin)       4.5-6.5   1.53           2.52           2.22
-  --same-spin (both GOMP_SPINCOUNT=2000) 4.2-5.1 0.93           0.98           0.85
-
-So on a busy machine the OpenMP wait dominates; with it equal, what is left is the HTTP side:
-corral spends ~0.3 ms CPU per token in two processes (runner loop thread + daemon) against
-llama-server's one C++ hop, which costs most where the tokens per step are many (8 streams).
 
 How llama-server's loop differs: the same one llama_decode per step for all slots; sampling in
 C++ (common_sampler_sample fills the same 262k candidates per token, ~300 us); per token a JSON
