@@ -58,6 +58,16 @@ after = this code, run one after the other at load ~3.2):
     threads and the other waits at the next barrier. Tokens that queue up (a reader that fell
     behind) now cross the runner -> daemon -> client hops in one write each.
 
+Measured (3 rounds, best of each side; the machine shared with other agents' tests):
+
+  run                                     load      1 stream   4 streams   8 streams
+  defaults (llama-server's own spin)      4.5-6.5   1.53       2.52        2.22
+  --same-spin (both GOMP_SPINCOUNT=2000)  4.2-5.1   0.93       0.98        0.85
+
+So on a busy machine the OpenMP wait dominates; with it equal, what is left is the HTTP side:
+corral spends ~0.3 ms CPU per token in two processes (runner loop thread + daemon) against
+llama-server's one C++ hop, which costs most where the tokens per step are many (8 streams).
+
 How llama-server's loop differs: the same one llama_decode per step for all slots; sampling in
 C++ (common_sampler_sample fills the same 262k candidates per token, ~300 us); per token a JSON
 result through a queue to the connection's HTTP thread (httplib), one hop instead of corral's
