@@ -177,7 +177,10 @@ def test_importing_the_scheduler_loads_no_io_stack() -> None:
 # daemon/runners.py copies the whole environment for the runner processes it spawns; it does
 # not read settings from it. daemon/buildplan.py runs at build time (scripts/install-llama.sh,
 # before corral is installed) and finds toolkits as a build does (PATH, CUDA_HOME, ROCM_PATH).
-ENVIRON_ALLOWED = {"daemon/config.py", "daemon/runners.py", "daemon/buildplan.py"}
+# runner/__main__.py sets the OpenMP wait policy in its own environment before llama.cpp's
+# libgomp loads (GOMP_SPINCOUNT, unless the user chose one); it reads no setting from it.
+ENVIRON_ALLOWED = {"daemon/config.py", "daemon/runners.py", "daemon/buildplan.py",
+                   "runner/__main__.py"}
 
 
 @pytest.mark.parametrize(("module", "path"), MODULES, ids=[m for m, _ in MODULES])
