@@ -28,7 +28,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from corral.daemon.api import native_infer as core
+from corral.daemon.api import inference as core
 from corral.daemon.api import openai as oa
 from corral.daemon.api import options as opts
 from corral.daemon.api.errors import ApiError, anthropic_error, as_api_error

@@ -1,6 +1,6 @@
 """OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models.
 
-Requests are translated into the native core (``native_infer``) the way Ollama's OpenAI
+Requests are translated into the inference core (``inference``) the way Ollama's OpenAI
 middleware does (reference §3): temperature and top_p default to 1.0, max_tokens ->
 num_predict, response_format -> format, content parts -> one message each. Streams are SSE
 (``data: {...}\\n\\n`` ... ``data: [DONE]\\n\\n``). Errors use OpenAI's shape (the error middleware
@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from corral.daemon.api import native_infer as core
+from corral.daemon.api import inference as core
 from corral.daemon.api import options as opts
 from corral.daemon.api.errors import ApiError, as_api_error, openai_body
 from corral.daemon.api.keys import STORE

@@ -18,7 +18,7 @@ import pytest
 import structlog.testing
 
 from corral.daemon import templates
-from corral.daemon.api import native_infer
+from corral.daemon.api import inference
 from tests.daemon.test_api_robustness import TINY, Env, env  # noqa: F401 - fixture
 from tests.daemon.test_templates_library import TOOLS_CHATML
 
@@ -51,13 +51,13 @@ def ollama_fit(messages: list[dict], limit: int) -> str:
 @pytest.fixture
 def tokenize_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
-    real = native_infer.count_tokens
+    real = inference.count_tokens
 
     async def counting(lease: Any, text: str) -> int:
         calls.append(text)
         return await real(lease, text)
 
-    monkeypatch.setattr(native_infer, "count_tokens", counting)
+    monkeypatch.setattr(inference, "count_tokens", counting)
     return calls
 
 
@@ -141,7 +141,7 @@ def test_token_bound_holds_for_byte_fallback_spm(tiny_gguf: Path) -> None:
         excess = 0
         for text in TEXTS:
             n = len(e.tokenize(text, True, True))
-            assert n <= native_infer.token_bound(text), text
+            assert n <= inference.token_bound(text), text
             excess = max(excess, n - len(text.encode()))
         assert excess >= 2   # BOS + the dummy-prefix "▁": bytes alone would not be a bound
     finally:

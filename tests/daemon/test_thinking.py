@@ -12,7 +12,7 @@ import itertools
 import pytest
 
 from corral.daemon import templates
-from corral.daemon.api.native_infer import ThinkingSplitter
+from corral.daemon.api.inference import ThinkingSplitter
 from corral.runner import protocol
 from tests.daemon.test_api_infer_support import THINKER, Env, env  # noqa: F401 - fixture
 from tests.daemon.test_templates_library import CHATML

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from corral.daemon import gguf_info, modelfile, templates
-from corral.daemon.api.native_infer import tag_images
+from corral.daemon.api.inference import tag_images
 from corral.daemon.supervisor import facts_from_info, key_paths, model_key, projector_facts
 from corral.scheduler import RunnerOptions
 from corral.scheduler.estimate import estimate, projector_graph
