@@ -45,6 +45,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -321,8 +322,6 @@ def main(argv: list[str]) -> int:
     patch = (Path(__file__).resolve().parent.parent / "scripts" / "patch-llama.py").read_bytes()
     key = p.key(version, "%d.%d" % sys.version_info[:2], patch)
     if "--shell" in argv:
-        import shlex
-
         print(f"LLAMA_BACKEND={shlex.quote(p.backend)}")
         print(f"LLAMA_CMAKE_ARGS={shlex.quote(p.cmake_args_str)}")
         print(f"LLAMA_KEY={key}")

@@ -1,7 +1,7 @@
 """The ``corral`` command: ``serve`` runs the daemon; the other verbs are Ollama-style clients.
 
 Client verbs talk HTTP to the daemon at ``OLLAMA_HOST`` (as ``ollama`` does), print errors as
-``Error: <message>`` on stderr and exit 1. Output goes to stdout through :func:`_out`; the daemon
+``Error: <message>`` on stderr and exit 1. Output goes to stdout through :func:`out`; the daemon
 itself logs only through structlog.
 """
 
@@ -20,32 +20,16 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 
+from corral.daemon import doctor
+from corral.daemon.cli_output import CliError, human_bytes, out, print_metrics, print_show
 from corral.daemon.config import Config
+from corral.daemon.interactive import Progress, Session, extract_images, repl, think_value
+from corral.daemon.logging import configure
+from corral.daemon.modelfile import ModelfileError, parse
 from corral.daemon.version import VERSION
 
 
-class CliError(Exception):
-    """A failure to report as ``Error: …`` with exit status 1."""
-
-
-def _out(text: str = "", end: str = "\n") -> None:
-    sys.stdout.write(text + end)
-    sys.stdout.flush()
-
-
 # ---------------------------------------------------------------- formatting (Ollama's CLI formats)
-
-def human_bytes(n: int) -> str:
-    """SI units, ``%d`` when >= 10 or integral, else one decimal: ``4.7 GB``, ``274 MB``, ``512 B``."""
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if value < 1000 or unit == "PB":
-            if unit == "B" or value >= 10 or value == int(value):
-                return f"{int(value)} {unit}"
-            return f"{value:.1f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
-
 
 def human_time_ago(then: _dt.datetime, now: _dt.datetime | None = None) -> str:
     now = now or _dt.datetime.now(_dt.timezone.utc)
@@ -191,7 +175,7 @@ async def cmd_list(c: Client, args: argparse.Namespace) -> None:
             continue
         rows.append([m["name"], m["digest"][:12], human_bytes(m["size"]),
                      human_time_ago(_parse_time(m["modified_at"]))])
-    _out(table(rows))
+    out(table(rows))
 
 
 async def cmd_ps(c: Client, args: argparse.Namespace) -> None:
@@ -213,64 +197,19 @@ async def cmd_ps(c: Client, args: argparse.Namespace) -> None:
             until = "Loading..."
         rows.append([m["name"], m["digest"][:12], human_bytes(size), proc,
                      str(m.get("context_length", "")), until])
-    _out(table(rows))
+    out(table(rows))
 
 
 async def cmd_show(c: Client, args: argparse.Namespace) -> None:
     info = await c.request("POST", "/api/show", {"model": args.model, "verbose": args.verbose})
     for flag in ("license", "modelfile", "parameters", "system", "template"):
         if getattr(args, flag):
-            _out(info.get(flag) or "")
+            out(info.get(flag) or "")
             return
     print_show(info)
 
 
-def print_show(info: dict[str, Any]) -> None:
-    """The sections of ``show MODEL`` (also ``/show info`` in ``run``)."""
-    details, mi = info.get("details", {}), info.get("model_info", {}) or {}
-    arch = mi.get("general.architecture", details.get("family", ""))
-    rows = [("architecture", arch), ("parameters", details.get("parameter_size", ""))]
-    if f"{arch}.context_length" in mi:
-        rows.append(("context length", str(mi[f"{arch}.context_length"])))
-    if f"{arch}.embedding_length" in mi:
-        rows.append(("embedding length", str(mi[f"{arch}.embedding_length"])))
-    rows.append(("quantization", details.get("quantization_level", "")))
-    _out("  Model")
-    for k, v in rows:
-        _out(f"    {k:<20}{v}")
-    _out()
-    if info.get("capabilities"):
-        _out("  Capabilities")
-        for cap in info["capabilities"]:
-            _out(f"    {cap}")
-        _out()
-    if pi := info.get("projector_info"):
-        from corral.daemon.store import human_number
-
-        parch = pi.get("general.architecture", "")
-        _out("  Projector")
-        for k, v in (("architecture", parch),
-                     ("parameters", human_number(int(pi.get("general.parameter_count", 0)))),
-                     ("embedding length", pi.get(f"{parch}.vision.embedding_length", "")),
-                     ("dimensions", pi.get(f"{parch}.vision.projection_dim", ""))):
-            _out(f"    {k:<20}{v}")
-        _out()
-    if info.get("parameters"):
-        _out("  Parameters")
-        for line in info["parameters"].splitlines():
-            k, _, v = line.partition(" ")
-            _out(f"    {k:<20}{v.strip()}")
-        _out()
-    if info.get("system"):
-        _out("  System")
-        for line in info["system"].splitlines()[:2]:
-            _out(f"    {line}")
-        _out()
-
-
 async def cmd_pull(c: Client, args: argparse.Namespace, verb: str = "pull") -> None:
-    from corral.daemon.interactive import Progress
-
     with Progress("pushing" if verb == "push" else "pulling") as progress:
         async for p in c.stream(f"/api/{verb}", {"model": args.model, "insecure": args.insecure}):
             progress.update(p)
@@ -287,12 +226,12 @@ async def cmd_rm(c: Client, args: argparse.Namespace) -> None:
         except CliError:
             pass
         await c.request("DELETE", "/api/delete", {"model": name})
-        _out(f"deleted '{name}'")
+        out(f"deleted '{name}'")
 
 
 async def cmd_cp(c: Client, args: argparse.Namespace) -> None:
     await c.request("POST", "/api/copy", {"source": args.source, "destination": args.destination})
-    _out(f"copied '{args.source}' to '{args.destination}'")
+    out(f"copied '{args.source}' to '{args.destination}'")
 
 
 async def cmd_stop(c: Client, args: argparse.Namespace) -> None:
@@ -304,8 +243,6 @@ async def cmd_stop(c: Client, args: argparse.Namespace) -> None:
 
 
 async def cmd_create(c: Client, args: argparse.Namespace) -> None:
-    from corral.daemon.modelfile import ModelfileError, parse
-
     path = Path(args.file) if args.file else Path("Modelfile")
     if not path.exists():
         raise CliError(f"no Modelfile found at {path}")
@@ -335,8 +272,6 @@ async def cmd_run(c: Client, args: argparse.Namespace) -> None:
             raise
         await cmd_pull(c, argparse.Namespace(model=args.model, insecure=args.insecure))
         info = await c.request("POST", "/api/show", {"model": args.model})
-    from corral.daemon.interactive import Session, extract_images, repl, think_value
-
     vision = "vision" in ((info or {}).get("capabilities") or [])
 
     think = think_value(args.think)
@@ -372,30 +307,14 @@ async def cmd_run(c: Client, args: argparse.Namespace) -> None:
             final = p
         if thinking:
             sys.stdout.write("\n...done thinking.\n")
-        _out()
+        out()
         if args.verbose:
-            _print_metrics(final)
+            print_metrics(final)
         return
     session = Session(c, args.model, keepalive=args.keepalive, fmt=args.format, think=think,
                       hide_thinking=args.hidethinking, verbose=args.verbose, vision=vision)
     await session.preload()
     await repl(session)
-
-
-def _print_metrics(final: dict) -> None:
-    def secs(key: str) -> float:
-        return final.get(key, 0) / 1e9
-
-    pe, ev = final.get("prompt_eval_count", 0), final.get("eval_count", 0)
-    sys.stderr.write(
-        f"total duration:       {secs('total_duration'):.6f}s\n"
-        f"load duration:        {secs('load_duration'):.6f}s\n"
-        f"prompt eval count:    {pe} token(s)\n"
-        f"prompt eval duration: {secs('prompt_eval_duration'):.6f}s\n"
-        f"prompt eval rate:     {pe / secs('prompt_eval_duration') if secs('prompt_eval_duration') else 0:.2f} tokens/s\n"
-        f"eval count:           {ev} token(s)\n"
-        f"eval duration:        {secs('eval_duration'):.6f}s\n"
-        f"eval rate:            {ev / secs('eval_duration') if secs('eval_duration') else 0:.2f} tokens/s\n")
 
 
 # ---------------------------------------------------------------- entry point
@@ -451,21 +370,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = Config.from_env()
     if args.version:
-        _out(f"corral version is {VERSION}")
+        out(f"corral version is {VERSION}")
         return 0
     if args.verb in ("serve", "start"):
-        from corral.daemon.serve import serve
+        from corral.daemon.serve import serve   # see FUNCTION_IMPORTS in tests/test_imports.py
 
         return serve(config)
     if args.verb is None:
         build_parser().print_help()
         return 0
     if args.verb == "doctor":
-        from corral.daemon import doctor
-        from corral.daemon.logging import configure
-
         configure(logging.WARNING)          # the report on stdout, problems while probing: stderr
-        _out(doctor.main(config, args.json))
+        out(doctor.main(config, args.json))
         return 0
 
     async def go() -> None:

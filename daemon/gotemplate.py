@@ -12,8 +12,9 @@ Why no library: there is no maintained Python implementation of Go's ``text/temp
 Mako or Chevron have other syntax and semantics (truthiness of empty maps, ``range`` over maps in
 key order, ``fmt``/JSON printing, whitespace trimming), and the prompt must be byte-for-byte what
 Ollama renders (tests/daemon/test_templates_library.py compares library templates with Ollama's
-output). Calling Go (a cgo helper) would add a toolchain to the install. The interpreter is
-~1000 lines because the language is; Ollama-specific use of it (request data as Go values,
+output). Calling Go (a cgo helper) would add a toolchain to the install.
+
+Length: over 900 lines because the language is (lexer, parser, evaluator, Go's fmt and JSON); Ollama-specific use of it (request data as Go values,
 Ollama's Execute, tag inference) lives in ``templates.py``.
 """
 

@@ -39,6 +39,7 @@ from prompt_toolkit.output import create_output
 from prompt_toolkit.shortcuts import ProgressBar
 from prompt_toolkit.shortcuts.progress_bar.formatters import Formatter
 
+from corral.daemon.cli_output import CliError, human_bytes, print_metrics, print_show
 from corral.daemon.errors import InvalidRequest
 from corral.daemon.params import type_param
 
@@ -221,9 +222,7 @@ class Session:
             assistant["thinking"] = thought
         self.messages += [user, assistant]
         if self.verbose:
-            from corral.daemon.cli import _print_metrics
-
-            _print_metrics(final)
+            print_metrics(final)
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -306,8 +305,6 @@ class Session:
             _write(f"Unknown command '/set {what}'. Type /? for help\n")
 
     async def _show(self, what: str) -> None:
-        from corral.daemon.cli import CliError, print_show
-
         try:
             info = await self.client.request("POST", "/api/show", {"model": self.model})
         except CliError as e:
@@ -340,8 +337,6 @@ class Session:
             _write(HELP_SHOW)
 
     async def _load(self, model: str) -> None:
-        from corral.daemon.cli import CliError
-
         if not model:
             _write("Usage:\n  /load <modelname>\n")
             return
@@ -360,8 +355,6 @@ class Session:
         self.vision = "vision" in ((info or {}).get("capabilities") or [])
 
     async def _save(self, name: str) -> None:
-        from corral.daemon.cli import CliError
-
         if not name:
             _write("Usage:\n  /save <modelname>\n")
             return
@@ -447,8 +440,6 @@ def _bar(fraction: float, width: int) -> str:
 
 def layer_line(label: str, completed: int, total: int, width: int = 40) -> str:
     """``pulling 8934d96d3f08:  45% ▕█████████         ▏ 900 MB/2.0 GB`` (total alone at 100%)."""
-    from corral.daemon.cli import human_bytes
-
     frac = min(1.0, completed / total) if total else 1.0
     size = human_bytes(total) if completed >= total else \
         f"{human_bytes(completed)}/{human_bytes(total)}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -20,7 +21,11 @@ import structlog
 from aiohttp import web
 
 from corral.daemon import logging as corral_logging
+from corral.daemon.api.app import make_app
 from corral.daemon.config import Config, HostAddr
+from corral.daemon.default_model import ensure_default_model
+from corral.daemon.store import Store
+from corral.daemon.supervisor import Supervisor
 from corral.daemon.version import VERSION
 
 log = structlog.get_logger("corral.serve")
@@ -47,11 +52,6 @@ def serve(config: Config) -> int:
 async def run(config: Config, ready: Callable[[str], Awaitable[None] | None] | None = None,
               stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set). ``ready`` gets the listening URL."""
-    from corral.daemon.api.app import make_app
-    from corral.daemon.default_model import ensure_default_model
-    from corral.daemon.store import Store
-    from corral.daemon.supervisor import Supervisor
-
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -127,10 +127,6 @@ def _raise_fd_limit() -> None:
     """Raise the soft open-files limit to the hard one (as Go's runtime does for Ollama): every
     client connection and every runner's pipes and socket take descriptors, and the usual soft
     default of 1024 refuses a burst of a thousand clients."""
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - not on Windows
-        return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = hard if hard != resource.RLIM_INFINITY else max(soft, 10240)  # macOS OPEN_MAX
     if soft == resource.RLIM_INFINITY or soft >= want:

@@ -22,6 +22,10 @@ Contracts:
 * Large blob I/O runs in a worker thread; small reads (manifests, config, text layers) are done
   inline: they are a few KiB.
 * A model's digest is the sha256 of its manifest bytes; pulled manifests are kept byte for byte.
+
+Length: over 900 lines because one lock discipline (per-name locks, the commit lock, pins and
+holds) covers names, manifests, blobs, create, copy, delete and prune; the parameter table is
+``params``, template checks ``templates``.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from corral.daemon.errors import (
     model_not_found,
 )
 from corral.daemon.gotemplate import TemplateError
+from corral.daemon.human import human_number
 from corral.daemon.params import typed_params
 from corral.daemon.templates import GoTemplate
 
@@ -310,19 +315,6 @@ async def _report(progress: ProgressFn | None, msg: dict[str, Any]) -> None:
 # api.Options / api.Runner field types (Ollama HEAD plus legacy names still sent by clients).
 # ---------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def human_number(n: int) -> str:
-    """Ollama's ``format.HumanNumber``: 8030261248 -> "8.0B", 268098176 -> "268.10M", 137e6 -> "137M"."""
-    if n >= 1_000_000_000:
-        v = n / 1_000_000_000
-        return f"{v:.0f}B" if v == int(v) else f"{v:.1f}B"
-    if n >= 1_000_000:
-        v = n / 1_000_000
-        return f"{v:.0f}M" if v == int(v) else f"{v:.2f}M"
-    if n >= 1_000:
-        return f"{n / 1_000:.0f}K"
-    return str(n)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

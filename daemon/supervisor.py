@@ -26,6 +26,10 @@ Used by the HTTP layer:
 Test hooks: ``await sup.wait_processed()`` (every posted event dispatched),
 ``await sup.wait_until(predicate)`` (re-checked after every dispatch), ``sup.snapshot()``,
 ``sup.runner_process(runner_id)``.
+
+Length: over 900 lines because the owner task, the effects it carries out, the leases and the
+runner table are one state machine around one Scheduler (one task owns it, STYLE rule 2);
+pure parts live elsewhere (``scheduler``, ``runners``, ``gpu``, ``api/ps``).
 """
 
 from __future__ import annotations

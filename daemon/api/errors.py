@@ -10,6 +10,8 @@ that gives each its status, and the middleware answers them as it answers an ``A
 
 from __future__ import annotations
 
+import secrets
+
 from corral.daemon.errors import (
     Busy,
     CorralError,
@@ -88,7 +90,5 @@ def anthropic_error(err: ApiError) -> dict:
 
 
 def anthropic_body(err: ApiError) -> dict:
-    import secrets
-
     return {"type": "error", "error": anthropic_error(err),
             "request_id": "req_" + secrets.token_hex(12)}

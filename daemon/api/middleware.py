@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
+import psutil
 import structlog
 from aiohttp import web
 
@@ -149,7 +150,6 @@ def is_loopback_bind(bind_host: str | None) -> bool:
 def _local_addresses() -> frozenset[str]:
     addrs: set[str] = set()
     try:
-        import psutil
         for entries in psutil.net_if_addrs().values():
             for e in entries:
                 if e.family in (socket.AF_INET, socket.AF_INET6):

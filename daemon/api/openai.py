@@ -10,6 +10,7 @@ does that for every path under /v1/); an error after the stream started is a las
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import random
@@ -584,7 +585,6 @@ def _model_obj(model_id: str, record: Any) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    import asyncio
     records = await asyncio.to_thread(request.app[STORE].list)
     return json_response({"object": "list",
                           "data": [_model_obj(r.name, r) for r in records]})

@@ -15,6 +15,7 @@ import pytest
 from corral.daemon import templates
 from corral.daemon.api.errors import http_status
 from corral.daemon.errors import CorralError
+from corral.daemon.human import human_number
 from corral.daemon.store import (
     MEDIA_LICENSE,
     MEDIA_MODEL,
@@ -22,7 +23,6 @@ from corral.daemon.store import (
     MEDIA_SYSTEM,
     MEDIA_TEMPLATE,
     Store,
-    human_number,
     parse_digest,
     parse_name,
 )
