@@ -63,10 +63,17 @@ Measured (3 rounds, best of each side; the machine shared with other agents' tes
   run                                     load      1 stream   4 streams   8 streams
   defaults (llama-server's own spin)      4.5-6.5   1.53       2.52        2.22
   --same-spin (both GOMP_SPINCOUNT=2000)  4.2-5.1   0.93       0.98        0.85
+  defaults, 2 rounds                      3.1-3.8   0.69       1.25        1.68
+  defaults, 2 rounds (quietest)           1.9-3.3   2.46       0.85        0.76
+    (tok/s, best: llama-server 24.0 / 96.9 / 89.1, corral 59.2 / 82.0 / 67.7)
 
 So on a busy machine the OpenMP wait dominates; with it equal, what is left is the HTTP side:
 corral spends ~0.3 ms CPU per token in two processes (runner loop thread + daemon) against
 llama-server's one C++ hop, which costs most where the tokens per step are many (8 streams).
+Nearly quiet, llama-server leads at 4 and 8 streams (~0.85 and ~0.76): not closed yet. The
+runner alone (bench/runner.py's direct HTTP, no daemon) did 87-90 tok/s at 4 streams in the same
+quiet minutes, so the daemon hop and the client's wake-ups are the next place to look (a Unix
+socket between daemon and runner; time-based coalescing of tokens per stream).
 
 How llama-server's loop differs: the same one llama_decode per step for all slots; sampling in
 C++ (common_sampler_sample fills the same 262k candidates per token, ~300 us); per token a JSON
