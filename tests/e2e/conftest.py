@@ -17,8 +17,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
+import aiohttp
 import pytest
 
 
@@ -133,3 +134,10 @@ def wait_until(pred, timeout: float = 20.0, interval: float = 0.02) -> bool:
             return True
         time.sleep(interval)
     return pred()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """One client session per test, closed after it."""
+    async with aiohttp.ClientSession() as s:
+        yield s

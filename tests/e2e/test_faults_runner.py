@@ -48,12 +48,6 @@ def starts_of(log: list[str], model: str) -> list[str]:
     return out
 
 
-@pytest.fixture
-async def session():
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
 async def test_crash_loop_backs_off_and_other_models_keep_serving(tmp_path, session):
     good_path = write_tiny_llama(tmp_path / "good.gguf", seed=1)
     whole = write_tiny_llama(tmp_path / "whole.gguf", seed=2).read_bytes()

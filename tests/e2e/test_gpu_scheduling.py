@@ -137,12 +137,6 @@ def assert_spec_matches(d: Daemon, row: dict, *, n_layers: int) -> dict:
     return spec
 
 
-@pytest.fixture
-async def session():
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
 # -------------------------------------------------------------------------------------- tests
 
 async def test_model_goes_to_gpu_with_most_free_then_next_model_to_the_other(tmp_path, session):

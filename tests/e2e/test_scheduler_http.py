@@ -94,12 +94,6 @@ class Stream:
         self.resp.close()
 
 
-@pytest.fixture
-async def session():
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
 async def test_max_loaded_models_evicts_idle_runner(tmp_path, session):
     with start_daemon(tmp_path, OLLAMA_MAX_LOADED_MODELS="1") as d:
         a = await create_model(session, d.url, tmp_path, "a", 1)
