@@ -43,10 +43,10 @@ from corral.daemon.store import (
     ModelRecord,
     ProgressFn,
     Store,
-    _report,
     disk_writes,
     parse_digest,
     parse_name,
+    report_progress,
 )
 
 log = structlog.get_logger(__name__)
@@ -114,7 +114,7 @@ class _Throttle:
         if force or now - self.last >= self.interval:
             self._pending = None
             self.last = now
-            await _report(self.progress, msg)
+            await report_progress(self.progress, msg)
             return
         self._pending = msg
         if self._timer is None or self._timer.done():
@@ -125,7 +125,7 @@ class _Throttle:
         if self._pending is not None:
             msg, self._pending = self._pending, None
             self.last = time.monotonic()
-            await _report(self.progress, msg)
+            await report_progress(self.progress, msg)
 
     def close(self) -> None:
         self._pending = None
@@ -227,14 +227,14 @@ class Registry:
         async with self.store.name_lock(name), self._session() as session:
             with self.store.pinned() as pin:
                 raw = await self._pull_locked(session, name, base, repo, auth, pin, progress)
-        await _report(progress, {"status": "success"})
+        await report_progress(progress, {"status": "success"})
         return self.store.resolve(name)
 
     async def _pull_locked(self, session: aiohttp.ClientSession, name: ModelName, base: str,
                            repo: str, auth: dict[str, str], pin: Callable[[str], None],
                            progress: ProgressFn | None) -> bytes:
         """Fetch the manifest and the blobs it lists, verify them, write the manifest."""
-        await _report(progress, {"status": "pulling manifest"})
+        await report_progress(progress, {"status": "pulling manifest"})
         raw = await self._get_manifest(session, f"{base}/v2/{repo}/manifests/{name.tag}", auth)
         try:
             manifest = msgspec.json.decode(raw, type=Manifest)
@@ -248,10 +248,10 @@ class Registry:
         for blob in blobs:
             if await self._download(session, base, repo, blob, auth, progress):
                 fresh.append(blob.digest)
-        await _report(progress, {"status": "verifying sha256 digest"})
+        await report_progress(progress, {"status": "verifying sha256 digest"})
         for digest in fresh:
             await self._verify_and_commit(digest)
-        await _report(progress, {"status": "writing manifest"})
+        await report_progress(progress, {"status": "writing manifest"})
         await self.store.write_manifest(name, raw)
         return raw
 
@@ -316,7 +316,7 @@ class Registry:
         """Fetch one blob into its ``-partial`` file; False when it was already stored."""
         async with _blob_lock(self.store, blob.digest):
             if self.store.has_blob(blob.digest):  # cache hit: not downloaded, not re-verified
-                await _report(progress, _progress_msg("pulling", blob.digest, blob.size, blob.size))
+                await report_progress(progress, _progress_msg("pulling", blob.digest, blob.size, blob.size))
                 return False
             with disk_writes(self._partial(blob.digest)):
                 parts = await asyncio.to_thread(self._load_parts, blob.digest, blob.size)
@@ -439,11 +439,11 @@ class Registry:
         repo = self._repo(name)
         raw = record.manifest_path.read_bytes()
         auth: dict[str, str] = {}
-        await _report(progress, {"status": "retrieving manifest"})
+        await report_progress(progress, {"status": "retrieving manifest"})
         async with self._session() as session:
             for layer in record.manifest.all_layers():
                 await self._upload(session, base, repo, layer, auth, progress)
-            await _report(progress, {"status": "pushing manifest"})
+            await report_progress(progress, {"status": "pushing manifest"})
             try:
                 resp = await self._request(
                     session, "PUT", f"{base}/v2/{repo}/manifests/{name.tag}", auth,
@@ -455,7 +455,7 @@ class Registry:
             if resp.status >= 400:
                 raise Failed(f"push manifest: {resp.status}: "
                                     f"{body.decode('utf-8', 'replace').strip()}")
-        await _report(progress, {"status": "success"})
+        await report_progress(progress, {"status": "success"})
 
     async def _upload(self, session: aiohttp.ClientSession, base: str, repo: str, layer: Layer,
                       auth: dict[str, str], progress: ProgressFn | None) -> None:
@@ -467,7 +467,7 @@ class Registry:
             resp = await self._request(session, "HEAD", blob_url, auth)
             resp.release()
             if resp.status == 200:
-                await _report(progress, _progress_msg("pushing", digest, size, size))
+                await report_progress(progress, _progress_msg("pushing", digest, size, size))
                 return
             resp = await self._request(session, "POST", f"{base}/v2/{repo}/blobs/uploads/", auth)
             async with resp:

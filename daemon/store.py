@@ -302,7 +302,8 @@ ProgressFn = Callable[[dict[str, Any]], Awaitable[None] | None]
 PullFn = Callable[[ModelName, ProgressFn | None], Awaitable[Any]]
 
 
-async def _report(progress: ProgressFn | None, msg: dict[str, Any]) -> None:
+async def report_progress(progress: ProgressFn | None, msg: dict[str, Any]) -> None:
+    """Hand ``msg`` to ``progress`` (if any), awaiting it when it is a coroutine function."""
     if progress is not None:
         res = progress(msg)
         if res is not None:
@@ -960,16 +961,16 @@ class Store:
         config_layer = await self.write_blob_bytes(config_bytes)
         config_layer = msgspec.structs.replace(config_layer, mediaType=CONFIG_MEDIA)
         manifest = Manifest(config=config_layer, layers=layers)
-        await _report(progress, {"status": "writing manifest"})
+        await report_progress(progress, {"status": "writing manifest"})
         await self.write_manifest(target, msgspec.json.encode(manifest) + b"\n")
-        await _report(progress, {"status": "success"})
+        await report_progress(progress, {"status": "success"})
         return self.resolve(target)
 
     async def _add_small(self, layers: list[Layer], media: str, data: bytes,
                          progress: ProgressFn | None, pin: Callable[[str], None]) -> None:
         pin("sha256:" + hashlib.sha256(data).hexdigest())
         layer = await self.write_blob_bytes(data)
-        await _report(progress, {"status": f"using existing layer {layer.digest}"})
+        await report_progress(progress, {"status": f"using existing layer {layer.digest}"})
         layers.append(msgspec.structs.replace(layer, mediaType=media))
 
     async def _gguf_layer(self, fname: str, digest: str, progress: ProgressFn | None,
@@ -989,10 +990,10 @@ class Store:
                 raise InvalidRequest("importing safetensors/PyTorch files is not supported by "
                                     "corral; convert the model to GGUF first")
             raise InvalidRequest("supplied file was not in GGUF format")
-        await _report(progress, {"status": "parsing GGUF"})
+        await report_progress(progress, {"status": "parsing GGUF"})
         try:
             info = await gguf_info.read_info_async(path)
         except Exception as e:  # noqa: BLE001 - any reader failure is a bad upload
             raise InvalidRequest(f"invalid GGUF file {fname}: {e}") from None
-        await _report(progress, {"status": f"using existing layer {d}"})
+        await report_progress(progress, {"status": f"using existing layer {d}"})
         return Layer(mediaType=MEDIA_MODEL, digest=d, size=path.stat().st_size), info

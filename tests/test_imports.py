@@ -325,3 +325,73 @@ def test_only_config_reads_the_environment(module: str, path: Path) -> None:
             and any(a.name in ("environ", "getenv") for a in node.names))
     ]
     assert not bad, f"{rel}:{bad}: reads the environment; use corral.daemon.config.Config"
+
+
+def _module_of(name: str) -> Path | None:
+    """The file of our module ``name`` (``corral.daemon.api.inference``), None if not a module."""
+    parts = name.split(".")
+    if parts[0] != "corral" or len(parts) < 2 or parts[1] not in PACKAGES:
+        return None
+    base = ROOT.joinpath(*parts[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _private_uses(module: str, path: Path) -> list[tuple[str, int]]:
+    """Private names (``_x``, not dunders) of another of our modules used by ``module``:
+    ``from corral.x import _y`` and ``alias._y`` where ``alias`` is bound to one of our modules
+    by an import. (A private attribute of an imported class is not traced.)"""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.startswith("__")
+
+    aliases: dict[str, str] = {}
+    out: list[tuple[str, int]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.asname and _module_of(a.name):
+                    aliases[a.asname] = a.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if not _is_ours(target) or target == module:
+                continue
+            for a in node.names:
+                if private(a.name):
+                    out.append((f"{target}.{a.name}", node.lineno))
+                elif _module_of(f"{target}.{a.name}"):
+                    aliases[a.asname or a.name] = f"{target}.{a.name}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id in aliases and private(node.attr):
+            out.append((f"{aliases[node.value.id]}.{node.attr}", node.lineno))
+    return sorted(set(out))
+
+
+@pytest.mark.parametrize(("module", "path"), MODULES, ids=[m for m, _ in MODULES])
+def test_no_module_uses_another_modules_private_names(module: str, path: Path) -> None:
+    """A name that another module needs is public API of its module (no ``_`` prefix)."""
+    bad = [f"{path.relative_to(ROOT)}:{line}: uses {name}, private to its module"
+           for name, line in _private_uses(module, path)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_private_name_finder_itself(tmp_path: Path) -> None:
+    p = tmp_path / "x.py"
+    p.write_text("from corral.daemon.api import inference as core\n"
+                 "from corral.daemon import templates\n"
+                 "from corral.daemon.params import _INT_PARAMS, KNOWN_PARAMS\n"
+                 "from .errors import _status\n"
+                 "core._require(1)\ntemplates.for_model('')\nself._x\n"
+                 "core.__name__\n")
+    got = {n for n, _ in _private_uses("corral.daemon.api.openai", p)}
+    assert got == {"corral.daemon.api.inference._require", "corral.daemon.params._INT_PARAMS",
+                   "corral.daemon.api.errors._status"}

@@ -84,7 +84,8 @@ async def resolve(app: web.Application, name: str, *, style: str) -> Model:
     return Model(record, info, caps)
 
 
-def _require(model: Model, caps: Sequence[str]) -> None:
+def require(model: Model, caps: Sequence[str]) -> None:
+    """400 naming each capability of ``caps`` the model lacks (one line each, Ollama's text)."""
     missing = [c for c in caps if c not in model.capabilities]
     if missing:
         raise ApiError(400, "\n".join(f"{model.record.full_name} does not support {c}"
@@ -624,7 +625,8 @@ def tag_images(messages: list[dict]) -> tuple[list[dict], list[bytes]]:
     return out, images
 
 
-def _message_dict(m: opts.Message) -> dict[str, Any]:
+def message_dict(m: opts.Message) -> dict[str, Any]:
+    """A native chat message as the templates read it: role lower-cased, content never None."""
     d = m.as_dict()
     d["role"] = (d.get("role") or "").lower()
     d["content"] = d.get("content") or ""
@@ -649,7 +651,7 @@ async def start_chat(app: web.Application, *, model_name: str, messages: list[di
                 "done": True}
     if "completion" not in model.capabilities:
         raise ApiError(400, f'"{model_name}" does not support chat')
-    _require(model, (["tools"] if tools else [])
+    require(model, (["tools"] if tools else [])
              + (["vision"] if any(m.get("images") for m in messages) else []))
     think = resolve_think(model, think, model_name, relaxed=relaxed_think)
     messages, images = tag_images(messages)
@@ -671,7 +673,8 @@ async def start_chat(app: web.Application, *, model_name: str, messages: list[di
                           logprobs=logprobs, images=images)
 
 
-def _shorten(vec: list[float], dimensions: int | None) -> list[float]:
+def shorten(vec: list[float], dimensions: int | None) -> list[float]:
+    """An embedding cut to ``dimensions`` and L2-normalised again (unset/too large: as is)."""
     if not dimensions or dimensions <= 0 or dimensions >= len(vec):
         return vec
     cut = vec[:dimensions]

@@ -114,7 +114,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
                               "done": True, "done_reason": "unload"})
     if "completion" not in model.capabilities:
         raise ApiError(400, f'"{req.model}" does not support generate')
-    core._require(model, (["insert"] if req.suffix else []) + (["vision"] if images else []))
+    core.require(model, (["insert"] if req.suffix else []) + (["vision"] if images else []))
     think = core.resolve_think(model, think, req.model)
     options = opts.merge_options(model.record.parameters, req.options)
     core.warn_ignored(req.model, opts.ignored_options(req.options))
@@ -176,7 +176,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     logprobs = core.check_logprobs(req.logprobs, req.top_logprobs)
     fmt = opts.parse_format(req.format)
     think = opts.parse_think(req.think)
-    messages = [core._message_dict(m) for m in req.messages or []]
+    messages = [core.message_dict(m) for m in req.messages or []]
     stream = _stream_flag(req.stream)
     started_job = await core.start_chat(request.app, model_name=req.model, messages=messages,
                                    tools=req.tools or None, options=req.options, fmt=fmt,
@@ -251,7 +251,7 @@ async def embed(request: web.Request) -> web.Response:
         return json_response({"model": req.model, "embeddings": []})
     return json_response({
         "model": req.model,
-        "embeddings": [core._shorten(v, req.dimensions) for v in res.embeddings],
+        "embeddings": [core.shorten(v, req.dimensions) for v in res.embeddings],
         "total_duration": int((time.monotonic() - started) * 1e9), "load_duration": load,
         "prompt_eval_count": res.prompt_eval_count})
 

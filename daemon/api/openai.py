@@ -500,7 +500,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if "completion" not in model.capabilities:
         raise ApiError(400, f'"{model_name}" does not support generate')
     if suffix:
-        core._require(model, ["insert"])
+        core.require(model, ["insert"])
     think = core.resolve_think(model, (False, "", False), model_name)
     text = core.generate_prompt(model, prompt, suffix=suffix, think=think)
     merged = opts.merge_options(model.record.parameters, options)
@@ -568,7 +568,7 @@ async def embeddings(request: web.Request) -> web.Response:
                                     truncate=True)
     data = []
     for i, vec in enumerate(res.embeddings):
-        vec = core._shorten(vec, dims if isinstance(dims, int) else None)
+        vec = core.shorten(vec, dims if isinstance(dims, int) else None)
         value: Any = vec if encoding == "float" else base64.b64encode(
             struct.pack(f"<{len(vec)}f", *vec)).decode()
         data.append({"object": "embedding", "embedding": value, "index": i})
