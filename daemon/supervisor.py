@@ -8,7 +8,8 @@ the inbox. The only timer is the one armed for ``scheduler.next_deadline()`` (a 
 
 Used by the HTTP layer:
 
-* ``lease = await sup.acquire(model, options, keep_alive, kind)`` waits for a runner slot and
+* ``lease = await sup.acquire(model, options, keep_alive, kind)`` (``options``: the request's
+  ``params.RequestOptions``, already merged with the model's parameters) waits for a runner slot and
   raises a :class:`~corral.daemon.errors.CorralError` (``Busy``: queue full / shutting down,
   ``Failed``: load failure, ``InvalidRequest``/``NotFound``).
   Cancelling the awaiting task (client gone) withdraws the request: a queued request frees its
@@ -40,7 +41,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
 import aiohttp
@@ -52,6 +53,7 @@ from corral.daemon.config import Config
 from corral.daemon.errors import Busy, CorralError, Failed, InvalidRequest, NotFound
 from corral.daemon.gpu import GpuProbe, engine_verdict, make_probe
 from corral.daemon.metrics import Metrics
+from corral.daemon.params import RequestOptions
 from corral.daemon.runners import (
     RUNNER_ARGV,
     RunnerProcess,
@@ -109,7 +111,6 @@ class ModelLike(Protocol):
     name: str
     digest: str
     model_path: Any
-    parameters: Mapping[str, Any]
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -180,47 +181,32 @@ def _scheduler_error(status: int, message: str) -> CorralError:
     return Busy(message) if status == 503 else Failed(message)
 
 
-def _opt_int(merged: Mapping[str, Any], key: str) -> int | None:
-    value = merged.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequest(f"option {key!r} must be a number")
-    return int(value)
-
-
-def runner_options(merged: Mapping[str, Any], *, default_ctx: tuple[int, bool],
+def runner_options(options: RequestOptions, *, default_ctx: tuple[int, bool],
                    kv_cache_type: str = "", flash_attention: bool | None = None) -> RunnerOptions:
-    """Ollama's option rules (defaults <- Modelfile <- request, already merged in ``merged``).
+    """The scheduler's load options from a request's typed options (Modelfile parameters and
+    request already merged and typed by ``RequestOptions.build``: nothing is checked here).
 
     1. ``num_ctx``: explicit value, else ``default_ctx`` = (OLLAMA_CONTEXT_LENGTH, not auto) or
        (the VRAM tier, auto), decided once at start. The floors (4; 2048 with vision) and the
        n_ctx_train clamp are the scheduler's (``estimate.effective_num_ctx``), applied to
        what it launches and compares.
-    2. ``num_batch``: explicit, else 512 marked auto.
-    3. ``num_gpu`` (-1 auto), ``main_gpu``, ``use_mmap``, ``num_thread`` pass through.
+    2. ``num_batch``: explicit (at least 1), else 512 marked auto.
+    3. ``num_gpu`` (-1 auto), ``main_gpu``, ``use_mmap``, ``num_thread`` (negative = 0) pass through.
     """
-    num_ctx = _opt_int(merged, "num_ctx")                       # 1.
-    num_ctx_auto = False
-    if num_ctx is None:
-        num_ctx, num_ctx_auto = default_ctx
-    num_batch = _opt_int(merged, "num_batch")                   # 2.
-    num_batch_auto = num_batch is None
-    use_mmap = merged.get("use_mmap")                           # 3.
-    if use_mmap is not None and not isinstance(use_mmap, bool):
-        raise InvalidRequest("option 'use_mmap' must be a boolean")
-    num_gpu = _opt_int(merged, "num_gpu")
+    num_ctx, num_ctx_auto = ((options.num_ctx, False) if options.num_ctx is not None  # 1.
+                             else default_ctx)
+    num_batch = options.num_batch                                                     # 2.
     return RunnerOptions(
         num_ctx=num_ctx,
         num_batch=512 if num_batch is None else max(1, num_batch),
-        num_gpu=-1 if num_gpu is None else num_gpu,
-        main_gpu=_opt_int(merged, "main_gpu"),
-        use_mmap=use_mmap,
-        num_thread=max(0, _opt_int(merged, "num_thread") or 0),
+        num_gpu=-1 if options.num_gpu is None else options.num_gpu,                   # 3.
+        main_gpu=options.main_gpu,
+        use_mmap=options.use_mmap,
+        num_thread=max(0, options.num_thread or 0),
         kv_cache_type=kv_cache_type,
         flash_attention=flash_attention,
         num_ctx_auto=num_ctx_auto,
-        num_batch_auto=num_batch_auto,
+        num_batch_auto=num_batch is None,
     )
 
 
@@ -474,7 +460,8 @@ class Supervisor:
             return
         try:
             record = self.store.resolve(name)
-            async with await self.acquire(record, {}, None, "completion"):
+            options = RequestOptions.build(record.parameters, None)
+            async with await self.acquire(record, options, None, "completion"):
                 pass
         except Exception as exc:
             log.warning("preload failed", model=name, error=getattr(exc, "message", str(exc)))
@@ -529,9 +516,11 @@ class Supervisor:
         assert self._session is not None, "Supervisor.start() was not called"
         return self._session
 
-    async def acquire(self, model: ModelLike, options: Mapping[str, Any] | None = None,
+    async def acquire(self, model: ModelLike, options: RequestOptions | None = None,
                       keep_alive: float | None = None, kind: Kind = "completion") -> Lease:
-        """Wait for a runner slot for ``model``. See the module docstring for the contract."""
+        """Wait for a runner slot for ``model`` loaded with ``options`` (the request's, merged
+        with the model's parameters by the caller; None = defaults). See the module docstring
+        for the contract."""
         if self._sched is None or self._owner is None:
             raise RuntimeError("Supervisor.start() was not called")
         if self._closing:
@@ -542,8 +531,8 @@ class Supervisor:
             raise InvalidRequest(f'"{model.name}" does not support generate')
         key = model_key(model)
         facts = await self._model_facts(model, key)
-        merged = {**dict(model.parameters or {}), **dict(options or {})}
-        opts = runner_options(merged, default_ctx=self._default_ctx,
+        opts = runner_options(RequestOptions() if options is None else options,
+                              default_ctx=self._default_ctx,
                               kv_cache_type=self.config.kv_cache_type,
                               flash_attention=self.config.flash_attention)
         if self._closing:

@@ -182,7 +182,8 @@ def decode_launch(line: bytes | str) -> LaunchSpec:
 
 
 class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
-    """Ollama's predict options (api.Options) with Ollama's defaults. Unknown keys are ignored."""
+    """Ollama's predict options (api.Options) with Ollama's defaults. Unknown keys are ignored.
+    The daemon builds it from typed request options (``daemon.params.RequestOptions.sampling``)."""
 
     num_keep: int = 4
     seed: int = -1  # -1: random
@@ -197,12 +198,6 @@ class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stop: list[str] = msgspec.field(default_factory=list)
-
-    @classmethod
-    def from_ollama(cls, options: dict[str, Any] | None) -> SamplingOptions:
-        """Build from an Ollama ``options`` map: unknown keys ignored, JSON floats truncated to int
-        where Ollama expects int. Raise msgspec.ValidationError naming the bad field."""
-        return msgspec.convert(options or {}, cls, strict=False)
 
 
 Format = Literal["json"] | dict[str, Any] | None

@@ -35,6 +35,7 @@ from corral.daemon.api.errors import ApiError, anthropic_error, as_api_error
 from corral.daemon.api.keys import SUPERVISOR
 from corral.daemon.api.responses import LazyStream, json_response
 from corral.daemon.errors import CorralError
+from corral.daemon.params import RequestOptions
 
 # ---- request shapes (checked: a wrong type is a 400 naming the field) --------------------------
 
@@ -375,7 +376,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     think = core.resolve_think(model, _think(req), req.model, relaxed=True)
     msgs = core.chat_messages(model, native_messages(req))
     prompt = core.render(model.renderer(), msgs, _tools(req), think=think)
-    options = opts.merge_options(model.record.parameters, None)
+    options = RequestOptions.build(model.record.parameters, None)
     lease = await request.app[SUPERVISOR].acquire(model.record, options, None, kind="completion")
     async with lease:
         n = await core.count_tokens(lease, prompt)

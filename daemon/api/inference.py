@@ -33,6 +33,7 @@ from corral.daemon.api.errors import ApiError
 from corral.daemon.api.keys import METRICS, STORE, SUPERVISOR
 from corral.daemon.errors import NotFound
 from corral.daemon.metrics import ModelSeries
+from corral.daemon.params import RequestOptions
 from corral.daemon.store import ModelRecord
 from corral.daemon.timefmt import now_utc
 from corral.runner import protocol
@@ -448,13 +449,6 @@ class ChatHistory:
         return prompt
 
 
-def sampling(options: dict[str, Any]) -> protocol.SamplingOptions:
-    try:
-        return protocol.SamplingOptions.from_ollama(options)
-    except msgspec.ValidationError as e:
-        raise ApiError(500, f"invalid options: {e}") from None
-
-
 def resolve_think(model: Model, think: tuple[bool, str, bool], name: str, *,
                   relaxed: bool = False) -> tuple[bool, str, bool]:
     """The request's ``think`` against the model (Ollama 0.33): a thinking-capable model thinks
@@ -488,7 +482,7 @@ def check_logprobs(enabled: Any, top: Any) -> Logprobs:
 
 
 @contextlib.asynccontextmanager
-async def completion_job(app: web.Application, model: Model, *, options: dict[str, Any],
+async def completion_job(app: web.Application, model: Model, *, options: RequestOptions,
                          keep_alive: float | None, started: float, prompt: str | None,
                          context: list[int] | None = None, fmt: Any = None, stream: bool = True,
                          thinking: bool = False, tools: Sequence[dict] | None = None,
@@ -510,7 +504,7 @@ async def completion_job(app: web.Application, model: Model, *, options: dict[st
     splitter = ThinkingSplitter(*tags) if all(tags) else None
     if prompt is not None:
         body = protocol.CompletionRequest(
-            prompt=prompt, tokens=context or None, options=sampling(options), format=fmt,
+            prompt=prompt, tokens=context or None, options=options.sampling(), format=fmt,
             stream=stream, shift=shift, truncate=True if truncate is None else truncate,
             logprobs=logprobs.enabled, top_logprobs=logprobs.top if logprobs.enabled else 0,
             images=images or [])
@@ -655,7 +649,7 @@ async def start_chat(app: web.Application, *, model_name: str, messages: list[di
              + (["vision"] if any(m.get("images") for m in messages) else []))
     think = resolve_think(model, think, model_name, relaxed=relaxed_think)
     messages, images = tag_images(messages)
-    merged = opts.merge_options(model.record.parameters, options)
+    merged = RequestOptions.build(model.record.parameters, options)
     warn_ignored(model_name, [*ignored, *opts.ignored_options(options)])
     prompt = history = None
     renderer = model.renderer()
@@ -687,7 +681,7 @@ async def embed_texts(app: web.Application, model: Model, inputs: list[str], *,
                       truncate: bool | None) -> tuple[protocol.EmbedResponse, int]:
     """Embeddings for ``inputs`` (loads the model even when empty) -> (response, load ns)."""
     started = time.monotonic()
-    merged = opts.merge_options(model.record.parameters, options)
+    merged = RequestOptions.build(model.record.parameters, options)
     lease = await app[SUPERVISOR].acquire(model.record, merged, keep_alive, kind="embedding")
     async with lease:
         load = int((time.monotonic() - started) * 1e9)

@@ -22,6 +22,7 @@ from corral.daemon.api.keys import SUPERVISOR
 from corral.daemon.api.middleware import LOG_MODEL
 from corral.daemon.api.responses import LazyStream, json_response
 from corral.daemon.errors import CorralError
+from corral.daemon.params import RequestOptions
 from corral.daemon.timefmt import now_utc
 from corral.runner import protocol
 
@@ -116,7 +117,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, f'"{req.model}" does not support generate')
     core.require(model, (["insert"] if req.suffix else []) + (["vision"] if images else []))
     think = core.resolve_think(model, think, req.model)
-    options = opts.merge_options(model.record.parameters, req.options)
+    options = RequestOptions.build(model.record.parameters, req.options)
     core.warn_ignored(req.model, opts.ignored_options(req.options))
 
     prompt = core.generate_prompt(model, req.prompt, suffix=req.suffix, system=req.system,

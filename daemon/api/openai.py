@@ -29,6 +29,7 @@ from corral.daemon.api.keys import STORE
 from corral.daemon.api.middleware import LOG_MODEL
 from corral.daemon.api.responses import LazyStream, json_response
 from corral.daemon.errors import CorralError, NotFound
+from corral.daemon.params import RequestOptions
 
 _enc = msgspec.json.Encoder()
 FINGERPRINT = "fp_ollama"
@@ -503,7 +504,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         core.require(model, ["insert"])
     think = core.resolve_think(model, (False, "", False), model_name)
     text = core.generate_prompt(model, prompt, suffix=suffix, think=think)
-    merged = opts.merge_options(model.record.parameters, options)
+    merged = RequestOptions.build(model.record.parameters, options)
     core.warn_ignored(model_name, _ignored(body))
     cid = _completion_id("cmpl")
     created = int(time.time())

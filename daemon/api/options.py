@@ -1,7 +1,9 @@
-"""Request parsing shared by the inference routes: bodies, keep_alive, options, format, think.
+"""Request parsing shared by the inference routes: bodies, keep_alive, format, think, images.
 
 Every function here either returns a clean value or raises ``ApiError`` with Ollama's text
-(reference §1.1, §1.15, §2). Pure: no I/O, no clock.
+(reference §1.1, §1.15, §2). Pure: no I/O, no clock. A request's ``options`` are typed and
+merged with the Modelfile's once, by ``params.RequestOptions.build``; here only the warning
+about the ones that have no effect (:func:`ignored_options`).
 """
 
 from __future__ import annotations
@@ -16,17 +18,8 @@ import msgspec
 
 from corral.daemon.api.errors import ApiError
 from corral.daemon.config import keep_alive_from_json
-from corral.daemon.params import KNOWN_PARAMS, type_param
+from corral.daemon.params import INT64_MAX, INT64_MIN, KNOWN_PARAMS
 
-# The api.Runner options: they decide how a model is loaded (a change forces a reload).
-LOAD_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread",
-                          "draft_num_predict", "low_vram", "f16_kv", "logits_all", "vocab_only",
-                          "use_mlock", "numa"})
-
-_KIND = {bool: "boolean", int: "integer", float: "float32", list: "array"}
-
-# Go's ``int`` (int64): a JSON number outside it is a decode error there, never a wrap-around here.
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 Int64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
 # A token id (llama.cpp's int32 llama_token; negative ids do not exist).
 Token = Annotated[int, msgspec.Meta(ge=0, le=(1 << 31) - 1)]
@@ -186,26 +179,6 @@ def keep_alive(value: Any) -> float | None:
         raise ApiError(400, str(e)) from None
 
 
-def request_options(options: dict[str, Any] | None) -> dict[str, Any]:
-    """A request's ``options`` typed as Go decodes them into ``api.Options``: numbers for number
-    fields (ints truncated), bools, a list of strings for ``stop``; unknown keys are dropped.
-    A wrong type is Ollama's ``option "x" must be of type ...`` with 400 (Ollama answers 500
-    for this client error); an integer option outside int64 (``1e30``) is a 400 too, where Go
-    would silently wrap it."""
-    out: dict[str, Any] = {}
-    for key, value in (options or {}).items():
-        if key not in KNOWN_PARAMS or value is None:
-            continue
-        typed = type_param(key, value)
-        if isinstance(value, str) or (key == "stop" and not isinstance(value, list)):
-            # Go's JSON decoding never converts a string into a number or bool
-            raise ApiError(400, f'option "{key}" must be of type {_KIND[type(typed)]}')
-        if type(typed) is int and not INT64_MIN <= typed <= INT64_MAX:
-            raise ApiError(400, f'option "{key}" is out of range: {value}')
-        out[key] = typed
-    return out
-
-
 # Options Ollama knows (current or legacy names clients still send) that corral's runner does
 # not implement: mirostat sampling, tail-free sampling, newline penalty, speculative decoding
 # and the legacy load flags. They are accepted and ignored, and named in a warning.
@@ -219,14 +192,6 @@ def ignored_options(options: dict[str, Any] | None) -> list[str]:
     known but not implemented here (:data:`UNHONOURED_OPTIONS`). Sorted."""
     return sorted(k for k, v in (options or {}).items()
                   if v is not None and (k not in KNOWN_PARAMS or k in UNHONOURED_OPTIONS))
-
-
-def merge_options(model_params: dict[str, Any] | None, request: dict[str, Any] | None) -> dict[str, Any]:
-    """Ollama's merge: defaults (left to the runner / SamplingOptions) <- Modelfile parameters <-
-    request options. Only known keys survive."""
-    merged = {k: v for k, v in (model_params or {}).items() if k in KNOWN_PARAMS}
-    merged.update(request_options(request))
-    return merged
 
 
 def parse_format(value: Any) -> str | dict[str, Any] | None:

@@ -10,6 +10,7 @@ import pytest
 
 from corral.daemon.api.errors import ApiError
 from corral.daemon.errors import Busy
+from corral.daemon.params import RequestOptions
 from corral.scheduler import QUEUE_FULL_MESSAGE as QUEUE_FULL
 from corral.scheduler import Placement, RunnerOptions, RunnerView
 from tests.daemon.test_api_infer_support import Env, env  # noqa: F401 - fixture
@@ -128,9 +129,13 @@ async def test_options_merge(env: Env) -> None:
                                                                    "stop": ["END"]})
     o = env.runner.requests[-1].options
     assert (o.temperature, o.stop, o.top_p) == (0.5, ["END"], 0.9)
+    assert env.supervisor.acquired[-1][1] == RequestOptions(
+        temperature=0.5, stop=("END",))         # the Modelfile's, overridden: one typed value
+    acquired = len(env.supervisor.acquired)
     status, body, _ = await env.post("/api/generate", {"model": "qwen", "prompt": "x",
                                                        "options": {"top_k": "many"}})
     assert (status, body) == (400, {"error": 'option "top_k" must be of type integer'})  # Ollama: 500
+    assert len(env.supervisor.acquired) == acquired      # refused at the edge, never acquired
 
 
 async def test_format(env: Env) -> None:

@@ -27,6 +27,7 @@ from corral.daemon.api.app import make_app
 from corral.daemon.api.errors import ApiError
 from corral.daemon.errors import CorralError
 from corral.daemon.config import Config, HostAddr
+from corral.daemon.params import RequestOptions
 from corral.daemon.store import Store
 from corral.runner import protocol
 from corral.scheduler import RunnerView, SchedulerSnapshot
@@ -150,7 +151,7 @@ class FakeSupervisor:
     def __init__(self, base_url: str, session: aiohttp.ClientSession) -> None:
         self.base_url = base_url
         self.session = session
-        self.acquired: list[tuple[str, dict, float | None, str]] = []
+        self.acquired: list[tuple[str, RequestOptions, float | None, str]] = []
         self.leases: list[Lease] = []
         self.unloaded: list[str] = []
         self.fail: ApiError | CorralError | None = None
@@ -158,11 +159,13 @@ class FakeSupervisor:
         self.runners: list[RunnerView] = []    # what snapshot() reports (/api/ps)
         self.records: dict[str, Any] = {}
 
-    async def acquire(self, model: Any, options: dict, keep_alive: float | None,
+    async def acquire(self, model: Any, options: RequestOptions, keep_alive: float | None,
                       kind: str = "completion") -> Lease:
+        if not isinstance(options, RequestOptions):     # the real one reads typed fields only
+            raise TypeError(f"acquire takes RequestOptions, got {type(options).__name__}")
         if self.fail is not None:
             raise self.fail
-        self.acquired.append((model.name, dict(options), keep_alive, kind))
+        self.acquired.append((model.name, options, keep_alive, kind))
         lease = Lease(self, self.base_url)
         self.leases.append(lease)
         self.active += 1

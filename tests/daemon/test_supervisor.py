@@ -26,6 +26,7 @@ from corral.scheduler import QUEUE_FULL_MESSAGE as QUEUE_FULL
 from corral.daemon.config import Config, SimulatedGpu
 from corral.daemon.gpu import SimulatedProbe
 from corral.daemon.api.ps import ps_models
+from corral.daemon.params import RequestOptions
 from corral.daemon.supervisor import Lease, Supervisor, runner_options
 from corral.runner import protocol
 
@@ -122,7 +123,7 @@ def loaded(sup: Supervisor) -> list[str]:
 
 
 async def acquire(sup: Supervisor, model: Model, **kw: Any) -> Lease:
-    kw.setdefault("options", {})
+    kw.setdefault("options", None)
     kw.setdefault("keep_alive", None)
     return await asyncio.wait_for(
         sup.acquire(model, kw.pop("options"), kw.pop("keep_alive"), **kw), SAFETY)
@@ -196,25 +197,41 @@ async def test_ps_rows_have_ollamas_fields_and_our_extras(make_sup, models):
 
 
 def test_runner_options_follow_ollamas_auto_rules():
-    auto = runner_options({}, default_ctx=(32768, True))
+    auto = runner_options(RequestOptions(), default_ctx=(32768, True))
     assert (auto.num_ctx, auto.num_ctx_auto, auto.num_batch, auto.num_batch_auto) == (
         32768, True, 512, True)
-    env = runner_options({}, default_ctx=(8192, False))     # OLLAMA_CONTEXT_LENGTH
+    env = runner_options(RequestOptions(), default_ctx=(8192, False))  # OLLAMA_CONTEXT_LENGTH
     assert (env.num_ctx, env.num_ctx_auto) == (8192, False)
-    explicit = runner_options({"num_ctx": 2.0, "num_batch": 128, "num_gpu": 0},
+    explicit = runner_options(RequestOptions.build(None, {"num_ctx": 2.0, "num_batch": 128,
+                                                          "num_gpu": 0}),
                               default_ctx=(4096, True))
     assert (explicit.num_ctx, explicit.num_ctx_auto, explicit.num_batch, explicit.num_gpu) == (
         2, False, 128, 0)        # floored where it is used: scheduler.estimate.effective_num_ctx
-    with pytest.raises(CorralError) as ei:
-        runner_options({"num_ctx": "big"}, default_ctx=(4096, True))
-    assert http_status(ei.value) == 400
+    odd = runner_options(RequestOptions(num_batch=0, num_thread=-3, main_gpu=1, use_mmap=False),
+                         default_ctx=(4096, True))
+    assert (odd.num_batch, odd.num_batch_auto, odd.num_thread, odd.main_gpu, odd.use_mmap) == (
+        1, False, 0, 1, False)
+
+
+async def test_acquire_takes_the_options_as_merged_by_the_caller(make_sup, models):
+    """acquire merges nothing: the model's parameters reach the runner only through the
+    caller's RequestOptions.build (the one merge), and a dict is not accepted."""
+    sup = await make_sup()
+    m = models(0)
+    m.parameters["num_ctx"] = 512
+    async with await acquire(sup, m) as a:
+        assert a.n_ctx != 512
+    async with await acquire(sup, m, options=RequestOptions.build(m.parameters, None)) as b:
+        assert b.runner_id != a.runner_id and b.n_ctx == 512
+    with pytest.raises(AttributeError):
+        await acquire(sup, m, options={"num_ctx": 512})
 
 
 async def test_num_ctx_floors_apply_to_what_is_launched(make_sup, models):
     """A num_ctx under the floor launches the runner with the floor (4; 2048 for vision, see
     tests/scheduler/test_estimate.py) and /api/ps shows it."""
     sup = await make_sup()
-    async with await acquire(sup, models(0), options={"num_ctx": 2}) as lease:
+    async with await acquire(sup, models(0), options=RequestOptions(num_ctx=2)) as lease:
         assert lease.n_ctx == 4 and ps_models(sup)[0]["context_length"] == 4
 
 
@@ -246,7 +263,7 @@ async def test_max_loaded_models_evicts_the_idle_runner(make_sup, models):
 async def test_max_loaded_models_waits_for_a_busy_runner(make_sup, models):
     sup = await make_sup(config(max_loaded_models=1))
     a = await acquire(sup, models(0))
-    waiter = asyncio.create_task(sup.acquire(models(1), {}, None))
+    waiter = asyncio.create_task(sup.acquire(models(1), None, None))
     await until(sup, lambda: sup.snapshot().queued == 1)
     assert not waiter.done()                    # nobody is killed with a request in flight
     pid_a = sup.runner_process(a.runner_id).pid
@@ -294,7 +311,7 @@ async def test_max_queue_rejects_with_ollamas_503_text(make_sup, models):
     sup = await make_sup(config(max_queue=1))
     m = models(0)
     held = await acquire(sup, m)                 # loaded model, its only slot busy
-    second = asyncio.create_task(sup.acquire(m, {}, None))
+    second = asyncio.create_task(sup.acquire(m, None, None))
     await until(sup, lambda: sup.snapshot().queued == 1)
     with pytest.raises(CorralError) as ei:
         await acquire(sup, m)
@@ -308,13 +325,13 @@ async def test_cancelled_while_queued_frees_its_queue_place(make_sup, models):
     sup = await make_sup(config(max_queue=1))
     m = models(0)
     held = await acquire(sup, m)
-    queued = asyncio.create_task(sup.acquire(m, {}, None))
+    queued = asyncio.create_task(sup.acquire(m, None, None))
     await until(sup, lambda: sup.snapshot().queued == 1)
     queued.cancel()                              # the client went away
     with pytest.raises(asyncio.CancelledError):
         await queued
     await until(sup, lambda: sup.snapshot().queued == 0)
-    again = asyncio.create_task(sup.acquire(m, {}, None))   # the place is free again
+    again = asyncio.create_task(sup.acquire(m, None, None))   # the place is free again
     await until(sup, lambda: sup.snapshot().queued == 1)
     held.release()
     async with await asyncio.wait_for(again, SAFETY):
@@ -330,7 +347,7 @@ async def test_num_parallel_grants_concurrent_slots(make_sup, models):
     b = await acquire(sup, m)
     assert a.runner_id == b.runner_id
     assert ps_models(sup)[0]["num_parallel"] == 2 and ps_models(sup)[0]["in_flight"] == 2
-    third = asyncio.create_task(sup.acquire(m, {}, None))
+    third = asyncio.create_task(sup.acquire(m, None, None))
     await until(sup, lambda: sup.snapshot().queued == 1)
     b.release()
     async with await asyncio.wait_for(third, SAFETY) as c:
@@ -341,12 +358,12 @@ async def test_num_parallel_grants_concurrent_slots(make_sup, models):
 async def test_num_ctx_change_reloads(make_sup, models):
     sup = await make_sup()
     m = models(0)
-    async with await acquire(sup, m, options={"num_ctx": 512}) as a:
+    async with await acquire(sup, m, options=RequestOptions(num_ctx=512)) as a:
         assert a.n_ctx == 512
         pid_a = sup.runner_process(a.runner_id).pid
-    async with await acquire(sup, m, options={"num_ctx": 512}) as same:
+    async with await acquire(sup, m, options=RequestOptions(num_ctx=512)) as same:
         assert same.runner_id == a.runner_id
-    async with await acquire(sup, m, options={"num_ctx": 1024}) as b:
+    async with await acquire(sup, m, options=RequestOptions(num_ctx=1024)) as b:
         assert b.runner_id != a.runner_id and b.n_ctx == 1024
     await until(sup, lambda: loaded(sup) == [b.runner_id])
     assert not pid_alive(pid_a)
@@ -434,7 +451,7 @@ async def test_runner_ignoring_sigterm_is_killed_after_the_grace(make_sup, model
 async def test_cancel_during_load_leaves_no_queued_request(make_sup, models):
     sup = await make_sup(config(fake_knobs={"load_time": 0.5}))
     m = models(0)
-    task = asyncio.create_task(sup.acquire(m, {}, None))
+    task = asyncio.create_task(sup.acquire(m, None, None))
     await until(sup, lambda: bool(loaded(sup)))
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -36,7 +36,7 @@ async def test_close_stops_every_runner_in_parallel_within_the_budget(tiny_gguf_
                         drain_timeout=0.5)
     procs = []
     for i in range(3):
-        async with await asyncio.wait_for(sup.acquire(model(tiny_gguf_factory, i), {}, None),
+        async with await asyncio.wait_for(sup.acquire(model(tiny_gguf_factory, i), None, None),
                                           SAFETY) as lease:
             procs.append(sup.runner_process(lease.runner_id))
     assert all(pid_alive(p.pid) for p in procs)
@@ -53,16 +53,16 @@ async def test_close_stops_every_runner_in_parallel_within_the_budget(tiny_gguf_
 async def test_close_fails_queued_requests_and_drains_in_flight_ones(tiny_gguf_factory):
     sup = await started(config(), stop_grace=2.0, drain_timeout=5.0)
     m = model(tiny_gguf_factory, 0)
-    held = await asyncio.wait_for(sup.acquire(m, {}, None), SAFETY)
+    held = await asyncio.wait_for(sup.acquire(m, None, None), SAFETY)
     pid = sup.runner_process(held.runner_id).pid
-    queued = asyncio.create_task(sup.acquire(m, {}, None))
+    queued = asyncio.create_task(sup.acquire(m, None, None))
     await asyncio.wait_for(sup.wait_until(lambda: sup.snapshot().queued == 1), SAFETY)
     closing = asyncio.create_task(sup.close())
     with pytest.raises(CorralError) as ei:                 # 2. queued requests fail at once
         await asyncio.wait_for(queued, SAFETY)
     assert http_status(ei.value) in (500, 503) and ei.value.message == SHUTTING_DOWN_MESSAGE
     with pytest.raises(CorralError) as ei:                 # 1. nothing new is accepted
-        await sup.acquire(m, {}, None)
+        await sup.acquire(m, None, None)
     assert http_status(ei.value) == 503
     assert not closing.done() and pid_alive(pid)        # 3. the stream may drain...
     async with held.session.get(f"{held.base_url}/health") as resp:
@@ -74,7 +74,7 @@ async def test_close_fails_queued_requests_and_drains_in_flight_ones(tiny_gguf_f
 
 async def test_drain_timeout_bounds_a_stuck_stream(tiny_gguf_factory):
     sup = await started(config(), stop_grace=1.0, drain_timeout=0.3)
-    lease = await asyncio.wait_for(sup.acquire(model(tiny_gguf_factory, 0), {}, None), SAFETY)
+    lease = await asyncio.wait_for(sup.acquire(model(tiny_gguf_factory, 0), None, None), SAFETY)
     pid = sup.runner_process(lease.runner_id).pid
     t0 = time.monotonic()
     await asyncio.wait_for(sup.close(), SAFETY)         # the lease is never released
@@ -86,7 +86,7 @@ async def test_drain_timeout_bounds_a_stuck_stream(tiny_gguf_factory):
 
 async def test_close_during_a_load_leaves_no_process(tiny_gguf_factory):
     sup = await started(config(fake_knobs={"load_time": 5.0}), stop_grace=1.0, drain_timeout=0.2)
-    task = asyncio.create_task(sup.acquire(model(tiny_gguf_factory, 0), {}, None))
+    task = asyncio.create_task(sup.acquire(model(tiny_gguf_factory, 0), None, None))
     await asyncio.wait_for(sup.wait_until(lambda: bool(sup.snapshot().runners)), SAFETY)
     assert sup.snapshot().runners[0].state == "loading"
     proc = next(iter(sup._runners.values())).proc

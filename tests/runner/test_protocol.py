@@ -98,14 +98,6 @@ def test_sampling_options_have_ollama_defaults():
     assert (o.presence_penalty, o.frequency_penalty, o.stop) == (0.0, 0.0, [])
 
 
-def test_sampling_options_from_ollama_map():
-    o = SamplingOptions.from_ollama({"num_predict": 5.0, "temperature": 0, "num_ctx": 8192, "mirostat": 1,
-                                     "stop": ["\n"]})
-    assert o.num_predict == 5 and o.temperature == 0.0 and o.stop == ["\n"]
-    with pytest.raises(msgspec.ValidationError, match="top_k"):
-        SamplingOptions.from_ollama({"top_k": "many"})
-
-
 def test_http_bodies_round_trip():
     req = CompletionRequest(prompt="hi", options=SamplingOptions(seed=1), format={"type": "object"})
     assert msgspec.json.decode(encode(req), type=CompletionRequest) == req
