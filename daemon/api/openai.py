@@ -37,14 +37,15 @@ FINGERPRINT = "fp_ollama"
 
 # ---- request shapes ------------------------------------------------------------------------------
 # What Ollama's openai.*Request structs declare: a body is checked against its schema (a wrong
-# type is a 400 naming the field, as Go's ShouldBindJSON), then the handlers read the JSON dict.
+# type is a 400 naming the field, as Go's ShouldBindJSON), and the handlers read the typed value.
+# Only the names of fields present that have no effect here come from the JSON object (a warning).
 
 class _ImageUrl(msgspec.Struct):
     url: str = ""
 
 
 class _Part(msgspec.Struct):
-    type: str = ""
+    type: str | None = None
     text: str | None = None
     image_url: str | _ImageUrl | None = None
 
@@ -91,6 +92,7 @@ class _Sampling(msgspec.Struct):
     stream: bool | None = None
     stream_options: _StreamOptions | None = None
     max_tokens: opts.Int64 | None = None
+    max_completion_tokens: opts.Int64 | None = None     # wins over max_tokens
     seed: opts.Int64 | None = None
     stop: str | list[str] | None = None
     temperature: float | None = None
@@ -101,9 +103,9 @@ class _Sampling(msgspec.Struct):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[_Message] | None = None
-    max_completion_tokens: opts.Int64 | None = None
     response_format: _ResponseFormat | None = None
-    tools: list[opts.Tool] | None = None
+    tools: list[dict[str, Any]] | None = None    # checked against Tool by convert(); the
+    #                                             templates read the client's JSON
     reasoning_effort: str | None = None
     reasoning: _Reasoning | None = None
     logprobs: bool | None = None
@@ -129,9 +131,8 @@ def _ignored(body: dict[str, Any]) -> list[str]:
     return [k for k in _IGNORED_FIELDS if body.get(k) is not None]
 
 
-def _check_n(body: dict[str, Any]) -> None:
+def _check_n(n: int | None) -> None:
     """One choice per request: ``n`` > 1 would silently get one, so it is a 400."""
-    n = body.get("n")
     if n is not None and n != 1:
         raise ApiError(400, f"n must be 1 (this server returns one choice per request), got {n}")
 
@@ -165,54 +166,39 @@ async def read_typed(request: web.Request, schema: type[msgspec.Struct],
     return data, typed
 
 
-async def read_body(request: web.Request, schema: type[msgspec.Struct], missing: tuple[int, str],
-                    ) -> tuple[dict[str, Any], str]:
-    """(body checked against ``schema``, its model name): :func:`read_typed` for the handlers
-    that read the JSON dict."""
-    data, typed = await read_typed(request, schema, missing)
-    return data, typed.model
-
-
-def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
+def _streaming(body: _Sampling) -> tuple[bool, bool]:
     """(stream, stream_options.include_usage): usage chunks only when streaming."""
-    stream = body.get("stream") is True
-    return stream, stream and bool((body.get("stream_options") or {}).get("include_usage"))
+    stream = body.stream is True
+    return stream, stream and body.stream_options is not None and \
+        body.stream_options.include_usage
 
 
-def _options(body: dict[str, Any], *, top_p_zero_is_default: bool = False) -> dict[str, Any]:
-    """OpenAI sampling fields -> Ollama options (temperature/top_p default 1.0)."""
+def _options(body: _Sampling, *, top_p_zero_is_default: bool = False) -> dict[str, Any]:
+    """OpenAI sampling fields -> Ollama options (temperature/top_p default 1.0); the schema has
+    typed them (``stop``: a string or a list of strings)."""
     o: dict[str, Any] = {}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.max_tokens if body.max_completion_tokens is None \
+        else body.max_completion_tokens
     if max_tokens is not None:
         o["num_predict"] = max_tokens
     for key in ("seed", "frequency_penalty", "presence_penalty"):
-        if body.get(key) is not None:
-            o[key] = body[key]
-    temperature = body.get("temperature")
-    o["temperature"] = 1.0 if temperature is None else temperature
-    top_p = body.get("top_p")
+        if getattr(body, key) is not None:
+            o[key] = getattr(body, key)
+    o["temperature"] = 1.0 if body.temperature is None else body.temperature
+    top_p = body.top_p
     o["top_p"] = 1.0 if top_p is None or (top_p_zero_is_default and top_p == 0) else top_p
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        o["stop"] = [stop]
-    elif isinstance(stop, list):
-        for s in stop:
-            if not isinstance(s, str):
-                raise ApiError(400, f"invalid type for 'stop' field: {type(s).__name__}")
-        o["stop"] = stop
-    elif stop is not None:
-        raise ApiError(400, f"invalid type for 'stop' field: {type(stop).__name__}")
+    if body.stop is not None:
+        o["stop"] = [body.stop] if isinstance(body.stop, str) else body.stop
     return o
 
 
-def _format(response_format: Any) -> Any:
-    if not isinstance(response_format, dict):
-        return None
-    kind = response_format.get("type")
+def _format(response_format: _ResponseFormat | None) -> Any:
+    kind = response_format.type if response_format is not None else ""
     if kind == "json_object":
         return "json"
     if kind == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
+        assert response_format is not None
+        schema = response_format.json_schema.schema if response_format.json_schema else None
         return schema if isinstance(schema, dict) else None
     return None
 
@@ -221,10 +207,10 @@ _EFFORT = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "h
            "max": "max", "xhigh": "max", "ultra": "max"}
 
 
-def _think(body: dict[str, Any]) -> tuple[bool, str, bool]:
-    effort = body.get("reasoning_effort")
-    if effort is None and isinstance(body.get("reasoning"), dict):
-        effort = body["reasoning"].get("effort")
+def _think(body: ChatCompletionRequest) -> tuple[bool, str, bool]:
+    effort = body.reasoning_effort
+    if effort is None and body.reasoning is not None:
+        effort = body.reasoning.effort
     if effort is None:
         return False, "", False
     if effort not in _EFFORT:
@@ -232,13 +218,11 @@ def _think(body: dict[str, Any]) -> tuple[bool, str, bool]:
     return opts.parse_think(_EFFORT[effort])
 
 
-def _image(part: dict[str, Any]) -> str:
-    return image_data(part.get("image_url"))
-
-
 def image_data(url: Any) -> str:
-    """The base64 data of an image URL (a string or ``{"url"}``): only data URLs are taken."""
-    url = url.get("url") if isinstance(url, dict) else url
+    """The base64 data of an image URL (a string, ``{"url"}`` or :class:`_ImageUrl`): only data
+    URLs are taken."""
+    url = url.url if isinstance(url, _ImageUrl) else url.get("url") if isinstance(url, dict) \
+        else url
     if not isinstance(url, str):
         raise ApiError(400, "invalid image input")
     if url.startswith(("http://", "https://")):
@@ -259,51 +243,48 @@ _IMAGE_URI_TYPES = frozenset({"data:image/jpeg", "data:image/jpg", "data:image/p
                               "data:image/webp", "data:"})
 
 
-def chat_messages(raw: Any) -> list[dict[str, Any]]:
+def chat_messages(messages: list[_Message] | None) -> list[dict[str, Any]]:
     """OpenAI messages -> native messages (each content part becomes its own message)."""
-    if not isinstance(raw, list) or not raw:
+    if not messages:
         raise ApiError(400, "[] is too short - 'messages'")
     out: list[dict[str, Any]] = []
     names_by_id: dict[str, str] = {}
-    for m in raw:
-        if not isinstance(m, dict):
-            raise ApiError(400, "invalid message format")
-        role = str(m.get("role") or "").lower()
-        content = m.get("content")
+    for m in messages:
+        role = m.role.lower()
+        content = m.content
         calls = []
-        for c in m.get("tool_calls") or []:
-            fn = c.get("function") or {}
-            args = fn.get("arguments")
+        for c in m.tool_calls or []:
+            fn = c.function
+            args = fn.arguments
             if isinstance(args, str):
                 try:
                     args = json.loads(args) if args.strip() else {}
                 except ValueError:
                     raise ApiError(400, "invalid tool call arguments") from None
-            call = {"function": {"name": fn.get("name", ""), "arguments": args or {}}}
-            if c.get("id"):
-                call["id"] = c["id"]
-                names_by_id[c["id"]] = fn.get("name", "")
+            call: dict[str, Any] = {"function": {"name": fn.name, "arguments": args or {}}}
+            if c.id:
+                call["id"] = c.id
+                names_by_id[c.id] = fn.name
             calls.append(call)
         base: dict[str, Any] = {"role": role}
         if role == "tool":
-            name = m.get("name") or names_by_id.get(m.get("tool_call_id") or "", "")
+            name = m.name or names_by_id.get(m.tool_call_id or "", "")
             if name:
                 base["tool_name"] = name
-            if m.get("tool_call_id"):
-                base["tool_call_id"] = m["tool_call_id"]
-        if isinstance(m.get("reasoning"), str):
-            base["thinking"] = m["reasoning"]
+            if m.tool_call_id:
+                base["tool_call_id"] = m.tool_call_id
+        if m.reasoning is not None:
+            base["thinking"] = m.reasoning
         if isinstance(content, str):
             out.append({**base, "content": content, **({"tool_calls": calls} if calls else {})})
         elif isinstance(content, list):
             for part in content:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text":
-                    out.append({**base, "content": part.get("text") or ""})
-                elif kind == "image_url":
-                    out.append({**base, "content": "", "images": [_image(part)]})
+                if part.type == "text":
+                    out.append({**base, "content": part.text or ""})
+                elif part.type == "image_url":
+                    out.append({**base, "content": "", "images": [image_data(part.image_url)]})
                 else:
-                    raise ApiError(400, f"invalid message content type: {kind}")
+                    raise ApiError(400, f"invalid message content type: {part.type}")
             if calls:
                 out.append({**base, "content": "", "tool_calls": calls})
         elif content is None and calls:
@@ -369,17 +350,17 @@ async def _stream(request: web.Request, job: core.Job, chunk: Callable[[dict], b
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
-    body, model_name = await read_body(request, ChatCompletionRequest, (400, "model is required"))
-    _check_n(body)
-    logprobs = core.check_logprobs(body.get("logprobs"), body.get("top_logprobs"))
-    messages = chat_messages(body.get("messages"))
+    data, body = await read_typed(request, ChatCompletionRequest, (400, "model is required"))
+    model_name = body.model
+    _check_n(body.n)
+    logprobs = core.check_logprobs(body.logprobs, body.top_logprobs)
+    messages = chat_messages(body.messages)
     stream, include_usage = _streaming(body)
-    tools = body.get("tools") or None
     started_job = await core.start_chat(
-        request.app, model_name=model_name, messages=messages, tools=tools,
-        options=_options(body), fmt=_format(body.get("response_format")), keep_alive=None,
+        request.app, model_name=model_name, messages=messages, tools=body.tools or None,
+        options=_options(body), fmt=_format(body.response_format), keep_alive=None,
         think=_think(body), stream=stream, started=started, logprobs=logprobs,
-        debug_render_only=body.get("_debug_render_only") is True, ignored=_ignored(body))
+        debug_render_only=body.debug_render_only, ignored=_ignored(data))
     if isinstance(started_job, dict):          # _debug_render_only (messages are never empty)
         return json_response(started_job)
     cid = _completion_id("chatcmpl")
@@ -485,16 +466,16 @@ class _LegacyLogprobs:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
-    body, model_name = await read_body(request, CompletionRequest, (404, "model '' not found"))
-    _check_n(body)
-    n_logprobs = body.get("logprobs")
-    logprobs = core.check_logprobs(n_logprobs is not None, n_logprobs)
-    prompt = body.get("prompt", "")
+    data, body = await read_typed(request, CompletionRequest, (404, "model '' not found"))
+    model_name = body.model
+    _check_n(body.n)
+    logprobs = core.check_logprobs(body.logprobs is not None, body.logprobs)
+    prompt = body.prompt
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise ApiError(400, "invalid type for 'prompt' field: only a string is supported")
-    suffix = body.get("suffix") or ""
+    suffix = body.suffix or ""
     stream, include_usage = _streaming(body)
     options = _options(body, top_p_zero_is_default=True)
     model = await core.resolve(request.app, model_name, style="quoted")
@@ -505,7 +486,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     think = core.resolve_think(model, (False, "", False), model_name)
     text = core.generate_prompt(model, prompt, suffix=suffix, think=think)
     merged = RequestOptions.build(model.record.parameters, options)
-    core.warn_ignored(model_name, _ignored(body))
+    core.warn_ignored(model_name, _ignored(data))
     cid = _completion_id("cmpl")
     created = int(time.time())
     head = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
@@ -551,25 +532,25 @@ async def completions(request: web.Request) -> web.StreamResponse:
 # ---- /v1/embeddings ----------------------------------------------------------------------------
 
 async def embeddings(request: web.Request) -> web.Response:
-    body, model_name = await read_body(request, EmbeddingRequest, (400, "model is required"))
-    raw = body.get("input")
+    _, body = await read_typed(request, EmbeddingRequest, (400, "model is required"))
+    model_name = body.model
+    raw = body.input
     if isinstance(raw, str):
         inputs = [raw]
     elif isinstance(raw, list) and raw and all(isinstance(x, str) for x in raw):
         inputs = raw
     else:
         raise ApiError(400, "invalid input")
-    encoding = body.get("encoding_format") or "float"
+    encoding = body.encoding_format or "float"
     if encoding not in ("float", "base64"):
         raise ApiError(400, f"Invalid value for 'encoding_format' = {encoding}. "
                             "Supported values: ['float', 'base64'].")
-    dims = body.get("dimensions")
     model = await core.resolve(request.app, model_name, style="store")
     res, _ = await core.embed_texts(request.app, model, inputs, options=None, keep_alive=None,
                                     truncate=True)
     data = []
     for i, vec in enumerate(res.embeddings):
-        vec = core.shorten(vec, dims if isinstance(dims, int) else None)
+        vec = core.shorten(vec, body.dimensions)
         value: Any = vec if encoding == "float" else base64.b64encode(
             struct.pack(f"<{len(vec)}f", *vec)).decode()
         data.append({"object": "embedding", "embedding": value, "index": i})

@@ -51,6 +51,12 @@ class Tool(msgspec.Struct):
     function: ToolFunction | None = None
 
 
+class _Tools(msgspec.Struct):
+    """What a ``tools`` field is checked against (it stays the client's JSON for templates)."""
+
+    tools: list[Tool]
+
+
 class Message(msgspec.Struct, omit_defaults=True):
     role: str = ""
     content: str | None = ""
@@ -160,7 +166,7 @@ def convert(data: Any, kind: type[Any]) -> Any:
     try:
         out = msgspec.convert(fold_keys({} if data is None else data, kind), type=kind)
         if getattr(out, "tools", None):
-            msgspec.convert(out.tools, type=list[Tool])
+            msgspec.convert({"tools": out.tools}, type=_Tools)     # errors say $.tools[i]...
     except msgspec.ValidationError as e:
         raise ApiError(400, f"invalid request body: {e}") from None
     return out

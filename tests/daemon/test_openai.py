@@ -119,3 +119,30 @@ async def test_errors(env: Env) -> None:
     with pytest.raises(openai.APIError, match="runner exploded"):
         async for _ in stream:
             pass
+
+
+async def test_request_fields_come_from_the_typed_body(env: Env) -> None:
+    """The handlers read the body as the schema typed it: max_completion_tokens wins over
+    max_tokens unless null (Go's nil pointer), on both routes; a part without a type and a bad
+    tool name their field."""
+    await env.post("/v1/chat/completions", {
+        "model": "chatml", "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 7, "max_completion_tokens": None, "stop": ["A", "B"], "top_p": 0})
+    o = env.runner.requests[-1].options
+    assert (o.num_predict, o.stop, o.top_p, o.temperature) == (7, ["A", "B"], 0.0, 1.0)
+    await env.post("/v1/completions", {"model": "plain", "prompt": "x", "max_tokens": 7,
+                                       "max_completion_tokens": 2, "top_p": 0})
+    o = env.runner.requests[-1].options
+    assert (o.num_predict, o.top_p) == (2, 1.0)           # top_p 0 = default on completions
+    status, body, _ = await env.post("/v1/chat/completions", {
+        "model": "chatml", "messages": [{"role": "user", "content": [{"text": "x"}]}]})
+    assert (status, body["error"]["message"]) == (400, "invalid message content type: None")
+    status, body, _ = await env.post("/v1/chat/completions", {
+        "model": "chatml", "messages": [{"role": "user", "content": "x"}],
+        "tools": [{"type": 1}]})
+    assert (status, body["error"]["message"]) == (
+        400, "invalid request body: Expected `str`, got `int` - at `$.tools[0].type`")
+    status, body, _ = await env.post("/v1/chat/completions", {
+        "model": "chatml", "messages": [{"role": "user", "content": "x"}], "stop": [1]})
+    assert (status, body["error"]["message"]) == (
+        400, "invalid request body: Expected `str`, got `int` - at `$.stop[0]`")
