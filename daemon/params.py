@@ -8,7 +8,7 @@ Ollama's ``api.Options``/``api.Runner`` field types; the error text is Ollama's
 :class:`RequestOptions` is a request's options parsed once: built by
 :meth:`RequestOptions.build` from the model's Modelfile parameters overridden by the request's
 ``options`` (the only place they are merged), then read as typed fields by the scheduler's load
-options (``supervisor.runner_options``) and the runner's sampling options
+options (``model_inputs.runner_options``) and the runner's sampling options
 (:meth:`RequestOptions.sampling`), neither of which checks a type again.
 """
 

@@ -30,7 +30,8 @@ Test hooks: ``await sup.wait_processed()`` (every posted event dispatched),
 
 Length: over 900 lines because the owner task, the effects it carries out, the leases and the
 runner table are one state machine around one Scheduler (one task owns it, STYLE rule 2);
-pure parts live elsewhere (``scheduler``, ``runners``, ``gpu``, ``api/ps``).
+pure parts live elsewhere (``scheduler``, ``model_inputs``: model key, facts and load options,
+``runners``, ``gpu``, ``api/ps``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import aiohttp
 import msgspec
@@ -53,6 +54,14 @@ from corral.daemon.config import Config
 from corral.daemon.errors import Busy, CorralError, Failed, InvalidRequest, NotFound
 from corral.daemon.gpu import GpuProbe, engine_verdict, make_probe
 from corral.daemon.metrics import Metrics
+from corral.daemon.model_inputs import (
+    ModelLike,
+    facts_from_info,
+    key_paths,
+    model_key,
+    projector_facts,
+    runner_options,
+)
 from corral.daemon.params import RequestOptions
 from corral.daemon.runners import (
     RUNNER_ARGV,
@@ -94,7 +103,7 @@ from corral.scheduler import (
     Tick,
     UnloadRequested,
 )
-from corral.scheduler.estimate import default_num_ctx, projector_graph
+from corral.scheduler.estimate import default_num_ctx
 
 log = structlog.get_logger(__name__)
 
@@ -105,109 +114,10 @@ DEFAULT_DRAIN_TIMEOUT = 3.0
 Kind = Literal["completion", "embedding"]
 
 
-class ModelLike(Protocol):
-    """What acquire() needs of a model (``store.ModelRecord`` has all of it)."""
-
-    name: str
-    digest: str
-    model_path: Any
-
-
-# ------------------------------------------------------------------------------------- helpers
-
-_PROJECTOR = "\n+projector "
-
-
-def model_key(model: ModelLike) -> str:
-    """The scheduler's key of a model: its GGUF path, plus its vision projector's when it has
-    one (the same GGUF with and without a projector are different runners)."""
-    projectors = getattr(model, "projectors", None) or ()
-    return str(model.model_path) + (f"{_PROJECTOR}{projectors[0]}" if projectors else "")
-
-
-def key_paths(key: str) -> tuple[str, str | None]:
-    """(model path, projector path or None) of a :func:`model_key`."""
-    path, _, projector = key.partition(_PROJECTOR)
-    return path, projector or None
-
-
-def projector_facts(facts: ModelFacts, projector: gguf_info.GGUFInfo) -> ModelFacts:
-    """``facts`` with a vision projector: its tensor bytes and its encoder's compute buffer."""
-    meta = projector.metadata
-
-    def num(key: str) -> int:
-        value = meta.get(f"clip.vision.{key}")
-        return int(value) if isinstance(value, (int, float)) else 0
-
-    graph = projector_graph(num("image_size"), num("patch_size"), num("embedding_length"),
-                            num("attention.head_count"))
-    return msgspec.structs.replace(facts, has_vision=True, projector_bytes=projector.tensor_bytes,
-                                   projector_graph=graph)
-
-
-def facts_from_info(info: gguf_info.GGUFInfo, file_size: int) -> ModelFacts:
-    """The scheduler's ModelFacts from parsed GGUF metadata.
-
-    ``file_size`` is never taken below the tensor table's bytes: a file shorter than its
-    tensors (truncated, or a header-only test model) must not shrink the estimate of the
-    weights that stay on CPU. For a well-formed file this changes nothing.
-    ``output_bytes`` is the "+1" layer: output_norm and the output head, which is
-    ``token_embd`` itself when the model has no ``output.weight`` (tied embeddings).
-    """
-    tied = not any(t.name == "output.weight" for t in info.tensors)
-    return ModelFacts(
-        architecture=info.architecture,
-        file_size=max(file_size, info.tensor_bytes),
-        block_count=info.block_count or len(info.layer_bytes),
-        n_ctx_train=info.context_length or 0,
-        embedding_length=info.embedding_length or 0,
-        head_count=info.head_count or 0,
-        head_count_kv=info.head_count_kv or info.head_count or 0,
-        key_length=info.key_length or 0,
-        value_length=info.value_length or 0,
-        vocab_size=info.vocab_size or 0,
-        sliding_window=info.sliding_window or 0,
-        layer_bytes=tuple(info.layer_bytes),
-        output_bytes=info.output_bytes + (info.token_embd_bytes if tied else 0),
-        token_embd_bytes=info.token_embd_bytes,
-        is_embedding_model=info.is_embedding,
-        has_vision=info.has_vision,
-    )
-
-
 def _scheduler_error(status: int, message: str) -> CorralError:
     """A scheduler Reject/Fail as a domain error: 503 (queue full, shutting down) means try later,
     the scheduler's other status (500) a load failure."""
     return Busy(message) if status == 503 else Failed(message)
-
-
-def runner_options(options: RequestOptions, *, default_ctx: tuple[int, bool],
-                   kv_cache_type: str = "", flash_attention: bool | None = None) -> RunnerOptions:
-    """The scheduler's load options from a request's typed options (Modelfile parameters and
-    request already merged and typed by ``RequestOptions.build``: nothing is checked here).
-
-    1. ``num_ctx``: explicit value, else ``default_ctx`` = (OLLAMA_CONTEXT_LENGTH, not auto) or
-       (the VRAM tier, auto), decided once at start. The floors (4; 2048 with vision) and the
-       n_ctx_train clamp are the scheduler's (``estimate.effective_num_ctx``), applied to
-       what it launches and compares.
-    2. ``num_batch``: explicit (at least 1), else 512 marked auto.
-    3. ``num_gpu`` (-1 auto), ``main_gpu``, ``use_mmap``, ``num_thread`` (negative = 0) pass through.
-    """
-    num_ctx, num_ctx_auto = ((options.num_ctx, False) if options.num_ctx is not None  # 1.
-                             else default_ctx)
-    num_batch = options.num_batch                                                     # 2.
-    return RunnerOptions(
-        num_ctx=num_ctx,
-        num_batch=512 if num_batch is None else max(1, num_batch),
-        num_gpu=-1 if options.num_gpu is None else options.num_gpu,                   # 3.
-        main_gpu=options.main_gpu,
-        use_mmap=options.use_mmap,
-        num_thread=max(0, options.num_thread or 0),
-        kv_cache_type=kv_cache_type,
-        flash_attention=flash_attention,
-        num_ctx_auto=num_ctx_auto,
-        num_batch_auto=num_batch is None,
-    )
 
 
 STDERR_TAIL = 10      # stderr lines in a load failure / crash log line
@@ -1005,4 +915,4 @@ class Supervisor:
         return facts
 
 
-__all__ = ["Lease", "Supervisor", "facts_from_info", "runner_options"]
+__all__ = ["Lease", "Supervisor"]

@@ -1,4 +1,4 @@
-"""supervisor.facts_from_info: what the scheduler's estimate gets from a GGUF header."""
+"""model_inputs.facts_from_info: what the scheduler's estimate gets from a GGUF header."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 from corral.daemon import gguf_info
 from corral.daemon.gpu import SimulatedProbe
-from corral.daemon.supervisor import facts_from_info
+from corral.daemon.model_inputs import facts_from_info
 from tests.fixtures.virtual_gguf import N_EMBD, N_VOCAB, write_virtual_llama
 
 GiB = 1 << 30

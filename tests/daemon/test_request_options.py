@@ -11,7 +11,7 @@ import pytest
 from corral.daemon.api.errors import http_status
 from corral.daemon.errors import CorralError
 from corral.daemon.params import KNOWN_PARAMS, RequestOptions, type_param
-from corral.daemon.supervisor import runner_options
+from corral.daemon.model_inputs import runner_options
 from corral.runner.protocol import SamplingOptions
 
 

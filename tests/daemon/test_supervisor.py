@@ -27,7 +27,8 @@ from corral.daemon.config import Config, SimulatedGpu
 from corral.daemon.gpu import SimulatedProbe
 from corral.daemon.api.ps import ps_models
 from corral.daemon.params import RequestOptions
-from corral.daemon.supervisor import Lease, Supervisor, runner_options
+from corral.daemon.model_inputs import runner_options
+from corral.daemon.supervisor import Lease, Supervisor
 from corral.runner import protocol
 
 GiB = 1 << 30

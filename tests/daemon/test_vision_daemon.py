@@ -9,7 +9,7 @@ import pytest
 
 from corral.daemon import gguf_info, modelfile, templates
 from corral.daemon.api.inference import tag_images
-from corral.daemon.supervisor import facts_from_info, key_paths, model_key, projector_facts
+from corral.daemon.model_inputs import facts_from_info, key_paths, model_key, projector_facts
 from corral.scheduler import RunnerOptions
 from corral.scheduler.estimate import estimate, projector_graph
 from tests.fixtures.tiny_vision import IMAGE_SIZE, PATCH, V_EMBD, V_HEAD

@@ -1,0 +1,117 @@
+"""What the scheduler is told about a model and a request, from the store's record, its GGUF
+metadata and the request's typed options. Pure: no I/O, no clock (the supervisor reads the
+files and calls these).
+
+* :func:`model_key`: the scheduler's key of a model (its GGUF, plus its projector's);
+  :func:`key_paths` splits one.
+* :func:`facts_from_info` / :func:`projector_facts`: ``ModelFacts`` for the estimate.
+* :func:`runner_options`: the load options (``RunnerOptions``) from a ``RequestOptions``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import msgspec
+
+from corral.daemon import gguf_info
+from corral.daemon.params import RequestOptions
+from corral.scheduler import ModelFacts, RunnerOptions
+from corral.scheduler.estimate import projector_graph
+
+
+class ModelLike(Protocol):
+    """What acquire() needs of a model (``store.ModelRecord`` has all of it)."""
+
+    name: str
+    digest: str
+    model_path: Any
+
+
+_PROJECTOR = "\n+projector "
+
+
+def model_key(model: ModelLike) -> str:
+    """The scheduler's key of a model: its GGUF path, plus its vision projector's when it has
+    one (the same GGUF with and without a projector are different runners)."""
+    projectors = getattr(model, "projectors", None) or ()
+    return str(model.model_path) + (f"{_PROJECTOR}{projectors[0]}" if projectors else "")
+
+
+def key_paths(key: str) -> tuple[str, str | None]:
+    """(model path, projector path or None) of a :func:`model_key`."""
+    path, _, projector = key.partition(_PROJECTOR)
+    return path, projector or None
+
+
+def projector_facts(facts: ModelFacts, projector: gguf_info.GGUFInfo) -> ModelFacts:
+    """``facts`` with a vision projector: its tensor bytes and its encoder's compute buffer."""
+    meta = projector.metadata
+
+    def num(key: str) -> int:
+        value = meta.get(f"clip.vision.{key}")
+        return int(value) if isinstance(value, (int, float)) else 0
+
+    graph = projector_graph(num("image_size"), num("patch_size"), num("embedding_length"),
+                            num("attention.head_count"))
+    return msgspec.structs.replace(facts, has_vision=True, projector_bytes=projector.tensor_bytes,
+                                   projector_graph=graph)
+
+
+def facts_from_info(info: gguf_info.GGUFInfo, file_size: int) -> ModelFacts:
+    """The scheduler's ModelFacts from parsed GGUF metadata.
+
+    ``file_size`` is never taken below the tensor table's bytes: a file shorter than its
+    tensors (truncated, or a header-only test model) must not shrink the estimate of the
+    weights that stay on CPU. For a well-formed file this changes nothing.
+    ``output_bytes`` is the "+1" layer: output_norm and the output head, which is
+    ``token_embd`` itself when the model has no ``output.weight`` (tied embeddings).
+    """
+    tied = not any(t.name == "output.weight" for t in info.tensors)
+    return ModelFacts(
+        architecture=info.architecture,
+        file_size=max(file_size, info.tensor_bytes),
+        block_count=info.block_count or len(info.layer_bytes),
+        n_ctx_train=info.context_length or 0,
+        embedding_length=info.embedding_length or 0,
+        head_count=info.head_count or 0,
+        head_count_kv=info.head_count_kv or info.head_count or 0,
+        key_length=info.key_length or 0,
+        value_length=info.value_length or 0,
+        vocab_size=info.vocab_size or 0,
+        sliding_window=info.sliding_window or 0,
+        layer_bytes=tuple(info.layer_bytes),
+        output_bytes=info.output_bytes + (info.token_embd_bytes if tied else 0),
+        token_embd_bytes=info.token_embd_bytes,
+        is_embedding_model=info.is_embedding,
+        has_vision=info.has_vision,
+    )
+
+
+def runner_options(options: RequestOptions, *, default_ctx: tuple[int, bool],
+                   kv_cache_type: str = "", flash_attention: bool | None = None) -> RunnerOptions:
+    """The scheduler's load options from a request's typed options (Modelfile parameters and
+    request already merged and typed by ``RequestOptions.build``: nothing is checked here).
+
+    1. ``num_ctx``: explicit value, else ``default_ctx`` = (OLLAMA_CONTEXT_LENGTH, not auto) or
+       (the VRAM tier, auto), decided once at start. The floors (4; 2048 with vision) and the
+       n_ctx_train clamp are the scheduler's (``estimate.effective_num_ctx``), applied to
+       what it launches and compares.
+    2. ``num_batch``: explicit (at least 1), else 512 marked auto.
+    3. ``num_gpu`` (-1 auto), ``main_gpu``, ``use_mmap``, ``num_thread`` (negative = 0) pass through.
+    """
+    num_ctx, num_ctx_auto = ((options.num_ctx, False) if options.num_ctx is not None  # 1.
+                             else default_ctx)
+    num_batch = options.num_batch                                                     # 2.
+    return RunnerOptions(
+        num_ctx=num_ctx,
+        num_batch=512 if num_batch is None else max(1, num_batch),
+        num_gpu=-1 if options.num_gpu is None else options.num_gpu,                   # 3.
+        main_gpu=options.main_gpu,
+        use_mmap=options.use_mmap,
+        num_thread=max(0, options.num_thread or 0),
+        kv_cache_type=kv_cache_type,
+        flash_attention=flash_attention,
+        num_ctx_auto=num_ctx_auto,
+        num_batch_auto=num_batch is None,
+    )
