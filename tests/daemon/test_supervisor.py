@@ -228,6 +228,37 @@ async def test_acquire_takes_the_options_as_merged_by_the_caller(make_sup, model
         await acquire(sup, m, options={"num_ctx": 512})
 
 
+class _OneModelStore:
+    """The store surface the supervisor uses: resolve one name, hold/release blobs."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.held: list[str] = []
+
+    def resolve(self, name: str) -> Model:
+        assert name == self.model.name
+        return self.model
+
+    def hold(self, path: str) -> None:
+        self.held.append(path)
+
+    def release(self, path: str) -> None:
+        self.held.remove(path)
+
+
+async def test_preload_loads_with_the_models_parameters(make_sup, models):
+    """The default-model preload builds the options from the record's parameters itself
+    (acquire no longer merges them): a Modelfile num_ctx decides the preloaded runner."""
+    m = models(0)
+    m.parameters["num_ctx"] = 512
+    sup = await make_sup(store=_OneModelStore(m))
+    await sup.preload_default(m.name)
+    assert sup.preloaded
+    assert [v.options.num_ctx for v in sup.snapshot().runners] == [512]
+    async with await acquire(sup, m, options=RequestOptions.build(m.parameters, None)) as lease:
+        assert lease.n_ctx == 512 and len(loaded(sup)) == 1     # the preloaded runner serves
+
+
 async def test_num_ctx_floors_apply_to_what_is_launched(make_sup, models):
     """A num_ctx under the floor launches the runner with the floor (4; 2048 for vision, see
     tests/scheduler/test_estimate.py) and /api/ps shows it."""
