@@ -15,6 +15,9 @@ One :class:`RunnerProcess` owns one ``python -m corral.runner`` child (STYLE rul
   once its pipes are drained (bounded) ``on_exit(runner, returncode)`` is called exactly once,
   whatever the cause of the exit.
 * **stop** = SIGTERM to the group, bounded wait, SIGKILL to the group, then wait for the reap.
+* **relay**: after Ready the event pipe also carries the completion events of relay-mode
+  requests (``Relay`` lines, see runner/server.py); :meth:`RunnerProcess.open_relay` gives a
+  request an id and the queue its events are put in, :data:`GONE` once the pipe has closed.
 
 Contracts: ``start()`` either returns ``Ready`` with the child running, or raises
 :class:`RunnerStartError` (or is cancelled) with the child stopped and reaped. ``stop()`` is
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import os
 import re
 import signal
@@ -37,13 +41,16 @@ from collections.abc import Callable, Mapping, Sequence
 import msgspec
 import structlog
 
-from corral.runner.protocol import Failed, LaunchSpec, Loading, Ready, decode_event, encode
+from corral.runner.protocol import Failed, LaunchSpec, Loading, Ready, Relay, decode_event, encode
 
 log = structlog.get_logger(__name__)
 
 RUNNER_ARGV: tuple[str, ...] = (sys.executable, "-m", "corral.runner")
 STDERR_TAIL_LINES = 20
-MAX_LINE = 8192                 # longer lines are cut (a runaway log line must not grow memory)
+MAX_LINE = 8192                 # longer stderr lines are cut (a runaway log line must not grow memory)
+MAX_EVENT_LINE = 256 << 20      # the event pipe carries only the runner's own JSON lines; a
+                                # done record lists the prompt + generated tokens
+GONE = object()                 # put in every open relay queue once the event pipe has closed
 PIPE_DRAIN_AFTER_EXIT = 1.0     # seconds to wait for a dead child's pipes before closing them
 
 # Lines that look like an error, in llama.cpp's, CUDA's and Python's words (Ollama keeps
@@ -154,12 +161,29 @@ class RunnerProcess:
         self.stopping = False                   # stop() was called: the exit is expected
         self._spawning = False
         self._spawned = asyncio.Event()         # subprocess_exec finished (or failed)
+        self._relays: dict[int, asyncio.Queue] = {}
+        self._relay_ids = itertools.count(1)
+        self._events_closed = False             # the event pipe (fd 1) has closed
 
     # ------------------------------------------------------------------ public
 
     @property
     def running(self) -> bool:
         return self._transport is not None and not self._exited.is_set()
+
+    def open_relay(self) -> tuple[int, asyncio.Queue]:
+        """An id for CompletionRequest.relay and the queue that receives its events (then
+        :data:`GONE` if the runner's event pipe closes). Close it with :meth:`close_relay`."""
+        relay_id = next(self._relay_ids)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._relays[relay_id] = queue
+        if self._events_closed:
+            queue.put_nowait(GONE)
+        return relay_id, queue
+
+    def close_relay(self, relay_id: int) -> None:
+        """Late events for ``relay_id`` are dropped from now on."""
+        self._relays.pop(relay_id, None)
 
     def stderr_tail(self) -> list[str]:
         return list(self._tail)
@@ -313,8 +337,9 @@ class RunnerProcess:
             line = bytes(buf[:nl])
             del buf[: nl + 1]
             self._on_line(fd, line)
-        if len(buf) > MAX_LINE:
-            line = bytes(buf[:MAX_LINE])
+        limit = MAX_EVENT_LINE if fd == 1 else MAX_LINE
+        if len(buf) > limit:
+            line = bytes(buf[:limit])
             buf.clear()
             self._on_line(fd, line)
         self._wake.set()
@@ -324,7 +349,13 @@ class RunnerProcess:
             stripped = raw.strip()
             if stripped.startswith(b"{"):
                 try:
-                    self._events.append(decode_event(stripped))
+                    event = decode_event(stripped)
+                    if type(event) is Relay:
+                        queue = self._relays.get(event.id)
+                        if queue is not None:
+                            queue.put_nowait(event.event)
+                        return
+                    self._events.append(event)
                     return
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     pass
@@ -343,7 +374,15 @@ class RunnerProcess:
             self._partial[fd].clear()
             self._on_line(fd, line)
         self._open_pipes.discard(fd)
+        if fd == 1:
+            self._close_relays()
         self._wake.set()
+
+    def _close_relays(self) -> None:
+        if not self._events_closed:
+            self._events_closed = True
+            for queue in self._relays.values():
+                queue.put_nowait(GONE)
 
     def _on_process_exited(self) -> None:
         assert self._transport is not None
@@ -364,6 +403,7 @@ class RunnerProcess:
             self._signal_group(signal.SIGKILL)
         assert self._transport is not None
         self._transport.close()
+        self._close_relays()
         self._done.set()
         self._wake.set()
         log.debug("runner exited", runner_id=self.runner_id, pid=self.pid,

@@ -154,6 +154,7 @@ class Lease:
         self.load_duration = load_duration  # seconds from acquire() to the grant
         self.session = session
         self._proc = proc
+        self.relay = proc        # the runner's event pipe: completion events (runner_lines)
         self._released = False
         self._abort_message: str | None = None
         self.aborted = asyncio.Event()      # set when the runner was lost under this lease

@@ -42,10 +42,16 @@ class EventPipe:
         self._lock = threading.Lock()
 
     def send(self, event: msgspec.Struct) -> None:
+        self.write(encode(event) + b"\n")
+
+    def write(self, data: bytes) -> None:
+        """Whole lines, all of them (a pipe may take a long write in parts); blocks while the
+        daemon's end of the pipe is full."""
+        view = memoryview(data)
         with self._lock:
             try:
-                self._out.write(encode(event) + b"\n")
-                self._out.flush()
+                while view:
+                    view = view[self._out.write(view) or 0:]
             except (BrokenPipeError, ValueError):
                 pass  # the daemon stopped reading; stdin EOF will end us
 
@@ -83,7 +89,7 @@ def make_engine(spec: LaunchSpec):
 
 
 async def run(spec: LaunchSpec, events: EventPipe) -> int:
-    from corral.runner.server import RunnerServer
+    from corral.runner.server import PipeRelay, RunnerServer
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -125,7 +131,7 @@ async def run(spec: LaunchSpec, events: EventPipe) -> int:
         return 1
     load_ns = time.perf_counter_ns() - t0
     engine.start()
-    server = RunnerServer(engine)
+    server = RunnerServer(engine, relay=PipeRelay(events.write))
     runner = web.AppRunner(server.app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

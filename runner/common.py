@@ -25,6 +25,10 @@ CompletionEvent = CompletionChunk | CompletionDone | CompletionError
 Emit = Callable[[CompletionEvent], None]  # called from the decode thread; must not block
 
 
+def no_op() -> None:
+    """The default of hooks nobody set."""
+
+
 class LoadError(Exception):
     """The model could not be loaded; becomes Failed(reason, oom)."""
 
@@ -62,6 +66,9 @@ class EngineLike(Protocol):
     n_ctx_per_slot: int
     n_ctx_train: int
     memory: dict[str, MemoryUse]
+    # The decode thread (or whoever emitted) calls this after each burst of emits: a step's
+    # events, a cancel_all's errors. The server sets it (relay mode writes a burst at once).
+    after_emit: Callable[[], None]
 
     def load(self, progress: Callable[[float], None]) -> None: ...
     def start(self) -> None: ...

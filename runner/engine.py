@@ -46,7 +46,7 @@ import psutil
 from llama_cpp import llama_grammar
 
 from corral.runner import images
-from corral.runner.common import BadRequest, Emit, Job, LoadError, TextStream, past_thinking, take_logprobs
+from corral.runner.common import BadRequest, Emit, Job, LoadError, TextStream, no_op, past_thinking, take_logprobs
 from corral.runner.protocol import (
     MAX_TOP_LOGPROBS,
     CompletionChunk,
@@ -307,6 +307,7 @@ class Engine:
         # events of the current step, handed over when it ends: the HTTP side then wakes once per
         # step, not in the middle of sampling (where every ctypes call lets it take the GIL)
         self._outbox: list[tuple[Emit, CompletionChunk | CompletionDone | CompletionError]] = []
+        self.after_emit: Callable[[], None] = no_op
         self._keepalive: list[object] = []  # ctypes objects llama.cpp points at
 
     # -- load --------------------------------------------------------------------------------
@@ -655,6 +656,7 @@ class Engine:
             _free_samplers(job.sampler)  # type: ignore[attr-defined]
             if not job.cancelled.is_set():
                 job.emit(CompletionError(error=reason))
+        self.after_emit()
 
     def _free(self, slot: _Slot) -> None:
         """The slot takes new work at once. Its KV stays as the prompt cache: with one KV stream
@@ -701,6 +703,8 @@ class Engine:
             out, self._outbox = self._outbox, []
             for emit, event in out:
                 emit(event)
+            if out:
+                self.after_emit()
 
     def _post(self, job: Job, event: CompletionChunk | CompletionDone | CompletionError) -> None:
         """Emit ``event`` at the end of this step (in order)."""

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from corral.runner.common import BadRequest, Emit, Job, LoadError, TextStream, past_thinking, take_logprobs
+from corral.runner.common import BadRequest, Emit, Job, LoadError, TextStream, no_op, past_thinking, take_logprobs
 from corral.runner.protocol import (
     MAX_TOP_LOGPROBS,
     CompletionChunk,
@@ -76,6 +76,7 @@ class FakeEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._emitted = 0  # tokens over the process, for crash_after_tokens
+        self.after_emit: Callable[[], None] = no_op
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -136,6 +137,7 @@ class FakeEngine:
                 if not job.cancelled.is_set():
                     job.emit(CompletionError(error=reason))
                     job.cancel()
+        self.after_emit()
 
     def busy(self) -> int:
         return len(self._active)
@@ -161,6 +163,7 @@ class FakeEngine:
                 self._admit()
                 for seq in self._active:
                     self._step(seq)
+                self.after_emit()
                 self._active = [s for s in self._active if not s.done]
             rest = period - (time.perf_counter() - t0)
             if rest > 0:
@@ -209,6 +212,7 @@ class FakeEngine:
                 job.emit(CompletionChunk(content=out, logprobs=take_logprobs(seq.logprobs)))
             self._emitted += 1
             if self.knobs.crash_after_tokens is not None and self._emitted >= self.knobs.crash_after_tokens:
+                self.after_emit()  # what was emitted so far is out, as with a real crash mid-stream
                 os._exit(1)
             if len(seq.tokens) - seq.n_prompt < seq.limit and not seq.text.stopped:
                 return

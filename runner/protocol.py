@@ -117,7 +117,7 @@ class Failed(msgspec.Struct, frozen=True, kw_only=True, tag="failed", tag_field=
     oom: bool = False
 
 
-RunnerEvent = Loading | Ready | Failed
+RunnerEvent = Loading | Ready | Failed  # the handshake; after Ready the pipe also carries Relay
 
 # ----------------------------------------------------------------------------------------------
 # Engine probe (``python -m corral.runner --probe``: one JSON line on stdout, no model loaded)
@@ -158,7 +158,6 @@ def decode_probe(line: bytes | str) -> EngineProbe:
     return _probe_decoder.decode(line)
 
 
-_event_decoder = msgspec.json.Decoder(RunnerEvent)
 _launch_decoder = msgspec.json.Decoder(LaunchSpec)
 _encoder = msgspec.json.Encoder()
 
@@ -166,11 +165,6 @@ _encoder = msgspec.json.Encoder()
 def encode(msg: msgspec.Struct) -> bytes:
     """JSON bytes without a newline."""
     return _encoder.encode(msg)
-
-
-def decode_event(line: bytes | str) -> Loading | Ready | Failed:
-    """Raise msgspec.ValidationError/DecodeError on an unknown tag, version or a bad field."""
-    return _event_decoder.decode(line)
 
 
 def decode_launch(line: bytes | str) -> LaunchSpec:
@@ -243,6 +237,10 @@ class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True):
     stream: bool = True
     add_special: bool = True  # add BOS etc. when tokenizing `prompt` (ignored for `tokens`)
     shift: bool | None = None  # None: the LaunchSpec's setting
+    # >= 1 (streaming only): the events go up the runner's event pipe as Relay lines with this
+    # id, written by the decode thread once per step for all its sequences; the HTTP response
+    # then carries no events, it ends when the job has ended and closing it cancels the job
+    relay: int = 0
     truncate: bool = True  # a prompt longer than the slot keeps num_keep + the tail; else 400
     images: list[bytes] = msgspec.field(default_factory=list)  # base64 in JSON; "[img-N]" in
     # the prompt is images[N] (a runner without a projector leaves the markers as text)
@@ -279,6 +277,22 @@ _completion_event_decoder = msgspec.json.Decoder(CompletionEvent)
 
 def decode_completion_event(line: bytes | str) -> CompletionChunk | CompletionDone | CompletionError:
     return _completion_event_decoder.decode(line)
+
+
+class Relay(msgspec.Struct, frozen=True, kw_only=True, tag="relay", tag_field="type"):
+    """One completion event of a ``relay`` request (CompletionRequest.relay = ``id``) on the event
+    pipe, after Ready."""
+
+    id: int
+    event: CompletionEvent
+
+
+_event_decoder = msgspec.json.Decoder(RunnerEvent | Relay)
+
+
+def decode_event(line: bytes | str) -> Loading | Ready | Failed | Relay:
+    """Raise msgspec.ValidationError/DecodeError on an unknown tag, version or a bad field."""
+    return _event_decoder.decode(line)
 
 
 class EmbedRequest(msgspec.Struct, frozen=True, kw_only=True):

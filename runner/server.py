@@ -5,6 +5,15 @@ Contract (docs/DESIGN.md "Runner HTTP API"): JSON bodies are the msgspec structs
 the last one ``done`` or ``error``. A client that disconnects cancels its job (handler
 cancellation is on), which frees the slot at the engine's next step. While draining (SIGTERM),
 new work is refused with 503.
+
+Relay mode (``CompletionRequest.relay`` = id, streaming, when the runner was started by the
+daemon): the events do not go through this HTTP response but up the event pipe as ``Relay``
+lines, written by the decode thread itself, one write per step for all sequences
+(:class:`PipeRelay`). That takes the event loop out of the per-token path: no wake-up of this
+process's loop thread and one write per step instead of one per stream, so the two decode
+threads lose fewer time slices to the HTTP side on a machine with as many cores as threads.
+The HTTP request stays open as the job's handle: it ends (``{}``) once the job's last event is
+in the pipe, and closing it cancels the job.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -20,6 +30,7 @@ from aiohttp import web
 
 from corral.runner.common import BadRequest, EngineLike
 from corral.runner.protocol import (
+    CompletionChunk,
     CompletionDone,
     CompletionError,
     CompletionRequest,
@@ -28,6 +39,7 @@ from corral.runner.protocol import (
     EmbedRequest,
     ErrorResponse,
     Health,
+    Relay,
     TokenizeRequest,
     TokenizeResponse,
     encode,
@@ -36,6 +48,13 @@ from corral.runner.protocol import (
 log = structlog.get_logger(__name__)
 
 NDJSON = "application/x-ndjson"
+
+
+class _Empty(msgspec.Struct):
+    pass
+
+
+_EMPTY = _Empty()
 
 
 @web.middleware
@@ -82,11 +101,46 @@ class _Mailbox:
             queue.put_nowait(event)
 
 
+class PipeRelay:
+    """Completion events of relay-mode jobs, written up the event pipe (``write``) as Relay lines:
+    :meth:`put` (decode thread) collects a burst, :meth:`flush` (the engine's ``after_emit``)
+    writes it at once, then runs the end callbacks of the jobs that finished in it, so a job's
+    HTTP handle ends only after its last event is in the pipe."""
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self._write = write
+        self._lock = threading.Lock()
+        self._lines: list[bytes] = []
+        self._ended: list[Callable[[], None]] = []
+
+    def put(self, relay_id: int, event: CompletionChunk | CompletionDone | CompletionError,
+            on_end: Callable[[], None]) -> None:
+        line = encode(Relay(id=relay_id, event=event))
+        with self._lock:
+            self._lines.append(line)
+            if not isinstance(event, CompletionChunk):
+                self._ended.append(on_end)
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._lines:
+                return
+            lines, self._lines = self._lines, []
+            ended, self._ended = self._ended, []
+            lines.append(b"")
+            self._write(b"\n".join(lines))  # under the lock: bursts reach the pipe in order
+        for end in ended:
+            end()
+
+
 class RunnerServer:
     """Owns the aiohttp app; ``draining`` and ``inflight`` are read by the shutdown sequence."""
 
-    def __init__(self, engine: EngineLike) -> None:
+    def __init__(self, engine: EngineLike, relay: PipeRelay | None = None) -> None:
         self.engine = engine
+        self.relay = relay
+        if relay is not None:
+            engine.after_emit = relay.flush
         self.draining = False
         self.inflight = 0
         self._idle = asyncio.Event()
@@ -159,15 +213,28 @@ class RunnerServer:
             self._mailbox = _Mailbox(loop)
         mailbox = self._mailbox
 
-        def emit(event: Any) -> None:  # decode thread
-            mailbox.put(queue, event)
-
         try:
             req = await self._body(request, CompletionRequest)
+            relay = self.relay if req.relay and req.stream else None
+            if relay is not None:
+                relay_id = req.relay
+
+                def emit(event: Any) -> None:  # decode thread: the event goes up the pipe
+                    relay.put(relay_id, event, ended)
+
+                def ended() -> None:  # after the job's last event was written
+                    mailbox.put(queue, None)
+            else:
+                def emit(event: Any) -> None:  # decode thread
+                    mailbox.put(queue, event)
+
             job = await loop.run_in_executor(None, self.engine.submit, req, emit)
         except BadRequest as e:
             return self._error(400, str(e))
         try:
+            if relay is not None:
+                await queue.get()
+                return self._json(_EMPTY)
             if not req.stream:
                 while True:
                     event = await queue.get()

@@ -13,6 +13,7 @@ went away). Thinking is split from content (:class:`ThinkingSplitter`), tool cal
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import secrets
@@ -34,6 +35,7 @@ from corral.daemon.api.keys import METRICS, STORE, SUPERVISOR
 from corral.daemon.errors import NotFound
 from corral.daemon.metrics import ModelSeries
 from corral.daemon.params import RequestOptions
+from corral.daemon.runners import GONE, RunnerProcess
 from corral.daemon.store import ModelRecord
 from corral.daemon.timefmt import now_utc
 from corral.runner import protocol
@@ -126,7 +128,15 @@ async def runner_lines(lease: Any, body: protocol.CompletionRequest,
                        ) -> AsyncIterator[tuple[protocol.CompletionChunk | protocol.CompletionDone, bool]]:
     """The runner's completion events, each with whether another one already arrived with it (a
     writer may then hold it back and send both in one write: fewer wake-ups per token for a
-    client that fell behind). An error line or a broken connection raises ApiError."""
+    client that fell behind). An error line or a broken connection raises ApiError.
+
+    A streaming request to a runner process of ours goes in relay mode (the events come up its
+    event pipe, :func:`_relayed`); otherwise they are the NDJSON lines of the HTTP response."""
+    relay = getattr(lease, "relay", None)
+    if relay is not None and body.stream:
+        async for item in _relayed(lease, relay, body):
+            yield item
+        return
     url = f"{lease.base_url}/completion"
     try:
         async with lease.session.post(url, data=protocol.encode(body),
@@ -154,6 +164,76 @@ async def runner_lines(lease: Any, body: protocol.CompletionRequest,
     except msgspec.DecodeError as e:
         raise ApiError(500, f"bad line from runner: {e}") from None
     raise ApiError(500, await _gone_message(lease, ConnectionError("stream ended without done")))
+
+
+RELAY_END_GRACE = 5.0  # s: a relay job's HTTP handle ended; its events are in the pipe already
+
+
+async def _relayed(lease: Any, relay: RunnerProcess, body: protocol.CompletionRequest,
+                   ) -> AsyncIterator[tuple[protocol.CompletionChunk | protocol.CompletionDone, bool]]:
+    """Relay mode: the events arrive in the queue :meth:`RunnerProcess.open_relay` gives; the
+    HTTP request is the job's handle (a refusal's status and error, its end, and closing it
+    cancels the job). Its end is put in the same queue, so one ``get`` per event waits for both."""
+    relay_id, queue = relay.open_relay()
+    handle_end = object()
+
+    async def handle() -> tuple[int, str]:
+        try:
+            async with lease.session.post(f"{lease.base_url}/completion", data=protocol.encode(
+                    msgspec.structs.replace(body, relay=relay_id)),
+                    headers={"Content-Type": "application/json"}) as resp:
+                if resp.status != 200:
+                    return resp.status, await _runner_error(resp)
+                await resp.read()
+                return 200, ""
+        finally:
+            queue.put_nowait(handle_end)
+
+    task = asyncio.ensure_future(handle())
+    deadline: float | None = None
+    try:
+        while True:
+            if deadline is None:
+                ev = await queue.get()
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        ev = await queue.get()
+                except TimeoutError:
+                    ev = GONE
+            if ev is handle_end:
+                try:
+                    status, text = task.result()
+                except (aiohttp.ClientError, ConnectionError) as e:
+                    raise ApiError(500, await _gone_message(lease, e)) from None
+                if status != 200:
+                    raise ApiError(status if status in (400, 503) else 500, text)
+                deadline = asyncio.get_running_loop().time() + RELAY_END_GRACE
+                continue
+            if ev is GONE:
+                raise ApiError(500, await _gone_message(lease, ConnectionError("stream ended without done")))
+            if isinstance(ev, protocol.CompletionError):
+                raise ApiError(500, ev.error)
+            if isinstance(ev, protocol.CompletionDone):
+                # the handle ends by itself in a moment, keeping its connection for reuse
+                _ending.add(task)
+                task.add_done_callback(_ended)
+                yield ev, not queue.empty()
+                return
+            yield ev, not queue.empty()
+    finally:
+        relay.close_relay(relay_id)
+        if task not in _ending:
+            task.cancel()   # closes the request: the runner cancels the job
+
+
+_ending: set[asyncio.Future] = set()  # relay handles left to end after their done event
+
+
+def _ended(task: asyncio.Future) -> None:
+    _ending.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a late connection error is of no interest any more
 
 
 async def runner_json(lease: Any, path: str, body: msgspec.Struct, kind: type[Any]) -> Any:
