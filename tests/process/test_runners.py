@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 import sys
 import time
 
 import aiohttp
 import pytest
 
-from corral.daemon.runners import RunnerProcess, RunnerStartError, describe_returncode
-from corral.runner.protocol import FakeKnobs, LaunchSpec
+from corral.daemon.api.errors import ApiError
+from corral.daemon.api.inference import runner_lines
+from corral.daemon.runners import GONE, RunnerProcess, RunnerStartError, describe_returncode
+from corral.runner.protocol import (
+    CompletionChunk,
+    CompletionDone,
+    CompletionRequest,
+    FakeKnobs,
+    LaunchSpec,
+    SamplingOptions,
+    encode,
+)
 
 SAFETY = 20.0   # wall-clock safety net only; tests wait on events
 
@@ -188,3 +200,49 @@ async def test_spawn_failure_is_a_start_error():
         await r.start(spec(), load_timeout=10)
     assert ei.value.kind == "spawn"
     assert await r.stop(grace=1) is None
+
+
+class _Lease:
+    """What runner_lines needs of a lease, around a real RunnerProcess."""
+
+    def __init__(self, proc: RunnerProcess, port: int, session: aiohttp.ClientSession) -> None:
+        self.relay = proc
+        self.session = session
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    async def wait_failure(self) -> str | None:
+        await self.relay.wait_exited()
+        return self.relay.exit_reason()
+
+
+async def test_streams_come_up_the_event_pipe_and_a_killed_runner_ends_them():
+    """Relay mode end to end: runner_lines sends the request with a relay id, the events arrive
+    through the child's event pipe (not the HTTP response), in order, ending with done; a
+    runner killed mid-stream ends the stream with its exit reason, and later relays at once."""
+    r = RunnerProcess("m:1")
+    ready = await asyncio.wait_for(r.start(spec(tokens_per_second=300), load_timeout=10), SAFETY)
+    try:
+        async with aiohttp.ClientSession() as s:
+            lease = _Lease(r, ready.port, s)
+            body = CompletionRequest(prompt="hi", options=SamplingOptions(num_predict=5, seed=2))
+            got = [ev async for ev, _ in runner_lines(lease, body)]
+            assert [type(e) for e in got] == [CompletionChunk] * 5 + [CompletionDone]
+            assert got[-1].eval_count == 5
+            async with s.post(lease.base_url + "/completion", data=encode(body)) as resp:
+                plain = [json.loads(line) async for line in resp.content]  # the same job over HTTP
+            assert [e.content for e in got[:-1]] == [x["content"] for x in plain[:-1]]
+            assert r.open_relay()[0] == 2  # runner_lines used relay id 1
+
+            long = runner_lines(lease, CompletionRequest(prompt="a", options=SamplingOptions(num_predict=100000)))
+            first, _ = await asyncio.wait_for(anext(long), SAFETY)
+            assert isinstance(first, CompletionChunk)
+            os.killpg(r.pid, signal.SIGKILL)
+            with pytest.raises(ApiError) as err:
+                async with asyncio.timeout(SAFETY):
+                    async for _ in long:
+                        pass
+            assert err.value.status == 500 and "signal: killed" in err.value.message
+            _, queue = r.open_relay()  # the pipe is closed: a new relay is gone at once
+            assert queue.get_nowait() is GONE
+    finally:
+        await r.stop(grace=5)

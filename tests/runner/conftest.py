@@ -10,13 +10,13 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from corral.runner.server import RunnerServer
+from corral.runner.server import PipeRelay, RunnerServer
 
 
 @asynccontextmanager
-async def serve(engine: Any) -> AsyncIterator[tuple[TestClient, RunnerServer]]:
+async def serve(engine: Any, relay: PipeRelay | None = None) -> AsyncIterator[tuple[TestClient, RunnerServer]]:
     """Serve an already loaded and started engine; handler cancellation on, as in the runner."""
-    server = RunnerServer(engine)
+    server = RunnerServer(engine, relay=relay)
     async with TestServer(server.app, handler_cancellation=True) as ts, TestClient(ts) as client:
         yield client, server
 

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
 from corral.runner.fake import FakeEngine
-from corral.runner.protocol import FakeKnobs, LaunchSpec
+from corral.runner.protocol import (
+    CompletionChunk,
+    CompletionDone,
+    CompletionError,
+    FakeKnobs,
+    LaunchSpec,
+    Relay,
+    decode_event,
+)
+from corral.runner.server import PipeRelay
 from tests.runner.conftest import complete, serve, wait_until
 
 
@@ -138,3 +148,88 @@ async def test_events_waiting_together_go_out_in_one_http_chunk(engine):
                 chunks.append(part)
                 part = b""
         assert [json.loads(line)["type"] for line in chunks[0].splitlines()] == ["chunk"] * 3 + ["done"]
+
+
+# ---- relay mode: events up the event pipe, the HTTP request as the job's handle -------------------
+
+class Pipe:
+    """The event pipe's write end as PipeRelay sees it: every write kept, decoded."""
+
+    def __init__(self) -> None:
+        self.writes: list[list[Relay]] = []
+
+    def write(self, data: bytes) -> None:
+        assert data.endswith(b"\n")
+        self.writes.append([decode_event(line) for line in data.splitlines()])
+
+    def events(self, relay_id: int) -> list:
+        return [r.event for w in self.writes for r in w if r.id == relay_id]
+
+
+async def test_relay_events_go_up_the_pipe_one_write_per_step():
+    engine = fake(parallel=2, tokens_per_second=500)
+    pipe = Pipe()
+    try:
+        async with serve(engine, PipeRelay(pipe.write)) as (client, _):
+            body = {"prompt": "hi", "options": {"num_predict": 6, "seed": 3}}
+            plain_chunks, plain_done = await complete(client, **body)
+
+            async def relayed(relay_id: int) -> None:
+                resp = await client.post("/completion", json={**body, "relay": relay_id})
+                assert resp.status == 200 and await resp.json() == {}
+                # the handle ends only once the job's last event is in the pipe
+                assert isinstance(pipe.events(relay_id)[-1], CompletionDone)
+
+            await asyncio.gather(relayed(1), relayed(2))
+        for relay_id in (1, 2):
+            events = pipe.events(relay_id)
+            assert [e.content for e in events[:-1]] == plain_chunks
+            assert events[-1].eval_count == plain_done["eval_count"] == 6
+            assert all(isinstance(e, CompletionChunk) for e in events[:-1])
+        # both sequences step together: their events of a step share one write
+        assert any({r.id for r in w} == {1, 2} for w in pipe.writes)
+        assert len(pipe.writes) <= 8  # 6 tokens + done, two streams: per step, not per event
+    finally:
+        engine.close()
+
+
+async def test_relay_handle_closed_cancels_the_job():
+    engine = fake(parallel=1, tokens_per_second=200)
+    pipe = Pipe()
+    try:
+        async with serve(engine, PipeRelay(pipe.write)) as (client, _):
+            task = asyncio.ensure_future(client.post(
+                "/completion", json={"prompt": "a", "relay": 7, "options": {"num_predict": 100000}}))
+            await wait_until(lambda: len(pipe.events(7)) >= 2)
+            task.cancel()  # the daemon's request goes away
+            await wait_until(lambda: engine.busy() == 0)
+            n = len(pipe.events(7))
+            _, done = await complete(client, prompt="b", options={"num_predict": 2})
+            assert done["eval_count"] == 2
+            assert len(pipe.events(7)) == n and not any(
+                isinstance(e, CompletionDone) for e in pipe.events(7))
+    finally:
+        engine.close()
+
+
+async def test_relay_refusal_is_the_http_status_and_errors_come_through_the_pipe(engine):
+    pipe = Pipe()
+    async with serve(engine, PipeRelay(pipe.write)) as (client, _):
+        r = await client.post("/completion", json={"prompt": "", "relay": 1})
+        assert r.status == 400 and "empty prompt" in (await r.json())["error"]
+        assert pipe.writes == []
+        task = asyncio.ensure_future(client.post(
+            "/completion", json={"prompt": "a", "relay": 2, "options": {"num_predict": 100000}}))
+        await wait_until(lambda: len(pipe.events(2)) >= 1)
+        engine.cancel_all("runner is shutting down")
+        resp = await task
+        assert resp.status == 200 and await resp.json() == {}
+        assert pipe.events(2)[-1] == CompletionError(error="runner is shutting down")
+
+
+async def test_relay_is_for_streams_only(engine):
+    pipe = Pipe()
+    async with serve(engine, PipeRelay(pipe.write)) as (client, _):
+        resp = await client.post("/completion", json={"prompt": "x", "stream": False, "relay": 4,
+                                                      "options": {"num_predict": 3}})
+        assert (await resp.json())["eval_count"] == 3 and pipe.writes == []
