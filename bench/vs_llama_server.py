@@ -267,17 +267,20 @@ async def warm(server, n: int) -> None:
 # ---- llama-batched-bench ------------------------------------------------------------------------
 
 def batched_bench(binary: Path, model: Path, sizes: list[int], threads: int, tokens: int) -> dict[int, float]:
-    """Text-generation tok/s of llama-batched-bench (no HTTP, no sampling) per batch size, with
-    the OpenMP spin corral's runner sets (runner/__main__.py)."""
+    """Text-generation tok/s of llama-batched-bench (no HTTP, no sampling) per batch size, set up
+    as corral's CPU runner is: its OpenMP spin (runner/__main__.py), the weights read into
+    memory (`-lm none`, the scheduler's use_mmap default on CPU) and, where the kernel has
+    them, in huge pages (daemon/runners.child_env)."""
+    from corral.daemon.runners import child_env, huge_pages_usable
     from corral.runner.__main__ import GOMP_SPINCOUNT
 
     n_max = max(sizes)
     out = subprocess.run(
         [str(binary), "-m", str(model), "-c", str(n_max * 4096), "-b", "2048", "-ub", "512",
          "-npp", "32", "-ntg", str(tokens), "-npl", ",".join(map(str, sizes)), "-t", str(threads),
-         "-tb", str(threads), "--output-format", "jsonl"],
+         "-tb", str(threads), "-lm", "none", "--output-format", "jsonl"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True,
-        env={**os.environ, "GOMP_SPINCOUNT": GOMP_SPINCOUNT})  # corral's ceiling: its OpenMP wait
+        env={**child_env(None, os.environ, huge_pages=huge_pages_usable()), "GOMP_SPINCOUNT": GOMP_SPINCOUNT})
     rates = {}
     for line in out.stdout.splitlines():
         if line.startswith("{"):

@@ -31,12 +31,14 @@ import asyncio
 import collections
 import itertools
 import os
+import platform
 import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import msgspec
 import structlog
@@ -104,17 +106,42 @@ def describe_returncode(returncode: int | None) -> str:
     return f"exit status {returncode}"
 
 
-def child_env(visible_devices: str | None, base: Mapping[str, str] | None = None
-              ) -> dict[str, str] | None:
-    """The child's environment: inherited, with CUDA_VISIBLE_DEVICES narrowed when given.
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
+
+
+def huge_pages_usable(setting: Path = THP_SETTING, libc: str | None = None) -> bool:
+    """Whether a runner's large buffers will get transparent huge pages: Linux with THP
+    ``[always]``, or ``[madvise]`` and glibc (whose malloc then asks, see :func:`child_env`).
+    False elsewhere (macOS, ``[never]``, ``[madvise]`` with another C library)."""
+    try:
+        text = setting.read_text()
+    except OSError:
+        return False
+    if "[always]" in text:
+        return True
+    libc = platform.libc_ver()[0] if libc is None else libc
+    return "[madvise]" in text and libc == "glibc"
+
+
+def child_env(visible_devices: str | None, base: Mapping[str, str] | None = None, *,
+              huge_pages: bool = False) -> dict[str, str] | None:
+    """The child's environment: inherited, with CUDA_VISIBLE_DEVICES narrowed when given, and
+    with ``huge_pages`` glibc's malloc asked to put its large blocks (llama.cpp's weights when
+    not memory-mapped, its KV cache and compute buffers) in transparent huge pages
+    (``GLIBC_TUNABLES``; read by glibc at start, ignored by other C libraries). A hugetlb
+    tunable the user set wins; their other tunables are kept.
 
     None means "inherit unchanged" (the cheap common case).
     """
-    if visible_devices is None and base is None:
+    if visible_devices is None and base is None and not huge_pages:
         return None
     env = dict(os.environ if base is None else base)
     if visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible_devices
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if huge_pages and "glibc.malloc.hugetlb=" not in tunables:
+        env["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGE_MALLOC}" if tunables else HUGE_PAGE_MALLOC
     return env
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from corral.daemon.api.errors import http_status
 from corral.daemon.errors import CorralError
@@ -28,6 +29,7 @@ from corral.daemon.gpu import SimulatedProbe
 from corral.daemon.api.ps import ps_models
 from corral.daemon.params import RequestOptions
 from corral.daemon.model_inputs import runner_options
+from corral.daemon.runners import child_env, huge_pages_usable
 from corral.daemon.supervisor import Lease, Supervisor
 from corral.runner import protocol
 
@@ -529,3 +531,47 @@ async def test_runtime_out_of_memory_unloads_every_runner_once_idle(make_sup, mo
         assert b.runner_id in loaded(sup)          # busy: it finishes first
     await until(sup, lambda: not loaded(sup))
     assert not pid_alive(pid_a) and not pid_alive(pid_b)
+
+
+# ------------------------------------------------------------------------ huge pages, mmap
+
+def _spec_and_env(logs: list[dict], pid: int) -> tuple[dict, dict[str, str]]:
+    spec = next(e["spec"] for e in logs if e["event"] == "runner launch spec" and e["pid"] == pid)
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    env = dict(x.decode().split("=", 1) for x in raw if b"=" in x)
+    return spec, env
+
+
+@pytest.mark.parametrize("huge, gpus, asked, mmap", [
+    (True, (), None, False),     # CPU only: weights read into memory (Ollama's rule), huge pages
+    (True, (), True, True),      # the request / Modelfile says mmap: it wins
+    (False, (), None, False),    # no huge pages to be had: nothing asked of glibc
+    (True, "gpu", None, True),   # on a GPU: mmap; the KV/compute buffers still ask
+])
+async def test_runners_ask_glibc_for_huge_pages(make_sup, models, monkeypatch, huge, gpus, asked, mmap):
+    monkeypatch.setattr("corral.daemon.supervisor.huge_pages_usable", lambda: huge)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    sup = await make_sup(config() if gpus else config(simulate_gpus=()))
+    with structlog.testing.capture_logs() as logs:
+        async with await acquire(sup, models(0), options=RequestOptions(use_mmap=asked)) as lease:
+            spec, env = _spec_and_env(logs, lease.relay.pid)
+    assert spec["use_mmap"] is mmap and (spec["n_gpu_layers"] > 0) is bool(gpus)
+    assert (env.get("GLIBC_TUNABLES") == "glibc.malloc.hugetlb=1") is huge
+
+
+def test_huge_pages_usable_and_the_child_tunable(tmp_path):
+    setting = tmp_path / "enabled"
+    for text, libc, usable in [("[always] madvise never", "musl", True),
+                               ("always [madvise] never", "glibc", True),
+                               ("always [madvise] never", "musl", False),  # nobody asks
+                               ("always madvise [never]", "glibc", False)]:
+        setting.write_text(text + "\n")
+        assert huge_pages_usable(setting, libc) is usable, text
+    assert huge_pages_usable(tmp_path / "missing", "glibc") is False  # not Linux
+    assert child_env(None, {"A": "1"}, huge_pages=True) == {
+        "A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    kept = child_env(None, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, huge_pages=True)
+    assert kept == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+    theirs = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
+    assert child_env(None, theirs, huge_pages=True) == theirs   # the user's choice wins
+    assert child_env(None) is None and child_env("1", {}) == {"CUDA_VISIBLE_DEVICES": "1"}
