@@ -1,6 +1,6 @@
 """corral against llama.cpp's own server, same model, same llama.cpp, same machine, same run.
 
-    ./dev bench vs_llama_server [--streams 1,4,8] [--rounds 2] [--tokens 128] [--threads 2]
+    ./dev bench vs_llama_server [--streams 1,4,8] [--rounds 4] [--tokens 128] [--threads 2]
                                 [--server stock|patched] [--same-spin] [--no-ceiling]
     ./dev bench vs_llama_server --timeline 4     # only: where the time goes at 4 streams
 
@@ -21,8 +21,9 @@ For each N both servers run at once (idle between rounds), A and B alternate A-B
 from other processes hits both alike; aggregate tok/s = tokens of all streams / wall time from the
 first request to the last final record. The ratio B/A is printed per round and for the best round
 of each side (`best`), with the time to first token (p50). Then llama-batched-bench (the patched
-build, i.e. corral's kernels, with corral's OpenMP spin; no HTTP, no sampling: one llama_decode of
-N tokens per step, 32-token prompts, 128 generated) gives the text-generation ceiling at the same
+build, i.e. corral's kernels, set up as corral's CPU runner: its OpenMP spin, weights read into
+memory in huge pages; no HTTP, no sampling: one llama_decode of N tokens per step, 32-token
+prompts, 128 generated) gives the text-generation ceiling at the same
 N, and corral's share of it. `uptime`'s load is printed with every round: other processes on a
 2-core machine move the numbers a lot (see below).
 
@@ -58,27 +59,59 @@ after = this code, run one after the other at load ~3.2):
     threads and the other waits at the next barrier. Tokens that queue up (a reader that fell
     behind) now cross the runner -> daemon -> client hops in one write each.
 
-Measured (3 rounds, best of each side; the machine shared with other agents' tests):
+Then (2026-11-30, second round of work) two more changes, found with per-process CPU seconds,
+py-spy and llama-batched-bench A/B pairs on a quiet machine (load 1-2, nothing else running):
 
-  run                                     load      1 stream   4 streams   8 streams
-  defaults (llama-server's own spin)      4.5-6.5   1.53       2.52        2.22
-  --same-spin (both GOMP_SPINCOUNT=2000)  4.2-5.1   0.93       0.98        0.85
-  defaults, 2 rounds                      3.1-3.8   0.69       1.25        1.68
-  defaults, 2 rounds (quietest)           1.9-3.3   2.46       0.85        0.76
-    (tok/s, best: llama-server 24.0 / 96.9 / 89.1, corral 59.2 / 82.0 / 67.7)
+  * Relay mode (runner/server.py, DESIGN "Runner HTTP API"): the events of the daemon's
+    streaming requests go up the runner's event pipe, written by the decode thread once per
+    step for all sequences, instead of one NDJSON HTTP response per stream through the
+    runner's event loop. py-spy had 60-80 % of the runner loop thread's CPU in the loopback
+    send() of each token. Runner loop-thread CPU per token: 312 -> 7 us at 1 stream (the daemon
+    side is unchanged at ~400 us per token at 1 stream and ~130 us at 4: half of it is the send()
+    to the client, which llama-server pays too). The pipe write costs the decode thread ~0.2 ms
+    per step (the woken daemon runs on its core).
+  * Huge pages (daemon/runners.child_env, DESIGN "Huge pages"): corral's CPU runner reads the
+    weights into memory (the scheduler's use_mmap default for CPU placements, Ollama's rule),
+    and those 240 MB sat in 4 KiB pages, while llama-server maps the file. llama-batched-bench
+    pairs, 1 / 4 sequences: no mmap, 4 KiB pages 48-61 / 100-109 tok/s; mapped file 61-68 /
+    104-115; no mmap in transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1) 70-80 /
+    119-127. This was the 1-stream deficit; the ceiling below is now set up as corral's runner
+    (-lm none, huge pages). llama-server given the same (`-lm none` + the tunable) would gain
+    the same: it is a memory setup, not a kernel.
+  * Tried and dropped: llama.cpp's backend sampling (greedy argmax in the graph,
+    llama_set_sampler; llama-server's default is off) was slower, 39-50 vs 36-40 ms per 4-token
+    step; uvloop for the daemon: 130 vs 130-150 us CPU per token (the send dominates);
+    GOMP_SPINCOUNT at libgomp's default instead of 2000: no gain at 1 stream (0.96/0.94/0.99
+    against 0.96/1.04/1.06 in alternating runs); the Q8_0 patch at 4 sequences: inside the
+    +-10 % noise of this VM in 8 alternating pairs.
 
-So on a busy machine the OpenMP wait dominates; with it equal, what is left is the HTTP side:
-corral spends ~0.3 ms CPU per token in two processes (runner loop thread + daemon) against
-llama-server's one C++ hop, which costs most where the tokens per step are many (8 streams).
-Nearly quiet, llama-server leads at 4 and 8 streams (~0.85 and ~0.76): not closed yet. The
-runner alone (bench/runner.py's direct HTTP, no daemon) did 87-90 tok/s at 4 streams in the same
-quiet minutes, so the daemon hop and the client's wake-ups are the next place to look (a Unix
-socket between daemon and runner; time-based coalescing of tokens per stream).
+  Timeline at 4 streams, quiet machine (ms per step; corral CPU in seconds for 512 tokens):
+
+                  decode  pick  detok  emit  rest  step   runner CPU  daemon  llama-server CPU
+    relay, 4 KiB   40.70  0.29  0.06   0.04  0.37  41.48  10.55       0.07    10.09
+    + huge pages   37.24  0.32  0.06   0.03  0.32  37.98   8.66-10.11 0.08    10.02-10.30
+
+  ("rest" includes the relay pipe write, ~0.2 ms; "emit" only queues the events now.)
+
+Measured, `--rounds 4`, best round of each side, quiet machine (load 1.5-2.1):
+
+  run                                         1 stream   4 streams   8 streams
+  relay, 4 KiB pages (two runs)               0.87       1.08        1.11
+                                              1.00       1.05        1.04
+  relay + huge pages (this code, two runs)    1.13       1.06        1.04
+                                              1.11       1.09        1.13
+    (tok/s, last run: llama-server 61.1 / 107.9 / 141.6, corral 67.8 / 117.1 / 160.5;
+     llama-batched-bench set up as corral's runner 74.5 / 125.9 / 160.7)
+
+On a busy machine the earlier numbers stand: corral's lower OpenMP spin keeps it far ahead of
+llama-server's default busy-wait (load 4.5-6.5: 1.53 / 2.52 / 2.22; with --same-spin at load
+4.2-5.1: 0.93 / 0.98 / 0.85 before relay mode and huge pages).
 
 How llama-server's loop differs: the same one llama_decode per step for all slots; sampling in
 C++ (common_sampler_sample fills the same 262k candidates per token, ~300 us); per token a JSON
-result through a queue to the connection's HTTP thread (httplib), one hop instead of corral's
-two; its OpenMP threads keep libgomp's default spin.
+result through a queue to the connection's HTTP thread (httplib), which sends it: one hop, where
+corral has the runner -> daemon pipe (one write per step) and the daemon's send; its OpenMP
+threads keep libgomp's default spin; its weights are the mapped file (4 KiB page-cache pages).
 """
 
 
@@ -403,7 +436,7 @@ async def compare(args, server_bin: Path, model: Path, store: Path, n: int, crea
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--streams", default="1,4,8")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--server", choices=("stock", "patched"), default="stock")
