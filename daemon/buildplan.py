@@ -264,8 +264,14 @@ def cpu_flags(os_name: str) -> frozenset[str]:
     return frozenset()
 
 
-def nvidia_gpus() -> tuple[int, tuple[str, ...]]:
-    """(count, compute capabilities) from NVML, else nvidia-smi, else /proc/driver/nvidia."""
+def nvidia_gpus(nvml: tuple[int, tuple[str, ...]] | None = None) -> tuple[int, tuple[str, ...]]:
+    """(count, compute capabilities) from NVML, else nvidia-smi, else /proc/driver/nvidia.
+
+    ``nvml``: NVML's answer when the caller has read it already (``corral doctor`` reads NVML
+    once for its GPU listing too); None asks NVML here.
+    """
+    if nvml is not None:
+        return nvml
     try:
         import pynvml  # nvidia-ml-py, when it is already installed
 
@@ -301,11 +307,12 @@ def amd_gpus(hipcc: str | None) -> tuple[int, tuple[str, ...]]:
     return max(len(targets), 1), targets
 
 
-def probe_machine() -> Machine:
+def probe_machine(nvml: tuple[int, tuple[str, ...]] | None = None) -> Machine:
+    """This machine's facts; ``nvml`` as in :func:`nvidia_gpus`."""
     os_name = platform.system().lower()
     arch = platform.machine().lower()
     nvcc, hipcc = find_nvcc(), find_hipcc()
-    n_nv, caps = nvidia_gpus() if os_name == "linux" or os_name == "windows" else (0, ())
+    n_nv, caps = nvidia_gpus(nvml) if os_name == "linux" or os_name == "windows" else (0, ())
     n_amd, targets = amd_gpus(hipcc) if os_name == "linux" else (0, ())
     return Machine(os_name, arch, cpu_flags(os_name), n_nv, caps, n_amd, targets, nvcc, hipcc)
 

@@ -435,6 +435,31 @@ class NvmlProbe(_ProbeBase):
             self._by_id = {g.id: g for g in out}
             return out
 
+    def compute_capabilities(self) -> tuple[int, tuple[str, ...]] | None:
+        """(device count, CUDA compute capabilities such as ``"89"``) of every NVIDIA device,
+        ignoring CUDA_VISIBLE_DEVICES: what the build plan wants (``buildplan.nvidia_gpus``).
+        None when NVML is unavailable. A device whose capability cannot be read is counted
+        without one. Blocks like :meth:`gpu_readings`."""
+        with self._lock:
+            if not self._init():
+                return None
+            nv = self._nvml
+            try:
+                count = int(nv.nvmlDeviceGetCount())
+            except Exception as exc:
+                self._warn_once("count", error=str(exc))
+                return None
+            caps: list[str] = []
+            for i in range(count):
+                try:
+                    major, minor = nv.nvmlDeviceGetCudaComputeCapability(
+                        nv.nvmlDeviceGetHandleByIndex(i))
+                except Exception as exc:
+                    self._warn_once(f"cap{i}", index=i, error=str(exc))
+                    continue
+                caps.append(f"{major}{minor}")
+            return count, tuple(caps)
+
     def visible_devices(self, gpu_ids: Sequence[str]) -> str | None:
         """The child's CUDA_VISIBLE_DEVICES for a placement on ``gpu_ids`` (UUIDs when known)."""
         if not gpu_ids:

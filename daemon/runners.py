@@ -110,18 +110,26 @@ THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
 
 
+def thp_mode(setting: Path = THP_SETTING) -> str | None:
+    """The kernel's transparent huge page mode, the bracketed word of ``setting``
+    (``always`` / ``madvise`` / ``never``); None without the file (not Linux)."""
+    try:
+        text = setting.read_text()
+    except OSError:
+        return None
+    found = re.search(r"\[(\w+)\]", text)
+    return found.group(1) if found else None
+
+
 def huge_pages_usable(setting: Path = THP_SETTING, libc: str | None = None) -> bool:
     """Whether a runner's large buffers will get transparent huge pages: Linux with THP
     ``[always]``, or ``[madvise]`` and glibc (whose malloc then asks, see :func:`child_env`).
     False elsewhere (macOS, ``[never]``, ``[madvise]`` with another C library)."""
-    try:
-        text = setting.read_text()
-    except OSError:
-        return False
-    if "[always]" in text:
+    mode = thp_mode(setting)
+    if mode == "always":
         return True
     libc = platform.libc_ver()[0] if libc is None else libc
-    return "[madvise]" in text and libc == "glibc"
+    return mode == "madvise" and libc == "glibc"
 
 
 def child_env(visible_devices: str | None, base: Mapping[str, str] | None = None, *,

@@ -29,6 +29,7 @@ class FakeDevice:
     free: int | None = None
     uuid: str = ""
     fail_memory: bool = False
+    capability: tuple[int, int] = (8, 9)
 
 
 @dataclass
@@ -53,7 +54,8 @@ class FakeNvml:
         """This fake as a module object (for sys.modules["pynvml"])."""
         mod = types.ModuleType("pynvml")
         for name in ("nvmlInit", "nvmlShutdown", "nvmlDeviceGetCount", "nvmlDeviceGetHandleByIndex",
-                     "nvmlDeviceGetName", "nvmlDeviceGetMemoryInfo", "nvmlDeviceGetUUID"):
+                     "nvmlDeviceGetName", "nvmlDeviceGetMemoryInfo", "nvmlDeviceGetUUID",
+                     "nvmlDeviceGetCudaComputeCapability"):
             setattr(mod, name, getattr(self, name))
         mod.NVMLError = NVMLError
         return mod
@@ -90,6 +92,10 @@ class FakeNvml:
     def nvmlDeviceGetUUID(self, handle: FakeDevice) -> str:
         self._check()
         return handle.uuid or f"GPU-{self.devices.index(handle):08d}-fake"
+
+    def nvmlDeviceGetCudaComputeCapability(self, handle: FakeDevice) -> tuple[int, int]:
+        self._check()
+        return handle.capability
 
     def nvmlDeviceGetMemoryInfo(self, handle: FakeDevice) -> _Memory:
         self._check()

@@ -72,7 +72,8 @@ async def test_a_failing_probe_is_an_error_answer_never_an_exception_and_never_c
 def test_doctor_prints_this_machines_real_build_and_cpu_flags():
     out = subprocess.run([sys.executable, "-m", "corral.daemon.cli", "doctor"],
                          capture_output=True, text=True, timeout=180, check=True).stdout
-    for heading in ("build", "cpu", "gpus", "memory", "store", "environment", "problems"):
+    for heading in ("build", "cpu", "gpus", "memory", "huge pages", "store", "environment",
+                    "problems"):
         assert f"\n{heading}\n" in f"\n{out}"
     record = json.loads((Path(sys.prefix) / "corral-llama-build.json").read_text())
     assert record["cmake_args"] in out            # the real flags of this install
@@ -91,4 +92,47 @@ async def test_doctor_json_parses_and_names_the_unused_gpus(tmp_path):
     out = subprocess.run([sys.executable, "-m", "corral.daemon.cli", "doctor", "--json"],
                          capture_output=True, text=True, timeout=180, check=True).stdout
     parsed = json.loads(out)
-    assert set(parsed) >= {"build", "cpu", "gpus", "memory", "store", "environment", "problems"}
+    assert set(parsed) >= {"build", "cpu", "gpus", "memory", "huge_pages", "store", "environment",
+                           "problems"}
+
+
+async def test_doctor_asks_nvml_once_for_the_gpu_list_and_the_build_plan(tmp_path):
+    fake = FakeNvml(devices=[FakeDevice(name="NVIDIA L4", total=24 * GiB, capability=(8, 9))])
+    cpu_only = EngineProbe(llama_cpp_python="0.3.36", build={"backend": "cpu"})
+    report = await doctor.collect(Config(models=tmp_path / "models"), engine=cpu_only,
+                                  nvml=fake.module())
+    assert fake.init_calls == 1 and fake.shutdown_calls == 1
+    # the build plan saw the same (fake) GPU, not a second NVML of its own
+    assert "NVIDIA GPU(s)" in report["build"]["plan_for_this_machine"]
+
+
+@pytest.mark.parametrize(("text", "libc", "usable", "fix"), [
+    ("always madvise [never]", "glibc", False, "echo madvise > "),
+    ("always [madvise] never", "", False, "echo always > "),     # musl: nobody asks
+    ("always [madvise] never", "glibc", True, None),
+    ("[always] madvise never", "", True, None),
+    (None, "glibc", False, None),                                # not Linux: nothing to fix
+])
+async def test_doctor_reports_transparent_huge_pages_with_the_fix(tmp_path, text, libc, usable,
+                                                                   fix):
+    setting = tmp_path / "enabled"
+    if text is not None:
+        setting.write_text(text + "\n")
+    cpu_only = EngineProbe(llama_cpp_python="0.3.36", build={"backend": "cpu"})
+    report = await doctor.collect(Config(models=tmp_path / "models"), engine=cpu_only,
+                                  nvml=FakeNvml().module(), thp_setting=setting, libc=libc)
+    report = json.loads(json.dumps(report))
+    thp = report["huge_pages"]
+    assert thp["runners_get_huge_pages"] is usable
+    assert thp["mode"] == (None if text is None else text.split("[")[1].split("]")[0])
+    problems = [p for p in report["problems"] if "huge pages" in p["problem"]]
+    text_out = doctor.render(report)
+    if fix is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1
+        assert problems[0]["fix"].startswith(fix + str(setting))
+        assert "4 KiB pages" in problems[0]["problem"] and "15-30%" in problems[0]["problem"]
+        assert problems[0]["fix"] in text_out
+    assert ("runners get them" if usable else "NOT get them" if text else "no transparent"
+            ) in text_out
