@@ -98,10 +98,13 @@ _KIND = {bool: "boolean", int: "integer", float: "float32", list: "array"}
 
 def type_option(key: str, value: Any) -> Any:
     """One request ``options`` value of a known key, typed as Go decodes JSON into
-    ``api.Options``: numbers for number fields (ints truncated), bools, a list of strings for
+    ``api.Options``: numbers for number fields (ints truncated), bools (only ``true`` /
+    ``false``: Go refuses ``1``, ``0`` or ``"true"`` for a bool), a list of strings for
     ``stop``. A wrong type is Ollama's ``option "x" must be of type ...`` (InvalidRequest: 400,
     where Ollama answers 500 for this client error); an integer outside int64 (``1e30``) is
     ``option "x" is out of range: ...``, where Go would silently wrap it."""
+    if key in _BOOL_PARAMS and not isinstance(value, bool):
+        raise _bad_param(key, "boolean")
     typed = type_param(key, value)
     if isinstance(value, str) or (key == "stop" and not isinstance(value, list)):
         # Go's JSON decoding never converts a string into a number or bool

@@ -289,6 +289,9 @@ def value_cases() -> list[Case]:
                     *({"main_gpu": v} for v in HUGE), *({"seed": v} for v in HUGE),
                     *({"num_predict": v} for v in HUGE), *({"top_k": v} for v in HUGE)):
             cases.append(Case(METHOD[path], path, {**base, "options": opt}, 400))
+        for key, number in (("use_mmap", 1), ("numa", 0), ("use_mlock", 1.0)):   # Go: a bool
+            cases.append(Case(METHOD[path], path, {**base, "options": {key: number}}, 400,
+                              f'option "{key}" must be of type boolean'))
         for key in ("num_ctx", "num_batch", "num_gpu", "num_thread", "main_gpu", "seed", "top_k"):
             for v in (2**62, -2**62, -1, 0, 1.9):
                 cases.append(Case(METHOD[path], path, {**base, "options": {"num_predict": 2, key: v}},

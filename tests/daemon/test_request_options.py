@@ -63,6 +63,10 @@ def test_a_request_option_overrides_the_modelfile_parameter():
     ({"num_ctx": True}, 'option "num_ctx" must be of type integer'),
     ({"temperature": "hot"}, 'option "temperature" must be of type float32'),
     ({"use_mmap": "yes"}, 'option "use_mmap" must be of type boolean'),
+    ({"use_mmap": "true"}, 'option "use_mmap" must be of type boolean'),
+    ({"use_mmap": 1}, 'option "use_mmap" must be of type boolean'),   # Go: no number for a bool
+    ({"numa": 0}, 'option "numa" must be of type boolean'),
+    ({"penalize_newline": 1.0}, 'option "penalize_newline" must be of type boolean'),
     ({"stop": "x"}, 'option "stop" must be of type array'),
     ({"stop": [1]}, 'option "stop" must be of type array'),
     ({"num_predict": 1e30}, 'option "num_predict" is out of range: 1e+30'),
