@@ -5,6 +5,7 @@ files and calls these).
 * :func:`model_key`: the scheduler's key of a model (its GGUF, plus its projector's);
   :func:`key_paths` splits one.
 * :func:`facts_from_info` / :func:`projector_facts`: ``ModelFacts`` for the estimate.
+* :func:`image_tokens`: the context positions one image takes, from the projector's metadata.
 * :func:`runner_options`: the load options (``RunnerOptions``) from a ``RequestOptions``.
 """
 
@@ -44,16 +45,33 @@ def key_paths(key: str) -> tuple[str, str | None]:
     return path, projector or None
 
 
+def _vision_num(projector: gguf_info.GGUFInfo, key: str) -> int:
+    value = projector.metadata.get(f"clip.vision.{key}")
+    return int(value) if isinstance(value, (int, float)) else 0
+
+
+# Ollama's count for every image of a chat it truncates (server/prompt.go chatPrompt)
+OLLAMA_IMAGE_TOKENS = 768
+
+
+def image_tokens(projector: gguf_info.GGUFInfo) -> int:
+    """The context positions (KV cells) one image takes, as far as the projector's metadata
+    tells without an image: a LLaVA ``mlp`` / ``mlp_norm`` projector without tiles (no
+    ``image_grid_pinpoints``) makes one embedding per patch, (image_size / patch_size)^2, for
+    any image (it is resized to image_size first). Any other projector (tiles, or a count that
+    depends on the image's size): Ollama's fixed 768."""
+    meta = projector.metadata
+    size, patch = _vision_num(projector, "image_size"), _vision_num(projector, "patch_size")
+    if (meta.get("clip.projector_type") in ("mlp", "mlp_norm") and size > 0 and patch > 0
+            and "clip.vision.image_grid_pinpoints" not in meta):
+        return (size // patch) ** 2
+    return OLLAMA_IMAGE_TOKENS
+
+
 def projector_facts(facts: ModelFacts, projector: gguf_info.GGUFInfo) -> ModelFacts:
     """``facts`` with a vision projector: its tensor bytes and its encoder's compute buffer."""
-    meta = projector.metadata
-
-    def num(key: str) -> int:
-        value = meta.get(f"clip.vision.{key}")
-        return int(value) if isinstance(value, (int, float)) else 0
-
-    graph = projector_graph(num("image_size"), num("patch_size"), num("embedding_length"),
-                            num("attention.head_count"))
+    graph = projector_graph(*(_vision_num(projector, k) for k in (
+        "image_size", "patch_size", "embedding_length", "attention.head_count")))
     return msgspec.structs.replace(facts, has_vision=True, projector_bytes=projector.tensor_bytes,
                                    projector_graph=graph)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 import secrets
 import string
 import time
@@ -28,7 +29,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from corral.daemon import gguf_info, templates, toolcalls
+from corral.daemon import gguf_info, model_inputs, templates, toolcalls
 from corral.daemon.api import options as opts
 from corral.daemon.api.errors import ApiError
 from corral.daemon.api.keys import METRICS, STORE, SUPERVISOR
@@ -468,17 +469,45 @@ async def count_tokens(lease: Any, text: str) -> int:
     return len(res.tokens)
 
 
+IMAGE_TAG = re.compile(r"\[img-(\d+)\]")   # the runner's image marker (runner/images.py)
+
+
+async def image_tokens_of(model: Model) -> int:
+    """The context positions one image takes with ``model``'s projector
+    (:func:`model_inputs.image_tokens`); Ollama's 768 when the projector cannot be read (the
+    runner then fails to load it anyway). 0 without a projector."""
+    if not model.record.projectors:
+        return 0
+    try:
+        info = await gguf_info.read_info_async(model.record.projectors[0])
+    except Exception as e:  # noqa: BLE001 - an unreadable projector fails later, in the runner
+        log.warning("api.projector_unreadable", model=model.record.name, error=str(e))
+        return model_inputs.OLLAMA_IMAGE_TOKENS
+    return model_inputs.image_tokens(info)
+
+
 @dataclass(slots=True)
 class ChatHistory:
     """A rendered chat that can be re-rendered without its oldest messages (Ollama's
     ``server/prompt.go chatPrompt``): :meth:`fit` is called once the runner, hence its context
-    per slot, is known."""
+    per slot, is known. Images count too: each ``[img-N]`` tag of a rendering (N below
+    ``n_images``, as the runner reads them) costs ``image_tokens`` positions beside its text."""
 
     renderer: templates.Renderer
     messages: list[dict]
     tools: Sequence[dict] | None
     think: tuple[bool, str, bool]
     prompt: str                       # the rendering of all of ``messages``
+    image_tokens: int = 0             # positions per image (image_tokens_of)
+    n_images: int = 0                 # the request's images
+
+    def _image_cost(self, text: str) -> int:
+        """The positions the images of ``text`` take. The tag's own text is counted as well,
+        a few tokens over, like the bound: the runner never has to cut a fitted prompt."""
+        if not self.n_images:
+            return 0
+        return self.image_tokens * sum(1 for m in IMAGE_TAG.finditer(text)
+                                       if int(m.group(1)) < self.n_images)
 
     def _render(self, start: int) -> str:
         """The system messages before ``start`` + ``messages[start:]``, rendered."""
@@ -504,10 +533,11 @@ class ChatHistory:
 
         async def fits(text: str) -> bool:
             nonlocal calls
-            if token_bound(text) <= limit:
+            images = self._image_cost(text)
+            if token_bound(text) + images <= limit:
                 return True
             calls += 1
-            return await count_tokens(lease, text) <= limit
+            return await count_tokens(lease, text) + images <= limit
 
         if await fits(self.prompt):
             if calls:
@@ -736,7 +766,8 @@ async def start_chat(app: web.Application, *, model_name: str, messages: list[di
     if messages:
         msgs = chat_messages(model, messages)
         prompt = render(renderer, msgs, tools, think=think)
-        history = ChatHistory(renderer, msgs, tools, think, prompt)
+        history = ChatHistory(renderer, msgs, tools, think, prompt,
+                              await image_tokens_of(model) if images else 0, len(images))
     if debug_render_only:
         return {"model": model_name, "created_at": now_utc(),
                 "message": {"role": "", "content": ""}, "done": False,

@@ -11,16 +11,19 @@ byte-fallback SentencePiece tokenizer.
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import structlog.testing
 
-from corral.daemon import templates
+from corral.daemon import gguf_info, model_inputs, templates
 from corral.daemon.api import inference
 from tests.daemon.test_api_robustness import TINY, Env, env  # noqa: F401 - fixture
 from tests.daemon.test_templates_library import TOOLS_CHATML
+from tests.fixtures.tiny_vision import IMAGE_TOKENS, image_bytes
 
 NUM_CTX = 128
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -37,12 +40,14 @@ def rendered(messages: list[dict]) -> str:
     return templates.for_model(TOOLS_CHATML, None).render(messages, None)
 
 
-def ollama_fit(messages: list[dict], limit: int) -> str:
-    """Ollama's loop, newest to oldest, with the fake's tokenizer (UTF-8 bytes)."""
+def ollama_fit(messages: list[dict], limit: int, image_tokens: int = 0) -> str:
+    """Ollama's loop, newest to oldest, with the fake's tokenizer (UTF-8 bytes); each
+    ``[img-N]`` tag costs ``image_tokens`` more."""
     n = len(messages) - 1
     for i in range(n - 1, -1, -1):
         system = [m for m in messages[:i] if m["role"] == "system"]
-        if len(rendered(system + messages[i:]).encode()) > limit:
+        text = rendered(system + messages[i:])
+        if len(text.encode()) + image_tokens * text.count("[img-") > limit:
             break
         n = i
     return rendered([m for m in messages[:n] if m["role"] == "system"] + messages[n:])
@@ -146,3 +151,63 @@ def test_token_bound_holds_for_byte_fallback_spm(tiny_gguf: Path) -> None:
         assert excess >= 2   # BOS + the dummy-prefix "▁": bytes alone would not be a bound
     finally:
         e.close()
+
+
+# ---- images -------------------------------------------------------------------------------------
+# The fake runner ignores images (its tokens are the prompt's bytes), so prompt_eval_count shows
+# the text the daemon kept; the daemon counts each image as the tiny projector's IMAGE_TOKENS.
+# A vision model's context is at least 2048 (Ollama's floor): the first question is padded so
+# that the text alone fits it and the text with both images does not.
+
+VISION_CTX = 2048
+
+
+def with_tags(messages: list[dict]) -> list[dict]:
+    """The messages as the daemon renders them: each image's [img-N] tag before its text."""
+    out, n = [], 0
+    for m in messages:
+        if m.get("images"):
+            m = {"role": m["role"], "content": f"[img-{n}]{m['content']}"}
+            n += 1
+        out.append(m)
+    return out
+
+
+def pictures(pad: int, a: str, b: str) -> list[dict]:
+    return [SYSTEM,
+            {"role": "user", "content": "What is this? " + "z" * pad, "images": [a]},
+            {"role": "assistant", "content": "A cat."},
+            {"role": "user", "content": "And this one?", "images": [b]}]
+
+
+async def test_images_count_toward_the_context(env: Env, tiny_gguf: Path, tiny_projector: Path,
+                                               tokenize_calls: list[str]) -> None:
+    model = await env.store.write_blob_bytes(tiny_gguf.read_bytes())
+    projector = await env.store.write_blob_bytes(tiny_projector.read_bytes())
+    await env.store.create("vis", files={"tiny.gguf": model.digest,
+                                         "mmproj.gguf": projector.digest}, template=TOOLS_CHATML)
+    a, b = (base64.b64encode(image_bytes(seed=s)).decode() for s in (1, 2))
+    pad = VISION_CTX - 8 - len(rendered(with_tags(pictures(0, a, b))).encode())
+    messages = pictures(pad, a, b)
+    tagged = with_tags(messages)
+    whole = len(rendered(tagged).encode())
+    assert whole <= VISION_CTX - 1 < whole + 2 * IMAGE_TOKENS   # the images make it overflow
+    expected = ollama_fit(tagged, VISION_CTX - 1, image_tokens=IMAGE_TOKENS)
+    assert "[img-1]And this one?" in expected and "Be brief." in expected
+    assert "[img-0]" not in expected           # the oldest user message and its image went
+    status, _, body, _ = await env.call("POST", "/api/chat", {
+        "model": "vis", "messages": messages, "stream": False,
+        "options": {"num_ctx": VISION_CTX, "num_predict": 2, "temperature": 0}})
+    assert status == 200, body
+    assert body["prompt_eval_count"] == len(expected.encode())
+    assert tokenize_calls[0] == rendered(tagged)
+    await env.idle()
+
+
+def test_the_tiny_projectors_image_count_and_ollamas_otherwise(tiny_projector: Path) -> None:
+    info = gguf_info.read_info(tiny_projector)
+    assert model_inputs.image_tokens(info) == IMAGE_TOKENS == 16
+    tiled = SimpleNamespace(metadata={**info.metadata, "clip.vision.image_grid_pinpoints": [1]})
+    other = SimpleNamespace(metadata={**info.metadata, "clip.projector_type": "pixtral"})
+    for meta in (tiled, other):
+        assert model_inputs.image_tokens(meta) == model_inputs.OLLAMA_IMAGE_TOKENS == 768

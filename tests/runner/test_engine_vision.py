@@ -11,6 +11,7 @@ import threading
 
 import pytest
 
+from corral.daemon import gguf_info, model_inputs
 from corral.runner.protocol import CompletionChunk, CompletionRequest, LaunchSpec, SamplingOptions
 from tests.fixtures.tiny_vision import IMAGE_TOKENS, image_bytes
 from tests.runner.conftest import complete, serve
@@ -36,6 +37,15 @@ def engine(tiny_gguf, tiny_projector):
 async def _tokens(client, text: str, add_special: bool = True) -> list[int]:
     resp = await client.post("/tokenize", json={"content": text, "add_special": add_special})
     return (await resp.json())["tokens"]
+
+
+def test_the_daemons_image_count_is_the_runners(engine, tiny_projector):
+    """Chat truncation counts images by the projector's metadata: the runner agrees, for any
+    image size (the mlp projector resizes first)."""
+    want = model_inputs.image_tokens(gguf_info.read_info(tiny_projector))
+    for size in ((40, 24), (7, 300), (640, 480)):
+        _, spans = engine.vision.tokenize("[img-0]", [image_bytes("PNG", seed=5, size=size)], False)
+        assert [s.n_pos for s in spans.values()] == [want]
 
 
 async def test_image_is_evaluated_at_its_marker_and_cached(engine):
