@@ -216,6 +216,11 @@ class RunnerProcess:
             queue.put_nowait(GONE)
         return relay_id, queue
 
+    @property
+    def open_relays(self) -> int:
+        """Relays opened and not closed yet (requests streaming from this runner)."""
+        return len(self._relays)
+
     def close_relay(self, relay_id: int) -> None:
         """Late events for ``relay_id`` are dropped from now on."""
         self._relays.pop(relay_id, None)

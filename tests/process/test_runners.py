@@ -10,6 +10,7 @@ import sys
 import time
 
 import aiohttp
+import msgspec
 import pytest
 
 from corral.daemon.api.errors import ApiError
@@ -244,5 +245,42 @@ async def test_streams_come_up_the_event_pipe_and_a_killed_runner_ends_them():
             assert err.value.status == 500 and "signal: killed" in err.value.message
             _, queue = r.open_relay()  # the pipe is closed: a new relay is gone at once
             assert queue.get_nowait() is GONE
+    finally:
+        await r.stop(grace=5)
+
+
+async def test_relays_left_early_or_finished_leave_nothing_behind():
+    """Eight relayed streams on a 4-slot runner, half abandoned after their first token (a
+    client gone): every stream ends as it should, no relay queue stays registered and the
+    abandoned jobs are cancelled in the runner (its slots and queue empty out)."""
+    r = RunnerProcess("m:1")
+    four = msgspec.structs.replace(spec(tokens_per_second=300), parallel=4)
+    ready = await asyncio.wait_for(r.start(four, load_timeout=10), SAFETY)
+    try:
+        async with aiohttp.ClientSession() as s:
+            lease = _Lease(r, ready.port, s)
+
+            async def one(i: int) -> str:
+                body = CompletionRequest(prompt=f"p{i}", options=SamplingOptions(num_predict=20 if i % 2 else 100000))
+                lines = runner_lines(lease, body)
+                first, _ = await anext(lines)
+                assert isinstance(first, CompletionChunk)
+                if i % 2 == 0:
+                    await lines.aclose()  # the client went away
+                    return "left"
+                rest = [ev async for ev, _ in lines]
+                assert isinstance(rest[-1], CompletionDone) and rest[-1].eval_count == 20
+                return "done"
+
+            outcomes = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(8))), SAFETY)
+            assert sorted(outcomes) == ["done"] * 4 + ["left"] * 4
+            assert r.open_relays == 0
+            async with asyncio.timeout(SAFETY):
+                while True:
+                    async with s.get(lease.base_url + "/health") as resp:
+                        health = await resp.json()
+                    if health["slots_busy"] == 0 and health["queued"] == 0:
+                        break
+                    await asyncio.sleep(0.02)
     finally:
         await r.stop(grace=5)
