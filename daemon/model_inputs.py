@@ -56,15 +56,27 @@ OLLAMA_IMAGE_TOKENS = 768
 
 def image_tokens(projector: gguf_info.GGUFInfo) -> int:
     """The context positions (KV cells) one image takes, as far as the projector's metadata
-    tells without an image: a LLaVA ``mlp`` / ``mlp_norm`` projector without tiles (no
-    ``image_grid_pinpoints``) makes one embedding per patch, (image_size / patch_size)^2, for
-    any image (it is resized to image_size first). Any other projector (tiles, or a count that
-    depends on the image's size): Ollama's fixed 768."""
+    tells without an image (llama.cpp's clip_n_output_tokens for projectors that resize every
+    image to image_size first):
+
+    * LLaVA ``mlp`` / ``mlp_norm`` without tiles (no ``image_grid_pinpoints``): one embedding
+      per patch, (image_size / patch_size)^2;
+    * Gemma 3 (``gemma3``): the patch grid average-pooled by the scale factor on each side
+      (``clip.vision.projector.scale_factor``, default 4): (896 / 14)^2 / 16 = 256 for every
+      Gemma 3 size.
+
+    Any other projector (tiles, or a count that depends on the image's size): Ollama's fixed
+    768."""
     meta = projector.metadata
     size, patch = _vision_num(projector, "image_size"), _vision_num(projector, "patch_size")
-    if (meta.get("clip.projector_type") in ("mlp", "mlp_norm") and size > 0 and patch > 0
-            and "clip.vision.image_grid_pinpoints" not in meta):
+    kind = meta.get("clip.projector_type")
+    if size <= 0 or patch <= 0:
+        return OLLAMA_IMAGE_TOKENS
+    if kind in ("mlp", "mlp_norm") and "clip.vision.image_grid_pinpoints" not in meta:
         return (size // patch) ** 2
+    if kind == "gemma3":
+        merge = _vision_num(projector, "projector.scale_factor") or 4
+        return ((size // patch) // merge) ** 2
     return OLLAMA_IMAGE_TOKENS
 
 

@@ -211,3 +211,8 @@ def test_the_tiny_projectors_image_count_and_ollamas_otherwise(tiny_projector: P
     other = SimpleNamespace(metadata={**info.metadata, "clip.projector_type": "pixtral"})
     for meta in (tiled, other):
         assert model_inputs.image_tokens(meta) == model_inputs.OLLAMA_IMAGE_TOKENS == 768
+    gemma3 = {"clip.projector_type": "gemma3", "clip.vision.image_size": 896,
+              "clip.vision.patch_size": 14}  # Gemma 3 4b/12b/27b's projector
+    assert model_inputs.image_tokens(SimpleNamespace(metadata=gemma3)) == 256
+    merged2 = {**gemma3, "clip.vision.projector.scale_factor": 2}
+    assert model_inputs.image_tokens(SimpleNamespace(metadata=merged2)) == 1024

@@ -13,7 +13,7 @@ import pytest
 
 from corral.daemon import gguf_info, model_inputs
 from corral.runner.protocol import CompletionChunk, CompletionRequest, LaunchSpec, SamplingOptions
-from tests.fixtures.tiny_vision import IMAGE_TOKENS, image_bytes
+from tests.fixtures.tiny_vision import GEMMA3_IMAGE_TOKENS, IMAGE_TOKENS, image_bytes, write_tiny_projector
 from tests.runner.conftest import complete, serve
 
 pytest.importorskip("llama_cpp")
@@ -46,6 +46,24 @@ def test_the_daemons_image_count_is_the_runners(engine, tiny_projector):
     for size in ((40, 24), (7, 300), (640, 480)):
         _, spans = engine.vision.tokenize("[img-0]", [image_bytes("PNG", seed=5, size=size)], False)
         assert [s.n_pos for s in spans.values()] == [want]
+
+
+def test_the_daemons_image_count_for_a_gemma3_projector_is_the_runners(tiny_gguf, tmp_path):
+    """Gemma 3's projector pools the patch grid: the daemon's count from its metadata is what
+    libmtmd makes, for any image size."""
+    projector = write_tiny_projector(tmp_path / "gemma3-mmproj.gguf", kind="gemma3")
+    want = model_inputs.image_tokens(gguf_info.read_info(projector))
+    assert want == GEMMA3_IMAGE_TOKENS == 4
+    e = Engine(LaunchSpec(model_path=str(tiny_gguf), projector_path=str(projector), num_ctx=256,
+                          num_thread=1, num_batch=256))
+    e.load(lambda p: None)
+    e.start()
+    try:
+        for size in ((40, 24), (7, 300), (640, 480)):
+            _, spans = e.vision.tokenize("[img-0]", [image_bytes("PNG", seed=5, size=size)], False)
+            assert [s.n_pos for s in spans.values()] == [want]
+    finally:
+        e.close()
 
 
 async def test_image_is_evaluated_at_its_marker_and_cached(engine):
