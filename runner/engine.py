@@ -263,21 +263,13 @@ class _Candidates:
         return int(self.data[self.arr.selected]["id"])
 
 
-def _span_floor(media: dict[int, images.Span], n: int) -> int:
-    """``n``, or the start of the image whose cells ``n`` falls inside (an image is evaluated
-    whole: a prompt cache or a truncation may only stop at its edges)."""
+def _span_edges(media: dict[int, images.Span], n: int) -> tuple[int, int]:
+    """The start and end of the image whose cells ``n`` falls inside, else ``(n, n)``: an image
+    is evaluated whole, so a prompt cache or a truncation may only stop at its edges."""
     for start, span in media.items():
         if start < n < start + span.n_pos:
-            return start
-    return n
-
-
-def _span_ceil(media: dict[int, images.Span], n: int) -> int:
-    """``n``, or the end of the image whose cells ``n`` falls inside."""
-    for start, span in media.items():
-        if start < n < start + span.n_pos:
-            return start + span.n_pos
-    return n
+            return start, start + span.n_pos
+    return n, n
 
 
 class Engine:
@@ -544,8 +536,8 @@ class Engine:
         if len(prompt) > limit:
             if not request.truncate:
                 raise BadRequest("the input length exceeds the context length")
-            keep = _span_floor(media, max(0, min(opts.num_keep, limit // 2)))
-            tail = _span_ceil(media, len(prompt) - (limit - keep))  # images are cut whole
+            keep = _span_edges(media, max(0, min(opts.num_keep, limit // 2)))[0]
+            tail = _span_edges(media, len(prompt) - (limit - keep))[1]  # images are cut whole
             media = {i if i < keep else i - tail + keep: sp for i, sp in media.items() if i < keep or i >= tail}
             prompt = prompt[:keep] + prompt[tail:]
             truncated = True
@@ -686,7 +678,7 @@ class Engine:
 
             slot = max(free, key=lambda s: (common(s), -s.last_used))
             n = min(common(slot), len(prompt) - 1)  # at least one token is evaluated for logits
-            n = _span_floor(job.media, n)  # type: ignore[attr-defined]
+            n = _span_edges(job.media, n)[0]  # type: ignore[attr-defined]
             if n < len(slot.cache):
                 ok = llama_cpp.llama_memory_seq_rm(self.mem, slot.id, n, -1)
                 # SWA or recurrent memory may not hold the positions the prefix needs: start over

@@ -50,13 +50,6 @@ log = structlog.get_logger(__name__)
 NDJSON = "application/x-ndjson"
 
 
-class _Empty(msgspec.Struct):
-    pass
-
-
-_EMPTY = _Empty()
-
-
 @web.middleware
 async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """Unexpected exceptions become JSON 500s; HTTP errors (404, 405) keep their status."""
@@ -234,7 +227,7 @@ class RunnerServer:
         try:
             if relay is not None:
                 await queue.get()
-                return self._json(_EMPTY)
+                return web.Response(body=b"{}", content_type="application/json")
             if not req.stream:
                 while True:
                     event = await queue.get()
