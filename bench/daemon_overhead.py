@@ -17,7 +17,6 @@ import asyncio
 import hashlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,15 +29,10 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import free_port, pct  # noqa: E402
 from tests.fixtures.tiny_gguf import write_tiny_llama  # noqa: E402
 
 KNOBS = {"tokens_per_second": 100000.0, "default_num_predict": 8}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn_runner(model: Path) -> tuple[subprocess.Popen, str]:
@@ -97,11 +91,6 @@ async def rps(s: aiohttp.ClientSession, url: str, body: dict, n: int) -> float:
             await r.read()
             assert r.status == 200, await r.text()
     return n / (time.perf_counter() - t0)
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 async def main(n: int) -> None:

@@ -38,7 +38,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.conftest import free_port  # noqa: E402
+from bench.common import free_port, pct  # noqa: E402
 from tests.e2e.test_faults_runner import create_from_file  # noqa: E402
 from tests.fixtures.tiny_gguf import write_tiny_llama  # noqa: E402
 
@@ -138,13 +138,6 @@ async def one(s: aiohttp.ClientSession, url: str, model: str, rng: random.Random
         stats.requests += 1
         if kind != "cancel":
             stats.latencies.append(time.monotonic() - t0)
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    v = sorted(values)
-    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
 
 
 async def soak(args: argparse.Namespace) -> int:
