@@ -22,9 +22,8 @@ PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
 fi
-# the build plan: daemon/buildplan.py where it exists, else the install script's planner
-if [ -f "$ROOT/daemon/buildplan.py" ]; then planner="$ROOT/daemon/buildplan.py"; else planner="$HERE/llama_build.py"; fi
-eval "$("$PY" "$planner" --shell)"
+# the build plan of scripts/install-llama.sh (daemon/buildplan.py runs as a plain file)
+eval "$("$PY" "$ROOT/daemon/buildplan.py" --shell)"
 if [ "$LLAMA_BACKEND" != cpu ]; then
   echo "build-llama-server: corral's build here is $LLAMA_BACKEND; the comparison builds the CPU flags only" >&2
 fi
