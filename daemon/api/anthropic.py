@@ -275,26 +275,17 @@ async def messages(request: web.Request) -> web.StreamResponse:
     msg_id = "msg_" + secrets.token_hex(12)
     async with started_job as job:
         if not stream:
-            thinking, text, calls = [], [], []
-            async for ev in job.events():
-                if isinstance(ev, core.Done):
-                    content: list[dict[str, Any]] = []
-                    if thinking:
-                        content.append({"type": "thinking", "thinking": "".join(thinking),
-                                        "signature": ""})
-                    if any(text):
-                        content.append({"type": "text", "text": "".join(text)})
-                    content += [_tool_block(c) for c in calls]
-                    return json_response({
-                        "id": msg_id, "type": "message", "role": "assistant",
-                        "model": req.model, "content": content,
-                        "stop_reason": _stop_reason(ev, bool(calls)), "stop_sequence": None,
-                        "usage": _usage(ev)})
-                if ev.thinking:
-                    thinking.append(ev.thinking)
-                text.append(ev.content)
-                calls += ev.tool_calls
-            raise ApiError(500, "runner ended without a final record")
+            whole, done = await job.result()
+            content: list[dict[str, Any]] = []
+            if whole.thinking:
+                content.append({"type": "thinking", "thinking": whole.thinking, "signature": ""})
+            if whole.content:
+                content.append({"type": "text", "text": whole.content})
+            content += [_tool_block(c) for c in whole.tool_calls]
+            return json_response({
+                "id": msg_id, "type": "message", "role": "assistant", "model": req.model,
+                "content": content, "stop_reason": _stop_reason(done, bool(whole.tool_calls)),
+                "stop_sequence": None, "usage": _usage(done)})
         return await _stream(request, job, msg_id, req.model, len(json.dumps(data)) // 4)
 
 

@@ -439,6 +439,22 @@ class Job:
                         total_duration=int((time.monotonic() - self.started) * 1e9),
                         load_duration=self.load_duration, tokens=ev.tokens)
 
+    async def result(self) -> tuple[Delta, Done]:
+        """A non-streamed answer: the whole output as one Delta (content and thinking joined,
+        every tool call and logprob) and the Done."""
+        content: list[str] = []
+        thinking: list[str] = []
+        whole = Delta()
+        async for ev in self.events():
+            if isinstance(ev, Done):
+                whole.content, whole.thinking = "".join(content), "".join(thinking)
+                return whole, ev
+            content.append(ev.content)
+            thinking.append(ev.thinking)
+            whole.tool_calls += ev.tool_calls
+            whole.logprobs += ev.logprobs
+        raise ApiError(500, "runner ended without a final record")
+
 
 # ---- chat history truncation -----------------------------------------------------------------------
 # Tokens a tokenizer adds beyond what the text itself yields: BOS and EOS (add_special) and

@@ -46,21 +46,19 @@ def _metrics(done: core.Done) -> dict[str, Any]:
             "eval_count": done.eval_count, "eval_duration": done.eval_duration}
 
 
-async def _drive(request: web.Request, job: core.Job, stream: bool, chunk_line, final_obj,
-                 collect) -> web.StreamResponse:
+async def _drive(request: web.Request, job: core.Job, stream: bool, chunk_line,
+                 final_obj) -> web.StreamResponse:
     """Run ``job`` to the end: NDJSON lines when streaming (an error after the first line is a
-    last ``{"error"}`` line), else one object built by ``final_obj`` from the collected deltas."""
+    last ``{"error"}`` line), else one object. ``final_obj(done, whole)`` builds the last
+    object; ``whole`` is the whole output (:meth:`Job.result`), empty when streamed."""
     if not stream:
-        async for ev in job.events():
-            if isinstance(ev, core.Done):
-                return json_response(final_obj(ev))
-            collect(ev)
-        raise ApiError(500, "runner ended without a final record")
+        whole, done = await job.result()
+        return json_response(final_obj(done, whole))
     out = LazyStream.ndjson(request)
     try:
         async for ev in job.events():
             if isinstance(ev, core.Done):
-                await out.send(final_obj(ev, streamed=True))
+                await out.send(final_obj(ev, core.Delta()))
                 break
             await out.write(chunk_line(ev), hold=ev.more)
             if out.gone:
@@ -135,9 +133,6 @@ async def generate(request: web.Request) -> web.StreamResponse:
             return json_response({"model": req.model, "created_at": now_utc(),
                                   "response": "", "done": True, "done_reason": "load"})
         head = b'{"model":' + _enc.encode(req.model) + b',"created_at":"'
-        parts: list[str] = []
-        thoughts: list[str] = []
-        probs: list[protocol.TokenLogprob] = []
 
         def chunk_line(d: core.Delta) -> bytes:
             line = head + now_utc().encode() + b'","response":' + _enc.encode(d.content)
@@ -148,27 +143,21 @@ async def generate(request: web.Request) -> web.StreamResponse:
                 line += b',"logprobs":' + _enc.encode(d.logprobs)
             return line + b"}"
 
-        def collect(d: core.Delta) -> None:
-            parts.append(d.content)
-            if d.thinking:
-                thoughts.append(d.thinking)
-            probs.extend(d.logprobs)
-
-        def final_obj(done: core.Done, streamed: bool = False) -> dict[str, Any]:
+        def final_obj(done: core.Done, whole: core.Delta) -> dict[str, Any]:
             obj: dict[str, Any] = {"model": req.model, "created_at": now_utc(),
-                                   "response": "" if streamed else "".join(parts)}
-            if thoughts and not streamed:
-                obj["thinking"] = "".join(thoughts)
+                                   "response": whole.content}
+            if whole.thinking:
+                obj["thinking"] = whole.thinking
             obj["done"] = True
             obj["done_reason"] = done.done_reason
             if not req.raw:
                 obj["context"] = done.tokens
             obj.update(_metrics(done))
-            if probs and not streamed:
-                obj["logprobs"] = _logprob_dicts(probs)
+            if whole.logprobs:
+                obj["logprobs"] = _logprob_dicts(whole.logprobs)
             return obj
 
-        return await _drive(request, job, stream, chunk_line, final_obj, collect)
+        return await _drive(request, job, stream, chunk_line, final_obj)
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -192,10 +181,6 @@ async def chat(request: web.Request) -> web.StreamResponse:
                                   "message": {"role": "assistant", "content": ""},
                                   "done_reason": "load", "done": True})
         head = b'{"model":' + _enc.encode(req.model) + b',"created_at":"'
-        parts: list[str] = []
-        thoughts: list[str] = []
-        calls: list[dict] = []
-        probs: list[protocol.TokenLogprob] = []
 
         def message(d: core.Delta) -> dict[str, Any]:
             msg: dict[str, Any] = {"role": "assistant", "content": d.content}
@@ -212,21 +197,14 @@ async def chat(request: web.Request) -> web.StreamResponse:
                 line += b',"logprobs":' + _enc.encode(d.logprobs)
             return line + b"}"
 
-        def collect(d: core.Delta) -> None:
-            parts.append(d.content)
-            thoughts.append(d.thinking)
-            calls.extend(d.tool_calls)
-            probs.extend(d.logprobs)
-
-        def final_obj(done: core.Done, streamed: bool = False) -> dict[str, Any]:
-            d = core.Delta() if streamed else core.Delta("".join(parts), "".join(thoughts), calls)
-            obj = {"model": req.model, "created_at": now_utc(), "message": message(d),
+        def final_obj(done: core.Done, whole: core.Delta) -> dict[str, Any]:
+            obj = {"model": req.model, "created_at": now_utc(), "message": message(whole),
                    "done": True, "done_reason": done.done_reason}
-            if probs and not streamed:
-                obj["logprobs"] = _logprob_dicts(probs)
+            if whole.logprobs:
+                obj["logprobs"] = _logprob_dicts(whole.logprobs)
             return {**obj, **_metrics(done)}
 
-        return await _drive(request, job, stream, chunk_line, final_obj, collect)
+        return await _drive(request, job, stream, chunk_line, final_obj)
 
 
 # ---- /api/embed, /api/embeddings --------------------------------------------------------------------

@@ -367,28 +367,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     created = int(time.time())
     async with started_job as job:
         if not stream:
-            parts, thoughts, calls, probs = [], [], [], []
-            async for ev in job.events():
-                if isinstance(ev, core.Done):
-                    msg: dict[str, Any] = {"role": "assistant", "content": "".join(parts)}
-                    if thoughts:
-                        msg["reasoning"] = "".join(thoughts)
-                    if calls:
-                        msg["tool_calls"] = tool_calls_out(calls)
-                    choice: dict[str, Any] = {"index": 0, "message": msg,
-                                              "finish_reason": _finish(ev, bool(calls))}
-                    if logprobs.enabled:
-                        choice["logprobs"] = {"content": chat_logprobs(probs)}
-                    return json_response({
-                        "id": cid, "object": "chat.completion", "created": created,
-                        "model": model_name, "system_fingerprint": FINGERPRINT,
-                        "choices": [choice], "usage": _usage(ev)})
-                parts.append(ev.content)
-                if ev.thinking:
-                    thoughts.append(ev.thinking)
-                calls.extend(ev.tool_calls)
-                probs.extend(ev.logprobs)
-            raise ApiError(500, "runner ended without a final record")
+            whole, done = await job.result()
+            msg: dict[str, Any] = {"role": "assistant", "content": whole.content}
+            if whole.thinking:
+                msg["reasoning"] = whole.thinking
+            if whole.tool_calls:
+                msg["tool_calls"] = tool_calls_out(whole.tool_calls)
+            choice: dict[str, Any] = {"index": 0, "message": msg,
+                                      "finish_reason": _finish(done, bool(whole.tool_calls))}
+            if logprobs.enabled:
+                choice["logprobs"] = {"content": chat_logprobs(whole.logprobs)}
+            return json_response({
+                "id": cid, "object": "chat.completion", "created": created,
+                "model": model_name, "system_fingerprint": FINGERPRINT,
+                "choices": [choice], "usage": _usage(done)})
 
         head = {"id": cid, "object": "chat.completion.chunk", "created": created,
                 "model": model_name, "system_fingerprint": FINGERPRINT}
@@ -497,17 +489,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
                                    stream=stream, thinking=think[0],
                                    logprobs=logprobs) as job:
         if not stream:
-            parts, probs = [], []
-            async for ev in job.events():
-                if isinstance(ev, core.Done):
-                    choice: dict[str, Any] = {"text": "".join(parts), "index": 0,
-                                              "finish_reason": _finish(ev, False)}
-                    if logprobs.enabled:
-                        choice["logprobs"] = legacy.of(probs)
-                    return json_response({**head, "choices": [choice], "usage": _usage(ev)})
-                parts.append(ev.content)
-                probs.extend(ev.logprobs)
-            raise ApiError(500, "runner ended without a final record")
+            whole, done = await job.result()
+            choice: dict[str, Any] = {"text": whole.content, "index": 0,
+                                      "finish_reason": _finish(done, False)}
+            if logprobs.enabled:
+                choice["logprobs"] = legacy.of(whole.logprobs)
+            return json_response({**head, "choices": [choice], "usage": _usage(done)})
 
         def chunk(c: dict) -> bytes:
             return _enc.encode({**head, "choices": [c]})

@@ -273,14 +273,12 @@ async def responses(request: web.Request) -> web.StreamResponse:
     result = _Result(req, model_name)
     async with started_job as job:
         if not stream:
-            async for ev in job.events():
-                if isinstance(ev, core.Done):
-                    return json_response(result.obj("completed", ev))
-                if ev.thinking:
-                    result.thinking.append(ev.thinking)
-                result.text.append(ev.content)
-                result.add_calls(ev.tool_calls)
-            raise ApiError(500, "runner ended without a final record")
+            whole, done = await job.result()
+            if whole.thinking:
+                result.thinking.append(whole.thinking)
+            result.text.append(whole.content)
+            result.add_calls(whole.tool_calls)
+            return json_response(result.obj("completed", done))
         return await _stream(request, job, result)
 
 
