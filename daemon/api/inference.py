@@ -66,6 +66,21 @@ class Model:
                                    bos_token=info.bos_token, eos_token=info.eos_token)
 
 
+async def model_facts(record: ModelRecord) -> tuple[gguf_info.GGUFInfo | None, list[str]]:
+    """The model's GGUF facts (None for a missing or non-GGUF layer) and its capabilities, as
+    inference, /api/show and /api/tags all read them."""
+    info = None
+    if record.model_path is not None and record.model_path.is_file():
+        try:
+            info = await gguf_info.read_info_async(record.model_path)
+        except Exception as e:  # noqa: BLE001 - a non-GGUF layer has no metadata
+            log.warning("api.gguf_unreadable", model=record.name, error=str(e))
+    caps = templates.capabilities(info, template=record.template,
+                                  has_projector=bool(record.projectors),
+                                  declared=record.config.capabilities)
+    return info, caps
+
+
 async def resolve(app: web.Application, name: str, *, style: str) -> Model:
     """The model ``name`` with its GGUF facts. ``style`` picks Ollama's not-found text:
     ``"quoted"`` -> ``model 'x' not found`` (generate/chat), else the store's
@@ -76,16 +91,7 @@ async def resolve(app: web.Application, name: str, *, style: str) -> Model:
         if style == "quoted":
             raise ApiError(404, f"model '{name}' not found") from None
         raise
-    info = None
-    if record.model_path is not None:
-        try:
-            info = await gguf_info.read_info_async(record.model_path)
-        except Exception as e:  # noqa: BLE001 - an unreadable GGUF fails later, in the runner
-            log.warning("api.gguf_unreadable", model=record.name, error=str(e))
-    caps = templates.capabilities(info, template=record.template,
-                                  has_projector=bool(record.projectors),
-                                  declared=record.config.capabilities)
-    return Model(record, info, caps)
+    return Model(record, *await model_facts(record))
 
 
 def require(model: Model, caps: Sequence[str]) -> None:

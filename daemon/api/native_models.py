@@ -19,7 +19,8 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from corral.daemon import gguf_info, modelfile, templates
+from corral.daemon import gguf_info, modelfile
+from corral.daemon.api import inference as core
 from corral.daemon.api import options as opts
 from corral.daemon.api.errors import ApiError
 from corral.daemon.api.keys import STORE, SUPERVISOR
@@ -170,21 +171,6 @@ def details_dict(record: ModelRecord, info: gguf_info.GGUFInfo | None = None) ->
     return d
 
 
-async def model_facts(record: ModelRecord) -> tuple[gguf_info.GGUFInfo | None, list[str]]:
-    """The model's GGUF facts (None for a missing or non-GGUF layer) and its capabilities, as
-    /api/show and /api/tags both report them. A cached GGUF costs one stat."""
-    info = None
-    if record.model_path is not None and record.model_path.is_file():
-        try:
-            info = await gguf_info.read_info_async(record.model_path)
-        except Exception as e:  # noqa: BLE001 - a non-GGUF model layer has no metadata
-            log.warning("show.gguf_unreadable", model=record.name, error=str(e))
-    caps = templates.capabilities(info, template=record.template,
-                                  has_projector=bool(record.projectors),
-                                  declared=record.config.capabilities)
-    return info, caps
-
-
 # ---- handlers ----------------------------------------------------------------------------------
 
 
@@ -200,7 +186,7 @@ async def tags(request: web.Request) -> web.Response:
     records = await asyncio.to_thread(_store(request).list)
     models = []
     for r in records:
-        info, caps = await model_facts(r)
+        info, caps = await core.model_facts(r)
         details = details_dict(r, info) | {"parent_model": ""}  # as Ollama's list
         models.append({"name": r.name, "model": r.name, "modified_at": timestamp(r.modified_at),
                        "size": r.size, "digest": r.digest, "details": details,
@@ -218,7 +204,7 @@ async def show(request: web.Request) -> web.Response:
         record = store.resolve(name)
     except NotFound:
         raise ApiError(404, f"model '{name.display}' not found") from None
-    info, caps = await model_facts(record)
+    info, caps = await core.model_facts(record)
     params = dict(record.parameters)
     if req.options:
         params.update(req.options)
