@@ -14,7 +14,7 @@ options (``model_inputs.runner_options``) and the runner's sampling options
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -54,26 +54,9 @@ def type_param(key: str, value: Any) -> Any:
             raise _bad_param(key, "array")
         return list(items)
     if key in _INT_PARAMS:
-        if isinstance(value, bool):
-            raise _bad_param(key, "integer")
-        if isinstance(value, (int, float)):
-            return int(value)
-        try:
-            return int(str(value).strip())
-        except ValueError:
-            try:
-                return int(float(str(value).strip()))
-            except ValueError:
-                raise _bad_param(key, "integer") from None
+        return _number(key, value, int, "integer")
     if key in _FLOAT_PARAMS:
-        if isinstance(value, bool):
-            raise _bad_param(key, "float32")
-        if isinstance(value, (int, float)):
-            return float(value)
-        try:
-            return float(str(value).strip())
-        except ValueError:
-            raise _bad_param(key, "float32") from None
+        return _number(key, value, float, "float32")
     if key in _BOOL_PARAMS:
         if isinstance(value, bool):
             return value
@@ -84,6 +67,22 @@ def type_param(key: str, value: Any) -> Any:
             return False
         raise _bad_param(key, "boolean")
     return value
+
+
+def _number(key: str, value: Any, cast: Callable[[Any], Any], kind: str) -> Any:
+    """A number option: JSON numbers cast as they are; text parsed, "3.0" accepted for an int."""
+    if isinstance(value, bool):
+        raise _bad_param(key, kind)
+    if isinstance(value, (int, float)):
+        return cast(value)
+    text = str(value).strip()
+    try:
+        return cast(text)
+    except ValueError:
+        try:
+            return cast(float(text))
+        except ValueError:
+            raise _bad_param(key, kind) from None
 
 
 def typed_params(params: Mapping[str, Any]) -> dict[str, Any]:
