@@ -263,9 +263,10 @@ def engine_libraries(engine: EngineProbe) -> frozenset[str]:
     return frozenset(ENGINE_LIBRARIES.get(b, b) for b in engine.gpu_backends())
 
 
-def engine_verdict(readings: Sequence[GpuReading], engine: EngineProbe | None
+def engine_verdict(readings: Sequence[GpuReading | Gpu], engine: EngineProbe | None
                    ) -> tuple[frozenset[str] | None, str | None]:
-    """(libraries to offer, one-line reason when GPUs are left out). Pure.
+    """(libraries to offer, one-line reason when GPUs are left out). Pure; of each reading (a
+    probe's, or an Inventory's Gpu) only the library counts.
 
     No engine probe (the fake engine, simulated GPUs): everything is offered. Otherwise a GPU is
     offered only when the engine has a device of its library.

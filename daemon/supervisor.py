@@ -322,17 +322,17 @@ class Supervisor:
         """Ask the engine what it can do, gate the GPUs by it, read the inventory, build the
         Scheduler and start the owner task."""
         engine = self.engine = await self._probe_engine()
+        if engine is not None and not self._probe_given:  # macOS: the Metal device is the engine's
+            self.probe = make_probe(self.config, engine=engine)
+        inventory = await self.probe.refresh()   # one device read serves the gate and the start
         if engine is not None:
-            if not self._probe_given:       # macOS: the Metal device comes from the engine
-                self.probe = make_probe(self.config, engine=engine)
-            readings = (await asyncio.to_thread(self.probe.gpu_readings) if self.probe.blocking
-                        else self.probe.gpu_readings())
-            libraries, self.gpu_note = engine_verdict(readings, engine)
+            libraries, self.gpu_note = engine_verdict(inventory.gpus, engine)
             self.probe.restrict(libraries)
+            inventory = msgspec.structs.replace(
+                inventory, gpus=tuple(g for g in inventory.gpus if g.library in libraries))
             log.info("llama.cpp engine", **engine_probe.summary(engine))
             if self.gpu_note:
                 log.warning("gpus unused", reason=self.gpu_note)
-        inventory = await self.probe.refresh()
         self._gpu_names = {g.id: g.name for g in inventory.gpus}
         cl = self.config.context_length
         self._default_ctx = (cl, False) if cl > 0 else (default_num_ctx(
