@@ -319,14 +319,11 @@ def _finish(done: core.Done, tool_calls: bool) -> str:
     return "tool_calls" if tool_calls else "stop"
 
 
-_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-
-
 async def _stream(request: web.Request, job: core.Job, chunk: Callable[[dict], bytes],
                   choices_of: Callable[[core.Delta], list[dict]],
                   finish: Callable[[core.Done], list[bytes]]) -> web.StreamResponse:
     """``data: <json>`` events (one ``chunk`` per choice of each delta), then ``data: [DONE]``."""
-    out = LazyStream(request, _SSE_HEADERS, prefix=b"data: ", suffix=b"\n\n")
+    out = LazyStream.sse(request)
     try:
         async for ev in job.events():
             if isinstance(ev, core.Done):

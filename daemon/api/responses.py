@@ -14,6 +14,7 @@ import msgspec
 from aiohttp import web
 
 NDJSON = "application/x-ndjson"
+_SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _enc = msgspec.json.Encoder()
 
 
@@ -72,10 +73,14 @@ class LazyStream:
         await self.write(_enc.encode(obj))
 
     @classmethod
+    def sse(cls, request: web.Request) -> LazyStream:
+        """Unnamed server-sent events: each frame is ``data: <payload>`` (OpenAI's streams)."""
+        return cls(request, _SSE, prefix=b"data: ", suffix=b"\n\n")
+
+    @classmethod
     def events(cls, request: web.Request) -> LazyStream:
         """Named server-sent events (:meth:`event`), as the Anthropic and Responses APIs send."""
-        return cls(request, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
-                   suffix=b"")
+        return cls(request, _SSE, suffix=b"")
 
     async def event(self, name: str, obj: Any) -> None:
         """One ``event: name`` / ``data: <json>`` server-sent event."""
