@@ -404,8 +404,14 @@ class GoTemplate:
                 state["Prompt"] = content
             elif role == "assistant":
                 state["Response"] = content
-        out.append(self.execute({**state, **think_vars}, _cut_after_response(self.nodes)))
+        out.append(self.execute({**state, **think_vars}, self._last_turn))
         return "".join(out)
+
+    @functools.cached_property
+    def _last_turn(self) -> list[Any]:
+        """The legacy last turn's nodes (cut after ``.Response``): the tree never changes, so
+        the cut is made once per template, not once per request."""
+        return _cut_after_response(self.nodes)
 
 
 DEFAULT_TEMPLATE = "{{ .Prompt }}"
