@@ -20,7 +20,6 @@ Ollama's Execute, tag inference) lives in ``templates.py``.
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
 import json as _json
 import re
@@ -56,10 +55,6 @@ class GoStruct:
     fields: dict[str, Any]
     tags: dict[str, tuple[str, bool]] = field(default_factory=dict)
     stringer: bool = False
-
-
-class _Bytes(bytes):
-    """``[]byte`` (an image): JSON is base64, printing is ``[1 2 3]``."""
 
 
 class PropertyType(list):
@@ -106,8 +101,6 @@ def go_json(v: Any) -> str:
         return _json_float(v)
     if isinstance(v, str):
         return _json_str(v)
-    if isinstance(v, _Bytes):
-        return '"' + base64.b64encode(v).decode() + '"'
     if isinstance(v, GoStruct):
         parts = []
         for go, value in v.fields.items():
@@ -164,8 +157,6 @@ def _fmt(v: Any) -> str:
         return _fmt_float(v)
     if isinstance(v, str):
         return v
-    if isinstance(v, _Bytes):
-        return "[" + " ".join(str(b) for b in v) + "]"
     if isinstance(v, GoStruct):
         if v.stringer:
             return go_json(v)
@@ -464,8 +455,7 @@ class Parser:
         return TemplateError(f"template: :{tok.line}: {msg}")
 
     def parse(self) -> list[Any]:
-        nodes, end = self.list_until(top=True)
-        return nodes
+        return self.list_until(top=True)[0]
 
     def list_until(self, top: bool = False) -> tuple[list[Any], str]:
         """Parse nodes until ``{{end}}``/``{{else ...}}`` (returned keyword) or EOF at top level."""
@@ -675,12 +665,8 @@ class _Continue(Exception):
     pass
 
 
-_MAX_DEPTH = 10000
-
-
 class Exec:
     def __init__(self, root: Any) -> None:
-        self.root = root
         self.out: list[str] = []
         self.scopes: list[dict[str, Any]] = [{"$": root}]
 
