@@ -431,11 +431,6 @@ class _Control:
     line: int
 
 
-_BUILTINS = frozenset({"and", "or", "not", "eq", "ne", "lt", "le", "gt", "ge", "len", "index",
-                       "slice", "print", "printf", "println", "json", "html", "js", "urlquery",
-                       "call", "currentDate", "yesterdayDate", "toTypeScriptType"})
-
-
 class Parser:
     def __init__(self, toks: list[_Tok]) -> None:
         self.toks = toks
@@ -1005,6 +1000,13 @@ def _ts_type(v: Any) -> str:
     return " | ".join(mapping.get(t, "any") for t in types) if types else "any"
 
 
+def _call(fn: Any, *args: Any) -> Any:
+    """``call``: no value a request gives a template is a function, so every call fails."""
+    if fn is None:
+        raise TemplateError("call of nil")
+    raise TemplateError(f"non-function of type {type(fn).__name__}")
+
+
 def _today(days: int = 0) -> str:
     return (_dt.date.today() + _dt.timedelta(days=days)).isoformat()
 
@@ -1030,4 +1032,9 @@ _FUNCS: dict[str, Callable[..., Any]] = {
     "currentDate": lambda *a: _today(),
     "yesterdayDate": lambda *a: _today(-1),
     "toTypeScriptType": _ts_type,
+    "call": _call,
 }
+
+
+# the names a template may call: and/or are evaluated lazily by Exec.call, the rest are _FUNCS
+_BUILTINS = frozenset({"and", "or", *_FUNCS})

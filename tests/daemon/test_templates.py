@@ -96,6 +96,8 @@ def test_parse_errors_name_the_line(text: str, error: str) -> None:
     ("{{ eq 1 \"a\" }}", {}, "template: :1: error calling eq: incompatible types for comparison"),
     ("{{\n.A.B }}", {"A": "s"}, "template: :2: executing"),
     ("{{ .A 1 }}", {"A": "s"}, "template: :1: can't give argument to non-function"),
+    ("{{ call .F }}", {}, "template: :1: error calling call: call of nil"),
+    ("{{ call .A 1 }}", {"A": "s"}, "template: :1: error calling call: non-function"),
 ])
 def test_execution_errors(text: str, data: dict, error: str) -> None:
     with pytest.raises(TemplateError) as e:
