@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
@@ -168,6 +169,12 @@ async def _health(session: aiohttp.ClientSession, base_url: str) -> Health | Non
         return None
 
 
+def _model_row() -> dict[str, Any]:
+    """One model's sums in a scrape (runner states, in-flight, queued, slots, KV cells)."""
+    return {"states": dict.fromkeys(STATES, 0), "in_flight": 0, "queued": 0, "slots": 0,
+            "kv_used": 0, "kv_total": 0}
+
+
 def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, labels=list(labels))
 
@@ -196,11 +203,9 @@ class _StateCollector(Collector):
         kv_ratio = _gauge("corral_model_kv_cache_usage_ratio",
                           "KV-cache cells held by running sequences / cells (runner /health).",
                           ["model"])
-        per: dict[str, dict[str, Any]] = {}
+        per: defaultdict[str, dict[str, Any]] = defaultdict(_model_row)
         for v in runners:
-            name = src.model_name(v.model_key) if src is not None else v.model_key
-            p = per.setdefault(name, {"states": dict.fromkeys(STATES, 0), "in_flight": 0,
-                                      "slots": 0, "kv_used": 0, "kv_total": 0})
+            p = per[src.model_name(v.model_key) if src is not None else v.model_key]
             p["states"][v.state] = p["states"].get(v.state, 0) + 1
             p["in_flight"] += v.in_flight
             if v.state != "stopping":
@@ -210,15 +215,13 @@ class _StateCollector(Collector):
             p["kv_total"] += total
         waiting = dict(snap.waiting) if snap is not None else {}
         for key, n in waiting.items():
-            name = src.model_name(key) if src is not None else key
-            per.setdefault(name, {"states": dict.fromkeys(STATES, 0), "in_flight": 0,
-                                  "slots": 0, "kv_used": 0, "kv_total": 0})["queued"] = n
+            per[src.model_name(key) if src is not None else key]["queued"] = n
         for name, p in sorted(per.items()):
             for st, n in p["states"].items():
                 state.add_metric([name, st], n)
             loaded.add_metric([name], 1 if p["states"]["ready"] + p["states"]["expiring"] else 0)
             in_flight.add_metric([name], p["in_flight"])
-            queued.add_metric([name], p.get("queued", 0))
+            queued.add_metric([name], p["queued"])
             slots.add_metric([name], p["slots"])
             if p["kv_total"]:
                 kv_ratio.add_metric([name], p["kv_used"] / p["kv_total"])
