@@ -51,7 +51,7 @@ import structlog
 
 from corral.daemon import engine_probe, gguf_info
 from corral.daemon.config import Config
-from corral.daemon.errors import Busy, CorralError, Failed, InvalidRequest, NotFound
+from corral.daemon.errors import Busy, CorralError, Failed, InvalidRequest, model_not_found
 from corral.daemon.gpu import GpuProbe, engine_verdict, make_probe
 from corral.daemon.metrics import Metrics
 from corral.daemon.model_inputs import (
@@ -910,7 +910,7 @@ class Supervisor:
             size = os.path.getsize(model_path)
             projector = await gguf_info.read_info_async(projector_path) if projector_path else None
         except FileNotFoundError as exc:
-            raise NotFound(f'model "{model.name}" not found, try pulling it first') from exc
+            raise model_not_found(model.name) from exc
         except Exception as exc:
             raise Failed(f"unable to load model: {model_path}: {exc}: this model may be "
                                 "incompatible with your version of corral. If you previously "
