@@ -7,10 +7,6 @@ it). ``message`` is the client-facing text, Ollama's exact wording where Ollama 
 
 from __future__ import annotations
 
-# Ollama's exact texts (shared/reference/ollama-api.md §2).
-QUEUE_FULL = "server busy, please try again.  maximum pending requests exceeded"
-
-
 class CorralError(Exception):
     """Base of the domain errors; never raised itself."""
 
