@@ -20,7 +20,7 @@ import re
 import secrets
 import string
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,19 +131,26 @@ async def _gone_message(lease: Any, exc: BaseException) -> str:
     return f"llama runner process has terminated: {exc}"
 
 
-async def runner_lines(lease: Any, body: protocol.CompletionRequest,
-                       ) -> AsyncIterator[tuple[protocol.CompletionChunk | protocol.CompletionDone, bool]]:
+Events = AsyncGenerator[tuple[protocol.CompletionChunk | protocol.CompletionDone, bool], None]
+
+
+def runner_lines(lease: Any, body: protocol.CompletionRequest) -> Events:
     """The runner's completion events, each with whether another one already arrived with it (a
     writer may then hold it back and send both in one write: fewer wake-ups per token for a
     client that fell behind). An error line or a broken connection raises ApiError.
 
     A streaming request to a runner process of ours goes in relay mode (the events come up its
-    event pipe, :func:`_relayed`); otherwise they are the NDJSON lines of the HTTP response."""
+    event pipe, :func:`_relayed`); otherwise they are the NDJSON lines of the HTTP response
+    (:func:`_http_lines`). The generator is returned as it is, not re-yielded: no extra frame per
+    token, and closing it closes the relay at once."""
     relay = getattr(lease, "relay", None)
     if relay is not None and body.stream:
-        async for item in _relayed(lease, relay, body):
-            yield item
-        return
+        return _relayed(lease, relay, body)
+    return _http_lines(lease, body)
+
+
+async def _http_lines(lease: Any, body: protocol.CompletionRequest) -> Events:
+    """The events as NDJSON lines of the ``/completion`` HTTP response."""
     url = f"{lease.base_url}/completion"
     try:
         async with lease.session.post(url, data=protocol.encode(body),
@@ -177,7 +184,7 @@ RELAY_END_GRACE = 5.0  # s: a relay job's HTTP handle ended; its events are in t
 
 
 async def _relayed(lease: Any, relay: RunnerProcess, body: protocol.CompletionRequest,
-                   ) -> AsyncIterator[tuple[protocol.CompletionChunk | protocol.CompletionDone, bool]]:
+                   ) -> Events:
     """Relay mode: the events arrive in the queue :meth:`RunnerProcess.open_relay` gives; the
     HTTP request is the job's handle (a refusal's status and error, its end, and closing it
     cancels the job). Its end is put in the same queue, so one ``get`` per event waits for both."""
