@@ -23,7 +23,14 @@ import aiohttp
 from corral.daemon import doctor
 from corral.daemon.cli_output import CliError, human_bytes, out, print_metrics, print_show
 from corral.daemon.config import Config
-from corral.daemon.interactive import Progress, Session, extract_images, repl, think_value
+from corral.daemon.interactive import (
+    Progress,
+    ReplyPrinter,
+    Session,
+    extract_images,
+    repl,
+    think_value,
+)
 from corral.daemon.logging import configure
 from corral.daemon.modelfile import ModelfileError, parse
 from corral.daemon.version import VERSION
@@ -287,25 +294,16 @@ async def cmd_run(c: Client, args: argparse.Namespace) -> None:
         prompt = sys.stdin.read()
     if prompt:
         final = {}
-        thinking = False
         images: list[str] = []
         if vision:
             prompt, images = extract_images(prompt)
             if images:
                 opts["images"] = images
+        printer = ReplyPrinter(args.hidethinking)
         async for p in c.stream("/api/generate", {**opts, "prompt": prompt}):
-            if p.get("thinking") and not args.hidethinking:
-                if not thinking:
-                    sys.stdout.write("Thinking...\n")
-                    thinking = True
-                sys.stdout.write(p["thinking"])
-            if p.get("response") and thinking:
-                sys.stdout.write("\n...done thinking.\n\n")
-                thinking = False
-            sys.stdout.write(p.get("response", ""))
-            sys.stdout.flush()
+            printer.add(p.get("thinking"), p.get("response"))
             final = p
-        if thinking:
+        if printer.thinking:
             sys.stdout.write("\n...done thinking.\n")
         out()
         if args.verbose:

@@ -149,6 +149,28 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+class ReplyPrinter:
+    """Writes a streamed reply as Ollama's CLI does: thinking (unless hidden) after
+    ``Thinking...``, closed by ``...done thinking.`` when the answer starts. ``thinking`` is
+    True while a thinking block is open; the caller closes one left open at the end."""
+
+    def __init__(self, hide_thinking: bool) -> None:
+        self.hide_thinking = hide_thinking
+        self.thinking = False
+
+    def add(self, thinking: str | None, content: str | None) -> None:
+        if thinking and not self.hide_thinking:
+            if not self.thinking:
+                _write("Thinking...\n")
+                self.thinking = True
+            _write(thinking)
+        if content:
+            if self.thinking:
+                _write("\n...done thinking.\n\n")
+                self.thinking = False
+            _write(content)
+
+
 class Session:
     """One interactive conversation with a model."""
 
@@ -197,24 +219,14 @@ class Session:
         if self.format:
             body["format"] = self.format
         reply, thought, final = "", "", {}
-        thinking = False
+        printer = ReplyPrinter(self.hide_thinking)
         async for p in self.client.stream("/api/chat", body):
             msg = p.get("message") or {}
-            if msg.get("thinking"):
-                thought += msg["thinking"]
-                if not self.hide_thinking:
-                    if not thinking:
-                        _write("Thinking...\n")
-                        thinking = True
-                    _write(msg["thinking"])
-            if msg.get("content"):
-                if thinking:
-                    _write("\n...done thinking.\n\n")
-                    thinking = False
-                reply += msg["content"]
-                _write(msg["content"])
+            thought += msg.get("thinking") or ""
+            reply += msg.get("content") or ""
+            printer.add(msg.get("thinking"), msg.get("content"))
             final = p
-        if thinking:
+        if printer.thinking:
             _write("\n...done thinking.\n\n")
         _write("\n\n")
         assistant: dict[str, Any] = {"role": "assistant", "content": reply}
@@ -519,5 +531,5 @@ class Progress:
             sys.stderr.flush()
 
 
-__all__ = ["Progress", "Session", "extract_images", "layer_line", "read_message", "repl",
+__all__ = ["Progress", "ReplyPrinter", "Session", "extract_images", "layer_line", "read_message", "repl",
            "think_value"]
