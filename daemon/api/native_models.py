@@ -95,11 +95,6 @@ async def read_body(request: web.Request, kind: type[Any]) -> Any:
 # ---- response helpers -----------------------------------------------------------------------
 
 
-def timestamp(epoch: float) -> str:
-    """``modified_at``: local time with its offset (Go's RFC3339Nano, see ``daemon.timefmt``)."""
-    return rfc3339(epoch)
-
-
 Work = Callable[[Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
 
 
@@ -188,7 +183,7 @@ async def tags(request: web.Request) -> web.Response:
     for r in records:
         info, caps = await core.model_facts(r)
         details = details_dict(r, info) | {"parent_model": ""}  # as Ollama's list
-        models.append({"name": r.name, "model": r.name, "modified_at": timestamp(r.modified_at),
+        models.append({"name": r.name, "model": r.name, "modified_at": rfc3339(r.modified_at),
                        "size": r.size, "digest": r.digest, "details": details,
                        "capabilities": caps})
     return json_response({"models": models})
@@ -237,7 +232,7 @@ async def show(request: web.Request) -> web.Response:
             pinfo = await gguf_info.read_info_async(record.projectors[0])
             body["projector_info"] = gguf_info.model_info(pinfo)
     body["capabilities"] = caps
-    body["modified_at"] = timestamp(record.modified_at)
+    body["modified_at"] = rfc3339(record.modified_at)
     if record.config.requires:
         body["requires"] = record.config.requires
     return json_response(body)
