@@ -54,10 +54,11 @@ class Modelfile:
         licenses: list[str] = []
         messages: list[dict[str, str]] = []
         adapters: list[str] = []
+        froms: list[str] = []
         for c in self.commands:
             if c.name == "from":
-                prev = req.get("from")
-                req["from"] = c.value if prev is None else [*([prev] if isinstance(prev, str) else prev), c.value]
+                froms.append(c.value)
+                req["from"] = froms[0] if len(froms) == 1 else froms
             elif c.name == "adapter":
                 adapters.append(c.value)
             elif c.name in ("template", "system", "renderer", "parser", "requires", "draft"):
