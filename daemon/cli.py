@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 
 from corral.daemon import doctor
-from corral.daemon.cli_output import CliError, human_bytes, out, print_metrics, print_show
+from corral.daemon.cli_output import CliError, human_bytes, out, print_metrics, print_show, write
 from corral.daemon.config import Config
 from corral.daemon.interactive import (
     Progress,
@@ -304,7 +304,7 @@ async def cmd_run(c: Client, args: argparse.Namespace) -> None:
             printer.add(p.get("thinking"), p.get("response"))
             final = p
         if printer.thinking:
-            sys.stdout.write("\n...done thinking.\n")
+            write("\n...done thinking.\n")
         out()
         if args.verbose:
             print_metrics(final)

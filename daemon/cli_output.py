@@ -15,9 +15,14 @@ class CliError(Exception):
     """A failure to report as ``Error: …`` with exit status 1."""
 
 
-def out(text: str = "", end: str = "\n") -> None:
-    sys.stdout.write(text + end)
+def write(text: str) -> None:
+    """``text`` on stdout now (flushed: replies stream a piece at a time)."""
+    sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def out(text: str = "", end: str = "\n") -> None:
+    write(text + end)
 
 
 def human_bytes(n: int) -> str:

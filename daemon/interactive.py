@@ -39,7 +39,7 @@ from prompt_toolkit.output import create_output
 from prompt_toolkit.shortcuts import ProgressBar
 from prompt_toolkit.shortcuts.progress_bar.formatters import Formatter
 
-from corral.daemon.cli_output import CliError, human_bytes, print_metrics, print_show
+from corral.daemon.cli_output import CliError, human_bytes, print_metrics, print_show, write
 from corral.daemon.errors import InvalidRequest
 from corral.daemon.params import type_param
 
@@ -123,7 +123,7 @@ def extract_images(text: str) -> tuple[str, list[str]]:
             continue
         images.append(base64.b64encode(data).decode())
         text = text.replace(raw, "", 1)
-        _write(f"Added image '{path}'\n")
+        write(f"Added image '{path}'\n")
     return (" ".join(text.split()) if images else text), images
 
 
@@ -144,11 +144,6 @@ def think_value(text: str | None) -> bool | str | None:
     return t
 
 
-def _write(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
-
-
 class ReplyPrinter:
     """Writes a streamed reply as Ollama's CLI does: thinking (unless hidden) after
     ``Thinking...``, closed by ``...done thinking.`` when the answer starts. ``thinking`` is
@@ -161,14 +156,14 @@ class ReplyPrinter:
     def add(self, thinking: str | None, content: str | None) -> None:
         if thinking and not self.hide_thinking:
             if not self.thinking:
-                _write("Thinking...\n")
+                write("Thinking...\n")
                 self.thinking = True
-            _write(thinking)
+            write(thinking)
         if content:
             if self.thinking:
-                _write("\n...done thinking.\n\n")
+                write("\n...done thinking.\n\n")
                 self.thinking = False
-            _write(content)
+            write(content)
 
 
 class Session:
@@ -227,8 +222,8 @@ class Session:
             printer.add(msg.get("thinking"), msg.get("content"))
             final = p
         if printer.thinking:
-            _write("\n...done thinking.\n\n")
-        _write("\n\n")
+            write("\n...done thinking.\n\n")
+        write("\n\n")
         assistant: dict[str, Any] = {"role": "assistant", "content": reply}
         if thought:
             assistant["thinking"] = thought
@@ -246,11 +241,11 @@ class Session:
             return False
         if cmd in ("/?", "/help"):
             topic = words[1].lower() if len(words) > 1 else ""
-            _write({"set": HELP_SET, "/set": HELP_SET, "show": HELP_SHOW, "/show": HELP_SHOW,
+            write({"set": HELP_SET, "/set": HELP_SET, "show": HELP_SHOW, "/show": HELP_SHOW,
                     "shortcut": HELP_SHORTCUTS, "shortcuts": HELP_SHORTCUTS}.get(topic, HELP))
         elif cmd == "/clear":
             self.messages = []
-            _write("Cleared session context\n")
+            write("Cleared session context\n")
         elif cmd == "/set":
             self._set(words[1:])
         elif cmd == "/show":
@@ -260,12 +255,12 @@ class Session:
         elif cmd == "/save":
             await self._save(words[1] if len(words) > 1 else "")
         else:
-            _write(f"Unknown command '{words[0]}'. Type /? for help\n")
+            write(f"Unknown command '{words[0]}'. Type /? for help\n")
         return True
 
     def _set(self, args: list[str]) -> None:
         if not args:
-            _write(HELP_SET)
+            write(HELP_SET)
             return
         what = args[0].lower()
         rest = args[1] if len(args) > 1 else ""
@@ -273,86 +268,86 @@ class Session:
             name, _, value = rest.partition(" ")
             value = value.strip()
             if not name or not value:
-                _write("Usage:\n  /set parameter <name> <value>\n")
+                write("Usage:\n  /set parameter <name> <value>\n")
                 return
             raw: Any = value.split() if name == "stop" else value
             try:
                 self.options[name] = type_param(name, raw)
             except InvalidRequest as e:
-                _write(f"Couldn't set parameter: {e.message}\n")
+                write(f"Couldn't set parameter: {e.message}\n")
                 return
             shown = ", ".join(raw) if name == "stop" else value
-            _write(f"Set parameter '{name}' to '{shown}'\n")
+            write(f"Set parameter '{name}' to '{shown}'\n")
         elif what == "system":
             if not rest.strip():
-                _write("Usage:\n  /set system <string>\n")
+                write("Usage:\n  /set system <string>\n")
                 return
             self.system = rest.strip()
-            _write("Set system message.\n")
+            write("Set system message.\n")
         elif what == "format":
             if rest.strip().lower() != "json":
-                _write("Invalid or missing format. For 'json' mode use '/set format json'\n")
+                write("Invalid or missing format. For 'json' mode use '/set format json'\n")
                 return
             self.format = "json"
-            _write("Set format to 'json' mode.\n")
+            write("Set format to 'json' mode.\n")
         elif what == "noformat":
             self.format = None
-            _write("Disabled format.\n")
+            write("Disabled format.\n")
         elif what == "think":
             self.think = think_value(rest) if rest.strip() else True
-            _write("Set 'think' mode.\n" if self.think is True
+            write("Set 'think' mode.\n" if self.think is True
                    else f"Set 'think' mode to '{self.think}'.\n")
         elif what == "nothink":
             self.think = False
-            _write("Set 'nothink' mode.\n")
+            write("Set 'nothink' mode.\n")
         elif what in ("verbose", "quiet"):
             self.verbose = what == "verbose"
-            _write(f"Set '{what}' mode.\n")
+            write(f"Set '{what}' mode.\n")
         elif what in ("history", "nohistory"):
             self.history = what == "history"
-            _write(f"Set '{what}' mode.\n")
+            write(f"Set '{what}' mode.\n")
         elif what in ("wordwrap", "nowordwrap"):
-            _write(f"Set '{what}' mode.\n")
+            write(f"Set '{what}' mode.\n")
         else:
-            _write(f"Unknown command '/set {what}'. Type /? for help\n")
+            write(f"Unknown command '/set {what}'. Type /? for help\n")
 
     async def _show(self, what: str) -> None:
         try:
             info = await self.client.request("POST", "/api/show", {"model": self.model})
         except CliError as e:
-            _write(f"error: couldn't get model: {e}\n")
+            write(f"error: couldn't get model: {e}\n")
             return
         if what == "info":
             print_show(info)
         elif what == "license":
-            _write((info.get("license") or "No license was specified for this model.") + "\n")
+            write((info.get("license") or "No license was specified for this model.") + "\n")
         elif what == "modelfile":
-            _write((info.get("modelfile") or "") + "\n")
+            write((info.get("modelfile") or "") + "\n")
         elif what == "parameters":
             if not info.get("parameters") and not self.options:
-                _write("No parameters were specified for this model.\n")
+                write("No parameters were specified for this model.\n")
                 return
             if info.get("parameters"):
-                _write("Model defined parameters:\n" + info["parameters"].rstrip("\n") + "\n\n")
+                write("Model defined parameters:\n" + info["parameters"].rstrip("\n") + "\n\n")
             if self.options:
-                _write("User defined parameters:\n")
+                write("User defined parameters:\n")
                 for k, v in self.options.items():
                     shown = " ".join(v) if isinstance(v, list) else v
-                    _write(f"{k:<30} {shown}\n")
+                    write(f"{k:<30} {shown}\n")
         elif what == "system":
             text = self.system or info.get("system")
-            _write((text or "No system message was specified for this model.") + "\n")
+            write((text or "No system message was specified for this model.") + "\n")
         elif what == "template":
-            _write((info.get("template") or "No prompt template was specified for this model.")
+            write((info.get("template") or "No prompt template was specified for this model.")
                    + "\n")
         else:
-            _write(HELP_SHOW)
+            write(HELP_SHOW)
 
     async def _load(self, model: str) -> None:
         if not model:
-            _write("Usage:\n  /load <modelname>\n")
+            write("Usage:\n  /load <modelname>\n")
             return
-        _write(f"Loading model '{model}'\n")
+        write(f"Loading model '{model}'\n")
         previous = self.model
         self.model = model
         try:
@@ -360,7 +355,7 @@ class Session:
             await self.preload()
         except CliError as e:
             self.model = previous
-            _write(f"error: {e}\n")
+            write(f"error: {e}\n")
             return
         self.messages = []
         self.system = None
@@ -368,7 +363,7 @@ class Session:
 
     async def _save(self, name: str) -> None:
         if not name:
-            _write("Usage:\n  /save <modelname>\n")
+            write("Usage:\n  /save <modelname>\n")
             return
         body: dict[str, Any] = {"model": name, "from": self.model, "stream": False}
         if self.options:
@@ -381,9 +376,9 @@ class Session:
         try:
             await self.client.request("POST", "/api/create", body)
         except CliError as e:
-            _write(f"error: {e}\n")
+            write(f"error: {e}\n")
             return
-        _write(f"Created new model '{name}'\n")
+        write(f"Created new model '{name}'\n")
 
 
 async def read_message(ask) -> str:
@@ -419,10 +414,10 @@ async def repl(session: Session, prompt: PromptSession | None = None) -> None:
         try:
             line = await read_message(ask)
         except KeyboardInterrupt:
-            _write("Use Ctrl + d or /bye to exit.\n")
+            write("Use Ctrl + d or /bye to exit.\n")
             continue
         except EOFError:
-            _write("\n")
+            write("\n")
             return
         stripped = line.strip()
         if not stripped:
@@ -438,7 +433,7 @@ async def repl(session: Session, prompt: PromptSession | None = None) -> None:
         except asyncio.CancelledError:
             if not turn.cancelled():
                 raise
-            _write("\n\n")
+            write("\n\n")
         finally:
             loop.remove_signal_handler(signal.SIGINT)
 
@@ -531,5 +526,5 @@ class Progress:
             sys.stderr.flush()
 
 
-__all__ = ["Progress", "ReplyPrinter", "Session", "extract_images", "layer_line", "read_message", "repl",
-           "think_value"]
+__all__ = ["Progress", "ReplyPrinter", "Session", "extract_images", "layer_line", "read_message",
+           "repl", "think_value"]
