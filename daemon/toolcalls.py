@@ -23,6 +23,7 @@ class ToolCallParser:
         self.tag = tag
         self.names = [n for n in ((t.get("function") or {}).get("name") for t in tools
                                   if isinstance(t, dict)) if isinstance(n, str) and n]
+        self._longest = max(map(len, self.names), default=0)
         self.state = "looking"
         self.buf = ""
         self.n = 0
@@ -76,8 +77,7 @@ class ToolCallParser:
         buf = self.buf
         if not buf or not self.names:
             return None, 0
-        longest = max(len(n) for n in self.names)
-        for i in range(1, min(len(buf), longest) + 1):
+        for i in range(1, min(len(buf), self._longest) + 1):
             tail = buf[-i:]
             if any(len(tail) < len(n) and n.startswith(tail) for n in self.names):
                 return None, 0
@@ -105,10 +105,9 @@ class ToolCallParser:
         return call
 
     def _done(self) -> bool:
-        pairs = {"{": ("{", "}"), "[": ("[", "]")}
-        if self.tag not in pairs:
+        if self.tag not in _CLOSERS:
             return False
-        op, cl = pairs[self.tag]
+        op, cl = self.tag, _CLOSERS[self.tag]
         count, in_str, esc = 0, False, False
         for c in self.buf:
             if esc:
@@ -126,6 +125,9 @@ class ToolCallParser:
                 if count == 0:
                     return True
         return False
+
+
+_CLOSERS = {"{": "}", "[": "]"}
 
 
 def _find_arguments(name: str, buf: str) -> tuple[dict | None, int]:
