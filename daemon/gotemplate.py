@@ -694,7 +694,7 @@ class Exec:
 
     def range(self, n: Branch, dot: Any) -> None:
         p = n.pipe
-        v = self.pipe(Pipe(p.line, [], False, p.cmds), dot)
+        v = self.value(p, dot)            # its variables are set per element below
         if v is None:
             items: list[tuple[Any, Any]] = []
         elif isinstance(v, dict):
@@ -742,11 +742,16 @@ class Exec:
         raise TemplateError(f'template: :{line}: undefined variable "{name}"')
 
     def pipe(self, p: Pipe, dot: Any) -> Any:
+        value = self.value(p, dot)
+        if p.decl:
+            self.set_var(p.decl[0], value, p.assign, self.scopes[-1])
+        return value
+
+    def value(self, p: Pipe, dot: Any) -> Any:
+        """The pipeline's value, without setting its declared variables."""
         value: Any = _NO_ARG
         for c in p.cmds:
             value = self.command(c, dot, value, p.line)
-        if p.decl:
-            self.set_var(p.decl[0], value, p.assign, self.scopes[-1])
         return value
 
     def command(self, c: Cmd, dot: Any, final: Any, line: int) -> Any:
