@@ -104,15 +104,18 @@ def require(model: Model, caps: Sequence[str]) -> None:
 
 # ---- runner I/O --------------------------------------------------------------------------------------
 
-async def _runner_error(resp: aiohttp.ClientResponse) -> str:
+async def _refusal(resp: aiohttp.ClientResponse) -> ApiError:
+    """A runner's non-200 answer as the client's error: the ``error`` of its JSON body (else the
+    body, else the status), with 400 and 503 kept and any other status a 500."""
     text = (await resp.text()).strip()
     try:
         data = msgspec.json.decode(text)
         if isinstance(data, dict) and isinstance(data.get("error"), str):
-            return data["error"]
+            text = data["error"]
     except msgspec.DecodeError:
         pass
-    return text or f"runner answered {resp.status}"
+    return ApiError(resp.status if resp.status in (400, 503) else 500,
+                    text or f"runner answered {resp.status}")
 
 
 async def _gone_message(lease: Any, exc: BaseException) -> str:
@@ -156,8 +159,7 @@ async def _http_lines(lease: Any, body: protocol.CompletionRequest) -> Events:
         async with lease.session.post(url, data=protocol.encode(body),
                                       headers={"Content-Type": "application/json"}) as resp:
             if resp.status != 200:
-                status = resp.status if resp.status in (400, 503) else 500
-                raise ApiError(status, await _runner_error(resp))
+                raise await _refusal(resp)
             rest = b""
             eof = False
             while not eof:
@@ -191,15 +193,15 @@ async def _relayed(lease: Any, relay: RunnerProcess, body: protocol.CompletionRe
     relay_id, queue = relay.open_relay()
     handle_end = object()
 
-    async def handle() -> tuple[int, str]:
+    async def handle() -> ApiError | None:
         try:
             async with lease.session.post(f"{lease.base_url}/completion", data=protocol.encode(
                     msgspec.structs.replace(body, relay=relay_id)),
                     headers={"Content-Type": "application/json"}) as resp:
                 if resp.status != 200:
-                    return resp.status, await _runner_error(resp)
+                    return await _refusal(resp)
                 await resp.read()
-                return 200, ""
+                return None
         finally:
             queue.put_nowait(handle_end)
 
@@ -217,11 +219,11 @@ async def _relayed(lease: Any, relay: RunnerProcess, body: protocol.CompletionRe
                     ev = GONE
             if ev is handle_end:
                 try:
-                    status, text = task.result()
+                    refused = task.result()
                 except (aiohttp.ClientError, ConnectionError) as e:
                     raise ApiError(500, await _gone_message(lease, e)) from None
-                if status != 200:
-                    raise ApiError(status if status in (400, 503) else 500, text)
+                if refused is not None:
+                    raise refused
                 deadline = asyncio.get_running_loop().time() + RELAY_END_GRACE
                 continue
             if ev is GONE:
@@ -255,8 +257,7 @@ async def runner_json(lease: Any, path: str, body: msgspec.Struct, kind: type[An
         async with lease.session.post(f"{lease.base_url}{path}", data=protocol.encode(body),
                                       headers={"Content-Type": "application/json"}) as resp:
             if resp.status != 200:
-                status = resp.status if resp.status in (400, 503) else 500
-                raise ApiError(status, await _runner_error(resp))
+                raise await _refusal(resp)
             return msgspec.json.decode(await resp.read(), type=kind)
     except (aiohttp.ClientError, ConnectionError) as e:
         raise ApiError(500, await _gone_message(lease, e)) from None
