@@ -319,6 +319,13 @@ def _finish(done: core.Done, tool_calls: bool) -> str:
     return "tool_calls" if tool_calls else "stop"
 
 
+def _chunks(head: dict[str, Any]) -> Callable[[dict], bytes]:
+    """The encoder of a stream's chunks, ``{**head, "choices": [choice]}``: ``head`` is encoded
+    once, not again for every token."""
+    prefix = _enc.encode(head)[:-1] + b',"choices":['
+    return lambda choice: prefix + _enc.encode(choice) + b"]}"
+
+
 async def _stream(request: web.Request, job: core.Job, chunk: Callable[[dict], bytes],
                   choices_of: Callable[[core.Delta], list[dict]],
                   finish: Callable[[core.Done], list[bytes]]) -> web.StreamResponse:
@@ -383,8 +390,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 "model": model_name, "system_fingerprint": FINGERPRINT}
         state = {"first": True, "calls": 0}
 
-        def chunk(choice: dict) -> bytes:
-            return _enc.encode({**head, "choices": [choice]})
+        chunk = _chunks(head)
 
         def choices_of(d: core.Delta) -> list[dict]:
             """One chunk's choice; a delta with both reasoning and content (or tool calls)
@@ -410,8 +416,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             return [first]
 
         def finish(done: core.Done) -> list[bytes]:
-            out = [_enc.encode({**head, "choices": [{
-                "index": 0, "delta": {}, "finish_reason": _finish(done, state["calls"] > 0)}]})]
+            out = [chunk({"index": 0, "delta": {},
+                          "finish_reason": _finish(done, state["calls"] > 0)})]
             if include_usage:
                 out.append(_enc.encode({**head, "choices": [], "usage": _usage(done)}))
             return out
@@ -493,8 +499,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 choice["logprobs"] = legacy.of(whole.logprobs)
             return json_response({**head, "choices": [choice], "usage": _usage(done)})
 
-        def chunk(c: dict) -> bytes:
-            return _enc.encode({**head, "choices": [c]})
+        chunk = _chunks(head)
 
         def choices_of(d: core.Delta) -> list[dict]:
             if not d.content and not d.logprobs:
