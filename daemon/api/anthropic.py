@@ -210,9 +210,7 @@ def _tools(req: MessagesRequest) -> list[dict[str, Any]] | None:
     for t in req.tool_defs or []:
         if not t.name:
             raise ApiError(400, "tools: 'name' is required")
-        tools.append({"type": "function", "function": {
-            "name": t.name, "description": t.description or "",
-            "parameters": t.input_schema or {"type": "object", "properties": {}}}})
+        tools.append(oa.function_tool(t.name, t.description, t.input_schema))
     return tools or None
 
 

@@ -295,6 +295,15 @@ def chat_messages(messages: list[_Message] | None) -> list[dict[str, Any]]:
     return out
 
 
+def function_tool(name: str, description: str | None,
+                  parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """A native function tool from another API's flat tool definition (Anthropic's, the
+    Responses API's): no description is "", no parameters an empty object schema."""
+    return {"type": "function", "function": {
+        "name": name, "description": description or "",
+        "parameters": parameters or {"type": "object", "properties": {}}}}
+
+
 def _completion_id(prefix: str) -> str:
     return f"{prefix}-{random.randint(0, 998)}"
 

@@ -260,10 +260,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
         options["top_p"] = req.top_p
     if req.max_output_tokens is not None:
         options["num_predict"] = req.max_output_tokens
-    tools = [{"type": "function", "function": {
-        "name": t.name, "description": t.description or "",
-        "parameters": t.parameters or {"type": "object", "properties": {}}}}
-        for t in req.tool_defs or []] or None
+    tools = [oa.function_tool(t.name, t.description, t.parameters)
+             for t in req.tool_defs or []] or None
     stream = req.stream is True
     started_job = await core.start_chat(
         request.app, model_name=model_name, messages=messages, tools=tools, options=options,
