@@ -268,7 +268,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         request.app, model_name=req.model, messages=native_messages(req), tools=_tools(req),
         options=_options(req), fmt=None, keep_alive=None, think=_think(req), stream=stream,
         started=started, relaxed_think=True,
-        ignored=[k for k in _IGNORED if data.get(k) is not None])
+        ignored=oa.ignored(data, _IGNORED))
     assert not isinstance(started_job, dict)      # messages are never empty here
     msg_id = "msg_" + secrets.token_hex(12)
     async with started_job as job:

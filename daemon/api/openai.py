@@ -127,8 +127,9 @@ _IGNORED_FIELDS = ("tool_choice", "logit_bias", "parallel_tool_calls", "user", "
                    "best_of", "echo", "prediction", "store", "metadata", "modalities", "audio")
 
 
-def _ignored(body: dict[str, Any]) -> list[str]:
-    return [k for k in _IGNORED_FIELDS if body.get(k) is not None]
+def ignored(body: dict[str, Any], fields: tuple[str, ...] = _IGNORED_FIELDS) -> list[str]:
+    """The ``fields`` (accepted, without effect) a request body sets, for the warning."""
+    return [k for k in fields if body.get(k) is not None]
 
 
 def _check_n(n: int | None) -> None:
@@ -373,7 +374,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         request.app, model_name=model_name, messages=messages, tools=body.tools or None,
         options=_options(body), fmt=_format(body.response_format), keep_alive=None,
         think=_think(body), stream=stream, started=started, logprobs=logprobs,
-        debug_render_only=body.debug_render_only, ignored=_ignored(data))
+        debug_render_only=body.debug_render_only, ignored=ignored(data))
     if isinstance(started_job, dict):          # _debug_render_only (messages are never empty)
         return json_response(started_job)
     cid = _completion_id("chatcmpl")
@@ -490,7 +491,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     think = core.resolve_think(model, (False, "", False), model_name)
     text = core.generate_prompt(model, prompt, suffix=suffix, think=think)
     merged = RequestOptions.build(model.record.parameters, options)
-    core.warn_ignored(model_name, _ignored(data))
+    core.warn_ignored(model_name, ignored(data))
     cid = _completion_id("cmpl")
     created = int(time.time())
     head = {"id": cid, "object": "text_completion", "created": created, "model": model_name,

@@ -266,7 +266,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     started_job = await core.start_chat(
         request.app, model_name=model_name, messages=messages, tools=tools, options=options,
         fmt=_format(req), keep_alive=None, think=_think(req), stream=stream, started=started,
-        ignored=[k for k in _IGNORED if data.get(k) is not None])
+        ignored=oa.ignored(data, _IGNORED))
     assert not isinstance(started_job, dict)
     result = _Result(req, model_name)
     async with started_job as job:
