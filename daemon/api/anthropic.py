@@ -290,44 +290,49 @@ async def messages(request: web.Request) -> web.StreamResponse:
 async def _stream(request: web.Request, job: core.Job, msg_id: str, model: str,
                   input_estimate: int) -> web.StreamResponse:
     """The Messages event stream. Content blocks are opened as their kind of output starts
-    (thinking, then text, then one block per tool call), each closed before the next opens."""
+    (thinking, then text, then one block per tool call), each closed before the next opens.
+    The events of a delta are held and go out in one write, with the next delta's when that
+    one has already arrived (:attr:`Delta.more`)."""
     out = LazyStream.events(request)
     index = -1
     open_kind: str | None = None          # "thinking" | "text" while a block is open
     tool_use = False
+
+    async def send(name: str, obj: dict[str, Any]) -> None:
+        await out.event(name, obj, hold=True)     # out.flush() after the delta
 
     async def block(kind: str, start: dict[str, Any]) -> None:
         nonlocal index, open_kind
         await close()
         index += 1
         open_kind = kind
-        await out.event("content_block_start", {"type": "content_block_start", "index": index,
-                                                "content_block": start})
+        await send("content_block_start", {"type": "content_block_start", "index": index,
+                                            "content_block": start})
 
     async def close() -> None:
         nonlocal open_kind
         if open_kind is not None:
-            await out.event("content_block_stop", {"type": "content_block_stop", "index": index})
+            await send("content_block_stop", {"type": "content_block_stop", "index": index})
             open_kind = None
 
     async def delta(body: dict[str, Any]) -> None:
-        await out.event("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                "delta": body})
+        await send("content_block_delta", {"type": "content_block_delta", "index": index,
+                                            "delta": body})
 
     try:
         async for ev in job.events():
             if not out.started:           # with the first output: an earlier error keeps its status
-                await out.event("message_start", {"type": "message_start", "message": {
+                await send("message_start", {"type": "message_start", "message": {
                     "id": msg_id, "type": "message", "role": "assistant", "model": model,
                     "content": [], "stop_reason": None, "stop_sequence": None,
                     "usage": {"input_tokens": input_estimate, "output_tokens": 0}}})
             if isinstance(ev, core.Done):
                 await close()
-                await out.event("message_delta", {
+                await send("message_delta", {
                     "type": "message_delta",
                     "delta": {"stop_reason": _stop_reason(ev, tool_use), "stop_sequence": None},
                     "usage": _usage(ev)})
-                await out.event("message_stop", {"type": "message_stop"})
+                await send("message_stop", {"type": "message_stop"})
                 break
             if ev.thinking:
                 if open_kind != "thinking":
@@ -343,6 +348,8 @@ async def _stream(request: web.Request, job: core.Job, msg_id: str, model: str,
                 await delta({"type": "input_json_delta", "partial_json": json.dumps(
                     call["function"].get("arguments") or {}, ensure_ascii=False)})
                 await close()
+            if not ev.more:
+                await out.flush()
             if out.gone:
                 break
     except (ApiError, CorralError) as e:

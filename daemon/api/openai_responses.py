@@ -287,8 +287,10 @@ async def _stream(request: web.Request, job: core.Job, result: _Result) -> web.S
     state = {"reasoning": False, "message": False}
 
     async def event(name: str, body: dict[str, Any]) -> None:
+        """Held: a delta's events go out in one write (out.flush() after it), with the next
+        delta's when that one has already arrived (``Delta.more``)."""
         nonlocal seq
-        await out.event(name, {"type": name, "sequence_number": seq, **body})
+        await out.event(name, {"type": name, "sequence_number": seq, **body}, hold=True)
         seq += 1
 
     async def end_reasoning() -> None:
@@ -365,6 +367,8 @@ async def _stream(request: web.Request, job: core.Job, result: _Result) -> web.S
                     await event("response.output_item.done", {"output_index": index,
                                                               "item": item})
                     index += 1
+            if not ev.more:
+                await out.flush()
             if out.gone:
                 break
     except (ApiError, CorralError) as e:

@@ -82,14 +82,19 @@ class LazyStream:
         """Named server-sent events (:meth:`event`), as the Anthropic and Responses APIs send."""
         return cls(request, _SSE, suffix=b"")
 
-    async def event(self, name: str, obj: Any) -> None:
-        """One ``event: name`` / ``data: <json>`` server-sent event."""
-        await self.write(b"event: " + name.encode() + b"\ndata: " + _enc.encode(obj) + b"\n\n")
+    async def event(self, name: str, obj: Any, *, hold: bool = False) -> None:
+        """One ``event: name`` / ``data: <json>`` server-sent event (``hold``: as :meth:`write`)."""
+        await self.write(b"event: " + name.encode() + b"\ndata: " + _enc.encode(obj) + b"\n\n",
+                         hold=hold)
+
+    async def flush(self) -> None:
+        """Send the held frames now, if any."""
+        if self._held and not self.gone:
+            await self._flush()
 
     async def finish(self) -> web.StreamResponse:
         """End the stream (held frames go out first); at least one frame must have been written."""
-        if self._held and not self.gone:
-            await self._flush()
+        await self.flush()
         assert self.response is not None
         if not self.gone:
             with contextlib.suppress(ConnectionError, RuntimeError):

@@ -224,28 +224,45 @@ async def test_error_after_stream_started(env: Env) -> None:
     env.assert_released()
 
 
+async def http_chunks(env: Env, path: str, body: dict) -> list[bytes]:
+    """A streamed answer as the HTTP chunks it arrived in (one per server write)."""
+    chunks, part = [], b""
+    async with env.session.post(env.url + path, json=body) as r:
+        assert r.status == 200
+        async for data, end_of_chunk in r.content.iter_chunks():
+            part += data
+            if end_of_chunk and part:
+                chunks.append(part)
+                part = b""
+    return chunks
+
+
 async def test_lines_arriving_together_leave_together(env: Env) -> None:
     """Tokens the runner sent in one write (its reader fell behind) reach the client in one
     HTTP chunk, native and OpenAI, not one write and wake-up each."""
     env.runner.script.together = True
-
-    async def http_chunks(path: str, body: dict) -> list[bytes]:
-        chunks, part = [], b""
-        async with env.session.post(env.url + path, json=body) as r:
-            assert r.status == 200
-            async for data, end_of_chunk in r.content.iter_chunks():
-                part += data
-                if end_of_chunk and part:
-                    chunks.append(part)
-                    part = b""
-        return chunks
-
-    native = await http_chunks("/api/generate", {"model": "chatml", "prompt": "x"})
+    native = await http_chunks(env, "/api/generate", {"model": "chatml", "prompt": "x"})
     assert len(native) == 1 and len(native[0].splitlines()) == 4  # 3 tokens + the final record
-    sse = await http_chunks("/v1/chat/completions", {"model": "chatml", "stream": True,
-                                                     "messages": [{"role": "user", "content": "x"}]})
+    sse = await http_chunks(env, "/v1/chat/completions", {
+        "model": "chatml", "stream": True, "messages": [{"role": "user", "content": "x"}]})
     assert b"".join(sse).count(b"data: ") >= 5
     assert len(sse) <= 2  # the tokens, the finish chunk and [DONE] (may follow on its own)
+    env.assert_released()
+
+
+@pytest.mark.parametrize("path, body, deltas", [
+    ("/v1/messages", {"max_tokens": 50, "messages": [{"role": "user", "content": "x"}]},
+     b"event: content_block_delta"),
+    ("/v1/responses", {"input": "x"}, b"event: response.output_text.delta"),
+])
+async def test_events_arriving_together_leave_together(env: Env, path: str, body: dict,
+                                                      deltas: bytes) -> None:
+    """The same for the named-event streams of /v1/messages and /v1/responses: the events of
+    tokens that arrived together (block starts and stops included) go out in one write."""
+    env.runner.script.together = True
+    sent = await http_chunks(env, path, {"model": "chatml", "stream": True, **body})
+    assert b"".join(sent).count(deltas) == 3
+    assert len(sent) == 1
     env.assert_released()
 
 
