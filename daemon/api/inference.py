@@ -421,22 +421,40 @@ class Job:
 
     async def events(self) -> AsyncIterator[Delta | Done]:
         """The deltas of the output (thinking split off, tool calls parsed, each token's
-        logprobs with the delta of the runner chunk that reported it), then one Done."""
+        logprobs with the delta of the runner chunk that reported it), then one Done.
+
+        ``Delta.more`` tells a writer it may hold the delta's frame for the next one. A delta is
+        therefore yielded only once it is known whether another one follows at once: while
+        runner events are already queued it is kept here, and goes out with ``more`` False as
+        soon as the queue is empty, also when the queued events produced nothing (text the
+        tool-call parser or the thinking splitter holds back) - a writer never waits on a frame
+        for output that is not coming."""
         assert self.body is not None
         last = 0.0
-        async with contextlib.aclosing(runner_lines(self.lease, self.body)) as lines:
-            async for ev, more in lines:
-                final = isinstance(ev, protocol.CompletionDone)
-                text = ev.content  # a chunk's text, or the whole text if the runner didn't stream
-                d = self._process(text) if text else Delta()
-                if ev.logprobs:
-                    d.logprobs = ev.logprobs
-                if d:
-                    if d.content or d.thinking or d.tool_calls:
-                        last = self._sent(last)
-                    d.more = more or final
-                    yield d
-                if final:
+        held: Delta | None = None
+        try:
+            async with contextlib.aclosing(runner_lines(self.lease, self.body)) as lines:
+                async for ev, more in lines:
+                    final = isinstance(ev, protocol.CompletionDone)
+                    text = ev.content  # a chunk's text, or the whole text if the runner didn't stream
+                    d = self._process(text) if text else Delta()
+                    if ev.logprobs:
+                        d.logprobs = ev.logprobs
+                    if d:
+                        if d.content or d.thinking or d.tool_calls:
+                            last = self._sent(last)
+                        if held is not None:
+                            held.more = True
+                            yield held
+                        held = d
+                    if not final:
+                        if not more and held is not None:
+                            held.more, d, held = False, held, None
+                            yield d
+                        continue
+                    if held is not None:
+                        held.more, d, held = True, held, None
+                        yield d
                     d = self._flush()
                     if d:
                         last = self._sent(last)
@@ -452,6 +470,11 @@ class Job:
                         eval_duration=ev.eval_duration,
                         total_duration=int((time.monotonic() - self.started) * 1e9),
                         load_duration=self.load_duration, tokens=ev.tokens)
+        except ApiError:
+            if held is not None:  # what came before the error still reaches the client
+                held.more, d, held = False, held, None
+                yield d
+            raise
 
     async def result(self) -> tuple[Delta, Done]:
         """A non-streamed answer: the whole output as one Delta (content and thinking joined,

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from types import SimpleNamespace
 
 import ollama
 import pytest
 
+from corral.daemon.api import inference as core
 from corral.daemon.api.errors import ApiError
 from corral.daemon.errors import Busy
 from corral.daemon.params import RequestOptions
+from corral.daemon.toolcalls import ToolCallParser
+from corral.runner import protocol
 from corral.scheduler import QUEUE_FULL_MESSAGE as QUEUE_FULL
 from corral.scheduler import Placement, RunnerOptions, RunnerView
 from tests.daemon.test_api_infer_support import Env, env  # noqa: F401 - fixture
@@ -392,3 +396,42 @@ async def test_unknown_paths_are_json(env: Env) -> None:
     async with env.session.get(env.url + "/v1/nothing") as r:
         assert r.status == 404
         assert (await r.json())["error"]["type"] == "not_found_error"
+
+
+async def test_a_held_delta_goes_out_when_the_queued_events_bring_nothing(monkeypatch):
+    """Delta.more lets a writer hold a frame for the next one. "Sure" arrives together with the
+    start of a tool call, which the parser keeps back; nothing else is queued, so "Sure" must
+    come with more=False at once, not wait (held) until the tool call is complete."""
+    release = asyncio.Event()
+    chunk = protocol.CompletionChunk
+
+    async def lines(lease, body):
+        yield chunk(content="Sure"), True
+        yield chunk(content='<tool_call>{"name": "get_'), False
+        await release.wait()  # the model is still writing its tool call
+        yield chunk(content='weather", "arguments": {}}'), False
+        yield protocol.CompletionDone(eval_count=3), False
+
+    monkeypatch.setattr(core, "runner_lines", lines)
+    job = core.Job(None, None, 0.0, 0, protocol.CompletionRequest(prompt="x"),
+                   tools=ToolCallParser("<tool_call>", [{"function": {"name": "get_weather"}}]))
+    events = job.events()
+    first = await asyncio.wait_for(anext(events), 5)
+    assert (first.content, first.more) == ("Sure", False)
+    release.set()
+    rest = [ev async for ev in events]
+    assert [d.tool_calls[0]["function"]["name"] for d in rest[:-1] if d.tool_calls] == ["get_weather"]
+    assert isinstance(rest[-1], core.Done)
+
+
+async def test_deltas_arriving_together_are_marked_to_go_together(monkeypatch):
+    async def lines(lease, body):
+        yield protocol.CompletionChunk(content="a"), True
+        yield protocol.CompletionChunk(content="b"), True
+        yield protocol.CompletionChunk(content="c"), False
+        yield protocol.CompletionDone(eval_count=3), False
+
+    monkeypatch.setattr(core, "runner_lines", lines)
+    job = core.Job(None, None, 0.0, 0, protocol.CompletionRequest(prompt="x"))
+    got = [(ev.content, ev.more) for ev in [ev async for ev in job.events()] if isinstance(ev, core.Delta)]
+    assert got == [("a", True), ("b", True), ("c", False)]
