@@ -347,7 +347,7 @@ class RunnerProcess:
                     await self._done.wait()
                     if self._events:
                         continue
-                    raise RunnerStartError(self.exit_reason(), oom=_looks_oom(self.last_error()),
+                    raise RunnerStartError(self.exit_reason(), oom=looks_oom(self.last_error()),
                                            kind="exited")
             # 3. Stall: no byte from the child for load_timeout seconds.
             timeout: float | None = None
@@ -452,17 +452,13 @@ class RunnerProcess:
             self._on_exit(self, self.returncode if self.returncode is not None else -1)
 
 
-def _looks_oom(text: str) -> bool:
+def looks_oom(text: str) -> bool:
+    """Ollama's ``IsOutOfMemory`` substrings (case-insensitive)."""
     t = text.lower()
     return any(s in t for s in (
         "out of memory", "out of device memory", "cudamalloc failed", "hipmalloc failed",
         "failed to allocate", "allocation failed", "not enough memory", "insufficient memory",
         "vk_error_out_of_device_memory", "erroroutofmemory"))
-
-
-def looks_oom(text: str) -> bool:
-    """Ollama's ``IsOutOfMemory`` substrings (case-insensitive)."""
-    return _looks_oom(text)
 
 
 def _stall_text(limit: float, last: str) -> str:
