@@ -180,6 +180,11 @@ class Lease:
         self._abort_message = message
         self.aborted.set()
 
+    def out_of_memory(self) -> None:
+        """The request failed with an out-of-memory error at run time: the supervisor is told
+        (:meth:`Supervisor.report_out_of_memory`, Ollama's runtime-OOM rule)."""
+        self._sup.report_out_of_memory(self)
+
     def failure(self) -> str | None:
         """Alias of :meth:`failure_reason` (the HTTP layer's name)."""
         return self.failure_reason()

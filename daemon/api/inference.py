@@ -36,7 +36,7 @@ from corral.daemon.api.keys import METRICS, STORE, SUPERVISOR
 from corral.daemon.errors import NotFound
 from corral.daemon.metrics import ModelSeries
 from corral.daemon.params import RequestOptions
-from corral.daemon.runners import GONE, RunnerProcess
+from corral.daemon.runners import GONE, RunnerProcess, looks_oom
 from corral.daemon.store import ModelRecord
 from corral.daemon.timefmt import now_utc
 from corral.runner import protocol
@@ -470,7 +470,10 @@ class Job:
                         eval_duration=ev.eval_duration,
                         total_duration=int((time.monotonic() - self.started) * 1e9),
                         load_duration=self.load_duration, tokens=ev.tokens)
-        except ApiError:
+        except ApiError as e:
+            report = getattr(self.lease, "out_of_memory", None)
+            if e.status == 500 and report is not None and looks_oom(e.message):
+                report()  # a runner out of memory at run time: every runner unloads when idle
             if held is not None:  # what came before the error still reaches the client
                 held.more, d, held = False, held, None
                 yield d

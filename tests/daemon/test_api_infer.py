@@ -435,3 +435,27 @@ async def test_deltas_arriving_together_are_marked_to_go_together(monkeypatch):
     job = core.Job(None, None, 0.0, 0, protocol.CompletionRequest(prompt="x"))
     got = [(ev.content, ev.more) for ev in [ev async for ev in job.events()] if isinstance(ev, core.Delta)]
     assert got == [("a", True), ("b", True), ("c", False)]
+
+
+@pytest.mark.parametrize("error, reported", [
+    ("CUDA error: out of memory", True),      # Ollama's runtime-OOM rule: every runner unloads
+    ("llama_decode failed (1)", False),
+])
+async def test_a_runner_out_of_memory_at_run_time_is_reported(monkeypatch, error, reported):
+    class Lease:
+        calls = 0
+
+        def out_of_memory(self):
+            Lease.calls += 1
+
+    async def lines(lease, body):
+        yield protocol.CompletionChunk(content="a"), False
+        raise ApiError(500, error)
+
+    monkeypatch.setattr(core, "runner_lines", lines)
+    job = core.Job(None, Lease(), 0.0, 0, protocol.CompletionRequest(prompt="x"))
+    seen = []
+    with pytest.raises(ApiError):
+        async for ev in job.events():
+            seen.append(ev.content)
+    assert seen == ["a"] and Lease.calls == int(reported)
