@@ -81,7 +81,7 @@ def _number(key: str, value: Any, cast: Callable[[Any], Any], kind: str) -> Any:
     except ValueError:
         try:
             return cast(float(text))
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: "inf" / "1e999" for an integer
             raise _bad_param(key, kind) from None
 
 

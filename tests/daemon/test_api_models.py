@@ -203,6 +203,8 @@ BAD_REQUESTS = [
      "not supported"),
     ("POST", "/api/create", b'{"model": "x", "from": "llama3.2", "stream": false, '
                             b'"parameters": {"num_ctx": "big"}}', 400, "num_ctx"),
+    ("POST", "/api/create", b'{"model": "x", "from": "llama3.2", "stream": false, '
+                            b'"parameters": {"num_ctx": "inf"}}', 400, "num_ctx"),
     ("POST", "/api/copy", b'{"source": "nope", "destination": "y"}', 404, 'model "nope" not found'),
     ("POST", "/api/copy", b'{"source": "llama3.2", "destination": "../../y"}', 400,
      'destination "../../y" is invalid'),
