@@ -33,6 +33,8 @@ from typing import Any, Literal
 import msgspec
 import structlog
 
+from corral.daemon.human import go_quote
+
 log = structlog.get_logger(__name__)
 
 TRACE = 5  # same value as corral.daemon.logging.TRACE (stdlib has no TRACE level)
@@ -74,10 +76,6 @@ _INT = re.compile(r"[+-]?[0-9]+")
 _UINT = re.compile(r"[0-9]+")
 
 
-def _go_quote(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def _parse_go_duration_ns(s: str) -> int:
     """Go's ``time.ParseDuration`` returning integer nanoseconds; ValueError with Go's text."""
     orig = s
@@ -88,20 +86,20 @@ def _parse_go_duration_ns(s: str) -> int:
     if s == "0":
         return 0
     if s == "":
-        raise ValueError(f"time: invalid duration {_go_quote(orig)}")
+        raise ValueError(f"time: invalid duration {go_quote(orig)}")
     total = 0
     while s:
         m = _NUM.match(s)
         assert m is not None  # the pattern matches the empty string
         whole, frac = m.group(1), m.group(2)
         if whole == "" and not frac:
-            raise ValueError(f"time: invalid duration {_go_quote(orig)}")
+            raise ValueError(f"time: invalid duration {go_quote(orig)}")
         s = s[m.end():]
         unit = _UNIT.match(s).group()  # type: ignore[union-attr]
         if unit == "":
-            raise ValueError(f"time: missing unit in duration {_go_quote(orig)}")
+            raise ValueError(f"time: missing unit in duration {go_quote(orig)}")
         if unit not in _NS:
-            raise ValueError(f"time: unknown unit {_go_quote(unit)} in duration {_go_quote(orig)}")
+            raise ValueError(f"time: unknown unit {go_quote(unit)} in duration {go_quote(orig)}")
         s = s[len(unit):]
         scale = _NS[unit]
         v = int(whole or "0") * scale
@@ -109,11 +107,11 @@ def _parse_go_duration_ns(s: str) -> int:
             v += int(frac) * scale // (10 ** len(frac))
         total += v
         if total > (1 << 63):
-            raise ValueError(f"time: invalid duration {_go_quote(orig)}")
+            raise ValueError(f"time: invalid duration {go_quote(orig)}")
     if neg:
         return -total
     if total > _MAX_NS:
-        raise ValueError(f"time: invalid duration {_go_quote(orig)}")
+        raise ValueError(f"time: invalid duration {go_quote(orig)}")
     return total
 
 

@@ -1,5 +1,6 @@
 """Ollama's ``format`` package: numbers as people read them (``/api/show`` details, ``corral
-show``). A leaf module: the store and the CLI both use it."""
+show``), and Go's string quoting for the texts Ollama prints quoted. A leaf module: the store,
+the CLI, the Modelfile and the config all use it."""
 
 from __future__ import annotations
 
@@ -15,3 +16,21 @@ def human_number(n: int) -> str:
     if n >= 1_000:
         return f"{n / 1_000:.0f}K"
     return str(n)
+
+
+_GO_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
+               "\t": "\\t", "\v": "\\v", "\\": "\\\\", '"': '\\"'}
+
+
+def go_quote(text: str) -> str:
+    """Go's ``%#v`` of a string (``strconv.Quote``): one line, ``\\n``/``\\"``/``\\\\`` escaped,
+    other control characters as ``\\xNN``; printable Unicode as is."""
+    out = []
+    for ch in text:
+        if ch in _GO_ESCAPES:
+            out.append(_GO_ESCAPES[ch])
+        elif ch < " " or ch == "\x7f":
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.daemon.errors import InvalidRequest
+from corral.daemon.human import go_quote
 from corral.daemon.params import KNOWN_PARAMS, type_param
 from corral.daemon.store import ModelRecord
 
@@ -214,24 +215,6 @@ def render(record: ModelRecord, *, system: str | None = None,
     for m in record.messages:
         out.append(f"MESSAGE {m.get('role', 'user')} {quote(str(m.get('content', '')))}")
     return "\n".join(out) + "\n"
-
-
-_GO_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
-               "\t": "\\t", "\v": "\\v", "\\": "\\\\", '"': '\\"'}
-
-
-def go_quote(text: str) -> str:
-    """Go's ``%#v`` of a string (``strconv.Quote``): one line, ``\\n``/``\\"``/``\\\\`` escaped,
-    other control characters as ``\\xNN``; printable Unicode as is."""
-    out = []
-    for ch in text:
-        if ch in _GO_ESCAPES:
-            out.append(_GO_ESCAPES[ch])
-        elif ch < " " or ch == "\x7f":
-            out.append(f"\\x{ord(ch):02x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
 
 
 def format_parameters(params: dict[str, Any]) -> str:
