@@ -155,10 +155,15 @@ class Lease:
         self.load_duration = load_duration  # seconds from acquire() to the grant
         self.session = session
         self._proc = proc
-        self.relay = proc        # the runner's event pipe: completion events (runner_lines)
         self._released = False
         self._abort_message: str | None = None
         self.aborted = asyncio.Event()      # set when the runner was lost under this lease
+
+    @property
+    def relay(self) -> RunnerProcess | None:
+        """The runner process whose event pipe carries this lease's completion events
+        (api/inference.runner_lines)."""
+        return self._proc
 
     @property
     def released(self) -> bool:
