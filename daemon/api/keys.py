@@ -12,7 +12,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from corral.daemon.config import Config
     from corral.daemon.metrics import Metrics
-    from corral.daemon.store import Store
+    from corral.daemon.models.store import Store
     from corral.daemon.supervisor import Supervisor
 
 CONFIG: web.AppKey["Config"] = web.AppKey("config")

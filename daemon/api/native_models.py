@@ -26,8 +26,8 @@ from corral.daemon.api.errors import ApiError
 from corral.daemon.api.keys import STORE, SUPERVISOR
 from corral.daemon.api.responses import LazyStream, json_response
 from corral.daemon.errors import CorralError, NotFound
-from corral.daemon.registry import Registry
-from corral.daemon.store import (
+from corral.daemon.models.registry import Registry
+from corral.daemon.models.store import (
     ModelName,
     ModelRecord,
     ProgressFn,

@@ -13,7 +13,7 @@ from corral.daemon.api import inference as core
 from corral.daemon.api.errors import ApiError
 from corral.daemon.errors import Busy
 from corral.daemon.params import RequestOptions
-from corral.daemon.toolcalls import ToolCallParser
+from corral.daemon.prompt.toolcalls import ToolCallParser
 from corral.runner import protocol
 from corral.scheduler import QUEUE_FULL_MESSAGE as QUEUE_FULL
 from corral.scheduler import Placement, RunnerOptions, RunnerView

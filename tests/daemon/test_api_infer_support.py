@@ -28,7 +28,7 @@ from corral.daemon.api.errors import ApiError
 from corral.daemon.errors import CorralError
 from corral.daemon.config import Config, HostAddr
 from corral.daemon.params import RequestOptions
-from corral.daemon.store import Store
+from corral.daemon.models.store import Store
 from corral.runner import protocol
 from corral.scheduler import RunnerView, SchedulerSnapshot
 from tests.daemon.registry_server import make_gguf

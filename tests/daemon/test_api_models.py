@@ -16,8 +16,8 @@ from aiohttp.test_utils import TestServer
 from corral.daemon.api.keys import STORE
 from corral.daemon.api.middleware_errors import error_middleware
 from corral.daemon.api.native_models import REGISTRY, VERSION, add_routes
-from corral.daemon.registry import Registry
-from corral.daemon.store import Store
+from corral.daemon.models.registry import Registry
+from corral.daemon.models.store import Store
 from tests.daemon.registry_server import OLLAMA_TEMPLATE, make_gguf
 from tests.daemon.test_store import ollama_store, tree
 

@@ -26,10 +26,10 @@ from hypothesis import HealthCheck, given, settings
 
 from corral.daemon.api.app import make_app
 from corral.daemon.api.native_models import REGISTRY
-from corral.daemon.registry import Registry
+from corral.daemon.models.registry import Registry
 from corral.daemon.config import Config, HostAddr, SimulatedGpu
 from corral.daemon.gpu import SimulatedProbe
-from corral.daemon.store import Store
+from corral.daemon.models.store import Store
 from corral.daemon.supervisor import Supervisor
 from tests.daemon.test_api_infer_support import THINKER
 from tests.daemon.test_store import tree

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from corral.daemon import cli
-from corral.daemon.interactive import Session, read_message, think_value
+from corral.daemon.cli import main as cli
+from corral.daemon.cli.interactive import Session, read_message, think_value
 
 
 class Scripted:

@@ -1,6 +1,6 @@
 """The embedded default model: its chat framing for a base model (expected prompts written by
 hand), its Modelfile parameters, and when ``corral serve`` imports and preloads it (the decision
-tree of ``corral.daemon.default_model``): into a fresh store only, unless CORRAL_DEFAULT_MODEL
+tree of ``corral.daemon.models.default_model``): into a fresh store only, unless CORRAL_DEFAULT_MODEL
 asks for it; an existing store is left as it is, except that corral's own earlier import of the
 default gets the current template and parameters.
 
@@ -20,12 +20,12 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from corral.daemon import default_model as dm
+from corral.daemon.models import default_model as dm
 from corral.daemon.config import Config
-from corral.daemon.modelfile import format_parameters
+from corral.daemon.models.modelfile import format_parameters
 from corral.daemon.serve import first_command, run
-from corral.daemon.store import Store
-from corral.daemon.templates import GoTemplate
+from corral.daemon.models.store import Store
+from corral.daemon.prompt.templates import GoTemplate
 from tests.e2e.conftest import free_port
 
 DEFAULT = "gemma3:270m"

@@ -21,10 +21,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from corral.daemon import registry as registry_mod
+from corral.daemon.models import registry as registry_mod
 from corral.daemon.api.native_models import REGISTRY
-from corral.daemon import store as store_mod
-from corral.daemon.store import MEDIA_MODEL, MEDIA_SYSTEM, Store
+from corral.daemon.models import store as store_mod
+from corral.daemon.models.store import MEDIA_MODEL, MEDIA_SYSTEM, Store
 from tests.daemon.registry_server import RegistryServer
 from tests.daemon.test_api_models import Server, srv  # noqa: F401 - fixture
 from tests.daemon.test_registry import reg  # noqa: F401 - fixture

@@ -26,7 +26,7 @@ from corral.daemon import logging as corral_logging
 from corral.daemon.api.app import make_app
 from corral.daemon.config import Config, HostAddr, SimulatedGpu
 from corral.daemon.gpu import SimulatedProbe
-from corral.daemon.store import Store
+from corral.daemon.models.store import Store
 from corral.daemon.supervisor import Supervisor
 
 GiB = 1 << 30

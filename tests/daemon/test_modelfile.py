@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from corral.daemon import modelfile
-from corral.daemon.store import Store
+from corral.daemon.models import modelfile
+from corral.daemon.models.store import Store
 
 FULL = '''\ufeff# a comment
 FROM ./tiny.gguf

@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from corral.daemon.api.app import make_app
 from corral.daemon.config import DEFAULT_PREDICT_LIMIT, Config
 from corral.daemon.gpu import SimulatedProbe
-from corral.daemon.store import Store
+from corral.daemon.models.store import Store
 from corral.daemon.supervisor import Supervisor
 
 SAFETY = float(os.environ.get("TEST_SAFETY", "30"))

@@ -15,8 +15,8 @@ import pytest
 
 from corral.daemon.errors import CorralError
 from corral.daemon.api.native_models import REGISTRY
-from corral.daemon.registry import Registry
-from corral.daemon.store import MEDIA_MODEL, MEDIA_PARAMS, MEDIA_TEMPLATE, Store
+from corral.daemon.models.registry import Registry
+from corral.daemon.models.store import MEDIA_MODEL, MEDIA_PARAMS, MEDIA_TEMPLATE, Store
 from tests.daemon.registry_server import OLLAMA_TEMPLATE, RegistryServer
 from tests.daemon.test_api_models import Server
 from tests.daemon.test_store import tree

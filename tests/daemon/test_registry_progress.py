@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from corral.daemon.registry import _Throttle
+from corral.daemon.models.registry import _Throttle
 
 
 async def test_held_back_report_is_sent_after_the_interval():

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from corral.daemon.store import Store
+from corral.daemon.models.store import Store
 from tests.daemon.registry_server import RegistryServer
 from tests.daemon.test_registry import publish_tiny, registry
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from corral.daemon import templates
+from corral.daemon.prompt import templates
 from corral.daemon.api.errors import http_status
 from corral.daemon.errors import CorralError
 from corral.daemon.human import human_number
-from corral.daemon.store import (
+from corral.daemon.models.store import (
     MEDIA_LICENSE,
     MEDIA_MODEL,
     MEDIA_PARAMS,

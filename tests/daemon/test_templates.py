@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from corral.daemon.gotemplate import go_json
-from corral.daemon.templates import GoTemplate, JinjaTemplate, TemplateError, for_model
-from corral.daemon.toolcalls import ToolCallParser
+from corral.daemon.prompt.gotemplate import go_json
+from corral.daemon.prompt.templates import GoTemplate, JinjaTemplate, TemplateError, for_model
+from corral.daemon.prompt.toolcalls import ToolCallParser
 from tests.daemon.test_templates_library import CONVERSATIONS, LIBRARY, TOOLS_CHATML
 
 

@@ -11,7 +11,7 @@ import itertools
 
 import pytest
 
-from corral.daemon import templates
+from corral.daemon.prompt import templates
 from corral.daemon.api.inference import ThinkingSplitter
 from corral.runner import protocol
 from tests.daemon.test_api_infer_support import THINKER, Env, env  # noqa: F401 - fixture

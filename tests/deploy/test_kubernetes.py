@@ -23,7 +23,7 @@ from corral.daemon.api.app import make_app
 from corral.daemon.config import Config
 from corral.daemon.gpu import SimulatedProbe
 from corral.daemon.serve import SHUTDOWN_BUDGET
-from corral.daemon.store import Store
+from corral.daemon.models.store import Store
 from corral.daemon.supervisor import Supervisor
 
 REPO = Path(__file__).resolve().parents[2]

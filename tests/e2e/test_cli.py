@@ -10,7 +10,7 @@ import sys
 import ollama
 import pytest
 
-from corral.daemon.cli import human_bytes, human_time_ago, human_time_until, table
+from corral.daemon.cli.main import human_bytes, human_time_ago, human_time_until, table
 from tests.e2e.conftest import start_daemon
 from tests.fixtures.tiny_gguf import write_tiny_llama
 

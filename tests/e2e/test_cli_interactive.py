@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.daemon.cli import human_bytes
+from corral.daemon.cli.main import human_bytes
 from tests.daemon.registry_server import RegistryServer, sha256
 from tests.e2e.conftest import Daemon, start_daemon
 from tests.fixtures.tiny_gguf import write_tiny_llama

@@ -19,7 +19,7 @@ import ollama
 import openai
 import pytest
 
-from corral.daemon.default_model import DEFAULT_PARAMETERS
+from corral.daemon.models.default_model import DEFAULT_PARAMETERS
 from tests.e2e.conftest import start_daemon, wait_until
 
 pytestmark = [pytest.mark.gemma, pytest.mark.slow, pytest.mark.timeout(300)]

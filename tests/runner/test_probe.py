@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.daemon import doctor, engine_probe
+from corral.daemon.cli import doctor, engine_probe
 from corral.daemon.config import Config
 from corral.runner.protocol import EngineProbe, decode_probe, encode
 from tests.daemon.fake_pynvml import FakeDevice, FakeNvml

@@ -35,7 +35,7 @@ import msgspec
 import structlog
 
 from corral.daemon.errors import CorralError, Failed, InvalidRequest, NotFound, RegistryUnreachable
-from corral.daemon.store import (
+from corral.daemon.models.store import (
     MANIFEST_V2,
     Layer,
     Manifest,

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from corral.daemon.gguf_info import GGUFInfo
-from corral.daemon.gotemplate import (
+from corral.daemon.prompt.gotemplate import (
     Action,
     Branch,
     Chain,

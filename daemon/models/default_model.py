@@ -81,7 +81,7 @@ import structlog
 from corral.daemon.config import Config
 from corral.daemon.errors import CorralError
 from corral.daemon.params import typed_params
-from corral.daemon.store import ModelRecord, Store, parse_name
+from corral.daemon.models.store import ModelRecord, Store, parse_name
 
 log = structlog.get_logger("corral.default_model")
 

@@ -39,7 +39,7 @@ from prompt_toolkit.output import create_output
 from prompt_toolkit.shortcuts import ProgressBar
 from prompt_toolkit.shortcuts.progress_bar.formatters import Formatter
 
-from corral.daemon.cli_output import CliError, human_bytes, print_metrics, print_show, write
+from corral.daemon.cli.output import CliError, human_bytes, print_metrics, print_show, write
 from corral.daemon.errors import InvalidRequest
 from corral.daemon.params import type_param
 

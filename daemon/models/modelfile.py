@@ -18,7 +18,7 @@ from typing import Any
 from corral.daemon.errors import InvalidRequest
 from corral.daemon.human import go_quote
 from corral.daemon.params import KNOWN_PARAMS, type_param
-from corral.daemon.store import ModelRecord
+from corral.daemon.models.store import ModelRecord
 
 COMMANDS = ("from", "license", "template", "system", "adapter", "draft", "renderer", "parser",
             "parameter", "message", "requires")

@@ -20,10 +20,10 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 
-from corral.daemon import doctor
-from corral.daemon.cli_output import CliError, human_bytes, out, print_metrics, print_show, write
+from corral.daemon.cli import doctor
+from corral.daemon.cli.output import CliError, human_bytes, out, print_metrics, print_show, write
 from corral.daemon.config import Config
-from corral.daemon.interactive import (
+from corral.daemon.cli.interactive import (
     Progress,
     ReplyPrinter,
     Session,
@@ -32,7 +32,7 @@ from corral.daemon.interactive import (
     think_value,
 )
 from corral.daemon.logging import configure
-from corral.daemon.modelfile import ModelfileError, parse
+from corral.daemon.models.modelfile import ModelfileError, parse
 from corral.daemon.version import VERSION
 
 
@@ -399,6 +399,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     # Run the imported module, not this __main__ copy: its classes (CliError) are the ones the
     # modules it calls (interactive) catch.
-    from corral.daemon.cli import main as _main
+    from corral.daemon.cli.main import main as _main
 
     sys.exit(_main())

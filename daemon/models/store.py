@@ -57,10 +57,10 @@ from corral.daemon.errors import (
     NotFound,
     model_not_found,
 )
-from corral.daemon.gotemplate import TemplateError
+from corral.daemon.prompt.gotemplate import TemplateError
 from corral.daemon.human import human_number
 from corral.daemon.params import typed_params
-from corral.daemon.templates import GoTemplate
+from corral.daemon.prompt.templates import GoTemplate
 
 log = structlog.get_logger(__name__)
 

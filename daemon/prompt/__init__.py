@@ -1,0 +1,1 @@
+"""Prompts: the Go text/template interpreter, template rendering (Go and GGUF Jinja), tool calls in model output."""
