@@ -36,10 +36,20 @@ KNOBS = {"tokens_per_second": 100000.0, "default_num_predict": 8}
 
 
 def spawn_runner(model: Path) -> tuple[subprocess.Popen, str]:
-    spec = {"type": "launch", "model_path": str(model), "engine": "fake", "num_ctx": 2048,
-            "parallel": 1, "fake": KNOBS}
-    proc = subprocess.Popen([sys.executable, "-m", "corral.runner"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    spec = {
+        "type": "launch",
+        "model_path": str(model),
+        "engine": "fake",
+        "num_ctx": 2048,
+        "parallel": 1,
+        "fake": KNOBS,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corral.runner"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     assert proc.stdin and proc.stdout
     proc.stdin.write((json.dumps(spec) + "\n").encode())
     proc.stdin.flush()
@@ -54,11 +64,22 @@ def spawn_runner(model: Path) -> tuple[subprocess.Popen, str]:
 
 def spawn_daemon(models: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_MODELS": str(models),
-           "CORRAL_DEFAULT_MODEL": "", "CORRAL_RUNNER_ENGINE": "fake",
-           "CORRAL_FAKE_KNOBS": json.dumps(KNOBS), "OLLAMA_KEEP_ALIVE": "-1"}
-    proc = subprocess.Popen([sys.executable, "-m", "corral.daemon.cli", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "OLLAMA_HOST": f"127.0.0.1:{port}",
+        "OLLAMA_MODELS": str(models),
+        "CORRAL_DEFAULT_MODEL": "",
+        "CORRAL_RUNNER_ENGINE": "fake",
+        "CORRAL_FAKE_KNOBS": json.dumps(KNOBS),
+        "OLLAMA_KEEP_ALIVE": "-1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corral.daemon.cli", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stderr
     for line in proc.stderr:
         if "Listening" in line:
@@ -104,12 +125,18 @@ async def main(n: int) -> None:
                 digest = "sha256:" + hashlib.sha256(model.read_bytes()).hexdigest()
                 async with s.post(f"{daemon_url}/api/blobs/{digest}", data=model.read_bytes()) as r:
                     assert r.status in (200, 201)
-                async with s.post(f"{daemon_url}/api/create", json={
-                        "model": "tiny", "files": {"tiny.gguf": digest}, "stream": False}) as r:
+                async with s.post(
+                    f"{daemon_url}/api/create",
+                    json={"model": "tiny", "files": {"tiny.gguf": digest}, "stream": False},
+                ) as r:
                     assert r.status == 200, await r.text()
                 direct_body = {"prompt": "hi", "options": {"num_predict": 8}, "stream": True}
-                daemon_body = {"model": "tiny", "prompt": "hi", "options": {"num_predict": 8},
-                               "stream": True}
+                daemon_body = {
+                    "model": "tiny",
+                    "prompt": "hi",
+                    "options": {"num_predict": 8},
+                    "stream": True,
+                }
                 # warm up both paths (the daemon loads its runner here)
                 for _ in range(5):
                     await ttft(s, f"{runner_url}/completion", direct_body)
@@ -120,20 +147,32 @@ async def main(n: int) -> None:
                     via.append(await ttft(s, f"{daemon_url}/api/generate", daemon_body))
                 added = [(b - a) * 1000 for a, b in zip(direct, via)]
                 p50_added = (statistics.median(via) - statistics.median(direct)) * 1000
-                print(f"TTFT direct  p50 {statistics.median(direct)*1000:.3f} ms  "
-                      f"p99 {pct(direct, 99)*1000:.3f} ms")
-                print(f"TTFT daemon  p50 {statistics.median(via)*1000:.3f} ms  "
-                      f"p99 {pct(via, 99)*1000:.3f} ms")
-                print(f"added TTFT   p50 {p50_added:.3f} ms  (paired p50 "
-                      f"{statistics.median(added):.3f} ms, p99 {pct(added, 99):.3f} ms)  "
-                      f"target p50 <= 2 ms: {'OK' if p50_added <= 2 else 'MISSED'}")
+                print(
+                    f"TTFT direct  p50 {statistics.median(direct) * 1000:.3f} ms  "
+                    f"p99 {pct(direct, 99) * 1000:.3f} ms"
+                )
+                print(
+                    f"TTFT daemon  p50 {statistics.median(via) * 1000:.3f} ms  "
+                    f"p99 {pct(via, 99) * 1000:.3f} ms"
+                )
+                print(
+                    f"added TTFT   p50 {p50_added:.3f} ms  (paired p50 "
+                    f"{statistics.median(added):.3f} ms, p99 {pct(added, 99):.3f} ms)  "
+                    f"target p50 <= 2 ms: {'OK' if p50_added <= 2 else 'MISSED'}"
+                )
                 small_direct = {"prompt": "hi", "options": {"num_predict": 1}, "stream": False}
-                small_daemon = {"model": "tiny", "prompt": "hi", "options": {"num_predict": 1},
-                                "stream": False}
+                small_daemon = {
+                    "model": "tiny",
+                    "prompt": "hi",
+                    "options": {"num_predict": 1},
+                    "stream": False,
+                }
                 r_direct = await rps(s, f"{runner_url}/completion", small_direct, n)
                 r_daemon = await rps(s, f"{daemon_url}/api/generate", small_daemon, n)
-                print(f"tiny non-streaming requests/s: direct {r_direct:.0f}, daemon "
-                      f"{r_daemon:.0f}, ratio {r_daemon / r_direct:.2f}")
+                print(
+                    f"tiny non-streaming requests/s: direct {r_direct:.0f}, daemon "
+                    f"{r_daemon:.0f}, ratio {r_daemon / r_direct:.2f}"
+                )
         finally:
             for p in (runner, daemon):
                 p.terminate()

@@ -62,13 +62,21 @@ class Baseline:
     def __init__(self, model: str, threads: int) -> None:
         import llama_cpp
 
-        self.llm = llama_cpp.Llama(model, n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                                   verbose=False)
+        self.llm = llama_cpp.Llama(
+            model,
+            n_ctx=1024,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_batch=512,
+            verbose=False,
+        )
 
     def rate(self, tokens: int) -> float:
         t_first = t_last = 0.0
         n = 0
-        for _ in self.llm.create_completion(chat(PROMPTS[0]), max_tokens=tokens, temperature=0.0, stream=True):
+        for _ in self.llm.create_completion(
+            chat(PROMPTS[0]), max_tokens=tokens, temperature=0.0, stream=True
+        ):
             now = time.perf_counter()
             t_first = t_first or now
             t_last = now
@@ -76,8 +84,9 @@ class Baseline:
         return (n - 1) / (t_last - t_first)
 
 
-def decode_ceiling(model: str, threads: int, sizes=(1, 2, 4, 8), steps: int = 30,
-                   logits: bool = True) -> dict[int, float]:
+def decode_ceiling(
+    model: str, threads: int, sizes=(1, 2, 4, 8), steps: int = 30, logits: bool = True
+) -> dict[int, float]:
     """tok/s of bare llama_decode calls holding one token of each of n sequences (no sampling,
     no Python per token): what batching can give on this machine at best. ``logits=False``
     skips the output projection (the 262k-vocab matmul) to show its share."""
@@ -100,7 +109,12 @@ def decode_ceiling(model: str, threads: int, sizes=(1, 2, 4, 8), steps: int = 30
         n = 0
         for s in seqs:
             for _ in range(per_seq):
-                b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = 100 + pos[s] % 1000, pos[s], 1, logits
+                b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = (
+                    100 + pos[s] % 1000,
+                    pos[s],
+                    1,
+                    logits,
+                )
                 b.seq_id[n][0] = s
                 pos[s] += 1
                 n += 1
@@ -122,8 +136,12 @@ def decode_ceiling(model: str, threads: int, sizes=(1, 2, 4, 8), steps: int = 30
 
 class Runner:
     def __init__(self, spec: LaunchSpec) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "corral.runner"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "corral.runner"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         self.proc.stdin.write(encode(spec) + b"\n")
         self.proc.stdin.flush()
         while True:
@@ -160,15 +178,23 @@ async def stream(session: aiohttp.ClientSession, url: str, prompt: str, tokens: 
                 done = line
             else:
                 raise RuntimeError(line)
-    return {"ttft": t_first - t0, "first": t_first, "last": t_last, "start": t0, "end": time.perf_counter(),
-            "eval_count": done["eval_count"], "chunks": chunks}
+    return {
+        "ttft": t_first - t0,
+        "first": t_first,
+        "last": t_last,
+        "start": t0,
+        "end": time.perf_counter(),
+        "eval_count": done["eval_count"],
+        "chunks": chunks,
+    }
 
 
 async def concurrent(url: str, n: int, tokens: int) -> tuple[float, list[float], list[dict]]:
     async with aiohttp.ClientSession() as session:
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(stream(session, url, PROMPTS[i % len(PROMPTS)] + f" ({n})", tokens)
-                                         for i in range(n)))
+        results = await asyncio.gather(
+            *(stream(session, url, PROMPTS[i % len(PROMPTS)] + f" ({n})", tokens) for i in range(n))
+        )
         wall = time.perf_counter() - t0
     total = sum(r["eval_count"] for r in results)
     return total / wall, [r["ttft"] for r in results], results
@@ -195,8 +221,15 @@ def main() -> None:
 
     # (a) alternate the two so that load from other processes hits both alike
     base_llm = Baseline(args.model, args.threads)
-    runner = Runner(LaunchSpec(model_path=args.model, num_ctx=args.num_ctx, parallel=8,
-                               num_thread=args.threads, num_batch=512))
+    runner = Runner(
+        LaunchSpec(
+            model_path=args.model,
+            num_ctx=args.num_ctx,
+            parallel=8,
+            num_thread=args.threads,
+            num_batch=512,
+        )
+    )
     try:
         base_llm.rate(16)  # warm-up
         asyncio.run(one_stream_rate(runner.url, 16))
@@ -206,8 +239,12 @@ def main() -> None:
             ones.append(asyncio.run(one_stream_rate(runner.url, args.tokens)))
         base, one = statistics.median(bases), statistics.median(ones)
         base_llm.llm.close()
-        print(f"(a) llama_cpp.Llama.create_completion in-process: {base:6.1f} tok/s  (runs: {', '.join(f'{x:.1f}' for x in bases)})")
-        print(f"(a) runner over HTTP, one stream:               {one:6.1f} tok/s  (runs: {', '.join(f'{x:.1f}' for x in ones)})")
+        print(
+            f"(a) llama_cpp.Llama.create_completion in-process: {base:6.1f} tok/s  (runs: {', '.join(f'{x:.1f}' for x in bases)})"
+        )
+        print(
+            f"(a) runner over HTTP, one stream:               {one:6.1f} tok/s  (runs: {', '.join(f'{x:.1f}' for x in ones)})"
+        )
         print(f"(a) ratio {one / base:.2f} (target >= 0.95)", flush=True)
         agg: dict[int, float] = {}
         for n in (1, 2, 4, 8):
@@ -218,15 +255,27 @@ def main() -> None:
                 ttfts += tt
             agg[n] = statistics.median(rates)
             runs = ", ".join(f"{x:.0f}" for x in rates)
-            print(f"(b) {n} concurrent streams: aggregate {agg[n]:6.1f} tok/s  scaling {agg[n] / agg.get(1, agg[n]):.2f}x (runs: {runs})"
-                  f"   (c) TTFT p50 {statistics.median(ttfts) * 1000:6.0f} ms", flush=True)
+            print(
+                f"(b) {n} concurrent streams: aggregate {agg[n]:6.1f} tok/s  scaling {agg[n] / agg.get(1, agg[n]):.2f}x (runs: {runs})"
+                f"   (c) TTFT p50 {statistics.median(ttfts) * 1000:6.0f} ms",
+                flush=True,
+            )
         ceiling = decode_ceiling(args.model, args.threads)
-        print("ceiling: bare llama_decode, one token of n sequences per call: "
-              + ", ".join(f"{k}: {v:.0f} tok/s ({v / ceiling[1]:.2f}x)" for k, v in ceiling.items()))
+        print(
+            "ceiling: bare llama_decode, one token of n sequences per call: "
+            + ", ".join(f"{k}: {v:.0f} tok/s ({v / ceiling[1]:.2f}x)" for k, v in ceiling.items())
+        )
         bare = decode_ceiling(args.model, args.threads, logits=False)
-        print("ms per call, of which output projection (same call without logits subtracted): "
-              + ", ".join(f"{k}: {1e3 * k / v:.1f} ({1e3 * k / v - 1e3 * k / bare[k]:.1f})" for k, v in ceiling.items()))
-        print(f"summary: ratio_a={one / base:.3f} scaling_4={agg[4] / agg[1]:.2f} scaling_8={agg[8] / agg[1]:.2f}")
+        print(
+            "ms per call, of which output projection (same call without logits subtracted): "
+            + ", ".join(
+                f"{k}: {1e3 * k / v:.1f} ({1e3 * k / v - 1e3 * k / bare[k]:.1f})"
+                for k, v in ceiling.items()
+            )
+        )
+        print(
+            f"summary: ratio_a={one / base:.3f} scaling_4={agg[4] / agg[1]:.2f} scaling_8={agg[8] / agg[1]:.2f}"
+        )
     finally:
         runner.close()
 

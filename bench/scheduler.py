@@ -44,18 +44,35 @@ PARALLEL = 4
 def facts(i: int) -> ModelFacts:
     blocks = 32
     size = (1 + i % 3) * GB
-    return ModelFacts(architecture="llama", file_size=size, block_count=blocks,
-                      n_ctx_train=8192, embedding_length=4096, head_count=32, head_count_kv=8,
-                      vocab_size=128256, layer_bytes=(size // blocks,) * blocks)
+    return ModelFacts(
+        architecture="llama",
+        file_size=size,
+        block_count=blocks,
+        n_ctx_train=8192,
+        embedding_length=4096,
+        head_count=32,
+        head_count_kv=8,
+        vocab_size=128256,
+        layer_bytes=(size // blocks,) * blocks,
+    )
 
 
 def main(events: int = 20000) -> dict[str, float]:
     rng = random.Random(7)
-    gpus = tuple(Gpu(id=str(i), name="Sim A100", library="cuda", total=80 * GB, free=80 * GB)
-                 for i in range(4))
+    gpus = tuple(
+        Gpu(id=str(i), name="Sim A100", library="cuda", total=80 * GB, free=80 * GB)
+        for i in range(4)
+    )
     inv = Inventory(gpus=gpus, host=HostMemory(total=512 * GB, free=480 * GB))
-    s = Scheduler(Limits(max_loaded=RUNNERS, num_parallel=PARALLEL, max_queue=QUEUED + 64,
-                         default_keep_alive=300.0), inv)
+    s = Scheduler(
+        Limits(
+            max_loaded=RUNNERS,
+            num_parallel=PARALLEL,
+            max_queue=QUEUED + 64,
+            default_keep_alive=300.0,
+        ),
+        inv,
+    )
     opts = RunnerOptions(num_ctx=4096, num_ctx_auto=True, num_batch_auto=True)
     models = [(f"/blobs/sha256-{i:064x}", facts(i)) for i in range(RUNNERS)]
     now = 0.0
@@ -146,12 +163,20 @@ def main(events: int = 20000) -> dict[str, float]:
 if __name__ == "__main__":
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
     res = main(n)
-    print(f"scheduler dispatch, {RUNNERS} runners x {PARALLEL} slots, ~{QUEUED} queued requests, "
-          f"{res['events']} events")
-    print(f"  p50 {res['p50_us']:.1f} us   p99 {res['p99_us']:.1f} us   max {res['max_us']:.1f} us"
-          f"   mean {res['mean_us']:.1f} us")
-    print(f"  at end: {res['runners']} runners, {res['queued_at_end']} queued, "
-          f"{res['in_flight_at_end']} in flight")
-    print("  p99 by event:", ", ".join(f"{k} {v:.1f} us"
-                                       for k, v in sorted(res["p99_us_by_event"].items())))
+    print(
+        f"scheduler dispatch, {RUNNERS} runners x {PARALLEL} slots, ~{QUEUED} queued requests, "
+        f"{res['events']} events"
+    )
+    print(
+        f"  p50 {res['p50_us']:.1f} us   p99 {res['p99_us']:.1f} us   max {res['max_us']:.1f} us"
+        f"   mean {res['mean_us']:.1f} us"
+    )
+    print(
+        f"  at end: {res['runners']} runners, {res['queued_at_end']} queued, "
+        f"{res['in_flight_at_end']} in flight"
+    )
+    print(
+        "  p99 by event:",
+        ", ".join(f"{k} {v:.1f} us" for k, v in sorted(res["p99_us_by_event"].items())),
+    )
     print("  target p99 < 200 us:", "met" if res["p99_us"] < 200 else "NOT met")

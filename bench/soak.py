@@ -49,20 +49,32 @@ class Daemon:
     def __init__(self, models: Path, args: argparse.Namespace) -> None:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "CORRAL_"))}
-        env.update({"OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_MODELS": str(models),
-                    "CORRAL_DEFAULT_MODEL": "", "OLLAMA_MAX_LOADED_MODELS": str(args.max_loaded),
-                    "OLLAMA_NUM_PARALLEL": "4", "OLLAMA_DEBUG": "1"})
+        env.update(
+            {
+                "OLLAMA_HOST": f"127.0.0.1:{port}",
+                "OLLAMA_MODELS": str(models),
+                "CORRAL_DEFAULT_MODEL": "",
+                "OLLAMA_MAX_LOADED_MODELS": str(args.max_loaded),
+                "OLLAMA_NUM_PARALLEL": "4",
+                "OLLAMA_DEBUG": "1",
+            }
+        )
         if args.engine == "fake":
             env.update({"CORRAL_RUNNER_ENGINE": "fake", "CORRAL_FAKE_KNOBS": json.dumps(KNOBS)})
-        self.proc = subprocess.Popen([sys.executable, "-m", "corral.daemon.cli", "serve"],
-                                     env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "corral.daemon.cli", "serve"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.url = f"http://127.0.0.1:{port}"
         self.loads = 0
         self.crashes = 0
         listening = threading.Event()
 
-        def pump() -> None:   # count lines as they come; keep nothing (a soak log is long)
+        def pump() -> None:  # count lines as they come; keep nothing (a soak log is long)
             assert self.proc.stderr is not None
             for line in self.proc.stderr:
                 if "Listening" in line:
@@ -80,8 +92,9 @@ class Daemon:
 
     def sample(self) -> tuple[float, int, int]:
         """(RSS MiB, open fds, runner processes) of the daemon."""
-        runners = [c for c in self.ps.children(recursive=True)
-                   if "corral.runner" in " ".join(c.cmdline())]
+        runners = [
+            c for c in self.ps.children(recursive=True) if "corral.runner" in " ".join(c.cmdline())
+        ]
         return self.ps.memory_info().rss / 2**20, self.ps.num_fds(), len(runners)
 
     def stop(self) -> int:
@@ -94,11 +107,12 @@ class Stats:
         self.requests = 0
         self.errors: list[str] = []
         self.cancelled = 0
-        self.latencies: list[float] = []   # this interval, seconds
+        self.latencies: list[float] = []  # this interval, seconds
 
 
-async def one(s: aiohttp.ClientSession, url: str, model: str, rng: random.Random,
-              stats: Stats) -> None:
+async def one(
+    s: aiohttp.ClientSession, url: str, model: str, rng: random.Random, stats: Stats
+) -> None:
     kind = rng.choices(["generate", "chat", "embed", "cancel"], [45, 30, 12, 13])[0]
     stream = rng.random() < 0.6
     opts = {"num_predict": rng.randint(4, 32), "temperature": 0.7}
@@ -106,12 +120,20 @@ async def one(s: aiohttp.ClientSession, url: str, model: str, rng: random.Random
         path, body = "/api/embed", {"model": model, "input": ["soak", f"{rng.random()}"]}
     elif kind == "chat":
         path = "/api/chat"
-        body = {"model": model, "stream": stream, "options": opts,
-                "messages": [{"role": "user", "content": f"hello {rng.randint(0, 9999)}"}]}
+        body = {
+            "model": model,
+            "stream": stream,
+            "options": opts,
+            "messages": [{"role": "user", "content": f"hello {rng.randint(0, 9999)}"}],
+        }
     else:
         path = "/api/generate"
-        body = {"model": model, "prompt": f"soak {rng.randint(0, 9999)}", "options": opts,
-                "stream": stream or kind == "cancel"}
+        body = {
+            "model": model,
+            "prompt": f"soak {rng.randint(0, 9999)}",
+            "options": opts,
+            "stream": stream or kind == "cancel",
+        }
     t0 = time.monotonic()
     try:
         async with s.post(url + path, json=body) as r:
@@ -119,7 +141,7 @@ async def one(s: aiohttp.ClientSession, url: str, model: str, rng: random.Random
                 stats.errors.append(f"{path} {r.status} {(await r.text())[:200]}")
                 return
             if kind == "cancel":
-                await r.content.readline()   # the first token, then the client leaves
+                await r.content.readline()  # the first token, then the client leaves
                 r.close()
                 stats.cancelled += 1
                 return
@@ -129,10 +151,13 @@ async def one(s: aiohttp.ClientSession, url: str, model: str, rng: random.Random
                     stats.errors.append(f"{path} 200 {data['error'][:200]}")
                 return
             lines = [json.loads(x) async for x in r.content if x.strip()]
-            if sum(1 for x in lines if x.get("done")) != 1 or not lines[-1].get("done") \
-                    or any("error" in x for x in lines):
+            if (
+                sum(1 for x in lines if x.get("done")) != 1
+                or not lines[-1].get("done")
+                or any("error" in x for x in lines)
+            ):
                 stats.errors.append(f"{path} stream ended badly: {lines[-1:]}")
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         stats.errors.append(f"{path} {exc!r}")
     finally:
         stats.requests += 1
@@ -147,10 +172,15 @@ async def soak(args: argparse.Namespace) -> int:
         try:
             timeout = aiohttp.ClientTimeout(total=120)
             async with aiohttp.ClientSession(timeout=timeout) as s:
-                models = [await create_from_file(
-                    s, d.url, f"soak{k}",
-                    write_tiny_llama(root / f"m{k}.gguf", seed=k + 1).read_bytes())
-                    for k in range(args.models)]
+                models = [
+                    await create_from_file(
+                        s,
+                        d.url,
+                        f"soak{k}",
+                        write_tiny_llama(root / f"m{k}.gguf", seed=k + 1).read_bytes(),
+                    )
+                    for k in range(args.models)
+                ]
                 stats = Stats()
                 end = time.monotonic() + args.seconds
                 t0 = time.monotonic()
@@ -162,28 +192,38 @@ async def soak(args: argparse.Namespace) -> int:
 
                 tasks = [asyncio.create_task(client(c)) for c in range(args.clients)]
                 samples = []
-                print(f"soak: {args.seconds:.0f} s, {args.clients} clients, {args.models} models,"
-                      f" OLLAMA_MAX_LOADED_MODELS={args.max_loaded}, OLLAMA_NUM_PARALLEL=4, "
-                      f"engine {args.engine}, {os.cpu_count()} CPUs", flush=True)
-                print(f"{'t s':>6} {'requests':>9} {'errors':>7} {'cancel':>7} {'p50 ms':>8} "
-                      f"{'p99 ms':>8} {'RSS MiB':>8} {'fds':>5} {'runners':>7} {'loads':>6} "
-                      f"{'load avg':>8}", flush=True)
+                print(
+                    f"soak: {args.seconds:.0f} s, {args.clients} clients, {args.models} models,"
+                    f" OLLAMA_MAX_LOADED_MODELS={args.max_loaded}, OLLAMA_NUM_PARALLEL=4, "
+                    f"engine {args.engine}, {os.cpu_count()} CPUs",
+                    flush=True,
+                )
+                print(
+                    f"{'t s':>6} {'requests':>9} {'errors':>7} {'cancel':>7} {'p50 ms':>8} "
+                    f"{'p99 ms':>8} {'RSS MiB':>8} {'fds':>5} {'runners':>7} {'loads':>6} "
+                    f"{'load avg':>8}",
+                    flush=True,
+                )
                 while time.monotonic() < end:
                     await asyncio.sleep(min(args.interval, max(0.0, end - time.monotonic())))
                     lat, stats.latencies = stats.latencies, []
                     rss, fds, runners = d.sample()
                     samples.append((rss, fds))
-                    print(f"{time.monotonic() - t0:6.0f} {stats.requests:9d} "
-                          f"{len(stats.errors):7d} {stats.cancelled:7d} "
-                          f"{pct(lat, 50) * 1000:8.0f} {pct(lat, 99) * 1000:8.0f} {rss:8.1f} "
-                          f"{fds:5d} {runners:7d} {d.loads:6d} {os.getloadavg()[0]:8.1f}",
-                          flush=True)
+                    print(
+                        f"{time.monotonic() - t0:6.0f} {stats.requests:9d} "
+                        f"{len(stats.errors):7d} {stats.cancelled:7d} "
+                        f"{pct(lat, 50) * 1000:8.0f} {pct(lat, 99) * 1000:8.0f} {rss:8.1f} "
+                        f"{fds:5d} {runners:7d} {d.loads:6d} {os.getloadavg()[0]:8.1f}",
+                        flush=True,
+                    )
                 await asyncio.gather(*tasks)
             rss, fds, _ = d.sample()
-            print(f"summary: {stats.requests} requests ({stats.cancelled} abandoned on purpose) "
-                  f"in {time.monotonic() - t0:.0f} s, {len(stats.errors)} errors, {d.loads} "
-                  f"runner loads, {d.crashes} runner failures; RSS {samples[0][0]:.1f} -> "
-                  f"{rss:.1f} MiB, fds {samples[0][1]} -> {fds} (first sample -> end)")
+            print(
+                f"summary: {stats.requests} requests ({stats.cancelled} abandoned on purpose) "
+                f"in {time.monotonic() - t0:.0f} s, {len(stats.errors)} errors, {d.loads} "
+                f"runner loads, {d.crashes} runner failures; RSS {samples[0][0]:.1f} -> "
+                f"{rss:.1f} MiB, fds {samples[0][1]} -> {fds} (first sample -> end)"
+            )
             for e in stats.errors[:20]:
                 print("  error:", e)
             return 1 if stats.errors else 0

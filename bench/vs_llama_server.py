@@ -114,7 +114,6 @@ corral has the runner -> daemon pipe (one write per step) and the daemon's send;
 threads keep libgomp's default spin; its weights are the mapped file (4 KiB page-cache pages).
 """
 
-
 from __future__ import annotations
 
 import argparse
@@ -150,9 +149,13 @@ def load() -> str:
 
 def build(variant: str) -> Path:
     """The folder with llama-server and llama-batched-bench (built once, then cached)."""
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "build-llama-server.sh"), variant],
-                         stdout=subprocess.PIPE, text=True, check=True,
-                         env={**os.environ, "PYTHON": sys.executable})
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build-llama-server.sh"), variant],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     return Path(out.stdout.strip().splitlines()[-1])
 
 
@@ -162,6 +165,7 @@ def drain(pipe) -> None:
 
 
 # ---- the two servers ---------------------------------------------------------------------------
+
 
 @dataclass
 class Result:
@@ -196,13 +200,34 @@ def server_env(args) -> dict[str, str]:
 class LlamaServer:
     label = "llama-server"
 
-    def __init__(self, binary: Path, model: Path, n: int, threads: int, env: dict[str, str]) -> None:
+    def __init__(
+        self, binary: Path, model: Path, n: int, threads: int, env: dict[str, str]
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [str(binary), "-m", str(model), "-np", str(n), "-c", str(n * 4096), "-t", str(threads),
-             "-tb", str(threads), "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+            [
+                str(binary),
+                "-m",
+                str(model),
+                "-np",
+                str(n),
+                "-c",
+                str(n * 4096),
+                "-t",
+                str(threads),
+                "-tb",
+                str(threads),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **env},
+        )
         drain(self.proc.stderr)
 
     async def ready(self, session: aiohttp.ClientSession) -> None:
@@ -217,9 +242,16 @@ class LlamaServer:
             await asyncio.sleep(0.2)
         raise SystemExit("llama-server did not become ready")
 
-    async def stream(self, session: aiohttp.ClientSession, prompt: str, tokens: int) -> tuple[float, int]:
-        body = {"prompt": chat(prompt), "n_predict": tokens, "temperature": 0, "stream": True,
-                "cache_prompt": True}
+    async def stream(
+        self, session: aiohttp.ClientSession, prompt: str, tokens: int
+    ) -> tuple[float, int]:
+        body = {
+            "prompt": chat(prompt),
+            "n_predict": tokens,
+            "temperature": 0,
+            "stream": True,
+            "cache_prompt": True,
+        }
         ttft, last = await timed_stream(session, self.url + "/completion", body)
         final = json.loads(last.removeprefix(b"data: "))
         assert final.get("stop"), final
@@ -237,11 +269,22 @@ class Corral:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.threads = threads
-        env = {**os.environ, "OLLAMA_HOST": f"127.0.0.1:{self.port}", "OLLAMA_MODELS": str(store),
-               "OLLAMA_NUM_PARALLEL": str(n), "OLLAMA_KEEP_ALIVE": "-1", "CORRAL_DEFAULT_MODEL": "",
-               "OLLAMA_CONTEXT_LENGTH": "4096"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "corral.daemon.cli", "serve"], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        env = {
+            **os.environ,
+            "OLLAMA_HOST": f"127.0.0.1:{self.port}",
+            "OLLAMA_MODELS": str(store),
+            "OLLAMA_NUM_PARALLEL": str(n),
+            "OLLAMA_KEEP_ALIVE": "-1",
+            "CORRAL_DEFAULT_MODEL": "",
+            "OLLAMA_CONTEXT_LENGTH": "4096",
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "corral.daemon.cli", "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for line in self.proc.stderr:
             if "Listening" in line:
                 break
@@ -253,8 +296,10 @@ class Corral:
         digest = "sha256:" + hashlib.sha256(model.read_bytes()).hexdigest()
         async with session.post(f"{self.url}/api/blobs/{digest}", data=model.read_bytes()) as r:
             assert r.status in (200, 201), await r.text()
-        async with session.post(f"{self.url}/api/create", json={
-                "model": MODEL_NAME, "files": {model.name: digest}, "stream": False}) as r:
+        async with session.post(
+            f"{self.url}/api/create",
+            json={"model": MODEL_NAME, "files": {model.name: digest}, "stream": False},
+        ) as r:
             assert r.status == 200, await r.text()
 
     async def ready(self, session: aiohttp.ClientSession) -> None:
@@ -262,9 +307,16 @@ class Corral:
         async with session.post(self.url + "/api/generate", json=body) as r:  # loads the model
             assert r.status == 200, await r.text()
 
-    async def stream(self, session: aiohttp.ClientSession, prompt: str, tokens: int) -> tuple[float, int]:
-        body = {"model": MODEL_NAME, "prompt": chat(prompt), "raw": True, "stream": True,
-                "options": {"temperature": 0, "num_predict": tokens, "num_thread": self.threads}}
+    async def stream(
+        self, session: aiohttp.ClientSession, prompt: str, tokens: int
+    ) -> tuple[float, int]:
+        body = {
+            "model": MODEL_NAME,
+            "prompt": chat(prompt),
+            "raw": True,
+            "stream": True,
+            "options": {"temperature": 0, "num_predict": tokens, "num_thread": self.threads},
+        }
         ttft, last = await timed_stream(session, self.url + "/api/generate", body)
         final = json.loads(last)
         assert final.get("done"), final
@@ -277,9 +329,13 @@ class Corral:
 
 async def run(server, n: int, tokens: int) -> Result:
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as s:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=600)
+    ) as s:
         t0 = time.perf_counter()
-        out = await asyncio.gather(*(server.stream(s, PROMPTS[i % len(PROMPTS)], tokens) for i in range(n)))
+        out = await asyncio.gather(
+            *(server.stream(s, PROMPTS[i % len(PROMPTS)], tokens) for i in range(n))
+        )
         wall = time.perf_counter() - t0
     counts = [c for _, c in out]
     return Result(sum(counts) / wall, statistics.median(t for t, _ in out), counts)
@@ -293,7 +349,10 @@ async def warm(server, n: int) -> None:
 
 # ---- llama-batched-bench ------------------------------------------------------------------------
 
-def batched_bench(binary: Path, model: Path, sizes: list[int], threads: int, tokens: int) -> dict[int, float]:
+
+def batched_bench(
+    binary: Path, model: Path, sizes: list[int], threads: int, tokens: int
+) -> dict[int, float]:
     """Text-generation tok/s of llama-batched-bench (no HTTP, no sampling) per batch size, set up
     as corral's CPU runner is: its OpenMP spin (runner/__main__.py), the weights read into
     memory (`-lm none`, the scheduler's use_mmap default on CPU) and, where the kernel has
@@ -303,11 +362,40 @@ def batched_bench(binary: Path, model: Path, sizes: list[int], threads: int, tok
 
     n_max = max(sizes)
     out = subprocess.run(
-        [str(binary), "-m", str(model), "-c", str(n_max * 4096), "-b", "2048", "-ub", "512",
-         "-npp", "32", "-ntg", str(tokens), "-npl", ",".join(map(str, sizes)), "-t", str(threads),
-         "-tb", str(threads), "-lm", "none", "--output-format", "jsonl"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True,
-        env={**child_env(None, os.environ, huge_pages=huge_pages_usable()), "GOMP_SPINCOUNT": GOMP_SPINCOUNT})
+        [
+            str(binary),
+            "-m",
+            str(model),
+            "-c",
+            str(n_max * 4096),
+            "-b",
+            "2048",
+            "-ub",
+            "512",
+            "-npp",
+            "32",
+            "-ntg",
+            str(tokens),
+            "-npl",
+            ",".join(map(str, sizes)),
+            "-t",
+            str(threads),
+            "-tb",
+            str(threads),
+            "-lm",
+            "none",
+            "--output-format",
+            "jsonl",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        check=True,
+        env={
+            **child_env(None, os.environ, huge_pages=huge_pages_usable()),
+            "GOMP_SPINCOUNT": GOMP_SPINCOUNT,
+        },
+    )
     rates = {}
     for line in out.stdout.splitlines():
         if line.startswith("{"):
@@ -317,6 +405,7 @@ def batched_bench(binary: Path, model: Path, sizes: list[int], threads: int, tok
 
 
 # ---- --timeline: where the time goes -------------------------------------------------------------
+
 
 def cpu_seconds(pid: int) -> dict[int, float]:
     """CPU seconds (user + system) per thread of a process."""
@@ -344,8 +433,9 @@ async def timeline(args, server_bin: Path, model: Path, store: Path, n: int) -> 
     and the CPU seconds per process and thread of one run of each."""
     out = Path(tempfile.mkdtemp(prefix="corral-timeline-")) / "steps"
     os.environ["CORRAL_TIMELINE_OUT"] = str(out)
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench" / "timeline_hooks"),
-                                                os.environ.get("PYTHONPATH", "")])
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT / "bench" / "timeline_hooks"), os.environ.get("PYTHONPATH", "")]
+    )
     a = LlamaServer(server_bin / "llama-server", model, n, args.threads, server_env(args))
     b = Corral(store, n, args.threads)
     try:
@@ -355,8 +445,10 @@ async def timeline(args, server_bin: Path, model: Path, store: Path, n: int) -> 
         await warm(b, n)
         runner = children(b.proc.pid)[0]
         for r in range(args.rounds):
-            for server, pids in ((a, {"llama-server": a.proc.pid}),
-                                 (b, {"daemon": b.proc.pid, "runner": runner})):
+            for server, pids in (
+                (a, {"llama-server": a.proc.pid}),
+                (b, {"daemon": b.proc.pid, "runner": runner}),
+            ):
                 before = {k: cpu_seconds(p) for k, p in pids.items()}
                 c0, t0 = time.process_time(), time.perf_counter()
                 res = await run(server, n, args.tokens)
@@ -365,10 +457,17 @@ async def timeline(args, server_bin: Path, model: Path, store: Path, n: int) -> 
                 for k, p in pids.items():
                     d = thread_delta(before[k], cpu_seconds(p))
                     top = sorted(((v, t) for t, v in d.items() if v > 0.005), reverse=True)
-                    parts.append(f"{k} {sum(d.values()):.2f} s [" + ", ".join(
-                        f"{'main' if t == p else t}: {v:.2f}" for v, t in top) + "]")
-                print(f"  {server.label:12s} {res.rate:6.1f} tok/s  wall {wall:.2f} s  CPU: "
-                      + "; ".join(parts) + f"; client {client:.2f} s  (load {load()})", flush=True)
+                    parts.append(
+                        f"{k} {sum(d.values()):.2f} s ["
+                        + ", ".join(f"{'main' if t == p else t}: {v:.2f}" for v, t in top)
+                        + "]"
+                    )
+                print(
+                    f"  {server.label:12s} {res.rate:6.1f} tok/s  wall {wall:.2f} s  CPU: "
+                    + "; ".join(parts)
+                    + f"; client {client:.2f} s  (load {load()})",
+                    flush=True,
+                )
     finally:
         b.close()
         a.close()
@@ -379,23 +478,34 @@ async def timeline(args, server_bin: Path, model: Path, store: Path, n: int) -> 
             continue
         ms = lambda xs: statistics.mean(xs) / 1e6  # noqa: E731
         keys = ("build", "decode", "pick", "detok", "emit")
-        step, gap, cpu = ms([r[1] for r in rows]), ms([r[2] for r in rows]), ms([r[3] for r in rows])
+        step, gap, cpu = (
+            ms([r[1] for r in rows]),
+            ms([r[2] for r in rows]),
+            ms([r[3] for r in rows]),
+        )
         parts = {k: ms([r[5][k] for r in rows]) for k in keys}
         rest = step - sum(parts.values())
         split = sum(1 for r in rows if r[5]["calls"] > 1)
-        print(f"runner {data['pid']}: {len(rows)} decode steps of {n} sequences, mean ms per step: "
-              + ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
-              + f", rest of step {rest:.2f}, step {step:.2f}, gap between steps {gap:.2f}; "
-              f"decode thread CPU {cpu:.2f} ms per step; llama_decode p10/p50/p90 "
-              + "/".join(f"{statistics.quantiles([r[5]['decode'] for r in rows], n=10)[i] / 1e6:.1f}"
-                         for i in (0, 4, 8))
-              + f"; steps split into single decodes: {split}")
+        print(
+            f"runner {data['pid']}: {len(rows)} decode steps of {n} sequences, mean ms per step: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+            + f", rest of step {rest:.2f}, step {step:.2f}, gap between steps {gap:.2f}; "
+            f"decode thread CPU {cpu:.2f} ms per step; llama_decode p10/p50/p90 "
+            + "/".join(
+                f"{statistics.quantiles([r[5]['decode'] for r in rows], n=10)[i] / 1e6:.1f}"
+                for i in (0, 4, 8)
+            )
+            + f"; steps split into single decodes: {split}"
+        )
     shutil.rmtree(out.parent, ignore_errors=True)
 
 
 # ---- main --------------------------------------------------------------------------------------
 
-async def compare(args, server_bin: Path, model: Path, store: Path, n: int, created: list[bool]) -> dict:
+
+async def compare(
+    args, server_bin: Path, model: Path, store: Path, n: int, created: list[bool]
+) -> dict:
     a = LlamaServer(server_bin / "llama-server", model, n, args.threads, server_env(args))
     b = Corral(store, n, args.threads)
     try:
@@ -410,18 +520,28 @@ async def compare(args, server_bin: Path, model: Path, store: Path, n: int, crea
             for key, server in (("A", a), ("B", b)):
                 res = await run(server, n, args.tokens)
                 rows[key].append(res)
-                print(f"  N={n} round {r + 1} {server.label:12s} {res.rate:6.1f} tok/s  TTFT p50 "
-                      f"{res.ttft * 1e3:5.0f} ms  tokens {sum(res.tokens)}  load {load()}", flush=True)
+                print(
+                    f"  N={n} round {r + 1} {server.label:12s} {res.rate:6.1f} tok/s  TTFT p50 "
+                    f"{res.ttft * 1e3:5.0f} ms  tokens {sum(res.tokens)}  load {load()}",
+                    flush=True,
+                )
         for key in "AB":
             short = [c for res in rows[key] for c in res.tokens if c != args.tokens]
             if short:
-                print(f"  warning: {('llama-server', 'corral')['AB'.index(key)]} streams ended early: {short}")
+                print(
+                    f"  warning: {('llama-server', 'corral')['AB'.index(key)]} streams ended early: {short}"
+                )
         best_a = max(x.rate for x in rows["A"])
         best_b = max(x.rate for x in rows["B"])
         per_round = [y.rate / x.rate for x, y in zip(rows["A"], rows["B"])]
-        return {"a": best_a, "b": best_b, "ratio": best_b / best_a, "rounds": per_round,
-                "ttft_a": statistics.median(x.ttft for x in rows["A"]),
-                "ttft_b": statistics.median(x.ttft for x in rows["B"])}
+        return {
+            "a": best_a,
+            "b": best_b,
+            "ratio": best_b / best_a,
+            "rounds": per_round,
+            "ttft_a": statistics.median(x.ttft for x in rows["A"]),
+            "ttft_b": statistics.median(x.ttft for x in rows["B"]),
+        }
     finally:
         b.close()
         a.close()
@@ -435,10 +555,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--server", choices=("stock", "patched"), default="stock")
     ap.add_argument("--no-ceiling", action="store_true")
-    ap.add_argument("--same-spin", action="store_true",
-                    help="run llama-server with corral's GOMP_SPINCOUNT (libgomp's default spin is "
-                         "what makes it crawl on a busy machine)")
-    ap.add_argument("--timeline", type=int, metavar="N", help="only: where the time goes at N streams")
+    ap.add_argument(
+        "--same-spin",
+        action="store_true",
+        help="run llama-server with corral's GOMP_SPINCOUNT (libgomp's default spin is "
+        "what makes it crawl on a busy machine)",
+    )
+    ap.add_argument(
+        "--timeline", type=int, metavar="N", help="only: where the time goes at N streams"
+    )
     args = ap.parse_args()
     sizes = [int(x) for x in args.streams.split(",")]
 
@@ -454,9 +579,12 @@ def main() -> None:
             shutil.rmtree(store, ignore_errors=True)
         return
     ceiling_bin = build("patched") if not args.no_ceiling else None
-    print(f"llama-server: {server_bin} ({args.server}{', ' if args.same_spin else ''}"
-          f"{' '.join(f'{k}={v}' for k, v in server_env(args).items())});  model {model.name};  "
-          f"load {load()}", flush=True)
+    print(
+        f"llama-server: {server_bin} ({args.server}{', ' if args.same_spin else ''}"
+        f"{' '.join(f'{k}={v}' for k, v in server_env(args).items())});  model {model.name};  "
+        f"load {load()}",
+        flush=True,
+    )
     store = Path(tempfile.mkdtemp(prefix="corral-bench-"))
     results: dict[int, dict] = {}
     created: list[bool] = []
@@ -465,16 +593,23 @@ def main() -> None:
             results[n] = asyncio.run(compare(args, server_bin, model, store, n, created))
     finally:
         shutil.rmtree(store, ignore_errors=True)
-    ceiling = batched_bench(ceiling_bin / "llama-batched-bench", model, sizes, args.threads, args.tokens) \
-        if ceiling_bin else {}
-    print(f"\nstreams  llama-server   corral   ratio (best; per round)      TTFT p50 A / B    "
-          f"batched-bench TG   corral share   (load {load()})")
+    ceiling = (
+        batched_bench(ceiling_bin / "llama-batched-bench", model, sizes, args.threads, args.tokens)
+        if ceiling_bin
+        else {}
+    )
+    print(
+        f"\nstreams  llama-server   corral   ratio (best; per round)      TTFT p50 A / B    "
+        f"batched-bench TG   corral share   (load {load()})"
+    )
     for n, r in results.items():
         rounds = ", ".join(f"{x:.2f}" for x in r["rounds"])
         ceil = ceiling.get(n)
         tail = f"{ceil:8.1f} tok/s      {r['b'] / ceil:5.2f}" if ceil else ""
-        print(f"{n:7d}  {r['a']:8.1f}     {r['b']:8.1f}   {r['ratio']:5.2f}  ({rounds})"
-              f"{'':{max(1, 14 - len(rounds))}}{r['ttft_a'] * 1e3:5.0f} / {r['ttft_b'] * 1e3:4.0f} ms   {tail}")
+        print(
+            f"{n:7d}  {r['a']:8.1f}     {r['b']:8.1f}   {r['ratio']:5.2f}  ({rounds})"
+            f"{'':{max(1, 14 - len(rounds))}}{r['ttft_a'] * 1e3:5.0f} / {r['ttft_b'] * 1e3:4.0f} ms   {tail}"
+        )
     print("summary: " + " ".join(f"ratio_{n}={r['ratio']:.3f}" for n, r in results.items()))
 
 

@@ -73,8 +73,12 @@ AMX_OFF = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
 
 # macOS sysctl spellings -> Linux cpuinfo spellings
 _MAC_NAMES = {
-    "sse4.2": "sse4_2", "avx1.0": "avx", "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16",
-    "avxvnni": "avx_vnni", "avx512vbmi": "avx512vbmi",
+    "sse4.2": "sse4_2",
+    "avx1.0": "avx",
+    "avx512vnni": "avx512_vnni",
+    "avx512bf16": "avx512_bf16",
+    "avxvnni": "avx_vnni",
+    "avx512vbmi": "avx512vbmi",
 }
 
 
@@ -108,8 +112,14 @@ class BuildPlan:
     def key(self, version: str, python: str, patch: bytes) -> str:
         """The wheel cache key: llama-cpp-python version, backend, flags, extra env, Python, patch."""
         blob = json.dumps(
-            [version, self.backend, list(self.cmake_args), sorted(self.env.items()), python,
-             hashlib.sha256(patch).hexdigest()]
+            [
+                version,
+                self.backend,
+                list(self.cmake_args),
+                sorted(self.env.items()),
+                python,
+                hashlib.sha256(patch).hexdigest(),
+            ]
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -156,8 +166,10 @@ def plan(m: Machine, override: str = "auto") -> BuildPlan:
         backend = override
         why = f"CORRAL_LLAMA_BACKEND={override}"
         if backend == "cuda" and not m.nvcc:
-            raise PlanError("CORRAL_LLAMA_BACKEND=cuda but no CUDA toolkit: nvcc is not on PATH, "
-                            "under $CUDA_HOME/bin or /usr/local/cuda/bin")
+            raise PlanError(
+                "CORRAL_LLAMA_BACKEND=cuda but no CUDA toolkit: nvcc is not on PATH, "
+                "under $CUDA_HOME/bin or /usr/local/cuda/bin"
+            )
         if backend == "hip" and not m.hipcc:
             raise PlanError("CORRAL_LLAMA_BACKEND=hip but ROCm's hipcc was not found")
         if backend == "metal" and m.os != "darwin":
@@ -177,12 +189,14 @@ def plan(m: Machine, override: str = "auto") -> BuildPlan:
         if m.nvidia_gpus:
             warnings.append(
                 f"{m.nvidia_gpus} NVIDIA GPU(s) found but no CUDA toolkit (nvcc): this build runs on "
-                "the CPU only; install the CUDA toolkit and reinstall with CORRAL_LLAMA_BACKEND=cuda")
+                "the CPU only; install the CUDA toolkit and reinstall with CORRAL_LLAMA_BACKEND=cuda"
+            )
             why = "NVIDIA GPU(s) without a CUDA toolkit"
         elif m.amd_gpus:
             warnings.append(
                 f"{m.amd_gpus} AMD GPU(s) found but no ROCm hipcc: this build runs on the CPU only; "
-                "install ROCm and reinstall with CORRAL_LLAMA_BACKEND=hip")
+                "install ROCm and reinstall with CORRAL_LLAMA_BACKEND=hip"
+            )
             why = "AMD GPU(s) without ROCm"
         elif m.nvcc:
             why = "CUDA toolkit found but no NVIDIA GPU (CORRAL_LLAMA_BACKEND=cuda forces it)"
@@ -258,9 +272,16 @@ def cpu_flags(os_name: str) -> frozenset[str]:
             return frozenset()
         return frozenset()
     if os_name == "darwin":
-        return normalize_flags(" ".join(
-            _run(["sysctl", "-n", key]) for key in
-            ("machdep.cpu.features", "machdep.cpu.leaf7_features", "machdep.cpu.extfeatures")))
+        return normalize_flags(
+            " ".join(
+                _run(["sysctl", "-n", key])
+                for key in (
+                    "machdep.cpu.features",
+                    "machdep.cpu.leaf7_features",
+                    "machdep.cpu.extfeatures",
+                )
+            )
+        )
     return frozenset()
 
 
@@ -281,7 +302,8 @@ def nvidia_gpus(nvml: tuple[int, tuple[str, ...]] | None = None) -> tuple[int, t
             caps = []
             for i in range(n):
                 major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(
-                    pynvml.nvmlDeviceGetHandleByIndex(i))
+                    pynvml.nvmlDeviceGetHandleByIndex(i)
+                )
                 caps.append(f"{major}{minor}")
             return n, tuple(caps)
         finally:
@@ -290,7 +312,11 @@ def nvidia_gpus(nvml: tuple[int, tuple[str, ...]] | None = None) -> tuple[int, t
         pass
     if shutil.which("nvidia-smi"):
         out = _run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"])
-        caps = tuple(c.strip().replace(".", "") for c in out.splitlines() if re.fullmatch(r"\s*\d+\.\d+\s*", c))
+        caps = tuple(
+            c.strip().replace(".", "")
+            for c in out.splitlines()
+            if re.fullmatch(r"\s*\d+\.\d+\s*", c)
+        )
         if caps:
             return len(caps), caps
     gpus = Path("/proc/driver/nvidia/gpus")
@@ -303,7 +329,11 @@ def amd_gpus(hipcc: str | None) -> tuple[int, tuple[str, ...]]:
     if not Path("/dev/kfd").exists():
         return 0, ()
     rocminfo = shutil.which("rocminfo") or ("/opt/rocm/bin/rocminfo" if hipcc else None)
-    targets = tuple(sorted(set(re.findall(r"\bgfx[0-9a-f]{3,4}\b", _run([rocminfo]))))) if rocminfo else ()
+    targets = (
+        tuple(sorted(set(re.findall(r"\bgfx[0-9a-f]{3,4}\b", _run([rocminfo])))))
+        if rocminfo
+        else ()
+    )
     return max(len(targets), 1), targets
 
 
@@ -336,8 +366,16 @@ def main(argv: list[str]) -> int:
         print("LLAMA_ENV=" + shlex.quote(" ".join(f"{k}={v}" for k, v in sorted(p.env.items()))))
         print("LLAMA_WARNINGS=" + shlex.quote("\n".join(p.warnings)))
     elif "--json" in argv:
-        print(json.dumps({**asdict(p), "key": key, "version": version,
-                          "machine": {**asdict(machine), "cpu_flags": sorted(machine.cpu_flags)}}))
+        print(
+            json.dumps(
+                {
+                    **asdict(p),
+                    "key": key,
+                    "version": version,
+                    "machine": {**asdict(machine), "cpu_flags": sorted(machine.cpu_flags)},
+                }
+            )
+        )
     else:
         print(p.reason)
         for w in p.warnings:

@@ -48,11 +48,17 @@ DEFAULT_PREDICT_LIMIT = 10  # CORRAL_PREDICT_LIMIT: generated tokens per request
 
 # Appended to every OLLAMA_ORIGINS list, in this order (17 entries).
 DEFAULT_ORIGINS: tuple[str, ...] = (
-    *(f"{scheme}://{host}{port}"
-      for host in ("localhost", "127.0.0.1", "0.0.0.0")
-      for port in ("", ":*")
-      for scheme in ("http", "https")),
-    "app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*",
+    *(
+        f"{scheme}://{host}{port}"
+        for host in ("localhost", "127.0.0.1", "0.0.0.0")
+        for port in ("", ":*")
+        for scheme in ("http", "https")
+    ),
+    "app://*",
+    "file://*",
+    "tauri://*",
+    "vscode-webview://*",
+    "vscode-file://*",
 )
 
 
@@ -94,13 +100,13 @@ def _parse_go_duration_ns(s: str) -> int:
         whole, frac = m.group(1), m.group(2)
         if whole == "" and not frac:
             raise ValueError(f"time: invalid duration {go_quote(orig)}")
-        s = s[m.end():]
+        s = s[m.end() :]
         unit = _UNIT.match(s).group()  # type: ignore[union-attr]
         if unit == "":
             raise ValueError(f"time: missing unit in duration {go_quote(orig)}")
         if unit not in _NS:
             raise ValueError(f"time: unknown unit {go_quote(unit)} in duration {go_quote(orig)}")
-        s = s[len(unit):]
+        s = s[len(unit) :]
         scale = _NS[unit]
         v = int(whole or "0") * scale
         if frac:
@@ -163,7 +169,7 @@ def keep_alive_from_json(value: Any) -> float | None:
 
 def _frac(v: int, digits: int) -> tuple[str, int]:
     """Split ``v`` into (".ddd" without trailing zeros or "", v // 10**digits)."""
-    p = 10 ** digits
+    p = 10**digits
     rest = v % p
     text = "" if rest == 0 else "." + str(rest).rjust(digits, "0").rstrip("0")
     return text, v // p
@@ -283,14 +289,14 @@ def _split_host_port(hostport: str) -> tuple[str, str] | None:
         end = hostport.find("]")
         if end < 0 or end + 1 >= len(hostport) or hostport[end + 1] != ":":
             return None
-        host, port = hostport[1:end], hostport[end + 2:]
+        host, port = hostport[1:end], hostport[end + 2 :]
         if "[" in host or "]" in host:
             return None
     else:
         i = hostport.rfind(":")
         if i < 0:
             return None
-        host, port = hostport[:i], hostport[i + 1:]
+        host, port = hostport[:i], hostport[i + 1 :]
         if ":" in host or "[" in host or "]" in host:
             return None
     if "[" in port or "]" in port:
@@ -376,8 +382,17 @@ class SimulatedGpu(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 1 << 10,
+    "MIB": 1 << 20,
+    "GIB": 1 << 30,
+    "TIB": 1 << 40,
+}
 _SIM_FIELDS = ("id", "name", "total", "free", "library", "integrated")
 
 
@@ -389,8 +404,10 @@ def parse_size(value: Any) -> int:
     if isinstance(value, str):
         m = _SIZE.match(value)
         if m is None:
-            raise ValueError(f"{value!r} is not a size (bytes, or a number with B, KB, MB, GB, "
-                             "TB, KiB, MiB, GiB or TiB)")
+            raise ValueError(
+                f"{value!r} is not a size (bytes, or a number with B, KB, MB, GB, "
+                "TB, KiB, MiB, GiB or TiB)"
+            )
         value = float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "B").upper()]
     if value < 0 or value != value:
         raise ValueError(f"{value!r} is not a size")
@@ -445,10 +462,16 @@ def parse_simulated_gpus(spec: str | Sequence[Any]) -> tuple[SimulatedGpu, ...]:
         integrated = item.get("integrated", False)
         if not isinstance(integrated, bool):
             raise ValueError(f"{at}.integrated: expected true or false, got {integrated!r}")
-        out.append(SimulatedGpu(
-            id=str(item.get("id", i)), total=total, free=free,
-            name=str(item.get("name") or f"Simulated GPU {i}"),
-            library=str(item.get("library") or "cuda").lower(), integrated=integrated))
+        out.append(
+            SimulatedGpu(
+                id=str(item.get("id", i)),
+                total=total,
+                free=free,
+                name=str(item.get("name") or f"Simulated GPU {i}"),
+                library=str(item.get("library") or "cuda").lower(),
+                integrated=integrated,
+            )
+        )
     return tuple(out)
 
 
@@ -461,11 +484,25 @@ def _cache_dir(env: Mapping[str, str]) -> Path | None:
 
 
 SUMMARY_VARS = (
-    "OLLAMA_HOST", "OLLAMA_ORIGINS", "OLLAMA_MODELS", "OLLAMA_KEEP_ALIVE", "OLLAMA_LOAD_TIMEOUT",
-    "OLLAMA_MAX_LOADED_MODELS", "OLLAMA_NUM_PARALLEL", "OLLAMA_MAX_QUEUE", "OLLAMA_SCHED_SPREAD",
-    "OLLAMA_GPU_OVERHEAD", "OLLAMA_CONTEXT_LENGTH", "OLLAMA_FLASH_ATTENTION",
-    "OLLAMA_KV_CACHE_TYPE", "OLLAMA_DEBUG", "OLLAMA_NOPRUNE", "CORRAL_LOG_FORMAT",
-    "CORRAL_RUNNER_ENGINE", "CORRAL_DEFAULT_MODEL", "CORRAL_PREDICT_LIMIT",
+    "OLLAMA_HOST",
+    "OLLAMA_ORIGINS",
+    "OLLAMA_MODELS",
+    "OLLAMA_KEEP_ALIVE",
+    "OLLAMA_LOAD_TIMEOUT",
+    "OLLAMA_MAX_LOADED_MODELS",
+    "OLLAMA_NUM_PARALLEL",
+    "OLLAMA_MAX_QUEUE",
+    "OLLAMA_SCHED_SPREAD",
+    "OLLAMA_GPU_OVERHEAD",
+    "OLLAMA_CONTEXT_LENGTH",
+    "OLLAMA_FLASH_ATTENTION",
+    "OLLAMA_KV_CACHE_TYPE",
+    "OLLAMA_DEBUG",
+    "OLLAMA_NOPRUNE",
+    "CORRAL_LOG_FORMAT",
+    "CORRAL_RUNNER_ENGINE",
+    "CORRAL_DEFAULT_MODEL",
+    "CORRAL_PREDICT_LIMIT",
 )
 
 
@@ -561,8 +598,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             return trim_var(env.get(name))
 
         def warn(name: str, value: str, default: Any, reason: str | None = None) -> None:
-            log.warning("invalid environment variable, using default", variable=name,
-                        value=value, default=default, **({"reason": reason} if reason else {}))
+            log.warning(
+                "invalid environment variable, using default",
+                variable=name,
+                value=value,
+                default=default,
+                **({"reason": reason} if reason else {}),
+            )
 
         def uint(name: str, default: int) -> int:
             s = var(name)
@@ -630,8 +672,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             except msgspec.DecodeError as e:
                 warn("CORRAL_FAKE_KNOBS", knobs_raw, None, str(e))
 
-        default_model = (env["CORRAL_DEFAULT_MODEL"].strip() if "CORRAL_DEFAULT_MODEL" in env
-                         else "gemma3:270m")
+        default_model = (
+            env["CORRAL_DEFAULT_MODEL"].strip() if "CORRAL_DEFAULT_MODEL" in env else "gemma3:270m"
+        )
 
         return cls(
             host=host,
@@ -677,7 +720,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             "OLLAMA_SCHED_SPREAD": str(self.sched_spread).lower(),
             "OLLAMA_GPU_OVERHEAD": str(self.gpu_overhead),
             "OLLAMA_CONTEXT_LENGTH": str(self.context_length),
-            "OLLAMA_FLASH_ATTENTION": "" if self.flash_attention is None
+            "OLLAMA_FLASH_ATTENTION": ""
+            if self.flash_attention is None
             else str(self.flash_attention).lower(),
             "OLLAMA_KV_CACHE_TYPE": self.kv_cache_type,
             "OLLAMA_DEBUG": logging.getLevelName(self.log_level),

@@ -29,7 +29,7 @@ from corral.runner.protocol import EngineProbe, decode_probe, encode
 
 log = structlog.get_logger(__name__)
 
-PROBE_TIMEOUT = 120.0   # importing llama.cpp with CUDA can take a while on a cold disk
+PROBE_TIMEOUT = 120.0  # importing llama.cpp with CUDA can take a while on a cold disk
 
 
 def engine_fingerprint(visible_devices: str | None) -> str | None:
@@ -48,13 +48,21 @@ def engine_fingerprint(visible_devices: str | None) -> str | None:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-async def run_probe(argv: Sequence[str] = RUNNER_ARGV, env: dict[str, str] | None = None,
-                    timeout: float = PROBE_TIMEOUT) -> EngineProbe:
+async def run_probe(
+    argv: Sequence[str] = RUNNER_ARGV,
+    env: dict[str, str] | None = None,
+    timeout: float = PROBE_TIMEOUT,
+) -> EngineProbe:
     """Run the probe child and decode its line. Never raises."""
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, "--probe", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=env)
+            *argv,
+            "--probe",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
     except OSError as exc:
         return EngineProbe(error=f"cannot start the engine probe: {exc}")
     try:
@@ -73,8 +81,9 @@ async def run_probe(argv: Sequence[str] = RUNNER_ARGV, env: dict[str, str] | Non
         return EngineProbe(error=f"the engine probe answered garbage: {exc}")
 
 
-async def probe_engine(cache_dir: Path | None, visible_devices: str | None,
-                       argv: Sequence[str] = RUNNER_ARGV) -> EngineProbe:
+async def probe_engine(
+    cache_dir: Path | None, visible_devices: str | None, argv: Sequence[str] = RUNNER_ARGV
+) -> EngineProbe:
     """The engine's answer, from the cache when this build was probed before."""
     key = engine_fingerprint(visible_devices)
     path = cache_dir / f"engine-probe-{key}.json" if cache_dir is not None and key else None

@@ -7,6 +7,7 @@ it). ``message`` is the client-facing text, Ollama's exact wording where Ollama 
 
 from __future__ import annotations
 
+
 class CorralError(Exception):
     """Base of the domain errors; never raised itself."""
 

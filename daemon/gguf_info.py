@@ -31,8 +31,8 @@ _HIDDEN_KEYS = ("general.name", "tokenizer.chat_template")
 
 class TensorInfo(msgspec.Struct, frozen=True):
     name: str
-    type: str             # ggml type name, e.g. "Q4_K", "F16"
-    shape: list[int]      # GGUF order (ne0 first), as /api/show prints it
+    type: str  # ggml type name, e.g. "Q4_K", "F16"
+    shape: list[int]  # GGUF order (ne0 first), as /api/show prints it
     n_elements: int
     n_bytes: int
 
@@ -44,29 +44,29 @@ class GGUFInfo(msgspec.Struct, frozen=True):
     architecture: str
     name: str
     file_type: int | None
-    file_type_name: str              # Ollama's quantization label: "Q4_K_M", "F16", ...
+    file_type_name: str  # Ollama's quantization label: "Q4_K_M", "F16", ...
     parameter_count: int
     context_length: int | None
     embedding_length: int | None
     block_count: int | None
     head_count: int | None
-    head_count_kv: int | None        # max over layers when the file stores one per layer
+    head_count_kv: int | None  # max over layers when the file stores one per layer
     key_length: int | None
     value_length: int | None
     sliding_window: int | None
     vocab_size: int | None
     chat_template: str | None
     pooling_type: int | None
-    is_embedding: bool               # "<arch>.pooling_type" present (Ollama's rule)
-    has_vision: bool                 # "<arch>.vision.*" keys or a vision encoder (clip)
-    is_projector: bool               # a clip/mmproj file, stored as a projector layer
-    layer_bytes: list[int]           # bytes of the tensors of blk.N, index N
-    output_bytes: int                # output.weight (+ output_norm)
+    is_embedding: bool  # "<arch>.pooling_type" present (Ollama's rule)
+    has_vision: bool  # "<arch>.vision.*" keys or a vision encoder (clip)
+    is_projector: bool  # a clip/mmproj file, stored as a projector layer
+    layer_bytes: list[int]  # bytes of the tensors of blk.N, index N
+    output_bytes: int  # output.weight (+ output_norm)
     token_embd_bytes: int
-    tensor_bytes: int                # all tensors
-    metadata: dict[str, Any]         # every key/value; arrays longer than 5 replaced by []
+    tensor_bytes: int  # all tensors
+    metadata: dict[str, Any]  # every key/value; arrays longer than 5 replaced by []
     tensors: list[TensorInfo]
-    bos_token: str = ""              # token texts for a Jinja chat template ("" without one)
+    bos_token: str = ""  # token texts for a Jinja chat template ("" without one)
     eos_token: str = ""
 
 
@@ -109,7 +109,7 @@ async def read_info_async(path: str | os.PathLike[str]) -> GGUFInfo:
     try:
         key = _file_key(Path(path))
     except OSError:
-        key = None                        # read_info raises the real error in the thread
+        key = None  # read_info raises the real error in the thread
     if key is not None:
         with _cache_lock:
             hit = _cache.get(key)
@@ -128,8 +128,19 @@ def clear_cache() -> None:
 # of Gemma 3 on our CPUs. The header format is simple, so we walk it with struct and skip long
 # arrays unless asked for them, using the gguf package's type tables (0.1 s for the same file).
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-            10: "<Q", 11: "<q", 12: "<d"}
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _STRING, _ARRAY, _FLOAT32 = 8, 9, 6
 
 
@@ -137,7 +148,7 @@ class _Header(msgspec.Struct):
     meta: dict[str, Any]
     tensors: list[TensorInfo]
     array_lengths: dict[str, int]
-    special: dict[str, str] = {}          # "bos"/"eos" -> token text (with a chat template)
+    special: dict[str, str] = {}  # "bos"/"eos" -> token text (with a chat template)
 
 
 class _Cursor:
@@ -151,7 +162,7 @@ class _Cursor:
 
     def string(self) -> str:
         n = self.unpack("<Q")
-        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", "replace")
+        s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", "replace")
         self.pos += n
         return s
 
@@ -207,8 +218,12 @@ def _read_header(path: Path, *, full: bool) -> _Header:
                 key = c.string()
                 if key == "tokenizer.ggml.tokens":
                     tokens_at = c.pos
-                meta[key] = c.value(c.unpack("<I"), full=full or key == "tokenizer.chat_template",
-                                    key=key, lengths=lengths)
+                meta[key] = c.value(
+                    c.unpack("<I"),
+                    full=full or key == "tokenizer.chat_template",
+                    key=key,
+                    lengths=lengths,
+                )
             special = _special_tokens(buf, tokens_at, meta) if tokens_at >= 0 else {}
             tensors = []
             for _ in range(n_tensors):
@@ -220,8 +235,15 @@ def _read_header(path: Path, *, full: bool) -> _Header:
                 for d in dims:
                     n_el *= d
                 block, type_size = GGML_QUANT_SIZES[ttype]
-                tensors.append(TensorInfo(name=name, type=ttype.name, shape=dims, n_elements=n_el,
-                                          n_bytes=n_el * type_size // block))
+                tensors.append(
+                    TensorInfo(
+                        name=name,
+                        type=ttype.name,
+                        shape=dims,
+                        n_elements=n_el,
+                        n_bytes=n_el * type_size // block,
+                    )
+                )
         except struct.error:
             raise ValueError("truncated GGUF header") from None
         finally:
@@ -238,7 +260,7 @@ def _special_tokens(buf: memoryview, tokens_at: int, meta: dict[str, Any]) -> di
     ids = {name: meta.get(f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos")}
     ids = {k: v for k, v in ids.items() if isinstance(v, int) and not isinstance(v, bool)}
     c = _Cursor(buf)
-    c.pos = tokens_at + 4                                   # after the key: item type, count
+    c.pos = tokens_at + 4  # after the key: item type, count
     if not ids or struct.unpack_from("<I", buf, c.pos - 4)[0] != _ARRAY:
         return {}
     itype, count = c.unpack("<I"), c.unpack("<Q")
@@ -317,8 +339,11 @@ def _parse(path: Path) -> GGUFInfo:
     has_vision = is_projector or any(k.startswith(f"{arch}.vision.") for k in meta)
     pooling = _int(meta, f"{arch}.pooling_type")
     return GGUFInfo(
-        path=str(path), architecture=arch, name=str(meta.get("general.name") or ""),
-        file_type=file_type, file_type_name=_file_type_name(file_type),
+        path=str(path),
+        architecture=arch,
+        name=str(meta.get("general.name") or ""),
+        file_type=file_type,
+        file_type_name=_file_type_name(file_type),
         parameter_count=param_count,
         context_length=_int(meta, f"{arch}.context_length"),
         embedding_length=_int(meta, f"{arch}.embedding_length"),
@@ -328,13 +353,21 @@ def _parse(path: Path) -> GGUFInfo:
         key_length=_int(meta, f"{arch}.attention.key_length"),
         value_length=_int(meta, f"{arch}.attention.value_length"),
         sliding_window=_int(meta, f"{arch}.attention.sliding_window"),
-        vocab_size=vocab, chat_template=chat_template, pooling_type=pooling,
-        is_embedding=f"{arch}.pooling_type" in meta, has_vision=has_vision,
+        vocab_size=vocab,
+        chat_template=chat_template,
+        pooling_type=pooling,
+        is_embedding=f"{arch}.pooling_type" in meta,
+        has_vision=has_vision,
         is_projector=is_projector,
         layer_bytes=[layer_bytes.get(i, 0) for i in range(n_layers)],
-        output_bytes=output_bytes, token_embd_bytes=token_embd_bytes, tensor_bytes=total,
-        metadata=meta, tensors=header.tensors, bos_token=header.special.get("bos", ""),
-        eos_token=header.special.get("eos", ""))
+        output_bytes=output_bytes,
+        token_embd_bytes=token_embd_bytes,
+        tensor_bytes=total,
+        metadata=meta,
+        tensors=header.tensors,
+        bos_token=header.special.get("bos", ""),
+        eos_token=header.special.get("eos", ""),
+    )
 
 
 def model_info(info: GGUFInfo, *, verbose: bool = False) -> dict[str, Any]:

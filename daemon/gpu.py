@@ -59,19 +59,18 @@ from corral.scheduler.types import Gpu, HostMemory, Inventory
 log = structlog.get_logger(__name__)
 
 
-
 @dataclass(frozen=True, slots=True)
 class GpuReading:
     """One GPU as a probe measured it (bytes)."""
 
-    id: str            # what the scheduler and /api/ps call this GPU
+    id: str  # what the scheduler and /api/ps call this GPU
     name: str
     total: int
     free: int
     library: str = "cuda"
     integrated: bool = False
-    visible_id: str | None = None   # value for the child's CUDA_VISIBLE_DEVICES (None: no narrowing)
-    min_overhead: int = 0           # what the backend keeps for itself on the device
+    visible_id: str | None = None  # value for the child's CUDA_VISIBLE_DEVICES (None: no narrowing)
+    min_overhead: int = 0  # what the backend keeps for itself on the device
 
 
 def _read_int(path: Path) -> int | None:
@@ -79,11 +78,12 @@ def _read_int(path: Path) -> int | None:
         text = path.read_text().strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() else None   # "max" (no limit) -> None
+    return int(text) if text.isdigit() else None  # "max" (no limit) -> None
 
 
-def cgroup_limit(root: Path = Path("/sys/fs/cgroup"),
-                 self_cgroup: Path = Path("/proc/self/cgroup")) -> tuple[int, int] | None:
+def cgroup_limit(
+    root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")
+) -> tuple[int, int] | None:
     """(memory.max, memory.current) of this process's cgroup v2, or None without a limit.
 
     The cgroup is the ``0::/path`` line of /proc/self/cgroup below ``root``; inside a container
@@ -97,16 +97,18 @@ def cgroup_limit(root: Path = Path("/sys/fs/cgroup"),
                 break
     except OSError:
         pass
-    for folder in dict.fromkeys([root / rel, root]):     # our own group first, then the root
+    for folder in dict.fromkeys([root / rel, root]):  # our own group first, then the root
         limit = _read_int(folder / "memory.max")
         if limit is not None:
             return limit, _read_int(folder / "memory.current") or 0
     return None
 
 
-def host_memory(root: Path = Path("/sys/fs/cgroup"),
-                self_cgroup: Path = Path("/proc/self/cgroup"),
-                vm: Callable[[], Any] = psutil.virtual_memory) -> tuple[int, int]:
+def host_memory(
+    root: Path = Path("/sys/fs/cgroup"),
+    self_cgroup: Path = Path("/proc/self/cgroup"),
+    vm: Callable[[], Any] = psutil.virtual_memory,
+) -> tuple[int, int]:
     """(total, available) bytes of host RAM: psutil's total and MemAvailable, capped by the cgroup
     v2 limit when one is set (total <= memory.max, available <= memory.max - memory.current).
     Cheap, no blocking."""
@@ -129,8 +131,15 @@ def make_inventory(gpus: Iterable[GpuReading], host: tuple[int, int]) -> Invento
     """Build the scheduler's Inventory from probe readings (the only place that knows its shape)."""
     return Inventory(
         gpus=tuple(
-            Gpu(id=g.id, name=g.name, library=g.library, total=g.total, free=g.free,
-                integrated=g.integrated, min_overhead=g.min_overhead)
+            Gpu(
+                id=g.id,
+                name=g.name,
+                library=g.library,
+                total=g.total,
+                free=g.free,
+                integrated=g.integrated,
+                min_overhead=g.min_overhead,
+            )
             for g in gpus
         ),
         host=HostMemory(total=host[0], free=host[1]),
@@ -140,7 +149,7 @@ def make_inventory(gpus: Iterable[GpuReading], host: tuple[int, int]) -> Invento
 class GpuProbe(Protocol):
     """What the supervisor needs from a probe (see the module docstring for the contracts)."""
 
-    blocking: bool            # True: call read() off the event loop
+    blocking: bool  # True: call read() off the event loop
 
     def read(self) -> Inventory: ...
 
@@ -169,7 +178,7 @@ class _ProbeBase:
             fixed = (int(host[0]), int(host[1]))
             self._host = lambda: fixed
 
-    _libraries: frozenset[str] | None = None   # GPU libraries the engine can use; None: all
+    _libraries: frozenset[str] | None = None  # GPU libraries the engine can use; None: all
 
     def gpu_readings(self) -> list[GpuReading]:
         raise NotImplementedError
@@ -211,25 +220,39 @@ class CpuOnlyProbe(_ProbeBase):
 
 # ---------------------------------------------------------------------------------------- simulated
 
+
 class SimulatedProbe(_ProbeBase):
     """GPUs that exist only on paper. The child's environment is never narrowed for them."""
 
-    def __init__(self, gpus: str | Sequence[Any],
-                 host: Callable[[], tuple[int, int]] | tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        gpus: str | Sequence[Any],
+        host: Callable[[], tuple[int, int]] | tuple[int, int] | None = None,
+    ) -> None:
         """``gpus``: Config.simulate_gpus, or anything :func:`config.parse_simulated_gpus`
         takes (its ValueError passes through)."""
         super().__init__(host)
-        self._gpus = {g.id: GpuReading(id=g.id, name=g.name, total=g.total, free=g.free,
-                                       library=g.library, integrated=g.integrated)
-                      for g in parse_simulated_gpus(gpus)}
+        self._gpus = {
+            g.id: GpuReading(
+                id=g.id,
+                name=g.name,
+                total=g.total,
+                free=g.free,
+                library=g.library,
+                integrated=g.integrated,
+            )
+            for g in parse_simulated_gpus(gpus)
+        }
         self._held: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def gpu_readings(self) -> list[GpuReading]:
         """The configured GPUs; ``free`` minus what our runners hold (see :meth:`note_usage`)."""
         with self._lock:
-            return [dataclasses.replace(g, free=max(0, g.free - self._held.get(g.id, 0)))
-                    for g in self._gpus.values()]
+            return [
+                dataclasses.replace(g, free=max(0, g.free - self._held.get(g.id, 0)))
+                for g in self._gpus.values()
+            ]
 
     def note_usage(self, held: Mapping[str, int]) -> None:
         """Our runners hold ``held`` bytes per GPU id from now on (replaces the last value).
@@ -252,8 +275,15 @@ class SimulatedProbe(_ProbeBase):
 # ------------------------------------------------------------------------------ the engine's view
 
 # llama.cpp backend registry names -> our GPU library names (Gpu.library)
-ENGINE_LIBRARIES = {"cuda": "cuda", "rocm": "rocm", "hip": "rocm", "metal": "metal",
-                    "mtl": "metal", "vulkan": "vulkan", "sycl": "oneapi"}
+ENGINE_LIBRARIES = {
+    "cuda": "cuda",
+    "rocm": "rocm",
+    "hip": "rocm",
+    "metal": "metal",
+    "mtl": "metal",
+    "vulkan": "vulkan",
+    "sycl": "oneapi",
+}
 _BUILD_FLAG = {"cuda": "cuda", "rocm": "hip", "metal": "metal"}
 _VENDOR = {"cuda": "NVIDIA", "rocm": "AMD", "metal": "Apple"}
 
@@ -263,8 +293,9 @@ def engine_libraries(engine: EngineProbe) -> frozenset[str]:
     return frozenset(ENGINE_LIBRARIES.get(b, b) for b in engine.gpu_backends())
 
 
-def engine_verdict(readings: Sequence[GpuReading | Gpu], engine: EngineProbe | None
-                   ) -> tuple[frozenset[str] | None, str | None]:
+def engine_verdict(
+    readings: Sequence[GpuReading | Gpu], engine: EngineProbe | None
+) -> tuple[frozenset[str] | None, str | None]:
     """(libraries to offer, one-line reason when GPUs are left out). Pure; of each reading (a
     probe's, or an Inventory's Gpu) only the library counts.
 
@@ -284,10 +315,15 @@ def engine_verdict(readings: Sequence[GpuReading | Gpu], engine: EngineProbe | N
     for lib, n in sorted(unused.items()):
         vendor = _VENDOR.get(lib, lib)
         flag = _BUILD_FLAG.get(lib, lib)
-        why = (f"llama.cpp could not be loaded ({engine.error})" if engine.error
-               else f"llama.cpp was built without {lib.upper() if lib != 'rocm' else 'ROCm/HIP'}")
-        parts.append(f"{why}; {n} {vendor} GPU{'s' if n != 1 else ''} unused; "
-                     f"reinstall with CORRAL_LLAMA_BACKEND={flag}")
+        why = (
+            f"llama.cpp could not be loaded ({engine.error})"
+            if engine.error
+            else f"llama.cpp was built without {lib.upper() if lib != 'rocm' else 'ROCm/HIP'}"
+        )
+        parts.append(
+            f"{why}; {n} {vendor} GPU{'s' if n != 1 else ''} unused; "
+            f"reinstall with CORRAL_LLAMA_BACKEND={flag}"
+        )
     return usable, "; ".join(parts)
 
 
@@ -298,20 +334,34 @@ class UnifiedMemoryProbe(SimulatedProbe):
     from the engine probe; like a paper GPU it loses what our runners hold (note_usage).
     """
 
-    def __init__(self, engine: EngineProbe,
-                 host: Callable[[], tuple[int, int]] | tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        engine: EngineProbe,
+        host: Callable[[], tuple[int, int]] | tuple[int, int] | None = None,
+    ) -> None:
         super().__init__([], host=host)
-        devs = [d for d in engine.devices
-                if d.type in ("gpu", "igpu") and ENGINE_LIBRARIES.get(d.backend.lower()) == "metal"]
+        devs = [
+            d
+            for d in engine.devices
+            if d.type in ("gpu", "igpu") and ENGINE_LIBRARIES.get(d.backend.lower()) == "metal"
+        ]
         self._gpus = {
-            str(i): GpuReading(id=str(i), name=d.description or d.name, total=d.total,
-                               free=min(d.free or d.total, d.total), library="metal",
-                               integrated=True, min_overhead=minimum_memory("metal"))
-            for i, d in enumerate(devs) if d.total > 0
+            str(i): GpuReading(
+                id=str(i),
+                name=d.description or d.name,
+                total=d.total,
+                free=min(d.free or d.total, d.total),
+                library="metal",
+                integrated=True,
+                min_overhead=minimum_memory("metal"),
+            )
+            for i, d in enumerate(devs)
+            if d.total > 0
         }
 
 
 # --------------------------------------------------------------------------------------------- NVML
+
 
 def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
@@ -338,13 +388,18 @@ class NvmlProbe(_ProbeBase):
 
     blocking = True
 
-    def __init__(self, *, visible_devices: str | None = None, nvml: ModuleType | None = None,
-                 host: Callable[[], tuple[int, int]] | tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        visible_devices: str | None = None,
+        nvml: ModuleType | None = None,
+        host: Callable[[], tuple[int, int]] | tuple[int, int] | None = None,
+    ) -> None:
         super().__init__(host)
         self._nvml = nvml
         self._visible = parse_visible_devices(visible_devices)
-        self._lock = threading.Lock()       # NVML calls from worker threads are serialised
-        self._state = "new"                 # new -> ready | unavailable -> closed
+        self._lock = threading.Lock()  # NVML calls from worker threads are serialised
+        self._state = "new"  # new -> ready | unavailable -> closed
         self._warned: set[str] = set()
 
     # -- NVML lifecycle (under self._lock)
@@ -357,6 +412,7 @@ class NvmlProbe(_ProbeBase):
         try:
             if self._nvml is None:
                 import pynvml  # noqa: PLC0415 (optional native dependency)
+
                 self._nvml = pynvml
             self._nvml.nvmlInit()
         except Exception as exc:  # NVMLError, ImportError, OSError: no usable driver
@@ -428,11 +484,18 @@ class NvmlProbe(_ProbeBase):
                     self._warn_once(f"mem{i}", index=i, error=str(exc))
                     continue
                 total = int(mem.total)
-                out.append(GpuReading(
-                    id=str(i), name=name, total=total, free=min(int(mem.free), total),
-                    library="cuda", integrated=False, visible_id=uuids[i] or str(i),
-                    min_overhead=minimum_memory("cuda"),
-                ))
+                out.append(
+                    GpuReading(
+                        id=str(i),
+                        name=name,
+                        total=total,
+                        free=min(int(mem.free), total),
+                        library="cuda",
+                        integrated=False,
+                        visible_id=uuids[i] or str(i),
+                        min_overhead=minimum_memory("cuda"),
+                    )
+                )
             self._by_id = {g.id: g for g in out}
             return out
 
@@ -454,7 +517,8 @@ class NvmlProbe(_ProbeBase):
             for i in range(count):
                 try:
                     major, minor = nv.nvmlDeviceGetCudaComputeCapability(
-                        nv.nvmlDeviceGetHandleByIndex(i))
+                        nv.nvmlDeviceGetHandleByIndex(i)
+                    )
                 except Exception as exc:
                     self._warn_once(f"cap{i}", index=i, error=str(exc))
                     continue
@@ -479,17 +543,21 @@ class NvmlProbe(_ProbeBase):
             self._state = "closed"
 
 
-def make_probe(config: Config, *, nvml: ModuleType | None = None,
-               host: Callable[[], tuple[int, int]] | tuple[int, int] | None = None,
-               engine: EngineProbe | None = None, platform: str = sys.platform) -> GpuProbe:
+def make_probe(
+    config: Config,
+    *,
+    nvml: ModuleType | None = None,
+    host: Callable[[], tuple[int, int]] | tuple[int, int] | None = None,
+    engine: EngineProbe | None = None,
+    platform: str = sys.platform,
+) -> GpuProbe:
     """The probe the daemon uses for ``config``: simulated GPUs when configured; on macOS the
     engine's Metal device; else NVML."""
     simulated = config.simulate_gpus
-    if simulated is not None:        # () simulates a machine without GPUs
+    if simulated is not None:  # () simulates a machine without GPUs
         return SimulatedProbe(simulated, host=host)
     if platform == "darwin":
         if engine is not None and "metal" in engine_libraries(engine):
             return UnifiedMemoryProbe(engine, host=host)
         return CpuOnlyProbe(host=host)
-    return NvmlProbe(visible_devices=config.cuda_visible_devices, nvml=nvml,
-                     host=host)
+    return NvmlProbe(visible_devices=config.cuda_visible_devices, nvml=nvml, host=host)

@@ -42,13 +42,13 @@ from prometheus_client.registry import Collector
 
 from corral.runner.protocol import Health
 
-disable_created_metrics()   # no *_created series: half the output, nothing a dashboard reads
+disable_created_metrics()  # no *_created series: half the output, nothing a dashboard reads
 
 # The classic text format (every scraper, the endpoint picker's parser included, reads it; the
 # names we use need no UTF-8 escaping, so the bytes are the same in format 1.0.0).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATES = ("loading", "ready", "expiring", "stopping")
-HEALTH_TIMEOUT = 0.5        # s per runner /health poll at scrape time
+HEALTH_TIMEOUT = 0.5  # s per runner /health poll at scrape time
 
 # Latency buckets (seconds). TTFT spans a warm runner (ms) to a cold load (minutes).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -85,49 +85,82 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.http_requests = Counter(
-            "corral_http_requests", "HTTP requests by route, method and status.",
-            ["route", "method", "status"], registry=r)
+            "corral_http_requests",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
         self.rejected = Counter(
-            "corral_requests_rejected", "Requests answered 503 (queue full, shutting down).",
-            ["reason"], registry=r)
+            "corral_requests_rejected",
+            "Requests answered 503 (queue full, shutting down).",
+            ["reason"],
+            registry=r,
+        )
         self.prompt_tokens = Counter(
-            "corral_prompt_tokens", "Prompt tokens evaluated (a prompt-cache hit is not counted).",
-            ["model"], registry=r)
+            "corral_prompt_tokens",
+            "Prompt tokens evaluated (a prompt-cache hit is not counted).",
+            ["model"],
+            registry=r,
+        )
         self.generated_tokens = Counter(
-            "corral_generated_tokens", "Tokens generated.", ["model"], registry=r)
+            "corral_generated_tokens", "Tokens generated.", ["model"], registry=r
+        )
         self.ttft = Histogram(
             "corral_time_to_first_token_seconds",
             "From the request's arrival (queueing and load included) to its first token.",
-            ["model"], buckets=TTFT_BUCKETS, registry=r)
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
         self.itl = Histogram(
             "corral_inter_token_latency_seconds",
             "Time between two streamed pieces of one response, as the daemon forwards them.",
-            ["model"], buckets=ITL_BUCKETS, registry=r)
+            ["model"],
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
         self.request_duration = Histogram(
             "corral_request_duration_seconds",
             "Completion requests from arrival to the final record.",
-            ["model"], buckets=REQUEST_BUCKETS, registry=r)
+            ["model"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
         self.load_duration = Histogram(
-            "corral_model_load_duration_seconds", "Runner start to Ready.",
-            ["model"], buckets=LOAD_BUCKETS, registry=r)
+            "corral_model_load_duration_seconds",
+            "Runner start to Ready.",
+            ["model"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
         self.loads = Counter(
             "corral_model_loads",
             "Runner starts by reason: new, reload (options changed), oom_retry.",
-            ["model", "reason"], registry=r)
+            ["model", "reason"],
+            registry=r,
+        )
         self.load_failures = Counter(
-            "corral_model_load_failures", "Loads that failed, by whether it was out of memory.",
-            ["model", "oom"], registry=r)
+            "corral_model_load_failures",
+            "Loads that failed, by whether it was out of memory.",
+            ["model", "oom"],
+            registry=r,
+        )
         self.unloads = Counter(
             "corral_model_unloads",
             "Runner stops by reason: expired, evicted, reload, unload, shutdown.",
-            ["model", "reason"], registry=r)
+            ["model", "reason"],
+            registry=r,
+        )
         self.crashes = Counter(
-            "corral_runner_crashes", "Runners that exited without being asked after Ready.",
-            ["model"], registry=r)
+            "corral_runner_crashes",
+            "Runners that exited without being asked after Ready.",
+            ["model"],
+            registry=r,
+        )
         self._models: dict[str, ModelSeries] = {}
         self._http: dict[tuple[str, str, str], Any] = {}
         self.source: Source | None = None
-        self.kv: dict[str, tuple[int, int]] = {}   # runner id -> (cells used, cells total)
+        self.kv: dict[str, tuple[int, int]] = {}  # runner id -> (cells used, cells total)
         r.register(_StateCollector(self))
 
     def model(self, name: str) -> ModelSeries:
@@ -140,7 +173,8 @@ class Metrics:
         child = self._http.get((route, method, status))
         if child is None:
             child = self._http[(route, method, status)] = self.http_requests.labels(
-                route, method, status)
+                route, method, status
+            )
         child.inc()
 
     async def poll_runners(self, session: aiohttp.ClientSession) -> None:
@@ -151,8 +185,11 @@ class Metrics:
             return
         urls = dict(self.source.runner_urls())
         results = await asyncio.gather(*(_health(session, u) for u in urls.values()))
-        self.kv = {rid: (h.kv_used, h.kv_total) for rid, h in zip(urls, results)
-                   if h is not None and h.kv_total > 0}
+        self.kv = {
+            rid: (h.kv_used, h.kv_total)
+            for rid, h in zip(urls, results)
+            if h is not None and h.kv_total > 0
+        }
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -171,8 +208,14 @@ async def _health(session: aiohttp.ClientSession, base_url: str) -> Health | Non
 
 def _model_row() -> dict[str, Any]:
     """One model's sums in a scrape (runner states, in-flight, queued, slots, KV cells)."""
-    return {"states": dict.fromkeys(STATES, 0), "in_flight": 0, "queued": 0, "slots": 0,
-            "kv_used": 0, "kv_total": 0}
+    return {
+        "states": dict.fromkeys(STATES, 0),
+        "in_flight": 0,
+        "queued": 0,
+        "slots": 0,
+        "kv_used": 0,
+        "kv_total": 0,
+    }
 
 
 def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
@@ -186,7 +229,7 @@ class _StateCollector(Collector):
         self.m = m
 
     def describe(self) -> list[Metric]:
-        return []   # collected on demand: registration must not call the supervisor
+        return []  # collected on demand: registration must not call the supervisor
 
     def collect(self) -> Iterator[Metric]:
         src = self.m.source
@@ -198,11 +241,14 @@ class _StateCollector(Collector):
         loaded = _gauge("corral_model_loaded", "1 when a ready runner serves the model.", ["model"])
         in_flight = _gauge("corral_model_in_flight", "Granted requests being served.", ["model"])
         queued = _gauge("corral_model_queued", "Requests waiting for the model.", ["model"])
-        slots = _gauge("corral_model_parallel_slots", "Parallel sequences of the model's runners.",
-                       ["model"])
-        kv_ratio = _gauge("corral_model_kv_cache_usage_ratio",
-                          "KV-cache cells held by running sequences / cells (runner /health).",
-                          ["model"])
+        slots = _gauge(
+            "corral_model_parallel_slots", "Parallel sequences of the model's runners.", ["model"]
+        )
+        kv_ratio = _gauge(
+            "corral_model_kv_cache_usage_ratio",
+            "KV-cache cells held by running sequences / cells (runner /health).",
+            ["model"],
+        )
         per: defaultdict[str, dict[str, Any]] = defaultdict(_model_row)
         for v in runners:
             p = per[src.model_name(v.model_key) if src is not None else v.model_key]
@@ -228,12 +274,15 @@ class _StateCollector(Collector):
         yield from (state, loaded, in_flight, queued, slots, kv_ratio)
 
         total = _gauge("corral_gpu_memory_total_bytes", "GPU memory.", ["gpu", "gpu_name"])
-        free = _gauge("corral_gpu_memory_free_bytes", "GPU memory free as measured.",
-                      ["gpu", "gpu_name"])
-        reserved = _gauge("corral_gpu_memory_reserved_bytes",
-                          "GPU memory reserved by corral's runners (incl. stopped ones not yet "
-                          "seen released).", ["gpu", "gpu_name"])
-        for g in (snap.gpus if snap is not None else ()):
+        free = _gauge(
+            "corral_gpu_memory_free_bytes", "GPU memory free as measured.", ["gpu", "gpu_name"]
+        )
+        reserved = _gauge(
+            "corral_gpu_memory_reserved_bytes",
+            "GPU memory reserved by corral's runners (incl. stopped ones not yet seen released).",
+            ["gpu", "gpu_name"],
+        )
+        for g in snap.gpus if snap is not None else ():
             labels = [g.id, g.name]
             total.add_metric(labels, g.total)
             free.add_metric(labels, g.free)
@@ -243,20 +292,26 @@ class _StateCollector(Collector):
         n_queued = snap.queued if snap is not None else 0
         n_running = snap.in_flight if snap is not None else 0
         yield _value("corral_queue_depth", "Requests waiting, all models.", n_queued)
-        yield _value("corral_requests_in_flight", "Granted requests being served, all models.",
-                     n_running)
-        yield _value("corral_models_loaded", "Runners ready (or expiring).",
-                     sum(1 for v in runners if v.state in ("ready", "expiring")))
+        yield _value(
+            "corral_requests_in_flight", "Granted requests being served, all models.", n_running
+        )
+        yield _value(
+            "corral_models_loaded",
+            "Runners ready (or expiring).",
+            sum(1 for v in runners if v.state in ("ready", "expiring")),
+        )
         used = sum(u for u, _ in kv.values())
         cells = sum(t for _, t in kv.values())
         usage = used / cells if cells else 0.0
         yield _value("vllm:num_requests_waiting", "Requests waiting (all models).", n_queued)
-        yield _value("vllm:num_requests_running", "Requests being served (all models).",
-                     n_running)
+        yield _value("vllm:num_requests_running", "Requests being served (all models).", n_running)
         yield _value("vllm:kv_cache_usage_perc", "KV-cache usage, 1 = 100% (all runners).", usage)
         yield _value("vllm:gpu_cache_usage_perc", "KV-cache usage, 1 = 100% (older name).", usage)
-        lora = _gauge("vllm:lora_requests_info", "LoRA adapters (none): value = scrape time.",
-                      ["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        lora = _gauge(
+            "vllm:lora_requests_info",
+            "LoRA adapters (none): value = scrape time.",
+            ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
         lora.add_metric(["0", "", ""], time.time())
         yield lora
 

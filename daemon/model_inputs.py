@@ -82,10 +82,15 @@ def image_tokens(projector: gguf_info.GGUFInfo) -> int:
 
 def projector_facts(facts: ModelFacts, projector: gguf_info.GGUFInfo) -> ModelFacts:
     """``facts`` with a vision projector: its tensor bytes and its encoder's compute buffer."""
-    graph = projector_graph(*(_vision_num(projector, k) for k in (
-        "image_size", "patch_size", "embedding_length", "attention.head_count")))
-    return msgspec.structs.replace(facts, has_vision=True, projector_bytes=projector.tensor_bytes,
-                                   projector_graph=graph)
+    graph = projector_graph(
+        *(
+            _vision_num(projector, k)
+            for k in ("image_size", "patch_size", "embedding_length", "attention.head_count")
+        )
+    )
+    return msgspec.structs.replace(
+        facts, has_vision=True, projector_bytes=projector.tensor_bytes, projector_graph=graph
+    )
 
 
 def facts_from_info(info: gguf_info.GGUFInfo, file_size: int) -> ModelFacts:
@@ -118,8 +123,13 @@ def facts_from_info(info: gguf_info.GGUFInfo, file_size: int) -> ModelFacts:
     )
 
 
-def runner_options(options: RequestOptions, *, default_ctx: tuple[int, bool],
-                   kv_cache_type: str = "", flash_attention: bool | None = None) -> RunnerOptions:
+def runner_options(
+    options: RequestOptions,
+    *,
+    default_ctx: tuple[int, bool],
+    kv_cache_type: str = "",
+    flash_attention: bool | None = None,
+) -> RunnerOptions:
     """The scheduler's load options from a request's typed options (Modelfile parameters and
     request already merged and typed by ``RequestOptions.build``: nothing is checked here).
 
@@ -130,13 +140,16 @@ def runner_options(options: RequestOptions, *, default_ctx: tuple[int, bool],
     2. ``num_batch``: explicit (at least 1), else 512 marked auto.
     3. ``num_gpu`` (-1 auto), ``main_gpu``, ``use_mmap``, ``num_thread`` (negative = 0) pass through.
     """
-    num_ctx, num_ctx_auto = ((options.num_ctx, False) if options.num_ctx is not None  # 1.
-                             else default_ctx)
-    num_batch = options.num_batch                                                     # 2.
+    num_ctx, num_ctx_auto = (
+        (options.num_ctx, False)
+        if options.num_ctx is not None  # 1.
+        else default_ctx
+    )
+    num_batch = options.num_batch  # 2.
     return RunnerOptions(
         num_ctx=num_ctx,
         num_batch=512 if num_batch is None else max(1, num_batch),
-        num_gpu=-1 if options.num_gpu is None else options.num_gpu,                   # 3.
+        num_gpu=-1 if options.num_gpu is None else options.num_gpu,  # 3.
         main_gpu=options.main_gpu,
         use_mmap=options.use_mmap,
         num_thread=max(0, options.num_thread or 0),

@@ -22,24 +22,54 @@ import msgspec
 from corral.daemon.errors import Failed, InvalidRequest
 from corral.runner.protocol import SamplingOptions
 
-_INT_PARAMS = frozenset({
-    "num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch", "num_gpu",
-    "main_gpu", "num_thread", "draft_num_predict", "mirostat",
-})
-_FLOAT_PARAMS = frozenset({
-    "top_p", "min_p", "typical_p", "temperature", "repeat_penalty", "presence_penalty",
-    "frequency_penalty", "tfs_z", "mirostat_tau", "mirostat_eta",
-})
-_BOOL_PARAMS = frozenset({
-    "use_mmap", "penalize_newline", "numa", "low_vram", "f16_kv", "logits_all", "vocab_only",
-    "use_mlock",
-})
+_INT_PARAMS = frozenset(
+    {
+        "num_keep",
+        "seed",
+        "num_predict",
+        "top_k",
+        "repeat_last_n",
+        "num_ctx",
+        "num_batch",
+        "num_gpu",
+        "main_gpu",
+        "num_thread",
+        "draft_num_predict",
+        "mirostat",
+    }
+)
+_FLOAT_PARAMS = frozenset(
+    {
+        "top_p",
+        "min_p",
+        "typical_p",
+        "temperature",
+        "repeat_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "tfs_z",
+        "mirostat_tau",
+        "mirostat_eta",
+    }
+)
+_BOOL_PARAMS = frozenset(
+    {
+        "use_mmap",
+        "penalize_newline",
+        "numa",
+        "low_vram",
+        "f16_kv",
+        "logits_all",
+        "vocab_only",
+        "use_mlock",
+    }
+)
 _LIST_PARAMS = frozenset({"stop"})
 KNOWN_PARAMS = _INT_PARAMS | _FLOAT_PARAMS | _BOOL_PARAMS | _LIST_PARAMS
 
 
 def _bad_param(key: str, kind: str) -> InvalidRequest:
-    return InvalidRequest( f'option "{key}" must be of type {kind}')
+    return InvalidRequest(f'option "{key}" must be of type {kind}')
 
 
 def type_param(key: str, value: Any) -> Any:
@@ -155,8 +185,9 @@ class RequestOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     penalize_newline: bool | None = None
 
     @classmethod
-    def build(cls, parameters: Mapping[str, Any] | None,
-              options: Mapping[str, Any] | None) -> RequestOptions:
+    def build(
+        cls, parameters: Mapping[str, Any] | None, options: Mapping[str, Any] | None
+    ) -> RequestOptions:
         """Ollama's merge, the one place it happens: Modelfile ``parameters`` <- request
         ``options``; unknown keys and nulls are dropped. A request value of the wrong type
         raises InvalidRequest (:func:`type_option`); a stored parameter that does not type (a

@@ -49,11 +49,11 @@ log = structlog.get_logger(__name__)
 
 RUNNER_ARGV: tuple[str, ...] = (sys.executable, "-m", "corral.runner")
 STDERR_TAIL_LINES = 20
-MAX_LINE = 8192                 # longer stderr lines are cut (a runaway log line must not grow memory)
-MAX_EVENT_LINE = 256 << 20      # the event pipe carries only the runner's own JSON lines; a
-                                # done record lists the prompt + generated tokens
-GONE = object()                 # put in every open relay queue once the event pipe has closed
-PIPE_DRAIN_AFTER_EXIT = 1.0     # seconds to wait for a dead child's pipes before closing them
+MAX_LINE = 8192  # longer stderr lines are cut (a runaway log line must not grow memory)
+MAX_EVENT_LINE = 256 << 20  # the event pipe carries only the runner's own JSON lines; a
+# done record lists the prompt + generated tokens
+GONE = object()  # put in every open relay queue once the event pipe has closed
+PIPE_DRAIN_AFTER_EXIT = 1.0  # seconds to wait for a dead child's pipes before closing them
 
 # Lines that look like an error, in llama.cpp's, CUDA's and Python's words (Ollama keeps
 # "error:", "CUDA error", "cudaMalloc failed", "GGML_ASSERT", "panic:" ...).
@@ -132,8 +132,9 @@ def huge_pages_usable(setting: Path = THP_SETTING, libc: str | None = None) -> b
     return mode == "madvise" and libc == "glibc"
 
 
-def child_env(visible_devices: str | None, base: Mapping[str, str] | None = None, *,
-              huge_pages: bool = False) -> dict[str, str] | None:
+def child_env(
+    visible_devices: str | None, base: Mapping[str, str] | None = None, *, huge_pages: bool = False
+) -> dict[str, str] | None:
     """The child's environment: inherited, with CUDA_VISIBLE_DEVICES narrowed when given, and
     with ``huge_pages`` glibc's malloc asked to put its large blocks (llama.cpp's weights when
     not memory-mapped, its KV cache and compute buffers) in transparent huge pages
@@ -170,10 +171,16 @@ class _Protocol(asyncio.SubprocessProtocol):
 class RunnerProcess:
     """One runner child process. Use from the event loop thread only."""
 
-    def __init__(self, runner_id: str, *, env: Mapping[str, str] | None = None,
-                 on_exit: Callable[[RunnerProcess, int], None] | None = None,
-                 argv: Sequence[str] = RUNNER_ARGV, stderr_lines: int = STDERR_TAIL_LINES,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        runner_id: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        on_exit: Callable[[RunnerProcess, int], None] | None = None,
+        argv: Sequence[str] = RUNNER_ARGV,
+        stderr_lines: int = STDERR_TAIL_LINES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.runner_id = runner_id
         self._env = dict(env) if env is not None else None
         self._on_exit = on_exit
@@ -186,19 +193,19 @@ class RunnerProcess:
         self._open_pipes: set[int] = set()
         self._events: collections.deque[Loading | Ready | Failed] = collections.deque()
         self._last_activity = 0.0
-        self._wake = asyncio.Event()            # something happened (data, event, exit)
-        self._exited = asyncio.Event()          # the child was reaped
-        self._done = asyncio.Event()            # reaped, pipes drained/closed, on_exit called
+        self._wake = asyncio.Event()  # something happened (data, event, exit)
+        self._exited = asyncio.Event()  # the child was reaped
+        self._done = asyncio.Event()  # reaped, pipes drained/closed, on_exit called
         self._watcher: asyncio.Task[None] | None = None
         self.pid: int | None = None
         self.returncode: int | None = None
         self.ready: Ready | None = None
-        self.stopping = False                   # stop() was called: the exit is expected
+        self.stopping = False  # stop() was called: the exit is expected
         self._spawning = False
-        self._spawned = asyncio.Event()         # subprocess_exec finished (or failed)
+        self._spawned = asyncio.Event()  # subprocess_exec finished (or failed)
         self._relays: dict[int, asyncio.Queue] = {}
         self._relay_ids = itertools.count(1)
-        self._events_closed = False             # the event pipe (fd 1) has closed
+        self._events_closed = False  # the event pipe (fd 1) has closed
 
     # ------------------------------------------------------------------ public
 
@@ -249,9 +256,13 @@ class RunnerProcess:
         self._spawning = True
         try:
             transport, _ = await loop.subprocess_exec(
-                lambda: _Protocol(self), *self._argv,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                start_new_session=True, env=self._env,
+                lambda: _Protocol(self),
+                *self._argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                env=self._env,
             )
         except OSError as exc:
             self._exited.set()
@@ -263,19 +274,25 @@ class RunnerProcess:
         self._transport = transport
         self.pid = transport.get_pid()
         self._open_pipes = {1, 2}
-        self._watcher = asyncio.create_task(self._watch_exit(), name=f"runner-exit-{self.runner_id}")
+        self._watcher = asyncio.create_task(
+            self._watch_exit(), name=f"runner-exit-{self.runner_id}"
+        )
         log.debug("runner spawned", runner_id=self.runner_id, pid=self.pid)
         try:
-            if self.stopping:   # stop() was called while we were spawning
+            if self.stopping:  # stop() was called while we were spawning
                 raise RunnerStartError("runner stopped while starting", kind="stopped")
             stdin = transport.get_pipe_transport(0)
             assert stdin is not None
             stdin.write(encode(spec) + b"\n")
             # What the child received, for tests and debugging (e2e tests match it to /api/ps
             # by pid: layers, tensor split and main GPU must agree with the placement).
-            log.debug("runner launch spec", runner_id=self.runner_id, pid=self.pid,
-                      cuda_visible_devices=(self._env or {}).get("CUDA_VISIBLE_DEVICES"),
-                      spec=msgspec.to_builtins(spec))
+            log.debug(
+                "runner launch spec",
+                runner_id=self.runner_id,
+                pid=self.pid,
+                cuda_visible_devices=(self._env or {}).get("CUDA_VISIBLE_DEVICES"),
+                spec=msgspec.to_builtins(spec),
+            )
             ready = await self._handshake(load_timeout)
         except BaseException:
             # Cancelled or failed: leave no child behind (the contract of start()).
@@ -302,8 +319,12 @@ class RunnerProcess:
         if not self._exited.is_set():
             self._signal_group(signal.SIGTERM)
             if not await wait_event(self._done, grace):
-                log.warning("runner ignored SIGTERM, killing its process group",
-                            runner_id=self.runner_id, pid=self.pid, grace=grace)
+                log.warning(
+                    "runner ignored SIGTERM, killing its process group",
+                    runner_id=self.runner_id,
+                    pid=self.pid,
+                    grace=grace,
+                )
                 self._signal_group(signal.SIGKILL)
         await self._done.wait()
         return self.returncode
@@ -336,8 +357,11 @@ class RunnerProcess:
                     await self._wait_exit_after_failed()
                     last = self.last_error()
                     reason = ev.reason
-                    raise RunnerStartError(reason, oom=ev.oom, kind="failed") if reason else \
-                        RunnerStartError(last or self.exit_reason(), oom=ev.oom, kind="failed")
+                    raise (
+                        RunnerStartError(reason, oom=ev.oom, kind="failed")
+                        if reason
+                        else RunnerStartError(last or self.exit_reason(), oom=ev.oom, kind="failed")
+                    )
             now = self._clock()
             # 2. The child is gone: fail at once (after its pipes are drained, so a Failed line
             #    written just before the exit still wins and the stderr tail is complete).
@@ -347,15 +371,15 @@ class RunnerProcess:
                     await self._done.wait()
                     if self._events:
                         continue
-                    raise RunnerStartError(self.exit_reason(), oom=looks_oom(self.last_error()),
-                                           kind="exited")
+                    raise RunnerStartError(
+                        self.exit_reason(), oom=looks_oom(self.last_error()), kind="exited"
+                    )
             # 3. Stall: no byte from the child for load_timeout seconds.
             timeout: float | None = None
             if limit is not None:
                 timeout = self._last_activity + limit - now
                 if timeout <= 0:
-                    raise RunnerStartError(
-                        _stall_text(limit, self.last_error()), kind="stalled")
+                    raise RunnerStartError(_stall_text(limit, self.last_error()), kind="stalled")
             if exited_at is not None:
                 drain_left = exited_at + PIPE_DRAIN_AFTER_EXIT - now
                 timeout = drain_left if timeout is None else min(timeout, drain_left)
@@ -446,8 +470,13 @@ class RunnerProcess:
         self._close_relays()
         self._done.set()
         self._wake.set()
-        log.debug("runner exited", runner_id=self.runner_id, pid=self.pid,
-                  returncode=self.returncode, expected=self.stopping)
+        log.debug(
+            "runner exited",
+            runner_id=self.runner_id,
+            pid=self.pid,
+            returncode=self.returncode,
+            expected=self.stopping,
+        )
         if self._on_exit is not None:
             self._on_exit(self, self.returncode if self.returncode is not None else -1)
 
@@ -455,10 +484,21 @@ class RunnerProcess:
 def looks_oom(text: str) -> bool:
     """Ollama's ``IsOutOfMemory`` substrings (case-insensitive)."""
     t = text.lower()
-    return any(s in t for s in (
-        "out of memory", "out of device memory", "cudamalloc failed", "hipmalloc failed",
-        "failed to allocate", "allocation failed", "not enough memory", "insufficient memory",
-        "vk_error_out_of_device_memory", "erroroutofmemory"))
+    return any(
+        s in t
+        for s in (
+            "out of memory",
+            "out of device memory",
+            "cudamalloc failed",
+            "hipmalloc failed",
+            "failed to allocate",
+            "allocation failed",
+            "not enough memory",
+            "insufficient memory",
+            "vk_error_out_of_device_memory",
+            "erroroutofmemory",
+        )
+    )
 
 
 def _stall_text(limit: float, last: str) -> str:

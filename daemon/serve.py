@@ -14,8 +14,8 @@ import os
 import resource
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import structlog
 from aiohttp import web
@@ -38,7 +38,7 @@ DEFAULT_CLIENT_URL = HostAddr().url  # where `corral` clients look without OLLAM
 
 def serve(config: Config) -> int:
     corral_logging.configure(level=config.log_level, json=config.log_format == "json")
-    if config.startup_error is not None:   # e.g. a bad CORRAL_SIMULATE_GPUS: never guess
+    if config.startup_error is not None:  # e.g. a bad CORRAL_SIMULATE_GPUS: never guess
         log.error("serve failed", error=config.startup_error)
         return 1
     try:
@@ -49,8 +49,11 @@ def serve(config: Config) -> int:
     return 0
 
 
-async def run(config: Config, ready: Callable[[str], Awaitable[None] | None] | None = None,
-              stop: asyncio.Event | None = None) -> None:
+async def run(
+    config: Config,
+    ready: Callable[[str], Awaitable[None] | None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set). ``ready`` gets the listening URL."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
@@ -77,14 +80,24 @@ async def run(config: Config, ready: Callable[[str], Awaitable[None] | None] | N
     app.on_shutdown.append(_stop_supervisor)
     # handler_cancellation: a client that goes away cancels its handler, so a request waiting
     # in the scheduler queue leaves it at once and a stream frees its slot.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,
-                           shutdown_timeout=STREAM_DRAIN)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        handler_cancellation=True,
+        shutdown_timeout=STREAM_DRAIN,
+    )
     try:
         await runner.setup()
         # A burst of clients must wait in the accept queue, not be dropped (the kernel caps
         # the backlog at net.core.somaxconn; Go's listeners ask for the same).
-        site = web.TCPSite(runner, config.bind_host or None, config.bind_port,
-                           reuse_address=True, backlog=LISTEN_BACKLOG)
+        site = web.TCPSite(
+            runner,
+            config.bind_host or None,
+            config.bind_port,
+            reuse_address=True,
+            backlog=LISTEN_BACKLOG,
+        )
         await site.start()
         addresses = [f"{s[0]}:{s[1]}" for s in (runner.addresses or [])]
         log.info("Listening", addresses=addresses, version=VERSION)
@@ -92,13 +105,18 @@ async def run(config: Config, ready: Callable[[str], Awaitable[None] | None] | N
             res = ready(config.client_url)
             if asyncio.iscoroutine(res):
                 await res
+
         # Load the default model in the background so it is ready for the first chat; a request
         # that arrives meanwhile shares that load. The start-up ends with one line saying where
         # corral listens and what to try first.
         async def _preload_then_greet() -> None:
             await supervisor.preload_default(default)
-            log.info("corral is ready", url=config.client_url, model=default,
-                     **{"try": first_command(config, default)})
+            log.info(
+                "corral is ready",
+                url=config.client_url,
+                model=default,
+                **{"try": first_command(config, default)},
+            )
 
         preload = asyncio.create_task(_preload_then_greet())
         await stop.wait()
@@ -115,7 +133,7 @@ async def run(config: Config, ready: Callable[[str], Awaitable[None] | None] | N
 
         try:
             await asyncio.wait_for(_shutdown(), SHUTDOWN_BUDGET)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("shutdown budget exceeded; killing runners")
             await supervisor.kill_all()
         for sig in (signal.SIGTERM, signal.SIGINT):

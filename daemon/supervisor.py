@@ -108,7 +108,7 @@ from corral.scheduler.estimate import default_num_ctx
 
 log = structlog.get_logger(__name__)
 
-REFRESH_INTERVAL = 0.25                    # probe polling while stopped runners' memory is held
+REFRESH_INTERVAL = 0.25  # probe polling while stopped runners' memory is held
 DEFAULT_STOP_GRACE = 5.0
 DEFAULT_DRAIN_TIMEOUT = 3.0
 
@@ -121,11 +121,17 @@ def _scheduler_error(status: int, message: str) -> CorralError:
     return Busy(message) if status == 503 else Failed(message)
 
 
-STDERR_TAIL = 10      # stderr lines in a load failure / crash log line
+STDERR_TAIL = 10  # stderr lines in a load failure / crash log line
 
 # StopRunner reasons -> the scheduling decision a log line names
-_DECISIONS = {"expired": "expire", "evicted": "evict", "reload": "reload", "unload": "unload",
-              "shutdown": "shutdown", "out of memory": "oom_unload"}
+_DECISIONS = {
+    "expired": "expire",
+    "evicted": "evict",
+    "reload": "reload",
+    "unload": "unload",
+    "shutdown": "shutdown",
+    "out of memory": "oom_unload",
+}
 
 
 def _changed_options(old: RunnerOptions, new: RunnerOptions) -> dict[str, list[Any]]:
@@ -141,23 +147,32 @@ def _is_gpu_device(name: str) -> bool:
 
 # ----------------------------------------------------------------------------------------- Lease
 
+
 class Lease:
     """One granted runner slot. Leave the ``async with`` block to release it (exactly once)."""
 
-    def __init__(self, sup: Supervisor, req_id: int, runner_id: str, base_url: str, n_ctx: int,
-                 load_duration: float, session: aiohttp.ClientSession,
-                 proc: RunnerProcess | None) -> None:
+    def __init__(
+        self,
+        sup: Supervisor,
+        req_id: int,
+        runner_id: str,
+        base_url: str,
+        n_ctx: int,
+        load_duration: float,
+        session: aiohttp.ClientSession,
+        proc: RunnerProcess | None,
+    ) -> None:
         self._sup = sup
         self.req_id = req_id
         self.runner_id = runner_id
         self.base_url = base_url
-        self.n_ctx = n_ctx                  # per slot
+        self.n_ctx = n_ctx  # per slot
         self.load_duration = load_duration  # seconds from acquire() to the grant
         self.session = session
         self._proc = proc
         self._released = False
         self._abort_message: str | None = None
-        self.aborted = asyncio.Event()      # set when the runner was lost under this lease
+        self.aborted = asyncio.Event()  # set when the runner was lost under this lease
 
     @property
     def relay(self) -> RunnerProcess | None:
@@ -222,14 +237,31 @@ class Lease:
 
 # ------------------------------------------------------------------------------------ Supervisor
 
+
 class _Runner:
     """What the supervisor knows about one runner beyond the scheduler's view."""
 
-    __slots__ = ("runner_id", "model_key", "proc", "ready", "record", "start_effect", "task",
-                 "exit_posted", "started", "stop_reason")
+    __slots__ = (
+        "runner_id",
+        "model_key",
+        "proc",
+        "ready",
+        "record",
+        "start_effect",
+        "task",
+        "exit_posted",
+        "started",
+        "stop_reason",
+    )
 
-    def __init__(self, runner_id: str, model_key: str, proc: RunnerProcess, record: Any,
-                 start_effect: StartRunner) -> None:
+    def __init__(
+        self,
+        runner_id: str,
+        model_key: str,
+        proc: RunnerProcess,
+        record: Any,
+        start_effect: StartRunner,
+    ) -> None:
         self.runner_id = runner_id
         self.model_key = model_key
         self.proc = proc
@@ -239,7 +271,7 @@ class _Runner:
         self.task: asyncio.Task[None] | None = None
         self.exit_posted = False
         self.started = time.monotonic()
-        self.stop_reason: str | None = None   # of the StopRunner executed for it
+        self.stop_reason: str | None = None  # of the StopRunner executed for it
 
     @property
     def name(self) -> str:
@@ -249,15 +281,21 @@ class _Runner:
 class Supervisor:
     """Owns the Scheduler (one task), runner processes and the waiting requests' futures."""
 
-    def __init__(self, config: Config, store: Any = None, probe: GpuProbe | None = None, *,
-                 clock: Callable[[], float] = time.monotonic,
-                 limits: Limits | None = None,
-                 runner_argv: Sequence[str] = RUNNER_ARGV,
-                 stop_grace: float = DEFAULT_STOP_GRACE,
-                 drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
-                 load_timeout: float | None = None,
-                 engine: EngineProbe | None | Literal["probe"] = "probe",
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Any = None,
+        probe: GpuProbe | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        limits: Limits | None = None,
+        runner_argv: Sequence[str] = RUNNER_ARGV,
+        stop_grace: float = DEFAULT_STOP_GRACE,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        load_timeout: float | None = None,
+        engine: EngineProbe | None | Literal["probe"] = "probe",
+        metrics: Metrics | None = None,
+    ) -> None:
         """``engine``: what the llama.cpp build can do. ``"probe"`` asks it at start (skipped for
         the fake engine and simulated GPUs, which are paper on purpose); tests pass an answer."""
         self.config = config
@@ -274,15 +312,19 @@ class Supervisor:
         self._huge_pages = huge_pages_usable()
         self._engine_arg = engine
         self.engine: EngineProbe | None = None
-        self.gpu_note: str | None = None      # why GPUs are not offered, when some are not
+        self.gpu_note: str | None = None  # why GPUs are not offered, when some are not
         self._clock = clock
-        self._limits = limits if limits is not None else Limits(
-            max_loaded=config.max_loaded_models,
-            num_parallel=max(1, config.num_parallel),
-            max_queue=config.max_queue,
-            default_keep_alive=config.keep_alive,
-            sched_spread=config.sched_spread,
-            gpu_overhead=config.gpu_overhead,
+        self._limits = (
+            limits
+            if limits is not None
+            else Limits(
+                max_loaded=config.max_loaded_models,
+                num_parallel=max(1, config.num_parallel),
+                max_queue=config.max_queue,
+                default_keep_alive=config.keep_alive,
+                sched_spread=config.sched_spread,
+                gpu_overhead=config.gpu_overhead,
+            )
         )
         self._argv = tuple(runner_argv)
         self.stop_grace = stop_grace
@@ -292,14 +334,14 @@ class Supervisor:
         self._sched: Scheduler | None = None
         self._inbox: collections.deque[Event] = collections.deque()
         self._wake = asyncio.Event()
-        self._changed = asyncio.Event()       # replaced after every dispatch (test hooks)
+        self._changed = asyncio.Event()  # replaced after every dispatch (test hooks)
         self._dispatching = False
         self._owner: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._waiters: dict[int, asyncio.Future[str]] = {}
         self._leases: dict[int, Lease] = {}
         self._runners: dict[str, _Runner] = {}
-        self._records: dict[str, Any] = {}       # model_key -> the record last asked for
+        self._records: dict[str, Any] = {}  # model_key -> the record last asked for
         self._facts: dict[str, ModelFacts] = {}  # blob path -> facts
         self._ids = itertools.count(1)
         # num_ctx when neither request nor Modelfile sets it, and whether it is automatic
@@ -313,7 +355,7 @@ class Supervisor:
         # model_key -> why its next load happens ("oom_retry" / "reload") and the options of the
         # runner it replaces; dropped once nobody waits for the model.
         self._next_load: dict[str, tuple[str, RunnerOptions]] = {}
-        self.processed = 0                       # events dispatched so far
+        self.processed = 0  # events dispatched so far
         # The start-up preload (preload_default) loaded its model, or had none to load: what
         # GET /readyz reports (a Kubernetes readiness probe), latched.
         self.preloaded = False
@@ -334,19 +376,26 @@ class Supervisor:
         engine = self.engine = await self._probe_engine()
         if engine is not None and not self._probe_given:  # macOS: the Metal device is the engine's
             self.probe = make_probe(self.config, engine=engine)
-        inventory = await self.probe.refresh()   # one device read serves the gate and the start
+        inventory = await self.probe.refresh()  # one device read serves the gate and the start
         if engine is not None:
             libraries, self.gpu_note = engine_verdict(inventory.gpus, engine)
             self.probe.restrict(libraries)
             inventory = msgspec.structs.replace(
-                inventory, gpus=tuple(g for g in inventory.gpus if g.library in libraries))
+                inventory, gpus=tuple(g for g in inventory.gpus if g.library in libraries)
+            )
             log.info("llama.cpp engine", **engine_probe.summary(engine))
             if self.gpu_note:
                 log.warning("gpus unused", reason=self.gpu_note)
         self._gpu_names = {g.id: g.name for g in inventory.gpus}
         cl = self.config.context_length
-        self._default_ctx = (cl, False) if cl > 0 else (default_num_ctx(
-            [g.total for g in inventory.gpus], self._limits.gpu_overhead), True)
+        self._default_ctx = (
+            (cl, False)
+            if cl > 0
+            else (
+                default_num_ctx([g.total for g in inventory.gpus], self._limits.gpu_overhead),
+                True,
+            )
+        )
         self._sched = Scheduler(self._limits, inventory)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0),
@@ -354,19 +403,24 @@ class Supervisor:
         )
         self._owner = asyncio.create_task(self._run(), name="supervisor")
         self._owner.add_done_callback(self._owner_done)
-        log.info("supervisor started", gpus=len(inventory.gpus), default_num_ctx=self._default_ctx[0],
-                 max_loaded=self._limits.max_loaded, num_parallel=self._limits.num_parallel,
-                 max_queue=self._limits.max_queue)
+        log.info(
+            "supervisor started",
+            gpus=len(inventory.gpus),
+            default_num_ctx=self._default_ctx[0],
+            max_loaded=self._limits.max_loaded,
+            num_parallel=self._limits.num_parallel,
+            max_queue=self._limits.max_queue,
+        )
 
     async def begin_shutdown(self) -> None:
         """Shutdown steps 1-2: refuse new requests (503) and fail every queued one. Idempotent;
         returns once the scheduler has processed it (bounded). In-flight leases stay valid."""
         if self._closing:
             return
-        self._closing = True                                  # 1. stop accepting
+        self._closing = True  # 1. stop accepting
         log.info("supervisor shutting down", shutdown_step="stop_accepting")
         if self._owner is not None and not self._owner.done():
-            self.post(Shutdown())                             # 2. fail queued requests
+            self.post(Shutdown())  # 2. fail queued requests
             try:
                 async with asyncio.timeout(2.0):
                     await self.wait_processed()
@@ -401,21 +455,25 @@ class Supervisor:
         if self._closed:
             return
         self._closed = True
-        await self.begin_shutdown()                           # 1.-2.
+        await self.begin_shutdown()  # 1.-2.
         if self._owner is not None and not self._owner.done():
-            log.info("supervisor shutting down", shutdown_step="drain",  # 3. drain streams
-                     in_flight=len(self._leases))
+            log.info(
+                "supervisor shutting down",
+                shutdown_step="drain",  # 3. drain streams
+                in_flight=len(self._leases),
+            )
             try:
                 async with asyncio.timeout(self.drain_timeout):
                     await self.wait_until(lambda: not self._leases)
             except TimeoutError:
-                log.warning("drain timeout: stopping runners with requests in flight",
-                            in_flight=len(self._leases))
-        procs = [r.proc for r in self._runners.values()]    # 4. stop runners in parallel
+                log.warning(
+                    "drain timeout: stopping runners with requests in flight",
+                    in_flight=len(self._leases),
+                )
+        procs = [r.proc for r in self._runners.values()]  # 4. stop runners in parallel
         log.info("supervisor shutting down", shutdown_step="stop_runners", runners=len(procs))
         if procs:
-            await asyncio.gather(*(p.stop(self.stop_grace) for p in procs),
-                                 return_exceptions=True)
+            await asyncio.gather(*(p.stop(self.stop_grace) for p in procs), return_exceptions=True)
         for lease in list(self._leases.values()):
             lease._abort(SHUTTING_DOWN_MESSAGE)
         for fut in self._waiters.values():
@@ -431,7 +489,7 @@ class Supervisor:
         if self._session is not None:
             await self._session.close()
         log.info("supervisor shutting down", shutdown_step="close_probe")
-        if getattr(self.probe, "blocking", False):            # 5. close NVML
+        if getattr(self.probe, "blocking", False):  # 5. close NVML
             await asyncio.to_thread(self.probe.close)
         else:
             self.probe.close()
@@ -444,8 +502,13 @@ class Supervisor:
         assert self._session is not None, "Supervisor.start() was not called"
         return self._session
 
-    async def acquire(self, model: ModelLike, options: RequestOptions | None = None,
-                      keep_alive: float | None = None, kind: Kind = "completion") -> Lease:
+    async def acquire(
+        self,
+        model: ModelLike,
+        options: RequestOptions | None = None,
+        keep_alive: float | None = None,
+        kind: Kind = "completion",
+    ) -> Lease:
         """Wait for a runner slot for ``model`` loaded with ``options`` (the request's, merged
         with the model's parameters by the caller; None = defaults). See the module docstring
         for the contract."""
@@ -459,10 +522,12 @@ class Supervisor:
             raise InvalidRequest(f'"{model.name}" does not support generate')
         key = model_key(model)
         facts = await self._model_facts(model, key)
-        opts = runner_options(RequestOptions() if options is None else options,
-                              default_ctx=self._default_ctx,
-                              kv_cache_type=self.config.kv_cache_type,
-                              flash_attention=self.config.flash_attention)
+        opts = runner_options(
+            RequestOptions() if options is None else options,
+            default_ctx=self._default_ctx,
+            kv_cache_type=self.config.kv_cache_type,
+            flash_attention=self.config.flash_attention,
+        )
         if self._closing:
             raise Busy(SHUTTING_DOWN_MESSAGE)
         req_id = next(self._ids)
@@ -472,8 +537,16 @@ class Supervisor:
         # The blob must outlive a copy/delete onto this name until a runner holds it.
         if self.store is not None:
             self._hold(key)
-        self.post(RequestArrived(req_id=req_id, model_key=key, facts=facts, options=opts,
-                                 keep_alive=keep_alive, embedding=kind == "embedding"))
+        self.post(
+            RequestArrived(
+                req_id=req_id,
+                model_key=key,
+                facts=facts,
+                options=opts,
+                keep_alive=keep_alive,
+                embedding=kind == "embedding",
+            )
+        )
         try:
             runner_id = await fut
         except asyncio.CancelledError:
@@ -486,11 +559,19 @@ class Supervisor:
                 self._release_blobs(key)
         r = self._runners.get(runner_id)
         ready = r.ready if r is not None else None
-        if r is None or ready is None:   # cannot happen: Grant follows RunnerReady
+        if r is None or ready is None:  # cannot happen: Grant follows RunnerReady
             self.post(RequestFinished(req_id=req_id))
             raise Failed("runner is not available")
-        lease = Lease(self, req_id, runner_id, f"http://127.0.0.1:{ready.port}",
-                      ready.n_ctx_per_slot, time.monotonic() - t0, self.session, r.proc)
+        lease = Lease(
+            self,
+            req_id,
+            runner_id,
+            f"http://127.0.0.1:{ready.port}",
+            ready.n_ctx_per_slot,
+            time.monotonic() - t0,
+            self.session,
+            r.proc,
+        )
         self._leases[req_id] = lease
         return lease
 
@@ -515,8 +596,13 @@ class Supervisor:
         return self._closing
 
     def _count_rejected(self, message: str) -> None:
-        reason = "queue_full" if message == QUEUE_FULL_MESSAGE else "shutting_down" \
-            if message == SHUTTING_DOWN_MESSAGE else "other"
+        reason = (
+            "queue_full"
+            if message == QUEUE_FULL_MESSAGE
+            else "shutting_down"
+            if message == SHUTTING_DOWN_MESSAGE
+            else "other"
+        )
         self.metrics.rejected.labels(reason).inc()
 
     def model_name(self, model_key: str) -> str:
@@ -528,8 +614,11 @@ class Supervisor:
 
     def runner_urls(self) -> dict[str, str]:
         """Base URLs of the runners that are ready and still running, by runner id."""
-        return {rid: f"http://127.0.0.1:{r.ready.port}" for rid, r in self._runners.items()
-                if r.ready is not None and r.proc.returncode is None}
+        return {
+            rid: f"http://127.0.0.1:{r.ready.port}"
+            for rid, r in self._runners.items()
+            if r.ready is not None and r.proc.returncode is None
+        }
 
     def runner_process(self, runner_id: str) -> RunnerProcess | None:
         r = self._runners.get(runner_id)
@@ -582,7 +671,7 @@ class Supervisor:
             self._wake.clear()
             if timeout == 0.0:
                 self._dispatch(Tick())
-                await asyncio.sleep(0)       # let the posting tasks run between ticks
+                await asyncio.sleep(0)  # let the posting tasks run between ticks
                 continue
             if not await wait_event(self._wake, timeout):
                 self._dispatch(Tick())
@@ -607,7 +696,9 @@ class Supervisor:
             log.exception("scheduler failed on an event", event=type(event).__name__)
             effects = []
             if isinstance(event, RequestArrived):
-                effects = [Fail(req_id=event.req_id, status=500, message="internal scheduler error")]
+                effects = [
+                    Fail(req_id=event.req_id, status=500, message="internal scheduler error")
+                ]
         try:
             for effect in effects:
                 try:
@@ -621,11 +712,12 @@ class Supervisor:
             changed.set()
         # Memory moves when a runner starts, reports its real use or goes away: read the probe
         # again (a simulated probe also learns what our runners hold then).
-        if isinstance(event, (RunnerStopped, RunnerExited, RunnerReady, RunnerLoadFailed)) \
-                or any(isinstance(e, StartRunner) for e in effects):
+        if isinstance(event, (RunnerStopped, RunnerExited, RunnerReady, RunnerLoadFailed)) or any(
+            isinstance(e, StartRunner) for e in effects
+        ):
             self._schedule_refresh()
         if self._next_load:
-            waiting = self.snapshot().waiting       # no retry/reload once nobody waits for it
+            waiting = self.snapshot().waiting  # no retry/reload once nobody waits for it
             for key in [k for k in self._next_load if k not in waiting]:
                 del self._next_load[key]
 
@@ -645,8 +737,12 @@ class Supervisor:
             if effect.status == 503:
                 self._count_rejected(effect.message)
             if isinstance(effect, Fail) or effect.status != 503:
-                log.info("request failed", req_id=effect.req_id, status=effect.status,
-                         error=effect.message)
+                log.info(
+                    "request failed",
+                    req_id=effect.req_id,
+                    status=effect.status,
+                    error=effect.message,
+                )
         elif isinstance(effect, Abort):
             lease = self._leases.get(effect.req_id)
             if lease is not None:
@@ -695,29 +791,47 @@ class Supervisor:
     def _start_runner(self, eff: StartRunner) -> None:
         env = child_env(self.probe.visible_devices(eff.placement.gpus), huge_pages=self._huge_pages)
         # Stall timeouts are about a real process: real time, whatever the scheduler's clock.
-        proc = RunnerProcess(eff.runner_id, env=env, on_exit=self._on_runner_exit,
-                             argv=self._argv)
+        proc = RunnerProcess(eff.runner_id, env=env, on_exit=self._on_runner_exit, argv=self._argv)
         r = _Runner(eff.runner_id, eff.model_key, proc, self._records.get(eff.model_key), eff)
         # Why this load: a reload (an older runner of the model is retiring: which options
         # changed), the retry after an out-of-memory load, or a new load.
-        old = next((o for o in self._runners.values() if o.model_key == eff.model_key
-                    and o.proc.returncode is None and o.stop_reason in (None, "reload")), None)
+        old = next(
+            (
+                o
+                for o in self._runners.values()
+                if o.model_key == eff.model_key
+                and o.proc.returncode is None
+                and o.stop_reason in (None, "reload")
+            ),
+            None,
+        )
         why = self._next_load.pop(eff.model_key, None)
         fields: dict[str, Any] = {}
-        if old is not None:          # still running (busy, or stopping right now)
+        if old is not None:  # still running (busy, or stopping right now)
             why = ("reload", old.start_effect.options)
             fields["previous_pid"] = old.proc.pid
         reason = "new" if why is None else why[0]
         if why is not None:
             fields["changed"] = _changed_options(why[1], eff.options)
         self._runners[eff.runner_id] = r
-        if self.store is not None:   # its blob stays while the runner lives (see _forget)
+        if self.store is not None:  # its blob stays while the runner lives (see _forget)
             self._hold(eff.model_key)
         p = eff.placement
-        log.info("starting runner", decision="load", reason=reason, runner_id=eff.runner_id,
-                 model=r.name, gpus=list(p.gpus), gpu_bytes=list(p.gpu_bytes),
-                 cpu_bytes=p.cpu_bytes, n_gpu_layers=p.n_gpu_layers, split=p.split_mode,
-                 num_ctx=eff.options.num_ctx, parallel=eff.parallel, **fields)
+        log.info(
+            "starting runner",
+            decision="load",
+            reason=reason,
+            runner_id=eff.runner_id,
+            model=r.name,
+            gpus=list(p.gpus),
+            gpu_bytes=list(p.gpu_bytes),
+            cpu_bytes=p.cpu_bytes,
+            n_gpu_layers=p.n_gpu_layers,
+            split=p.split_mode,
+            num_ctx=eff.options.num_ctx,
+            parallel=eff.parallel,
+            **fields,
+        )
         self.metrics.loads.labels(r.name, reason).inc()
         r.task = self._spawn(self._load(r), f"load-{eff.runner_id}")
 
@@ -726,15 +840,22 @@ class Supervisor:
             spec = self._launch_spec(r.start_effect)
             ready = await r.proc.start(spec, load_timeout=self.load_timeout)
         except RunnerStartError as exc:
-            if not r.proc.stopping:     # a stop we asked for answers with RunnerStopped instead
+            if not r.proc.stopping:  # a stop we asked for answers with RunnerStopped instead
                 oom = exc.oom or looks_oom(exc.reason)
-                log.warning("runner failed to load", runner_id=r.runner_id, model=r.name,
-                            pid=r.proc.pid, reason=exc.reason, oom=oom, kind=exc.kind,
-                            stderr=r.proc.stderr_tail()[-STDERR_TAIL:])
+                log.warning(
+                    "runner failed to load",
+                    runner_id=r.runner_id,
+                    model=r.name,
+                    pid=r.proc.pid,
+                    reason=exc.reason,
+                    oom=oom,
+                    kind=exc.kind,
+                    stderr=r.proc.stderr_tail()[-STDERR_TAIL:],
+                )
                 self.metrics.load_failures.labels(r.name, "true" if oom else "false").inc()
                 if oom:
                     self._next_load[r.model_key] = ("oom_retry", r.start_effect.options)
-                self._forget(r.runner_id)   # reaped: nothing will stop it
+                self._forget(r.runner_id)  # reaped: nothing will stop it
                 self.post(RunnerLoadFailed(runner_id=r.runner_id, reason=exc.reason, oom=oom))
             return
         except Exception as exc:  # a bug here must still answer the scheduler
@@ -748,9 +869,16 @@ class Supervisor:
         r.ready = ready
         gpu_bytes, cpu_bytes = self._memory_report(r.start_effect, ready)
         took = time.monotonic() - r.started
-        log.info("runner ready", runner_id=r.runner_id, model=r.name, pid=ready.pid,
-                 port=ready.port, n_ctx=ready.n_ctx_per_slot, load_s=round(took, 3),
-                 memory={d: m.total for d, m in ready.memory.items()})
+        log.info(
+            "runner ready",
+            runner_id=r.runner_id,
+            model=r.name,
+            pid=ready.pid,
+            port=ready.port,
+            n_ctx=ready.n_ctx_per_slot,
+            load_s=round(took, 3),
+            memory={d: m.total for d, m in ready.memory.items()},
+        )
         self.metrics.load_duration.labels(r.name).observe(took)
         if r.proc.returncode is not None:
             # Died between Ready and now: the exit watcher may have run and posted nothing.
@@ -760,11 +888,19 @@ class Supervisor:
                 self._forget(r.runner_id)
                 self.post(RunnerExited(runner_id=r.runner_id, reason=r.proc.exit_reason()))
             return
-        self.post(RunnerReady(runner_id=r.runner_id, pid=ready.pid, n_ctx=ready.n_ctx_per_slot,
-                              gpu_bytes=gpu_bytes, cpu_bytes=cpu_bytes))
+        self.post(
+            RunnerReady(
+                runner_id=r.runner_id,
+                pid=ready.pid,
+                n_ctx=ready.n_ctx_per_slot,
+                gpu_bytes=gpu_bytes,
+                cpu_bytes=cpu_bytes,
+            )
+        )
 
-    def _memory_report(self, eff: StartRunner, ready: Ready) -> tuple[dict[str, int] | None,
-                                                                      int | None]:
+    def _memory_report(
+        self, eff: StartRunner, ready: Ready
+    ) -> tuple[dict[str, int] | None, int | None]:
         """Ready.memory by Gpu.id: what the runner measured replaces the plan.
 
         An empty report (the FakeEngine on paper GPUs) keeps the estimate. A report with no GPU
@@ -784,14 +920,19 @@ class Supervisor:
             if device in gpus:
                 gid = device
             elif digits and int(digits) < len(gpus):
-                gid = gpus[int(digits)]   # CUDA0.. index the (narrowed) placement list
+                gid = gpus[int(digits)]  # CUDA0.. index the (narrowed) placement list
             else:
                 continue
             gpu_bytes[gid] = gpu_bytes.get(gid, 0) + use.total
         if gpus and not any(gpu_bytes.values()):
-            log.warning("runner uses no GPU memory although placed on GPUs: reporting what it "
-                        "measured (CPU)", runner_id=eff.runner_id, gpus=list(gpus),
-                        devices=sorted(ready.memory), cpu_bytes=cpu)
+            log.warning(
+                "runner uses no GPU memory although placed on GPUs: reporting what it "
+                "measured (CPU)",
+                runner_id=eff.runner_id,
+                gpus=list(gpus),
+                devices=sorted(ready.memory),
+                cpu_bytes=cpu,
+            )
             return {}, cpu
         return gpu_bytes, cpu
 
@@ -799,15 +940,22 @@ class Supervisor:
         """Exit watcher callback: an exit we did not ask for, after Ready, is a crash."""
         r = self._runners.get(proc.runner_id)
         if r is None or proc.stopping or r.ready is None or r.exit_posted:
-            return                # stop -> RunnerStopped; during load -> RunnerLoadFailed
+            return  # stop -> RunnerStopped; during load -> RunnerLoadFailed
         r.exit_posted = True
         # Nothing will stop a dead runner: forget it here (a crash loop must not grow the table;
         # its leases keep their own reference to the process for the failure text).
         self._forget(proc.runner_id)
         reason = proc.exit_reason()
-        log.warning("runner exited unexpectedly", decision="crash", runner_id=proc.runner_id,
-                    model=r.name, pid=proc.pid, returncode=returncode, reason=reason,
-                    stderr=proc.stderr_tail()[-STDERR_TAIL:])
+        log.warning(
+            "runner exited unexpectedly",
+            decision="crash",
+            runner_id=proc.runner_id,
+            model=r.name,
+            pid=proc.pid,
+            returncode=returncode,
+            reason=reason,
+            stderr=proc.stderr_tail()[-STDERR_TAIL:],
+        )
         self.metrics.crashes.labels(r.name).inc()
         for lease in self._leases.values():
             if lease.runner_id == proc.runner_id:
@@ -820,8 +968,9 @@ class Supervisor:
         if r is not None:
             r.stop_reason = eff.reason
             if eff.reason == "reload" and not any(
-                    o.model_key == r.model_key and o is not r and o.proc.returncode is None
-                    for o in self._runners.values()):
+                o.model_key == r.model_key and o is not r and o.proc.returncode is None
+                for o in self._runners.values()
+            ):
                 self._next_load[r.model_key] = ("reload", r.start_effect.options)
         fields: dict[str, Any] = {}
         view = next((v for v in self.snapshot().runners if v.runner_id == eff.runner_id), None)
@@ -830,11 +979,18 @@ class Supervisor:
             fields["keep_alive"] = view.keep_alive
         if eff.reason == "evicted":
             # The victim goes so that the models with waiting requests can load.
-            fields["waiting"] = sorted({self.model_name(k) for k in self.snapshot().waiting}
-                                       - {name})
-        log.info("stopping runner", decision=_DECISIONS.get(eff.reason, "stop"),
-                 reason=eff.reason, runner_id=eff.runner_id, model=name,
-                 pid=r.proc.pid if r is not None else None, **fields)
+            fields["waiting"] = sorted(
+                {self.model_name(k) for k in self.snapshot().waiting} - {name}
+            )
+        log.info(
+            "stopping runner",
+            decision=_DECISIONS.get(eff.reason, "stop"),
+            reason=eff.reason,
+            runner_id=eff.runner_id,
+            model=name,
+            pid=r.proc.pid if r is not None else None,
+            **fields,
+        )
         self.metrics.unloads.labels(name or "", eff.reason).inc()
         self._spawn(self._stop(eff.runner_id, r), f"stop-{eff.runner_id}")
 
@@ -862,7 +1018,7 @@ class Supervisor:
         if self._closing:
             return
         if self._refreshing:
-            self._refresh_again = True   # the running loop reads once more: nothing is lost
+            self._refresh_again = True  # the running loop reads once more: nothing is lost
             return
         self._refreshing = True
         self._spawn(self._refresh_loop(), "inventory-refresh")
@@ -922,10 +1078,12 @@ class Supervisor:
         except FileNotFoundError as exc:
             raise model_not_found(model.name) from exc
         except Exception as exc:
-            raise Failed(f"unable to load model: {model_path}: {exc}: this model may be "
-                                "incompatible with your version of corral. If you previously "
-                                f"pulled this model, try updating it by running `ollama pull "
-                                f"{model.name}`") from exc
+            raise Failed(
+                f"unable to load model: {model_path}: {exc}: this model may be "
+                "incompatible with your version of corral. If you previously "
+                f"pulled this model, try updating it by running `ollama pull "
+                f"{model.name}`"
+            ) from exc
         facts = facts_from_info(info, size)
         if projector is not None:
             facts = projector_facts(facts, projector)

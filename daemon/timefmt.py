@@ -9,9 +9,9 @@ Python has microseconds, so at most six digits.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-_second: tuple[int, str] = (-1, "")       # (epoch second, its "YYYY-MM-DDTHH:MM:SS")
+_second: tuple[int, str] = (-1, "")  # (epoch second, its "YYYY-MM-DDTHH:MM:SS")
 
 
 def _join(head: str, micros: int, zone: str) -> str:
@@ -21,10 +21,10 @@ def _join(head: str, micros: int, zone: str) -> str:
 
 def rfc3339(epoch: float, *, utc: bool = False) -> str:
     """``epoch`` (seconds) as RFC3339Nano, local time with its offset unless ``utc``."""
-    when = datetime.fromtimestamp(epoch, timezone.utc)
+    when = datetime.fromtimestamp(epoch, UTC)
     if not utc:
         when = when.astimezone()
-    text = when.isoformat(timespec="seconds")          # ...T14:09:12+02:00 / +00:00
+    text = when.isoformat(timespec="seconds")  # ...T14:09:12+02:00 / +00:00
     head, zone = text[:19], text[19:]
     return _join(head, when.microsecond, "Z" if utc else zone)
 

@@ -51,7 +51,7 @@ class EventPipe:
         with self._lock:
             try:
                 while view:
-                    view = view[self._out.write(view) or 0:]
+                    view = view[self._out.write(view) or 0 :]
             except (BrokenPipeError, ValueError):
                 pass  # the daemon stopped reading; stdin EOF will end us
 
@@ -150,7 +150,13 @@ async def run(spec: LaunchSpec, events: EventPipe) -> int:
             load_duration=load_ns,
         )
     )
-    log.info("runner ready", port=port, model=spec.model_path, parallel=engine.parallel, n_ctx=engine.n_ctx)
+    log.info(
+        "runner ready",
+        port=port,
+        model=spec.model_path,
+        parallel=engine.parallel,
+        n_ctx=engine.n_ctx,
+    )
     try:
         await stop.wait()
         server.draining = True
@@ -159,7 +165,9 @@ async def run(spec: LaunchSpec, events: EventPipe) -> int:
             try:
                 await asyncio.wait_for(server.wait_idle(), spec.grace_period)
             except TimeoutError:
-                log.warning("grace period over: cancelling in-flight work", inflight=server.inflight)
+                log.warning(
+                    "grace period over: cancelling in-flight work", inflight=server.inflight
+                )
         engine.cancel_all("runner is shutting down")
         try:
             await asyncio.wait_for(server.wait_idle(), 2.0)

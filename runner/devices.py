@@ -33,8 +33,11 @@ def _bind(lib: ctypes.CDLL) -> None:
         getattr(lib, fn).restype = ctypes.c_char_p
     lib.ggml_backend_dev_type.argtypes = [dev_t]
     lib.ggml_backend_dev_type.restype = ctypes.c_int
-    lib.ggml_backend_dev_memory.argtypes = [dev_t, ctypes.POINTER(ctypes.c_size_t),
-                                            ctypes.POINTER(ctypes.c_size_t)]
+    lib.ggml_backend_dev_memory.argtypes = [
+        dev_t,
+        ctypes.POINTER(ctypes.c_size_t),
+        ctypes.POINTER(ctypes.c_size_t),
+    ]
     lib.ggml_backend_dev_memory.restype = None
     lib.ggml_backend_dev_backend_reg.argtypes = [dev_t]
     lib.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
@@ -75,13 +78,16 @@ def probe() -> EngineProbe:
             libggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
             kind = libggml.ggml_backend_dev_type(dev)
             reg = libggml.ggml_backend_dev_backend_reg(dev)
-            devices.append(EngineDevice(
-                name=_text(libggml.ggml_backend_dev_name(dev)),
-                description=_text(libggml.ggml_backend_dev_description(dev)).strip(),
-                type=_DEV_TYPES[kind] if 0 <= kind < len(_DEV_TYPES) else "unknown",  # type: ignore[arg-type]
-                backend=_text(libggml.ggml_backend_reg_name(reg)) if reg else "",
-                total=int(total.value), free=int(free.value),
-            ))
+            devices.append(
+                EngineDevice(
+                    name=_text(libggml.ggml_backend_dev_name(dev)),
+                    description=_text(libggml.ggml_backend_dev_description(dev)).strip(),
+                    type=_DEV_TYPES[kind] if 0 <= kind < len(_DEV_TYPES) else "unknown",  # type: ignore[arg-type]
+                    backend=_text(libggml.ggml_backend_reg_name(reg)) if reg else "",
+                    total=int(total.value),
+                    free=int(free.value),
+                )
+            )
         return EngineProbe(
             llama_cpp_python=version,
             gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
@@ -90,5 +96,6 @@ def probe() -> EngineProbe:
             build=build_record(),
         )
     except Exception as exc:  # no llama_cpp, a library that fails to load: say so, run CPU-less
-        return EngineProbe(llama_cpp_python=version, build=build_record(),
-                           error=f"{type(exc).__name__}: {exc}")
+        return EngineProbe(
+            llama_cpp_python=version, build=build_record(), error=f"{type(exc).__name__}: {exc}"
+        )

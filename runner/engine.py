@@ -46,7 +46,16 @@ import psutil
 from llama_cpp import llama_grammar
 
 from corral.runner import images
-from corral.runner.common import BadRequest, Emit, Job, LoadError, TextStream, no_op, past_thinking, take_logprobs
+from corral.runner.common import (
+    BadRequest,
+    Emit,
+    Job,
+    LoadError,
+    TextStream,
+    no_op,
+    past_thinking,
+    take_logprobs,
+)
 from corral.runner.protocol import (
     MAX_TOP_LOGPROBS,
     CompletionChunk,
@@ -74,16 +83,27 @@ _KV_TYPES = {
     "q5_0": llama_cpp.GGML_TYPE_Q5_0,
     "q5_1": llama_cpp.GGML_TYPE_Q5_1,
 }
-_SPLIT = {"none": llama_cpp.LLAMA_SPLIT_MODE_NONE, "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER, "row": llama_cpp.LLAMA_SPLIT_MODE_ROW}
+_SPLIT = {
+    "none": llama_cpp.LLAMA_SPLIT_MODE_NONE,
+    "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER,
+    "row": llama_cpp.LLAMA_SPLIT_MODE_ROW,
+}
 
 # "load_tensors:   CPU_Mapped model buffer size =   100.00 MiB", "llama_kv_cache:  CUDA0 KV buffer
 # size = 36.00 MiB", "llama_context:  CPU compute buffer size = 77.5 MiB", output/RS buffers too.
-_BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|compute|output|RS)\s+buffer size\s*=\s*([0-9.]+)\s*MiB")
+_BUFFER_LINE = re.compile(
+    r"(\S+)\s+(model|KV|compute|output|RS)\s+buffer size\s*=\s*([0-9.]+)\s*MiB"
+)
 # The vision projector (libmtmd's clip) logs its device, then its weights without "buffer".
 _CLIP_DEVICE = re.compile(r"CLIP using (\S+) backend")
 _CLIP_WEIGHTS = re.compile(r"load_hparams: model size:\s*([0-9.]+)\s*MiB")
-_LOG_DEBUG, _LOG_CONT = 1, 5  # enum ggml_log_level (include/ggml.h): NONE, DEBUG, INFO, WARN, ERROR, CONT
-_OOM_TEXT = re.compile(r"out of memory|failed to allocate|cudaMalloc failed|unable to allocate", re.I)
+_LOG_DEBUG, _LOG_CONT = (
+    1,
+    5,
+)  # enum ggml_log_level (include/ggml.h): NONE, DEBUG, INFO, WARN, ERROR, CONT
+_OOM_TEXT = re.compile(
+    r"out of memory|failed to allocate|cudaMalloc failed|unable to allocate", re.I
+)
 
 
 def _device_name(buffer_name: str) -> str:
@@ -135,7 +155,9 @@ class _LlamaLog:
             return
         m = _BUFFER_LINE.search(line)
         if m:
-            dev = self.memory.setdefault(_device_name(m.group(1)), {"weights": 0, "kv": 0, "compute": 0})
+            dev = self.memory.setdefault(
+                _device_name(m.group(1)), {"weights": 0, "kv": 0, "compute": 0}
+            )
             kind = {"model": "weights", "KV": "kv", "RS": "kv"}.get(m.group(2), "compute")
             dev[kind] += int(float(m.group(3)) * _MiB)
         elif m := _CLIP_DEVICE.search(line):
@@ -226,8 +248,10 @@ def _only_greedy(chain) -> bool:
     """Whether the chain is llama.cpp's greedy sampler alone: its pick is the first largest logit,
     which is numpy's argmax (~25 us) without the 262k-entry candidate array that
     llama_sampler_sample fills first (~300 us per token, on the decode thread between steps)."""
-    return (llama_cpp.llama_sampler_chain_n(chain) == 1
-            and llama_cpp.llama_sampler_name(llama_cpp.llama_sampler_chain_get(chain, 0)) == b"greedy")
+    return (
+        llama_cpp.llama_sampler_chain_n(chain) == 1
+        and llama_cpp.llama_sampler_name(llama_cpp.llama_sampler_chain_get(chain, 0)) == b"greedy"
+    )
 
 
 def _free_samplers(pair: tuple[object, object]) -> None:
@@ -245,7 +269,10 @@ class _Candidates:
         self.data = np.zeros(n, dtype=self._dtype)
         self.ids = np.arange(n, dtype=np.intc)
         self.arr = llama_cpp.llama_token_data_array(
-            data=self.data.ctypes.data_as(llama_cpp.llama_token_data_p), size=n, selected=-1, sorted=False
+            data=self.data.ctypes.data_as(llama_cpp.llama_token_data_p),
+            size=n,
+            selected=-1,
+            sorted=False,
         )
 
     def fill(self, logits: np.ndarray) -> None:
@@ -321,7 +348,9 @@ class Engine:
         mp.n_gpu_layers = spec.n_gpu_layers if spec.n_gpu_layers >= 0 else 999
         mp.split_mode = _SPLIT[spec.split_mode]
         mp.main_gpu = spec.main_gpu
-        mp.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if spec.use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
+        mp.load_mode = (
+            llama_cpp.LLAMA_LOAD_MODE_MMAP if spec.use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
+        )
         if spec.tensor_split:
             n = max(llama_cpp.llama_max_devices(), len(spec.tensor_split))
             arr = (ctypes.c_float * n)(*spec.tensor_split)
@@ -358,7 +387,9 @@ class Engine:
             ctx = llama_cpp.llama_init_from_model(model, cp)
             if not ctx:
                 _LOG.flush()
-                raise LoadError(self._failure_text("failed to create the context"), oom=_LOG.oom_seen())
+                raise LoadError(
+                    self._failure_text("failed to create the context"), oom=_LOG.oom_seen()
+                )
             self.ctx = ctx
             self.mem = llama_cpp.llama_get_memory(ctx)
             self.n_ctx = llama_cpp.llama_n_ctx(ctx)
@@ -370,9 +401,14 @@ class Engine:
             self._candidates = _Candidates(self.n_vocab)
             self._one = _Candidates(1)
             if spec.projector_path:
-                self.vision = images.Vision(spec.projector_path, model, use_gpu=spec.n_gpu_layers != 0,
-                                            n_threads=self.n_threads, failure_text=self._failure_text,
-                                            log_callback=_LOG._callback)
+                self.vision = images.Vision(
+                    spec.projector_path,
+                    model,
+                    use_gpu=spec.n_gpu_layers != 0,
+                    n_threads=self.n_threads,
+                    failure_text=self._failure_text,
+                    log_callback=_LOG._callback,
+                )
         else:
             self._embedding_context()  # raises LoadError
             self.n_ctx = self.n_ctx_per_slot
@@ -394,12 +430,16 @@ class Engine:
         cp.type_k = cp.type_v = _KV_TYPES[spec.kv_cache_type]
         if spec.flash_attention is not None:
             cp.flash_attn_type = (
-                llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if spec.flash_attention else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+                llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+                if spec.flash_attention
+                else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
             )
         cp.no_perf = True
         if embeddings:
             cp.n_ctx = spec.num_ctx
-            cp.n_batch = cp.n_ubatch = spec.num_ctx  # a non-causal model needs the input in one ubatch
+            cp.n_batch = cp.n_ubatch = (
+                spec.num_ctx
+            )  # a non-causal model needs the input in one ubatch
             cp.n_seq_max = 1
             cp.embeddings = True
         else:
@@ -421,7 +461,9 @@ class Engine:
             ctx = llama_cpp.llama_init_from_model(self.model, cp)
         if not ctx:
             assert _LOG is not None
-            raise LoadError(self._failure_text("failed to create the embedding context"), oom=_LOG.oom_seen())
+            raise LoadError(
+                self._failure_text("failed to create the embedding context"), oom=_LOG.oom_seen()
+            )
         self.embd_ctx = ctx
         self.n_ctx_per_slot = llama_cpp.llama_n_ctx(ctx)
 
@@ -482,11 +524,15 @@ class Engine:
         data = text.encode("utf-8")
         n_max = len(data) + 8
         buf = (llama_cpp.llama_token * n_max)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        n = llama_cpp.llama_tokenize(
+            self.vocab, data, len(data), buf, n_max, add_special, parse_special
+        )
         if n < 0:
             n_max = -n
             buf = (llama_cpp.llama_token * n_max)()
-            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+            n = llama_cpp.llama_tokenize(
+                self.vocab, data, len(data), buf, n_max, add_special, parse_special
+            )
         return list(buf[:n])
 
     def piece(self, token: int) -> bytes:
@@ -521,7 +567,9 @@ class Engine:
             raise BadRequest(f"token id out of range [0, {self.n_vocab})")
         media: dict[int, images.Span] = {}
         if request.prompt and self.vision is not None and request.images:
-            ids, spans = self.vision.tokenize(request.prompt, request.images, request.add_special and not prompt)
+            ids, spans = self.vision.tokenize(
+                request.prompt, request.images, request.add_special and not prompt
+            )
             media = {len(prompt) + i: span for i, span in spans.items()}
             prompt += ids
         elif request.prompt:
@@ -538,7 +586,11 @@ class Engine:
                 raise BadRequest("the input length exceeds the context length")
             keep = _span_edges(media, max(0, min(opts.num_keep, limit // 2)))[0]
             tail = _span_edges(media, len(prompt) - (limit - keep))[1]  # images are cut whole
-            media = {i if i < keep else i - tail + keep: sp for i, sp in media.items() if i < keep or i >= tail}
+            media = {
+                i if i < keep else i - tail + keep: sp
+                for i, sp in media.items()
+                if i < keep or i >= tail
+            }
             prompt = prompt[:keep] + prompt[tail:]
             truncated = True
         if media:  # encode here, off the decode thread, unless a slot has the image cached
@@ -549,7 +601,9 @@ class Engine:
                     try:
                         self.vision.encode(span, self.n_embd)
                     except RuntimeError as e:
-                        raise BadRequest(f"Failed to create new sequence: failed to process inputs: {e}") from None
+                        raise BadRequest(
+                            f"Failed to create new sequence: failed to process inputs: {e}"
+                        ) from None
         job = Job(request, emit)
         job.prompt = prompt  # type: ignore[attr-defined]
         job.media = media  # type: ignore[attr-defined]
@@ -582,7 +636,9 @@ class Engine:
         temperature, dist(seed); [penalties] greedy when temperature <= 0."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
-        penalize = o.repeat_penalty != 1.0 or o.presence_penalty != 0.0 or o.frequency_penalty != 0.0
+        penalize = (
+            o.repeat_penalty != 1.0 or o.presence_penalty != 0.0 or o.frequency_penalty != 0.0
+        )
         last_n = self.n_ctx_per_slot if o.repeat_last_n < 0 else o.repeat_last_n
         if o.temperature <= 0:
             if penalize and last_n:
@@ -618,7 +674,12 @@ class Engine:
         try:
             while True:
                 with self._cond:
-                    while not self._stopping and not self._inbox and self._cancel_all is None and not self._has_work():
+                    while (
+                        not self._stopping
+                        and not self._inbox
+                        and self._cancel_all is None
+                        and not self._has_work()
+                    ):
                         self._cond.wait()
                     self._waiting.extend(self._inbox)
                     self._inbox.clear()
@@ -879,7 +940,10 @@ class Engine:
         if o.num_predict > 0 and s.n_generated >= o.num_predict:
             return self._finish(s, "length")
         # a model that never ends its turn can't hold a slot forever (LaunchSpec.predict_limit)
-        if self.spec.predict_limit and s.n_generated >= self.spec.predict_limit * self.n_ctx_per_slot:
+        if (
+            self.spec.predict_limit
+            and s.n_generated >= self.spec.predict_limit * self.n_ctx_per_slot
+        ):
             return self._finish(s, "length")
         if len(s.cache) >= self.n_ctx_per_slot:  # the next token has no cell left
             shift = self.spec.shift if req.shift is None else req.shift
@@ -917,7 +981,9 @@ class Engine:
 
     def _logits(self, batch_index: int) -> np.ndarray:
         """The logits row of a batch position (a view, valid until the next llama_decode)."""
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, batch_index), shape=(self.n_vocab,))
+        return np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(self.ctx, batch_index), shape=(self.n_vocab,)
+        )
 
     def _logprob(self, s: _Slot, token: int, piece: bytes, top: int) -> TokenLogprob:
         """The log-softmax of this step's logits (the model's distribution before the sampler
@@ -933,8 +999,19 @@ class Engine:
             ids = np.argpartition(-x, k - 1)[:k]
             for i in sorted(ids.tolist(), key=lambda t: (-x[t], t)):
                 raw = self.piece(i)
-                alts.append(TopLogprob(token=raw.decode("utf-8", errors="replace"), logprob=float(x[i] - norm), bytes=list(raw)))
-        return TokenLogprob(token=piece.decode("utf-8", errors="replace"), logprob=float(x[token] - norm), bytes=list(piece), top_logprobs=alts)
+                alts.append(
+                    TopLogprob(
+                        token=raw.decode("utf-8", errors="replace"),
+                        logprob=float(x[i] - norm),
+                        bytes=list(raw),
+                    )
+                )
+        return TokenLogprob(
+            token=piece.decode("utf-8", errors="replace"),
+            logprob=float(x[token] - norm),
+            bytes=list(piece),
+            top_logprobs=alts,
+        )
 
     def _shift(self, s: _Slot, num_keep: int) -> None:
         """Keep num_keep tokens, drop half of the rest, slide the remainder down."""
@@ -1006,7 +1083,9 @@ class Engine:
                         batch.seq_id[i][0] = 0
                         batch.logits[i] = True
                     batch.n_tokens = len(toks)
-                    if llama_cpp.llama_model_has_encoder(self.model) and not llama_cpp.llama_model_has_decoder(self.model):
+                    if llama_cpp.llama_model_has_encoder(
+                        self.model
+                    ) and not llama_cpp.llama_model_has_decoder(self.model):
                         rc = llama_cpp.llama_encode(ctx, batch)
                     else:
                         rc = llama_cpp.llama_decode(ctx, batch)

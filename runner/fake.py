@@ -19,7 +19,16 @@ import threading
 import time
 from collections.abc import Callable
 
-from corral.runner.common import BadRequest, Emit, Job, LoadError, TextStream, no_op, past_thinking, take_logprobs
+from corral.runner.common import (
+    BadRequest,
+    Emit,
+    Job,
+    LoadError,
+    TextStream,
+    no_op,
+    past_thinking,
+    take_logprobs,
+)
 from corral.runner.protocol import (
     MAX_TOP_LOGPROBS,
     CompletionChunk,
@@ -34,15 +43,30 @@ from corral.runner.protocol import (
     TopLogprob,
 )
 
-WORDS = ["the", " quick", " brown", " fox", " jumps", " over", " lazy", " dog", ".", " A", " bird", " sings", ","]
+WORDS = [
+    "the",
+    " quick",
+    " brown",
+    " fox",
+    " jumps",
+    " over",
+    " lazy",
+    " dog",
+    ".",
+    " A",
+    " bird",
+    " sings",
+    ",",
+]
 JSON_WORDS = ['{"', "fake", '":', " true", "}"]  # what format="json"/schema produces
 _BASE = 256
 _MiB = 1 << 20
 
 
 class _Seq:
-    def __init__(self, job: Job, prompt: list[int], limit: int, rng: random.Random,
-                 capped: bool) -> None:
+    def __init__(
+        self, job: Job, prompt: list[int], limit: int, rng: random.Random, capped: bool
+    ) -> None:
         self.job = job
         self.tokens = list(prompt)
         self.n_prompt = len(prompt)
@@ -146,8 +170,9 @@ class FakeEngine:
         return len(self._waiting)
 
     def kv_used(self) -> int:
-        return sum(len(s.tokens) for s in list(self._active)
-                   if not s.done and not s.job.cancelled.is_set())
+        return sum(
+            len(s.tokens) for s in list(self._active) if not s.done and not s.job.cancelled.is_set()
+        )
 
     # -- decode loop -------------------------------------------------------------------------
 
@@ -177,7 +202,11 @@ class FakeEngine:
             o = job.request.options
             n = o.num_predict
             if n < 0:
-                n = self.knobs.default_num_predict if n == -1 else self.n_ctx_per_slot - len(job.prompt)  # type: ignore[attr-defined]
+                n = (
+                    self.knobs.default_num_predict
+                    if n == -1
+                    else self.n_ctx_per_slot - len(job.prompt)
+                )  # type: ignore[attr-defined]
             # as the real engine: the limit ends a generation with "length" whatever num_predict asks
             cap = self.spec.predict_limit * self.n_ctx_per_slot
             capped = 0 < cap < n
@@ -211,7 +240,10 @@ class FakeEngine:
             if out and job.request.stream:
                 job.emit(CompletionChunk(content=out, logprobs=take_logprobs(seq.logprobs)))
             self._emitted += 1
-            if self.knobs.crash_after_tokens is not None and self._emitted >= self.knobs.crash_after_tokens:
+            if (
+                self.knobs.crash_after_tokens is not None
+                and self._emitted >= self.knobs.crash_after_tokens
+            ):
                 self.after_emit()  # what was emitted so far is out, as with a real crash mid-stream
                 os._exit(1)
             if len(seq.tokens) - seq.n_prompt < seq.limit and not seq.text.stopped:
@@ -223,7 +255,11 @@ class FakeEngine:
         first = seq.first_token_at or now
         n_gen = len(seq.tokens) - seq.n_prompt
         at_limit = n_gen >= seq.limit and not seq.text.stopped
-        reason = "length" if at_limit and (seq.capped or job.request.options.num_predict != -1) else "stop"
+        reason = (
+            "length"
+            if at_limit and (seq.capped or job.request.options.num_predict != -1)
+            else "stop"
+        )
         seq.done = True
         job.emit(
             CompletionDone(
@@ -244,7 +280,10 @@ class FakeEngine:
             cands, lp = [tok], 0.0
         else:
             cands, lp = [_BASE + i for i in range(len(WORDS))], -math.log(len(WORDS))
-        alts = [TopLogprob(token=self._piece(t).decode(), logprob=lp, bytes=list(self._piece(t))) for t in cands[:top]]
+        alts = [
+            TopLogprob(token=self._piece(t).decode(), logprob=lp, bytes=list(self._piece(t)))
+            for t in cands[:top]
+        ]
         piece = self._piece(tok)
         return TokenLogprob(token=piece.decode(), logprob=lp, bytes=list(piece), top_logprobs=alts)
 
@@ -272,7 +311,9 @@ class FakeEngine:
                 toks = toks[: self.n_ctx_per_slot]
             count += len(toks)
             digest = hashlib.sha256(bytes(t & 0xFF for t in toks)).digest()
-            vec = [(digest[i % len(digest)] - 127.5) / 127.5 for i in range(self.knobs.embedding_dim)]
+            vec = [
+                (digest[i % len(digest)] - 127.5) / 127.5 for i in range(self.knobs.embedding_dim)
+            ]
             norm = math.sqrt(sum(v * v for v in vec)) or 1.0
             out.append([v / norm for v in vec])
         return EmbedResponse(embeddings=out, prompt_eval_count=count)

@@ -48,8 +48,9 @@ def decode_image(data: bytes) -> tuple[int, int, bytes]:
             if img.format not in _FORMATS:
                 raise BadRequest(UNKNOWN_FORMAT)
             if img.width * img.height > 64 * 1024 * 1024:
-                raise BadRequest("Failed to create new sequence: failed to process inputs: "
-                                 "image is too large")
+                raise BadRequest(
+                    "Failed to create new sequence: failed to process inputs: image is too large"
+                )
             rgb = img.convert("RGB")
             return rgb.width, rgb.height, rgb.tobytes()
     except BadRequest:
@@ -82,8 +83,16 @@ class Span:
 class Vision:
     """The runner's mtmd context. ``load`` raises LoadError; ``close`` frees it."""
 
-    def __init__(self, projector_path: str, model, *, use_gpu: bool, n_threads: int,
-                 failure_text, log_callback) -> None:
+    def __init__(
+        self,
+        projector_path: str,
+        model,
+        *,
+        use_gpu: bool,
+        n_threads: int,
+        failure_text,
+        log_callback,
+    ) -> None:
         """``log_callback``: the engine's llama.cpp log callback, so that the projector's
         buffer sizes count in the runner's memory and its errors reach the failure text."""
         mtmd_cpp.mtmd_log_set(log_callback, ctypes.c_void_p(0))
@@ -111,17 +120,20 @@ class Vision:
 
     # -- any thread (mtmd_tokenize only reads the context) ---------------------------------
 
-    def tokenize(self, prompt: str, images: list[bytes], add_special: bool
-                 ) -> tuple[list[int], dict[int, Span]]:
+    def tokenize(
+        self, prompt: str, images: list[bytes], add_special: bool
+    ) -> tuple[list[int], dict[int, Span]]:
         """Prompt ids (text tokens, image cells) and the image spans by start index."""
         pieces: list[str | int] = []
         pos = 0
         for m in MARKER.finditer(prompt):
-            pieces.append(prompt[pos:m.start()])
+            pieces.append(prompt[pos : m.start()])
             n = int(m.group(1))
             if n >= len(images):
-                raise BadRequest(f"Failed to create new sequence: failed to process inputs: "
-                                 f"invalid image index: {n}")
+                raise BadRequest(
+                    f"Failed to create new sequence: failed to process inputs: "
+                    f"invalid image index: {n}"
+                )
             pieces.append(n)
             pos = m.end()
         pieces.append(prompt[pos:])
@@ -133,8 +145,9 @@ class Vision:
             for i, piece in enumerate(pieces):
                 if isinstance(piece, str):
                     raw = piece.encode("utf-8")
-                    text = mtmd_cpp.mtmd_input_text(text=raw, text_len=len(raw),
-                                                    add_special=False, parse_special=True)
+                    text = mtmd_cpp.mtmd_input_text(
+                        text=raw, text_len=len(raw), add_special=False, parse_special=True
+                    )
                     keep += [raw, text]
                     parts[i].text = ctypes.pointer(text)
                 else:
@@ -147,13 +160,18 @@ class Vision:
                     keys.append(image_key(images[piece]))
                     parts[i].bitmap = bmp
             ptrs = (ctypes.POINTER(mtmd_cpp.mtmd_input_part) * len(pieces))(
-                *[ctypes.pointer(parts[i]) for i in range(len(pieces))])
+                *[ctypes.pointer(parts[i]) for i in range(len(pieces))]
+            )
             chunks = mtmd_cpp.mtmd_input_chunks_init()
             try:
-                rc = mtmd_cpp.mtmd_tokenize_from_parts(self.ctx, chunks, ptrs, len(pieces), add_special)
+                rc = mtmd_cpp.mtmd_tokenize_from_parts(
+                    self.ctx, chunks, ptrs, len(pieces), add_special
+                )
                 if rc != 0:
-                    raise BadRequest(f"Failed to create new sequence: failed to process inputs: "
-                                     f"image preprocessing failed ({rc})")
+                    raise BadRequest(
+                        f"Failed to create new sequence: failed to process inputs: "
+                        f"image preprocessing failed ({rc})"
+                    )
                 return self._walk(chunks, keys)
             finally:
                 mtmd_cpp.mtmd_input_chunks_free(chunks)

@@ -43,7 +43,9 @@ class FakeKnobs(msgspec.Struct, frozen=True, kw_only=True):
     tokens_per_second: float = 1000.0  # per sequence; sequences run concurrently up to `parallel`
     fail_load: str | None = None  # the load fails with Failed(reason=fail_load, oom=fail_load_oom)
     fail_load_oom: bool = False  # the load fails as out of memory (reason defaults to an OOM text)
-    crash_after_tokens: int | None = None  # the process exits hard (os._exit(1)) after N tokens total
+    crash_after_tokens: int | None = (
+        None  # the process exits hard (os._exit(1)) after N tokens total
+    )
     ignore_sigterm: bool = False  # SIGTERM is ignored (the daemon must escalate to SIGKILL)
     # tokens before the fake's "end of turn" when num_predict is -1 (huge: a model that never
     # ends its turn, which only num_ctx-bound limits stop)
@@ -85,7 +87,9 @@ class LaunchSpec(msgspec.Struct, frozen=True, kw_only=True, tag="launch", tag_fi
     # a generation ends with done_reason "length" after predict_limit x num_ctx generated tokens,
     # whatever num_predict asks (the daemon sets CORRAL_PREDICT_LIMIT); 0 = no limit
     predict_limit: int = 0
-    grace_period: float = 5.0  # seconds in-flight work may run on after SIGTERM before it is cancelled
+    grace_period: float = (
+        5.0  # seconds in-flight work may run on after SIGTERM before it is cancelled
+    )
     verbose: bool = False  # llama.cpp's debug log and the runner's debug lines on stderr
     fake: FakeKnobs = msgspec.field(default_factory=FakeKnobs)
 
@@ -246,8 +250,9 @@ class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True):
     # the prompt is images[N] (a runner without a projector leaves the markers as text)
 
 
-class CompletionChunk(msgspec.Struct, frozen=True, kw_only=True, tag="chunk", tag_field="type",
-                      omit_defaults=True):
+class CompletionChunk(
+    msgspec.Struct, frozen=True, kw_only=True, tag="chunk", tag_field="type", omit_defaults=True
+):
     content: str  # whole UTF-8 characters only
     # with logprobs: the tokens sampled since the previous chunk (their text may still be held
     # back, e.g. as a possible stop string; a token is never reported twice)
@@ -257,11 +262,15 @@ class CompletionChunk(msgspec.Struct, frozen=True, kw_only=True, tag="chunk", ta
 class CompletionDone(msgspec.Struct, frozen=True, kw_only=True, tag="done", tag_field="type"):
     content: str = ""  # the whole text when stream=false, else ""
     done_reason: Literal["stop", "length"] = "stop"
-    prompt_eval_count: int = 0  # prompt tokens actually evaluated (a prompt-cache hit is not counted)
+    prompt_eval_count: int = (
+        0  # prompt tokens actually evaluated (a prompt-cache hit is not counted)
+    )
     prompt_eval_duration: int = 0  # ns
     eval_count: int = 0  # tokens generated
     eval_duration: int = 0  # ns
-    tokens: list[int] = msgspec.field(default_factory=list)  # prompt + generated (generate's context)
+    tokens: list[int] = msgspec.field(
+        default_factory=list
+    )  # prompt + generated (generate's context)
     truncated: bool = False  # the prompt was truncated to fit the slot
     # with logprobs: the tokens not yet reported in a chunk (all of them when stream=false)
     logprobs: list[TokenLogprob] | None = None
@@ -275,7 +284,9 @@ CompletionEvent = CompletionChunk | CompletionDone | CompletionError
 _completion_event_decoder = msgspec.json.Decoder(CompletionEvent)
 
 
-def decode_completion_event(line: bytes | str) -> CompletionChunk | CompletionDone | CompletionError:
+def decode_completion_event(
+    line: bytes | str,
+) -> CompletionChunk | CompletionDone | CompletionError:
     return _completion_event_decoder.decode(line)
 
 
@@ -328,8 +339,8 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     slots_total: int = 0
     slots_busy: int = 0
     queued: int = 0
-    kv_used: int = 0     # KV cells held by running sequences (a finished slot's cache is free)
-    kv_total: int = 0    # KV cells of the context (n_ctx)
+    kv_used: int = 0  # KV cells held by running sequences (a finished slot's cache is free)
+    kv_total: int = 0  # KV cells of the context (n_ctx)
 
 
 class ErrorResponse(msgspec.Struct, frozen=True, kw_only=True):

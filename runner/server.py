@@ -106,8 +106,12 @@ class PipeRelay:
         self._lines: list[bytes] = []
         self._ended: list[Callable[[], None]] = []
 
-    def put(self, relay_id: int, event: CompletionChunk | CompletionDone | CompletionError,
-            on_end: Callable[[], None]) -> None:
+    def put(
+        self,
+        relay_id: int,
+        event: CompletionChunk | CompletionDone | CompletionError,
+        on_end: Callable[[], None],
+    ) -> None:
         line = encode(Relay(id=relay_id, event=event))
         with self._lock:
             self._lines.append(line)
@@ -218,6 +222,7 @@ class RunnerServer:
                 def ended() -> None:  # after the job's last event was written
                     mailbox.put(queue, None)
             else:
+
                 def emit(event: Any) -> None:  # decode thread
                     mailbox.put(queue, event)
 

@@ -52,6 +52,9 @@ and stopped runners still reclaiming. Host RAM uses the same rule: ``min(host.fr
 our CPU reservations)``. MemAvailable may or may not already exclude what our runners hold (mmap'd
 weights are page cache and look available), so neither number alone is right and the smaller one
 never double-counts in our favour.
+
+Length: over 900 lines: the whole decision procedure of one pure object (numbered decisions,
+its invariants and snapshot) reads best in one file.
 """
 
 from __future__ import annotations
@@ -267,27 +270,53 @@ class Scheduler:
             state = r.state
             if state == "ready" and r.expiring:
                 state = "expiring"
-            runners.append(RunnerView(
-                runner_id=r.id, model_key=r.model_key, state=state, options=r.options,
-                placement=r.placement, parallel=r.parallel, in_flight=len(r.in_flight),
-                queued=waiting.get(r.model_key, 0) if self._current.get(r.model_key) is r else 0,
-                keep_alive=r.keep_alive, deadline=r.deadline, pid=r.pid,
-                context_length=r.n_ctx or r.options.num_ctx,
-                started_at=r.started_at, ready_at=r.ready_at, last_used=r.last_used,
-            ))
+            runners.append(
+                RunnerView(
+                    runner_id=r.id,
+                    model_key=r.model_key,
+                    state=state,
+                    options=r.options,
+                    placement=r.placement,
+                    parallel=r.parallel,
+                    in_flight=len(r.in_flight),
+                    queued=waiting.get(r.model_key, 0)
+                    if self._current.get(r.model_key) is r
+                    else 0,
+                    keep_alive=r.keep_alive,
+                    deadline=r.deadline,
+                    pid=r.pid,
+                    context_length=r.n_ctx or r.options.num_ctx,
+                    started_at=r.started_at,
+                    ready_at=r.ready_at,
+                    last_used=r.last_used,
+                )
+            )
         reserved = self._reserved_gpu()
         rooms, _ = self._rooms()
         gpus = tuple(
-            GpuView(id=g.id, name=g.name, library=g.library, total=g.total, free=g.free,
-                    reserved=reserved.get(g.id, 0), usable=usable)
+            GpuView(
+                id=g.id,
+                name=g.name,
+                library=g.library,
+                total=g.total,
+                free=g.free,
+                reserved=reserved.get(g.id, 0),
+                usable=usable,
+            )
             for g, usable in rooms
         )
         host = self.inventory.host
         return SchedulerSnapshot(
-            runners=tuple(runners), waiting=waiting, queued=self._n_waiting,
+            runners=tuple(runners),
+            waiting=waiting,
+            queued=self._n_waiting,
             in_flight=sum(len(r.in_flight) for r in self._runners.values()),
-            max_loaded=self.max_loaded, gpus=gpus, host_total=host.total, host_free=host.free,
-            host_reserved=self._reserved_host(), reclaiming=tuple(self._reclaims),
+            max_loaded=self.max_loaded,
+            gpus=gpus,
+            host_total=host.total,
+            host_free=host.free,
+            host_reserved=self._reserved_host(),
+            reclaiming=tuple(self._reclaims),
         )
 
     # -- event handlers ----------------------------------------------------------------------
@@ -302,8 +331,12 @@ class Scheduler:
         # Fast path: nobody waits for this model and its runner has a free compatible slot.
         if ev.model_key not in self._waiting:
             r = self._current.get(ev.model_key)
-            if (r is not None and r.state == "ready" and len(r.in_flight) < r.parallel
-                    and not needs_reload(r.options, r.facts, ev.options)):
+            if (
+                r is not None
+                and r.state == "ready"
+                and len(r.in_flight) < r.parallel
+                and not needs_reload(r.options, r.facts, ev.options)
+            ):
                 self._requests[req.req_id] = req
                 self._grant(req, r, now, out)
                 return
@@ -353,8 +386,11 @@ class Scheduler:
                         gpus.append(g)
                         sizes.append(b)
             r.placement = msgspec.structs.replace(
-                p, gpus=tuple(gpus), gpu_bytes=tuple(sizes),
-                cpu_bytes=p.cpu_bytes if ev.cpu_bytes is None else ev.cpu_bytes)
+                p,
+                gpus=tuple(gpus),
+                gpu_bytes=tuple(sizes),
+                cpu_bytes=p.cpu_bytes if ev.cpu_bytes is None else ev.cpu_bytes,
+            )
         self._backoff.pop(r.model_key, None)
         w = self._waiting.get(r.model_key)
         if w is not None and self._current.get(r.model_key) is r:
@@ -387,8 +423,7 @@ class Scheduler:
         if r is None:
             return
         if r.state == "loading":
-            self._load_failed(r, "runner stopped while loading", False, now, out,
-                              backoff=False)
+            self._load_failed(r, "runner stopped while loading", False, now, out, backoff=False)
             return
         self._gone(r, now, out, "runner stopped")
 
@@ -476,8 +511,7 @@ class Scheduler:
         if r.state == "ready" and not r.in_flight:
             r.deadline = None if math.isinf(r.keep_alive) else now + max(0.0, r.keep_alive)
 
-    def _fail_waiters(self, key: str, pred, status: int, message: str,
-                      out: list[Effect]) -> None:
+    def _fail_waiters(self, key: str, pred, status: int, message: str, out: list[Effect]) -> None:
         w = self._waiting.get(key)
         if w is None:
             return
@@ -522,11 +556,19 @@ class Scheduler:
         if used:
             free = {g.id: g.free for g in self.inventory.gpus}
             self._reclaims[r.id] = _Reclaim(
-                r.id, used, {g: free.get(g, 0) for g in used}, now + self.limits.reclaim_timeout)
+                r.id, used, {g: free.get(g, 0) for g in used}, now + self.limits.reclaim_timeout
+            )
         self._version += 1
 
-    def _load_failed(self, r: _Runner, reason: str, oom: bool, now: float,
-                     out: list[Effect], backoff: bool = True) -> None:
+    def _load_failed(
+        self,
+        r: _Runner,
+        reason: str,
+        oom: bool,
+        now: float,
+        out: list[Effect],
+        backoff: bool = True,
+    ) -> None:
         key = r.model_key
         was_current = self._current.get(key) is r
         self._gone(r, now, out, reason)
@@ -539,8 +581,9 @@ class Scheduler:
         if w is None or not was_current:
             return
         opts, facts = r.options, r.facts
-        self._fail_waiters(key, lambda q: not needs_reload(opts, facts, q.options), 500, reason,
-                           out)
+        self._fail_waiters(
+            key, lambda q: not needs_reload(opts, facts, q.options), 500, reason, out
+        )
 
     def _oom_retry(self, w: _Waiting, r: _Runner) -> bool:
         """4. Plan the one retry after an out-of-memory load; False when there is nothing to
@@ -585,13 +628,19 @@ class Scheduler:
         return res
 
     def _reserved_host(self, exclude_pending: bool = False) -> int:
-        return sum(r.placement.cpu_bytes for r in self._runners.values()
-                   if not (exclude_pending and r.expiring))
+        return sum(
+            r.placement.cpu_bytes
+            for r in self._runners.values()
+            if not (exclude_pending and r.expiring)
+        )
 
     def _rooms(self, prospective: bool = False) -> tuple[list, int]:
         """(GPU rooms, host usable) now, or once expiring/stopping/reclaiming memory is back."""
-        if not prospective and self._rooms_cache is not None \
-                and self._rooms_cache[0] == self._version:
+        if (
+            not prospective
+            and self._rooms_cache is not None
+            and self._rooms_cache[0] == self._version
+        ):
             return self._rooms_cache[1], self._rooms_cache[2]
         reserved = self._reserved_gpu()
         overhead = self.limits.gpu_overhead
@@ -604,12 +653,14 @@ class Scheduler:
             for g in self.inventory.gpus:
                 pend = reserved.get(g.id, 0) - kept.get(g.id, 0)
                 free = min(g.total, g.free + pend)
-                rooms.append((g, max(0, min(free, g.total - kept.get(g.id, 0))
-                                     - overhead - g.min_overhead)))
+                rooms.append(
+                    (g, max(0, min(free, g.total - kept.get(g.id, 0)) - overhead - g.min_overhead))
+                )
             host_usable = max(0, min(host.free + host_res - kept_host, host.total - kept_host))
         else:
-            rooms = [(g, usable_memory(g, reserved.get(g.id, 0), overhead))
-                     for g in self.inventory.gpus]
+            rooms = [
+                (g, usable_memory(g, reserved.get(g.id, 0), overhead)) for g in self.inventory.gpus
+            ]
             host_usable = max(0, min(host.free, host.total - host_res))
         for i, (g, u) in enumerate(rooms):
             if g.integrated:  # shares system RAM: never more than the host has left
@@ -663,11 +714,19 @@ class Scheduler:
                 # 2b. Options changed: retire the loaded runner and load anew.
                 self._retire(r, "reload", now, out)
             b = self._backoff.get(key)
-            if b is not None and now < b.retry_at \
-                    and not needs_reload(b.options, b.facts, head.options):
+            if (
+                b is not None
+                and now < b.retry_at
+                and not needs_reload(b.options, b.facts, head.options)
+            ):
                 # 5. Backing off: what would need this load fails now with the last reason.
-                self._fail_waiters(key, lambda q: not needs_reload(b.options, b.facts, q.options),
-                                   500, b.reason, out)
+                self._fail_waiters(
+                    key,
+                    lambda q: not needs_reload(b.options, b.facts, q.options),
+                    500,
+                    b.reason,
+                    out,
+                )
                 continue
             # 2c./2d.
             self._load(w, head, now, out)
@@ -706,8 +765,7 @@ class Scheduler:
         opts = self._launch_options(w, head)
         facts = head.facts
         parallel = parallel_for(facts, self.limits.num_parallel)
-        metal = bool(self.inventory.gpus) and all(g.library == "metal"
-                                                 for g in self.inventory.gpus)
+        metal = bool(self.inventory.gpus) and all(g.library == "metal" for g in self.inventory.gpus)
         est = estimate(facts, opts, parallel, metal=metal)
         alone = not others and not self._reclaims
         if self._claim_all:
@@ -716,15 +774,21 @@ class Scheduler:
         reason = "slot"
         if slot_free:
             rooms, host_usable = self._claimed_rooms()
-            p = place(est, opts, rooms, host_usable, spread=self.limits.sched_spread,
-                      allow_partial=alone)
+            p = place(
+                est, opts, rooms, host_usable, spread=self.limits.sched_spread, allow_partial=alone
+            )
             if isinstance(p, Placement):
                 self._start(w, head, opts, est, p, parallel, rooms, now, out)
                 return
             if alone:
                 # Nothing else holds memory: it will never fit.
-                self._fail_waiters(key, lambda q: q.options == head.options, 500,
-                                   p.message or "model does not fit in available memory", out)
+                self._fail_waiters(
+                    key,
+                    lambda q: q.options == head.options,
+                    500,
+                    p.message or "model does not fit in available memory",
+                    out,
+                )
                 return
             reason = p.reason
         if self._claimed:
@@ -736,11 +800,14 @@ class Scheduler:
         # holding GPU memory go first (a CPU runner only goes so the model can load alone).
         victims = sorted(
             (o for o in others if o.state == "ready" and not o.expiring),
-            key=lambda o: (reason == "gpu" and not o.placement.gpus,
-                           bool(o.in_flight),
-                           o.keep_alive if o.in_flight else
-                           (o.deadline if o.deadline is not None else math.inf),
-                           o.last_used),
+            key=lambda o: (
+                reason == "gpu" and not o.placement.gpus,
+                bool(o.in_flight),
+                o.keep_alive
+                if o.in_flight
+                else (o.deadline if o.deadline is not None else math.inf),
+                o.last_used,
+            ),
         )
         prospect = self._prospect(est, opts)
         for v in victims:
@@ -795,8 +862,18 @@ class Scheduler:
         # the claim is on everything - another load in between would break "alone".
         return _ALL if all(r.expiring for r in self._runners.values()) else None
 
-    def _start(self, w: _Waiting, head: _Req, opts: RunnerOptions, est, p: Placement,
-               parallel: int, rooms: list, now: float, out: list[Effect]) -> None:
+    def _start(
+        self,
+        w: _Waiting,
+        head: _Req,
+        opts: RunnerOptions,
+        est,
+        p: Placement,
+        parallel: int,
+        rooms: list,
+        now: float,
+        out: list[Effect],
+    ) -> None:
         # Automatic batch (§3.1.2) for completion models; keep the larger one only if it fits.
         if opts.num_batch_auto and not head.facts.is_embedding_model:
             used = {g for g in p.gpus}
@@ -805,34 +882,52 @@ class Scheduler:
             gpus = {g.id: g for g in self.inventory.gpus}
             cuda = [gpus[g] for g in p.gpus if g in gpus and gpus[g].library == "cuda"]
             batch = auto_batch(
-                est.ctx_total, predicted, available,
+                est.ctx_total,
+                predicted,
+                available,
                 flash_attention_off=opts.flash_attention is False and bool(cuda),
-                cuda_small_gpu=any((g.free or g.total) <= 8 * (1 << 30) for g in cuda))
+                cuda_small_gpu=any((g.free or g.total) <= 8 * (1 << 30) for g in cuda),
+            )
             if batch != opts.num_batch:
                 other = msgspec.structs.replace(opts, num_batch=batch)
-                est2 = estimate(head.facts, other, parallel,
-                                metal=p.library == "metal")
+                est2 = estimate(head.facts, other, parallel, metal=p.library == "metal")
                 rooms_now, host_usable = self._rooms()
-                p2 = place(est2, other, rooms_now, host_usable,
-                           spread=self.limits.sched_spread,
-                           allow_partial=not self._runners and not self._reclaims)
+                p2 = place(
+                    est2,
+                    other,
+                    rooms_now,
+                    host_usable,
+                    spread=self.limits.sched_spread,
+                    allow_partial=not self._runners and not self._reclaims,
+                )
                 if isinstance(p2, Placement) and p2.n_gpu_layers >= p.n_gpu_layers:
                     opts, p = other, p2
         opts = self._resolve_mmap(opts, head.facts, p, est)
         self._next_id += 1
         rid = f"r{self._next_id}"
-        keep_alive = head.keep_alive if head.keep_alive is not None \
-            else self.limits.default_keep_alive
-        r = _Runner(id=rid, model_key=w.key, facts=head.facts, options=opts, placement=p,
-                    parallel=parallel, keep_alive=keep_alive, started_at=now, last_used=now,
-                    oom_retried=w.oom_retried)
+        keep_alive = (
+            head.keep_alive if head.keep_alive is not None else self.limits.default_keep_alive
+        )
+        r = _Runner(
+            id=rid,
+            model_key=w.key,
+            facts=head.facts,
+            options=opts,
+            placement=p,
+            parallel=parallel,
+            keep_alive=keep_alive,
+            started_at=now,
+            last_used=now,
+            oom_retried=w.oom_retried,
+        )
         self._runners[rid] = r
         self._current[w.key] = r
         self._version += 1
         out.append(StartRunner(rid, w.key, opts, p, parallel))
 
-    def _resolve_mmap(self, opts: RunnerOptions, facts: ModelFacts, p: Placement,
-                      est) -> RunnerOptions:
+    def _resolve_mmap(
+        self, opts: RunnerOptions, facts: ModelFacts, p: Placement, est
+    ) -> RunnerOptions:
         """Ollama's use_mmap default when unset (§3.1.3); explicit values always win."""
         if opts.use_mmap is not None:
             return opts
@@ -844,10 +939,13 @@ class Scheduler:
         else:
             gpus = {g.id: g for g in self.inventory.gpus}
             host = self.inventory.host
-            if all(not gpus[g].integrated for g in p.gpus if g in gpus) \
-                    and p.n_gpu_layers >= est.block_count + 1:
-                mapped = sum(r.facts.file_size for r in self._runners.values()
-                             if r.options.use_mmap)
+            if (
+                all(not gpus[g].integrated for g in p.gpus if g in gpus)
+                and p.n_gpu_layers >= est.block_count + 1
+            ):
+                mapped = sum(
+                    r.facts.file_size for r in self._runners.values() if r.options.use_mmap
+                )
                 margin = max(_MMAP_HOST_MARGIN, host.total // 10)
                 if host.free < facts.file_size + mapped + margin:
                     use = False  # host pressure

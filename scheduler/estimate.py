@@ -23,21 +23,40 @@ Rules kept from Ollama's estimator:
 
 from __future__ import annotations
 
-from .types import GiB, MiB, Estimate, ModelFacts, RunnerOptions
+from .types import Estimate, GiB, MiB, ModelFacts, RunnerOptions
 
 # llama.cpp architectures that only run one sequence (Ollama forces OLLAMA_NUM_PARALLEL to 1).
-SINGLE_PARALLEL_ARCHS = frozenset({
-    "mllama", "qwen3vl", "qwen3vlmoe", "qwen35", "qwen35moe", "qwen3next", "lfm2", "lfm2moe",
-    "nemotron_h", "nemotron_h_moe", "nemotron_h_omni",
-})
+SINGLE_PARALLEL_ARCHS = frozenset(
+    {
+        "mllama",
+        "qwen3vl",
+        "qwen3vlmoe",
+        "qwen35",
+        "qwen35moe",
+        "qwen3next",
+        "lfm2",
+        "lfm2moe",
+        "nemotron_h",
+        "nemotron_h_moe",
+        "nemotron_h_omni",
+    }
+)
 
 _KV_BYTES = {"f16": 2.0, "": 2.0, "f32": 4.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 # Substrings (lower case) by which a runner's error is an out-of-memory condition (§2.4).
 OOM_MARKERS = (
-    "out of memory", "out of device memory", "cudamalloc failed", "hipmalloc failed",
-    "failed to allocate", "allocation failed", "not enough memory", "insufficient memory",
-    "vk_error_out_of_device_memory", "erroroutofmemory", "erroroutofdevicememory",
+    "out of memory",
+    "out of device memory",
+    "cudamalloc failed",
+    "hipmalloc failed",
+    "failed to allocate",
+    "allocation failed",
+    "not enough memory",
+    "insufficient memory",
+    "vk_error_out_of_device_memory",
+    "erroroutofmemory",
+    "erroroutofdevicememory",
 )
 
 
@@ -86,8 +105,9 @@ def sliding_pattern(facts: ModelFacts) -> tuple[bool, ...]:
     if facts.sliding_window <= 0:
         return (False,) * n
     if facts.sliding_layers:
-        return tuple(facts.sliding_layers[i] if i < len(facts.sliding_layers) else False
-                     for i in range(n))
+        return tuple(
+            facts.sliding_layers[i] if i < len(facts.sliding_layers) else False for i in range(n)
+        )
     arch = facts.architecture
     if arch.startswith("gemma3"):
         return tuple((i + 1) % 6 != 0 for i in range(n))
@@ -119,8 +139,9 @@ def _layer_weights(facts: ModelFacts) -> tuple[int, ...]:
     return (rest // n,) * n
 
 
-def graph_size(facts: ModelFacts, ctx_total: int, batch: int, kv_total: int,
-               metal: bool = False) -> tuple[int, int]:
+def graph_size(
+    facts: ModelFacts, ctx_total: int, batch: int, kv_total: int, metal: bool = False
+) -> tuple[int, int]:
     """(full, partial) compute-graph bytes (§3.3.4)."""
     e = facts.embedding_length
     h = max(1, facts.head_count)
@@ -148,8 +169,9 @@ def graph_size(facts: ModelFacts, ctx_total: int, batch: int, kv_total: int,
             full, partial = 4 * full, 4 * partial
     elif arch == "qwen2":
         full = max(4 * b * (e + v), 4 * b * (1 + 2 * e + c + c * h))
-        partial = max(4 * b * (e + v) + e * v * 105 // 128,
-                      4 * (b * (1 + 2 * e + c * (1 + h)) + e * (1 + c)))
+        partial = max(
+            4 * b * (e + v) + e * v * 105 // 128, 4 * (b * (1 + 2 * e + c * (1 + h)) + e * (1 + c))
+        )
     else:
         partial = (h // hkv) * kv_total // 6
         full = partial
@@ -158,8 +180,9 @@ def graph_size(facts: ModelFacts, ctx_total: int, batch: int, kv_total: int,
     return full, partial
 
 
-def estimate(facts: ModelFacts, options: RunnerOptions, parallel: int = 1,
-             metal: bool = False) -> Estimate:
+def estimate(
+    facts: ModelFacts, options: RunnerOptions, parallel: int = 1, metal: bool = False
+) -> Estimate:
     """Memory for ``facts`` launched with ``options`` (``num_ctx`` per slot) and ``parallel``."""
     num_ctx = effective_num_ctx(facts, options.num_ctx)
     ctx_total = num_ctx * max(1, parallel)
@@ -188,7 +211,9 @@ def estimate(facts: ModelFacts, options: RunnerOptions, parallel: int = 1,
     )
 
 
-def projector_graph(image_size: int, patch_size: int, embedding_length: int, head_count: int) -> int:
+def projector_graph(
+    image_size: int, patch_size: int, embedding_length: int, head_count: int
+) -> int:
     """Compute buffer of a CLIP-style vision encoder for one image (our rule, f32): the input
     image, and per patch (+ a class token) the attention scores of every head over all patches
     plus four embedding-wide activations."""
@@ -199,6 +224,7 @@ def projector_graph(image_size: int, patch_size: int, embedding_length: int, hea
 
 
 # -- automatic values ------------------------------------------------------------------------
+
 
 def default_num_ctx(gpu_totals: list[int] | tuple[int, ...], gpu_overhead: int = 0) -> int:
     """Ollama's default ``num_ctx`` when OLLAMA_CONTEXT_LENGTH is 0: a tier by total VRAM."""
@@ -230,8 +256,14 @@ def batch_surcharge(batch: int) -> int:
     return 0
 
 
-def auto_batch(ctx: int, predicted: int, available: int, *, flash_attention_off: bool = False,
-               cuda_small_gpu: bool = False) -> int:
+def auto_batch(
+    ctx: int,
+    predicted: int,
+    available: int,
+    *,
+    flash_attention_off: bool = False,
+    cuda_small_gpu: bool = False,
+) -> int:
     """Ollama's automatic generation batch (§3.1.2).
 
     ``ctx`` = effective total context; ``predicted``/``available`` bytes (0 = unknown);

@@ -56,6 +56,7 @@ SHUTTING_DOWN_MESSAGE = "server shutting down"
 
 # -- events ----------------------------------------------------------------------------------
 
+
 class RequestArrived(msgspec.Struct, frozen=True):
     req_id: int
     model_key: str
@@ -117,13 +118,23 @@ class Shutdown(msgspec.Struct, frozen=True):
 
 
 Event = (
-    RequestArrived | RequestCancelled | RequestFinished | RunnerReady | RunnerLoadFailed
-    | RunnerExited | RunnerStopped | RunnerOutOfMemory | InventoryUpdated | UnloadRequested
-    | Tick | Shutdown
+    RequestArrived
+    | RequestCancelled
+    | RequestFinished
+    | RunnerReady
+    | RunnerLoadFailed
+    | RunnerExited
+    | RunnerStopped
+    | RunnerOutOfMemory
+    | InventoryUpdated
+    | UnloadRequested
+    | Tick
+    | Shutdown
 )
 
 
 # -- effects ---------------------------------------------------------------------------------
+
 
 class StartRunner(msgspec.Struct, frozen=True):
     runner_id: str

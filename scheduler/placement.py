@@ -53,8 +53,10 @@ def human_bytes2(n: int) -> str:
 
 
 def system_memory_message(need: int, available: int) -> str:
-    return (f"model requires more system memory ({human_bytes2(need)}) "
-            f"than is available ({human_bytes2(available)})")
+    return (
+        f"model requires more system memory ({human_bytes2(need)}) "
+        f"than is available ({human_bytes2(available)})"
+    )
 
 
 Room = tuple[Gpu, int]
@@ -113,8 +115,14 @@ def _fill(sizes: list[int], caps: list[int], proportional: bool) -> tuple[list[i
     return counts, used
 
 
-def _on_gpus(est: Estimate, sizes: list[int], group: list[Room], graph: int,
-             proportional: bool, need_all: bool) -> tuple[list[Room], list[int], list[int]] | None:
+def _on_gpus(
+    est: Estimate,
+    sizes: list[int],
+    group: list[Room],
+    graph: int,
+    proportional: bool,
+    need_all: bool,
+) -> tuple[list[Room], list[int], list[int]] | None:
     caps = [u - graph - (est.projector if j == 0 else 0) for j, (_, u) in enumerate(group)]
     if all(c <= 0 for c in caps):
         return None
@@ -128,8 +136,9 @@ def _on_gpus(est: Estimate, sizes: list[int], group: list[Room], graph: int,
     return [group[j] for j in keep], [counts[j] for j in keep], [used[j] + graph for j in keep]
 
 
-def _make(est: Estimate, sizes: list[int], rooms: list[Room], counts: list[int],
-          gpu_bytes: list[int]) -> Placement:
+def _make(
+    est: Estimate, sizes: list[int], rooms: list[Room], counts: list[int], gpu_bytes: list[int]
+) -> Placement:
     placed = sum(counts)
     n = est.block_count
     blocks_on_gpu = min(placed, n)
@@ -155,8 +164,15 @@ def cpu_placement(est: Estimate) -> Placement:
     return Placement(cpu_bytes=est.cpu_bytes)
 
 
-def place(est: Estimate, options: RunnerOptions, rooms: Sequence[Room], host_usable: int, *,
-          spread: bool = False, allow_partial: bool = False) -> Placement | NoFit:
+def place(
+    est: Estimate,
+    options: RunnerOptions,
+    rooms: Sequence[Room],
+    host_usable: int,
+    *,
+    spread: bool = False,
+    allow_partial: bool = False,
+) -> Placement | NoFit:
     """Choose a placement for ``est`` (see the module docstring for the rules)."""
     host_usable = max(0, host_usable)
 

@@ -129,8 +129,13 @@ class Estimate(msgspec.Struct, frozen=True):
     @property
     def full_gpu_bytes(self) -> int:
         """All layers + output + KV + full graph on one GPU."""
-        return (sum(self.layer_weights) + self.kv_total + self.output_bytes + self.graph_full
-                + self.projector)
+        return (
+            sum(self.layer_weights)
+            + self.kv_total
+            + self.output_bytes
+            + self.graph_full
+            + self.projector
+        )
 
     @property
     def cpu_bytes(self) -> int:
@@ -198,6 +203,7 @@ FOREVER = math.inf
 
 
 # -- snapshot (Scheduler.snapshot(): an immutable view for /api/ps, metrics, logs) -----------
+
 
 class RunnerView(msgspec.Struct, frozen=True, kw_only=True):
     runner_id: str

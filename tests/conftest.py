@@ -24,7 +24,9 @@ def tiny_gguf_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int
 
     def make(seed: int = 0) -> Path:
         if seed not in made:
-            made[seed] = write_tiny_llama(tmp_path_factory.mktemp("tiny") / f"tiny-{seed}.gguf", seed)
+            made[seed] = write_tiny_llama(
+                tmp_path_factory.mktemp("tiny") / f"tiny-{seed}.gguf", seed
+            )
         return made[seed]
 
     return make

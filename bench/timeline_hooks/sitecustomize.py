@@ -81,7 +81,11 @@ def _install(engine_mod) -> None:
         state["last_end"] = t1
         pending = any(getattr(s, "pending", None) for s in self._slots if s.job is not None)
         steps.append((n_active, t1 - t0, gap, time.thread_time_ns() - c0, pending, dict(cur)))
-        if not any(s.job is not None for s in self._slots) and not self._waiting and not self._inbox:
+        if (
+            not any(s.job is not None for s in self._slots)
+            and not self._waiting
+            and not self._inbox
+        ):
             dump()
         return None
 
@@ -94,8 +98,12 @@ def _install(engine_mod) -> None:
                 threads[tid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
             except OSError:
                 pass
-        data = {"steps": steps[-4000:], "threads": threads, "decode_tid": state["decode_tid"],
-                "pid": os.getpid()}
+        data = {
+            "steps": steps[-4000:],
+            "threads": threads,
+            "decode_tid": state["decode_tid"],
+            "pid": os.getpid(),
+        }
         tmp = f"{OUT}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             json.dump(data, f)

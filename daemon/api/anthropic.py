@@ -80,21 +80,30 @@ class MessagesRequest(msgspec.Struct):
 
 
 # Fields accepted and not acted on; a request that sets one gets them named in a warning.
-_IGNORED = ("tool_choice", "metadata", "service_tier", "container", "cache_control",
-            "inference_geo", "speed", "diagnostics")
+_IGNORED = (
+    "tool_choice",
+    "metadata",
+    "service_tier",
+    "container",
+    "cache_control",
+    "inference_geo",
+    "speed",
+    "diagnostics",
+)
 
 
 # ---- content blocks -> native messages ----------------------------------------------------------
+
 
 @dataclass
 class Parts:
     """What one Anthropic message's blocks add up to (filled by the :data:`BLOCKS` handlers)."""
 
     text: list[str] = field(default_factory=list)
-    images: list[str] = field(default_factory=list)          # base64, as native messages carry
+    images: list[str] = field(default_factory=list)  # base64, as native messages carry
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     thinking: str = ""
-    tool_results: list[dict[str, Any]] = field(default_factory=list)   # native "tool" messages
+    tool_results: list[dict[str, Any]] = field(default_factory=list)  # native "tool" messages
 
 
 def _text(block: dict[str, Any], parts: Parts) -> None:
@@ -109,8 +118,10 @@ def image_data(source: Any) -> str:
     if not isinstance(source, dict):
         raise ApiError(400, "invalid image source")
     if source.get("type") != "base64":
-        raise ApiError(400, f"invalid image source type: {source.get('type')}. "
-                            "Only base64 images are supported.")
+        raise ApiError(
+            400,
+            f"invalid image source type: {source.get('type')}. Only base64 images are supported.",
+        )
     data = source.get("data")
     if not isinstance(data, str):
         raise ApiError(400, "invalid image source")
@@ -130,8 +141,9 @@ def _tool_use(block: dict[str, Any], parts: Parts) -> None:
     args = block.get("input")
     if args is not None and not isinstance(args, dict):
         raise ApiError(400, "tool_use block: 'input' must be an object")
-    parts.tool_calls.append({"id": block["id"],
-                             "function": {"name": block["name"], "arguments": args or {}}})
+    parts.tool_calls.append(
+        {"id": block["id"], "function": {"name": block["name"], "arguments": args or {}}}
+    )
 
 
 def _tool_result(block: dict[str, Any], parts: Parts) -> None:
@@ -149,8 +161,11 @@ def _tool_result(block: dict[str, Any], parts: Parts) -> None:
                 images.append(image_data(item.get("source")))
     elif content is not None:
         raise ApiError(400, "tool_result block: 'content' must be a string or a list of blocks")
-    msg: dict[str, Any] = {"role": "tool", "content": text,
-                           "tool_call_id": str(block.get("tool_use_id") or "")}
+    msg: dict[str, Any] = {
+        "role": "tool",
+        "content": text,
+        "tool_call_id": str(block.get("tool_use_id") or ""),
+    }
     if images:
         msg["images"] = images
     parts.tool_results.append(msg)
@@ -164,7 +179,10 @@ def _thinking(block: dict[str, Any], parts: Parts) -> None:
 # Block type -> handler folding it into the message's Parts. Types not listed are skipped, as
 # Ollama skips them (redacted_thinking, server tool blocks, documents).
 BLOCKS: dict[str, Callable[[dict[str, Any], Parts], None]] = {
-    "text": _text, "image": _image, "tool_use": _tool_use, "tool_result": _tool_result,
+    "text": _text,
+    "image": _image,
+    "tool_use": _tool_use,
+    "tool_result": _tool_result,
     "thinking": _thinking,
 }
 
@@ -177,8 +195,11 @@ def native_messages(req: MessagesRequest) -> list[dict[str, Any]]:
         if req.system:
             out.append({"role": "system", "content": req.system})
     elif req.system:
-        text = "".join(b.get("text") or "" for b in req.system
-                       if b.get("type") == "text" and isinstance(b.get("text"), str))
+        text = "".join(
+            b.get("text") or ""
+            for b in req.system
+            if b.get("type") == "text" and isinstance(b.get("text"), str)
+        )
         if text:
             out.append({"role": "system", "content": text})
     for m in req.messages or []:
@@ -250,11 +271,16 @@ def _usage(done: core.Done) -> dict[str, int]:
 
 def _tool_block(call: dict[str, Any], with_input: bool = True) -> dict[str, Any]:
     fn = call["function"]
-    return {"type": "tool_use", "id": call.get("id") or core.tool_call_id(), "name": fn["name"],
-            "input": (fn.get("arguments") or {}) if with_input else {}}
+    return {
+        "type": "tool_use",
+        "id": call.get("id") or core.tool_call_id(),
+        "name": fn["name"],
+        "input": (fn.get("arguments") or {}) if with_input else {},
+    }
 
 
 # ---- the route -------------------------------------------------------------------------------
+
 
 async def messages(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
@@ -265,11 +291,20 @@ async def messages(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "messages is required")
     stream = req.stream is True
     started_job = await core.start_chat(
-        request.app, model_name=req.model, messages=native_messages(req), tools=_tools(req),
-        options=_options(req), fmt=None, keep_alive=None, think=_think(req), stream=stream,
-        started=started, relaxed_think=True,
-        ignored=oa.ignored(data, _IGNORED))
-    assert not isinstance(started_job, dict)      # messages are never empty here
+        request.app,
+        model_name=req.model,
+        messages=native_messages(req),
+        tools=_tools(req),
+        options=_options(req),
+        fmt=None,
+        keep_alive=None,
+        think=_think(req),
+        stream=stream,
+        started=started,
+        relaxed_think=True,
+        ignored=oa.ignored(data, _IGNORED),
+    )
+    assert not isinstance(started_job, dict)  # messages are never empty here
     msg_id = "msg_" + secrets.token_hex(12)
     async with started_job as job:
         if not stream:
@@ -280,34 +315,45 @@ async def messages(request: web.Request) -> web.StreamResponse:
             if whole.content:
                 content.append({"type": "text", "text": whole.content})
             content += [_tool_block(c) for c in whole.tool_calls]
-            return json_response({
-                "id": msg_id, "type": "message", "role": "assistant", "model": req.model,
-                "content": content, "stop_reason": _stop_reason(done, bool(whole.tool_calls)),
-                "stop_sequence": None, "usage": _usage(done)})
+            return json_response(
+                {
+                    "id": msg_id,
+                    "type": "message",
+                    "role": "assistant",
+                    "model": req.model,
+                    "content": content,
+                    "stop_reason": _stop_reason(done, bool(whole.tool_calls)),
+                    "stop_sequence": None,
+                    "usage": _usage(done),
+                }
+            )
         return await _stream(request, job, msg_id, req.model, len(json.dumps(data)) // 4)
 
 
-async def _stream(request: web.Request, job: core.Job, msg_id: str, model: str,
-                  input_estimate: int) -> web.StreamResponse:
+async def _stream(
+    request: web.Request, job: core.Job, msg_id: str, model: str, input_estimate: int
+) -> web.StreamResponse:
     """The Messages event stream. Content blocks are opened as their kind of output starts
     (thinking, then text, then one block per tool call), each closed before the next opens.
     The events of a delta are held and go out in one write, with the next delta's when that
     one has already arrived (:attr:`Delta.more`)."""
     out = LazyStream.events(request)
     index = -1
-    open_kind: str | None = None          # "thinking" | "text" while a block is open
+    open_kind: str | None = None  # "thinking" | "text" while a block is open
     tool_use = False
 
     async def send(name: str, obj: dict[str, Any]) -> None:
-        await out.event(name, obj, hold=True)     # out.flush() after the delta
+        await out.event(name, obj, hold=True)  # out.flush() after the delta
 
     async def block(kind: str, start: dict[str, Any]) -> None:
         nonlocal index, open_kind
         await close()
         index += 1
         open_kind = kind
-        await send("content_block_start", {"type": "content_block_start", "index": index,
-                                            "content_block": start})
+        await send(
+            "content_block_start",
+            {"type": "content_block_start", "index": index, "content_block": start},
+        )
 
     async def close() -> None:
         nonlocal open_kind
@@ -316,22 +362,39 @@ async def _stream(request: web.Request, job: core.Job, msg_id: str, model: str,
             open_kind = None
 
     async def delta(body: dict[str, Any]) -> None:
-        await send("content_block_delta", {"type": "content_block_delta", "index": index,
-                                            "delta": body})
+        await send(
+            "content_block_delta", {"type": "content_block_delta", "index": index, "delta": body}
+        )
 
     try:
         async for ev in job.events():
-            if not out.started:           # with the first output: an earlier error keeps its status
-                await send("message_start", {"type": "message_start", "message": {
-                    "id": msg_id, "type": "message", "role": "assistant", "model": model,
-                    "content": [], "stop_reason": None, "stop_sequence": None,
-                    "usage": {"input_tokens": input_estimate, "output_tokens": 0}}})
+            if not out.started:  # with the first output: an earlier error keeps its status
+                await send(
+                    "message_start",
+                    {
+                        "type": "message_start",
+                        "message": {
+                            "id": msg_id,
+                            "type": "message",
+                            "role": "assistant",
+                            "model": model,
+                            "content": [],
+                            "stop_reason": None,
+                            "stop_sequence": None,
+                            "usage": {"input_tokens": input_estimate, "output_tokens": 0},
+                        },
+                    },
+                )
             if isinstance(ev, core.Done):
                 await close()
-                await send("message_delta", {
-                    "type": "message_delta",
-                    "delta": {"stop_reason": _stop_reason(ev, tool_use), "stop_sequence": None},
-                    "usage": _usage(ev)})
+                await send(
+                    "message_delta",
+                    {
+                        "type": "message_delta",
+                        "delta": {"stop_reason": _stop_reason(ev, tool_use), "stop_sequence": None},
+                        "usage": _usage(ev),
+                    },
+                )
                 await send("message_stop", {"type": "message_stop"})
                 break
             if ev.thinking:
@@ -345,8 +408,14 @@ async def _stream(request: web.Request, job: core.Job, msg_id: str, model: str,
             for call in ev.tool_calls:
                 tool_use = True
                 await block("tool_use", _tool_block(call, with_input=False))
-                await delta({"type": "input_json_delta", "partial_json": json.dumps(
-                    call["function"].get("arguments") or {}, ensure_ascii=False)})
+                await delta(
+                    {
+                        "type": "input_json_delta",
+                        "partial_json": json.dumps(
+                            call["function"].get("arguments") or {}, ensure_ascii=False
+                        ),
+                    }
+                )
                 await close()
             if not ev.more:
                 await out.flush()

@@ -11,8 +11,16 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from corral.daemon.api import (anthropic, metrics, middleware, native_infer, native_models,
-                               openai, openai_responses, ps)
+from corral.daemon.api import (
+    anthropic,
+    metrics,
+    middleware,
+    native_infer,
+    native_models,
+    openai,
+    openai_responses,
+    ps,
+)
 from corral.daemon.api.keys import CONFIG, METRICS, STORE, SUPERVISOR
 from corral.daemon.api.middleware_errors import error_middleware
 from corral.daemon.metrics import Metrics
@@ -27,12 +35,16 @@ if TYPE_CHECKING:
 CLIENT_MAX_SIZE = 256 * 1024 * 1024
 
 
-def make_app(config: Config, store: Store, supervisor: Supervisor, *,
-             hostname: str | None = None) -> web.Application:
+def make_app(
+    config: Config, store: Store, supervisor: Supervisor, *, hostname: str | None = None
+) -> web.Application:
     """The daemon's web application. ``hostname`` overrides the machine name the Host check
     accepts (tests)."""
-    mws = [metrics.count_requests, middleware.request_log,
-           middleware.cors_middleware(config.origins)]
+    mws = [
+        metrics.count_requests,
+        middleware.request_log,
+        middleware.cors_middleware(config.origins),
+    ]
     if middleware.is_loopback_bind(config.bind_host):
         mws.append(middleware.host_middleware(middleware.HostPolicy(hostname)))
     mws += [middleware.json_not_found, error_middleware]

@@ -23,7 +23,11 @@ from corral.daemon.errors import (
 )
 
 STATUS: dict[type[CorralError], int] = {
-    InvalidRequest: 400, NotFound: 404, Failed: 500, RegistryUnreachable: 502, Busy: 503,
+    InvalidRequest: 400,
+    NotFound: 404,
+    Failed: 500,
+    RegistryUnreachable: 502,
+    Busy: 503,
     NoSpace: 507,
 }
 
@@ -31,8 +35,9 @@ STATUS: dict[type[CorralError], int] = {
 class ApiError(Exception):
     """An error with an HTTP status and a client-facing message."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -73,15 +78,28 @@ def native_body(err: ApiError) -> dict:
 
 
 def openai_body(err: ApiError) -> dict:
-    return {"error": {"message": err.message, "type": openai_error_type(err.status),
-                      "param": err.param, "code": err.code}}
+    return {
+        "error": {
+            "message": err.message,
+            "type": openai_error_type(err.status),
+            "param": err.param,
+            "code": err.code,
+        }
+    }
 
 
 def anthropic_error_type(status: int) -> str:
     """Anthropic's ``error.type`` for a status code."""
-    return {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-            404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-            503: "overloaded_error", 529: "overloaded_error"}.get(status, "api_error")
+    return {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        413: "request_too_large",
+        429: "rate_limit_error",
+        503: "overloaded_error",
+        529: "overloaded_error",
+    }.get(status, "api_error")
 
 
 def anthropic_error(err: ApiError) -> dict:
@@ -90,5 +108,8 @@ def anthropic_error(err: ApiError) -> dict:
 
 
 def anthropic_body(err: ApiError) -> dict:
-    return {"type": "error", "error": anthropic_error(err),
-            "request_id": "req_" + secrets.token_hex(12)}
+    return {
+        "type": "error",
+        "error": anthropic_error(err),
+        "request_id": "req_" + secrets.token_hex(12),
+    }

@@ -9,6 +9,9 @@ resolve the model (404) -> capability checks -> render the prompt (template erro
 yields those; the lease is released exactly once when the context exits (also when the client
 went away). Thinking is split from content (:class:`ThinkingSplitter`), tool calls are parsed
 (``toolcalls``), chat history is cut to the runner's context (:class:`ChatHistory`).
+
+Length: over 900 lines since the tree was formatted with ruff; it does four jobs (transport,
+output processing, history truncation, request assembly) and is being split by job (issue 24).
 """
 
 from __future__ import annotations
@@ -29,18 +32,18 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from corral.daemon import gguf_info, model_inputs, templates, toolcalls
+from corral.daemon import gguf_info, model_inputs
 from corral.daemon.api import options as opts
 from corral.daemon.api.errors import ApiError
 from corral.daemon.api.keys import METRICS, STORE, SUPERVISOR
 from corral.daemon.errors import NotFound
 from corral.daemon.metrics import ModelSeries
-from corral.daemon.params import RequestOptions
-from corral.daemon.runners import GONE, RunnerProcess, looks_oom
 from corral.daemon.models.store import ModelRecord
+from corral.daemon.params import RequestOptions
+from corral.daemon.prompt import templates, toolcalls
+from corral.daemon.runners import GONE, RunnerProcess, looks_oom
 from corral.daemon.timefmt import now_utc
 from corral.runner import protocol
-
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +52,7 @@ _enc = msgspec.json.Encoder()
 
 
 # ---- models and capabilities ---------------------------------------------------------------------
+
 
 @dataclass(slots=True)
 class Model:
@@ -62,8 +66,12 @@ class Model:
         info = self.info
         if info is None:
             return templates.for_model(override or self.record.template)
-        return templates.for_model(override or self.record.template, info.chat_template,
-                                   bos_token=info.bos_token, eos_token=info.eos_token)
+        return templates.for_model(
+            override or self.record.template,
+            info.chat_template,
+            bos_token=info.bos_token,
+            eos_token=info.eos_token,
+        )
 
 
 async def model_facts(record: ModelRecord) -> tuple[gguf_info.GGUFInfo | None, list[str]]:
@@ -75,9 +83,12 @@ async def model_facts(record: ModelRecord) -> tuple[gguf_info.GGUFInfo | None, l
             info = await gguf_info.read_info_async(record.model_path)
         except Exception as e:  # noqa: BLE001 - a non-GGUF layer has no metadata
             log.warning("api.gguf_unreadable", model=record.name, error=str(e))
-    caps = templates.capabilities(info, template=record.template,
-                                  has_projector=bool(record.projectors),
-                                  declared=record.config.capabilities)
+    caps = templates.capabilities(
+        info,
+        template=record.template,
+        has_projector=bool(record.projectors),
+        declared=record.config.capabilities,
+    )
     return info, caps
 
 
@@ -98,11 +109,13 @@ def require(model: Model, caps: Sequence[str]) -> None:
     """400 naming each capability of ``caps`` the model lacks (one line each, Ollama's text)."""
     missing = [c for c in caps if c not in model.capabilities]
     if missing:
-        raise ApiError(400, "\n".join(f"{model.record.full_name} does not support {c}"
-                                      for c in missing))
+        raise ApiError(
+            400, "\n".join(f"{model.record.full_name} does not support {c}" for c in missing)
+        )
 
 
 # ---- runner I/O --------------------------------------------------------------------------------------
+
 
 async def _refusal(resp: aiohttp.ClientResponse) -> ApiError:
     """A runner's non-200 answer as the client's error: the ``error`` of its JSON body (else the
@@ -114,8 +127,9 @@ async def _refusal(resp: aiohttp.ClientResponse) -> ApiError:
             text = data["error"]
     except msgspec.DecodeError:
         pass
-    return ApiError(resp.status if resp.status in (400, 503) else 500,
-                    text or f"runner answered {resp.status}")
+    return ApiError(
+        resp.status if resp.status in (400, 503) else 500, text or f"runner answered {resp.status}"
+    )
 
 
 async def _gone_message(lease: Any, exc: BaseException) -> str:
@@ -156,8 +170,9 @@ async def _http_lines(lease: Any, body: protocol.CompletionRequest) -> Events:
     """The events as NDJSON lines of the ``/completion`` HTTP response."""
     url = f"{lease.base_url}/completion"
     try:
-        async with lease.session.post(url, data=protocol.encode(body),
-                                      headers={"Content-Type": "application/json"}) as resp:
+        async with lease.session.post(
+            url, data=protocol.encode(body), headers={"Content-Type": "application/json"}
+        ) as resp:
             if resp.status != 200:
                 raise await _refusal(resp)
             rest = b""
@@ -185,8 +200,11 @@ async def _http_lines(lease: Any, body: protocol.CompletionRequest) -> Events:
 RELAY_END_GRACE = 5.0  # s: a relay job's HTTP handle ended; its events are in the pipe already
 
 
-async def _relayed(lease: Any, relay: RunnerProcess, body: protocol.CompletionRequest,
-                   ) -> Events:
+async def _relayed(
+    lease: Any,
+    relay: RunnerProcess,
+    body: protocol.CompletionRequest,
+) -> Events:
     """Relay mode: the events arrive in the queue :meth:`RunnerProcess.open_relay` gives; the
     HTTP request is the job's handle (a refusal's status and error, its end, and closing it
     cancels the job). Its end is put in the same queue, so one ``get`` per event waits for both."""
@@ -195,9 +213,11 @@ async def _relayed(lease: Any, relay: RunnerProcess, body: protocol.CompletionRe
 
     async def handle() -> ApiError | None:
         try:
-            async with lease.session.post(f"{lease.base_url}/completion", data=protocol.encode(
-                    msgspec.structs.replace(body, relay=relay_id)),
-                    headers={"Content-Type": "application/json"}) as resp:
+            async with lease.session.post(
+                f"{lease.base_url}/completion",
+                data=protocol.encode(msgspec.structs.replace(body, relay=relay_id)),
+                headers={"Content-Type": "application/json"},
+            ) as resp:
                 if resp.status != 200:
                     return await _refusal(resp)
                 await resp.read()
@@ -227,7 +247,9 @@ async def _relayed(lease: Any, relay: RunnerProcess, body: protocol.CompletionRe
                 deadline = asyncio.get_running_loop().time() + RELAY_END_GRACE
                 continue
             if ev is GONE:
-                raise ApiError(500, await _gone_message(lease, ConnectionError("stream ended without done")))
+                raise ApiError(
+                    500, await _gone_message(lease, ConnectionError("stream ended without done"))
+                )
             if isinstance(ev, protocol.CompletionError):
                 raise ApiError(500, ev.error)
             if isinstance(ev, protocol.CompletionDone):
@@ -240,7 +262,7 @@ async def _relayed(lease: Any, relay: RunnerProcess, body: protocol.CompletionRe
     finally:
         relay.close_relay(relay_id)
         if task not in _ending:
-            task.cancel()   # closes the request: the runner cancels the job
+            task.cancel()  # closes the request: the runner cancels the job
 
 
 _ending: set[asyncio.Future] = set()  # relay handles left to end after their done event
@@ -254,8 +276,11 @@ def _ended(task: asyncio.Future) -> None:
 
 async def runner_json(lease: Any, path: str, body: msgspec.Struct, kind: type[Any]) -> Any:
     try:
-        async with lease.session.post(f"{lease.base_url}{path}", data=protocol.encode(body),
-                                      headers={"Content-Type": "application/json"}) as resp:
+        async with lease.session.post(
+            f"{lease.base_url}{path}",
+            data=protocol.encode(body),
+            headers={"Content-Type": "application/json"},
+        ) as resp:
             if resp.status != 200:
                 raise await _refusal(resp)
             return msgspec.json.decode(await resp.read(), type=kind)
@@ -264,6 +289,7 @@ async def runner_json(lease: Any, path: str, body: msgspec.Struct, kind: type[An
 
 
 # ---- output processing ---------------------------------------------------------------------------
+
 
 class ThinkingSplitter:
     """Splits model output into thinking and content at the template's thinking tags (Ollama's
@@ -295,10 +321,10 @@ class ThinkingSplitter:
             if self.state == "looking":
                 t = self.buf.lstrip()
                 if t.startswith(self.open):
-                    self.buf = t[len(self.open):]
+                    self.buf = t[len(self.open) :]
                     self.state = "opened"
                     continue
-                if self.open.startswith(t):         # blank, or maybe the tag: wait for more
+                if self.open.startswith(t):  # blank, or maybe the tag: wait for more
                     break
                 content.append(self.buf)
                 self.buf, self.state = "", "done"
@@ -313,15 +339,21 @@ class ThinkingSplitter:
                 i = self.buf.find(self.close)
                 if i >= 0:
                     thinking.append(self.buf[:i])
-                    rest = self.buf[i + len(self.close):].lstrip()
+                    rest = self.buf[i + len(self.close) :].lstrip()
                     self.buf = ""
                     self.state = "done" if rest else "closed"
                     content.append(rest)
                     break
-                keep = next((k for k in range(min(len(self.close) - 1, len(self.buf)), 0, -1)
-                             if self.buf.endswith(self.close[:k])), 0)
-                thinking.append(self.buf[:len(self.buf) - keep])
-                self.buf = self.buf[len(self.buf) - keep:]
+                keep = next(
+                    (
+                        k
+                        for k in range(min(len(self.close) - 1, len(self.buf)), 0, -1)
+                        if self.buf.endswith(self.close[:k])
+                    ),
+                    0,
+                )
+                thinking.append(self.buf[: len(self.buf) - keep])
+                self.buf = self.buf[len(self.buf) - keep :]
             elif self.state == "closed":
                 t, self.buf = self.buf.lstrip(), ""
                 if t:
@@ -386,7 +418,7 @@ class Job:
     body: protocol.CompletionRequest | None
     thinking: ThinkingSplitter | None = None
     tools: toolcalls.ToolCallParser | None = None
-    series: ModelSeries | None = None   # the model's metrics: TTFT, inter-token, tokens
+    series: ModelSeries | None = None  # the model's metrics: TTFT, inter-token, tokens
 
     def _process(self, text: str) -> Delta:
         d = Delta()
@@ -436,7 +468,9 @@ class Job:
             async with contextlib.aclosing(runner_lines(self.lease, self.body)) as lines:
                 async for ev, more in lines:
                     final = isinstance(ev, protocol.CompletionDone)
-                    text = ev.content  # a chunk's text, or the whole text if the runner didn't stream
+                    text = (
+                        ev.content
+                    )  # a chunk's text, or the whole text if the runner didn't stream
                     d = self._process(text) if text else Delta()
                     if ev.logprobs:
                         d.logprobs = ev.logprobs
@@ -465,11 +499,15 @@ class Job:
                         self.series.generated_tokens.inc(ev.eval_count)
                         self.series.duration.observe(time.monotonic() - self.started)
                     yield Done(
-                        done_reason=ev.done_reason, prompt_eval_count=ev.prompt_eval_count,
-                        prompt_eval_duration=ev.prompt_eval_duration, eval_count=ev.eval_count,
+                        done_reason=ev.done_reason,
+                        prompt_eval_count=ev.prompt_eval_count,
+                        prompt_eval_duration=ev.prompt_eval_duration,
+                        eval_count=ev.eval_count,
                         eval_duration=ev.eval_duration,
                         total_duration=int((time.monotonic() - self.started) * 1e9),
-                        load_duration=self.load_duration, tokens=ev.tokens)
+                        load_duration=self.load_duration,
+                        tokens=ev.tokens,
+                    )
         except ApiError as e:
             report = getattr(self.lease, "out_of_memory", None)
             if e.status == 500 and report is not None and looks_oom(e.message):
@@ -525,7 +563,7 @@ async def count_tokens(lease: Any, text: str) -> int:
     return len(res.tokens)
 
 
-IMAGE_TAG = re.compile(r"\[img-(\d+)\]")   # the runner's image marker (runner/images.py)
+IMAGE_TAG = re.compile(r"\[img-(\d+)\]")  # the runner's image marker (runner/images.py)
 
 
 async def image_tokens_of(model: Model) -> int:
@@ -553,17 +591,18 @@ class ChatHistory:
     messages: list[dict]
     tools: Sequence[dict] | None
     think: tuple[bool, str, bool]
-    prompt: str                       # the rendering of all of ``messages``
-    image_tokens: int = 0             # positions per image (image_tokens_of)
-    n_images: int = 0                 # the request's images
+    prompt: str  # the rendering of all of ``messages``
+    image_tokens: int = 0  # positions per image (image_tokens_of)
+    n_images: int = 0  # the request's images
 
     def _image_cost(self, text: str) -> int:
         """The positions the images of ``text`` take. The tag's own text is counted as well,
         a few tokens over, like the bound: the runner never has to cut a fitted prompt."""
         if not self.n_images:
             return 0
-        return self.image_tokens * sum(1 for m in IMAGE_TAG.finditer(text)
-                                       if int(m.group(1)) < self.n_images)
+        return self.image_tokens * sum(
+            1 for m in IMAGE_TAG.finditer(text) if int(m.group(1)) < self.n_images
+        )
 
     def _render(self, start: int) -> str:
         """The system messages before ``start`` + ``messages[start:]``, rendered."""
@@ -599,7 +638,7 @@ class ChatHistory:
             if calls:
                 log.debug("api.chat_fits", tokenize_calls=calls, n_ctx=lease.n_ctx)
             return self.prompt
-        lo, hi = 1, len(self.messages) - 1     # hi: the last message is always kept
+        lo, hi = 1, len(self.messages) - 1  # hi: the last message is always kept
         best = None
         while lo < hi:
             mid = (lo + hi) // 2
@@ -608,15 +647,20 @@ class ChatHistory:
                 hi, best = mid, text
             else:
                 lo = mid + 1
-        prompt = best if best is not None else self._render(hi)   # best: the rendering of hi
-        log.debug("api.chat_truncated", dropped=sum(1 for m in self.messages[:hi]
-                                                    if m.get("role") != "system"),
-                  kept=len(self.messages) - hi, tokenize_calls=calls, n_ctx=lease.n_ctx)
+        prompt = best if best is not None else self._render(hi)  # best: the rendering of hi
+        log.debug(
+            "api.chat_truncated",
+            dropped=sum(1 for m in self.messages[:hi] if m.get("role") != "system"),
+            kept=len(self.messages) - hi,
+            tokenize_calls=calls,
+            n_ctx=lease.n_ctx,
+        )
         return prompt
 
 
-def resolve_think(model: Model, think: tuple[bool, str, bool], name: str, *,
-                  relaxed: bool = False) -> tuple[bool, str, bool]:
+def resolve_think(
+    model: Model, think: tuple[bool, str, bool], name: str, *, relaxed: bool = False
+) -> tuple[bool, str, bool]:
     """The request's ``think`` against the model (Ollama 0.33): a thinking-capable model thinks
     when ``think`` is unset (it becomes set: templates see ``IsThinkSet``); asking a model
     without the capability to think is a 400, or (``relaxed``, the Anthropic route, whose
@@ -641,21 +685,36 @@ class Logprobs:
 def check_logprobs(enabled: Any, top: Any) -> Logprobs:
     """``logprobs``/``top_logprobs`` as Ollama checks them: top outside 0..20 is a 400."""
     top = top or 0
-    if not isinstance(top, int) or isinstance(top, bool) or not \
-            0 <= top <= protocol.MAX_TOP_LOGPROBS:
+    if (
+        not isinstance(top, int)
+        or isinstance(top, bool)
+        or not 0 <= top <= protocol.MAX_TOP_LOGPROBS
+    ):
         raise ApiError(400, f"top_logprobs must be between 0 and {protocol.MAX_TOP_LOGPROBS}")
     return Logprobs(bool(enabled), top)
 
 
 @contextlib.asynccontextmanager
-async def completion_job(app: web.Application, model: Model, *, options: RequestOptions,
-                         keep_alive: float | None, started: float, prompt: str | None,
-                         context: list[int] | None = None, fmt: Any = None, stream: bool = True,
-                         thinking: bool = False, tools: Sequence[dict] | None = None,
-                         renderer: templates.Renderer | None = None, shift: bool | None = None,
-                         truncate: bool | None = None, history: ChatHistory | None = None,
-                         logprobs: Logprobs = Logprobs(),
-                         images: list[bytes] | None = None) -> AsyncIterator[Job]:
+async def completion_job(
+    app: web.Application,
+    model: Model,
+    *,
+    options: RequestOptions,
+    keep_alive: float | None,
+    started: float,
+    prompt: str | None,
+    context: list[int] | None = None,
+    fmt: Any = None,
+    stream: bool = True,
+    thinking: bool = False,
+    tools: Sequence[dict] | None = None,
+    renderer: templates.Renderer | None = None,
+    shift: bool | None = None,
+    truncate: bool | None = None,
+    history: ChatHistory | None = None,
+    logprobs: Logprobs = Logprobs(),
+    images: list[bytes] | None = None,
+) -> AsyncIterator[Job]:
     """Acquire a slot for ``model`` and yield the :class:`Job` (load-only when ``prompt`` is
     None). With ``history`` (a chat whose rendering is ``prompt``) and ``truncate`` not False,
     the oldest messages are dropped until the prompt fits the runner's slot. Releases the lease
@@ -670,10 +729,17 @@ async def completion_job(app: web.Application, model: Model, *, options: Request
     splitter = ThinkingSplitter(*tags) if all(tags) else None
     if prompt is not None:
         body = protocol.CompletionRequest(
-            prompt=prompt, tokens=context or None, options=options.sampling(), format=fmt,
-            stream=stream, shift=shift, truncate=True if truncate is None else truncate,
-            logprobs=logprobs.enabled, top_logprobs=logprobs.top if logprobs.enabled else 0,
-            images=images or [])
+            prompt=prompt,
+            tokens=context or None,
+            options=options.sampling(),
+            format=fmt,
+            stream=stream,
+            shift=shift,
+            truncate=True if truncate is None else truncate,
+            logprobs=logprobs.enabled,
+            top_logprobs=logprobs.top if logprobs.enabled else 0,
+            images=images or [],
+        )
     lease = await app[SUPERVISOR].acquire(model.record, options, keep_alive, kind="completion")
     async with lease:
         if body is not None and history is not None and body.truncate:
@@ -686,21 +752,42 @@ async def completion_job(app: web.Application, model: Model, *, options: Request
                 splitter.add(tags[0])
             if fmt is not None:
                 body = msgspec.structs.replace(
-                    body, format_after=("" if opened else tags[0], tags[1]))
-        job = Job(model, lease, started, int((time.monotonic() - started) * 1e9), body,
-                  series=app[METRICS].model(model.record.name))
+                    body, format_after=("" if opened else tags[0], tags[1])
+                )
+        job = Job(
+            model,
+            lease,
+            started,
+            int((time.monotonic() - started) * 1e9),
+            body,
+            series=app[METRICS].model(model.record.name),
+        )
         job.thinking = splitter
         if tools and renderer is not None and renderer.supports_tools:
             job.tools = toolcalls.ToolCallParser(renderer.tool_call_tag(), tools)
         yield job
 
 
-def render(renderer: templates.Renderer, messages: Sequence[dict], tools: Sequence[dict] | None,
-           *, prompt: str = "", suffix: str = "", think: tuple[bool, str, bool] = (False, "", False),
-           status: int = 500) -> str:
+def render(
+    renderer: templates.Renderer,
+    messages: Sequence[dict],
+    tools: Sequence[dict] | None,
+    *,
+    prompt: str = "",
+    suffix: str = "",
+    think: tuple[bool, str, bool] = (False, "", False),
+    status: int = 500,
+) -> str:
     try:
-        return renderer.render(messages, tools, prompt=prompt, suffix=suffix, think=think[0],
-                               think_level=think[1], is_think_set=think[2])
+        return renderer.render(
+            messages,
+            tools,
+            prompt=prompt,
+            suffix=suffix,
+            think=think[0],
+            think_level=think[1],
+            is_think_set=think[2],
+        )
     except templates.TemplateError as e:
         raise ApiError(status, str(e)) from None
 
@@ -715,11 +802,19 @@ def parse_template(text: str) -> templates.GoTemplate:
 
 # ---- /api/generate -------------------------------------------------------------------------------
 
-def generate_prompt(model: Model, prompt: str, *, suffix: str = "", system: str | None = None,
-                    template: str | None = None, raw: bool = False,
-                    context: list[int] | None = None,
-                    think: tuple[bool, str, bool] = (False, "", False),
-                    n_images: int = 0) -> str | None:
+
+def generate_prompt(
+    model: Model,
+    prompt: str,
+    *,
+    suffix: str = "",
+    system: str | None = None,
+    template: str | None = None,
+    raw: bool = False,
+    context: list[int] | None = None,
+    think: tuple[bool, str, bool] = (False, "", False),
+    n_images: int = 0,
+) -> str | None:
     """The text sent to the runner for a generate request; None = load only (empty prompt).
     Not raw: [system (request or Modelfile)] + Modelfile MESSAGEs (unless ``context``) + one
     ``[img-N]`` user message per image + the user prompt, rendered with the request's or the
@@ -752,6 +847,7 @@ def debug_info(prompt: str) -> dict[str, Any]:
 
 
 # ---- /api/chat -----------------------------------------------------------------------------------
+
 
 def chat_messages(model: Model, messages: Sequence[dict]) -> list[dict]:
     """Modelfile MESSAGEs + request messages, with the Modelfile SYSTEM first when the request
@@ -793,26 +889,45 @@ def message_dict(m: opts.Message) -> dict[str, Any]:
     return d
 
 
-async def start_chat(app: web.Application, *, model_name: str, messages: list[dict],
-                     tools: list[dict] | None, options: dict[str, Any] | None, fmt: Any,
-                     keep_alive: float | None, think: tuple[bool, str, bool], stream: bool,
-                     started: float, shift: bool | None = None, truncate: bool | None = None,
-                     logprobs: Logprobs = Logprobs(), debug_render_only: bool = False,
-                     relaxed_think: bool = False, ignored: Sequence[str] = (),
-                     ) -> contextlib.AbstractAsyncContextManager[Job] | dict[str, Any]:
+async def start_chat(
+    app: web.Application,
+    *,
+    model_name: str,
+    messages: list[dict],
+    tools: list[dict] | None,
+    options: dict[str, Any] | None,
+    fmt: Any,
+    keep_alive: float | None,
+    think: tuple[bool, str, bool],
+    stream: bool,
+    started: float,
+    shift: bool | None = None,
+    truncate: bool | None = None,
+    logprobs: Logprobs = Logprobs(),
+    debug_render_only: bool = False,
+    relaxed_think: bool = False,
+    ignored: Sequence[str] = (),
+) -> contextlib.AbstractAsyncContextManager[Job] | dict[str, Any]:
     """Validate and resolve a chat; returns the unload or ``_debug_render_only`` reply (a
     dict) or the job context. ``ignored``: request fields the caller's route does not honour,
     warned about with the ignored options."""
     model = await resolve(app, model_name, style="quoted")
     if not messages and keep_alive == 0:
         await app[SUPERVISOR].unload(model.record)
-        return {"model": model_name, "created_at": now_utc(),
-                "message": {"role": "assistant", "content": ""}, "done_reason": "unload",
-                "done": True}
+        return {
+            "model": model_name,
+            "created_at": now_utc(),
+            "message": {"role": "assistant", "content": ""},
+            "done_reason": "unload",
+            "done": True,
+        }
     if "completion" not in model.capabilities:
         raise ApiError(400, f'"{model_name}" does not support chat')
-    require(model, (["tools"] if tools else [])
-             + (["vision"] if any(m.get("images") for m in messages) else []))
+    require(
+        model,
+        (["tools"] if tools else [])
+        + (["vision"] if any(m.get("images") for m in messages) else []),
+    )
     think = resolve_think(model, think, model_name, relaxed=relaxed_think)
     messages, images = tag_images(messages)
     merged = RequestOptions.build(model.record.parameters, options)
@@ -822,16 +937,41 @@ async def start_chat(app: web.Application, *, model_name: str, messages: list[di
     if messages:
         msgs = chat_messages(model, messages)
         prompt = render(renderer, msgs, tools, think=think)
-        history = ChatHistory(renderer, msgs, tools, think, prompt,
-                              await image_tokens_of(model) if images else 0, len(images))
+        history = ChatHistory(
+            renderer,
+            msgs,
+            tools,
+            think,
+            prompt,
+            await image_tokens_of(model) if images else 0,
+            len(images),
+        )
     if debug_render_only:
-        return {"model": model_name, "created_at": now_utc(),
-                "message": {"role": "", "content": ""}, "done": False,
-                "_debug_info": debug_info(prompt or "")}
-    return completion_job(app, model, options=merged, keep_alive=keep_alive, started=started,
-                          prompt=prompt, fmt=fmt, stream=stream, thinking=think[0], tools=tools,
-                          renderer=renderer, shift=shift, truncate=truncate, history=history,
-                          logprobs=logprobs, images=images)
+        return {
+            "model": model_name,
+            "created_at": now_utc(),
+            "message": {"role": "", "content": ""},
+            "done": False,
+            "_debug_info": debug_info(prompt or ""),
+        }
+    return completion_job(
+        app,
+        model,
+        options=merged,
+        keep_alive=keep_alive,
+        started=started,
+        prompt=prompt,
+        fmt=fmt,
+        stream=stream,
+        thinking=think[0],
+        tools=tools,
+        renderer=renderer,
+        shift=shift,
+        truncate=truncate,
+        history=history,
+        logprobs=logprobs,
+        images=images,
+    )
 
 
 def shorten(vec: list[float], dimensions: int | None) -> list[float]:
@@ -843,9 +983,15 @@ def shorten(vec: list[float], dimensions: int | None) -> list[float]:
     return [v / norm for v in cut]
 
 
-async def embed_texts(app: web.Application, model: Model, inputs: list[str], *,
-                      options: dict[str, Any] | None, keep_alive: float | None,
-                      truncate: bool | None) -> tuple[protocol.EmbedResponse, int]:
+async def embed_texts(
+    app: web.Application,
+    model: Model,
+    inputs: list[str],
+    *,
+    options: dict[str, Any] | None,
+    keep_alive: float | None,
+    truncate: bool | None,
+) -> tuple[protocol.EmbedResponse, int]:
     """Embeddings for ``inputs`` (loads the model even when empty) -> (response, load ns)."""
     started = time.monotonic()
     merged = RequestOptions.build(model.record.parameters, options)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from corral.daemon.models.store import Store
     from corral.daemon.supervisor import Supervisor
 
-CONFIG: web.AppKey["Config"] = web.AppKey("config")
-STORE: web.AppKey["Store"] = web.AppKey("store")
-SUPERVISOR: web.AppKey["Supervisor"] = web.AppKey("supervisor")
-METRICS: web.AppKey["Metrics"] = web.AppKey("metrics")
+CONFIG: web.AppKey[Config] = web.AppKey("config")
+STORE: web.AppKey[Store] = web.AppKey("store")
+SUPERVISOR: web.AppKey[Supervisor] = web.AppKey("supervisor")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")

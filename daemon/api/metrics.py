@@ -15,7 +15,7 @@ from corral.daemon.api.keys import METRICS, SUPERVISOR
 from corral.daemon.api.middleware import Handler
 from corral.daemon.metrics import CONTENT_TYPE
 
-CLIENT_CLOSED = "499"     # the client went away before the response ended (nginx's code)
+CLIENT_CLOSED = "499"  # the client went away before the response ended (nginx's code)
 
 
 @web.middleware

@@ -41,8 +41,12 @@ async def request_log(request: web.Request, handler: Handler) -> web.StreamRespo
         status = exc.status
         raise
     finally:
-        fields = {"method": request.method, "path": request.path, "status": status,
-                  "duration_ms": round((time.perf_counter() - start) * 1000, 3)}
+        fields = {
+            "method": request.method,
+            "path": request.path,
+            "status": status,
+            "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+        }
         model = request.get(LOG_MODEL)
         if model:
             fields["model"] = model
@@ -52,12 +56,28 @@ async def request_log(request: web.Request, handler: Handler) -> web.StreamRespo
 # ---- CORS --------------------------------------------------------------------------------------
 
 CORS_METHODS = "GET,POST,PUT,PATCH,DELETE,HEAD"
-CORS_HEADERS = ",".join((
-    "Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With", "Openai-Beta",
-    "X-Stainless-Arch", "X-Stainless-Async", "X-Stainless-Custom-Poll-Interval",
-    "X-Stainless-Helper-Method", "X-Stainless-Lang", "X-Stainless-Os",
-    "X-Stainless-Package-Version", "X-Stainless-Poll-Helper", "X-Stainless-Retry-Count",
-    "X-Stainless-Runtime", "X-Stainless-Runtime-Version", "X-Stainless-Timeout"))
+CORS_HEADERS = ",".join(
+    (
+        "Authorization",
+        "Content-Type",
+        "User-Agent",
+        "Accept",
+        "X-Requested-With",
+        "Openai-Beta",
+        "X-Stainless-Arch",
+        "X-Stainless-Async",
+        "X-Stainless-Custom-Poll-Interval",
+        "X-Stainless-Helper-Method",
+        "X-Stainless-Lang",
+        "X-Stainless-Os",
+        "X-Stainless-Package-Version",
+        "X-Stainless-Poll-Helper",
+        "X-Stainless-Retry-Count",
+        "X-Stainless-Runtime",
+        "X-Stainless-Runtime-Version",
+        "X-Stainless-Timeout",
+    )
+)
 CORS_MAX_AGE = "43200"
 
 
@@ -82,9 +102,9 @@ class OriginPolicy:
                 if i == 0:
                     self.rules.append(("", o[1:]))
                 elif i == len(o) - 1:
-                    self.rules.append((o[:i - 1], ""))
+                    self.rules.append((o[: i - 1], ""))
                 else:
-                    self.rules.append((o[:i], o[i + 1:]))
+                    self.rules.append((o[:i], o[i + 1 :]))
 
     def allows(self, origin: str) -> bool:
         if self.allow_all or origin in self.exact:
@@ -105,13 +125,16 @@ def cors_middleware(origins: Iterable[str]) -> Callable[..., Awaitable[web.Strea
             return web.Response(status=403)
         allow_origin = "*" if policy.allow_all else origin
         if request.method == "OPTIONS":
-            headers = {"Access-Control-Allow-Origin": allow_origin,
-                       "Access-Control-Allow-Methods": CORS_METHODS,
-                       "Access-Control-Allow-Headers": CORS_HEADERS,
-                       "Access-Control-Max-Age": CORS_MAX_AGE}
+            headers = {
+                "Access-Control-Allow-Origin": allow_origin,
+                "Access-Control-Allow-Methods": CORS_METHODS,
+                "Access-Control-Allow-Headers": CORS_HEADERS,
+                "Access-Control-Max-Age": CORS_MAX_AGE,
+            }
             if not policy.allow_all:
-                headers["Vary"] = ("Origin, Access-Control-Request-Method, "
-                                   "Access-Control-Request-Headers")
+                headers["Vary"] = (
+                    "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
+                )
             return web.Response(status=204, headers=headers)
         cors_headers = {"Access-Control-Allow-Origin": allow_origin}
         if not policy.allow_all:
@@ -134,6 +157,7 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
 
 
 # ---- Host header ---------------------------------------------------------------------------------
+
 
 def is_loopback_bind(bind_host: str | None) -> bool:
     """Whether the listener address is loopback (only then is the Host header checked)."""
@@ -172,7 +196,9 @@ class HostPolicy:
     """Ollama's ``allowedHost``: loopback/private/unspecified/local IPs, ``localhost``, the
     machine's hostname and names under ``.localhost``, ``.local``, ``.internal``."""
 
-    def __init__(self, hostname: str | None = None, local_ips: frozenset[str] | None = None) -> None:
+    def __init__(
+        self, hostname: str | None = None, local_ips: frozenset[str] | None = None
+    ) -> None:
         self.hostname = (hostname if hostname is not None else socket.gethostname()).lower()
         self._local_ips = local_ips
 
@@ -188,8 +214,7 @@ class HostPolicy:
             ip = ipaddress.ip_address(host)
         except ValueError:
             return None
-        return (ip.is_loopback or ip.is_private or ip.is_unspecified
-                or str(ip) in self.local_ips)
+        return ip.is_loopback or ip.is_private or ip.is_unspecified or str(ip) in self.local_ips
 
     def name_allowed(self, host: str) -> bool:
         h = host.lower()
@@ -215,6 +240,7 @@ def host_middleware(policy: HostPolicy) -> Callable[..., Awaitable[web.StreamRes
 
 
 # ---- aiohttp's own 404/405 ----------------------------------------------------------------------
+
 
 @web.middleware
 async def json_not_found(request: web.Request, handler: Handler) -> web.StreamResponse:

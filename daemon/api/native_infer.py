@@ -26,7 +26,6 @@ from corral.daemon.params import RequestOptions
 from corral.daemon.timefmt import now_utc
 from corral.runner import protocol
 
-
 log = structlog.get_logger(__name__)
 
 
@@ -35,19 +34,25 @@ _enc = msgspec.json.Encoder()
 
 # ---- NDJSON streaming ------------------------------------------------------------------------------
 
+
 def _stream_flag(value: bool | None) -> bool:
     return value is not False
 
 
 def _metrics(done: core.Done) -> dict[str, Any]:
-    return {"total_duration": done.total_duration, "load_duration": done.load_duration,
-            "prompt_eval_count": done.prompt_eval_count,
-            "prompt_eval_duration": done.prompt_eval_duration,
-            "eval_count": done.eval_count, "eval_duration": done.eval_duration}
+    return {
+        "total_duration": done.total_duration,
+        "load_duration": done.load_duration,
+        "prompt_eval_count": done.prompt_eval_count,
+        "prompt_eval_duration": done.prompt_eval_duration,
+        "eval_count": done.eval_count,
+        "eval_duration": done.eval_duration,
+    }
 
 
-async def _drive(request: web.Request, job: core.Job, stream: bool, chunk_line,
-                 final_obj) -> web.StreamResponse:
+async def _drive(
+    request: web.Request, job: core.Job, stream: bool, chunk_line, final_obj
+) -> web.StreamResponse:
     """Run ``job`` to the end: NDJSON lines when streaming (an error after the first line is a
     last ``{"error"}`` line), else one object. ``final_obj(done, whole)`` builds the last
     object; ``whole`` is the whole output (:meth:`Job.result`), empty when streamed."""
@@ -72,8 +77,12 @@ async def _drive(request: web.Request, job: core.Job, stream: bool, chunk_line,
 
 # ---- request set-up ------------------------------------------------------------------------------
 
-async def read_request(request: web.Request, kind: type[Any], missing: tuple[int, str],
-                       ) -> tuple[Any, float | None]:
+
+async def read_request(
+    request: web.Request,
+    kind: type[Any],
+    missing: tuple[int, str],
+) -> tuple[Any, float | None]:
     """A native inference body decoded as ``kind`` -> (request, keep_alive seconds). Its model
     goes into the request log; an empty model is ``ApiError(*missing)`` (Ollama's text differs
     per route)."""
@@ -109,8 +118,15 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if req.prompt == "" and keep_alive == 0:
         created = now_utc()
         await app[SUPERVISOR].unload(model.record)
-        return json_response({"model": req.model, "created_at": created, "response": "",
-                              "done": True, "done_reason": "unload"})
+        return json_response(
+            {
+                "model": req.model,
+                "created_at": created,
+                "response": "",
+                "done": True,
+                "done_reason": "unload",
+            }
+        )
     if "completion" not in model.capabilities:
         raise ApiError(400, f'"{req.model}" does not support generate')
     core.require(model, (["insert"] if req.suffix else []) + (["vision"] if images else []))
@@ -118,20 +134,54 @@ async def generate(request: web.Request) -> web.StreamResponse:
     options = RequestOptions.build(model.record.parameters, req.options)
     core.warn_ignored(req.model, opts.ignored_options(req.options))
 
-    prompt = core.generate_prompt(model, req.prompt, suffix=req.suffix, system=req.system,
-                             template=req.template, raw=req.raw, context=req.context, think=think,
-                             n_images=len(images))
+    prompt = core.generate_prompt(
+        model,
+        req.prompt,
+        suffix=req.suffix,
+        system=req.system,
+        template=req.template,
+        raw=req.raw,
+        context=req.context,
+        think=think,
+        n_images=len(images),
+    )
     if req.debug_render_only:
-        return json_response({"model": req.model, "created_at": now_utc(), "response": "",
-                              "done": False, "_debug_info": core.debug_info(prompt or "")})
+        return json_response(
+            {
+                "model": req.model,
+                "created_at": now_utc(),
+                "response": "",
+                "done": False,
+                "_debug_info": core.debug_info(prompt or ""),
+            }
+        )
     stream = _stream_flag(req.stream)
-    async with core.completion_job(app, model, options=options, keep_alive=keep_alive,
-                              started=started, prompt=prompt, context=req.context, fmt=fmt,
-                              stream=stream, thinking=think[0], shift=req.shift,
-                              truncate=req.truncate, logprobs=logprobs, images=images) as job:
+    async with core.completion_job(
+        app,
+        model,
+        options=options,
+        keep_alive=keep_alive,
+        started=started,
+        prompt=prompt,
+        context=req.context,
+        fmt=fmt,
+        stream=stream,
+        thinking=think[0],
+        shift=req.shift,
+        truncate=req.truncate,
+        logprobs=logprobs,
+        images=images,
+    ) as job:
         if prompt is None:
-            return json_response({"model": req.model, "created_at": now_utc(),
-                                  "response": "", "done": True, "done_reason": "load"})
+            return json_response(
+                {
+                    "model": req.model,
+                    "created_at": now_utc(),
+                    "response": "",
+                    "done": True,
+                    "done_reason": "load",
+                }
+            )
         head = b'{"model":' + _enc.encode(req.model) + b',"created_at":"'
 
         def chunk_line(d: core.Delta) -> bytes:
@@ -144,8 +194,11 @@ async def generate(request: web.Request) -> web.StreamResponse:
             return line + b"}"
 
         def final_obj(done: core.Done, whole: core.Delta) -> dict[str, Any]:
-            obj: dict[str, Any] = {"model": req.model, "created_at": now_utc(),
-                                   "response": whole.content}
+            obj: dict[str, Any] = {
+                "model": req.model,
+                "created_at": now_utc(),
+                "response": whole.content,
+            }
             if whole.thinking:
                 obj["thinking"] = whole.thinking
             obj["done"] = True
@@ -168,18 +221,35 @@ async def chat(request: web.Request) -> web.StreamResponse:
     think = opts.parse_think(req.think)
     messages = [core.message_dict(m) for m in req.messages or []]
     stream = _stream_flag(req.stream)
-    started_job = await core.start_chat(request.app, model_name=req.model, messages=messages,
-                                   tools=req.tools or None, options=req.options, fmt=fmt,
-                                   keep_alive=keep_alive, think=think, stream=stream,
-                                   started=started, shift=req.shift, truncate=req.truncate,
-                                   logprobs=logprobs, debug_render_only=req.debug_render_only)
+    started_job = await core.start_chat(
+        request.app,
+        model_name=req.model,
+        messages=messages,
+        tools=req.tools or None,
+        options=req.options,
+        fmt=fmt,
+        keep_alive=keep_alive,
+        think=think,
+        stream=stream,
+        started=started,
+        shift=req.shift,
+        truncate=req.truncate,
+        logprobs=logprobs,
+        debug_render_only=req.debug_render_only,
+    )
     if isinstance(started_job, dict):
         return json_response(started_job)
     async with started_job as job:
         if job.body is None:
-            return json_response({"model": req.model, "created_at": now_utc(),
-                                  "message": {"role": "assistant", "content": ""},
-                                  "done_reason": "load", "done": True})
+            return json_response(
+                {
+                    "model": req.model,
+                    "created_at": now_utc(),
+                    "message": {"role": "assistant", "content": ""},
+                    "done_reason": "load",
+                    "done": True,
+                }
+            )
         head = b'{"model":' + _enc.encode(req.model) + b',"created_at":"'
 
         def message(d: core.Delta) -> dict[str, Any]:
@@ -191,15 +261,25 @@ async def chat(request: web.Request) -> web.StreamResponse:
             return msg
 
         def chunk_line(d: core.Delta) -> bytes:
-            line = (head + now_utc().encode() + b'","message":' + _enc.encode(message(d))
-                    + b',"done":false')
+            line = (
+                head
+                + now_utc().encode()
+                + b'","message":'
+                + _enc.encode(message(d))
+                + b',"done":false'
+            )
             if d.logprobs:
                 line += b',"logprobs":' + _enc.encode(d.logprobs)
             return line + b"}"
 
         def final_obj(done: core.Done, whole: core.Delta) -> dict[str, Any]:
-            obj = {"model": req.model, "created_at": now_utc(), "message": message(whole),
-                   "done": True, "done_reason": done.done_reason}
+            obj = {
+                "model": req.model,
+                "created_at": now_utc(),
+                "message": message(whole),
+                "done": True,
+                "done_reason": done.done_reason,
+            }
             if whole.logprobs:
                 obj["logprobs"] = _logprob_dicts(whole.logprobs)
             return {**obj, **_metrics(done)}
@@ -208,6 +288,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 
 # ---- /api/embed, /api/embeddings --------------------------------------------------------------------
+
 
 def _embed_inputs(value: Any) -> list[str]:
     if value is None or value == "":
@@ -224,23 +305,34 @@ async def embed(request: web.Request) -> web.Response:
     req, keep_alive = await read_request(request, opts.EmbedRequest, _NOT_FOUND)
     inputs = _embed_inputs(req.input)
     model = await core.resolve(request.app, req.model, style="store")
-    res, load = await core.embed_texts(request.app, model, inputs, options=req.options,
-                                  keep_alive=keep_alive, truncate=req.truncate)
+    res, load = await core.embed_texts(
+        request.app,
+        model,
+        inputs,
+        options=req.options,
+        keep_alive=keep_alive,
+        truncate=req.truncate,
+    )
     if not inputs:
         return json_response({"model": req.model, "embeddings": []})
-    return json_response({
-        "model": req.model,
-        "embeddings": [core.shorten(v, req.dimensions) for v in res.embeddings],
-        "total_duration": int((time.monotonic() - started) * 1e9), "load_duration": load,
-        "prompt_eval_count": res.prompt_eval_count})
+    return json_response(
+        {
+            "model": req.model,
+            "embeddings": [core.shorten(v, req.dimensions) for v in res.embeddings],
+            "total_duration": int((time.monotonic() - started) * 1e9),
+            "load_duration": load,
+            "prompt_eval_count": res.prompt_eval_count,
+        }
+    )
 
 
 async def embeddings(request: web.Request) -> web.Response:
     req, keep_alive = await read_request(request, opts.EmbeddingsRequest, _REQUIRED)
     model = await core.resolve(request.app, req.model, style="store")
     inputs = [req.prompt] if req.prompt else []
-    res, _ = await core.embed_texts(request.app, model, inputs, options=req.options,
-                               keep_alive=keep_alive, truncate=True)
+    res, _ = await core.embed_texts(
+        request.app, model, inputs, options=req.options, keep_alive=keep_alive, truncate=True
+    )
     return json_response({"embedding": res.embeddings[0] if res.embeddings else []})
 
 

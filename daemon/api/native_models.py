@@ -19,13 +19,14 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from corral.daemon import gguf_info, modelfile
+from corral.daemon import gguf_info
 from corral.daemon.api import inference as core
 from corral.daemon.api import options as opts
 from corral.daemon.api.errors import ApiError
 from corral.daemon.api.keys import STORE, SUPERVISOR
 from corral.daemon.api.responses import LazyStream, json_response
 from corral.daemon.errors import CorralError, NotFound
+from corral.daemon.models import modelfile
 from corral.daemon.models.registry import Registry
 from corral.daemon.models.store import (
     ModelName,
@@ -49,7 +50,7 @@ REGISTRY: web.AppKey[Registry] = web.AppKey("registry", Registry)
 
 class ModelRequest(msgspec.Struct):
     model: str = ""
-    name: str = ""          # legacy alias of model
+    name: str = ""  # legacy alias of model
     verbose: bool = False
     system: str | None = None
     template: str | None = None
@@ -74,7 +75,7 @@ class CreateRequest(msgspec.Struct):
     messages: list[dict[str, Any]] | None = None
     quantize: str | None = None
     quantization: str | None = None
-    modelfile: str | None = None      # legacy (<= v0.5.4) form
+    modelfile: str | None = None  # legacy (<= v0.5.4) form
     stream: bool | None = None
 
 
@@ -183,9 +184,17 @@ async def tags(request: web.Request) -> web.Response:
     for r in records:
         info, caps = await core.model_facts(r)
         details = details_dict(r, info) | {"parent_model": ""}  # as Ollama's list
-        models.append({"name": r.name, "model": r.name, "modified_at": rfc3339(r.modified_at),
-                       "size": r.size, "digest": r.digest, "details": details,
-                       "capabilities": caps})
+        models.append(
+            {
+                "name": r.name,
+                "model": r.name,
+                "modified_at": rfc3339(r.modified_at),
+                "size": r.size,
+                "digest": r.digest,
+                "details": details,
+                "capabilities": caps,
+            }
+        )
     return json_response({"models": models})
 
 
@@ -223,7 +232,9 @@ async def show(request: web.Request) -> web.Response:
     if record.messages:
         body["messages"] = record.messages
     if info is not None:
-        body["model_info"] = await asyncio.to_thread(gguf_info.model_info, info, verbose=req.verbose)
+        body["model_info"] = await asyncio.to_thread(
+            gguf_info.model_info, info, verbose=req.verbose
+        )
         body["tensors"] = gguf_info.tensor_list(info)
     else:
         body["model_info"] = {}
@@ -255,10 +266,16 @@ def _legacy_modelfile(req: CreateRequest) -> CreateRequest:
     if parsed.get("adapters"):
         adapters = {f"adapter{i}.gguf": a.lstrip("@") for i, a in enumerate(parsed["adapters"])}
     return msgspec.structs.replace(
-        req, from_=source, files=files, adapters=adapters,
-        template=parsed.get("template", req.template), system=parsed.get("system", req.system),
-        license=parsed.get("license", req.license), messages=parsed.get("messages", req.messages),
-        parameters=parsed.get("parameters", req.parameters))
+        req,
+        from_=source,
+        files=files,
+        adapters=adapters,
+        template=parsed.get("template", req.template),
+        system=parsed.get("system", req.system),
+        license=parsed.get("license", req.license),
+        messages=parsed.get("messages", req.messages),
+        parameters=parsed.get("parameters", req.parameters),
+    )
 
 
 async def create(request: web.Request) -> web.StreamResponse:
@@ -276,10 +293,19 @@ async def create(request: web.Request) -> web.StreamResponse:
 
     async def work(progress: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
         await store.create(
-            target, from_=req.from_, files=req.files, adapters=req.adapters,
-            template=req.template, system=req.system, parameters=req.parameters,
-            messages=req.messages, license=req.license, quantize=req.quantize or req.quantization,
-            progress=progress, pull=pull_missing)
+            target,
+            from_=req.from_,
+            files=req.files,
+            adapters=req.adapters,
+            template=req.template,
+            system=req.system,
+            parameters=req.parameters,
+            messages=req.messages,
+            license=req.license,
+            quantize=req.quantize or req.quantization,
+            progress=progress,
+            pull=pull_missing,
+        )
         if replaced is not None:
             _unload_soon(request, replaced)
 

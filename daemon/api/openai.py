@@ -40,6 +40,7 @@ FINGERPRINT = "fp_ollama"
 # type is a 400 naming the field, as Go's ShouldBindJSON), and the handlers read the typed value.
 # Only the names of fields present that have no effect here come from the JSON object (a warning).
 
+
 class _ImageUrl(msgspec.Struct):
     url: str = ""
 
@@ -92,7 +93,7 @@ class _Sampling(msgspec.Struct):
     stream: bool | None = None
     stream_options: _StreamOptions | None = None
     max_tokens: opts.Int64 | None = None
-    max_completion_tokens: opts.Int64 | None = None     # wins over max_tokens
+    max_completion_tokens: opts.Int64 | None = None  # wins over max_tokens
     seed: opts.Int64 | None = None
     stop: str | list[str] | None = None
     temperature: float | None = None
@@ -104,7 +105,7 @@ class _Sampling(msgspec.Struct):
 class ChatCompletionRequest(_Sampling):
     messages: list[_Message] | None = None
     response_format: _ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None    # checked against Tool by convert(); the
+    tools: list[dict[str, Any]] | None = None  # checked against Tool by convert(); the
     #                                             templates read the client's JSON
     reasoning_effort: str | None = None
     reasoning: _Reasoning | None = None
@@ -117,14 +118,26 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: Any = ""
     suffix: str | None = None
-    logprobs: opts.Int64 | None = None   # legacy API: the number of alternatives (0..20)
+    logprobs: opts.Int64 | None = None  # legacy API: the number of alternatives (0..20)
     n: opts.Int64 | None = None
 
 
 # Request fields of the OpenAI APIs that are accepted and have no effect here; a request that
 # sets one gets them named in one warning (``n`` > 1 is refused instead: see _check_n).
-_IGNORED_FIELDS = ("tool_choice", "logit_bias", "parallel_tool_calls", "user", "service_tier",
-                   "best_of", "echo", "prediction", "store", "metadata", "modalities", "audio")
+_IGNORED_FIELDS = (
+    "tool_choice",
+    "logit_bias",
+    "parallel_tool_calls",
+    "user",
+    "service_tier",
+    "best_of",
+    "echo",
+    "prediction",
+    "store",
+    "metadata",
+    "modalities",
+    "audio",
+)
 
 
 def ignored(body: dict[str, Any], fields: tuple[str, ...] = _IGNORED_FIELDS) -> list[str]:
@@ -156,8 +169,9 @@ def _body(raw: bytes, schema: type[msgspec.Struct]) -> tuple[dict[str, Any], Any
     return data, opts.convert(data, schema)
 
 
-async def read_typed(request: web.Request, schema: type[msgspec.Struct],
-                     missing: tuple[int, str]) -> tuple[dict[str, Any], Any]:
+async def read_typed(
+    request: web.Request, schema: type[msgspec.Struct], missing: tuple[int, str]
+) -> tuple[dict[str, Any], Any]:
     """(the body as JSON, the body as ``schema``). Its model name goes into the request log;
     an empty one is ``ApiError(*missing)`` (Ollama's text differs per route)."""
     data, typed = _body(await request.read(), schema)
@@ -170,16 +184,16 @@ async def read_typed(request: web.Request, schema: type[msgspec.Struct],
 def _streaming(body: _Sampling) -> tuple[bool, bool]:
     """(stream, stream_options.include_usage): usage chunks only when streaming."""
     stream = body.stream is True
-    return stream, stream and body.stream_options is not None and \
-        body.stream_options.include_usage
+    return stream, stream and body.stream_options is not None and body.stream_options.include_usage
 
 
 def _options(body: _Sampling, *, top_p_zero_is_default: bool = False) -> dict[str, Any]:
     """OpenAI sampling fields -> Ollama options (temperature/top_p default 1.0); the schema has
     typed them (``stop``: a string or a list of strings)."""
     o: dict[str, Any] = {}
-    max_tokens = body.max_tokens if body.max_completion_tokens is None \
-        else body.max_completion_tokens
+    max_tokens = (
+        body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+    )
     if max_tokens is not None:
         o["num_predict"] = max_tokens
     for key in ("seed", "frequency_penalty", "presence_penalty"):
@@ -204,8 +218,16 @@ def _format(response_format: _ResponseFormat | None) -> Any:
     return None
 
 
-_EFFORT = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
-           "max": "max", "xhigh": "max", "ultra": "max"}
+_EFFORT = {
+    "none": False,
+    "minimal": "low",
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+    "max": "max",
+    "xhigh": "max",
+    "ultra": "max",
+}
 
 
 def _think(body: ChatCompletionRequest) -> tuple[bool, str, bool]:
@@ -222,13 +244,15 @@ def _think(body: ChatCompletionRequest) -> tuple[bool, str, bool]:
 def image_data(url: Any) -> str:
     """The base64 data of an image URL (a string, ``{"url"}`` or :class:`_ImageUrl`): only data
     URLs are taken."""
-    url = url.url if isinstance(url, _ImageUrl) else url.get("url") if isinstance(url, dict) \
-        else url
+    url = (
+        url.url if isinstance(url, _ImageUrl) else url.get("url") if isinstance(url, dict) else url
+    )
     if not isinstance(url, str):
         raise ApiError(400, "invalid image input")
     if url.startswith(("http://", "https://")):
-        raise ApiError(400, "image URLs are not currently supported, please use base64 encoded "
-                            "data instead")
+        raise ApiError(
+            400, "image URLs are not currently supported, please use base64 encoded data instead"
+        )
     head, sep, data = url.partition(";base64,")
     if not sep or head not in _IMAGE_URI_TYPES:
         raise ApiError(400, "invalid image input")
@@ -240,8 +264,9 @@ def image_data(url: Any) -> str:
 
 
 # Ollama's accepted data-URI heads (anything else, including other image types, is invalid)
-_IMAGE_URI_TYPES = frozenset({"data:image/jpeg", "data:image/jpg", "data:image/png",
-                              "data:image/webp", "data:"})
+_IMAGE_URI_TYPES = frozenset(
+    {"data:image/jpeg", "data:image/jpg", "data:image/png", "data:image/webp", "data:"}
+)
 
 
 def chat_messages(messages: list[_Message] | None) -> list[dict[str, Any]]:
@@ -291,18 +316,25 @@ def chat_messages(messages: list[_Message] | None) -> list[dict[str, Any]]:
         elif content is None and calls:
             out.append({**base, "content": "", "tool_calls": calls})
         else:
-            raise ApiError(400, f"invalid message content type: {content!r}".replace(
-                "None", "<nil>"))
+            raise ApiError(
+                400, f"invalid message content type: {content!r}".replace("None", "<nil>")
+            )
     return out
 
 
-def function_tool(name: str, description: str | None,
-                  parameters: dict[str, Any] | None) -> dict[str, Any]:
+def function_tool(
+    name: str, description: str | None, parameters: dict[str, Any] | None
+) -> dict[str, Any]:
     """A native function tool from another API's flat tool definition (Anthropic's, the
     Responses API's): no description is "", no parameters an empty object schema."""
-    return {"type": "function", "function": {
-        "name": name, "description": description or "",
-        "parameters": parameters or {"type": "object", "properties": {}}}}
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description or "",
+            "parameters": parameters or {"type": "object", "properties": {}},
+        },
+    }
 
 
 def _completion_id(prefix: str) -> str:
@@ -316,11 +348,20 @@ def _usage(done: core.Done | None) -> dict[str, int]:
 
 
 def tool_calls_out(calls: list[dict[str, Any]], start: int = 0) -> list[dict[str, Any]]:
-    return [{"id": c.get("id") or core.tool_call_id(), "index": start + i, "type": "function",
-             "function": {"name": c["function"]["name"],
-                          "arguments": json.dumps(c["function"].get("arguments") or {},
-                                                  separators=(",", ":"), ensure_ascii=False)}}
-            for i, c in enumerate(calls)]
+    return [
+        {
+            "id": c.get("id") or core.tool_call_id(),
+            "index": start + i,
+            "type": "function",
+            "function": {
+                "name": c["function"]["name"],
+                "arguments": json.dumps(
+                    c["function"].get("arguments") or {}, separators=(",", ":"), ensure_ascii=False
+                ),
+            },
+        }
+        for i, c in enumerate(calls)
+    ]
 
 
 def _finish(done: core.Done, tool_calls: bool) -> str:
@@ -336,9 +377,13 @@ def _chunks(head: dict[str, Any]) -> Callable[[dict], bytes]:
     return lambda choice: prefix + _enc.encode(choice) + b"]}"
 
 
-async def _stream(request: web.Request, job: core.Job, chunk: Callable[[dict], bytes],
-                  choices_of: Callable[[core.Delta], list[dict]],
-                  finish: Callable[[core.Done], list[bytes]]) -> web.StreamResponse:
+async def _stream(
+    request: web.Request,
+    job: core.Job,
+    chunk: Callable[[dict], bytes],
+    choices_of: Callable[[core.Delta], list[dict]],
+    finish: Callable[[core.Done], list[bytes]],
+) -> web.StreamResponse:
     """``data: <json>`` events (one ``chunk`` per choice of each delta), then ``data: [DONE]``."""
     out = LazyStream.sse(request)
     try:
@@ -362,6 +407,7 @@ async def _stream(request: web.Request, job: core.Job, chunk: Callable[[dict], b
 
 # ---- /v1/chat/completions ------------------------------------------------------------------------
 
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
     data, body = await read_typed(request, ChatCompletionRequest, (400, "model is required"))
@@ -371,11 +417,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     messages = chat_messages(body.messages)
     stream, include_usage = _streaming(body)
     started_job = await core.start_chat(
-        request.app, model_name=model_name, messages=messages, tools=body.tools or None,
-        options=_options(body), fmt=_format(body.response_format), keep_alive=None,
-        think=_think(body), stream=stream, started=started, logprobs=logprobs,
-        debug_render_only=body.debug_render_only, ignored=ignored(data))
-    if isinstance(started_job, dict):          # _debug_render_only (messages are never empty)
+        request.app,
+        model_name=model_name,
+        messages=messages,
+        tools=body.tools or None,
+        options=_options(body),
+        fmt=_format(body.response_format),
+        keep_alive=None,
+        think=_think(body),
+        stream=stream,
+        started=started,
+        logprobs=logprobs,
+        debug_render_only=body.debug_render_only,
+        ignored=ignored(data),
+    )
+    if isinstance(started_job, dict):  # _debug_render_only (messages are never empty)
         return json_response(started_job)
     cid = _completion_id("chatcmpl")
     created = int(time.time())
@@ -387,17 +443,32 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 msg["reasoning"] = whole.thinking
             if whole.tool_calls:
                 msg["tool_calls"] = tool_calls_out(whole.tool_calls)
-            choice: dict[str, Any] = {"index": 0, "message": msg,
-                                      "finish_reason": _finish(done, bool(whole.tool_calls))}
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": msg,
+                "finish_reason": _finish(done, bool(whole.tool_calls)),
+            }
             if logprobs.enabled:
                 choice["logprobs"] = {"content": chat_logprobs(whole.logprobs)}
-            return json_response({
-                "id": cid, "object": "chat.completion", "created": created,
-                "model": model_name, "system_fingerprint": FINGERPRINT,
-                "choices": [choice], "usage": _usage(done)})
+            return json_response(
+                {
+                    "id": cid,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model_name,
+                    "system_fingerprint": FINGERPRINT,
+                    "choices": [choice],
+                    "usage": _usage(done),
+                }
+            )
 
-        head = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                "model": model_name, "system_fingerprint": FINGERPRINT}
+        head = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model_name,
+            "system_fingerprint": FINGERPRINT,
+        }
         state = {"first": True, "calls": 0}
 
         chunk = _chunks(head)
@@ -426,8 +497,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             return [first]
 
         def finish(done: core.Done) -> list[bytes]:
-            out = [chunk({"index": 0, "delta": {},
-                          "finish_reason": _finish(done, state["calls"] > 0)})]
+            out = [
+                chunk({"index": 0, "delta": {}, "finish_reason": _finish(done, state["calls"] > 0)})
+            ]
             if include_usage:
                 out.append(_enc.encode({**head, "choices": [], "usage": _usage(done)}))
             return out
@@ -436,6 +508,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 # ---- /v1/completions -----------------------------------------------------------------------------
+
 
 def chat_logprobs(entries: list[Any]) -> list[dict[str, Any]]:
     """Chat logprob items in OpenAI's shape: ``top_logprobs`` always present (a list)."""
@@ -464,9 +537,12 @@ class _LegacyLogprobs:
             tokens.append(e.token)
             offsets.append(self.offset)
             self.offset += len(e.token)
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{a.token: a.logprob for a in e.top_logprobs} for e in entries],
-                "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{a.token: a.logprob for a in e.top_logprobs} for e in entries],
+            "text_offset": offsets,
+        }
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -494,17 +570,32 @@ async def completions(request: web.Request) -> web.StreamResponse:
     core.warn_ignored(model_name, ignored(data))
     cid = _completion_id("cmpl")
     created = int(time.time())
-    head = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-            "system_fingerprint": FINGERPRINT}
+    head = {
+        "id": cid,
+        "object": "text_completion",
+        "created": created,
+        "model": model_name,
+        "system_fingerprint": FINGERPRINT,
+    }
     legacy = _LegacyLogprobs()
-    async with core.completion_job(request.app, model, options=merged, keep_alive=None,
-                                   started=started, prompt=text if text is not None else "",
-                                   stream=stream, thinking=think[0],
-                                   logprobs=logprobs) as job:
+    async with core.completion_job(
+        request.app,
+        model,
+        options=merged,
+        keep_alive=None,
+        started=started,
+        prompt=text if text is not None else "",
+        stream=stream,
+        thinking=think[0],
+        logprobs=logprobs,
+    ) as job:
         if not stream:
             whole, done = await job.result()
-            choice: dict[str, Any] = {"text": whole.content, "index": 0,
-                                      "finish_reason": _finish(done, False)}
+            choice: dict[str, Any] = {
+                "text": whole.content,
+                "index": 0,
+                "finish_reason": _finish(done, False),
+            }
             if logprobs.enabled:
                 choice["logprobs"] = legacy.of(whole.logprobs)
             return json_response({**head, "choices": [choice], "usage": _usage(done)})
@@ -530,6 +621,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 # ---- /v1/embeddings ----------------------------------------------------------------------------
 
+
 async def embeddings(request: web.Request) -> web.Response:
     _, body = await read_typed(request, EmbeddingRequest, (400, "model is required"))
     model_name = body.model
@@ -542,33 +634,52 @@ async def embeddings(request: web.Request) -> web.Response:
         raise ApiError(400, "invalid input")
     encoding = body.encoding_format or "float"
     if encoding not in ("float", "base64"):
-        raise ApiError(400, f"Invalid value for 'encoding_format' = {encoding}. "
-                            "Supported values: ['float', 'base64'].")
+        raise ApiError(
+            400,
+            f"Invalid value for 'encoding_format' = {encoding}. "
+            "Supported values: ['float', 'base64'].",
+        )
     model = await core.resolve(request.app, model_name, style="store")
-    res, _ = await core.embed_texts(request.app, model, inputs, options=None, keep_alive=None,
-                                    truncate=True)
+    res, _ = await core.embed_texts(
+        request.app, model, inputs, options=None, keep_alive=None, truncate=True
+    )
     data = []
     for i, vec in enumerate(res.embeddings):
         vec = core.shorten(vec, body.dimensions)
-        value: Any = vec if encoding == "float" else base64.b64encode(
-            struct.pack(f"<{len(vec)}f", *vec)).decode()
+        value: Any = (
+            vec
+            if encoding == "float"
+            else base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+        )
         data.append({"object": "embedding", "embedding": value, "index": i})
-    return json_response({"object": "list", "data": data, "model": model_name,
-                          "usage": {"prompt_tokens": res.prompt_eval_count,
-                                    "total_tokens": res.prompt_eval_count}})
+    return json_response(
+        {
+            "object": "list",
+            "data": data,
+            "model": model_name,
+            "usage": {
+                "prompt_tokens": res.prompt_eval_count,
+                "total_tokens": res.prompt_eval_count,
+            },
+        }
+    )
 
 
 # ---- /v1/models --------------------------------------------------------------------------------
 
+
 def _model_obj(model_id: str, record: Any) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": int(record.modified_at),
-            "owned_by": record.model_name.namespace}
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": int(record.modified_at),
+        "owned_by": record.model_name.namespace,
+    }
 
 
 async def list_models(request: web.Request) -> web.Response:
     records = await asyncio.to_thread(request.app[STORE].list)
-    return json_response({"object": "list",
-                          "data": [_model_obj(r.name, r) for r in records]})
+    return json_response({"object": "list", "data": [_model_obj(r.name, r) for r in records]})
 
 
 async def retrieve_model(request: web.Request) -> web.Response:

@@ -76,10 +76,28 @@ class ResponsesRequest(msgspec.Struct):
     truncation: str | None = None
 
 
-_IGNORED = ("tool_choice", "parallel_tool_calls", "store", "include", "metadata", "user",
-            "service_tier", "top_logprobs", "max_tool_calls", "prompt_cache_key", "background")
-_EFFORT = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
-           "max": "max", "xhigh": "max"}
+_IGNORED = (
+    "tool_choice",
+    "parallel_tool_calls",
+    "store",
+    "include",
+    "metadata",
+    "user",
+    "service_tier",
+    "top_logprobs",
+    "max_tool_calls",
+    "prompt_cache_key",
+    "background",
+)
+_EFFORT = {
+    "none": False,
+    "minimal": "low",
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+    "max": "max",
+    "xhigh": "max",
+}
 
 
 def _content(content: Any) -> tuple[str, list[str]]:
@@ -117,12 +135,15 @@ def native_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
         if kind == "reasoning":
             summary = item.get("summary") or []
             pending_thinking = item.get("encrypted_content") or "".join(
-                str(s.get("text") or "") for s in summary if isinstance(s, dict))
+                str(s.get("text") or "") for s in summary if isinstance(s, dict)
+            )
         elif kind == "message":
             role = str(item.get("role") or "").lower()
             text, images = _content(item.get("content"))
-            msg: dict[str, Any] = {"role": "system" if role == "developer" else role,
-                                   "content": text}
+            msg: dict[str, Any] = {
+                "role": "system" if role == "developer" else role,
+                "content": text,
+            }
             if images:
                 msg["images"] = images
             if role == "assistant" and pending_thinking:
@@ -132,10 +153,13 @@ def native_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
             try:
                 args = json.loads(item.get("arguments") or "{}")
             except ValueError:
-                raise ApiError(400, f"input[{i}]: failed to parse function call arguments"
-                               ) from None
-            call = {"id": str(item.get("call_id") or ""),
-                    "function": {"name": str(item.get("name") or ""), "arguments": args}}
+                raise ApiError(
+                    400, f"input[{i}]: failed to parse function call arguments"
+                ) from None
+            call = {
+                "id": str(item.get("call_id") or ""),
+                "function": {"name": str(item.get("name") or ""), "arguments": args},
+            }
             if out and out[-1]["role"] == "assistant":
                 out[-1].setdefault("tool_calls", []).append(call)
             else:
@@ -162,8 +186,11 @@ def _think(req: ResponsesRequest) -> tuple[bool, str, bool]:
     if not effort:
         return False, "", False
     if effort not in _EFFORT:
-        raise ApiError(400, f'invalid reasoning value: {json.dumps(effort)} '
-                            '(must be "high", "medium", "low", "max", or "none")')
+        raise ApiError(
+            400,
+            f"invalid reasoning value: {json.dumps(effort)} "
+            '(must be "high", "medium", "low", "max", or "none")',
+        )
     return opts.parse_think(_EFFORT[effort])
 
 
@@ -192,17 +219,29 @@ class _Result:
 
     def reasoning_item(self) -> dict[str, Any]:
         text = "".join(self.thinking)
-        return {"id": self.reasoning_id, "type": "reasoning",
-                "summary": [{"type": "summary_text", "text": text}], "encrypted_content": text}
+        return {
+            "id": self.reasoning_id,
+            "type": "reasoning",
+            "summary": [{"type": "summary_text", "text": text}],
+            "encrypted_content": text,
+        }
 
     def text_part(self) -> dict[str, Any]:
-        return {"type": "output_text", "text": "".join(self.text), "annotations": [],
-                "logprobs": []}
+        return {
+            "type": "output_text",
+            "text": "".join(self.text),
+            "annotations": [],
+            "logprobs": [],
+        }
 
     def message_item(self, status: str = "completed") -> dict[str, Any]:
-        return {"id": self.message_id, "type": "message", "status": status,
-                "role": "assistant", "content": [self.text_part()] if status == "completed"
-                else []}
+        return {
+            "id": self.message_id,
+            "type": "message",
+            "status": status,
+            "role": "assistant",
+            "content": [self.text_part()] if status == "completed" else [],
+        }
 
     def output(self) -> list[dict[str, Any]]:
         items = [self.reasoning_item()] if self.thinking else []
@@ -214,33 +253,59 @@ class _Result:
         incomplete = done is not None and done.done_reason == "length"
         usage = None
         if done is not None:
-            usage = {"input_tokens": done.prompt_eval_count, "output_tokens": done.eval_count,
-                     "total_tokens": done.prompt_eval_count + done.eval_count,
-                     "input_tokens_details": {"cached_tokens": 0},
-                     "output_tokens_details": {"reasoning_tokens": 0}}
+            usage = {
+                "input_tokens": done.prompt_eval_count,
+                "output_tokens": done.eval_count,
+                "total_tokens": done.prompt_eval_count + done.eval_count,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": 0},
+            }
         return {
-            "id": self.id, "object": "response", "created_at": self.created,
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
             "completed_at": int(time.time()) if done is not None else None,
             "status": "incomplete" if incomplete else status,
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-            "model": self.model, "previous_response_id": None,
+            "model": self.model,
+            "previous_response_id": None,
             "instructions": r.instructions or None,
-            "output": self.output() if done is not None else [], "error": None,
-            "tools": [msgspec.to_builtins(t) for t in r.tool_defs or []], "tool_choice": "auto",
-            "truncation": r.truncation or "disabled", "parallel_tool_calls": True,
-            "text": {"format": fmt}, "top_p": 1.0 if r.top_p is None else r.top_p,
-            "presence_penalty": 0, "frequency_penalty": 0, "top_logprobs": 0,
+            "output": self.output() if done is not None else [],
+            "error": None,
+            "tools": [msgspec.to_builtins(t) for t in r.tool_defs or []],
+            "tool_choice": "auto",
+            "truncation": r.truncation or "disabled",
+            "parallel_tool_calls": True,
+            "text": {"format": fmt},
+            "top_p": 1.0 if r.top_p is None else r.top_p,
+            "presence_penalty": 0,
+            "frequency_penalty": 0,
+            "top_logprobs": 0,
             "temperature": 1.0 if r.temperature is None else r.temperature,
             "reasoning": msgspec.to_builtins(r.reasoning) if r.reasoning else None,
-            "usage": usage, "max_output_tokens": r.max_output_tokens, "max_tool_calls": None,
-            "store": False, "background": False, "service_tier": "default", "metadata": {},
-            "safety_identifier": None, "prompt_cache_key": None}
+            "usage": usage,
+            "max_output_tokens": r.max_output_tokens,
+            "max_tool_calls": None,
+            "store": False,
+            "background": False,
+            "service_tier": "default",
+            "metadata": {},
+            "safety_identifier": None,
+            "prompt_cache_key": None,
+        }
 
     def add_calls(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        items = [{"id": "fc_" + secrets.token_hex(8), "type": "function_call",
-                  "status": "completed", "call_id": c["id"], "name": c["function"]["name"],
-                  "arguments": c["function"]["arguments"]}
-                 for c in oa.tool_calls_out(calls)]
+        items = [
+            {
+                "id": "fc_" + secrets.token_hex(8),
+                "type": "function_call",
+                "status": "completed",
+                "call_id": c["id"],
+                "name": c["function"]["name"],
+                "arguments": c["function"]["arguments"],
+            }
+            for c in oa.tool_calls_out(calls)
+        ]
         self.calls += items
         return items
 
@@ -250,8 +315,11 @@ async def responses(request: web.Request) -> web.StreamResponse:
     data, req = await oa.read_typed(request, ResponsesRequest, (400, "model is required"))
     model_name = req.model
     if req.previous_response_id:
-        raise ApiError(400, "previous_response_id is not supported: this server stores no "
-                            "responses (send the whole conversation as input)")
+        raise ApiError(
+            400,
+            "previous_response_id is not supported: this server stores no "
+            "responses (send the whole conversation as input)",
+        )
     messages = native_messages(req)
     if not messages:
         raise ApiError(400, "input is required")
@@ -260,13 +328,23 @@ async def responses(request: web.Request) -> web.StreamResponse:
         options["top_p"] = req.top_p
     if req.max_output_tokens is not None:
         options["num_predict"] = req.max_output_tokens
-    tools = [oa.function_tool(t.name, t.description, t.parameters)
-             for t in req.tool_defs or []] or None
+    tools = [
+        oa.function_tool(t.name, t.description, t.parameters) for t in req.tool_defs or []
+    ] or None
     stream = req.stream is True
     started_job = await core.start_chat(
-        request.app, model_name=model_name, messages=messages, tools=tools, options=options,
-        fmt=_format(req), keep_alive=None, think=_think(req), stream=stream, started=started,
-        ignored=oa.ignored(data, _IGNORED))
+        request.app,
+        model_name=model_name,
+        messages=messages,
+        tools=tools,
+        options=options,
+        fmt=_format(req),
+        keep_alive=None,
+        think=_think(req),
+        stream=stream,
+        started=started,
+        ignored=oa.ignored(data, _IGNORED),
+    )
     assert not isinstance(started_job, dict)
     result = _Result(req, model_name)
     async with started_job as job:
@@ -283,7 +361,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
 async def _stream(request: web.Request, job: core.Job, result: _Result) -> web.StreamResponse:
     out = LazyStream.events(request)
     seq = 0
-    index = 0                      # output_index of the item being written
+    index = 0  # output_index of the item being written
     state = {"reasoning": False, "message": False}
 
     async def event(name: str, body: dict[str, Any]) -> None:
@@ -298,11 +376,19 @@ async def _stream(request: web.Request, job: core.Job, result: _Result) -> web.S
         if state["reasoning"]:
             state["reasoning"] = False
             text = "".join(result.thinking)
-            await event("response.reasoning_summary_text.done", {
-                "item_id": result.reasoning_id, "output_index": index, "summary_index": 0,
-                "text": text})
-            await event("response.output_item.done", {"output_index": index,
-                                                      "item": result.reasoning_item()})
+            await event(
+                "response.reasoning_summary_text.done",
+                {
+                    "item_id": result.reasoning_id,
+                    "output_index": index,
+                    "summary_index": 0,
+                    "text": text,
+                },
+            )
+            await event(
+                "response.output_item.done",
+                {"output_index": index, "item": result.reasoning_item()},
+            )
             index += 1
 
     async def end_message() -> None:
@@ -310,11 +396,13 @@ async def _stream(request: web.Request, job: core.Job, result: _Result) -> web.S
         if state["message"]:
             state["message"] = False
             ids = {"item_id": result.message_id, "output_index": index, "content_index": 0}
-            await event("response.output_text.done", {**ids, "text": "".join(result.text),
-                                                      "logprobs": []})
+            await event(
+                "response.output_text.done", {**ids, "text": "".join(result.text), "logprobs": []}
+            )
             await event("response.content_part.done", {**ids, "part": result.text_part()})
-            await event("response.output_item.done", {"output_index": index,
-                                                      "item": result.message_item()})
+            await event(
+                "response.output_item.done", {"output_index": index, "item": result.message_item()}
+            )
             index += 1
 
     try:
@@ -325,47 +413,80 @@ async def _stream(request: web.Request, job: core.Job, result: _Result) -> web.S
             if isinstance(ev, core.Done):
                 await end_reasoning()
                 if not result.calls and not state["message"] and not result.text:
-                    state["message"] = True          # an empty answer is still one message
-                    await event("response.output_item.added", {
-                        "output_index": index, "item": result.message_item("in_progress")})
+                    state["message"] = True  # an empty answer is still one message
+                    await event(
+                        "response.output_item.added",
+                        {"output_index": index, "item": result.message_item("in_progress")},
+                    )
                 await end_message()
                 await event("response.completed", {"response": result.obj("completed", ev)})
                 break
             if ev.thinking:
                 if not state["reasoning"]:
                     state["reasoning"] = True
-                    await event("response.output_item.added", {"output_index": index, "item": {
-                        "id": result.reasoning_id, "type": "reasoning", "summary": []}})
+                    await event(
+                        "response.output_item.added",
+                        {
+                            "output_index": index,
+                            "item": {"id": result.reasoning_id, "type": "reasoning", "summary": []},
+                        },
+                    )
                 result.thinking.append(ev.thinking)
-                await event("response.reasoning_summary_text.delta", {
-                    "item_id": result.reasoning_id, "output_index": index,
-                    "summary_index": 0, "delta": ev.thinking})
+                await event(
+                    "response.reasoning_summary_text.delta",
+                    {
+                        "item_id": result.reasoning_id,
+                        "output_index": index,
+                        "summary_index": 0,
+                        "delta": ev.thinking,
+                    },
+                )
             if ev.content and not result.calls:
                 await end_reasoning()
                 ids = {"item_id": result.message_id, "output_index": index, "content_index": 0}
                 if not state["message"]:
                     state["message"] = True
-                    await event("response.output_item.added", {
-                        "output_index": index, "item": result.message_item("in_progress")})
-                    await event("response.content_part.added", {
-                        **ids, "part": {"type": "output_text", "text": "", "annotations": [],
-                                        "logprobs": []}})
+                    await event(
+                        "response.output_item.added",
+                        {"output_index": index, "item": result.message_item("in_progress")},
+                    )
+                    await event(
+                        "response.content_part.added",
+                        {
+                            **ids,
+                            "part": {
+                                "type": "output_text",
+                                "text": "",
+                                "annotations": [],
+                                "logprobs": [],
+                            },
+                        },
+                    )
                 result.text.append(ev.content)
-                await event("response.output_text.delta", {**ids, "delta": ev.content,
-                                                           "logprobs": []})
+                await event(
+                    "response.output_text.delta", {**ids, "delta": ev.content, "logprobs": []}
+                )
             if ev.tool_calls:
                 await end_reasoning()
                 await end_message()
                 for item in result.add_calls(ev.tool_calls):
                     ids = {"item_id": item["id"], "output_index": index}
-                    await event("response.output_item.added", {"output_index": index, "item": {
-                        **item, "status": "in_progress", "arguments": ""}})
-                    await event("response.function_call_arguments.delta", {
-                        **ids, "delta": item["arguments"]})
-                    await event("response.function_call_arguments.done", {
-                        **ids, "arguments": item["arguments"]})
-                    await event("response.output_item.done", {"output_index": index,
-                                                              "item": item})
+                    await event(
+                        "response.output_item.added",
+                        {
+                            "output_index": index,
+                            "item": {**item, "status": "in_progress", "arguments": ""},
+                        },
+                    )
+                    await event(
+                        "response.function_call_arguments.delta",
+                        {**ids, "delta": item["arguments"]},
+                    )
+                    await event(
+                        "response.function_call_arguments.done",
+                        {**ids, "arguments": item["arguments"]},
+                    )
+                    await event("response.output_item.done", {"output_index": index, "item": item})
                     index += 1
             if not ev.more:
                 await out.flush()

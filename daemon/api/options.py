@@ -98,7 +98,7 @@ class GenerateRequest(msgspec.Struct):
 class ChatRequest(msgspec.Struct):
     model: str = ""
     messages: list[Message] | None = None
-    tools: list[dict[str, Any]] | None = None      # each checked against Tool by decode()
+    tools: list[dict[str, Any]] | None = None  # each checked against Tool by decode()
     stream: bool | None = None
     format: Any = None
     keep_alive: Any = None
@@ -166,7 +166,7 @@ def convert(data: Any, kind: type[Any]) -> Any:
     try:
         out = msgspec.convert(fold_keys({} if data is None else data, kind), type=kind)
         if getattr(out, "tools", None):
-            msgspec.convert({"tools": out.tools}, type=_Tools)     # errors say $.tools[i]...
+            msgspec.convert({"tools": out.tools}, type=_Tools)  # errors say $.tools[i]...
     except msgspec.ValidationError as e:
         raise ApiError(400, f"invalid request body: {e}") from None
     return out
@@ -188,16 +188,32 @@ def keep_alive(value: Any) -> float | None:
 # Options Ollama knows (current or legacy names clients still send) that corral's runner does
 # not implement: mirostat sampling, tail-free sampling, newline penalty, speculative decoding
 # and the legacy load flags. They are accepted and ignored, and named in a warning.
-UNHONOURED_OPTIONS = frozenset({
-    "mirostat", "mirostat_tau", "mirostat_eta", "tfs_z", "penalize_newline",
-    "draft_num_predict", "low_vram", "f16_kv", "logits_all", "vocab_only", "use_mlock", "numa"})
+UNHONOURED_OPTIONS = frozenset(
+    {
+        "mirostat",
+        "mirostat_tau",
+        "mirostat_eta",
+        "tfs_z",
+        "penalize_newline",
+        "draft_num_predict",
+        "low_vram",
+        "f16_kv",
+        "logits_all",
+        "vocab_only",
+        "use_mlock",
+        "numa",
+    }
+)
 
 
 def ignored_options(options: dict[str, Any] | None) -> list[str]:
     """The keys of a request's ``options`` that will have no effect: unknown to Ollama, or
     known but not implemented here (:data:`UNHONOURED_OPTIONS`). Sorted."""
-    return sorted(k for k, v in (options or {}).items()
-                  if v is not None and (k not in KNOWN_PARAMS or k in UNHONOURED_OPTIONS))
+    return sorted(
+        k
+        for k, v in (options or {}).items()
+        if v is not None and (k not in KNOWN_PARAMS or k in UNHONOURED_OPTIONS)
+    )
 
 
 def parse_format(value: Any) -> str | dict[str, Any] | None:
@@ -210,7 +226,9 @@ def parse_format(value: Any) -> str | dict[str, Any] | None:
         return value
     raw = json.dumps(value, separators=(",", ":"))
     # Ollama's text; its status is 500, ours 400: the request is wrong, not the server
-    raise ApiError(400, f'invalid format: {json.dumps(raw)}; expected "json" or a valid JSON Schema object')
+    raise ApiError(
+        400, f'invalid format: {json.dumps(raw)}; expected "json" or a valid JSON Schema object'
+    )
 
 
 def parse_think(value: Any) -> tuple[bool, str, bool]:
@@ -223,8 +241,11 @@ def parse_think(value: Any) -> tuple[bool, str, bool]:
         return True, value, True
     if isinstance(value, str) and value in ("true", "false"):
         return value == "true", "", True
-    raise ApiError(400, f'invalid think value: {json.dumps(value)} '
-                        '(must be "high", "medium", "low", "max", true, or false)')
+    raise ApiError(
+        400,
+        f"invalid think value: {json.dumps(value)} "
+        '(must be "high", "medium", "low", "max", true, or false)',
+    )
 
 
 def check_images(images: list[str] | None) -> list[bytes]:

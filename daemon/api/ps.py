@@ -19,7 +19,7 @@ from corral.daemon.api.keys import SUPERVISOR
 from corral.daemon.api.responses import json_response
 from corral.daemon.timefmt import rfc3339
 
-MAX_DURATION_S = ((1 << 63) - 1) / 1e9     # Go's MaxInt64 ns: "forever" in expires_at
+MAX_DURATION_S = ((1 << 63) - 1) / 1e9  # Go's MaxInt64 ns: "forever" in expires_at
 
 
 def ps_models(sup: Any) -> list[dict[str, Any]]:
@@ -35,7 +35,7 @@ def ps_models(sup: Any) -> list[dict[str, Any]]:
             remaining = 0.0
         elif v.deadline is not None:
             remaining = max(0.0, v.deadline - now)
-        else:                      # busy, or kept forever
+        else:  # busy, or kept forever
             remaining = v.keep_alive
         wall = wall_now + min(remaining, MAX_DURATION_S)
         record = sup.record(v)
@@ -51,23 +51,31 @@ def ps_models(sup: Any) -> list[dict[str, Any]]:
             # (what stays in host memory - token embeddings, pinned buffers - is not "CPU").
             size = p.vram
         proc = sup.runner_process(v.runner_id) if v.pid is None else None
-        rows.append((wall, {
-            "name": name,
-            "model": name,
-            "size": size,
-            "digest": getattr(record, "digest", ""),
-            "details": details or {},
-            "expires_at": rfc3339(wall),
-            "size_vram": p.vram,
-            "context_length": v.context_length,
-            "state": v.state,
-            "gpus": [{"id": g, "name": sup.gpu_name(g), "vram": b}
-                     for g, b in zip(p.gpus, p.gpu_bytes) if b > 0],
-            "num_parallel": v.parallel,
-            "in_flight": v.in_flight,
-            "queued": v.queued,
-            "pid": v.pid if v.pid is not None else (proc.pid if proc is not None else None),
-        }))
+        rows.append(
+            (
+                wall,
+                {
+                    "name": name,
+                    "model": name,
+                    "size": size,
+                    "digest": getattr(record, "digest", ""),
+                    "details": details or {},
+                    "expires_at": rfc3339(wall),
+                    "size_vram": p.vram,
+                    "context_length": v.context_length,
+                    "state": v.state,
+                    "gpus": [
+                        {"id": g, "name": sup.gpu_name(g), "vram": b}
+                        for g, b in zip(p.gpus, p.gpu_bytes)
+                        if b > 0
+                    ],
+                    "num_parallel": v.parallel,
+                    "in_flight": v.in_flight,
+                    "queued": v.queued,
+                    "pid": v.pid if v.pid is not None else (proc.pid if proc is not None else None),
+                },
+            )
+        )
     rows.sort(key=lambda x: x[0], reverse=True)
     return [row for _, row in rows]
 

@@ -19,8 +19,9 @@ _enc = msgspec.json.Encoder()
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(body=_enc.encode(obj), status=status, content_type="application/json",
-                        charset="utf-8")
+    return web.Response(
+        body=_enc.encode(obj), status=status, content_type="application/json", charset="utf-8"
+    )
 
 
 class LazyStream:
@@ -29,8 +30,14 @@ class LazyStream:
     dropped (the handler then stops, or lets its work finish). Never raises on a closed
     connection."""
 
-    def __init__(self, request: web.Request, headers: dict[str, str], *, prefix: bytes = b"",
-                 suffix: bytes = b"\n") -> None:
+    def __init__(
+        self,
+        request: web.Request,
+        headers: dict[str, str],
+        *,
+        prefix: bytes = b"",
+        suffix: bytes = b"\n",
+    ) -> None:
         self.request = request
         self.headers = headers
         self.prefix, self.suffix = prefix, suffix
@@ -84,8 +91,9 @@ class LazyStream:
 
     async def event(self, name: str, obj: Any, *, hold: bool = False) -> None:
         """One ``event: name`` / ``data: <json>`` server-sent event (``hold``: as :meth:`write`)."""
-        await self.write(b"event: " + name.encode() + b"\ndata: " + _enc.encode(obj) + b"\n\n",
-                         hold=hold)
+        await self.write(
+            b"event: " + name.encode() + b"\ndata: " + _enc.encode(obj) + b"\n\n", hold=hold
+        )
 
     async def flush(self) -> None:
         """Send the held frames now, if any."""

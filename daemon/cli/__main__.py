@@ -1,4 +1,5 @@
 """``python -m corral.daemon.cli``: the ``corral`` command."""
+
 import sys
 
 from corral.daemon.cli.main import main

@@ -49,32 +49,47 @@ def _store(config: Config) -> dict[str, Any]:
     count = sum(1 for p in manifests.rglob("*") if p.is_file()) if manifests.is_dir() else 0
     existing = path
     while not existing.exists() and existing != existing.parent:
-        existing = existing.parent              # a store not made yet: can it be made?
+        existing = existing.parent  # a store not made yet: can it be made?
     writable = os.access(existing, os.W_OK)
-    return {"path": str(path), "exists": path.is_dir(), "writable": writable, "models": count,
-            "bytes": _dir_size(path / "blobs") if path.is_dir() else 0}
+    return {
+        "path": str(path),
+        "exists": path.is_dir(),
+        "writable": writable,
+        "models": count,
+        "bytes": _dir_size(path / "blobs") if path.is_dir() else 0,
+    }
 
 
 def _huge_pages(setting: Path, libc: str | None) -> dict[str, Any]:
     libc = platform.libc_ver()[0] if libc is None else libc
-    return {"setting": str(setting), "mode": thp_mode(setting), "libc": libc or "unknown",
-            "runners_get_huge_pages": huge_pages_usable(setting, libc)}
+    return {
+        "setting": str(setting),
+        "mode": thp_mode(setting),
+        "libc": libc or "unknown",
+        "runners_get_huge_pages": huge_pages_usable(setting, libc),
+    }
 
 
 def _huge_page_problem(thp: dict[str, Any]) -> dict[str, str] | None:
     """Linux without huge pages for the runners: the fix for its THP mode and C library."""
     if thp["mode"] is None or thp["runners_get_huge_pages"]:
-        return None                       # not Linux (no THP setting), or all is well
-    cost = ("CPU runners' weights sit in 4 KiB pages (decode measured 15-30% slower than "
-            "in 2 MiB pages)")
-    if thp["mode"] == "madvise":          # only glibc's malloc is asked (GLIBC_TUNABLES)
-        return {"problem": f"transparent huge pages are [madvise] but the C library is "
-                           f"{thp['libc']}, whose malloc does not ask for them: {cost}",
-                "fix": f"echo always > {thp['setting']} (as root; every process then gets huge "
-                       "pages), or run corral on a glibc system"}
-    return {"problem": f"transparent huge pages are [{thp['mode']}]: {cost}",
-            "fix": f"echo madvise > {thp['setting']} (as root; transparent_hugepage=madvise on "
-                   "the kernel command line keeps it across reboots)"}
+        return None  # not Linux (no THP setting), or all is well
+    cost = (
+        "CPU runners' weights sit in 4 KiB pages (decode measured 15-30% slower than "
+        "in 2 MiB pages)"
+    )
+    if thp["mode"] == "madvise":  # only glibc's malloc is asked (GLIBC_TUNABLES)
+        return {
+            "problem": f"transparent huge pages are [madvise] but the C library is "
+            f"{thp['libc']}, whose malloc does not ask for them: {cost}",
+            "fix": f"echo always > {thp['setting']} (as root; every process then gets huge "
+            "pages), or run corral on a glibc system",
+        }
+    return {
+        "problem": f"transparent huge pages are [{thp['mode']}]: {cost}",
+        "fix": f"echo madvise > {thp['setting']} (as root; transparent_hugepage=madvise on "
+        "the kernel command line keeps it across reboots)",
+    }
 
 
 def _read_nvml(nv: NvmlProbe) -> tuple[list[GpuReading], tuple[int, tuple[str, ...]] | None]:
@@ -85,34 +100,60 @@ def _read_nvml(nv: NvmlProbe) -> tuple[list[GpuReading], tuple[int, tuple[str, .
         nv.close()
 
 
-def _problems(build: dict[str, Any], engine: EngineProbe, gpu_note: str | None,
-              store: dict[str, Any], want: buildplan.BuildPlan | None,
-              thp: dict[str, Any]) -> list[dict[str, str]]:
+def _problems(
+    build: dict[str, Any],
+    engine: EngineProbe,
+    gpu_note: str | None,
+    store: dict[str, Any],
+    want: buildplan.BuildPlan | None,
+    thp: dict[str, Any],
+) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     if engine.error:
-        out.append({"problem": f"llama.cpp cannot be loaded: {engine.error}",
-                    "fix": "reinstall: ./dev install (or scripts/install-llama.sh in your venv)"})
+        out.append(
+            {
+                "problem": f"llama.cpp cannot be loaded: {engine.error}",
+                "fix": "reinstall: ./dev install (or scripts/install-llama.sh in your venv)",
+            }
+        )
     if gpu_note:
         out.append({"problem": gpu_note, "fix": "see the note: rebuild llama.cpp for the GPU"})
     info = engine.system_info
     if "AMX_INT8 = 1" in info:
-        out.append({"problem": "llama.cpp was built with AMX, whose matmul crashes on some CPUs",
-                    "fix": "reinstall with scripts/install-llama.sh (AMX is always off there)"})
+        out.append(
+            {
+                "problem": "llama.cpp was built with AMX, whose matmul crashes on some CPUs",
+                "fix": "reinstall with scripts/install-llama.sh (AMX is always off there)",
+            }
+        )
     if want is not None and build.get("cmake_args") and build["cmake_args"] != want.cmake_args_str:
-        out.append({"problem": "the installed llama.cpp was built for another machine or plan "
-                               f"({build.get('backend')}) than this one ({want.backend})",
-                    "fix": "run ./dev install (it rebuilds for this machine)"})
+        out.append(
+            {
+                "problem": "the installed llama.cpp was built for another machine or plan "
+                f"({build.get('backend')}) than this one ({want.backend})",
+                "fix": "run ./dev install (it rebuilds for this machine)",
+            }
+        )
     if not store["writable"]:
-        out.append({"problem": f"the model store {store['path']} is not writable",
-                    "fix": "set OLLAMA_MODELS to a writable folder or fix its owner"})
+        out.append(
+            {
+                "problem": f"the model store {store['path']} is not writable",
+                "fix": "set OLLAMA_MODELS to a writable folder or fix its owner",
+            }
+        )
     huge = _huge_page_problem(thp)
     if huge is not None:
         out.append(huge)
     return out
 
 
-async def collect(config: Config, engine: EngineProbe | None = None, nvml: Any = None,
-                  thp_setting: Path = THP_SETTING, libc: str | None = None) -> dict[str, Any]:
+async def collect(
+    config: Config,
+    engine: EngineProbe | None = None,
+    nvml: Any = None,
+    thp_setting: Path = THP_SETTING,
+    libc: str | None = None,
+) -> dict[str, Any]:
     """Everything ``corral doctor`` reports, as plain data. Never raises for a missing part.
 
     NVML is asked once (``nvml``: a fake ``pynvml`` for tests), for the GPU listing and the
@@ -125,8 +166,7 @@ async def collect(config: Config, engine: EngineProbe | None = None, nvml: Any =
     readings, nvidia = await asyncio.to_thread(_read_nvml, nv)
     machine = await asyncio.to_thread(buildplan.probe_machine, nvidia)
     try:
-        want: buildplan.BuildPlan | None = buildplan.plan(
-            machine, config.llama_backend)
+        want: buildplan.BuildPlan | None = buildplan.plan(machine, config.llama_backend)
     except buildplan.PlanError:
         want = None
     libraries, gpu_note = engine_verdict(readings, engine)
@@ -134,13 +174,18 @@ async def collect(config: Config, engine: EngineProbe | None = None, nvml: Any =
     total, available = host_memory()
     limit = cgroup_limit()
     store = await asyncio.to_thread(_store, config)
-    x86 = [opt.removeprefix("GGML_") for opt, need in buildplan.X86_OPTIONS
-           if all(f in machine.cpu_flags for f in need)]
+    x86 = [
+        opt.removeprefix("GGML_")
+        for opt, need in buildplan.X86_OPTIONS
+        if all(f in machine.cpu_flags for f in need)
+    ]
     if "amx_int8" in machine.cpu_flags:
         x86.append("AMX (not used)")
     build = dict(engine.build)
-    env_rows = {k: {"value": v, "source": "environment" if k in config.env_set else "default"}
-                for k, v in config.env_summary().items()}
+    env_rows = {
+        k: {"value": v, "source": "environment" if k in config.env_set else "default"}
+        for k, v in config.env_summary().items()
+    }
     return {
         "build": {
             "backend": build.get("backend", "unknown"),
@@ -151,20 +196,44 @@ async def collect(config: Config, engine: EngineProbe | None = None, nvml: Any =
             "system_info": engine.system_info,
             "plan_for_this_machine": want.reason if want else None,
         },
-        "cpu": {"model": _cpu_model(), "arch": machine.arch, "os": machine.os,
-                "instruction_sets": x86, "cores": os.cpu_count()},
+        "cpu": {
+            "model": _cpu_model(),
+            "arch": machine.arch,
+            "os": machine.os,
+            "instruction_sets": x86,
+            "cores": os.cpu_count(),
+        },
         "gpus": {
-            "nvml": [{"id": g.id, "name": g.name, "total": g.total, "free": g.free,
-                      "library": g.library,
-                      "usable": libraries is None or g.library in libraries} for g in readings],
-            "engine": [{"name": d.name, "description": d.description, "type": d.type,
-                        "backend": d.backend, "total": d.total, "free": d.free}
-                       for d in engine.devices],
+            "nvml": [
+                {
+                    "id": g.id,
+                    "name": g.name,
+                    "total": g.total,
+                    "free": g.free,
+                    "library": g.library,
+                    "usable": libraries is None or g.library in libraries,
+                }
+                for g in readings
+            ],
+            "engine": [
+                {
+                    "name": d.name,
+                    "description": d.description,
+                    "type": d.type,
+                    "backend": d.backend,
+                    "total": d.total,
+                    "free": d.free,
+                }
+                for d in engine.devices
+            ],
             "toolkits": {"nvcc": machine.nvcc, "hipcc": machine.hipcc},
         },
-        "memory": {"total": total, "available": available,
-                   "cgroup_limit": limit[0] if limit else None,
-                   "cgroup_current": limit[1] if limit else None},
+        "memory": {
+            "total": total,
+            "available": available,
+            "cgroup_limit": limit[0] if limit else None,
+            "cgroup_current": limit[1] if limit else None,
+        },
         "huge_pages": thp,
         "store": store,
         "environment": env_rows,
@@ -203,21 +272,29 @@ def render(r: dict[str, Any]) -> str:
     if not g["nvml"]:
         lines.append("  nvml   no NVIDIA GPU")
     for d in g["nvml"]:
-        lines.append(f"  nvml   {d['id']}: {d['name']} {_gib(d['total'])} total, {_gib(d['free'])} "
-                     f"free: {'usable' if d['usable'] else 'NOT usable by this build'}")
+        lines.append(
+            f"  nvml   {d['id']}: {d['name']} {_gib(d['total'])} total, {_gib(d['free'])} "
+            f"free: {'usable' if d['usable'] else 'NOT usable by this build'}"
+        )
     for d in g["engine"]:
-        lines.append(f"  engine {d['name']}: {d['description']} ({d['backend']}, {d['type']}) "
-                     f"{_gib(d['total'])}")
+        lines.append(
+            f"  engine {d['name']}: {d['description']} ({d['backend']}, {d['type']}) "
+            f"{_gib(d['total'])}"
+        )
     tk = g["toolkits"]
     lines.append(f"  toolkits: nvcc {tk['nvcc'] or 'no'}, hipcc {tk['hipcc'] or 'no'}")
     cg = f", cgroup limit {_gib(m['cgroup_limit'])}" if m["cgroup_limit"] is not None else ""
-    lines += ["memory", f"  {_gib(m['total'])} total, {_gib(m['available'])} available{cg}",
-              "huge pages", f"  {_render_huge_pages(r['huge_pages'])}",
-              "store",
-              f"  {s['path']}: {s['models']} models, {_gib(s['bytes'])}"
-              f"{'' if s['exists'] else ' (does not exist yet)'}"
-              f"{'' if s['writable'] else ' (NOT writable)'}",
-              "environment"]
+    lines += [
+        "memory",
+        f"  {_gib(m['total'])} total, {_gib(m['available'])} available{cg}",
+        "huge pages",
+        f"  {_render_huge_pages(r['huge_pages'])}",
+        "store",
+        f"  {s['path']}: {s['models']} models, {_gib(s['bytes'])}"
+        f"{'' if s['exists'] else ' (does not exist yet)'}"
+        f"{'' if s['writable'] else ' (NOT writable)'}",
+        "environment",
+    ]
     for k, v in r["environment"].items():
         lines.append(f"  {k}={v['value']} ({v['source']})")
     lines.append("problems")
@@ -231,8 +308,11 @@ def render(r: dict[str, Any]) -> str:
 def _render_huge_pages(thp: dict[str, Any]) -> str:
     if thp["mode"] is None:
         return f"no transparent huge pages here ({thp['setting']} not readable)"
-    gets = (f"runners get them (GLIBC_TUNABLES={HUGE_PAGE_MALLOC})"
-            if thp["runners_get_huge_pages"] else "runners do NOT get them")
+    gets = (
+        f"runners get them (GLIBC_TUNABLES={HUGE_PAGE_MALLOC})"
+        if thp["runners_get_huge_pages"]
+        else "runners do NOT get them"
+    )
     return f"transparent huge pages [{thp['mode']}], C library {thp['libc']}: {gets}"
 
 

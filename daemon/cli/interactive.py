@@ -99,7 +99,7 @@ HELP_SHORTCUTS = """Available keyboard shortcuts:
 
 # A path starting with ./ ../ ~/ or / and ending in an image extension; "\ " escapes a space.
 IMAGE_PATH = re.compile(r"(?:\.{1,2}/|~/|/)(?:[^\s\\]|\\ )+?\.(?:jpe?g|png|webp)(?!\w)", re.I)
-IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")     # PNG, JPEG; WebP checked below
+IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG; WebP checked below
 MAX_IMAGE = 100 * 1000 * 1000
 
 
@@ -169,10 +169,18 @@ class ReplyPrinter:
 class Session:
     """One interactive conversation with a model."""
 
-    def __init__(self, client: ClientLike, model: str, *, keepalive: str | None = None,
-                 fmt: str | None = None, think: bool | str | None = None,
-                 hide_thinking: bool = False, verbose: bool = False,
-                 vision: bool = False) -> None:
+    def __init__(
+        self,
+        client: ClientLike,
+        model: str,
+        *,
+        keepalive: str | None = None,
+        fmt: str | None = None,
+        think: bool | str | None = None,
+        hide_thinking: bool = False,
+        verbose: bool = False,
+        vision: bool = False,
+    ) -> None:
         self.client = client
         self.model = model
         self.keepalive = keepalive
@@ -180,7 +188,7 @@ class Session:
         self.think = think
         self.hide_thinking = hide_thinking
         self.verbose = verbose
-        self.vision = vision                 # the model reads images: paths become images
+        self.vision = vision  # the model reads images: paths become images
         self.options: dict[str, Any] = {}
         self.system: str | None = None
         self.messages: list[dict[str, Any]] = []
@@ -206,8 +214,11 @@ class Session:
             user["content"], images = extract_images(text)
             if images:
                 user["images"] = images
-        sent = ([{"role": "system", "content": self.system}] if self.system else []) \
-            + self.messages + [user]
+        sent = (
+            ([{"role": "system", "content": self.system}] if self.system else [])
+            + self.messages
+            + [user]
+        )
         body = {**self._common(), "messages": sent, "stream": True}
         if self.options:
             body["options"] = self.options
@@ -241,8 +252,16 @@ class Session:
             return False
         if cmd in ("/?", "/help"):
             topic = words[1].lower() if len(words) > 1 else ""
-            write({"set": HELP_SET, "/set": HELP_SET, "show": HELP_SHOW, "/show": HELP_SHOW,
-                    "shortcut": HELP_SHORTCUTS, "shortcuts": HELP_SHORTCUTS}.get(topic, HELP))
+            write(
+                {
+                    "set": HELP_SET,
+                    "/set": HELP_SET,
+                    "show": HELP_SHOW,
+                    "/show": HELP_SHOW,
+                    "shortcut": HELP_SHORTCUTS,
+                    "shortcuts": HELP_SHORTCUTS,
+                }.get(topic, HELP)
+            )
         elif cmd == "/clear":
             self.messages = []
             write("Cleared session context\n")
@@ -295,8 +314,11 @@ class Session:
             write("Disabled format.\n")
         elif what == "think":
             self.think = think_value(rest) if rest.strip() else True
-            write("Set 'think' mode.\n" if self.think is True
-                   else f"Set 'think' mode to '{self.think}'.\n")
+            write(
+                "Set 'think' mode.\n"
+                if self.think is True
+                else f"Set 'think' mode to '{self.think}'.\n"
+            )
         elif what == "nothink":
             self.think = False
             write("Set 'nothink' mode.\n")
@@ -338,8 +360,9 @@ class Session:
             text = self.system or info.get("system")
             write((text or "No system message was specified for this model.") + "\n")
         elif what == "template":
-            write((info.get("template") or "No prompt template was specified for this model.")
-                   + "\n")
+            write(
+                (info.get("template") or "No prompt template was specified for this model.") + "\n"
+            )
         else:
             write(HELP_SHOW)
 
@@ -371,8 +394,7 @@ class Session:
         if self.system:
             body["system"] = self.system
         if self.messages:
-            body["messages"] = [{"role": m["role"], "content": m["content"]}
-                                for m in self.messages]
+            body["messages"] = [{"role": m["role"], "content": m["content"]} for m in self.messages]
         try:
             await self.client.request("POST", "/api/create", body)
         except CliError as e:
@@ -427,7 +449,7 @@ async def repl(session: Session, prompt: PromptSession | None = None) -> None:
                 return
             continue
         turn = asyncio.ensure_future(session.chat(line))
-        loop.add_signal_handler(signal.SIGINT, turn.cancel)   # Ctrl+C stops the reply
+        loop.add_signal_handler(signal.SIGINT, turn.cancel)  # Ctrl+C stops the reply
         try:
             await turn
         except asyncio.CancelledError:
@@ -440,6 +462,7 @@ async def repl(session: Session, prompt: PromptSession | None = None) -> None:
 
 # ---- pull / push progress ------------------------------------------------------------------------
 
+
 def _bar(fraction: float, width: int) -> str:
     full = int(round(fraction * width))
     return "█" * full + " " * (width - full)
@@ -448,8 +471,11 @@ def _bar(fraction: float, width: int) -> str:
 def layer_line(label: str, completed: int, total: int, width: int = 40) -> str:
     """``pulling 8934d96d3f08:  45% ▕█████████         ▏ 900 MB/2.0 GB`` (total alone at 100%)."""
     frac = min(1.0, completed / total) if total else 1.0
-    size = human_bytes(total) if completed >= total else \
-        f"{human_bytes(completed)}/{human_bytes(total)}"
+    size = (
+        human_bytes(total)
+        if completed >= total
+        else f"{human_bytes(completed)}/{human_bytes(total)}"
+    )
     return f"{label}: {int(frac * 100):3d}% ▕{_bar(frac, width)}▏ {size}"
 
 
@@ -526,5 +552,13 @@ class Progress:
             sys.stderr.flush()
 
 
-__all__ = ["Progress", "ReplyPrinter", "Session", "extract_images", "layer_line", "read_message",
-           "repl", "think_value"]
+__all__ = [
+    "Progress",
+    "ReplyPrinter",
+    "Session",
+    "extract_images",
+    "layer_line",
+    "read_message",
+    "repl",
+    "think_value",
+]

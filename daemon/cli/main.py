@@ -15,14 +15,13 @@ import json
 import logging
 import os
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 
 from corral.daemon.cli import doctor
-from corral.daemon.cli.output import CliError, human_bytes, out, print_metrics, print_show, write
-from corral.daemon.config import Config
 from corral.daemon.cli.interactive import (
     Progress,
     ReplyPrinter,
@@ -31,21 +30,23 @@ from corral.daemon.cli.interactive import (
     repl,
     think_value,
 )
+from corral.daemon.cli.output import CliError, human_bytes, out, print_metrics, print_show, write
+from corral.daemon.config import Config
 from corral.daemon.logging import configure
 from corral.daemon.models.modelfile import ModelfileError, parse
 from corral.daemon.version import VERSION
 
-
 # ---------------------------------------------------------------- formatting (Ollama's CLI formats)
 
+
 def human_time_ago(then: _dt.datetime, now: _dt.datetime | None = None) -> str:
-    now = now or _dt.datetime.now(_dt.timezone.utc)
+    now = now or _dt.datetime.now(_dt.UTC)
     secs = (now - then).total_seconds()
     return _human_duration(secs) + " ago" if secs >= 1 else "Less than a second ago"
 
 
 def human_time_until(then: _dt.datetime, now: _dt.datetime | None = None) -> str:
-    now = now or _dt.datetime.now(_dt.timezone.utc)
+    now = now or _dt.datetime.now(_dt.UTC)
     secs = (then - now).total_seconds()
     if secs > 20 * 365 * 86400:
         return "Forever"
@@ -98,13 +99,16 @@ def _parse_time(value: str) -> _dt.datetime:
 
 # ---------------------------------------------------------------- HTTP client helpers
 
+
 class Client:
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url.rstrip("/")
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> "Client":
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
+    async def __aenter__(self) -> Client:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -120,7 +124,9 @@ class Client:
                     raise CliError(_error_text(text, resp.status))
                 return json.loads(text) if text.strip() else None
         except aiohttp.ClientConnectionError as exc:
-            raise CliError("could not connect to corral server, run 'corral serve' to start it") from exc
+            raise CliError(
+                "could not connect to corral server, run 'corral serve' to start it"
+            ) from exc
 
     async def stream(self, path: str, body: Any) -> AsyncIterator[dict]:
         assert self._session is not None
@@ -137,7 +143,9 @@ class Client:
                         raise CliError(obj["error"])
                     yield obj
         except aiohttp.ClientConnectionError as exc:
-            raise CliError("could not connect to corral server, run 'corral serve' to start it") from exc
+            raise CliError(
+                "could not connect to corral server, run 'corral serve' to start it"
+            ) from exc
 
     async def upload_blob(self, path: Path) -> str:
         assert self._session is not None
@@ -174,14 +182,21 @@ def _sha256_file(path: Path) -> str:
 
 # ---------------------------------------------------------------- verbs
 
+
 async def cmd_list(c: Client, args: argparse.Namespace) -> None:
     models = (await c.request("GET", "/api/tags"))["models"]
     rows = [["NAME", "ID", "SIZE", "MODIFIED"]]
     for m in models:
         if args.prefix and not m["name"].startswith(args.prefix):
             continue
-        rows.append([m["name"], m["digest"][:12], human_bytes(m["size"]),
-                     human_time_ago(_parse_time(m["modified_at"]))])
+        rows.append(
+            [
+                m["name"],
+                m["digest"][:12],
+                human_bytes(m["size"]),
+                human_time_ago(_parse_time(m["modified_at"])),
+            ]
+        )
     out(table(rows))
 
 
@@ -202,8 +217,16 @@ async def cmd_ps(c: Client, args: argparse.Namespace) -> None:
         until = human_time_until(_parse_time(m["expires_at"])) if m.get("expires_at") else ""
         if m.get("state") == "loading":
             until = "Loading..."
-        rows.append([m["name"], m["digest"][:12], human_bytes(size), proc,
-                     str(m.get("context_length", "")), until])
+        rows.append(
+            [
+                m["name"],
+                m["digest"][:12],
+                human_bytes(size),
+                proc,
+                str(m.get("context_length", "")),
+                until,
+            ]
+        )
     out(table(rows))
 
 
@@ -309,13 +332,22 @@ async def cmd_run(c: Client, args: argparse.Namespace) -> None:
         if args.verbose:
             print_metrics(final)
         return
-    session = Session(c, args.model, keepalive=args.keepalive, fmt=args.format, think=think,
-                      hide_thinking=args.hidethinking, verbose=args.verbose, vision=vision)
+    session = Session(
+        c,
+        args.model,
+        keepalive=args.keepalive,
+        fmt=args.format,
+        think=think,
+        hide_thinking=args.hidethinking,
+        verbose=args.verbose,
+        vision=vision,
+    )
     await session.preload()
     await repl(session)
 
 
 # ---------------------------------------------------------------- entry point
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="corral", description="Ollama-compatible model server")
@@ -329,10 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--verbose", action="store_true")
     r.add_argument("--insecure", action="store_true")
     r.add_argument("--format")
-    r.add_argument("--think", nargs="?", const="true",
-                   help="think before answering: true/false or high, medium, low")
-    r.add_argument("--hidethinking", action="store_true",
-                   help="think (with --think or the model's default) but do not print it")
+    r.add_argument(
+        "--think",
+        nargs="?",
+        const="true",
+        help="think before answering: true/false or high, medium, low",
+    )
+    r.add_argument(
+        "--hidethinking",
+        action="store_true",
+        help="think (with --think or the model's default) but do not print it",
+    )
     sub.add_parser("stop", help="stop a running model").add_argument("model")
     for verb in ("pull", "push"):
         x = sub.add_parser(verb, help=f"{verb} a model")
@@ -359,9 +398,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-VERBS = {"list": cmd_list, "ls": cmd_list, "ps": cmd_ps, "show": cmd_show, "pull": cmd_pull,
-         "push": cmd_push, "rm": cmd_rm, "cp": cmd_cp, "stop": cmd_stop, "create": cmd_create,
-         "run": cmd_run}
+VERBS = {
+    "list": cmd_list,
+    "ls": cmd_list,
+    "ps": cmd_ps,
+    "show": cmd_show,
+    "pull": cmd_pull,
+    "push": cmd_push,
+    "rm": cmd_rm,
+    "cp": cmd_cp,
+    "stop": cmd_stop,
+    "create": cmd_create,
+    "run": cmd_run,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,14 +420,14 @@ def main(argv: list[str] | None = None) -> int:
         out(f"corral version is {VERSION}")
         return 0
     if args.verb in ("serve", "start"):
-        from corral.daemon.serve import serve   # see FUNCTION_IMPORTS in tests/test_imports.py
+        from corral.daemon.serve import serve  # see FUNCTION_IMPORTS in tests/test_imports.py
 
         return serve(config)
     if args.verb is None:
         build_parser().print_help()
         return 0
     if args.verb == "doctor":
-        configure(logging.WARNING)          # the report on stdout, problems while probing: stderr
+        configure(logging.WARNING)  # the report on stdout, problems while probing: stderr
         out(doctor.main(config, args.json))
         return 0
 

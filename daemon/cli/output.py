@@ -59,10 +59,12 @@ def print_show(info: dict[str, Any]) -> None:
     if pi := info.get("projector_info"):
         parch = pi.get("general.architecture", "")
         out("  Projector")
-        for k, v in (("architecture", parch),
-                     ("parameters", human_number(int(pi.get("general.parameter_count", 0)))),
-                     ("embedding length", pi.get(f"{parch}.vision.embedding_length", "")),
-                     ("dimensions", pi.get(f"{parch}.vision.projection_dim", ""))):
+        for k, v in (
+            ("architecture", parch),
+            ("parameters", human_number(int(pi.get("general.parameter_count", 0)))),
+            ("embedding length", pi.get(f"{parch}.vision.embedding_length", "")),
+            ("dimensions", pi.get(f"{parch}.vision.projection_dim", "")),
+        ):
             out(f"    {k:<20}{v}")
         out()
     if info.get("parameters"):
@@ -91,4 +93,5 @@ def print_metrics(final: dict) -> None:
         f"prompt eval rate:     {pe / secs('prompt_eval_duration') if secs('prompt_eval_duration') else 0:.2f} tokens/s\n"
         f"eval count:           {ev} token(s)\n"
         f"eval duration:        {secs('eval_duration'):.6f}s\n"
-        f"eval rate:            {ev / secs('eval_duration') if secs('eval_duration') else 0:.2f} tokens/s\n")
+        f"eval rate:            {ev / secs('eval_duration') if secs('eval_duration') else 0:.2f} tokens/s\n"
+    )

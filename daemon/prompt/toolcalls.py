@@ -10,6 +10,7 @@ from collections.abc import Sequence
 # Tool calls in model output
 # ---------------------------------------------------------------------------------------------
 
+
 class ToolCallParser:
     """Incremental tool-call extraction from streamed output (Ollama's ``tools.Parser``).
 
@@ -21,8 +22,11 @@ class ToolCallParser:
 
     def __init__(self, tag: str, tools: Sequence[dict]) -> None:
         self.tag = tag
-        self.names = [n for n in ((t.get("function") or {}).get("name") for t in tools
-                                  if isinstance(t, dict)) if isinstance(n, str) and n]
+        self.names = [
+            n
+            for n in ((t.get("function") or {}).get("name") for t in tools if isinstance(t, dict))
+            if isinstance(n, str) and n
+        ]
         self._longest = max(map(len, self.names), default=0)
         self.state = "looking"
         self.buf = ""
@@ -155,7 +159,7 @@ def _find_arguments(name: str, buf: str) -> tuple[dict | None, int]:
             braces -= 1
             if braces == 0 and start != -1:
                 try:
-                    data = _json.loads(buf[start:i + 1])
+                    data = _json.loads(buf[start : i + 1])
                 except ValueError:
                     start = -1
                     continue
@@ -191,8 +195,13 @@ def _find_object(name: str, obj: dict) -> tuple[bool, dict | None]:
     if m is not None:
         return True, m
     for v in obj.values():
-        children = [v] if isinstance(v, dict) else [x for x in v if isinstance(x, dict)] \
-            if isinstance(v, list) else []
+        children = (
+            [v]
+            if isinstance(v, dict)
+            else [x for x in v if isinstance(x, dict)]
+            if isinstance(v, list)
+            else []
+        )
         for child in children:
             found, args = _find_object(name, child)
             if found:

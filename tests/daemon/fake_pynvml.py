@@ -53,9 +53,16 @@ class FakeNvml:
     def module(self) -> types.ModuleType:
         """This fake as a module object (for sys.modules["pynvml"])."""
         mod = types.ModuleType("pynvml")
-        for name in ("nvmlInit", "nvmlShutdown", "nvmlDeviceGetCount", "nvmlDeviceGetHandleByIndex",
-                     "nvmlDeviceGetName", "nvmlDeviceGetMemoryInfo", "nvmlDeviceGetUUID",
-                     "nvmlDeviceGetCudaComputeCapability"):
+        for name in (
+            "nvmlInit",
+            "nvmlShutdown",
+            "nvmlDeviceGetCount",
+            "nvmlDeviceGetHandleByIndex",
+            "nvmlDeviceGetName",
+            "nvmlDeviceGetMemoryInfo",
+            "nvmlDeviceGetUUID",
+            "nvmlDeviceGetCudaComputeCapability",
+        ):
             setattr(mod, name, getattr(self, name))
         mod.NVMLError = NVMLError
         return mod

@@ -43,9 +43,19 @@ def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def make_gguf(path: str | Path, *, arch: str = "llama", seed: int = 0, n_layers: int = 2,
-              n_embd: int = 8, vocab: int = 16, chat_template: str | None = None,
-              embedding: bool = False, file_type: int = 1, name: str = "tiny") -> Path:
+def make_gguf(
+    path: str | Path,
+    *,
+    arch: str = "llama",
+    seed: int = 0,
+    n_layers: int = 2,
+    n_embd: int = 8,
+    vocab: int = 16,
+    chat_template: str | None = None,
+    embedding: bool = False,
+    file_type: int = 1,
+    name: str = "tiny",
+) -> Path:
     """Write a small but well-formed GGUF (F16/F32 tensors of a toy transformer)."""
     import gguf
 
@@ -71,11 +81,15 @@ def make_gguf(path: str | Path, *, arch: str = "llama", seed: int = 0, n_layers:
         w.add_chat_template(chat_template)
     if embedding:
         w.add_pooling_type(gguf.PoolingType.MEAN)
-    w.add_tensor("token_embd.weight", rng.random((vocab, n_embd), dtype=np.float32).astype(np.float16))
+    w.add_tensor(
+        "token_embd.weight", rng.random((vocab, n_embd), dtype=np.float32).astype(np.float16)
+    )
     for i in range(n_layers):
         w.add_tensor(f"blk.{i}.attn_norm.weight", rng.random(n_embd, dtype=np.float32))
-        w.add_tensor(f"blk.{i}.attn_q.weight",
-                     rng.random((n_embd, n_embd), dtype=np.float32).astype(np.float16))
+        w.add_tensor(
+            f"blk.{i}.attn_q.weight",
+            rng.random((n_embd, n_embd), dtype=np.float32).astype(np.float16),
+        )
     w.add_tensor("output_norm.weight", rng.random(n_embd, dtype=np.float32))
     w.add_tensor("output.weight", rng.random((vocab, n_embd), dtype=np.float32).astype(np.float16))
     w.write_header_to_file()
@@ -120,22 +134,44 @@ class RegistryServer:
     def host(self) -> str:
         return f"127.0.0.1:{self._server.port}"
 
-    def publish(self, repo: str, tag: str, layers: list[tuple[str, bytes]],
-                config: Mapping[str, Any] | None = None) -> bytes:
+    def publish(
+        self,
+        repo: str,
+        tag: str,
+        layers: list[tuple[str, bytes]],
+        config: Mapping[str, Any] | None = None,
+    ) -> bytes:
         """Store blobs and a manifest for ``repo:tag``; returns the manifest bytes."""
-        cfg = json.dumps(dict(config or {"model_format": "gguf", "model_family": "llama",
-                                         "model_families": ["llama"], "model_type": "1K",
-                                         "file_type": "F16"})).encode()
+        cfg = json.dumps(
+            dict(
+                config
+                or {
+                    "model_format": "gguf",
+                    "model_family": "llama",
+                    "model_families": ["llama"],
+                    "model_type": "1K",
+                    "file_type": "F16",
+                }
+            )
+        ).encode()
         self.blobs[sha256(cfg)] = cfg
         entries = []
         for media, data in layers:
             self.blobs[sha256(data)] = data
             entries.append({"mediaType": media, "digest": sha256(data), "size": len(data)})
-        manifest = json.dumps({
-            "schemaVersion": 2, "mediaType": MANIFEST_V2,
-            "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
-                       "digest": sha256(cfg), "size": len(cfg)},
-            "layers": entries}, indent=3).encode()  # unlike ours: proves pulls keep the bytes verbatim
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": MANIFEST_V2,
+                "config": {
+                    "mediaType": "application/vnd.docker.container.image.v1+json",
+                    "digest": sha256(cfg),
+                    "size": len(cfg),
+                },
+                "layers": entries,
+            },
+            indent=3,
+        ).encode()  # unlike ours: proves pulls keep the bytes verbatim
         self.manifests[(repo, tag)] = manifest
         return manifest
 
@@ -151,8 +187,14 @@ class RegistryServer:
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             self._log(request)
             realm = f"http://{self.host}/token"
-            return web.Response(status=401, headers={"WWW-Authenticate": (
-                f'Bearer realm="{realm}",service="test",scope="repository:x:pull"')})
+            return web.Response(
+                status=401,
+                headers={
+                    "WWW-Authenticate": (
+                        f'Bearer realm="{realm}",service="test",scope="repository:x:pull"'
+                    )
+                },
+            )
         return await handler(request)
 
     async def _token(self, request: web.Request) -> web.Response:
@@ -164,16 +206,21 @@ class RegistryServer:
 
     async def _manifest(self, request: web.Request) -> web.StreamResponse:
         self._log(request)
-        key = (f"{request.match_info['ns']}/{request.match_info['model']}", request.match_info["tag"])
+        key = (
+            f"{request.match_info['ns']}/{request.match_info['model']}",
+            request.match_info["tag"],
+        )
         if request.method == "PUT":
             self.manifests[key] = await request.read()
             return web.Response(status=201)
         data = self.manifests.get(key)
         if data is None:
             return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
-        return web.Response(body=data if request.method == "GET" else None,
-                            content_type=MANIFEST_V2,
-                            headers={"Docker-Content-Digest": sha256(data)})
+        return web.Response(
+            body=data if request.method == "GET" else None,
+            content_type=MANIFEST_V2,
+            headers={"Docker-Content-Digest": sha256(data)},
+        )
 
     async def _blob(self, request: web.Request) -> web.StreamResponse:
         self._log(request)
@@ -191,7 +238,7 @@ class RegistryServer:
         if rng := request.headers.get("Range"):
             a, _, b = rng.removeprefix("bytes=").partition("-")
             start, end, status = int(a), (int(b) if b else len(data) - 1), 206
-        body = data[start:end + 1]
+        body = data[start : end + 1]
         resp = web.StreamResponse(status=status)
         resp.content_length = len(body)
         resp.content_type = "application/octet-stream"
@@ -199,7 +246,7 @@ class RegistryServer:
             resp.headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
         await resp.prepare(request)
         if (stall := self.stall_after.get(digest)) is not None:
-            await resp.write(body[:max(0, stall - start)])
+            await resp.write(body[: max(0, stall - start)])
             await self._closing.wait()
             return resp
         cut = self.cut_after.pop(digest, None)

@@ -19,10 +19,18 @@ from corral.scheduler import QUEUE_FULL_MESSAGE as QUEUE_FULL
 from corral.scheduler import Placement, RunnerOptions, RunnerView
 from tests.daemon.test_api_infer_support import Env, env  # noqa: F401 - fixture
 
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Get the weather",
-    "parameters": {"type": "object", "required": ["city"],
-                   "properties": {"city": {"type": "string", "description": "The city"}}}}}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the weather",
+        "parameters": {
+            "type": "object",
+            "required": ["city"],
+            "properties": {"city": {"type": "string", "description": "The city"}},
+        },
+    },
+}
 
 
 def client(env: Env) -> ollama.AsyncClient:
@@ -41,9 +49,11 @@ async def test_generate_stream_with_ollama_client(env: Env) -> None:
     assert last.total_duration and last.total_duration > 0 and last.load_duration is not None
     assert last.context and last.context[-3:] == [0, 1, 2]
     # the Modelfile SYSTEM and the template were applied
-    assert env.runner.requests[0].prompt == ("<|im_start|>system\nYou are terse.<|im_end|>\n"
-                                             "<|im_start|>user\nHi<|im_end|>\n"
-                                             "<|im_start|>assistant\n")
+    assert env.runner.requests[0].prompt == (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     assert env.runner.requests[0].stream is True
     env.assert_released()
 
@@ -53,10 +63,16 @@ async def test_generate_not_streaming(env: Env) -> None:
     assert res.response == "Hello, world" and res.done
     assert "Be kind." in env.runner.requests[0].prompt
     assert env.runner.requests[0].stream is False
-    status, body, _ = await env.post("/api/generate", {"model": "chatml", "prompt": "x",
-                                                       "stream": False})
-    assert status == 200 and list(body)[:5] == ["model", "created_at", "response", "done",
-                                                "done_reason"]
+    status, body, _ = await env.post(
+        "/api/generate", {"model": "chatml", "prompt": "x", "stream": False}
+    )
+    assert status == 200 and list(body)[:5] == [
+        "model",
+        "created_at",
+        "response",
+        "done",
+        "done_reason",
+    ]
     assert body["model"] == "chatml" and body["context"]
 
 
@@ -71,12 +87,17 @@ async def test_ndjson_shape(env: Env) -> None:
 async def test_generate_raw_and_context(env: Env) -> None:
     await client(env).generate(model="chatml", prompt="<raw>", raw=True)
     assert env.runner.requests[-1].prompt == "<raw>"
-    status, body, _ = await env.post("/api/generate", {"model": "chatml", "prompt": "x",
-                                                       "raw": True, "stream": False})
+    status, body, _ = await env.post(
+        "/api/generate", {"model": "chatml", "prompt": "x", "raw": True, "stream": False}
+    )
     assert "context" not in body
-    status, body, _ = await env.post("/api/generate", {"model": "chatml", "prompt": "x",
-                                                       "raw": True, "system": "s"})
-    assert (status, body) == (400, {"error": "raw mode does not support template, system, or context"})
+    status, body, _ = await env.post(
+        "/api/generate", {"model": "chatml", "prompt": "x", "raw": True, "system": "s"}
+    )
+    assert (status, body) == (
+        400,
+        {"error": "raw mode does not support template, system, or context"},
+    )
     await client(env).generate(model="plain", prompt="more", context=[7, 8, 9])
     assert env.runner.requests[-1].tokens == [7, 8, 9]
     assert env.runner.requests[-1].prompt == "more"  # {{ .Prompt }}: no system, verbatim
@@ -85,8 +106,9 @@ async def test_generate_raw_and_context(env: Env) -> None:
 async def test_generate_template_override_and_errors(env: Env) -> None:
     await client(env).generate(model="plain", prompt="Q", template="[{{ .Prompt }}]")
     assert env.runner.requests[-1].prompt == "[Q]"
-    status, body, _ = await env.post("/api/generate", {"model": "plain", "prompt": "Q",
-                                                       "template": "{{ .Prompt "})
+    status, body, _ = await env.post(
+        "/api/generate", {"model": "plain", "prompt": "Q", "template": "{{ .Prompt "}
+    )
     assert status == 400 and body["error"].startswith("template: :1:")  # Ollama: 500
 
 
@@ -97,8 +119,9 @@ async def test_preload_and_unload(env: Env) -> None:
     res = await client(env).generate(model="chatml", keep_alive=0)
     assert res.done_reason == "unload" and env.supervisor.unloaded == ["chatml:latest"]
     # even when streaming, the reply is one JSON object
-    status, body, _ = await env.post("/api/chat", {"model": "chatml", "messages": [],
-                                                   "keep_alive": 0})
+    status, body, _ = await env.post(
+        "/api/chat", {"model": "chatml", "messages": [], "keep_alive": 0}
+    )
     assert status == 200 and body["done_reason"] == "unload"
     assert body["message"] == {"role": "assistant", "content": ""}
     res2 = await client(env).chat(model="chatml", messages=[])
@@ -106,81 +129,144 @@ async def test_preload_and_unload(env: Env) -> None:
     env.assert_released()
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    (10, 10.0), (2.5, 2.5), ("5m", 300.0), ("1h30m", 5400.0), (-1, math.inf), ("-1m", math.inf),
-    (None, None)])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (10, 10.0),
+        (2.5, 2.5),
+        ("5m", 300.0),
+        ("1h30m", 5400.0),
+        (-1, math.inf),
+        ("-1m", math.inf),
+        (None, None),
+    ],
+)
 async def test_keep_alive_values(env: Env, value: object, expected: float | None) -> None:
     status, _, _ = await env.post("/api/generate", {"model": "chatml", "keep_alive": value})
     assert status == 200
     assert env.supervisor.acquired[-1][2] == expected
 
 
-@pytest.mark.parametrize(("value", "error"), [
-    ("300", 'time: missing unit in duration "300"'),
-    ("abc", 'time: invalid duration "abc"'),
-    (True, "Unsupported type: 'bool'")])
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("300", 'time: missing unit in duration "300"'),
+        ("abc", 'time: invalid duration "abc"'),
+        (True, "Unsupported type: 'bool'"),
+    ],
+)
 async def test_keep_alive_errors(env: Env, value: object, error: str) -> None:
     status, body, _ = await env.post("/api/generate", {"model": "chatml", "keep_alive": value})
     assert (status, body) == (400, {"error": error})
 
 
 async def test_options_merge(env: Env) -> None:
-    await client(env).generate(model="qwen", prompt="x", options={"top_k": 7, "seed": 3.9,
-                                                                   "not_an_option": 1})
+    await client(env).generate(
+        model="qwen", prompt="x", options={"top_k": 7, "seed": 3.9, "not_an_option": 1}
+    )
     o = env.runner.requests[-1].options
     assert (o.temperature, o.top_k, o.seed, o.stop) == (0.1, 7, 3, ["<|im_end|>"])
-    await client(env).generate(model="qwen", prompt="x", options={"temperature": 0.5,
-                                                                   "stop": ["END"]})
+    await client(env).generate(
+        model="qwen", prompt="x", options={"temperature": 0.5, "stop": ["END"]}
+    )
     o = env.runner.requests[-1].options
     assert (o.temperature, o.stop, o.top_p) == (0.5, ["END"], 0.9)
     assert env.supervisor.acquired[-1][1] == RequestOptions(
-        temperature=0.5, stop=("END",))         # the Modelfile's, overridden: one typed value
+        temperature=0.5, stop=("END",)
+    )  # the Modelfile's, overridden: one typed value
     acquired = len(env.supervisor.acquired)
-    status, body, _ = await env.post("/api/generate", {"model": "qwen", "prompt": "x",
-                                                       "options": {"top_k": "many"}})
-    assert (status, body) == (400, {"error": 'option "top_k" must be of type integer'})  # Ollama: 500
-    assert len(env.supervisor.acquired) == acquired      # refused at the edge, never acquired
+    status, body, _ = await env.post(
+        "/api/generate", {"model": "qwen", "prompt": "x", "options": {"top_k": "many"}}
+    )
+    assert (status, body) == (
+        400,
+        {"error": 'option "top_k" must be of type integer'},
+    )  # Ollama: 500
+    assert len(env.supervisor.acquired) == acquired  # refused at the edge, never acquired
 
 
 async def test_format(env: Env) -> None:
     await client(env).generate(model="chatml", prompt="x", format="json")
     assert env.runner.requests[-1].format == "json"
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
-    await client(env).chat(model="chatml", messages=[{"role": "user", "content": "x"}],
-                           format=schema)
+    await client(env).chat(
+        model="chatml", messages=[{"role": "user", "content": "x"}], format=schema
+    )
     assert env.runner.requests[-1].format == schema
-    status, body, _ = await env.post("/api/generate", {"model": "chatml", "prompt": "x",
-                                                       "format": "xml"})
+    status, body, _ = await env.post(
+        "/api/generate", {"model": "chatml", "prompt": "x", "format": "xml"}
+    )
     assert status == 400  # Ollama's text with 500; a bad request is the client's
-    assert body["error"] == 'invalid format: "\\"xml\\""; expected "json" or a valid JSON Schema object'
+    assert (
+        body["error"]
+        == 'invalid format: "\\"xml\\""; expected "json" or a valid JSON Schema object'
+    )
 
 
-@pytest.mark.parametrize(("path", "body", "status", "error"), [
-    ("/api/generate", {"model": "nope", "prompt": "x"}, 404, "model 'nope' not found"),
-    ("/api/chat", {"model": "nope", "messages": []}, 404, "model 'nope' not found"),
-    ("/api/generate", {"prompt": "x"}, 404, "model '' not found"),
-    ("/api/chat", {"messages": []}, 400, "model is required"),
-    ("/api/embed", {"input": "x"}, 404, "model '' not found"),
-    ("/api/embed", {"model": "nope", "input": "x"}, 404,
-     'model "nope" not found, try pulling it first'),
-    ("/api/embeddings", {"prompt": "x"}, 400, "model is required"),
-    ("/api/embed", {"model": "embedder", "input": 3}, 400, "invalid input type"),
-    ("/api/generate", {"model": "chatml", "prompt": "x", "images": ["aGk="]}, 400,
-     "registry.ollama.ai/library/chatml:latest does not support vision"),
-    ("/api/generate", {"model": "chatml", "prompt": "x", "suffix": "y"}, 400,
-     "registry.ollama.ai/library/chatml:latest does not support insert"),
-    ("/api/chat", {"model": "chatml", "messages": [{"role": "user", "content": "x"}],
-                   "tools": [WEATHER_TOOL]}, 400,
-     "registry.ollama.ai/library/chatml:latest does not support tools"),
-    ("/api/generate", {"model": "chatml", "prompt": "x", "think": True}, 400,
-     '"chatml" does not support thinking'),
-    ("/api/generate", {"model": "chatml", "prompt": "x", "think": "huge"}, 400,
-     'invalid think value: "huge" (must be "high", "medium", "low", "max", true, or false)'),
-    ("/api/generate", {"model": "embedder", "prompt": "x"}, 400,
-     '"embedder" does not support generate'),
-    ("/api/chat", {"model": "embedder", "messages": [{"role": "user", "content": "x"}]}, 400,
-     '"embedder" does not support chat'),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "status", "error"),
+    [
+        ("/api/generate", {"model": "nope", "prompt": "x"}, 404, "model 'nope' not found"),
+        ("/api/chat", {"model": "nope", "messages": []}, 404, "model 'nope' not found"),
+        ("/api/generate", {"prompt": "x"}, 404, "model '' not found"),
+        ("/api/chat", {"messages": []}, 400, "model is required"),
+        ("/api/embed", {"input": "x"}, 404, "model '' not found"),
+        (
+            "/api/embed",
+            {"model": "nope", "input": "x"},
+            404,
+            'model "nope" not found, try pulling it first',
+        ),
+        ("/api/embeddings", {"prompt": "x"}, 400, "model is required"),
+        ("/api/embed", {"model": "embedder", "input": 3}, 400, "invalid input type"),
+        (
+            "/api/generate",
+            {"model": "chatml", "prompt": "x", "images": ["aGk="]},
+            400,
+            "registry.ollama.ai/library/chatml:latest does not support vision",
+        ),
+        (
+            "/api/generate",
+            {"model": "chatml", "prompt": "x", "suffix": "y"},
+            400,
+            "registry.ollama.ai/library/chatml:latest does not support insert",
+        ),
+        (
+            "/api/chat",
+            {
+                "model": "chatml",
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [WEATHER_TOOL],
+            },
+            400,
+            "registry.ollama.ai/library/chatml:latest does not support tools",
+        ),
+        (
+            "/api/generate",
+            {"model": "chatml", "prompt": "x", "think": True},
+            400,
+            '"chatml" does not support thinking',
+        ),
+        (
+            "/api/generate",
+            {"model": "chatml", "prompt": "x", "think": "huge"},
+            400,
+            'invalid think value: "huge" (must be "high", "medium", "low", "max", true, or false)',
+        ),
+        (
+            "/api/generate",
+            {"model": "embedder", "prompt": "x"},
+            400,
+            '"embedder" does not support generate',
+        ),
+        (
+            "/api/chat",
+            {"model": "embedder", "messages": [{"role": "user", "content": "x"}]},
+            400,
+            '"embedder" does not support chat',
+        ),
+    ],
+)
 async def test_error_table(env: Env, path: str, body: dict, status: int, error: str) -> None:
     got_status, got, _ = await env.post(path, body)
     assert (got_status, got) == (status, {"error": error})
@@ -194,8 +280,9 @@ async def test_bad_bodies(env: Env) -> None:
     assert status == 400 and "error" in body
     status, body, _ = await env.post("/api/chat", {"model": "chatml", "messages": "hi"})
     assert status == 400 and "messages" in body["error"]
-    status, body, _ = await env.post("/api/generate", {"model": "chatml", "prompt": "x",
-                                                       "images": ["not base64!"]})
+    status, body, _ = await env.post(
+        "/api/generate", {"model": "chatml", "prompt": "x", "images": ["not base64!"]}
+    )
     assert (status, body) == (400, {"error": "illegal base64 data at input byte 3"})
 
 
@@ -206,15 +293,17 @@ async def test_queue_full_and_cancel(env: Env) -> None:
             pass
     assert e.value.status_code == 503 and e.value.error == QUEUE_FULL
     env.supervisor.fail = ApiError(499, "request canceled")
-    status, body, _ = await env.post("/api/chat", {"model": "chatml",
-                                                   "messages": [{"role": "user", "content": "x"}]})
+    status, body, _ = await env.post(
+        "/api/chat", {"model": "chatml", "messages": [{"role": "user", "content": "x"}]}
+    )
     assert (status, body) == (499, {"error": "request canceled"})
 
 
 async def test_error_after_stream_started(env: Env) -> None:
     env.runner.script.error_after = 2
-    status, lines, _ = await env.lines("/api/chat", {"model": "chatml", "messages": [
-        {"role": "user", "content": "x"}]})
+    status, lines, _ = await env.lines(
+        "/api/chat", {"model": "chatml", "messages": [{"role": "user", "content": "x"}]}
+    )
     assert status == 200
     assert [x.get("error") for x in lines] == [None, None, "runner exploded"]
     with pytest.raises(ollama.ResponseError) as e:
@@ -222,8 +311,9 @@ async def test_error_after_stream_started(env: Env) -> None:
             pass
     assert e.value.error == "runner exploded"
     # not streaming: a real status
-    status, body, _ = await env.post("/api/generate", {"model": "chatml", "prompt": "x",
-                                                       "stream": False})
+    status, body, _ = await env.post(
+        "/api/generate", {"model": "chatml", "prompt": "x", "stream": False}
+    )
     assert (status, body) == (500, {"error": "runner exploded"})
     env.assert_released()
 
@@ -247,20 +337,30 @@ async def test_lines_arriving_together_leave_together(env: Env) -> None:
     env.runner.script.together = True
     native = await http_chunks(env, "/api/generate", {"model": "chatml", "prompt": "x"})
     assert len(native) == 1 and len(native[0].splitlines()) == 4  # 3 tokens + the final record
-    sse = await http_chunks(env, "/v1/chat/completions", {
-        "model": "chatml", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    sse = await http_chunks(
+        env,
+        "/v1/chat/completions",
+        {"model": "chatml", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+    )
     assert b"".join(sse).count(b"data: ") >= 5
     assert len(sse) <= 2  # the tokens, the finish chunk and [DONE] (may follow on its own)
     env.assert_released()
 
 
-@pytest.mark.parametrize("path, body, deltas", [
-    ("/v1/messages", {"max_tokens": 50, "messages": [{"role": "user", "content": "x"}]},
-     b"event: content_block_delta"),
-    ("/v1/responses", {"input": "x"}, b"event: response.output_text.delta"),
-])
-async def test_events_arriving_together_leave_together(env: Env, path: str, body: dict,
-                                                      deltas: bytes) -> None:
+@pytest.mark.parametrize(
+    "path, body, deltas",
+    [
+        (
+            "/v1/messages",
+            {"max_tokens": 50, "messages": [{"role": "user", "content": "x"}]},
+            b"event: content_block_delta",
+        ),
+        ("/v1/responses", {"input": "x"}, b"event: response.output_text.delta"),
+    ],
+)
+async def test_events_arriving_together_leave_together(
+    env: Env, path: str, body: dict, deltas: bytes
+) -> None:
     """The same for the named-event streams of /v1/messages and /v1/responses: the events of
     tokens that arrived together (block starts and stops included) go out in one write."""
     env.runner.script.together = True
@@ -280,9 +380,16 @@ async def test_runner_rejects_before_streaming(env: Env) -> None:
 
 async def test_chat_stream_and_messages(env: Env) -> None:
     parts = []
-    async for part in await client(env).chat(model="chatml", stream=True, messages=[
-            {"role": "system", "content": "Sys"}, {"role": "user", "content": "A"},
-            {"role": "assistant", "content": "B"}, {"role": "user", "content": "C"}]):
+    async for part in await client(env).chat(
+        model="chatml",
+        stream=True,
+        messages=[
+            {"role": "system", "content": "Sys"},
+            {"role": "user", "content": "A"},
+            {"role": "assistant", "content": "B"},
+            {"role": "user", "content": "C"},
+        ],
+    ):
         assert part.message.role == "assistant"
         parts.append(part.message.content)
     assert "".join(parts) == "Hello, world"
@@ -290,7 +397,8 @@ async def test_chat_stream_and_messages(env: Env) -> None:
     assert env.runner.requests[-1].prompt == (
         "<|im_start|>system\nSys<|im_end|>\n<|im_start|>user\nA<|im_end|>\n"
         "<|im_start|>assistant\nB<|im_end|>\n<|im_start|>user\nC<|im_end|>\n"
-        "<|im_start|>assistant\n")
+        "<|im_start|>assistant\n"
+    )
     res = await client(env).chat(model="chatml", messages=[{"role": "user", "content": "A"}])
     assert res.message.content == "Hello, world" and res.done_reason == "stop"
     assert env.runner.requests[-1].prompt.startswith("<|im_start|>system\nYou are terse.")
@@ -298,22 +406,35 @@ async def test_chat_stream_and_messages(env: Env) -> None:
 
 
 async def test_chat_tool_calls(env: Env) -> None:
-    env.runner.script.chunks = ["<tool", "_call>\n", '{"name": "get_weather", ',
-                                '"arguments": {"city": "Tokyo"}}', "\n</tool_call>"]
-    res = await client(env).chat(model="qwen", messages=[{"role": "user", "content": "Weather?"}],
-                                 tools=[WEATHER_TOOL])
+    env.runner.script.chunks = [
+        "<tool",
+        "_call>\n",
+        '{"name": "get_weather", ',
+        '"arguments": {"city": "Tokyo"}}',
+        "\n</tool_call>",
+    ]
+    res = await client(env).chat(
+        model="qwen", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER_TOOL]
+    )
     assert res.message.content == ""
     calls = res.message.tool_calls
     assert calls and calls[0].function.name == "get_weather"
     assert calls[0].function.arguments == {"city": "Tokyo"}
     prompt = env.runner.requests[-1].prompt
-    assert ('<tools>\n{"type":"function","function":{"name":"get_weather","description":'
-            '"Get the weather","parameters":{"type":"object","required":["city"],"properties":'
-            '{"city":{"type":"string","description":"The city"}}}}}\n</tools>') in prompt
+    assert (
+        '<tools>\n{"type":"function","function":{"name":"get_weather","description":'
+        '"Get the weather","parameters":{"type":"object","required":["city"],"properties":'
+        '{"city":{"type":"string","description":"The city"}}}}}\n</tools>'
+    ) in prompt
     # streaming: the call arrives in one chunk with an id; no content leaks
-    status, lines, _ = await env.lines("/api/chat", {
-        "model": "qwen", "messages": [{"role": "user", "content": "Weather?"}],
-        "tools": [WEATHER_TOOL]})
+    status, lines, _ = await env.lines(
+        "/api/chat",
+        {
+            "model": "qwen",
+            "messages": [{"role": "user", "content": "Weather?"}],
+            "tools": [WEATHER_TOOL],
+        },
+    )
     call_lines = [x for x in lines if x["message"].get("tool_calls")]
     assert len(call_lines) == 1
     call = call_lines[0]["message"]["tool_calls"][0]
@@ -321,29 +442,42 @@ async def test_chat_tool_calls(env: Env) -> None:
     assert call["function"] == {"index": 0, "name": "get_weather", "arguments": {"city": "Tokyo"}}
     assert "".join(x["message"]["content"] for x in lines) == ""
     # tool results go back into the template
-    await client(env).chat(model="qwen", tools=[WEATHER_TOOL], messages=[
-        {"role": "user", "content": "Weather?"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"function": {"name": "get_weather", "arguments": {"city": "Tokyo"}}}]},
-        {"role": "tool", "content": "22C", "tool_name": "get_weather"}])
+    await client(env).chat(
+        model="qwen",
+        tools=[WEATHER_TOOL],
+        messages=[
+            {"role": "user", "content": "Weather?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {"function": {"name": "get_weather", "arguments": {"city": "Tokyo"}}}
+                ],
+            },
+            {"role": "tool", "content": "22C", "tool_name": "get_weather"},
+        ],
+    )
     assert env.runner.requests[-1].prompt.endswith(
         '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city":"Tokyo"}}\n'
         "</tool_call><|im_end|>\n<|im_start|>tool\n<tool_response>\n22C\n</tool_response>"
-        "<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 async def test_chat_plain_text_with_tools(env: Env) -> None:
     env.runner.script.chunks = ["It is ", "sunny."]
-    res = await client(env).chat(model="qwen", messages=[{"role": "user", "content": "x"}],
-                                 tools=[WEATHER_TOOL])
+    res = await client(env).chat(
+        model="qwen", messages=[{"role": "user", "content": "x"}], tools=[WEATHER_TOOL]
+    )
     assert res.message.content == "It is sunny." and not res.message.tool_calls
 
 
 async def test_thinking(env: Env) -> None:
     # the template ends the prompt with <think>: a real model continues inside the thinking
     env.runner.script.chunks = ["Let me", " see</th", "ink>\n\nAnswer", "!"]
-    res = await client(env).chat(model="thinker", think=True,
-                                 messages=[{"role": "user", "content": "x"}])
+    res = await client(env).chat(
+        model="thinker", think=True, messages=[{"role": "user", "content": "x"}]
+    )
     assert res.message.thinking == "Let me see" and res.message.content == "Answer!"
     assert env.runner.requests[-1].prompt.endswith("<|assistant|><think>")
     res2 = await client(env).generate(model="thinker", prompt="x", think=True)
@@ -364,8 +498,9 @@ async def test_embed(env: Env) -> None:
     assert (status, body) == (200, {"embedding": []})
     env.runner.script.embed_status = 400
     env.runner.script.embed_error = "the input length exceeds the context length"
-    status, body, _ = await env.post("/api/embed", {"model": "embedder", "input": "x",
-                                                    "truncate": False})
+    status, body, _ = await env.post(
+        "/api/embed", {"model": "embedder", "input": "x", "truncate": False}
+    )
     assert (status, body) == (400, {"error": "the input length exceeds the context length"})
     assert env.runner.embeds[-1].truncate is False
     env.assert_released()
@@ -373,15 +508,30 @@ async def test_embed(env: Env) -> None:
 
 async def test_ps(env: Env) -> None:
     assert (await client(env).ps()).models == []
-    env.supervisor.records["/m.gguf"] = SimpleNamespace(name="chatml:latest", digest="ab",
-                                                        details={"format": "gguf"})
+    env.supervisor.records["/m.gguf"] = SimpleNamespace(
+        name="chatml:latest", digest="ab", details={"format": "gguf"}
+    )
     # the runner was asked for 4096 per slot and reported 4352 (llama.cpp pads): /api/ps shows
     # what the runner has
-    env.supervisor.runners = [RunnerView(
-        runner_id="r1", model_key="/m.gguf", state="ready",
-        options=RunnerOptions(num_ctx=4096), placement=Placement(cpu_bytes=10), parallel=1,
-        in_flight=0, queued=0, keep_alive=300.0, deadline=1000.0 + 86400 * 365 * 4, pid=7,
-        context_length=4352, started_at=0.0, ready_at=1.0, last_used=1.0)]
+    env.supervisor.runners = [
+        RunnerView(
+            runner_id="r1",
+            model_key="/m.gguf",
+            state="ready",
+            options=RunnerOptions(num_ctx=4096),
+            placement=Placement(cpu_bytes=10),
+            parallel=1,
+            in_flight=0,
+            queued=0,
+            keep_alive=300.0,
+            deadline=1000.0 + 86400 * 365 * 4,
+            pid=7,
+            context_length=4352,
+            started_at=0.0,
+            ready_at=1.0,
+            last_used=1.0,
+        )
+    ]
     res = await client(env).ps()
     assert res.models[0].model == "chatml:latest" and res.models[0].context_length == 4352
     assert res.models[0].size == 10 and res.models[0].digest == "ab"
@@ -413,14 +563,22 @@ async def test_a_held_delta_goes_out_when_the_queued_events_bring_nothing(monkey
         yield protocol.CompletionDone(eval_count=3), False
 
     monkeypatch.setattr(core, "runner_lines", lines)
-    job = core.Job(None, None, 0.0, 0, protocol.CompletionRequest(prompt="x"),
-                   tools=ToolCallParser("<tool_call>", [{"function": {"name": "get_weather"}}]))
+    job = core.Job(
+        None,
+        None,
+        0.0,
+        0,
+        protocol.CompletionRequest(prompt="x"),
+        tools=ToolCallParser("<tool_call>", [{"function": {"name": "get_weather"}}]),
+    )
     events = job.events()
     first = await asyncio.wait_for(anext(events), 5)
     assert (first.content, first.more) == ("Sure", False)
     release.set()
     rest = [ev async for ev in events]
-    assert [d.tool_calls[0]["function"]["name"] for d in rest[:-1] if d.tool_calls] == ["get_weather"]
+    assert [d.tool_calls[0]["function"]["name"] for d in rest[:-1] if d.tool_calls] == [
+        "get_weather"
+    ]
     assert isinstance(rest[-1], core.Done)
 
 
@@ -433,14 +591,21 @@ async def test_deltas_arriving_together_are_marked_to_go_together(monkeypatch):
 
     monkeypatch.setattr(core, "runner_lines", lines)
     job = core.Job(None, None, 0.0, 0, protocol.CompletionRequest(prompt="x"))
-    got = [(ev.content, ev.more) for ev in [ev async for ev in job.events()] if isinstance(ev, core.Delta)]
+    got = [
+        (ev.content, ev.more)
+        for ev in [ev async for ev in job.events()]
+        if isinstance(ev, core.Delta)
+    ]
     assert got == [("a", True), ("b", True), ("c", False)]
 
 
-@pytest.mark.parametrize("error, reported", [
-    ("CUDA error: out of memory", True),      # Ollama's runtime-OOM rule: every runner unloads
-    ("llama_decode failed (1)", False),
-])
+@pytest.mark.parametrize(
+    "error, reported",
+    [
+        ("CUDA error: out of memory", True),  # Ollama's runtime-OOM rule: every runner unloads
+        ("llama_decode failed (1)", False),
+    ],
+)
 async def test_a_runner_out_of_memory_at_run_time_is_reported(monkeypatch, error, reported):
     class Lease:
         calls = 0

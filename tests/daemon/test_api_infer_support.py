@@ -25,10 +25,10 @@ from aiohttp.test_utils import TestServer
 
 from corral.daemon.api.app import make_app
 from corral.daemon.api.errors import ApiError
-from corral.daemon.errors import CorralError
 from corral.daemon.config import Config, HostAddr
-from corral.daemon.params import RequestOptions
+from corral.daemon.errors import CorralError
 from corral.daemon.models.store import Store
+from corral.daemon.params import RequestOptions
 from corral.runner import protocol
 from corral.scheduler import RunnerView, SchedulerSnapshot
 from tests.daemon.registry_server import make_gguf
@@ -44,12 +44,12 @@ THINKER = """{{- range .Messages }}<|{{ .Role }}|>{{ if .Thinking }}<think>{{ .T
 class Script:
     chunks: list[str] = field(default_factory=lambda: ["Hello", ",", " world"])
     done_reason: str = "stop"
-    error_after: int | None = None     # send an error line after this many chunks
-    status: int = 200                  # answer /completion with this status and an error body
+    error_after: int | None = None  # send an error line after this many chunks
+    status: int = 200  # answer /completion with this status and an error body
     status_error: str = "bad request"
     embed_status: int = 200
     embed_error: str = ""
-    together: bool = False             # all lines in one write (the runner's reader fell behind)
+    together: bool = False  # all lines in one write (the runner's reader fell behind)
     # the chunks as a function of the request (a model's answer depends on its prompt);
     # overrides ``chunks`` when set
     reply: Callable[[protocol.CompletionRequest], list[str]] | None = None
@@ -68,43 +68,66 @@ class ScriptedRunner:
         self.app = app
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response(body=protocol.encode(protocol.Health(slots_total=1)),
-                            content_type="application/json")
+        return web.Response(
+            body=protocol.encode(protocol.Health(slots_total=1)), content_type="application/json"
+        )
 
     async def completion(self, request: web.Request) -> web.StreamResponse:
         req = msgspec.json.decode(await request.read(), type=protocol.CompletionRequest)
         self.requests.append(req)
         s = self.script
         if s.status != 200:
-            return web.Response(body=protocol.encode(protocol.ErrorResponse(error=s.status_error)),
-                                status=s.status, content_type="application/json")
+            return web.Response(
+                body=protocol.encode(protocol.ErrorResponse(error=s.status_error)),
+                status=s.status,
+                content_type="application/json",
+            )
         chunks = s.reply(req) if s.reply is not None else s.chunks
-        probs = [protocol.TokenLogprob(token=c, logprob=-0.5 - i, bytes=list(c.encode()))
-                 for i, c in enumerate(chunks)] if req.logprobs else None
+        probs = (
+            [
+                protocol.TokenLogprob(token=c, logprob=-0.5 - i, bytes=list(c.encode()))
+                for i, c in enumerate(chunks)
+            ]
+            if req.logprobs
+            else None
+        )
         prompt_tokens = list(req.tokens or []) + list((req.prompt or "").encode())
         done = protocol.CompletionDone(
-            content="" if req.stream else "".join(chunks), done_reason=s.done_reason,
-            prompt_eval_count=len(prompt_tokens), prompt_eval_duration=1000,
-            eval_count=len(chunks), eval_duration=2000,
+            content="" if req.stream else "".join(chunks),
+            done_reason=s.done_reason,
+            prompt_eval_count=len(prompt_tokens),
+            prompt_eval_duration=1000,
+            eval_count=len(chunks),
+            eval_duration=2000,
             tokens=prompt_tokens + list(range(len(chunks))),
-            logprobs=None if req.stream else probs)
+            logprobs=None if req.stream else probs,
+        )
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         if s.together and req.stream:
-            await resp.write(b"".join(protocol.encode(protocol.CompletionChunk(content=c)) + b"\n"
-                                      for c in chunks) + protocol.encode(done) + b"\n")
+            await resp.write(
+                b"".join(
+                    protocol.encode(protocol.CompletionChunk(content=c)) + b"\n" for c in chunks
+                )
+                + protocol.encode(done)
+                + b"\n"
+            )
             return resp
         if req.stream:
             for i, c in enumerate(chunks):
                 if s.error_after is not None and i == s.error_after:
-                    await resp.write(msgspec.json.encode(
-                        {"type": "error", "error": "runner exploded"}) + b"\n")
+                    await resp.write(
+                        msgspec.json.encode({"type": "error", "error": "runner exploded"}) + b"\n"
+                    )
                     return resp
-                chunk = protocol.CompletionChunk(content=c, logprobs=probs[i:i + 1] if probs
-                                                 else None)
+                chunk = protocol.CompletionChunk(
+                    content=c, logprobs=probs[i : i + 1] if probs else None
+                )
                 await resp.write(protocol.encode(chunk) + b"\n")
         elif s.error_after is not None:
-            await resp.write(msgspec.json.encode({"type": "error", "error": "runner exploded"}) + b"\n")
+            await resp.write(
+                msgspec.json.encode({"type": "error", "error": "runner exploded"}) + b"\n"
+            )
             return resp
         await resp.write(protocol.encode(done) + b"\n")
         return resp
@@ -113,20 +136,29 @@ class ScriptedRunner:
         """A byte tokenizer with a BOS token (id 1) when add_special."""
         req = msgspec.json.decode(await request.read(), type=protocol.TokenizeRequest)
         tokens = ([1] if req.add_special else []) + list(req.content.encode())
-        return web.Response(body=protocol.encode(protocol.TokenizeResponse(tokens=tokens)),
-                            content_type="application/json")
+        return web.Response(
+            body=protocol.encode(protocol.TokenizeResponse(tokens=tokens)),
+            content_type="application/json",
+        )
 
     async def embed(self, request: web.Request) -> web.Response:
         req = msgspec.json.decode(await request.read(), type=protocol.EmbedRequest)
         self.embeds.append(req)
         if self.script.embed_status != 200:
-            return web.Response(body=protocol.encode(protocol.ErrorResponse(
-                error=self.script.embed_error)), status=self.script.embed_status,
-                content_type="application/json")
+            return web.Response(
+                body=protocol.encode(protocol.ErrorResponse(error=self.script.embed_error)),
+                status=self.script.embed_status,
+                content_type="application/json",
+            )
         vecs = [[0.6, 0.8, 0.0, 0.0] for _ in req.input]
-        return web.Response(body=protocol.encode(protocol.EmbedResponse(
-            embeddings=vecs, prompt_eval_count=sum(len(t) for t in req.input))),
-            content_type="application/json")
+        return web.Response(
+            body=protocol.encode(
+                protocol.EmbedResponse(
+                    embeddings=vecs, prompt_eval_count=sum(len(t) for t in req.input)
+                )
+            ),
+            content_type="application/json",
+        )
 
 
 class Lease:
@@ -156,12 +188,17 @@ class FakeSupervisor:
         self.unloaded: list[str] = []
         self.fail: ApiError | CorralError | None = None
         self.active = 0
-        self.runners: list[RunnerView] = []    # what snapshot() reports (/api/ps)
+        self.runners: list[RunnerView] = []  # what snapshot() reports (/api/ps)
         self.records: dict[str, Any] = {}
 
-    async def acquire(self, model: Any, options: RequestOptions, keep_alive: float | None,
-                      kind: str = "completion") -> Lease:
-        if not isinstance(options, RequestOptions):     # the real one reads typed fields only
+    async def acquire(
+        self,
+        model: Any,
+        options: RequestOptions,
+        keep_alive: float | None,
+        kind: str = "completion",
+    ) -> Lease:
+        if not isinstance(options, RequestOptions):  # the real one reads typed fields only
             raise TypeError(f"acquire takes RequestOptions, got {type(options).__name__}")
         if self.fail is not None:
             raise self.fail
@@ -175,9 +212,18 @@ class FakeSupervisor:
         self.unloaded.append(model.name)
 
     def snapshot(self) -> SchedulerSnapshot:
-        return SchedulerSnapshot(runners=tuple(self.runners), waiting={}, queued=0, in_flight=0,
-                                 max_loaded=3, gpus=(), host_total=0, host_free=0,
-                                 host_reserved=0, reclaiming=())
+        return SchedulerSnapshot(
+            runners=tuple(self.runners),
+            waiting={},
+            queued=0,
+            in_flight=0,
+            max_loaded=3,
+            gpus=(),
+            host_total=0,
+            host_free=0,
+            host_reserved=0,
+            reclaiming=(),
+        )
 
     def now(self) -> float:
         return 1000.0
@@ -205,8 +251,12 @@ class Env:
     ollama: ollama.AsyncClient
     openai: openai.AsyncOpenAI
 
-    async def post(self, path: str, body: Any = None, raw: bytes | None = None,
-                   ) -> tuple[int, Any, str]:
+    async def post(
+        self,
+        path: str,
+        body: Any = None,
+        raw: bytes | None = None,
+    ) -> tuple[int, Any, str]:
         data = raw if raw is not None else msgspec.json.encode(body)
         async with self.session.post(self.url + path, data=data) as r:
             text = await r.text()
@@ -220,8 +270,11 @@ class Env:
         async with self.session.post(self.url + path, data=msgspec.json.encode(body)) as r:
             text = await r.text()
             assert "\n\n" not in text and not text.startswith("\n")
-            return r.status, [msgspec.json.decode(x) for x in text.splitlines()], \
-                r.headers.get("Content-Type", "")
+            return (
+                r.status,
+                [msgspec.json.decode(x) for x in text.splitlines()],
+                r.headers.get("Content-Type", ""),
+            )
 
     def assert_released(self) -> None:
         assert all(lease.released == 1 for lease in self.supervisor.leases)
@@ -238,10 +291,15 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     store = Store(tmp_path / "models")
     plain = make_gguf(tmp_path / "plain.gguf")
     emb = make_gguf(tmp_path / "emb.gguf", embedding=True, seed=1)
-    await store.create("qwen", files=await _files(store, plain), template=TOOLS_CHATML,
-                       parameters={"temperature": 0.1, "stop": ["<|im_end|>"]})
-    await store.create("chatml", files=await _files(store, plain), template=CHATML,
-                       system="You are terse.")
+    await store.create(
+        "qwen",
+        files=await _files(store, plain),
+        template=TOOLS_CHATML,
+        parameters={"temperature": 0.1, "stop": ["<|im_end|>"]},
+    )
+    await store.create(
+        "chatml", files=await _files(store, plain), template=CHATML, system="You are terse."
+    )
     await store.create("plain", files=await _files(store, plain))
     await store.create("thinker", files=await _files(store, plain), template=THINKER)
     await store.create("embedder", files=await _files(store, emb))

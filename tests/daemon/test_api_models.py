@@ -76,20 +76,30 @@ async def test_root_and_version(http: aiohttp.ClientSession) -> None:
         assert r.status == 200
 
 
-async def test_full_lifecycle_with_ollama_client(client: ollama.AsyncClient, srv: Server,
-                                                 tiny_gguf: Path) -> None:
+async def test_full_lifecycle_with_ollama_client(
+    client: ollama.AsyncClient, srv: Server, tiny_gguf: Path
+) -> None:
     assert (await client.list()).models == []
     digest = await client.create_blob(tiny_gguf)
     assert digest == sha(tiny_gguf.read_bytes())
-    done = await client.create(model="tiny", files={"tiny.gguf": digest}, template=OLLAMA_TEMPLATE,
-                               system="Be brief.", license="MIT",
-                               parameters={"temperature": 0.5, "stop": ["<|eot_id|>"]},
-                               messages=[{"role": "user", "content": "hello"}])
+    done = await client.create(
+        model="tiny",
+        files={"tiny.gguf": digest},
+        template=OLLAMA_TEMPLATE,
+        system="Be brief.",
+        license="MIT",
+        parameters={"temperature": 0.5, "stop": ["<|eot_id|>"]},
+        messages=[{"role": "user", "content": "hello"}],
+    )
     assert done.status == "success"
 
     # streaming create reports progress lines
-    statuses = [p.status async for p in await client.create(model="tiny2", from_="tiny",
-                                                            system="Other.", stream=True)]
+    statuses = [
+        p.status
+        async for p in await client.create(
+            model="tiny2", from_="tiny", system="Other.", stream=True
+        )
+    ]
     assert statuses[-2:] == ["writing manifest", "success"]
 
     listed = (await client.list()).models
@@ -129,8 +139,9 @@ async def test_full_lifecycle_with_ollama_client(client: ollama.AsyncClient, srv
     assert exc.value.status_code == 404
 
 
-async def test_show_reads_ollama_store_and_capabilities(client: ollama.AsyncClient, srv: Server,
-                                                        tmp_path: Path, tiny_gguf: Path) -> None:
+async def test_show_reads_ollama_store_and_capabilities(
+    client: ollama.AsyncClient, srv: Server, tmp_path: Path, tiny_gguf: Path
+) -> None:
     ollama_store(srv.root, tiny_gguf)
     shown = await client.show("llama3.2")
     assert shown.details.quantization_level == "Q4_K_M"
@@ -194,20 +205,50 @@ BAD_REQUESTS = [
     ("POST", "/api/create", b'{"model": "x"}', 400, "neither 'from' or 'files' was specified"),
     ("POST", "/api/create", b'{"model": "../x", "from": "llama3.2"}', 400, "invalid model name"),
     ("POST", "/api/create", b'{"model": "a/b/c/d", "from": "llama3.2"}', 400, "invalid model name"),
-    ("POST", "/api/create", b'{"model": "x", "files": {"m.gguf": "sha256:../../x"}}', 400,
-     "invalid digest format"),
-    ("POST", "/api/create", b'{"model": "x", "files": {"../m.gguf": "sha256:' + b"a" * 64 + b'"}}',
-     400, "file path must be relative"),
+    (
+        "POST",
+        "/api/create",
+        b'{"model": "x", "files": {"m.gguf": "sha256:../../x"}}',
+        400,
+        "invalid digest format",
+    ),
+    (
+        "POST",
+        "/api/create",
+        b'{"model": "x", "files": {"../m.gguf": "sha256:' + b"a" * 64 + b'"}}',
+        400,
+        "file path must be relative",
+    ),
     ("POST", "/api/create", b'{"model": "x", "files": ["m.gguf"]}', 400, "$.files"),
-    ("POST", "/api/create", b'{"model": "x", "from": "llama3.2", "quantize": "q4_K_M"}', 400,
-     "not supported"),
-    ("POST", "/api/create", b'{"model": "x", "from": "llama3.2", "stream": false, '
-                            b'"parameters": {"num_ctx": "big"}}', 400, "num_ctx"),
-    ("POST", "/api/create", b'{"model": "x", "from": "llama3.2", "stream": false, '
-                            b'"parameters": {"num_ctx": "inf"}}', 400, "num_ctx"),
+    (
+        "POST",
+        "/api/create",
+        b'{"model": "x", "from": "llama3.2", "quantize": "q4_K_M"}',
+        400,
+        "not supported",
+    ),
+    (
+        "POST",
+        "/api/create",
+        b'{"model": "x", "from": "llama3.2", "stream": false, "parameters": {"num_ctx": "big"}}',
+        400,
+        "num_ctx",
+    ),
+    (
+        "POST",
+        "/api/create",
+        b'{"model": "x", "from": "llama3.2", "stream": false, "parameters": {"num_ctx": "inf"}}',
+        400,
+        "num_ctx",
+    ),
     ("POST", "/api/copy", b'{"source": "nope", "destination": "y"}', 404, 'model "nope" not found'),
-    ("POST", "/api/copy", b'{"source": "llama3.2", "destination": "../../y"}', 400,
-     'destination "../../y" is invalid'),
+    (
+        "POST",
+        "/api/copy",
+        b'{"source": "llama3.2", "destination": "../../y"}',
+        400,
+        'destination "../../y" is invalid',
+    ),
     ("POST", "/api/copy", b'{"source": "/etc/x", "destination": "y"}', 400, "is invalid"),
     ("DELETE", "/api/delete", b'{"model": "nope"}', 404, "model 'nope' not found"),
     ("DELETE", "/api/delete", b'{"model": "..%2F.."}', 400, "is invalid"),
@@ -226,8 +267,15 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize(("method", "path", "body", "status", "error"), BAD_REQUESTS)
 async def test_bad_requests_are_4xx_and_change_nothing(
-        http: aiohttp.ClientSession, srv: Server, tiny_gguf: Path, method: str, path: str,
-        body: bytes, status: int, error: str | None) -> None:
+    http: aiohttp.ClientSession,
+    srv: Server,
+    tiny_gguf: Path,
+    method: str,
+    path: str,
+    body: bytes,
+    status: int,
+    error: str | None,
+) -> None:
     ollama_store(srv.root, tiny_gguf)
     before = tree(srv.root)
     async with http.request(method, path, data=body) as r:
@@ -243,11 +291,13 @@ async def test_bad_requests_are_4xx_and_change_nothing(
         assert [m["name"] for m in (await r.json())["models"]] == ["llama3.2:latest"]
 
 
-async def test_create_streams_ndjson(http: aiohttp.ClientSession, srv: Server,
-                                     tiny_gguf: Path) -> None:
+async def test_create_streams_ndjson(
+    http: aiohttp.ClientSession, srv: Server, tiny_gguf: Path
+) -> None:
     ollama_store(srv.root, tiny_gguf)
-    async with http.post("/api/create", json={"model": "x", "from": "llama3.2",
-                                              "system": "s"}) as r:
+    async with http.post(
+        "/api/create", json={"model": "x", "from": "llama3.2", "system": "s"}
+    ) as r:
         assert r.status == 200
         assert r.headers["Content-Type"] == "application/x-ndjson"
         raw = await r.read()
@@ -261,8 +311,9 @@ async def test_create_streams_ndjson(http: aiohttp.ClientSession, srv: Server,
         assert await r.json() == {"status": "success"}
 
 
-async def test_field_names_match_case_insensitively(http: aiohttp.ClientSession, srv: Server,
-                                                     tiny_gguf: Path) -> None:
+async def test_field_names_match_case_insensitively(
+    http: aiohttp.ClientSession, srv: Server, tiny_gguf: Path
+) -> None:
     ollama_store(srv.root, tiny_gguf)
     async with http.post("/api/show", json={"Model": "llama3.2"}) as r:
         assert r.status == 200
@@ -271,13 +322,16 @@ async def test_field_names_match_case_insensitively(http: aiohttp.ClientSession,
     assert srv.store.exists("b")
 
 
-async def test_legacy_modelfile_create(http: aiohttp.ClientSession, srv: Server,
-                                       tiny_gguf: Path) -> None:
+async def test_legacy_modelfile_create(
+    http: aiohttp.ClientSession, srv: Server, tiny_gguf: Path
+) -> None:
     data = tiny_gguf.read_bytes()
     async with http.post(f"/api/blobs/{sha(data)}", data=data) as r:
         assert r.status == 201
     mf = f'FROM @{sha(data)}\nSYSTEM """legacy"""\nPARAMETER top_k 7\n'
-    async with http.post("/api/create", json={"name": "old", "modelfile": mf, "stream": False}) as r:
+    async with http.post(
+        "/api/create", json={"name": "old", "modelfile": mf, "stream": False}
+    ) as r:
         assert r.status == 200, await r.text()
     rec = srv.store.resolve("old")
     assert rec.system == "legacy" and rec.parameters == {"top_k": 7}

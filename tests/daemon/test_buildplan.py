@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ZEN3 = lb.normalize_flags("fpu sse sse2 ssse3 sse4_1 sse4_2 avx f16c fma bmi1 avx2 bmi2 popcnt")
 SAPPHIRE = lb.normalize_flags(
     "sse4_2 avx f16c fma avx2 bmi2 avx512f avx512cd avx512vl avx512dq avx512bw avx512vbmi "
-    "avx512_vnni avx512_bf16 avx_vnni amx_tile amx_int8 amx_bf16")
+    "avx512_vnni avx512_bf16 avx_vnni amx_tile amx_int8 amx_bf16"
+)
 OLD = lb.normalize_flags("sse sse2 ssse3 sse4_1 sse4_2 popcnt")
 
 
@@ -34,7 +35,7 @@ def args(plan) -> dict[str, str]:
     return out
 
 
-def linux(**kw) -> "lb.Machine":
+def linux(**kw) -> lb.Machine:
     kw.setdefault("cpu_flags", ZEN3)
     return lb.Machine(os="linux", arch="x86_64", **kw)
 
@@ -43,8 +44,13 @@ def test_avx2_only_cpu_gets_no_avx512():
     a = args(lb.plan(linux()))
     assert a["GGML_NATIVE"] == "OFF"
     assert a["GGML_AVX2"] == a["GGML_FMA"] == a["GGML_F16C"] == a["GGML_BMI2"] == "ON"
-    for opt in ("GGML_AVX512", "GGML_AVX512_VBMI", "GGML_AVX512_VNNI", "GGML_AVX512_BF16",
-                "GGML_AVX_VNNI"):
+    for opt in (
+        "GGML_AVX512",
+        "GGML_AVX512_VBMI",
+        "GGML_AVX512_VNNI",
+        "GGML_AVX512_BF16",
+        "GGML_AVX_VNNI",
+    ):
         assert a[opt] == "OFF", opt
 
 
@@ -65,7 +71,7 @@ def test_amx_cpu_gets_amx_off_and_its_other_sets_on():
 
 
 def test_avx512f_without_bw_is_not_enough_for_ggml_avx512():
-    knl = lb.normalize_flags("sse4_2 avx f16c fma avx2 bmi2 avx512f avx512cd")   # Xeon Phi
+    knl = lb.normalize_flags("sse4_2 avx f16c fma avx2 bmi2 avx512f avx512cd")  # Xeon Phi
     assert args(lb.plan(linux(cpu_flags=knl)))["GGML_AVX512"] == "OFF"
 
 
@@ -75,7 +81,7 @@ def test_linux_with_nvidia_gpus_and_nvcc_builds_cuda_with_their_architectures():
     assert p.backend == "cuda"
     assert a["GGML_CUDA"] == "ON"
     assert a["CMAKE_CUDA_ARCHITECTURES"] == "86;89"
-    assert a["GGML_AVX2"] == "ON" and a["GGML_AMX_TILE"] == "OFF"   # the CPU part still fits
+    assert a["GGML_AVX2"] == "ON" and a["GGML_AMX_TILE"] == "OFF"  # the CPU part still fits
     assert p.env["CUDACXX"] == "/usr/bin/nvcc"
 
 
@@ -107,8 +113,9 @@ def test_macos_arm64_is_metal_without_any_x86_flag():
     p = lb.plan(lb.Machine(os="darwin", arch="arm64"))
     a = args(p)
     assert p.backend == "metal" and a["GGML_METAL"] == "ON"
-    assert not any(k.startswith(("GGML_AVX", "GGML_AMX", "GGML_SSE", "GGML_FMA", "GGML_F16C"))
-                   for k in a)
+    assert not any(
+        k.startswith(("GGML_AVX", "GGML_AMX", "GGML_SSE", "GGML_FMA", "GGML_F16C")) for k in a
+    )
 
 
 def test_intel_mac_reads_sysctl_spellings_and_builds_cpu():
@@ -128,16 +135,19 @@ def test_the_override_wins():
     m = linux(nvidia_gpus=1, nvcc="/usr/bin/nvcc")
     assert lb.plan(m, "cpu").backend == "cpu"
     assert "GGML_CUDA" not in args(lb.plan(m, "cpu"))
-    assert lb.plan(linux(nvcc="/usr/bin/nvcc"), "cuda").backend == "cuda"   # no GPU seen: forced
+    assert lb.plan(linux(nvcc="/usr/bin/nvcc"), "cuda").backend == "cuda"  # no GPU seen: forced
     assert "CORRAL_LLAMA_BACKEND=cuda" in lb.plan(linux(nvcc="/x/nvcc"), "CUDA").reason
 
 
-@pytest.mark.parametrize(("machine", "override", "text"), [
-    (linux(), "cuda", "nvcc"),
-    (linux(), "hip", "hipcc"),
-    (linux(), "metal", "macOS"),
-    (linux(), "vulkan", "one of"),
-])
+@pytest.mark.parametrize(
+    ("machine", "override", "text"),
+    [
+        (linux(), "cuda", "nvcc"),
+        (linux(), "hip", "hipcc"),
+        (linux(), "metal", "macOS"),
+        (linux(), "vulkan", "one of"),
+    ],
+)
 def test_an_override_the_machine_cannot_take_is_an_error(machine, override, text):
     with pytest.raises(lb.PlanError, match=text):
         lb.plan(machine, override)
@@ -155,8 +165,12 @@ def test_the_cache_key_changes_with_backend_flags_patch_version_and_python():
 
 
 def test_the_script_prints_its_choice_and_reason_in_one_line():
-    out = subprocess.run([sys.executable, str(ROOT / "daemon" / "buildplan.py")],
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "daemon" / "buildplan.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     assert out[0].startswith("llama.cpp build: ") and " because " in out[0]
 
 

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 import structlog.testing
 
-from corral.daemon import gguf_info, model_inputs, templates
+from corral.daemon import gguf_info, model_inputs
 from corral.daemon.api import inference
+from corral.daemon.prompt import templates
 from tests.daemon.test_api_robustness import TINY, Env, env  # noqa: F401 - fixture
 from tests.daemon.test_templates_library import TOOLS_CHATML
 from tests.fixtures.tiny_vision import IMAGE_TOKENS, image_bytes
@@ -67,14 +68,24 @@ def tokenize_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 async def chat(env: Env, messages: list[dict], **extra: Any) -> tuple[int, Any]:
-    status, _, body, _ = await env.call("POST", "/api/chat", {
-        "model": TINY, "messages": messages, "stream": False,
-        "options": {"num_ctx": NUM_CTX, "num_predict": 2, "temperature": 0}, **extra})
+    status, _, body, _ = await env.call(
+        "POST",
+        "/api/chat",
+        {
+            "model": TINY,
+            "messages": messages,
+            "stream": False,
+            "options": {"num_ctx": NUM_CTX, "num_predict": 2, "temperature": 0},
+            **extra,
+        },
+    )
     return status, body
 
 
-async def test_oldest_turns_dropped_system_and_last_kept(env: Env, tokenize_calls: list[str],
-                                                         ) -> None:
+async def test_oldest_turns_dropped_system_and_last_kept(
+    env: Env,
+    tokenize_calls: list[str],
+) -> None:
     messages = [SYSTEM, *HISTORY]
     assert len(rendered(messages).encode()) > NUM_CTX
     expected = ollama_fit(messages, NUM_CTX - 1)
@@ -92,15 +103,20 @@ async def test_openai_chat_is_truncated_too(env: Env) -> None:
     """/v1 has no num_ctx: a Modelfile PARAMETER num_ctx sets it."""
     await env.store.create("small", from_=TINY, parameters={"num_ctx": NUM_CTX})
     messages = [SYSTEM, *HISTORY]
-    status, _, body, _ = await env.call("POST", "/v1/chat/completions", {
-        "model": "small", "messages": messages, "max_tokens": 2, "temperature": 0})
+    status, _, body, _ = await env.call(
+        "POST",
+        "/v1/chat/completions",
+        {"model": "small", "messages": messages, "max_tokens": 2, "temperature": 0},
+    )
     assert status == 200, body
     assert body["usage"]["prompt_tokens"] == len(ollama_fit(messages, NUM_CTX - 1).encode())
     await env.idle()
 
 
-async def test_short_chat_untouched_without_tokenizing(env: Env, tokenize_calls: list[str],
-                                                       ) -> None:
+async def test_short_chat_untouched_without_tokenizing(
+    env: Env,
+    tokenize_calls: list[str],
+) -> None:
     messages = [SYSTEM, *HISTORY[-1:]]
     status, body = await chat(env, messages)
     assert status == 200, body
@@ -110,15 +126,18 @@ async def test_short_chat_untouched_without_tokenizing(env: Env, tokenize_calls:
 
 
 async def test_last_message_alone_too_long_is_sent_for_the_runner_to_cut(
-        env: Env, tokenize_calls: list[str]) -> None:
+    env: Env, tokenize_calls: list[str]
+) -> None:
     long = {"role": "user", "content": "cherry " * 40}
     with structlog.testing.capture_logs() as logs:
         status, body = await chat(env, [SYSTEM, *HISTORY[:2], long])
     assert status == 200, body
-    assert body["prompt_eval_count"] == NUM_CTX - 1       # the runner kept the tail
+    assert body["prompt_eval_count"] == NUM_CTX - 1  # the runner kept the tail
     # the whole prompt and [system, assistant, long] were too long: [system, long] is sent
-    assert tokenize_calls == [rendered([SYSTEM, *HISTORY[:2], long]),
-                              rendered([SYSTEM, HISTORY[1], long])]
+    assert tokenize_calls == [
+        rendered([SYSTEM, *HISTORY[:2], long]),
+        rendered([SYSTEM, HISTORY[1], long]),
+    ]
     [event] = [e for e in logs if e["event"] == "api.chat_truncated"]
     assert (event["dropped"], event["kept"]) == (2, 1)
     await env.idle()
@@ -131,8 +150,20 @@ async def test_truncate_false_sends_everything(env: Env, tokenize_calls: list[st
     await env.idle()
 
 
-TEXTS = ["", "a", " ", "  \n\t  ", "hello the world", "Ünïcödé ✓ 日本語 🦙🦙", "\x00\x01\x7f",
-         "<s></s><unk>", "x y z " * 30, "🦙 " * 20, "\u00a0\u2009\u3000", "a" * 300]
+TEXTS = [
+    "",
+    "a",
+    " ",
+    "  \n\t  ",
+    "hello the world",
+    "Ünïcödé ✓ 日本語 🦙🦙",
+    "\x00\x01\x7f",
+    "<s></s><unk>",
+    "x y z " * 30,
+    "🦙 " * 20,
+    "\u00a0\u2009\u3000",
+    "a" * 300,
+]
 
 
 def test_token_bound_holds_for_byte_fallback_spm(tiny_gguf: Path) -> None:
@@ -148,7 +179,7 @@ def test_token_bound_holds_for_byte_fallback_spm(tiny_gguf: Path) -> None:
             n = len(e.tokenize(text, True, True))
             assert n <= inference.token_bound(text), text
             excess = max(excess, n - len(text.encode()))
-        assert excess >= 2   # BOS + the dummy-prefix "▁": bytes alone would not be a bound
+        assert excess >= 2  # BOS + the dummy-prefix "▁": bytes alone would not be a bound
     finally:
         e.close()
 
@@ -174,30 +205,43 @@ def with_tags(messages: list[dict]) -> list[dict]:
 
 
 def pictures(pad: int, a: str, b: str) -> list[dict]:
-    return [SYSTEM,
-            {"role": "user", "content": "What is this? " + "z" * pad, "images": [a]},
-            {"role": "assistant", "content": "A cat."},
-            {"role": "user", "content": "And this one?", "images": [b]}]
+    return [
+        SYSTEM,
+        {"role": "user", "content": "What is this? " + "z" * pad, "images": [a]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "And this one?", "images": [b]},
+    ]
 
 
-async def test_images_count_toward_the_context(env: Env, tiny_gguf: Path, tiny_projector: Path,
-                                               tokenize_calls: list[str]) -> None:
+async def test_images_count_toward_the_context(
+    env: Env, tiny_gguf: Path, tiny_projector: Path, tokenize_calls: list[str]
+) -> None:
     model = await env.store.write_blob_bytes(tiny_gguf.read_bytes())
     projector = await env.store.write_blob_bytes(tiny_projector.read_bytes())
-    await env.store.create("vis", files={"tiny.gguf": model.digest,
-                                         "mmproj.gguf": projector.digest}, template=TOOLS_CHATML)
+    await env.store.create(
+        "vis",
+        files={"tiny.gguf": model.digest, "mmproj.gguf": projector.digest},
+        template=TOOLS_CHATML,
+    )
     a, b = (base64.b64encode(image_bytes(seed=s)).decode() for s in (1, 2))
     pad = VISION_CTX - 8 - len(rendered(with_tags(pictures(0, a, b))).encode())
     messages = pictures(pad, a, b)
     tagged = with_tags(messages)
     whole = len(rendered(tagged).encode())
-    assert whole <= VISION_CTX - 1 < whole + 2 * IMAGE_TOKENS   # the images make it overflow
+    assert whole <= VISION_CTX - 1 < whole + 2 * IMAGE_TOKENS  # the images make it overflow
     expected = ollama_fit(tagged, VISION_CTX - 1, image_tokens=IMAGE_TOKENS)
     assert "[img-1]And this one?" in expected and "Be brief." in expected
-    assert "[img-0]" not in expected           # the oldest user message and its image went
-    status, _, body, _ = await env.call("POST", "/api/chat", {
-        "model": "vis", "messages": messages, "stream": False,
-        "options": {"num_ctx": VISION_CTX, "num_predict": 2, "temperature": 0}})
+    assert "[img-0]" not in expected  # the oldest user message and its image went
+    status, _, body, _ = await env.call(
+        "POST",
+        "/api/chat",
+        {
+            "model": "vis",
+            "messages": messages,
+            "stream": False,
+            "options": {"num_ctx": VISION_CTX, "num_predict": 2, "temperature": 0},
+        },
+    )
     assert status == 200, body
     assert body["prompt_eval_count"] == len(expected.encode())
     assert tokenize_calls[0] == rendered(tagged)
@@ -211,8 +255,11 @@ def test_the_tiny_projectors_image_count_and_ollamas_otherwise(tiny_projector: P
     other = SimpleNamespace(metadata={**info.metadata, "clip.projector_type": "pixtral"})
     for meta in (tiled, other):
         assert model_inputs.image_tokens(meta) == model_inputs.OLLAMA_IMAGE_TOKENS == 768
-    gemma3 = {"clip.projector_type": "gemma3", "clip.vision.image_size": 896,
-              "clip.vision.patch_size": 14}  # Gemma 3 4b/12b/27b's projector
+    gemma3 = {
+        "clip.projector_type": "gemma3",
+        "clip.vision.image_size": 896,
+        "clip.vision.patch_size": 14,
+    }  # Gemma 3 4b/12b/27b's projector
     assert model_inputs.image_tokens(SimpleNamespace(metadata=gemma3)) == 256
     merged2 = {**gemma3, "clip.vision.projector.scale_factor": 2}
     assert model_inputs.image_tokens(SimpleNamespace(metadata=merged2)) == 1024

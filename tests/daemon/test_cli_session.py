@@ -29,16 +29,22 @@ class Scripted:
         pieces = [("Let me", ""), (" think.", ""), ("", "The"), ("", " answer.")]
         for thinking, content in pieces:
             if path == "/api/chat":
-                yield {"message": {"role": "assistant", "content": content,
-                                   "thinking": thinking}, "done": False}
+                yield {
+                    "message": {"role": "assistant", "content": content, "thinking": thinking},
+                    "done": False,
+                }
             else:
                 yield {"response": content, "thinking": thinking, "done": False}
         yield {"done": True, "eval_count": 2, "eval_duration": 1000}
 
 
-@pytest.mark.parametrize("hide,shown", [
-    (False, "Thinking...\nLet me think.\n...done thinking.\n\nThe answer.\n\n"),
-    (True, "The answer.\n\n")])
+@pytest.mark.parametrize(
+    "hide,shown",
+    [
+        (False, "Thinking...\nLet me think.\n...done thinking.\n\nThe answer.\n\n"),
+        (True, "The answer.\n\n"),
+    ],
+)
 async def test_chat_turn_prints_thinking_unless_hidden(capsys, hide, shown):
     c = Scripted()
     s = Session(c, "m", think=True, hide_thinking=hide, keepalive="5m")
@@ -50,10 +56,15 @@ async def test_chat_turn_prints_thinking_unless_hidden(capsys, hide, shown):
     path, body = c.requests[-1]
     assert path == "/api/chat" and body["think"] is True and body["keep_alive"] == "5m"
     assert body["options"] == {"num_ctx": 1024}
-    assert body["messages"] == [{"role": "system", "content": "Be brief."},
-                                {"role": "user", "content": "hi"}]
-    assert s.messages[-1] == {"role": "assistant", "content": "The answer.",
-                              "thinking": "Let me think."}
+    assert body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+    ]
+    assert s.messages[-1] == {
+        "role": "assistant",
+        "content": "The answer.",
+        "thinking": "Let me think.",
+    }
 
 
 async def test_save_sends_the_session(capsys):
@@ -63,24 +74,37 @@ async def test_save_sends_the_session(capsys):
     s._set(["parameter", "temperature 0.2"])
     s._set(["parameter", "num_ctx lots"])
     assert "Couldn't set parameter" in capsys.readouterr().out and "num_ctx" not in s.options
-    s.messages = [{"role": "user", "content": "q"},
-                  {"role": "assistant", "content": "a", "thinking": "t"}]
+    s.messages = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a", "thinking": "t"},
+    ]
     await s.command("/save mine")
     assert capsys.readouterr().out == "Created new model 'mine'\n"
-    assert c.requests[-1] == ("/api/create", {
-        "model": "mine", "from": "base:latest", "stream": False,
-        "parameters": {"stop": ["<end>", "<eot>"], "temperature": 0.2},
-        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    assert c.requests[-1] == (
+        "/api/create",
+        {
+            "model": "mine",
+            "from": "base:latest",
+            "stream": False,
+            "parameters": {"stop": ["<end>", "<eot>"], "temperature": 0.2},
+            "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        },
+    )
 
 
-@pytest.mark.parametrize("think,shown", [
-    ("high", "Thinking...\nLet me think.\n...done thinking.\n\nThe answer.\n"),
-    (None, "Thinking...\nLet me think.\n...done thinking.\n\nThe answer.\n")])
+@pytest.mark.parametrize(
+    "think,shown",
+    [
+        ("high", "Thinking...\nLet me think.\n...done thinking.\n\nThe answer.\n"),
+        (None, "Thinking...\nLet me think.\n...done thinking.\n\nThe answer.\n"),
+    ],
+)
 async def test_one_shot_think_flag(capsys, think, shown):
     c = Scripted()
     args = cli.build_parser().parse_args(
-        ["run", "m", "hello"] + (["--think", think] if think else []))
-    await cli.cmd_run(c, args)       # type: ignore[arg-type]
+        ["run", "m", "hello"] + (["--think", think] if think else [])
+    )
+    await cli.cmd_run(c, args)  # type: ignore[arg-type]
     assert capsys.readouterr().out == shown
     body = c.requests[-1][1]
     assert body.get("think") == (think if think else None)
@@ -88,8 +112,12 @@ async def test_one_shot_think_flag(capsys, think, shown):
 
 async def test_one_shot_hidethinking(capsys):
     c = Scripted()
-    await cli.cmd_run(c, cli.build_parser().parse_args(  # type: ignore[arg-type]
-        ["run", "m", "hello", "--think", "--hidethinking"]))
+    await cli.cmd_run(
+        c,
+        cli.build_parser().parse_args(  # type: ignore[arg-type]
+            ["run", "m", "hello", "--think", "--hidethinking"]
+        ),
+    )
     assert capsys.readouterr().out == "The answer.\n"
     assert c.requests[-1][1]["think"] is True
 
@@ -108,12 +136,17 @@ async def test_multiline_input_joins_lines_and_drops_quotes():
 
 
 def test_think_values():
-    assert [think_value(x) for x in (None, "true", "false", "high", "")] == \
-        [None, True, False, "high", True]
+    assert [think_value(x) for x in (None, "true", "false", "high", "")] == [
+        None,
+        True,
+        False,
+        "high",
+        True,
+    ]
     assert isinstance(cli.build_parser().parse_args(["run", "m", "--think"]), argparse.Namespace)
 
 
-PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 24     # the signature is what is checked
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 24  # the signature is what is checked
 
 
 async def test_image_paths_become_images_for_a_vision_model(capsys, tmp_path, monkeypatch):
@@ -127,12 +160,14 @@ async def test_image_paths_become_images_for_a_vision_model(capsys, tmp_path, mo
     await s.chat("compare ./cat.png with ./my\\ dir/dog.jpg and ./fake.png")
     user = c.requests[-1][1]["messages"][-1]
     assert user["content"] == "compare with and ./fake.png"
-    assert user["images"] == [base64.b64encode(PNG).decode(), base64.b64encode(
-        (tmp_path / "my dir" / "dog.jpg").read_bytes()).decode()]
+    assert user["images"] == [
+        base64.b64encode(PNG).decode(),
+        base64.b64encode((tmp_path / "my dir" / "dog.jpg").read_bytes()).decode(),
+    ]
     out = capsys.readouterr().out
     assert "Added image 'cat.png'" in out and "Added image 'my dir/dog.jpg'" in out
 
-    plain = Session(c, "tiny")                       # no vision: the text is sent as typed
+    plain = Session(c, "tiny")  # no vision: the text is sent as typed
     await plain.chat("what is ./cat.png")
     assert c.requests[-1][1]["messages"][-1] == {"role": "user", "content": "what is ./cat.png"}
 
@@ -140,11 +175,17 @@ async def test_image_paths_become_images_for_a_vision_model(capsys, tmp_path, mo
 async def test_one_shot_attaches_images_only_for_vision_models(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cat.png").write_bytes(PNG)
-    for caps, images in ((["completion", "vision"], [base64.b64encode(PNG).decode()]),
-                         (["completion"], None)):
+    for caps, images in (
+        (["completion", "vision"], [base64.b64encode(PNG).decode()]),
+        (["completion"], None),
+    ):
         c = Scripted(caps)
-        await cli.cmd_run(c, cli.build_parser().parse_args(  # type: ignore[arg-type]
-            ["run", "m", "describe ./cat.png"]))
+        await cli.cmd_run(
+            c,
+            cli.build_parser().parse_args(  # type: ignore[arg-type]
+                ["run", "m", "describe ./cat.png"]
+            ),
+        )
         body = c.requests[-1][1]
         assert body.get("images") == images
         assert body["prompt"] == ("describe" if images else "describe ./cat.png")

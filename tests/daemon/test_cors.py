@@ -20,49 +20,86 @@ from corral.daemon.api.middleware import (
 from corral.daemon.config import DEFAULT_ORIGINS, parse_origins
 
 
-@pytest.mark.parametrize(("origin", "allowed"), [
-    ("http://localhost", True), ("http://localhost:3000", True), ("https://127.0.0.1:8080", True),
-    ("http://0.0.0.0:1", True), ("app://anything", True), ("file://x", True),
-    ("tauri://localhost", True), ("vscode-webview://abc", True),
-    ("http://localhost.evil.com", True),  # upstream quirk: "http://localhost:*" is a prefix rule
-    ("https://evil.com", False), ("http://127.0.0.2", False), ("chrome-extension://abc", False),
-])
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("http://localhost", True),
+        ("http://localhost:3000", True),
+        ("https://127.0.0.1:8080", True),
+        ("http://0.0.0.0:1", True),
+        ("app://anything", True),
+        ("file://x", True),
+        ("tauri://localhost", True),
+        ("vscode-webview://abc", True),
+        (
+            "http://localhost.evil.com",
+            True,
+        ),  # upstream quirk: "http://localhost:*" is a prefix rule
+        ("https://evil.com", False),
+        ("http://127.0.0.2", False),
+        ("chrome-extension://abc", False),
+    ],
+)
 def test_default_origins(origin: str, allowed: bool) -> None:
     assert OriginPolicy(DEFAULT_ORIGINS).allows(origin) is allowed
 
 
-@pytest.mark.parametrize(("env", "origin", "allowed"), [
-    ("https://app.example.com", "https://app.example.com", True),
-    ("https://*.example.com", "https://a.example.com", True),
-    ("https://*.example.com", "https://example.org", False),
-    ("chrome-extension://*", "chrome-extension://abcdef", True),
-    ("*", "https://anything.at.all", True),
-])
+@pytest.mark.parametrize(
+    ("env", "origin", "allowed"),
+    [
+        ("https://app.example.com", "https://app.example.com", True),
+        ("https://*.example.com", "https://a.example.com", True),
+        ("https://*.example.com", "https://example.org", False),
+        ("chrome-extension://*", "chrome-extension://abcdef", True),
+        ("*", "https://anything.at.all", True),
+    ],
+)
 def test_user_origins(env: str, origin: str, allowed: bool) -> None:
     assert OriginPolicy(parse_origins(env)).allows(origin) is allowed
 
 
-@pytest.mark.parametrize(("host", "allowed"), [
-    ("127.0.0.1:11434", True), ("localhost:11434", True), ("[::1]:11434", True),
-    ("10.1.2.3", True), ("192.168.0.5:80", True), ("0.0.0.0", True), ("", True),
-    ("myhost", True), ("MYHOST:11434", True), ("printer.local", True), ("x.internal", True),
-    ("app.localhost", True), ("evil.com", False), ("8.8.8.8", False), ("myhost.evil.com", False),
-])
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("127.0.0.1:11434", True),
+        ("localhost:11434", True),
+        ("[::1]:11434", True),
+        ("10.1.2.3", True),
+        ("192.168.0.5:80", True),
+        ("0.0.0.0", True),
+        ("", True),
+        ("myhost", True),
+        ("MYHOST:11434", True),
+        ("printer.local", True),
+        ("x.internal", True),
+        ("app.localhost", True),
+        ("evil.com", False),
+        ("8.8.8.8", False),
+        ("myhost.evil.com", False),
+    ],
+)
 def test_host_policy(host: str, allowed: bool) -> None:
     policy = HostPolicy(hostname="myhost", local_ips=frozenset())
     from corral.daemon.api.middleware import _strip_port
+
     h = _strip_port(host)
     ip = policy.ip_allowed(h)
     assert (ip if ip is not None else policy.name_allowed(h)) is allowed
 
 
-@pytest.mark.parametrize(("bind", "loopback"), [
-    ("127.0.0.1", True), ("::1", True), ("localhost", True), ("0.0.0.0", False),
-    ("192.168.1.2", False), (None, False)])
+@pytest.mark.parametrize(
+    ("bind", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("192.168.1.2", False),
+        (None, False),
+    ],
+)
 def test_loopback_bind(bind: str | None, loopback: bool) -> None:
     assert is_loopback_bind(bind) is loopback
-
-
 
 
 @pytest.fixture
@@ -76,9 +113,12 @@ async def client() -> AsyncIterator[TestClient]:
         await r.write(b"{}\n")
         return r
 
-    app = web.Application(middlewares=[
-        cors_middleware(parse_origins("https://app.example.com")),
-        host_middleware(HostPolicy(hostname="myhost", local_ips=frozenset()))])
+    app = web.Application(
+        middlewares=[
+            cors_middleware(parse_origins("https://app.example.com")),
+            host_middleware(HostPolicy(hostname="myhost", local_ips=frozenset())),
+        ]
+    )
     app.on_response_prepare.append(add_cors_headers)
     app.router.add_get("/ok", ok)
     app.router.add_post("/stream", stream)
@@ -102,14 +142,17 @@ async def test_allowed_origin_gets_headers(client: TestClient) -> None:
 async def test_disallowed_origin_is_403(client: TestClient) -> None:
     r = await client.get("/ok", headers={"Origin": "https://evil.com"})
     assert r.status == 403 and await r.read() == b""
-    r = await client.options("/ok", headers={"Origin": "https://evil.com",
-                                             "Access-Control-Request-Method": "POST"})
+    r = await client.options(
+        "/ok", headers={"Origin": "https://evil.com", "Access-Control-Request-Method": "POST"}
+    )
     assert r.status == 403
 
 
 async def test_preflight(client: TestClient) -> None:
-    r = await client.options("/api/chat", headers={"Origin": "https://app.example.com",
-                                                   "Access-Control-Request-Method": "POST"})
+    r = await client.options(
+        "/api/chat",
+        headers={"Origin": "https://app.example.com", "Access-Control-Request-Method": "POST"},
+    )
     assert r.status == 204
     assert r.headers["Access-Control-Allow-Methods"] == "GET,POST,PUT,PATCH,DELETE,HEAD"
     assert r.headers["Access-Control-Allow-Headers"] == CORS_HEADERS
@@ -125,9 +168,16 @@ async def test_no_origin_or_same_origin_passes(client: TestClient) -> None:
     assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
 
 
-@pytest.mark.parametrize(("host", "status"), [
-    ("evil.com", 403), ("myhost:11434", 200), ("localhost", 200), ("8.8.8.8", 403),
-    ("127.0.0.1:1", 200)])
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("evil.com", 403),
+        ("myhost:11434", 200),
+        ("localhost", 200),
+        ("8.8.8.8", 403),
+        ("127.0.0.1:1", 200),
+    ],
+)
 async def test_host_header(client: TestClient, host: str, status: int) -> None:
     r = await client.get("/ok", headers={"Host": host})
     assert r.status == status

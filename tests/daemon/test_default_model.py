@@ -20,12 +20,12 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from corral.daemon.models import default_model as dm
 from corral.daemon.config import Config
+from corral.daemon.models import default_model as dm
 from corral.daemon.models.modelfile import format_parameters
-from corral.daemon.serve import first_command, run
 from corral.daemon.models.store import Store
 from corral.daemon.prompt.templates import GoTemplate
+from corral.daemon.serve import first_command, run
 from tests.e2e.conftest import free_port
 
 DEFAULT = "gemma3:270m"
@@ -39,26 +39,34 @@ def render(messages: list[dict]) -> str:
 # ---- the framing and the parameters ------------------------------------------------------------
 
 SCENE = "A conversation between a curious user and a helpful assistant that answers briefly."
-EXAMPLES = ("User: Hello!\n"
-            "Assistant: Hello! How can I help you today?\n"
-            "User: What is the capital of Italy?\n"
-            "Assistant: The capital of Italy is Rome.\n"
-            "User: Write a short poem about rain.\n"
-            "Assistant: Soft rain on the roof, a quiet song all night.\n")
+EXAMPLES = (
+    "User: Hello!\n"
+    "Assistant: Hello! How can I help you today?\n"
+    "User: What is the capital of Italy?\n"
+    "Assistant: The capital of Italy is Rome.\n"
+    "User: Write a short poem about rain.\n"
+    "Assistant: Soft rain on the roof, a quiet song all night.\n"
+)
 
 
 def test_a_user_turn_follows_the_examples_and_opens_an_assistant_line():
     assert render([{"role": "user", "content": "Hi"}]) == (
-        SCENE + "\n\n" + EXAMPLES + "User: Hi\nAssistant:")
+        SCENE + "\n\n" + EXAMPLES + "User: Hi\nAssistant:"
+    )
 
 
 def test_system_replaces_the_scene_and_turns_are_transcript_lines():
-    got = render([{"role": "system", "content": "Be brief."},
-                  {"role": "user", "content": "Hi"},
-                  {"role": "assistant", "content": "Hello!"},
-                  {"role": "user", "content": "Why?"}])
-    assert got == ("Be brief.\n\n" + EXAMPLES
-                   + "User: Hi\nAssistant: Hello!\nUser: Why?\nAssistant:")
+    got = render(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Why?"},
+        ]
+    )
+    assert got == (
+        "Be brief.\n\n" + EXAMPLES + "User: Hi\nAssistant: Hello!\nUser: Why?\nAssistant:"
+    )
 
 
 def test_parameters_bound_the_answer_and_stop_at_the_next_turn_or_paragraph():
@@ -73,6 +81,7 @@ def test_parameters_bound_the_answer_and_stop_at_the_next_turn_or_paragraph():
 
 
 # ---- the decision tree ---------------------------------------------------------------------------
+
 
 @pytest.fixture
 def embedded(tiny_gguf: Path) -> dm.Embedded:
@@ -92,7 +101,9 @@ def cfg(root: Path, default: str | None = None, **env: str) -> Config:
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 async def other_model(store: Store, tiny_gguf_factory: Callable[[int], Path], name="mine:latest"):
@@ -128,8 +139,9 @@ async def test_existing_store_is_left_untouched(tmp_path, embedded, tiny_gguf_fa
     assert not store.exists(DEFAULT)
 
 
-async def test_explicit_default_is_imported_into_an_existing_store(tmp_path, embedded,
-                                                                   tiny_gguf_factory):
+async def test_explicit_default_is_imported_into_an_existing_store(
+    tmp_path, embedded, tiny_gguf_factory
+):
     store = Store(tmp_path)
     await other_model(store, tiny_gguf_factory)
     config = cfg(tmp_path, DEFAULT)
@@ -141,13 +153,18 @@ async def test_explicit_default_is_imported_into_an_existing_store(tmp_path, emb
 
 @pytest.mark.parametrize("others", [False, True])
 async def test_an_older_import_of_the_default_gets_the_current_parameters(
-        tmp_path, embedded, tiny_gguf_factory, others):
+    tmp_path, embedded, tiny_gguf_factory, others
+):
     store = Store(tmp_path)
     layer = await store.write_blob_bytes(tiny_gguf_factory(0).read_bytes())
     assert layer.digest == embedded.digest
     old_template = "{{ range .Messages }}<start_of_turn>{{ .Content }}{{ end }}"
-    await store.create(DEFAULT, files={"tiny.gguf": layer.digest}, template=old_template,
-                       parameters={"stop": ["<end_of_turn>"], "temperature": 1})
+    await store.create(
+        DEFAULT,
+        files={"tiny.gguf": layer.digest},
+        template=old_template,
+        parameters={"stop": ["<end_of_turn>"], "temperature": 1},
+    )
     if others:
         await other_model(store, tiny_gguf_factory)
     got = await dm.ensure_default_model(store, cfg(tmp_path), embedded)
@@ -158,8 +175,9 @@ async def test_an_older_import_of_the_default_gets_the_current_parameters(
     assert got == (None if others else DEFAULT)
 
 
-async def test_a_default_name_with_other_weights_is_never_replaced(tmp_path, embedded,
-                                                                   tiny_gguf_factory):
+async def test_a_default_name_with_other_weights_is_never_replaced(
+    tmp_path, embedded, tiny_gguf_factory
+):
     """e.g. the instruction-tuned gemma3:270m pulled from a registry."""
     store = Store(tmp_path)
     await other_model(store, tiny_gguf_factory, name=DEFAULT)
@@ -171,16 +189,25 @@ async def test_a_default_name_with_other_weights_is_never_replaced(tmp_path, emb
 
 # ---- `corral serve`: preload or not, and the last start-up line --------------------------------
 
+
 @asynccontextmanager
-async def serving(root: Path, monkeypatch, embedded: dm.Embedded,
-                  **env: str) -> AsyncIterator[tuple[str, list[dict]]]:
+async def serving(
+    root: Path, monkeypatch, embedded: dm.Embedded, **env: str
+) -> AsyncIterator[tuple[str, list[dict]]]:
     """``corral serve`` in this process with FakeEngine runners; yields (url, captured log
     events) once the start-up's last line ("corral is ready") is logged."""
     monkeypatch.setattr(dm, "embedded_gemma", lambda: embedded)
     port = free_port()
-    config = Config.from_env({"OLLAMA_MODELS": str(root), "OLLAMA_HOST": f"127.0.0.1:{port}",
-                              "CORRAL_RUNNER_ENGINE": "fake", "CORRAL_SIMULATE_GPUS": "[]",
-                              "OLLAMA_NOPRUNE": "1", **env})
+    config = Config.from_env(
+        {
+            "OLLAMA_MODELS": str(root),
+            "OLLAMA_HOST": f"127.0.0.1:{port}",
+            "CORRAL_RUNNER_ENGINE": "fake",
+            "CORRAL_SIMULATE_GPUS": "[]",
+            "OLLAMA_NOPRUNE": "1",
+            **env,
+        }
+    )
     stop = asyncio.Event()
     with capture_logs() as logs:
         task = asyncio.create_task(run(config, stop=stop))
@@ -200,8 +227,9 @@ async def loaded(url: str) -> list[str]:
         return [m["name"] for m in (await r.json())["models"]]
 
 
-async def test_serve_on_a_fresh_store_imports_and_preloads_the_default(tmp_path, monkeypatch,
-                                                                       embedded):
+async def test_serve_on_a_fresh_store_imports_and_preloads_the_default(
+    tmp_path, monkeypatch, embedded
+):
     async with serving(tmp_path, monkeypatch, embedded) as (url, logs):
         assert await loaded(url) == [DEFAULT]
         [ready] = [e for e in logs if e["event"] == "corral is ready"]
@@ -209,15 +237,21 @@ async def test_serve_on_a_fresh_store_imports_and_preloads_the_default(tmp_path,
         assert ready["try"].endswith(f"run {DEFAULT} 'The capital of France is'")
         assert f"OLLAMA_HOST={url} " in ready["try"]  # not the client default port
         async with aiohttp.ClientSession() as s:
-            async with s.post(url + "/api/chat", json={
-                    "model": DEFAULT, "stream": False,
-                    "messages": [{"role": "user", "content": "Hi"}]}) as r:
+            async with s.post(
+                url + "/api/chat",
+                json={
+                    "model": DEFAULT,
+                    "stream": False,
+                    "messages": [{"role": "user", "content": "Hi"}],
+                },
+            ) as r:
                 body = await r.json()
         assert body["done"] and body["done_reason"] in ("stop", "length")
 
 
-async def test_serve_on_an_existing_store_loads_nothing(tmp_path, monkeypatch, embedded,
-                                                        tiny_gguf_factory):
+async def test_serve_on_an_existing_store_loads_nothing(
+    tmp_path, monkeypatch, embedded, tiny_gguf_factory
+):
     await other_model(Store(tmp_path), tiny_gguf_factory)
     before = snapshot(tmp_path)
     async with serving(tmp_path, monkeypatch, embedded) as (url, logs):
@@ -230,7 +264,8 @@ async def test_serve_on_an_existing_store_loads_nothing(tmp_path, monkeypatch, e
 
 
 async def test_serve_with_an_explicit_default_preloads_it_into_an_existing_store(
-        tmp_path, monkeypatch, embedded, tiny_gguf_factory):
+    tmp_path, monkeypatch, embedded, tiny_gguf_factory
+):
     await other_model(Store(tmp_path), tiny_gguf_factory)
     async with serving(tmp_path, monkeypatch, embedded, CORRAL_DEFAULT_MODEL=DEFAULT) as (url, _):
         assert await loaded(url) == [DEFAULT]
@@ -238,6 +273,13 @@ async def test_serve_with_an_explicit_default_preloads_it_into_an_existing_store
 
 def test_first_command_names_the_default_host_plainly(tmp_path):
     c = cfg(tmp_path)
-    assert first_command(c, DEFAULT).split()[1:] == ["run", DEFAULT, "'The", "capital", "of",
-                                                     "France", "is'"]
+    assert first_command(c, DEFAULT).split()[1:] == [
+        "run",
+        DEFAULT,
+        "'The",
+        "capital",
+        "of",
+        "France",
+        "is'",
+    ]
     assert "OLLAMA_HOST" not in first_command(c, None)

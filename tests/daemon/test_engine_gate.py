@@ -11,9 +11,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import pytest
 from structlog.testing import capture_logs
 
+from corral.daemon.api.ps import ps_models
 from corral.daemon.config import Config
 from corral.daemon.gpu import (
     GpuReading,
@@ -25,47 +25,92 @@ from corral.daemon.gpu import (
     host_memory,
     make_probe,
 )
-from corral.daemon.api.ps import ps_models
 from corral.daemon.supervisor import Supervisor
-from corral.runner.protocol import EngineDevice, EngineProbe, MemoryUse
+from corral.runner.protocol import EngineDevice, EngineProbe
 from tests.daemon.fake_pynvml import FakeDevice, FakeNvml
 from tests.daemon.test_supervisor import HOST, SAFETY, acquire, models  # noqa: F401 (fixture)
 
 GiB = 1 << 30
 
-CPU_DEV = EngineDevice(name="CPU", description="AMD EPYC", type="cpu", backend="CPU",
-                       total=64 * GiB, free=48 * GiB)
-CPU_ONLY = EngineProbe(llama_cpp_python="0.3.36", gpu_offload=False, devices=[CPU_DEV],
-                       system_info="CPU : SSE3 = 1 | AVX2 = 1 |", build={"backend": "cpu"})
+CPU_DEV = EngineDevice(
+    name="CPU", description="AMD EPYC", type="cpu", backend="CPU", total=64 * GiB, free=48 * GiB
+)
+CPU_ONLY = EngineProbe(
+    llama_cpp_python="0.3.36",
+    gpu_offload=False,
+    devices=[CPU_DEV],
+    system_info="CPU : SSE3 = 1 | AVX2 = 1 |",
+    build={"backend": "cpu"},
+)
 WITH_CUDA = EngineProbe(
-    llama_cpp_python="0.3.36", gpu_offload=True, build={"backend": "cuda"},
-    devices=[EngineDevice(name="CUDA0", description="NVIDIA A100", type="gpu", backend="CUDA",
-                          total=80 * GiB, free=79 * GiB),
-             EngineDevice(name="CUDA1", description="NVIDIA A100", type="gpu", backend="CUDA",
-                          total=80 * GiB, free=79 * GiB), CPU_DEV])
-M2 = EngineProbe(gpu_offload=True, devices=[
-    EngineDevice(name="Metal", description="Apple M2 Max", type="gpu", backend="Metal",
-                 total=48 * GiB, free=48 * GiB), CPU_DEV])
+    llama_cpp_python="0.3.36",
+    gpu_offload=True,
+    build={"backend": "cuda"},
+    devices=[
+        EngineDevice(
+            name="CUDA0",
+            description="NVIDIA A100",
+            type="gpu",
+            backend="CUDA",
+            total=80 * GiB,
+            free=79 * GiB,
+        ),
+        EngineDevice(
+            name="CUDA1",
+            description="NVIDIA A100",
+            type="gpu",
+            backend="CUDA",
+            total=80 * GiB,
+            free=79 * GiB,
+        ),
+        CPU_DEV,
+    ],
+)
+M2 = EngineProbe(
+    gpu_offload=True,
+    devices=[
+        EngineDevice(
+            name="Metal",
+            description="Apple M2 Max",
+            type="gpu",
+            backend="Metal",
+            total=48 * GiB,
+            free=48 * GiB,
+        ),
+        CPU_DEV,
+    ],
+)
 
 
 def cfg(**kw: Any) -> Config:
-    base: dict[str, Any] = dict(runner_engine="fake", keep_alive=300.0, load_timeout=20.0,
-                                fake_knobs={"load_time": 0.0, "tokens_per_second": 200.0})
+    base: dict[str, Any] = dict(
+        runner_engine="fake",
+        keep_alive=300.0,
+        load_timeout=20.0,
+        fake_knobs={"load_time": 0.0, "tokens_per_second": 200.0},
+    )
     base.update(kw)
     return Config(**base)
 
 
 def nvml_two_gpus() -> FakeNvml:
-    return FakeNvml(devices=[FakeDevice(name="NVIDIA A100", total=80 * GiB),
-                             FakeDevice(name="NVIDIA A100", total=80 * GiB)])
+    return FakeNvml(
+        devices=[
+            FakeDevice(name="NVIDIA A100", total=80 * GiB),
+            FakeDevice(name="NVIDIA A100", total=80 * GiB),
+        ]
+    )
 
 
 def readings(*libs: str) -> list[GpuReading]:
-    return [GpuReading(id=str(i), name="g", total=GiB, free=GiB, library=lib)
-            for i, lib in enumerate(libs)]
+    return [
+        GpuReading(id=str(i), name="g", total=GiB, free=GiB, library=lib)
+        for i, lib in enumerate(libs)
+    ]
 
 
 # ------------------------------------------------------------------------------- pure verdict
+
 
 def test_no_engine_probe_offers_everything():
     assert engine_verdict(readings("cuda"), None) == (None, None)
@@ -74,8 +119,10 @@ def test_no_engine_probe_offers_everything():
 def test_cpu_only_build_offers_no_nvidia_gpu_and_says_how_to_fix_it():
     libs, why = engine_verdict(readings("cuda", "cuda"), CPU_ONLY)
     assert libs == frozenset()
-    assert why == ("llama.cpp was built without CUDA; 2 NVIDIA GPUs unused; "
-                   "reinstall with CORRAL_LLAMA_BACKEND=cuda")
+    assert why == (
+        "llama.cpp was built without CUDA; 2 NVIDIA GPUs unused; "
+        "reinstall with CORRAL_LLAMA_BACKEND=cuda"
+    )
 
 
 def test_a_cuda_build_offers_the_nvidia_gpus():
@@ -90,6 +137,7 @@ def test_an_engine_that_failed_to_load_says_so():
 
 
 # ------------------------------------------------------------------------ supervisor behaviour
+
 
 async def start(config: Config, probe: Any, engine: EngineProbe | None) -> Supervisor:
     sup = Supervisor(config, probe=probe, engine=engine, stop_grace=2.0, drain_timeout=1.0)
@@ -115,8 +163,10 @@ async def test_nvml_gpus_with_a_cpu_only_engine_place_on_cpu_log_once_and_report
             await asyncio.wait_for(sup.close(), SAFETY)
     unused = [e for e in logs if e["event"] == "gpus unused"]
     assert len(unused) == 1
-    assert unused[0]["reason"] == ("llama.cpp was built without CUDA; 2 NVIDIA GPUs unused; "
-                                   "reinstall with CORRAL_LLAMA_BACKEND=cuda")
+    assert unused[0]["reason"] == (
+        "llama.cpp was built without CUDA; 2 NVIDIA GPUs unused; "
+        "reinstall with CORRAL_LLAMA_BACKEND=cuda"
+    )
 
 
 async def test_nvml_gpus_with_a_cuda_engine_place_on_gpu_as_before(models):
@@ -148,7 +198,7 @@ async def test_a_runner_that_measures_no_gpu_memory_is_reported_as_measured(mode
             assert row["size_vram"] == 0 and row["gpus"] == []
             assert row["size"] > 0
             (view,) = sup.snapshot().runners
-            assert view.placement.vram == 0          # the ledger no longer holds GPU memory
+            assert view.placement.vram == 0  # the ledger no longer holds GPU memory
         finally:
             await asyncio.wait_for(sup.close(), SAFETY)
     assert [e for e in logs if e["event"].startswith("runner uses no GPU memory")]
@@ -156,8 +206,12 @@ async def test_a_runner_that_measures_no_gpu_memory_is_reported_as_measured(mode
 
 async def test_measured_gpu_memory_replaces_the_estimate(models):
     probe = NvmlProbe(nvml=nvml_two_gpus().module(), host=HOST)
-    knobs = {"memory": {"CUDA0": {"weights": 100 << 20, "kv": 50 << 20, "compute": 10 << 20},
-                        "CPU": {"weights": 1 << 20}}}
+    knobs = {
+        "memory": {
+            "CUDA0": {"weights": 100 << 20, "kv": 50 << 20, "compute": 10 << 20},
+            "CPU": {"weights": 1 << 20},
+        }
+    }
     sup = await start(cfg(fake_knobs=knobs), probe, WITH_CUDA)
     try:
         async with await acquire(sup, models(0)):
@@ -181,15 +235,20 @@ async def test_the_fake_engine_and_simulated_gpus_are_not_gated(models):
 
 # ---------------------------------------------------------------------------- Apple silicon
 
+
 def test_macos_gets_one_integrated_metal_gpu_sized_by_the_engine():
     probe = make_probe(cfg(), engine=M2, platform="darwin", host=(64 * GiB, 40 * GiB))
     assert isinstance(probe, UnifiedMemoryProbe)
     inv = probe.read()
     (gpu,) = inv.gpus
-    assert (gpu.library, gpu.integrated, gpu.total, gpu.name) == ("metal", True, 48 * GiB,
-                                                                   "Apple M2 Max")
+    assert (gpu.library, gpu.integrated, gpu.total, gpu.name) == (
+        "metal",
+        True,
+        48 * GiB,
+        "Apple M2 Max",
+    )
     assert inv.host.total == 64 * GiB
-    probe.note_usage({"0": 10 * GiB})              # our runner holds 10 GiB of it
+    probe.note_usage({"0": 10 * GiB})  # our runner holds 10 GiB of it
     assert probe.read().gpus[0].free == 38 * GiB
 
 
@@ -199,6 +258,7 @@ def test_macos_without_a_metal_engine_has_no_gpu():
 
 
 # ------------------------------------------------------------------------------ cgroup v2
+
 
 def _cgroup(tmp_path: Path, files: dict[str, str], self_line: str = "0::/\n") -> tuple[Path, Path]:
     root = tmp_path / "cg"
@@ -229,10 +289,15 @@ def test_no_limit_means_memavailable(tmp_path):
 
 
 def test_our_own_group_below_the_root_is_read_first(tmp_path):
-    root, me = _cgroup(tmp_path, {"memory.max": "max\n",
-                                  "system.slice/corral.service/memory.max": f"{4 * GiB}",
-                                  "system.slice/corral.service/memory.current": f"{1 * GiB}"},
-                       self_line="0::/system.slice/corral.service\n")
+    root, me = _cgroup(
+        tmp_path,
+        {
+            "memory.max": "max\n",
+            "system.slice/corral.service/memory.max": f"{4 * GiB}",
+            "system.slice/corral.service/memory.current": f"{1 * GiB}",
+        },
+        self_line="0::/system.slice/corral.service\n",
+    )
     assert cgroup_limit(root, me) == (4 * GiB, 1 * GiB)
     # usage above the limit (page cache being reclaimed) never makes free memory negative
     (root / "system.slice/corral.service/memory.current").write_text(str(5 * GiB))
@@ -245,6 +310,7 @@ def test_available_below_the_cgroup_headroom_wins(tmp_path):
 
 
 # ------------------------------------------------------------------ memory after an unload
+
 
 async def test_the_next_load_waits_until_the_stopped_runners_vram_reads_free_again(models):
     """A stopped runner's GPU memory stays reserved until the device shows 3/4 of it back (the
@@ -266,16 +332,17 @@ async def test_the_next_load_waits_until_the_stopped_runners_vram_reads_free_aga
             pass
         (a,) = sup.snapshot().runners
         assert a.placement.vram == held
-        nv.devices[0].free = total - held                  # the driver shows what A holds
-        b = asyncio.create_task(acquire(sup, models(1)))   # B fits only once A is gone
-        await asyncio.wait_for(sup.wait_until(lambda: sup.snapshot().reclaiming == (a.runner_id,)),
-                               SAFETY)
+        nv.devices[0].free = total - held  # the driver shows what A holds
+        b = asyncio.create_task(acquire(sup, models(1)))  # B fits only once A is gone
+        await asyncio.wait_for(
+            sup.wait_until(lambda: sup.snapshot().reclaiming == (a.runner_id,)), SAFETY
+        )
         seen = sup.processed
         # three more probe readings (every 250 ms) with the memory still held: B waits
         await asyncio.wait_for(sup.wait_until(lambda: sup.processed >= seen + 3), SAFETY)
         assert not b.done()
         assert [v.runner_id for v in sup.snapshot().runners] == []
-        nv.devices[0].free = total - held // 8              # 7/8 of it back
+        nv.devices[0].free = total - held // 8  # 7/8 of it back
         async with await asyncio.wait_for(b, SAFETY) as lease:
             assert lease.runner_id != a.runner_id
         assert sup.snapshot().reclaiming == ()

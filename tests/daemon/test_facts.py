@@ -10,7 +10,7 @@ from corral.daemon.model_inputs import facts_from_info
 from tests.fixtures.virtual_gguf import N_EMBD, N_VOCAB, write_virtual_llama
 
 GiB = 1 << 30
-HEAD = N_VOCAB * N_EMBD * 2          # an F16 vocab x embd matrix
+HEAD = N_VOCAB * N_EMBD * 2  # an F16 vocab x embd matrix
 NORM = N_EMBD * 4
 
 
@@ -36,16 +36,18 @@ def test_tied_embeddings_count_token_embd_as_the_output_layer(tmp_path):
 def test_file_size_is_never_below_the_tensor_table(tmp_path):
     path = write_virtual_llama(tmp_path / "v.gguf", weights_gib=5.0)
     info, facts = facts_of(path)
-    assert os.path.getsize(path) < 1 << 20           # header only
+    assert os.path.getsize(path) < 1 << 20  # header only
     assert facts.file_size == info.tensor_bytes > 4 * GiB
 
 
 def test_simulated_probe_reports_free_minus_what_our_runners_hold():
-    probe = SimulatedProbe([{"id": "0", "total": 10 * GiB, "free": 6 * GiB},
-                            {"id": "1", "total": 8 * GiB}], host=(64 * GiB, 48 * GiB))
+    probe = SimulatedProbe(
+        [{"id": "0", "total": 10 * GiB, "free": 6 * GiB}, {"id": "1", "total": 8 * GiB}],
+        host=(64 * GiB, 48 * GiB),
+    )
     probe.note_usage({"0": 5 * GiB})
     assert [g.free for g in probe.read().gpus] == [1 * GiB, 8 * GiB]
-    probe.note_usage({"0": 7 * GiB, "1": 1 * GiB})   # never below zero
+    probe.note_usage({"0": 7 * GiB, "1": 1 * GiB})  # never below zero
     assert [g.free for g in probe.read().gpus] == [0, 7 * GiB]
     probe.note_usage({})
     assert [g.free for g in probe.read().gpus] == [6 * GiB, 8 * GiB]

@@ -21,8 +21,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from corral.daemon.models import registry as registry_mod
 from corral.daemon.api.native_models import REGISTRY
+from corral.daemon.models import registry as registry_mod
 from corral.daemon.models import store as store_mod
 from corral.daemon.models.store import MEDIA_MODEL, MEDIA_SYSTEM, Store
 from tests.daemon.registry_server import RegistryServer
@@ -90,10 +90,13 @@ def consistent(store: Store) -> set[str]:
     refs = store.referenced_digests()
     files = {p.name for p in store.blobs_dir.iterdir()} if store.blobs_dir.is_dir() else set()
     blobs = {"sha256:" + n.removeprefix("sha256-") for n in files if len(n) == 71}
-    assert files == {d.replace(":", "-") for d in blobs}, files   # nothing else lying around
-    assert refs == blobs, (refs ^ blobs)
-    temps = [p for p in store.manifests_dir.rglob("*") if p.name.startswith(".")] \
-        if store.manifests_dir.is_dir() else []
+    assert files == {d.replace(":", "-") for d in blobs}, files  # nothing else lying around
+    assert refs == blobs, refs ^ blobs
+    temps = (
+        [p for p in store.manifests_dir.rglob("*") if p.name.startswith(".")]
+        if store.manifests_dir.is_dir()
+        else []
+    )
     assert not temps
     return blobs
 
@@ -103,8 +106,9 @@ async def post_json(http: aiohttp.ClientSession, path: str, body: dict) -> tuple
         return r.status, await r.json()
 
 
-async def pull_v1_publish_v2(http: aiohttp.ClientSession, reg: RegistryServer, old: bytes
-                             ) -> tuple[str, dict, bytes]:
+async def pull_v1_publish_v2(
+    http: aiohttp.ClientSession, reg: RegistryServer, old: bytes
+) -> tuple[str, dict, bytes]:
     """Pull v1 of ``library/tiny``, then publish v2 (same size, other bytes) at the same tag.
     Returns (name, the pull body, v2's model bytes)."""
     new = old[:-64] + bytes(64)
@@ -125,7 +129,8 @@ async def upload(http: aiohttp.ClientSession, data: bytes) -> tuple[int, str]:
 
 
 async def test_blob_upload_on_a_full_disk_is_507_and_leaves_nothing(
-        srv: Server, disk: DiskQuota, tiny_gguf: Path) -> None:
+    srv: Server, disk: DiskQuota, tiny_gguf: Path
+) -> None:
     data = tiny_gguf.read_bytes()
     disk.free = len(data) // 3
     async with aiohttp.ClientSession(base_url=srv.url) as http:
@@ -134,14 +139,15 @@ async def test_blob_upload_on_a_full_disk_is_507_and_leaves_nothing(
         msg = json.loads(text)["error"]
         assert msg.startswith("write ") and msg.endswith(": no space left on device"), msg
         assert disk.failures == 1
-        assert consistent(srv.store) == set()          # the temp file is gone
-        disk.free = None                               # space is back
+        assert consistent(srv.store) == set()  # the temp file is gone
+        disk.free = None  # space is back
         assert (await upload(http, data))[0] == 201
         assert srv.store.has_blob(sha(data))
 
 
 async def test_create_on_a_full_disk_never_breaks_the_old_model(
-        srv: Server, disk: DiskQuota, tiny_gguf: Path) -> None:
+    srv: Server, disk: DiskQuota, tiny_gguf: Path
+) -> None:
     """The disk fills at every possible point of a create over an existing model: each attempt
     either succeeds or is a 507 that leaves the old model exactly as it was."""
     data = tiny_gguf.read_bytes()
@@ -154,8 +160,11 @@ async def test_create_on_a_full_disk_never_breaks_the_old_model(
         outcomes = []
         for free in range(0, 2400, 40):
             disk.free = free
-            status, answer = await post_json(http, "/api/create", {
-                **body, "system": f"new {free}", "parameters": {"temperature": free / 1000}})
+            status, answer = await post_json(
+                http,
+                "/api/create",
+                {**body, "system": f"new {free}", "parameters": {"temperature": free / 1000}},
+            )
             outcomes.append(status)
             if status == 200:
                 assert srv.store.resolve("m").system == f"new {free}"
@@ -172,33 +181,35 @@ async def test_create_on_a_full_disk_never_breaks_the_old_model(
 
 
 async def test_pull_on_a_full_disk_keeps_the_old_model_and_resumes(
-        srv: Server, disk: DiskQuota, reg: RegistryServer, tiny_gguf: Path) -> None:
+    srv: Server, disk: DiskQuota, reg: RegistryServer, tiny_gguf: Path
+) -> None:
     old = tiny_gguf.read_bytes()
     async with aiohttp.ClientSession(base_url=srv.url) as http:
         name, pull, new = await pull_v1_publish_v2(http, reg, old)
 
         disk.free = len(new) // 2
-        srv.server.app[REGISTRY].write_batch = 64 * 1024   # a big blob is written in batches
+        srv.server.app[REGISTRY].write_batch = 64 * 1024  # a big blob is written in batches
         reg.requests.clear()
         async with http.post("/api/pull", json={**pull, "stream": True}) as r:
             assert r.status == 200
             lines = [json.loads(x) for x in (await r.read()).splitlines()]
         error = lines[-1]["error"]
         assert error.startswith("write ") and error.endswith("-partial: no space left on device")
-        assert len(reg.blob_requests(sha(new))) == 1          # no retries on a full disk
-        assert srv.store.resolve(name).system == "v1"          # the old model is intact
+        assert len(reg.blob_requests(sha(new))) == 1  # no retries on a full disk
+        assert srv.store.resolve(name).system == "v1"  # the old model is intact
         assert srv.store.resolve(name).model_path.read_bytes() == old
         partial = srv.store.blob_path(sha(new)).with_name(
-            srv.store.blob_path(sha(new)).name + "-partial")
+            srv.store.blob_path(sha(new)).name + "-partial"
+        )
         assert partial.is_file()
         done = json.loads(partial.with_name(partial.name + "-0").read_bytes())["Completed"]
         assert 0 < done <= len(new) // 2
 
-        disk.free = 0                                        # still full: 507 when not streamed
+        disk.free = 0  # still full: 507 when not streamed
         status, answer = await post_json(http, "/api/pull", pull)
         assert status == 507 and answer["error"].endswith("no space left on device")
 
-        disk.free = None                                     # space is back: resume
+        disk.free = None  # space is back: resume
         reg.requests.clear()
         assert (await post_json(http, "/api/pull", pull))[0] == 200
         [rng] = reg.blob_requests(sha(new))
@@ -211,17 +222,24 @@ async def test_pull_on_a_full_disk_keeps_the_old_model_and_resumes(
 # ---- racing writers --------------------------------------------------------------------------
 
 
-async def test_two_creates_of_one_name_end_with_one_valid_model(srv: Server,
-                                                                tiny_gguf: Path) -> None:
+async def test_two_creates_of_one_name_end_with_one_valid_model(
+    srv: Server, tiny_gguf: Path
+) -> None:
     data = tiny_gguf.read_bytes()
     async with aiohttp.ClientSession(base_url=srv.url) as http:
         assert (await upload(http, data))[0] == 201
         for round_ in range(5):
-            bodies = [{"model": "race", "files": {"m.gguf": sha(data)}, "stream": False,
-                       "system": f"writer {i} round {round_}", "license": f"L{i}{round_}"}
-                      for i in range(2)]
-            answers = await asyncio.gather(*(post_json(http, "/api/create", b)
-                                             for b in bodies))
+            bodies = [
+                {
+                    "model": "race",
+                    "files": {"m.gguf": sha(data)},
+                    "stream": False,
+                    "system": f"writer {i} round {round_}",
+                    "license": f"L{i}{round_}",
+                }
+                for i in range(2)
+            ]
+            answers = await asyncio.gather(*(post_json(http, "/api/create", b) for b in bodies))
             assert [a[0] for a in answers] == [200, 200]
             record = srv.store.resolve("race")
             assert record.system in {b["system"] for b in bodies}
@@ -231,7 +249,8 @@ async def test_two_creates_of_one_name_end_with_one_valid_model(srv: Server,
 
 
 async def test_delete_during_a_pull_of_that_name_does_not_wait_and_leaves_a_consistent_store(
-        srv: Server, reg: RegistryServer, tiny_gguf: Path) -> None:
+    srv: Server, reg: RegistryServer, tiny_gguf: Path
+) -> None:
     old = tiny_gguf.read_bytes()
     async with aiohttp.ClientSession(base_url=srv.url) as http:
         name, pull, new = await pull_v1_publish_v2(http, reg, old)
@@ -257,10 +276,10 @@ async def test_delete_during_a_pull_of_that_name_does_not_wait_and_leaves_a_cons
             async with http.delete("/api/delete", json={"model": name}) as r:
                 assert r.status == 200
         assert not srv.store.exists(name)
-        del reg.stall_after[sha(new)]                # the registry recovers: the pull ends
+        del reg.stall_after[sha(new)]  # the registry recovers: the pull ends
         lines = await task
         assert lines[-1] == {"status": "success"}
-        record = srv.store.resolve(name)             # v2 whole (the delete came first)
+        record = srv.store.resolve(name)  # v2 whole (the delete came first)
         assert record.system == "v2" and record.model_path.read_bytes() == new
-        assert not srv.store.has_blob(sha(old))      # v1's blob went with the delete
+        assert not srv.store.has_blob(sha(old))  # v1's blob went with the delete
         consistent(srv.store)

@@ -14,9 +14,13 @@ HOST = (64 * GiB, 48 * GiB)
 
 
 def two_gpus(**kw) -> FakeNvml:
-    return FakeNvml(devices=[FakeDevice(name="RTX A", total=24 * GiB, free=20 * GiB, uuid="GPU-aaaa"),
-                             FakeDevice(name="RTX B", total=12 * GiB, free=11 * GiB, uuid="GPU-bbbb")],
-                    **kw)
+    return FakeNvml(
+        devices=[
+            FakeDevice(name="RTX A", total=24 * GiB, free=20 * GiB, uuid="GPU-aaaa"),
+            FakeDevice(name="RTX B", total=12 * GiB, free=11 * GiB, uuid="GPU-bbbb"),
+        ],
+        **kw,
+    )
 
 
 def test_nvml_reads_devices_and_host_memory():
@@ -31,7 +35,7 @@ def test_nvml_reads_devices_and_host_memory():
     assert {(g.library, g.min_overhead) for g in inv.gpus} == {("cuda", 457 * 1024**2)}
     assert nv.init_calls == 1
     probe.read()
-    assert nv.init_calls == 1          # initialised once, not per read
+    assert nv.init_calls == 1  # initialised once, not per read
     probe.close()
     probe.close()
     assert nv.shutdown_calls == 1
@@ -47,21 +51,24 @@ def test_nvml_init_failure_means_no_gpus_logged_once(capsys):
     probe = gpu.NvmlProbe(nvml=nv, host=HOST)
     assert probe.read().gpus == ()
     assert probe.read().gpus == ()
-    assert nv.init_calls == 1          # not retried on every refresh
+    assert nv.init_calls == 1  # not retried on every refresh
     probe.close()
-    assert nv.shutdown_calls == 0      # nothing to shut down
+    assert nv.shutdown_calls == 0  # nothing to shut down
 
 
-@pytest.mark.parametrize(("visible", "expect"), [
-    (None, ["0", "1"]),
-    ("1", ["1"]),
-    ("1,0", ["1", "0"]),
-    ("GPU-bbbb", ["1"]),
-    ("GPU-bb", ["1"]),                 # unique UUID prefix
-    ("0,7,1", ["0"]),                  # CUDA stops at the first invalid entry
-    ("", []),
-    ("-1", []),
-])
+@pytest.mark.parametrize(
+    ("visible", "expect"),
+    [
+        (None, ["0", "1"]),
+        ("1", ["1"]),
+        ("1,0", ["1", "0"]),
+        ("GPU-bbbb", ["1"]),
+        ("GPU-bb", ["1"]),  # unique UUID prefix
+        ("0,7,1", ["0"]),  # CUDA stops at the first invalid entry
+        ("", []),
+        ("-1", []),
+    ],
+)
 def test_nvml_honours_cuda_visible_devices(visible, expect):
     probe = gpu.NvmlProbe(nvml=two_gpus(), visible_devices=visible, host=HOST)
     assert [g.id for g in probe.read().gpus] == expect
@@ -100,13 +107,16 @@ async def test_refresh_runs_blocking_probe_in_a_thread():
 
 def test_simulated_gpus_from_json_and_set_free():
     probe = gpu.SimulatedProbe(
-        '[{"name": "Sim 24", "total": "24GiB", "free": "20GiB"}, {"total": 8589934592}]', host=HOST)
+        '[{"name": "Sim 24", "total": "24GiB", "free": "20GiB"}, {"total": 8589934592}]', host=HOST
+    )
     inv = probe.read()
     assert [(g.id, g.name, g.total, g.free) for g in inv.gpus] == [
-        ("0", "Sim 24", 24 * GiB, 20 * GiB), ("1", "Simulated GPU 1", 8 * GiB, 8 * GiB)]
+        ("0", "Sim 24", 24 * GiB, 20 * GiB),
+        ("1", "Simulated GPU 1", 8 * GiB, 8 * GiB),
+    ]
     probe.set_free("0", 1 * GiB)
     assert probe.read().gpus[0].free == 1 * GiB
-    assert probe.visible_devices(["0"]) is None      # never narrow the env for paper GPUs
+    assert probe.visible_devices(["0"]) is None  # never narrow the env for paper GPUs
 
 
 @pytest.mark.parametrize("bad", ['[{"free": 1}]', '[{"total": 1, "free": 2}]', '[{"total": "x"}]'])
@@ -124,6 +134,7 @@ def test_make_probe_picks_simulated_or_nvml():
     class Cfg:
         simulate_gpus = [{"total": GiB}]
         cuda_visible_devices = None
+
     assert isinstance(gpu.make_probe(Cfg(), host=HOST), gpu.SimulatedProbe)
     Cfg.simulate_gpus = ()
     assert gpu.make_probe(Cfg(), nvml=two_gpus(), host=HOST).read().gpus == ()
@@ -135,7 +146,9 @@ def test_make_probe_picks_simulated_or_nvml():
 
 def test_simulated_gpus_from_config_structs():
     from corral.daemon.config import Config, SimulatedGpu
+
     cfg = Config(simulate_gpus=(SimulatedGpu(id="a", total=8 * GiB, free=6 * GiB, name="Sim A"),))
     inv = gpu.make_probe(cfg, host=HOST).read()
     assert [(g.id, g.name, g.library, g.total, g.free, g.min_overhead) for g in inv.gpus] == [
-        ("a", "Sim A", "cuda", 8 * GiB, 6 * GiB, 0)]
+        ("a", "Sim A", "cuda", 8 * GiB, 6 * GiB, 0)
+    ]

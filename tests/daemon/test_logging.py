@@ -27,7 +27,7 @@ def test_key_value_by_default():
     out = _configure(False)
     structlog.get_logger("t").info("runner ready", pid=12, model="tiny:latest")
     line = out.getvalue().strip()
-    assert "event=\"runner ready\"" in line and "pid=12" in line and "model=tiny:latest" in line
+    assert 'event="runner ready"' in line and "pid=12" in line and "model=tiny:latest" in line
     assert "level=info" in line
 
 

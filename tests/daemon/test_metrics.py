@@ -38,9 +38,15 @@ GPU = SimulatedGpu(id="0", total=24 * GiB, free=24 * GiB, name="Sim 24G")
 def config(**kw: Any) -> Config:
     knobs = kw.pop("fake_knobs", {})
     base: dict[str, Any] = dict(
-        host=HostAddr(host="127.0.0.1", port=11434), runner_engine="fake", simulate_gpus=(GPU,),
+        host=HostAddr(host="127.0.0.1", port=11434),
+        runner_engine="fake",
+        simulate_gpus=(GPU,),
         fake_knobs={"load_time": 0.0, "tokens_per_second": 2000.0, **knobs},
-        keep_alive=300.0, load_timeout=20.0, max_loaded_models=1, max_queue=1)
+        keep_alive=300.0,
+        load_timeout=20.0,
+        max_loaded_models=1,
+        max_queue=1,
+    )
     base.update(kw)
     return Config(**base)
 
@@ -76,9 +82,12 @@ class Env:
             return Scrape(await r.text())
 
     async def generate(self, model: str, **body: Any) -> tuple[int, list[dict]]:
-        payload = {"model": model, "prompt": "hello there", "options": {"num_predict": 6,
-                                                                        "temperature": 0},
-                   **body}
+        payload = {
+            "model": model,
+            "prompt": "hello there",
+            "options": {"num_predict": 6, "temperature": 0},
+            **body,
+        }
         async with self.client.post("/api/generate", json=payload) as r:
             text = await r.text()
             return r.status, [json.loads(x) for x in text.splitlines() if x.strip()]
@@ -88,13 +97,18 @@ class Env:
 
     def runners(self, model: str, state: str | None = None) -> list[Any]:
         key = str(self.store.resolve(model).model_path)
-        return [v for v in self.sup.snapshot().runners
-                if v.model_key == key and (state is None or v.state == state)]
+        return [
+            v
+            for v in self.sup.snapshot().runners
+            if v.model_key == key and (state is None or v.state == state)
+        ]
 
 
 @pytest.fixture
-async def make_env(tmp_path: Path, tiny_gguf_factory: Callable[[int], Path],
-                   ) -> AsyncIterator[Callable[..., Any]]:
+async def make_env(
+    tmp_path: Path,
+    tiny_gguf_factory: Callable[[int], Path],
+) -> AsyncIterator[Callable[..., Any]]:
     made: list[Env] = []
 
     async def make(**kw: Any) -> Env:
@@ -103,9 +117,13 @@ async def make_env(tmp_path: Path, tiny_gguf_factory: Callable[[int], Path],
             layer = await store.write_blob_bytes(tiny_gguf_factory(seed).read_bytes())
             await store.create(name, files={"m.gguf": layer.digest})
         cfg = config(**kw)
-        sup = Supervisor(cfg, store, probe=SimulatedProbe(cfg.simulate_gpus, host=(64 * GiB,
-                                                                                 48 * GiB)),
-                         stop_grace=2.0, drain_timeout=1.0)
+        sup = Supervisor(
+            cfg,
+            store,
+            probe=SimulatedProbe(cfg.simulate_gpus, host=(64 * GiB, 48 * GiB)),
+            stop_grace=2.0,
+            drain_timeout=1.0,
+        )
         await sup.start()
         client = TestClient(TestServer(make_app(cfg, store, sup), host="127.0.0.1"))
         await client.start_server()
@@ -125,29 +143,54 @@ def diff(after: Scrape, before: Scrape, name: str, **labels: str) -> float:
 
 # ---- /metrics ----------------------------------------------------------------------------------
 
+
 async def test_types_and_inference_extension_names(make_env):
     env = await make_env()
     s = await env.scrape()
     # The model-server protocol's names, each a single server-wide gauge.
-    for name in ("vllm:num_requests_waiting", "vllm:num_requests_running",
-                 "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
-                 "vllm:lora_requests_info"):
+    for name in (
+        "vllm:num_requests_waiting",
+        "vllm:num_requests_running",
+        "vllm:kv_cache_usage_perc",
+        "vllm:gpu_cache_usage_perc",
+        "vllm:lora_requests_info",
+    ):
         assert s.types[name] == "gauge", name
         assert sum(1 for (n, _) in s.values if n == name) == 1, name
     assert s.get("vllm:num_requests_waiting") == 0 and s.get("vllm:num_requests_running") == 0
-    assert s.has("vllm:lora_requests_info", max_lora="0", running_lora_adapters="",
-                 waiting_lora_adapters="")
-    for name in ("corral_http_requests", "corral_prompt_tokens", "corral_generated_tokens",
-                 "corral_model_loads", "corral_model_unloads", "corral_runner_crashes",
-                 "corral_requests_rejected", "corral_model_load_failures"):
+    assert s.has(
+        "vllm:lora_requests_info", max_lora="0", running_lora_adapters="", waiting_lora_adapters=""
+    )
+    for name in (
+        "corral_http_requests",
+        "corral_prompt_tokens",
+        "corral_generated_tokens",
+        "corral_model_loads",
+        "corral_model_unloads",
+        "corral_runner_crashes",
+        "corral_requests_rejected",
+        "corral_model_load_failures",
+    ):
         assert s.types[name] == "counter", name
-    for name in ("corral_time_to_first_token_seconds", "corral_inter_token_latency_seconds",
-                 "corral_request_duration_seconds", "corral_model_load_duration_seconds"):
+    for name in (
+        "corral_time_to_first_token_seconds",
+        "corral_inter_token_latency_seconds",
+        "corral_request_duration_seconds",
+        "corral_model_load_duration_seconds",
+    ):
         assert s.types[name] == "histogram", name
-    for name in ("corral_model_runners", "corral_model_in_flight", "corral_model_queued",
-                 "corral_model_parallel_slots", "corral_model_kv_cache_usage_ratio",
-                 "corral_queue_depth", "corral_models_loaded", "corral_gpu_memory_total_bytes",
-                 "corral_gpu_memory_free_bytes", "corral_gpu_memory_reserved_bytes"):
+    for name in (
+        "corral_model_runners",
+        "corral_model_in_flight",
+        "corral_model_queued",
+        "corral_model_parallel_slots",
+        "corral_model_kv_cache_usage_ratio",
+        "corral_queue_depth",
+        "corral_models_loaded",
+        "corral_gpu_memory_total_bytes",
+        "corral_gpu_memory_free_bytes",
+        "corral_gpu_memory_reserved_bytes",
+    ):
         assert s.types[name] == "gauge", name
     assert s.get("corral_gpu_memory_total_bytes", gpu="0", gpu_name="Sim 24G") == 24 * GiB
     assert s.get("corral_gpu_memory_reserved_bytes", gpu="0", gpu_name="Sim 24G") == 0
@@ -168,13 +211,21 @@ async def test_counters_across_requests_and_a_load_evict_reload_cycle(make_env):
     assert diff(s1, s0, "corral_time_to_first_token_seconds_count", model=A) == 1
     assert diff(s1, s0, "corral_inter_token_latency_seconds_count", model=A) == pieces - 1
     assert diff(s1, s0, "corral_request_duration_seconds_count", model=A) == 1
-    assert diff(s1, s0, "corral_request_duration_seconds_sum", model=A) \
+    assert (
+        diff(s1, s0, "corral_request_duration_seconds_sum", model=A)
         <= final["total_duration"] / 1e9 + 0.5
-    assert diff(s1, s0, "corral_http_requests_total", route="/api/generate", method="POST",
-                status="200") == 1
+    )
+    assert (
+        diff(
+            s1, s0, "corral_http_requests_total", route="/api/generate", method="POST", status="200"
+        )
+        == 1
+    )
     # The scrape before counted itself; this one is counted in the next.
-    assert diff(s1, s0, "corral_http_requests_total", route="/metrics", method="GET",
-                status="200") == 1
+    assert (
+        diff(s1, s0, "corral_http_requests_total", route="/metrics", method="GET", status="200")
+        == 1
+    )
     assert diff(s1, s0, "corral_model_loads_total", model=A, reason="new") == 1
     assert diff(s1, s0, "corral_model_load_duration_seconds_count", model=A) == 1
     assert s1.get("corral_model_loaded", model=A) == 1
@@ -183,8 +234,11 @@ async def test_counters_across_requests_and_a_load_evict_reload_cycle(make_env):
     assert s1.get("corral_models_loaded") == 1
     assert s1.get("corral_model_in_flight", model=A) == 0
     # The fake runner reports what it holds; the GPU reservation is the placement's.
-    assert s1.get("corral_gpu_memory_reserved_bytes", gpu="0", gpu_name="Sim 24G") \
-        == env.runners(A)[0].placement.gpu_bytes[0] > 0
+    assert (
+        s1.get("corral_gpu_memory_reserved_bytes", gpu="0", gpu_name="Sim 24G")
+        == env.runners(A)[0].placement.gpu_bytes[0]
+        > 0
+    )
 
     # B needs the only loaded-model place: A is evicted.
     status, _ = await env.generate(B)
@@ -212,10 +266,16 @@ async def test_counters_across_requests_and_a_load_evict_reload_cycle(make_env):
     async with env.client.get("/no/such/path") as r:
         assert r.status == 404
     s4 = await env.scrape()
-    assert diff(s4, s3, "corral_http_requests_total", route="/api/generate", method="POST",
-                status="404") == 1
-    assert diff(s4, s3, "corral_http_requests_total", route="unmatched", method="GET",
-                status="404") == 1
+    assert (
+        diff(
+            s4, s3, "corral_http_requests_total", route="/api/generate", method="POST", status="404"
+        )
+        == 1
+    )
+    assert (
+        diff(s4, s3, "corral_http_requests_total", route="unmatched", method="GET", status="404")
+        == 1
+    )
 
 
 async def test_in_flight_queued_kv_and_rejections(make_env):
@@ -225,7 +285,7 @@ async def test_in_flight_queued_kv_and_rejections(make_env):
     body = {"model": A, "prompt": "a prompt of a few words", "options": {"num_predict": 400}}
     async with env.client.post("/api/generate", json=body) as first:
         assert first.status == 200
-        await first.content.readline()             # streaming: granted, decoding
+        await first.content.readline()  # streaming: granted, decoding
         queued = asyncio.create_task(env.client.post("/api/generate", json=body))
         await env.until(lambda: env.sup.snapshot().queued == 1)
         async with env.client.post("/api/generate", json=body) as third:
@@ -240,10 +300,14 @@ async def test_in_flight_queued_kv_and_rejections(make_env):
     assert s1.get("corral_queue_depth") == 1
     kv = s1.get("vllm:kv_cache_usage_perc")
     assert 0 < kv < 1 and s1.get("vllm:gpu_cache_usage_perc") == kv
-    assert s1.get("corral_model_kv_cache_usage_ratio", model=A) == kv   # the only runner
+    assert s1.get("corral_model_kv_cache_usage_ratio", model=A) == kv  # the only runner
     assert diff(s1, s0, "corral_requests_rejected_total", reason="queue_full") == 1
-    assert diff(s1, s0, "corral_http_requests_total", route="/api/generate", method="POST",
-                status="503") == 1
+    assert (
+        diff(
+            s1, s0, "corral_http_requests_total", route="/api/generate", method="POST", status="503"
+        )
+        == 1
+    )
     # The runner drops the disconnected stream at its next step; a request served to the end
     # after it (one slot) proves that step happened.
     status, _ = await env.generate(A, options={"num_predict": 2})
@@ -264,6 +328,7 @@ async def test_runner_crash_is_counted(make_env):
 
 
 # ---- decision log lines ------------------------------------------------------------------------
+
 
 @pytest.fixture
 def log_lines() -> Callable[[bool], io.StringIO]:
@@ -286,7 +351,7 @@ async def test_decision_lines_load_evict_reload_expire_crash(make_env, log_lines
     out = log_lines(True)
     env = await make_env()
     await env.generate(A)
-    await env.generate(B)                                              # evicts A
+    await env.generate(B)  # evicts A
     await env.until(lambda: not env.runners(A))
     await env.generate(B, options={"num_predict": 2, "num_ctx": 1024})  # reload
     await env.until(lambda: len(env.runners(B)) == 1)
@@ -295,8 +360,14 @@ async def test_decision_lines_load_evict_reload_expire_crash(make_env, log_lines
     await env.until(lambda: not env.runners(B))
     recs = decisions(out)
     by = [(r["decision"], r.get("reason"), r.get("model")) for r in recs]
-    assert by == [("load", "new", A), ("evict", "evicted", A), ("load", "new", B),
-                  ("reload", "reload", B), ("load", "reload", B), ("expire", "expired", B)], by
+    assert by == [
+        ("load", "new", A),
+        ("evict", "evicted", A),
+        ("load", "new", B),
+        ("reload", "reload", B),
+        ("load", "reload", B),
+        ("expire", "expired", B),
+    ], by
     load_a, evict, _, _, reload_b, expire = recs
     assert load_a["gpus"] == ["0"] and load_a["gpu_bytes"][0] > 0 and "n_gpu_layers" in load_a
     assert evict["waiting"] == [B] and isinstance(evict["pid"], int)
@@ -304,8 +375,7 @@ async def test_decision_lines_load_evict_reload_expire_crash(make_env, log_lines
     # num_ctx was the VRAM tier's (auto) and is now explicit: exactly these two differ.
     assert set(reload_b["changed"]) == {"num_ctx", "num_ctx_auto"}
     assert expire["pid"] == pid_b and expire["keep_alive"] == 0
-    ready = [json.loads(x) for x in out.getvalue().splitlines()
-             if '"runner ready"' in x]
+    ready = [json.loads(x) for x in out.getvalue().splitlines() if '"runner ready"' in x]
     assert [r["model"] for r in ready] == [A, B, B] and all(r["pid"] for r in ready)
 
 
@@ -330,7 +400,11 @@ async def test_decision_line_oom_retry(make_env, log_lines):
     assert status == 500
     recs = decisions(out)
     by = [(r["decision"], r.get("reason"), r.get("model")) for r in recs]
-    assert by == [("load", "new", A), ("load", "new", B), ("evict", "evicted", A),
-                  ("load", "oom_retry", B)], by
+    assert by == [
+        ("load", "new", A),
+        ("load", "new", B),
+        ("evict", "evicted", A),
+        ("load", "oom_retry", B),
+    ], by
     failed = [json.loads(x) for x in out.getvalue().splitlines() if "failed to load" in x]
     assert [f["oom"] for f in failed] == [True, True] and all(f["model"] == B for f in failed)

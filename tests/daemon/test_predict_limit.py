@@ -32,21 +32,34 @@ def test_config_parses_the_limit():
 
 
 @pytest.mark.parametrize(("env", "limit"), [({}, 10), ({"CORRAL_PREDICT_LIMIT": "2"}, 2)])
-async def test_a_generation_that_never_ends_stops_at_the_limit(tmp_path: Path, tiny_gguf: Path,
-                                                               env, limit):
+async def test_a_generation_that_never_ends_stops_at_the_limit(
+    tmp_path: Path, tiny_gguf: Path, env, limit
+):
     store = Store(tmp_path)
     layer = await store.write_blob_bytes(tiny_gguf.read_bytes())
     await store.create("never-ends", files={"m.gguf": layer.digest})
-    config = Config.from_env({
-        "CORRAL_RUNNER_ENGINE": "fake", "CORRAL_SIMULATE_GPUS": "[]", "OLLAMA_MODELS": str(tmp_path),
-        "CORRAL_FAKE_KNOBS": '{"default_num_predict": 1000000000, "tokens_per_second": 0}', **env})
+    config = Config.from_env(
+        {
+            "CORRAL_RUNNER_ENGINE": "fake",
+            "CORRAL_SIMULATE_GPUS": "[]",
+            "OLLAMA_MODELS": str(tmp_path),
+            "CORRAL_FAKE_KNOBS": '{"default_num_predict": 1000000000, "tokens_per_second": 0}',
+            **env,
+        }
+    )
     sup = Supervisor(config, store, probe=SimulatedProbe((), host=(64 * GiB, 48 * GiB)))
     await sup.start()
     try:
         async with TestClient(TestServer(make_app(config, store, sup))) as client:
-            r = await client.post("/api/generate", json={
-                "model": "never-ends", "prompt": "go on", "stream": False,
-                "options": {"num_ctx": NUM_CTX, "num_predict": -1}})
+            r = await client.post(
+                "/api/generate",
+                json={
+                    "model": "never-ends",
+                    "prompt": "go on",
+                    "stream": False,
+                    "options": {"num_ctx": NUM_CTX, "num_predict": -1},
+                },
+            )
             body = await r.json()
             assert r.status == 200, body
             assert body["done_reason"] == "length" and body["eval_count"] == limit * NUM_CTX

@@ -13,8 +13,8 @@ import aiohttp
 import ollama
 import pytest
 
-from corral.daemon.errors import CorralError
 from corral.daemon.api.native_models import REGISTRY
+from corral.daemon.errors import CorralError
 from corral.daemon.models.registry import Registry
 from corral.daemon.models.store import MEDIA_MODEL, MEDIA_PARAMS, MEDIA_TEMPLATE, Store
 from tests.daemon.registry_server import OLLAMA_TEMPLATE, RegistryServer
@@ -33,9 +33,15 @@ async def reg() -> AsyncIterator[RegistryServer]:
 
 
 def publish_tiny(reg: RegistryServer, gguf: bytes, tag: str = "latest") -> bytes:
-    return reg.publish("library/tiny", tag, [
-        (MEDIA_MODEL, gguf), (MEDIA_TEMPLATE, OLLAMA_TEMPLATE.encode()),
-        (MEDIA_PARAMS, b'{"stop":["<|eot_id|>"]}')])
+    return reg.publish(
+        "library/tiny",
+        tag,
+        [
+            (MEDIA_MODEL, gguf),
+            (MEDIA_TEMPLATE, OLLAMA_TEMPLATE.encode()),
+            (MEDIA_PARAMS, b'{"stop":["<|eot_id|>"]}'),
+        ],
+    )
 
 
 def registry(store: Store, **kw: object) -> Registry:
@@ -43,14 +49,16 @@ def registry(store: Store, **kw: object) -> Registry:
     return Registry(store, **kw)  # type: ignore[arg-type]
 
 
-async def test_pull_writes_manifest_verbatim(tmp_path: Path, reg: RegistryServer,
-                                             tiny_gguf: Path) -> None:
+async def test_pull_writes_manifest_verbatim(
+    tmp_path: Path, reg: RegistryServer, tiny_gguf: Path
+) -> None:
     gguf = tiny_gguf.read_bytes()
     manifest = publish_tiny(reg, gguf)
     store = Store(tmp_path)
     seen: list[dict] = []
-    rec = await registry(store).pull(f"{reg.host}/library/tiny", insecure=True,
-                                     progress=seen.append)
+    rec = await registry(store).pull(
+        f"{reg.host}/library/tiny", insecure=True, progress=seen.append
+    )
     assert rec.name == f"{reg.host}/library/tiny:latest"
     assert rec.digest == hashlib.sha256(manifest).hexdigest()
     assert (tmp_path / f"manifests/{reg.host}/library/tiny/latest").read_bytes() == manifest
@@ -60,8 +68,11 @@ async def test_pull_writes_manifest_verbatim(tmp_path: Path, reg: RegistryServer
     assert statuses[0] == "pulling manifest"
     assert statuses[-3:] == ["verifying sha256 digest", "writing manifest", "success"]
     first = next(m for m in seen if m.get("digest") == sha(gguf))
-    assert first == {"status": f"pulling {sha(gguf)[7:19]}", "digest": sha(gguf),
-                     "total": len(gguf)}  # completed omitted while 0
+    assert first == {
+        "status": f"pulling {sha(gguf)[7:19]}",
+        "digest": sha(gguf),
+        "total": len(gguf),
+    }  # completed omitted while 0
     last = [m for m in seen if m.get("digest") == sha(gguf)][-1]
     assert last["completed"] == len(gguf)
     assert not [p for p in (tmp_path / "blobs").iterdir() if "partial" in p.name]
@@ -74,8 +85,9 @@ async def test_pull_writes_manifest_verbatim(tmp_path: Path, reg: RegistryServer
     assert all(m["total"] == m["completed"] for m in seen if "digest" in m)
 
 
-async def test_pull_in_parallel_ranged_parts(tmp_path: Path, reg: RegistryServer,
-                                             tiny_gguf: Path) -> None:
+async def test_pull_in_parallel_ranged_parts(
+    tmp_path: Path, reg: RegistryServer, tiny_gguf: Path
+) -> None:
     gguf = tiny_gguf.read_bytes()
     publish_tiny(reg, gguf)
     store = Store(tmp_path)
@@ -86,11 +98,13 @@ async def test_pull_in_parallel_ranged_parts(tmp_path: Path, reg: RegistryServer
     n = -(-len(gguf) // 1000)
     assert len(ranges) == n
     assert sorted(ranges, key=lambda x: int(x.split("=")[1].split("-")[0])) == [
-        f"bytes={o}-{min(o + 1000, len(gguf)) - 1}" for o in range(0, len(gguf), 1000)]
+        f"bytes={o}-{min(o + 1000, len(gguf)) - 1}" for o in range(0, len(gguf), 1000)
+    ]
 
 
-async def test_interrupted_pull_resumes_from_partial(tmp_path: Path, reg: RegistryServer,
-                                                     tiny_gguf: Path) -> None:
+async def test_interrupted_pull_resumes_from_partial(
+    tmp_path: Path, reg: RegistryServer, tiny_gguf: Path
+) -> None:
     gguf = tiny_gguf.read_bytes()
     digest = sha(gguf)
     publish_tiny(reg, gguf)
@@ -103,8 +117,11 @@ async def test_interrupted_pull_resumes_from_partial(tmp_path: Path, reg: Regist
         if msg.get("digest") == digest and msg.get("completed", 0) >= half:
             reached.set()
 
-    pull = asyncio.create_task(registry(store, write_batch=4096, progress_interval=0).pull(
-        f"{reg.host}/library/tiny", insecure=True, progress=watch))
+    pull = asyncio.create_task(
+        registry(store, write_batch=4096, progress_interval=0).pull(
+            f"{reg.host}/library/tiny", insecure=True, progress=watch
+        )
+    )
     await reached.wait()
     pull.cancel()  # the daemon stops mid-download (client gone, shutdown, crash)
     with pytest.raises(asyncio.CancelledError):
@@ -123,19 +140,20 @@ async def test_interrupted_pull_resumes_from_partial(tmp_path: Path, reg: Regist
     assert not [p for p in (tmp_path / "blobs").iterdir() if "partial" in p.name]
 
 
-async def test_broken_connection_is_retried(tmp_path: Path, reg: RegistryServer,
-                                            tiny_gguf: Path) -> None:
+async def test_broken_connection_is_retried(
+    tmp_path: Path, reg: RegistryServer, tiny_gguf: Path
+) -> None:
     gguf = tiny_gguf.read_bytes()
     publish_tiny(reg, gguf)
     reg.cut_after[sha(gguf)] = len(gguf) // 3
-    rec = await registry(Store(tmp_path), retries=2).pull(f"{reg.host}/library/tiny",
-                                                          insecure=True)
+    rec = await registry(Store(tmp_path), retries=2).pull(f"{reg.host}/library/tiny", insecure=True)
     assert rec.model_path is not None and rec.model_path.read_bytes() == gguf
     assert len(reg.blob_requests(sha(gguf))) == 2
 
 
-async def test_wrong_digest_is_refused_and_store_untouched(tmp_path: Path, reg: RegistryServer,
-                                                           tiny_gguf: Path) -> None:
+async def test_wrong_digest_is_refused_and_store_untouched(
+    tmp_path: Path, reg: RegistryServer, tiny_gguf: Path
+) -> None:
     store = Store(tmp_path)
     gguf = tiny_gguf.read_bytes()
     publish_tiny(reg, gguf, tag="good")
@@ -148,7 +166,8 @@ async def test_wrong_digest_is_refused_and_store_untouched(tmp_path: Path, reg: 
     with pytest.raises(CorralError) as exc:
         await registry(store).pull(f"{reg.host}/library/tiny:bad", insecure=True)
     assert exc.value.message.startswith(
-        f"digest mismatch, file must be downloaded again: want {sha(other)}, got sha256:")
+        f"digest mismatch, file must be downloaded again: want {sha(other)}, got sha256:"
+    )
     after = tree(tmp_path)
     assert {k: v for k, v in after.items() if k in before} == before
     # only the bad model's config blob (downloaded intact) may be new; no partial, no bad blob
@@ -158,14 +177,18 @@ async def test_wrong_digest_is_refused_and_store_untouched(tmp_path: Path, reg: 
     assert not store.exists(f"{reg.host}/library/tiny:bad")
 
 
-@pytest.mark.parametrize(("setup", "error"), [
-    ("missing", "pull model manifest: file does not exist"),
-    ("server_error", "download failed"),
-    ("bad_manifest", "pull model manifest: invalid manifest"),
-    ("traversal_digest", "pull model manifest: invalid manifest"),
-])
-async def test_pull_errors(tmp_path: Path, reg: RegistryServer, tiny_gguf: Path, setup: str,
-                           error: str) -> None:
+@pytest.mark.parametrize(
+    ("setup", "error"),
+    [
+        ("missing", "pull model manifest: file does not exist"),
+        ("server_error", "download failed"),
+        ("bad_manifest", "pull model manifest: invalid manifest"),
+        ("traversal_digest", "pull model manifest: invalid manifest"),
+    ],
+)
+async def test_pull_errors(
+    tmp_path: Path, reg: RegistryServer, tiny_gguf: Path, setup: str, error: str
+) -> None:
     gguf = tiny_gguf.read_bytes()
     publish_tiny(reg, gguf)
     if setup == "server_error":
@@ -173,9 +196,13 @@ async def test_pull_errors(tmp_path: Path, reg: RegistryServer, tiny_gguf: Path,
     elif setup == "bad_manifest":
         reg.manifests[("library/tiny", "latest")] = b"{not json"
     elif setup == "traversal_digest":
-        reg.manifests[("library/tiny", "latest")] = json.dumps({
-            "schemaVersion": 2, "config": {"mediaType": "x", "digest": "sha256:../../../etc",
-                                           "size": 1}, "layers": []}).encode()
+        reg.manifests[("library/tiny", "latest")] = json.dumps(
+            {
+                "schemaVersion": 2,
+                "config": {"mediaType": "x", "digest": "sha256:../../../etc", "size": 1},
+                "layers": [],
+            }
+        ).encode()
     store = Store(tmp_path)
     name = f"{reg.host}/library/{'nope' if setup == 'missing' else 'tiny'}"
     with pytest.raises(CorralError) as exc:
@@ -189,8 +216,9 @@ async def test_http_scheme_needs_insecure(tmp_path: Path, reg: RegistryServer) -
         await registry(Store(tmp_path)).pull(f"http://{reg.host}/library/tiny")
 
 
-async def test_push_uploads_missing_blobs_then_manifest(tmp_path: Path, reg: RegistryServer,
-                                                        tiny_gguf: Path) -> None:
+async def test_push_uploads_missing_blobs_then_manifest(
+    tmp_path: Path, reg: RegistryServer, tiny_gguf: Path
+) -> None:
     store = Store(tmp_path)
     gguf = tiny_gguf.read_bytes()
 
@@ -202,8 +230,9 @@ async def test_push_uploads_missing_blobs_then_manifest(tmp_path: Path, reg: Reg
     rec = await store.create(name, files={"t.gguf": sha(gguf)}, system="pushed")
     reg.blobs[sha(gguf)] = gguf  # already there: must be skipped (HEAD 200)
     seen: list[dict] = []
-    await registry(store, min_part=100, max_part=100).push(name, insecure=True,
-                                                           progress=seen.append)
+    await registry(store, min_part=100, max_part=100).push(
+        name, insecure=True, progress=seen.append
+    )
     statuses = [m["status"] for m in seen]
     assert statuses[0] == "retrieving manifest"
     assert statuses[-2:] == ["pushing manifest", "success"]
@@ -247,8 +276,10 @@ async def test_pull_and_push_routes(srv: Server, reg: RegistryServer, tiny_gguf:
     publish_tiny(reg, tiny_gguf.read_bytes())
     client = ollama.AsyncClient(host=srv.url)
     try:
-        lines = [p async for p in await client.pull(f"{reg.host}/library/tiny", insecure=True,
-                                                    stream=True)]
+        lines = [
+            p
+            async for p in await client.pull(f"{reg.host}/library/tiny", insecure=True, stream=True)
+        ]
         assert lines[0].status == "pulling manifest" and lines[-1].status == "success"
         assert any(p.digest and p.total for p in lines)
         assert (await client.pull(f"{reg.host}/library/tiny", insecure=True)).status == "success"
@@ -262,7 +293,9 @@ async def test_pull_and_push_routes(srv: Server, reg: RegistryServer, tiny_gguf:
         # unknown model: 200 stream with a final error line; stream=false: 404 (Ollama: 500;
         # a model the registry doesn't have is the client's error, not the server's)
         with pytest.raises(ollama.ResponseError) as exc:
-            async for _ in await client.pull(f"{reg.host}/library/nope", insecure=True, stream=True):
+            async for _ in await client.pull(
+                f"{reg.host}/library/nope", insecure=True, stream=True
+            ):
                 pass
         assert exc.value.error == "pull model manifest: file does not exist"
         with pytest.raises(ollama.ResponseError) as exc:
@@ -272,33 +305,50 @@ async def test_pull_and_push_routes(srv: Server, reg: RegistryServer, tiny_gguf:
         await client._client.aclose()
 
     async with aiohttp.ClientSession(base_url=srv.url) as http:
-        async with http.post("/api/pull", json={"model": f"{reg.host}/library/nope",
-                                                "insecure": True}) as r:
+        async with http.post(
+            "/api/pull", json={"model": f"{reg.host}/library/nope", "insecure": True}
+        ) as r:
             assert r.status == 200
             assert r.headers["Content-Type"] == "application/x-ndjson"
             lines = (await r.read()).decode().splitlines()
         assert [json.loads(x) for x in lines] == [
-            {"status": "pulling manifest"}, {"error": "pull model manifest: file does not exist"}]
+            {"status": "pulling manifest"},
+            {"error": "pull model manifest: file does not exist"},
+        ]
 
 
-async def test_create_from_missing_model_pulls_it_first(srv: Server, reg: RegistryServer,
-                                                        tiny_gguf: Path) -> None:
+async def test_create_from_missing_model_pulls_it_first(
+    srv: Server, reg: RegistryServer, tiny_gguf: Path
+) -> None:
     """Ollama's parseFromModel: a ``from`` not in the store is pulled (default registry options,
     no insecure: the loopback registry is reached through ``base_url_for``), its progress lines in
     the create stream; a ``from`` the registry lacks fails with the pull's error and no trace."""
     gguf = tiny_gguf.read_bytes()
-    reg.publish("library/base", "latest", [
-        (MEDIA_MODEL, gguf), (MEDIA_TEMPLATE, OLLAMA_TEMPLATE.encode()),
-        (MEDIA_PARAMS, b'{"stop":["<|eot_id|>"]}')])
+    reg.publish(
+        "library/base",
+        "latest",
+        [
+            (MEDIA_MODEL, gguf),
+            (MEDIA_TEMPLATE, OLLAMA_TEMPLATE.encode()),
+            (MEDIA_PARAMS, b'{"stop":["<|eot_id|>"]}'),
+        ],
+    )
     srv.server.app[REGISTRY].base_url_for = lambda _name: f"http://{reg.host}"
     base = f"{reg.host}/library/base:latest"
     assert not srv.store.exists(base)
 
     client = ollama.AsyncClient(host=srv.url)
     try:
-        lines = [p async for p in await client.create(
-            model="derived", from_=base, system="be brief", parameters={"temperature": 0.25},
-            stream=True)]
+        lines = [
+            p
+            async for p in await client.create(
+                model="derived",
+                from_=base,
+                system="be brief",
+                parameters={"temperature": 0.25},
+                stream=True,
+            )
+        ]
         statuses = [p.status for p in lines]
         assert statuses[0] == "pulling manifest"  # the pull's lines come first, as in Ollama
         assert any(p.digest == sha(gguf) and p.total == len(gguf) for p in lines)
@@ -321,8 +371,9 @@ async def test_create_from_missing_model_pulls_it_first(srv: Server, reg: Regist
         # unknown `from`: streaming ⇒ the pull's error line; stream=false ⇒ 404; nothing stored
         before = tree(srv.root)
         with pytest.raises(ollama.ResponseError) as exc:
-            async for _ in await client.create(model="bad", from_=f"{reg.host}/library/nope",
-                                               stream=True):
+            async for _ in await client.create(
+                model="bad", from_=f"{reg.host}/library/nope", stream=True
+            ):
                 pass
         assert exc.value.error == "pull model manifest: file does not exist"
         with pytest.raises(ollama.ResponseError) as exc:
@@ -335,9 +386,12 @@ async def test_create_from_missing_model_pulls_it_first(srv: Server, reg: Regist
         await client._client.aclose()
 
     async with aiohttp.ClientSession(base_url=srv.url) as http:
-        async with http.post("/api/create", json={"model": "bad",
-                                                  "from": f"{reg.host}/library/nope"}) as r:
+        async with http.post(
+            "/api/create", json={"model": "bad", "from": f"{reg.host}/library/nope"}
+        ) as r:
             assert r.status == 200
             lines = (await r.read()).decode().splitlines()
         assert [json.loads(x) for x in lines] == [
-            {"status": "pulling manifest"}, {"error": "pull model manifest: file does not exist"}]
+            {"status": "pulling manifest"},
+            {"error": "pull model manifest: file does not exist"},
+        ]

@@ -16,8 +16,15 @@ from corral.daemon.models.store import Store
 from tests.daemon.registry_server import RegistryServer
 from tests.daemon.test_registry import publish_tiny, registry
 
-_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "content-length",
-        "content-encoding", "host"}
+_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "content-length",
+    "content-encoding",
+    "host",
+}
 
 
 class ForwardProxy:
@@ -32,9 +39,16 @@ class ForwardProxy:
     async def forward(self, request: web.Request) -> web.Response:
         self.seen.append(f"{request.method} {request.url}")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
-        async with aiohttp.ClientSession(auto_decompress=False) as s, s.request(
-                request.method, str(request.url), headers=headers, data=await request.read(),
-                allow_redirects=False) as up:
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as s,
+            s.request(
+                request.method,
+                str(request.url),
+                headers=headers,
+                data=await request.read(),
+                allow_redirects=False,
+            ) as up,
+        ):
             body = await up.read()
             out = {k: v for k, v in up.headers.items() if k.lower() not in _HOP}
             return web.Response(status=up.status, body=body, headers=out)
@@ -50,20 +64,19 @@ async def proxy() -> AsyncIterator[ForwardProxy]:
         await p.server.close()
 
 
-async def test_pull_goes_through_http_proxy(tmp_path: Path, proxy: ForwardProxy,
-                                            monkeypatch: pytest.MonkeyPatch,
-                                            tiny_gguf: Path) -> None:
+async def test_pull_goes_through_http_proxy(
+    tmp_path: Path, proxy: ForwardProxy, monkeypatch: pytest.MonkeyPatch, tiny_gguf: Path
+) -> None:
     async with RegistryServer() as reg:
         publish_tiny(reg, tiny_gguf.read_bytes())
         monkeypatch.setenv("HTTP_PROXY", str(proxy.server.make_url("")).rstrip("/"))
         monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.delenv("no_proxy", raising=False)
-        rec = await registry(Store(tmp_path / "a")).pull(f"{reg.host}/library/tiny",
-                                                         insecure=True)
+        rec = await registry(Store(tmp_path / "a")).pull(f"{reg.host}/library/tiny", insecure=True)
         assert rec.model_path is not None and rec.model_path.read_bytes() == tiny_gguf.read_bytes()
         assert any("/v2/library/tiny/manifests/latest" in s for s in proxy.seen)
         assert any("/blobs/sha256:" in s for s in proxy.seen)
         n = len(proxy.seen)
         monkeypatch.setenv("NO_PROXY", reg.host.split(":")[0])
         await registry(Store(tmp_path / "b")).pull(f"{reg.host}/library/tiny", insecure=True)
-        assert len(proxy.seen) == n                 # NO_PROXY: straight to the registry
+        assert len(proxy.seen) == n  # NO_PROXY: straight to the registry

@@ -12,7 +12,6 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from corral.daemon.prompt import templates
 from corral.daemon.api.errors import http_status
 from corral.daemon.errors import CorralError
 from corral.daemon.human import human_number
@@ -26,12 +25,15 @@ from corral.daemon.models.store import (
     parse_digest,
     parse_name,
 )
+from corral.daemon.prompt import templates
 from tests.daemon.registry_server import OLLAMA_TEMPLATE, make_gguf
 
 
 def tree(root: Path) -> dict[str, bytes]:
     """Every file under root with its bytes: compare before/after to prove nothing changed."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def sha(data: bytes) -> str:
@@ -53,16 +55,36 @@ def ollama_store(root: Path, gguf: Path) -> bytes:
     put(MEDIA_TEMPLATE, OLLAMA_TEMPLATE.encode())
     put(MEDIA_LICENSE, b"LLAMA LICENSE")
     put(MEDIA_SYSTEM, b"You are terse.")
-    put(MEDIA_PARAMS, b'{"num_ctx":4096,"stop":["<|eot_id|>","<|start_header_id|>"],"temperature":0.7}')
-    config = json.dumps({"model_format": "gguf", "model_family": "llama", "model_families": ["llama"],
-                         "model_type": "3.2B", "file_type": "Q4_K_M", "architecture": "amd64",
-                         "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    put(
+        MEDIA_PARAMS,
+        b'{"num_ctx":4096,"stop":["<|eot_id|>","<|start_header_id|>"],"temperature":0.7}',
+    )
+    config = json.dumps(
+        {
+            "model_format": "gguf",
+            "model_family": "llama",
+            "model_families": ["llama"],
+            "model_type": "3.2B",
+            "file_type": "Q4_K_M",
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": []},
+        }
+    ).encode()
     (blobs / sha(config).replace(":", "-")).write_bytes(config)
-    manifest = json.dumps({"schemaVersion": 2,
-                           "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-                           "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
-                                      "digest": sha(config), "size": len(config)},
-                           "layers": layers}, indent=3).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": {
+                "mediaType": "application/vnd.docker.container.image.v1+json",
+                "digest": sha(config),
+                "size": len(config),
+            },
+            "layers": layers,
+        },
+        indent=3,
+    ).encode()
     mdir = root / "manifests/registry.ollama.ai/library/llama3.2"
     mdir.mkdir(parents=True)
     (mdir / "latest").write_bytes(manifest)
@@ -72,28 +94,66 @@ def ollama_store(root: Path, gguf: Path) -> bytes:
 # ---- names ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "full", "display"), [
-    ("llama3.2", "registry.ollama.ai/library/llama3.2:latest", "llama3.2:latest"),
-    ("gemma3:270m", "registry.ollama.ai/library/gemma3:270m", "gemma3:270m"),
-    ("user/m:q4", "registry.ollama.ai/user/m:q4", "user/m:q4"),
-    ("example.com:5000/ns/m:v1", "example.com:5000/ns/m:v1", "example.com:5000/ns/m:v1"),
-    ("127.0.0.1:8080/library/tiny", "127.0.0.1:8080/library/tiny:latest",
-     "127.0.0.1:8080/library/tiny:latest"),
-    ("http://host/ns/m", "host/ns/m:latest", "host/ns/m:latest"),
-    ("Registry.Ollama.AI/Library/Llama:Latest", "Registry.Ollama.AI/Library/Llama:Latest", "Llama:Latest"),
-    ("a_b-c.d:e_f-g.h", "registry.ollama.ai/library/a_b-c.d:e_f-g.h", "a_b-c.d:e_f-g.h"),
-])
+@pytest.mark.parametrize(
+    ("text", "full", "display"),
+    [
+        ("llama3.2", "registry.ollama.ai/library/llama3.2:latest", "llama3.2:latest"),
+        ("gemma3:270m", "registry.ollama.ai/library/gemma3:270m", "gemma3:270m"),
+        ("user/m:q4", "registry.ollama.ai/user/m:q4", "user/m:q4"),
+        ("example.com:5000/ns/m:v1", "example.com:5000/ns/m:v1", "example.com:5000/ns/m:v1"),
+        (
+            "127.0.0.1:8080/library/tiny",
+            "127.0.0.1:8080/library/tiny:latest",
+            "127.0.0.1:8080/library/tiny:latest",
+        ),
+        ("http://host/ns/m", "host/ns/m:latest", "host/ns/m:latest"),
+        (
+            "Registry.Ollama.AI/Library/Llama:Latest",
+            "Registry.Ollama.AI/Library/Llama:Latest",
+            "Llama:Latest",
+        ),
+        ("a_b-c.d:e_f-g.h", "registry.ollama.ai/library/a_b-c.d:e_f-g.h", "a_b-c.d:e_f-g.h"),
+    ],
+)
 def test_parse_name_valid(text: str, full: str, display: str) -> None:
     name = parse_name(text)
     assert name.full == full
     assert name.display == display
 
 
-@pytest.mark.parametrize("text", [
-    "", "..", ".", "../x", "a/../b", "../../etc/passwd", "/abs", "/abs/path/model", "a//b", "a:",
-    ":tag", "ns/", "h/ns/m/extra", "x/y/z/w:t", "ns.dot/m", "m:ta/g", "-lead", ".hidden", "a b",
-    "a\\b", "a\x00b", "m:..", "m:.", "ftp://h/n/m", "a" * 81, "m@sha256:abc", "m;rm", "m:t:u",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "..",
+        ".",
+        "../x",
+        "a/../b",
+        "../../etc/passwd",
+        "/abs",
+        "/abs/path/model",
+        "a//b",
+        "a:",
+        ":tag",
+        "ns/",
+        "h/ns/m/extra",
+        "x/y/z/w:t",
+        "ns.dot/m",
+        "m:ta/g",
+        "-lead",
+        ".hidden",
+        "a b",
+        "a\\b",
+        "a\x00b",
+        "m:..",
+        "m:.",
+        "ftp://h/n/m",
+        "a" * 81,
+        "m@sha256:abc",
+        "m;rm",
+        "m:t:u",
+    ],
+)
 def test_parse_name_invalid(text: str) -> None:
     with pytest.raises(CorralError) as exc:
         parse_name(text)
@@ -101,27 +161,49 @@ def test_parse_name_invalid(text: str) -> None:
     assert exc.value.message == "invalid model name"
 
 
-@pytest.mark.parametrize("text", [
-    "sha256:" + "a" * 64, "sha256-" + "A" * 64,
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "sha256:" + "a" * 64,
+        "sha256-" + "A" * 64,
+    ],
+)
 def test_parse_digest_valid(text: str) -> None:
     assert parse_digest(text) == "sha256:" + "a" * 64
 
 
-@pytest.mark.parametrize("text", [
-    "", "sha256:", "sha256:" + "a" * 63, "sha256:" + "g" * 64, "sha512:" + "a" * 64,
-    "sha256:../../" + "a" * 58, "sha256:" + "a" * 64 + "/../x", "../sha256-" + "a" * 64, None, 5,
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "sha256:",
+        "sha256:" + "a" * 63,
+        "sha256:" + "g" * 64,
+        "sha512:" + "a" * 64,
+        "sha256:../../" + "a" * 58,
+        "sha256:" + "a" * 64 + "/../x",
+        "../sha256-" + "a" * 64,
+        None,
+        5,
+    ],
+)
 def test_parse_digest_invalid(text: object) -> None:
     with pytest.raises(CorralError) as exc:
         parse_digest(text)
     assert http_status(exc.value) == 400
 
 
-@pytest.mark.parametrize(("n", "text"), [
-    (8_030_261_248, "8.0B"), (3_000_000_000, "3B"), (268_098_176, "268.10M"), (137_000_000, "137M"),
-    (408, "408"), (12_345, "12K"),
-])
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        (8_030_261_248, "8.0B"),
+        (3_000_000_000, "3B"),
+        (268_098_176, "268.10M"),
+        (137_000_000, "137M"),
+        (408, "408"),
+        (12_345, "12K"),
+    ],
+)
 def test_human_number(n: int, text: str) -> None:
     assert human_number(n) == text
 
@@ -140,8 +222,11 @@ def test_reads_an_ollama_written_store(tmp_path: Path, tiny_gguf: Path) -> None:
     assert rec.template == OLLAMA_TEMPLATE
     assert rec.system == "You are terse."
     assert rec.license == ["LLAMA LICENSE"]
-    assert rec.parameters == {"num_ctx": 4096, "stop": ["<|eot_id|>", "<|start_header_id|>"],
-                              "temperature": 0.7}
+    assert rec.parameters == {
+        "num_ctx": 4096,
+        "stop": ["<|eot_id|>", "<|start_header_id|>"],
+        "temperature": 0.7,
+    }
     assert rec.details.quantization_level == "Q4_K_M"
     assert rec.details.parameter_size == "3.2B"
     assert rec.details.families == ["llama"]
@@ -220,11 +305,16 @@ async def test_create_copy_delete(tmp_path: Path, tiny_gguf: Path) -> None:
     store = Store(tmp_path / "models")
     digest = await upload(store, tiny_gguf)
     seen: list[dict] = []
-    rec = await store.create("tiny", files={"tiny.gguf": digest}, template=OLLAMA_TEMPLATE,
-                             system="Be brief.", parameters={"temperature": "0.5", "stop": "<eot>",
-                                                             "num_ctx": 512.0},
-                             license="MIT", messages=[{"role": "user", "content": "hi"}],
-                             progress=seen.append)
+    rec = await store.create(
+        "tiny",
+        files={"tiny.gguf": digest},
+        template=OLLAMA_TEMPLATE,
+        system="Be brief.",
+        parameters={"temperature": "0.5", "stop": "<eot>", "num_ctx": 512.0},
+        license="MIT",
+        messages=[{"role": "user", "content": "hi"}],
+        progress=seen.append,
+    )
     assert rec.name == "tiny:latest"
     assert rec.model_digest == digest
     assert rec.parameters == {"temperature": 0.5, "stop": ["<eot>"], "num_ctx": 512}
@@ -236,8 +326,9 @@ async def test_create_copy_delete(tmp_path: Path, tiny_gguf: Path) -> None:
     assert [m["status"] for m in seen][:1] == ["parsing GGUF"]
     assert [m["status"] for m in seen][-2:] == ["writing manifest", "success"]
 
-    derived = await store.create("derived:v1", from_="tiny", system="Be verbose.",
-                                 parameters={"top_k": 5})
+    derived = await store.create(
+        "derived:v1", from_="tiny", system="Be verbose.", parameters={"top_k": 5}
+    )
     assert derived.system == "Be verbose."
     assert derived.template == OLLAMA_TEMPLATE
     assert derived.parameters == {"temperature": 0.5, "stop": ["<eot>"], "num_ctx": 512, "top_k": 5}
@@ -259,27 +350,41 @@ async def test_create_copy_delete(tmp_path: Path, tiny_gguf: Path) -> None:
     assert list((tmp_path / "models/manifests").iterdir()) == []
 
 
-@pytest.mark.parametrize(("kwargs", "status", "text"), [
-    ({}, 400, "neither 'from' or 'files' was specified"),
-    ({"from_": "missing"}, 404, "not found"),
-    ({"files": {"../x.gguf": "@D"}}, 400, "file path must be relative"),
-    ({"files": {"/abs.gguf": "@D"}}, 400, "file path must be relative"),
-    ({"files": {"m.gguf": ""}}, 400, "invalid digest format"),
-    ({"files": {"m.gguf": "sha256:../../etc/passwd"}}, 400, "invalid digest format"),
-    ({"files": {"m.gguf": "sha256:" + "0" * 64}}, 400, "not found"),
-    ({"files": {"m.safetensors": "@T"}}, 400, "convert the model to GGUF"),
-    ({"files": {"m.bin": "@T"}}, 400, "convert the model to GGUF"),
-    ({"files": {"m.gguf": "@T"}}, 400, "supplied file was not in GGUF format"),
-    ({"files": {"m.gguf": "@D"}, "quantize": "q4_K_M"}, 400, "quantiz"),
-    ({"files": {"m.gguf": "@D"}, "adapters": {"a": "@D", "b": "@D"}}, 400,
-     "only one adapter is currently supported"),
-    ({"files": {"m.gguf": "@D"}, "parameters": {"num_ctx": "lots"}}, 400, "num_ctx"),
-    ({"files": {"m.gguf": "@D"}, "messages": [{"role": "robot", "content": "x"}]}, 400,
-     "message role"),
-    ({"files": {"m.gguf": "@D"}, "template": "{{ if .Prompt }}unclosed"}, 400, "template error"),
-])
-async def test_create_rejects(tmp_path: Path, tiny_gguf: Path, kwargs: dict, status: int,
-                              text: str) -> None:
+@pytest.mark.parametrize(
+    ("kwargs", "status", "text"),
+    [
+        ({}, 400, "neither 'from' or 'files' was specified"),
+        ({"from_": "missing"}, 404, "not found"),
+        ({"files": {"../x.gguf": "@D"}}, 400, "file path must be relative"),
+        ({"files": {"/abs.gguf": "@D"}}, 400, "file path must be relative"),
+        ({"files": {"m.gguf": ""}}, 400, "invalid digest format"),
+        ({"files": {"m.gguf": "sha256:../../etc/passwd"}}, 400, "invalid digest format"),
+        ({"files": {"m.gguf": "sha256:" + "0" * 64}}, 400, "not found"),
+        ({"files": {"m.safetensors": "@T"}}, 400, "convert the model to GGUF"),
+        ({"files": {"m.bin": "@T"}}, 400, "convert the model to GGUF"),
+        ({"files": {"m.gguf": "@T"}}, 400, "supplied file was not in GGUF format"),
+        ({"files": {"m.gguf": "@D"}, "quantize": "q4_K_M"}, 400, "quantiz"),
+        (
+            {"files": {"m.gguf": "@D"}, "adapters": {"a": "@D", "b": "@D"}},
+            400,
+            "only one adapter is currently supported",
+        ),
+        ({"files": {"m.gguf": "@D"}, "parameters": {"num_ctx": "lots"}}, 400, "num_ctx"),
+        (
+            {"files": {"m.gguf": "@D"}, "messages": [{"role": "robot", "content": "x"}]},
+            400,
+            "message role",
+        ),
+        (
+            {"files": {"m.gguf": "@D"}, "template": "{{ if .Prompt }}unclosed"},
+            400,
+            "template error",
+        ),
+    ],
+)
+async def test_create_rejects(
+    tmp_path: Path, tiny_gguf: Path, kwargs: dict, status: int, text: str
+) -> None:
     store = Store(tmp_path)
     digest = await upload(store, tiny_gguf)
     text_blob = b"not a gguf at all"
@@ -313,21 +418,26 @@ async def test_create_replaces_and_prunes_old_layers(tmp_path: Path, tiny_gguf: 
     assert store.blob_path(sha(b"two")).exists()
 
 
-async def test_concurrent_creates_of_one_name_do_not_corrupt(tmp_path: Path, tiny_gguf: Path) -> None:
+async def test_concurrent_creates_of_one_name_do_not_corrupt(
+    tmp_path: Path, tiny_gguf: Path
+) -> None:
     store = Store(tmp_path)
     digest = await upload(store, tiny_gguf)
     systems = [f"system {i}" for i in range(8)]
-    await asyncio.gather(*(store.create("race", files={"m.gguf": digest}, system=s)
-                           for s in systems))
+    await asyncio.gather(
+        *(store.create("race", files={"m.gguf": digest}, system=s) for s in systems)
+    )
     rec = store.resolve("race")
     assert rec.system in systems
     # every blob left is referenced (no torn manifest, no lost layer)
     assert {p.name for p in (tmp_path / "blobs").iterdir()} == {
-        lay.digest.replace(":", "-") for lay in rec.manifest.all_layers()}
+        lay.digest.replace(":", "-") for lay in rec.manifest.all_layers()
+    }
 
 
-async def test_delete_during_create_keeps_the_blobs_create_uses(tmp_path: Path,
-                                                              tiny_gguf: Path) -> None:
+async def test_delete_during_create_keeps_the_blobs_create_uses(
+    tmp_path: Path, tiny_gguf: Path
+) -> None:
     store = Store(tmp_path)
     digest = await upload(store, tiny_gguf)
     await store.create("a", files={"m.gguf": digest})
@@ -375,8 +485,12 @@ def test_prune_removes_unreferenced_and_partials(tmp_path: Path, tiny_gguf: Path
     blobs = tmp_path / "blobs"
     kept = set(os.listdir(blobs))
     old = time.time() - 7200
-    stale = {"sha256-" + "1" * 64, "sha256-" + "2" * 64 + "-partial",
-             "sha256-" + "2" * 64 + "-partial-0", "tmp-123"}
+    stale = {
+        "sha256-" + "1" * 64,
+        "sha256-" + "2" * 64 + "-partial",
+        "sha256-" + "2" * 64 + "-partial-0",
+        "tmp-123",
+    }
     for n in stale:
         (blobs / n).write_bytes(b"junk")
         os.utime(blobs / n, (old, old))
@@ -399,13 +513,21 @@ def test_gguf_variants(tmp_path: Path) -> None:
     emb = gguf_info.read_info(make_gguf(tmp_path / "e.gguf", arch="bert", embedding=True))
     assert emb.is_embedding
     assert templates.capabilities(emb) == ["embedding"]
-    chat = gguf_info.read_info(make_gguf(
-        tmp_path / "c.gguf", chat_template="{% if tools %}{{ tools }}{% endif %}<think></think>"))
+    chat = gguf_info.read_info(
+        make_gguf(
+            tmp_path / "c.gguf", chat_template="{% if tools %}{{ tools }}{% endif %}<think></think>"
+        )
+    )
     assert templates.capabilities(chat) == ["completion", "tools", "thinking"]
     assert templates.capabilities(chat, template="{{ .Prompt }}{{ .Suffix }}") == [
-        "completion", "insert"]
+        "completion",
+        "insert",
+    ]
     assert templates.capabilities(chat, template="{{ .Tools }}", has_projector=True) == [
-        "completion", "tools", "vision"]
+        "completion",
+        "tools",
+        "vision",
+    ]
     # vision keys in the model GGUF alone are not enough: images need the projector
     vision_keys = msgspec.structs.replace(chat, has_vision=True)
     assert "vision" not in templates.capabilities(vision_keys)
@@ -431,13 +553,17 @@ def test_fast_gguf_reader_matches_gguf_package(tmp_path: Path, tiny_gguf: Path) 
             if key.startswith("GGUF."):
                 continue
             v = field.contents()
-            want[key] = [float(f"{x:.7g}") if isinstance(x, float) else x for x in v] \
-                if isinstance(v, list) else (float(f"{v:.7g}") if isinstance(v, float) else v)
+            want[key] = (
+                [float(f"{x:.7g}") if isinstance(x, float) else x for x in v]
+                if isinstance(v, list)
+                else (float(f"{v:.7g}") if isinstance(v, float) else v)
+            )
         assert gguf_info.read_metadata(p) == want
         info = gguf_info.read_info(p)
         assert [(t.name, t.type, t.shape, t.n_bytes) for t in info.tensors] == [
             (t.name, t.tensor_type.name, [int(x) for x in t.shape], int(t.n_bytes))
-            for t in reader.tensors]
+            for t in reader.tensors
+        ]
         assert info.tensor_bytes == sum(int(t.n_bytes) for t in reader.tensors)
 
 

@@ -22,16 +22,16 @@ import pytest
 import structlog
 
 from corral.daemon.api.errors import http_status
-from corral.daemon.errors import CorralError
-from corral.scheduler import QUEUE_FULL_MESSAGE as QUEUE_FULL
-from corral.daemon.config import Config, SimulatedGpu
-from corral.daemon.gpu import SimulatedProbe
 from corral.daemon.api.ps import ps_models
-from corral.daemon.params import RequestOptions
+from corral.daemon.config import Config, SimulatedGpu
+from corral.daemon.errors import CorralError
+from corral.daemon.gpu import SimulatedProbe
 from corral.daemon.model_inputs import runner_options
+from corral.daemon.params import RequestOptions
 from corral.daemon.runners import child_env, huge_pages_usable
 from corral.daemon.supervisor import Lease, Supervisor
 from corral.runner import protocol
+from corral.scheduler import QUEUE_FULL_MESSAGE as QUEUE_FULL
 
 GiB = 1 << 30
 SAFETY = float(os.environ.get("TEST_SAFETY", "30"))
@@ -46,9 +46,16 @@ class Model:
     model_path: Path
     digest: str = "0" * 64
     parameters: dict[str, Any] = field(default_factory=dict)
-    details: dict[str, Any] = field(default_factory=lambda: {
-        "parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
-        "parameter_size": "0.2M", "quantization_level": "F32"})
+    details: dict[str, Any] = field(
+        default_factory=lambda: {
+            "parent_model": "",
+            "format": "gguf",
+            "family": "llama",
+            "families": ["llama"],
+            "parameter_size": "0.2M",
+            "quantization_level": "F32",
+        }
+    )
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -63,16 +70,21 @@ def pid_alive(pid: int | None) -> bool:
 
 # A runner that writes an error line and dies on SIGUSR1 (a CUDA fault stand-in); otherwise the
 # real `python -m corral.runner`.
-CRASHY_RUNNER = (sys.executable, "-c", (
-    "import os, signal, sys\n"
-    "def boom(*_):\n"
-    "    os.write(2, b'CUDA error: an illegal memory access was encountered\\n')\n"
-    "    os._exit(134)\n"
-    "signal.signal(signal.SIGUSR1, boom)\n"
-    "from corral.runner.__main__ import main\n"
-    "code = main()\n"
-    "sys.stderr.flush()\n"
-    "os._exit(code)\n"))
+CRASHY_RUNNER = (
+    sys.executable,
+    "-c",
+    (
+        "import os, signal, sys\n"
+        "def boom(*_):\n"
+        "    os.write(2, b'CUDA error: an illegal memory access was encountered\\n')\n"
+        "    os._exit(134)\n"
+        "signal.signal(signal.SIGUSR1, boom)\n"
+        "from corral.runner.__main__ import main\n"
+        "code = main()\n"
+        "sys.stderr.flush()\n"
+        "os._exit(code)\n"
+    ),
+)
 SILENT_RUNNER = (sys.executable, "-c", "import sys, time; sys.stdin.readline(); time.sleep(60)")
 
 
@@ -92,8 +104,8 @@ def config(**kw: Any) -> Config:
 @pytest.fixture
 def models(tiny_gguf_factory: Callable[[int], Path]) -> Callable[[int], Model]:
     def make(i: int = 0) -> Model:
-        return Model(name=f"tiny{i}:latest", model_path=tiny_gguf_factory(i),
-                     digest=f"{i:064x}")
+        return Model(name=f"tiny{i}:latest", model_path=tiny_gguf_factory(i), digest=f"{i:064x}")
+
     return make
 
 
@@ -129,27 +141,34 @@ async def acquire(sup: Supervisor, model: Model, **kw: Any) -> Lease:
     kw.setdefault("options", None)
     kw.setdefault("keep_alive", None)
     return await asyncio.wait_for(
-        sup.acquire(model, kw.pop("options"), kw.pop("keep_alive"), **kw), SAFETY)
+        sup.acquire(model, kw.pop("options"), kw.pop("keep_alive"), **kw), SAFETY
+    )
 
 
 # ------------------------------------------------------------------------------------ basics
+
 
 async def test_acquire_loads_grants_and_serves_http(make_sup, models):
     sup = await make_sup()
     m = models(0)
     async with await acquire(sup, m) as lease:
         assert lease.base_url.startswith("http://127.0.0.1:")
-        assert lease.n_ctx == 4096                       # CPU-tier default, clamped to n_ctx_train
+        assert lease.n_ctx == 4096  # CPU-tier default, clamped to n_ctx_train
         assert lease.load_duration > 0
         async with lease.session.get(f"{lease.base_url}/health") as resp:
             assert resp.status == 200
-        body = protocol.CompletionRequest(prompt="hi", options=protocol.SamplingOptions(
-            num_predict=3), stream=False)
-        async with lease.session.post(f"{lease.base_url}/completion",
-                                      data=protocol.encode(body)) as resp:
+        body = protocol.CompletionRequest(
+            prompt="hi", options=protocol.SamplingOptions(num_predict=3), stream=False
+        )
+        async with lease.session.post(
+            f"{lease.base_url}/completion", data=protocol.encode(body)
+        ) as resp:
             assert resp.status == 200
-            lines = [protocol.decode_completion_event(x) for x in (await resp.read()).splitlines()
-                     if x.strip()]
+            lines = [
+                protocol.decode_completion_event(x)
+                for x in (await resp.read()).splitlines()
+                if x.strip()
+            ]
         assert isinstance(lines[-1], protocol.CompletionDone) and lines[-1].eval_count == 3
         assert sup.snapshot().in_flight == 1
         assert lease.failure_reason() is None
@@ -176,8 +195,18 @@ async def test_ps_rows_have_ollamas_fields_and_our_extras(make_sup, models):
     sup = await make_sup()
     async with await acquire(sup, models(0), keep_alive=120.0) as lease:
         rows = ps_models(sup)
-        assert [list(r)[:8] for r in rows] == [["name", "model", "size", "digest", "details",
-                                               "expires_at", "size_vram", "context_length"]]
+        assert [list(r)[:8] for r in rows] == [
+            [
+                "name",
+                "model",
+                "size",
+                "digest",
+                "details",
+                "expires_at",
+                "size_vram",
+                "context_length",
+            ]
+        ]
         row = rows[0]
         assert row["name"] == row["model"] == "tiny0:latest"
         assert row["digest"] == f"{0:064x}"
@@ -187,8 +216,9 @@ async def test_ps_rows_have_ollamas_fields_and_our_extras(make_sup, models):
         assert row["pid"] == sup.runner_process(lease.runner_id).pid
         assert row["size"] >= row["size_vram"] > 0
         assert row["gpus"] == [{"id": "0", "name": "Sim 24G", "vram": row["size_vram"]}]
-        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?[+-]\d\d:\d\d",
-                            row["expires_at"])
+        assert re.fullmatch(
+            r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?[+-]\d\d:\d\d", row["expires_at"]
+        )
     await sup.wait_processed()
     # Idle: expires about keep-alive from now; longest-lived first.
     async with await acquire(sup, models(1), keep_alive=math.inf):
@@ -196,24 +226,40 @@ async def test_ps_rows_have_ollamas_fields_and_our_extras(make_sup, models):
     await sup.wait_processed()
     names = [r["name"] for r in ps_models(sup)]
     assert names == ["tiny1:latest", "tiny0:latest"]
-    assert ps_models(sup)[0]["expires_at"].startswith(("22", "23"))   # "forever" is ~292 years out
+    assert ps_models(sup)[0]["expires_at"].startswith(("22", "23"))  # "forever" is ~292 years out
 
 
 def test_runner_options_follow_ollamas_auto_rules():
     auto = runner_options(RequestOptions(), default_ctx=(32768, True))
     assert (auto.num_ctx, auto.num_ctx_auto, auto.num_batch, auto.num_batch_auto) == (
-        32768, True, 512, True)
+        32768,
+        True,
+        512,
+        True,
+    )
     env = runner_options(RequestOptions(), default_ctx=(8192, False))  # OLLAMA_CONTEXT_LENGTH
     assert (env.num_ctx, env.num_ctx_auto) == (8192, False)
-    explicit = runner_options(RequestOptions.build(None, {"num_ctx": 2.0, "num_batch": 128,
-                                                          "num_gpu": 0}),
-                              default_ctx=(4096, True))
+    explicit = runner_options(
+        RequestOptions.build(None, {"num_ctx": 2.0, "num_batch": 128, "num_gpu": 0}),
+        default_ctx=(4096, True),
+    )
     assert (explicit.num_ctx, explicit.num_ctx_auto, explicit.num_batch, explicit.num_gpu) == (
-        2, False, 128, 0)        # floored where it is used: scheduler.estimate.effective_num_ctx
-    odd = runner_options(RequestOptions(num_batch=0, num_thread=-3, main_gpu=1, use_mmap=False),
-                         default_ctx=(4096, True))
+        2,
+        False,
+        128,
+        0,
+    )  # floored where it is used: scheduler.estimate.effective_num_ctx
+    odd = runner_options(
+        RequestOptions(num_batch=0, num_thread=-3, main_gpu=1, use_mmap=False),
+        default_ctx=(4096, True),
+    )
     assert (odd.num_batch, odd.num_batch_auto, odd.num_thread, odd.main_gpu, odd.use_mmap) == (
-        1, False, 0, 1, False)
+        1,
+        False,
+        0,
+        1,
+        False,
+    )
 
 
 async def test_acquire_takes_the_options_as_merged_by_the_caller(make_sup, models):
@@ -258,7 +304,7 @@ async def test_preload_loads_with_the_models_parameters(make_sup, models):
     assert sup.preloaded
     assert [v.options.num_ctx for v in sup.snapshot().runners] == [512]
     async with await acquire(sup, m, options=RequestOptions.build(m.parameters, None)) as lease:
-        assert lease.n_ctx == 512 and len(loaded(sup)) == 1     # the preloaded runner serves
+        assert lease.n_ctx == 512 and len(loaded(sup)) == 1  # the preloaded runner serves
 
 
 async def test_num_ctx_floors_apply_to_what_is_launched(make_sup, models):
@@ -283,6 +329,7 @@ async def test_missing_blob_is_404_and_closed_supervisor_is_503(make_sup, models
 
 # ------------------------------------------------------------------------- scheduler behaviour
 
+
 async def test_max_loaded_models_evicts_the_idle_runner(make_sup, models):
     sup = await make_sup(config(max_loaded_models=1))
     async with await acquire(sup, models(0)) as a:
@@ -299,7 +346,7 @@ async def test_max_loaded_models_waits_for_a_busy_runner(make_sup, models):
     a = await acquire(sup, models(0))
     waiter = asyncio.create_task(sup.acquire(models(1), None, None))
     await until(sup, lambda: sup.snapshot().queued == 1)
-    assert not waiter.done()                    # nobody is killed with a request in flight
+    assert not waiter.done()  # nobody is killed with a request in flight
     pid_a = sup.runner_process(a.runner_id).pid
     assert pid_alive(pid_a)
     a.release()
@@ -337,14 +384,14 @@ async def test_unload_stops_an_idle_runner(make_sup, models):
     await sup.unload(m)
     await until(sup, lambda: not loaded(sup))
     assert not pid_alive(pid)
-    await sup.unload(m)                          # not loaded: a no-op
+    await sup.unload(m)  # not loaded: a no-op
     await sup.wait_processed()
 
 
 async def test_max_queue_rejects_with_ollamas_503_text(make_sup, models):
     sup = await make_sup(config(max_queue=1))
     m = models(0)
-    held = await acquire(sup, m)                 # loaded model, its only slot busy
+    held = await acquire(sup, m)  # loaded model, its only slot busy
     second = asyncio.create_task(sup.acquire(m, None, None))
     await until(sup, lambda: sup.snapshot().queued == 1)
     with pytest.raises(CorralError) as ei:
@@ -361,11 +408,11 @@ async def test_cancelled_while_queued_frees_its_queue_place(make_sup, models):
     held = await acquire(sup, m)
     queued = asyncio.create_task(sup.acquire(m, None, None))
     await until(sup, lambda: sup.snapshot().queued == 1)
-    queued.cancel()                              # the client went away
+    queued.cancel()  # the client went away
     with pytest.raises(asyncio.CancelledError):
         await queued
     await until(sup, lambda: sup.snapshot().queued == 0)
-    again = asyncio.create_task(sup.acquire(m, None, None))   # the place is free again
+    again = asyncio.create_task(sup.acquire(m, None, None))  # the place is free again
     await until(sup, lambda: sup.snapshot().queued == 1)
     held.release()
     async with await asyncio.wait_for(again, SAFETY):
@@ -414,7 +461,7 @@ async def test_sigkill_mid_request_fails_it_and_the_next_acquire_reloads(make_su
     assert reason.startswith("llama runner process has terminated: signal: killed")
     await asyncio.wait_for(lease.aborted.wait(), SAFETY)
     await until(sup, lambda: lease.runner_id not in loaded(sup))
-    lease.release()                              # late release after the crash: harmless
+    lease.release()  # late release after the crash: harmless
     async with await acquire(sup, m) as again:
         assert again.runner_id != lease.runner_id
         assert sup.runner_process(again.runner_id).pid != pid
@@ -427,8 +474,10 @@ async def test_crash_error_carries_the_runners_last_stderr_line(make_sup, models
     lease = await acquire(sup, models(0))
     os.kill(sup.runner_process(lease.runner_id).pid, signal.SIGUSR1)
     reason = await asyncio.wait_for(lease.wait_failure(), SAFETY)
-    assert reason == ("llama runner process has terminated: exit status 134: "
-                      "CUDA error: an illegal memory access was encountered")
+    assert reason == (
+        "llama runner process has terminated: exit status 134: "
+        "CUDA error: an illegal memory access was encountered"
+    )
     assert lease.failure() == reason
     lease.release()
 
@@ -436,18 +485,22 @@ async def test_crash_error_carries_the_runners_last_stderr_line(make_sup, models
 async def test_crash_while_streaming_breaks_the_stream(make_sup, models):
     sup = await make_sup(config(fake_knobs={"crash_after_tokens": 3}))
     async with await acquire(sup, models(0)) as lease:
-        body = protocol.CompletionRequest(prompt="hi", options=protocol.SamplingOptions(
-            num_predict=50))
+        body = protocol.CompletionRequest(
+            prompt="hi", options=protocol.SamplingOptions(num_predict=50)
+        )
         import aiohttp
+
         with pytest.raises((aiohttp.ClientError, ConnectionError)):
-            async with lease.session.post(f"{lease.base_url}/completion",
-                                          data=protocol.encode(body)) as resp:
+            async with lease.session.post(
+                f"{lease.base_url}/completion", data=protocol.encode(body)
+            ) as resp:
                 async for _ in resp.content:
                     pass
                 raise ConnectionError("stream ended without done")
         reason = await asyncio.wait_for(lease.wait_failure(), SAFETY)
         assert reason is not None and reason.startswith(
-            "llama runner process has terminated: exit status 1")
+            "llama runner process has terminated: exit status 1"
+        )
 
 
 async def test_load_failure_with_oom_is_a_500_with_the_runners_message(make_sup, models):
@@ -491,7 +544,7 @@ async def test_cancel_during_load_leaves_no_queued_request(make_sup, models):
     with pytest.raises(asyncio.CancelledError):
         await task
     await until(sup, lambda: sup.snapshot().queued == 0 and sup.snapshot().in_flight == 0)
-    async with await acquire(sup, m):            # the load went on; the next request uses it
+    async with await acquire(sup, m):  # the load went on; the next request uses it
         pass
 
 
@@ -528,12 +581,13 @@ async def test_runtime_out_of_memory_unloads_every_runner_once_idle(make_sup, mo
         pid_b = sup.runner_process(b.runner_id).pid
         sup.report_out_of_memory(b)
         await sup.wait_processed()
-        assert b.runner_id in loaded(sup)          # busy: it finishes first
+        assert b.runner_id in loaded(sup)  # busy: it finishes first
     await until(sup, lambda: not loaded(sup))
     assert not pid_alive(pid_a) and not pid_alive(pid_b)
 
 
 # ------------------------------------------------------------------------ huge pages, mmap
+
 
 def _spec_and_env(logs: list[dict], pid: int) -> tuple[dict, dict[str, str]]:
     spec = next(e["spec"] for e in logs if e["event"] == "runner launch spec" and e["pid"] == pid)
@@ -542,13 +596,18 @@ def _spec_and_env(logs: list[dict], pid: int) -> tuple[dict, dict[str, str]]:
     return spec, env
 
 
-@pytest.mark.parametrize("huge, gpus, asked, mmap", [
-    (True, (), None, False),     # CPU only: weights read into memory (Ollama's rule), huge pages
-    (True, (), True, True),      # the request / Modelfile says mmap: it wins
-    (False, (), None, False),    # no huge pages to be had: nothing asked of glibc
-    (True, "gpu", None, True),   # on a GPU: mmap; the KV/compute buffers still ask
-])
-async def test_runners_ask_glibc_for_huge_pages(make_sup, models, monkeypatch, huge, gpus, asked, mmap):
+@pytest.mark.parametrize(
+    "huge, gpus, asked, mmap",
+    [
+        (True, (), None, False),  # CPU only: weights read into memory (Ollama's rule), huge pages
+        (True, (), True, True),  # the request / Modelfile says mmap: it wins
+        (False, (), None, False),  # no huge pages to be had: nothing asked of glibc
+        (True, "gpu", None, True),  # on a GPU: mmap; the KV/compute buffers still ask
+    ],
+)
+async def test_runners_ask_glibc_for_huge_pages(
+    make_sup, models, monkeypatch, huge, gpus, asked, mmap
+):
     monkeypatch.setattr("corral.daemon.supervisor.huge_pages_usable", lambda: huge)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     sup = await make_sup(config() if gpus else config(simulate_gpus=()))
@@ -561,17 +620,21 @@ async def test_runners_ask_glibc_for_huge_pages(make_sup, models, monkeypatch, h
 
 def test_huge_pages_usable_and_the_child_tunable(tmp_path):
     setting = tmp_path / "enabled"
-    for text, libc, usable in [("[always] madvise never", "musl", True),
-                               ("always [madvise] never", "glibc", True),
-                               ("always [madvise] never", "musl", False),  # nobody asks
-                               ("always madvise [never]", "glibc", False)]:
+    for text, libc, usable in [
+        ("[always] madvise never", "musl", True),
+        ("always [madvise] never", "glibc", True),
+        ("always [madvise] never", "musl", False),  # nobody asks
+        ("always madvise [never]", "glibc", False),
+    ]:
         setting.write_text(text + "\n")
         assert huge_pages_usable(setting, libc) is usable, text
     assert huge_pages_usable(tmp_path / "missing", "glibc") is False  # not Linux
     assert child_env(None, {"A": "1"}, huge_pages=True) == {
-        "A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+        "A": "1",
+        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+    }
     kept = child_env(None, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, huge_pages=True)
     assert kept == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
     theirs = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
-    assert child_env(None, theirs, huge_pages=True) == theirs   # the user's choice wins
+    assert child_env(None, theirs, huge_pages=True) == theirs  # the user's choice wins
     assert child_env(None) is None and child_env("1", {}) == {"CUDA_VISIBLE_DEVICES": "1"}

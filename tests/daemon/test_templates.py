@@ -30,75 +30,110 @@ def ex(text: str, data: dict | None = None) -> str:
     return GoTemplate(text).execute({"Response": "", **(data or {})})
 
 
-@pytest.mark.parametrize(("text", "data", "out"), [
-    ("a {{- \" \"}} b", {}, "a  b"),
-    ("a {{- ' '}}", {}, "a32"),
-    ("a  {{- 1 -}}  b", {}, "a1b"),
-    ("{{- /* comment */ -}} x", {}, "x"),
-    ("{{/* c */}}y", {}, "y"),
-    ("{{ .A }}", {"A": "v"}, "v"),
-    ("{{ .Missing }}", {}, "<no value>"),
-    ("{{ if .A }}t{{ else }}f{{ end }}", {"A": ""}, "f"),
-    ("{{ if .A }}t{{ else if .B }}b{{ else }}f{{ end }}", {"A": 0, "B": [1]}, "b"),
-    ("{{ with .A }}{{ . }}{{ else }}none{{ end }}", {"A": "x"}, "x"),
-    ("{{ with .A }}{{ . }}{{ else }}none{{ end }}", {"A": []}, "none"),
-    ("{{ range .L }}[{{ . }}]{{ end }}", {"L": [1, 2]}, "[1][2]"),
-    ("{{ range $i, $v := .L }}{{ $i }}={{ $v }};{{ end }}", {"L": ["a", "b"]}, "0=a;1=b;"),
-    ("{{ range $k, $v := .M }}{{ $k }}:{{ $v }} {{ end }}", {"M": {"b": 1, "a": 2}}, "a:2 b:1 "),
-    ("{{ range .L }}x{{ else }}empty{{ end }}", {"L": []}, "empty"),
-    ("{{ range .L }}{{ if eq . 2 }}{{ break }}{{ end }}{{ . }}{{ end }}", {"L": [1, 2, 3]}, "1"),
-    ("{{ range .L }}{{ if eq . 2 }}{{ continue }}{{ end }}{{ . }}{{ end }}", {"L": [1, 2, 3]}, "13"),
-    ("{{ $x := 1 }}{{ if true }}{{ $x = 2 }}{{ end }}{{ $x }}", {}, "2"),
-    ("{{ $x := 1 }}{{ if true }}{{ $x := 3 }}{{ end }}{{ $x }}", {}, "1"),
-    ("{{ range .L }}{{ $.T }}{{ end }}", {"L": [1], "T": "top"}, "top"),
-    ("{{ and 1 0 2 }} {{ or 0 \"\" 3 }} {{ not 0 }}", {}, "0 3 true"),
-    ("{{ and .A .A.B }}", {"A": None}, "<no value>"),  # short-circuit: .A.B never evaluated
-    ("{{ eq .R \"user\" \"system\" }}", {"R": "system"}, "true"),
-    ("{{ ne 1 2 }} {{ lt 1 2 }} {{ le 2 2 }} {{ gt 1 2 }} {{ ge 2 1 }}", {}, "true true true false true"),
-    ("{{ len .S }} {{ len .L }}", {"S": "héllo", "L": [1, 2]}, "6 2"),
-    ("{{ index .L 1 }} {{ index .M \"k\" }}", {"L": ["a", "b"], "M": {"k": "v"}}, "b v"),
-    ("{{ slice .L 1 }} {{ slice .S 1 3 }}", {"L": [1, 2, 3], "S": "abcd"}, "[2 3] bc"),
-    ("{{ len (slice .L 1) }}", {"L": [1, 2, 3]}, "2"),
-    ("{{ print 1 2 \"a\" \"b\" 3 }}", {}, "1 2ab3"),
-    ("{{ printf \"%s=%d %q %v\" \"k\" 3 \"x\" true }}", {}, 'k=3 "x" true'),
-    ("{{ .S | printf \"<%s>\" }}", {"S": "p"}, "<p>"),
-    ("{{ json .V }}", {"V": {"b": [1, 2.5, None], "a": "<&>"}},
-     '{"a":"\\u003c\\u0026\\u003e","b":[1,2.5,null]}'),
-    ("{{ 1.0 }} {{ 1.5 }} {{ 1e6 }} {{ 0x10 }} {{ 'a' }}", {}, "1 1.5 1e+06 16 97"),
-    ("{{ \"a\\tb\" }}{{ `raw\\n` }}", {}, "a\tbraw\\n"),
-    ("{{ .L }} {{ .M }} {{ true }} {{ nil | print }}", {"L": [1, "a"], "M": {"k": 1}},
-     "[1 a] map[k:1] true <nil>"),
-    ("{{ (index .L 0).Name }}", {"L": [{"Name": "n"}]}, "n"),
-    ("{{ range 3 }}{{ . }}{{ end }}", {}, "012"),
-])
+@pytest.mark.parametrize(
+    ("text", "data", "out"),
+    [
+        ('a {{- " "}} b', {}, "a  b"),
+        ("a {{- ' '}}", {}, "a32"),
+        ("a  {{- 1 -}}  b", {}, "a1b"),
+        ("{{- /* comment */ -}} x", {}, "x"),
+        ("{{/* c */}}y", {}, "y"),
+        ("{{ .A }}", {"A": "v"}, "v"),
+        ("{{ .Missing }}", {}, "<no value>"),
+        ("{{ if .A }}t{{ else }}f{{ end }}", {"A": ""}, "f"),
+        ("{{ if .A }}t{{ else if .B }}b{{ else }}f{{ end }}", {"A": 0, "B": [1]}, "b"),
+        ("{{ with .A }}{{ . }}{{ else }}none{{ end }}", {"A": "x"}, "x"),
+        ("{{ with .A }}{{ . }}{{ else }}none{{ end }}", {"A": []}, "none"),
+        ("{{ range .L }}[{{ . }}]{{ end }}", {"L": [1, 2]}, "[1][2]"),
+        ("{{ range $i, $v := .L }}{{ $i }}={{ $v }};{{ end }}", {"L": ["a", "b"]}, "0=a;1=b;"),
+        (
+            "{{ range $k, $v := .M }}{{ $k }}:{{ $v }} {{ end }}",
+            {"M": {"b": 1, "a": 2}},
+            "a:2 b:1 ",
+        ),
+        ("{{ range .L }}x{{ else }}empty{{ end }}", {"L": []}, "empty"),
+        (
+            "{{ range .L }}{{ if eq . 2 }}{{ break }}{{ end }}{{ . }}{{ end }}",
+            {"L": [1, 2, 3]},
+            "1",
+        ),
+        (
+            "{{ range .L }}{{ if eq . 2 }}{{ continue }}{{ end }}{{ . }}{{ end }}",
+            {"L": [1, 2, 3]},
+            "13",
+        ),
+        ("{{ $x := 1 }}{{ if true }}{{ $x = 2 }}{{ end }}{{ $x }}", {}, "2"),
+        ("{{ $x := 1 }}{{ if true }}{{ $x := 3 }}{{ end }}{{ $x }}", {}, "1"),
+        ("{{ range .L }}{{ $.T }}{{ end }}", {"L": [1], "T": "top"}, "top"),
+        ('{{ and 1 0 2 }} {{ or 0 "" 3 }} {{ not 0 }}', {}, "0 3 true"),
+        ("{{ and .A .A.B }}", {"A": None}, "<no value>"),  # short-circuit: .A.B never evaluated
+        ('{{ eq .R "user" "system" }}', {"R": "system"}, "true"),
+        (
+            "{{ ne 1 2 }} {{ lt 1 2 }} {{ le 2 2 }} {{ gt 1 2 }} {{ ge 2 1 }}",
+            {},
+            "true true true false true",
+        ),
+        ("{{ len .S }} {{ len .L }}", {"S": "héllo", "L": [1, 2]}, "6 2"),
+        ('{{ index .L 1 }} {{ index .M "k" }}', {"L": ["a", "b"], "M": {"k": "v"}}, "b v"),
+        ("{{ slice .L 1 }} {{ slice .S 1 3 }}", {"L": [1, 2, 3], "S": "abcd"}, "[2 3] bc"),
+        ("{{ len (slice .L 1) }}", {"L": [1, 2, 3]}, "2"),
+        ('{{ print 1 2 "a" "b" 3 }}', {}, "1 2ab3"),
+        ('{{ printf "%s=%d %q %v" "k" 3 "x" true }}', {}, 'k=3 "x" true'),
+        ('{{ .S | printf "<%s>" }}', {"S": "p"}, "<p>"),
+        (
+            "{{ json .V }}",
+            {"V": {"b": [1, 2.5, None], "a": "<&>"}},
+            '{"a":"\\u003c\\u0026\\u003e","b":[1,2.5,null]}',
+        ),
+        ("{{ 1.0 }} {{ 1.5 }} {{ 1e6 }} {{ 0x10 }} {{ 'a' }}", {}, "1 1.5 1e+06 16 97"),
+        ('{{ "a\\tb" }}{{ `raw\\n` }}', {}, "a\tbraw\\n"),
+        (
+            "{{ .L }} {{ .M }} {{ true }} {{ nil | print }}",
+            {"L": [1, "a"], "M": {"k": 1}},
+            "[1 a] map[k:1] true <nil>",
+        ),
+        ("{{ (index .L 0).Name }}", {"L": [{"Name": "n"}]}, "n"),
+        ("{{ range 3 }}{{ . }}{{ end }}", {}, "012"),
+    ],
+)
 def test_go_semantics(text: str, data: dict, out: str) -> None:
     assert ex(text, data) == out
 
 
-@pytest.mark.parametrize(("text", "error"), [
-    ("line one\n{{ .A ", "template: :2: unclosed action"),
-    ("{{ if .A }}x", "template: :1: unexpected EOF"),
-    ("a\n\n{{ end }}", "template: :3: unexpected {{end}}"),
-    ("{{ foo .A }}", 'template: :1: function "foo" not defined'),
-    ("{{ $x }}", 'template: :1: undefined variable "$x"'),
-    ("{{ break }}", "template: :1: {{break}} outside {{range}}"),
-    ("{{ define \"x\" }}{{ end }}", "template: :1: {{define}} is not supported"),
-    ("{{ .A }", "template: :1: unexpected"),
-])
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("line one\n{{ .A ", "template: :2: unclosed action"),
+        ("{{ if .A }}x", "template: :1: unexpected EOF"),
+        ("a\n\n{{ end }}", "template: :3: unexpected {{end}}"),
+        ("{{ foo .A }}", 'template: :1: function "foo" not defined'),
+        ("{{ $x }}", 'template: :1: undefined variable "$x"'),
+        ("{{ break }}", "template: :1: {{break}} outside {{range}}"),
+        ('{{ define "x" }}{{ end }}', "template: :1: {{define}} is not supported"),
+        ("{{ .A }", "template: :1: unexpected"),
+    ],
+)
 def test_parse_errors_name_the_line(text: str, error: str) -> None:
     with pytest.raises(TemplateError) as e:
         GoTemplate(text)
     assert str(e.value).startswith(error)
 
 
-@pytest.mark.parametrize(("text", "data", "error"), [
-    ("{{ index .L 5 }}", {"L": [1]}, "template: :1: error calling index: index out of range: 5"),
-    ("{{ eq 1 \"a\" }}", {}, "template: :1: error calling eq: incompatible types for comparison"),
-    ("{{\n.A.B }}", {"A": "s"}, "template: :2: executing"),
-    ("{{ .A 1 }}", {"A": "s"}, "template: :1: can't give argument to non-function"),
-    ("{{ call .F }}", {}, "template: :1: error calling call: call of nil"),
-    ("{{ call .A 1 }}", {"A": "s"}, "template: :1: error calling call: non-function"),
-])
+@pytest.mark.parametrize(
+    ("text", "data", "error"),
+    [
+        (
+            "{{ index .L 5 }}",
+            {"L": [1]},
+            "template: :1: error calling index: index out of range: 5",
+        ),
+        ('{{ eq 1 "a" }}', {}, "template: :1: error calling eq: incompatible types for comparison"),
+        ("{{\n.A.B }}", {"A": "s"}, "template: :2: executing"),
+        ("{{ .A 1 }}", {"A": "s"}, "template: :1: can't give argument to non-function"),
+        ("{{ call .F }}", {}, "template: :1: error calling call: call of nil"),
+        ("{{ call .A 1 }}", {"A": "s"}, "template: :1: error calling call: non-function"),
+    ],
+)
 def test_execution_errors(text: str, data: dict, error: str) -> None:
     with pytest.raises(TemplateError) as e:
         ex(text, data)
@@ -106,8 +141,10 @@ def test_execution_errors(text: str, data: dict, error: str) -> None:
 
 
 def test_go_json() -> None:
-    assert go_json([1.0, 1e21, 1e-7, 0.1, "é\u2028\n", True, None]) == \
-        '[1,1e+21,1e-7,0.1,"é\\u2028\\n",true,null]'
+    assert (
+        go_json([1.0, 1e21, 1e-7, 0.1, "é\u2028\n", True, None])
+        == '[1,1e+21,1e-7,0.1,"é\\u2028\\n",true,null]'
+    )
 
 
 # ---- Ollama's Execute: legacy, FIM, response appended ----------------------------------------------
@@ -126,47 +163,72 @@ ZEPHYR_LEGACY = """{{ if .System }}<|system|>
 @pytest.mark.parametrize("text", [LEGACY_QA, LEGACY_QA_RESPONSE])
 def test_legacy_per_turn(text: str) -> None:
     # without .Response the template gets {{ .Response }} appended: both render the same
-    msgs = [{"role": "system", "content": "Be exact."},
-            {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "4"},
-            {"role": "user", "content": "3+3?"}]
+    msgs = [
+        {"role": "system", "content": "Be exact."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "3+3?"},
+    ]
     assert GoTemplate(text).render(msgs) == "Be exact.\nQ: 2+2?\nA: 4Q: 3+3?\nA: "
 
 
 def test_legacy_continues_a_partial_assistant_turn() -> None:
-    msgs = [{"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "4"},
-            {"role": "user", "content": "Spell it."},
-            {"role": "assistant", "content": "fo"}]
+    msgs = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "Spell it."},
+        {"role": "assistant", "content": "fo"},
+    ]
     # the last turn stops right after .Response: its "\n" is cut
     assert GoTemplate("Q: {{ .Prompt }}\nA: {{ .Response }}\n").render(msgs) == (
-        "Q: 2+2?\nA: 4\nQ: Spell it.\nA: fo")
+        "Q: 2+2?\nA: 4\nQ: Spell it.\nA: fo"
+    )
 
 
 def test_legacy_cuts_after_response() -> None:
-    msgs = [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"}]
+    msgs = [
+        {"role": "system", "content": "Be exact."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "3+3?"},
+    ]
     assert GoTemplate(ZEPHYR_LEGACY).render(msgs) == (
         "<|system|>\nBe exact.</s>\n<|user|>\n2+2?</s>\n<|assistant|>\n4</s>\n"
-        "<|user|>\n3+3?</s>\n<|assistant|>\n")
+        "<|user|>\n3+3?</s>\n<|assistant|>\n"
+    )
 
 
 def test_fill_in_the_middle_and_defaults() -> None:
     t = GoTemplate("<|fim_prefix|>{{ .Prompt }}<|fim_suffix|>{{ .Suffix }}<|fim_middle|>")
     assert t.supports_insert
-    assert t.render([{"role": "user", "content": "def f("}], prompt="def f(", suffix="return 1") \
+    assert (
+        t.render([{"role": "user", "content": "def f("}], prompt="def f(", suffix="return 1")
         == "<|fim_prefix|>def f(<|fim_suffix|>return 1<|fim_middle|>"
+    )
     default = for_model(None)
-    assert default.render([{"role": "system", "content": "dropped"},
-                           {"role": "user", "content": "hi"}]) == "hi"
+    assert (
+        default.render(
+            [{"role": "system", "content": "dropped"}, {"role": "user", "content": "hi"}]
+        )
+        == "hi"
+    )
 
 
 def test_collate_merges_consecutive_roles() -> None:
     t = GoTemplate("{{ .System }}|{{ range .Messages }}{{ .Role }}:{{ .Content }};{{ end }}")
-    assert t.render([{"role": "system", "content": "a"}, {"role": "system", "content": "b"},
-                     {"role": "user", "content": "x"}, {"role": "user", "content": "y"},
-                     {"role": "tool", "content": "t1"}, {"role": "tool", "content": "t2"}]) == \
-        "a\n\nb|system:a\n\nb;user:x\n\ny;tool:t1;tool:t2;"
+    assert (
+        t.render(
+            [
+                {"role": "system", "content": "a"},
+                {"role": "system", "content": "b"},
+                {"role": "user", "content": "x"},
+                {"role": "user", "content": "y"},
+                {"role": "tool", "content": "t1"},
+                {"role": "tool", "content": "t2"},
+            ]
+        )
+        == "a\n\nb|system:a\n\nb;user:x\n\ny;tool:t1;tool:t2;"
+    )
 
 
 # ---- tools --------------------------------------------------------------------------------------------
@@ -194,21 +256,35 @@ Functions:
 def test_json_tools_print_as_json_and_tag_is_brace() -> None:
     t = GoTemplate(LLAMA3_JSON_TOOLS)
     assert t.supports_tools and t.tool_call_tag() == "{"
-    out = t.render([{"role": "user", "content": "Q?"}],
-                   [{"type": "function", "function": {"name": "f", "parameters": {
-                       "type": "object", "properties": {}}}}])
-    assert out == ('<|start_header_id|>user<|end_header_id|>\n\nYou may call a function. Answer '
-                   'with JSON {"name": name, "parameters": {...}} only.\nFunctions:\n'
-                   '{"type":"function","function":{"name":"f","parameters":{"type":"object",'
-                   '"properties":{}}}}\n\nQ?<|eot_id|>'
-                   "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    out = t.render(
+        [{"role": "user", "content": "Q?"}],
+        [
+            {
+                "type": "function",
+                "function": {"name": "f", "parameters": {"type": "object", "properties": {}}},
+            }
+        ],
+    )
+    assert out == (
+        "<|start_header_id|>user<|end_header_id|>\n\nYou may call a function. Answer "
+        'with JSON {"name": name, "parameters": {...}} only.\nFunctions:\n'
+        '{"type":"function","function":{"name":"f","parameters":{"type":"object",'
+        '"properties":{}}}}\n\nQ?<|eot_id|>'
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     call = {"function": {"name": "f", "arguments": {"b": [1], "a": 2}}}
-    out = t.render([{"role": "user", "content": "Q?"},
-                    {"role": "assistant", "content": "", "tool_calls": [call]}])
-    assert out == ("<|start_header_id|>user<|end_header_id|>\n\nQ?<|eot_id|>"
-                   "<|start_header_id|>assistant<|end_header_id|>\n\n"
-                   '{"name": "f", "parameters": {"a":2,"b":[1]}}<|eot_id|>'
-                   "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    out = t.render(
+        [
+            {"role": "user", "content": "Q?"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+        ]
+    )
+    assert out == (
+        "<|start_header_id|>user<|end_header_id|>\n\nQ?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        '{"name": "f", "parameters": {"a":2,"b":[1]}}<|eot_id|>'
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
 
 
 def feed(parser: ToolCallParser, chunks: list[str]) -> tuple[list[dict], str]:
@@ -223,18 +299,39 @@ def feed(parser: ToolCallParser, chunks: list[str]) -> tuple[list[dict], str]:
 TOOLS = [{"function": {"name": "get_weather"}}, {"function": {"name": "get"}}]
 
 
-@pytest.mark.parametrize(("tag", "chunks", "names", "content"), [
-    ("<tool_call>", ["Sure. <tool", "_call>\n{\"name\": \"get_weather\", \"arguments\": ",
-                     "{\"city\": \"Paris\"}}\n</tool_call>"], ["get_weather"], "Sure. "),
-    ("<tool_call>", ["<tool_call>{\"name\": \"get\", \"arguments\": {}}</tool_call>"
-                     "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"a\": 1}}"],
-     ["get", "get_weather"], ""),
-    ("{", ['  {"name": "get_weather", "parameters": {"city": "P"}}'], ["get_weather"], "  "),
-    ("{", ["The answer is {\"name\": \"get\"}"], [], "The answer is {\"name\": \"get\"}"),
-    ("{", ['{"a": 1}'], [], '{"a": 1}'),
-    ("[TOOL_CALLS]", ['[TOOL_CALLS] [{"name": "get_weather", "arguments": {"x": "}"}}]'],
-     ["get_weather"], ""),
-])
+@pytest.mark.parametrize(
+    ("tag", "chunks", "names", "content"),
+    [
+        (
+            "<tool_call>",
+            [
+                "Sure. <tool",
+                '_call>\n{"name": "get_weather", "arguments": ',
+                '{"city": "Paris"}}\n</tool_call>',
+            ],
+            ["get_weather"],
+            "Sure. ",
+        ),
+        (
+            "<tool_call>",
+            [
+                '<tool_call>{"name": "get", "arguments": {}}</tool_call>'
+                '<tool_call>{"name": "get_weather", "arguments": {"a": 1}}'
+            ],
+            ["get", "get_weather"],
+            "",
+        ),
+        ("{", ['  {"name": "get_weather", "parameters": {"city": "P"}}'], ["get_weather"], "  "),
+        ("{", ['The answer is {"name": "get"}'], [], 'The answer is {"name": "get"}'),
+        ("{", ['{"a": 1}'], [], '{"a": 1}'),
+        (
+            "[TOOL_CALLS]",
+            ['[TOOL_CALLS] [{"name": "get_weather", "arguments": {"x": "}"}}]'],
+            ["get_weather"],
+            "",
+        ),
+    ],
+)
 def test_tool_call_parser(tag: str, chunks: list[str], names: list[str], content: str) -> None:
     calls, text = feed(ToolCallParser(tag, TOOLS), chunks)
     assert [c["function"]["name"] for c in calls] == names
@@ -243,31 +340,43 @@ def test_tool_call_parser(tag: str, chunks: list[str], names: list[str], content
 
 
 def test_tool_call_arguments() -> None:
-    calls, _ = feed(ToolCallParser("<tool_call>", TOOLS),
-                    ['<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"P\\"}"}'])
+    calls, _ = feed(
+        ToolCallParser("<tool_call>", TOOLS),
+        ['<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"P\\"}"}'],
+    )
     assert calls[0]["function"]["arguments"] == {"city": "P"}
 
 
 # ---- Jinja ------------------------------------------------------------------------------------------
 
-TURNS_JINJA = ("{{ bos_token }}{% for m in messages %}"
-               "{% set role = 'model' if m.role == 'assistant' else m.role %}"
-               "<start_of_turn>{{ role }}\n{{ m.content | trim }}<end_of_turn>\n{% endfor %}"
-               "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+TURNS_JINJA = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% set role = 'model' if m.role == 'assistant' else m.role %}"
+    "<start_of_turn>{{ role }}\n{{ m.content | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 
 
 def test_jinja_chat_template() -> None:
     t = for_model(None, TURNS_JINJA, bos_token="<bos>")
     assert isinstance(t, JinjaTemplate)
-    assert t.render([{"role": "user", "content": " Hi "}, {"role": "assistant", "content": "Hello"},
-                     {"role": "user", "content": "Bye\n"}]) == (
+    assert t.render(
+        [
+            {"role": "user", "content": " Hi "},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Bye\n"},
+        ]
+    ) == (
         "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
-        "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
+        "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+    )
 
 
 def test_jinja_tools_and_errors() -> None:
-    t = JinjaTemplate("{% for t in tools %}{{ t | tojson }}{% endfor %}"
-                      "{{ raise_exception('no system') if messages[0].role == 'system' else '' }}")
+    t = JinjaTemplate(
+        "{% for t in tools %}{{ t | tojson }}{% endfor %}"
+        "{{ raise_exception('no system') if messages[0].role == 'system' else '' }}"
+    )
     assert t.supports_tools
     assert t.render([{"role": "user", "content": "x"}], [{"name": "<f>"}]) == '{"name": "<f>"}'
     with pytest.raises(TemplateError, match="no system"):

@@ -23,24 +23,43 @@ USER2 = {"role": "user", "content": "And of Italy?"}
 
 # our own tools: one with typed, described, enumerated and defaulted parameters (``default`` is not
 # a field of Ollama's api.ToolProperty, so it never reaches the template), one without parameters
-CONVERT = {"type": "function", "function": {
-    "name": "convert_currency", "description": "Convert an amount between currencies",
-    "parameters": {"type": "object", "required": ["amount", "to"], "properties": {
-        "to": {"type": "string", "enum": ["EUR", "USD"]},
-        "amount": {"type": "number", "description": "How much"},
-        "from": {"type": "string", "default": "USD"}}}}}
-CLOCK = {"type": "function", "function": {
-    "name": "get_time", "description": "Current time",
-    "parameters": {"type": "object", "properties": {}}}}
+CONVERT = {
+    "type": "function",
+    "function": {
+        "name": "convert_currency",
+        "description": "Convert an amount between currencies",
+        "parameters": {
+            "type": "object",
+            "required": ["amount", "to"],
+            "properties": {
+                "to": {"type": "string", "enum": ["EUR", "USD"]},
+                "amount": {"type": "number", "description": "How much"},
+                "from": {"type": "string", "default": "USD"},
+            },
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Current time",
+        "parameters": {"type": "object", "properties": {}},
+    },
+}
 # json . of each as Go marshals api.Tool: declared field order, empty optional fields dropped,
 # property maps sorted by key
-CONVERT_JSON = ('{"type":"function","function":{"name":"convert_currency",'
-                '"description":"Convert an amount between currencies","parameters":'
-                '{"type":"object","required":["amount","to"],"properties":'
-                '{"amount":{"type":"number","description":"How much"},'
-                '"from":{"type":"string"},"to":{"type":"string","enum":["EUR","USD"]}}}}}')
-CLOCK_JSON = ('{"type":"function","function":{"name":"get_time","description":"Current time",'
-              '"parameters":{"type":"object","properties":{}}}}')
+CONVERT_JSON = (
+    '{"type":"function","function":{"name":"convert_currency",'
+    '"description":"Convert an amount between currencies","parameters":'
+    '{"type":"object","required":["amount","to"],"properties":'
+    '{"amount":{"type":"number","description":"How much"},'
+    '"from":{"type":"string"},"to":{"type":"string","enum":["EUR","USD"]}}}}}'
+)
+CLOCK_JSON = (
+    '{"type":"function","function":{"name":"get_time","description":"Current time",'
+    '"parameters":{"type":"object","properties":{}}}}'
+)
 
 # name -> (messages, tools)
 CONVERSATIONS: dict[str, tuple[list[dict], list[dict] | None]] = {
@@ -49,20 +68,47 @@ CONVERSATIONS: dict[str, tuple[list[dict], list[dict] | None]] = {
     "system-user-assistant-user": ([SYSTEM, USER1, ASSISTANT1, USER2], None),
     # the last message is the assistant's: templates that care continue it (no end-of-turn)
     "user-assistant": ([USER1, ASSISTANT1], None),
-    "tools-call-result": ([
-        {"role": "system", "content": "Answer briefly."},
-        {"role": "user", "content": "How much is 10 USD in EUR?"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"function": {"name": "convert_currency", "arguments": {"to": "EUR", "amount": 10}}}]},
-        {"role": "tool", "content": "9.2"}], [CONVERT, CLOCK]),
-    "tools-two-calls": ([
-        {"role": "user", "content": "Time, and 5 EUR in USD?"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"function": {"name": "get_time", "arguments": {}}},
-            {"function": {"name": "convert_currency",
-                          "arguments": {"amount": 5, "from": "EUR", "to": "USD"}}}]},
-        {"role": "tool", "content": "12:00"},
-        {"role": "tool", "content": "5.4"}], [CLOCK, CONVERT]),
+    "tools-call-result": (
+        [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "How much is 10 USD in EUR?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "function": {
+                            "name": "convert_currency",
+                            "arguments": {"to": "EUR", "amount": 10},
+                        }
+                    }
+                ],
+            },
+            {"role": "tool", "content": "9.2"},
+        ],
+        [CONVERT, CLOCK],
+    ),
+    "tools-two-calls": (
+        [
+            {"role": "user", "content": "Time, and 5 EUR in USD?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {"function": {"name": "get_time", "arguments": {}}},
+                    {
+                        "function": {
+                            "name": "convert_currency",
+                            "arguments": {"amount": 5, "from": "EUR", "to": "USD"},
+                        }
+                    },
+                ],
+            },
+            {"role": "tool", "content": "12:00"},
+            {"role": "tool", "content": "5.4"},
+        ],
+        [CLOCK, CONVERT],
+    ),
 }
 
 # ChatML: every message (system too) is a turn; an open assistant turn at the end.
@@ -215,149 +261,180 @@ _TOOLS_SYSTEM = (
     "{tools}\n</tools>\n\n"
     "To call a function, reply with a JSON object inside <tool_call></tool_call> tags:\n"
     '<tool_call>\n{{"name": "function name", "arguments": {{"argument name": "value"}}}}\n'
-    "</tool_call>")
+    "</tool_call>"
+)
 
 # name -> (template, {conversation name: the prompt it renders})
 LIBRARY: dict[str, tuple[str, dict[str, str]]] = {
-    "chatml": (CHATML, {
-        "user": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
-                "<|im_start|>assistant\n",
-        "user-assistant-user": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
-                               "<|im_start|>assistant\nParis.<|im_end|>\n"
-                               "<|im_start|>user\nAnd of Italy?<|im_end|>\n"
-                               "<|im_start|>assistant\n",
-        "system-user-assistant-user": "<|im_start|>system\nYou are a terse assistant.<|im_end|>\n"
-                                      "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
-                                      "<|im_start|>assistant\nParis.<|im_end|>\n"
-                                      "<|im_start|>user\nAnd of Italy?<|im_end|>\n"
-                                      "<|im_start|>assistant\n",
-    }),
-    "llama3": (LLAMA3, {
-        "user": "<|start_header_id|>user<|end_header_id|>\n\n"
-                "What is the capital of France?<|eot_id|>"
-                "<|start_header_id|>assistant<|end_header_id|>\n\n",
-        "user-assistant-user": "<|start_header_id|>user<|end_header_id|>\n\n"
-                               "What is the capital of France?<|eot_id|>"
-                               "<|start_header_id|>assistant<|end_header_id|>\n\nParis.<|eot_id|>"
-                               "<|start_header_id|>user<|end_header_id|>\n\nAnd of Italy?<|eot_id|>"
-                               "<|start_header_id|>assistant<|end_header_id|>\n\n",
-        "system-user-assistant-user": "<|start_header_id|>system<|end_header_id|>\n\n"
-                                      "You are a terse assistant.<|eot_id|>"
-                                      "<|start_header_id|>user<|end_header_id|>\n\n"
-                                      "What is the capital of France?<|eot_id|>"
-                                      "<|start_header_id|>assistant<|end_header_id|>\n\n"
-                                      "Paris.<|eot_id|>"
-                                      "<|start_header_id|>user<|end_header_id|>\n\n"
-                                      "And of Italy?<|eot_id|>"
-                                      "<|start_header_id|>assistant<|end_header_id|>\n\n",
-        "user-assistant": "<|start_header_id|>user<|end_header_id|>\n\n"
-                          "What is the capital of France?<|eot_id|>"
-                          "<|start_header_id|>assistant<|end_header_id|>\n\nParis.",
-    }),
-    "gemma": (GEMMA, {
-        "user": "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n"
-                "<start_of_turn>model\n",
-        "user-assistant-user": "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n"
-                               "<start_of_turn>model\nParis.<end_of_turn>\n"
-                               "<start_of_turn>user\nAnd of Italy?<end_of_turn>\n"
-                               "<start_of_turn>model\n",
-        "system-user-assistant-user": "<start_of_turn>user\nYou are a terse assistant.\n\n"
-                                      "What is the capital of France?<end_of_turn>\n"
-                                      "<start_of_turn>model\nParis.<end_of_turn>\n"
-                                      "<start_of_turn>user\nAnd of Italy?<end_of_turn>\n"
-                                      "<start_of_turn>model\n",
-    }),
-    "mistral": (MISTRAL, {
-        "user": "[INST] What is the capital of France? [/INST]",
-        "user-assistant-user": "[INST] What is the capital of France? [/INST] Paris.</s>"
-                               "[INST] And of Italy? [/INST]",
-        "system-user-assistant-user": "[INST] What is the capital of France? [/INST] Paris.</s>"
-                                      "[INST] You are a terse assistant.\n\nAnd of Italy? [/INST]",
-        "user-assistant": "[INST] What is the capital of France? [/INST] Paris.",
-    }),
-    "llama2": (LLAMA2, {
-        "user": "<s>[INST] What is the capital of France? [/INST]",
-        "user-assistant-user": "<s>[INST] What is the capital of France? [/INST] Paris. </s>"
-                               "<s>[INST] And of Italy? [/INST]",
-        "system-user-assistant-user": "<s>[INST] <<SYS>>\nYou are a terse assistant.\n<</SYS>>\n\n"
-                                      "What is the capital of France? [/INST] Paris. </s>"
-                                      "<s>[INST] And of Italy? [/INST]",
-        "user-assistant": "<s>[INST] What is the capital of France? [/INST] Paris.",
-    }),
-    "alpaca": (ALPACA, {
-        "user": "### Instruction:\nWhat is the capital of France?\n\n### Response:\n",
-        "user-assistant-user": "### Instruction:\nWhat is the capital of France?\n\n"
-                               "### Response:\nParis.\n\n"
-                               "### Instruction:\nAnd of Italy?\n\n### Response:\n",
-        "system-user-assistant-user": "You are a terse assistant.\n\n"
-                                      "### Instruction:\nWhat is the capital of France?\n\n"
-                                      "### Response:\nParis.\n\n"
-                                      "### Instruction:\nAnd of Italy?\n\n### Response:\n",
-        "user-assistant": "### Instruction:\nWhat is the capital of France?\n\n"
-                          "### Response:\nParis.",
-    }),
-    "vicuna": (VICUNA, {
-        "user": "USER: What is the capital of France?\nASSISTANT:",
-        "user-assistant-user": "USER: What is the capital of France?\nASSISTANT: Paris.</s>\n"
-                               "USER: And of Italy?\nASSISTANT:",
-        "system-user-assistant-user": "You are a terse assistant.\n\n"
-                                      "USER: What is the capital of France?\n"
-                                      "ASSISTANT: Paris.</s>\nUSER: And of Italy?\nASSISTANT:",
-    }),
-    "zephyr": (ZEPHYR, {
-        "user": "<|user|>\nWhat is the capital of France?</s>\n<|assistant|>\n",
-        "user-assistant-user": "<|user|>\nWhat is the capital of France?</s>\n"
-                               "<|assistant|>\nParis.</s>\n<|user|>\nAnd of Italy?</s>\n"
-                               "<|assistant|>\n",
-        "system-user-assistant-user": "<|system|>\nYou are a terse assistant.</s>\n"
-                                      "<|user|>\nWhat is the capital of France?</s>\n"
-                                      "<|assistant|>\nParis.</s>\n<|user|>\nAnd of Italy?</s>\n"
-                                      "<|assistant|>\n",
-    }),
-    "phi3": (PHI3, {
-        "user": "<|user|>\nWhat is the capital of France?<|end|>\n<|assistant|>\n",
-        "user-assistant-user": "<|user|>\nWhat is the capital of France?<|end|>\n"
-                               "<|assistant|>\nParis.<|end|>\n<|user|>\nAnd of Italy?<|end|>\n"
-                               "<|assistant|>\n",
-        "system-user-assistant-user": "<|system|>\nYou are a terse assistant.<|end|>\n"
-                                      "<|user|>\nWhat is the capital of France?<|end|>\n"
-                                      "<|assistant|>\nParis.<|end|>\n"
-                                      "<|user|>\nAnd of Italy?<|end|>\n"
-                                      "<|assistant|>\n",
-    }),
-    "tools-chatml": (TOOLS_CHATML, {
-        "user": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
-                "<|im_start|>assistant\n",
-        "user-assistant-user": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
-                               "<|im_start|>assistant\nParis.<|im_end|>\n"
-                               "<|im_start|>user\nAnd of Italy?<|im_end|>\n"
-                               "<|im_start|>assistant\n",
-        "system-user-assistant-user": "<|im_start|>system\nYou are a terse assistant.<|im_end|>\n"
-                                      "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
-                                      "<|im_start|>assistant\nParis.<|im_end|>\n"
-                                      "<|im_start|>user\nAnd of Italy?<|im_end|>\n"
-                                      "<|im_start|>assistant\n",
-        "user-assistant": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
-                          "<|im_start|>assistant\nParis.",
-        "tools-call-result": "<|im_start|>system\nAnswer briefly.\n\n"
-                             + _TOOLS_SYSTEM.format(tools=CONVERT_JSON + "\n" + CLOCK_JSON)
-                             + "<|im_end|>\n"
-                             "<|im_start|>user\nHow much is 10 USD in EUR?<|im_end|>\n"
-                             "<|im_start|>assistant\n<tool_call>\n"
-                             '{"name": "convert_currency", "arguments": {"amount":10,"to":"EUR"}}\n'
-                             "</tool_call><|im_end|>\n"
-                             "<|im_start|>tool\n<tool_response>\n9.2\n</tool_response><|im_end|>\n"
-                             "<|im_start|>assistant\n",
-        "tools-two-calls": "<|im_start|>system\n"
-                           + _TOOLS_SYSTEM.format(tools=CLOCK_JSON + "\n" + CONVERT_JSON)
-                           + "<|im_end|>\n"
-                           "<|im_start|>user\nTime, and 5 EUR in USD?<|im_end|>\n"
-                           "<|im_start|>assistant\n"
-                           '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n'
-                           '<tool_call>\n{"name": "convert_currency", "arguments": '
-                           '{"amount":5,"from":"EUR","to":"USD"}}\n</tool_call><|im_end|>\n'
-                           "<|im_start|>tool\n<tool_response>\n12:00\n</tool_response><|im_end|>\n"
-                           "<|im_start|>tool\n<tool_response>\n5.4\n</tool_response><|im_end|>\n"
-                           "<|im_start|>assistant\n",
-    }),
+    "chatml": (
+        CHATML,
+        {
+            "user": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+            "<|im_start|>assistant\n",
+            "user-assistant-user": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+            "<|im_start|>assistant\nParis.<|im_end|>\n"
+            "<|im_start|>user\nAnd of Italy?<|im_end|>\n"
+            "<|im_start|>assistant\n",
+            "system-user-assistant-user": "<|im_start|>system\nYou are a terse assistant.<|im_end|>\n"
+            "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+            "<|im_start|>assistant\nParis.<|im_end|>\n"
+            "<|im_start|>user\nAnd of Italy?<|im_end|>\n"
+            "<|im_start|>assistant\n",
+        },
+    ),
+    "llama3": (
+        LLAMA3,
+        {
+            "user": "<|start_header_id|>user<|end_header_id|>\n\n"
+            "What is the capital of France?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            "user-assistant-user": "<|start_header_id|>user<|end_header_id|>\n\n"
+            "What is the capital of France?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\nParis.<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nAnd of Italy?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            "system-user-assistant-user": "<|start_header_id|>system<|end_header_id|>\n\n"
+            "You are a terse assistant.<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\n"
+            "What is the capital of France?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+            "Paris.<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\n"
+            "And of Italy?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            "user-assistant": "<|start_header_id|>user<|end_header_id|>\n\n"
+            "What is the capital of France?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\nParis.",
+        },
+    ),
+    "gemma": (
+        GEMMA,
+        {
+            "user": "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n"
+            "<start_of_turn>model\n",
+            "user-assistant-user": "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n"
+            "<start_of_turn>model\nParis.<end_of_turn>\n"
+            "<start_of_turn>user\nAnd of Italy?<end_of_turn>\n"
+            "<start_of_turn>model\n",
+            "system-user-assistant-user": "<start_of_turn>user\nYou are a terse assistant.\n\n"
+            "What is the capital of France?<end_of_turn>\n"
+            "<start_of_turn>model\nParis.<end_of_turn>\n"
+            "<start_of_turn>user\nAnd of Italy?<end_of_turn>\n"
+            "<start_of_turn>model\n",
+        },
+    ),
+    "mistral": (
+        MISTRAL,
+        {
+            "user": "[INST] What is the capital of France? [/INST]",
+            "user-assistant-user": "[INST] What is the capital of France? [/INST] Paris.</s>"
+            "[INST] And of Italy? [/INST]",
+            "system-user-assistant-user": "[INST] What is the capital of France? [/INST] Paris.</s>"
+            "[INST] You are a terse assistant.\n\nAnd of Italy? [/INST]",
+            "user-assistant": "[INST] What is the capital of France? [/INST] Paris.",
+        },
+    ),
+    "llama2": (
+        LLAMA2,
+        {
+            "user": "<s>[INST] What is the capital of France? [/INST]",
+            "user-assistant-user": "<s>[INST] What is the capital of France? [/INST] Paris. </s>"
+            "<s>[INST] And of Italy? [/INST]",
+            "system-user-assistant-user": "<s>[INST] <<SYS>>\nYou are a terse assistant.\n<</SYS>>\n\n"
+            "What is the capital of France? [/INST] Paris. </s>"
+            "<s>[INST] And of Italy? [/INST]",
+            "user-assistant": "<s>[INST] What is the capital of France? [/INST] Paris.",
+        },
+    ),
+    "alpaca": (
+        ALPACA,
+        {
+            "user": "### Instruction:\nWhat is the capital of France?\n\n### Response:\n",
+            "user-assistant-user": "### Instruction:\nWhat is the capital of France?\n\n"
+            "### Response:\nParis.\n\n"
+            "### Instruction:\nAnd of Italy?\n\n### Response:\n",
+            "system-user-assistant-user": "You are a terse assistant.\n\n"
+            "### Instruction:\nWhat is the capital of France?\n\n"
+            "### Response:\nParis.\n\n"
+            "### Instruction:\nAnd of Italy?\n\n### Response:\n",
+            "user-assistant": "### Instruction:\nWhat is the capital of France?\n\n"
+            "### Response:\nParis.",
+        },
+    ),
+    "vicuna": (
+        VICUNA,
+        {
+            "user": "USER: What is the capital of France?\nASSISTANT:",
+            "user-assistant-user": "USER: What is the capital of France?\nASSISTANT: Paris.</s>\n"
+            "USER: And of Italy?\nASSISTANT:",
+            "system-user-assistant-user": "You are a terse assistant.\n\n"
+            "USER: What is the capital of France?\n"
+            "ASSISTANT: Paris.</s>\nUSER: And of Italy?\nASSISTANT:",
+        },
+    ),
+    "zephyr": (
+        ZEPHYR,
+        {
+            "user": "<|user|>\nWhat is the capital of France?</s>\n<|assistant|>\n",
+            "user-assistant-user": "<|user|>\nWhat is the capital of France?</s>\n"
+            "<|assistant|>\nParis.</s>\n<|user|>\nAnd of Italy?</s>\n"
+            "<|assistant|>\n",
+            "system-user-assistant-user": "<|system|>\nYou are a terse assistant.</s>\n"
+            "<|user|>\nWhat is the capital of France?</s>\n"
+            "<|assistant|>\nParis.</s>\n<|user|>\nAnd of Italy?</s>\n"
+            "<|assistant|>\n",
+        },
+    ),
+    "phi3": (
+        PHI3,
+        {
+            "user": "<|user|>\nWhat is the capital of France?<|end|>\n<|assistant|>\n",
+            "user-assistant-user": "<|user|>\nWhat is the capital of France?<|end|>\n"
+            "<|assistant|>\nParis.<|end|>\n<|user|>\nAnd of Italy?<|end|>\n"
+            "<|assistant|>\n",
+            "system-user-assistant-user": "<|system|>\nYou are a terse assistant.<|end|>\n"
+            "<|user|>\nWhat is the capital of France?<|end|>\n"
+            "<|assistant|>\nParis.<|end|>\n"
+            "<|user|>\nAnd of Italy?<|end|>\n"
+            "<|assistant|>\n",
+        },
+    ),
+    "tools-chatml": (
+        TOOLS_CHATML,
+        {
+            "user": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+            "<|im_start|>assistant\n",
+            "user-assistant-user": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+            "<|im_start|>assistant\nParis.<|im_end|>\n"
+            "<|im_start|>user\nAnd of Italy?<|im_end|>\n"
+            "<|im_start|>assistant\n",
+            "system-user-assistant-user": "<|im_start|>system\nYou are a terse assistant.<|im_end|>\n"
+            "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+            "<|im_start|>assistant\nParis.<|im_end|>\n"
+            "<|im_start|>user\nAnd of Italy?<|im_end|>\n"
+            "<|im_start|>assistant\n",
+            "user-assistant": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+            "<|im_start|>assistant\nParis.",
+            "tools-call-result": "<|im_start|>system\nAnswer briefly.\n\n"
+            + _TOOLS_SYSTEM.format(tools=CONVERT_JSON + "\n" + CLOCK_JSON)
+            + "<|im_end|>\n"
+            "<|im_start|>user\nHow much is 10 USD in EUR?<|im_end|>\n"
+            "<|im_start|>assistant\n<tool_call>\n"
+            '{"name": "convert_currency", "arguments": {"amount":10,"to":"EUR"}}\n'
+            "</tool_call><|im_end|>\n"
+            "<|im_start|>tool\n<tool_response>\n9.2\n</tool_response><|im_end|>\n"
+            "<|im_start|>assistant\n",
+            "tools-two-calls": "<|im_start|>system\n"
+            + _TOOLS_SYSTEM.format(tools=CLOCK_JSON + "\n" + CONVERT_JSON)
+            + "<|im_end|>\n"
+            "<|im_start|>user\nTime, and 5 EUR in USD?<|im_end|>\n"
+            "<|im_start|>assistant\n"
+            '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "convert_currency", "arguments": '
+            '{"amount":5,"from":"EUR","to":"USD"}}\n</tool_call><|im_end|>\n'
+            "<|im_start|>tool\n<tool_response>\n12:00\n</tool_response><|im_end|>\n"
+            "<|im_start|>tool\n<tool_response>\n5.4\n</tool_response><|im_end|>\n"
+            "<|im_start|>assistant\n",
+        },
+    ),
 }

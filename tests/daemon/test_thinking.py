@@ -11,8 +11,8 @@ import itertools
 
 import pytest
 
-from corral.daemon.prompt import templates
 from corral.daemon.api.inference import ThinkingSplitter
+from corral.daemon.prompt import templates
 from corral.runner import protocol
 from tests.daemon.test_api_infer_support import THINKER, Env, env  # noqa: F401 - fixture
 from tests.daemon.test_templates_library import CHATML
@@ -35,6 +35,7 @@ def thinking_model(req: protocol.CompletionRequest) -> list[str]:
 
 # ---- the splitter --------------------------------------------------------------------------
 
+
 def _split(chunks: list[str], opened: bool) -> tuple[str, str]:
     sp = ThinkingSplitter("<think>", "</think>")
     if opened:
@@ -48,11 +49,14 @@ def _split(chunks: list[str], opened: bool) -> tuple[str, str]:
     return "".join(thinking + [t]), "".join(content + [x])
 
 
-@pytest.mark.parametrize("opened,text,thought", [
-    (True, f" \n{THOUGHT}</think>\n\n {ANSWER}", THOUGHT),
-    # whitespace before the closing tag stays (it streamed before the tag was seen: Ollama's rule)
-    (False, f"\n<think>\n{THOUGHT}\n</think>\n\n{ANSWER}", THOUGHT + "\n"),
-])
+@pytest.mark.parametrize(
+    "opened,text,thought",
+    [
+        (True, f" \n{THOUGHT}</think>\n\n {ANSWER}", THOUGHT),
+        # whitespace before the closing tag stays (it streamed before the tag was seen: Ollama's rule)
+        (False, f"\n<think>\n{THOUGHT}\n</think>\n\n{ANSWER}", THOUGHT + "\n"),
+    ],
+)
 def test_split_is_the_same_for_every_chunking(opened: bool, text: str, thought: str) -> None:
     """Every way of cutting the output into three chunks gives the same split (a tag or the
     whitespace after it broken over chunks included)."""
@@ -62,7 +66,7 @@ def test_split_is_the_same_for_every_chunking(opened: bool, text: str, thought: 
 
 def test_split_edge_cases() -> None:
     assert _split(["Hello ", "<think> world"], opened=False) == ("", "Hello <think> world")
-    assert _split(["  <thi"], opened=False) == ("", "  <thi")              # never completed
+    assert _split(["  <thi"], opened=False) == ("", "  <thi")  # never completed
     assert _split(["unfinished thought </thi"], opened=True) == ("unfinished thought </thi", "")
     assert _split(["a</think>"], opened=True) == ("a", "")
     assert _split(["a</think>b</think>c"], opened=True) == ("a", "b</think>c")
@@ -70,21 +74,27 @@ def test_split_edge_cases() -> None:
 
 # ---- tags from templates -------------------------------------------------------------------
 
+
 def test_tags_are_inferred_from_the_template() -> None:
     assert templates.go_template(THINKER).think_tags() == ("<think>", "</think>")
     assert templates.go_template(CHATML).think_tags() == ("", "")
     # thinking written outside a range over .Messages does not count (Ollama's heuristic)
     assert templates.go_template("{{ .Thinking }}<x>{{ .Prompt }}").think_tags() == ("", "")
-    custom = ("{{ range .Messages }}{{ if .Thinking }}<|begin_reason|>{{ .Thinking }}"
-              "<|end_reason|>{{ end }}{{ .Content }}{{ end }}")
+    custom = (
+        "{{ range .Messages }}{{ if .Thinking }}<|begin_reason|>{{ .Thinking }}"
+        "<|end_reason|>{{ end }}{{ .Content }}{{ end }}"
+    )
     assert templates.go_template(custom).think_tags() == ("<|begin_reason|>", "<|end_reason|>")
     assert templates.jinja_think_tags("{{ '<think>' }}x{{ '</think>' }}") == ("<think>", "</think>")
-    assert templates.jinja_think_tags(
-        "{% set c = message.content.split('</think>')[-1] %}") == ("<think>", "</think>")
+    assert templates.jinja_think_tags("{% set c = message.content.split('</think>')[-1] %}") == (
+        "<think>",
+        "</think>",
+    )
     assert templates.jinja_think_tags("{{ messages }}") == ("", "")
 
 
 # ---- native routes -----------------------------------------------------------------------
+
 
 async def test_default_on_for_a_thinking_model(env: Env) -> None:
     env.runner.script.reply = thinking_model
@@ -105,64 +115,76 @@ async def test_streamed_thinking_has_no_tags(env: Env, path: str) -> None:
     thinking = "".join(p.get("thinking", "") for p in parts)
     content = "".join(p.get("content", p.get("response", "")) for p in parts)
     assert (thinking, content) == (THOUGHT, ANSWER)
-    assert len([p for p in parts if p.get("thinking")]) > 1       # it streamed, not batched
+    assert len([p for p in parts if p.get("thinking")]) > 1  # it streamed, not batched
     env.assert_released()
 
 
 async def test_think_false_leaves_the_output_alone(env: Env) -> None:
     env.runner.script.reply = thinking_model
-    res = await env.ollama.chat(model="thinker", think=False,
-                                messages=[{"role": "user", "content": "x"}])
+    res = await env.ollama.chat(
+        model="thinker", think=False, messages=[{"role": "user", "content": "x"}]
+    )
     assert not env.runner.requests[-1].prompt.endswith("<think>")
     assert (res.message.thinking, res.message.content) == (None, ANSWER)
 
 
 async def test_think_level_reaches_the_template(env: Env) -> None:
-    await env.store.create("leveled", from_="thinker",
-                           template=THINKER.replace("<|assistant|>", "<|assistant:{{ .ThinkLevel }}|>"))
+    await env.store.create(
+        "leveled",
+        from_="thinker",
+        template=THINKER.replace("<|assistant|>", "<|assistant:{{ .ThinkLevel }}|>"),
+    )
     env.runner.script.reply = thinking_model
-    res = await env.ollama.chat(model="leveled", think="high",
-                                messages=[{"role": "user", "content": "x"}])
+    res = await env.ollama.chat(
+        model="leveled", think="high", messages=[{"role": "user", "content": "x"}]
+    )
     assert "<|assistant:high|><think>" in env.runner.requests[-1].prompt
     assert (res.message.thinking, res.message.content) == (THOUGHT, ANSWER)
 
 
 async def test_no_thinking_without_capability(env: Env) -> None:
-    status, body, _ = await env.post("/api/chat", {"model": "chatml", "think": True,
-                                                   "messages": [{"role": "user", "content": "x"}]})
+    status, body, _ = await env.post(
+        "/api/chat",
+        {"model": "chatml", "think": True, "messages": [{"role": "user", "content": "x"}]},
+    )
     assert (status, body) == (400, {"error": '"chatml" does not support thinking'})
     env.runner.script.chunks = ["<think>not a thinker</think>hi"]
     res = await env.ollama.chat(model="chatml", messages=[{"role": "user", "content": "x"}])
-    assert res.message.content == "<think>not a thinker</think>hi"        # nothing to split
+    assert res.message.content == "<think>not a thinker</think>hi"  # nothing to split
 
 
 async def test_format_applies_after_the_thinking(env: Env) -> None:
-    env.runner.script.reply = lambda req: [
-        "hmm", "</think>", '{"a":', " 1}"]
-    res = await env.ollama.chat(model="thinker", format="json",
-                                messages=[{"role": "user", "content": "x"}])
+    env.runner.script.reply = lambda req: ["hmm", "</think>", '{"a":', " 1}"]
+    res = await env.ollama.chat(
+        model="thinker", format="json", messages=[{"role": "user", "content": "x"}]
+    )
     req = env.runner.requests[-1]
     # the prompt opened the thinking: the grammar waits for the closing tag only
     assert req.format == "json" and req.format_after == ("", "</think>")
     assert (res.message.thinking, res.message.content) == ("hmm", '{"a": 1}')
-    await env.ollama.chat(model="thinker", format="json", think=False,
-                          messages=[{"role": "user", "content": "x"}])
-    assert env.runner.requests[-1].format_after is None                 # not thinking
-    await env.ollama.chat(model="chatml", format="json",
-                          messages=[{"role": "user", "content": "x"}])
-    assert env.runner.requests[-1].format_after is None                 # cannot think
+    await env.ollama.chat(
+        model="thinker", format="json", think=False, messages=[{"role": "user", "content": "x"}]
+    )
+    assert env.runner.requests[-1].format_after is None  # not thinking
+    await env.ollama.chat(
+        model="chatml", format="json", messages=[{"role": "user", "content": "x"}]
+    )
+    assert env.runner.requests[-1].format_after is None  # cannot think
 
 
 # ---- /v1 ---------------------------------------------------------------------------------
 
+
 async def test_openai_reasoning(env: Env) -> None:
     env.runner.script.reply = thinking_model
     r = await env.openai.chat.completions.create(
-        model="thinker", messages=[{"role": "user", "content": "x"}])
+        model="thinker", messages=[{"role": "user", "content": "x"}]
+    )
     msg = r.choices[0].message
     assert (msg.model_extra["reasoning"], msg.content) == (THOUGHT, ANSWER)
     stream = await env.openai.chat.completions.create(
-        model="thinker", messages=[{"role": "user", "content": "x"}], stream=True)
+        model="thinker", messages=[{"role": "user", "content": "x"}], stream=True
+    )
     reasoning, content = [], []
     async for c in stream:
         if c.choices:
@@ -173,13 +195,17 @@ async def test_openai_reasoning(env: Env) -> None:
     # no chunk carries both (Ollama's split)
     env.runner.script.reply = lambda req: ["Let me see</think>\n\nAnswer!"]
     stream = await env.openai.chat.completions.create(
-        model="thinker", messages=[{"role": "user", "content": "x"}], stream=True)
+        model="thinker", messages=[{"role": "user", "content": "x"}], stream=True
+    )
     deltas = [c.choices[0].delta async for c in stream if c.choices]
     assert [((d.model_extra or {}).get("reasoning"), d.content) for d in deltas[:2]] == [
-        ("Let me see", None), (None, "Answer!")]
+        ("Let me see", None),
+        (None, "Answer!"),
+    ]
     env.runner.script.reply = thinking_model
     r = await env.openai.chat.completions.create(
-        model="thinker", messages=[{"role": "user", "content": "x"}], reasoning_effort="none")
+        model="thinker", messages=[{"role": "user", "content": "x"}], reasoning_effort="none"
+    )
     assert r.choices[0].message.content == ANSWER
     assert "reasoning" not in (r.choices[0].message.model_extra or {})
     assert not env.runner.requests[-1].prompt.endswith("<think>")

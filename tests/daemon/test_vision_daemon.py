@@ -7,9 +7,11 @@ import os
 
 import pytest
 
-from corral.daemon import gguf_info, modelfile, templates
+from corral.daemon import gguf_info
 from corral.daemon.api.inference import tag_images
 from corral.daemon.model_inputs import facts_from_info, key_paths, model_key, projector_facts
+from corral.daemon.models import modelfile
+from corral.daemon.prompt import templates
 from corral.scheduler import RunnerOptions
 from corral.scheduler.estimate import estimate, projector_graph
 from tests.fixtures.tiny_vision import IMAGE_SIZE, PATCH, V_EMBD, V_HEAD
@@ -34,7 +36,10 @@ class _Rec:
 
 
 def test_model_key_tells_the_pair_from_the_text_model():
-    plain, pair = model_key(_Rec("/b/sha256-a", [])), model_key(_Rec("/b/sha256-a", ["/b/sha256-p"]))
+    plain, pair = (
+        model_key(_Rec("/b/sha256-a", [])),
+        model_key(_Rec("/b/sha256-a", ["/b/sha256-p"])),
+    )
     assert plain != pair
     assert key_paths(plain) == ("/b/sha256-a", None)
     assert key_paths(pair) == ("/b/sha256-a", "/b/sha256-p")
@@ -54,10 +59,12 @@ def test_gemma3_270m_is_not_a_vision_model(gemma_gguf):
 
 
 def test_image_tags_follow_ollama():
-    msgs = [{"role": "system", "content": "s"},
-            {"role": "user", "content": "a [img] b", "images": ["AAAA", "AQID"]},
-            {"role": "assistant", "content": "ok"},
-            {"role": "user", "content": "c", "images": ["BAUG"]}]
+    msgs = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "a [img] b", "images": ["AAAA", "AQID"]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "c", "images": ["BAUG"]},
+    ]
     out, images = tag_images(msgs)
     assert [m["content"] for m in out] == ["s", "[img-1]a [img-0] b", "ok", "[img-2]c"]
     assert images == [b"\x00\x00\x00", b"\x01\x02\x03", b"\x04\x05\x06"]
@@ -65,7 +72,9 @@ def test_image_tags_follow_ollama():
 
 
 def test_modelfile_with_a_projector_round_trips(tmp_path):
-    req = modelfile.parse("FROM ./model.gguf\nFROM ./mmproj.gguf\nPARAMETER num_ctx 4096\n").create_request()
+    req = modelfile.parse(
+        "FROM ./model.gguf\nFROM ./mmproj.gguf\nPARAMETER num_ctx 4096\n"
+    ).create_request()
     assert req["from"] == ["./model.gguf", "./mmproj.gguf"]
     assert modelfile.parse("FROM ./model.gguf\n").create_request()["from"] == "./model.gguf"
 
@@ -86,11 +95,17 @@ def test_the_projector_blob_is_held_with_the_model():
     from corral.daemon.supervisor import Supervisor
 
     calls: list[tuple[str, str]] = []
-    store = SimpleNamespace(hold=lambda p: calls.append(("hold", str(p))),
-                            release=lambda p: calls.append(("release", str(p))))
+    store = SimpleNamespace(
+        hold=lambda p: calls.append(("hold", str(p))),
+        release=lambda p: calls.append(("release", str(p))),
+    )
     sup = SimpleNamespace(store=store)
     key = model_key(_Rec("/b/sha256-a", ["/b/sha256-p"]))
     Supervisor._hold(sup, key)  # type: ignore[arg-type]
     Supervisor._release_blobs(sup, key)  # type: ignore[arg-type]
-    assert calls == [("hold", "/b/sha256-a"), ("hold", "/b/sha256-p"),
-                     ("release", "/b/sha256-a"), ("release", "/b/sha256-p")]
+    assert calls == [
+        ("hold", "/b/sha256-a"),
+        ("hold", "/b/sha256-p"),
+        ("release", "/b/sha256-a"),
+        ("release", "/b/sha256-p"),
+    ]

@@ -22,8 +22,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from corral.daemon.api.app import make_app
 from corral.daemon.config import Config
 from corral.daemon.gpu import SimulatedProbe
-from corral.daemon.serve import SHUTDOWN_BUDGET
 from corral.daemon.models.store import Store
+from corral.daemon.serve import SHUTDOWN_BUDGET
 from corral.daemon.supervisor import Supervisor
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,8 +52,9 @@ def json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]
     """RFC 6902 ``add`` (what the GPU overlay uses), JSON-pointer escapes included."""
     for op in ops:
         assert op["op"] == "add", op
-        *parents, last = [p.replace("~1", "/").replace("~0", "~")
-                          for p in op["path"].lstrip("/").split("/")]
+        *parents, last = [
+            p.replace("~1", "/").replace("~0", "~") for p in op["path"].lstrip("/").split("/")
+        ]
         node: Any = doc
         for p in parents:
             node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
@@ -89,7 +90,8 @@ def test_kustomization_lists_every_core_manifest():
     k = yaml.safe_load((KUBE / "kustomization.yaml").read_text())
     assert sorted(k["resources"]) == sorted(CORE)
     assert sorted(p.name for p in KUBE.glob("*.yaml")) == sorted(
-        CORE + ["kustomization.yaml", "inferencepool.yaml"])
+        CORE + ["kustomization.yaml", "inferencepool.yaml"]
+    )
 
 
 def test_custom_resources_have_no_bundled_schema_and_match_the_statefulset():
@@ -104,18 +106,29 @@ def test_custom_resources_have_no_bundled_schema_and_match_the_statefulset():
     assert pool["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     port = container()["ports"][0]["containerPort"]
     assert pool["spec"]["targetPorts"] == [{"number": port}]
-    assert set(pool["spec"]["endpointPickerRef"]) <= {"name", "port", "failureMode", "kind",
-                                                      "group"}
+    assert set(pool["spec"]["endpointPickerRef"]) <= {
+        "name",
+        "port",
+        "failureMode",
+        "kind",
+        "group",
+    }
     (rule,) = route["spec"]["rules"]
-    assert rule["backendRefs"] == [{"group": "inference.networking.k8s.io",
-                                    "kind": "InferencePool", "name": pool["metadata"]["name"]}]
+    assert rule["backendRefs"] == [
+        {
+            "group": "inference.networking.k8s.io",
+            "kind": "InferencePool",
+            "name": pool["metadata"]["name"],
+        }
+    ]
 
 
 # ---- agreement with the daemon -----------------------------------------------------------------
 
+
 def test_ports_and_bind_address_agree_with_the_daemon():
     env = kind("configmap.yaml", "ConfigMap")["data"]
-    cfg = Config.from_env(env)                  # the daemon's own parser of these variables
+    cfg = Config.from_env(env)  # the daemon's own parser of these variables
     c = container()
     (port,) = c["ports"]
     assert cfg.bind_port == port["containerPort"] == 11434
@@ -130,10 +143,15 @@ def test_ports_and_bind_address_agree_with_the_daemon():
     for svc in docs("service.yaml"):
         (p,) = svc["spec"]["ports"]
         assert p["targetPort"] == port["name"] and p["port"] == port["containerPort"]
-        assert svc["spec"]["selector"].items() <= \
-            kind("statefulset.yaml", "StatefulSet")["spec"]["template"]["metadata"]["labels"].items()
+        assert (
+            svc["spec"]["selector"].items()
+            <= kind("statefulset.yaml", "StatefulSet")["spec"]["template"]["metadata"][
+                "labels"
+            ].items()
+        )
     annotations = kind("statefulset.yaml", "StatefulSet")["spec"]["template"]["metadata"][
-        "annotations"]
+        "annotations"
+    ]
     assert annotations["prometheus.io/port"] == str(port["containerPort"])
     assert annotations["prometheus.io/path"] == "/metrics"
 
@@ -171,8 +189,13 @@ async def test_probe_endpoints_behave_as_the_manifest_expects(tmp_path, tiny_ggu
     layer = await store.write_blob_bytes(tiny_gguf.read_bytes())
     await store.create("tiny", files={"m.gguf": layer.digest})
     cfg = Config(runner_engine="fake", fake_knobs={"load_time": 0.3}, keep_alive=-1.0)
-    sup = Supervisor(cfg, store, probe=SimulatedProbe((), host=(64 * GiB, 48 * GiB)),
-                     stop_grace=2.0, drain_timeout=1.0)
+    sup = Supervisor(
+        cfg,
+        store,
+        probe=SimulatedProbe((), host=(64 * GiB, 48 * GiB)),
+        stop_grace=2.0,
+        drain_timeout=1.0,
+    )
     await sup.start()
     client = TestClient(TestServer(make_app(cfg, store, sup), host="127.0.0.1"))
     await client.start_server()
@@ -183,7 +206,7 @@ async def test_probe_endpoints_behave_as_the_manifest_expects(tmp_path, tiny_ggu
             assert r.status == 503
         preload = asyncio.create_task(sup.preload_default("tiny"))
         await asyncio.wait_for(sup.wait_until(lambda: sup.snapshot().runners != ()), SAFETY)
-        async with client.get(ready_path) as r:          # loading (0.3 s load)
+        async with client.get(ready_path) as r:  # loading (0.3 s load)
             assert r.status == 503 and (await r.json())["status"] == "loading"
         await asyncio.wait_for(preload, SAFETY)
         async with client.get(ready_path) as r:

@@ -29,7 +29,7 @@ PLIST = REPO / "launchd" / "com.corral.serve.plist"
 
 def fake_prefix(tmp: Path) -> Path:
     """A checkout after `./dev install`: .venv/bin/corral (executable) and .venv/bin/python."""
-    prefix = tmp / "opt corral"          # a space: paths must survive quoting
+    prefix = tmp / "opt corral"  # a space: paths must survive quoting
     bin_dir = prefix / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
     exe = bin_dir / "corral"
@@ -40,8 +40,9 @@ def fake_prefix(tmp: Path) -> Path:
 
 
 def run(*argv: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", *map(str, argv)], capture_output=True, text=True, timeout=60,
-                          env=env)
+    return subprocess.run(
+        ["bash", *map(str, argv)], capture_output=True, text=True, timeout=60, env=env
+    )
 
 
 def system_state() -> dict[str, object]:
@@ -58,7 +59,8 @@ def system_state() -> dict[str, object]:
 
 needs_tools = pytest.mark.skipif(
     not (shutil.which("useradd") and shutil.which("systemctl")),
-    reason="useradd and systemctl are needed to run systemd/install.sh (not a systemd Linux)")
+    reason="useradd and systemctl are needed to run systemd/install.sh (not a systemd Linux)",
+)
 
 
 @pytest.fixture
@@ -82,7 +84,7 @@ def test_systemd_install_into_a_temporary_root(tmp_path: Path, root: Path):
     before = system_state()
     res = run(SYSTEMD_INSTALL, "--prefix", prefix, "--root", root)
     assert res.returncode == 0, res.stderr
-    assert system_state() == before                      # nothing outside the root changed
+    assert system_state() == before  # nothing outside the root changed
 
     users = [line.split(":") for line in (root / "etc/passwd").read_text().splitlines()]
     corral = [u for u in users if u[0] == "corral"]
@@ -99,13 +101,14 @@ def test_systemd_install_into_a_temporary_root(tmp_path: Path, root: Path):
     template = (REPO / "systemd/corral.service").read_text().splitlines()
     assert f'ExecStart="{prefix}/.venv/bin/corral" serve' in installed
     # Only ExecStart differs from the unit in the repository.
-    assert [a for a, b in zip(installed, template) if a != b] == \
-        [f'ExecStart="{prefix}/.venv/bin/corral" serve'] and len(installed) == len(template)
+    assert [a for a, b in zip(installed, template) if a != b] == [
+        f'ExecStart="{prefix}/.venv/bin/corral" serve'
+    ] and len(installed) == len(template)
     wants = root / "etc/systemd/system/multi-user.target.wants/corral.service"
     assert wants.is_symlink()
     assert "systemctl edit corral" in res.stdout and "OLLAMA_" in res.stdout
 
-    again = run(SYSTEMD_INSTALL, "--prefix", prefix, "--root", root)   # idempotent
+    again = run(SYSTEMD_INSTALL, "--prefix", prefix, "--root", root)  # idempotent
     assert again.returncode == 0, again.stderr
     assert (root / "etc/passwd").read_text().count("\ncorral:") == 1
 
@@ -116,9 +119,12 @@ def test_systemd_analyze_verify_accepts_the_installed_unit(tmp_path: Path, root:
         pytest.skip("systemd-analyze is not installed on this machine")
     prefix = fake_prefix(tmp_path)
     assert run(SYSTEMD_INSTALL, "--prefix", prefix, "--root", root).returncode == 0
-    res = subprocess.run(["systemd-analyze", "verify",
-                          str(root / "etc/systemd/system/corral.service")],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["systemd-analyze", "verify", str(root / "etc/systemd/system/corral.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     assert "corral.service" not in res.stderr.replace(str(root), "")  # no complaint about it
     unit = (root / "etc/systemd/system/corral.service").read_text()
@@ -135,6 +141,7 @@ def test_systemd_install_refuses_without_an_installed_checkout(tmp_path: Path, r
 
 # ---- launchd -----------------------------------------------------------------------------------
 
+
 def test_plist_in_the_repository_parses():
     with PLIST.open("rb") as f:
         agent = plistlib.load(f)
@@ -142,7 +149,7 @@ def test_plist_in_the_repository_parses():
     assert agent["ProgramArguments"][1:] == ["serve"]
     assert agent["RunAtLoad"] is True and agent["KeepAlive"] is True
     assert agent["ExitTimeOut"] > SHUTDOWN_BUDGET
-    assert "EnvironmentVariables" not in agent       # launchctl setenv values are not overridden
+    assert "EnvironmentVariables" not in agent  # launchctl setenv values are not overridden
 
 
 @pytest.mark.parametrize("load", [False, True])
@@ -167,14 +174,19 @@ def test_launchd_install_writes_and_loads_the_agent(tmp_path: Path, load: bool):
     with PLIST.open("rb") as f:
         template = plistlib.load(f)
     log = str(home / "Library/Logs/corral.log")
-    assert agent == {**template, "ProgramArguments": [f"{prefix}/.venv/bin/corral", "serve"],
-                     "StandardErrorPath": log, "StandardOutPath": log}
+    assert agent == {
+        **template,
+        "ProgramArguments": [f"{prefix}/.venv/bin/corral", "serve"],
+        "StandardErrorPath": log,
+        "StandardOutPath": log,
+    }
     assert "launchctl setenv OLLAMA_HOST" in res.stdout
     uid = os.getuid()
     if load:
         assert calls.read_text().splitlines() == [
             f"bootout gui/{uid}/com.corral.serve",
             f"bootstrap gui/{uid} {plist}",
-            f"enable gui/{uid}/com.corral.serve"]
+            f"enable gui/{uid}/com.corral.serve",
+        ]
     else:
         assert not calls.exists()

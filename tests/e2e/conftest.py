@@ -15,9 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
@@ -73,19 +73,25 @@ def start_daemon(tmp_path: Path, **env_overrides: str | None) -> Iterator[Daemon
     models.mkdir(exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "CORRAL_"))}
-    env.update({
-        "OLLAMA_HOST": f"127.0.0.1:{port}",
-        "OLLAMA_MODELS": str(models),
-        "CORRAL_DEFAULT_MODEL": "",  # no Gemma import unless a test asks for it
-        "OLLAMA_DEBUG": "1",
-    })
+    env.update(
+        {
+            "OLLAMA_HOST": f"127.0.0.1:{port}",
+            "OLLAMA_MODELS": str(models),
+            "CORRAL_DEFAULT_MODEL": "",  # no Gemma import unless a test asks for it
+            "OLLAMA_DEBUG": "1",
+        }
+    )
     env.update({k: v for k, v in env_overrides.items() if v is not None})
     for k in [k for k, v in env_overrides.items() if v is None]:
         env.pop(k, None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "corral.daemon.cli", "serve"],
-        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True, bufsize=1,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
     )
     d = Daemon(proc=proc, url=f"http://127.0.0.1:{port}", models=models)
     ready = threading.Event()

@@ -40,12 +40,13 @@ class Pty:
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
-                                     start_new_session=True)
-        self.slave = slave                # kept to read the terminal mode the child sets
+        self.proc = subprocess.Popen(
+            argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True
+        )
+        self.slave = slave  # kept to read the terminal mode the child sets
         self.fd = master
         self.raw = b""
-        self.pos = 0                      # matched up to here (in the cleaned text)
+        self.pos = 0  # matched up to here (in the cleaned text)
         self.cond = threading.Condition()
         self.closed = False
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -72,12 +73,11 @@ class Pty:
     def expect(self, needle: str) -> str:
         """Wait until ``needle`` appears after the previous match; return the text before it."""
         with self.cond:
-            ok = self.cond.wait_for(lambda: needle in self.text[self.pos:] or self.closed,
-                                    SAFETY)
+            ok = self.cond.wait_for(lambda: needle in self.text[self.pos :] or self.closed, SAFETY)
             text = self.text
             at = text.find(needle, self.pos)
             assert ok and at >= 0, f"{needle!r} not seen; output:\n{text[-3000:]}"
-            before = text[self.pos:at]
+            before = text[self.pos : at]
             self.pos = at + len(needle)
             return before
 
@@ -110,8 +110,9 @@ class Pty:
 
 def post(d: Daemon, path: str, body: dict | bytes) -> dict:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    with urllib.request.urlopen(urllib.request.Request(d.url + path, data=data, method="POST"),
-                                timeout=SAFETY) as r:
+    with urllib.request.urlopen(
+        urllib.request.Request(d.url + path, data=data, method="POST"), timeout=SAFETY
+    ) as r:
         text = r.read().decode()
     return json.loads(text) if text.strip().startswith("{") else {}
 
@@ -124,8 +125,12 @@ def get(d: Daemon, path: str) -> dict:
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("interactive")
-    with start_daemon(tmp, CORRAL_RUNNER_ENGINE="fake", CORRAL_LOG_FORMAT="json",
-                      CORRAL_FAKE_KNOBS='{"tokens_per_second": 1000}') as d:
+    with start_daemon(
+        tmp,
+        CORRAL_RUNNER_ENGINE="fake",
+        CORRAL_LOG_FORMAT="json",
+        CORRAL_FAKE_KNOBS='{"tokens_per_second": 1000}',
+    ) as d:
         data = write_tiny_llama(tmp / "t.gguf", seed=7).read_bytes()
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         post(d, f"/api/blobs/{digest}", data)
@@ -134,13 +139,17 @@ def daemon(tmp_path_factory):
 
 
 def corral_env(d: Daemon, home: Path, term: str) -> dict[str, str]:
-    return {**os.environ, "OLLAMA_HOST": d.url.removeprefix("http://"), "HOME": str(home),
-            "TERM": term, "PROMPT_TOOLKIT_NO_CPR": "1"}
+    return {
+        **os.environ,
+        "OLLAMA_HOST": d.url.removeprefix("http://"),
+        "HOME": str(home),
+        "TERM": term,
+        "PROMPT_TOOLKIT_NO_CPR": "1",
+    }
 
 
 def run_pty(d: Daemon, home: Path, *args: str, term: str = "dumb") -> Pty:
-    return Pty([sys.executable, "-m", "corral.daemon.cli", "run", *args],
-               corral_env(d, home, term))
+    return Pty([sys.executable, "-m", "corral.daemon.cli", "run", *args], corral_env(d, home, term))
 
 
 @pytest.mark.parametrize("term", ["dumb", "xterm-256color"])
@@ -156,17 +165,21 @@ def test_interactive_session_set_parameter_multiline_save(daemon, tmp_path, term
         t.expect("Set parameter 'stop' to 'end, done'")
         t.expect(">>> ")
         t.send('"""line one')
-        t.expect("...")        # the continuation prompt
+        t.expect("...")  # the continuation prompt
         t.send('line two"""')
         t.expect("line two")
-        reply = t.expect(">>> ")          # the streamed reply, then the next prompt
+        reply = t.expect(">>> ")  # the streamed reply, then the next prompt
         assert reply.strip()
         # The parameter reached the runner: the model runs with a 1024-token context.
         rows = [m for m in get(daemon, "/api/ps")["models"] if m["name"] == "tiny:latest"]
         assert rows and rows[0]["context_length"] == 1024
-        specs = {rec["pid"]: rec["spec"] for rec in map(json.loads, (
-            line for line in list(daemon.log) if '"runner launch spec"' in line))}
-        assert specs[rows[0]["pid"]]["num_ctx"] == 1024     # what the runner was started with
+        specs = {
+            rec["pid"]: rec["spec"]
+            for rec in map(
+                json.loads, (line for line in list(daemon.log) if '"runner launch spec"' in line)
+            )
+        }
+        assert specs[rows[0]["pid"]]["num_ctx"] == 1024  # what the runner was started with
         t.send("/set system You are terse.")
         t.expect("Set system message.")
         t.expect(">>> ")
@@ -187,7 +200,7 @@ def test_interactive_session_set_parameter_multiline_save(daemon, tmp_path, term
         t.send("/bye")
         assert t.close() == 0
     finally:
-        if t.proc.poll() is None:       # a failed expectation: do not wait for the child
+        if t.proc.poll() is None:  # a failed expectation: do not wait for the child
             t.proc.kill()
             t.close()
     show = post(daemon, "/api/show", {"model": saved})
@@ -197,9 +210,13 @@ def test_interactive_session_set_parameter_multiline_save(daemon, tmp_path, term
     assert msgs[0] == {"role": "user", "content": "line one\nline two"}
     assert msgs[1]["role"] == "assistant" and msgs[1]["content"].strip()
     # `corral show` lists the parameter too.
-    r = subprocess.run([sys.executable, "-m", "corral.daemon.cli", "show", saved],
-                       env=corral_env(daemon, tmp_path, "dumb"), capture_output=True, text=True,
-                       timeout=SAFETY)
+    r = subprocess.run(
+        [sys.executable, "-m", "corral.daemon.cli", "show", saved],
+        env=corral_env(daemon, tmp_path, "dumb"),
+        capture_output=True,
+        text=True,
+        timeout=SAFETY,
+    )
     assert r.returncode == 0 and re.search(r"num_ctx\s+1024", r.stdout), r.stdout
 
 
@@ -215,7 +232,7 @@ def test_interactive_format_load_and_ctrl_d(daemon, tmp_path):
         t.expect(">>> ")
         t.send("hi")
         reply = t.expect(">>> ")
-        assert '{"fake": true}' in reply and not FAKE_WORDS.search(reply)   # JSON mode
+        assert '{"fake": true}' in reply and not FAKE_WORDS.search(reply)  # JSON mode
         t.send("/set noformat")
         t.expect("Disabled format.")
         t.expect(">>> ")
@@ -231,43 +248,64 @@ def test_interactive_format_load_and_ctrl_d(daemon, tmp_path):
         t.send("/show system")
         t.expect("No system message was specified for this model.")
         t.expect(">>> ")
-        t.send_key(b"\x04")             # Ctrl+D leaves
+        t.send_key(b"\x04")  # Ctrl+D leaves
         assert t.close() == 0
     finally:
-        if t.proc.poll() is None:       # a failed expectation: do not wait for the child
+        if t.proc.poll() is None:  # a failed expectation: do not wait for the child
             t.proc.kill()
             t.close()
 
 
 def test_one_shot_prompt(daemon, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "corral.daemon.cli", "run", "tiny", "hello"],
-                       env=corral_env(daemon, tmp_path, "dumb"), capture_output=True, text=True,
-                       timeout=SAFETY)
+    r = subprocess.run(
+        [sys.executable, "-m", "corral.daemon.cli", "run", "tiny", "hello"],
+        env=corral_env(daemon, tmp_path, "dumb"),
+        capture_output=True,
+        text=True,
+        timeout=SAFETY,
+    )
     assert r.returncode == 0, r.stderr
     assert FAKE_WORDS.search(r.stdout)
 
 
 # ---- pull progress -----------------------------------------------------------------------------
 
+
 async def test_pull_prints_a_bar_per_layer(daemon, tmp_path):
     data = write_tiny_llama(tmp_path / "p.gguf", seed=9).read_bytes()
     params = b'{"temperature":0}'
     async with RegistryServer() as reg:
-        manifest = json.loads(reg.publish(
-            "library/pulled", "latest", [("application/vnd.ollama.image.model", data),
-                                         ("application/vnd.ollama.image.params", params)]))
+        manifest = json.loads(
+            reg.publish(
+                "library/pulled",
+                "latest",
+                [
+                    ("application/vnd.ollama.image.model", data),
+                    ("application/vnd.ollama.image.params", params),
+                ],
+            )
+        )
         name = f"{reg.host}/library/pulled:latest"
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "corral.daemon.cli", "pull", name, "--insecure",
+            sys.executable,
+            "-m",
+            "corral.daemon.cli",
+            "pull",
+            name,
+            "--insecure",
             env=corral_env(daemon, tmp_path, "dumb"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         _, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     lines = err.decode().splitlines()
     assert lines[0] == "pulling manifest" and lines[-1] == "success", lines
     # One finished bar per blob of the manifest (layers and config), with its size.
-    sizes = {e["digest"].removeprefix("sha256:")[:12]: e["size"]
-             for e in [*manifest["layers"], manifest["config"]]}
+    sizes = {
+        e["digest"].removeprefix("sha256:")[:12]: e["size"]
+        for e in [*manifest["layers"], manifest["config"]]
+    }
     bars = {}
     for line in lines:
         m = re.fullmatch(r"pulling ([0-9a-f]{12}): 100% ▕(█+)▏ (.+)", line)
@@ -281,15 +319,25 @@ async def test_pull_prints_a_bar_per_layer(daemon, tmp_path):
 async def test_pull_on_a_terminal_redraws_bars(daemon, tmp_path):
     data = write_tiny_llama(tmp_path / "q.gguf", seed=11).read_bytes()
     async with RegistryServer() as reg:
-        manifest = json.loads(reg.publish(
-            "library/onterm", "latest", [("application/vnd.ollama.image.model", data)]))
-        t = Pty([sys.executable, "-m", "corral.daemon.cli", "pull",
-                 f"{reg.host}/library/onterm:latest", "--insecure"],
-                corral_env(daemon, tmp_path, "xterm-256color"))
+        manifest = json.loads(
+            reg.publish("library/onterm", "latest", [("application/vnd.ollama.image.model", data)])
+        )
+        t = Pty(
+            [
+                sys.executable,
+                "-m",
+                "corral.daemon.cli",
+                "pull",
+                f"{reg.host}/library/onterm:latest",
+                "--insecure",
+            ],
+            corral_env(daemon, tmp_path, "xterm-256color"),
+        )
         rc = await asyncio.to_thread(t.close)
     assert rc == 0, t.text
     for e in [*manifest["layers"], manifest["config"]]:
         short = e["digest"].removeprefix("sha256:")[:12]
-        assert re.search(rf"pulling {short}: 100% ▕█+▏ {re.escape(human_bytes(e['size']))}",
-                         t.text), t.text
+        assert re.search(
+            rf"pulling {short}: 100% ▕█+▏ {re.escape(human_bytes(e['size']))}", t.text
+        ), t.text
     assert "success" in t.text

@@ -54,41 +54,45 @@ def no_tags(*texts: str | None) -> bool:
 
 
 def test_anthropic_messages(claude):
-    msg = claude.messages.create(model="tiny", max_tokens=6, system="be brief",
-                                 messages=[{"role": "user", "content": "hi"}])
+    msg = claude.messages.create(
+        model="tiny", max_tokens=6, system="be brief", messages=[{"role": "user", "content": "hi"}]
+    )
     assert msg.role == "assistant" and msg.content[0].type == "text" and msg.content[0].text
     assert msg.stop_reason == "max_tokens" and msg.usage.output_tokens == 6
-    with claude.messages.stream(model="tiny", max_tokens=5,
-                                messages=[{"role": "user", "content": "hi"}]) as s:
+    with claude.messages.stream(
+        model="tiny", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+    ) as s:
         text = "".join(s.text_stream)
         final = s.get_final_message()
     assert text and final.content[0].text == text and final.usage.output_tokens == 5
     with pytest.raises(anthropic.NotFoundError):
-        claude.messages.create(model="nope", max_tokens=5,
-                               messages=[{"role": "user", "content": "hi"}])
+        claude.messages.create(
+            model="nope", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+        )
     # counted by the model's tokenizer: a longer message is more tokens, BOS included
     short = claude.messages.count_tokens(model="tiny", messages=[{"role": "user", "content": "hi"}])
-    longer = claude.messages.count_tokens(model="tiny", messages=[
-        {"role": "user", "content": "hi there, how are you today?"}])
+    longer = claude.messages.count_tokens(
+        model="tiny", messages=[{"role": "user", "content": "hi there, how are you today?"}]
+    )
     assert 2 <= short.input_tokens < longer.input_tokens
 
 
 def test_anthropic_thinking(claude):
-    msg = claude.messages.create(model="tiny-think", max_tokens=8,
-                                 thinking={"type": "enabled", "budget_tokens": 1024},
-                                 messages=[{"role": "user", "content": "hi"}])
+    msg = claude.messages.create(
+        model="tiny-think",
+        max_tokens=8,
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        messages=[{"role": "user", "content": "hi"}],
+    )
     kinds = [b.type for b in msg.content]
     assert kinds[0] == "thinking" and msg.content[0].thinking
-    assert no_tags(*(getattr(b, "thinking", None) or getattr(b, "text", None)
-                     for b in msg.content))
+    assert no_tags(*(getattr(b, "thinking", None) or getattr(b, "text", None) for b in msg.content))
 
 
 def test_openai_responses(oai):
-    r = oai.responses.create(model="tiny", input="hi", instructions="be brief",
-                             max_output_tokens=6)
+    r = oai.responses.create(model="tiny", input="hi", instructions="be brief", max_output_tokens=6)
     assert r.status == "incomplete" and r.output_text and r.usage.output_tokens == 6
-    events = list(oai.responses.create(model="tiny", input="hi", max_output_tokens=5,
-                                       stream=True))
+    events = list(oai.responses.create(model="tiny", input="hi", max_output_tokens=5, stream=True))
     assert events[0].type == "response.created" and events[-1].type == "response.completed"
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text and events[-1].response.output_text == text
@@ -97,33 +101,46 @@ def test_openai_responses(oai):
 def test_thinking_native_and_v1(client, oai):
     """Thinking is on by default for a thinking-capable model; the prompt opens <think>, so
     the model's words are thinking, and no tag reaches either field."""
-    r = client.chat(model="tiny-think", messages=[{"role": "user", "content": "hi"}],
-                    options={"num_predict": 8})
+    r = client.chat(
+        model="tiny-think", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 8}
+    )
     assert r.message.thinking and no_tags(r.message.thinking, r.message.content)
-    parts = list(client.generate(model="tiny-think", prompt="hi", stream=True,
-                                 options={"num_predict": 8}))
+    parts = list(
+        client.generate(model="tiny-think", prompt="hi", stream=True, options={"num_predict": 8})
+    )
     thinking = "".join(p.thinking or "" for p in parts)
     assert thinking and no_tags(thinking, "".join(p.response for p in parts))
-    c = oai.chat.completions.create(model="tiny-think", max_tokens=8,
-                                    messages=[{"role": "user", "content": "hi"}])
+    c = oai.chat.completions.create(
+        model="tiny-think", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+    )
     reasoning = c.choices[0].message.model_extra.get("reasoning")
     assert reasoning and no_tags(reasoning, c.choices[0].message.content)
-    off = client.chat(model="tiny-think", think=False, options={"num_predict": 4},
-                      messages=[{"role": "user", "content": "hi"}])
+    off = client.chat(
+        model="tiny-think",
+        think=False,
+        options={"num_predict": 4},
+        messages=[{"role": "user", "content": "hi"}],
+    )
     assert not off.message.thinking and off.message.content
 
 
 def test_logprobs(client, oai):
-    r = client.generate(model="tiny", prompt="hello", logprobs=True, top_logprobs=3,
-                        options={"num_predict": 6})
+    r = client.generate(
+        model="tiny", prompt="hello", logprobs=True, top_logprobs=3, options={"num_predict": 6}
+    )
     assert len(r.logprobs) == r.eval_count == 6
     for lp in r.logprobs:
         tops = [t.logprob for t in lp.top_logprobs]
         assert len(tops) == 3 and tops == sorted(tops, reverse=True)
         assert lp.logprob <= tops[0] + 1e-9 and lp.logprob <= 0
     assert "".join(lp.token for lp in r.logprobs) == r.response
-    c = oai.chat.completions.create(model="tiny", max_tokens=4, logprobs=True, top_logprobs=2,
-                                    messages=[{"role": "user", "content": "hi"}])
+    c = oai.chat.completions.create(
+        model="tiny",
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=2,
+        messages=[{"role": "user", "content": "hi"}],
+    )
     assert len(c.choices[0].logprobs.content) == 4
     with pytest.raises(ollama.ResponseError) as err:
         client.generate(model="tiny", prompt="x", logprobs=True, top_logprobs=21)

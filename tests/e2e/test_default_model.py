@@ -37,16 +37,22 @@ def readme_command(pattern: str) -> str:
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     # a fresh install: CORRAL_DEFAULT_MODEL unset, empty store
-    with start_daemon(tmp_path_factory.mktemp("gemma"), CORRAL_DEFAULT_MODEL=None,
-                      OLLAMA_NUM_PARALLEL="2") as d:
+    with start_daemon(
+        tmp_path_factory.mktemp("gemma"), CORRAL_DEFAULT_MODEL=None, OLLAMA_NUM_PARALLEL="2"
+    ) as d:
         assert wait_until(lambda: "corral is ready" in d.log_text(), 240), d.log_text()[-3000:]
         yield d
 
 
 def cli(daemon, *args: str) -> str:
     env = {**os.environ, "OLLAMA_HOST": daemon.url}
-    r = subprocess.run([sys.executable, "-m", "corral.daemon.cli", *args], env=env,
-                       capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [sys.executable, "-m", "corral.daemon.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -100,8 +106,11 @@ def test_readme_completion_example(daemon):
 
 def test_request_options_override_the_model_parameters(daemon):
     with ollama.Client(host=daemon.url) as c:
-        r = c.chat(model="gemma3:270m", messages=[{"role": "user", "content": "Say hello."}],
-                   options={"num_predict": 24, "temperature": 0})
+        r = c.chat(
+            model="gemma3:270m",
+            messages=[{"role": "user", "content": "Say hello."}],
+            options={"num_predict": 24, "temperature": 0},
+        )
     assert r.message.content.strip(), r
     assert 0 < r.eval_count <= 24 and r.prompt_eval_count > 5
     # timings are sane: positive, and the parts fit in the total
@@ -111,7 +120,15 @@ def test_request_options_override_the_model_parameters(daemon):
 
 def test_gemma_chat_openai(daemon):
     with openai.OpenAI(base_url=daemon.url + "/v1", api_key="x") as oai:
-        text = "".join(ch.choices[0].delta.content or "" for ch in oai.chat.completions.create(
-            model="gemma3:270m", max_tokens=16, temperature=0, stream=True,
-            messages=[{"role": "user", "content": "Name a colour."}]) if ch.choices)
+        text = "".join(
+            ch.choices[0].delta.content or ""
+            for ch in oai.chat.completions.create(
+                model="gemma3:270m",
+                max_tokens=16,
+                temperature=0,
+                stream=True,
+                messages=[{"role": "user", "content": "Name a colour."}],
+            )
+            if ch.choices
+        )
     assert text.strip()

@@ -93,8 +93,14 @@ def open_files_limit(soft: int):
         resource.setrlimit(resource.RLIMIT_NOFILE, old)
 
 
-async def _flood_once(s: aiohttp.ClientSession, url: str, model: str, n: int,
-                      rejected_all: asyncio.Event, expect_rejected: int) -> list[dict]:
+async def _flood_once(
+    s: aiohttp.ClientSession,
+    url: str,
+    model: str,
+    n: int,
+    rejected_all: asyncio.Event,
+    expect_rejected: int,
+) -> list[dict]:
     """``n`` streaming generates at once; ``rejected_all`` is set when ``expect_rejected`` have
     been answered with a status other than 200."""
     results: list[dict] = []
@@ -127,9 +133,16 @@ async def test_flood_rejects_exactly_the_overflow_and_loses_nothing(tmp_path):
     # The daemon starts with the common soft default of 1024 open files: it must raise its own
     # limit to hold 2,000 connections. This process needs more than 2,000 for its clients.
     with open_files_limit(1024):
-        daemon_cm = start_daemon(tmp_path, **fake_env(
-            200.0, OLLAMA_MAX_QUEUE=str(MAX_QUEUE), OLLAMA_NUM_PARALLEL=str(PARALLEL),
-            OLLAMA_KEEP_ALIVE="-1", OLLAMA_DEBUG="0"))
+        daemon_cm = start_daemon(
+            tmp_path,
+            **fake_env(
+                200.0,
+                OLLAMA_MAX_QUEUE=str(MAX_QUEUE),
+                OLLAMA_NUM_PARALLEL=str(PARALLEL),
+                OLLAMA_KEEP_ALIVE="-1",
+                OLLAMA_DEBUG="0",
+            ),
+        )
         d = daemon_cm.__enter__()
     try:
         with open_files_limit(8192):
@@ -153,8 +166,9 @@ async def test_flood_rejects_exactly_the_overflow_and_loses_nothing(tmp_path):
                 stopped_at = time.monotonic()
                 rejected_all = asyncio.Event()
                 accepted_n = PARALLEL + MAX_QUEUE
-                flood = asyncio.create_task(_flood_once(s, d.url, model, FLOOD, rejected_all,
-                                                        FLOOD - accepted_n))
+                flood = asyncio.create_task(
+                    _flood_once(s, d.url, model, FLOOD, rejected_all, FLOOD - accepted_n)
+                )
                 try:
                     async with asyncio.timeout(180):
                         await rejected_all.wait()
@@ -181,24 +195,28 @@ async def test_flood_rejects_exactly_the_overflow_and_loses_nothing(tmp_path):
         serve_ms = [(r["t_end"] - r["t0"] - (resumed - stopped_at)) * 1000 for r in accepted]
         free_ms = [(r["t_end"] - r["t0"]) * 1000 for r in free_acc]
         free_rej_ms = [(r["t_end"] - r["t0"]) * 1000 for r in free_rej]
-        print(f"\nFLOOD (free-running) {FLOOD} streaming requests of 8 tokens at 200 tok/s: "
-              f"accepted {len(free_acc)}, rejected 503 {len(free_rej)}, other errors 0, "
-              f"{t_free:.1f} s\n  accepted p50 {pct(free_ms, 50):.0f} ms, p99 "
-              f"{pct(free_ms, 99):.0f} ms; 503 p50 {pct(free_rej_ms, 50):.0f} ms, p99 "
-              f"{pct(free_rej_ms, 99):.0f} ms; daemon CPU {cpu_free * 1000 / FLOOD:.2f} ms "
-              f"per request (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs); "
-              f"daemon RSS idle {idle / 2**20:.1f} MiB -> "
-              f"{before / 2**20:.1f} MiB after the first flood")
-        print(f"FLOOD (runner paused) {FLOOD} streaming requests, OLLAMA_MAX_QUEUE={MAX_QUEUE}, "
-              f"OLLAMA_NUM_PARALLEL={PARALLEL}: accepted {len(accepted)}, rejected 503 "
-              f"{len(rejected)}, other errors 0\n"
-              f"  503 latency p50 {pct(reject_ms, 50):.1f} ms, p99 {pct(reject_ms, 99):.1f} ms; "
-              f"all 503s within {resumed - stopped_at:.2f} s of the first request\n"
-              f"  accepted, from the runner's resume to the done line: p50 "
-              f"{pct(serve_ms, 50):.0f} ms, p99 {pct(serve_ms, 99):.0f} ms "
-              f"(drained in {done_at - resumed:.2f} s)\n"
-              f"  daemon RSS before {before / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB, "
-              f"after {after / 2**20:.1f} MiB ({(after / before - 1) * 100:+.1f} %)")
+        print(
+            f"\nFLOOD (free-running) {FLOOD} streaming requests of 8 tokens at 200 tok/s: "
+            f"accepted {len(free_acc)}, rejected 503 {len(free_rej)}, other errors 0, "
+            f"{t_free:.1f} s\n  accepted p50 {pct(free_ms, 50):.0f} ms, p99 "
+            f"{pct(free_ms, 99):.0f} ms; 503 p50 {pct(free_rej_ms, 50):.0f} ms, p99 "
+            f"{pct(free_rej_ms, 99):.0f} ms; daemon CPU {cpu_free * 1000 / FLOOD:.2f} ms "
+            f"per request (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs); "
+            f"daemon RSS idle {idle / 2**20:.1f} MiB -> "
+            f"{before / 2**20:.1f} MiB after the first flood"
+        )
+        print(
+            f"FLOOD (runner paused) {FLOOD} streaming requests, OLLAMA_MAX_QUEUE={MAX_QUEUE}, "
+            f"OLLAMA_NUM_PARALLEL={PARALLEL}: accepted {len(accepted)}, rejected 503 "
+            f"{len(rejected)}, other errors 0\n"
+            f"  503 latency p50 {pct(reject_ms, 50):.1f} ms, p99 {pct(reject_ms, 99):.1f} ms; "
+            f"all 503s within {resumed - stopped_at:.2f} s of the first request\n"
+            f"  accepted, from the runner's resume to the done line: p50 "
+            f"{pct(serve_ms, 50):.0f} ms, p99 {pct(serve_ms, 99):.0f} ms "
+            f"(drained in {done_at - resumed:.2f} s)\n"
+            f"  daemon RSS before {before / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB, "
+            f"after {after / 2**20:.1f} MiB ({(after / before - 1) * 100:+.1f} %)"
+        )
     finally:
         daemon_cm.__exit__(None, None, None)
 
@@ -234,10 +252,11 @@ async def test_churn_four_models_on_two_slots(tmp_path):
     greedy = {"num_predict": 4, "temperature": 0, "seed": 1}
     with start_daemon(tmp_path, OLLAMA_MAX_LOADED_MODELS="2") as d:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=240)) as s:
-            models = [await create_model(s, d.url, tmp_path, f"m{k}", k + 1)
-                      for k in range(CHURN_MODELS)]
+            models = [
+                await create_model(s, d.url, tmp_path, f"m{k}", k + 1) for k in range(CHURN_MODELS)
+            ]
             ref = {}
-            for m in models:   # each model's answer when asked alone
+            for m in models:  # each model's answer when asked alone
                 ref[m] = (await generate(s, d.url, m, options=greedy))["response"]
             assert len(set(ref.values())) == CHURN_MODELS
             loads_before = sum("starting runner" in line for line in d.log)
@@ -253,8 +272,11 @@ async def test_churn_four_models_on_two_slots(tmp_path):
                 return out
 
             t0 = time.monotonic()
-            results = [x for c in await asyncio.gather(*(client(c) for c in
-                                                         range(CHURN_CLIENTS))) for x in c]
+            results = [
+                x
+                for c in await asyncio.gather(*(client(c) for c in range(CHURN_CLIENTS)))
+                for x in c
+            ]
             elapsed = time.monotonic() - t0
             loads = sum("starting runner" in line for line in d.log) - loads_before
             assert [a["_status"] for _, a, _ in results] == [200] * len(results)
@@ -263,8 +285,10 @@ async def test_churn_four_models_on_two_slots(tmp_path):
             assert len(await ps(s, d.url)) <= 2
         assert runner_lifetimes(d.log) == []
         ms = [t * 1000 for _, _, t in results]
-        print(f"\nCHURN {CHURN_MODELS} models, OLLAMA_MAX_LOADED_MODELS=2, {CHURN_CLIENTS} "
-              f"clients x {CHURN_ROUNDS} rounds ({len(results)} requests, real llama.cpp runners "
-              f"of a tiny model): 0 errors, 0 wrong answers, {loads} loads in {elapsed:.1f} s "
-              f"({loads / elapsed:.2f} loads/s), latency p50 {pct(ms, 50):.0f} ms, "
-              f"p99 {pct(ms, 99):.0f} ms")
+        print(
+            f"\nCHURN {CHURN_MODELS} models, OLLAMA_MAX_LOADED_MODELS=2, {CHURN_CLIENTS} "
+            f"clients x {CHURN_ROUNDS} rounds ({len(results)} requests, real llama.cpp runners "
+            f"of a tiny model): 0 errors, 0 wrong answers, {loads} loads in {elapsed:.1f} s "
+            f"({loads / elapsed:.2f} loads/s), latency p50 {pct(ms, 50):.0f} ms, "
+            f"p99 {pct(ms, 99):.0f} ms"
+        )

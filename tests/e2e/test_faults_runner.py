@@ -33,8 +33,9 @@ async def create_from_file(s: aiohttp.ClientSession, url: str, name: str, data: 
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     async with s.post(f"{url}/api/blobs/{digest}", data=data) as r:
         assert r.status in (200, 201), await r.text()
-    async with s.post(f"{url}/api/create", json={"model": name, "files": {"m.gguf": digest},
-                                                 "stream": False}) as r:
+    async with s.post(
+        f"{url}/api/create", json={"model": name, "files": {"m.gguf": digest}, "stream": False}
+    ) as r:
         assert r.status == 200, await r.text()
     return f"{name}:latest"
 
@@ -67,14 +68,14 @@ async def test_crash_loop_backs_off_and_other_models_keep_serving(tmp_path, sess
         async def retrying_client() -> None:
             end = loop.time() + 8.0
             while loop.time() < end:
-                bad_answers.append(await generate(session, d.url, bad,
-                                                  options={"num_predict": 2}))
+                bad_answers.append(await generate(session, d.url, bad, options={"num_predict": 2}))
                 await asyncio.sleep(0.02)
 
         async def healthy_client() -> None:
             for _ in range(10):
-                good_answers.append(await generate(session, d.url, good,
-                                                   options={"num_predict": 2}))
+                good_answers.append(
+                    await generate(session, d.url, good, options={"num_predict": 2})
+                )
                 await asyncio.sleep(0.5)
 
         await asyncio.gather(retrying_client(), healthy_client())
@@ -86,36 +87,46 @@ async def test_crash_loop_backs_off_and_other_models_keep_serving(tmp_path, sess
         # takes about a second; without the backoff every retry would load).
         loads = starts_of(d.log, bad)
         assert 2 <= len(loads) <= 4, loads
-        print(f"\nCRASH LOOP: {len(bad_answers) + 1} requests in ~8 s for a model failing on "
-              f"every load -> {len(loads)} loads; {len(good_answers)} requests for another "
-              f"model meanwhile, all 200; error: {error!r}")
+        print(
+            f"\nCRASH LOOP: {len(bad_answers) + 1} requests in ~8 s for a model failing on "
+            f"every load -> {len(loads)} loads; {len(good_answers)} requests for another "
+            f"model meanwhile, all 200; error: {error!r}"
+        )
 
 
 async def test_hung_load_is_killed_at_the_load_timeout_and_the_next_request_loads_afresh(
-        tmp_path, session):
+    tmp_path, session
+):
     hang = tmp_path / "driver-stuck"
     hang.touch()
-    env = {"CORRAL_RUNNER_ENGINE": "fake", "OLLAMA_LOAD_TIMEOUT": "3s",
-           "CORRAL_FAKE_KNOBS": json.dumps({"hang_load_while": str(hang)})}
+    env = {
+        "CORRAL_RUNNER_ENGINE": "fake",
+        "OLLAMA_LOAD_TIMEOUT": "3s",
+        "CORRAL_FAKE_KNOBS": json.dumps({"hang_load_while": str(hang)}),
+    }
     with start_daemon(tmp_path, **env) as d:
         model = await create_model(session, d.url, tmp_path, "m", 1)
-        waiters = await asyncio.gather(*(generate(session, d.url, model,
-                                                  options={"num_predict": 2})
-                                         for _ in range(3)))
+        waiters = await asyncio.gather(
+            *(generate(session, d.url, model, options={"num_predict": 2}) for _ in range(3))
+        )
         for w in waiters:
             assert w["_status"] == 500
             assert w["error"].startswith(
-                "timed out waiting for llama runner to start (no progress for 3s)"), w
+                "timed out waiting for llama runner to start (no progress for 3s)"
+            ), w
         [hung] = starts_of(d.log, model)
-        pids = [int(m.group(1)) for line in d.log
-                if f"runner_id={hung}" in line and "runner spawned" in line
-                for m in [re.search(r"pid=(\d+)", line)]]
-        assert len(pids) == 1 and not pid_alive(pids[0])   # killed, not left hanging
+        pids = [
+            int(m.group(1))
+            for line in d.log
+            if f"runner_id={hung}" in line and "runner spawned" in line
+            for m in [re.search(r"pid=(\d+)", line)]
+        ]
+        assert len(pids) == 1 and not pid_alive(pids[0])  # killed, not left hanging
 
-        hang.unlink()                    # the driver recovers
+        hang.unlink()  # the driver recovers
         ok = await generate(session, d.url, model, options={"num_predict": 2})
         assert ok["_status"] == 200 and ok["done"], ok
-        assert len(starts_of(d.log, model)) == 2          # a fresh runner, not the hung one
+        assert len(starts_of(d.log, model)) == 2  # a fresh runner, not the hung one
 
 
 async def test_copy_onto_a_name_being_loaded_is_safe(tmp_path, session):
@@ -128,7 +139,7 @@ async def test_copy_onto_a_name_being_loaded_is_safe(tmp_path, session):
         a = await create_from_file(session, d.url, "a", a_data)
         b = await create_from_file(session, d.url, "b", b_data)
         ref = {}
-        for m in (a, b):   # what each model answers, then unloaded
+        for m in (a, b):  # what each model answers, then unloaded
             ref[m] = (await generate(session, d.url, m, options=greedy, keep_alive=0))["response"]
         assert ref[a] != ref[b]
         a_blob = d.models / "blobs" / ("sha256-" + hashlib.sha256(a_data).hexdigest())
@@ -138,12 +149,10 @@ async def test_copy_onto_a_name_being_loaded_is_safe(tmp_path, session):
             await asyncio.sleep(0.05)
         n_starts = len(starts_of(d.log, a))
 
-        request = asyncio.create_task(generate(session, d.url, a, options=greedy,
-                                               keep_alive="1s"))
+        request = asyncio.create_task(generate(session, d.url, a, options=greedy, keep_alive="1s"))
         while len(starts_of(d.log, a)) == n_starts and loop.time() < end:
-            await asyncio.sleep(0.005)      # the daemon is starting A's runner now
-        async with session.post(f"{d.url}/api/copy",
-                                json={"source": b, "destination": a}) as r:
+            await asyncio.sleep(0.005)  # the daemon is starting A's runner now
+        async with session.post(f"{d.url}/api/copy", json={"source": b, "destination": a}) as r:
             assert r.status == 200
         answer = await request
         assert answer["_status"] == 200 and answer["response"] == ref[a], answer

@@ -22,19 +22,29 @@ TAGS = ("<think>", "</think>")
 OPTS = {"num_predict": 12, "temperature": 0}
 # two worked examples, rendered by the template as <think>…</think>answer turns, so that a
 # model without thinking training writes its own thinking and closes the tag
-ASK = [{"role": "user", "content": "What is 1 + 1?"},
-       {"role": "assistant", "thinking": "One plus one makes two.", "content": "2"},
-       {"role": "user", "content": "What is 2 + 2?"},
-       {"role": "assistant", "thinking": "Two plus two makes four.", "content": "4"},
-       {"role": "user", "content": "What is 3 + 3?"}]
+ASK = [
+    {"role": "user", "content": "What is 1 + 1?"},
+    {"role": "assistant", "thinking": "One plus one makes two.", "content": "2"},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "thinking": "Two plus two makes four.", "content": "4"},
+    {"role": "user", "content": "What is 3 + 3?"},
+]
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    with start_daemon(tmp_path_factory.mktemp("gemma-think"),
-                      CORRAL_DEFAULT_MODEL="gemma3:270m") as d, ollama.Client(host=d.url) as c:
-        c.create(model="gemma-think", from_="gemma3:270m", template=GEMMA_THINK,
-                 parameters={"stop": ["<end_of_turn>"]})
+    with (
+        start_daemon(
+            tmp_path_factory.mktemp("gemma-think"), CORRAL_DEFAULT_MODEL="gemma3:270m"
+        ) as d,
+        ollama.Client(host=d.url) as c,
+    ):
+        c.create(
+            model="gemma-think",
+            from_="gemma3:270m",
+            template=GEMMA_THINK,
+            parameters={"stop": ["<end_of_turn>"]},
+        )
         assert "thinking" in c.show("gemma-think").capabilities
         yield c, d
 
@@ -57,9 +67,14 @@ def test_gemma_thinking_native(client):
 def test_gemma_thinking_v1(client):
     _, d = client
     with openai.OpenAI(base_url=d.url + "/v1", api_key="x") as oai:
-        r = oai.chat.completions.create(model="gemma-think", max_tokens=OPTS["num_predict"],
-                                        temperature=0, messages=[  # /v1 calls it reasoning
-            {("reasoning" if k == "thinking" else k): v for k, v in m.items()} for m in ASK])
+        r = oai.chat.completions.create(
+            model="gemma-think",
+            max_tokens=OPTS["num_predict"],
+            temperature=0,
+            messages=[  # /v1 calls it reasoning
+                {("reasoning" if k == "thinking" else k): v for k, v in m.items()} for m in ASK
+            ],
+        )
     msg = r.choices[0].message
     reasoning = msg.model_extra.get("reasoning") or ""
     assert reasoning.startswith("Three plus three") and clean(reasoning, msg.content)

@@ -35,18 +35,28 @@ GiB = 1 << 30
 
 def gpus_env(*gpus: tuple[str, float, float]) -> str:
     """CORRAL_SIMULATE_GPUS for (name, total GiB, free GiB) tuples; ids are "0", "1", ..."""
-    return json.dumps([
-        {"id": str(i), "name": name, "total": int(total * GiB), "free": int(free * GiB),
-         "library": "cuda", "integrated": False}
-        for i, (name, total, free) in enumerate(gpus)])
+    return json.dumps(
+        [
+            {
+                "id": str(i),
+                "name": name,
+                "total": int(total * GiB),
+                "free": int(free * GiB),
+                "library": "cuda",
+                "integrated": False,
+            }
+            for i, (name, total, free) in enumerate(gpus)
+        ]
+    )
 
 
 def env(gpus: str, *, load_time: float = 0.0, **extra: str) -> dict[str, str]:
     return {
         "CORRAL_SIMULATE_GPUS": gpus,
         "CORRAL_RUNNER_ENGINE": "fake",
-        "CORRAL_FAKE_KNOBS": json.dumps({"tokens_per_second": 50, "default_num_predict": 4,
-                                         "load_time": load_time}),
+        "CORRAL_FAKE_KNOBS": json.dumps(
+            {"tokens_per_second": 50, "default_num_predict": 4, "load_time": load_time}
+        ),
         "CORRAL_LOG_FORMAT": "json",
         "OLLAMA_CONTEXT_LENGTH": "2048",
         **extra,
@@ -55,15 +65,18 @@ def env(gpus: str, *, load_time: float = 0.0, **extra: str) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------ helpers
 
-async def create_model(s: aiohttp.ClientSession, d: Daemon, tmp_path, name: str,
-                       weights_gib: float) -> str:
+
+async def create_model(
+    s: aiohttp.ClientSession, d: Daemon, tmp_path, name: str, weights_gib: float
+) -> str:
     path = write_virtual_llama(tmp_path / f"{name}.gguf", weights_gib=weights_gib, name=name)
     data = path.read_bytes()
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     async with s.post(f"{d.url}/api/blobs/{digest}", data=data) as r:
         assert r.status in (200, 201), await r.text()
-    async with s.post(f"{d.url}/api/create", json={"model": name, "files": {path.name: digest},
-                                                   "stream": False}) as r:
+    async with s.post(
+        f"{d.url}/api/create", json={"model": name, "files": {path.name: digest}, "stream": False}
+    ) as r:
         assert r.status == 200, await r.text()
     return f"{name}:latest"
 
@@ -75,8 +88,9 @@ async def ps(s: aiohttp.ClientSession, d: Daemon) -> dict[str, dict]:
 
 
 async def generate(s: aiohttp.ClientSession, d: Daemon, model: str, **body) -> dict:
-    async with s.post(f"{d.url}/api/generate",
-                      json={"model": model, "prompt": "hi", "stream": False, **body}) as r:
+    async with s.post(
+        f"{d.url}/api/generate", json={"model": model, "prompt": "hi", "stream": False, **body}
+    ) as r:
         data = await r.json()
         assert r.status == 200, data
         return data
@@ -131,13 +145,14 @@ def assert_spec_matches(d: Daemon, row: dict, *, n_layers: int) -> dict:
         assert len(split) == len(gpus) and all(x >= 1 for x in split), spec
         assert sum(split) == spec["n_gpu_layers"]
     if row["size_vram"] == row["size"]:
-        assert spec["n_gpu_layers"] == n_layers + 1      # every block and the output layer
+        assert spec["n_gpu_layers"] == n_layers + 1  # every block and the output layer
     else:
         assert 0 < spec["n_gpu_layers"] < n_layers + 1
     return spec
 
 
 # -------------------------------------------------------------------------------------- tests
+
 
 async def test_model_goes_to_gpu_with_most_free_then_next_model_to_the_other(tmp_path, session):
     # GPU 0 is the bigger card but 4 GiB of it are used by someone else: GPU 1 has more free.
@@ -212,9 +227,10 @@ async def test_new_model_evicts_the_idle_model_not_the_busy_one(tmp_path, sessio
         assert_whole_on(before[idle], "0", "Sim A")
 
         # A long stream keeps busy busy: 200 tokens at 50 tokens/s.
-        async with session.post(f"{d.url}/api/generate",
-                                json={"model": busy, "prompt": "hi",
-                                      "options": {"num_predict": 200}}) as stream:
+        async with session.post(
+            f"{d.url}/api/generate",
+            json={"model": busy, "prompt": "hi", "options": {"num_predict": 200}},
+        ) as stream:
             first = json.loads(await stream.content.readline())
             assert first["done"] is False
             # new fits on neither GPU next to them: the idle model must go, not the busy one.
@@ -223,7 +239,7 @@ async def test_new_model_evicts_the_idle_model_not_the_busy_one(tmp_path, sessio
             assert set(rows) == {busy, new}
             assert rows[busy]["pid"] == before[busy]["pid"]
             assert rows[busy]["in_flight"] == 1
-            assert_whole_on(rows[new], "0", "Sim A")     # where idle was
+            assert_whole_on(rows[new], "0", "Sim A")  # where idle was
             assert not pid_alive(before[idle]["pid"])
             # The busy model streamed on throughout and finishes normally.
             lines = [json.loads(raw) async for raw in stream.content if raw.strip()]
@@ -255,7 +271,7 @@ async def test_num_gpu_zero_runs_on_cpu(tmp_path, session):
         assert row["size_vram"] == 0 and row["gpus"] == [] and row["size"] > 0
         spec = assert_spec_matches(d, row, n_layers=32)
         assert spec["n_gpu_layers"] == 0
-        assert spec["use_mmap"] is False          # Ollama's default for CPU runners
+        assert spec["use_mmap"] is False  # Ollama's default for CPU runners
 
 
 async def test_loaded_model_is_served_while_another_loads(tmp_path, session):
@@ -265,7 +281,7 @@ async def test_loaded_model_is_served_while_another_loads(tmp_path, session):
     with start_daemon(tmp_path, **env(gpus, load_time=load_time)) as d:
         a = await create_model(session, d, tmp_path, "a", 5.0)
         b = await create_model(session, d, tmp_path, "b", 5.0)
-        await generate(session, d, a)                    # loaded (takes load_time)
+        await generate(session, d, a)  # loaded (takes load_time)
         loading_b = asyncio.create_task(generate(session, d, b))
         t0 = time.monotonic()
         while not started(d, b):
@@ -278,7 +294,7 @@ async def test_loaded_model_is_served_while_another_loads(tmp_path, session):
             assert r["done"] is True
             assert time.monotonic() - t1 < 1.5
         assert not loading_b.done()
-        assert b not in await ps(session, d)             # loads are not listed yet
+        assert b not in await ps(session, d)  # loads are not listed yet
         assert (await loading_b)["done"] is True
         rows = await ps(session, d)
         assert_whole_on(rows[a], "1", "Sim B")
@@ -312,9 +328,10 @@ async def test_busy_model_is_only_evicted_once_its_stream_ends(tmp_path, session
         q = await create_model(session, d, tmp_path, "q", 5.0)
         await generate(session, d, p)
         pid_p = (await ps(session, d))[p]["pid"]
-        async with session.post(f"{d.url}/api/generate",
-                                json={"model": p, "prompt": "hi",
-                                      "options": {"num_predict": 100}}) as stream:
+        async with session.post(
+            f"{d.url}/api/generate",
+            json={"model": p, "prompt": "hi", "options": {"num_predict": 100}},
+        ) as stream:
             assert json.loads(await stream.content.readline())["done"] is False
             waiting_q = asyncio.create_task(generate(session, d, q))
             t0 = time.monotonic()
@@ -335,7 +352,7 @@ async def test_main_gpu_pins_the_model_to_that_gpu(tmp_path, session):
     gpus = gpus_env(("Sim A", 6, 6), ("Sim B", 8, 8))
     with start_daemon(tmp_path, **env(gpus)) as d:
         m = await create_model(session, d, tmp_path, "m", 1.0)
-        await generate(session, d, m, options={"main_gpu": 0})   # not the one with most free
+        await generate(session, d, m, options={"main_gpu": 0})  # not the one with most free
         row = (await ps(session, d))[m]
         assert_whole_on(row, "0", "Sim A")
         spec = assert_spec_matches(d, row, n_layers=32)

@@ -37,9 +37,15 @@ def tiny(daemon, client, tmp_path_factory) -> str:
     path = write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf", seed=1)
     digest = client.create_blob(path)
     assert digest.startswith("sha256:")
-    statuses = [p.status for p in client.create(model="tiny", files={"tiny.gguf": digest},
-                                                 parameters={"temperature": 0, "seed": 7},
-                                                 stream=True)]
+    statuses = [
+        p.status
+        for p in client.create(
+            model="tiny",
+            files={"tiny.gguf": digest},
+            parameters={"temperature": 0, "seed": 7},
+            stream=True,
+        )
+    ]
     assert statuses[-1] == "success"
     return "tiny:latest"
 
@@ -78,8 +84,9 @@ def test_generate_not_streaming(client, tiny):
 
 
 def test_generate_streaming(client, tiny):
-    parts = list(client.generate(model=tiny, prompt="hello", stream=True,
-                                 options={"num_predict": 6}))
+    parts = list(
+        client.generate(model=tiny, prompt="hello", stream=True, options={"num_predict": 6})
+    )
     assert parts[-1].done and not any(p.done for p in parts[:-1])
     # num_predict caps the tokens, and the reason says which way it ended
     last = parts[-1]
@@ -90,25 +97,38 @@ def test_generate_streaming(client, tiny):
 
 def test_format_json_is_whole_json(client, tiny):
     """format "json" constrains the whole output: with room to finish, the answer parses."""
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
-              "additionalProperties": False}
-    r = client.generate(model=tiny, prompt="answer", format=schema,
-                        options={"num_predict": 400, "temperature": 0})
-    assert r.done_reason == "stop", r.response      # the grammar ended it, not the limit
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    r = client.generate(
+        model=tiny, prompt="answer", format=schema, options={"num_predict": 400, "temperature": 0}
+    )
+    assert r.done_reason == "stop", r.response  # the grammar ended it, not the limit
     assert set(json.loads(r.response)) == {"ok"}
-    r = client.generate(model=tiny, prompt="answer", format="json",
-                        options={"num_predict": 12, "temperature": 0})
+    r = client.generate(
+        model=tiny, prompt="answer", format="json", options={"num_predict": 12, "temperature": 0}
+    )
     assert r.response.lstrip().startswith("{")
     if r.done_reason == "stop":
         json.loads(r.response)
 
 
 def test_chat(client, tiny):
-    r = client.chat(model=tiny, messages=[{"role": "user", "content": "hi"}],
-                    options={"num_predict": 5})
+    r = client.chat(
+        model=tiny, messages=[{"role": "user", "content": "hi"}], options={"num_predict": 5}
+    )
     assert r.message.role == "assistant" and r.done
-    chunks = list(client.chat(model=tiny, messages=[{"role": "user", "content": "hi"}],
-                              stream=True, options={"num_predict": 5}))
+    chunks = list(
+        client.chat(
+            model=tiny,
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            options={"num_predict": 5},
+        )
+    )
     assert chunks[-1].done and chunks[-1].done_reason
 
 
@@ -153,18 +173,29 @@ def test_bad_bodies_keep_store_unchanged(daemon, tiny):
         ("POST", "/api/generate", b"{not json"),
         ("POST", "/api/generate", b""),
         ("POST", "/api/chat", json.dumps({"model": tiny, "messages": "hi"}).encode()),
-        ("POST", "/api/generate", json.dumps({"model": tiny, "prompt": "x",
-                                              "keep_alive": "300"}).encode()),
+        (
+            "POST",
+            "/api/generate",
+            json.dumps({"model": tiny, "prompt": "x", "keep_alive": "300"}).encode(),
+        ),
         ("POST", "/api/show", json.dumps({"model": "../../etc/passwd"}).encode()),
         ("POST", "/api/copy", json.dumps({"source": tiny, "destination": "../x"}).encode()),
         ("DELETE", "/api/delete", json.dumps({"model": "a/../../b"}).encode()),
         ("POST", "/api/blobs/sha256:..%2F..%2Fx", b"data"),
         ("POST", "/api/blobs/sha256:" + "0" * 64, b"data"),
-        ("POST", "/api/create", json.dumps({"model": "x", "files": {"a.gguf": "sha256:zz"}}).encode()),
+        (
+            "POST",
+            "/api/create",
+            json.dumps({"model": "x", "files": {"a.gguf": "sha256:zz"}}).encode(),
+        ),
     ]
     for method, path, body in cases:
-        req = urllib.request.Request(daemon.url + path, data=body, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            daemon.url + path,
+            data=body,
+            method=method,
+            headers={"Content-Type": "application/json"},
+        )
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(req, timeout=30)
         assert 400 <= err.value.code < 500, (path, body, err.value.code)

@@ -41,8 +41,9 @@ def test_models(oai):
 
 
 def test_chat_completion(oai):
-    r = oai.chat.completions.create(model="tiny", max_tokens=6, seed=3,
-                                    messages=[{"role": "user", "content": "hi"}])
+    r = oai.chat.completions.create(
+        model="tiny", max_tokens=6, seed=3, messages=[{"role": "user", "content": "hi"}]
+    )
     assert r.object == "chat.completion"
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].finish_reason in ("stop", "length")
@@ -50,9 +51,15 @@ def test_chat_completion(oai):
 
 
 def test_chat_completion_stream_with_usage(oai):
-    chunks = list(oai.chat.completions.create(
-        model="tiny", max_tokens=5, stream=True, stream_options={"include_usage": True},
-        messages=[{"role": "user", "content": "hi"}]))
+    chunks = list(
+        oai.chat.completions.create(
+            model="tiny",
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "hi"}],
+        )
+    )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 5
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
@@ -62,12 +69,19 @@ def test_chat_completion_stream_with_usage(oai):
 def test_json_response_format(oai):
     """A schema whose every value is bounded: the grammar must end the answer well within
     max_tokens, so it always stops and always parses."""
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
-              "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
     r = oai.chat.completions.create(
-        model="tiny", max_tokens=400, temperature=0,
+        model="tiny",
+        max_tokens=400,
+        temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
-        messages=[{"role": "user", "content": "json please"}])
+        messages=[{"role": "user", "content": "json please"}],
+    )
     assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
     assert set(json.loads(r.choices[0].message.content)) == {"ok"}
 

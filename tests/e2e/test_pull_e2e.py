@@ -39,8 +39,11 @@ async def c(daemon):
 
 def store_tree(d) -> list[str]:
     """Stored files; partial downloads (kept for resuming, pruned at start) are not counted."""
-    return sorted(str(p.relative_to(d.models)) for p in d.models.rglob("*")
-                  if p.is_file() and "partial" not in p.name)
+    return sorted(
+        str(p.relative_to(d.models))
+        for p in d.models.rglob("*")
+        if p.is_file() and "partial" not in p.name
+    )
 
 
 async def test_pull_then_generate(reg, daemon, tmp_path, c):

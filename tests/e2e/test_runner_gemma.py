@@ -24,8 +24,12 @@ def runner(gemma_gguf, tmp_path_factory):
     err = tmp_path_factory.mktemp("gemma") / "stderr.log"
     spec = LaunchSpec(model_path=str(gemma_gguf), num_ctx=1024, parallel=2, num_thread=2)
     with err.open("wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "corral.runner"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=f)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "corral.runner"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=f,
+        )
     proc.stdin.write(encode(spec) + b"\n")
     proc.stdin.flush()
     while True:
@@ -43,7 +47,9 @@ def runner(gemma_gguf, tmp_path_factory):
 
 
 def post(url: str, body: dict) -> list[dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=120) as resp:
         return [json.loads(x) for x in resp]
 
@@ -51,7 +57,10 @@ def post(url: str, body: dict) -> list[dict]:
 def test_gemma_generates_with_sane_timings(runner):
     ready, url = runner
     assert ready.n_ctx_train >= 32768 and ready.memory["CPU"].weights > 100 * 2**20
-    lines = post(url + "/completion", {"prompt": chat("Name three colours."), "options": {"temperature": 0, "num_predict": 48}})
+    lines = post(
+        url + "/completion",
+        {"prompt": chat("Name three colours."), "options": {"temperature": 0, "num_predict": 48}},
+    )
     done = lines[-1]
     text = "".join(x["content"] for x in lines[:-1])
     assert done["type"] == "done" and text.strip()
@@ -64,10 +73,19 @@ def test_gemma_generates_with_sane_timings(runner):
 
 def test_gemma_json_schema_output_parses(runner):
     _, url = runner
-    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-              "required": ["name", "age"]}
-    lines = post(url + "/completion", {"prompt": chat("Describe a cat as JSON with its name and age."),
-                                       "format": schema, "options": {"temperature": 0, "num_predict": 100}})
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
+    lines = post(
+        url + "/completion",
+        {
+            "prompt": chat("Describe a cat as JSON with its name and age."),
+            "format": schema,
+            "options": {"temperature": 0, "num_predict": 100},
+        },
+    )
     assert lines[-1]["done_reason"] == "stop"
     value = json.loads("".join(x["content"] for x in lines[:-1]))
     assert isinstance(value["name"], str) and isinstance(value["age"], int)

@@ -24,10 +24,13 @@ QUEUE_FULL = "server busy, please try again.  maximum pending requests exceeded"
 
 
 def fake_env(tokens_per_second: float = 40.0, **extra: str) -> dict[str, str]:
-    return {"CORRAL_RUNNER_ENGINE": "fake",
-            "CORRAL_FAKE_KNOBS": json.dumps({"tokens_per_second": tokens_per_second,
-                                             "default_num_predict": 400}),
-            **extra}
+    return {
+        "CORRAL_RUNNER_ENGINE": "fake",
+        "CORRAL_FAKE_KNOBS": json.dumps(
+            {"tokens_per_second": tokens_per_second, "default_num_predict": 400}
+        ),
+        **extra,
+    }
 
 
 async def create_model(s: aiohttp.ClientSession, url: str, tmp_path, name: str, seed: int) -> str:
@@ -37,8 +40,9 @@ async def create_model(s: aiohttp.ClientSession, url: str, tmp_path, name: str, 
     digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
     async with s.post(f"{url}/api/blobs/{digest}", data=path.read_bytes()) as r:
         assert r.status in (200, 201), await r.text()
-    async with s.post(f"{url}/api/create", json={"model": name, "files": {path.name: digest},
-                                                 "stream": False}) as r:
+    async with s.post(
+        f"{url}/api/create", json={"model": name, "files": {path.name: digest}, "stream": False}
+    ) as r:
         assert r.status == 200, await r.text()
     return f"{name}:latest"
 
@@ -59,8 +63,9 @@ async def wait_ps(s, url, pred, timeout: float = 20.0) -> list[dict]:
 
 
 async def generate(s, url, model, **body) -> dict:
-    async with s.post(f"{url}/api/generate",
-                      json={"model": model, "prompt": "hi", "stream": False, **body}) as r:
+    async with s.post(
+        f"{url}/api/generate", json={"model": model, "prompt": "hi", "stream": False, **body}
+    ) as r:
         data = await r.json()
         data["_status"] = r.status
         return data
@@ -73,9 +78,10 @@ class Stream:
         self.s, self.url, self.model, self.body = s, url, model, body
         self.resp: aiohttp.ClientResponse | None = None
 
-    async def open(self) -> "Stream":
-        self.resp = await self.s.post(f"{self.url}/api/generate",
-                                      json={"model": self.model, "prompt": "hi", **self.body})
+    async def open(self) -> Stream:
+        self.resp = await self.s.post(
+            f"{self.url}/api/generate", json={"model": self.model, "prompt": "hi", **self.body}
+        )
         return self
 
     async def line(self) -> dict | None:
@@ -127,7 +133,7 @@ async def test_max_queue_rejects_waiters_on_a_loaded_model(tmp_path, session):
     with start_daemon(tmp_path, **env) as d:
         a = await create_model(session, d.url, tmp_path, "a", 1)
         first = await Stream(session, d.url, a, options={"num_predict": 200}).open()
-        assert (await first.line())["done"] is False      # granted, holds the only slot
+        assert (await first.line())["done"] is False  # granted, holds the only slot
         waiter = asyncio.create_task(generate(session, d.url, a, options={"num_predict": 1}))
         await wait_ps(session, d.url, lambda rows: rows and rows[0].get("queued") == 1)
         third = await generate(session, d.url, a, options={"num_predict": 1})

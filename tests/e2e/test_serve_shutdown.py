@@ -29,21 +29,27 @@ async def create(s: aiohttp.ClientSession, url: str, tmp_path: Path, name: str, 
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     async with s.post(f"{url}/api/blobs/{digest}", data=data) as r:
         assert r.status in (200, 201)
-    async with s.post(f"{url}/api/create", json={"model": name, "files": {"m.gguf": digest},
-                                                 "stream": False}) as r:
+    async with s.post(
+        f"{url}/api/create", json={"model": name, "files": {"m.gguf": digest}, "stream": False}
+    ) as r:
         assert r.status == 200, await r.text()
 
 
 async def test_sigterm_stops_within_the_unit_timeout(tmp_path):
     stop_timeout = int(re.search(r"TimeoutStopSec=(\d+)", UNIT.read_text()).group(1))
     knobs = {"tokens_per_second": 20, "default_num_predict": 10_000, "ignore_sigterm": True}
-    with start_daemon(tmp_path, CORRAL_RUNNER_ENGINE="fake", CORRAL_FAKE_KNOBS=json.dumps(knobs),
-                      OLLAMA_MAX_LOADED_MODELS="2") as d:
+    with start_daemon(
+        tmp_path,
+        CORRAL_RUNNER_ENGINE="fake",
+        CORRAL_FAKE_KNOBS=json.dumps(knobs),
+        OLLAMA_MAX_LOADED_MODELS="2",
+    ) as d:
         async with aiohttp.ClientSession() as s:
             await create(s, d.url, tmp_path, "a", 1)
             await create(s, d.url, tmp_path, "b", 2)
-            async with s.post(f"{d.url}/api/generate",
-                              json={"model": "b", "prompt": "", "stream": False}) as r:
+            async with s.post(
+                f"{d.url}/api/generate", json={"model": "b", "prompt": "", "stream": False}
+            ) as r:
                 assert r.status == 200  # a second, idle runner
             async with s.post(f"{d.url}/api/generate", json={"model": "a", "prompt": "x"}) as r:
                 assert json.loads(await r.content.readline())["done"] is False

@@ -31,7 +31,9 @@ OPTS = {"temperature": 0, "num_predict": 4}
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vision-gguf")
-    return write_tiny_llama(tmp / "tiny.gguf", seed=3), write_tiny_projector(tmp / "mmproj.gguf", seed=3)
+    return write_tiny_llama(tmp / "tiny.gguf", seed=3), write_tiny_projector(
+        tmp / "mmproj.gguf", seed=3
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +43,14 @@ def daemon(tmp_path_factory, files):
         with ollama.Client(host=d.url) as c:
             m, p = c.create_blob(model), c.create_blob(projector)
             # num_predict: the tiny model never ends on its own (the CLI sends no options)
-            assert c.create(model="vis", files={"tiny.gguf": m, "mmproj.gguf": p},
-                            parameters={"num_predict": 4}).status == "success"
+            assert (
+                c.create(
+                    model="vis",
+                    files={"tiny.gguf": m, "mmproj.gguf": p},
+                    parameters={"num_predict": 4},
+                ).status
+                == "success"
+            )
             assert c.create(model="txt", files={"tiny.gguf": m}).status == "success"
         yield d
 
@@ -58,7 +66,9 @@ def test_show_has_vision_and_projector_info_only_with_a_projector(client, daemon
     assert "vision" in vis.capabilities and "completion" in vis.capabilities
     assert "vision" not in txt.capabilities
     # the ollama client's ShowResponse has no projector_info field: read the JSON
-    raw = {m: httpx.post(daemon.url + "/api/show", json={"model": m}).json() for m in ("vis", "txt")}
+    raw = {
+        m: httpx.post(daemon.url + "/api/show", json={"model": m}).json() for m in ("vis", "txt")
+    }
     assert raw["vis"]["projector_info"]["clip.projector_type"] == "mlp"
     assert raw["vis"]["projector_info"]["general.architecture"] == "clip"
     assert "projector_info" not in raw["txt"]
@@ -76,12 +86,20 @@ def test_generate_with_an_image_and_the_prompt_cache(client):
     assert first.prompt_eval_count >= plain.prompt_eval_count + IMAGE_TOKENS - 2
     again = client.generate(model="vis", prompt="what is this", images=[PNG], options=OPTS)
     assert again.prompt_eval_count == 1  # image and text came from the slot's cache
-    other = client.generate(model="vis", prompt="what is this", images=[image_bytes("JPEG", seed=12)], options=OPTS)
+    other = client.generate(
+        model="vis", prompt="what is this", images=[image_bytes("JPEG", seed=12)], options=OPTS
+    )
     assert other.prompt_eval_count >= IMAGE_TOKENS
 
 
 def test_chat_images_and_streaming(client):
-    messages = [{"role": "user", "content": "compare [img] with this", "images": [PNG, image_bytes("WEBP", seed=13)]}]
+    messages = [
+        {
+            "role": "user",
+            "content": "compare [img] with this",
+            "images": [PNG, image_bytes("WEBP", seed=13)],
+        }
+    ]
     parts = list(client.chat(model="vis", messages=messages, options=OPTS, stream=True))
     assert parts[-1].done and parts[-1].prompt_eval_count >= 2 * IMAGE_TOKENS
     assert "".join(p.message.content for p in parts)
@@ -91,9 +109,14 @@ def test_chat_images_and_streaming(client):
 
 def test_corrupt_image_and_text_model_are_400(client):
     with pytest.raises(ollama.ResponseError) as err:
-        client.generate(model="vis", prompt="x", images=[b"GIF89a not really an image"], options=OPTS)
+        client.generate(
+            model="vis", prompt="x", images=[b"GIF89a not really an image"], options=OPTS
+        )
     assert err.value.status_code == 400
-    assert err.value.error == "Failed to create new sequence: failed to process inputs: image: unknown format"
+    assert (
+        err.value.error
+        == "Failed to create new sequence: failed to process inputs: image: unknown format"
+    )
     with pytest.raises(ollama.ResponseError) as err:
         client.chat(model="txt", messages=[{"role": "user", "content": "x", "images": [PNG]}])
     assert err.value.status_code == 400
@@ -105,16 +128,36 @@ def test_corrupt_image_and_text_model_are_400(client):
 def test_openai_image_url_parts(daemon):
     data = "data:image/png;base64," + base64.b64encode(PNG).decode()
     with openai.OpenAI(base_url=daemon.url + "/v1", api_key="corral") as oai:
-        msgs = [{"role": "user", "content": [{"type": "text", "text": "describe"},
-                                             {"type": "image_url", "image_url": {"url": data}}]}]
+        msgs = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "describe"},
+                    {"type": "image_url", "image_url": {"url": data}},
+                ],
+            }
+        ]
         r = oai.chat.completions.create(model="vis", messages=msgs, max_tokens=4, temperature=0)
         assert r.choices[0].message.content and r.usage.prompt_tokens >= IMAGE_TOKENS
-        for url, text in [("https://example.com/cat.png", "image URLs are not currently supported"),
-                          ("data:image/png;base64,not-base64!", "invalid image input"),
-                          ("data:image/png;base64," + base64.b64encode(b"junk").decode(), "image: unknown format")]:
+        for url, text in [
+            ("https://example.com/cat.png", "image URLs are not currently supported"),
+            ("data:image/png;base64,not-base64!", "invalid image input"),
+            (
+                "data:image/png;base64," + base64.b64encode(b"junk").decode(),
+                "image: unknown format",
+            ),
+        ]:
             with pytest.raises(openai.BadRequestError) as err:
-                oai.chat.completions.create(model="vis", max_tokens=2, messages=[
-                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+                oai.chat.completions.create(
+                    model="vis",
+                    max_tokens=2,
+                    messages=[
+                        {
+                            "role": "user",
+                            "content": [{"type": "image_url", "image_url": {"url": url}}],
+                        }
+                    ],
+                )
             assert text in str(err.value)
 
 
@@ -135,8 +178,13 @@ def test_cli_run_reads_image_paths(daemon, tmp_path):
     env = {**os.environ, "OLLAMA_HOST": daemon.url.removeprefix("http://")}
 
     def run(prompt: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "corral.daemon.cli", "run", "vis", prompt, "--verbose"],
-                              env=env, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "corral.daemon.cli", "run", "vis", prompt, "--verbose"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     with_image, without = run(f"what is in {img} now"), run("what is in now")
     assert with_image.returncode == 0, with_image.stderr
@@ -153,8 +201,13 @@ def test_cli_create_from_a_modelfile_with_the_projector(daemon, client, files, t
     mf = tmp_path / "Modelfile"
     mf.write_text(f"FROM {files[0]}\nFROM {files[1]}\nPARAMETER num_predict 2\n")
     env = {**os.environ, "OLLAMA_HOST": daemon.url.removeprefix("http://")}
-    done = subprocess.run([sys.executable, "-m", "corral.daemon.cli", "create", "vis2", "-f", str(mf)],
-                          env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "corral.daemon.cli", "create", "vis2", "-f", str(mf)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "vision" in client.show("vis2").capabilities
     assert client.generate(model="vis2", prompt="x", images=[PNG]).prompt_eval_count >= IMAGE_TOKENS
@@ -162,11 +215,20 @@ def test_cli_create_from_a_modelfile_with_the_projector(daemon, client, files, t
 
 def test_cli_show_has_a_projector_section(daemon):
     env = {**os.environ, "OLLAMA_HOST": daemon.url.removeprefix("http://")}
-    out = subprocess.run([sys.executable, "-m", "corral.daemon.cli", "show", "vis"], env=env,
-                         capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "corral.daemon.cli", "show", "vis"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     section = out.split("  Projector\n")[1].split("\n\n")[0]
-    assert section.splitlines() == ["    architecture        clip", "    parameters          18K",
-                                    "    embedding length    32", "    dimensions          64"]
+    assert section.splitlines() == [
+        "    architecture        clip",
+        "    parameters          18K",
+        "    embedding length    32",
+        "    dimensions          64",
+    ]
     assert "    vision" in out.split("  Capabilities\n")[1].split("\n\n")[0]
 
 
@@ -175,15 +237,28 @@ def test_anthropic_image_blocks(daemon):
 
     with anthropic.Anthropic(base_url=daemon.url, api_key="unused") as ant:
         fresh = image_bytes("PNG", seed=31)  # not in any slot's cache yet: its 16 cells are counted
-        block = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                              "data": base64.b64encode(fresh).decode()}}
-        msg = ant.messages.create(model="vis", max_tokens=4, messages=[
-            {"role": "user", "content": [block, {"type": "text", "text": "what is it"}]}])
+        block = {
+            "type": "image",
+            "source": {
+                "type": "base64",
+                "media_type": "image/png",
+                "data": base64.b64encode(fresh).decode(),
+            },
+        }
+        msg = ant.messages.create(
+            model="vis",
+            max_tokens=4,
+            messages=[{"role": "user", "content": [block, {"type": "text", "text": "what is it"}]}],
+        )
         assert msg.content and msg.usage.input_tokens >= IMAGE_TOKENS
         bad = {**block, "source": {**block["source"], "data": base64.b64encode(b"junk").decode()}}
         with pytest.raises(anthropic.BadRequestError) as err:
-            ant.messages.create(model="vis", max_tokens=2, messages=[{"role": "user", "content": [bad]}])
+            ant.messages.create(
+                model="vis", max_tokens=2, messages=[{"role": "user", "content": [bad]}]
+            )
         assert "image: unknown format" in str(err.value)
         with pytest.raises(anthropic.BadRequestError) as err:
-            ant.messages.create(model="txt", max_tokens=2, messages=[{"role": "user", "content": [block]}])
+            ant.messages.create(
+                model="txt", max_tokens=2, messages=[{"role": "user", "content": [block]}]
+            )
         assert "does not support vision" in str(err.value)

@@ -15,7 +15,15 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from corral.runner.protocol import Failed, FakeKnobs, LaunchSpec, Loading, Ready, decode_event, encode
+from corral.runner.protocol import (
+    Failed,
+    FakeKnobs,
+    LaunchSpec,
+    Loading,
+    Ready,
+    decode_event,
+    encode,
+)
 
 
 class Child:
@@ -52,8 +60,11 @@ class Child:
         return f"http://127.0.0.1:{ready.port}{path}"
 
     def post(self, path: str, body: dict, timeout: float = 30):
-        req = urllib.request.Request(self.url(path), data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url(path),
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         return urllib.request.urlopen(req, timeout=timeout)
 
     def kill(self) -> None:
@@ -80,8 +91,14 @@ def spawn(tmp_path):
 
 def fake(**knobs) -> LaunchSpec:
     grace = knobs.pop("grace_period", 5.0)
-    return LaunchSpec(model_path="/nonexistent/fake.gguf", engine="fake", parallel=2, num_ctx=128,
-                      grace_period=grace, fake=FakeKnobs(**knobs))
+    return LaunchSpec(
+        model_path="/nonexistent/fake.gguf",
+        engine="fake",
+        parallel=2,
+        num_ctx=128,
+        grace_period=grace,
+        fake=FakeKnobs(**knobs),
+    )
 
 
 def stream_then_sigterm(c: Child, num_predict: int):
@@ -120,7 +137,10 @@ def test_handshake_serves_and_exits_on_stdin_eof(spawn):
 
 @pytest.mark.parametrize(
     ("knobs", "oom", "reason"),
-    [({"fail_load_oom": True}, True, "out of memory"), ({"fail_load": "tensor data is corrupt"}, False, "corrupt")],
+    [
+        ({"fail_load_oom": True}, True, "out of memory"),
+        ({"fail_load": "tensor data is corrupt"}, False, "corrupt"),
+    ],
 )
 def test_load_failure_is_reported(spawn, knobs, oom, reason):
     c = spawn(fake(**knobs))
@@ -198,7 +218,9 @@ def test_tiny_model_end_to_end(spawn, tiny_gguf):
     assert ready.n_ctx == 512 and ready.n_ctx_per_slot == 256 and ready.n_ctx_train == 4096
     cpu = ready.memory["CPU"]
     assert cpu.weights > 500_000 and cpu.kv > 0 and cpu.compute > 0
-    out = lines(c.post("/completion", {"prompt": "hello", "options": {"temperature": 0, "num_predict": 8}}))
+    out = lines(
+        c.post("/completion", {"prompt": "hello", "options": {"temperature": 0, "num_predict": 8}})
+    )
     assert out[-1]["type"] == "done" and out[-1]["eval_count"] == 8
     with c.post("/embed", {"input": ["a", "b"]}) as r:
         emb = json.loads(r.read())

@@ -26,12 +26,13 @@ from corral.runner.protocol import (
     encode,
 )
 
-SAFETY = 20.0   # wall-clock safety net only; tests wait on events
+SAFETY = 20.0  # wall-clock safety net only; tests wait on events
 
 
 def spec(**knobs) -> LaunchSpec:
-    return LaunchSpec(model_path="/nonexistent/fake.gguf", engine="fake", num_ctx=256,
-                      fake=FakeKnobs(**knobs))
+    return LaunchSpec(
+        model_path="/nonexistent/fake.gguf", engine="fake", num_ctx=256, fake=FakeKnobs(**knobs)
+    )
 
 
 def pid_alive(pid: int) -> bool:
@@ -69,8 +70,8 @@ async def test_handshake_serves_http_and_stops_gracefully():
     assert rc == 0
     assert exits.calls == [("m:1", 0)]
     assert not pid_alive(r.pid)
-    assert await r.stop(grace=5) == 0            # idempotent
-    assert exits.calls == [("m:1", 0)]           # on_exit exactly once
+    assert await r.stop(grace=5) == 0  # idempotent
+    assert exits.calls == [("m:1", 0)]  # on_exit exactly once
 
 
 async def test_failed_load_reports_reason_and_oom():
@@ -83,20 +84,23 @@ async def test_failed_load_reports_reason_and_oom():
 
 
 async def test_exit_during_load_fails_at_once_with_last_error_line():
-    code = ("import sys, time\n"
-            "sys.stdin.readline()\n"
-            "print('loading tensors', file=sys.stderr)\n"
-            "print('error: GGML_ASSERT(ctx) failed', file=sys.stderr)\n"
-            "print('cleanup done', file=sys.stderr)\n"
-            "sys.exit(3)\n")
+    code = (
+        "import sys, time\n"
+        "sys.stdin.readline()\n"
+        "print('loading tensors', file=sys.stderr)\n"
+        "print('error: GGML_ASSERT(ctx) failed', file=sys.stderr)\n"
+        "print('cleanup done', file=sys.stderr)\n"
+        "sys.exit(3)\n"
+    )
     r = RunnerProcess("m:1", argv=script(code))
     t0 = time.monotonic()
     with pytest.raises(RunnerStartError) as ei:
         await asyncio.wait_for(r.start(spec(), load_timeout=60), SAFETY)
     assert time.monotonic() - t0 < 5
     assert ei.value.kind == "exited"
-    assert ei.value.reason == ("llama runner process has terminated: exit status 3: "
-                               "error: GGML_ASSERT(ctx) failed")
+    assert ei.value.reason == (
+        "llama runner process has terminated: exit status 3: error: GGML_ASSERT(ctx) failed"
+    )
     assert r.stderr_tail() == ["loading tensors", "error: GGML_ASSERT(ctx) failed", "cleanup done"]
 
 
@@ -108,18 +112,20 @@ async def test_stall_timeout_kills_a_silent_child():
     assert 0.4 < time.monotonic() - t0 < 5
     assert ei.value.kind == "stalled"
     assert "timed out waiting for llama runner to start" in ei.value.reason
-    assert not pid_alive(r.pid)                  # start() never leaves a child behind
+    assert not pid_alive(r.pid)  # start() never leaves a child behind
 
 
 async def test_progress_on_stderr_pushes_the_stall_deadline():
     # 1.2 s of loading with a byte every 0.1 s passes a 0.5 s stall timeout.
-    code = ("import sys, time, os, json\n"
-            "sys.stdin.readline()\n"
-            "for _ in range(12):\n"
-            "    time.sleep(0.1); print('.', file=sys.stderr, flush=True)\n"
-            "print(json.dumps({'type': 'ready', 'version': 1, 'port': 1, 'pid': os.getpid(),\n"
-            "    'n_ctx': 8, 'n_ctx_per_slot': 8, 'parallel': 1}), flush=True)\n"
-            "sys.stdin.read()\n")
+    code = (
+        "import sys, time, os, json\n"
+        "sys.stdin.readline()\n"
+        "for _ in range(12):\n"
+        "    time.sleep(0.1); print('.', file=sys.stderr, flush=True)\n"
+        "print(json.dumps({'type': 'ready', 'version': 1, 'port': 1, 'pid': os.getpid(),\n"
+        "    'n_ctx': 8, 'n_ctx_per_slot': 8, 'parallel': 1}), flush=True)\n"
+        "sys.stdin.read()\n"
+    )
     r = RunnerProcess("m:1", argv=script(code))
     ready = await asyncio.wait_for(r.start(spec(), load_timeout=0.5), SAFETY)
     assert ready.pid == r.pid
@@ -141,20 +147,22 @@ async def test_sigterm_ignored_is_escalated_to_sigkill_of_the_group():
 
 
 async def test_grandchildren_die_with_the_group():
-    code = ("import subprocess, sys, time, os, json\n"
-            "sys.stdin.readline()\n"
-            "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-            "p = subprocess.Popen([sys.executable, '-c', 'import signal,time; "
-            "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'])\n"
-            "print(json.dumps({'type': 'ready', 'version': 1, 'port': p.pid, 'pid': os.getpid(),\n"
-            "    'n_ctx': 8, 'n_ctx_per_slot': 8, 'parallel': 1}), flush=True)\n"
-            "time.sleep(60)\n")
+    code = (
+        "import subprocess, sys, time, os, json\n"
+        "sys.stdin.readline()\n"
+        "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import signal,time; "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'])\n"
+        "print(json.dumps({'type': 'ready', 'version': 1, 'port': p.pid, 'pid': os.getpid(),\n"
+        "    'n_ctx': 8, 'n_ctx_per_slot': 8, 'parallel': 1}), flush=True)\n"
+        "time.sleep(60)\n"
+    )
     r = RunnerProcess("m:1", argv=script(code))
     ready = await asyncio.wait_for(r.start(spec(), load_timeout=10), SAFETY)
-    grandchild = ready.port                      # smuggled through the Ready line
+    grandchild = ready.port  # smuggled through the Ready line
     assert pid_alive(grandchild)
     await asyncio.wait_for(r.stop(grace=0.2), SAFETY)
-    for _ in range(100):                         # the grandchild is init's to reap: poll briefly
+    for _ in range(100):  # the grandchild is init's to reap: poll briefly
         if not pid_alive(grandchild):
             break
         await asyncio.sleep(0.02)
@@ -184,11 +192,14 @@ async def test_cancelled_start_leaves_no_child():
 
 
 async def test_child_env_narrowing_reaches_the_child():
-    code = ("import sys, os, json\n"
-            "sys.stdin.readline()\n"
-            "print('CVD=' + os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>'), file=sys.stderr)\n"
-            "sys.exit(1)\n")
+    code = (
+        "import sys, os, json\n"
+        "sys.stdin.readline()\n"
+        "print('CVD=' + os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>'), file=sys.stderr)\n"
+        "sys.exit(1)\n"
+    )
     from corral.daemon.runners import child_env
+
     r = RunnerProcess("m:1", argv=script(code), env=child_env("GPU-bbbb"))
     with pytest.raises(RunnerStartError):
         await asyncio.wait_for(r.start(spec(), load_timeout=10), SAFETY)
@@ -234,7 +245,9 @@ async def test_streams_come_up_the_event_pipe_and_a_killed_runner_ends_them():
             assert [e.content for e in got[:-1]] == [x["content"] for x in plain[:-1]]
             assert r.open_relay()[0] == 2  # runner_lines used relay id 1
 
-            long = runner_lines(lease, CompletionRequest(prompt="a", options=SamplingOptions(num_predict=100000)))
+            long = runner_lines(
+                lease, CompletionRequest(prompt="a", options=SamplingOptions(num_predict=100000))
+            )
             first, _ = await asyncio.wait_for(anext(long), SAFETY)
             assert isinstance(first, CompletionChunk)
             os.killpg(r.pid, signal.SIGKILL)
@@ -261,7 +274,9 @@ async def test_relays_left_early_or_finished_leave_nothing_behind():
             lease = _Lease(r, ready.port, s)
 
             async def one(i: int) -> str:
-                body = CompletionRequest(prompt=f"p{i}", options=SamplingOptions(num_predict=20 if i % 2 else 100000))
+                body = CompletionRequest(
+                    prompt=f"p{i}", options=SamplingOptions(num_predict=20 if i % 2 else 100000)
+                )
                 lines = runner_lines(lease, body)
                 first, _ = await anext(lines)
                 assert isinstance(first, CompletionChunk)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 import time
@@ -32,19 +31,21 @@ async def test_close_stops_every_runner_in_parallel_within_the_budget(tiny_gguf_
     # Three runners that ignore SIGTERM: each needs the full grace then SIGKILL. In parallel
     # the whole close takes about one grace, not three.
     grace = 1.0
-    sup = await started(config(fake_knobs={"ignore_sigterm": True}), stop_grace=grace,
-                        drain_timeout=0.5)
+    sup = await started(
+        config(fake_knobs={"ignore_sigterm": True}), stop_grace=grace, drain_timeout=0.5
+    )
     procs = []
     for i in range(3):
-        async with await asyncio.wait_for(sup.acquire(model(tiny_gguf_factory, i), None, None),
-                                          SAFETY) as lease:
+        async with await asyncio.wait_for(
+            sup.acquire(model(tiny_gguf_factory, i), None, None), SAFETY
+        ) as lease:
             procs.append(sup.runner_process(lease.runner_id))
     assert all(pid_alive(p.pid) for p in procs)
     t0 = time.monotonic()
     await asyncio.wait_for(sup.close(), SAFETY)
     took = time.monotonic() - t0
     assert grace * 0.9 < took < grace * 2 + 1.0, took
-    assert sup.stop_grace + sup.drain_timeout + 1.0 < 10.0       # the documented budget
+    assert sup.stop_grace + sup.drain_timeout + 1.0 < 10.0  # the documented budget
     for p in procs:
         assert p.returncode == -signal.SIGKILL
         assert not pid_alive(p.pid)
@@ -58,16 +59,16 @@ async def test_close_fails_queued_requests_and_drains_in_flight_ones(tiny_gguf_f
     queued = asyncio.create_task(sup.acquire(m, None, None))
     await asyncio.wait_for(sup.wait_until(lambda: sup.snapshot().queued == 1), SAFETY)
     closing = asyncio.create_task(sup.close())
-    with pytest.raises(CorralError) as ei:                 # 2. queued requests fail at once
+    with pytest.raises(CorralError) as ei:  # 2. queued requests fail at once
         await asyncio.wait_for(queued, SAFETY)
     assert http_status(ei.value) in (500, 503) and ei.value.message == SHUTTING_DOWN_MESSAGE
-    with pytest.raises(CorralError) as ei:                 # 1. nothing new is accepted
+    with pytest.raises(CorralError) as ei:  # 1. nothing new is accepted
         await sup.acquire(m, None, None)
     assert http_status(ei.value) == 503
-    assert not closing.done() and pid_alive(pid)        # 3. the stream may drain...
+    assert not closing.done() and pid_alive(pid)  # 3. the stream may drain...
     async with held.session.get(f"{held.base_url}/health") as resp:
         assert resp.status == 200
-    held.release()                                      # ...and when it ends, runners stop
+    held.release()  # ...and when it ends, runners stop
     await asyncio.wait_for(closing, SAFETY)
     assert not pid_alive(pid)
 
@@ -77,11 +78,11 @@ async def test_drain_timeout_bounds_a_stuck_stream(tiny_gguf_factory):
     lease = await asyncio.wait_for(sup.acquire(model(tiny_gguf_factory, 0), None, None), SAFETY)
     pid = sup.runner_process(lease.runner_id).pid
     t0 = time.monotonic()
-    await asyncio.wait_for(sup.close(), SAFETY)         # the lease is never released
+    await asyncio.wait_for(sup.close(), SAFETY)  # the lease is never released
     assert time.monotonic() - t0 < 0.3 + 1.0 + 1.0
     assert not pid_alive(pid)
     assert lease.failure_reason() == SHUTTING_DOWN_MESSAGE
-    lease.release()                                     # late release after close: harmless
+    lease.release()  # late release after close: harmless
 
 
 async def test_close_during_a_load_leaves_no_process(tiny_gguf_factory):
@@ -92,7 +93,7 @@ async def test_close_during_a_load_leaves_no_process(tiny_gguf_factory):
     proc = next(iter(sup._runners.values())).proc
     t0 = time.monotonic()
     await asyncio.wait_for(sup.close(), SAFETY)
-    assert time.monotonic() - t0 < 3.0                  # did not wait for the 5 s load
+    assert time.monotonic() - t0 < 3.0  # did not wait for the 5 s load
     with pytest.raises(CorralError) as ei:
         await task
     assert http_status(ei.value) in (500, 503)
@@ -117,8 +118,10 @@ asyncio.run(main())
 
 async def test_runner_exits_when_the_daemon_is_killed():
     daemon = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", DAEMON, stdout=asyncio.subprocess.PIPE)
+        sys.executable, "-c", DAEMON, stdout=asyncio.subprocess.PIPE
+    )
     try:
+
         async def runner_pid_line() -> int:
             async for line in daemon.stdout:
                 if line.startswith(b"RUNNER_PID "):
@@ -127,10 +130,10 @@ async def test_runner_exits_when_the_daemon_is_killed():
 
         runner_pid = await asyncio.wait_for(runner_pid_line(), SAFETY)
         assert pid_alive(runner_pid)
-        daemon.kill()                                   # SIGKILL: no cleanup code runs
+        daemon.kill()  # SIGKILL: no cleanup code runs
         await daemon.wait()
         deadline = time.monotonic() + SAFETY
-        while pid_alive(runner_pid):                    # stdin EOF ends the orphan; init reaps
+        while pid_alive(runner_pid):  # stdin EOF ends the orphan; init reaps
             assert time.monotonic() < deadline, "runner outlived its daemon"
             await asyncio.sleep(0.05)
     finally:

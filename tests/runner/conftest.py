@@ -14,7 +14,9 @@ from corral.runner.server import PipeRelay, RunnerServer
 
 
 @asynccontextmanager
-async def serve(engine: Any, relay: PipeRelay | None = None) -> AsyncIterator[tuple[TestClient, RunnerServer]]:
+async def serve(
+    engine: Any, relay: PipeRelay | None = None
+) -> AsyncIterator[tuple[TestClient, RunnerServer]]:
     """Serve an already loaded and started engine; handler cancellation on, as in the runner."""
     server = RunnerServer(engine, relay=relay)
     async with TestServer(server.app, handler_cancellation=True) as ts, TestClient(ts) as client:

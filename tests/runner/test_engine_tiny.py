@@ -25,7 +25,9 @@ GREEDY = {"temperature": 0}
 
 @pytest.fixture(scope="module")
 def engine(tiny_gguf):
-    e = Engine(LaunchSpec(model_path=str(tiny_gguf), num_ctx=256, parallel=4, num_thread=1, num_batch=256))
+    e = Engine(
+        LaunchSpec(model_path=str(tiny_gguf), num_ctx=256, parallel=4, num_thread=1, num_batch=256)
+    )
     e.load(lambda p: None)
     e.start()
     yield e
@@ -34,12 +36,24 @@ def engine(tiny_gguf):
 
 async def test_generate_counts_and_context(engine):
     async with serve(engine) as (client, _):
-        chunks, done = await complete(client, prompt="hello the world", options={**GREEDY, "num_predict": 12})
+        chunks, done = await complete(
+            client, prompt="hello the world", options={**GREEDY, "num_predict": 12}
+        )
         assert done["done_reason"] == "length" and done["eval_count"] == 12
         assert done["eval_duration"] > 0 and done["prompt_eval_duration"] > 0
-        prompt = (await (await client.post("/tokenize", json={"content": "hello the world", "add_special": True})).json())["tokens"]
+        prompt = (
+            await (
+                await client.post(
+                    "/tokenize", json={"content": "hello the world", "add_special": True}
+                )
+            ).json()
+        )["tokens"]
         assert done["tokens"][: len(prompt)] == prompt and len(done["tokens"]) == len(prompt) + 12
-        text = (await (await client.post("/detokenize", json={"tokens": done["tokens"][len(prompt) :]})).json())["content"]
+        text = (
+            await (
+                await client.post("/detokenize", json={"tokens": done["tokens"][len(prompt) :]})
+            ).json()
+        )["content"]
         assert text == "".join(chunks)
 
 
@@ -58,8 +72,12 @@ def test_parallel_sequences_share_decode_steps(engine):
         return emit
 
     for i in range(4):
-        engine.submit(CompletionRequest(prompt=f"the {i} word", options=SamplingOptions(temperature=0, num_predict=150)),
-                      emitter(i))
+        engine.submit(
+            CompletionRequest(
+                prompt=f"the {i} word", options=SamplingOptions(temperature=0, num_predict=150)
+            ),
+            emitter(i),
+        )
     done.wait()
     shared = set.intersection(*steps.values())
     assert len(shared) >= 50, steps
@@ -70,7 +88,10 @@ async def test_concurrent_http_streams_interleave(engine):
         order: list[tuple[int, str]] = []
 
         async def one(i: int):
-            resp = await client.post("/completion", json={"prompt": f"say {i}", "options": {**GREEDY, "num_predict": 200}})
+            resp = await client.post(
+                "/completion",
+                json={"prompt": f"say {i}", "options": {**GREEDY, "num_predict": 200}},
+            )
             async for raw in resp.content:
                 order.append((i, json.loads(raw)["type"]))
 
@@ -81,7 +102,9 @@ async def test_concurrent_http_streams_interleave(engine):
 
 async def test_cancelled_stream_frees_its_slot(engine):
     async with serve(engine) as (client, _):
-        resp = await client.post("/completion", json={"prompt": "forever", "options": {"num_predict": -1}})
+        resp = await client.post(
+            "/completion", json={"prompt": "forever", "options": {"num_predict": -1}}
+        )
         await resp.content.readline()
         await wait_until(lambda: engine.busy() == 1)
         resp.close()
@@ -92,11 +115,15 @@ async def test_cancelled_stream_frees_its_slot(engine):
 
 async def test_stop_string_is_not_emitted(engine):
     async with serve(engine) as (client, _):
-        chunks, _ = await complete(client, prompt="the stop test", options={**GREEDY, "num_predict": 30})
+        chunks, _ = await complete(
+            client, prompt="the stop test", options={**GREEDY, "num_predict": 30}
+        )
         text = "".join(chunks)
         stop = text[12:16]
         assert stop.strip(), text
-        chunks, done = await complete(client, prompt="the stop test", options={**GREEDY, "num_predict": 30, "stop": [stop]})
+        chunks, done = await complete(
+            client, prompt="the stop test", options={**GREEDY, "num_predict": 30, "stop": [stop]}
+        )
         assert "".join(chunks) == text[: text.index(stop)]
         assert done["done_reason"] == "stop"
 
@@ -111,13 +138,22 @@ async def test_seed_determinism(engine):
 
 
 async def test_json_schema_output_parses(engine):
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "b": {"type": "boolean"}},
-              "required": ["n", "b"]}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}, "b": {"type": "boolean"}},
+        "required": ["n", "b"],
+    }
     async with serve(engine) as (client, _):
         for seed in range(3):
-            chunks, done = await complete(client, prompt="json please", format=schema,
-                                          options={"seed": seed, "num_predict": 200})
-            assert done["done_reason"] == "stop"  # the grammar completed, then only </s> was allowed
+            chunks, done = await complete(
+                client,
+                prompt="json please",
+                format=schema,
+                options={"seed": seed, "num_predict": 200},
+            )
+            assert (
+                done["done_reason"] == "stop"
+            )  # the grammar completed, then only </s> was allowed
             value = json.loads("".join(chunks))
             assert isinstance(value["n"], int) and isinstance(value["b"], bool)
 
@@ -126,7 +162,9 @@ async def test_json_format_constrains_output(engine):
     """format "json": the random model rarely closes a string, so only the shape is checked here;
     the Gemma e2e test parses a whole "json" answer."""
     async with serve(engine) as (client, _):
-        chunks, _ = await complete(client, prompt="json please", format="json", options={**GREEDY, "num_predict": 20})
+        chunks, _ = await complete(
+            client, prompt="json please", format="json", options={**GREEDY, "num_predict": 20}
+        )
         text = "".join(chunks).lstrip()
         assert text[0] in '{["-0123456789tfn'
 
@@ -137,7 +175,9 @@ async def test_json_schema_forces_multibyte_utf8_across_tokens(engine):
     value = "héllo wörld € 😀"
     schema = {"type": "object", "properties": {"w": {"enum": [value]}}, "required": ["w"]}
     async with serve(engine) as (client, _):
-        chunks, done = await complete(client, prompt="x", format=schema, options={"seed": 2, "num_predict": 300})
+        chunks, done = await complete(
+            client, prompt="x", format=schema, options={"seed": 2, "num_predict": 300}
+        )
         assert json.loads("".join(chunks)) == {"w": value}
         assert all("\ufffd" not in c for c in chunks)
         assert done["eval_count"] > len(value)  # more tokens than characters: bytes were split
@@ -145,13 +185,17 @@ async def test_json_schema_forces_multibyte_utf8_across_tokens(engine):
 
 async def test_invalid_schema_is_400(engine):
     async with serve(engine) as (client, _):
-        r = await client.post("/completion", json={"prompt": "x", "format": {"type": "nonsense-type"}})
+        r = await client.post(
+            "/completion", json={"prompt": "x", "format": {"type": "nonsense-type"}}
+        )
         assert r.status == 400
 
 
 async def test_prompt_cache_second_turn_evaluates_only_new_tokens(engine):
     async def count(text: str, special: bool) -> int:
-        body = await (await client.post("/tokenize", json={"content": text, "add_special": special})).json()
+        body = await (
+            await client.post("/tokenize", json={"content": text, "add_special": special})
+        ).json()
         return len(body["tokens"])
 
     async with serve(engine) as (client, _):
@@ -165,7 +209,9 @@ async def test_prompt_cache_second_turn_evaluates_only_new_tokens(engine):
         assert done2["prompt_eval_count"] <= await count(turn2, True) - (n1 - 1)
         # generate's context: the previous tokens + new text; only the new part (and the last
         # generated token, which was sampled but never decoded) is evaluated
-        _, done3 = await complete(client, tokens=done2["tokens"], prompt=" next", options={**GREEDY, "num_predict": 3})
+        _, done3 = await complete(
+            client, tokens=done2["tokens"], prompt=" next", options={**GREEDY, "num_predict": 3}
+        )
         assert done3["prompt_eval_count"] == await count(" next", False) + 1
 
 
@@ -173,7 +219,9 @@ async def test_context_shift_keeps_generating(engine):
     async with serve(engine) as (client, _):
         _, done = await complete(client, prompt="shift", options={**GREEDY, "num_predict": 400})
         assert done["eval_count"] == 400 and done["done_reason"] == "length"
-        _, done = await complete(client, prompt="no shift", shift=False, options={**GREEDY, "num_predict": 400})
+        _, done = await complete(
+            client, prompt="no shift", shift=False, options={**GREEDY, "num_predict": 400}
+        )
         assert done["done_reason"] == "length" and done["eval_count"] < 256
         _, done = await complete(client, prompt="fill", options={**GREEDY, "num_predict": -2})
         assert done["done_reason"] == "length" and len(done["tokens"]) == 256 + 1
@@ -182,7 +230,9 @@ async def test_context_shift_keeps_generating(engine):
 async def test_long_prompt_is_truncated_or_refused(engine):
     words = " ".join(["water"] * 400)
     async with serve(engine) as (client, _):
-        _, done = await complete(client, prompt=words, options={**GREEDY, "num_predict": 2, "num_keep": 4})
+        _, done = await complete(
+            client, prompt=words, options={**GREEDY, "num_predict": 2, "num_keep": 4}
+        )
         assert done["truncated"] and done["prompt_eval_count"] <= 255
         r = await client.post("/completion", json={"prompt": words, "truncate": False})
         assert r.status == 400
@@ -192,7 +242,9 @@ async def test_long_prompt_is_truncated_or_refused(engine):
 
 async def test_embeddings_for_several_inputs(engine):
     async with serve(engine) as (client, _):
-        body = await (await client.post("/embed", json={"input": ["hello world", "water", "hello world"]})).json()
+        body = await (
+            await client.post("/embed", json={"input": ["hello world", "water", "hello world"]})
+        ).json()
         a, b, a2 = body["embeddings"]
         assert len(a) == 64 and a == a2 and a != b
         assert abs(sum(v * v for v in a) - 1.0) < 1e-4
@@ -214,10 +266,18 @@ async def test_penalties_and_top_k_change_sampling(engine):
     async with serve(engine) as (client, _):
         base = {"num_predict": 40, "seed": 5}
         greedy, _ = await complete(client, prompt="loop", options={**base, "temperature": 0})
-        top1, _ = await complete(client, prompt="loop", options={**base, "temperature": 1.0, "top_k": 1})
+        top1, _ = await complete(
+            client, prompt="loop", options={**base, "temperature": 1.0, "top_k": 1}
+        )
         assert top1 == greedy  # top_k 1 is greedy whatever the temperature
-        for penalty in ({"repeat_penalty": 3.0}, {"presence_penalty": 5.0}, {"frequency_penalty": 5.0}):
-            other, _ = await complete(client, prompt="loop", options={**base, "temperature": 0, **penalty})
+        for penalty in (
+            {"repeat_penalty": 3.0},
+            {"presence_penalty": 5.0},
+            {"frequency_penalty": 5.0},
+        ):
+            other, _ = await complete(
+                client, prompt="loop", options={**base, "temperature": 0, **penalty}
+            )
             assert other != greedy, penalty
 
 
@@ -228,12 +288,20 @@ async def test_greedy_takes_argmax_with_llama_greedy_tokens(engine, monkeypatch)
 
     calls = []
     real = engine_mod.llama_cpp.llama_sampler_sample
-    monkeypatch.setattr(engine_mod.llama_cpp, "llama_sampler_sample", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(
+        engine_mod.llama_cpp, "llama_sampler_sample", lambda *a: calls.append(1) or real(*a)
+    )
 
     async def run() -> list[list[int]]:
         async with serve(engine) as (client, _):
-            outs = await asyncio.gather(*(complete(client, prompt=f"argmax {i} test", options={**GREEDY, "num_predict": 25})
-                                          for i in range(3)))
+            outs = await asyncio.gather(
+                *(
+                    complete(
+                        client, prompt=f"argmax {i} test", options={**GREEDY, "num_predict": 25}
+                    )
+                    for i in range(3)
+                )
+            )
         return [done["tokens"] for _, done in outs]
 
     fast = await run()
@@ -246,11 +314,14 @@ async def test_greedy_takes_argmax_with_llama_greedy_tokens(engine, monkeypatch)
 
 async def test_health_reports_kv_cells_of_running_sequences(engine):
     async with serve(engine) as (client, _):
-        prompt = (await (await client.post("/tokenize", json={"content": "count the cells",
-                                                              "add_special": True})).json())
-        resp = await client.post("/completion", json={"prompt": "count the cells",
-                                                      "options": {**GREEDY, "num_predict": 200}})
-        await resp.content.readline()                 # decoding: prompt + >= 1 token in KV
+        prompt = await (
+            await client.post("/tokenize", json={"content": "count the cells", "add_special": True})
+        ).json()
+        resp = await client.post(
+            "/completion",
+            json={"prompt": "count the cells", "options": {**GREEDY, "num_predict": 200}},
+        )
+        await resp.content.readline()  # decoding: prompt + >= 1 token in KV
         health = await (await client.get("/health")).json()
         assert health["kv_total"] == engine.n_ctx == 4 * 256
         assert len(prompt["tokens"]) <= health["kv_used"] <= len(prompt["tokens"]) + 200
@@ -267,7 +338,14 @@ def _log_softmax_rows(tiny_gguf, tokens: list[int]):
     import numpy as np
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(tiny_gguf), n_ctx=256, logits_all=True, verbose=False, n_threads=1, flash_attn=True)
+    llm = Llama(
+        model_path=str(tiny_gguf),
+        n_ctx=256,
+        logits_all=True,
+        verbose=False,
+        n_threads=1,
+        flash_attn=True,
+    )
     try:
         llm.eval(tokens)
         x = np.asarray(llm.scores[: len(tokens)], dtype=np.float64)
@@ -283,29 +361,48 @@ async def test_logprobs_match_an_in_process_computation(engine, tiny_gguf):
     (entries spread over the chunks) and not."""
     opts = {"temperature": 0.9, "seed": 7, "num_predict": 10}
     async with serve(engine) as (client, _):
-        resp = await client.post("/completion", json={"prompt": "the quick", "options": opts,
-                                                      "logprobs": True, "top_logprobs": 5})
+        resp = await client.post(
+            "/completion",
+            json={"prompt": "the quick", "options": opts, "logprobs": True, "top_logprobs": 5},
+        )
         entries, done = [], None
         async for raw in resp.content:
             line = json.loads(raw)
             entries += line.get("logprobs") or []
             if line["type"] == "done":
                 done = line
-        resp = await client.post("/completion", json={"prompt": "the quick", "options": opts, "stream": False,
-                                                      "logprobs": True, "top_logprobs": 5})
+        resp = await client.post(
+            "/completion",
+            json={
+                "prompt": "the quick",
+                "options": opts,
+                "stream": False,
+                "logprobs": True,
+                "top_logprobs": 5,
+            },
+        )
         whole = await resp.json()
-        bad = await client.post("/completion", json={"prompt": "x", "logprobs": True, "top_logprobs": 21})
-        assert bad.status == 400 and "top_logprobs must be between 0 and 20" in (await bad.json())["error"]
+        bad = await client.post(
+            "/completion", json={"prompt": "x", "logprobs": True, "top_logprobs": 21}
+        )
+        assert (
+            bad.status == 400
+            and "top_logprobs must be between 0 and 20" in (await bad.json())["error"]
+        )
     assert done is not None and len(entries) == done["eval_count"] == 10
-    assert whole["tokens"] == done["tokens"]  # same seed, same tokens (the 2nd run hits the prompt cache)
+    assert (
+        whole["tokens"] == done["tokens"]
+    )  # same seed, same tokens (the 2nd run hits the prompt cache)
     assert [e["token"] for e in whole["logprobs"]] == [e["token"] for e in entries]
-    assert [e["logprob"] for e in whole["logprobs"]] == pytest.approx([e["logprob"] for e in entries], abs=1e-3)
+    assert [e["logprob"] for e in whole["logprobs"]] == pytest.approx(
+        [e["logprob"] for e in entries], abs=1e-3
+    )
     tokens = done["tokens"]
     n_prompt = len(tokens) - 10
     ref = _log_softmax_rows(tiny_gguf, tokens)
     for k, e in enumerate(entries):
         pos = n_prompt + k
-        row = ref[pos - 1]                        # the logits that predicted tokens[pos]
+        row = ref[pos - 1]  # the logits that predicted tokens[pos]
         assert abs(e["logprob"] - row[tokens[pos]]) < 1e-3, (k, e)
         top = sorted(row, reverse=True)[:5]
         assert [a["logprob"] for a in e["top_logprobs"]] == pytest.approx(top, abs=1e-3)
@@ -322,11 +419,16 @@ async def test_format_after_waits_for_the_thinking_to_end(engine):
         text = "".join(free)
         close = text[:4]
         assert not close.lstrip().startswith("{")
-        chunks, done = await complete(client, prompt="hello", format="json", format_after=["", close],
-                                      options={**GREEDY, "num_predict": 40})
+        chunks, done = await complete(
+            client,
+            prompt="hello",
+            format="json",
+            format_after=["", close],
+            options={**GREEDY, "num_predict": 40},
+        )
         out = "".join(chunks)
         assert out.startswith(close)
-        rest = out[out.index(close) + len(close):]
-        assert rest.lstrip().startswith("{")            # the grammar took over right after it
+        rest = out[out.index(close) + len(close) :]
+        assert rest.lstrip().startswith("{")  # the grammar took over right after it
         if done["done_reason"] == "stop":
             json.loads(rest)

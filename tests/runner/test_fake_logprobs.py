@@ -29,8 +29,13 @@ async def _lines(client, **body) -> list[dict]:
 
 async def test_logprobs_per_token(engine):
     async with serve(engine) as (client, _):
-        lines = await _lines(client, prompt="hi", options={"num_predict": 5, "seed": 2},
-                             logprobs=True, top_logprobs=3)
+        lines = await _lines(
+            client,
+            prompt="hi",
+            options={"num_predict": 5, "seed": 2},
+            logprobs=True,
+            top_logprobs=3,
+        )
         entries = [e for x in lines for e in x.get("logprobs") or []]
         assert len(entries) == lines[-1]["eval_count"] == 5
         assert "".join(e["token"] for e in entries) == "".join(x["content"] for x in lines)
@@ -46,12 +51,22 @@ async def test_logprobs_per_token(engine):
 async def test_format_after_waits_for_the_thinking(engine):
     async with serve(engine) as (client, _):
         # the prompt opened the thinking ("" opening tag): the fake never closes it, no JSON
-        lines = await _lines(client, prompt="x", format="json", format_after=["", "</think>"],
-                             options={"num_predict": 6, "seed": 1})
+        lines = await _lines(
+            client,
+            prompt="x",
+            format="json",
+            format_after=["", "</think>"],
+            options={"num_predict": 6, "seed": 1},
+        )
         text = "".join(x["content"] for x in lines)
         assert not any(w in text for w in JSON_WORDS[:2])
         # not opened: the fake's first word is not "<think>", so the grammar starts after it
-        lines = await _lines(client, prompt="x", format="json",
-                             format_after=["<think>", "</think>"], options={"num_predict": 6})
+        lines = await _lines(
+            client,
+            prompt="x",
+            format="json",
+            format_after=["<think>", "</think>"],
+            options={"num_predict": 6},
+        )
         words = [x["content"] for x in lines if x["type"] == "chunk"]
         assert words[0] in WORDS and words[1:] == JSON_WORDS

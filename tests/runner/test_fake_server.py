@@ -22,8 +22,15 @@ from tests.runner.conftest import complete, serve, wait_until
 
 
 def fake(parallel: int = 2, **knobs) -> FakeEngine:
-    e = FakeEngine(LaunchSpec(model_path="fake.gguf", engine="fake", parallel=parallel, num_ctx=64,
-                              fake=FakeKnobs(**knobs)))
+    e = FakeEngine(
+        LaunchSpec(
+            model_path="fake.gguf",
+            engine="fake",
+            parallel=parallel,
+            num_ctx=64,
+            fake=FakeKnobs(**knobs),
+        )
+    )
     e.load(lambda p: None)
     e.start()
     return e
@@ -39,8 +46,14 @@ def engine():
 async def test_health_and_stream(engine):
     async with serve(engine) as (client, _):
         health = await (await client.get("/health")).json()
-        assert health == {"status": "ok", "slots_total": 2, "slots_busy": 0, "queued": 0,
-                          "kv_used": 0, "kv_total": engine.n_ctx}
+        assert health == {
+            "status": "ok",
+            "slots_total": 2,
+            "slots_busy": 0,
+            "queued": 0,
+            "kv_used": 0,
+            "kv_total": engine.n_ctx,
+        }
         chunks, done = await complete(client, prompt="hi", options={"num_predict": 7})
         assert done["eval_count"] == 7 and done["done_reason"] == "length" and len(chunks) == 7
         assert done["prompt_eval_count"] == 2 and done["tokens"][:2] == [104, 105]
@@ -50,7 +63,9 @@ async def test_health_and_stream(engine):
 
 async def test_non_streaming_returns_one_object(engine):
     async with serve(engine) as (client, _):
-        resp = await client.post("/completion", json={"prompt": "x", "stream": False, "options": {"num_predict": 3}})
+        resp = await client.post(
+            "/completion", json={"prompt": "x", "stream": False, "options": {"num_predict": 3}}
+        )
         body = await resp.json()
         assert body["type"] == "done" and body["eval_count"] == 3 and body["content"]
 
@@ -59,7 +74,9 @@ async def test_stop_and_default_length(engine):
     async with serve(engine) as (client, _):
         _, done = await complete(client, prompt="x", options={"seed": 1})
         assert done["eval_count"] == 16 and done["done_reason"] == "stop"
-        chunks, done = await complete(client, prompt="x", options={"seed": 1, "stop": ["the", " fox"]})
+        chunks, done = await complete(
+            client, prompt="x", options={"seed": 1, "stop": ["the", " fox"]}
+        )
         assert all("fox" not in c for c in chunks) and done["done_reason"] == "stop"
 
 
@@ -69,7 +86,9 @@ async def test_bad_requests_get_400(engine):
         assert (await client.post("/completion", json={"prompt": ""})).status == 400
         r = await client.post("/completion", json={"prompt": "x" * 100, "truncate": False})
         assert r.status == 400 and "context length" in (await r.json())["error"]
-        assert (await client.post("/embed", json={"input": ["x" * 100], "truncate": False})).status == 400
+        assert (
+            await client.post("/embed", json={"input": ["x" * 100], "truncate": False})
+        ).status == 400
         r = await client.post("/completion", json={"prompt": "x", "options": {"top_k": "lots"}})
         assert r.status == 400 and "top_k" in (await r.json())["error"]
 
@@ -78,10 +97,14 @@ async def test_queueing_beyond_parallel_and_cancel_frees_slot():
     engine = fake(parallel=1, tokens_per_second=200)
     try:
         async with serve(engine) as (client, _):
-            long = await client.post("/completion", json={"prompt": "a", "options": {"num_predict": 100000}})
+            long = await client.post(
+                "/completion", json={"prompt": "a", "options": {"num_predict": 100000}}
+            )
             await long.content.readline()
             assert engine.busy() == 1
-            short_task = client.post("/completion", json={"prompt": "b", "options": {"num_predict": 2}})
+            short_task = client.post(
+                "/completion", json={"prompt": "b", "options": {"num_predict": 2}}
+            )
             async with short_task as short:
                 await wait_until(lambda: engine.queued() == 1)
                 long.close()  # the client goes away: the slot frees at the next step
@@ -110,7 +133,9 @@ async def test_draining_refuses_new_work(engine):
 
 async def test_cancel_all_ends_streams_with_error(engine):
     async with serve(engine) as (client, _):
-        resp = await client.post("/completion", json={"prompt": "a", "options": {"num_predict": 100000}})
+        resp = await client.post(
+            "/completion", json={"prompt": "a", "options": {"num_predict": 100000}}
+        )
         await resp.content.readline()
         engine.cancel_all("runner is shutting down")
         lines = [json.loads(x) async for x in resp.content]
@@ -147,10 +172,13 @@ async def test_events_waiting_together_go_out_in_one_http_chunk(engine):
             if end_of_chunk:
                 chunks.append(part)
                 part = b""
-        assert [json.loads(line)["type"] for line in chunks[0].splitlines()] == ["chunk"] * 3 + ["done"]
+        assert [json.loads(line)["type"] for line in chunks[0].splitlines()] == ["chunk"] * 3 + [
+            "done"
+        ]
 
 
 # ---- relay mode: events up the event pipe, the HTTP request as the job's handle -------------------
+
 
 class Pipe:
     """The event pipe's write end as PipeRelay sees it: every write kept, decoded."""
@@ -198,8 +226,12 @@ async def test_relay_handle_closed_cancels_the_job():
     pipe = Pipe()
     try:
         async with serve(engine, PipeRelay(pipe.write)) as (client, _):
-            task = asyncio.ensure_future(client.post(
-                "/completion", json={"prompt": "a", "relay": 7, "options": {"num_predict": 100000}}))
+            task = asyncio.ensure_future(
+                client.post(
+                    "/completion",
+                    json={"prompt": "a", "relay": 7, "options": {"num_predict": 100000}},
+                )
+            )
             await wait_until(lambda: len(pipe.events(7)) >= 2)
             task.cancel()  # the daemon's request goes away
             await wait_until(lambda: engine.busy() == 0)
@@ -207,7 +239,8 @@ async def test_relay_handle_closed_cancels_the_job():
             _, done = await complete(client, prompt="b", options={"num_predict": 2})
             assert done["eval_count"] == 2
             assert len(pipe.events(7)) == n and not any(
-                isinstance(e, CompletionDone) for e in pipe.events(7))
+                isinstance(e, CompletionDone) for e in pipe.events(7)
+            )
     finally:
         engine.close()
 
@@ -218,8 +251,11 @@ async def test_relay_refusal_is_the_http_status_and_errors_come_through_the_pipe
         r = await client.post("/completion", json={"prompt": "", "relay": 1})
         assert r.status == 400 and "empty prompt" in (await r.json())["error"]
         assert pipe.writes == []
-        task = asyncio.ensure_future(client.post(
-            "/completion", json={"prompt": "a", "relay": 2, "options": {"num_predict": 100000}}))
+        task = asyncio.ensure_future(
+            client.post(
+                "/completion", json={"prompt": "a", "relay": 2, "options": {"num_predict": 100000}}
+            )
+        )
         await wait_until(lambda: len(pipe.events(2)) >= 1)
         engine.cancel_all("runner is shutting down")
         resp = await task
@@ -230,6 +266,8 @@ async def test_relay_refusal_is_the_http_status_and_errors_come_through_the_pipe
 async def test_relay_is_for_streams_only(engine):
     pipe = Pipe()
     async with serve(engine, PipeRelay(pipe.write)) as (client, _):
-        resp = await client.post("/completion", json={"prompt": "x", "stream": False, "relay": 4,
-                                                      "options": {"num_predict": 3}})
+        resp = await client.post(
+            "/completion",
+            json={"prompt": "x", "stream": False, "relay": 4, "options": {"num_predict": 3}},
+        )
         assert (await resp.json())["eval_count"] == 3 and pipe.writes == []

@@ -22,8 +22,16 @@ def tiny_engine(tiny_gguf):
     pytest.importorskip("llama_cpp")
     from corral.runner.engine import Engine
 
-    e = Engine(LaunchSpec(model_path=str(tiny_gguf), num_ctx=256, parallel=1, num_thread=1,
-                          num_batch=256, predict_limit=2))
+    e = Engine(
+        LaunchSpec(
+            model_path=str(tiny_gguf),
+            num_ctx=256,
+            parallel=1,
+            num_thread=1,
+            num_batch=256,
+            predict_limit=2,
+        )
+    )
     e.load(lambda p: None)
     e.start()
     yield e
@@ -34,21 +42,30 @@ def tiny_engine(tiny_gguf):
 async def test_engine_stops_a_generation_at_the_limit(tiny_engine, num_predict):
     limit = 2 * tiny_engine.n_ctx_per_slot
     async with serve(tiny_engine) as (client, _):
-        _, done = await complete(client, prompt="never ends",
-                                 options={"temperature": 0, "num_predict": num_predict})
+        _, done = await complete(
+            client, prompt="never ends", options={"temperature": 0, "num_predict": num_predict}
+        )
     assert done["done_reason"] == "length" and done["eval_count"] == limit
 
 
 async def test_engine_num_predict_below_the_limit_is_kept(tiny_engine):
     async with serve(tiny_engine) as (client, _):
-        _, done = await complete(client, prompt="short", options={"temperature": 0,
-                                                                  "num_predict": 300})
+        _, done = await complete(
+            client, prompt="short", options={"temperature": 0, "num_predict": 300}
+        )
     assert done["done_reason"] == "length" and done["eval_count"] == 300
 
 
 def fake(predict_limit: int) -> FakeEngine:
-    e = FakeEngine(LaunchSpec(model_path="fake.gguf", engine="fake", num_ctx=32,
-                              predict_limit=predict_limit, fake=NEVER_ENDS))
+    e = FakeEngine(
+        LaunchSpec(
+            model_path="fake.gguf",
+            engine="fake",
+            num_ctx=32,
+            predict_limit=predict_limit,
+            fake=NEVER_ENDS,
+        )
+    )
     e.load(lambda p: None)
     e.start()
     return e

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from corral.daemon.cli import doctor, engine_probe
+from corral.daemon import engine_probe
+from corral.daemon.cli import doctor
 from corral.daemon.config import Config
 from corral.runner.protocol import EngineProbe, decode_probe, encode
 from tests.daemon.fake_pynvml import FakeDevice, FakeNvml
@@ -19,10 +20,14 @@ GiB = 1 << 30
 
 
 def test_the_probe_prints_one_json_line_with_this_builds_devices():
-    out = subprocess.run([sys.executable, "-m", "corral.runner", "--probe"], capture_output=True,
-                         timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "corral.runner", "--probe"],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     lines = out.stdout.splitlines()
-    assert len(lines) == 1                      # llama.cpp's own log goes to stderr
+    assert len(lines) == 1  # llama.cpp's own log goes to stderr
     probe = decode_probe(lines[0])
     assert probe.error is None
     cpu = [d for d in probe.devices if d.type == "cpu"]
@@ -37,8 +42,10 @@ def test_the_probe_prints_one_json_line_with_this_builds_devices():
 
 def _counting_probe(tmp_path: Path, answer: EngineProbe) -> tuple[tuple[str, ...], Path]:
     calls = tmp_path / "calls"
-    script = (f"import sys; open({str(calls)!r}, 'a').write('x'); "
-              f"sys.stdout.write({encode(answer).decode()!r} + '\\n')")
+    script = (
+        f"import sys; open({str(calls)!r}, 'a').write('x'); "
+        f"sys.stdout.write({encode(answer).decode()!r} + '\\n')"
+    )
     return (sys.executable, "-c", script), calls
 
 
@@ -48,19 +55,29 @@ async def test_the_daemon_probes_once_per_engine_build(tmp_path):
     first = await engine_probe.probe_engine(cache, None, argv=argv)
     second = await engine_probe.probe_engine(cache, None, argv=argv)
     assert first == second and first.llama_cpp_python == "9.9"
-    assert calls.read_text() == "x"             # the second answer came from the cache
-    await engine_probe.probe_engine(cache, "1", argv=argv)   # another device mask: probe again
+    assert calls.read_text() == "x"  # the second answer came from the cache
+    await engine_probe.probe_engine(cache, "1", argv=argv)  # another device mask: probe again
     assert calls.read_text() == "xx"
 
 
-@pytest.mark.parametrize(("argv", "text"), [
-    ((sys.executable, "-c", "import sys; sys.stderr.write('libcuda.so.1: cannot open\\n'); "
-                            "sys.exit(1)"), "libcuda.so.1: cannot open"),
-    ((sys.executable, "-c", "print('not json')"), "garbage"),
-    (("/nonexistent/python",), "cannot start"),
-])
+@pytest.mark.parametrize(
+    ("argv", "text"),
+    [
+        (
+            (
+                sys.executable,
+                "-c",
+                "import sys; sys.stderr.write('libcuda.so.1: cannot open\\n'); sys.exit(1)",
+            ),
+            "libcuda.so.1: cannot open",
+        ),
+        ((sys.executable, "-c", "print('not json')"), "garbage"),
+        (("/nonexistent/python",), "cannot start"),
+    ],
+)
 async def test_a_failing_probe_is_an_error_answer_never_an_exception_and_never_cached(
-        tmp_path, argv, text):
+    tmp_path, argv, text
+):
     result = await engine_probe.probe_engine(tmp_path, None, argv=argv)
     assert result.error is not None and text in result.error
     assert result.devices == [] and not result.gpu_offload
@@ -69,14 +86,28 @@ async def test_a_failing_probe_is_an_error_answer_never_an_exception_and_never_c
 
 # ------------------------------------------------------------------------------ corral doctor
 
+
 def test_doctor_prints_this_machines_real_build_and_cpu_flags():
-    out = subprocess.run([sys.executable, "-m", "corral.daemon.cli", "doctor"],
-                         capture_output=True, text=True, timeout=180, check=True).stdout
-    for heading in ("build", "cpu", "gpus", "memory", "huge pages", "store", "environment",
-                    "problems"):
+    out = subprocess.run(
+        [sys.executable, "-m", "corral.daemon.cli", "doctor"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    ).stdout
+    for heading in (
+        "build",
+        "cpu",
+        "gpus",
+        "memory",
+        "huge pages",
+        "store",
+        "environment",
+        "problems",
+    ):
         assert f"\n{heading}\n" in f"\n{out}"
     record = json.loads((Path(sys.prefix) / "corral-llama-build.json").read_text())
-    assert record["cmake_args"] in out            # the real flags of this install
+    assert record["cmake_args"] in out  # the real flags of this install
     assert "AVX2" in out and "OLLAMA_HOST=" in out
 
 
@@ -85,42 +116,65 @@ async def test_doctor_json_parses_and_names_the_unused_gpus(tmp_path):
     nv = FakeNvml(devices=[FakeDevice(name="NVIDIA L4", total=24 * GiB)]).module()
     config = Config(models=tmp_path / "models")
     report = await doctor.collect(config, engine=cpu_only, nvml=nv)
-    report = json.loads(json.dumps(report))       # plain data
+    report = json.loads(json.dumps(report))  # plain data
     assert report["gpus"]["nvml"][0]["usable"] is False
     assert any("1 NVIDIA GPU unused" in p["problem"] for p in report["problems"])
     assert report["environment"]["OLLAMA_MODELS"]["value"] == str(tmp_path / "models")
-    out = subprocess.run([sys.executable, "-m", "corral.daemon.cli", "doctor", "--json"],
-                         capture_output=True, text=True, timeout=180, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "corral.daemon.cli", "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    ).stdout
     parsed = json.loads(out)
-    assert set(parsed) >= {"build", "cpu", "gpus", "memory", "huge_pages", "store", "environment",
-                           "problems"}
+    assert set(parsed) >= {
+        "build",
+        "cpu",
+        "gpus",
+        "memory",
+        "huge_pages",
+        "store",
+        "environment",
+        "problems",
+    }
 
 
 async def test_doctor_asks_nvml_once_for_the_gpu_list_and_the_build_plan(tmp_path):
     fake = FakeNvml(devices=[FakeDevice(name="NVIDIA L4", total=24 * GiB, capability=(8, 9))])
     cpu_only = EngineProbe(llama_cpp_python="0.3.36", build={"backend": "cpu"})
-    report = await doctor.collect(Config(models=tmp_path / "models"), engine=cpu_only,
-                                  nvml=fake.module())
+    report = await doctor.collect(
+        Config(models=tmp_path / "models"), engine=cpu_only, nvml=fake.module()
+    )
     assert fake.init_calls == 1 and fake.shutdown_calls == 1
     # the build plan saw the same (fake) GPU, not a second NVML of its own
     assert "NVIDIA GPU(s)" in report["build"]["plan_for_this_machine"]
 
 
-@pytest.mark.parametrize(("text", "libc", "usable", "fix"), [
-    ("always madvise [never]", "glibc", False, "echo madvise > "),
-    ("always [madvise] never", "", False, "echo always > "),     # musl: nobody asks
-    ("always [madvise] never", "glibc", True, None),
-    ("[always] madvise never", "", True, None),
-    (None, "glibc", False, None),                                # not Linux: nothing to fix
-])
-async def test_doctor_reports_transparent_huge_pages_with_the_fix(tmp_path, text, libc, usable,
-                                                                   fix):
+@pytest.mark.parametrize(
+    ("text", "libc", "usable", "fix"),
+    [
+        ("always madvise [never]", "glibc", False, "echo madvise > "),
+        ("always [madvise] never", "", False, "echo always > "),  # musl: nobody asks
+        ("always [madvise] never", "glibc", True, None),
+        ("[always] madvise never", "", True, None),
+        (None, "glibc", False, None),  # not Linux: nothing to fix
+    ],
+)
+async def test_doctor_reports_transparent_huge_pages_with_the_fix(
+    tmp_path, text, libc, usable, fix
+):
     setting = tmp_path / "enabled"
     if text is not None:
         setting.write_text(text + "\n")
     cpu_only = EngineProbe(llama_cpp_python="0.3.36", build={"backend": "cpu"})
-    report = await doctor.collect(Config(models=tmp_path / "models"), engine=cpu_only,
-                                  nvml=FakeNvml().module(), thp_setting=setting, libc=libc)
+    report = await doctor.collect(
+        Config(models=tmp_path / "models"),
+        engine=cpu_only,
+        nvml=FakeNvml().module(),
+        thp_setting=setting,
+        libc=libc,
+    )
     report = json.loads(json.dumps(report))
     thp = report["huge_pages"]
     assert thp["runners_get_huge_pages"] is usable
@@ -134,5 +188,6 @@ async def test_doctor_reports_transparent_huge_pages_with_the_fix(tmp_path, text
         assert problems[0]["fix"].startswith(fix + str(setting))
         assert "4 KiB pages" in problems[0]["problem"] and "15-30%" in problems[0]["problem"]
         assert problems[0]["fix"] in text_out
-    assert ("runners get them" if usable else "NOT get them" if text else "no transparent"
-            ) in text_out
+    assert (
+        "runners get them" if usable else "NOT get them" if text else "no transparent"
+    ) in text_out

@@ -29,9 +29,16 @@ from corral.runner.protocol import (
 
 EVENTS = [
     Loading(progress=0.5),
-    Ready(port=1234, pid=42, n_ctx=8192, n_ctx_per_slot=2048, parallel=4, n_ctx_train=32768,
-          memory={"CPU": MemoryUse(weights=10, kv=20, compute=30), "CUDA0": MemoryUse(weights=1)},
-          load_duration=123),
+    Ready(
+        port=1234,
+        pid=42,
+        n_ctx=8192,
+        n_ctx_per_slot=2048,
+        parallel=4,
+        n_ctx_train=32768,
+        memory={"CPU": MemoryUse(weights=10, kv=20, compute=30), "CUDA0": MemoryUse(weights=1)},
+        load_duration=123,
+    ),
     Failed(reason="cudaMalloc failed: out of memory", oom=True),
 ]
 
@@ -44,10 +51,20 @@ def test_events_round_trip(event):
 
 
 def test_launch_spec_round_trips_with_defaults_and_knobs():
-    spec = LaunchSpec(model_path="/m.gguf", engine="fake", parallel=4, tensor_split=[0.5, 0.5],
-                      kv_cache_type="q8_0", flash_attention=True,
-                      fake=FakeKnobs(load_time=1.5, fail_load_oom=True, crash_after_tokens=3,
-                                     memory={"CUDA0": MemoryUse(weights=5)}))
+    spec = LaunchSpec(
+        model_path="/m.gguf",
+        engine="fake",
+        parallel=4,
+        tensor_split=[0.5, 0.5],
+        kv_cache_type="q8_0",
+        flash_attention=True,
+        fake=FakeKnobs(
+            load_time=1.5,
+            fail_load_oom=True,
+            crash_after_tokens=3,
+            memory={"CUDA0": MemoryUse(weights=5)},
+        ),
+    )
     assert decode_launch(encode(spec)) == spec
     minimal = decode_launch(b'{"type":"launch","version":1,"model_path":"/m.gguf"}')
     assert minimal.engine == "llama" and minimal.num_ctx == 4096 and minimal.parallel == 1
@@ -85,7 +102,11 @@ def test_bad_events_are_rejected(line):
 
 
 def test_completion_events_are_tagged():
-    for ev in [CompletionChunk(content="é"), CompletionDone(tokens=[1, 2], eval_count=1), CompletionError(error="x")]:
+    for ev in [
+        CompletionChunk(content="é"),
+        CompletionDone(tokens=[1, 2], eval_count=1),
+        CompletionError(error="x"),
+    ]:
         line = encode(ev)
         assert msgspec.json.decode(line)["type"] in {"chunk", "done", "error"}
         assert decode_completion_event(line) == ev
@@ -93,7 +114,15 @@ def test_completion_events_are_tagged():
 
 def test_sampling_options_have_ollama_defaults():
     o = SamplingOptions()
-    assert (o.num_keep, o.seed, o.num_predict, o.top_k, o.top_p, o.min_p, o.typical_p) == (4, -1, -1, 40, 0.9, 0.0, 1.0)
+    assert (o.num_keep, o.seed, o.num_predict, o.top_k, o.top_p, o.min_p, o.typical_p) == (
+        4,
+        -1,
+        -1,
+        40,
+        0.9,
+        0.0,
+        1.0,
+    )
     assert (o.repeat_last_n, o.temperature, o.repeat_penalty) == (64, 0.8, 1.0)
     assert (o.presence_penalty, o.frequency_penalty, o.stop) == (0.0, 0.0, [])
 

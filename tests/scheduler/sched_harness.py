@@ -37,8 +37,13 @@ MiB = 1 << 20
 def facts(size: int = 1 * GB, *, blocks: int = 10, arch: str = "test", **kw) -> ModelFacts:
     """A model whose estimate is exactly ``size`` bytes (no KV heads, no graph, no output)."""
     per = size // blocks
-    return ModelFacts(architecture=arch, file_size=per * blocks, block_count=blocks,
-                      layer_bytes=(per,) * blocks, **kw)
+    return ModelFacts(
+        architecture=arch,
+        file_size=per * blocks,
+        block_count=blocks,
+        layer_bytes=(per,) * blocks,
+        **kw,
+    )
 
 
 def metal(total: int = 24 * GB, free: int = 12 * GB, id: str = "0") -> Gpu:
@@ -46,8 +51,14 @@ def metal(total: int = 24 * GB, free: int = 12 * GB, id: str = "0") -> Gpu:
 
 
 def cuda(id: str, total: int, free: int | None = None, integrated: bool = False) -> Gpu:
-    return Gpu(id=id, name=f"Sim CUDA {id}", library="cuda", total=total,
-               free=total if free is None else free, integrated=integrated)
+    return Gpu(
+        id=id,
+        name=f"Sim CUDA {id}",
+        library="cuda",
+        total=total,
+        free=total if free is None else free,
+        integrated=integrated,
+    )
 
 
 def inventory(*gpus: Gpu, host_total: int = 32 * GB, host_free: int = 26 * GB) -> Inventory:
@@ -61,8 +72,9 @@ class InvariantError(AssertionError):
 class Harness:
     """Drives a Scheduler with a fake clock; checks the invariants after every event."""
 
-    def __init__(self, limits: Limits | None = None, inv: Inventory | None = None,
-                 now: float = 1000.0) -> None:
+    def __init__(
+        self, limits: Limits | None = None, inv: Inventory | None = None, now: float = 1000.0
+    ) -> None:
         self.limits = limits or Limits()
         self.inv = inv if inv is not None else inventory(metal())
         self.s = Scheduler(self.limits, self.inv)
@@ -87,8 +99,11 @@ class Harness:
             self.inv = ev.inventory
         if isinstance(ev, RequestArrived):
             self.arrived[ev.req_id] = ev
-        if isinstance(ev, RequestCancelled) and ev.req_id in self.arrived \
-                and ev.req_id not in self.outcome:
+        if (
+            isinstance(ev, RequestCancelled)
+            and ev.req_id in self.arrived
+            and ev.req_id not in self.outcome
+        ):
             self.cancelled_waiting.add(ev.req_id)
         if isinstance(ev, (RequestFinished, RequestCancelled)):
             self.granted.pop(ev.req_id, None)
@@ -102,16 +117,27 @@ class Harness:
         self.effects.extend(effects)
         return effects
 
-    def arrive(self, model: str = "m", f: ModelFacts | None = None,
-               options: RunnerOptions | None = None, keep_alive: float | None = None,
-               req_id: int | None = None, dt: float = 0.0, embedding: bool = False) -> list:
+    def arrive(
+        self,
+        model: str = "m",
+        f: ModelFacts | None = None,
+        options: RunnerOptions | None = None,
+        keep_alive: float | None = None,
+        req_id: int | None = None,
+        dt: float = 0.0,
+        embedding: bool = False,
+    ) -> list:
         if req_id is None:
             self._next_req += 1
             req_id = self._next_req
         else:
             self._next_req = max(self._next_req, req_id)
-        return self.do(RequestArrived(req_id, model, f or facts(), options or RunnerOptions(),
-                                      keep_alive, embedding), dt)
+        return self.do(
+            RequestArrived(
+                req_id, model, f or facts(), options or RunnerOptions(), keep_alive, embedding
+            ),
+            dt,
+        )
 
     def tick(self, dt: float = 0.0) -> list:
         return self.do(Tick(), dt)
@@ -129,8 +155,11 @@ class Harness:
                     raise InvariantError(f"outcome for an unknown request: {e}")
                 self.outcome[e.req_id] = e
             if isinstance(e, Grant):
-                if e.runner_id not in self.ready or e.runner_id in self.stop_sent \
-                        or e.runner_id in self.gone:
+                if (
+                    e.runner_id not in self.ready
+                    or e.runner_id in self.stop_sent
+                    or e.runner_id in self.gone
+                ):
                     raise InvariantError(f"grant on a runner that is not ready: {e}")
                 self.granted[e.req_id] = e.runner_id
             if isinstance(e, Abort):
@@ -166,8 +195,11 @@ class Harness:
                 raise InvariantError(f"{r.runner_id}: in flight {r.in_flight} > {r.parallel}")
         if snap.queued > lim.max_queue:
             raise InvariantError(f"queue {snap.queued} > max {lim.max_queue}")
-        waiting = {rid for rid in self.arrived
-                   if rid not in self.outcome and rid not in self.cancelled_waiting}
+        waiting = {
+            rid
+            for rid in self.arrived
+            if rid not in self.outcome and rid not in self.cancelled_waiting
+        }
         if snap.queued != len(waiting):
             raise InvariantError(f"scheduler counts {snap.queued} waiting, harness {len(waiting)}")
         in_flight = sum(r.in_flight for r in snap.runners)

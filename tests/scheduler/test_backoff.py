@@ -29,8 +29,9 @@ INV = inventory(cuda("0", 24 * GB))
 ERR = "llama runner process has terminated: exit status 1: error loading model: bad tensor"
 
 
-def crash_loop(h: Harness, model: str, seconds: float, every: float, fail_after: float
-               ) -> list[float]:
+def crash_loop(
+    h: Harness, model: str, seconds: float, every: float, fail_after: float
+) -> list[float]:
     """A client asks for ``model`` every ``every`` s for ``seconds``; each load fails
     ``fail_after`` s after it starts. Returns the times at which loads started."""
     starts: list[float] = []
@@ -84,7 +85,7 @@ def test_backoff_ends_at_the_deadline_and_success_resets_it() -> None:
     for delay in (1.0, 2.0, 4.0):  # failures in a row: each backoff doubles
         s = only(h.arrive("m", facts(1 * GB)), StartRunner)
         start = h.now
-        h.do(RunnerExited(s.runner_id, ERR), dt=0.2)   # an exit while loading counts too
+        h.do(RunnerExited(s.runner_id, ERR), dt=0.2)  # an exit while loading counts too
         h.now = start + delay - 0.01
         assert h.arrive("m", facts(1 * GB)) == [Fail(h._next_req, 500, ERR)]
         h.now += 0.01

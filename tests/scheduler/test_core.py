@@ -29,7 +29,6 @@ from corral.scheduler import (
     StopRunner,
     Tick,
 )
-
 from tests.scheduler.sched_harness import GB, Harness, cuda, facts, inventory, kinds, metal, only
 
 GPU24 = inventory(cuda("0", 24 * GB), host_total=64 * GB, host_free=60 * GB)
@@ -151,8 +150,10 @@ def test_crash_aborts_in_flight_requests_and_next_request_reloads() -> None:
     h.arrive("m", facts(1 * GB))
     assert h.outcome[2] == Grant(2, rid)
     eff = h.do(RunnerExited(rid, "llama runner process has terminated: signal: killed"))
-    assert eff == [Abort(1, rid, "llama runner process has terminated: signal: killed"),
-                   Abort(2, rid, "llama runner process has terminated: signal: killed")]
+    assert eff == [
+        Abort(1, rid, "llama runner process has terminated: signal: killed"),
+        Abort(2, rid, "llama runner process has terminated: signal: killed"),
+    ]
     assert h.do(RequestFinished(1)) == []  # late release: ignored
     s = only(h.arrive("m", facts(1 * GB)), StartRunner)
     assert s.runner_id != rid
@@ -163,8 +164,10 @@ def test_exit_while_loading_fails_the_waiters() -> None:
     s = only(h.arrive("m", facts(1 * GB)), StartRunner)
     h.arrive("m", facts(1 * GB))
     eff = h.do(RunnerExited(s.runner_id, "error loading model: bad magic"))
-    assert eff == [Fail(1, 500, "error loading model: bad magic"),
-                   Fail(2, 500, "error loading model: bad magic")]
+    assert eff == [
+        Fail(1, 500, "error loading model: bad magic"),
+        Fail(2, 500, "error loading model: bad magic"),
+    ]
 
 
 def test_load_failure_keeps_waiters_with_other_options() -> None:
@@ -204,8 +207,9 @@ def test_keep_alive_forever_has_no_deadline_and_zero_unloads_when_idle() -> None
 def test_cpu_only_model_must_fit_host_ram() -> None:
     h = Harness(inv=inventory(host_total=16 * GB, host_free=12 * GB))
     eff = h.arrive("huge", facts(20 * GB))
-    assert eff == [Fail(1, 500, "model requires more system memory (18.6 GiB) than is "
-                                "available (11.2 GiB)")]
+    assert eff == [
+        Fail(1, 500, "model requires more system memory (18.6 GiB) than is available (11.2 GiB)")
+    ]
 
 
 def test_cpu_only_host_ram_is_not_double_counted() -> None:
@@ -251,8 +255,7 @@ def test_gpu_memory_is_reserved_until_seen_back_or_deadline() -> None:
 
 def test_embedding_only_model_gets_one_slot() -> None:
     h = Harness(Limits(num_parallel=4), inv=GPU24)
-    s = only(h.arrive("emb", facts(1 * GB, is_embedding_model=True), embedding=True),
-             StartRunner)
+    s = only(h.arrive("emb", facts(1 * GB, is_embedding_model=True), embedding=True), StartRunner)
     assert s.parallel == 1
     s = only(h.arrive("chat", facts(1 * GB)), StartRunner)
     assert s.parallel == 4
@@ -287,8 +290,13 @@ def test_snapshot_states_and_deadlines() -> None:
     assert h.runner(s.runner_id).state == "loading"
     h.do(RunnerReady(s.runner_id, pid=4242, n_ctx=2048))
     r = h.runner(s.runner_id)
-    assert (r.state, r.pid, r.in_flight, r.deadline, r.context_length) == ("ready", 4242, 1,
-                                                                           None, 2048)
+    assert (r.state, r.pid, r.in_flight, r.deadline, r.context_length) == (
+        "ready",
+        4242,
+        1,
+        None,
+        2048,
+    )
     h.arrive("m", facts(1 * GB))
     assert h.runner(s.runner_id).queued == 1
     h.do(Shutdown())
@@ -366,8 +374,9 @@ def test_automatic_batch_with_flash_attention_off_on_a_small_cuda_gpu() -> None:
     s = only(h.arrive("m", facts(1 * GB), opts), StartRunner)
     assert s.options.num_batch == 256
     h = Harness(inv=GPU24)
-    s = only(h.arrive("m", facts(1 * GB), RunnerOptions(num_ctx=16384, num_batch_auto=True)),
-             StartRunner)
+    s = only(
+        h.arrive("m", facts(1 * GB), RunnerOptions(num_ctx=16384, num_batch_auto=True)), StartRunner
+    )
     assert s.options.num_batch == 1024
 
 

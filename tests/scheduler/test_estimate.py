@@ -16,17 +16,30 @@ from corral.scheduler.estimate import (
     parallel_for,
     sliding_pattern,
 )
-
 from tests.scheduler.sched_harness import GiB, MiB
 
 GEMMA3_270M = ModelFacts(
-    architecture="gemma3", file_size=253_000_000, block_count=18, n_ctx_train=32768,
-    embedding_length=640, head_count=4, head_count_kv=1, key_length=256, value_length=256,
-    vocab_size=262144, sliding_window=512,
+    architecture="gemma3",
+    file_size=253_000_000,
+    block_count=18,
+    n_ctx_train=32768,
+    embedding_length=640,
+    head_count=4,
+    head_count_kv=1,
+    key_length=256,
+    value_length=256,
+    vocab_size=262144,
+    sliding_window=512,
 )
 LLAMA3_8B = ModelFacts(
-    architecture="llama", file_size=4_920_000_000, block_count=32, n_ctx_train=8192,
-    embedding_length=4096, head_count=32, head_count_kv=8, vocab_size=128256,
+    architecture="llama",
+    file_size=4_920_000_000,
+    block_count=32,
+    n_ctx_train=8192,
+    embedding_length=4096,
+    head_count=32,
+    head_count_kv=8,
+    vocab_size=128256,
 )
 
 
@@ -55,9 +68,16 @@ def test_sliding_window_grows_with_parallel_but_not_past_context() -> None:
 
 
 def test_explicit_sliding_layers_win() -> None:
-    f = ModelFacts(architecture="x", file_size=0, block_count=3, embedding_length=64,
-                   head_count=1, head_count_kv=1, sliding_window=8,
-                   sliding_layers=(True, False, True))
+    f = ModelFacts(
+        architecture="x",
+        file_size=0,
+        block_count=3,
+        embedding_length=64,
+        head_count=1,
+        head_count_kv=1,
+        sliding_window=8,
+        sliding_layers=(True, False, True),
+    )
     assert sliding_pattern(f) == (True, False, True)
 
 
@@ -74,16 +94,24 @@ def test_context_is_num_ctx_times_parallel() -> None:
 
 @pytest.mark.parametrize(
     ("kind", "fa", "bpe"),
-    [("", None, 2.0), ("f16", True, 2.0), ("q8_0", True, 34 / 32), ("q4_0", True, 18 / 32),
-     ("q8_0", None, 2.0), ("q8_0", False, 2.0), ("q4_0", None, 2.0)],
+    [
+        ("", None, 2.0),
+        ("f16", True, 2.0),
+        ("q8_0", True, 34 / 32),
+        ("q4_0", True, 18 / 32),
+        ("q8_0", None, 2.0),
+        ("q8_0", False, 2.0),
+        ("q4_0", None, 2.0),
+    ],
 )
 def test_quantized_kv_cache_only_with_flash_attention(kind, fa, bpe) -> None:
     assert kv_bytes_per_element(RunnerOptions(kv_cache_type=kind, flash_attention=fa)) == bpe
 
 
 def test_weights_per_layer_from_tensor_sizes_or_spread_evenly() -> None:
-    f = ModelFacts(architecture="x", file_size=1000, block_count=2, layer_bytes=(300, 500),
-                   output_bytes=150)
+    f = ModelFacts(
+        architecture="x", file_size=1000, block_count=2, layer_bytes=(300, 500), output_bytes=150
+    )
     est = estimate(f, RunnerOptions())
     assert est.layer_weights == (300, 500) and est.output_bytes == 150
     even = ModelFacts(architecture="x", file_size=1000, block_count=4, output_bytes=200)
@@ -91,8 +119,14 @@ def test_weights_per_layer_from_tensor_sizes_or_spread_evenly() -> None:
 
 
 def test_generic_architecture_graph_and_metal() -> None:
-    f = ModelFacts(architecture="bert", file_size=10, block_count=2, embedding_length=64,
-                   head_count=8, head_count_kv=2)
+    f = ModelFacts(
+        architecture="bert",
+        file_size=10,
+        block_count=2,
+        embedding_length=64,
+        head_count=8,
+        head_count_kv=2,
+    )
     est = estimate(f, RunnerOptions(num_ctx=512))
     assert est.graph_full == est.graph_partial == (8 // 2) * est.kv_total // 6
     metal = estimate(LLAMA3_8B, RunnerOptions(num_ctx=4096), metal=True)
@@ -106,19 +140,31 @@ def test_partial_graph_is_larger_than_full_for_llama() -> None:
 
 @pytest.mark.parametrize(
     ("num_ctx", "train", "vision", "expect"),
-    [(2, 0, False, 4), (128, 0, True, 2048), (262144, 131072, False, 131072),
-     (8192, 0, False, 8192), (128, 1024, True, 1024)],
+    [
+        (2, 0, False, 4),
+        (128, 0, True, 2048),
+        (262144, 131072, False, 131072),
+        (8192, 0, False, 8192),
+        (128, 1024, True, 1024),
+    ],
 )
 def test_effective_num_ctx(num_ctx, train, vision, expect) -> None:
-    f = ModelFacts(architecture="x", file_size=0, block_count=1, n_ctx_train=train,
-                   has_vision=vision)
+    f = ModelFacts(
+        architecture="x", file_size=0, block_count=1, n_ctx_train=train, has_vision=vision
+    )
     assert effective_num_ctx(f, num_ctx) == expect
 
 
 @pytest.mark.parametrize(
     ("totals", "overhead", "expect"),
-    [([], 0, 4096), ([16 * GiB], 0, 4096), ([24 * GiB], 0, 32768), ([24 * GiB], 2 * GiB, 4096),
-     ([48 * GiB], 0, 262144), ([24 * GiB, 24 * GiB], 0, 262144)],
+    [
+        ([], 0, 4096),
+        ([16 * GiB], 0, 4096),
+        ([24 * GiB], 0, 32768),
+        ([24 * GiB], 2 * GiB, 4096),
+        ([48 * GiB], 0, 262144),
+        ([24 * GiB, 24 * GiB], 0, 262144),
+    ],
 )
 def test_default_num_ctx_tiers(totals, overhead, expect) -> None:
     assert default_num_ctx(totals, overhead) == expect
@@ -130,19 +176,24 @@ def test_lower_ctx_tiers() -> None:
 
 @pytest.mark.parametrize(
     ("message", "oom"),
-    [("cudaMalloc failed: out of memory", True), ("CUDA error: out of memory", True),
-     ("ggml_vulkan: vk::Device::allocateMemory: ErrorOutOfDeviceMemory", True),
-     ("hipMalloc failed: out of memory", True), ("failed to allocate buffer", True),
-     ("VK_ERROR_OUT_OF_DEVICE_MEMORY", True), ("insufficient memory", True),
-     ("simulated llama-server OOM crash", False), ("server parse failed", False)],
+    [
+        ("cudaMalloc failed: out of memory", True),
+        ("CUDA error: out of memory", True),
+        ("ggml_vulkan: vk::Device::allocateMemory: ErrorOutOfDeviceMemory", True),
+        ("hipMalloc failed: out of memory", True),
+        ("failed to allocate buffer", True),
+        ("VK_ERROR_OUT_OF_DEVICE_MEMORY", True),
+        ("insufficient memory", True),
+        ("simulated llama-server OOM crash", False),
+        ("server parse failed", False),
+    ],
 )
 def test_is_out_of_memory(message: str, oom: bool) -> None:
     assert is_out_of_memory(message) is oom
 
 
 def test_parallel_for_embedding_and_single_sequence_models() -> None:
-    emb = ModelFacts(architecture="nomic-bert", file_size=1, block_count=1,
-                     is_embedding_model=True)
+    emb = ModelFacts(architecture="nomic-bert", file_size=1, block_count=1, is_embedding_model=True)
     assert parallel_for(emb, 4) == 1
     assert parallel_for(ModelFacts(architecture="mllama", file_size=1, block_count=1), 4) == 1
     assert parallel_for(LLAMA3_8B, 4) == 4

@@ -7,7 +7,6 @@ import pytest
 from corral.scheduler import Gpu, NoFit, Placement, RunnerOptions
 from corral.scheduler.estimate import estimate
 from corral.scheduler.placement import human_bytes2, place, usable_memory
-
 from tests.scheduler.sched_harness import GB, cuda, facts
 
 
@@ -30,10 +29,17 @@ def rooms(*gpus: Gpu) -> list[tuple[Gpu, int]]:
         (24, 24, 30, 0, 0, 0),  # never negative
     ],
 )
-def test_usable_memory_trusts_the_smaller_number(total, free, reserved, overhead, minimum,
-                                                 expect) -> None:
-    g = Gpu(id="0", name="g", library="cuda", total=total * GB, free=free * GB,
-            min_overhead=minimum * GB)
+def test_usable_memory_trusts_the_smaller_number(
+    total, free, reserved, overhead, minimum, expect
+) -> None:
+    g = Gpu(
+        id="0",
+        name="g",
+        library="cuda",
+        total=total * GB,
+        free=free * GB,
+        min_overhead=minimum * GB,
+    )
     assert usable_memory(g, reserved * GB, overhead * GB) == expect * GB
 
 
@@ -102,9 +108,17 @@ def test_main_gpu_pins_one_device() -> None:
 
 def test_graph_is_reserved_on_every_gpu_holding_layers() -> None:
     from corral.scheduler import ModelFacts
-    f = ModelFacts(architecture="llama", file_size=8 * GB, block_count=32, embedding_length=4096,
-                   head_count=32, head_count_kv=8, vocab_size=128256,
-                   layer_bytes=(GB // 4,) * 32)
+
+    f = ModelFacts(
+        architecture="llama",
+        file_size=8 * GB,
+        block_count=32,
+        embedding_length=4096,
+        head_count=32,
+        head_count_kv=8,
+        vocab_size=128256,
+        layer_bytes=(GB // 4,) * 32,
+    )
     e = estimate(f, RunnerOptions(num_ctx=4096))
     one = place(e, RunnerOptions(), rooms(cuda("0", 80 * GB)), 64 * GB)
     assert one.gpu_bytes[0] == sum(e.layer_total) + e.output_bytes + e.graph_full
@@ -114,7 +128,15 @@ def test_graph_is_reserved_on_every_gpu_holding_layers() -> None:
     assert sum(two.gpu_bytes) == layers + 2 * e.graph_partial
 
 
-@pytest.mark.parametrize(("n", "text"), [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"),
-                                         (5 * 1024 ** 2, "5.0 MiB"), (20 * GB, "18.6 GiB")])
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1536, "1.5 KiB"),
+        (5 * 1024**2, "5.0 MiB"),
+        (20 * GB, "18.6 GiB"),
+    ],
+)
 def test_human_bytes2(n: int, text: str) -> None:
     assert human_bytes2(n) == text

@@ -7,7 +7,6 @@ import msgspec
 from corral.scheduler import RunnerOptions
 from corral.scheduler.estimate import estimate, projector_graph
 from corral.scheduler.placement import place
-
 from tests.scheduler.sched_harness import GB, MiB, cuda, facts
 
 PROJ = 600 * MiB
@@ -16,7 +15,9 @@ PROJ = 600 * MiB
 def _pair(size: int = 4 * GB, blocks: int = 10):
     text = facts(size, blocks=blocks)
     graph = projector_graph(336, 14, 1024, 16)
-    return text, msgspec.structs.replace(text, has_vision=True, projector_bytes=PROJ, projector_graph=graph)
+    return text, msgspec.structs.replace(
+        text, has_vision=True, projector_bytes=PROJ, projector_graph=graph
+    )
 
 
 def test_projector_graph_of_a_llava_encoder() -> None:
@@ -38,7 +39,10 @@ def test_projector_is_placed_on_the_first_gpu() -> None:
     text, pair = _pair(12 * GB, blocks=12)
     opts = RunnerOptions(num_ctx=2048)
     one = [(cuda("0", 24 * GB), 24 * GB)]
-    p_text, p_pair = place(estimate(text, opts), opts, one, 64 * GB), place(estimate(pair, opts), opts, one, 64 * GB)
+    p_text, p_pair = (
+        place(estimate(text, opts), opts, one, 64 * GB),
+        place(estimate(pair, opts), opts, one, 64 * GB),
+    )
     assert p_pair.gpu_bytes[0] - p_text.gpu_bytes[0] == estimate(pair, opts).projector
     assert p_pair.cpu_bytes == p_text.cpu_bytes
     # split over two GPUs: the projector's bytes count on the first one only
@@ -57,5 +61,7 @@ def test_projector_that_does_not_fit_the_first_gpu_is_no_fit() -> None:
     opts = RunnerOptions(num_ctx=2048)
     text_only = estimate(msgspec.structs.replace(pair, projector_bytes=0, projector_graph=0), opts)
     room = text_only.full_gpu_bytes + PROJ // 2  # the text model fits, the pair does not
-    assert not hasattr(place(estimate(pair, opts), opts, [(cuda("0", 24 * GB), room)], 64 * GB), "gpus")
+    assert not hasattr(
+        place(estimate(pair, opts), opts, [(cuda("0", 24 * GB), room)], 64 * GB), "gpus"
+    )
     assert place(text_only, opts, [(cuda("0", 24 * GB), room)], 64 * GB).gpus == ("0",)

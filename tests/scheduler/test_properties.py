@@ -25,7 +25,6 @@ from corral.scheduler import (
     RunnerStopped,
     UnloadRequested,
 )
-
 from tests.scheduler.sched_harness import GB, Harness, cuda, facts, inventory, metal
 
 MODELS = [
@@ -51,10 +50,18 @@ _finish = st.tuples(st.just("finish"), st.integers(0, 50))
 _ready = st.tuples(st.just("ready"), st.integers(0, 50), st.booleans())
 _stopped = st.tuples(st.just("stopped"), st.integers(0, 50))
 action = st.one_of(
-    _arrive, _arrive, _arrive, _arrive,
-    _finish, _finish, _finish,
-    _ready, _ready, _ready,
-    _stopped, _stopped,
+    _arrive,
+    _arrive,
+    _arrive,
+    _arrive,
+    _finish,
+    _finish,
+    _finish,
+    _ready,
+    _ready,
+    _ready,
+    _stopped,
+    _stopped,
     st.tuples(st.just("cancel"), st.integers(0, 50)),
     st.tuples(st.just("load_fail"), st.integers(0, 50), st.booleans()),
     st.tuples(st.just("crash"), st.integers(0, 50)),
@@ -84,9 +91,17 @@ def _probe(h: Harness, fraction: float = 1.0) -> None:
     gpus = []
     for g in h.inv.gpus:
         used = sum(r.placement.bytes_on(g.id) for r in snap.runners)
-        gpus.append(type(g)(id=g.id, name=g.name, library=g.library, total=g.total,
-                            free=max(0, int((g.total - used) * fraction)),
-                            integrated=g.integrated, min_overhead=g.min_overhead))
+        gpus.append(
+            type(g)(
+                id=g.id,
+                name=g.name,
+                library=g.library,
+                total=g.total,
+                free=max(0, int((g.total - used) * fraction)),
+                integrated=g.integrated,
+                min_overhead=g.min_overhead,
+            )
+        )
     h.do(InventoryUpdated(type(h.inv)(gpus=tuple(gpus), host=h.inv.host)))
 
 
@@ -110,9 +125,15 @@ def run(h: Harness, actions) -> None:
             if rid is not None and act[2]:
                 # the runner reports its real use: a bit less than the estimate, as llama.cpp
                 p = h.starts[rid].placement
-                h.do(RunnerReady(rid, pid=1, n_ctx=2048,
-                                 gpu_bytes={g: b * 9 // 10 for g, b in zip(p.gpus, p.gpu_bytes)},
-                                 cpu_bytes=p.cpu_bytes * 9 // 10))
+                h.do(
+                    RunnerReady(
+                        rid,
+                        pid=1,
+                        n_ctx=2048,
+                        gpu_bytes={g: b * 9 // 10 for g, b in zip(p.gpus, p.gpu_bytes)},
+                        cpu_bytes=p.cpu_bytes * 9 // 10,
+                    )
+                )
             elif rid is not None:
                 h.do(RunnerReady(rid, pid=1))
         elif kind == "load_fail":
@@ -157,8 +178,12 @@ def drain(h: Harness) -> None:
     raise AssertionError(f"requests never ended: {waiting}, snapshot {h.s.snapshot()}")
 
 
-@settings(max_examples=1000, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=1000,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(
     inv=st.integers(0, len(INVENTORIES) - 1),
     max_loaded=st.sampled_from([0, 1, 2]),
@@ -166,10 +191,18 @@ def drain(h: Harness) -> None:
     max_queue=st.sampled_from([2, 8]),
     actions=st.lists(action, min_size=5, max_size=60),
 )
-def test_random_event_sequences_keep_invariants(inv, max_loaded, parallel, max_queue,
-                                                actions) -> None:
-    h = Harness(Limits(max_loaded=max_loaded, num_parallel=parallel, max_queue=max_queue,
-                       default_keep_alive=300.0), inv=INVENTORIES[inv])
+def test_random_event_sequences_keep_invariants(
+    inv, max_loaded, parallel, max_queue, actions
+) -> None:
+    h = Harness(
+        Limits(
+            max_loaded=max_loaded,
+            num_parallel=parallel,
+            max_queue=max_queue,
+            default_keep_alive=300.0,
+        ),
+        inv=INVENTORIES[inv],
+    )
     run(h, actions)
     drain(h)
     # every request ended exactly once (or was cancelled while queued)

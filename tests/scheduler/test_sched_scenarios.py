@@ -38,15 +38,31 @@ from corral.scheduler import (
 from corral.scheduler.core import needs_reload
 from corral.scheduler.estimate import auto_batch, estimate
 from corral.scheduler.placement import place
-
-from tests.scheduler.sched_harness import GB, GiB, MiB, Harness, cuda, facts, inventory, kinds, metal, only
+from tests.scheduler.sched_harness import (
+    GB,
+    GiB,
+    Harness,
+    MiB,
+    cuda,
+    facts,
+    inventory,
+    kinds,
+    metal,
+    only,
+)
 
 AUTO = RunnerOptions(num_ctx_auto=True, num_batch_auto=True)
 
 
-def loaded(h: Harness, model: str, size: int = 1 * GB, keep_alive: float | None = None,
-           options: RunnerOptions | None = None, f: ModelFacts | None = None,
-           gpu_bytes: dict | None = None) -> tuple[str, int]:
+def loaded(
+    h: Harness,
+    model: str,
+    size: int = 1 * GB,
+    keep_alive: float | None = None,
+    options: RunnerOptions | None = None,
+    f: ModelFacts | None = None,
+    gpu_bytes: dict | None = None,
+) -> tuple[str, int]:
     """Arrive + ready: returns (runner_id, req_id) with the request in flight."""
     eff = h.arrive(model, f or facts(size), options, keep_alive)
     start = only(eff, StartRunner)
@@ -305,8 +321,12 @@ def test_sched_needs_reload() -> None:
     assert not needs_reload(base, f, msgspec.structs.replace(base, num_gpu=-1))
     launched_99 = msgspec.structs.replace(base, num_gpu=99)
     assert not needs_reload(launched_99, f, base)  # a default request reuses an explicit runner
-    for change in ({"main_gpu": 1}, {"num_thread": 8}, {"kv_cache_type": "q8_0"},
-                   {"flash_attention": True}):
+    for change in (
+        {"main_gpu": 1},
+        {"num_thread": 8},
+        {"kv_cache_type": "q8_0"},
+        {"flash_attention": True},
+    ):
         assert needs_reload(base, f, msgspec.structs.replace(base, **change)), change
     assert not needs_reload(base, f, msgspec.structs.replace(base, kv_cache_type="f16"))
 
@@ -377,8 +397,10 @@ def test_sched_needs_reload_ignores_automatic_use_mmap_default() -> None:
     ],
 )
 def test_automatic_generation_batch(ctx, predicted, available, fa_off, small, expect) -> None:
-    assert auto_batch(ctx, predicted, available, flash_attention_off=fa_off,
-                      cuda_small_gpu=small) == expect
+    assert (
+        auto_batch(ctx, predicted, available, flash_attention_off=fa_off, cuda_small_gpu=small)
+        == expect
+    )
 
 
 # 26
@@ -444,8 +466,15 @@ def test_sched_llama_server_fits_alongside() -> None:
 
 # 32
 def test_sched_llama_server_prediction_uses_total_parallel_context() -> None:
-    f = ModelFacts(architecture="test", file_size=0, block_count=1, n_ctx_train=65536,
-                   embedding_length=4096, head_count=32, head_count_kv=32)
+    f = ModelFacts(
+        architecture="test",
+        file_size=0,
+        block_count=1,
+        n_ctx_train=65536,
+        embedding_length=4096,
+        head_count=32,
+        head_count_kv=32,
+    )
     est = estimate(f, RunnerOptions(num_ctx=32768), parallel=2)
     assert est.kv_total == 1 * GiB
     h = Harness(Limits(num_parallel=2), inv=inventory(metal(free=900 * MiB)))
@@ -467,12 +496,19 @@ def test_sched_llama_server_prediction_uses_total_parallel_context() -> None:
         ([("metal", True, 12 * GB)], 20 * GB, [12 * GB]),
     ],
 )
-def test_available_memory_for_load_uses_worst_shared_memory_measurement(gpus, host_free,
-                                                                         expect) -> None:
+def test_available_memory_for_load_uses_worst_shared_memory_measurement(
+    gpus, host_free, expect
+) -> None:
     from corral.scheduler import Gpu
-    inv = inventory(*[Gpu(id=str(i), name="g", library=lib, total=free, free=free,
-                          integrated=igpu) for i, (lib, igpu, free) in enumerate(gpus)],
-                    host_total=400 * GB, host_free=host_free)
+
+    inv = inventory(
+        *[
+            Gpu(id=str(i), name="g", library=lib, total=free, free=free, integrated=igpu)
+            for i, (lib, igpu, free) in enumerate(gpus)
+        ],
+        host_total=400 * GB,
+        host_free=host_free,
+    )
     s = Scheduler(Limits(), inv)
     assert [g.usable for g in s.snapshot().gpus] == expect
 
@@ -486,43 +522,57 @@ class TestSelectLlamaServerPlacement:
         return [(g, g.free) for g in gpus]
 
     def test_single_gpu_with_most_room(self) -> None:
-        p = place(self._est(8 * GB), RunnerOptions(),
-                  self._rooms(cuda("0", 10 * GB), cuda("1", 20 * GB)), 14 * GB)
+        p = place(
+            self._est(8 * GB),
+            RunnerOptions(),
+            self._rooms(cuda("0", 10 * GB), cuda("1", 20 * GB)),
+            14 * GB,
+        )
         assert isinstance(p, Placement)
         assert p.gpus == ("1",) and p.main_gpu == 0 and p.split_mode == "none"
 
     def test_main_gpu_selects_that_device(self) -> None:
         from corral.scheduler import Gpu
-        rooms = self._rooms(cuda("0", 16 * GB),
-                            Gpu(id="r0", name="R", library="rocm", total=16 * GB, free=16 * GB),
-                            Gpu(id="r1", name="R", library="rocm", total=16 * GB, free=16 * GB))
+
+        rooms = self._rooms(
+            cuda("0", 16 * GB),
+            Gpu(id="r0", name="R", library="rocm", total=16 * GB, free=16 * GB),
+            Gpu(id="r1", name="R", library="rocm", total=16 * GB, free=16 * GB),
+        )
         p = place(self._est(8 * GB), RunnerOptions(main_gpu=2), rooms, 14 * GB)
         assert p.gpus == ("r1",) and p.main_gpu == 0
 
     def test_discrete_before_integrated(self) -> None:
         from corral.scheduler import Gpu
-        igpu = Gpu(id="0", name="i", library="metal", total=32 * GB, free=32 * GB,
-                   integrated=True)
+
+        igpu = Gpu(id="0", name="i", library="metal", total=32 * GB, free=32 * GB, integrated=True)
         dgpu = Gpu(id="1", name="d", library="metal", total=16 * GB, free=16 * GB)
-        p = place(self._est(12 * GB), RunnerOptions(), [(igpu, 14 * GB), (dgpu, 16 * GB)],
-                  14 * GB)
+        p = place(self._est(12 * GB), RunnerOptions(), [(igpu, 14 * GB), (dgpu, 16 * GB)], 14 * GB)
         assert p.gpus == ("1",)
-        vk = Gpu(id="0", name="i", library="vulkan", total=32 * GB, free=32 * GB,
-                 integrated=True)
+        vk = Gpu(id="0", name="i", library="vulkan", total=32 * GB, free=32 * GB, integrated=True)
         d10 = Gpu(id="1", name="d", library="vulkan", total=10 * GB, free=10 * GB)
         p = place(self._est(8 * GB), RunnerOptions(), [(vk, 32 * GB), (d10, 10 * GB)], 14 * GB)
         assert p.gpus == ("1",)
 
     def test_spread_uses_all_gpus_of_the_backend(self) -> None:
-        p = place(self._est(8 * GB), RunnerOptions(),
-                  self._rooms(cuda("0", 10 * GB), cuda("1", 20 * GB)), 14 * GB, spread=True)
+        p = place(
+            self._est(8 * GB),
+            RunnerOptions(),
+            self._rooms(cuda("0", 10 * GB), cuda("1", 20 * GB)),
+            14 * GB,
+            spread=True,
+        )
         assert set(p.gpus) == {"0", "1"} and p.split_mode == "layer"
         assert sum(p.tensor_split) == p.n_gpu_layers == 21
 
     def test_too_big_for_one_gpu_picks_best_backend_group(self) -> None:
         from corral.scheduler import Gpu
-        rooms = self._rooms(cuda("0", 10 * GB), cuda("1", 18 * GB),
-                            Gpu(id="r0", name="R", library="rocm", total=12 * GB, free=12 * GB))
+
+        rooms = self._rooms(
+            cuda("0", 10 * GB),
+            cuda("1", 18 * GB),
+            Gpu(id="r0", name="R", library="rocm", total=12 * GB, free=12 * GB),
+        )
         p = place(self._est(30 * GB), RunnerOptions(), rooms, 64 * GB, allow_partial=True)
         assert p.library == "cuda" and set(p.gpus) == {"0", "1"}
         assert p.n_gpu_layers < 21 and p.cpu_bytes > 0  # partial offload
@@ -541,11 +591,13 @@ def test_disable_mmap_default_reason() -> None:
     s = only(Harness(inv=inventory()).arrive("a", facts(1 * GB)), StartRunner)
     assert s.options.use_mmap is False
     # Metal partial offload -> off; full offload -> on
-    s = only(Harness().arrive("a", facts(1 * GB, blocks=20), RunnerOptions(num_gpu=10)),
-             StartRunner)
+    s = only(
+        Harness().arrive("a", facts(1 * GB, blocks=20), RunnerOptions(num_gpu=10)), StartRunner
+    )
     assert s.options.use_mmap is False
-    s = only(Harness().arrive("a", facts(1 * GB, blocks=20), RunnerOptions(num_gpu=21)),
-             StartRunner)
+    s = only(
+        Harness().arrive("a", facts(1 * GB, blocks=20), RunnerOptions(num_gpu=21)), StartRunner
+    )
     assert s.options.use_mmap is True
     # Linux CUDA full fit, plenty of host RAM -> on
     h = Harness(inv=inventory(cuda("0", 24 * GB), host_total=64 * GB, host_free=60 * GB))
@@ -566,8 +618,9 @@ def test_disable_mmap_for_host_pressure() -> None:
     s = only(h.arrive("b", facts(20 * GB), RunnerOptions(use_mmap=True)), StartRunner)
     assert s.options.use_mmap is True
     # integrated GPU: the rule does not apply
-    inv_i = inventory(cuda("0", 100 * GB, 80 * GB, integrated=True), host_total=100 * GB,
-                      host_free=50 * GB)
+    inv_i = inventory(
+        cuda("0", 100 * GB, 80 * GB, integrated=True), host_total=100 * GB, host_free=50 * GB
+    )
     s = only(Harness(inv=inv_i).arrive("b", facts(20 * GB)), StartRunner)
     assert s.options.use_mmap is True
 
@@ -623,11 +676,17 @@ def test_sched_load_oom_keeps_explicit_context_before_retry() -> None:
 # 40
 def test_sched_first_load_oom_reduces_automatic_context_and_retries() -> None:
     h = Harness()
-    first = only(h.arrive("m", facts(1 * GB), msgspec.structs.replace(AUTO, num_ctx=262144)),
-                 StartRunner)
-    eff = h.do(RunnerLoadFailed(first.runner_id, "ggml_backend_cuda_buffer_type_alloc_buffer: "
-                                                 "allocating 20.00 MiB on device 0: "
-                                                 "cudaMalloc failed: out of memory"))
+    first = only(
+        h.arrive("m", facts(1 * GB), msgspec.structs.replace(AUTO, num_ctx=262144)), StartRunner
+    )
+    eff = h.do(
+        RunnerLoadFailed(
+            first.runner_id,
+            "ggml_backend_cuda_buffer_type_alloc_buffer: "
+            "allocating 20.00 MiB on device 0: "
+            "cudaMalloc failed: out of memory",
+        )
+    )
     second = only(eff, StartRunner)  # nothing to evict: retried at once
     assert [first.options.num_ctx, second.options.num_ctx] == [262144, 32768]
     eff = h.do(RunnerReady(second.runner_id))
