@@ -82,29 +82,24 @@ CORS_MAX_AGE = "43200"
 
 
 class OriginPolicy:
-    """gin-contrib/cors v1.7 origin matching: exact entries, and entries with one ``*``
-    (``*suffix``, ``prefix*``, ``pre*suf``). A trailing ``*`` also drops the character before
-    it (upstream quirk: ``http://localhost:*`` is the prefix ``http://localhost``). An entry
-    that is just ``*`` allows every origin."""
+    """Ollama's origin check: gin-contrib/cors v1.7.2 (``validateOrigin``) with Ollama's
+    ``AllowWildcard``. Every entry is an exact origin (trimmed and lower-cased; the request's
+    ``Origin`` is compared as sent); an entry with a ``*`` is also a rule on the untouched entry:
+    ``*suffix``, ``prefix*`` or ``pre*suf``, the ``*`` standing for any text and nothing else.
+    So ``http://localhost:*`` is the prefix ``http://localhost:`` and
+    ``http://localhost.evil.example.com`` is refused. An entry that is exactly ``*`` allows every
+    origin (and the response says ``*``)."""
 
     def __init__(self, origins: Iterable[str]) -> None:
         self.exact: set[str] = set()
         self.rules: list[tuple[str, str]] = []
         self.allow_all = False
         for o in origins:
-            o = o.lower()
-            if o == "*":
-                self.allow_all = True
-            elif "*" not in o:
-                self.exact.add(o)
-            else:
+            self.allow_all |= o == "*"
+            self.exact.add(o.strip().lower())
+            if "*" in o:
                 i = o.index("*")
-                if i == 0:
-                    self.rules.append(("", o[1:]))
-                elif i == len(o) - 1:
-                    self.rules.append((o[: i - 1], ""))
-                else:
-                    self.rules.append((o[:i], o[i + 1 :]))
+                self.rules.append((o[:i], o[i + 1 :]))
 
     def allows(self, origin: str) -> bool:
         if self.allow_all or origin in self.exact:

@@ -19,43 +19,67 @@ from corral.daemon.api.middleware import (
 )
 from corral.daemon.config import DEFAULT_ORIGINS, parse_origins
 
+# (OLLAMA_ORIGINS, Origin header, allowed): Ollama's answers (gin-contrib/cors v1.7.2 with
+# AllowWildcard, envconfig.AllowedOrigins); "" is the defaults alone.
+ORIGIN_TABLE = [
+    ("", "http://localhost", True),
+    ("", "https://localhost", True),
+    ("", "http://localhost:3000", True),
+    ("", "https://127.0.0.1:8080", True),
+    ("", "http://0.0.0.0:1", True),
+    ("", "http://localhost:", True),
+    ("", "app://anything", True),
+    ("", "file://x", True),
+    ("", "tauri://localhost", True),
+    ("", "vscode-webview://abc", True),
+    ("", "vscode-file://vscode-app", True),
+    # a wildcard matches only its prefix: "http://localhost:*" is "http://localhost:" + anything
+    ("", "http://localhost.evil.example.com", False),
+    ("", "http://localhostevil.com", False),
+    ("", "http://0.0.0.0.nip.io", False),
+    ("", "https://127.0.0.1.evil.com", False),
+    ("", "http://127.0.0.10", False),
+    ("", "http://127.0.0.2", False),
+    ("", "https://evil.com", False),
+    ("", "null", False),
+    ("", "http://evil.com/http://localhost", False),
+    ("", "HTTP://LOCALHOST", False),  # the request's Origin is compared as sent
+    ("", "chrome-extension://abc", False),
+    ("", "appx://x", False),
+    # user entries without "*": exact, case-insensitive in the entry, trimmed
+    ("https://app.example.com", "https://app.example.com", True),
+    ("https://app.example.com", "https://app.example.com.evil.com", False),
+    ("https://app.example.com", "https://app.example.co", False),
+    ("https://App.Example.com", "https://app.example.com", True),
+    ("https://a.example.com, https://b.example.com", "https://b.example.com", True),
+    ("http://10.0.0.1", "http://10.0.0.1:80", False),
+    # user entries with "*"
+    ("https://*.example.com", "https://a.example.com", True),
+    ("https://*.example.com", "https://a.b.example.com", True),
+    ("https://*.example.com", "https://example.com", False),
+    ("https://*.example.com", "https://evil-example.com", False),
+    ("https://*.example.com", "https://example.org", False),
+    ("https://*.example.com", "https://a.example.com.evil.org", False),
+    ("https://app.example.com:*", "https://app.example.com:8443", True),
+    ("https://app.example.com:*", "https://app.example.com.evil.org", False),
+    ("https://app.example.com*", "https://app.example.com.evil.org", True),  # as in Ollama
+    ("*.example.com", "https://a.example.com", True),
+    ("*.example.com", "https://example.com", False),
+    ("chrome-extension://*", "chrome-extension://abcdef", True),
+    ("chrome-extension://*", "moz-extension://abcdef", False),
+    (" https://*.example.com", "https://a.example.com", False),  # rules are not trimmed
+    ("*", "https://anything.at.all", True),
+    ("*", "http://localhost.evil.example.com", True),
+]
 
-@pytest.mark.parametrize(
-    ("origin", "allowed"),
-    [
-        ("http://localhost", True),
-        ("http://localhost:3000", True),
-        ("https://127.0.0.1:8080", True),
-        ("http://0.0.0.0:1", True),
-        ("app://anything", True),
-        ("file://x", True),
-        ("tauri://localhost", True),
-        ("vscode-webview://abc", True),
-        (
-            "http://localhost.evil.com",
-            True,
-        ),  # upstream quirk: "http://localhost:*" is a prefix rule
-        ("https://evil.com", False),
-        ("http://127.0.0.2", False),
-        ("chrome-extension://abc", False),
-    ],
-)
-def test_default_origins(origin: str, allowed: bool) -> None:
-    assert OriginPolicy(DEFAULT_ORIGINS).allows(origin) is allowed
 
-
-@pytest.mark.parametrize(
-    ("env", "origin", "allowed"),
-    [
-        ("https://app.example.com", "https://app.example.com", True),
-        ("https://*.example.com", "https://a.example.com", True),
-        ("https://*.example.com", "https://example.org", False),
-        ("chrome-extension://*", "chrome-extension://abcdef", True),
-        ("*", "https://anything.at.all", True),
-    ],
-)
-def test_user_origins(env: str, origin: str, allowed: bool) -> None:
+@pytest.mark.parametrize(("env", "origin", "allowed"), ORIGIN_TABLE)
+def test_origin_table(env: str, origin: str, allowed: bool) -> None:
     assert OriginPolicy(parse_origins(env)).allows(origin) is allowed
+
+
+def test_default_origins_alone_are_the_parsed_defaults() -> None:
+    assert parse_origins("") == DEFAULT_ORIGINS
 
 
 @pytest.mark.parametrize(
@@ -139,13 +163,57 @@ async def test_allowed_origin_gets_headers(client: TestClient) -> None:
     assert r.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
 
 
-async def test_disallowed_origin_is_403(client: TestClient) -> None:
-    r = await client.get("/ok", headers={"Origin": "https://evil.com"})
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "https://evil.com",
+        "http://localhost.evil.example.com",
+        "http://localhostevil.com",
+        "http://0.0.0.0.nip.io",
+    ],
+)
+async def test_disallowed_origin_is_403(client: TestClient, origin: str) -> None:
+    r = await client.get("/ok", headers={"Origin": origin})
     assert r.status == 403 and await r.read() == b""
+    assert "Access-Control-Allow-Origin" not in r.headers
+    r = await client.post("/stream", headers={"Origin": origin})
+    assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
     r = await client.options(
-        "/ok", headers={"Origin": "https://evil.com", "Access-Control-Request-Method": "POST"}
+        "/api/chat", headers={"Origin": origin, "Access-Control-Request-Method": "POST"}
     )
     assert r.status == 403
+    assert "Access-Control-Allow-Origin" not in r.headers
+    assert "Access-Control-Allow-Methods" not in r.headers
+
+
+@pytest.mark.parametrize(
+    "origin", ["http://localhost:5173", "https://127.0.0.1:8443", "https://app.example.com"]
+)
+async def test_allowed_preflight_and_request(client: TestClient, origin: str) -> None:
+    r = await client.options(
+        "/api/chat", headers={"Origin": origin, "Access-Control-Request-Method": "POST"}
+    )
+    assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == origin
+    r = await client.get("/ok", headers={"Origin": origin})
+    assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == origin
+
+
+async def test_allow_all_answers_star() -> None:
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    app = web.Application(middlewares=[cors_middleware(parse_origins("*"))])
+    app.on_response_prepare.append(add_cors_headers)
+    app.router.add_get("/ok", ok)
+    async with TestClient(TestServer(app)) as c:
+        r = await c.get("/ok", headers={"Origin": "https://anything.example"})
+        assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "*"
+        assert "Vary" not in r.headers
+        r = await c.options(
+            "/ok",
+            headers={"Origin": "https://anything.example", "Access-Control-Request-Method": "PUT"},
+        )
+        assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == "*"
 
 
 async def test_preflight(client: TestClient) -> None:
