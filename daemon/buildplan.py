@@ -11,7 +11,8 @@ installed; `corral doctor` imports it as ``corral.daemon.buildplan``.
 seen and the toolkits found it derives the backend, the CMake options, extra environment and the
 wheel cache key. `probe_machine()` gathers those facts (reads /proc/cpuinfo or sysctl, looks for
 nvcc / hipcc, asks NVML or nvidia-smi for compute capabilities); it is the only part that touches
-the system. `CORRAL_LLAMA_BACKEND=auto|cpu|cuda|hip|metal` overrides the backend.
+the system. `CORRAL_LLAMA_BACKEND=auto|cpu|cuda|hip|metal|vulkan` overrides the backend;
+`CORRAL_CUDA_ARCHITECTURES` (a CMake list, e.g. `89` or `80;90`) overrides the CUDA targets.
 
 Decision tree of the backend (numbers appear in the code):
  1. an override other than `auto` wins; `cuda`/`hip` without their compiler is an error.
@@ -19,8 +20,25 @@ Decision tree of the backend (numbers appear in the code):
  3. NVIDIA GPUs seen and a CUDA toolkit found: CUDA, with the GPUs' compute capabilities as
     CMAKE_CUDA_ARCHITECTURES when known. GPUs without a toolkit: CPU build and a warning.
  4. AMD GPUs seen and ROCm's hipcc found: HIP (gfx targets from rocminfo when known).
- 5. otherwise CPU. A toolkit without a GPU is not a reason to build for it (a CUDA build takes
+ 5. a Vulkan GPU seen (an NVIDIA GPU without the CUDA toolkit, an AMD GPU without ROCm, an Intel
+    GPU), with the Vulkan loader, its headers, SPIR-V headers and `glslc` present: Vulkan, as
+    Ollama ships it for those GPUs.
+ 6. otherwise CPU. A toolkit without a GPU is not a reason to build for it (a CUDA build takes
     an hour on two cores and its runner would find no device); the override forces it.
+
+CUDA specifics (learned by compiling it, toolkit 13.0 on a machine without a GPU):
+- targets: `CORRAL_CUDA_ARCHITECTURES` if set, else the GPUs' compute capabilities, else (a
+  build box without a GPU) `DEFAULT_CUDA_ARCHITECTURES` for the toolkit's major version: real
+  code for the common datacenter and desktop cards and PTX for the oldest supported one, so
+  anything newer still runs (JIT-compiled once by the driver). CUDA 13 dropped compute
+  capabilities below 7.5, so its list starts at 75.
+- ggml's CUDA backend links cuBLAS: a toolkit without it (e.g. one assembled from NVIDIA's pip
+  wheels without `nvidia-cublas`) fails an hour into nothing at configure time, so the plan
+  checks for it first.
+- ggml links the CUDA driver library (libcuda) for its virtual-memory pool. Where no driver is
+  installed (a build box, a container without the NVIDIA runtime) that wheel would not even
+  import, so there the plan sets `GGML_CUDA_NO_VMM=ON`: the wheel then loads, finds no device
+  and runs on the CPU. Where a driver exists the pool keeps VMM.
 
 CPU flags on x86-64 (every backend keeps a CPU backend for what is not offloaded):
 `GGML_NATIVE=OFF` and each instruction set set explicitly ON or OFF from the CPU's flags (ggml
@@ -40,6 +58,8 @@ plan key, so a changed CPU or a new toolkit builds again).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import os
@@ -52,7 +72,31 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-BACKENDS = ("auto", "cpu", "cuda", "hip", "metal")
+BACKENDS = ("auto", "cpu", "cuda", "hip", "metal", "vulkan")
+
+# CMAKE_CUDA_ARCHITECTURES for a machine whose GPUs cannot be asked (a build box), by the CUDA
+# toolkit's version: real code for the common cards — 70 V100, 75 T4/RTX 20xx, 80 A100/A30,
+# 86 RTX 30xx/A10/A40, 89 RTX 40xx/L4/L40, 90 H100/H200, 100 B200 and 120 RTX 50xx (both 12.8+;
+# ggml turns 120 into 120a) — and PTX of the oldest one, which any newer GPU JIT-compiles once.
+# Each real target adds about as much compile time again as the first.
+
+
+def default_cuda_architectures(version: str | None) -> str | None:
+    """The documented target list for toolkit ``version`` ("13.0"); None: ggml's own default."""
+    try:
+        major, minor = (int(x) for x in (version or "").split(".")[:2])
+    except ValueError:
+        return None
+    if major >= 13:  # CUDA 13 dropped compute capabilities below 7.5
+        archs = ["75", "80-real", "86-real", "89-real", "90-real", "100-real", "120-real"]
+    elif major == 12:
+        archs = ["61-virtual", "70-real", "75-real", "80-real", "86-real", "89-real", "90-real"]
+        if minor >= 8:
+            archs += ["100-real", "120-real"]
+    else:
+        return None
+    return ";".join(archs)
+
 
 # ggml CMake option -> the CPU flags (Linux /proc/cpuinfo names) it needs, in ggml's order.
 X86_OPTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -95,6 +139,11 @@ class Machine:
     hip_targets: tuple[str, ...] = ()  # "gfx1100", ...
     nvcc: str | None = None
     hipcc: str | None = None
+    cuda_version: str | None = None  # the toolkit's release, "13.0"
+    cublas: bool = True  # the CUDA toolkit has cuBLAS (libcublas.so and cublas_v2.h)
+    cuda_driver: bool = True  # the NVIDIA driver library (libcuda.so.1) loads here
+    vulkan_gpus: int = 0  # Vulkan devices that are GPUs (not a CPU rasteriser like llvmpipe)
+    vulkan_sdk: bool = False  # loader + headers, SPIR-V headers and glslc: ggml-vulkan builds
 
 
 @dataclass(frozen=True)
@@ -110,7 +159,7 @@ class BuildPlan:
         return " ".join(self.cmake_args)
 
     def key(self, version: str, python: str, patch: bytes) -> str:
-        """The wheel cache key: llama-cpp-python version, backend, flags, extra env, Python, patch."""
+        """The wheel cache key: llama-cpp-python version, backend, flags, env, Python, patch."""
         blob = json.dumps(
             [
                 version,
@@ -126,6 +175,24 @@ class BuildPlan:
 
 class PlanError(ValueError):
     """The override asks for a build this machine cannot make."""
+
+
+_NO_CUBLAS = (
+    "the CUDA toolkit of {nvcc} has no cuBLAS (libcublas.so, cublas_v2.h), which llama.cpp's CUDA "
+    "backend links: install the toolkit's cuBLAS development files (the libcublas-dev / "
+    "cuda-libraries-dev package of the same CUDA version)"
+)
+_ARCH = re.compile(r"^(native|all|all-major|[0-9]{2,3}[af]?(-real|-virtual)?)$")
+
+
+def _check_cuda_architectures(archs: str) -> None:
+    """Refuse a malformed CORRAL_CUDA_ARCHITECTURES before an hour-long build does."""
+    bad = [a for a in archs.split(";") if not _ARCH.match(a.strip())]
+    if bad:
+        raise PlanError(
+            f"CORRAL_CUDA_ARCHITECTURES={archs!r}: {', '.join(map(repr, bad))} is not a CUDA "
+            "architecture (use compute capabilities without the dot, e.g. 86;89 or 90-real)"
+        )
 
 
 def normalize_flags(raw: str) -> frozenset[str]:
@@ -154,8 +221,10 @@ def _is_x86(arch: str) -> bool:
     return arch.lower() in ("x86_64", "amd64", "x64")
 
 
-def plan(m: Machine, override: str = "auto") -> BuildPlan:
-    """The build for machine `m`. Pure; raises PlanError for an override the machine can't take."""
+def plan(m: Machine, override: str = "auto", cuda_architectures: str = "") -> BuildPlan:
+    """The build for machine `m`. Pure; raises PlanError for an override the machine can't take.
+
+    ``cuda_architectures``: CORRAL_CUDA_ARCHITECTURES, a CMake list ("" = derive it)."""
     override = (override or "auto").strip().lower()
     if override not in BACKENDS:
         raise PlanError(f"CORRAL_LLAMA_BACKEND={override!r}: use one of {', '.join(BACKENDS)}")
@@ -174,28 +243,45 @@ def plan(m: Machine, override: str = "auto") -> BuildPlan:
             raise PlanError("CORRAL_LLAMA_BACKEND=hip but ROCm's hipcc was not found")
         if backend == "metal" and m.os != "darwin":
             raise PlanError("CORRAL_LLAMA_BACKEND=metal needs macOS")
+        if backend == "vulkan" and not m.vulkan_sdk:
+            raise PlanError(
+                "CORRAL_LLAMA_BACKEND=vulkan but the Vulkan build tools are missing: it needs the "
+                "Vulkan loader and headers, SPIR-V headers and glslc (Debian/Ubuntu: apt-get "
+                "install libvulkan-dev spirv-headers glslc)"
+            )
+        if backend == "cuda" and not m.cublas:
+            raise PlanError(_NO_CUBLAS.format(nvcc=m.nvcc))
     # 2. Apple silicon
     elif m.os == "darwin" and not _is_x86(m.arch):
         backend, why = "metal", "macOS on Apple silicon: Metal"
     # 3. NVIDIA
-    elif m.nvidia_gpus and m.nvcc:
+    elif m.nvidia_gpus and m.nvcc and m.cublas:
         backend, why = "cuda", f"{m.nvidia_gpus} NVIDIA GPU(s) and CUDA toolkit {m.nvcc}"
     # 4. AMD
     elif m.amd_gpus and m.hipcc:
         backend, why = "hip", f"{m.amd_gpus} AMD GPU(s) and ROCm {m.hipcc}"
-    # 5. CPU
+    # 5. Vulkan
+    elif m.vulkan_gpus and m.vulkan_sdk:
+        backend, why = "vulkan", f"{m.vulkan_gpus} Vulkan GPU(s) and no CUDA/ROCm toolkit for them"
+        if m.nvidia_gpus and m.nvcc and not m.cublas:
+            warnings.append(_NO_CUBLAS.format(nvcc=m.nvcc) + "; building for Vulkan meanwhile")
+    # 6. CPU
     else:
         backend, why = "cpu", "no usable GPU toolkit"
-        if m.nvidia_gpus:
+        if m.nvidia_gpus and m.nvcc and not m.cublas:
+            warnings.append(_NO_CUBLAS.format(nvcc=m.nvcc) + ": this build runs on the CPU only")
+            why = "NVIDIA GPU(s) and a CUDA toolkit without cuBLAS"
+        elif m.nvidia_gpus:
             warnings.append(
-                f"{m.nvidia_gpus} NVIDIA GPU(s) found but no CUDA toolkit (nvcc): this build runs on "
-                "the CPU only; install the CUDA toolkit and reinstall with CORRAL_LLAMA_BACKEND=cuda"
+                f"{m.nvidia_gpus} NVIDIA GPU(s) found but no CUDA toolkit (nvcc): this build runs "
+                "on the CPU only; install the CUDA toolkit and reinstall with "
+                "CORRAL_LLAMA_BACKEND=cuda (or the Vulkan build tools for a Vulkan build)"
             )
             why = "NVIDIA GPU(s) without a CUDA toolkit"
         elif m.amd_gpus:
             warnings.append(
-                f"{m.amd_gpus} AMD GPU(s) found but no ROCm hipcc: this build runs on the CPU only; "
-                "install ROCm and reinstall with CORRAL_LLAMA_BACKEND=hip"
+                f"{m.amd_gpus} AMD GPU(s) found but no ROCm hipcc: this build runs on the CPU "
+                "only; install ROCm and reinstall with CORRAL_LLAMA_BACKEND=hip"
             )
             why = "AMD GPU(s) without ROCm"
         elif m.nvcc:
@@ -214,8 +300,20 @@ def plan(m: Machine, override: str = "auto") -> BuildPlan:
         cpu_desc = f"{m.arch} native"
     if backend == "cuda":
         args.append("-DGGML_CUDA=ON")
-        if m.cuda_capabilities:
-            args.append("-DCMAKE_CUDA_ARCHITECTURES=" + ";".join(sorted(set(m.cuda_capabilities))))
+        archs = cuda_architectures.strip()
+        if not archs and m.cuda_capabilities:
+            archs = ";".join(sorted(set(m.cuda_capabilities)))
+        if not archs:
+            archs = default_cuda_architectures(m.cuda_version) or ""
+        if archs:
+            _check_cuda_architectures(archs)
+            args.append("-DCMAKE_CUDA_ARCHITECTURES=" + archs)
+        if not m.cuda_driver:
+            args.append("-DGGML_CUDA_NO_VMM=ON")  # loads without libcuda (see the docstring)
+            warnings.append(
+                "no NVIDIA driver (libcuda.so.1) here: the CUDA build will load and find no "
+                "device; it is built without the driver's virtual-memory pool (GGML_CUDA_NO_VMM)"
+            )
         if m.nvcc:
             env["CUDACXX"] = m.nvcc
     elif backend == "hip":
@@ -224,6 +322,8 @@ def plan(m: Machine, override: str = "auto") -> BuildPlan:
             args.append("-DAMDGPU_TARGETS=" + ";".join(sorted(set(m.hip_targets))))
     elif backend == "metal":
         args.append("-DGGML_METAL=ON")
+    elif backend == "vulkan":
+        args.append("-DGGML_VULKAN=ON")
     elif m.os == "darwin":
         args.append("-DGGML_METAL=OFF")  # an Intel Mac: CPU build
     reason = f"llama.cpp build: {backend} ({cpu_desc}) because {why}"
@@ -231,6 +331,15 @@ def plan(m: Machine, override: str = "auto") -> BuildPlan:
 
 
 # ---------------------------------------------------------------- probing (touches the system)
+
+
+def _run_all(cmd: list[str]) -> str:
+    """stdout and stderr of ``cmd`` ("" when it cannot run)."""
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return r.stdout + r.stderr
 
 
 def _run(cmd: list[str]) -> str:
@@ -260,6 +369,63 @@ def find_hipcc(env: dict[str, str] | None = None) -> str | None:
         if root and os.access(Path(root, "bin", "hipcc"), os.X_OK):
             return str(Path(root, "bin", "hipcc"))
     return None
+
+
+def cuda_toolkit(nvcc: str | None) -> tuple[str | None, bool]:
+    """(release "13.0", has cuBLAS) of the toolkit whose compiler is ``nvcc``.
+
+    The toolkit's root is what nvcc itself reports (``TOP``: nvcc may be a wrapper script
+    elsewhere on PATH), and cuBLAS counts when both its library and its header are there."""
+    if not nvcc:
+        return None, False
+    found = re.search(r"release (\d+\.\d+)", _run([nvcc, "--version"]))
+    dry = _run_all([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull])
+    roots = [Path(t).resolve() for t in re.findall(r"TOP=(\S+)", dry)]
+    roots.append(Path(nvcc).resolve().parent.parent)
+    for root in roots:
+        dirs = [root, *root.glob("targets/*")]
+        lib = any(any((d / sub).glob("libcublas.so*")) for d in dirs for sub in ("lib64", "lib"))
+        header = any((d / "include" / "cublas_v2.h").is_file() for d in dirs)
+        if lib and header:
+            return (found.group(1) if found else None), True
+    return (found.group(1) if found else None), False
+
+
+def cuda_driver_loads() -> bool:
+    """Whether the NVIDIA driver's library loads in this process (absent on a build box)."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def vulkan_facts() -> tuple[int, bool]:
+    """(Vulkan GPUs seen, the Vulkan build tools present).
+
+    GPUs: `vulkaninfo --summary`'s devices that are not a CPU rasteriser (llvmpipe, SwiftShader);
+    without vulkaninfo, the kernel's DRM render nodes. Tools: glslc on PATH, the loader's
+    development library and header, and SPIR-V headers' CMake package (ggml-vulkan needs all)."""
+    if shutil.which("vulkaninfo"):
+        summary = _run_all(["vulkaninfo", "--summary"])
+        types = re.findall(r"deviceType\s*=\s*PHYSICAL_DEVICE_TYPE_(\w+)", summary)
+        gpus = sum(1 for t in types if t != "CPU")
+    else:
+        gpus = len(list(Path("/dev/dri").glob("renderD*"))) if Path("/dev/dri").is_dir() else 0
+    sdk = Path(os.environ.get("VULKAN_SDK", "/usr"))
+    include_dirs = [sdk / "include", Path("/usr/include"), Path("/usr/local/include")]
+    header = any((d / "vulkan" / "vulkan.h").is_file() for d in include_dirs)
+    loader = ctypes.util.find_library("vulkan") is not None
+    spirv = (
+        any(
+            Path(d).glob("**/SPIRV-HeadersConfig.cmake")
+            for d in ("/usr/share/cmake", "/usr/lib/cmake", "/usr/local/share", "/usr/share")
+            if Path(d).is_dir()
+        )
+        if header
+        else False
+    )
+    return gpus, bool(shutil.which("glslc") and header and loader and spirv)
 
 
 def cpu_flags(os_name: str) -> frozenset[str]:
@@ -344,20 +510,38 @@ def probe_machine(nvml: tuple[int, tuple[str, ...]] | None = None) -> Machine:
     nvcc, hipcc = find_nvcc(), find_hipcc()
     n_nv, caps = nvidia_gpus(nvml) if os_name == "linux" or os_name == "windows" else (0, ())
     n_amd, targets = amd_gpus(hipcc) if os_name == "linux" else (0, ())
-    return Machine(os_name, arch, cpu_flags(os_name), n_nv, caps, n_amd, targets, nvcc, hipcc)
+    cuda_version, cublas = cuda_toolkit(nvcc)
+    driver = cuda_driver_loads() if os_name == "linux" else False
+    n_vk, vk_sdk = vulkan_facts() if os_name == "linux" else (0, False)
+    return Machine(
+        os_name,
+        arch,
+        cpu_flags(os_name),
+        n_nv,
+        caps,
+        n_amd,
+        targets,
+        nvcc,
+        hipcc,
+        cuda_version=cuda_version,
+        cublas=cublas,
+        cuda_driver=driver,
+        vulkan_gpus=n_vk,
+        vulkan_sdk=vk_sdk,
+    )
 
 
 def main(argv: list[str]) -> int:
     override = os.environ.get("CORRAL_LLAMA_BACKEND", "auto")
     machine = probe_machine()
     try:
-        p = plan(machine, override)
+        p = plan(machine, override, os.environ.get("CORRAL_CUDA_ARCHITECTURES", ""))
     except PlanError as exc:
         print(f"corral: {exc}", file=sys.stderr)
         return 2
     version = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "0.3.36")
     patch = (Path(__file__).resolve().parent.parent / "scripts" / "patch-llama.py").read_bytes()
-    key = p.key(version, "%d.%d" % sys.version_info[:2], patch)
+    key = p.key(version, "{}.{}".format(*sys.version_info[:2]), patch)
     if "--shell" in argv:
         print(f"LLAMA_BACKEND={shlex.quote(p.backend)}")
         print(f"LLAMA_CMAKE_ARGS={shlex.quote(p.cmake_args_str)}")

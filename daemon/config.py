@@ -555,8 +555,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     runner_engine: Literal["llama", "fake"] = "llama"
     # CORRAL_FAKE_KNOBS: JSON object handed to fake runners (None = defaults)
     fake_knobs: dict[str, Any] | None = None
-    # CORRAL_LLAMA_BACKEND: the build the install chose (auto|cpu|cuda|hip|metal), for `doctor`
+    # CORRAL_LLAMA_BACKEND: the build the install chose (auto|cpu|cuda|hip|metal|vulkan), and
+    # CORRAL_CUDA_ARCHITECTURES: its CUDA targets; for `doctor`'s "plan for this machine"
     llama_backend: str = "auto"
+    cuda_architectures: str = ""
     # names of the variables of env_summary() that the environment sets (the rest are defaults)
     env_set: frozenset[str] = frozenset()
     # XDG_CACHE_HOME/corral (else ~/.cache/corral): the engine probe's cache; None = no cache
@@ -700,6 +702,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             fake_knobs=knobs,
             cache_dir=_cache_dir(env),
             llama_backend=var("CORRAL_LLAMA_BACKEND").lower() or "auto",
+            cuda_architectures=var("CORRAL_CUDA_ARCHITECTURES"),
             env_set=frozenset(k for k in SUMMARY_VARS if k in env),
             default_model=default_model,
             default_model_explicit=bool(default_model) and "CORRAL_DEFAULT_MODEL" in env,

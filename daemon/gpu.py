@@ -300,7 +300,9 @@ def engine_verdict(
     probe's, or an Inventory's Gpu) only the library counts.
 
     No engine probe (the fake engine, simulated GPUs): everything is offered. Otherwise a GPU is
-    offered only when the engine has a device of its library.
+    offered only when the engine has a device of its library. The reason also names a GPU
+    backend that was compiled in but found no device (a CUDA build on a machine without a GPU
+    or driver: models run on the CPU), with what llama.cpp said while looking.
     """
     if engine is None:
         return None, None
@@ -309,8 +311,6 @@ def engine_verdict(
     for g in readings:
         if g.library not in usable:
             unused[g.library] = unused.get(g.library, 0) + 1
-    if not unused:
-        return usable, None
     parts = []
     for lib, n in sorted(unused.items()):
         vendor = _VENDOR.get(lib, lib)
@@ -324,7 +324,14 @@ def engine_verdict(
             f"{why}; {n} {vendor} GPU{'s' if n != 1 else ''} unused; "
             f"reinstall with CORRAL_LLAMA_BACKEND={flag}"
         )
-    return usable, "; ".join(parts)
+    for backend in engine.idle_gpu_backends():
+        said = [e for e in engine.backend_errors if backend.lower() in e.lower()]
+        parts.append(
+            f"llama.cpp's {backend} backend found no device"
+            + (f" ({said[0]})" if said else "")
+            + "; models run on the CPU"
+        )
+    return usable, "; ".join(parts) or None
 
 
 class UnifiedMemoryProbe(SimulatedProbe):

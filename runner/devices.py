@@ -43,6 +43,37 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
     lib.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
     lib.ggml_backend_reg_name.restype = ctypes.c_char_p
+    lib.ggml_backend_reg_count.argtypes = []
+    lib.ggml_backend_reg_count.restype = ctypes.c_size_t
+    lib.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]
+    lib.ggml_backend_reg_get.restype = ctypes.c_void_p
+
+
+# enum ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
+_LOG_WARN, _LOG_ERROR, _LOG_CONT = 3, 4, 5
+
+
+class _BackendLog:
+    """Collects what llama.cpp logs at warning or error level while its backends look for
+    devices (the registry is built on first use, inside :func:`probe`), still forwarding every
+    line to stderr. The ctypes callback is kept referenced for as long as it is installed."""
+
+    def __init__(self, llama_cpp) -> None:
+        self.lines: list[str] = []
+        self._partial = ""
+        self._keep = False
+        self._callback = llama_cpp.llama_log_callback(self._on_log)
+        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+
+    def _on_log(self, level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
+        chunk = _text(text)
+        sys.stderr.write(chunk)
+        if level != _LOG_CONT:
+            self._keep = level in (_LOG_WARN, _LOG_ERROR)
+        if self._keep:
+            self._partial += chunk
+            *done, self._partial = self._partial.split("\n")
+            self.lines += [line.strip() for line in done if line.strip()]
 
 
 def _text(raw: bytes | None) -> str:
@@ -69,8 +100,13 @@ def probe() -> EngineProbe:
         import llama_cpp
         from llama_cpp._ggml import libggml
 
-        llama_cpp.llama_backend_init()
         _bind(libggml)
+        log = _BackendLog(llama_cpp)
+        llama_cpp.llama_backend_init()
+        backends = [
+            _text(libggml.ggml_backend_reg_name(libggml.ggml_backend_reg_get(i)))
+            for i in range(libggml.ggml_backend_reg_count())
+        ]
         devices = []
         for i in range(libggml.ggml_backend_dev_count()):
             dev = libggml.ggml_backend_dev_get(i)
@@ -94,6 +130,8 @@ def probe() -> EngineProbe:
             devices=devices,
             system_info=_text(llama_cpp.llama_print_system_info()).strip(),
             build=build_record(),
+            backends=backends,
+            backend_errors=log.lines[-8:],
         )
     except Exception as exc:  # no llama_cpp, a library that fails to load: say so, run CPU-less
         return EngineProbe(

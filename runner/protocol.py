@@ -138,6 +138,10 @@ class EngineDevice(msgspec.Struct, frozen=True, kw_only=True):
     free: int = 0
 
 
+# ggml backend registry names that drive GPUs
+_GPU_BACKEND_NAMES = frozenset({"cuda", "rocm", "hip", "metal", "mtl", "vulkan", "sycl", "musa"})
+
+
 class EngineProbe(msgspec.Struct, frozen=True, kw_only=True, tag="probe", tag_field="type"):
     """What the engine this runner was built with can do."""
 
@@ -148,10 +152,25 @@ class EngineProbe(msgspec.Struct, frozen=True, kw_only=True, tag="probe", tag_fi
     system_info: str = ""  # llama_print_system_info(): the CPU features compiled in
     build: dict[str, str] = msgspec.field(default_factory=dict)  # scripts/install-llama.sh's record
     error: str | None = None  # the engine could not be loaded at all (the daemon uses CPU only)
+    # the backends compiled in ("CUDA", "Vulkan", "CPU"), devices or not, and what llama.cpp
+    # logged as a warning or error while they looked for devices ("ggml_cuda_init: failed to
+    # initialize CUDA: ..."): a GPU build on a machine whose GPU it cannot use says why
+    backends: list[str] = msgspec.field(default_factory=list)
+    backend_errors: list[str] = msgspec.field(default_factory=list)
 
     def gpu_backends(self) -> set[str]:
         """Backend names (lower case) of the GPU-like devices, e.g. {"cuda"}, {"metal"}."""
         return {d.backend.lower() for d in self.devices if d.type in ("gpu", "igpu")}
+
+    def idle_gpu_backends(self) -> list[str]:
+        """GPU backends compiled in that found no device (a CUDA build without a GPU or driver),
+        as llama.cpp names them; the CPU and accelerator-only backends (BLAS, RPC) never count."""
+        with_devices = {d.backend.lower() for d in self.devices}
+        return [
+            b
+            for b in self.backends
+            if b.lower() not in with_devices and b.lower() in _GPU_BACKEND_NAMES
+        ]
 
 
 _probe_decoder = msgspec.json.Decoder(EngineProbe)

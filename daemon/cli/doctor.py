@@ -117,7 +117,13 @@ def _problems(
             }
         )
     if gpu_note:
-        out.append({"problem": gpu_note, "fix": "see the note: rebuild llama.cpp for the GPU"})
+        out.append(
+            {
+                "problem": gpu_note,
+                "fix": "rebuild llama.cpp for the GPU (CORRAL_LLAMA_BACKEND), or for a GPU build that "
+                "finds no device check the driver (nvidia-smi, vulkaninfo) and CUDA_VISIBLE_DEVICES",
+            }
+        )
     info = engine.system_info
     if "AMX_INT8 = 1" in info:
         out.append(
@@ -166,7 +172,9 @@ async def collect(
     readings, nvidia = await asyncio.to_thread(_read_nvml, nv)
     machine = await asyncio.to_thread(buildplan.probe_machine, nvidia)
     try:
-        want: buildplan.BuildPlan | None = buildplan.plan(machine, config.llama_backend)
+        want: buildplan.BuildPlan | None = buildplan.plan(
+            machine, config.llama_backend, config.cuda_architectures
+        )
     except buildplan.PlanError:
         want = None
     libraries, gpu_note = engine_verdict(readings, engine)

@@ -85,9 +85,79 @@ def test_linux_with_nvidia_gpus_and_nvcc_builds_cuda_with_their_architectures():
     assert p.env["CUDACXX"] == "/usr/bin/nvcc"
 
 
-def test_cuda_without_known_capabilities_leaves_architectures_to_llama_cpp():
+def test_cuda_without_known_capabilities_or_version_leaves_architectures_to_llama_cpp():
     p = lb.plan(linux(nvidia_gpus=1, nvcc="/usr/local/cuda/bin/nvcc"))
     assert p.backend == "cuda" and "CMAKE_CUDA_ARCHITECTURES" not in args(p)
+
+
+@pytest.mark.parametrize(
+    ("version", "first", "last", "has_blackwell"),
+    [
+        ("13.0", "75", "120-real", True),
+        ("12.8", "61-virtual", "120-real", True),
+        ("12.4", "61-virtual", "90-real", False),
+    ],
+)
+def test_a_build_box_without_gpus_gets_the_documented_list_for_its_toolkit(
+    version, first, last, has_blackwell
+):
+    """No GPU to ask (the CUDA build of this machine): real code for the common cards and PTX of
+    the oldest target; CUDA 13 has nothing below 7.5, Blackwell needs 12.8."""
+    p = lb.plan(linux(nvcc="/x/nvcc", cuda_version=version), "cuda")
+    archs = args(p)["CMAKE_CUDA_ARCHITECTURES"].split(";")
+    assert archs[0] == first and archs[-1] == last
+    assert ("100-real" in archs) is has_blackwell
+    assert "89-real" in archs and "86-real" in archs and "90-real" in archs
+    assert lb.default_cuda_architectures("11.8") is None  # ggml's own default there
+    assert lb.default_cuda_architectures(None) is None
+
+
+def test_corral_cuda_architectures_wins_over_the_gpus_and_the_default():
+    m = linux(nvidia_gpus=1, cuda_capabilities=("86",), nvcc="/x/nvcc", cuda_version="13.0")
+    assert args(lb.plan(m, "auto", "89-real;90"))["CMAKE_CUDA_ARCHITECTURES"] == "89-real;90"
+    assert args(lb.plan(m, "auto", " "))["CMAKE_CUDA_ARCHITECTURES"] == "86"
+    assert "CMAKE_CUDA_ARCHITECTURES" not in args(lb.plan(m, "cpu", "89"))
+
+
+@pytest.mark.parametrize("bad", ["8.9", "sm_89", "89;", "compute_90", "89-fake"])
+def test_a_malformed_architecture_list_is_refused_before_building(bad):
+    with pytest.raises(lb.PlanError, match="CORRAL_CUDA_ARCHITECTURES"):
+        lb.plan(linux(nvcc="/x/nvcc"), "cuda", bad)
+
+
+def test_without_an_nvidia_driver_the_cuda_build_skips_the_driver_linked_pool():
+    """ggml links libcuda for its VMM pool: where no driver loads, that wheel would not import."""
+    box = lb.plan(linux(nvcc="/x/nvcc", cuda_driver=False), "cuda")
+    assert args(box)["GGML_CUDA_NO_VMM"] == "ON"
+    assert any("libcuda.so.1" in w for w in box.warnings)
+    server = lb.plan(linux(nvidia_gpus=1, nvcc="/x/nvcc", cuda_driver=True))
+    assert "GGML_CUDA_NO_VMM" not in args(server) and not server.warnings
+
+
+def test_a_toolkit_without_cublas_is_a_cpu_build_that_says_what_is_missing():
+    p = lb.plan(linux(nvidia_gpus=1, nvcc="/x/nvcc", cublas=False))
+    assert p.backend == "cpu" and "cuBLAS" in p.reason
+    assert len(p.warnings) == 1 and "libcublas" in p.warnings[0]
+
+
+def test_vulkan_for_gpus_without_their_vendor_toolkit():
+    """Ollama's Vulkan row: NVIDIA without the CUDA toolkit, AMD without ROCm, Intel GPUs."""
+    for m in (
+        linux(nvidia_gpus=1, vulkan_gpus=1, vulkan_sdk=True),
+        linux(amd_gpus=1, vulkan_gpus=1, vulkan_sdk=True),
+        linux(vulkan_gpus=1, vulkan_sdk=True),
+    ):
+        p = lb.plan(m)
+        assert p.backend == "vulkan" and args(p)["GGML_VULKAN"] == "ON"
+        assert "GGML_CUDA" not in args(p) and args(p)["GGML_AMX_TILE"] == "OFF"
+    # the vendor toolkit wins where it is there; no Vulkan GPU or no tools: CPU
+    assert (
+        lb.plan(linux(nvidia_gpus=1, nvcc="/x", vulkan_gpus=1, vulkan_sdk=True)).backend == "cuda"
+    )
+    assert lb.plan(linux(vulkan_gpus=1)).backend == "cpu"
+    assert lb.plan(linux(vulkan_sdk=True)).backend == "cpu"
+    forced = lb.plan(linux(vulkan_sdk=True), "vulkan")  # a build box: forced, as for CUDA
+    assert forced.backend == "vulkan" and "CORRAL_LLAMA_BACKEND=vulkan" in forced.reason
 
 
 def test_gpu_without_toolkit_is_a_cpu_build_with_a_warning_that_says_how():
@@ -145,7 +215,9 @@ def test_the_override_wins():
         (linux(), "cuda", "nvcc"),
         (linux(), "hip", "hipcc"),
         (linux(), "metal", "macOS"),
-        (linux(), "vulkan", "one of"),
+        (linux(), "vulkan", "glslc"),
+        (linux(), "rocm", "one of"),
+        (linux(nvcc="/x/nvcc", cublas=False), "cuda", "no cuBLAS"),
     ],
 )
 def test_an_override_the_machine_cannot_take_is_an_error(machine, override, text):

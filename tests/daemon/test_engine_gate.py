@@ -136,6 +136,44 @@ def test_an_engine_that_failed_to_load_says_so():
     assert "1 NVIDIA GPU unused" in why
 
 
+# A CUDA build on a machine without an NVIDIA driver, as `python -m corral.runner --probe` prints it
+# for the wheel scripts/check-gpu-build.sh cuda builds here: the CUDA backend is registered,
+# finds no device, and llama.cpp logged why.
+CUDA_NO_DEVICE = EngineProbe(
+    llama_cpp_python="0.3.36",
+    gpu_offload=True,
+    devices=[CPU_DEV],
+    build={"backend": "cuda"},
+    backends=["CUDA", "CPU"],
+    backend_errors=[
+        "ggml_cuda_init: failed to initialize CUDA: CUDA driver version is insufficient for "
+        "CUDA runtime version"
+    ],
+)
+
+
+def test_a_gpu_build_without_a_device_says_the_cpu_runs_everything_and_why():
+    libs, why = engine_verdict([], CUDA_NO_DEVICE)
+    assert libs == frozenset()
+    assert why == (
+        "llama.cpp's CUDA backend found no device (ggml_cuda_init: failed to initialize CUDA: "
+        "CUDA driver version is insufficient for CUDA runtime version); models run on the CPU"
+    )
+    assert CUDA_NO_DEVICE.idle_gpu_backends() == ["CUDA"]
+
+
+def test_a_backend_with_its_device_or_a_cpu_helper_backend_is_not_idle():
+    with_device = EngineProbe(devices=WITH_CUDA.devices, backends=["CUDA", "CPU"])
+    assert with_device.idle_gpu_backends() == []
+    assert engine_verdict(readings("cuda"), with_device) == (frozenset({"cuda"}), None)
+    blas = EngineProbe(devices=[CPU_DEV], backends=["BLAS", "RPC", "CPU"])
+    assert blas.idle_gpu_backends() == [] and engine_verdict([], blas) == (frozenset(), None)
+    vulkan = EngineProbe(devices=[CPU_DEV], backends=["Vulkan", "CPU"])
+    assert engine_verdict([], vulkan)[1] == (
+        "llama.cpp's Vulkan backend found no device; models run on the CPU"
+    )
+
+
 # ------------------------------------------------------------------------ supervisor behaviour
 
 
@@ -348,3 +386,18 @@ async def test_the_next_load_waits_until_the_stopped_runners_vram_reads_free_aga
         assert sup.snapshot().reclaiming == ()
     finally:
         await asyncio.wait_for(sup.close(), SAFETY)
+
+
+async def test_a_cuda_build_without_a_device_runs_on_cpu_and_says_why_in_one_line(models):
+    probe = NvmlProbe(nvml=FakeNvml(devices=[]).module(), host=HOST)
+    with capture_logs() as logs:
+        sup = await start(cfg(), probe, CUDA_NO_DEVICE)
+        try:
+            async with await acquire(sup, models(0)):
+                pass
+            (row,) = ps_models(sup)
+            assert row["size_vram"] == 0 and row["gpus"] == [] and row["size"] > 0
+        finally:
+            await asyncio.wait_for(sup.close(), SAFETY)
+    (line,) = [e for e in logs if e["event"] == "gpus unused"]
+    assert line["reason"].startswith("llama.cpp's CUDA backend found no device (ggml_cuda_init:")
