@@ -45,6 +45,7 @@ DEFAULT_LOAD_TIMEOUT = 300.0
 DEFAULT_MAX_QUEUE = 512
 DEFAULT_PORT = 11434
 DEFAULT_PREDICT_LIMIT = 10  # CORRAL_PREDICT_LIMIT: generated tokens per request <= 10 x num_ctx
+DEFAULT_PRIORITY_AGING = 30.0
 
 # Appended to every OLLAMA_ORIGINS list, in this order (17 entries).
 DEFAULT_ORIGINS: tuple[str, ...] = (
@@ -503,6 +504,8 @@ SUMMARY_VARS = (
     "CORRAL_RUNNER_ENGINE",
     "CORRAL_DEFAULT_MODEL",
     "CORRAL_PREDICT_LIMIT",
+    "CORRAL_POLICY",
+    "CORRAL_PRIORITY_AGING",
 )
 
 
@@ -571,6 +574,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     # CORRAL_PREDICT_LIMIT: a generation ends (done_reason "length") after this many times
     # num_ctx generated tokens, whatever num_predict asks (Ollama's 10); 0 = no limit
     predict_limit: int = DEFAULT_PREDICT_LIMIT
+    # CORRAL_POLICY: the operator's policy file (daemon/policy.py); None = no policy
+    policy_path: Path | None = None
+    # CORRAL_PRIORITY_AGING: seconds a waiting request needs to move up one priority class
+    priority_aging: float = DEFAULT_PRIORITY_AGING
 
     @property
     def bind_host(self) -> str | None:
@@ -674,6 +681,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             except msgspec.DecodeError as e:
                 warn("CORRAL_FAKE_KNOBS", knobs_raw, None, str(e))
 
+        policy_raw = var("CORRAL_POLICY")
+        aging = duration("CORRAL_PRIORITY_AGING", DEFAULT_PRIORITY_AGING)
+        if aging is None or aging <= 0 or math.isinf(aging):
+            warn("CORRAL_PRIORITY_AGING", var("CORRAL_PRIORITY_AGING"), "30s", "must be > 0")
+            aging = DEFAULT_PRIORITY_AGING
+
         default_model = (
             env["CORRAL_DEFAULT_MODEL"].strip() if "CORRAL_DEFAULT_MODEL" in env else "gemma3:270m"
         )
@@ -707,6 +720,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             default_model=default_model,
             default_model_explicit=bool(default_model) and "CORRAL_DEFAULT_MODEL" in env,
             predict_limit=uint("CORRAL_PREDICT_LIMIT", DEFAULT_PREDICT_LIMIT),
+            policy_path=Path(policy_raw).expanduser() if policy_raw else None,
+            priority_aging=aging,
         )
 
     def env_summary(self) -> dict[str, str]:
@@ -733,4 +748,6 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             "CORRAL_RUNNER_ENGINE": self.runner_engine,
             "CORRAL_DEFAULT_MODEL": self.default_model if self.default_model_explicit else "",
             "CORRAL_PREDICT_LIMIT": str(self.predict_limit),
+            "CORRAL_POLICY": str(self.policy_path or ""),
+            "CORRAL_PRIORITY_AGING": format_duration(self.priority_aging),
         }

@@ -25,6 +25,8 @@ from corral.daemon.api.app import make_app
 from corral.daemon.config import Config, HostAddr
 from corral.daemon.models.default_model import ensure_default_model
 from corral.daemon.models.store import Store
+from corral.daemon.policy import Policy, PolicyError
+from corral.daemon.policy import load as load_policy
 from corral.daemon.supervisor import Supervisor
 from corral.daemon.version import VERSION
 
@@ -43,7 +45,7 @@ def serve(config: Config) -> int:
         return 1
     try:
         asyncio.run(run(config))
-    except OSError as exc:  # e.g. address already in use
+    except (OSError, PolicyError) as exc:  # address in use, a bad policy file, pins not fitting
         log.error("serve failed", error=str(exc))
         return 1
     return 0
@@ -54,21 +56,26 @@ async def run(
     ready: Callable[[str], Awaitable[None] | None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop`` is set). ``ready`` gets the listening URL."""
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set). ``ready`` gets the listening URL.
+    SIGHUP reloads the policy file. Raises PolicyError when the policy file is bad or its pinned
+    models cannot all be loaded (after shutting down what started)."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
     log.info("server config", **config.env_summary())
+    policy = load_policy(config.policy_path) if config.policy_path else Policy()
     _raise_fd_limit()
     store = Store(config.models, noprune=config.noprune)
     if not config.noprune:
         await asyncio.to_thread(store.prune)
     default = await ensure_default_model(store, config)
 
-    supervisor = Supervisor(config, store)
+    supervisor = Supervisor(config, store, policy=policy)
     await supervisor.start()
+    loop.add_signal_handler(signal.SIGHUP, supervisor.reload_policy)
+    failed: list[PolicyError] = []
     app = make_app(config, store, supervisor)
 
     async def _stop_supervisor(_app: web.Application) -> None:
@@ -110,6 +117,14 @@ async def run(
         # that arrives meanwhile shares that load. The start-up ends with one line saying where
         # corral listens and what to try first.
         async def _preload_then_greet() -> None:
+            try:
+                pins = await supervisor.load_pins()
+            except PolicyError as e:  # pins that cannot all be loaded stop the start-up
+                failed.append(e)
+                stop.set()
+                return
+            if pins:
+                log.info("pinned models loaded", models=pins)
             await supervisor.preload_default(default)
             log.info(
                 "corral is ready",
@@ -136,9 +151,11 @@ async def run(
         except TimeoutError:
             log.error("shutdown budget exceeded; killing runners")
             await supervisor.kill_all()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         log.info("stopped")
+    if failed:
+        raise failed[0]
 
 
 def _raise_fd_limit() -> None:

@@ -63,6 +63,8 @@ from corral.daemon.model_inputs import (
     runner_options,
 )
 from corral.daemon.params import RequestOptions
+from corral.daemon.policy import ModelRule, Policy, PolicyError
+from corral.daemon.policy import load as load_policy
 from corral.daemon.runners import (
     RUNNER_ARGV,
     RunnerProcess,
@@ -85,6 +87,8 @@ from corral.scheduler import (
     InventoryUpdated,
     Limits,
     ModelFacts,
+    ModelPolicy,
+    PolicyChanged,
     Reject,
     RequestArrived,
     RequestCancelled,
@@ -295,10 +299,18 @@ class Supervisor:
         load_timeout: float | None = None,
         engine: EngineProbe | None | Literal["probe"] = "probe",
         metrics: Metrics | None = None,
+        policy: Policy | None = None,
     ) -> None:
         """``engine``: what the llama.cpp build can do. ``"probe"`` asks it at start (skipped for
-        the fake engine and simulated GPUs, which are paper on purpose); tests pass an answer."""
+        the fake engine and simulated GPUs, which are paper on purpose); tests pass an answer.
+        ``policy``: the operator's policy; None = read ``config.policy_path`` (a bad file raises
+        :class:`~corral.daemon.policy.PolicyError`), or no policy without one."""
         self.config = config
+        if policy is None:
+            policy = load_policy(config.policy_path) if config.policy_path else Policy()
+        self.policy = policy
+        # model name -> (its rule, the scheduler's policy; None = no rule applies)
+        self._rules: dict[str, tuple[ModelRule, ModelPolicy | None]] = {}
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.source = self
         self.store = store
@@ -324,6 +336,7 @@ class Supervisor:
                 default_keep_alive=config.keep_alive,
                 sched_spread=config.sched_spread,
                 gpu_overhead=config.gpu_overhead,
+                priority_aging=config.priority_aging,
             )
         )
         self._argv = tuple(runner_argv)
@@ -441,14 +454,19 @@ class Supervisor:
             self.preloaded = True
             return
         try:
-            record = self.store.resolve(name)
-            options = RequestOptions.build(record.parameters, None)
-            async with await self.acquire(record, options, None, "completion"):
-                pass
+            await self._preload(name)
         except Exception as exc:
             log.warning("preload failed", model=name, error=getattr(exc, "message", str(exc)))
             return
         self.preloaded = True
+
+    async def _preload(self, name: str) -> None:
+        """Load model ``name`` from the store and release it at once (raises CorralError)."""
+        assert self.store is not None
+        record = self.store.resolve(name)
+        options = RequestOptions.build(record.parameters, None)
+        async with await self.acquire(record, options, None, "completion"):
+            pass
 
     async def close(self) -> None:
         """Shut down in order (STYLE rule 11); idempotent. Total <= drain + grace + ~1 s."""
@@ -522,9 +540,12 @@ class Supervisor:
             raise InvalidRequest(f'"{model.name}" does not support generate')
         key = model_key(model)
         facts = await self._model_facts(model, key)
+        rule, policy = self.rule(model.name)
+        if keep_alive is None:
+            keep_alive = rule.keep_alive
         opts = runner_options(
             RequestOptions() if options is None else options,
-            default_ctx=self._default_ctx,
+            default_ctx=self._default_ctx if rule.num_ctx is None else (rule.num_ctx, False),
             kv_cache_type=self.config.kv_cache_type,
             flash_attention=self.config.flash_attention,
         )
@@ -545,6 +566,7 @@ class Supervisor:
                 options=opts,
                 keep_alive=keep_alive,
                 embedding=kind == "embedding",
+                policy=policy,
             )
         )
         try:
@@ -574,6 +596,89 @@ class Supervisor:
         )
         self._leases[req_id] = lease
         return lease
+
+    def rule(self, name: str) -> tuple[ModelRule, ModelPolicy | None]:
+        """The policy rule for model ``name`` and the scheduler's form of it (None: no rule)."""
+        hit = self._rules.get(name)
+        if hit is None:
+            rule = self.policy.rule_for(name)
+            hit = (rule, rule.scheduler_policy(name) if rule.describe() else None)
+            if len(self._rules) >= 1024:
+                self._rules.clear()
+            self._rules[name] = hit
+        return hit
+
+    def policy_for(self, name: str) -> dict[str, Any]:
+        """The policy keys that apply to model ``name`` (empty without a rule), for /api/ps."""
+        return self.rule(name)[0].describe()
+
+    def reload_policy(self) -> bool:
+        """SIGHUP: read the policy file again. A bad file keeps the old policy (logged, False);
+        a good one applies at once to loaded runners (pins, keep-alive) and new requests, and
+        its new pins are loaded in the background."""
+        path = self.config.policy_path
+        if path is None:
+            log.info("policy reload: no policy file (CORRAL_POLICY is not set)")
+            return False
+        try:
+            new = load_policy(path)
+        except PolicyError as e:
+            log.warning("policy reload failed, keeping the old policy", error=str(e))
+            return False
+        old_pins = set(self.policy.pinned_patterns())
+        self.policy = new
+        self._rules.clear()
+        log.info("policy reloaded", path=str(path), tables=len(new.rules))
+        if self._sched is not None:
+            policies = {}
+            for key, record in self._records.items():
+                _, p = self.rule(record.name)
+                policies[key] = p or ModelPolicy(name=record.name)
+            self.post(PolicyChanged(policies=policies))
+            fresh = [p for p in new.pinned_patterns() if p not in old_pins]
+            if fresh and not self._closing:
+                self._spawn(self._load_pins_logged(fresh), "load-pins")
+        return True
+
+    def pinned_models(self, patterns: Sequence[str] | None = None) -> list[str]:
+        """The store's model names the policy pins (exact names as written, globs expanded)."""
+        if self.store is None:
+            return []
+        names: list[str] = []
+        pats = self.policy.pinned_patterns() if patterns is None else list(patterns)
+        listed: list[str] | None = None
+        for p in pats:
+            if any(c in p for c in "*?["):
+                if listed is None:
+                    listed = [r.name for r in self.store.list()]
+                names += [
+                    n
+                    for n in listed
+                    if self.policy.rule_for(n).pinned and p in self.policy.matches(n)
+                ]
+            else:
+                names.append(p)
+        return list(dict.fromkeys(names))
+
+    async def load_pins(self, patterns: Sequence[str] | None = None) -> list[str]:
+        """Load every pinned model (kept forever, never evicted), one after the other. Raises
+        :class:`~corral.daemon.policy.PolicyError` naming the model when one is not in the store
+        or cannot be loaded beside the others (start-up stops then)."""
+        loaded = []
+        for name in self.pinned_models(patterns):
+            try:
+                await self._preload(name)
+            except CorralError as e:
+                raise PolicyError(f"pinned model {name!r} cannot be loaded: {e.message}") from None
+            log.info("pinned model loaded", model=name)
+            loaded.append(name)
+        return loaded
+
+    async def _load_pins_logged(self, patterns: Sequence[str]) -> None:
+        try:
+            await self.load_pins(patterns)
+        except PolicyError as e:
+            log.warning("pinned model not loaded", error=str(e))
 
     async def unload(self, model: ModelLike) -> None:
         """Unload ``model`` as soon as it is idle (no-op when it is not loaded). Returns at once."""

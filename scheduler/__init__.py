@@ -13,10 +13,11 @@ Public API (stable; the daemon's supervisor is written against it):
   - ``snapshot() -> SchedulerSnapshot`` - immutable view for /api/ps and metrics;
   - ``max_loaded`` - effective OLLAMA_MAX_LOADED_MODELS (auto resolved at construction).
 * events: RequestArrived, RequestCancelled, RequestFinished, RunnerReady, RunnerLoadFailed,
-  RunnerExited, RunnerStopped, RunnerOutOfMemory, InventoryUpdated, UnloadRequested, Tick,
+  RunnerExited, RunnerStopped, RunnerOutOfMemory, InventoryUpdated, UnloadRequested,
+  PolicyChanged, Tick,
   Shutdown; effects: StartRunner, StopRunner, Grant, Reject, Fail, Abort (``events`` module).
 * data: Gpu, HostMemory, Inventory, ModelFacts, RunnerOptions, Estimate, Placement, NoFit,
-  Limits, RunnerView, GpuView, SchedulerSnapshot (``types`` module).
+  Limits, RunnerView, GpuView, SchedulerSnapshot, ModelPolicy, Priority (``types`` module).
 * helpers: estimate(), place(), usable_memory(), needs_reload(), default_num_ctx(),
   effective_num_ctx(), parallel_for(), is_out_of_memory(), minimum_memory().
 """
@@ -39,6 +40,7 @@ from .events import (
     Fail,
     Grant,
     InventoryUpdated,
+    PolicyChanged,
     Reject,
     RequestArrived,
     RequestCancelled,
@@ -56,6 +58,7 @@ from .events import (
 )
 from .placement import place, usable_memory
 from .types import (
+    DEFAULT_POLICY,
     FOREVER,
     Estimate,
     Gpu,
@@ -64,8 +67,10 @@ from .types import (
     Inventory,
     Limits,
     ModelFacts,
+    ModelPolicy,
     NoFit,
     Placement,
+    Priority,
     RunnerOptions,
     RunnerView,
     SchedulerSnapshot,
@@ -108,6 +113,10 @@ __all__ = [
     "StopRunner",
     "Tick",
     "UnloadRequested",
+    "PolicyChanged",
+    "ModelPolicy",
+    "Priority",
+    "DEFAULT_POLICY",
     "default_num_ctx",
     "effective_num_ctx",
     "estimate",

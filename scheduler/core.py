@@ -31,6 +31,8 @@ Decisions on every event (``_pump``):
        A model waiting for evictions *claims* what it will take: models after it in the pass
        may still use loaded runners but may not start loads that take that memory or slot,
        nor evict on top of it (so a big model is not starved by a stream of small ones).
+       Pinned runners (``ModelPolicy.pinned``) are never victims: "alone" means beside the
+       pins only, and a load that cannot fit beside them fails with a message naming them.
 3. Idle runners past their keep-alive deadline, and idle ``expiring`` runners, are stopped
    (after step 2, so a request that arrives at the deadline still uses the runner).
 4. Load failures: out of memory -> one retry (lower an automatic num_ctx tier and/or evict all
@@ -81,6 +83,7 @@ from .events import (
     Fail,
     Grant,
     InventoryUpdated,
+    PolicyChanged,
     Reject,
     RequestArrived,
     RequestCancelled,
@@ -98,10 +101,12 @@ from .events import (
 )
 from .placement import place, usable_memory
 from .types import (
+    DEFAULT_POLICY,
     GpuView,
     Inventory,
     Limits,
     ModelFacts,
+    ModelPolicy,
     Placement,
     RunnerOptions,
     RunnerView,
@@ -119,6 +124,7 @@ class _Req:
     facts: ModelFacts
     options: RunnerOptions
     keep_alive: float | None
+    policy: ModelPolicy
     runner_id: str | None = None  # set once granted
 
 
@@ -127,6 +133,7 @@ class _Waiting:
     """The requests waiting for one model, FIFO, and the retry state of its next load."""
 
     key: str
+    policy: ModelPolicy  # of its latest request
     reqs: dict[int, _Req] = field(default_factory=dict)
     oom_retried: bool = False
     ctx_override: int | None = None
@@ -156,6 +163,11 @@ class _Runner:
     oom_retried: bool = False  # this runner is the one retry after an out-of-memory load
     stop_reason: str = "expired"
     n_ctx: int = 0  # per slot as the runner reported it (0 = not reported)
+    policy: ModelPolicy = DEFAULT_POLICY
+
+    @property
+    def pinned(self) -> bool:
+        return self.policy.pinned
 
 
 @dataclass(slots=True, eq=False)
@@ -182,6 +194,13 @@ class _Reclaim:
 def _kv_type(s: str) -> str:
     s = s.lower()
     return "f16" if s == "" else s
+
+
+def _allowed(rooms: list, policy: ModelPolicy) -> list:
+    """The GPU rooms a model's policy lets it use (all when it names none)."""
+    if not policy.gpus:
+        return rooms
+    return [(g, u) for g, u in rooms if g.id in policy.gpus]
 
 
 def needs_reload(runner_opts: RunnerOptions, facts: ModelFacts, req: RunnerOptions) -> bool:
@@ -289,6 +308,7 @@ class Scheduler:
                     started_at=r.started_at,
                     ready_at=r.ready_at,
                     last_used=r.last_used,
+                    pinned=r.pinned,
                 )
             )
         reserved = self._reserved_gpu()
@@ -327,7 +347,8 @@ class Scheduler:
         if self._closing:
             out.append(Reject(ev.req_id, 503, SHUTTING_DOWN_MESSAGE))
             return
-        req = _Req(ev.req_id, ev.model_key, ev.facts, ev.options, ev.keep_alive)
+        policy = ev.policy or DEFAULT_POLICY
+        req = _Req(ev.req_id, ev.model_key, ev.facts, ev.options, ev.keep_alive, policy)
         # Fast path: nobody waits for this model and its runner has a free compatible slot.
         if ev.model_key not in self._waiting:
             r = self._current.get(ev.model_key)
@@ -344,8 +365,12 @@ class Scheduler:
             out.append(Reject(ev.req_id, 503, QUEUE_FULL_MESSAGE))
             return
         w = self._waiting.get(ev.model_key)
+        if policy.max_queue and w is not None and len(w.reqs) >= policy.max_queue:
+            out.append(Reject(ev.req_id, 503, QUEUE_FULL_MESSAGE))
+            return
         if w is None:
-            w = self._waiting[ev.model_key] = _Waiting(ev.model_key)
+            w = self._waiting[ev.model_key] = _Waiting(ev.model_key, policy)
+        w.policy = policy
         w.reqs[req.req_id] = req
         self._requests[req.req_id] = req
         self._n_waiting += 1
@@ -429,6 +454,8 @@ class Scheduler:
 
     def _on_runtime_oom(self, ev: RunnerOutOfMemory, now: float, out: list[Effect]) -> None:
         for r in self._runners.values():
+            if r.pinned:
+                continue
             r.keep_alive = 0.0
             if r.state == "ready" and not r.in_flight:
                 r.deadline = now
@@ -458,12 +485,29 @@ class Scheduler:
 
     def _on_unload(self, ev: UnloadRequested, now: float, out: list[Effect]) -> None:
         r = self._current.get(ev.model_key)
-        if r is None:
+        if r is None or r.pinned:
             return
         if r.state == "loading":
             r.keep_alive = 0.0  # serve whoever waits for this load, then unload when idle
         else:
             self._retire(r, "unload", now, out)
+
+    def _on_policy(self, ev: PolicyChanged, now: float, out: list[Effect]) -> None:
+        """A reloaded policy: pins and defaults of runners and waiting models follow it at once
+        (a runner's slots and GPUs stay as launched until it is loaded again)."""
+        for r in self._runners.values():
+            new = ev.policies.get(r.model_key, DEFAULT_POLICY)
+            was = r.pinned
+            r.policy = new
+            if new.pinned and not was:
+                r.keep_alive = math.inf
+                r.deadline = None
+            elif was and not new.pinned:
+                r.keep_alive = self.limits.default_keep_alive
+                self._set_idle_deadline(r, now)
+        for key, w in self._waiting.items():
+            w.policy = ev.policies.get(key, DEFAULT_POLICY)
+        self._version += 1
 
     def _on_tick(self, ev: Tick, now: float, out: list[Effect]) -> None:
         pass
@@ -494,7 +538,7 @@ class Scheduler:
         r.in_flight.add(req.req_id)
         r.deadline = None
         r.last_used = now
-        if req.keep_alive is not None and not r.expiring:
+        if req.keep_alive is not None and not r.expiring and not r.pinned:
             r.keep_alive = req.keep_alive  # sticky for later requests without keep_alive
         out.append(Grant(req.req_id, r.id))
 
@@ -588,7 +632,7 @@ class Scheduler:
     def _oom_retry(self, w: _Waiting, r: _Runner) -> bool:
         """4. Plan the one retry after an out-of-memory load; False when there is nothing to
         change (no lower context tier, nothing else to evict): then the load has failed."""
-        others = bool(self._runners)
+        others = any(not o.pinned for o in self._runners.values())
         w.oom_retried = True
         lower = lower_ctx_tier(r.options.num_ctx) if r.options.num_ctx_auto else None
         if lower is not None:
@@ -752,28 +796,32 @@ class Scheduler:
             self._add_claim(w.claim)  # nothing changed since it was last found blocked
             return
         key = w.key
+        policy = w.policy
         others = list(self._runners.values())
         if w.evict_all:
-            # 4. Retry after an out-of-memory load: alone, once everything else is gone.
-            if others or self._reclaims:
+            # 4. Retry after an out-of-memory load: alone (beside pins), once everything else
+            # is gone.
+            if self._reclaims or any(not o.pinned for o in others):
                 for o in others:
-                    if o.state == "ready" and not o.expiring:
+                    if o.state == "ready" and not o.expiring and not o.pinned:
                         self._retire(o, "evicted", now, out)
                 self._block(w, _ALL)
                 return
             w.evict_all = False
         opts = self._launch_options(w, head)
         facts = head.facts
-        parallel = parallel_for(facts, self.limits.num_parallel)
+        parallel = parallel_for(facts, policy.num_parallel or self.limits.num_parallel)
         metal = bool(self.inventory.gpus) and all(g.library == "metal" for g in self.inventory.gpus)
         est = estimate(facts, opts, parallel, metal=metal)
-        alone = not others and not self._reclaims
+        # "Alone": nothing else holds memory but pinned runners, which never leave.
+        alone = not self._reclaims and all(o.pinned and not o.expiring for o in others)
         if self._claim_all:
             return  # an earlier model waits to load alone: no new loads before it
         slot_free = len(self._runners) + self._claim_slots < self.max_loaded
         reason = "slot"
         if slot_free:
             rooms, host_usable = self._claimed_rooms()
+            rooms = _allowed(rooms, policy)
             p = place(
                 est, opts, rooms, host_usable, spread=self.limits.sched_spread, allow_partial=alone
             )
@@ -781,14 +829,12 @@ class Scheduler:
                 self._start(w, head, opts, est, p, parallel, rooms, now, out)
                 return
             if alone:
-                # Nothing else holds memory: it will never fit.
-                self._fail_waiters(
-                    key,
-                    lambda q: q.options == head.options,
-                    500,
-                    p.message or "model does not fit in available memory",
-                    out,
-                )
+                # Nothing else holds memory (but pins, which stay): it will never fit.
+                message = p.message or "model does not fit in available memory"
+                if others:
+                    names = ", ".join(sorted({o.policy.name or o.model_key for o in others}))
+                    message += f" beside the pinned models ({names}), which are never evicted"
+                self._fail_waiters(key, lambda q: q.options == head.options, 500, message, out)
                 return
             reason = p.reason
         if self._claimed:
@@ -799,7 +845,7 @@ class Scheduler:
         # busy by shortest keep-alive then least recently used. Short of GPU memory, runners
         # holding GPU memory go first (a CPU runner only goes so the model can load alone).
         victims = sorted(
-            (o for o in others if o.state == "ready" and not o.expiring),
+            (o for o in others if o.state == "ready" and not o.expiring and not o.pinned),
             key=lambda o: (
                 reason == "gpu" and not o.placement.gpus,
                 bool(o.in_flight),
@@ -809,12 +855,21 @@ class Scheduler:
                 o.last_used,
             ),
         )
-        prospect = self._prospect(est, opts)
+        prospect = self._prospect(est, opts, policy)
         for v in victims:
             if prospect is not None:
                 break
             self._retire(v, "evicted", now, out)
-            prospect = self._prospect(est, opts)
+            prospect = self._prospect(est, opts, policy)
+        if prospect is None and alone and others:
+            # Every loaded-model slot is held by a pin: waiting changes nothing.
+            names = ", ".join(sorted({o.policy.name or o.model_key for o in others}))
+            message = (
+                f"all {self.max_loaded} loaded-model slots are held by pinned models "
+                f"({names}), which are never evicted"
+            )
+            self._fail_waiters(key, lambda q: q.options == head.options, 500, message, out)
+            return
         self._block(w, prospect if isinstance(prospect, Placement) else _ALL)
 
     def _block(self, w: _Waiting, claim) -> None:
@@ -848,19 +903,19 @@ class Scheduler:
         pending_host = self._reserved_host() - self._reserved_host(exclude_pending=True)
         return adjusted, max(0, host_usable - max(0, self._claim_host - pending_host))
 
-    def _prospect(self, est, opts: RunnerOptions):
+    def _prospect(self, est, opts: RunnerOptions, policy: ModelPolicy):
         """Where the model would go once every expiring runner and reclaim is gone:
         a Placement, ``_ALL`` (only alone, everything else must go) or None (not even then)."""
         pending = sum(1 for r in self._runners.values() if r.expiring)
         if len(self._runners) - pending >= self.max_loaded:
             return None
         rooms, host_usable = self._rooms(prospective=True)
-        p = place(est, opts, rooms, host_usable, spread=self.limits.sched_spread)
+        p = place(est, opts, _allowed(rooms, policy), host_usable, spread=self.limits.sched_spread)
         if isinstance(p, Placement):
             return p
-        # Only a partial offload (or nothing) remains: that needs the machine to itself, so
-        # the claim is on everything - another load in between would break "alone".
-        return _ALL if all(r.expiring for r in self._runners.values()) else None
+        # Only a partial offload (or nothing) remains: that needs the machine to itself (but
+        # for pins), so the claim is on everything - another load in between would break it.
+        return _ALL if all(r.expiring or r.pinned for r in self._runners.values()) else None
 
     def _start(
         self,
@@ -895,10 +950,11 @@ class Scheduler:
                 p2 = place(
                     est2,
                     other,
-                    rooms_now,
+                    _allowed(rooms_now, w.policy),
                     host_usable,
                     spread=self.limits.sched_spread,
-                    allow_partial=not self._runners and not self._reclaims,
+                    allow_partial=not self._reclaims
+                    and all(o.pinned and not o.expiring for o in self._runners.values()),
                 )
                 if isinstance(p2, Placement) and p2.n_gpu_layers >= p.n_gpu_layers:
                     opts, p = other, p2
@@ -906,7 +962,11 @@ class Scheduler:
         self._next_id += 1
         rid = f"r{self._next_id}"
         keep_alive = (
-            head.keep_alive if head.keep_alive is not None else self.limits.default_keep_alive
+            math.inf
+            if w.policy.pinned
+            else head.keep_alive
+            if head.keep_alive is not None
+            else self.limits.default_keep_alive
         )
         r = _Runner(
             id=rid,
@@ -919,6 +979,7 @@ class Scheduler:
             started_at=now,
             last_used=now,
             oom_retried=w.oom_retried,
+            policy=w.policy,
         )
         self._runners[rid] = r
         self._current[w.key] = r
@@ -963,6 +1024,7 @@ _HANDLERS = {
     RunnerOutOfMemory: Scheduler._on_runtime_oom,
     InventoryUpdated: Scheduler._on_inventory,
     UnloadRequested: Scheduler._on_unload,
+    PolicyChanged: Scheduler._on_policy,
     Tick: Scheduler._on_tick,
     Shutdown: Scheduler._on_shutdown,
 }

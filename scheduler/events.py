@@ -25,7 +25,9 @@ Events
 * :class:`RunnerOutOfMemory` - a granted request failed with an out-of-memory error at run time:
   every runner unloads as soon as it is idle (Ollama's runtime-OOM rule).
 * :class:`InventoryUpdated` - new probe readings (GPU free memory, host memory).
-* :class:`UnloadRequested` - ``keep_alive: 0`` with an empty prompt / ``corral stop``.
+* :class:`UnloadRequested` - ``keep_alive: 0`` with an empty prompt / ``corral stop`` (a pinned
+  model stays).
+* :class:`PolicyChanged` - the policy file was reloaded (pins, keep-alive of loaded runners).
 * :class:`Tick` - nothing happened but time passed (call at ``next_deadline()``).
 * :class:`Shutdown` - fail every queued request, stop idle runners, grant nothing more.
 
@@ -48,7 +50,7 @@ from __future__ import annotations
 
 import msgspec
 
-from .types import Inventory, ModelFacts, Placement, RunnerOptions
+from .types import Inventory, ModelFacts, ModelPolicy, Placement, Priority, RunnerOptions
 
 QUEUE_FULL_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
 SHUTTING_DOWN_MESSAGE = "server shutting down"
@@ -64,6 +66,8 @@ class RequestArrived(msgspec.Struct, frozen=True):
     options: RunnerOptions
     keep_alive: float | None = None  # seconds; None = sticky runner value / default; inf = never
     embedding: bool = False  # an embedding request (informational; parallel follows the model)
+    policy: ModelPolicy | None = None  # the operator's policy for the model; None = defaults
+    priority: Priority | None = None  # its class; None = the policy's
 
 
 class RequestCancelled(msgspec.Struct, frozen=True):
@@ -109,6 +113,12 @@ class UnloadRequested(msgspec.Struct, frozen=True):
     model_key: str
 
 
+class PolicyChanged(msgspec.Struct, frozen=True):
+    """The policy file was reloaded: the new policy of every model key the daemon knows."""
+
+    policies: dict[str, ModelPolicy]
+
+
 class Tick(msgspec.Struct, frozen=True):
     pass
 
@@ -128,6 +138,7 @@ Event = (
     | RunnerOutOfMemory
     | InventoryUpdated
     | UnloadRequested
+    | PolicyChanged
     | Tick
     | Shutdown
 )

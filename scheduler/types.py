@@ -9,10 +9,12 @@ Units: memory in bytes (int), time in seconds (float, the supervisor's monotonic
 * :class:`Estimate` - memory the model needs, per layer (scheduler/estimate.py).
 * :class:`Placement` - where a runner goes: layers on GPUs, tensor split, bytes per device.
 * :class:`Limits` - the scheduler's knobs (from the daemon's Config).
+* :class:`Priority`, :class:`ModelPolicy` - the operator's per-model policy (daemon/policy.py).
 """
 
 from __future__ import annotations
 
+import enum
 import math
 
 import msgspec
@@ -180,6 +182,34 @@ class NoFit(msgspec.Struct, frozen=True):
     message: str | None = None
 
 
+class Priority(enum.IntEnum):
+    """A request's class: lower values are served first (FIFO within a class, with aging)."""
+
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+
+class ModelPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """What the operator's policy file says about one model (the daemon resolves it by name and
+    sends it with every request; the scheduler keeps the latest one per model).
+
+    ``keep_alive`` and ``num_ctx`` defaults are applied by the daemon before the request gets
+    here; the scheduler acts on the rest.
+    """
+
+    name: str = ""  # the model name, for messages
+    num_parallel: int = 0  # slots per runner; 0 = Limits.num_parallel
+    pinned: bool = False  # never evicted, never expires; kept beside every other load
+    priority: Priority = Priority.NORMAL  # class of its requests that name none
+    max_queue: int = 0  # its own queue limit (503 beyond it); 0 = only Limits.max_queue
+    replicas: int = 1  # most runners of it at once
+    gpus: tuple[str, ...] = ()  # Gpu.id values its runners may use; () = any
+
+
+DEFAULT_POLICY = ModelPolicy()
+
+
 class Limits(msgspec.Struct, frozen=True, kw_only=True):
     """Scheduler knobs, taken from the daemon's Config."""
 
@@ -197,6 +227,14 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     # fail at once with the last failure's reason. 0 disables it.
     load_backoff: float = 1.0
     load_backoff_max: float = 30.0
+    # Priorities: a waiting request moves up one class per ``priority_aging`` seconds waited
+    # (CORRAL_PRIORITY_AGING), so a low request never starves.
+    priority_aging: float = 30.0
+    # Replicas: a model whose policy allows more runners gets another one when its oldest waiting
+    # request has waited ``replica_after`` seconds; an extra replica idle for
+    # ``replica_keep_alive`` seconds (or its keep-alive, if shorter) stops.
+    replica_after: float = 1.0
+    replica_keep_alive: float = 30.0
 
 
 FOREVER = math.inf
@@ -221,6 +259,7 @@ class RunnerView(msgspec.Struct, frozen=True, kw_only=True):
     started_at: float  # when StartRunner was emitted
     ready_at: float | None
     last_used: float  # last grant or release
+    pinned: bool = False  # its policy pins it: never evicted, never expires
 
 
 class GpuView(msgspec.Struct, frozen=True, kw_only=True):

@@ -2,7 +2,8 @@
 
 Ollama's fields in Ollama's order (``name``, ``model``, ``size``, ``digest``, ``details``,
 ``expires_at``, ``size_vram``, ``context_length``), then corral's (``state``, ``gpus``,
-``num_parallel``, ``in_flight``, ``queued``, ``pid``); longest-lived first. A runner still
+``num_parallel``, ``in_flight``, ``queued``, ``pid``, and with a policy file ``pinned`` and
+``policy``: the keys that apply to the model); longest-lived first. A runner still
 loading is not listed (Ollama lists a model once its runner is healthy). ``context_length`` is
 the runner's own per-slot context (what it reported when ready), not the requested one.
 """
@@ -73,11 +74,18 @@ def ps_models(sup: Any) -> list[dict[str, Any]]:
                     "in_flight": v.in_flight,
                     "queued": v.queued,
                     "pid": v.pid if v.pid is not None else (proc.pid if proc is not None else None),
+                    **_policy_fields(sup, name, v.pinned),
                 },
             )
         )
     rows.sort(key=lambda x: x[0], reverse=True)
     return [row for _, row in rows]
+
+
+def _policy_fields(sup: Any, name: str, pinned: bool) -> dict[str, Any]:
+    """What the operator's policy file says for this model, when it says anything."""
+    rule = sup.policy_for(name)
+    return {"pinned": pinned, "policy": rule} if rule else {}
 
 
 async def ps(request: web.Request) -> web.Response:

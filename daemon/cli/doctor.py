@@ -9,7 +9,8 @@ It gathers, without a running daemon:
    mode and whether runners get them (``runners.huge_pages_usable``);
 5. the model store: path, models, bytes;
 6. the effective ``OLLAMA_*`` / ``CORRAL_*`` values with their source (environment or default);
-7. problems, each with its fix.
+7. the policy file (``CORRAL_POLICY``): its tables and what applies to each model in the store;
+8. problems, each with its fix.
 
 :func:`collect` returns plain data (``--json`` prints it); :func:`render` makes the text.
 """
@@ -26,6 +27,9 @@ from typing import Any
 from corral.daemon import buildplan, engine_probe
 from corral.daemon.config import Config
 from corral.daemon.gpu import GpuReading, NvmlProbe, cgroup_limit, engine_verdict, host_memory
+from corral.daemon.models.store import Store
+from corral.daemon.policy import PolicyError
+from corral.daemon.policy import load as load_policy
 from corral.daemon.runners import HUGE_PAGE_MALLOC, THP_SETTING, huge_pages_usable, thp_mode
 from corral.runner.protocol import EngineProbe
 
@@ -58,6 +62,29 @@ def _store(config: Config) -> dict[str, Any]:
         "models": count,
         "bytes": _dir_size(path / "blobs") if path.is_dir() else 0,
     }
+
+
+def _policy(config: Config) -> dict[str, Any]:
+    """The policy file: its tables, and the keys that apply to each model of the store."""
+    out: dict[str, Any] = {"path": None, "error": None, "tables": {}, "models": {}}
+    if config.policy_path is None:
+        return out
+    out["path"] = str(config.policy_path)
+    try:
+        policy = load_policy(config.policy_path)
+    except PolicyError as e:
+        out["error"] = str(e)
+        return out
+    out["tables"] = {p: r.describe() for p, r in policy.rules}
+    try:
+        names = [r.name for r in Store(config.models).list()]
+    except OSError:
+        names = []
+    for n in names:
+        rule = policy.rule_for(n).describe()
+        if rule:
+            out["models"][n] = rule
+    return out
 
 
 def _huge_pages(setting: Path, libc: str | None) -> dict[str, Any]:
@@ -107,8 +134,16 @@ def _problems(
     store: dict[str, Any],
     want: buildplan.BuildPlan | None,
     thp: dict[str, Any],
+    policy: dict[str, Any] | None = None,
 ) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
+    if policy is not None and policy["error"]:
+        out.append(
+            {
+                "problem": f"the policy file cannot be used: {policy['error']}",
+                "fix": "correct that line (`corral serve` refuses to start with it)",
+            }
+        )
     if engine.error:
         out.append(
             {
@@ -182,6 +217,7 @@ async def collect(
     total, available = host_memory()
     limit = cgroup_limit()
     store = await asyncio.to_thread(_store, config)
+    policy = await asyncio.to_thread(_policy, config)
     x86 = [
         opt.removeprefix("GGML_")
         for opt, need in buildplan.X86_OPTIONS
@@ -245,7 +281,8 @@ async def collect(
         "huge_pages": thp,
         "store": store,
         "environment": env_rows,
-        "problems": _problems(build, engine, gpu_note, store, want, thp),
+        "policy": policy,
+        "problems": _problems(build, engine, gpu_note, store, want, thp, policy),
     }
 
 
@@ -305,12 +342,30 @@ def render(r: dict[str, Any]) -> str:
     ]
     for k, v in r["environment"].items():
         lines.append(f"  {k}={v['value']} ({v['source']})")
+    lines += ["policy", *_render_policy(r["policy"])]
     lines.append("problems")
     if not r["problems"]:
         lines.append("  none")
     for p in r["problems"]:
         lines.append(f"  - {p['problem']}\n    fix: {p['fix']}")
     return "\n".join(lines)
+
+
+def _render_policy(p: dict[str, Any]) -> list[str]:
+    if p["path"] is None:
+        return ["  none (CORRAL_POLICY is not set)"]
+    if p["error"]:
+        return [f"  {p['path']}: NOT usable (see problems)"]
+    lines = [f"  {p['path']}: {len(p['tables'])} tables"]
+    for pattern, keys in p["tables"].items():
+        lines.append(f'  [models."{pattern}"] {_keys(keys)}')
+    for name, keys in p["models"].items():
+        lines.append(f"  applies to {name}: {_keys(keys)}")
+    return lines
+
+
+def _keys(keys: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in keys.items()) or "(nothing)"
 
 
 def _render_huge_pages(thp: dict[str, Any]) -> str:

@@ -237,6 +237,9 @@ class FakeSupervisor:
     def gpu_name(self, gpu_id: str) -> str:
         return gpu_id
 
+    def policy_for(self, name: str) -> dict[str, Any]:
+        return {}
+
     def runner_process(self, runner_id: str) -> None:
         return None
 

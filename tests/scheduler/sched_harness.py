@@ -14,6 +14,8 @@ from corral.scheduler import (
     InventoryUpdated,
     Limits,
     ModelFacts,
+    ModelPolicy,
+    Priority,
     Reject,
     RequestArrived,
     RequestCancelled,
@@ -89,6 +91,7 @@ class Harness:
         self.ready: set[str] = set()
         self.stop_sent: set[str] = set()
         self.gone: set[str] = set()
+        self.stop_reasons: dict[str, str] = {}
         self._next_req = 0
 
     # -- driving -----------------------------------------------------------------------------
@@ -126,6 +129,8 @@ class Harness:
         req_id: int | None = None,
         dt: float = 0.0,
         embedding: bool = False,
+        policy: ModelPolicy | None = None,
+        priority: Priority | None = None,
     ) -> list:
         if req_id is None:
             self._next_req += 1
@@ -134,7 +139,14 @@ class Harness:
             self._next_req = max(self._next_req, req_id)
         return self.do(
             RequestArrived(
-                req_id, model, f or facts(), options or RunnerOptions(), keep_alive, embedding
+                req_id,
+                model,
+                f or facts(),
+                options or RunnerOptions(),
+                keep_alive,
+                embedding,
+                policy,
+                priority,
             ),
             dt,
         )
@@ -177,6 +189,10 @@ class Harness:
                 if busy:
                     raise InvariantError(f"stop of a runner with requests in flight {busy}: {e}")
                 self.stop_sent.add(e.runner_id)
+                self.stop_reasons[e.runner_id] = e.reason
+                view = self.runner(e.runner_id)
+                if view is not None and view.pinned and e.reason not in ("shutdown", "reload"):
+                    raise InvariantError(f"pinned runner stopped: {e}")
 
     def check(self) -> None:
         snap = self.s.snapshot()

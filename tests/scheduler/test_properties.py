@@ -14,6 +14,8 @@ from corral.scheduler import (
     Grant,
     InventoryUpdated,
     Limits,
+    ModelPolicy,
+    PolicyChanged,
     Reject,
     RequestCancelled,
     RequestFinished,
@@ -39,6 +41,16 @@ OPTIONS = [
     RunnerOptions(num_gpu=0),
 ]
 KEEP_ALIVE = [None, 0.0, 10.0, math.inf]
+# Operator policies per model name (None = no policy file)
+POLICIES = [
+    {},
+    {
+        "m0": ModelPolicy(name="m0", pinned=True),
+        "m1": ModelPolicy(name="m1", num_parallel=3, max_queue=2),
+        "m2": ModelPolicy(name="m2", gpus=("1",)),
+    },
+    {"m0": ModelPolicy(name="m0", pinned=True), "m2": ModelPolicy(name="m2", pinned=True)},
+]
 INVENTORIES = [
     inventory(metal(total=24 * GB, free=24 * GB), host_total=64 * GB, host_free=60 * GB),
     inventory(cuda("0", 12 * GB), cuda("1", 8 * GB), host_total=64 * GB, host_free=60 * GB),
@@ -69,6 +81,7 @@ action = st.one_of(
     st.tuples(st.just("probe"), st.integers(0, 100)),
     st.tuples(st.just("unload"), st.integers(0, 3)),
     st.tuples(st.just("oom"), st.integers(0, 50)),
+    st.tuples(st.just("policy"), st.integers(0, len(POLICIES) - 1)),
 )
 
 
@@ -105,12 +118,16 @@ def _probe(h: Harness, fraction: float = 1.0) -> None:
     h.do(InventoryUpdated(type(h.inv)(gpus=tuple(gpus), host=h.inv.host)))
 
 
-def run(h: Harness, actions) -> None:
+def run(h: Harness, actions, policies: dict | None = None) -> None:
+    policies = {} if policies is None else policies
     for act in actions:
         kind = act[0]
         if kind == "arrive":
             name, f = MODELS[act[1]]
-            h.arrive(name, f, OPTIONS[act[2]], KEEP_ALIVE[act[3]])
+            h.arrive(name, f, OPTIONS[act[2]], KEEP_ALIVE[act[3]], policy=policies.get(name))
+        elif kind == "policy":
+            policies = POLICIES[act[1]]
+            h.do(PolicyChanged({name: policies.get(name, ModelPolicy()) for name, _ in MODELS}))
         elif kind == "cancel":
             pending = [r for r in h.arrived if r not in h.outcome and r not in h.cancelled_waiting]
             rid = _pick(pending + list(h.granted), act[1])
@@ -189,10 +206,11 @@ def drain(h: Harness) -> None:
     max_loaded=st.sampled_from([0, 1, 2]),
     parallel=st.sampled_from([1, 2]),
     max_queue=st.sampled_from([2, 8]),
+    policies=st.integers(0, len(POLICIES) - 1),
     actions=st.lists(action, min_size=5, max_size=60),
 )
 def test_random_event_sequences_keep_invariants(
-    inv, max_loaded, parallel, max_queue, actions
+    inv, max_loaded, parallel, max_queue, policies, actions
 ) -> None:
     h = Harness(
         Limits(
@@ -203,7 +221,7 @@ def test_random_event_sequences_keep_invariants(
         ),
         inv=INVENTORIES[inv],
     )
-    run(h, actions)
+    run(h, actions, POLICIES[policies])
     drain(h)
     # every request ended exactly once (or was cancelled while queued)
     for rid in h.arrived:
