@@ -46,6 +46,8 @@ DEFAULT_MAX_QUEUE = 512
 DEFAULT_PORT = 11434
 DEFAULT_PREDICT_LIMIT = 10  # CORRAL_PREDICT_LIMIT: generated tokens per request <= 10 x num_ctx
 DEFAULT_PRIORITY_AGING = 30.0
+DEFAULT_KV_CACHE_SIZE = 8 << 30  # CORRAL_KV_CACHE_SIZE: saved prompt caches on disk (all models)
+DEFAULT_KV_CACHE_MEMORY = 2 << 30  # CORRAL_KV_CACHE_MEMORY: of them, kept in the page cache
 
 # Appended to every OLLAMA_ORIGINS list, in this order (17 entries).
 DEFAULT_ORIGINS: tuple[str, ...] = (
@@ -506,6 +508,9 @@ SUMMARY_VARS = (
     "CORRAL_PREDICT_LIMIT",
     "CORRAL_POLICY",
     "CORRAL_PRIORITY_AGING",
+    "CORRAL_KV_CACHE_DIR",
+    "CORRAL_KV_CACHE_SIZE",
+    "CORRAL_KV_CACHE_MEMORY",
 )
 
 
@@ -578,6 +583,18 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     policy_path: Path | None = None
     # CORRAL_PRIORITY_AGING: seconds a waiting request needs to move up one priority class
     priority_aging: float = DEFAULT_PRIORITY_AGING
+    # CORRAL_KV_CACHE_DIR: where runners save their slots' prompt caches when they stop
+    # (None: OLLAMA_MODELS/kvcache, beside the store; docs/DESIGN.md "Saved prompt caches")
+    kv_cache_dir: Path | None = None
+    # CORRAL_KV_CACHE_SIZE: the directory's cap in bytes (sizes with units too); 0 = no saving
+    kv_cache_size: int = DEFAULT_KV_CACHE_SIZE
+    # CORRAL_KV_CACHE_MEMORY: saved bytes left in the page cache (the rest is dropped from memory)
+    kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY
+
+    @property
+    def kv_cache_path(self) -> Path:
+        """The saved prompt caches' directory (CORRAL_KV_CACHE_DIR, else beside the store)."""
+        return self.kv_cache_dir if self.kv_cache_dir is not None else self.models / "kvcache"
 
     @property
     def bind_host(self) -> str | None:
@@ -691,6 +708,18 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             env["CORRAL_DEFAULT_MODEL"].strip() if "CORRAL_DEFAULT_MODEL" in env else "gemma3:270m"
         )
 
+        def size(name: str, default: int) -> int:
+            s = var(name)
+            if s == "":
+                return default
+            try:
+                return parse_size(s)
+            except ValueError as e:
+                warn(name, s, default, str(e))
+                return default
+
+        kv_dir_raw = var("CORRAL_KV_CACHE_DIR")
+
         return cls(
             host=host,
             origins=parse_origins(var("OLLAMA_ORIGINS")),
@@ -722,6 +751,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             predict_limit=uint("CORRAL_PREDICT_LIMIT", DEFAULT_PREDICT_LIMIT),
             policy_path=Path(policy_raw).expanduser() if policy_raw else None,
             priority_aging=aging,
+            kv_cache_dir=Path(kv_dir_raw).expanduser() if kv_dir_raw else None,
+            kv_cache_size=size("CORRAL_KV_CACHE_SIZE", DEFAULT_KV_CACHE_SIZE),
+            kv_cache_memory=size("CORRAL_KV_CACHE_MEMORY", DEFAULT_KV_CACHE_MEMORY),
         )
 
     def env_summary(self) -> dict[str, str]:
@@ -750,4 +782,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             "CORRAL_PREDICT_LIMIT": str(self.predict_limit),
             "CORRAL_POLICY": str(self.policy_path or ""),
             "CORRAL_PRIORITY_AGING": format_duration(self.priority_aging),
+            "CORRAL_KV_CACHE_DIR": str(self.kv_cache_path),
+            "CORRAL_KV_CACHE_SIZE": str(self.kv_cache_size),
+            "CORRAL_KV_CACHE_MEMORY": str(self.kv_cache_memory),
         }

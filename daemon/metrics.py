@@ -40,7 +40,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from corral.runner.protocol import Health
+from corral.runner.protocol import Health, KvCacheReport
 
 disable_created_metrics()  # no *_created series: half the output, nothing a dashboard reads
 
@@ -55,6 +55,18 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5)
 REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+KV_CACHE_COUNTERS = {
+    "saves": "Prompt-cache prefixes saved by stopping runners.",
+    "saved_bytes": "Bytes of the saved prompt-cache prefixes.",
+    "restores": "Saved prefixes restored into a slot (hits).",
+    "restored_tokens": "Prompt tokens restored instead of evaluated.",
+    "restored_bytes": "Bytes read back into slots.",
+    "misses": "Cold starts (nothing usable in the runner's slots) with nothing saved to restore.",
+    "dropped": "Saved files refused and removed (corrupt, truncated, unloadable).",
+    "failed_saves": "Saves given up (full disk, over the cap, stop deadline).",
+}
 
 
 class Source(Protocol):
@@ -157,11 +169,22 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        # saved prompt caches (runner/kvcache.py), as runners report them
+        self.kv_cache = {
+            name: Counter(f"corral_kv_cache_{name}", doc, ["model"], registry=r)
+            for name, doc in KV_CACHE_COUNTERS.items()
+        }
         self._models: dict[str, ModelSeries] = {}
         self._http: dict[tuple[str, str, str], Any] = {}
         self.source: Source | None = None
         self.kv: dict[str, tuple[int, int]] = {}  # runner id -> (cells used, cells total)
         r.register(_StateCollector(self))
+
+    def count_kv_cache(self, model: str, report: KvCacheReport) -> None:
+        for name, counter in self.kv_cache.items():
+            n = getattr(report, name)
+            if n:
+                counter.labels(model).inc(n)
 
     def model(self, name: str) -> ModelSeries:
         series = self._models.get(name)

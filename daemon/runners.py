@@ -15,6 +15,7 @@ One :class:`RunnerProcess` owns one ``python -m corral.runner`` child (STYLE rul
   once its pipes are drained (bounded) ``on_exit(runner, returncode)`` is called exactly once,
   whatever the cause of the exit.
 * **stop** = SIGTERM to the group, bounded wait, SIGKILL to the group, then wait for the reap.
+* **reports**: ``KvCacheReport`` lines (what the saved prompt cache did) go to ``on_report``.
 * **relay**: after Ready the event pipe also carries the completion events of relay-mode
   requests (``Relay`` lines, see runner/server.py); :meth:`RunnerProcess.open_relay` gives a
   request an id and the queue its events are put in, :data:`GONE` once the pipe has closed.
@@ -43,7 +44,16 @@ from pathlib import Path
 import msgspec
 import structlog
 
-from corral.runner.protocol import Failed, LaunchSpec, Loading, Ready, Relay, decode_event, encode
+from corral.runner.protocol import (
+    Failed,
+    KvCacheReport,
+    LaunchSpec,
+    Loading,
+    Ready,
+    Relay,
+    decode_event,
+    encode,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -177,6 +187,7 @@ class RunnerProcess:
         *,
         env: Mapping[str, str] | None = None,
         on_exit: Callable[[RunnerProcess, int], None] | None = None,
+        on_report: Callable[[RunnerProcess, KvCacheReport], None] | None = None,
         argv: Sequence[str] = RUNNER_ARGV,
         stderr_lines: int = STDERR_TAIL_LINES,
         clock: Callable[[], float] = time.monotonic,
@@ -184,6 +195,7 @@ class RunnerProcess:
         self.runner_id = runner_id
         self._env = dict(env) if env is not None else None
         self._on_exit = on_exit
+        self._on_report = on_report
         self._argv = tuple(argv)
         self._clock = clock
         self._transport: asyncio.SubprocessTransport | None = None
@@ -418,6 +430,10 @@ class RunnerProcess:
                         queue = self._relays.get(event.id)
                         if queue is not None:
                             queue.put_nowait(event.event)
+                        return
+                    if type(event) is KvCacheReport:
+                        if self._on_report is not None:
+                            self._on_report(self, event)
                         return
                     self._events.append(event)
                     return

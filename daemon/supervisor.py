@@ -53,6 +53,7 @@ from corral.daemon import engine_probe, gguf_info
 from corral.daemon.config import Config
 from corral.daemon.errors import Busy, CorralError, Failed, InvalidRequest, model_not_found
 from corral.daemon.gpu import GpuProbe, engine_verdict, make_probe
+from corral.daemon.kvstats import KvCacheStats
 from corral.daemon.metrics import Metrics
 from corral.daemon.model_inputs import (
     ModelLike,
@@ -74,7 +75,14 @@ from corral.daemon.runners import (
     looks_oom,
     wait_event,
 )
-from corral.runner.protocol import EngineProbe, FakeKnobs, LaunchSpec, Ready
+from corral.runner.protocol import (
+    EngineProbe,
+    FakeKnobs,
+    KvCacheReport,
+    KvCacheSpec,
+    LaunchSpec,
+    Ready,
+)
 from corral.scheduler import (
     QUEUE_FULL_MESSAGE,
     SHUTTING_DOWN_MESSAGE,
@@ -368,6 +376,17 @@ class Supervisor:
         # model_key -> why its next load happens ("oom_retry" / "reload") and the options of the
         # runner it replaces; dropped once nobody waits for the model.
         self._next_load: dict[str, tuple[str, RunnerOptions]] = {}
+        # where runners save their slots' prompt caches when they stop (None: they do not)
+        self._kv_cache = (
+            KvCacheSpec(
+                dir=str(config.kv_cache_path),
+                disk_bytes=config.kv_cache_size,
+                memory_bytes=config.kv_cache_memory,
+            )
+            if config.kv_cache_size > 0
+            else None
+        )
+        self.kv_stats = KvCacheStats(config.kv_cache_path if self._kv_cache else None)
         self.processed = 0  # events dispatched so far
         # The start-up preload (preload_default) loaded its model, or had none to load: what
         # GET /readyz reports (a Kubernetes readiness probe), latched.
@@ -890,13 +909,20 @@ class Supervisor:
             embedding=bool(facts and facts.is_embedding_model),
             grace_period=max(0.0, self.stop_grace - 1.0),
             predict_limit=self.config.predict_limit,
+            kv_cache=self._kv_cache,
             fake=msgspec.convert(knobs, FakeKnobs) if knobs else FakeKnobs(),
         )
 
     def _start_runner(self, eff: StartRunner) -> None:
         env = child_env(self.probe.visible_devices(eff.placement.gpus), huge_pages=self._huge_pages)
         # Stall timeouts are about a real process: real time, whatever the scheduler's clock.
-        proc = RunnerProcess(eff.runner_id, env=env, on_exit=self._on_runner_exit, argv=self._argv)
+        proc = RunnerProcess(
+            eff.runner_id,
+            env=env,
+            on_exit=self._on_runner_exit,
+            on_report=self._on_kv_report,
+            argv=self._argv,
+        )
         r = _Runner(eff.runner_id, eff.model_key, proc, self._records.get(eff.model_key), eff)
         # Why this load: a reload (an older runner of the model is retiring: which options
         # changed), the retry after an out-of-memory load, or a new load.
@@ -1066,6 +1092,12 @@ class Supervisor:
             if lease.runner_id == proc.runner_id:
                 lease._abort(reason)
         self.post(RunnerExited(runner_id=proc.runner_id, reason=reason))
+
+    def _on_kv_report(self, proc: RunnerProcess, report: KvCacheReport) -> None:
+        """A runner's saved-prompt-cache counts: /metrics, and the totals `corral doctor` reads."""
+        r = self._runners.get(proc.runner_id)
+        self.metrics.count_kv_cache(r.name if r is not None else "", report)
+        self.kv_stats.add(report)
 
     def _stop_runner(self, eff: StopRunner) -> None:
         r = self._runners.get(eff.runner_id)

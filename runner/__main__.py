@@ -33,6 +33,9 @@ from corral.runner.protocol import Failed, LaunchSpec, Loading, Ready, decode_la
 
 log = structlog.get_logger("corral.runner")
 
+STOP_SAVE_SLACK = 0.8  # s: saves end this long before the daemon's SIGKILL would come
+SAVE_WITHOUT_DAEMON = 10.0  # s of saving after stdin EOF (the daemon is gone, nobody kills us)
+
 
 class EventPipe:
     """Writes lifecycle events, one JSON line each, on the original stdout. Thread-safe."""
@@ -96,11 +99,14 @@ async def run(spec: LaunchSpec, events: EventPipe) -> int:
     why: list[str] = []
     loading = True
 
+    stopped_at: list[float] = []
+
     def request_stop(reason: str) -> None:  # on the loop
         if loading:
             log.info("runner exiting during load", reason=reason)
             os._exit(0)
         why.append(reason)
+        stopped_at.append(time.monotonic())
         stop.set()
 
     if spec.engine == "fake" and spec.fake.ignore_sigterm:
@@ -117,6 +123,7 @@ async def run(spec: LaunchSpec, events: EventPipe) -> int:
     threading.Thread(target=watch_stdin, name="stdin-watch", daemon=True).start()
 
     engine = make_engine(spec)
+    engine.report = events.send
     events.send(Loading(progress=0.0))
     t0 = time.perf_counter_ns()
     try:
@@ -175,7 +182,15 @@ async def run(spec: LaunchSpec, events: EventPipe) -> int:
             pass
     finally:
         await runner.cleanup()
-        await loop.run_in_executor(None, engine.close)
+        # the daemon SIGKILLs grace_period + 1 s after its SIGTERM: the prompt caches are saved
+        # until shortly before that (with the daemon gone, as long as SAVE_WITHOUT_DAEMON)
+        t0 = stopped_at[0] if stopped_at else time.monotonic()
+        budget = (
+            spec.grace_period + 1 - STOP_SAVE_SLACK
+            if why[:1] == ["sigterm"]
+            else SAVE_WITHOUT_DAEMON
+        )
+        await loop.run_in_executor(None, engine.close, t0 + budget)
     return 0
 
 

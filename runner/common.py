@@ -17,6 +17,7 @@ from corral.runner.protocol import (
     CompletionError,
     CompletionRequest,
     EmbedResponse,
+    KvCacheReport,
     MemoryUse,
     TokenLogprob,
 )
@@ -69,6 +70,9 @@ class EngineLike(Protocol):
     # The decode thread (or whoever emitted) calls this after each burst of emits: a step's
     # events, a cancel_all's errors. The server sets it (relay mode writes a burst at once).
     after_emit: Callable[[], None]
+    # Where the engine sends what its saved prompt cache did (runner/kvcache.py); the runner
+    # sets it to the event pipe before ``load``.
+    report: Callable[[KvCacheReport], None]
 
     def load(self, progress: Callable[[float], None]) -> None: ...
     def start(self) -> None: ...
@@ -80,7 +84,7 @@ class EngineLike(Protocol):
     def queued(self) -> int: ...
     def kv_used(self) -> int: ...
     def cancel_all(self, reason: str) -> None: ...
-    def close(self) -> None: ...
+    def close(self, save_by: float | None = None) -> None: ...
 
 
 def take_logprobs(pending: list[TokenLogprob]) -> list[TokenLogprob] | None:

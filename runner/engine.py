@@ -43,9 +43,10 @@ from collections.abc import Callable
 import llama_cpp
 import numpy as np
 import psutil
+import structlog
 from llama_cpp import llama_grammar
 
-from corral.runner import images
+from corral.runner import images, kvcache
 from corral.runner.common import (
     BadRequest,
     Emit,
@@ -63,12 +64,15 @@ from corral.runner.protocol import (
     CompletionError,
     CompletionRequest,
     EmbedResponse,
+    KvCacheReport,
     LaunchSpec,
     MemoryUse,
     SamplingOptions,
     TokenLogprob,
     TopLogprob,
 )
+
+log = structlog.get_logger(__name__)
 
 _MiB = 1 << 20
 
@@ -216,6 +220,11 @@ class _Slot:
         self.cache: list[int] = []
         self.last_used = 0
         self.job: Job | None = None
+        # runner/kvcache.py: the partial state at the end of the last prompt (SWA/recurrent
+        # models), and how many leading cells are what a fresh evaluation gives (a context
+        # shift leaves only the kept ones)
+        self.checkpoint: kvcache.Checkpoint | None = None
+        self.exact: float = math.inf
 
     def start(self, job: Job, prompt: list[int], n_cached: int, truncated: bool) -> None:
         self.job = job
@@ -290,15 +299,6 @@ class _Candidates:
         return int(self.data[self.arr.selected]["id"])
 
 
-def _span_edges(media: dict[int, images.Span], n: int) -> tuple[int, int]:
-    """The start and end of the image whose cells ``n`` falls inside, else ``(n, n)``: an image
-    is evaluated whole, so a prompt cache or a truncation may only stop at its edges."""
-    for start, span in media.items():
-        if start < n < start + span.n_pos:
-            return start, start + span.n_pos
-    return n, n
-
-
 class Engine:
     def __init__(self, spec: LaunchSpec) -> None:
         self.spec = spec
@@ -327,6 +327,9 @@ class Engine:
         # step, not in the middle of sampling (where every ctypes call lets it take the GIL)
         self._outbox: list[tuple[Emit, CompletionChunk | CompletionDone | CompletionError]] = []
         self.after_emit: Callable[[], None] = no_op
+        # where saved-prompt-cache counts go (the runner sends them up the event pipe)
+        self.report: Callable[[KvCacheReport], None] = lambda report: None
+        self._prefix: kvcache.PromptCache | None = None
         self._keepalive: list[object] = []  # ctypes objects llama.cpp points at
 
     # -- load --------------------------------------------------------------------------------
@@ -400,6 +403,7 @@ class Engine:
             self._slots = [_Slot(i) for i in range(self.parallel)]
             self._candidates = _Candidates(self.n_vocab)
             self._one = _Candidates(1)
+            self._prefix = kvcache.PromptCache(self, spec, lambda r: self.report(r))
             if spec.projector_path:
                 self.vision = images.Vision(
                     spec.projector_path,
@@ -475,8 +479,10 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="decode", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
-        """Cancel everything, stop the decode thread, free llama.cpp objects. Blocks."""
+    def close(self, save_by: float | None = None) -> None:
+        """Cancel everything, stop the decode thread, save the slots' prompt caches (until
+        ``save_by``, time.monotonic(); with a LaunchSpec.kv_cache), free llama.cpp objects.
+        Blocks."""
         with self._cond:
             self._stopping = True
             self._cancel_all = self._cancel_all or "runner closed"
@@ -487,6 +493,12 @@ class Engine:
                 return  # a decode is stuck; the process exit frees everything
         for slot in self._slots:
             slot.release()
+        if self._prefix is not None:
+            try:
+                self._prefix.save_all(self._slots, save_by)
+            except Exception:  # a save must never keep the runner from stopping
+                log.exception("saving the prompt caches failed")
+            self._prefix = None
         if self.vision is not None:
             self.vision.close()
             self.vision = None
@@ -584,8 +596,8 @@ class Engine:
         if len(prompt) > limit:
             if not request.truncate:
                 raise BadRequest("the input length exceeds the context length")
-            keep = _span_edges(media, max(0, min(opts.num_keep, limit // 2)))[0]
-            tail = _span_edges(media, len(prompt) - (limit - keep))[1]  # images are cut whole
+            keep = images.span_edges(media, max(0, min(opts.num_keep, limit // 2)))[0]
+            tail = images.span_edges(media, len(prompt) - (limit - keep))[1]  # images are cut whole
             media = {
                 i if i < keep else i - tail + keep: sp
                 for i, sp in media.items()
@@ -739,14 +751,9 @@ class Engine:
 
             slot = max(free, key=lambda s: (common(s), -s.last_used))
             n = min(common(slot), len(prompt) - 1)  # at least one token is evaluated for logits
-            n = _span_edges(job.media, n)[0]  # type: ignore[attr-defined]
-            if n < len(slot.cache):
-                ok = llama_cpp.llama_memory_seq_rm(self.mem, slot.id, n, -1)
-                # SWA or recurrent memory may not hold the positions the prefix needs: start over
-                if not ok or (n > 0 and llama_cpp.llama_memory_seq_pos_min(self.mem, slot.id) > 0):
-                    llama_cpp.llama_memory_seq_rm(self.mem, slot.id, -1, -1)
-                    n = 0
-                slot.cache = slot.cache[:n]
+            n = images.span_edges(job.media, n)[0]  # type: ignore[attr-defined]
+            assert self._prefix is not None
+            n = self._prefix.reuse(slot, prompt, n, job.media)  # type: ignore[attr-defined]
             slot.start(job, prompt, n, job.truncated)  # type: ignore[attr-defined]
 
     def _step(self) -> None:
@@ -921,6 +928,8 @@ class Engine:
         now = time.perf_counter_ns()
         if not s.t_first:
             s.t_first = now
+            assert self._prefix is not None
+            self._prefix.prompt_done(s)
         if llama_cpp.llama_vocab_is_eog(self.vocab, token):
             return self._finish(s, "stop")
         s.tokens.append(token)
@@ -1021,6 +1030,7 @@ class Engine:
         llama_cpp.llama_memory_seq_rm(self.mem, s.id, keep, keep + discard)
         llama_cpp.llama_memory_seq_add(self.mem, s.id, keep + discard, n_past, -discard)
         del s.cache[keep : keep + discard]
+        kvcache.PromptCache.shifted(s, keep)
         if s.media:  # a moved image no longer matches its prompt: never reuse its cells
             s.cache[keep:] = [images.POISONED if t < 0 else t for t in s.cache[keep:]]
 

@@ -37,6 +37,7 @@ from corral.runner.protocol import (
     CompletionRequest,
     EmbedResponse,
     FakeKnobs,
+    KvCacheReport,
     LaunchSpec,
     MemoryUse,
     TokenLogprob,
@@ -101,6 +102,7 @@ class FakeEngine:
         self._thread: threading.Thread | None = None
         self._emitted = 0  # tokens over the process, for crash_after_tokens
         self.after_emit: Callable[[], None] = no_op
+        self.report: Callable[[KvCacheReport], None] = lambda report: None  # keeps no KV
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -123,7 +125,7 @@ class FakeEngine:
         self._thread = threading.Thread(target=self._loop, name="fake-decode", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
+    def close(self, save_by: float | None = None) -> None:
         self.cancel_all("runner closed")
         with self._cond:
             self._stopping = True

@@ -64,6 +64,15 @@ def image_key(data: bytes) -> int:
     return -2 - (int.from_bytes(hashlib.sha256(data).digest()[:8], "little") >> 2)
 
 
+def span_edges(media: dict[int, Span], n: int) -> tuple[int, int]:
+    """The start and end of the image whose cells ``n`` falls inside, else ``(n, n)``: an image
+    is evaluated whole, so a prompt cache or a truncation may only stop at its edges."""
+    for start, span in media.items():
+        if start < n < start + span.n_pos:
+            return start, start + span.n_pos
+    return n, n
+
+
 class Span:
     """One image of a prompt: ``n_pos`` cells from its start. Owns a copy of mtmd's chunk."""
 

@@ -61,6 +61,16 @@ class FakeKnobs(msgspec.Struct, frozen=True, kw_only=True):
     hang_load_while: str | None = None
 
 
+class KvCacheSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """Where and how much a runner may keep of its slots' prompt caches beyond its own life
+    (runner/kvcache.py, docs/DESIGN.md "Saved prompt caches"). The daemon fills it from
+    CORRAL_KV_CACHE_DIR / _SIZE / _MEMORY."""
+
+    dir: str  # the cache directory (one subdirectory per cache key)
+    disk_bytes: int  # the directory's cap: least recently used files go first
+    memory_bytes: int  # saved bytes kept in the page cache (the rest is dropped from memory)
+
+
 KvCacheType = Literal["f16", "f32", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 
 
@@ -91,6 +101,7 @@ class LaunchSpec(msgspec.Struct, frozen=True, kw_only=True, tag="launch", tag_fi
         5.0  # seconds in-flight work may run on after SIGTERM before it is cancelled
     )
     verbose: bool = False  # llama.cpp's debug log and the runner's debug lines on stderr
+    kv_cache: KvCacheSpec | None = None  # None: the slots' prompt caches die with the runner
     fake: FakeKnobs = msgspec.field(default_factory=FakeKnobs)
 
 
@@ -122,6 +133,23 @@ class Failed(msgspec.Struct, frozen=True, kw_only=True, tag="failed", tag_field=
 
 
 RunnerEvent = Loading | Ready | Failed  # the handshake; after Ready the pipe also carries Relay
+
+
+class KvCacheReport(msgspec.Struct, frozen=True, kw_only=True, tag="kvcache", tag_field="type"):
+    """What the saved prompt cache did since the runner's previous report (counts, not totals):
+    after Ready, on the event pipe, when a request restored or missed and after the saves at
+    the runner's stop."""
+
+    version: Version = PROTOCOL_VERSION
+    saves: int = 0  # prefixes written
+    saved_bytes: int = 0
+    restores: int = 0  # prefixes read back into a slot (hits)
+    restored_tokens: int = 0
+    restored_bytes: int = 0
+    misses: int = 0  # cold admits (no usable prefix in the runner's slots) with nothing to restore
+    dropped: int = 0  # files refused and removed (corrupt, truncated, unloadable)
+    failed_saves: int = 0  # saves given up (full disk, over the cap, past the stop deadline)
+
 
 # ----------------------------------------------------------------------------------------------
 # Engine probe (``python -m corral.runner --probe``: one JSON line on stdout, no model loaded)
@@ -317,10 +345,10 @@ class Relay(msgspec.Struct, frozen=True, kw_only=True, tag="relay", tag_field="t
     event: CompletionEvent
 
 
-_event_decoder = msgspec.json.Decoder(RunnerEvent | Relay)
+_event_decoder = msgspec.json.Decoder(RunnerEvent | Relay | KvCacheReport)
 
 
-def decode_event(line: bytes | str) -> Loading | Ready | Failed | Relay:
+def decode_event(line: bytes | str) -> Loading | Ready | Failed | Relay | KvCacheReport:
     """Raise msgspec.ValidationError/DecodeError on an unknown tag, version or a bad field."""
     return _event_decoder.decode(line)
 

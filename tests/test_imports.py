@@ -4,8 +4,9 @@ Allowed: ``daemon -> scheduler``, ``daemon -> runner.protocol``, ``runner.* -> r
 ``scheduler`` imports nothing of ours and only stdlib + msgspec, and none of the stdlib modules
 that mean I/O, clock, environment, concurrency or logging. ``daemon`` never imports
 ``runner.engine`` / ``runner.fake`` / ``runner.server`` / ``runner.__main__``. Only
-``runner/engine.py``, ``runner/images.py`` (its multimodal half) and ``runner/devices.py`` (the
-engine probe) import ``llama_cpp``; ``runner/protocol.py`` needs nothing but msgspec. Only the api layer (``daemon/api``) and the
+``runner/engine.py``, ``runner/kvcache.py`` (the sequence-state calls), ``runner/images.py`` (its
+multimodal half) and ``runner/devices.py`` (the engine probe) import ``llama_cpp``;
+``runner/protocol.py`` needs nothing but msgspec. Only the api layer (``daemon/api``) and the
 composition root (``daemon/serve.py``, which builds the app) import ``daemon.api``: the domain
 raises ``daemon.errors`` and never the web layer's errors. No import cycle among our modules, and
 no import inside a function (it hides an arrow from this test and from a reader) except the
@@ -127,10 +128,11 @@ def _violations(module: str, imported: str) -> str | None:
         return "only daemon/api and the composition root import daemon.api"
     if top == "llama_cpp" and module not in (
         "corral.runner.engine",
+        "corral.runner.kvcache",
         "corral.runner.images",
         "corral.runner.devices",
     ):
-        return "only runner/engine.py, runner/images.py and runner/devices.py import llama_cpp"
+        return "only runner/engine.py, kvcache.py, images.py and devices.py import llama_cpp"
     return None
 
 

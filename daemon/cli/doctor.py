@@ -7,7 +7,7 @@ It gathers, without a running daemon:
 3. GPUs as NVML sees them and as llama.cpp sees them, and which are usable (the engine gate);
 4. host memory (cgroup-aware, as the scheduler sees it) and transparent huge pages: the kernel's
    mode and whether runners get them (``runners.huge_pages_usable``);
-5. the model store: path, models, bytes;
+5. the model store: path, models, bytes; the saved prompt caches: size, cap, hit rate;
 6. the effective ``OLLAMA_*`` / ``CORRAL_*`` values with their source (environment or default);
 7. the policy file (``CORRAL_POLICY``): its tables and what applies to each model in the store;
 8. problems, each with its fix.
@@ -27,6 +27,7 @@ from typing import Any
 from corral.daemon import buildplan, engine_probe
 from corral.daemon.config import Config
 from corral.daemon.gpu import GpuReading, NvmlProbe, cgroup_limit, engine_verdict, host_memory
+from corral.daemon.kvstats import read_totals, usage
 from corral.daemon.models.store import Store
 from corral.daemon.policy import PolicyError
 from corral.daemon.policy import load as load_policy
@@ -85,6 +86,24 @@ def _policy(config: Config) -> dict[str, Any]:
         if rule:
             out["models"][n] = rule
     return out
+
+
+def _kv_cache(config: Config) -> dict[str, Any]:
+    """The saved prompt caches: where, how big against the cap, and what they did (the totals
+    the daemon keeps beside them)."""
+    path = config.kv_cache_path
+    files, size = usage(path)
+    totals = read_totals(path)
+    return {
+        "path": str(path),
+        "enabled": config.kv_cache_size > 0,
+        "files": files,
+        "bytes": size,
+        "cap_bytes": config.kv_cache_size,
+        "memory_bytes": config.kv_cache_memory,
+        "hit_rate": totals.hit_rate,
+        **{k: getattr(totals, k) for k in totals.__struct_fields__},
+    }
 
 
 def _huge_pages(setting: Path, libc: str | None) -> dict[str, Any]:
@@ -218,6 +237,7 @@ async def collect(
     limit = cgroup_limit()
     store = await asyncio.to_thread(_store, config)
     policy = await asyncio.to_thread(_policy, config)
+    kv_cache = await asyncio.to_thread(_kv_cache, config)
     x86 = [
         opt.removeprefix("GGML_")
         for opt, need in buildplan.X86_OPTIONS
@@ -280,6 +300,7 @@ async def collect(
         },
         "huge_pages": thp,
         "store": store,
+        "kv_cache": kv_cache,
         "environment": env_rows,
         "policy": policy,
         "problems": _problems(build, engine, gpu_note, store, want, thp, policy),
@@ -338,6 +359,8 @@ def render(r: dict[str, Any]) -> str:
         f"  {s['path']}: {s['models']} models, {_gib(s['bytes'])}"
         f"{'' if s['exists'] else ' (does not exist yet)'}"
         f"{'' if s['writable'] else ' (NOT writable)'}",
+        "saved prompt caches",
+        f"  {_render_kv_cache(r['kv_cache'])}",
         "environment",
     ]
     for k, v in r["environment"].items():
@@ -366,6 +389,22 @@ def _render_policy(p: dict[str, Any]) -> list[str]:
 
 def _keys(keys: dict[str, Any]) -> str:
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in keys.items()) or "(nothing)"
+
+
+def _render_kv_cache(kv: dict[str, Any]) -> str:
+    if not kv["enabled"]:
+        return f"off (CORRAL_KV_CACHE_SIZE=0); {kv['path']}: {_gib(kv['bytes'])}"
+    rate = kv["hit_rate"]
+    hits = (
+        "no cold start yet"
+        if rate is None
+        else f"hit rate {rate:.0%} ({kv['restores']} restored of "
+        f"{kv['restores'] + kv['misses']} cold starts, {kv['restored_tokens']} tokens)"
+    )
+    return (
+        f"{kv['path']}: {kv['files']} prefixes, {_gib(kv['bytes'])} of {_gib(kv['cap_bytes'])}"
+        f" (up to {_gib(kv['memory_bytes'])} in memory); {kv['saves']} saved; {hits}"
+    )
 
 
 def _render_huge_pages(thp: dict[str, Any]) -> str:

@@ -584,3 +584,15 @@ def test_serve_stops_on_a_bad_simulated_gpu_list(tmp_path: Path) -> None:
         in out.stderr + out.stdout
     )
     assert "Listening" not in out.stderr + out.stdout
+
+
+def test_kv_cache_settings() -> None:
+    c = cfg(OLLAMA_MODELS="/store")
+    assert c.kv_cache_path == Path("/store/kvcache")  # beside the store by default
+    assert (c.kv_cache_size, c.kv_cache_memory) == (8 << 30, 2 << 30)
+    c = cfg(
+        CORRAL_KV_CACHE_DIR="/fast/kv", CORRAL_KV_CACHE_SIZE="20GiB", CORRAL_KV_CACHE_MEMORY="0"
+    )
+    assert (c.kv_cache_path, c.kv_cache_size, c.kv_cache_memory) == (Path("/fast/kv"), 20 << 30, 0)
+    assert c.env_summary()["CORRAL_KV_CACHE_SIZE"] == str(20 << 30)
+    assert cfg(CORRAL_KV_CACHE_SIZE="lots").kv_cache_size == 8 << 30  # warned, default kept
