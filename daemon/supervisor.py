@@ -357,6 +357,7 @@ class Supervisor:
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()  # replaced after every dispatch (test hooks)
         self._dispatching = False
+        self._sleep_until: float | None = None  # the owner's next deadline (None: none)
         self._owner: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._waiters: dict[int, asyncio.Future[str]] = {}
@@ -577,7 +578,7 @@ class Supervisor:
         # The blob must outlive a copy/delete onto this name until a runner holds it.
         if self.store is not None:
             self._hold(key)
-        self.post(
+        self._post_now(
             RequestArrived(
                 req_id=req_id,
                 model_key=key,
@@ -784,6 +785,22 @@ class Supervisor:
         self._inbox.append(event)
         self._wake.set()
 
+    def _post_now(self, event: Event) -> None:
+        """A request's arrival or end: dispatched at once in the calling task when nothing is
+        queued before it, else :meth:`post`. The scheduler is synchronous and the loop has one
+        thread, so this is what the owner would do next, without the two task switches of a
+        hop to the owner and back (a grant for a free slot then completes ``acquire`` without
+        a wait). The owner is woken only when its sleep must end before the time it planned."""
+        owner = self._owner
+        if self._inbox or self._dispatching or owner is None or owner.done():
+            self.post(event)
+            return
+        self._dispatch(event)
+        assert self._sched is not None
+        deadline = self._sched.next_deadline()
+        if deadline is not None and (self._sleep_until is None or deadline < self._sleep_until):
+            self._wake.set()
+
     async def _run(self) -> None:
         sched = self._sched
         assert sched is not None
@@ -797,6 +814,7 @@ class Supervisor:
                 self._dispatch(Tick())
                 await asyncio.sleep(0)  # let the posting tasks run between ticks
                 continue
+            self._sleep_until = deadline
             if not await wait_event(self._wake, timeout):
                 self._dispatch(Tick())
 
@@ -1147,7 +1165,7 @@ class Supervisor:
 
     def _release(self, lease: Lease) -> None:
         self._leases.pop(lease.req_id, None)
-        self.post(RequestFinished(req_id=lease.req_id))
+        self._post_now(RequestFinished(req_id=lease.req_id))
 
     # ------------------------------------------------------------------ probes and facts
 

@@ -19,12 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import re
 import secrets
+import stat
 import string
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -74,11 +77,36 @@ class Model:
         )
 
 
+# id(record) -> (record, its GGUF's stat key or None, info, capabilities): the facts of the
+# records the store handed out lately (it hands out the same object while the manifest is
+# unchanged), so a request reads them with one stat of the GGUF instead of parsing anything.
+_facts: dict[int, tuple[ModelRecord, tuple | None, gguf_info.GGUFInfo | None, list[str]]] = {}
+_FACTS_KEPT = 256
+
+
+def _blob_key(path: Path | None) -> tuple | None:
+    """The GGUF's identity and version (device, inode, size, mtime), None when it is not a
+    regular file. One stat."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 async def model_facts(record: ModelRecord) -> tuple[gguf_info.GGUFInfo | None, list[str]]:
     """The model's GGUF facts (None for a missing or non-GGUF layer) and its capabilities, as
     inference, /api/show and /api/tags all read them."""
+    key = _blob_key(record.model_path)
+    hit = _facts.get(id(record))
+    if hit is not None and hit[0] is record and hit[1] == key:
+        return hit[2], hit[3]
     info = None
-    if record.model_path is not None and record.model_path.is_file():
+    if key is not None:
         try:
             info = await gguf_info.read_info_async(record.model_path)
         except Exception as e:  # noqa: BLE001 - a non-GGUF layer has no metadata
@@ -89,6 +117,9 @@ async def model_facts(record: ModelRecord) -> tuple[gguf_info.GGUFInfo | None, l
         has_projector=bool(record.projectors),
         declared=record.config.capabilities,
     )
+    if len(_facts) >= _FACTS_KEPT:
+        _facts.clear()
+    _facts[id(record)] = (record, key, info, caps)
     return info, caps
 
 
@@ -419,6 +450,7 @@ class Job:
     thinking: ThinkingSplitter | None = None
     tools: toolcalls.ToolCallParser | None = None
     series: ModelSeries | None = None  # the model's metrics: TTFT, inter-token, tokens
+    _open: AsyncGenerator[Delta | Done, None] | None = field(default=None, init=False, repr=False)
 
     def _process(self, text: str) -> Delta:
         d = Delta()
@@ -451,7 +483,19 @@ class Job:
                 self.series.ttft.observe(now - self.started)
         return now
 
-    async def events(self) -> AsyncIterator[Delta | Done]:
+    def events(self) -> AsyncGenerator[Delta | Done, None]:
+        """:meth:`_events`, closed by :func:`completion_job` when the job's context ends: a
+        writer that stops at Done leaves no generator for the event loop's finalizer (a
+        self-pipe write and a task per request)."""
+        self._open = self._events()
+        return self._open
+
+    async def close(self) -> None:
+        """Close the generator :meth:`events` gave, if any (its runner stream ends with it)."""
+        if self._open is not None:
+            await self._open.aclose()
+
+    async def _events(self) -> AsyncGenerator[Delta | Done, None]:
         """The deltas of the output (thinking split off, tool calls parsed, each token's
         logprobs with the delta of the runner chunk that reported it), then one Done.
 
@@ -765,7 +809,10 @@ async def completion_job(
         job.thinking = splitter
         if tools and renderer is not None and renderer.supports_tools:
             job.tools = toolcalls.ToolCallParser(renderer.tool_call_tag(), tools)
-        yield job
+        try:
+            yield job
+        finally:
+            await job.close()
 
 
 def render(

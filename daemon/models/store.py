@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -433,6 +434,7 @@ class Store:
             self._unpin(d)
 
     @staticmethod
+    @functools.lru_cache(maxsize=256)  # every request holds and releases its model's blob
     def _digest_of(blob_path: str | os.PathLike[str]) -> str | None:
         m = re.fullmatch(r"sha256-([0-9a-f]{64})", os.path.basename(blob_path))
         return f"sha256:{m.group(1)}" if m else None
