@@ -219,13 +219,30 @@ class HostPolicy:
 
 
 def host_middleware(policy: HostPolicy) -> Callable[..., Awaitable[web.StreamResponse]]:
-    @web.middleware
-    async def check_host(request: web.Request, handler: Handler) -> web.StreamResponse:
-        host = _strip_port(request.headers.get("Host", ""))
+    # Host header -> "ip" (an allowed IP), "name" (an allowed name) or "" (refused); a client
+    # sends the same one every time, so each is parsed once (bounded: the header is the
+    # client's to choose).
+    verdicts: dict[str, str] = {}
+
+    def verdict(header: str) -> str:
+        host = _strip_port(header)
         ip_ok = policy.ip_allowed(host)
         if ip_ok:
+            return "ip"
+        return "name" if ip_ok is None and policy.name_allowed(host) else ""
+
+    @web.middleware
+    async def check_host(request: web.Request, handler: Handler) -> web.StreamResponse:
+        header = request.headers.get("Host", "")
+        kind = verdicts.get(header)
+        if kind is None:
+            kind = verdict(header)
+            if len(verdicts) >= 256:
+                verdicts.clear()
+            verdicts[header] = kind
+        if kind == "ip":
             return await handler(request)
-        if ip_ok is None and policy.name_allowed(host):
+        if kind == "name":
             if request.method == "OPTIONS":
                 return web.Response(status=204)
             return await handler(request)

@@ -247,10 +247,12 @@ async def test_no_origin_or_same_origin_passes(client: TestClient) -> None:
     ],
 )
 async def test_host_header(client: TestClient, host: str, status: int) -> None:
-    r = await client.get("/ok", headers={"Host": host})
-    assert r.status == status
+    for _ in range(2):  # the second time from the middleware's cache of verdicts
+        r = await client.get("/ok", headers={"Host": host})
+        assert r.status == status
 
 
 async def test_host_options_is_204(client: TestClient) -> None:
-    r = await client.options("/ok", headers={"Host": "localhost"})
-    assert r.status == 204
+    for _ in range(2):
+        r = await client.options("/ok", headers={"Host": "localhost"})
+        assert r.status == 204
