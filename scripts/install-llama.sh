@@ -24,16 +24,25 @@ if "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_cpp_
 fi
 if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
   echo "building llama-cpp-python $LLAMA_VERSION ($LLAMA_BACKEND; about 8 minutes on 2 cores for a CPU build, once)" >&2
-  src=$(mktemp -d)
-  trap 'rm -rf "$src"' EXIT
-  "$PY" -m pip download --no-cache-dir --no-deps --no-binary :all: -d "$src" "llama-cpp-python==$LLAMA_VERSION" >/dev/null
-  tar xzf "$src"/llama_cpp_python-*.tar.gz -C "$src"
-  "$PY" "$PATCHER" "$src/llama_cpp_python-$LLAMA_VERSION"
-  mkdir -p "$wheels.tmp"
-  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc 2>/dev/null || sysctl -n hw.ncpu)" "$PY" -m pip wheel --no-cache-dir --no-deps \
-      -w "$wheels.tmp" "$src/llama_cpp_python-$LLAMA_VERSION"
+  # Sources and CMake's build folder live under a folder of this key until the wheel exists, so
+  # an interrupted build (a CUDA build takes hours on two cores) resumes where it stopped.
+  work="${CORRAL_BUILD_DIR:-$HOME/.cache/corral/build}/$LLAMA_KEY"
+  src="$work/src/llama_cpp_python-$LLAMA_VERSION"
+  if [ ! -f "$work/src/.patched" ]; then
+    rm -rf "$work"; mkdir -p "$work/src" "$work/sdist"
+    "$PY" -m pip download --no-cache-dir --no-deps --no-binary :all: -d "$work/sdist" "llama-cpp-python==$LLAMA_VERSION" >/dev/null
+    tar xzf "$work/sdist"/llama_cpp_python-*.tar.gz -C "$work/src"
+    "$PY" "$PATCHER" "$src"
+    touch "$work/src/.patched"
+  else
+    echo "resuming the build in $work" >&2
+  fi
+  rm -rf "$wheels.tmp"; mkdir -p "$wheels.tmp"
+  SKBUILD_BUILD_DIR="$work/build" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc 2>/dev/null || sysctl -n hw.ncpu)" \
+    "$PY" -m pip wheel --no-cache-dir --no-deps -w "$wheels.tmp" "$src"
   printf '%s\n' "$LLAMA_BACKEND" "$CMAKE_ARGS" > "$wheels.tmp/build-plan.txt"
   rm -rf "$wheels"; mv "$wheels.tmp" "$wheels"
+  rm -rf "$work"
 fi
 "$PY" -m pip install --no-deps --force-reinstall --no-index "$wheels"/llama_cpp_python-*.whl >/dev/null
 "$PY" -m pip install "llama-cpp-python==$LLAMA_VERSION" --no-index --find-links "$wheels" >/dev/null 2>&1 || \
