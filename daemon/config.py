@@ -511,7 +511,31 @@ SUMMARY_VARS = (
     "CORRAL_KV_CACHE_DIR",
     "CORRAL_KV_CACHE_SIZE",
     "CORRAL_KV_CACHE_MEMORY",
+    *("CORRAL_API_KEYS_FILE", "CORRAL_METRICS_AUTH", "CORRAL_TLS_CERT", "CORRAL_TLS_KEY"),
 )
+
+
+class Secret(str):
+    """A string that never shows in a repr (the Config's, a traceback's): OLLAMA_API_KEY."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self else "Secret('')"
+
+
+def parse_tls(host: HostAddr, cert: str, key: str) -> tuple[Path | None, Path | None, str | None]:
+    """CORRAL_TLS_CERT / CORRAL_TLS_KEY against OLLAMA_HOST's scheme -> (cert, key, error).
+    HTTPS needs both files and an ``https://`` OLLAMA_HOST; any other mix is an error that
+    stops ``corral serve`` (a daemon meant to be private must not come up in plain text)."""
+    if not cert and not key:
+        if host.scheme == "https":
+            return None, None, "OLLAMA_HOST is https://: set CORRAL_TLS_CERT and CORRAL_TLS_KEY"
+        return None, None, None
+    if not cert or not key:
+        missing = "CORRAL_TLS_KEY" if cert else "CORRAL_TLS_CERT"
+        return None, None, f"{missing} is not set (HTTPS needs a certificate and its key)"
+    if host.scheme != "https":
+        return None, None, "CORRAL_TLS_CERT is set: OLLAMA_HOST must start with https://"
+    return Path(cert).expanduser(), Path(key).expanduser(), None
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -590,6 +614,18 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     kv_cache_size: int = DEFAULT_KV_CACHE_SIZE
     # CORRAL_KV_CACHE_MEMORY: saved bytes left in the page cache (the rest is dropped from memory)
     kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY
+
+    # ---- exposure: API keys and TLS (issue 19; daemon/apikeys.py, daemon/api/auth.py) ----
+    # CORRAL_API_KEYS_FILE: the key file; None = no keys, every client is let in (Ollama's way)
+    api_keys_file: Path | None = None
+    # CORRAL_METRICS_AUTH: GET /metrics needs a key (any scope) too; default open for scrapers
+    metrics_auth: bool = False
+    # CORRAL_TLS_CERT / CORRAL_TLS_KEY: PEM certificate chain and private key (HTTPS); both or
+    # neither, and only with OLLAMA_HOST=https://... (see parse_tls)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # OLLAMA_API_KEY: what the `corral` client verbs send as `Authorization: Bearer`
+    api_key: Secret = Secret("")
 
     @property
     def kv_cache_path(self) -> Path:
@@ -704,6 +740,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             warn("CORRAL_PRIORITY_AGING", var("CORRAL_PRIORITY_AGING"), "30s", "must be > 0")
             aging = DEFAULT_PRIORITY_AGING
 
+        keys_file = var("CORRAL_API_KEYS_FILE")
+        tls_cert, tls_key, tls_error = parse_tls(
+            host, var("CORRAL_TLS_CERT"), var("CORRAL_TLS_KEY")
+        )
+        startup_error = startup_error or tls_error
+
         default_model = (
             env["CORRAL_DEFAULT_MODEL"].strip() if "CORRAL_DEFAULT_MODEL" in env else "gemma3:270m"
         )
@@ -754,6 +796,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             kv_cache_dir=Path(kv_dir_raw).expanduser() if kv_dir_raw else None,
             kv_cache_size=size("CORRAL_KV_CACHE_SIZE", DEFAULT_KV_CACHE_SIZE),
             kv_cache_memory=size("CORRAL_KV_CACHE_MEMORY", DEFAULT_KV_CACHE_MEMORY),
+            api_keys_file=Path(keys_file).expanduser() if keys_file else None,
+            metrics_auth=parse_bool(var("CORRAL_METRICS_AUTH")),
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            api_key=Secret(var("OLLAMA_API_KEY")),
         )
 
     def env_summary(self) -> dict[str, str]:
@@ -785,4 +832,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             "CORRAL_KV_CACHE_DIR": str(self.kv_cache_path),
             "CORRAL_KV_CACHE_SIZE": str(self.kv_cache_size),
             "CORRAL_KV_CACHE_MEMORY": str(self.kv_cache_memory),
+            "CORRAL_API_KEYS_FILE": str(self.api_keys_file or ""),
+            "CORRAL_METRICS_AUTH": str(self.metrics_auth).lower(),
+            "CORRAL_TLS_CERT": str(self.tls_cert or ""),
+            "CORRAL_TLS_KEY": str(self.tls_key or ""),
         }

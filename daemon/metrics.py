@@ -174,6 +174,31 @@ class Metrics:
             name: Counter(f"corral_kv_cache_{name}", doc, ["model"], registry=r)
             for name, doc in KV_CACHE_COUNTERS.items()
         }
+        # API keys (daemon/api/auth.py): by key name, never by key
+        self.key_requests = Counter(
+            "corral_key_requests",
+            "Requests let in, by API key name.",
+            ["key"],
+            registry=r,
+        )
+        self.key_generated_tokens = Counter(
+            "corral_key_generated_tokens",
+            "Tokens generated for requests of an API key, by key name.",
+            ["key"],
+            registry=r,
+        )
+        self.key_limited = Counter(
+            "corral_key_rate_limited",
+            "Requests answered 429 by a key's per-minute limit (requests or tokens).",
+            ["key", "limit"],
+            registry=r,
+        )
+        self.auth_refused = Counter(
+            "corral_auth_refused",
+            "Requests refused by the API key check: missing, invalid (401), scope, model (403).",
+            ["reason"],
+            registry=r,
+        )
         self._models: dict[str, ModelSeries] = {}
         self._http: dict[tuple[str, str, str], Any] = {}
         self.source: Source | None = None

@@ -13,6 +13,7 @@ import logging
 import os
 import resource
 import signal
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -21,7 +22,10 @@ import structlog
 from aiohttp import web
 
 from corral.daemon import logging as corral_logging
+from corral.daemon import tls
+from corral.daemon.api import auth
 from corral.daemon.api.app import make_app
+from corral.daemon.apikeys import KeyFileError, Keyring
 from corral.daemon.config import Config, HostAddr
 from corral.daemon.models.default_model import ensure_default_model
 from corral.daemon.models.store import Store
@@ -45,7 +49,8 @@ def serve(config: Config) -> int:
         return 1
     try:
         asyncio.run(run(config))
-    except (OSError, PolicyError) as exc:  # address in use, a bad policy file, pins not fitting
+    # address in use, a bad policy file, pins not fitting, a bad key file or certificate
+    except (OSError, PolicyError, KeyFileError, tls.TLSError) as exc:
         log.error("serve failed", error=str(exc))
         return 1
     return 0
@@ -57,10 +62,19 @@ async def run(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set). ``ready`` gets the listening URL.
-    SIGHUP reloads the policy file. Raises PolicyError when the policy file is bad or its pinned
-    models cannot all be loaded (after shutting down what started)."""
+    SIGHUP reloads the policy file, the API key file and the TLS certificate. Raises PolicyError
+    when the policy file is bad or its pinned models cannot all be loaded (after shutting down
+    what started). A key file or certificate that cannot be used stops the start
+    (``KeyFileError``, ``tls.TLSError``) before anything runs: a daemon meant to be guarded
+    never comes up open."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
+    keyring = Keyring.load(config.api_keys_file) if config.api_keys_file else None
+    ssl_context = (
+        tls.server_context(config.tls_cert, config.tls_key)
+        if config.tls_cert and config.tls_key
+        else None
+    )
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
@@ -74,9 +88,17 @@ async def run(
 
     supervisor = Supervisor(config, store, policy=policy)
     await supervisor.start()
-    loop.add_signal_handler(signal.SIGHUP, supervisor.reload_policy)
     failed: list[PolicyError] = []
-    app = make_app(config, store, supervisor)
+    app = make_app(config, store, supervisor, keyring=keyring)
+    reloads: set[asyncio.Task] = set()
+
+    def _sighup() -> None:
+        supervisor.reload_policy()
+        task = loop.create_task(reload(config, app, ssl_context))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, _sighup)
 
     async def _stop_supervisor(_app: web.Application) -> None:
         # Runs after the listening sockets are closed and before aiohttp waits for (and then
@@ -104,6 +126,7 @@ async def run(
             config.bind_port,
             reuse_address=True,
             backlog=LISTEN_BACKLOG,
+            ssl_context=ssl_context,
         )
         await site.start()
         addresses = [f"{s[0]}:{s[1]}" for s in (runner.addresses or [])]
@@ -156,6 +179,19 @@ async def run(
         log.info("stopped")
     if failed:
         raise failed[0]
+
+
+async def reload(config: Config, app: web.Application, ssl_context: ssl.SSLContext | None) -> None:
+    """SIGHUP: the API key file and the TLS certificate read again. What cannot be read keeps
+    its previous value (an error line says why); the daemon never stops over it."""
+    await auth.reload(app)
+    if ssl_context is not None and config.tls_cert and config.tls_key:
+        try:
+            tls.reload(ssl_context, config.tls_cert, config.tls_key)
+        except tls.TLSError as e:
+            log.error("TLS certificate not reloaded, the previous one stays", error=str(e))
+        else:
+            log.info("TLS certificate reloaded", cert=str(config.tls_cert))
 
 
 def _raise_fd_limit() -> None:

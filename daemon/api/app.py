@@ -13,6 +13,7 @@ from aiohttp import web
 
 from corral.daemon.api import (
     anthropic,
+    auth,
     metrics,
     middleware,
     native_infer,
@@ -26,6 +27,7 @@ from corral.daemon.api.middleware_errors import error_middleware
 from corral.daemon.metrics import Metrics
 
 if TYPE_CHECKING:
+    from corral.daemon.apikeys import Keyring
     from corral.daemon.config import Config
     from corral.daemon.models.store import Store
     from corral.daemon.supervisor import Supervisor
@@ -36,10 +38,16 @@ CLIENT_MAX_SIZE = 256 * 1024 * 1024
 
 
 def make_app(
-    config: Config, store: Store, supervisor: Supervisor, *, hostname: str | None = None
+    config: Config,
+    store: Store,
+    supervisor: Supervisor,
+    *,
+    hostname: str | None = None,
+    keyring: Keyring | None = None,
 ) -> web.Application:
     """The daemon's web application. ``hostname`` overrides the machine name the Host check
-    accepts (tests)."""
+    accepts (tests). ``keyring``: the API keys already read (else ``config.api_keys_file`` is
+    read here; ``apikeys.KeyFileError`` if it cannot be)."""
     mws = [
         metrics.count_requests,
         middleware.request_log,
@@ -47,13 +55,15 @@ def make_app(
     ]
     if middleware.is_loopback_bind(config.bind_host):
         mws.append(middleware.host_middleware(middleware.HostPolicy(hostname)))
-    mws += [middleware.json_not_found, error_middleware]
+    # auth inside the error middleware: its refusals get the route's error shape
+    mws += [middleware.json_not_found, error_middleware, auth.authorize]
     app = web.Application(middlewares=mws, client_max_size=CLIENT_MAX_SIZE)
     app[CONFIG] = config
     app[STORE] = store
     app[SUPERVISOR] = supervisor
     # The supervisor's registry (it counts loads and evictions); a test double may have none.
     app[METRICS] = getattr(supervisor, "metrics", None) or Metrics()
+    auth.install(app, keyring)
     app.on_response_prepare.append(middleware.add_cors_headers)
     native_models.add_routes(app)
     native_infer.add_routes(app)

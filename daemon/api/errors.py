@@ -11,6 +11,7 @@ that gives each its status, and the middleware answers them as it answers an ``A
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 
 from corral.daemon.errors import (
     Busy,
@@ -36,13 +37,20 @@ class ApiError(Exception):
     """An error with an HTTP status and a client-facing message."""
 
     def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers  # sent with the error response (Retry-After, WWW-Authenticate)
 
     def __repr__(self) -> str:
         return f"ApiError({self.status}, {self.message!r})"

@@ -36,6 +36,7 @@ import structlog
 from aiohttp import web
 
 from corral.daemon import gguf_info, model_inputs
+from corral.daemon.api import auth
 from corral.daemon.api import options as opts
 from corral.daemon.api.errors import ApiError
 from corral.daemon.api.keys import METRICS, STORE, SUPERVISOR
@@ -450,6 +451,7 @@ class Job:
     thinking: ThinkingSplitter | None = None
     tools: toolcalls.ToolCallParser | None = None
     series: ModelSeries | None = None  # the model's metrics: TTFT, inter-token, tokens
+    meter: auth.Meter | None = None  # the request's API key: charged the generated tokens
     _open: AsyncGenerator[Delta | Done, None] | None = field(default=None, init=False, repr=False)
 
     def _process(self, text: str) -> Delta:
@@ -508,6 +510,7 @@ class Job:
         assert self.body is not None
         last = 0.0
         held: Delta | None = None
+        generated = 0  # chunks until the final record counts (a stream cut short is charged)
         try:
             async with contextlib.aclosing(runner_lines(self.lease, self.body)) as lines:
                 async for ev, more in lines:
@@ -526,6 +529,7 @@ class Job:
                             yield held
                         held = d
                     if not final:
+                        generated += 1
                         if not more and held is not None:
                             held.more, d, held = False, held, None
                             yield d
@@ -538,6 +542,9 @@ class Job:
                         last = self._sent(last)
                         d.more = True
                         yield d
+                    generated = 0  # the final count replaces the chunks'
+                    if self.meter is not None:
+                        self.meter(ev.eval_count)
                     if self.series is not None:
                         self.series.prompt_tokens.inc(ev.prompt_eval_count)
                         self.series.generated_tokens.inc(ev.eval_count)
@@ -560,6 +567,9 @@ class Job:
                 held.more, d, held = False, held, None
                 yield d
             raise
+        finally:
+            if self.meter is not None and generated:  # cut short: charge what was sent
+                self.meter(generated)
 
     async def result(self) -> tuple[Delta, Done]:
         """A non-streamed answer: the whole output as one Delta (content and thinking joined,
@@ -805,6 +815,7 @@ async def completion_job(
             int((time.monotonic() - started) * 1e9),
             body,
             series=app[METRICS].model(model.record.name),
+            meter=auth.meter(),
         )
         job.thinking = splitter
         if tools and renderer is not None and renderer.supports_tools:

@@ -41,7 +41,7 @@ def error_response(request: web.Request, err: ApiError) -> web.Response:
         body = openai_body(err)
     else:
         body = native_body(err)
-    return web.json_response(body, status=err.status)
+    return web.json_response(body, status=err.status, headers=err.headers)
 
 
 @web.middleware

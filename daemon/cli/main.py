@@ -21,6 +21,14 @@ from typing import Any
 
 import aiohttp
 
+from corral.daemon.apikeys import (
+    SCOPES,
+    ApiKey,
+    KeyFileError,
+    add_key,
+    hash_secret,
+    new_secret,
+)
 from corral.daemon.cli import doctor
 from corral.daemon.cli.interactive import (
     Progress,
@@ -101,13 +109,17 @@ def _parse_time(value: str) -> _dt.datetime:
 
 
 class Client:
-    def __init__(self, base_url: str) -> None:
+    """HTTP to the daemon; ``api_key`` (OLLAMA_API_KEY) goes with every request as
+    ``Authorization: Bearer``, as the ollama clients send it."""
+
+    def __init__(self, base_url: str, api_key: str = "") -> None:
         self.base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Client:
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5), headers=self._headers
         )
         return self
 
@@ -346,6 +358,34 @@ async def cmd_run(c: Client, args: argparse.Namespace) -> None:
     await repl(session)
 
 
+def cmd_key_create(config: Config, args: argparse.Namespace) -> int:
+    """``corral key create NAME``: a new key's hash goes into the key file, the key to stdout."""
+    path = args.file or config.api_keys_file
+    if path is None:
+        sys.stderr.write("Error: no key file: set CORRAL_API_KEYS_FILE or pass --file\n")
+        return 1
+    secret = new_secret()
+    entry = ApiKey(
+        name=args.name,
+        sha256=hash_secret(secret),
+        scope=args.scope,
+        models=tuple(args.model),
+        requests_per_minute=args.requests_per_minute,
+        tokens_per_minute=args.tokens_per_minute,
+    )
+    try:
+        add_key(Path(path), entry)
+    except (KeyFileError, OSError) as exc:
+        sys.stderr.write(f"Error: {exc}\n")
+        return 1
+    out(secret)
+    sys.stderr.write(
+        f"added key {args.name!r} ({args.scope}) to {path}; it is shown only this once. "
+        "A running `corral serve` loads it on SIGHUP.\n"
+    )
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -393,6 +433,18 @@ def build_parser() -> argparse.ArgumentParser:
     cr = sub.add_parser("create", help="create a model from a Modelfile")
     cr.add_argument("model")
     cr.add_argument("-f", "--file")
+    key = sub.add_parser("key", help="manage API keys (the file CORRAL_API_KEYS_FILE names)")
+    kc = key.add_subparsers(dest="key_verb", required=True).add_parser(
+        "create", help="make a key, add its hash to the key file, print the key (only once)"
+    )
+    kc.add_argument("name", help="the key's name (in logs and metrics)")
+    kc.add_argument("--scope", choices=SCOPES, default="inference")
+    kc.add_argument(
+        "--model", action="append", default=[], help="a model name or glob it may use (repeat)"
+    )
+    kc.add_argument("--requests-per-minute", type=int, default=0, metavar="N")
+    kc.add_argument("--tokens-per-minute", type=int, default=0, metavar="N")
+    kc.add_argument("--file", type=Path, help="the key file (default: CORRAL_API_KEYS_FILE)")
     dr = sub.add_parser("doctor", help="show what this machine is to corral, and what is wrong")
     dr.add_argument("--json", action="store_true", help="one JSON document, for scripts")
     return p
@@ -426,13 +478,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb is None:
         build_parser().print_help()
         return 0
+    if args.verb == "key":
+        return cmd_key_create(config, args)
     if args.verb == "doctor":
         configure(logging.WARNING)  # the report on stdout, problems while probing: stderr
         out(doctor.main(config, args.json))
         return 0
 
     async def go() -> None:
-        async with Client(config.client_url) as c:
+        async with Client(config.client_url, config.api_key) as c:
             await VERBS[args.verb](c, args)
 
     try:

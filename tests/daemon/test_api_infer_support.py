@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,6 +254,7 @@ class Env:
     session: aiohttp.ClientSession
     ollama: ollama.AsyncClient
     openai: openai.AsyncOpenAI
+    app: web.Application
 
     async def post(
         self,
@@ -289,8 +291,12 @@ async def _files(store: Store, path: Path) -> dict[str, str]:
     return {"model.gguf": layer.digest}
 
 
-@pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
+@contextlib.asynccontextmanager
+async def make_env(
+    tmp_path: Path, config: Config | None = None, **app_kwargs: Any
+) -> AsyncIterator[Env]:
+    """The daemon's app over a scripted runner with the test models in its store; ``config``
+    and ``app_kwargs`` (``make_app``'s keywords) vary it."""
     store = Store(tmp_path / "models")
     plain = make_gguf(tmp_path / "plain.gguf")
     emb = make_gguf(tmp_path / "emb.gguf", embedding=True, seed=1)
@@ -311,8 +317,8 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     await runner_srv.start_server()
     session = aiohttp.ClientSession()
     sup = FakeSupervisor(str(runner_srv.make_url("")).rstrip("/"), session)
-    config = Config(host=HostAddr(host="127.0.0.1", port=11434))
-    app = make_app(config, store, sup)  # type: ignore[arg-type]
+    config = config or Config(host=HostAddr(host="127.0.0.1", port=11434))
+    app = make_app(config, store, sup, **app_kwargs)  # type: ignore[arg-type]
     srv = TestServer(app)
     await srv.start_server()
     client_session = aiohttp.ClientSession()
@@ -320,7 +326,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     oc = ollama.AsyncClient(host=url)
     oa = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
     try:
-        yield Env(url, runner, sup, store, client_session, oc, oa)
+        yield Env(url, runner, sup, store, client_session, oc, oa, app)
     finally:
         await oa.close()
         await oc.close()
@@ -328,3 +334,9 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         await srv.close()
         await session.close()
         await runner_srv.close()
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    async with make_env(tmp_path) as e:
+        yield e

@@ -66,16 +66,19 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def start_daemon(tmp_path: Path, **env_overrides: str | None) -> Iterator[Daemon]:
+def start_daemon(
+    tmp_path: Path, scheme: str = "http", **env_overrides: str | None
+) -> Iterator[Daemon]:
     """A daemon on a free port with an empty store; ``env_overrides`` set variables (None
-    unsets one, e.g. ``CORRAL_DEFAULT_MODEL=None`` for what a fresh install does)."""
+    unsets one, e.g. ``CORRAL_DEFAULT_MODEL=None`` for what a fresh install does); ``scheme``
+    ``https`` with ``CORRAL_TLS_CERT``/``CORRAL_TLS_KEY`` among them serves HTTPS."""
     models = tmp_path / "models"
     models.mkdir(exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "CORRAL_"))}
     env.update(
         {
-            "OLLAMA_HOST": f"127.0.0.1:{port}",
+            "OLLAMA_HOST": f"{scheme}://127.0.0.1:{port}",
             "OLLAMA_MODELS": str(models),
             "CORRAL_DEFAULT_MODEL": "",  # no Gemma import unless a test asks for it
             "OLLAMA_DEBUG": "1",
@@ -93,7 +96,7 @@ def start_daemon(tmp_path: Path, **env_overrides: str | None) -> Iterator[Daemon
         text=True,
         bufsize=1,
     )
-    d = Daemon(proc=proc, url=f"http://127.0.0.1:{port}", models=models)
+    d = Daemon(proc=proc, url=f"{scheme}://127.0.0.1:{port}", models=models)
     ready = threading.Event()
 
     def pump() -> None:
