@@ -151,6 +151,13 @@ def meter() -> Meter | None:
     return _METER.get()
 
 
+def may_use(request: web.Request, model: str) -> bool:
+    """Whether the request's key (if any) may use ``model``: the lists (/api/tags, /api/ps,
+    /v1/models) show a key only the models it may use."""
+    key = request.get(KEY)
+    return key is None or key.allows_model(model)
+
+
 # ---- credentials and named models --------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ import structlog
 from aiohttp import web
 
 from corral.daemon import gguf_info
+from corral.daemon.api import auth
 from corral.daemon.api import inference as core
 from corral.daemon.api import options as opts
 from corral.daemon.api.errors import ApiError
@@ -181,7 +182,7 @@ async def version(request: web.Request) -> web.Response:
 async def tags(request: web.Request) -> web.Response:
     records = await asyncio.to_thread(_store(request).list)
     models = []
-    for r in records:
+    for r in (r for r in records if auth.may_use(request, r.name)):
         info, caps = await core.model_facts(r)
         details = details_dict(r, info) | {"parent_model": ""}  # as Ollama's list
         models.append(

@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from corral.daemon.api import auth
 from corral.daemon.api import inference as core
 from corral.daemon.api import options as opts
 from corral.daemon.api.errors import ApiError, as_api_error, openai_body
@@ -679,7 +680,8 @@ def _model_obj(model_id: str, record: Any) -> dict[str, Any]:
 
 async def list_models(request: web.Request) -> web.Response:
     records = await asyncio.to_thread(request.app[STORE].list)
-    return json_response({"object": "list", "data": [_model_obj(r.name, r) for r in records]})
+    data = [_model_obj(r.name, r) for r in records if auth.may_use(request, r.name)]
+    return json_response({"object": "list", "data": data})
 
 
 async def retrieve_model(request: web.Request) -> web.Response:

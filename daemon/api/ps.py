@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from corral.daemon.api import auth
 from corral.daemon.api.keys import SUPERVISOR
 from corral.daemon.api.responses import json_response
 from corral.daemon.timefmt import rfc3339
@@ -89,7 +90,8 @@ def _policy_fields(sup: Any, name: str, pinned: bool) -> dict[str, Any]:
 
 
 async def ps(request: web.Request) -> web.Response:
-    return json_response({"models": ps_models(request.app[SUPERVISOR])})
+    models = [m for m in ps_models(request.app[SUPERVISOR]) if auth.may_use(request, m["name"])]
+    return json_response({"models": models})
 
 
 def add_routes(app: web.Application) -> None:

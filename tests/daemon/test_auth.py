@@ -9,6 +9,7 @@ import hashlib
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anthropic
@@ -32,6 +33,7 @@ from corral.daemon.apikeys import (
 )
 from corral.daemon.cli import main as cli
 from corral.daemon.config import Config, HostAddr
+from corral.scheduler import Placement, RunnerOptions, RunnerView
 from tests.daemon.test_api_infer_support import Env, env, make_env  # noqa: F401
 from tests.daemon.test_store import tree
 
@@ -349,6 +351,59 @@ async def test_key_limited_to_models(kenv: Env) -> None:
     status, body, _ = await call(kenv, "POST", "/v1/messages", MSG | {"model": "plain"}, h)
     assert status == 403 and body["error"]["type"] == "permission_error"
     assert len(kenv.runner.requests) == n  # nothing refused reached a runner
+
+
+async def test_lists_show_a_key_its_models(kenv: Env) -> None:
+    everything = {
+        "qwen:latest",
+        "chatml:latest",
+        "plain:latest",
+        "thinker:latest",
+        "embedder:latest",
+    }
+    for who, names in (("user", everything), ("qwen-only", {"qwen:latest", "chatml:latest"})):
+        _, body, _ = await call(kenv, "GET", "/api/tags", headers=bearer(who))
+        assert {m["name"] for m in body["models"]} == names
+        _, body, _ = await call(kenv, "GET", "/v1/models", headers=bearer(who))
+        assert {m["id"] for m in body["data"]} == names
+    kenv.supervisor.records["/p.gguf"] = SimpleNamespace(name="plain:latest", digest="cd")
+    kenv.supervisor.runners = [
+        RunnerView(
+            runner_id="r1",
+            model_key="/p.gguf",
+            state="ready",
+            options=RunnerOptions(num_ctx=4096),
+            placement=Placement(cpu_bytes=10),
+            parallel=1,
+            in_flight=0,
+            queued=0,
+            keep_alive=300.0,
+            deadline=1000.0,
+            pid=7,
+            context_length=4096,
+            started_at=0.0,
+            ready_at=1.0,
+            last_used=1.0,
+        )
+    ]
+    for who, names in (("user", ["plain:latest"]), ("qwen-only", [])):
+        _, body, _ = await call(kenv, "GET", "/api/ps", headers=bearer(who))
+        assert [m["name"] for m in body["models"]] == names
+
+
+async def test_no_key_changes_nothing(kenv: Env) -> None:
+    before = tree(kenv.store.root)
+    for headers in (None, {"Authorization": "Bearer corral-nope"}, {"x-api-key": "nope"}):
+        for method, path, body in ADMIN_CALLS:
+            assert (await call(kenv, method, path, body, headers))[0] == 401, path
+        async with kenv.session.post(
+            kenv.url + f"/api/blobs/{DIGEST}", data=b"blob", headers=headers
+        ) as r:
+            assert r.status == 401
+    assert tree(kenv.store.root) == before
+    text = kenv.app[METRICS].render().decode()
+    assert 'corral_auth_refused_total{reason="missing"} 7.0' in text
+    assert 'corral_auth_refused_total{reason="invalid"} 14.0' in text
 
 
 async def test_admin_key_limited_to_models(tmp_path: Path) -> None:
