@@ -28,8 +28,6 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
-import aiohttp
-import msgspec
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -40,7 +38,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from corral.runner.protocol import Health, KvCacheReport
+from corral.daemon.runner_client import RunnerClient
+from corral.runner.protocol import KvCacheReport
 
 disable_created_metrics()  # no *_created series: half the output, nothing a dashboard reads
 
@@ -75,7 +74,7 @@ class Source(Protocol):
     def snapshot(self) -> Any: ...
     def model_name(self, model_key: str) -> str: ...
     def gpu_name(self, gpu_id: str) -> str: ...
-    def runner_urls(self) -> Mapping[str, str]: ...
+    def runner_clients(self) -> Mapping[str, RunnerClient]: ...
 
 
 class ModelSeries:
@@ -225,33 +224,22 @@ class Metrics:
             )
         child.inc()
 
-    async def poll_runners(self, session: aiohttp.ClientSession) -> None:
+    async def poll_runners(self) -> None:
         """Read every ready runner's /health (bounded); keep the KV-cache figures for collect.
         A runner that does not answer in time drops out of the KV figures of this scrape."""
         if self.source is None:
             self.kv = {}
             return
-        urls = dict(self.source.runner_urls())
-        results = await asyncio.gather(*(_health(session, u) for u in urls.values()))
+        clients = dict(self.source.runner_clients())
+        results = await asyncio.gather(*(c.health(HEALTH_TIMEOUT) for c in clients.values()))
         self.kv = {
             rid: (h.kv_used, h.kv_total)
-            for rid, h in zip(urls, results)
+            for rid, h in zip(clients, results, strict=True)
             if h is not None and h.kv_total > 0
         }
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-async def _health(session: aiohttp.ClientSession, base_url: str) -> Health | None:
-    try:
-        async with asyncio.timeout(HEALTH_TIMEOUT):
-            async with session.get(base_url + "/health") as resp:
-                if resp.status != 200:
-                    return None
-                return msgspec.json.decode(await resp.read(), type=Health)
-    except (TimeoutError, aiohttp.ClientError, msgspec.DecodeError, OSError):
-        return None
 
 
 def _model_row() -> dict[str, Any]:

@@ -54,6 +54,7 @@ from corral.runner.protocol import (
     decode_event,
     encode,
 )
+from corral.scheduler.estimate import is_out_of_memory
 
 log = structlog.get_logger(__name__)
 
@@ -384,7 +385,7 @@ class RunnerProcess:
                     if self._events:
                         continue
                     raise RunnerStartError(
-                        self.exit_reason(), oom=looks_oom(self.last_error()), kind="exited"
+                        self.exit_reason(), oom=is_out_of_memory(self.last_error()), kind="exited"
                     )
             # 3. Stall: no byte from the child for load_timeout seconds.
             timeout: float | None = None
@@ -495,26 +496,6 @@ class RunnerProcess:
         )
         if self._on_exit is not None:
             self._on_exit(self, self.returncode if self.returncode is not None else -1)
-
-
-def looks_oom(text: str) -> bool:
-    """Ollama's ``IsOutOfMemory`` substrings (case-insensitive)."""
-    t = text.lower()
-    return any(
-        s in t
-        for s in (
-            "out of memory",
-            "out of device memory",
-            "cudamalloc failed",
-            "hipmalloc failed",
-            "failed to allocate",
-            "allocation failed",
-            "not enough memory",
-            "insufficient memory",
-            "vk_error_out_of_device_memory",
-            "erroroutofmemory",
-        )
-    )
 
 
 def _stall_text(limit: float, last: str) -> str:

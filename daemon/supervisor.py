@@ -15,9 +15,10 @@ Used by the HTTP layer:
   Cancelling the awaiting task (client gone) withdraws the request: a queued request frees its
   queue place at once.
 * ``async with lease:`` - leaving it releases the slot exactly once (also on exceptions and
-  cancellation). ``lease.base_url`` / ``lease.session`` talk to the runner. If the runner dies
-  mid-request, the HTTP stream breaks; ``await lease.wait_failure()`` (or
-  ``lease.failure_reason()``) gives the client-facing text with the runner's last stderr line.
+  cancellation). ``lease.runner`` (a :class:`~corral.daemon.runner_client.RunnerClient`) talks
+  to the runner. If the runner dies mid-request, the stream breaks; ``await
+  lease.wait_failure()`` (or ``lease.failure_reason()``) gives the client-facing text with the
+  runner's last stderr line (the client quotes it).
 * ``await sup.unload(model)`` (keep_alive 0 with an empty prompt); ``sup.snapshot()`` with
   ``record``/``facts``/``gpu_name``/``now`` for /api/ps (rendered in ``api/ps.py``).
 * ``await sup.start()`` / ``await sup.close()`` (shutdown: stop accepting, fail queued
@@ -66,13 +67,13 @@ from corral.daemon.model_inputs import (
 from corral.daemon.params import RequestOptions
 from corral.daemon.policy import ModelRule, Policy, PolicyError
 from corral.daemon.policy import load as load_policy
+from corral.daemon.runner_client import RunnerClient, runner_url
 from corral.daemon.runners import (
     RUNNER_ARGV,
     RunnerProcess,
     RunnerStartError,
     child_env,
     huge_pages_usable,
-    looks_oom,
     wait_event,
 )
 from corral.runner.protocol import (
@@ -116,7 +117,7 @@ from corral.scheduler import (
     Tick,
     UnloadRequested,
 )
-from corral.scheduler.estimate import default_num_ctx
+from corral.scheduler.estimate import default_num_ctx, is_out_of_memory
 
 log = structlog.get_logger(__name__)
 
@@ -161,7 +162,8 @@ def _is_gpu_device(name: str) -> bool:
 
 
 class Lease:
-    """One granted runner slot. Leave the ``async with`` block to release it (exactly once)."""
+    """One granted runner slot (a :class:`~corral.daemon.runner_client.RunnerLease`): talk to
+    the runner through ``runner``; leave the ``async with`` block to release it (exactly once)."""
 
     def __init__(
         self,
@@ -177,20 +179,13 @@ class Lease:
         self._sup = sup
         self.req_id = req_id
         self.runner_id = runner_id
-        self.base_url = base_url
         self.n_ctx = n_ctx  # per slot
         self.load_duration = load_duration  # seconds from acquire() to the grant
-        self.session = session
         self._proc = proc
+        self.runner = RunnerClient(session, base_url, process=proc, failure=self.wait_failure)
         self._released = False
         self._abort_message: str | None = None
         self.aborted = asyncio.Event()  # set when the runner was lost under this lease
-
-    @property
-    def relay(self) -> RunnerProcess | None:
-        """The runner process whose event pipe carries this lease's completion events
-        (api/inference.runner_lines)."""
-        return self._proc
 
     @property
     def released(self) -> bool:
@@ -216,10 +211,6 @@ class Lease:
         """The request failed with an out-of-memory error at run time: the supervisor is told
         (:meth:`Supervisor.report_out_of_memory`, Ollama's runtime-OOM rule)."""
         self._sup.report_out_of_memory(self)
-
-    def failure(self) -> str | None:
-        """Alias of :meth:`failure_reason` (the HTTP layer's name)."""
-        return self.failure_reason()
 
     def failure_reason(self) -> str | None:
         """Why the runner behind this lease is gone (its last stderr line included), else None."""
@@ -608,7 +599,7 @@ class Supervisor:
             self,
             req_id,
             runner_id,
-            f"http://127.0.0.1:{ready.port}",
+            runner_url(ready.port),
             ready.n_ctx_per_slot,
             time.monotonic() - t0,
             self.session,
@@ -737,10 +728,10 @@ class Supervisor:
     def gpu_name(self, gpu_id: str) -> str:
         return self._gpu_names.get(gpu_id, gpu_id)
 
-    def runner_urls(self) -> dict[str, str]:
-        """Base URLs of the runners that are ready and still running, by runner id."""
+    def runner_clients(self) -> dict[str, RunnerClient]:
+        """Clients of the runners that are ready and still running, by runner id (/metrics)."""
         return {
-            rid: f"http://127.0.0.1:{r.ready.port}"
+            rid: RunnerClient(self.session, runner_url(r.ready.port))
             for rid, r in self._runners.items()
             if r.ready is not None and r.proc.returncode is None
         }
@@ -990,7 +981,7 @@ class Supervisor:
             ready = await r.proc.start(spec, load_timeout=self.load_timeout)
         except RunnerStartError as exc:
             if not r.proc.stopping:  # a stop we asked for answers with RunnerStopped instead
-                oom = exc.oom or looks_oom(exc.reason)
+                oom = exc.oom or is_out_of_memory(exc.reason)
                 log.warning(
                     "runner failed to load",
                     runner_id=r.runner_id,

@@ -44,7 +44,8 @@ SINGLE_PARALLEL_ARCHS = frozenset(
 
 _KV_BYTES = {"f16": 2.0, "": 2.0, "f32": 4.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
-# Substrings (lower case) by which a runner's error is an out-of-memory condition (§2.4).
+# Substrings (lower case) by which a runner's error is an out-of-memory condition (§2.4; Ollama's
+# IsOutOfMemory). The one list: load failures, stderr tails and run-time errors all use it.
 OOM_MARKERS = (
     "out of memory",
     "out of device memory",
@@ -61,6 +62,7 @@ OOM_MARKERS = (
 
 
 def is_out_of_memory(message: str) -> bool:
+    """Whether a runner's error text says it ran out of memory (:data:`OOM_MARKERS`, any case)."""
     low = message.lower()
     return any(m in low for m in OOM_MARKERS)
 

@@ -8,7 +8,8 @@ that mean I/O, clock, environment, concurrency or logging. ``daemon`` never impo
 multimodal half) and ``runner/devices.py`` (the engine probe) import ``llama_cpp``;
 ``runner/protocol.py`` needs nothing but msgspec. Only the api layer (``daemon/api``) and the
 composition root (``daemon/serve.py``, which builds the app) import ``daemon.api``: the domain
-raises ``daemon.errors`` and never the web layer's errors. No import cycle among our modules, and
+raises ``daemon.errors`` and never the web layer's errors. ``daemon/api`` never imports
+``daemon.runners``: it talks to runners through ``daemon.runner_client`` alone. No import cycle among our modules, and
 no import inside a function (it hides an arrow from this test and from a reader) except the
 few in ``FUNCTION_IMPORTS``, each with its reason.
 """
@@ -126,6 +127,8 @@ def _violations(module: str, imported: str) -> str | None:
         and module not in API_IMPORTERS
     ):
         return "only daemon/api and the composition root import daemon.api"
+    if _within(module, "corral.daemon.api") and _within(imported, "corral.daemon.runners"):
+        return "daemon/api talks to runners through daemon.runner_client only"
     if top == "llama_cpp" and module not in (
         "corral.runner.engine",
         "corral.runner.kvcache",
@@ -178,6 +181,9 @@ def test_import_directions(module: str, path: Path) -> None:
         ("corral.daemon.supervisor", "corral.daemon.errors", True),
         ("corral.daemon.api.native_infer", "corral.daemon.api.errors", True),
         ("corral.daemon.serve", "corral.daemon.api.app", True),
+        ("corral.daemon.api.inference", "corral.daemon.runners", False),
+        ("corral.daemon.api.inference", "corral.daemon.runner_client", True),
+        ("corral.daemon.supervisor", "corral.daemon.runners", True),
     ],
 )
 def test_the_checker_itself(module: str, imported: str, ok: bool) -> None:

@@ -31,11 +31,13 @@ from aiohttp import web
 from corral.daemon.api import inference as core
 from corral.daemon.api import openai as oa
 from corral.daemon.api import options as opts
+from corral.daemon.api import prepare
 from corral.daemon.api.errors import ApiError, anthropic_error, as_api_error
 from corral.daemon.api.keys import SUPERVISOR
 from corral.daemon.api.responses import LazyStream, json_response
 from corral.daemon.errors import CorralError
 from corral.daemon.params import RequestOptions
+from corral.daemon.prompt.thinking import NO_THINK, Think
 
 # ---- request shapes (checked: a wrong type is a 400 naming the field) --------------------------
 
@@ -245,18 +247,18 @@ def _options(req: MessagesRequest) -> dict[str, Any]:
     return o
 
 
-def _think(req: MessagesRequest) -> tuple[bool, str, bool]:
+def _think(req: MessagesRequest) -> Think:
     """``thinking.type`` enabled/disabled; else ``output_config.effort`` as a think level."""
     kind = req.thinking.type if req.thinking is not None else ""
     if kind == "enabled":
-        return True, "", True
+        return Think(True, "", True)
     if kind == "disabled":
-        return False, "", True
+        return Think(False, "", True)
     effort = str((req.output_config or {}).get("effort") or "").strip().lower()
     effort = "high" if effort == "xhigh" else effort
     if effort in ("low", "medium", "high", "max"):
-        return True, effort, True
-    return False, "", False
+        return Think(True, effort, True)
+    return NO_THINK
 
 
 def _stop_reason(done: core.Done, tool_use: bool) -> str:
@@ -290,19 +292,21 @@ async def messages(request: web.Request) -> web.StreamResponse:
     if not req.messages:
         raise ApiError(400, "messages is required")
     stream = req.stream is True
-    started_job = await core.start_chat(
+    started_job = await prepare.start_chat(
         request.app,
-        model_name=req.model,
-        messages=native_messages(req),
-        tools=_tools(req),
-        options=_options(req),
-        fmt=None,
-        keep_alive=None,
-        think=_think(req),
-        stream=stream,
-        started=started,
-        relaxed_think=True,
-        ignored=oa.ignored(data, _IGNORED),
+        prepare.Chat(
+            model=req.model,
+            messages=native_messages(req),
+            tools=_tools(req),
+            options=_options(req),
+            format=None,
+            keep_alive=None,
+            think=_think(req),
+            stream=stream,
+            started=started,
+            relaxed_think=True,
+            ignored=oa.ignored(data, _IGNORED),
+        ),
     )
     assert not isinstance(started_job, dict)  # messages are never empty here
     msg_id = "msg_" + secrets.token_hex(12)
@@ -331,7 +335,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream(
-    request: web.Request, job: core.Job, msg_id: str, model: str, input_estimate: int
+    request: web.Request, job: core.Generation, msg_id: str, model: str, input_estimate: int
 ) -> web.StreamResponse:
     """The Messages event stream. Content blocks are opened as their kind of output starts
     (thinking, then text, then one block per tool call), each closed before the next opens.
@@ -438,13 +442,13 @@ async def count_tokens(request: web.Request) -> web.Response:
     model = await core.resolve(request.app, req.model, style="quoted")
     if "completion" not in model.capabilities:
         raise ApiError(400, f'"{req.model}" does not support chat')
-    think = core.resolve_think(model, _think(req), req.model, relaxed=True)
-    msgs = core.chat_messages(model, native_messages(req))
-    prompt = core.render(model.renderer(), msgs, _tools(req), think=think)
+    think = prepare.resolve_think(model, _think(req), req.model, relaxed=True)
+    msgs = prepare.chat_messages(model, native_messages(req))
+    prompt = prepare.render(model.renderer(), msgs, _tools(req), think=think)
     options = RequestOptions.build(model.record.parameters, None)
     lease = await request.app[SUPERVISOR].acquire(model.record, options, None, kind="completion")
     async with lease:
-        n = await core.count_tokens(lease, prompt)
+        n = await prepare.count_tokens(lease, prompt)
     return json_response({"input_tokens": n})
 
 

@@ -41,9 +41,7 @@ async def count_requests(request: web.Request, handler: Handler) -> web.StreamRe
 
 async def metrics(request: web.Request) -> web.Response:
     m = request.app[METRICS]
-    session = getattr(request.app[SUPERVISOR], "session", None)
-    if session is not None:
-        await m.poll_runners(session)
+    await m.poll_runners()
     return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -1,7 +1,7 @@
 """Native inference routes: POST /api/generate, /api/chat, /api/embed, /api/embeddings.
 
-One request = validate (400s) -> the inference core (``inference``: model, prompt, lease, runner
-lines) -> Ollama's NDJSON lines. Everything that can fail before the first line fails with a real
+One request = validate (400s) -> the inference core (``prepare``: model, prompt, lease;
+``inference``: the runner's events as Delta/Done) -> Ollama's NDJSON lines. Everything that can fail before the first line fails with a real
 HTTP status; a failure after it is a final ``{"error": ...}`` line.
 """
 
@@ -17,6 +17,7 @@ from aiohttp import web
 
 from corral.daemon.api import inference as core
 from corral.daemon.api import options as opts
+from corral.daemon.api import prepare
 from corral.daemon.api.errors import ApiError
 from corral.daemon.api.keys import SUPERVISOR
 from corral.daemon.api.middleware import LOG_MODEL
@@ -51,11 +52,11 @@ def _metrics(done: core.Done) -> dict[str, Any]:
 
 
 async def _drive(
-    request: web.Request, job: core.Job, stream: bool, chunk_line, final_obj
+    request: web.Request, job: core.Generation, stream: bool, chunk_line, final_obj
 ) -> web.StreamResponse:
     """Run ``job`` to the end: NDJSON lines when streaming (an error after the first line is a
     last ``{"error"}`` line), else one object. ``final_obj(done, whole)`` builds the last
-    object; ``whole`` is the whole output (:meth:`Job.result`), empty when streamed."""
+    object; ``whole`` is the whole output (:meth:`Generation.result`), empty when streamed."""
     if not stream:
         whole, done = await job.result()
         return json_response(final_obj(done, whole))
@@ -108,7 +109,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
     app = request.app
     req, keep_alive = await read_request(request, opts.GenerateRequest, _NOT_FOUND)
-    logprobs = core.check_logprobs(req.logprobs, req.top_logprobs)
+    logprobs = prepare.check_logprobs(req.logprobs, req.top_logprobs)
     fmt = opts.parse_format(req.format)
     think = opts.parse_think(req.think)
     if req.raw and (req.template or req.system or req.context):
@@ -130,11 +131,11 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if "completion" not in model.capabilities:
         raise ApiError(400, f'"{req.model}" does not support generate')
     core.require(model, (["insert"] if req.suffix else []) + (["vision"] if images else []))
-    think = core.resolve_think(model, think, req.model)
+    think = prepare.resolve_think(model, think, req.model)
     options = RequestOptions.build(model.record.parameters, req.options)
-    core.warn_ignored(req.model, opts.ignored_options(req.options))
+    prepare.warn_ignored(req.model, opts.ignored_options(req.options))
 
-    prompt = core.generate_prompt(
+    prompt = prepare.generate_prompt(
         model,
         req.prompt,
         suffix=req.suffix,
@@ -152,11 +153,11 @@ async def generate(request: web.Request) -> web.StreamResponse:
                 "created_at": now_utc(),
                 "response": "",
                 "done": False,
-                "_debug_info": core.debug_info(prompt or ""),
+                "_debug_info": prepare.debug_info(prompt or ""),
             }
         )
     stream = _stream_flag(req.stream)
-    async with core.completion_job(
+    async with prepare.completion_job(
         app,
         model,
         options=options,
@@ -166,7 +167,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         context=req.context,
         fmt=fmt,
         stream=stream,
-        thinking=think[0],
+        thinking=think.enabled,
         shift=req.shift,
         truncate=req.truncate,
         logprobs=logprobs,
@@ -216,26 +217,28 @@ async def generate(request: web.Request) -> web.StreamResponse:
 async def chat(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
     req, keep_alive = await read_request(request, opts.ChatRequest, _REQUIRED)
-    logprobs = core.check_logprobs(req.logprobs, req.top_logprobs)
+    logprobs = prepare.check_logprobs(req.logprobs, req.top_logprobs)
     fmt = opts.parse_format(req.format)
     think = opts.parse_think(req.think)
-    messages = [core.message_dict(m) for m in req.messages or []]
+    messages = [prepare.message_dict(m) for m in req.messages or []]
     stream = _stream_flag(req.stream)
-    started_job = await core.start_chat(
+    started_job = await prepare.start_chat(
         request.app,
-        model_name=req.model,
-        messages=messages,
-        tools=req.tools or None,
-        options=req.options,
-        fmt=fmt,
-        keep_alive=keep_alive,
-        think=think,
-        stream=stream,
-        started=started,
-        shift=req.shift,
-        truncate=req.truncate,
-        logprobs=logprobs,
-        debug_render_only=req.debug_render_only,
+        prepare.Chat(
+            model=req.model,
+            messages=messages,
+            tools=req.tools or None,
+            options=req.options,
+            format=fmt,
+            keep_alive=keep_alive,
+            think=think,
+            stream=stream,
+            started=started,
+            shift=req.shift,
+            truncate=req.truncate,
+            logprobs=logprobs,
+            debug_render_only=req.debug_render_only,
+        ),
     )
     if isinstance(started_job, dict):
         return json_response(started_job)

@@ -1,6 +1,6 @@
 """OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models.
 
-Requests are translated into the inference core (``inference``) the way Ollama's OpenAI
+Requests are translated into the inference core (``prepare``, ``inference``) the way Ollama's OpenAI
 middleware does (reference §3): temperature and top_p default to 1.0, max_tokens ->
 num_predict, response_format -> format, content parts -> one message each. Streams are SSE
 (``data: {...}\\n\\n`` ... ``data: [DONE]\\n\\n``). Errors use OpenAI's shape (the error middleware
@@ -25,12 +25,14 @@ from aiohttp import web
 from corral.daemon.api import auth
 from corral.daemon.api import inference as core
 from corral.daemon.api import options as opts
+from corral.daemon.api import prepare
 from corral.daemon.api.errors import ApiError, as_api_error, openai_body
 from corral.daemon.api.keys import STORE
 from corral.daemon.api.middleware import LOG_MODEL
 from corral.daemon.api.responses import LazyStream, json_response
 from corral.daemon.errors import CorralError, NotFound
 from corral.daemon.params import RequestOptions
+from corral.daemon.prompt.thinking import NO_THINK, Think
 
 _enc = msgspec.json.Encoder()
 FINGERPRINT = "fp_ollama"
@@ -231,12 +233,12 @@ _EFFORT = {
 }
 
 
-def _think(body: ChatCompletionRequest) -> tuple[bool, str, bool]:
+def _think(body: ChatCompletionRequest) -> Think:
     effort = body.reasoning_effort
     if effort is None and body.reasoning is not None:
         effort = body.reasoning.effort
     if effort is None:
-        return False, "", False
+        return NO_THINK
     if effort not in _EFFORT:
         raise ApiError(400, f"invalid reasoning value: {json.dumps(effort)}")
     return opts.parse_think(_EFFORT[effort])
@@ -380,7 +382,7 @@ def _chunks(head: dict[str, Any]) -> Callable[[dict], bytes]:
 
 async def _stream(
     request: web.Request,
-    job: core.Job,
+    job: core.Generation,
     chunk: Callable[[dict], bytes],
     choices_of: Callable[[core.Delta], list[dict]],
     finish: Callable[[core.Done], list[bytes]],
@@ -414,23 +416,25 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     data, body = await read_typed(request, ChatCompletionRequest, (400, "model is required"))
     model_name = body.model
     _check_n(body.n)
-    logprobs = core.check_logprobs(body.logprobs, body.top_logprobs)
+    logprobs = prepare.check_logprobs(body.logprobs, body.top_logprobs)
     messages = chat_messages(body.messages)
     stream, include_usage = _streaming(body)
-    started_job = await core.start_chat(
+    started_job = await prepare.start_chat(
         request.app,
-        model_name=model_name,
-        messages=messages,
-        tools=body.tools or None,
-        options=_options(body),
-        fmt=_format(body.response_format),
-        keep_alive=None,
-        think=_think(body),
-        stream=stream,
-        started=started,
-        logprobs=logprobs,
-        debug_render_only=body.debug_render_only,
-        ignored=ignored(data),
+        prepare.Chat(
+            model=model_name,
+            messages=messages,
+            tools=body.tools or None,
+            options=_options(body),
+            format=_format(body.response_format),
+            keep_alive=None,
+            think=_think(body),
+            stream=stream,
+            started=started,
+            logprobs=logprobs,
+            debug_render_only=body.debug_render_only,
+            ignored=ignored(data),
+        ),
     )
     if isinstance(started_job, dict):  # _debug_render_only (messages are never empty)
         return json_response(started_job)
@@ -551,7 +555,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     data, body = await read_typed(request, CompletionRequest, (404, "model '' not found"))
     model_name = body.model
     _check_n(body.n)
-    logprobs = core.check_logprobs(body.logprobs is not None, body.logprobs)
+    logprobs = prepare.check_logprobs(body.logprobs is not None, body.logprobs)
     prompt = body.prompt
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -565,10 +569,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, f'"{model_name}" does not support generate')
     if suffix:
         core.require(model, ["insert"])
-    think = core.resolve_think(model, (False, "", False), model_name)
-    text = core.generate_prompt(model, prompt, suffix=suffix, think=think)
+    think = prepare.resolve_think(model, NO_THINK, model_name)
+    text = prepare.generate_prompt(model, prompt, suffix=suffix, think=think)
     merged = RequestOptions.build(model.record.parameters, options)
-    core.warn_ignored(model_name, ignored(data))
+    prepare.warn_ignored(model_name, ignored(data))
     cid = _completion_id("cmpl")
     created = int(time.time())
     head = {
@@ -579,7 +583,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         "system_fingerprint": FINGERPRINT,
     }
     legacy = _LegacyLogprobs()
-    async with core.completion_job(
+    async with prepare.completion_job(
         request.app,
         model,
         options=merged,
@@ -587,7 +591,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         started=started,
         prompt=text if text is not None else "",
         stream=stream,
-        thinking=think[0],
+        thinking=think.enabled,
         logprobs=logprobs,
     ) as job:
         if not stream:

@@ -31,9 +31,11 @@ from aiohttp import web
 from corral.daemon.api import inference as core
 from corral.daemon.api import openai as oa
 from corral.daemon.api import options as opts
+from corral.daemon.api import prepare
 from corral.daemon.api.errors import ApiError, as_api_error, openai_body
 from corral.daemon.api.responses import LazyStream, json_response
 from corral.daemon.errors import CorralError
+from corral.daemon.prompt.thinking import NO_THINK, Think
 
 
 class _Reasoning(msgspec.Struct):
@@ -181,10 +183,10 @@ def native_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
     return out
 
 
-def _think(req: ResponsesRequest) -> tuple[bool, str, bool]:
+def _think(req: ResponsesRequest) -> Think:
     effort = req.reasoning.effort if req.reasoning is not None else None
     if not effort:
-        return False, "", False
+        return NO_THINK
     if effort not in _EFFORT:
         raise ApiError(
             400,
@@ -332,18 +334,20 @@ async def responses(request: web.Request) -> web.StreamResponse:
         oa.function_tool(t.name, t.description, t.parameters) for t in req.tool_defs or []
     ] or None
     stream = req.stream is True
-    started_job = await core.start_chat(
+    started_job = await prepare.start_chat(
         request.app,
-        model_name=model_name,
-        messages=messages,
-        tools=tools,
-        options=options,
-        fmt=_format(req),
-        keep_alive=None,
-        think=_think(req),
-        stream=stream,
-        started=started,
-        ignored=oa.ignored(data, _IGNORED),
+        prepare.Chat(
+            model=model_name,
+            messages=messages,
+            tools=tools,
+            options=options,
+            format=_format(req),
+            keep_alive=None,
+            think=_think(req),
+            stream=stream,
+            started=started,
+            ignored=oa.ignored(data, _IGNORED),
+        ),
     )
     assert not isinstance(started_job, dict)
     result = _Result(req, model_name)
@@ -358,7 +362,9 @@ async def responses(request: web.Request) -> web.StreamResponse:
         return await _stream(request, job, result)
 
 
-async def _stream(request: web.Request, job: core.Job, result: _Result) -> web.StreamResponse:
+async def _stream(
+    request: web.Request, job: core.Generation, result: _Result
+) -> web.StreamResponse:
     out = LazyStream.events(request)
     seq = 0
     index = 0  # output_index of the item being written

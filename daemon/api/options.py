@@ -19,6 +19,7 @@ import msgspec
 from corral.daemon.api.errors import ApiError
 from corral.daemon.config import keep_alive_from_json
 from corral.daemon.params import INT64_MAX, INT64_MIN, KNOWN_PARAMS
+from corral.daemon.prompt.thinking import NO_THINK, Think
 
 Int64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
 # A token id (llama.cpp's int32 llama_token; negative ids do not exist).
@@ -231,16 +232,16 @@ def parse_format(value: Any) -> str | dict[str, Any] | None:
     )
 
 
-def parse_think(value: Any) -> tuple[bool, str, bool]:
+def parse_think(value: Any) -> Think:
     """``think`` -> (enabled, level, explicitly set). Levels: high, medium, low, max."""
     if value is None:
-        return False, "", False
+        return NO_THINK
     if isinstance(value, bool):
-        return value, "", True
+        return Think(value, "", True)
     if isinstance(value, str) and value in ("high", "medium", "low", "max"):
-        return True, value, True
+        return Think(True, value, True)
     if isinstance(value, str) and value in ("true", "false"):
-        return value == "true", "", True
+        return Think(value == "true", "", True)
     raise ApiError(
         400,
         f"invalid think value: {json.dumps(value)} "

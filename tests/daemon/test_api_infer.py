@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import ollama
@@ -11,13 +12,14 @@ import pytest
 
 from corral.daemon.api import inference as core
 from corral.daemon.api.errors import ApiError
-from corral.daemon.errors import Busy
+from corral.daemon.errors import Busy, Failed
 from corral.daemon.params import RequestOptions
 from corral.daemon.prompt.toolcalls import ToolCallParser
+from corral.daemon.runner_client import Events, RunnerClient
 from corral.runner import protocol
 from corral.scheduler import QUEUE_FULL_MESSAGE as QUEUE_FULL
 from corral.scheduler import Placement, RunnerOptions, RunnerView
-from tests.daemon.test_api_infer_support import Env, env  # noqa: F401 - fixture
+from tests.daemon.test_api_infer_support import Env, Lease, env  # noqa: F401 - fixture
 
 WEATHER_TOOL = {
     "type": "function",
@@ -548,24 +550,43 @@ async def test_unknown_paths_are_json(env: Env) -> None:
         assert (await r.json())["error"]["type"] == "not_found_error"
 
 
-async def test_a_held_delta_goes_out_when_the_queued_events_bring_nothing(monkeypatch):
+class ScriptedClient(RunnerClient):
+    """A runner client whose completion events are ``lines(body)`` (event, more) pairs (no
+    HTTP: its other calls are not made)."""
+
+    def __init__(self, lines: Callable[[protocol.CompletionRequest], Events]) -> None:
+        self.lines = lines
+
+    def completion(self, body: protocol.CompletionRequest) -> Events:
+        return self.lines(body)
+
+
+class ScriptedLease(Lease):
+    """The API tests' lease around a :class:`ScriptedClient`."""
+
+    def __init__(self, lines: Callable[[protocol.CompletionRequest], Events]) -> None:
+        self.runner = ScriptedClient(lines)
+        self.runner_id, self.n_ctx, self.load_duration = "r1", 4096, 0.0
+        self.released = self.out_of_memory_reports = 0
+
+
+async def test_a_held_delta_goes_out_when_the_queued_events_bring_nothing():
     """Delta.more lets a writer hold a frame for the next one. "Sure" arrives together with the
     start of a tool call, which the parser keeps back; nothing else is queued, so "Sure" must
     come with more=False at once, not wait (held) until the tool call is complete."""
     release = asyncio.Event()
     chunk = protocol.CompletionChunk
 
-    async def lines(lease, body):
+    async def lines(body):
         yield chunk(content="Sure"), True
         yield chunk(content='<tool_call>{"name": "get_'), False
         await release.wait()  # the model is still writing its tool call
         yield chunk(content='weather", "arguments": {}}'), False
         yield protocol.CompletionDone(eval_count=3), False
 
-    monkeypatch.setattr(core, "runner_lines", lines)
-    job = core.Job(
+    job = core.Generation(
         None,
-        None,
+        ScriptedLease(lines),
         0.0,
         0,
         protocol.CompletionRequest(prompt="x"),
@@ -582,15 +603,16 @@ async def test_a_held_delta_goes_out_when_the_queued_events_bring_nothing(monkey
     assert isinstance(rest[-1], core.Done)
 
 
-async def test_deltas_arriving_together_are_marked_to_go_together(monkeypatch):
-    async def lines(lease, body):
+async def test_deltas_arriving_together_are_marked_to_go_together():
+    async def lines(body):
         yield protocol.CompletionChunk(content="a"), True
         yield protocol.CompletionChunk(content="b"), True
         yield protocol.CompletionChunk(content="c"), False
         yield protocol.CompletionDone(eval_count=3), False
 
-    monkeypatch.setattr(core, "runner_lines", lines)
-    job = core.Job(None, None, 0.0, 0, protocol.CompletionRequest(prompt="x"))
+    job = core.Generation(
+        None, ScriptedLease(lines), 0.0, 0, protocol.CompletionRequest(prompt="x")
+    )
     got = [
         (ev.content, ev.more)
         for ev in [ev async for ev in job.events()]
@@ -606,21 +628,15 @@ async def test_deltas_arriving_together_are_marked_to_go_together(monkeypatch):
         ("llama_decode failed (1)", False),
     ],
 )
-async def test_a_runner_out_of_memory_at_run_time_is_reported(monkeypatch, error, reported):
-    class Lease:
-        calls = 0
-
-        def out_of_memory(self):
-            Lease.calls += 1
-
-    async def lines(lease, body):
+async def test_a_runner_out_of_memory_at_run_time_is_reported(error, reported):
+    async def lines(body):
         yield protocol.CompletionChunk(content="a"), False
-        raise ApiError(500, error)
+        raise Failed(error)  # the runner client's error for a failed runner
 
-    monkeypatch.setattr(core, "runner_lines", lines)
-    job = core.Job(None, Lease(), 0.0, 0, protocol.CompletionRequest(prompt="x"))
+    lease = ScriptedLease(lines)
+    job = core.Generation(None, lease, 0.0, 0, protocol.CompletionRequest(prompt="x"))
     seen = []
-    with pytest.raises(ApiError):
+    with pytest.raises(Failed):
         async for ev in job.events():
             seen.append(ev.content)
-    assert seen == ["a"] and Lease.calls == int(reported)
+    assert seen == ["a"] and lease.out_of_memory_reports == int(reported)

@@ -3,8 +3,9 @@
 * :class:`ScriptedRunner` speaks the runner HTTP API of docs/DESIGN.md (``/completion`` NDJSON
   of tagged ``CompletionChunk``/``CompletionDone``/``error`` lines, ``/embed``, ``/health``) with
   the protocol structs, and answers with a script the test sets; it records every request.
-* :class:`FakeSupervisor` has the ``Supervisor`` surface the API uses (``acquire`` -> ``Lease``
-  async context manager with base_url/session/n_ctx/load_duration, ``unload``, ``ps``) and
+* :class:`FakeSupervisor` has the ``Supervisor`` surface the API uses (``acquire`` -> a
+  ``RunnerLease``: async context manager with the real ``RunnerClient``, n_ctx, load_duration,
+  out_of_memory; ``unload``, ``ps``) and
   counts leases so tests can check each one is released exactly once.
 """
 
@@ -30,6 +31,7 @@ from corral.daemon.config import Config, HostAddr
 from corral.daemon.errors import CorralError
 from corral.daemon.models.store import Store
 from corral.daemon.params import RequestOptions
+from corral.daemon.runner_client import RunnerClient, RunnerLease
 from corral.runner import protocol
 from corral.scheduler import RunnerView, SchedulerSnapshot
 from tests.daemon.registry_server import make_gguf
@@ -163,14 +165,19 @@ class ScriptedRunner:
 
 
 class Lease:
+    """A :class:`RunnerLease` on the scripted runner (the real client, over HTTP)."""
+
     def __init__(self, sup: FakeSupervisor, base_url: str) -> None:
         self.sup = sup
-        self.base_url = base_url
-        self.session = sup.session
+        self.runner = RunnerClient(sup.session, base_url)
         self.runner_id = "r1"
         self.n_ctx = 4096
         self.load_duration = 0.001
         self.released = 0
+        self.out_of_memory_reports = 0
+
+    def out_of_memory(self) -> None:
+        self.out_of_memory_reports += 1
 
     async def __aenter__(self) -> Lease:
         return self
@@ -198,7 +205,7 @@ class FakeSupervisor:
         options: RequestOptions,
         keep_alive: float | None,
         kind: str = "completion",
-    ) -> Lease:
+    ) -> RunnerLease:
         if not isinstance(options, RequestOptions):  # the real one reads typed fields only
             raise TypeError(f"acquire takes RequestOptions, got {type(options).__name__}")
         if self.fail is not None:

@@ -20,8 +20,9 @@ import pytest
 import structlog.testing
 
 from corral.daemon import gguf_info, model_inputs
-from corral.daemon.api import inference
+from corral.daemon.api import prepare
 from corral.daemon.prompt import templates
+from corral.daemon.prompt.history import token_bound
 from tests.daemon.test_api_robustness import TINY, Env, env  # noqa: F401 - fixture
 from tests.daemon.test_templates_library import TOOLS_CHATML
 from tests.fixtures.tiny_vision import IMAGE_TOKENS, image_bytes
@@ -57,13 +58,13 @@ def ollama_fit(messages: list[dict], limit: int, image_tokens: int = 0) -> str:
 @pytest.fixture
 def tokenize_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
-    real = inference.count_tokens
+    real = prepare.count_tokens
 
     async def counting(lease: Any, text: str) -> int:
         calls.append(text)
         return await real(lease, text)
 
-    monkeypatch.setattr(inference, "count_tokens", counting)
+    monkeypatch.setattr(prepare, "count_tokens", counting)
     return calls
 
 
@@ -177,7 +178,7 @@ def test_token_bound_holds_for_byte_fallback_spm(tiny_gguf: Path) -> None:
         excess = 0
         for text in TEXTS:
             n = len(e.tokenize(text, True, True))
-            assert n <= inference.token_bound(text), text
+            assert n <= token_bound(text), text
             excess = max(excess, n - len(text.encode()))
         assert excess >= 2  # BOS + the dummy-prefix "▁": bytes alone would not be a bound
     finally:

@@ -152,16 +152,16 @@ async def test_acquire_loads_grants_and_serves_http(make_sup, models):
     sup = await make_sup()
     m = models(0)
     async with await acquire(sup, m) as lease:
-        assert lease.base_url.startswith("http://127.0.0.1:")
+        assert lease.runner.base_url.startswith("http://127.0.0.1:")
         assert lease.n_ctx == 4096  # CPU-tier default, clamped to n_ctx_train
         assert lease.load_duration > 0
-        async with lease.session.get(f"{lease.base_url}/health") as resp:
+        async with lease.runner.session.get(f"{lease.runner.base_url}/health") as resp:
             assert resp.status == 200
         body = protocol.CompletionRequest(
             prompt="hi", options=protocol.SamplingOptions(num_predict=3), stream=False
         )
-        async with lease.session.post(
-            f"{lease.base_url}/completion", data=protocol.encode(body)
+        async with lease.runner.session.post(
+            f"{lease.runner.base_url}/completion", data=protocol.encode(body)
         ) as resp:
             assert resp.status == 200
             lines = [
@@ -478,7 +478,7 @@ async def test_crash_error_carries_the_runners_last_stderr_line(make_sup, models
         "llama runner process has terminated: exit status 134: "
         "CUDA error: an illegal memory access was encountered"
     )
-    assert lease.failure() == reason
+    assert lease.failure_reason() == reason
     lease.release()
 
 
@@ -491,8 +491,8 @@ async def test_crash_while_streaming_breaks_the_stream(make_sup, models):
         import aiohttp
 
         with pytest.raises((aiohttp.ClientError, ConnectionError)):
-            async with lease.session.post(
-                f"{lease.base_url}/completion", data=protocol.encode(body)
+            async with lease.runner.session.post(
+                f"{lease.runner.base_url}/completion", data=protocol.encode(body)
             ) as resp:
                 async for _ in resp.content:
                     pass
@@ -613,7 +613,7 @@ async def test_runners_ask_glibc_for_huge_pages(
     sup = await make_sup(config() if gpus else config(simulate_gpus=()))
     with structlog.testing.capture_logs() as logs:
         async with await acquire(sup, models(0), options=RequestOptions(use_mmap=asked)) as lease:
-            spec, env = _spec_and_env(logs, lease.relay.pid)
+            spec, env = _spec_and_env(logs, lease.runner.process.pid)
     assert spec["use_mmap"] is mmap and (spec["n_gpu_layers"] > 0) is bool(gpus)
     assert (env.get("GLIBC_TUNABLES") == "glibc.malloc.hugetlb=1") is huge
 

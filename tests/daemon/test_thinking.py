@@ -11,8 +11,8 @@ import itertools
 
 import pytest
 
-from corral.daemon.api.inference import ThinkingSplitter
 from corral.daemon.prompt import templates
+from corral.daemon.prompt.thinking import ThinkingSplitter
 from corral.runner import protocol
 from tests.daemon.test_api_infer_support import THINKER, Env, env  # noqa: F401 - fixture
 from tests.daemon.test_templates_library import CHATML

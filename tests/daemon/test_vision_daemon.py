@@ -8,7 +8,7 @@ import os
 import pytest
 
 from corral.daemon import gguf_info
-from corral.daemon.api.inference import tag_images
+from corral.daemon.api.prepare import tag_images
 from corral.daemon.model_inputs import facts_from_info, key_paths, model_key, projector_facts
 from corral.daemon.models import modelfile
 from corral.daemon.prompt import templates

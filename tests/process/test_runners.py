@@ -13,8 +13,8 @@ import aiohttp
 import msgspec
 import pytest
 
-from corral.daemon.api.errors import ApiError
-from corral.daemon.api.inference import runner_lines
+from corral.daemon.errors import Failed
+from corral.daemon.runner_client import RunnerClient, runner_url
 from corral.daemon.runners import GONE, RunnerProcess, RunnerStartError, describe_returncode
 from corral.runner.protocol import (
     CompletionChunk,
@@ -214,48 +214,45 @@ async def test_spawn_failure_is_a_start_error():
     assert await r.stop(grace=1) is None
 
 
-class _Lease:
-    """What runner_lines needs of a lease, around a real RunnerProcess."""
+def _client(proc: RunnerProcess, port: int, session: aiohttp.ClientSession) -> RunnerClient:
+    """The runner client a lease gives, around a real RunnerProcess."""
 
-    def __init__(self, proc: RunnerProcess, port: int, session: aiohttp.ClientSession) -> None:
-        self.relay = proc
-        self.session = session
-        self.base_url = f"http://127.0.0.1:{port}"
+    async def failure() -> str | None:
+        await proc.wait_exited()
+        return proc.exit_reason()
 
-    async def wait_failure(self) -> str | None:
-        await self.relay.wait_exited()
-        return self.relay.exit_reason()
+    return RunnerClient(session, runner_url(port), process=proc, failure=failure)
 
 
 async def test_streams_come_up_the_event_pipe_and_a_killed_runner_ends_them():
-    """Relay mode end to end: runner_lines sends the request with a relay id, the events arrive
+    """Relay mode end to end: the runner client sends the request with a relay id, the events arrive
     through the child's event pipe (not the HTTP response), in order, ending with done; a
     runner killed mid-stream ends the stream with its exit reason, and later relays at once."""
     r = RunnerProcess("m:1")
     ready = await asyncio.wait_for(r.start(spec(tokens_per_second=300), load_timeout=10), SAFETY)
     try:
         async with aiohttp.ClientSession() as s:
-            lease = _Lease(r, ready.port, s)
+            client = _client(r, ready.port, s)
             body = CompletionRequest(prompt="hi", options=SamplingOptions(num_predict=5, seed=2))
-            got = [ev async for ev, _ in runner_lines(lease, body)]
+            got = [ev async for ev, _ in client.completion(body)]
             assert [type(e) for e in got] == [CompletionChunk] * 5 + [CompletionDone]
             assert got[-1].eval_count == 5
-            async with s.post(lease.base_url + "/completion", data=encode(body)) as resp:
+            async with s.post(client.base_url + "/completion", data=encode(body)) as resp:
                 plain = [json.loads(line) async for line in resp.content]  # the same job over HTTP
             assert [e.content for e in got[:-1]] == [x["content"] for x in plain[:-1]]
-            assert r.open_relay()[0] == 2  # runner_lines used relay id 1
+            assert r.open_relay()[0] == 2  # the client used relay id 1
 
-            long = runner_lines(
-                lease, CompletionRequest(prompt="a", options=SamplingOptions(num_predict=100000))
+            long = client.completion(
+                CompletionRequest(prompt="a", options=SamplingOptions(num_predict=100000))
             )
             first, _ = await asyncio.wait_for(anext(long), SAFETY)
             assert isinstance(first, CompletionChunk)
             os.killpg(r.pid, signal.SIGKILL)
-            with pytest.raises(ApiError) as err:
+            with pytest.raises(Failed) as err:  # a 500
                 async with asyncio.timeout(SAFETY):
                     async for _ in long:
                         pass
-            assert err.value.status == 500 and "signal: killed" in err.value.message
+            assert "signal: killed" in err.value.message
             _, queue = r.open_relay()  # the pipe is closed: a new relay is gone at once
             assert queue.get_nowait() is GONE
     finally:
@@ -271,13 +268,13 @@ async def test_relays_left_early_or_finished_leave_nothing_behind():
     ready = await asyncio.wait_for(r.start(four, load_timeout=10), SAFETY)
     try:
         async with aiohttp.ClientSession() as s:
-            lease = _Lease(r, ready.port, s)
+            client = _client(r, ready.port, s)
 
             async def one(i: int) -> str:
                 body = CompletionRequest(
                     prompt=f"p{i}", options=SamplingOptions(num_predict=20 if i % 2 else 100000)
                 )
-                lines = runner_lines(lease, body)
+                lines = client.completion(body)
                 first, _ = await anext(lines)
                 assert isinstance(first, CompletionChunk)
                 if i % 2 == 0:
@@ -292,7 +289,7 @@ async def test_relays_left_early_or_finished_leave_nothing_behind():
             assert r.open_relays == 0
             async with asyncio.timeout(SAFETY):
                 while True:
-                    async with s.get(lease.base_url + "/health") as resp:
+                    async with s.get(client.base_url + "/health") as resp:
                         health = await resp.json()
                     if health["slots_busy"] == 0 and health["queued"] == 0:
                         break

@@ -1,0 +1,262 @@
+"""The daemon's one face of a runner process: every call to a runner and what its refusals mean.
+
+:class:`RunnerClient` owns the runner's HTTP API of docs/DESIGN.md as the daemon uses it
+(Ollama's ``LlamaServer`` in ``llm/server.go`` is the model): :meth:`~RunnerClient.completion`
+(relay mode through the runner's event pipe, or the NDJSON lines of the HTTP response),
+:meth:`~RunnerClient.tokenize`, :meth:`~RunnerClient.embed` and :meth:`~RunnerClient.health`.
+Nothing else in the daemon builds a runner URL or decodes a runner's answer.
+
+Refusals and failures become domain errors (``daemon/errors.py``; the api layer gives them their
+status): a runner's 400 is :class:`InvalidRequest`, its 503 :class:`Busy`, any other refusal, an
+``error`` event, a broken connection or a bad line :class:`Failed`, whose text is the runner's
+exit reason when it died (the lease's ``failure`` hook waits briefly for it).
+
+:class:`RunnerLease` is what a route holds while it uses a runner: the supervisor's ``Lease`` and
+the API tests' fake both implement it, so nothing probes a lease for what it can do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Protocol, TypeVar
+
+import aiohttp
+import msgspec
+
+from corral.daemon.errors import Busy, CorralError, Failed, InvalidRequest
+from corral.daemon.runners import GONE, RunnerProcess
+from corral.runner import protocol
+
+Events = AsyncGenerator[tuple[protocol.CompletionChunk | protocol.CompletionDone, bool], None]
+FailureHook = Callable[[], Awaitable[str | None]]
+
+RELAY_END_GRACE = 5.0  # s: a relay job's HTTP handle ended; its events are in the pipe already
+_JSON = {"Content-Type": "application/json"}
+_T = TypeVar("_T")
+
+
+def runner_url(port: int) -> str:
+    """The base URL of a runner of ours (it binds 127.0.0.1 itself and reports its port)."""
+    return f"http://127.0.0.1:{port}"
+
+
+class RunnerClient:
+    """Talks to one runner for one lease. ``process`` (the daemon's own child) enables relay
+    mode for streaming completions; ``failure`` gives the client-facing reason a runner that
+    broke a connection is gone (None when it is not known to be gone)."""
+
+    __slots__ = ("base_url", "session", "process", "_failure")
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        *,
+        process: RunnerProcess | None = None,
+        failure: FailureHook | None = None,
+    ) -> None:
+        self.base_url = base_url
+        self.session = session
+        self.process = process
+        self._failure = failure
+
+    def completion(self, body: protocol.CompletionRequest) -> Events:
+        """The runner's completion events, each with whether another one already arrived with
+        it (a writer may then hold it back and send both in one write: fewer wake-ups per token
+        for a client that fell behind). An error event or a broken connection raises
+        :class:`Failed`, a refusal the error of its status (module docstring).
+
+        A streaming request to a runner process of ours goes in relay mode (the events come up
+        its event pipe); otherwise they are the NDJSON lines of the HTTP response. The generator
+        is returned as it is: no extra frame per token, and closing it closes the relay at once."""
+        if self.process is not None and body.stream:
+            return self._relayed(self.process, body)
+        return self._http_lines(body)
+
+    async def tokenize(
+        self, text: str, *, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
+        """``text`` as the runner tokenizes it (by default as ``/completion`` would: BOS added,
+        special tokens parsed). One HTTP round trip."""
+        body = protocol.TokenizeRequest(
+            content=text, add_special=add_special, parse_special=parse_special
+        )
+        return (await self._post("/tokenize", body, protocol.TokenizeResponse)).tokens
+
+    async def embed(self, body: protocol.EmbedRequest) -> protocol.EmbedResponse:
+        return await self._post("/embed", body, protocol.EmbedResponse)
+
+    async def health(self, timeout: float) -> protocol.Health | None:
+        """The runner's ``/health``; None when it does not answer well within ``timeout`` s."""
+        try:
+            async with asyncio.timeout(timeout):
+                async with self.session.get(self.base_url + "/health") as resp:
+                    if resp.status != 200:
+                        return None
+                    return msgspec.json.decode(await resp.read(), type=protocol.Health)
+        except (TimeoutError, aiohttp.ClientError, msgspec.DecodeError, OSError):
+            return None
+
+    # ---- internals
+
+    async def _post(self, path: str, body: msgspec.Struct, kind: type[_T]) -> _T:
+        try:
+            async with self.session.post(
+                self.base_url + path, data=protocol.encode(body), headers=_JSON
+            ) as resp:
+                if resp.status != 200:
+                    raise await refusal(resp)
+                return msgspec.json.decode(await resp.read(), type=kind)
+        except (aiohttp.ClientError, ConnectionError) as e:
+            raise await self._gone(e) from None
+
+    async def _gone(self, exc: BaseException) -> Failed:
+        """A runner that broke the connection: its exit reason with its last stderr line when
+        known (the hook waits briefly for the exit to be noticed), else the connection error."""
+        reason = await self._failure() if self._failure is not None else None
+        return Failed(reason or f"llama runner process has terminated: {exc}")
+
+    async def _http_lines(self, body: protocol.CompletionRequest) -> Events:
+        """The events as NDJSON lines of the ``/completion`` HTTP response."""
+        try:
+            async with self.session.post(
+                self.base_url + "/completion", data=protocol.encode(body), headers=_JSON
+            ) as resp:
+                if resp.status != 200:
+                    raise await refusal(resp)
+                rest = b""
+                eof = False
+                while not eof:
+                    data = await resp.content.readany()  # whatever has arrived; b"" at the end
+                    eof = not data
+                    # whole lines only; at the end also the last one (a non-streamed answer has
+                    # no \n)
+                    *lines, rest = (rest + data + b"\n" * eof).split(b"\n")
+                    lines = [line for line in lines if line.strip()]
+                    for i, line in enumerate(lines):
+                        ev = protocol.decode_completion_event(line)
+                        if isinstance(ev, protocol.CompletionError):
+                            raise Failed(ev.error)
+                        yield ev, i < len(lines) - 1
+                        if isinstance(ev, protocol.CompletionDone):
+                            return
+        except (aiohttp.ClientError, ConnectionError) as e:
+            raise await self._gone(e) from None
+        except msgspec.DecodeError as e:
+            raise Failed(f"bad line from runner: {e}") from None
+        raise await self._gone(ConnectionError("stream ended without done"))
+
+    async def _relayed(self, relay: RunnerProcess, body: protocol.CompletionRequest) -> Events:
+        """Relay mode: the events arrive in the queue :meth:`RunnerProcess.open_relay` gives;
+        the HTTP request is the job's handle (a refusal's status and error, its end, and closing
+        it cancels the job). Its end is put in the same queue, so one ``get`` per event waits
+        for both."""
+        relay_id, queue = relay.open_relay()
+        handle_end = object()
+
+        async def handle() -> CorralError | None:
+            try:
+                async with self.session.post(
+                    self.base_url + "/completion",
+                    data=protocol.encode(msgspec.structs.replace(body, relay=relay_id)),
+                    headers=_JSON,
+                ) as resp:
+                    if resp.status != 200:
+                        return await refusal(resp)
+                    await resp.read()
+                    return None
+            finally:
+                queue.put_nowait(handle_end)
+
+        task = asyncio.ensure_future(handle())
+        deadline: float | None = None
+        try:
+            while True:
+                if deadline is None:
+                    ev = await queue.get()
+                else:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            ev = await queue.get()
+                    except TimeoutError:
+                        ev = GONE
+                if ev is handle_end:
+                    try:
+                        refused = task.result()
+                    except (aiohttp.ClientError, ConnectionError) as e:
+                        raise await self._gone(e) from None
+                    if refused is not None:
+                        raise refused
+                    deadline = asyncio.get_running_loop().time() + RELAY_END_GRACE
+                    continue
+                if ev is GONE:
+                    raise await self._gone(ConnectionError("stream ended without done"))
+                if isinstance(ev, protocol.CompletionError):
+                    raise Failed(ev.error)
+                if isinstance(ev, protocol.CompletionDone):
+                    # the handle ends by itself in a moment, keeping its connection for reuse
+                    _ending.add(task)
+                    task.add_done_callback(_ended)
+                    yield ev, not queue.empty()
+                    return
+                yield ev, not queue.empty()
+        finally:
+            relay.close_relay(relay_id)
+            if task not in _ending:
+                task.cancel()  # closes the request: the runner cancels the job
+
+
+async def refusal(resp: aiohttp.ClientResponse) -> CorralError:
+    """A runner's non-200 answer as a domain error: the ``error`` of its JSON body (else the
+    body, else the status); 400 is the client's (:class:`InvalidRequest`), 503 try later
+    (:class:`Busy`), any other status :class:`Failed`."""
+    text = (await resp.text()).strip()
+    try:
+        data = msgspec.json.decode(text)
+        if isinstance(data, dict) and isinstance(data.get("error"), str):
+            text = data["error"]
+    except msgspec.DecodeError:
+        pass
+    text = text or f"runner answered {resp.status}"
+    if resp.status == 400:
+        return InvalidRequest(text)
+    if resp.status == 503:
+        return Busy(text)
+    return Failed(text)
+
+
+_ending: set[asyncio.Future[CorralError | None]] = set()  # relay handles left to end after done
+
+
+def _ended(task: asyncio.Future[CorralError | None]) -> None:
+    _ending.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a late connection error is of no interest any more
+
+
+class RunnerLease(Protocol):
+    """A granted runner slot as a route holds it (``Supervisor.acquire``'s ``Lease``, the API
+    tests' fake): leaving the ``async with`` releases it exactly once."""
+
+    @property
+    def runner_id(self) -> str: ...
+    @property
+    def n_ctx(self) -> int:
+        """The runner's context per slot."""
+        ...
+
+    @property
+    def load_duration(self) -> float:
+        """Seconds from acquire() to the grant."""
+        ...
+
+    @property
+    def runner(self) -> RunnerClient: ...
+    def out_of_memory(self) -> None:
+        """The request failed with an out-of-memory error at run time (Ollama's rule: every
+        runner unloads when idle)."""
+        ...
+
+    async def __aenter__(self) -> RunnerLease: ...
+    async def __aexit__(self, *exc: object) -> None: ...
