@@ -40,13 +40,15 @@ from prometheus_client.registry import Collector
 
 from corral.daemon.runner_client import RunnerClient
 from corral.runner.protocol import KvCacheReport
+from corral.scheduler import RunnerState
 
 disable_created_metrics()  # no *_created series: half the output, nothing a dashboard reads
 
 # The classic text format (every scraper, the endpoint picker's parser included, reads it; the
 # names we use need no UTF-8 escaping, so the bytes are the same in format 1.0.0).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-STATES = ("loading", "ready", "expiring", "stopping")
+STATES = tuple(RunnerState)
+_LOADED = (RunnerState.READY, RunnerState.EXPIRING)
 HEALTH_TIMEOUT = 0.5  # s per runner /health poll at scrape time
 
 # Latency buckets (seconds). TTFT spans a warm runner (ms) to a cold load (minutes).
@@ -290,7 +292,7 @@ class _StateCollector(Collector):
             p = per[src.model_name(v.model_key) if src is not None else v.model_key]
             p["states"][v.state] = p["states"].get(v.state, 0) + 1
             p["in_flight"] += v.in_flight
-            if v.state != "stopping":
+            if v.state != RunnerState.STOPPING:
                 p["slots"] += v.parallel
             used, total = kv.get(v.runner_id, (0, 0))
             p["kv_used"] += used
@@ -301,7 +303,10 @@ class _StateCollector(Collector):
         for name, p in sorted(per.items()):
             for st, n in p["states"].items():
                 state.add_metric([name, st], n)
-            loaded.add_metric([name], 1 if p["states"]["ready"] + p["states"]["expiring"] else 0)
+            loaded.add_metric(
+                [name],
+                1 if p["states"][RunnerState.READY] + p["states"][RunnerState.EXPIRING] else 0,
+            )
             in_flight.add_metric([name], p["in_flight"])
             queued.add_metric([name], p["queued"])
             slots.add_metric([name], p["slots"])
@@ -334,7 +339,7 @@ class _StateCollector(Collector):
         yield _value(
             "corral_models_loaded",
             "Runners ready (or expiring).",
-            sum(1 for v in runners if v.state in ("ready", "expiring")),
+            sum(1 for v in runners if v.state in _LOADED),
         )
         used = sum(u for u, _ in kv.values())
         cells = sum(t for _, t in kv.values())

@@ -40,6 +40,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 import structlog
@@ -94,14 +95,19 @@ async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
     return True
 
 
+# How a start failed: the runner said so (its Failed event), exited, made no progress for the
+# load timeout, could not be spawned, or was stopped before it was ready.
+StartErrorKind = Literal["failed", "exited", "stalled", "spawn", "stopped"]
+
+
 class RunnerStartError(Exception):
     """The runner did not become ready. ``reason`` is client-facing (Ollama's wording)."""
 
-    def __init__(self, reason: str, *, oom: bool = False, kind: str = "failed") -> None:
+    def __init__(self, reason: str, *, oom: bool = False, kind: StartErrorKind = "failed") -> None:
         super().__init__(reason)
         self.reason = reason
         self.oom = oom
-        self.kind = kind  # "failed" (Failed event) | "exited" | "stalled" | "spawn" | "stopped"
+        self.kind: StartErrorKind = kind
 
 
 def describe_returncode(returncode: int | None) -> str:

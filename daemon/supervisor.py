@@ -85,7 +85,6 @@ from corral.runner.protocol import (
     Ready,
 )
 from corral.scheduler import (
-    QUEUE_FULL_MESSAGE,
     SHUTTING_DOWN_MESSAGE,
     Abort,
     Effect,
@@ -98,6 +97,7 @@ from corral.scheduler import (
     ModelFacts,
     ModelPolicy,
     PolicyChanged,
+    Refusal,
     Reject,
     RequestArrived,
     RequestCancelled,
@@ -113,6 +113,7 @@ from corral.scheduler import (
     SchedulerSnapshot,
     Shutdown,
     StartRunner,
+    StopReason,
     StopRunner,
     Tick,
     UnloadRequested,
@@ -128,22 +129,32 @@ DEFAULT_DRAIN_TIMEOUT = 3.0
 Kind = Literal["completion", "embedding"]
 
 
-def _scheduler_error(status: int, message: str) -> CorralError:
-    """A scheduler Reject/Fail as a domain error: 503 (queue full, shutting down) means try later,
-    the scheduler's other status (500) a load failure."""
-    return Busy(message) if status == 503 else Failed(message)
+def _scheduler_error(reason: Refusal, message: str) -> CorralError:
+    """A scheduler Reject/Fail as a domain error (the api gives it its status): queue full and
+    shutting down mean try later (Busy), a load that failed or cannot fit is Failed."""
+    if reason in (Refusal.QUEUE_FULL, Refusal.SHUTTING_DOWN):
+        return Busy(message)
+    return Failed(message)
+
+
+# how a refusal is counted in corral_rejected_requests (the other reasons are failures)
+_REJECTED = {Refusal.QUEUE_FULL: "queue_full", Refusal.SHUTTING_DOWN: "shutting_down"}
 
 
 STDERR_TAIL = 10  # stderr lines in a load failure / crash log line
 
-# StopRunner reasons -> the scheduling decision a log line names
-_DECISIONS = {
-    "expired": "expire",
-    "evicted": "evict",
-    "reload": "reload",
-    "unload": "unload",
-    "shutdown": "shutdown",
-    "out of memory": "oom_unload",
+# The scheduling decision a `starting runner` / `stopping runner` / `runner exited
+# unexpectedly` log line names (docs/DESIGN.md "Decision log lines").
+Decision = Literal["load", "evict", "expire", "reload", "unload", "shutdown", "oom_unload", "crash"]
+
+# StopRunner reasons -> their decision (every StopReason has one: tests/daemon/test_supervisor.py)
+DECISIONS: dict[StopReason, Decision] = {
+    StopReason.EXPIRED: "expire",
+    StopReason.EVICTED: "evict",
+    StopReason.RELOAD: "reload",
+    StopReason.UNLOAD: "unload",
+    StopReason.SHUTDOWN: "shutdown",
+    StopReason.OUT_OF_MEMORY: "oom_unload",
 }
 
 
@@ -274,7 +285,7 @@ class _Runner:
         self.task: asyncio.Task[None] | None = None
         self.exit_posted = False
         self.started = time.monotonic()
-        self.stop_reason: str | None = None  # of the StopRunner executed for it
+        self.stop_reason: StopReason | None = None  # of the StopRunner executed for it
 
     @property
     def name(self) -> str:
@@ -544,7 +555,7 @@ class Supervisor:
         if self._sched is None or self._owner is None:
             raise RuntimeError("Supervisor.start() was not called")
         if self._closing:
-            self._count_rejected(SHUTTING_DOWN_MESSAGE)
+            self._count_rejected(Refusal.SHUTTING_DOWN)
             raise Busy(SHUTTING_DOWN_MESSAGE)
         t0 = time.monotonic()
         if model.model_path is None:
@@ -711,15 +722,8 @@ class Supervisor:
         """Shutdown has begun: new requests get 503."""
         return self._closing
 
-    def _count_rejected(self, message: str) -> None:
-        reason = (
-            "queue_full"
-            if message == QUEUE_FULL_MESSAGE
-            else "shutting_down"
-            if message == SHUTTING_DOWN_MESSAGE
-            else "other"
-        )
-        self.metrics.rejected.labels(reason).inc()
+    def _count_rejected(self, reason: Refusal) -> None:
+        self.metrics.rejected.labels(_REJECTED.get(reason, "other")).inc()
 
     def model_name(self, model_key: str) -> str:
         """The name a model was last asked for by (its blob path if never)."""
@@ -830,7 +834,11 @@ class Supervisor:
             effects = []
             if isinstance(event, RequestArrived):
                 effects = [
-                    Fail(req_id=event.req_id, status=500, message="internal scheduler error")
+                    Fail(
+                        req_id=event.req_id,
+                        reason=Refusal.LOAD_FAILED,
+                        message="internal scheduler error",
+                    )
                 ]
         try:
             for effect in effects:
@@ -866,14 +874,14 @@ class Supervisor:
         elif isinstance(effect, (Reject, Fail)):
             fut = self._waiters.get(effect.req_id)
             if fut is not None and not fut.done():
-                fut.set_exception(_scheduler_error(effect.status, effect.message))
-            if effect.status == 503:
-                self._count_rejected(effect.message)
-            if isinstance(effect, Fail) or effect.status != 503:
+                fut.set_exception(_scheduler_error(effect.reason, effect.message))
+            if effect.reason in _REJECTED:
+                self._count_rejected(effect.reason)
+            if isinstance(effect, Fail) or effect.reason not in _REJECTED:
                 log.info(
                     "request failed",
                     req_id=effect.req_id,
-                    status=effect.status,
+                    reason=effect.reason,
                     error=effect.message,
                 )
         elif isinstance(effect, Abort):
@@ -941,7 +949,7 @@ class Supervisor:
                 for o in self._runners.values()
                 if o.model_key == eff.model_key
                 and o.proc.returncode is None
-                and o.stop_reason in (None, "reload")
+                and o.stop_reason in (None, StopReason.RELOAD)
             ),
             None,
         )
@@ -1113,7 +1121,7 @@ class Supervisor:
         name = r.name if r is not None else None
         if r is not None:
             r.stop_reason = eff.reason
-            if eff.reason == "reload" and not any(
+            if eff.reason == StopReason.RELOAD and not any(
                 o.model_key == r.model_key and o is not r and o.proc.returncode is None
                 for o in self._runners.values()
             ):
@@ -1123,14 +1131,14 @@ class Supervisor:
         if view is not None:
             fields["idle_s"] = round(max(0.0, self._clock() - view.last_used), 3)
             fields["keep_alive"] = view.keep_alive
-        if eff.reason == "evicted":
+        if eff.reason == StopReason.EVICTED:
             # The victim goes so that the models with waiting requests can load.
             fields["waiting"] = sorted(
                 {self.model_name(k) for k in self.snapshot().waiting} - {name}
             )
         log.info(
             "stopping runner",
-            decision=_DECISIONS.get(eff.reason, "stop"),
+            decision=DECISIONS[eff.reason],
             reason=eff.reason,
             runner_id=eff.runner_id,
             model=name,

@@ -14,10 +14,11 @@ Public API (stable; the daemon's supervisor is written against it):
   - ``max_loaded`` - effective OLLAMA_MAX_LOADED_MODELS (auto resolved at construction).
 * events: RequestArrived, RequestCancelled, RequestFinished, RunnerReady, RunnerLoadFailed,
   RunnerExited, RunnerStopped, RunnerOutOfMemory, InventoryUpdated, UnloadRequested,
-  PolicyChanged, Tick,
-  Shutdown; effects: StartRunner, StopRunner, Grant, Reject, Fail, Abort (``events`` module).
+  PolicyChanged, Tick, Shutdown; effects: StartRunner, StopRunner, Grant, Reject, Fail, Abort;
+  their vocabularies StopReason and Refusal (``events`` module).
 * data: Gpu, HostMemory, Inventory, ModelFacts, RunnerOptions, Estimate, Placement, NoFit,
-  Limits, RunnerView, GpuView, SchedulerSnapshot, ModelPolicy, Priority (``types`` module).
+  Limits, RunnerState, RunnerView, GpuView, SchedulerSnapshot, ModelPolicy, Priority (``types``
+  module).
 * helpers: estimate(), place(), usable_memory(), needs_reload(), default_num_ctx(),
   effective_num_ctx(), parallel_for(), is_out_of_memory(), minimum_memory().
 """
@@ -41,6 +42,7 @@ from .events import (
     Grant,
     InventoryUpdated,
     PolicyChanged,
+    Refusal,
     Reject,
     RequestArrived,
     RequestCancelled,
@@ -52,6 +54,7 @@ from .events import (
     RunnerStopped,
     Shutdown,
     StartRunner,
+    StopReason,
     StopRunner,
     Tick,
     UnloadRequested,
@@ -72,6 +75,7 @@ from .types import (
     Placement,
     Priority,
     RunnerOptions,
+    RunnerState,
     RunnerView,
     SchedulerSnapshot,
 )
@@ -95,6 +99,7 @@ __all__ = [
     "ModelFacts",
     "NoFit",
     "Placement",
+    "Refusal",
     "Reject",
     "RequestArrived",
     "RequestCancelled",
@@ -105,7 +110,9 @@ __all__ = [
     "RunnerOutOfMemory",
     "RunnerReady",
     "RunnerStopped",
+    "RunnerState",
     "RunnerView",
+    "StopReason",
     "Scheduler",
     "SchedulerSnapshot",
     "Shutdown",

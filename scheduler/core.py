@@ -84,6 +84,7 @@ from .events import (
     Grant,
     InventoryUpdated,
     PolicyChanged,
+    Refusal,
     Reject,
     RequestArrived,
     RequestCancelled,
@@ -95,6 +96,7 @@ from .events import (
     RunnerStopped,
     Shutdown,
     StartRunner,
+    StopReason,
     StopRunner,
     Tick,
     UnloadRequested,
@@ -109,6 +111,7 @@ from .types import (
     ModelPolicy,
     Placement,
     RunnerOptions,
+    RunnerState,
     RunnerView,
     SchedulerSnapshot,
 )
@@ -153,7 +156,7 @@ class _Runner:
     parallel: int
     keep_alive: float
     started_at: float
-    state: str = "loading"  # loading | ready | stopping
+    state: RunnerState = RunnerState.LOADING  # never EXPIRING: that is ``expiring``
     expiring: bool = False
     in_flight: set[int] = field(default_factory=set)
     deadline: float | None = None
@@ -161,7 +164,8 @@ class _Runner:
     ready_at: float | None = None
     last_used: float = 0.0
     oom_retried: bool = False  # this runner is the one retry after an out-of-memory load
-    stop_reason: str = "expired"
+    stop_reason: StopReason = StopReason.EXPIRED  # of a retired runner, once idle
+    idle_reason: StopReason = StopReason.EXPIRED  # of a stop at its idle deadline
     n_ctx: int = 0  # per slot as the runner reported it (0 = not reported)
     policy: ModelPolicy = DEFAULT_POLICY
 
@@ -287,8 +291,8 @@ class Scheduler:
         runners = []
         for r in self._runners.values():
             state = r.state
-            if state == "ready" and r.expiring:
-                state = "expiring"
+            if state == RunnerState.READY and r.expiring:
+                state = RunnerState.EXPIRING
             runners.append(
                 RunnerView(
                     runner_id=r.id,
@@ -345,7 +349,7 @@ class Scheduler:
         if ev.req_id in self._requests:
             return  # duplicate id: the first one stands
         if self._closing:
-            out.append(Reject(ev.req_id, 503, SHUTTING_DOWN_MESSAGE))
+            out.append(Reject(ev.req_id, Refusal.SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE))
             return
         policy = ev.policy or DEFAULT_POLICY
         req = _Req(ev.req_id, ev.model_key, ev.facts, ev.options, ev.keep_alive, policy)
@@ -354,7 +358,7 @@ class Scheduler:
             r = self._current.get(ev.model_key)
             if (
                 r is not None
-                and r.state == "ready"
+                and r.state == RunnerState.READY
                 and len(r.in_flight) < r.parallel
                 and not needs_reload(r.options, r.facts, ev.options)
             ):
@@ -362,11 +366,11 @@ class Scheduler:
                 self._grant(req, r, now, out)
                 return
         if self._n_waiting >= self.limits.max_queue:
-            out.append(Reject(ev.req_id, 503, QUEUE_FULL_MESSAGE))
+            out.append(Reject(ev.req_id, Refusal.QUEUE_FULL, QUEUE_FULL_MESSAGE))
             return
         w = self._waiting.get(ev.model_key)
         if policy.max_queue and w is not None and len(w.reqs) >= policy.max_queue:
-            out.append(Reject(ev.req_id, 503, QUEUE_FULL_MESSAGE))
+            out.append(Reject(ev.req_id, Refusal.QUEUE_FULL, QUEUE_FULL_MESSAGE))
             return
         if w is None:
             w = self._waiting[ev.model_key] = _Waiting(ev.model_key, policy)
@@ -391,9 +395,9 @@ class Scheduler:
 
     def _on_ready(self, ev: RunnerReady, now: float, out: list[Effect]) -> None:
         r = self._runners.get(ev.runner_id)
-        if r is None or r.state != "loading":
+        if r is None or r.state != RunnerState.LOADING:
             return
-        r.state = "ready"
+        r.state = RunnerState.READY
         r.pid = ev.pid
         r.ready_at = now
         r.last_used = now
@@ -429,7 +433,7 @@ class Scheduler:
         r = self._runners.get(ev.runner_id)
         if r is None:
             return
-        if r.state != "loading":
+        if r.state != RunnerState.LOADING:
             self._on_exited(RunnerExited(ev.runner_id, ev.reason), now, out)
             return
         self._load_failed(r, ev.reason, ev.oom or is_out_of_memory(ev.reason), now, out)
@@ -438,7 +442,7 @@ class Scheduler:
         r = self._runners.get(ev.runner_id)
         if r is None:
             return
-        if r.state == "loading":
+        if r.state == RunnerState.LOADING:
             self._load_failed(r, ev.reason, is_out_of_memory(ev.reason), now, out)
             return
         self._gone(r, now, out, ev.reason)
@@ -447,7 +451,7 @@ class Scheduler:
         r = self._runners.get(ev.runner_id)
         if r is None:
             return
-        if r.state == "loading":
+        if r.state == RunnerState.LOADING:
             self._load_failed(r, "runner stopped while loading", False, now, out, backoff=False)
             return
         self._gone(r, now, out, "runner stopped")
@@ -457,7 +461,8 @@ class Scheduler:
             if r.pinned:
                 continue
             r.keep_alive = 0.0
-            if r.state == "ready" and not r.in_flight:
+            r.idle_reason = StopReason.OUT_OF_MEMORY
+            if r.state == RunnerState.READY and not r.in_flight:
                 r.deadline = now
 
     def _on_inventory(self, ev: InventoryUpdated, now: float, out: list[Effect]) -> None:
@@ -487,10 +492,11 @@ class Scheduler:
         r = self._current.get(ev.model_key)
         if r is None or r.pinned:
             return
-        if r.state == "loading":
+        if r.state == RunnerState.LOADING:
             r.keep_alive = 0.0  # serve whoever waits for this load, then unload when idle
+            r.idle_reason = StopReason.UNLOAD
         else:
-            self._retire(r, "unload", now, out)
+            self._retire(r, StopReason.UNLOAD, now, out)
 
     def _on_policy(self, ev: PolicyChanged, now: float, out: list[Effect]) -> None:
         """A reloaded policy: pins and defaults of runners and waiting models follow it at once
@@ -517,10 +523,10 @@ class Scheduler:
         for w in list(self._waiting.values()):
             for req in list(w.reqs.values()):
                 self._unqueue(req)
-                out.append(Fail(req.req_id, 503, SHUTTING_DOWN_MESSAGE))
+                out.append(Fail(req.req_id, Refusal.SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE))
         for r in list(self._runners.values()):
-            if r.state != "stopping":
-                self._retire(r, "shutdown", now, out)
+            if r.state != RunnerState.STOPPING:
+                self._retire(r, StopReason.SHUTDOWN, now, out)
 
     # -- helpers: requests -------------------------------------------------------------------
 
@@ -540,6 +546,7 @@ class Scheduler:
         r.last_used = now
         if req.keep_alive is not None and not r.expiring and not r.pinned:
             r.keep_alive = req.keep_alive  # sticky for later requests without keep_alive
+            r.idle_reason = StopReason.EXPIRED
         out.append(Grant(req.req_id, r.id))
 
     def _release(self, req: _Req, now: float) -> None:
@@ -552,23 +559,25 @@ class Scheduler:
         self._set_idle_deadline(r, now)
 
     def _set_idle_deadline(self, r: _Runner, now: float) -> None:
-        if r.state == "ready" and not r.in_flight:
+        if r.state == RunnerState.READY and not r.in_flight:
             r.deadline = None if math.isinf(r.keep_alive) else now + max(0.0, r.keep_alive)
 
-    def _fail_waiters(self, key: str, pred, status: int, message: str, out: list[Effect]) -> None:
+    def _fail_waiters(
+        self, key: str, pred, reason: Refusal, message: str, out: list[Effect]
+    ) -> None:
         w = self._waiting.get(key)
         if w is None:
             return
         for req in list(w.reqs.values()):
             if pred(req):
                 self._unqueue(req)
-                out.append(Fail(req.req_id, status, message))
+                out.append(Fail(req.req_id, reason, message))
 
     # -- helpers: runners --------------------------------------------------------------------
 
-    def _stop(self, r: _Runner, reason: str, out: list[Effect]) -> None:
+    def _stop(self, r: _Runner, reason: StopReason, out: list[Effect]) -> None:
         assert not r.in_flight, "never stop a runner with requests in flight"
-        r.state = "stopping"
+        r.state = RunnerState.STOPPING
         r.expiring = True
         r.deadline = None
         if self._current.get(r.model_key) is r:
@@ -576,7 +585,7 @@ class Scheduler:
         self._version += 1
         out.append(StopRunner(r.id, reason))
 
-    def _retire(self, r: _Runner, reason: str, now: float, out: list[Effect]) -> None:
+    def _retire(self, r: _Runner, reason: StopReason, now: float, out: list[Effect]) -> None:
         """Take ``r`` out of service: no new grants; stopped now if idle, else once idle."""
         if not r.expiring:
             r.expiring = True
@@ -584,7 +593,7 @@ class Scheduler:
         if self._current.get(r.model_key) is r:
             del self._current[r.model_key]
         self._version += 1
-        if r.state == "ready" and not r.in_flight:
+        if r.state == RunnerState.READY and not r.in_flight:
             self._stop(r, reason, out)
 
     def _gone(self, r: _Runner, now: float, out: list[Effect], reason: str) -> None:
@@ -626,7 +635,11 @@ class Scheduler:
             return
         opts, facts = r.options, r.facts
         self._fail_waiters(
-            key, lambda q: not needs_reload(opts, facts, q.options), 500, reason, out
+            key,
+            lambda q: not needs_reload(opts, facts, q.options),
+            Refusal.LOAD_FAILED,
+            reason,
+            out,
         )
 
     def _oom_retry(self, w: _Waiting, r: _Runner) -> bool:
@@ -732,11 +745,11 @@ class Scheduler:
                     self._serve(w, now, out)
         # 3. Idle runners: expiring ones, and those past their keep-alive deadline.
         for r in list(self._runners.values()):
-            if r.state == "ready" and not r.in_flight:
+            if r.state == RunnerState.READY and not r.in_flight:
                 if r.expiring:
                     self._stop(r, r.stop_reason, out)
                 elif r.deadline is not None and r.deadline <= now:
-                    self._stop(r, "expired", out)
+                    self._stop(r, r.idle_reason, out)
 
     def _serve(self, w: _Waiting, now: float, out: list[Effect]) -> None:
         key = w.key
@@ -748,15 +761,15 @@ class Scheduler:
                     w.compat = (r, head, not needs_reload(r.options, r.facts, head.options))
                 if w.compat[2]:
                     # 2a. Compatible: grant a free slot, or wait (loading / all slots busy).
-                    if r.state != "ready" or len(r.in_flight) >= r.parallel:
+                    if r.state != RunnerState.READY or len(r.in_flight) >= r.parallel:
                         return
                     self._unqueue_for_grant(w, head)
                     self._grant(head, r, now, out)
                     continue
-                if r.state == "loading":
+                if r.state == RunnerState.LOADING:
                     return  # let the load finish; the head reloads it afterwards
                 # 2b. Options changed: retire the loaded runner and load anew.
-                self._retire(r, "reload", now, out)
+                self._retire(r, StopReason.RELOAD, now, out)
             b = self._backoff.get(key)
             if (
                 b is not None
@@ -767,7 +780,7 @@ class Scheduler:
                 self._fail_waiters(
                     key,
                     lambda q: not needs_reload(b.options, b.facts, q.options),
-                    500,
+                    Refusal.LOAD_FAILED,
                     b.reason,
                     out,
                 )
@@ -803,8 +816,8 @@ class Scheduler:
             # is gone.
             if self._reclaims or any(not o.pinned for o in others):
                 for o in others:
-                    if o.state == "ready" and not o.expiring and not o.pinned:
-                        self._retire(o, "evicted", now, out)
+                    if o.state == RunnerState.READY and not o.expiring and not o.pinned:
+                        self._retire(o, StopReason.EVICTED, now, out)
                 self._block(w, _ALL)
                 return
             w.evict_all = False
@@ -834,7 +847,9 @@ class Scheduler:
                 if others:
                     names = ", ".join(sorted({o.policy.name or o.model_key for o in others}))
                     message += f" beside the pinned models ({names}), which are never evicted"
-                self._fail_waiters(key, lambda q: q.options == head.options, 500, message, out)
+                self._fail_waiters(
+                    key, lambda q: q.options == head.options, Refusal.TOO_LARGE, message, out
+                )
                 return
             reason = p.reason
         if self._claimed:
@@ -845,7 +860,7 @@ class Scheduler:
         # busy by shortest keep-alive then least recently used. Short of GPU memory, runners
         # holding GPU memory go first (a CPU runner only goes so the model can load alone).
         victims = sorted(
-            (o for o in others if o.state == "ready" and not o.expiring and not o.pinned),
+            (o for o in others if o.state == RunnerState.READY and not o.expiring and not o.pinned),
             key=lambda o: (
                 reason == "gpu" and not o.placement.gpus,
                 bool(o.in_flight),
@@ -859,7 +874,7 @@ class Scheduler:
         for v in victims:
             if prospect is not None:
                 break
-            self._retire(v, "evicted", now, out)
+            self._retire(v, StopReason.EVICTED, now, out)
             prospect = self._prospect(est, opts, policy)
         if prospect is None and alone and others:
             # Every loaded-model slot is held by a pin: waiting changes nothing.
@@ -868,7 +883,9 @@ class Scheduler:
                 f"all {self.max_loaded} loaded-model slots are held by pinned models "
                 f"({names}), which are never evicted"
             )
-            self._fail_waiters(key, lambda q: q.options == head.options, 500, message, out)
+            self._fail_waiters(
+                key, lambda q: q.options == head.options, Refusal.TOO_LARGE, message, out
+            )
             return
         self._block(w, prospect if isinstance(prospect, Placement) else _ALL)
 

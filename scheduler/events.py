@@ -23,7 +23,8 @@ Events
 * :class:`RunnerStopped` - the process ended after :class:`StopRunner` (reaped). Its memory stays
   reserved until an :class:`InventoryUpdated` shows it came back or ``Limits.reclaim_timeout``.
 * :class:`RunnerOutOfMemory` - a granted request failed with an out-of-memory error at run time:
-  every runner unloads as soon as it is idle (Ollama's runtime-OOM rule).
+  every runner unloads as soon as it is idle (Ollama's runtime-OOM rule; StopRunner reason
+  ``out of memory``, unless a later request sets a keep-alive again).
 * :class:`InventoryUpdated` - new probe readings (GPU free memory, host memory).
 * :class:`UnloadRequested` - ``keep_alive: 0`` with an empty prompt / ``corral stop`` (a pinned
   model stays).
@@ -36,10 +37,12 @@ Effects
 * :class:`StartRunner` - spawn a runner with these effective options and placement; answer later
   with RunnerReady / RunnerLoadFailed / RunnerExited.
 * :class:`StopRunner` - stop it (SIGTERM, bounded wait, SIGKILL); answer with RunnerStopped.
+  ``reason``: a :class:`StopReason`.
   Never emitted for a runner with requests in flight.
 * :class:`Grant` - the request may use the runner (one slot, in flight until RequestFinished).
-* :class:`Reject` - the request never waited: 503 queue full (or shutting down).
-* :class:`Fail` - the request waited and cannot be served (load failure, model too big: 500).
+* :class:`Reject` - the request never waited: queue full (or shutting down) (:class:`Refusal`).
+* :class:`Fail` - the request waited and cannot be served (load failure, model too big,
+  shutting down) (:class:`Refusal`).
 * :class:`Abort` - a *granted* request lost its runner (crash); end its response with ``message``.
   Not an outcome: the request already had its Grant; it needs no RequestFinished afterwards.
 
@@ -48,12 +51,36 @@ Every request gets exactly one of Grant / Reject / Fail, unless cancelled while 
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import msgspec
 
 from .types import Inventory, ModelFacts, ModelPolicy, Placement, Priority, RunnerOptions
 
 QUEUE_FULL_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
 SHUTTING_DOWN_MESSAGE = "server shutting down"
+
+
+class StopReason(StrEnum):
+    """Why the scheduler stops a runner (:class:`StopRunner`); the supervisor logs each as a
+    decision and counts it (``corral_runner_unloads``)."""
+
+    EXPIRED = "expired"  # idle past its keep-alive
+    EVICTED = "evicted"  # its memory or loaded-model slot is needed (decision 2d)
+    RELOAD = "reload"  # its model is wanted with other launch options (decision 2b)
+    UNLOAD = "unload"  # keep_alive 0 with an empty prompt / `corral stop`
+    OUT_OF_MEMORY = "out of memory"  # idle after a request ran out of memory (RunnerOutOfMemory)
+    SHUTDOWN = "shutdown"
+
+
+class Refusal(StrEnum):
+    """Why a request is not served (:class:`Reject`, :class:`Fail`). No HTTP here: the daemon
+    turns each into a domain error and its API gives that a status."""
+
+    QUEUE_FULL = "queue full"  # max_queue requests already wait: try later
+    SHUTTING_DOWN = "shutting down"  # try later (another replica)
+    LOAD_FAILED = "load failed"  # the model's load failed, or is backing off after failures
+    TOO_LARGE = "too large"  # the model does not fit this machine even alone
 
 
 # -- events ----------------------------------------------------------------------------------
@@ -157,7 +184,7 @@ class StartRunner(msgspec.Struct, frozen=True):
 
 class StopRunner(msgspec.Struct, frozen=True):
     runner_id: str
-    reason: str  # "expired", "evicted", "reload", "unload", "out of memory", "shutdown", ...
+    reason: StopReason
 
 
 class Grant(msgspec.Struct, frozen=True):
@@ -167,13 +194,13 @@ class Grant(msgspec.Struct, frozen=True):
 
 class Reject(msgspec.Struct, frozen=True):
     req_id: int
-    status: int
+    reason: Refusal
     message: str
 
 
 class Fail(msgspec.Struct, frozen=True):
     req_id: int
-    status: int
+    reason: Refusal
     message: str
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import math
+from enum import StrEnum
 
 import msgspec
 
@@ -243,10 +244,19 @@ FOREVER = math.inf
 # -- snapshot (Scheduler.snapshot(): an immutable view for /api/ps, metrics, logs) -----------
 
 
+class RunnerState(StrEnum):
+    """A runner as the scheduler believes it: loading -> ready -> [expiring] -> stopping."""
+
+    LOADING = "loading"
+    READY = "ready"
+    EXPIRING = "expiring"  # ready, but no new grants: it stops once idle (a snapshot's word)
+    STOPPING = "stopping"  # StopRunner sent
+
+
 class RunnerView(msgspec.Struct, frozen=True, kw_only=True):
     runner_id: str
     model_key: str
-    state: str  # "loading" | "ready" | "expiring" (no new grants) | "stopping" (StopRunner sent)
+    state: RunnerState
     options: RunnerOptions  # effective launch options (num_ctx per slot)
     placement: Placement  # actual memory once RunnerReady reported it
     parallel: int

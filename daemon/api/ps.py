@@ -20,6 +20,7 @@ from corral.daemon.api import auth
 from corral.daemon.api.keys import SUPERVISOR
 from corral.daemon.api.responses import json_response
 from corral.daemon.timefmt import rfc3339
+from corral.scheduler import RunnerState
 
 MAX_DURATION_S = ((1 << 63) - 1) / 1e9  # Go's MaxInt64 ns: "forever" in expires_at
 
@@ -31,9 +32,9 @@ def ps_models(sup: Any) -> list[dict[str, Any]]:
     now, wall_now = sup.now(), time.time()
     rows: list[tuple[float, dict[str, Any]]] = []
     for v in snap.runners:
-        if v.state == "loading":
+        if v.state == RunnerState.LOADING:
             continue
-        if v.state in ("expiring", "stopping"):
+        if v.state in (RunnerState.EXPIRING, RunnerState.STOPPING):
             remaining = 0.0
         elif v.deadline is not None:
             remaining = max(0.0, v.deadline - now)

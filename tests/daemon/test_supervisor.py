@@ -29,9 +29,10 @@ from corral.daemon.gpu import SimulatedProbe
 from corral.daemon.model_inputs import runner_options
 from corral.daemon.params import RequestOptions
 from corral.daemon.runners import child_env, huge_pages_usable
-from corral.daemon.supervisor import Lease, Supervisor
+from corral.daemon.supervisor import DECISIONS, Lease, Supervisor
 from corral.runner import protocol
 from corral.scheduler import QUEUE_FULL_MESSAGE as QUEUE_FULL
+from corral.scheduler import StopReason
 
 GiB = 1 << 30
 SAFETY = float(os.environ.get("TEST_SAFETY", "30"))
@@ -575,15 +576,22 @@ async def test_keep_alive_deadline_follows_the_injected_clock(make_sup, models):
 
 async def test_runtime_out_of_memory_unloads_every_runner_once_idle(make_sup, models):
     sup = await make_sup()
-    async with await acquire(sup, models(0), keep_alive=math.inf) as a:
-        pid_a = sup.runner_process(a.runner_id).pid
-    async with await acquire(sup, models(1), keep_alive=math.inf) as b:
-        pid_b = sup.runner_process(b.runner_id).pid
-        sup.report_out_of_memory(b)
-        await sup.wait_processed()
-        assert b.runner_id in loaded(sup)  # busy: it finishes first
-    await until(sup, lambda: not loaded(sup))
+    with structlog.testing.capture_logs() as logs:
+        async with await acquire(sup, models(0), keep_alive=math.inf) as a:
+            pid_a = sup.runner_process(a.runner_id).pid
+        async with await acquire(sup, models(1), keep_alive=math.inf) as b:
+            pid_b = sup.runner_process(b.runner_id).pid
+            sup.report_out_of_memory(b)
+            await sup.wait_processed()
+            assert b.runner_id in loaded(sup)  # busy: it finishes first
+        await until(sup, lambda: not loaded(sup))
     assert not pid_alive(pid_a) and not pid_alive(pid_b)
+    stops = [e for e in logs if e["event"] == "stopping runner"]
+    assert [(e["decision"], e["reason"]) for e in stops] == [("oom_unload", "out of memory")] * 2
+
+
+def test_every_stop_reason_is_a_logged_decision():
+    assert set(DECISIONS) == set(StopReason)
 
 
 # ------------------------------------------------------------------------ huge pages, mmap

@@ -13,6 +13,7 @@ from corral.scheduler import (
     Fail,
     Grant,
     Limits,
+    Refusal,
     RequestFinished,
     RunnerExited,
     RunnerLoadFailed,
@@ -48,7 +49,9 @@ def crash_loop(
                 starts.append(h.now)
                 loading = (e.runner_id, h.now + fail_after)
         if loading is None:
-            assert h.outcome[req] == Fail(req, 500, ERR)  # failed at once, with the last error
+            assert h.outcome[req] == Fail(
+                req, Refusal.LOAD_FAILED, ERR
+            )  # failed at once, with the last error
         h.now += every
     return starts
 
@@ -75,7 +78,7 @@ def test_other_models_keep_serving_during_the_backoff() -> None:
     h.do(RunnerLoadFailed(bad.runner_id, ERR), dt=0.1)
     good = only(h.arrive("good", facts(1 * GB)), StartRunner)
     assert h.do(RunnerReady(good.runner_id)) == [Grant(2, good.runner_id)]
-    assert h.arrive("bad", facts(1 * GB)) == [Fail(3, 500, ERR)]
+    assert h.arrive("bad", facts(1 * GB)) == [Fail(3, Refusal.LOAD_FAILED, ERR)]
     h.do(RequestFinished(2))
     assert h.arrive("good", facts(1 * GB)) == [Grant(4, good.runner_id)]
 
@@ -87,7 +90,7 @@ def test_backoff_ends_at_the_deadline_and_success_resets_it() -> None:
         start = h.now
         h.do(RunnerExited(s.runner_id, ERR), dt=0.2)  # an exit while loading counts too
         h.now = start + delay - 0.01
-        assert h.arrive("m", facts(1 * GB)) == [Fail(h._next_req, 500, ERR)]
+        assert h.arrive("m", facts(1 * GB)) == [Fail(h._next_req, Refusal.LOAD_FAILED, ERR)]
         h.now += 0.01
     s = only(h.arrive("m", facts(1 * GB)), StartRunner)
     h.do(RunnerReady(s.runner_id))
@@ -97,7 +100,7 @@ def test_backoff_ends_at_the_deadline_and_success_resets_it() -> None:
     # the success reset the count: the next failure backs off 1 s again
     s = only(h.arrive("m", facts(1 * GB)), StartRunner)
     h.do(RunnerLoadFailed(s.runner_id, ERR), dt=0.1)
-    assert h.arrive("m", facts(1 * GB), dt=0.85) == [Fail(h._next_req, 500, ERR)]
+    assert h.arrive("m", facts(1 * GB), dt=0.85) == [Fail(h._next_req, Refusal.LOAD_FAILED, ERR)]
     assert isinstance(only(h.arrive("m", facts(1 * GB), dt=0.05), StartRunner), StartRunner)
 
 
@@ -106,7 +109,7 @@ def test_a_load_slower_than_its_backoff_is_retried_at_once() -> None:
     h = Harness(Limits(load_backoff=1.0), inv=INV)
     s = only(h.arrive("m", facts(1 * GB)), StartRunner)
     eff = h.do(RunnerLoadFailed(s.runner_id, "timed out waiting for llama runner to start"), dt=5)
-    assert eff == [Fail(1, 500, "timed out waiting for llama runner to start")]
+    assert eff == [Fail(1, Refusal.LOAD_FAILED, "timed out waiting for llama runner to start")]
     s2 = only(h.arrive("m", facts(1 * GB)), StartRunner)
     assert s2.runner_id != s.runner_id
 
@@ -115,7 +118,9 @@ def test_backoff_applies_to_compatible_options_only_and_can_be_disabled() -> Non
     h = Harness(Limits(load_backoff=1.0), inv=INV)
     s = only(h.arrive("m", facts(1 * GB), RunnerOptions(num_ctx=2048)), StartRunner)
     h.do(RunnerLoadFailed(s.runner_id, ERR), dt=0.1)
-    assert h.arrive("m", facts(1 * GB), RunnerOptions(num_ctx=2048)) == [Fail(2, 500, ERR)]
+    assert h.arrive("m", facts(1 * GB), RunnerOptions(num_ctx=2048)) == [
+        Fail(2, Refusal.LOAD_FAILED, ERR)
+    ]
     other = only(h.arrive("m", facts(1 * GB), RunnerOptions(num_ctx=4096)), StartRunner)
     assert other.options.num_ctx == 4096
 

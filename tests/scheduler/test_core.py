@@ -16,6 +16,7 @@ from corral.scheduler import (
     Grant,
     InventoryUpdated,
     Limits,
+    Refusal,
     Reject,
     RequestCancelled,
     RequestFinished,
@@ -48,8 +49,8 @@ def test_max_queue_counts_requests_waiting_for_a_slot_on_a_loaded_model() -> Non
     rid, a = start_ready(h, "m")
     assert h.arrive("m", facts(1 * GB)) == []  # waits for the slot
     assert h.arrive("m", facts(1 * GB)) == []
-    assert h.arrive("m", facts(1 * GB)) == [Reject(4, 503, QUEUE_FULL_MESSAGE)]
-    assert h.arrive("other", facts(1 * GB)) == [Reject(5, 503, QUEUE_FULL_MESSAGE)]
+    assert h.arrive("m", facts(1 * GB)) == [Reject(4, Refusal.QUEUE_FULL, QUEUE_FULL_MESSAGE)]
+    assert h.arrive("other", facts(1 * GB)) == [Reject(5, Refusal.QUEUE_FULL, QUEUE_FULL_MESSAGE)]
     assert h.do(RequestFinished(a)) == [Grant(2, rid)]
     assert h.s.snapshot().queued == 1
 
@@ -165,8 +166,8 @@ def test_exit_while_loading_fails_the_waiters() -> None:
     h.arrive("m", facts(1 * GB))
     eff = h.do(RunnerExited(s.runner_id, "error loading model: bad magic"))
     assert eff == [
-        Fail(1, 500, "error loading model: bad magic"),
-        Fail(2, 500, "error loading model: bad magic"),
+        Fail(1, Refusal.LOAD_FAILED, "error loading model: bad magic"),
+        Fail(2, Refusal.LOAD_FAILED, "error loading model: bad magic"),
     ]
 
 
@@ -175,7 +176,7 @@ def test_load_failure_keeps_waiters_with_other_options() -> None:
     s = only(h.arrive("m", facts(1 * GB)), StartRunner)
     h.arrive("m", facts(1 * GB), RunnerOptions(num_ctx=8192))
     eff = h.do(RunnerExited(s.runner_id, "boom"))
-    assert eff[0] == Fail(1, 500, "boom")
+    assert eff[0] == Fail(1, Refusal.LOAD_FAILED, "boom")
     assert only(eff, StartRunner).options.num_ctx == 8192
 
 
@@ -208,7 +209,11 @@ def test_cpu_only_model_must_fit_host_ram() -> None:
     h = Harness(inv=inventory(host_total=16 * GB, host_free=12 * GB))
     eff = h.arrive("huge", facts(20 * GB))
     assert eff == [
-        Fail(1, 500, "model requires more system memory (18.6 GiB) than is available (11.2 GiB)")
+        Fail(
+            1,
+            Refusal.TOO_LARGE,
+            "model requires more system memory (18.6 GiB) than is available (11.2 GiB)",
+        )
     ]
 
 
@@ -279,8 +284,8 @@ def test_shutdown_fails_queued_and_rejects_new_requests() -> None:
     rid, a = start_ready(h, "m")
     h.arrive("m", facts(1 * GB))
     eff = h.do(Shutdown())
-    assert eff == [Fail(2, 503, SHUTTING_DOWN_MESSAGE)]
-    assert h.arrive("m", facts(1 * GB)) == [Reject(3, 503, SHUTTING_DOWN_MESSAGE)]
+    assert eff == [Fail(2, Refusal.SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE)]
+    assert h.arrive("m", facts(1 * GB)) == [Reject(3, Refusal.SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE)]
     assert h.do(RequestFinished(a)) == [StopRunner(rid, "shutdown")]
 
 

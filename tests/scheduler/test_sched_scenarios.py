@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from corral.scheduler import (
+    StopReason,
     QUEUE_FULL_MESSAGE,
     Fail,
     Grant,
@@ -21,6 +22,7 @@ from corral.scheduler import (
     Limits,
     ModelFacts,
     Placement,
+    Refusal,
     Reject,
     RequestCancelled,
     RequestFinished,
@@ -97,7 +99,7 @@ def test_sched_load() -> None:
     start = only(h.arrive("a", facts(1 * GB)), StartRunner)
     assert start.placement.gpus == () and start.placement.n_gpu_layers == 0
     eff = h.do(RunnerLoadFailed(start.runner_id, "something failed to load model blah"))
-    assert eff == [Fail(1, 500, "something failed to load model blah")]
+    assert eff == [Fail(1, Refusal.LOAD_FAILED, "something failed to load model blah")]
     assert h.s.snapshot().runners == ()
     # (b) success -> granted, one runner, in flight 1
     rid, req = loaded(h, "b", 10)
@@ -106,7 +108,7 @@ def test_sched_load() -> None:
     # (c) second model whose load fails: error delivered, runner cleaned up
     start = only(h.arrive("c", facts(10)), StartRunner)
     eff = h.do(RunnerLoadFailed(start.runner_id, "wait failure"))
-    assert eff == [Fail(h._next_req, 500, "wait failure")]
+    assert eff == [Fail(h._next_req, Refusal.LOAD_FAILED, "wait failure")]
     assert set(h.runners()) == {rid}
 
 
@@ -207,14 +209,14 @@ def test_sched_get_runner() -> None:
     a_runner = eff[0].runner_id
     assert h.s.snapshot().queued == 1
     eff = h.arrive("b", facts(1 * GB))
-    assert eff == [Reject(2, 503, QUEUE_FULL_MESSAGE)]
+    assert eff == [Reject(2, Refusal.QUEUE_FULL, QUEUE_FULL_MESSAGE)]
     assert QUEUE_FULL_MESSAGE == "server busy, please try again.  maximum pending requests exceeded"
     h.do(RunnerReady(a_runner))
     h.do(RequestFinished(1), dt=0.001)
     # a model that cannot load ("bad path") fails its request with the reason
     start = only(h.arrive("bad path", facts(1 * GB)), StartRunner)
     eff = h.do(RunnerLoadFailed(start.runner_id, "open bad path: no such file or directory"))
-    assert eff == [Fail(3, 500, "open bad path: no such file or directory")]
+    assert eff == [Fail(3, Refusal.LOAD_FAILED, "open bad path: no such file or directory")]
 
 
 # 11
@@ -638,7 +640,7 @@ def test_sched_load_crash_triggers_evict_all_and_retry() -> None:
     retry = only(h.do(InventoryUpdated(inventory(metal(free=13 * GB)))), StartRunner)
     assert retry.model_key == "m" and retry.runner_id != start.runner_id
     eff = h.do(RunnerLoadFailed(retry.runner_id, "cudaMalloc failed: out of memory"))
-    assert eff == [Fail(b, 500, "cudaMalloc failed: out of memory")]
+    assert eff == [Fail(b, Refusal.LOAD_FAILED, "cudaMalloc failed: out of memory")]
 
 
 # 38
@@ -657,7 +659,7 @@ def test_sched_load_oom_reduces_automatic_context_before_retry() -> None:
     second = only(eff, StartRunner)
     assert (second.options.num_ctx, second.options.num_batch) == (32768, 1024)
     eff = h.do(RunnerLoadFailed(second.runner_id, "out of memory", oom=True))
-    assert eff == [Fail(b, 500, "out of memory")]
+    assert eff == [Fail(b, Refusal.LOAD_FAILED, "out of memory")]
 
 
 # 39
@@ -699,7 +701,7 @@ def test_sched_load_crash_no_other_models_fails_fast() -> None:
     h = Harness()
     start = only(h.arrive("m", facts(1 * GB)), StartRunner)
     eff = h.do(RunnerLoadFailed(start.runner_id, "simulated llama-server OOM crash"))
-    assert eff == [Fail(1, 500, "simulated llama-server OOM crash")]
+    assert eff == [Fail(1, Refusal.LOAD_FAILED, "simulated llama-server OOM crash")]
 
 
 # 42
@@ -709,19 +711,28 @@ def test_sched_load_non_oom_with_other_models_fails_fast() -> None:
     h.do(RequestFinished(a))
     start = only(h.arrive("m", facts(1 * GB)), StartRunner)
     eff = h.do(RunnerLoadFailed(start.runner_id, "server parse failed"))
-    assert eff == [Fail(2, 500, "server parse failed")]
+    assert eff == [Fail(2, Refusal.LOAD_FAILED, "server parse failed")]
     assert h.runner(other).state == "ready"
 
 
 # 43
-def test_sched_runtime_oom_expires_loaded_runners() -> None:
+def test_sched_runtime_oom_unloads_loaded_runners() -> None:
+    """Ollama expires every runner after a runtime OOM; the stop says why (decision
+    oom_unload in the supervisor's log), and a later keep-alive makes it a plain expiry."""
     h = Harness()
     r1, a = loaded(h, "a", 1 * GB, keep_alive=3600.0)
     r2, b = loaded(h, "b", 1 * GB, keep_alive=3600.0)
     h.do(RequestFinished(a))
     eff = h.do(RunnerOutOfMemory(r2))
-    assert eff == [StopRunner(r1, "expired")]  # idle: now
-    assert h.do(RequestFinished(b)) == [StopRunner(r2, "expired")]  # busy: once idle
+    assert eff == [StopRunner(r1, StopReason.OUT_OF_MEMORY)]  # idle: now
+    assert h.do(RequestFinished(b)) == [StopRunner(r2, StopReason.OUT_OF_MEMORY)]  # once idle
+    r3, c = loaded(h, "c", 1 * GB, keep_alive=3600.0)
+    h.do(RunnerOutOfMemory(r3))
+    assert h.arrive("c", facts(1 * GB), keep_alive=0.5) == []  # waits for the busy slot
+    d = h._next_req
+    assert h.do(RequestFinished(c)) == [Grant(d, r3)]  # its keep-alive is set again
+    assert h.do(RequestFinished(d)) == []
+    assert h.tick(1.0) == [StopRunner(r3, StopReason.EXPIRED)]
 
 
 # 44
