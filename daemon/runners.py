@@ -6,7 +6,7 @@ One :class:`RunnerProcess` owns one ``python -m corral.runner`` child (STYLE rul
   the whole group; the ``LaunchSpec`` is written as one JSON line on stdin and stdin then stays
   open (EOF tells the child the daemon is gone).
 * **handshake**: :meth:`RunnerProcess.start` reads the child's stdout events (``Loading``...
-  then ``Ready`` or ``Failed``). It fails at once when the child exits, and after
+  then ``Ready`` or ``LoadFailed``). It fails at once when the child exits, and after
   ``load_timeout`` seconds *without progress*: any byte on stdout or stderr pushes the stall
   deadline forward (Ollama's ``OLLAMA_LOAD_TIMEOUT`` semantics; ``<= 0`` or None = no limit).
 * **stderr tail**: the last lines of the child's stderr are kept (bounded); the last
@@ -46,9 +46,9 @@ import msgspec
 import structlog
 
 from corral.runner.protocol import (
-    Failed,
     KvCacheReport,
     LaunchSpec,
+    LoadFailed,
     Loading,
     Ready,
     Relay,
@@ -95,7 +95,7 @@ async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
     return True
 
 
-# How a start failed: the runner said so (its Failed event), exited, made no progress for the
+# How a start failed: the runner said so (its LoadFailed event), exited, made no progress for the
 # load timeout, could not be spawned, or was stopped before it was ready.
 StartErrorKind = Literal["failed", "exited", "stalled", "spawn", "stopped"]
 
@@ -210,7 +210,7 @@ class RunnerProcess:
         self._last_error: str = ""
         self._partial: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
         self._open_pipes: set[int] = set()
-        self._events: collections.deque[Loading | Ready | Failed] = collections.deque()
+        self._events: collections.deque[Loading | Ready | LoadFailed] = collections.deque()
         self._last_activity = 0.0
         self._wake = asyncio.Event()  # something happened (data, event, exit)
         self._exited = asyncio.Event()  # the child was reaped
@@ -367,12 +367,12 @@ class RunnerProcess:
         limit = load_timeout if load_timeout is not None and load_timeout > 0 else None
         exited_at: float | None = None
         while True:
-            # 1. Events in arrival order: Loading is progress, Ready/Failed end the wait.
+            # 1. Events in arrival order: Loading is progress, Ready/LoadFailed end the wait.
             while self._events:
                 ev = self._events.popleft()
                 if isinstance(ev, Ready):
                     return ev
-                if isinstance(ev, Failed):
+                if isinstance(ev, LoadFailed):
                     await self._wait_exit_after_failed()
                     last = self.last_error()
                     reason = ev.reason
@@ -382,7 +382,7 @@ class RunnerProcess:
                         else RunnerStartError(last or self.exit_reason(), oom=ev.oom, kind="failed")
                     )
             now = self._clock()
-            # 2. The child is gone: fail at once (after its pipes are drained, so a Failed line
+            # 2. The child is gone: fail at once (after its pipes are drained, so a LoadFailed line
             #    written just before the exit still wins and the stderr tail is complete).
             if self._exited.is_set():
                 exited_at = exited_at if exited_at is not None else now
@@ -406,7 +406,7 @@ class RunnerProcess:
             await wait_event(self._wake, timeout)
 
     async def _wait_exit_after_failed(self) -> None:
-        """After Failed the child exits by itself; give it a moment so the stderr tail is full."""
+        """After LoadFailed the child exits by itself; give it a moment so the stderr tail is full."""
         await wait_event(self._done, PIPE_DRAIN_AFTER_EXIT)
 
     def _on_data(self, fd: int, data: bytes) -> None:

@@ -252,8 +252,9 @@ class Lease:
 # ------------------------------------------------------------------------------------ Supervisor
 
 
-class _Runner:
-    """What the supervisor knows about one runner beyond the scheduler's view."""
+class _Child:
+    """One runner process as the supervisor holds it, beyond the scheduler's view (the
+    scheduler's own record of a runner is ``scheduler.core._Runner``)."""
 
     __slots__ = (
         "runner_id",
@@ -364,7 +365,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._waiters: dict[int, asyncio.Future[str]] = {}
         self._leases: dict[int, Lease] = {}
-        self._runners: dict[str, _Runner] = {}
+        self._runners: dict[str, _Child] = {}
         self._records: dict[str, Any] = {}  # model_key -> the record last asked for
         self._facts: dict[str, ModelFacts] = {}  # blob path -> facts
         self._ids = itertools.count(1)
@@ -940,7 +941,7 @@ class Supervisor:
             on_report=self._on_kv_report,
             argv=self._argv,
         )
-        r = _Runner(eff.runner_id, eff.model_key, proc, self._records.get(eff.model_key), eff)
+        r = _Child(eff.runner_id, eff.model_key, proc, self._records.get(eff.model_key), eff)
         # Why this load: a reload (an older runner of the model is retiring: which options
         # changed), the retry after an out-of-memory load, or a new load.
         old = next(
@@ -981,9 +982,11 @@ class Supervisor:
             **fields,
         )
         self.metrics.loads.labels(r.name, reason).inc()
-        r.task = self._spawn(self._load(r), f"load-{eff.runner_id}")
+        r.task = self._spawn(self._launch(r), f"load-{eff.runner_id}")
 
-    async def _load(self, r: _Runner) -> None:
+    async def _launch(self, r: _Child) -> None:
+        """Spawn the runner and wait for its handshake (the scheduler's ``_load`` decided the
+        load); posts RunnerReady or RunnerLoadFailed."""
         try:
             spec = self._launch_spec(r.start_effect)
             ready = await r.proc.start(spec, load_timeout=self.load_timeout)
@@ -1148,7 +1151,7 @@ class Supervisor:
         self.metrics.unloads.labels(name or "", eff.reason).inc()
         self._spawn(self._stop(eff.runner_id, r), f"stop-{eff.runner_id}")
 
-    async def _stop(self, runner_id: str, r: _Runner | None) -> None:
+    async def _stop(self, runner_id: str, r: _Child | None) -> None:
         if r is not None:
             await r.proc.stop(self.stop_grace)
             if r.task is not None:

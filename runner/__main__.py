@@ -5,8 +5,8 @@
 Sequence (docs/DESIGN.md "Runner process protocol"):
 1. stdout becomes the event pipe: its fd is duplicated for events and fd 1 is pointed at stderr,
    so nothing else (llama.cpp, a stray print) can corrupt the pipe.
-2. Read one LaunchSpec JSON line from stdin (a bad line: Failed, exit 2; EOF: exit 0).
-3. Loading events, load the engine in a worker thread; failure: Failed(reason, oom), exit 1.
+2. Read one LaunchSpec JSON line from stdin (a bad line: LoadFailed, exit 2; EOF: exit 0).
+3. Loading events, load the engine in a worker thread; failure: LoadFailed(reason, oom), exit 1.
 4. Bind 127.0.0.1:0, emit Ready(port, pid, n_ctx, memory...), serve HTTP.
 5. stdin EOF (the daemon is gone): cancel everything, exit 0. SIGTERM/SIGINT: refuse new work,
    let in-flight work finish within LaunchSpec.grace_period, cancel the rest, exit 0.
@@ -29,7 +29,7 @@ import structlog
 from aiohttp import web
 
 from corral.runner.common import LoadError
-from corral.runner.protocol import Failed, LaunchSpec, Loading, Ready, decode_launch, encode
+from corral.runner.protocol import LaunchSpec, LoadFailed, Loading, Ready, decode_launch, encode
 
 log = structlog.get_logger("corral.runner")
 
@@ -130,11 +130,11 @@ async def run(spec: LaunchSpec, events: EventPipe) -> int:
         await loop.run_in_executor(None, engine.load, lambda p: events.send(Loading(progress=p)))
     except LoadError as e:
         log.error("load failed", reason=e.reason, oom=e.oom)
-        events.send(Failed(reason=e.reason, oom=e.oom))
+        events.send(LoadFailed(reason=e.reason, oom=e.oom))
         return 1
     except Exception as e:  # an engine bug must still end the handshake
         log.exception("load failed")
-        events.send(Failed(reason=f"{type(e).__name__}: {e}"))
+        events.send(LoadFailed(reason=f"{type(e).__name__}: {e}"))
         return 1
     load_ns = time.perf_counter_ns() - t0
     engine.start()
@@ -227,7 +227,7 @@ def main() -> int:
     try:
         spec = decode_launch(line)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        events.send(Failed(reason=f"bad launch spec: {e}"))
+        events.send(LoadFailed(reason=f"bad launch spec: {e}"))
         return 2
     configure_logging(spec.verbose)
     return asyncio.run(run(spec, events))

@@ -31,7 +31,7 @@ def no_op() -> None:
 
 
 class LoadError(Exception):
-    """The model could not be loaded; becomes Failed(reason, oom)."""
+    """The model could not be loaded; becomes LoadFailed(reason, oom)."""
 
     def __init__(self, reason: str, oom: bool = False) -> None:
         super().__init__(reason)

@@ -41,7 +41,9 @@ class FakeKnobs(msgspec.Struct, frozen=True, kw_only=True):
 
     load_time: float = 0.0  # seconds the load takes (Loading progress is reported meanwhile)
     tokens_per_second: float = 1000.0  # per sequence; sequences run concurrently up to `parallel`
-    fail_load: str | None = None  # the load fails with Failed(reason=fail_load, oom=fail_load_oom)
+    fail_load: str | None = (
+        None  # the load fails with LoadFailed(reason=fail_load, oom=fail_load_oom)
+    )
     fail_load_oom: bool = False  # the load fails as out of memory (reason defaults to an OOM text)
     crash_after_tokens: int | None = (
         None  # the process exits hard (os._exit(1)) after N tokens total
@@ -126,13 +128,13 @@ class Ready(msgspec.Struct, frozen=True, kw_only=True, tag="ready", tag_field="t
     load_duration: int = 0  # ns the model load took inside the runner
 
 
-class Failed(msgspec.Struct, frozen=True, kw_only=True, tag="failed", tag_field="type"):
+class LoadFailed(msgspec.Struct, frozen=True, kw_only=True, tag="failed", tag_field="type"):
     version: Version = PROTOCOL_VERSION
     reason: str
     oom: bool = False
 
 
-RunnerEvent = Loading | Ready | Failed  # the handshake; after Ready the pipe also carries Relay
+RunnerEvent = Loading | Ready | LoadFailed  # the handshake; after Ready the pipe also carries Relay
 
 
 class KvCacheReport(msgspec.Struct, frozen=True, kw_only=True, tag="kvcache", tag_field="type"):
@@ -348,7 +350,7 @@ class Relay(msgspec.Struct, frozen=True, kw_only=True, tag="relay", tag_field="t
 _event_decoder = msgspec.json.Decoder(RunnerEvent | Relay | KvCacheReport)
 
 
-def decode_event(line: bytes | str) -> Loading | Ready | Failed | Relay | KvCacheReport:
+def decode_event(line: bytes | str) -> Loading | Ready | LoadFailed | Relay | KvCacheReport:
     """Raise msgspec.ValidationError/DecodeError on an unknown tag, version or a bad field."""
     return _event_decoder.decode(line)
 

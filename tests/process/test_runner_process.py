@@ -16,9 +16,9 @@ import msgspec
 import pytest
 
 from corral.runner.protocol import (
-    Failed,
     FakeKnobs,
     LaunchSpec,
+    LoadFailed,
     Loading,
     Ready,
     decode_event,
@@ -39,16 +39,16 @@ class Child:
         line = spec if isinstance(spec, bytes) else encode(spec)
         self.proc.stdin.write(line + b"\n")
         self.proc.stdin.flush()
-        self.events: list[Loading | Ready | Failed] = []
+        self.events: list[Loading | Ready | LoadFailed] = []
 
-    def handshake(self) -> Ready | Failed:
-        """Read events until Ready or Failed (EOF first is a test failure)."""
+    def handshake(self) -> Ready | LoadFailed:
+        """Read events until Ready or LoadFailed (EOF first is a test failure)."""
         while True:
             raw = self.proc.stdout.readline()
             assert raw, f"runner exited without a final event; stderr:\n{self.stderr()}"
             ev = decode_event(raw)
             self.events.append(ev)
-            if isinstance(ev, Ready | Failed):
+            if isinstance(ev, Ready | LoadFailed):
                 return ev
 
     def stderr(self, tail: int = 3000) -> str:
@@ -145,14 +145,14 @@ def test_handshake_serves_and_exits_on_stdin_eof(spawn):
 def test_load_failure_is_reported(spawn, knobs, oom, reason):
     c = spawn(fake(**knobs))
     ev = c.handshake()
-    assert isinstance(ev, Failed) and ev.oom is oom and reason in ev.reason
+    assert isinstance(ev, LoadFailed) and ev.oom is oom and reason in ev.reason
     assert c.proc.wait(10) == 1
 
 
 def test_bad_launch_spec_fails(spawn):
     c = spawn(b'{"type":"launch","version":99,"model_path":"x"}')
     ev = c.handshake()
-    assert isinstance(ev, Failed) and "version" in ev.reason
+    assert isinstance(ev, LoadFailed) and "version" in ev.reason
     assert c.proc.wait(10) == 2
 
 
@@ -234,7 +234,7 @@ def test_tiny_model_end_to_end(spawn, tiny_gguf):
 def test_missing_model_file_fails(spawn, tmp_path):
     c = spawn(LaunchSpec(model_path=str(tmp_path / "missing.gguf")))
     ev = c.handshake()
-    assert isinstance(ev, Failed) and "not found" in ev.reason and not ev.oom
+    assert isinstance(ev, LoadFailed) and "not found" in ev.reason and not ev.oom
     assert c.proc.wait(10) == 1
 
 
@@ -243,7 +243,7 @@ def test_corrupt_model_file_fails(spawn, tmp_path):
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     c = spawn(LaunchSpec(model_path=str(bad)))
     ev = c.handshake()
-    assert isinstance(ev, Failed) and "failed to load model" in ev.reason
+    assert isinstance(ev, LoadFailed) and "failed to load model" in ev.reason
     assert c.proc.wait(10) == 1
 
 

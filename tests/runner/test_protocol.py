@@ -13,10 +13,10 @@ from corral.runner.protocol import (
     CompletionRequest,
     EmbedRequest,
     EmbedResponse,
-    Failed,
     FakeKnobs,
     Health,
     LaunchSpec,
+    LoadFailed,
     Loading,
     MemoryUse,
     Ready,
@@ -39,7 +39,7 @@ EVENTS = [
         memory={"CPU": MemoryUse(weights=10, kv=20, compute=30), "CUDA0": MemoryUse(weights=1)},
         load_duration=123,
     ),
-    Failed(reason="cudaMalloc failed: out of memory", oom=True),
+    LoadFailed(reason="cudaMalloc failed: out of memory", oom=True),
 ]
 
 

@@ -14,7 +14,6 @@ import msgspec
 import pytest
 
 from corral.scheduler import (
-    StopReason,
     QUEUE_FULL_MESSAGE,
     Fail,
     Grant,
@@ -34,6 +33,7 @@ from corral.scheduler import (
     Scheduler,
     Shutdown,
     StartRunner,
+    StopReason,
     StopRunner,
     UnloadRequested,
 )
