@@ -22,8 +22,8 @@ thread). One 4-sequence step therefore costs >= 4 x 7.5 / 2 + ~6 = ~21 ms on 2 t
 The stock build was worse: llamafile's tinyBLAS takes every Q8_0 matmul from 2 columns on and,
 with k = 20 blocks per row, is 1.7-2.4x slower per column than vec_dot at 2-4 columns.
 scripts/patch-llama.py sends 2-7 columns back to vec_dot. Bare llama_decode, one token of each
-of n sequences, ms per call (10th percentile of 40-80 calls; 1 thread: CPU time; 2 threads: wall, stock and patched
-runs interleaved):
+of n sequences, ms per call (10th percentile of 40-80 calls; 1 thread: CPU time; 2 threads:
+wall, stock and patched runs interleaved):
 
     n                       1      2      4      8
     1 thread, stock      12.7   46.1   66.4   82.8   (without logits: 4.9  9.1  13.4  24.2)
@@ -240,10 +240,12 @@ def main() -> None:
         base, one = statistics.median(bases), statistics.median(ones)
         base_llm.llm.close()
         print(
-            f"(a) llama_cpp.Llama.create_completion in-process: {base:6.1f} tok/s  (runs: {', '.join(f'{x:.1f}' for x in bases)})"
+            f"(a) llama_cpp.Llama.create_completion in-process: {base:6.1f} tok/s  "
+            f"(runs: {', '.join(f'{x:.1f}' for x in bases)})"
         )
         print(
-            f"(a) runner over HTTP, one stream:               {one:6.1f} tok/s  (runs: {', '.join(f'{x:.1f}' for x in ones)})"
+            f"(a) runner over HTTP, one stream:               {one:6.1f} tok/s  "
+            f"(runs: {', '.join(f'{x:.1f}' for x in ones)})"
         )
         print(f"(a) ratio {one / base:.2f} (target >= 0.95)", flush=True)
         agg: dict[int, float] = {}
@@ -256,7 +258,8 @@ def main() -> None:
             agg[n] = statistics.median(rates)
             runs = ", ".join(f"{x:.0f}" for x in rates)
             print(
-                f"(b) {n} concurrent streams: aggregate {agg[n]:6.1f} tok/s  scaling {agg[n] / agg.get(1, agg[n]):.2f}x (runs: {runs})"
+                f"(b) {n} concurrent streams: aggregate {agg[n]:6.1f} tok/s  "
+                f"scaling {agg[n] / agg.get(1, agg[n]):.2f}x (runs: {runs})"
                 f"   (c) TTFT p50 {statistics.median(ttfts) * 1000:6.0f} ms",
                 flush=True,
             )
@@ -274,7 +277,8 @@ def main() -> None:
             )
         )
         print(
-            f"summary: ratio_a={one / base:.3f} scaling_4={agg[4] / agg[1]:.2f} scaling_8={agg[8] / agg[1]:.2f}"
+            f"summary: ratio_a={one / base:.3f} scaling_4={agg[4] / agg[1]:.2f} "
+            f"scaling_8={agg[8] / agg[1]:.2f}"
         )
     finally:
         runner.close()

@@ -110,7 +110,7 @@ def main(events: int = 20000) -> dict[str, float]:
     gc.collect()
     gc.disable()
     try:
-        for i in range(events):
+        for _ in range(events):
             now += 0.001
             r = rng.random()
             if r < 0.04 and waiting:
@@ -142,7 +142,7 @@ def main(events: int = 20000) -> dict[str, float]:
         gc.enable()
     snap = s.snapshot()
     by_kind: dict[str, list[int]] = {}
-    for k, x in zip(kinds, samples):
+    for k, x in zip(kinds, samples, strict=True):
         by_kind.setdefault(k, []).append(x)
     samples.sort()
     us = [x / 1000 for x in samples]

@@ -444,7 +444,7 @@ async def timeline(args, server_bin: Path, model: Path, store: Path, n: int) -> 
         await warm(a, n)
         await warm(b, n)
         runner = children(b.proc.pid)[0]
-        for r in range(args.rounds):
+        for _ in range(args.rounds):
             for server, pids in (
                 (a, {"llama-server": a.proc.pid}),
                 (b, {"daemon": b.proc.pid, "runner": runner}),
@@ -529,11 +529,12 @@ async def compare(
             short = [c for res in rows[key] for c in res.tokens if c != args.tokens]
             if short:
                 print(
-                    f"  warning: {('llama-server', 'corral')['AB'.index(key)]} streams ended early: {short}"
+                    f"  warning: {('llama-server', 'corral')['AB'.index(key)]} "
+                    f"streams ended early: {short}"
                 )
         best_a = max(x.rate for x in rows["A"])
         best_b = max(x.rate for x in rows["B"])
-        per_round = [y.rate / x.rate for x, y in zip(rows["A"], rows["B"])]
+        per_round = [y.rate / x.rate for x, y in zip(rows["A"], rows["B"], strict=True)]
         return {
             "a": best_a,
             "b": best_b,
@@ -608,7 +609,8 @@ def main() -> None:
         tail = f"{ceil:8.1f} tok/s      {r['b'] / ceil:5.2f}" if ceil else ""
         print(
             f"{n:7d}  {r['a']:8.1f}     {r['b']:8.1f}   {r['ratio']:5.2f}  ({rounds})"
-            f"{'':{max(1, 14 - len(rounds))}}{r['ttft_a'] * 1e3:5.0f} / {r['ttft_b'] * 1e3:4.0f} ms   {tail}"
+            f"{'':{max(1, 14 - len(rounds))}}"
+            f"{r['ttft_a'] * 1e3:5.0f} / {r['ttft_b'] * 1e3:4.0f} ms   {tail}"
         )
     print("summary: " + " ".join(f"ratio_{n}={r['ratio']:.3f}" for n, r in results.items()))
 

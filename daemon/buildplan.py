@@ -69,6 +69,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -349,8 +350,8 @@ def _run(cmd: list[str]) -> str:
         return ""
 
 
-def find_nvcc(env: dict[str, str] | None = None) -> str | None:
-    env = os.environ if env is None else env
+def find_nvcc(environ: Mapping[str, str] | None = None) -> str | None:
+    env = os.environ if environ is None else environ
     found = shutil.which("nvcc", path=env.get("PATH"))
     if found:
         return found
@@ -360,8 +361,8 @@ def find_nvcc(env: dict[str, str] | None = None) -> str | None:
     return None
 
 
-def find_hipcc(env: dict[str, str] | None = None) -> str | None:
-    env = os.environ if env is None else env
+def find_hipcc(environ: Mapping[str, str] | None = None) -> str | None:
+    env = os.environ if environ is None else environ
     found = shutil.which("hipcc", path=env.get("PATH"))
     if found:
         return found
@@ -465,7 +466,7 @@ def nvidia_gpus(nvml: tuple[int, tuple[str, ...]] | None = None) -> tuple[int, t
         pynvml.nvmlInit()
         try:
             n = pynvml.nvmlDeviceGetCount()
-            caps = []
+            caps: list[str] = []
             for i in range(n):
                 major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(
                     pynvml.nvmlDeviceGetHandleByIndex(i)
@@ -478,13 +479,13 @@ def nvidia_gpus(nvml: tuple[int, tuple[str, ...]] | None = None) -> tuple[int, t
         pass
     if shutil.which("nvidia-smi"):
         out = _run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"])
-        caps = tuple(
+        listed = tuple(
             c.strip().replace(".", "")
             for c in out.splitlines()
             if re.fullmatch(r"\s*\d+\.\d+\s*", c)
         )
-        if caps:
-            return len(caps), caps
+        if listed:
+            return len(listed), listed
     gpus = Path("/proc/driver/nvidia/gpus")
     if gpus.is_dir():
         return len(list(gpus.iterdir())), ()

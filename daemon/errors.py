@@ -28,7 +28,8 @@ class NotFound(CorralError):
 
 
 class Busy(CorralError):
-    """Not now: the queue is full or the daemon is shutting down; the same request may work later."""
+    """Not now: the queue is full or the daemon is shutting down; the same request may work
+    later."""
 
 
 class RegistryUnreachable(CorralError):

@@ -257,8 +257,8 @@ def _special_tokens(buf: memoryview, tokens_at: int, meta: dict[str, Any]) -> di
     a model with a chat template; skips up to the larger id (~50 ms for a 128k vocabulary)."""
     if not isinstance(meta.get("tokenizer.chat_template"), str):
         return {}
-    ids = {name: meta.get(f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos")}
-    ids = {k: v for k, v in ids.items() if isinstance(v, int) and not isinstance(v, bool)}
+    raw = {name: meta.get(f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos")}
+    ids = {k: v for k, v in raw.items() if isinstance(v, int) and not isinstance(v, bool)}
     c = _Cursor(buf)
     c.pos = tokens_at + 4  # after the key: item type, count
     if not ids or struct.unpack_from("<I", buf, c.pos - 4)[0] != _ARRAY:

@@ -403,7 +403,7 @@ class NvmlProbe(_ProbeBase):
         host: Callable[[], tuple[int, int]] | tuple[int, int] | None = None,
     ) -> None:
         super().__init__(host)
-        self._nvml = nvml
+        self._nvml: Any = nvml  # pynvml (untyped), imported on first use
         self._visible = parse_visible_devices(visible_devices)
         self._lock = threading.Lock()  # NVML calls from worker threads are serialised
         self._state = "new"  # new -> ready | unavailable -> closed
@@ -418,7 +418,7 @@ class NvmlProbe(_ProbeBase):
             return False
         try:
             if self._nvml is None:
-                import pynvml  # noqa: PLC0415 (optional native dependency)
+                import pynvml  # optional native dependency (function import: tests/test_imports.py)
 
                 self._nvml = pynvml
             self._nvml.nvmlInit()

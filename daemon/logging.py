@@ -18,7 +18,7 @@ TRACE = 5
 def configure(level: int = logging.INFO, json: bool = False, stream=None) -> None:
     """Route structlog (and stdlib logging, e.g. aiohttp's) to ``stream`` (stderr by default)."""
     stream = stream if stream is not None else sys.stderr
-    shared = [
+    shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

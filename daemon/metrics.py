@@ -294,9 +294,9 @@ class _StateCollector(Collector):
             p["in_flight"] += v.in_flight
             if v.state != RunnerState.STOPPING:
                 p["slots"] += v.parallel
-            used, total = kv.get(v.runner_id, (0, 0))
+            used, cells = kv.get(v.runner_id, (0, 0))
             p["kv_used"] += used
-            p["kv_total"] += total
+            p["kv_total"] += cells
         waiting = dict(snap.waiting) if snap is not None else {}
         for key, n in waiting.items():
             per[src.model_name(key) if src is not None else key]["queued"] = n

@@ -24,9 +24,12 @@ from corral.scheduler.estimate import projector_graph
 class ModelLike(Protocol):
     """What acquire() needs of a model (``store.ModelRecord`` has all of it)."""
 
-    name: str
-    digest: str
-    model_path: Any
+    @property
+    def name(self) -> str: ...
+    @property
+    def digest(self) -> str: ...
+    @property
+    def model_path(self) -> Any: ...
 
 
 _PROJECTOR = "\n+projector "
@@ -138,7 +141,8 @@ def runner_options(
        n_ctx_train clamp are the scheduler's (``estimate.effective_num_ctx``), applied to
        what it launches and compares.
     2. ``num_batch``: explicit (at least 1), else 512 marked auto.
-    3. ``num_gpu`` (-1 auto), ``main_gpu``, ``use_mmap``, ``num_thread`` (negative = 0) pass through.
+    3. ``num_gpu`` (-1 auto), ``main_gpu``, ``use_mmap``, ``num_thread`` (negative = 0) pass
+       through.
     """
     num_ctx, num_ctx_auto = (
         (options.num_ctx, False)

@@ -38,8 +38,16 @@ from corral.daemon.config import keep_alive_from_json
 from corral.scheduler import ModelPolicy, Priority
 
 PRIORITIES = {p.name.lower(): p for p in Priority}
-KEYS = ("num_parallel", "keep_alive", "num_ctx", "pinned", "priority", "max_queue", "replicas")
-KEYS += ("gpus",)
+KEYS = (
+    "num_parallel",
+    "keep_alive",
+    "num_ctx",
+    "pinned",
+    "priority",
+    "max_queue",
+    "replicas",
+    "gpus",
+)
 
 
 class PolicyError(ValueError):

@@ -301,7 +301,7 @@ class RunnerProcess:
             if self.stopping:  # stop() was called while we were spawning
                 raise RunnerStartError("runner stopped while starting", kind="stopped")
             stdin = transport.get_pipe_transport(0)
-            assert stdin is not None
+            assert isinstance(stdin, asyncio.WriteTransport)
             stdin.write(encode(spec) + b"\n")
             # What the child received, for tests and debugging (e2e tests match it to /api/ps
             # by pid: layers, tensor split and main GPU must agree with the placement).
@@ -406,7 +406,7 @@ class RunnerProcess:
             await wait_event(self._wake, timeout)
 
     async def _wait_exit_after_failed(self) -> None:
-        """After LoadFailed the child exits by itself; give it a moment so the stderr tail is full."""
+        """After LoadFailed the child exits by itself; wait a moment so the stderr tail is full."""
         await wait_event(self._done, PIPE_DRAIN_AFTER_EXIT)
 
     def _on_data(self, fd: int, data: bytes) -> None:
@@ -433,12 +433,12 @@ class RunnerProcess:
             if stripped.startswith(b"{"):
                 try:
                     event = decode_event(stripped)
-                    if type(event) is Relay:
+                    if isinstance(event, Relay):
                         queue = self._relays.get(event.id)
                         if queue is not None:
                             queue.put_nowait(event.event)
                         return
-                    if type(event) is KvCacheReport:
+                    if isinstance(event, KvCacheReport):
                         if self._on_report is not None:
                             self._on_report(self, event)
                         return

@@ -416,9 +416,10 @@ class Supervisor:
         if engine is not None:
             libraries, self.gpu_note = engine_verdict(inventory.gpus, engine)
             self.probe.restrict(libraries)
-            inventory = msgspec.structs.replace(
-                inventory, gpus=tuple(g for g in inventory.gpus if g.library in libraries)
-            )
+            if libraries is not None:  # always, with an engine's answer
+                inventory = msgspec.structs.replace(
+                    inventory, gpus=tuple(g for g in inventory.gpus if g.library in libraries)
+                )
             log.info("llama.cpp engine", **engine_probe.summary(engine))
             if self.gpu_note:
                 log.warning("gpus unused", reason=self.gpu_note)
@@ -1184,7 +1185,7 @@ class Supervisor:
         """GPU bytes per GPU id of every runner the scheduler still has (loading to stopping)."""
         held: dict[str, int] = {}
         for v in self.snapshot().runners:
-            for g, b in zip(v.placement.gpus, v.placement.gpu_bytes):
+            for g, b in zip(v.placement.gpus, v.placement.gpu_bytes, strict=True):
                 held[g] = held.get(g, 0) + b
         return held
 

@@ -86,7 +86,7 @@ def make_engine(spec: LaunchSpec):
         from corral.runner.fake import FakeEngine
 
         return FakeEngine(spec)
-    from corral.runner.engine import Engine  # the only import of llama_cpp
+    from corral.runner.engine import Engine  # loads llama.cpp: only a real-engine runner
 
     return Engine(spec)
 
@@ -184,13 +184,13 @@ async def run(spec: LaunchSpec, events: EventPipe) -> int:
         await runner.cleanup()
         # the daemon SIGKILLs grace_period + 1 s after its SIGTERM: the prompt caches are saved
         # until shortly before that (with the daemon gone, as long as SAVE_WITHOUT_DAEMON)
-        t0 = stopped_at[0] if stopped_at else time.monotonic()
+        stop_t0 = stopped_at[0] if stopped_at else time.monotonic()
         budget = (
             spec.grace_period + 1 - STOP_SAVE_SLACK
             if why[:1] == ["sigterm"]
             else SAVE_WITHOUT_DAEMON
         )
-        await loop.run_in_executor(None, engine.close, t0 + budget)
+        await loop.run_in_executor(None, engine.close, stop_t0 + budget)
     return 0
 
 

@@ -9,7 +9,7 @@ import codecs
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from corral.runner.protocol import (
     CompletionChunk,
@@ -52,6 +52,12 @@ class Job:
         self.emit = emit
         self.cancelled = threading.Event()
         self.submitted_at = time.perf_counter_ns()
+        # set by the engine that accepts it: the prompt's tokens, its images by position,
+        # whether the prompt was cut to fit the slot, the engine's sampler state
+        self.prompt: list[int] = []
+        self.media: dict[int, Any] = {}
+        self.truncated = False
+        self.sampler: Any = None
 
     def cancel(self) -> None:
         self.cancelled.set()

@@ -4,8 +4,9 @@ Asks llama.cpp's backend registry for its devices (name, description, type, back
 free memory), whether GPU offload is supported, and the CPU features the build was compiled with
 (``llama_print_system_info``). No model is loaded; the answer is one :class:`EngineProbe`.
 
-Besides ``runner/engine.py`` this is the only module that imports ``llama_cpp``: the daemon never
-does (it runs this in a child process and reads the JSON line).
+With ``runner/engine.py``, ``runner/images.py`` and ``runner/kvcache.py``, the only modules that
+import ``llama_cpp``: the daemon never does (it runs this in a child process and reads the JSON
+line).
 """
 
 from __future__ import annotations

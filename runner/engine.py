@@ -1,6 +1,8 @@
 """The real engine: continuous batching on llama-cpp-python's low-level API.
 
-This is the only module of corral that imports ``llama_cpp``.
+One of the modules of corral that import ``llama_cpp``, with ``images.py`` (its multimodal
+half), ``kvcache.py`` (sequence-state calls) and ``devices.py`` (the engine probe);
+tests/test_imports.py holds the list.
 
 Shape: one llama_model, one llama_context with ``n_seq_max = parallel`` and
 ``n_ctx = num_ctx * parallel`` (per-sequence KV streams, ``kv_unified = false``, so every slot
@@ -23,8 +25,8 @@ Embeddings use a second context with ``embeddings = true`` on the same llama_mod
 load for an embedding model, else on the first /embed), driven by the caller's thread (the server
 serialises /embed calls).
 
-Length: over 900 lines because it is the only module allowed to import ``llama_cpp``
-(tests/test_imports.py): every ctypes call of the decode loop, sampling and embeddings is here.
+Length: over 900 lines because every ctypes call of the decode loop, sampling and embeddings is
+here: the llama.cpp side of a runner reads in one file (images and the probe are apart).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from corral.runner.protocol import (
     CompletionDone,
     CompletionError,
     CompletionRequest,
+    DoneReason,
     EmbedResponse,
     KvCacheReport,
     LaunchSpec,
@@ -228,7 +231,7 @@ class _Slot:
 
     def start(self, job: Job, prompt: list[int], n_cached: int, truncated: bool) -> None:
         self.job = job
-        self.media: dict[int, images.Span] = job.media  # type: ignore[attr-defined]
+        self.media: dict[int, images.Span] = job.media
         self.pending = prompt[n_cached:]  # prompt tokens (and image cells) still to evaluate
         self.n_prompt_eval = len(self.pending)
         self.tokens = list(prompt)  # prompt + generated, for the final record
@@ -239,7 +242,7 @@ class _Slot:
         self.truncated = truncated
         self.t_start = 0
         self.t_first = 0
-        self.sampler, self.grammar = job.sampler  # type: ignore[attr-defined]
+        self.sampler, self.grammar = job.sampler
         self.argmax = self.grammar is None and _only_greedy(self.sampler)
         # the grammar waits until the model is past its thinking (format_after), see _sample
         self.grammar_wait = job.request.format_after if self.grammar else None
@@ -617,13 +620,13 @@ class Engine:
                             f"Failed to create new sequence: failed to process inputs: {e}"
                         ) from None
         job = Job(request, emit)
-        job.prompt = prompt  # type: ignore[attr-defined]
-        job.media = media  # type: ignore[attr-defined]
-        job.truncated = truncated  # type: ignore[attr-defined]
-        job.sampler = (self._sampler(opts, prompt), self._grammar(request.format))  # type: ignore[attr-defined]
+        job.prompt = prompt
+        job.media = media
+        job.truncated = truncated
+        job.sampler = (self._sampler(opts, prompt), self._grammar(request.format))
         with self._cond:
             if self._stopping:
-                _free_samplers(job.sampler)  # type: ignore[attr-defined]
+                _free_samplers(job.sampler)
                 raise BadRequest("runner is shutting down")
             self._inbox.append(job)
             self._cond.notify_all()
@@ -718,7 +721,7 @@ class Engine:
                     job.emit(CompletionError(error=reason))
         while self._waiting:
             job = self._waiting.popleft()
-            _free_samplers(job.sampler)  # type: ignore[attr-defined]
+            _free_samplers(job.sampler)
             if not job.cancelled.is_set():
                 job.emit(CompletionError(error=reason))
         self.after_emit()
@@ -733,17 +736,17 @@ class Engine:
         # drop jobs cancelled while waiting
         for job in [j for j in self._waiting if j.cancelled.is_set()]:
             self._waiting.remove(job)
-            _free_samplers(job.sampler)  # type: ignore[attr-defined]
+            _free_samplers(job.sampler)
         while self._waiting:
             free = [s for s in self._slots if s.job is None]
             if not free:
                 return
             job = self._waiting.popleft()
-            prompt: list[int] = job.prompt  # type: ignore[attr-defined]
+            prompt: list[int] = job.prompt
 
-            def common(slot: _Slot) -> int:
+            def common(slot: _Slot, prompt: list[int] = prompt) -> int:
                 n = 0
-                for a, b in zip(slot.cache, prompt):
+                for a, b in zip(slot.cache, prompt, strict=False):
                     if a != b:
                         break
                     n += 1
@@ -751,10 +754,10 @@ class Engine:
 
             slot = max(free, key=lambda s: (common(s), -s.last_used))
             n = min(common(slot), len(prompt) - 1)  # at least one token is evaluated for logits
-            n = images.span_edges(job.media, n)[0]  # type: ignore[attr-defined]
+            n = images.span_edges(job.media, n)[0]
             assert self._prefix is not None
-            n = self._prefix.reuse(slot, prompt, n, job.media)  # type: ignore[attr-defined]
-            slot.start(job, prompt, n, job.truncated)  # type: ignore[attr-defined]
+            n = self._prefix.reuse(slot, prompt, n, job.media)
+            slot.start(job, prompt, n, job.truncated)
 
     def _step(self) -> None:
         try:
@@ -1034,7 +1037,7 @@ class Engine:
         if s.media:  # a moved image no longer matches its prompt: never reuse its cells
             s.cache[keep:] = [images.POISONED if t < 0 else t for t in s.cache[keep:]]
 
-    def _finish(self, s: _Slot, reason: str) -> None:
+    def _finish(self, s: _Slot, reason: DoneReason) -> None:
         job = s.job
         assert job is not None
         tail = s.text.finish()
@@ -1045,7 +1048,7 @@ class Engine:
         done = CompletionDone(
             logprobs=take_logprobs(s.logprobs),
             content="" if job.request.stream else "".join(s.text.text),
-            done_reason=reason,  # type: ignore[arg-type]
+            done_reason=reason,
             prompt_eval_count=s.n_prompt_eval,
             prompt_eval_duration=max(1, first - (s.t_start or first)),
             eval_count=s.n_generated,

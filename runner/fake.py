@@ -35,6 +35,7 @@ from corral.runner.protocol import (
     CompletionDone,
     CompletionError,
     CompletionRequest,
+    DoneReason,
     EmbedResponse,
     FakeKnobs,
     KvCacheReport,
@@ -146,7 +147,7 @@ class FakeEngine:
         if len(prompt) >= self.n_ctx_per_slot and not request.truncate:
             raise BadRequest("the input length exceeds the context length")
         job = Job(request, emit)
-        job.prompt = prompt  # type: ignore[attr-defined]
+        job.prompt = prompt
         with self._cond:
             if self._stopping:
                 raise BadRequest("runner is shutting down")
@@ -208,12 +209,13 @@ class FakeEngine:
                     self.knobs.default_num_predict
                     if n == -1
                     else self.n_ctx_per_slot - len(job.prompt)
-                )  # type: ignore[attr-defined]
-            # as the real engine: the limit ends a generation with "length" whatever num_predict asks
+                )
+            # as the real engine: the limit ends a generation with "length" whatever num_predict
+            # asks
             cap = self.spec.predict_limit * self.n_ctx_per_slot
             capped = 0 < cap < n
             rng = random.Random(o.seed if o.seed >= 0 else None)
-            prompt = job.prompt[-self.n_ctx_per_slot + 1 :]  # type: ignore[attr-defined]
+            prompt = job.prompt[-self.n_ctx_per_slot + 1 :]
             self._active.append(_Seq(job, prompt, max(0, cap if capped else n), rng, capped))
 
     def _step(self, seq: _Seq) -> None:
@@ -257,7 +259,7 @@ class FakeEngine:
         first = seq.first_token_at or now
         n_gen = len(seq.tokens) - seq.n_prompt
         at_limit = n_gen >= seq.limit and not seq.text.stopped
-        reason = (
+        reason: DoneReason = (
             "length"
             if at_limit and (seq.capped or job.request.options.num_predict != -1)
             else "stop"

@@ -1,5 +1,6 @@
 """Images for the real engine: llama.cpp's multimodal library (libmtmd) through
-``llama_cpp.mtmd_cpp``. With engine.py, the only module importing llama_cpp.
+``llama_cpp.mtmd_cpp``. With engine.py, kvcache.py and devices.py, the only modules importing
+llama_cpp.
 
 * :func:`decode_image` turns PNG / JPEG / WebP / BMP bytes into RGB pixels with Pillow (the
   formats Ollama's runner decodes; llama.cpp's own loader reads WebP only through ffmpeg). A

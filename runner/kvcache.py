@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import msgspec
 import numpy as np
 import structlog
 
@@ -129,7 +130,7 @@ class PromptCache:
     def _flush(self) -> None:
         if self._counts:
             counts, self._counts = self._counts, {}
-            self.report(KvCacheReport(**counts))
+            self.report(msgspec.structs.replace(KvCacheReport(), **counts))
 
     # -- hooks ---------------------------------------------------------------------------------
 

@@ -17,8 +17,10 @@ from typing import Any, Literal
 
 import msgspec
 
-PROTOCOL_VERSION = 1
 Version = Literal[1]
+PROTOCOL_VERSION: Version = 1
+# why a generation ended: a stop (EOS, a stop string) or a length limit (num_predict, the slot)
+DoneReason = Literal["stop", "length"]
 
 # ----------------------------------------------------------------------------------------------
 # Launch spec (daemon -> runner, one JSON line on stdin)
@@ -274,8 +276,9 @@ class TokenLogprob(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
 
 
 class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """Exactly one of ``prompt`` (text; special tokens are parsed) and ``tokens`` is used; when both
-    are given, ``tokens`` come first and ``prompt`` is tokenized and appended (generate's context)."""
+    """Exactly one of ``prompt`` (text; special tokens are parsed) and ``tokens`` is used; when
+    both are given, ``tokens`` come first and ``prompt`` is tokenized and appended (generate's
+    context)."""
 
     prompt: str | None = None
     tokens: list[int] | None = None
@@ -310,7 +313,7 @@ class CompletionChunk(
 
 class CompletionDone(msgspec.Struct, frozen=True, kw_only=True, tag="done", tag_field="type"):
     content: str = ""  # the whole text when stream=false, else ""
-    done_reason: Literal["stop", "length"] = "stop"
+    done_reason: DoneReason = "stop"
     prompt_eval_count: int = (
         0  # prompt tokens actually evaluated (a prompt-cache hit is not counted)
     )
@@ -347,7 +350,9 @@ class Relay(msgspec.Struct, frozen=True, kw_only=True, tag="relay", tag_field="t
     event: CompletionEvent
 
 
-_event_decoder = msgspec.json.Decoder(RunnerEvent | Relay | KvCacheReport)
+_event_decoder: msgspec.json.Decoder[RunnerEvent | Relay | KvCacheReport] = msgspec.json.Decoder(
+    RunnerEvent | Relay | KvCacheReport
+)
 
 
 def decode_event(line: bytes | str) -> Loading | Ready | LoadFailed | Relay | KvCacheReport:

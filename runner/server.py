@@ -246,7 +246,7 @@ class RunnerServer:
             while not end:
                 # everything queued for this stream goes out in one write (a client that fell
                 # behind gets several tokens per chunk instead of one wake-up per token)
-                lines = []
+                lines: list[bytes] = []
                 while True:
                     event = await queue.get() if not lines else queue.get_nowait()
                     lines.append(encode(event))

@@ -62,7 +62,9 @@ its invariants and snapshot) reads best in one file.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import msgspec
 
@@ -101,9 +103,10 @@ from .events import (
     Tick,
     UnloadRequested,
 )
-from .placement import place, usable_memory
+from .placement import Room, place, usable_memory
 from .types import (
     DEFAULT_POLICY,
+    Estimate,
     GpuView,
     Inventory,
     Limits,
@@ -117,7 +120,8 @@ from .types import (
 )
 
 _MMAP_HOST_MARGIN = 8_000_000_000  # Ollama's host-pressure margin: max(8 GB, total / 10)
-_ALL = "all"  # a claim on everything: the model must load alone
+_ALL: Literal["all"] = "all"  # a claim on everything: the model must load alone
+Claim = Placement | Literal["all"] | None  # what a blocked model waits for (None: nothing fits)
 
 
 @dataclass(slots=True, eq=False)
@@ -142,8 +146,8 @@ class _Waiting:
     ctx_override: int | None = None
     evict_all: bool = False
     blocked_at: int = -1  # ledger version at which the head could not be placed
-    claim: object = None  # what it waits for then: a Placement, or _ALL
-    compat: tuple | None = None  # (runner, head request, compatible) cache for _serve
+    claim: Claim = None  # what it waits for then: a Placement, or _ALL
+    compat: tuple[_Runner, _Req, bool] | None = None  # (runner, head, compatible): _serve's cache
 
 
 @dataclass(slots=True, eq=False)
@@ -200,11 +204,16 @@ def _kv_type(s: str) -> str:
     return "f16" if s == "" else s
 
 
-def _allowed(rooms: list, policy: ModelPolicy) -> list:
+def _allowed(rooms: list[Room], policy: ModelPolicy) -> list[Room]:
     """The GPU rooms a model's policy lets it use (all when it names none)."""
     if not policy.gpus:
         return rooms
     return [(g, u) for g, u in rooms if g.id in policy.gpus]
+
+
+def _served_by(options: RunnerOptions, facts: ModelFacts) -> Callable[[_Req], bool]:
+    """Whether a waiting request would be served by a runner launched with ``options``."""
+    return lambda req: not needs_reload(options, facts, req.options)
 
 
 def needs_reload(runner_opts: RunnerOptions, facts: ModelFacts, req: RunnerOptions) -> bool:
@@ -253,7 +262,7 @@ class Scheduler:
         self._n_waiting = 0
         self._next_id = 0
         self._version = 0  # bumps on any change to runners, memory or inventory
-        self._rooms_cache: tuple[int, list, int] | None = None
+        self._rooms_cache: tuple[int, list[Room], int] | None = None
         self._closing = False
         # Claims of the current decision pass (see _add_claim).
         self._claimed = False
@@ -563,7 +572,12 @@ class Scheduler:
             r.deadline = None if math.isinf(r.keep_alive) else now + max(0.0, r.keep_alive)
 
     def _fail_waiters(
-        self, key: str, pred, reason: Refusal, message: str, out: list[Effect]
+        self,
+        key: str,
+        pred: Callable[[_Req], bool],
+        reason: Refusal,
+        message: str,
+        out: list[Effect],
     ) -> None:
         w = self._waiting.get(key)
         if w is None:
@@ -605,7 +619,7 @@ class Scheduler:
         del self._runners[r.id]
         if self._current.get(r.model_key) is r:
             del self._current[r.model_key]
-        used = {g: b for g, b in zip(r.placement.gpus, r.placement.gpu_bytes) if b > 0}
+        used = {g: b for g, b in zip(r.placement.gpus, r.placement.gpu_bytes, strict=True) if b > 0}
         if used:
             free = {g.id: g.free for g in self.inventory.gpus}
             self._reclaims[r.id] = _Reclaim(
@@ -633,10 +647,9 @@ class Scheduler:
             self._note_failure(r, reason)
         if w is None or not was_current:
             return
-        opts, facts = r.options, r.facts
         self._fail_waiters(
             key,
-            lambda q: not needs_reload(opts, facts, q.options),
+            _served_by(r.options, r.facts),
             Refusal.LOAD_FAILED,
             reason,
             out,
@@ -676,7 +689,7 @@ class Scheduler:
         for r in self._runners.values():
             if exclude_pending and r.expiring:
                 continue
-            for g, b in zip(r.placement.gpus, r.placement.gpu_bytes):
+            for g, b in zip(r.placement.gpus, r.placement.gpu_bytes, strict=True):
                 res[g] = res.get(g, 0) + b
         if not exclude_pending:
             for c in self._reclaims.values():
@@ -691,7 +704,7 @@ class Scheduler:
             if not (exclude_pending and r.expiring)
         )
 
-    def _rooms(self, prospective: bool = False) -> tuple[list, int]:
+    def _rooms(self, prospective: bool = False) -> tuple[list[Room], int]:
         """(GPU rooms, host usable) now, or once expiring/stopping/reclaiming memory is back."""
         if (
             not prospective
@@ -779,7 +792,7 @@ class Scheduler:
                 # 5. Backing off: what would need this load fails now with the last reason.
                 self._fail_waiters(
                     key,
-                    lambda q: not needs_reload(b.options, b.facts, q.options),
+                    _served_by(b.options, b.facts),
                     Refusal.LOAD_FAILED,
                     b.reason,
                     out,
@@ -889,24 +902,24 @@ class Scheduler:
             return
         self._block(w, prospect if isinstance(prospect, Placement) else _ALL)
 
-    def _block(self, w: _Waiting, claim) -> None:
+    def _block(self, w: _Waiting, claim: Claim) -> None:
         """``w`` waits for memory or a slot: remember what it will take, and claim it now."""
         w.blocked_at = self._version
         w.claim = claim
         self._add_claim(claim)
 
-    def _add_claim(self, claim) -> None:
+    def _add_claim(self, claim: Claim) -> None:
         """Later models in this pass may not start loads that take what ``claim`` waits for."""
         self._claimed = True
-        if claim is _ALL or claim is None:
+        if not isinstance(claim, Placement):  # _ALL, or None (nothing would fit)
             self._claim_all = True
             return
         self._claim_slots += 1
-        for g, b in zip(claim.gpus, claim.gpu_bytes):
+        for g, b in zip(claim.gpus, claim.gpu_bytes, strict=True):
             self._claim_gpu[g] = self._claim_gpu.get(g, 0) + b
         self._claim_host += claim.cpu_bytes
 
-    def _claimed_rooms(self) -> tuple[list, int]:
+    def _claimed_rooms(self) -> tuple[list[Room], int]:
         """Current rooms minus what earlier blocked models will take beyond pending releases."""
         rooms, host_usable = self._rooms()
         if not self._claimed:
@@ -920,7 +933,7 @@ class Scheduler:
         pending_host = self._reserved_host() - self._reserved_host(exclude_pending=True)
         return adjusted, max(0, host_usable - max(0, self._claim_host - pending_host))
 
-    def _prospect(self, est, opts: RunnerOptions, policy: ModelPolicy):
+    def _prospect(self, est: Estimate, opts: RunnerOptions, policy: ModelPolicy) -> Claim:
         """Where the model would go once every expiring runner and reclaim is gone:
         a Placement, ``_ALL`` (only alone, everything else must go) or None (not even then)."""
         pending = sum(1 for r in self._runners.values() if r.expiring)
@@ -939,10 +952,10 @@ class Scheduler:
         w: _Waiting,
         head: _Req,
         opts: RunnerOptions,
-        est,
+        est: Estimate,
         p: Placement,
         parallel: int,
-        rooms: list,
+        rooms: list[Room],
         now: float,
         out: list[Effect],
     ) -> None:
@@ -1004,7 +1017,7 @@ class Scheduler:
         out.append(StartRunner(rid, w.key, opts, p, parallel))
 
     def _resolve_mmap(
-        self, opts: RunnerOptions, facts: ModelFacts, p: Placement, est
+        self, opts: RunnerOptions, facts: ModelFacts, p: Placement, est: Estimate
     ) -> RunnerOptions:
         """Ollama's use_mmap default when unset (§3.1.3); explicit values always win."""
         if opts.use_mmap is not None:
@@ -1030,7 +1043,7 @@ class Scheduler:
         return msgspec.structs.replace(opts, use_mmap=use, use_mmap_auto=True)
 
 
-_HANDLERS = {
+_HANDLERS: dict[type[Event], Callable[[Scheduler, Any, float, list[Effect]], None]] = {
     RequestArrived: Scheduler._on_arrived,
     RequestCancelled: Scheduler._on_cancelled,
     RequestFinished: Scheduler._on_finished,

@@ -127,7 +127,7 @@ class Estimate(msgspec.Struct, frozen=True):
 
     @property
     def layer_total(self) -> tuple[int, ...]:
-        return tuple(w + k for w, k in zip(self.layer_weights, self.layer_kv))
+        return tuple(w + k for w, k in zip(self.layer_weights, self.layer_kv, strict=True))
 
     @property
     def full_gpu_bytes(self) -> int:
@@ -170,7 +170,7 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True):
         return self.vram + self.cpu_bytes
 
     def bytes_on(self, gpu_id: str) -> int:
-        for g, b in zip(self.gpus, self.gpu_bytes):
+        for g, b in zip(self.gpus, self.gpu_bytes, strict=True):
             if g == gpu_id:
                 return b
         return 0

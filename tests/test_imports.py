@@ -1,22 +1,23 @@
 """Import directions (docs/DESIGN.md, shared/STYLE.md), checked by parsing every module.
 
 Allowed: ``daemon -> scheduler``, ``daemon -> runner.protocol``, ``runner.* -> runner.*``.
-``scheduler`` imports nothing of ours and only stdlib + msgspec, and none of the stdlib modules
-that mean I/O, clock, environment, concurrency or logging. ``daemon`` never imports
-``runner.engine`` / ``runner.fake`` / ``runner.server`` / ``runner.__main__``. Only
-``runner/engine.py``, ``runner/kvcache.py`` (the sequence-state calls), ``runner/images.py`` (its
-multimodal half) and ``runner/devices.py`` (the engine probe) import ``llama_cpp``;
-``runner/protocol.py`` needs nothing but msgspec. Only the api layer (``daemon/api``) and the
-composition root (``daemon/serve.py``, which builds the app) import ``daemon.api``: the domain
-raises ``daemon.errors`` and never the web layer's errors. ``daemon/api`` never imports
-``daemon.runners``: it talks to runners through ``daemon.runner_client`` alone. No import cycle among our modules, and
-no import inside a function (it hides an arrow from this test and from a reader) except the
-few in ``FUNCTION_IMPORTS``, each with its reason.
+``scheduler`` imports nothing of ours and only stdlib + msgspec, and none of the stdlib modules that
+mean I/O, clock, environment, concurrency or logging. ``daemon`` never imports ``runner.engine`` /
+``runner.fake`` / ``runner.server`` / ``runner.__main__``. Only ``runner/engine.py``,
+``runner/kvcache.py`` (the sequence-state calls), ``runner/images.py`` (its multimodal half) and
+``runner/devices.py`` (the engine probe) import ``llama_cpp``; ``runner/protocol.py`` needs nothing
+but msgspec. Only the api layer (``daemon/api``) and the composition root (``daemon/serve.py``,
+which builds the app) import ``daemon.api``: the domain raises ``daemon.errors`` and never the web
+layer's errors. ``daemon/api`` never imports ``daemon.runners``: it talks to runners through
+``daemon.runner_client`` alone. No import cycle among our modules, and no import inside a function
+(it hides an arrow from this test and from a reader) except the few in ``FUNCTION_IMPORTS``, each
+with its reason.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -473,3 +474,34 @@ def test_the_private_name_finder_itself(tmp_path: Path) -> None:
         "corral.daemon.params._INT_PARAMS",
         "corral.daemon.api.errors._status",
     }
+
+
+def _design_map() -> set[str]:
+    """The modules docs/DESIGN.md's map ("Packages and import directions") lists, as paths:
+    a line naming ``x.py`` or ``x/`` at some indentation is an entry under the folders above it
+    with less indentation."""
+    text = (ROOT / "docs" / "DESIGN.md").read_text()
+    block = text.split("## Packages and import directions", 1)[1].split("```", 2)[1]
+    listed: set[str] = set()
+    folders: list[tuple[int, str]] = []
+    for line in block.splitlines():
+        m = re.match(r"( *)(\w+(?:\.py|/))(?=\s|$)", line)
+        if m is None:
+            continue
+        indent, name = len(m.group(1)), m.group(2)
+        while folders and folders[-1][0] >= indent:
+            folders.pop()
+        path = "/".join([f for _, f in folders] + [name.rstrip("/")])
+        if name.endswith("/"):
+            folders.append((indent, path.rsplit("/", 1)[-1]))
+        else:
+            listed.add(path)
+    return listed
+
+
+def test_design_lists_every_module() -> None:
+    """A newcomer finds every module in DESIGN's map, and nothing that is gone."""
+    modules = {str(p.relative_to(ROOT)) for _, p in MODULES if p.name != "__init__.py"}
+    listed = _design_map()
+    assert sorted(modules - listed) == [], "modules missing from docs/DESIGN.md's map"
+    assert sorted(listed - modules) == [], "docs/DESIGN.md lists modules that do not exist"

@@ -27,7 +27,6 @@ def _install(engine_mod) -> None:
     from corral.runner import common
 
     clock = time.perf_counter_ns
-    acc: dict[str, float] = {}
     steps: list[tuple] = []
     cur = {"decode": 0, "pick": 0, "detok": 0, "emit": 0, "build": 0, "calls": 0}
     state = {"last_end": 0, "decode_tid": 0}

@@ -2,8 +2,9 @@
 
 Native endpoints answer ``{"error": message}``; ``/v1`` endpoints answer OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``, except ``/v1/messages`` (Anthropic's
-``{"type": "error", "error": {"type", "message"}, "request_id"}``). Raise :class:`ApiError` anywhere below a
-handler; never let another exception escape as a traceback (the middleware maps it to 500).
+``{"type": "error", "error": {"type", "message"}, "request_id"}``). Raise :class:`ApiError`
+anywhere below a handler; never let another exception escape as a traceback (the middleware
+maps it to 500).
 The domain's errors (``daemon/errors.py``) carry no status: :func:`http_status` is the one table
 that gives each its status, and the middleware answers them as it answers an ``ApiError``.
 """

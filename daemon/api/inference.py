@@ -98,10 +98,10 @@ async def model_facts(record: ModelRecord) -> tuple[gguf_info.GGUFInfo | None, l
     if hit is not None and hit[0] is record and hit[1] == key:
         return hit[2], hit[3]
     info = None
-    if key is not None:
+    if key is not None and record.model_path is not None:
         try:
             info = await gguf_info.read_info_async(record.model_path)
-        except Exception as e:  # noqa: BLE001 - a non-GGUF layer has no metadata
+        except Exception as e:  # a non-GGUF layer has no metadata
             log.warning("api.gguf_unreadable", model=record.name, error=str(e))
     caps = templates.capabilities(
         info,
@@ -247,7 +247,6 @@ class Generation:
         try:
             async with contextlib.aclosing(self.lease.runner.completion(self.body)) as lines:
                 async for ev, more in lines:
-                    final = isinstance(ev, protocol.CompletionDone)
                     text = ev.content  # a chunk's text, or the whole text if not streamed
                     d = self._process(text) if text else Delta()
                     if ev.logprobs:
@@ -259,7 +258,7 @@ class Generation:
                             held.more = True
                             yield held
                         held = d
-                    if not final:
+                    if not isinstance(ev, protocol.CompletionDone):
                         generated += 1
                         if not more and held is not None:
                             held.more, d, held = False, held, None

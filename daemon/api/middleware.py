@@ -173,7 +173,7 @@ def _local_addresses() -> frozenset[str]:
             for e in entries:
                 if e.family in (socket.AF_INET, socket.AF_INET6):
                     addrs.add(e.address.split("%", 1)[0])
-    except Exception:  # noqa: BLE001 - no interface list: loopback/private rules still apply
+    except Exception:  # no interface list: loopback/private rules still apply
         pass
     return frozenset(addrs)
 

@@ -54,6 +54,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(request, ApiError(413, exc.text or "request body too large"))
     except (web.HTTPException, asyncio.CancelledError):
         raise
-    except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a 500
+    except Exception as exc:  # the one place that turns bugs into a 500
         log.exception("api.unhandled", path=request.path, method=request.method)
         return error_response(request, ApiError(500, str(exc) or type(exc).__name__))

@@ -1,8 +1,9 @@
 """Native inference routes: POST /api/generate, /api/chat, /api/embed, /api/embeddings.
 
 One request = validate (400s) -> the inference core (``prepare``: model, prompt, lease;
-``inference``: the runner's events as Delta/Done) -> Ollama's NDJSON lines. Everything that can fail before the first line fails with a real
-HTTP status; a failure after it is a final ``{"error": ...}`` line.
+``inference``: the runner's events as Delta/Done) -> Ollama's NDJSON lines. Everything that
+can fail before the first line fails with a real HTTP status; a failure after it is a final
+``{"error": ...}`` line.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ log = structlog.get_logger(__name__)
 _enc = msgspec.json.Encoder()
 
 
-# ---- NDJSON streaming ------------------------------------------------------------------------------
+# ---- NDJSON streaming ---------------------------------------------------------------------
 
 
 def _stream_flag(value: bool | None) -> bool:
@@ -290,7 +291,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return await _drive(request, job, stream, chunk_line, final_obj)
 
 
-# ---- /api/embed, /api/embeddings --------------------------------------------------------------------
+# ---- /api/embed, /api/embeddings ----------------------------------------------------------
 
 
 def _embed_inputs(value: Any) -> list[str]:

@@ -86,7 +86,7 @@ class CopyRequest(msgspec.Struct):
 
 
 def decode_body(raw: bytes, kind: type[Any]) -> Any:
-    """JSON body -> ``kind``; every failure is ApiError(400) (Go's rules: see ``options.convert``)."""
+    """JSON body -> ``kind``; every failure is ApiError(400) (Go's rules: ``options.convert``)."""
     return opts.decode(raw, kind)
 
 
@@ -147,7 +147,7 @@ def _unload_soon(request: web.Request, record: ModelRecord) -> None:
     async def run() -> None:
         try:
             await hook(record)
-        except Exception as e:  # noqa: BLE001 - best effort
+        except Exception as e:  # best effort
             log.warning("models.unload_failed", model=record.name, error=str(e))
 
     task = asyncio.get_running_loop().create_task(run())

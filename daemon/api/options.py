@@ -140,13 +140,13 @@ def decode_json(raw: bytes) -> Any:
 
 
 @functools.cache
-def _wire_names(kind: type[Any]) -> dict[str, str]:
+def _wire_names(kind: type[msgspec.Struct]) -> dict[str, str]:
     """lower-cased wire name -> wire name of each field of ``kind`` (``msgspec.structs.fields``
     evaluates the type annotations: ~50 µs a call, so once per type)."""
     return {f.encode_name.lower(): f.encode_name for f in msgspec.structs.fields(kind)}
 
 
-def fold_keys(data: Any, kind: type[Any]) -> Any:
+def fold_keys(data: Any, kind: type[msgspec.Struct]) -> Any:
     """Go's field matching: top-level keys of ``data`` that equal a field of ``kind`` ignoring
     case are renamed to it (an exact-case key wins over a differently cased duplicate)."""
     if not isinstance(data, dict):
@@ -154,20 +154,21 @@ def fold_keys(data: Any, kind: type[Any]) -> Any:
     fields = _wire_names(kind)
     folded: dict[str, Any] = {}
     for key, value in data.items():
-        wire = fields.get(key.lower(), key)
+        wire = fields.get(key.lower()) or key
         if wire not in folded or key == wire:
             folded[wire] = value
     return folded
 
 
-def convert(data: Any, kind: type[Any]) -> Any:
+def convert(data: Any, kind: type[msgspec.Struct]) -> Any:
     """Decoded JSON -> ``kind`` with Go's ``encoding/json`` rules for a struct: ``null`` is an
     empty object, keys fold as :func:`fold_keys`, unknown keys are ignored, a wrong type is a
     400 naming the field. A ``tools`` field is checked against :class:`Tool`."""
     try:
         out = msgspec.convert(fold_keys({} if data is None else data, kind), type=kind)
-        if getattr(out, "tools", None):
-            msgspec.convert({"tools": out.tools}, type=_Tools)  # errors say $.tools[i]...
+        tools = getattr(out, "tools", None)
+        if tools:
+            msgspec.convert({"tools": tools}, type=_Tools)  # errors say $.tools[i]...
     except msgspec.ValidationError as e:
         raise ApiError(400, f"invalid request body: {e}") from None
     return out

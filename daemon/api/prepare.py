@@ -381,7 +381,7 @@ async def image_tokens_of(model: Model) -> int:
         return 0
     try:
         info = await gguf_info.read_info_async(model.record.projectors[0])
-    except Exception as e:  # noqa: BLE001 - an unreadable projector fails later, in the runner
+    except Exception as e:  # an unreadable projector fails later, in the runner
         log.warning("api.projector_unreadable", model=model.record.name, error=str(e))
         return model_inputs.OLLAMA_IMAGE_TOKENS
     return model_inputs.image_tokens(info)

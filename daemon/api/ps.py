@@ -69,7 +69,7 @@ def ps_models(sup: Any) -> list[dict[str, Any]]:
                     "state": v.state,
                     "gpus": [
                         {"id": g, "name": sup.gpu_name(g), "vram": b}
-                        for g, b in zip(p.gpus, p.gpu_bytes)
+                        for g, b in zip(p.gpus, p.gpu_bytes, strict=True)
                         if b > 0
                     ],
                     "num_parallel": v.parallel,

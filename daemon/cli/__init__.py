@@ -1,1 +1,2 @@
-"""The `corral` command line: its verbs (main), interactive `run`, what both print (output), `corral doctor`."""
+"""The `corral` command line: its verbs (main), interactive `run`, what both print (output),
+`corral doctor`."""

@@ -174,8 +174,9 @@ def _problems(
         out.append(
             {
                 "problem": gpu_note,
-                "fix": "rebuild llama.cpp for the GPU (CORRAL_LLAMA_BACKEND), or for a GPU build that "
-                "finds no device check the driver (nvidia-smi, vulkaninfo) and CUDA_VISIBLE_DEVICES",
+                "fix": "rebuild llama.cpp for the GPU (CORRAL_LLAMA_BACKEND), or for a GPU build "
+                "that finds no device check the driver (nvidia-smi, vulkaninfo) and "
+                "CUDA_VISIBLE_DEVICES",
             }
         )
     info = engine.system_info
@@ -332,7 +333,8 @@ def render(r: dict[str, Any]) -> str:
         f"  compiled features  {b['system_info'] or '-'}",
         f"  this machine wants {b['plan_for_this_machine'] or '-'}",
         "cpu",
-        f"  {c['model']} ({c['arch']}, {c['cores']} cores): {' '.join(c['instruction_sets']) or '-'}",
+        f"  {c['model']} ({c['arch']}, {c['cores']} cores): "
+        f"{' '.join(c['instruction_sets']) or '-'}",
         "gpus",
     ]
     if not g["nvml"]:

@@ -6,7 +6,8 @@ turn is one streamed ``/api/chat``. Commands (Ollama's texts):
 
 * ``/set parameter NAME VALUE…`` (typed as a Modelfile PARAMETER; ``stop`` takes several),
   ``/set system TEXT``, ``/set format json`` / ``noformat``, ``/set think [LEVEL]`` / ``nothink``,
-  ``/set verbose`` / ``quiet``, ``/set history`` / ``nohistory``, ``/set wordwrap`` / ``nowordwrap``;
+  ``/set verbose`` / ``quiet``, ``/set history`` / ``nohistory``, ``/set wordwrap`` /
+  ``nowordwrap``;
 * ``/show info|license|modelfile|parameters|system|template``;
 * ``/load MODEL`` (new conversation), ``/save NAME`` (``/api/create`` from the current model with
   the session's parameters, system message and messages), ``/clear``, ``/bye`` / ``/exit``,

@@ -26,7 +26,8 @@ def out(text: str = "", end: str = "\n") -> None:
 
 
 def human_bytes(n: int) -> str:
-    """SI units, ``%d`` when >= 10 or integral, else one decimal: ``4.7 GB``, ``274 MB``, ``512 B``."""
+    """SI units, ``%d`` when >= 10 or integral, else one decimal: ``4.7 GB``, ``274 MB``,
+    ``512 B``."""
     value = float(n)
     for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
         if value < 1000 or unit == "PB":
@@ -84,14 +85,17 @@ def print_metrics(final: dict) -> None:
     def secs(key: str) -> float:
         return final.get(key, 0) / 1e9
 
+    def rate(count: int, key: str) -> float:
+        return count / secs(key) if secs(key) else 0
+
     pe, ev = final.get("prompt_eval_count", 0), final.get("eval_count", 0)
     sys.stderr.write(
         f"total duration:       {secs('total_duration'):.6f}s\n"
         f"load duration:        {secs('load_duration'):.6f}s\n"
         f"prompt eval count:    {pe} token(s)\n"
         f"prompt eval duration: {secs('prompt_eval_duration'):.6f}s\n"
-        f"prompt eval rate:     {pe / secs('prompt_eval_duration') if secs('prompt_eval_duration') else 0:.2f} tokens/s\n"
+        f"prompt eval rate:     {rate(pe, 'prompt_eval_duration'):.2f} tokens/s\n"
         f"eval count:           {ev} token(s)\n"
         f"eval duration:        {secs('eval_duration'):.6f}s\n"
-        f"eval rate:            {ev / secs('eval_duration') if secs('eval_duration') else 0:.2f} tokens/s\n"
+        f"eval rate:            {rate(ev, 'eval_duration'):.2f} tokens/s\n"
     )

@@ -1,1 +1,2 @@
-"""The model store: Ollama-format names, manifests and blobs; the registry client; Modelfiles; the embedded default model."""
+"""The model store: Ollama-format names, manifests and blobs; the registry client; Modelfiles;
+the embedded default model."""

@@ -22,27 +22,27 @@ Prompts tried on the real model through ``corral serve`` on 2026-11-30 (/api/cha
 message; "sampled" with the default parameters, "greedy" with ``temperature`` 0). Every answer
 ended by itself: done_reason ``stop``, eval_count in brackets::
 
-    "Hi"                       sampled " Hi!" (5)
-                               greedy  " Hello!" (5)
+    "Hi"                   sampled " Hi!" (5)
+                           greedy  " Hello!" (5)
     "What is the capital of France? Answer in one word."
-                               sampled " The capital of France is Paris." (10)
-                               greedy  " The capital of France is Paris." (10)
+                           sampled " The capital of France is Paris." (10)
+                           greedy  " The capital of France is Paris." (10)
     "Write a haiku about the sea."
-                               sampled " The sea is a beautiful place, and the sea is calm." (16)
-                               greedy  " The sea is a beautiful place, a calm place." (14)
-    "Name three colours."      sampled " Red, blue, green." (9)
-                               greedy  " Red, blue, yellow, green, orange, purple, black, white." (19)
+                           sampled " The sea is a beautiful place, and the sea is calm." (16)
+                           greedy  " The sea is a beautiful place, a calm place." (14)
+    "Name three colours."  sampled " Red, blue, green." (9)
+                           greedy  " Red, blue, yellow, green, orange, purple, black, white." (19)
     "Who wrote Romeo and Juliet?"
-                               sampled " I'm sorry, I don't know." (14)
-                               greedy  " The famous play." (7)
-    "Why is the sky blue?"     sampled " The sky is blue because the sun is shining." (13)
-                               greedy  " Because the sky is blue." (9)
+                           sampled " I'm sorry, I don't know." (14)
+                           greedy  " The famous play." (7)
+    "Why is the sky blue?" sampled " The sky is blue because the sun is shining." (13)
+                           greedy  " Because the sky is blue." (9)
     "Translate 'thank you' into French."
-                               sampled " Thank you for your work." (9)
-                               greedy  " Thank you for your help." (9)
+                           sampled " Thank you for your work." (9)
+                           greedy  " Thank you for your help." (9)
     /api/generate "The capital of France is"
-                               sampled " The capital of France is Paris." (10)
-                               greedy  " Paris." (5)
+                           sampled " The capital of France is Paris." (10)
+                           greedy  " Paris." (5)
 
 Temperature 0.4, not Gemma's 1.0: six samples of "Hi" (llama_cpp, same template and stops) at
 0.7 gave " Hello", " Hi, hello, how are you?", but also " My name is, and I am from Spain." and

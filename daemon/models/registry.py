@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import os
 import random
 import re
@@ -234,14 +235,15 @@ class Registry:
     async def pull(
         self, name: ModelName | str, *, insecure: bool = False, progress: ProgressFn | None = None
     ) -> ModelRecord:
-        """Pull ``name`` into the store; raises a CorralError (``Failed`` for registry/transfer failures)."""
+        """Pull ``name`` into the store; raises a CorralError (``Failed`` for registry or transfer
+        failures)."""
         name = parse_name(name) if isinstance(name, str) else name
         base = self.base_url(name, insecure)
         repo = self._repo(name)
         auth: dict[str, str] = {}
         async with self.store.name_lock(name), self._session() as session:
             with self.store.pinned() as pin:
-                raw = await self._pull_locked(session, name, base, repo, auth, pin, progress)
+                await self._pull_locked(session, name, base, repo, auth, pin, progress)
         await report_progress(progress, {"status": "success"})
         return self.store.resolve(name)
 
@@ -313,7 +315,7 @@ class Registry:
                     parts.append(msgspec.json.decode(f.read_bytes(), type=Part))
             parts.sort(key=lambda p: p.Offset)
             covered = sum(p.Size for p in parts)
-            contiguous = all(a.Offset + a.Size == b.Offset for a, b in zip(parts, parts[1:]))
+            contiguous = all(a.Offset + a.Size == b.Offset for a, b in itertools.pairwise(parts))
             if parts and covered == size and parts[0].Offset == 0 and contiguous:
                 return parts
         self._discard_partial(digest)
@@ -323,8 +325,8 @@ class Registry:
             for i, off in enumerate(range(0, size, step))
         ]
         data.parent.mkdir(parents=True, exist_ok=True)
-        with open(data, "wb") as f:
-            f.truncate(size)
+        with open(data, "wb") as out:
+            out.truncate(size)
         for p in parts:
             self._save_part(digest, p)
         return parts

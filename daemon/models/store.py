@@ -31,6 +31,7 @@ holds) covers names, manifests, blobs, create, copy, delete and prune; the param
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import errno
 import functools
@@ -423,19 +424,19 @@ class Store:
         """Keep the blob at ``blob_path`` (a model's ``model_path``) while a request or a runner
         uses it, even if its last manifest goes (a copy or delete onto a name being loaded).
         Paths outside the store's blob naming are ignored. Pair with :meth:`release`."""
-        d = self._digest_of(blob_path)
+        d = self._digest_of(os.fspath(blob_path))
         if d is not None:
             self._pins[d] += 1
 
     def release(self, blob_path: str | os.PathLike[str]) -> None:
         """End a :meth:`hold`; the blob goes if nothing references or holds it any more."""
-        d = self._digest_of(blob_path)
+        d = self._digest_of(os.fspath(blob_path))
         if d is not None and self._pins.get(d, 0) > 0:
             self._unpin(d)
 
     @staticmethod
     @functools.lru_cache(maxsize=256)  # every request holds and releases its model's blob
-    def _digest_of(blob_path: str | os.PathLike[str]) -> str | None:
+    def _digest_of(blob_path: str) -> str | None:
         m = re.fullmatch(r"sha256-([0-9a-f]{64})", os.path.basename(blob_path))
         return f"sha256:{m.group(1)}" if m else None
 
@@ -479,7 +480,7 @@ class Store:
 
     def _manifest_names(self) -> list[ModelName]:
         """Names of all manifests: files exactly four levels under manifests/ with valid parts."""
-        names = []
+        names: list[ModelName] = []
         if not self.manifests_dir.is_dir():
             return names
         for path in self.manifests_dir.glob("*/*/*/*"):
@@ -747,8 +748,8 @@ class Store:
             if old and not self.noprune:
                 self._remove_unreferenced(old)
 
-    def _remove_unreferenced(self, layers: list[Layer]) -> int:
-        """Remove those of ``layers``' blobs that no manifest references. Call under _commit_lock."""
+    def _remove_unreferenced(self, layers: builtins.list[Layer]) -> int:
+        """Remove those of ``layers``' blobs no manifest references. Call under _commit_lock."""
         refs = self.referenced_digests()
         removed = 0
         for layer in layers:
@@ -853,8 +854,8 @@ class Store:
         template: str | None = None,
         system: str | None = None,
         parameters: Mapping[str, Any] | None = None,
-        messages: list[dict[str, Any]] | None = None,
-        license: str | list[str] | None = None,
+        messages: builtins.list[dict[str, Any]] | None = None,
+        license: str | builtins.list[str] | None = None,
         quantize: str | None = None,
         progress: ProgressFn | None = None,
         pull: PullFn | None = None,
@@ -900,8 +901,8 @@ class Store:
         template: str | None,
         system: str | None,
         parameters: Mapping[str, Any] | None,
-        messages: list[dict[str, Any]] | None,
-        license: str | list[str] | None,
+        messages: builtins.list[dict[str, Any]] | None,
+        license: str | builtins.list[str] | None,
         quantize: str | None,
         progress: ProgressFn | None,
         pull: PullFn | None,
@@ -1041,7 +1042,7 @@ class Store:
 
     async def _add_small(
         self,
-        layers: list[Layer],
+        layers: builtins.list[Layer],
         media: str,
         data: bytes,
         progress: ProgressFn | None,
@@ -1080,7 +1081,7 @@ class Store:
         await report_progress(progress, {"status": "parsing GGUF"})
         try:
             info = await gguf_info.read_info_async(path)
-        except Exception as e:  # noqa: BLE001 - any reader failure is a bad upload
+        except Exception as e:  # any reader failure is a bad upload
             raise InvalidRequest(f"invalid GGUF file {fname}: {e}") from None
         await report_progress(progress, {"status": f"using existing layer {d}"})
         return Layer(mediaType=MEDIA_MODEL, digest=d, size=path.stat().st_size), info

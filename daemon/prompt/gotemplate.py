@@ -5,8 +5,9 @@ Lexer, parser and evaluator with Go's semantics where a prompt depends on them: 
 escapes, sorted map keys, Go's float format), ``missingkey=zero``, whitespace trimming
 (``{{-``/``-}}``), ``range``/``with``/``if``/``else if``, ``break``/``continue``, variables and
 the builtins (``and``, ``or``, ``not``, ``eq``..., ``len``, ``index``, ``slice``, ``print*``,
-``html``, ``js``, ``json``, and Ollama's ``currentDate``, ``yesterdayDate``, ``toTypeScriptType``). Errors are :class:`TemplateError` with Go's
-``template: :LINE: ...`` text.
+``html``, ``js``, ``json``, and Ollama's ``currentDate``, ``yesterdayDate``,
+``toTypeScriptType``). Errors are :class:`TemplateError` with Go's ``template: :LINE: ...``
+text.
 
 Why no library: there is no maintained Python implementation of Go's ``text/template``; Jinja2,
 Mako or Chevron have other syntax and semantics (truthiness of empty maps, ``range`` over maps in
@@ -14,13 +15,15 @@ key order, ``fmt``/JSON printing, whitespace trimming), and the prompt must be b
 Ollama renders (tests/daemon/test_templates_library.py compares library templates with Ollama's
 output). Calling Go (a cgo helper) would add a toolchain to the install.
 
-Length: over 900 lines because the language is (lexer, parser, evaluator, Go's fmt and JSON); Ollama-specific use of it (request data as Go values,
-Ollama's Execute, tag inference) lives in ``templates.py``.
+Length: over 900 lines because the language is (lexer, parser, evaluator, Go's fmt and JSON);
+Ollama-specific use of it (request data as Go values, Ollama's Execute, tag inference) lives in
+``templates.py``.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json as _json
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -221,7 +224,8 @@ _ACTION_TOKEN = re.compile(
   | (?P<rawstr>`[^`]*`)
   | (?P<str>"(?:[^"\\\n]|\\.)*")
   | (?P<char>'(?:[^'\\\n]|\\.)+')
-  | (?P<num>[+-]?(?:0[xX][0-9a-fA-F_]+|0[bB][01_]+|0[oO][0-7_]+|(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(?:[eE][+-]?\d+)?))
+  | (?P<num>[+-]?(?:0[xX][0-9a-fA-F_]+|0[bB][01_]+|0[oO][0-7_]+
+                 |(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(?:[eE][+-]?\d+)?))
   | (?P<field>\.[A-Za-z_][A-Za-z0-9_]*)
   | (?P<var>\$[A-Za-z0-9_]*)
   | (?P<dot>\.)
@@ -844,7 +848,9 @@ class Exec:
             return vs
 
         if name in ("and", "or"):
-            lazy: list[Callable[[], Any]] = [lambda a=a: self.arg(a, dot, line) for a in args]
+            lazy: list[Callable[[], Any]] = [
+                functools.partial(self.arg, a, dot, line) for a in args
+            ]
             if final is not _NO_ARG:
                 lazy.append(lambda: final)
             if not lazy:

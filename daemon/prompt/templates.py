@@ -130,6 +130,11 @@ def _str(v: Any) -> str:
     return v if isinstance(v, str) else ""
 
 
+def _obj(v: Any) -> dict[str, Any]:
+    """A JSON object as it is, anything else as an empty one (Go decodes it into a struct)."""
+    return v if isinstance(v, dict) else {}
+
+
 def _property(p: Any) -> GoStruct:
     p = p if isinstance(p, dict) else {}
     t = p.get("type")
@@ -157,8 +162,8 @@ def _property(p: Any) -> GoStruct:
 def tool_value(tool: dict) -> GoStruct:
     """One request tool (``{"type", "function": {...}}``) as Ollama's template sees it: Go decodes
     into ``api.Tool``, so keys outside its fields are dropped."""
-    fn = tool.get("function") if isinstance(tool.get("function"), dict) else {}
-    params = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else {}
+    fn = _obj(tool.get("function"))
+    params = _obj(fn.get("parameters"))
     props = params.get("properties")
     parameters = _struct(
         "api.ToolFunctionParameters",
@@ -193,7 +198,7 @@ def tool_value(tool: dict) -> GoStruct:
 
 
 def _tool_call_value(call: dict, index: int) -> GoStruct:
-    fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+    fn = _obj(call.get("function"))
     args = fn.get("arguments")
     if isinstance(args, str):
         try:
@@ -267,7 +272,7 @@ def _cut_after_response(nodes: list[Any]) -> list[Any]:
         return Pipe(p.line, p.decl, p.assign, cmds) if cmds else None
 
     def walk(ns: list[Any]) -> list[Any]:
-        out = []
+        out: list[Any] = []
         for n in ns:
             if cut:
                 break
@@ -413,7 +418,8 @@ def collate(messages: Sequence[dict]) -> tuple[str, list[dict]]:
 
 
 class GoTemplate:
-    """A parsed Modelfile TEMPLATE. Parsing raises :class:`TemplateError` (``template: :N: ...``)."""
+    """A parsed Modelfile TEMPLATE. Parsing raises :class:`TemplateError` (``template: :N:
+    ...``)."""
 
     def __init__(self, text: str) -> None:
         self.text = text

@@ -460,7 +460,8 @@ async def test_chat_tool_calls(env: Env) -> None:
         ],
     )
     assert env.runner.requests[-1].prompt.endswith(
-        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city":"Tokyo"}}\n'
+        "<|im_start|>assistant\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city":"Tokyo"}}\n'
         "</tool_call><|im_end|>\n<|im_start|>tool\n<tool_response>\n22C\n</tool_response>"
         "<|im_end|>\n<|im_start|>assistant\n"
     )

@@ -40,7 +40,7 @@ from tests.daemon.test_templates_library import CHATML, TOOLS_CHATML
 # A thinking template as real ones are written: a message's thinking between <think> tags (the
 # tags Ollama infers), and the prompt opening the thinking when think is on.
 THINKER = """{{- range .Messages }}<|{{ .Role }}|>{{ if .Thinking }}<think>{{ .Thinking }}</think>{{ end }}{{ .Content }}
-{{ end }}<|assistant|>{{ if .Think }}<think>{{ end }}"""
+{{ end }}<|assistant|>{{ if .Think }}<think>{{ end }}"""  # noqa: E501 - the template verbatim
 
 
 @dataclass

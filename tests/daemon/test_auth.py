@@ -248,7 +248,7 @@ async def test_missing_or_wrong_key_is_401_in_each_shape(kenv: Env) -> None:
     assert kenv.runner.requests == []
 
 
-class ANY_TEXT(str):  # noqa: N801 - reads as a value in the comparisons above
+class ANY_TEXT(str):  # upper case: it reads as a value in the comparisons above
     """Equal to any string containing it."""
 
     def __eq__(self, other: object) -> bool:

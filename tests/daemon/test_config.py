@@ -1,5 +1,6 @@
-"""Config from the environment: Ollama's envconfig tables (TestHost, TestOrigins, TestBool, TestUint,
-TestKeepAlive, TestLoadTimeout, TestContextLength, TestLogLevel) plus corral's own variables."""
+"""Config from the environment: Ollama's envconfig tables (TestHost, TestOrigins, TestBool,
+TestUint, TestKeepAlive, TestLoadTimeout, TestContextLength, TestLogLevel) plus corral's own
+variables."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""The embedded default model: its chat framing for a base model (expected prompts written by
-hand), its Modelfile parameters, and when ``corral serve`` imports and preloads it (the decision
-tree of ``corral.daemon.models.default_model``): into a fresh store only, unless CORRAL_DEFAULT_MODEL
-asks for it; an existing store is left as it is, except that corral's own earlier import of the
-default gets the current template and parameters.
+"""The embedded default model: its chat framing for a base model (expected prompts written by hand),
+its Modelfile parameters, and when ``corral serve`` imports and preloads it (the decision tree of
+``corral.daemon.models.default_model``): into a fresh store only, unless CORRAL_DEFAULT_MODEL asks
+for it; an existing store is left as it is, except that corral's own earlier import of the default
+gets the current template and parameters.
 
 The embedded GGUF is replaced by the tiny test model (``Embedded``), and ``corral serve`` runs in
 this process with FakeEngine runners, so the decisions are tested without Gemma's weights."""

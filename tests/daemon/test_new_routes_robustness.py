@@ -1,5 +1,5 @@
-"""Hostile bodies on /v1/messages (and count_tokens) and /v1/responses: every one is a 4xx in the route's error
-shape (Anthropic's, OpenAI's), never a 500, and no runner is asked for anything."""
+"""Hostile bodies on /v1/messages (and count_tokens) and /v1/responses: every one is a 4xx in the
+route's error shape (Anthropic's, OpenAI's), never a 500, and no runner is asked for anything."""
 
 from __future__ import annotations
 

@@ -147,7 +147,7 @@ def test_go_json() -> None:
     )
 
 
-# ---- Ollama's Execute: legacy, FIM, response appended ----------------------------------------------
+# ---- Ollama's Execute: legacy, FIM, response appended --------------------------------------------
 
 LEGACY_QA = "{{ with .System }}{{ . }}\n{{ end }}Q: {{ .Prompt }}\nA: "
 LEGACY_QA_RESPONSE = LEGACY_QA + "{{ .Response }}"
@@ -231,7 +231,7 @@ def test_collate_merges_consecutive_roles() -> None:
     )
 
 
-# ---- tools --------------------------------------------------------------------------------------------
+# ---- tools ---------------------------------------------------------------------------------------
 
 # Llama 3 headers with JSON tool calls: nothing but JSON inside the .ToolCalls branch, so the
 # tool-call prefix is "{"; tools and arguments are printed with {{ . }} (their String() is JSON)
@@ -250,7 +250,7 @@ Functions:
 {{- end }}
 {{- end }}<|start_header_id|>assistant<|end_header_id|>
 
-"""
+"""  # noqa: E501 - the template verbatim
 
 
 def test_json_tools_print_as_json_and_tag_is_brace() -> None:
@@ -347,7 +347,7 @@ def test_tool_call_arguments() -> None:
     assert calls[0]["function"]["arguments"] == {"city": "P"}
 
 
-# ---- Jinja ------------------------------------------------------------------------------------------
+# ---- Jinja ---------------------------------------------------------------------------------------
 
 TURNS_JINJA = (
     "{{ bos_token }}{% for m in messages %}"

@@ -135,7 +135,7 @@ LLAMA3 = """{{- /* Llama 3 header tokens; <|begin_of_text|> is the tokenizer's B
 {{- if and $last (ne $m.Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>
 
 {{ end }}
-{{- end }}"""
+{{- end }}"""  # noqa: E501 - the template verbatim
 
 # Gemma: roles user/model, no system role: the system text opens the first user turn.
 GEMMA = """{{- $pending := .System }}
@@ -275,7 +275,8 @@ LIBRARY: dict[str, tuple[str, dict[str, str]]] = {
             "<|im_start|>assistant\nParis.<|im_end|>\n"
             "<|im_start|>user\nAnd of Italy?<|im_end|>\n"
             "<|im_start|>assistant\n",
-            "system-user-assistant-user": "<|im_start|>system\nYou are a terse assistant.<|im_end|>\n"
+            "system-user-assistant-user": "<|im_start|>system\n"
+            "You are a terse assistant.<|im_end|>\n"
             "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
             "<|im_start|>assistant\nParis.<|im_end|>\n"
             "<|im_start|>user\nAnd of Italy?<|im_end|>\n"
@@ -312,7 +313,8 @@ LIBRARY: dict[str, tuple[str, dict[str, str]]] = {
         {
             "user": "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n"
             "<start_of_turn>model\n",
-            "user-assistant-user": "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n"
+            "user-assistant-user": "<start_of_turn>user\n"
+            "What is the capital of France?<end_of_turn>\n"
             "<start_of_turn>model\nParis.<end_of_turn>\n"
             "<start_of_turn>user\nAnd of Italy?<end_of_turn>\n"
             "<start_of_turn>model\n",
@@ -340,7 +342,8 @@ LIBRARY: dict[str, tuple[str, dict[str, str]]] = {
             "user": "<s>[INST] What is the capital of France? [/INST]",
             "user-assistant-user": "<s>[INST] What is the capital of France? [/INST] Paris. </s>"
             "<s>[INST] And of Italy? [/INST]",
-            "system-user-assistant-user": "<s>[INST] <<SYS>>\nYou are a terse assistant.\n<</SYS>>\n\n"
+            "system-user-assistant-user": "<s>[INST] <<SYS>>\n"
+            "You are a terse assistant.\n<</SYS>>\n\n"
             "What is the capital of France? [/INST] Paris. </s>"
             "<s>[INST] And of Italy? [/INST]",
             "user-assistant": "<s>[INST] What is the capital of France? [/INST] Paris.",
@@ -408,7 +411,8 @@ LIBRARY: dict[str, tuple[str, dict[str, str]]] = {
             "<|im_start|>assistant\nParis.<|im_end|>\n"
             "<|im_start|>user\nAnd of Italy?<|im_end|>\n"
             "<|im_start|>assistant\n",
-            "system-user-assistant-user": "<|im_start|>system\nYou are a terse assistant.<|im_end|>\n"
+            "system-user-assistant-user": "<|im_start|>system\n"
+            "You are a terse assistant.<|im_end|>\n"
             "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
             "<|im_start|>assistant\nParis.<|im_end|>\n"
             "<|im_start|>user\nAnd of Italy?<|im_end|>\n"

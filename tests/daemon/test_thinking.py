@@ -53,7 +53,8 @@ def _split(chunks: list[str], opened: bool) -> tuple[str, str]:
     "opened,text,thought",
     [
         (True, f" \n{THOUGHT}</think>\n\n {ANSWER}", THOUGHT),
-        # whitespace before the closing tag stays (it streamed before the tag was seen: Ollama's rule)
+        # whitespace before the closing tag stays (it streamed before the tag was seen: Ollama's
+        # rule)
         (False, f"\n<think>\n{THOUGHT}\n</think>\n\n{ANSWER}", THOUGHT + "\n"),
     ],
 )

@@ -101,7 +101,7 @@ def test_systemd_install_into_a_temporary_root(tmp_path: Path, root: Path):
     template = (REPO / "systemd/corral.service").read_text().splitlines()
     assert f'ExecStart="{prefix}/.venv/bin/corral" serve' in installed
     # Only ExecStart differs from the unit in the repository.
-    assert [a for a, b in zip(installed, template) if a != b] == [
+    assert [a for a, b in zip(installed, template, strict=True) if a != b] == [
         f'ExecStart="{prefix}/.venv/bin/corral" serve'
     ] and len(installed) == len(template)
     wants = root / "etc/systemd/system/multi-user.target.wants/corral.service"

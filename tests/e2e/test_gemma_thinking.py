@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gemma, pytest.mark.slow, pytest.mark.timeout(300)]
 GEMMA_THINK = """{{- range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}user{{ end }}
 {{ if .Thinking }}<think>{{ .Thinking }}</think>{{ end }}{{ .Content }}<end_of_turn>
 {{ end }}<start_of_turn>model
-{{ if .Think }}<think>{{ end }}"""
+{{ if .Think }}<think>{{ end }}"""  # noqa: E501 - the template verbatim
 TAGS = ("<think>", "</think>")
 # greedy, and short enough to end within the answer (the small model then rambles on)
 OPTS = {"num_predict": 12, "temperature": 0}

@@ -18,7 +18,7 @@ from corral.runner.protocol import CompletionChunk, CompletionRequest, LaunchSpe
 from tests.runner.conftest import complete, serve, wait_until
 
 pytest.importorskip("llama_cpp")
-from corral.runner.engine import Engine  # noqa: E402
+from corral.runner.engine import Engine
 
 GREEDY = {"temperature": 0}
 

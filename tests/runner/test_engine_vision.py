@@ -22,7 +22,7 @@ from tests.fixtures.tiny_vision import (
 from tests.runner.conftest import complete, serve
 
 pytest.importorskip("llama_cpp")
-from corral.runner.engine import Engine  # noqa: E402
+from corral.runner.engine import Engine
 
 GREEDY = {"temperature": 0}
 PNG = image_bytes("PNG", seed=1)

@@ -177,7 +177,7 @@ async def test_events_waiting_together_go_out_in_one_http_chunk(engine):
         ]
 
 
-# ---- relay mode: events up the event pipe, the HTTP request as the job's handle -------------------
+# ---- relay mode: events up the event pipe, the HTTP request as the job's handle ------------------
 
 
 class Pipe:

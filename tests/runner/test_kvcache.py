@@ -22,8 +22,8 @@ from tests.fixtures.tiny_vision import image_bytes
 from tests.runner.conftest import complete, serve
 
 pytest.importorskip("llama_cpp")
-from corral.runner import kvcache  # noqa: E402
-from corral.runner.engine import Engine  # noqa: E402
+from corral.runner import kvcache
+from corral.runner.engine import Engine
 
 GREEDY = {"temperature": 0, "num_predict": 12}
 PROMPT = " ".join(f"the {w} of the world" for w in ("cat", "sea", "hat", "dog", "sun") * 12)

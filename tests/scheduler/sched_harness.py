@@ -197,7 +197,7 @@ class Harness:
     def check(self) -> None:
         snap = self.s.snapshot()
         lim = self.limits
-        for g, view in zip(self.inv.gpus, snap.gpus):
+        for g, view in zip(self.inv.gpus, snap.gpus, strict=True):
             cap = max(0, g.total - lim.gpu_overhead - g.min_overhead)
             if view.reserved > cap:
                 raise InvariantError(f"GPU {g.id}: reserved {view.reserved} > capacity {cap}")

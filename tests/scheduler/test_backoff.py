@@ -7,6 +7,8 @@ once with the runner's last error, and other models are not affected.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from corral.scheduler import (
@@ -60,7 +62,7 @@ def test_crash_loop_loads_are_spaced_by_a_doubling_backoff() -> None:
     h = Harness(Limits(load_backoff=1.0, load_backoff_max=30.0), inv=INV)
     t0 = h.now
     starts = crash_loop(h, "bad", seconds=180.0, every=0.05, fail_after=0.1)
-    gaps = [round(b - a, 2) for a, b in zip(starts, starts[1:])]
+    gaps = [round(b - a, 2) for a, b in itertools.pairwise(starts)]
     # 1, 2, 4, 8, 16 s after each failed start, then the 30 s cap (plus the client's 50 ms tick)
     assert gaps[:5] == pytest.approx([1.0, 2.0, 4.0, 8.0, 16.0], abs=0.051)
     assert all(g == pytest.approx(30.0, abs=0.051) for g in gaps[5:]) and len(gaps) > 7

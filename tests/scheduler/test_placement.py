@@ -73,7 +73,7 @@ def test_spread_uses_every_gpu_of_the_best_backend_in_proportion() -> None:
     gpus = rooms(cuda("0", 10 * GB), cuda("1", 30 * GB))
     p = place(est(8 * GB, blocks=40), RunnerOptions(), gpus, 64 * GB, spread=True)
     assert set(p.gpus) == {"0", "1"}
-    split = dict(zip(p.gpus, p.tensor_split))
+    split = dict(zip(p.gpus, p.tensor_split, strict=True))
     assert split["1"] > split["0"] > 0
 
 

@@ -147,7 +147,9 @@ def run(h: Harness, actions, policies: dict | None = None) -> None:
                         rid,
                         pid=1,
                         n_ctx=2048,
-                        gpu_bytes={g: b * 9 // 10 for g, b in zip(p.gpus, p.gpu_bytes)},
+                        gpu_bytes={
+                            g: b * 9 // 10 for g, b in zip(p.gpus, p.gpu_bytes, strict=True)
+                        },
                         cpu_bytes=p.cpu_bytes * 9 // 10,
                     )
                 )
