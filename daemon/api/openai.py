@@ -22,10 +22,9 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from corral.daemon.api import auth
+from corral.daemon.api import auth, prepare
 from corral.daemon.api import inference as core
 from corral.daemon.api import options as opts
-from corral.daemon.api import prepare
 from corral.daemon.api.errors import ApiError, as_api_error, openai_body
 from corral.daemon.api.keys import STORE
 from corral.daemon.api.middleware import LOG_MODEL
