@@ -258,3 +258,43 @@ async def fresh_vision(model: Path, projector: Path, **body) -> tuple[str, dict]
 
 def test_the_build_identity_is_stable():
     assert kvcache.build_id() == kvcache.build_id() and len(kvcache.build_id()) == 32
+
+
+GEMMA_PROMPT = " ".join(  # ~570 tokens: beyond the 512-cell window
+    f"Item {i}: the {w} is on the table."
+    for i, w in enumerate(["cat", "hat", "cup", "pen"] * 12)
+    if i < 46
+)
+
+
+@pytest.mark.gemma
+@pytest.mark.slow
+async def test_sliding_window_model_restores_through_checkpoints(gemma_gguf, tmp_path):
+    """Gemma 3's sliding-window layers (512 cells) keep only the cells the next token sees, so
+    a prefix can be cut back by one cell at most: a repeated ~570-token prompt goes through the
+    prompt-end checkpoint, in the same runner and in the next one (restored from the file)."""
+    spec = {"num_ctx": 1024, "parallel": 1, "num_thread": 2, "num_batch": 512}
+    first = Runner(gemma_gguf, tmp_path, **spec)
+    try:
+        text1, done1 = await first.run(prompt=GEMMA_PROMPT, options=GREEDY)
+        assert done1["prompt_eval_count"] > 512
+        again, done_again = await first.run(prompt=GEMMA_PROMPT, options=GREEDY)
+        assert (again, done_again["prompt_eval_count"]) == (text1, 1)
+    finally:
+        first.close()
+    second = Runner(gemma_gguf, tmp_path, **spec)
+    try:
+        text2, done2 = await second.run(prompt=GEMMA_PROMPT, options=GREEDY)
+        assert (text2, done2["prompt_eval_count"]) == (text1, 1)
+        more = GEMMA_PROMPT + text1 + " Item 99: the dog"
+        text3, done3 = await second.run(prompt=more, options=GREEDY)
+    finally:
+        second.close(save_by=0)
+    assert second.total("restores") == 1
+    fresh_runner = Runner(gemma_gguf, None, **spec)
+    try:
+        want3, fresh3 = await fresh_runner.run(prompt=more, options=GREEDY)
+    finally:
+        fresh_runner.close()
+    assert text3 == want3
+    assert done3["prompt_eval_count"] < 40 < fresh3["prompt_eval_count"]

@@ -1,0 +1,236 @@
+"""Time to first token of a 2,000-token prompt on Gemma 3 270M: cold, and after the runner was
+stopped by a keep-alive expiry, an eviction by another model and a daemon restart, with the
+saved prompt caches of issue 22 (docs/DESIGN.md "Saved prompt caches").
+
+Every case starts with the model NOT loaded, so every time to first token includes a runner's
+spawn and load; they differ in what is saved:
+  cold     the cache directory emptied first: the whole prompt is evaluated
+  expiry   the previous request's keep_alive (2s) ran out: its runner saved on the way out
+  evict    another model (a tiny one, OLLAMA_MAX_LOADED_MODELS=1) took the only place
+  restart  `corral serve` stopped (SIGTERM) and started again on the same store
+Each round runs the four in that order (A-B-C-D, A-B-C-D, ...): the cold baseline is measured
+between the others, under the same machine load. Prints per case the median TTFT, load time
+(the daemon's load_duration: spawn, weights, context), TTFT minus that load (what the saved
+cache can change: restore or prefill, and the first token), the prompt evaluation
+(prompt_eval_duration) and tokens evaluated, the ratios cold / case, and whether the greedy
+answers are the same.
+
+    ./dev bench warm [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import free_port  # noqa: E402
+from tests.fixtures.tiny_gguf import write_tiny_llama  # noqa: E402
+
+MODEL = "gemma3:270m"
+# ~12.35 Gemma tokens per item: 162 items and BOS make ~2,000 tokens
+PROMPT = " ".join(
+    f"Item {i}: the {w} is on the table."
+    for i, w in enumerate(["cat", "hat", "cup", "pen"] * 43)
+    if i < 162
+)
+OPTIONS = {"temperature": 0, "num_predict": 16}
+CASES = ("cold", "expiry", "evict", "restart")
+
+
+class Daemon:
+    def __init__(self, models: Path, default_model: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "CORRAL_"))}
+        env.update(
+            {
+                "OLLAMA_HOST": f"127.0.0.1:{self.port}",
+                "OLLAMA_MODELS": str(models),
+                "OLLAMA_MAX_LOADED_MODELS": "1",
+                "CORRAL_DEFAULT_MODEL": default_model,
+            }
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "corral.daemon.cli", "serve"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            if "corral is ready" in line:
+                break
+        else:
+            raise SystemExit("corral serve did not start")
+        # keep reading its log, or it blocks on a full pipe
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for _ in self.proc.stderr:
+            pass
+
+    async def runners_at_most(self, n: int) -> None:
+        """Until at most ``n`` runner processes of this daemon are left (a stopping one may
+        still be saving its prompt caches)."""
+        while True:
+            try:
+                kids = psutil.Process(self.proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                return
+            if sum(1 for k in kids if _alive(k) and "corral.runner" in _cmd(k)) <= n:
+                return
+            await asyncio.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _cmd(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
+async def generate(s: aiohttp.ClientSession, url: str, model: str, **body) -> tuple[float, dict]:
+    """(seconds to the first non-empty piece, the final record with the whole response)."""
+    t0 = time.perf_counter()
+    first = None
+    text = []
+    async with s.post(f"{url}/api/generate", json={"model": model, **body}) as r:
+        assert r.status == 200, await r.text()
+        async for raw in r.content:
+            line = json.loads(raw)
+            if line.get("response"):
+                first = first or time.perf_counter() - t0
+                text.append(line["response"])
+            if line.get("done"):
+                line["response"] = "".join(text)
+                return first or time.perf_counter() - t0, line
+    raise SystemExit("stream ended without done")
+
+
+async def unloaded(s: aiohttp.ClientSession, url: str) -> None:
+    while True:
+        async with s.get(f"{url}/api/ps") as r:
+            if not (await r.json())["models"]:
+                return
+        await asyncio.sleep(0.05)
+
+
+async def create_tiny(s: aiohttp.ClientSession, url: str, tmp: Path) -> str:
+    path = write_tiny_llama(tmp / "tiny.gguf", seed=1)
+    digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    async with s.post(f"{url}/api/blobs/{digest}", data=path.read_bytes()) as r:
+        assert r.status in (200, 201)
+    body = {"model": "tiny", "files": {path.name: digest}, "stream": False}
+    async with s.post(f"{url}/api/create", json=body) as r:
+        assert r.status == 200, await r.text()
+    return "tiny:latest"
+
+
+def uptime() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+async def main(rounds: int) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="corral-warm-"))
+    models = tmp / "models"
+    kv = models / "kvcache"
+    results: dict[str, list[tuple[float, dict]]] = {c: [] for c in CASES}
+    loads = []
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(timeout=timeout) as s:
+        d = Daemon(models, MODEL)  # imports the embedded model and preloads it
+        try:
+            tiny = await create_tiny(s, d.url, tmp)
+            ask = {"prompt": PROMPT, "raw": True, "options": OPTIONS, "stream": True}
+            for r in range(rounds):
+                loads.append(uptime())
+                # cold: unload, forget everything saved
+                await generate(s, d.url, MODEL, prompt="", keep_alive=0)
+                await unloaded(s, d.url)
+                await d.runners_at_most(0)
+                shutil.rmtree(kv, ignore_errors=True)
+                results["cold"].append(await generate(s, d.url, MODEL, keep_alive="2s", **ask))
+                # expiry: that runner expires after 2 s, saving on its way out
+                await unloaded(s, d.url)
+                await d.runners_at_most(0)
+                results["expiry"].append(await generate(s, d.url, MODEL, **ask))
+                # eviction: the tiny model takes the only place
+                await generate(s, d.url, tiny, prompt="hi", options={"num_predict": 2})
+                await d.runners_at_most(1)
+                results["evict"].append(await generate(s, d.url, MODEL, **ask))
+                # restart: no preload this time, the model is in the store
+                d.stop()
+                d = Daemon(models, "")
+                results["restart"].append(await generate(s, d.url, MODEL, **ask))
+                print(
+                    f"round {r + 1}: "
+                    + ", ".join(f"{c} {results[c][-1][0]:.2f}s" for c in CASES)
+                    + f" (load average {loads[-1]})",
+                    flush=True,
+                )
+        finally:
+            d.stop()
+            shutil.rmtree(tmp, ignore_errors=True)
+    cold = statistics.median(t for t, _ in results["cold"])
+    answer = results["cold"][0][1]["response"]
+    print(
+        f"\nGemma 3 270M, {results['cold'][0][1]['prompt_eval_count']}-token prompt, {rounds} "
+        f"rounds, load average per round: {'; '.join(loads)} (2 cores)"
+    )
+    print(
+        f"{'case':8} {'TTFT':>8} {'cold/case':>10} {'load':>7} {'TTFT-load':>10} {'cold/case':>10}"
+        f" {'prompt eval':>12} {'evaluated':>10}  same answer"
+    )
+    cold_ready = statistics.median(t - rec["load_duration"] / 1e9 for t, rec in results["cold"])
+    for c in CASES:
+        ttft = statistics.median(t for t, _ in results[c])
+        load = statistics.median(rec["load_duration"] / 1e9 for _, rec in results[c])
+        pe = statistics.median(rec["prompt_eval_duration"] / 1e9 for _, rec in results[c])
+        n = statistics.median(rec["prompt_eval_count"] for _, rec in results[c])
+        ready = statistics.median(t - rec["load_duration"] / 1e9 for t, rec in results[c])
+        same = all(rec["response"] == answer for _, rec in results[c])
+        print(
+            f"{c:8} {ttft:7.2f}s {cold / ttft:9.1f}x {load:6.2f}s {ready:9.2f}s "
+            f"{cold_ready / ready:9.1f}x {pe:11.3f}s {n:10.0f}  {same}"
+        )
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    asyncio.run(main(ap.parse_args().rounds))
