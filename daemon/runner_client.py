@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 import aiohttp
 import msgspec
@@ -235,6 +235,7 @@ def _ended(task: asyncio.Future[CorralError | None]) -> None:
         task.exception()  # retrieved: a late connection error is of no interest any more
 
 
+@runtime_checkable
 class RunnerLease(Protocol):
     """A granted runner slot as a route holds it (``Supervisor.acquire``'s ``Lease``, the API
     tests' fake): leaving the ``async with`` releases it exactly once."""

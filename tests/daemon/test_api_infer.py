@@ -15,11 +15,11 @@ from corral.daemon.api.errors import ApiError
 from corral.daemon.errors import Busy, Failed
 from corral.daemon.params import RequestOptions
 from corral.daemon.prompt.toolcalls import ToolCallParser
-from corral.daemon.runner_client import Events, RunnerClient
+from corral.daemon.runner_client import Events, RunnerClient, RunnerLease
 from corral.runner import protocol
 from corral.scheduler import QUEUE_FULL_MESSAGE as QUEUE_FULL
 from corral.scheduler import Placement, RunnerOptions, RunnerView
-from tests.daemon.test_api_infer_support import Env, Lease, env  # noqa: F401 - fixture
+from tests.daemon.test_api_infer_support import Env, FakeSupervisor, Lease, env  # noqa: F401 - fixture
 
 WEATHER_TOOL = {
     "type": "function",
@@ -641,3 +641,16 @@ async def test_a_runner_out_of_memory_at_run_time_is_reported(error, reported):
         async for ev in job.events():
             seen.append(ev.content)
     assert seen == ["a"] and lease.out_of_memory_reports == int(reported)
+
+
+def test_the_fake_leases_are_runner_leases():
+    """The API tests drive the api layer with fakes of the supervisor's Lease: they must have
+    its face (daemon.runner_client.RunnerLease), as the real one does (test_supervisor)."""
+    sup = FakeSupervisor("http://x", None)  # no session: nothing is sent
+    assert isinstance(Lease(sup, "http://x"), RunnerLease)
+
+    async def lines(body):
+        yield protocol.CompletionDone(), False
+
+    assert isinstance(ScriptedLease(lines), RunnerLease)
+    assert not isinstance(object(), RunnerLease)

@@ -28,6 +28,7 @@ from corral.daemon.errors import CorralError
 from corral.daemon.gpu import SimulatedProbe
 from corral.daemon.model_inputs import runner_options
 from corral.daemon.params import RequestOptions
+from corral.daemon.runner_client import RunnerLease
 from corral.daemon.runners import child_env, huge_pages_usable
 from corral.daemon.supervisor import DECISIONS, Lease, Supervisor
 from corral.runner import protocol
@@ -153,6 +154,7 @@ async def test_acquire_loads_grants_and_serves_http(make_sup, models):
     sup = await make_sup()
     m = models(0)
     async with await acquire(sup, m) as lease:
+        assert isinstance(lease, RunnerLease)  # what the api layer relies on
         assert lease.runner.base_url.startswith("http://127.0.0.1:")
         assert lease.n_ctx == 4096  # CPU-tier default, clamped to n_ctx_train
         assert lease.load_duration > 0
