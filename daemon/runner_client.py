@@ -11,6 +11,10 @@ status): a runner's 400 is :class:`InvalidRequest`, its 503 :class:`Busy`, any o
 ``error`` event, a broken connection or a bad line :class:`Failed`, whose text is the runner's
 exit reason when it died (the lease's ``failure`` hook waits briefly for it).
 
+The calls go through :class:`~corral.daemon.runner_http.RunnerHTTP`, the runner's pool of
+keep-alive connections (one per runner, owned by the supervisor): a request's fixed cost is one
+write and a small parser, not an aiohttp client request (issue 18).
+
 :class:`RunnerLease` is what a route holds while it uses a runner: the supervisor's ``Lease`` and
 the API tests' fake both implement it, so nothing probes a lease for what it can do.
 """
@@ -21,10 +25,10 @@ import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Protocol, TypeVar, runtime_checkable
 
-import aiohttp
 import msgspec
 
 from corral.daemon.errors import Busy, CorralError, Failed, InvalidRequest
+from corral.daemon.runner_http import RunnerHTTP
 from corral.daemon.runners import GONE, RunnerProcess
 from corral.runner import protocol
 
@@ -32,13 +36,7 @@ Events = AsyncGenerator[tuple[protocol.CompletionChunk | protocol.CompletionDone
 FailureHook = Callable[[], Awaitable[str | None]]
 
 RELAY_END_GRACE = 5.0  # s: a relay job's HTTP handle ended; its events are in the pipe already
-_JSON = {"Content-Type": "application/json"}
 _T = TypeVar("_T")
-
-
-def runner_url(port: int) -> str:
-    """The base URL of a runner of ours (it binds 127.0.0.1 itself and reports its port)."""
-    return f"http://127.0.0.1:{port}"
 
 
 class RunnerClient:
@@ -46,20 +44,22 @@ class RunnerClient:
     mode for streaming completions; ``failure`` gives the client-facing reason a runner that
     broke a connection is gone (None when it is not known to be gone)."""
 
-    __slots__ = ("base_url", "session", "process", "_failure")
+    __slots__ = ("http", "process", "_failure")
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
-        base_url: str,
+        http: RunnerHTTP,
         *,
         process: RunnerProcess | None = None,
         failure: FailureHook | None = None,
     ) -> None:
-        self.base_url = base_url
-        self.session = session
+        self.http = http
         self.process = process
         self._failure = failure
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.http.host}:{self.http.port}"
 
     def completion(self, body: protocol.CompletionRequest) -> Events:
         """The runner's completion events, each with whether another one already arrived with
@@ -91,25 +91,25 @@ class RunnerClient:
         """The runner's ``/health``; None when it does not answer well within ``timeout`` s."""
         try:
             async with asyncio.timeout(timeout):
-                async with self.session.get(self.base_url + "/health") as resp:
-                    if resp.status != 200:
-                        return None
-                    return msgspec.json.decode(await resp.read(), type=protocol.Health)
-        except (TimeoutError, aiohttp.ClientError, msgspec.DecodeError, OSError):
+                async with await self.http.request("GET", "/health") as reply:
+                    data = await reply.read()
+            if reply.status != 200:
+                return None
+            return msgspec.json.decode(data, type=protocol.Health)
+        except (TimeoutError, msgspec.DecodeError, OSError):
             return None
 
     # ---- internals
 
     async def _post(self, path: str, body: msgspec.Struct, kind: type[_T]) -> _T:
         try:
-            async with self.session.post(
-                self.base_url + path, data=protocol.encode(body), headers=_JSON
-            ) as resp:
-                if resp.status != 200:
-                    raise await refusal(resp)
-                return msgspec.json.decode(await resp.read(), type=kind)
-        except (aiohttp.ClientError, ConnectionError) as e:
+            async with await self.http.request("POST", path, protocol.encode(body)) as reply:
+                data = await reply.read()
+        except ConnectionError as e:
             raise await self._gone(e) from None
+        if reply.status != 200:
+            raise refusal(reply.status, data)
+        return msgspec.json.decode(data, type=kind)
 
     async def _gone(self, exc: BaseException) -> Failed:
         """A runner that broke the connection: its exit reason with its last stderr line when
@@ -120,15 +120,15 @@ class RunnerClient:
     async def _http_lines(self, body: protocol.CompletionRequest) -> Events:
         """The events as NDJSON lines of the ``/completion`` HTTP response."""
         try:
-            async with self.session.post(
-                self.base_url + "/completion", data=protocol.encode(body), headers=_JSON
-            ) as resp:
-                if resp.status != 200:
-                    raise await refusal(resp)
+            async with await self.http.request(
+                "POST", "/completion", protocol.encode(body)
+            ) as reply:
+                if reply.status != 200:
+                    raise refusal(reply.status, await reply.read())
                 rest = b""
                 eof = False
                 while not eof:
-                    data = await resp.content.readany()  # whatever has arrived; b"" at the end
+                    data = await reply.readany()  # whatever has arrived; b"" at the end
                     eof = not data
                     # whole lines only; at the end also the last one (a non-streamed answer has
                     # no \n)
@@ -141,7 +141,7 @@ class RunnerClient:
                         yield ev, i < len(lines) - 1
                         if isinstance(ev, protocol.CompletionDone):
                             return
-        except (aiohttp.ClientError, ConnectionError) as e:
+        except ConnectionError as e:
             raise await self._gone(e) from None
         except msgspec.DecodeError as e:
             raise Failed(f"bad line from runner: {e}") from None
@@ -157,15 +157,13 @@ class RunnerClient:
 
         async def handle() -> CorralError | None:
             try:
-                async with self.session.post(
-                    self.base_url + "/completion",
-                    data=protocol.encode(msgspec.structs.replace(body, relay=relay_id)),
-                    headers=_JSON,
-                ) as resp:
-                    if resp.status != 200:
-                        return await refusal(resp)
-                    await resp.read()
-                    return None
+                async with await self.http.request(
+                    "POST",
+                    "/completion",
+                    protocol.encode(msgspec.structs.replace(body, relay=relay_id)),
+                ) as reply:
+                    data = await reply.read()
+                return refusal(reply.status, data) if reply.status != 200 else None
             finally:
                 queue.put_nowait(handle_end)
 
@@ -184,7 +182,7 @@ class RunnerClient:
                 if ev is handle_end:
                     try:
                         refused = task.result()
-                    except (aiohttp.ClientError, ConnectionError) as e:
+                    except ConnectionError as e:
                         raise await self._gone(e) from None
                     if refused is not None:
                         raise refused
@@ -207,21 +205,21 @@ class RunnerClient:
                 task.cancel()  # closes the request: the runner cancels the job
 
 
-async def refusal(resp: aiohttp.ClientResponse) -> CorralError:
+def refusal(status: int, body: bytes) -> CorralError:
     """A runner's non-200 answer as a domain error: the ``error`` of its JSON body (else the
     body, else the status); 400 is the client's (:class:`InvalidRequest`), 503 try later
     (:class:`Busy`), any other status :class:`Failed`."""
-    text = (await resp.text()).strip()
+    text = body.decode("utf-8", "replace").strip()
     try:
         data = msgspec.json.decode(text)
         if isinstance(data, dict) and isinstance(data.get("error"), str):
             text = data["error"]
     except msgspec.DecodeError:
         pass
-    text = text or f"runner answered {resp.status}"
-    if resp.status == 400:
+    text = text or f"runner answered {status}"
+    if status == 400:
         return InvalidRequest(text)
-    if resp.status == 503:
+    if status == 503:
         return Busy(text)
     return Failed(text)
 

@@ -46,7 +46,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-import aiohttp
 import msgspec
 import structlog
 
@@ -67,7 +66,8 @@ from corral.daemon.model_inputs import (
 from corral.daemon.params import RequestOptions
 from corral.daemon.policy import ModelRule, Policy, PolicyError
 from corral.daemon.policy import load as load_policy
-from corral.daemon.runner_client import RunnerClient, runner_url
+from corral.daemon.runner_client import RunnerClient
+from corral.daemon.runner_http import RunnerHTTP
 from corral.daemon.runners import (
     RUNNER_ARGV,
     RunnerProcess,
@@ -181,10 +181,9 @@ class Lease:
         sup: Supervisor,
         req_id: int,
         runner_id: str,
-        base_url: str,
+        http: RunnerHTTP,
         n_ctx: int,
         load_duration: float,
-        session: aiohttp.ClientSession,
         proc: RunnerProcess | None,
     ) -> None:
         self._sup = sup
@@ -193,7 +192,7 @@ class Lease:
         self.n_ctx = n_ctx  # per slot
         self.load_duration = load_duration  # seconds from acquire() to the grant
         self._proc = proc
-        self.runner = RunnerClient(session, base_url, process=proc, failure=self.wait_failure)
+        self.runner = RunnerClient(http, process=proc, failure=self.wait_failure)
         self._released = False
         self._abort_message: str | None = None
         self.aborted = asyncio.Event()  # set when the runner was lost under this lease
@@ -267,6 +266,7 @@ class _Child:
         "exit_posted",
         "started",
         "stop_reason",
+        "_http",
     )
 
     def __init__(
@@ -283,10 +283,22 @@ class _Child:
         self.ready: Ready | None = None
         self.record = record
         self.start_effect = start_effect
+        self._http: RunnerHTTP | None = None
         self.task: asyncio.Task[None] | None = None
         self.exit_posted = False
         self.started = time.monotonic()
         self.stop_reason: StopReason | None = None  # of the StopRunner executed for it
+
+    def http(self) -> RunnerHTTP:
+        """The pool of keep-alive connections to this runner (once it is ready)."""
+        if self._http is None:
+            assert self.ready is not None
+            self._http = RunnerHTTP("127.0.0.1", self.ready.port)
+        return self._http
+
+    def close_http(self) -> None:
+        if self._http is not None:
+            self._http.close()
 
     @property
     def name(self) -> str:
@@ -372,7 +384,6 @@ class Supervisor:
         # num_ctx when neither request nor Modelfile sets it, and whether it is automatic
         self._default_ctx: tuple[int, bool] = (4096, True)
         self._gpu_names: dict[str, str] = {}
-        self._session: aiohttp.ClientSession | None = None
         self._closing = False
         self._closed = False
         self._refreshing = False
@@ -434,10 +445,6 @@ class Supervisor:
             )
         )
         self._sched = Scheduler(self._limits, inventory)
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-        )
         self._owner = asyncio.create_task(self._run(), name="supervisor")
         self._owner.add_done_callback(self._owner_done)
         log.info(
@@ -528,8 +535,8 @@ class Supervisor:
             t.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
+        for r in self._runners.values():
+            r.close_http()
         log.info("supervisor shutting down", shutdown_step="close_probe")
         if getattr(self.probe, "blocking", False):  # 5. close NVML
             await asyncio.to_thread(self.probe.close)
@@ -538,11 +545,6 @@ class Supervisor:
         log.info("supervisor stopped")
 
     # ------------------------------------------------------------------ public API
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "Supervisor.start() was not called"
-        return self._session
 
     async def acquire(
         self,
@@ -612,10 +614,9 @@ class Supervisor:
             self,
             req_id,
             runner_id,
-            runner_url(ready.port),
+            r.http(),
             ready.n_ctx_per_slot,
             time.monotonic() - t0,
-            self.session,
             r.proc,
         )
         self._leases[req_id] = lease
@@ -737,7 +738,7 @@ class Supervisor:
     def runner_clients(self) -> dict[str, RunnerClient]:
         """Clients of the runners that are ready and still running, by runner id (/metrics)."""
         return {
-            rid: RunnerClient(self.session, runner_url(r.ready.port))
+            rid: RunnerClient(r.http())
             for rid, r in self._runners.items()
             if r.ready is not None and r.proc.returncode is None
         }
@@ -1163,6 +1164,8 @@ class Supervisor:
     def _forget(self, runner_id: str) -> None:
         """The runner's process is gone: drop it and its hold on the model's blob."""
         r = self._runners.pop(runner_id, None)
+        if r is not None:
+            r.close_http()
         if r is not None and self.store is not None:
             self._release_blobs(r.model_key)
 

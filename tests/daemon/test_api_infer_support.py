@@ -32,6 +32,7 @@ from corral.daemon.errors import CorralError
 from corral.daemon.models.store import Store
 from corral.daemon.params import RequestOptions
 from corral.daemon.runner_client import RunnerClient, RunnerLease
+from corral.daemon.runner_http import RunnerHTTP
 from corral.runner import protocol
 from corral.scheduler import RunnerView, SchedulerSnapshot
 from tests.daemon.registry_server import make_gguf
@@ -167,9 +168,9 @@ class ScriptedRunner:
 class Lease:
     """A :class:`RunnerLease` on the scripted runner (the real client, over HTTP)."""
 
-    def __init__(self, sup: FakeSupervisor, base_url: str) -> None:
+    def __init__(self, sup: FakeSupervisor) -> None:
         self.sup = sup
-        self.runner = RunnerClient(sup.session, base_url)
+        self.runner = RunnerClient(sup.http)
         self.runner_id = "r1"
         self.n_ctx = 4096
         self.load_duration = 0.001
@@ -188,9 +189,8 @@ class Lease:
 
 
 class FakeSupervisor:
-    def __init__(self, base_url: str, session: aiohttp.ClientSession) -> None:
-        self.base_url = base_url
-        self.session = session
+    def __init__(self, http: RunnerHTTP) -> None:
+        self.http = http  # the scripted runner's connections
         self.acquired: list[tuple[str, RequestOptions, float | None, str]] = []
         self.leases: list[Lease] = []
         self.unloaded: list[str] = []
@@ -211,7 +211,7 @@ class FakeSupervisor:
         if self.fail is not None:
             raise self.fail
         self.acquired.append((model.name, options, keep_alive, kind))
-        lease = Lease(self, self.base_url)
+        lease = Lease(self)
         self.leases.append(lease)
         self.active += 1
         return lease
@@ -322,8 +322,8 @@ async def make_env(
     runner = ScriptedRunner()
     runner_srv = TestServer(runner.app)
     await runner_srv.start_server()
-    session = aiohttp.ClientSession()
-    sup = FakeSupervisor(str(runner_srv.make_url("")).rstrip("/"), session)
+    http = RunnerHTTP("127.0.0.1", runner_srv.port)
+    sup = FakeSupervisor(http)
     config = config or Config(host=HostAddr(host="127.0.0.1", port=11434))
     app = make_app(config, store, sup, **app_kwargs)  # type: ignore[arg-type]
     srv = TestServer(app)
@@ -339,7 +339,7 @@ async def make_env(
         await oc.close()
         await client_session.close()
         await srv.close()
-        await session.close()
+        http.close()
         await runner_srv.close()
 
 

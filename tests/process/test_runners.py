@@ -14,7 +14,8 @@ import msgspec
 import pytest
 
 from corral.daemon.errors import Failed
-from corral.daemon.runner_client import RunnerClient, runner_url
+from corral.daemon.runner_client import RunnerClient
+from corral.daemon.runner_http import RunnerHTTP
 from corral.daemon.runners import GONE, RunnerProcess, RunnerStartError, describe_returncode
 from corral.runner.protocol import (
     CompletionChunk,
@@ -214,14 +215,14 @@ async def test_spawn_failure_is_a_start_error():
     assert await r.stop(grace=1) is None
 
 
-def _client(proc: RunnerProcess, port: int, session: aiohttp.ClientSession) -> RunnerClient:
-    """The runner client a lease gives, around a real RunnerProcess."""
+def _client(proc: RunnerProcess, port: int) -> RunnerClient:
+    """The runner client a lease gives, around a real RunnerProcess (close its ``http``)."""
 
     async def failure() -> str | None:
         await proc.wait_exited()
         return proc.exit_reason()
 
-    return RunnerClient(session, runner_url(port), process=proc, failure=failure)
+    return RunnerClient(RunnerHTTP("127.0.0.1", port), process=proc, failure=failure)
 
 
 async def test_streams_come_up_the_event_pipe_and_a_killed_runner_ends_them():
@@ -230,9 +231,9 @@ async def test_streams_come_up_the_event_pipe_and_a_killed_runner_ends_them():
     runner killed mid-stream ends the stream with its exit reason, and later relays at once."""
     r = RunnerProcess("m:1")
     ready = await asyncio.wait_for(r.start(spec(tokens_per_second=300), load_timeout=10), SAFETY)
+    client = _client(r, ready.port)
     try:
         async with aiohttp.ClientSession() as s:
-            client = _client(r, ready.port, s)
             body = CompletionRequest(prompt="hi", options=SamplingOptions(num_predict=5, seed=2))
             got = [ev async for ev, _ in client.completion(body)]
             assert [type(e) for e in got] == [CompletionChunk] * 5 + [CompletionDone]
@@ -256,6 +257,7 @@ async def test_streams_come_up_the_event_pipe_and_a_killed_runner_ends_them():
             _, queue = r.open_relay()  # the pipe is closed: a new relay is gone at once
             assert queue.get_nowait() is GONE
     finally:
+        client.http.close()
         await r.stop(grace=5)
 
 
@@ -266,9 +268,9 @@ async def test_relays_left_early_or_finished_leave_nothing_behind():
     r = RunnerProcess("m:1")
     four = msgspec.structs.replace(spec(tokens_per_second=300), parallel=4)
     ready = await asyncio.wait_for(r.start(four, load_timeout=10), SAFETY)
+    client = _client(r, ready.port)
     try:
         async with aiohttp.ClientSession() as s:
-            client = _client(r, ready.port, s)
 
             async def one(i: int) -> str:
                 body = CompletionRequest(
@@ -295,4 +297,5 @@ async def test_relays_left_early_or_finished_leave_nothing_behind():
                         break
                     await asyncio.sleep(0.02)
     finally:
+        client.http.close()
         await r.stop(grace=5)

@@ -66,8 +66,8 @@ async def test_close_fails_queued_requests_and_drains_in_flight_ones(tiny_gguf_f
         await sup.acquire(m, None, None)
     assert http_status(ei.value) == 503
     assert not closing.done() and pid_alive(pid)  # 3. the stream may drain...
-    async with held.runner.session.get(f"{held.runner.base_url}/health") as resp:
-        assert resp.status == 200
+    async with await held.runner.http.request("GET", "/health") as reply:
+        assert reply.status == 200
     held.release()  # ...and when it ends, runners stop
     await asyncio.wait_for(closing, SAFETY)
     assert not pid_alive(pid)
