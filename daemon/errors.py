@@ -28,8 +28,16 @@ class NotFound(CorralError):
 
 
 class Busy(CorralError):
-    """Not now: the queue is full or the daemon is shutting down; the same request may work
-    later."""
+    """Not now: the queue is full or the daemon is shutting down; the same request may work later
+    (``retry_after``: seconds until the queue has drained at its recent rate, when known)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Cancelled(CorralError):
+    """The request was ended on purpose (``DELETE /api/requests/{id}``)."""
 
 
 class RegistryUnreachable(CorralError):

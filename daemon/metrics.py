@@ -49,6 +49,7 @@ disable_created_metrics()  # no *_created series: half the output, nothing a das
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATES = tuple(RunnerState)
 _LOADED = (RunnerState.READY, RunnerState.EXPIRING)
+PRIORITY_NAMES = ("high", "normal", "low")  # scheduler.Priority order
 HEALTH_TIMEOUT = 0.5  # s per runner /health poll at scrape time
 
 # Latency buckets (seconds). TTFT spans a warm runner (ms) to a cold load (minutes).
@@ -137,6 +138,18 @@ class Metrics:
             "Completion requests from arrival to the final record.",
             ["model"],
             buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "corral_queue_wait_seconds",
+            "From a request's arrival to its slot (queueing and any load), by model and class.",
+            ["model", "priority"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.cancelled = Counter(
+            "corral_requests_cancelled",
+            "Requests ended by DELETE /api/requests/{id}.",
             registry=r,
         )
         self.load_duration = Histogram(
@@ -300,6 +313,15 @@ class _StateCollector(Collector):
         waiting = dict(snap.waiting) if snap is not None else {}
         for key, n in waiting.items():
             per[src.model_name(key) if src is not None else key]["queued"] = n
+        by_class = _gauge(
+            "corral_model_queued_by_priority",
+            "Requests waiting for the model, by the class they arrived with.",
+            ["model", "priority"],
+        )
+        for key, counts in sorted(snap.waiting_classes.items() if snap is not None else ()):
+            name = src.model_name(key) if src is not None else key
+            for cls, n in zip(PRIORITY_NAMES, counts, strict=True):
+                by_class.add_metric([name, cls], n)
         for name, p in sorted(per.items()):
             for st, n in p["states"].items():
                 state.add_metric([name, st], n)
@@ -312,7 +334,7 @@ class _StateCollector(Collector):
             slots.add_metric([name], p["slots"])
             if p["kv_total"]:
                 kv_ratio.add_metric([name], p["kv_used"] / p["kv_total"])
-        yield from (state, loaded, in_flight, queued, slots, kv_ratio)
+        yield from (state, loaded, in_flight, queued, by_class, slots, kv_ratio)
 
         total = _gauge("corral_gpu_memory_total_bytes", "GPU memory.", ["gpu", "gpu_name"])
         free = _gauge(

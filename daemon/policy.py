@@ -35,9 +35,9 @@ from typing import Any
 import msgspec
 
 from corral.daemon.config import keep_alive_from_json
+from corral.daemon.ticket import PRIORITIES
 from corral.scheduler import ModelPolicy, Priority
 
-PRIORITIES = {p.name.lower(): p for p in Priority}
 KEYS = (
     "num_parallel",
     "keep_alive",

@@ -11,6 +11,11 @@ status): a runner's 400 is :class:`InvalidRequest`, its 503 :class:`Busy`, any o
 ``error`` event, a broken connection or a bad line :class:`Failed`, whose text is the runner's
 exit reason when it died (the lease's ``failure`` hook waits briefly for it).
 
+:meth:`RunnerClient.cancel` (DELETE /api/requests/{id}) ends the call in progress at once and
+every later one with :class:`Cancelled`: a relayed stream gets a sentinel in its queue, an HTTP
+answer is closed; either way the runner's job is closed and cancelled there. ``tokens`` counts
+the completion chunks received (about one per token) for GET /api/requests.
+
 The calls go through :class:`~corral.daemon.runner_http.RunnerHTTP`, the runner's pool of
 keep-alive connections (one per runner, owned by the supervisor): a request's fixed cost is one
 write and a small parser, not an aiohttp client request (issue 18).
@@ -27,7 +32,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
-from corral.daemon.errors import Busy, CorralError, Failed, InvalidRequest
+from corral.daemon.errors import Busy, Cancelled, CorralError, Failed, InvalidRequest
 from corral.daemon.runner_http import RunnerHTTP
 from corral.daemon.runners import GONE, RunnerProcess
 from corral.runner import protocol
@@ -44,7 +49,7 @@ class RunnerClient:
     mode for streaming completions; ``failure`` gives the client-facing reason a runner that
     broke a connection is gone (None when it is not known to be gone)."""
 
-    __slots__ = ("http", "process", "_failure")
+    __slots__ = ("http", "process", "_failure", "tokens", "_cancelled", "_stop")
 
     def __init__(
         self,
@@ -56,6 +61,23 @@ class RunnerClient:
         self.http = http
         self.process = process
         self._failure = failure
+        self.tokens = 0  # completion chunks received (~ tokens)
+        self._cancelled: str | None = None
+        self._stop: Callable[[], None] | None = None  # ends the call in progress
+
+    def cancel(self, message: str) -> None:
+        """End the call in progress and refuse later ones with ``Cancelled(message)``."""
+        if self._cancelled is None:
+            self._cancelled = message
+            if self._stop is not None:
+                self._stop()
+
+    def _watch(self, stop: Callable[[], None]) -> None:
+        """``stop`` ends the call in progress on :meth:`cancel`; a client cancelled already
+        raises at once."""
+        if self._cancelled is not None:
+            raise Cancelled(self._cancelled)
+        self._stop = stop
 
     @property
     def base_url(self) -> str:
@@ -104,16 +126,22 @@ class RunnerClient:
     async def _post(self, path: str, body: msgspec.Struct, kind: type[_T]) -> _T:
         try:
             async with await self.http.request("POST", path, protocol.encode(body)) as reply:
+                self._watch(reply.close)
                 data = await reply.read()
         except ConnectionError as e:
             raise await self._gone(e) from None
+        finally:
+            self._stop = None
         if reply.status != 200:
             raise refusal(reply.status, data)
         return msgspec.json.decode(data, type=kind)
 
-    async def _gone(self, exc: BaseException) -> Failed:
+    async def _gone(self, exc: BaseException) -> CorralError:
         """A runner that broke the connection: its exit reason with its last stderr line when
-        known (the hook waits briefly for the exit to be noticed), else the connection error."""
+        known (the hook waits briefly for the exit to be noticed), else the connection error;
+        :class:`Cancelled` when the connection was closed because the request was cancelled."""
+        if self._cancelled is not None:
+            return Cancelled(self._cancelled)
         reason = await self._failure() if self._failure is not None else None
         return Failed(reason or f"llama runner process has terminated: {exc}")
 
@@ -125,6 +153,7 @@ class RunnerClient:
             ) as reply:
                 if reply.status != 200:
                     raise refusal(reply.status, await reply.read())
+                self._watch(reply.close)
                 rest = b""
                 eof = False
                 while not eof:
@@ -138,13 +167,17 @@ class RunnerClient:
                         ev = protocol.decode_completion_event(line)
                         if isinstance(ev, protocol.CompletionError):
                             raise Failed(ev.error)
-                        yield ev, i < len(lines) - 1
                         if isinstance(ev, protocol.CompletionDone):
+                            yield ev, i < len(lines) - 1
                             return
+                        self.tokens += 1
+                        yield ev, i < len(lines) - 1
         except ConnectionError as e:
             raise await self._gone(e) from None
         except msgspec.DecodeError as e:
             raise Failed(f"bad line from runner: {e}") from None
+        finally:
+            self._stop = None
         raise await self._gone(ConnectionError("stream ended without done"))
 
     async def _relayed(self, relay: RunnerProcess, body: protocol.CompletionRequest) -> Events:
@@ -152,8 +185,12 @@ class RunnerClient:
         the HTTP request is the job's handle (a refusal's status and error, its end, and closing
         it cancels the job). Its end is put in the same queue, so one ``get`` per event waits
         for both."""
+        if self._cancelled is not None:
+            raise Cancelled(self._cancelled)
         relay_id, queue = relay.open_relay()
         handle_end = object()
+        cancelled = object()
+        self._stop = lambda: queue.put_nowait(cancelled)
 
         async def handle() -> CorralError | None:
             try:
@@ -188,6 +225,8 @@ class RunnerClient:
                         raise refused
                     deadline = asyncio.get_running_loop().time() + RELAY_END_GRACE
                     continue
+                if ev is cancelled:
+                    raise Cancelled(self._cancelled or "request cancelled")
                 if ev is GONE:
                     raise await self._gone(ConnectionError("stream ended without done"))
                 if isinstance(ev, protocol.CompletionError):
@@ -198,8 +237,10 @@ class RunnerClient:
                     task.add_done_callback(_ended)
                     yield ev, not queue.empty()
                     return
+                self.tokens += 1
                 yield ev, not queue.empty()
         finally:
+            self._stop = None
             relay.close_relay(relay_id)
             if task not in _ending:
                 task.cancel()  # closes the request: the runner cancels the job

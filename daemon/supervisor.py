@@ -51,7 +51,14 @@ import structlog
 
 from corral.daemon import engine_probe, gguf_info
 from corral.daemon.config import Config
-from corral.daemon.errors import Busy, CorralError, Failed, InvalidRequest, model_not_found
+from corral.daemon.errors import (
+    Busy,
+    Cancelled,
+    CorralError,
+    Failed,
+    InvalidRequest,
+    model_not_found,
+)
 from corral.daemon.gpu import GpuProbe, engine_verdict, make_probe
 from corral.daemon.kvstats import KvCacheStats
 from corral.daemon.metrics import Metrics
@@ -76,6 +83,7 @@ from corral.daemon.runners import (
     huge_pages_usable,
     wait_event,
 )
+from corral.daemon.ticket import CURRENT, Ticket
 from corral.runner.protocol import (
     EngineProbe,
     FakeKnobs,
@@ -97,6 +105,7 @@ from corral.scheduler import (
     ModelFacts,
     ModelPolicy,
     PolicyChanged,
+    Priority,
     Refusal,
     Reject,
     RequestArrived,
@@ -129,11 +138,14 @@ DEFAULT_DRAIN_TIMEOUT = 3.0
 Kind = Literal["completion", "embedding"]
 
 
-def _scheduler_error(reason: Refusal, message: str) -> CorralError:
+def _scheduler_error(
+    reason: Refusal, message: str, retry_after: float | None = None
+) -> CorralError:
     """A scheduler Reject/Fail as a domain error (the api gives it its status): queue full and
-    shutting down mean try later (Busy), a load that failed or cannot fit is Failed."""
+    shutting down mean try later (Busy, with the queue's drain estimate when known), a load
+    that failed or cannot fit is Failed."""
     if reason in (Refusal.QUEUE_FULL, Refusal.SHUTTING_DOWN):
-        return Busy(message)
+        return Busy(message, retry_after)
     return Failed(message)
 
 
@@ -196,6 +208,7 @@ class Lease:
         self._released = False
         self._abort_message: str | None = None
         self.aborted = asyncio.Event()  # set when the runner was lost under this lease
+        self.cancelled: str | None = None  # why, once DELETE /api/requests/{id} ended it
 
     @property
     def released(self) -> bool:
@@ -216,6 +229,16 @@ class Lease:
     def _abort(self, message: str) -> None:
         self._abort_message = message
         self.aborted.set()
+
+    def cancel(self, message: str) -> None:
+        """End this request on purpose: its slot is free at once, and the runner call in
+        progress ends (:meth:`RunnerClient.cancel`), so the client's stream ends with
+        ``message``."""
+        if self.cancelled is not None:
+            return
+        self.cancelled = message
+        self.release()
+        self.runner.cancel(message)
 
     def out_of_memory(self) -> None:
         """The request failed with an out-of-memory error at run time: the supervisor is told
@@ -305,6 +328,32 @@ class _Child:
         return getattr(self.record, "name", None) or self.model_key
 
 
+class _Live:
+    """A request from its arrival to its release: who asked (for GET /api/requests and DELETE)."""
+
+    __slots__ = ("ticket", "model", "lease", "cancelled")
+
+    def __init__(self, ticket: Ticket | None, model: str) -> None:
+        self.ticket = ticket
+        self.model = model
+        self.lease: Lease | None = None
+        self.cancelled: str | None = None
+
+
+class RequestInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One row of GET /api/requests."""
+
+    id: str
+    model: str
+    state: str  # waiting | loading | running
+    priority: str  # high | normal | low (as it arrived)
+    position: int  # 1-based in its model's queue, in service order; 0 when running
+    waited_ms: int
+    tokens: int  # output so far (running)
+    client: str  # the client's address
+    runner_id: str | None = None
+
+
 class Supervisor:
     """Owns the Scheduler (one task), runner processes and the waiting requests' futures."""
 
@@ -377,6 +426,8 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._waiters: dict[int, asyncio.Future[str]] = {}
         self._leases: dict[int, Lease] = {}
+        self._live: dict[int, _Live] = {}  # requests from RequestArrived to release
+        self._waits: dict[tuple[str, int], Any] = {}  # (model, class) -> its wait histogram
         self._runners: dict[str, _Child] = {}
         self._records: dict[str, Any] = {}  # model_key -> the record last asked for
         self._facts: dict[str, ModelFacts] = {}  # blob path -> facts
@@ -580,6 +631,9 @@ class Supervisor:
         req_id = next(self._ids)
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiters[req_id] = fut
+        ticket = CURRENT.get()
+        live = self._live[req_id] = _Live(ticket, model.name)
+        priority = ticket.priority if ticket is not None else None
         self._records[key] = model
         # The blob must outlive a copy/delete onto this name until a runner holds it.
         if self.store is not None:
@@ -593,13 +647,18 @@ class Supervisor:
                 keep_alive=keep_alive,
                 embedding=kind == "embedding",
                 policy=policy,
+                priority=priority,
             )
         )
         try:
             runner_id = await fut
         except asyncio.CancelledError:
             # The client went away: queued -> leaves the queue; granted meanwhile -> released.
+            self._live.pop(req_id, None)
             self.post(RequestCancelled(req_id=req_id))
+            raise
+        except CorralError:
+            self._live.pop(req_id, None)
             raise
         finally:
             self._waiters.pop(req_id, None)
@@ -608,6 +667,7 @@ class Supervisor:
         r = self._runners.get(runner_id)
         ready = r.ready if r is not None else None
         if r is None or ready is None:  # cannot happen: Grant follows RunnerReady
+            self._live.pop(req_id, None)
             self.post(RequestFinished(req_id=req_id))
             raise Failed("runner is not available")
         lease = Lease(
@@ -620,7 +680,73 @@ class Supervisor:
             r.proc,
         )
         self._leases[req_id] = lease
+        live.lease = lease
+        self._observe_wait(model.name, priority, policy, lease.load_duration)
+        if live.cancelled is not None:  # cancelled in the instant it was granted
+            lease.cancel(live.cancelled)
+            raise Cancelled(live.cancelled)
         return lease
+
+    def _observe_wait(
+        self, name: str, priority: Priority | None, policy: ModelPolicy | None, waited: float
+    ) -> None:
+        cls = int(priority if priority is not None else (policy.priority if policy else 1))
+        h = self._waits.get((name, cls))
+        if h is None:
+            h = self._waits[(name, cls)] = self.metrics.queue_wait.labels(
+                name, Priority(cls).name.lower()
+            )
+        h.observe(waited)
+
+    def requests(self) -> list[RequestInfo]:
+        """Every request waiting, loading or running (GET /api/requests): waiting ones in
+        service order, then the running ones."""
+        if self._sched is None:
+            return []
+        out = []
+        for v in self._sched.requests(self._clock()):
+            live = self._live.get(v.req_id)
+            ticket = live.ticket if live is not None else None
+            lease = live.lease if live is not None else None
+            out.append(
+                RequestInfo(
+                    id=ticket.id if ticket is not None else f"internal-{v.req_id}",
+                    model=live.model if live is not None else self.model_name(v.model_key),
+                    state=v.state,
+                    priority=v.priority.name.lower(),
+                    position=v.position,
+                    waited_ms=round(v.waited * 1000),
+                    tokens=lease.runner.tokens if lease is not None else 0,
+                    client=ticket.client if ticket is not None else "",
+                    runner_id=v.runner_id,
+                )
+            )
+        return out
+
+    def cancel(self, request_id: str) -> int:
+        """End every live request whose id is ``request_id`` (DELETE /api/requests/{id}): a
+        waiting one leaves the queue and its client gets 499; a running one frees its slot at
+        once and its stream ends with an error line. Returns how many there were."""
+        n = 0
+        message = f"request {request_id} was cancelled"
+        for req_id, live in list(self._live.items()):
+            public = live.ticket.id if live.ticket is not None else f"internal-{req_id}"
+            if public != request_id:
+                continue
+            n += 1
+            if live.lease is not None:
+                live.lease.cancel(message)
+                continue
+            fut = self._waiters.get(req_id)
+            if fut is not None and not fut.done():
+                fut.set_exception(Cancelled(message))
+                self.post(RequestCancelled(req_id=req_id))
+            else:
+                live.cancelled = message  # granted this instant: acquire() cancels the lease
+        if n:
+            log.info("request cancelled", request_id=request_id, requests=n)
+            self.metrics.cancelled.inc(n)
+        return n
 
     def rule(self, name: str) -> tuple[ModelRule, ModelPolicy | None]:
         """The policy rule for model ``name`` and the scheduler's form of it (None: no rule)."""
@@ -877,7 +1003,8 @@ class Supervisor:
         elif isinstance(effect, (Reject, Fail)):
             fut = self._waiters.get(effect.req_id)
             if fut is not None and not fut.done():
-                fut.set_exception(_scheduler_error(effect.reason, effect.message))
+                retry = effect.retry_after if isinstance(effect, Reject) else None
+                fut.set_exception(_scheduler_error(effect.reason, effect.message, retry))
             if effect.reason in _REJECTED:
                 self._count_rejected(effect.reason)
             if isinstance(effect, Fail) or effect.reason not in _REJECTED:
@@ -1171,6 +1298,7 @@ class Supervisor:
 
     def _release(self, lease: Lease) -> None:
         self._leases.pop(lease.req_id, None)
+        self._live.pop(lease.req_id, None)
         self._post_now(RequestFinished(req_id=lease.req_id))
 
     # ------------------------------------------------------------------ probes and facts

@@ -14,18 +14,20 @@ and the idle deadlines.
 Decisions on every event (``_pump``):
 
 1. Reservations of stopped runners not seen back expire after ``Limits.reclaim_timeout``.
-2. Models with waiting requests are served in the order they started waiting; a model never
-   waits for another model's load (no head-of-line blocking across models). For each model,
-   FIFO on its requests:
+2. Models with waiting requests are served in the order of their next requests' ranks; a
+   model never waits for another model's load (no head-of-line blocking across models). A
+   request's rank is (its class - one per ``Limits.priority_aging`` seconds waited, arrival):
+   by class, FIFO within a class, and a low request never starves. For each model, its
+   requests in rank order:
    2a. its current runner is compatible (``needs_reload`` false): grant free slots in order;
        wait while it loads or while all slots are busy;
    2b. its runner is ready but incompatible (options changed): the runner becomes ``expiring``
        (no new grants; stops once idle) and a new runner is loaded for the head request;
    2c. no runner: place a new one (``placement.place``) if a loaded-model slot and memory are
        free; two requests for one model share a load; loads of different models run at once;
-   2d. otherwise choose eviction victims (idle first: soonest deadline, then least recently
-       used; then busy ones by shortest keep-alive) until the model would fit once they are
-       gone; busy victims become ``expiring``, nobody is killed with requests in flight.
+   2d. otherwise choose eviction victims (idle first: those of a lower class than the head,
+       then soonest deadline, then least recently used; then busy ones by shortest
+       keep-alive) until the model would fit once they are gone; busy victims become ``expiring``, nobody is killed with requests in flight.
        When nothing else is loaded, partial offload is allowed; when even that cannot fit the
        host, the waiting requests fail with Ollama's system-memory message.
        A model waiting for evictions *claims* what it will take: models after it in the pass
@@ -61,6 +63,7 @@ its invariants and snapshot) reads best in one file.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -113,6 +116,9 @@ from .types import (
     ModelFacts,
     ModelPolicy,
     Placement,
+    Priority,
+    RequestState,
+    RequestView,
     RunnerOptions,
     RunnerState,
     RunnerView,
@@ -122,6 +128,9 @@ from .types import (
 _MMAP_HOST_MARGIN = 8_000_000_000  # Ollama's host-pressure margin: max(8 GB, total / 10)
 _ALL: Literal["all"] = "all"  # a claim on everything: the model must load alone
 Claim = Placement | Literal["all"] | None  # what a blocked model waits for (None: nothing fits)
+_DRAIN_SAMPLES = 32  # grants remembered for the drain rate
+RETRY_AFTER_UNKNOWN = 5.0  # s: Retry-After when nothing has drained yet
+RETRY_AFTER_MAX = 600.0
 
 
 @dataclass(slots=True, eq=False)
@@ -132,7 +141,11 @@ class _Req:
     options: RunnerOptions
     keep_alive: float | None
     policy: ModelPolicy
+    priority: int  # its class (Priority): 0 high, 1 normal, 2 low
+    seq: int  # arrival order
+    arrived: float
     runner_id: str | None = None  # set once granted
+    granted_at: float = 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -141,7 +154,9 @@ class _Waiting:
 
     key: str
     policy: ModelPolicy  # of its latest request
-    reqs: dict[int, _Req] = field(default_factory=dict)
+    reqs: dict[int, _Req] = field(default_factory=dict)  # all of them, in arrival order
+    # the same requests by class (Priority): FIFO within each
+    classes: tuple[dict[int, _Req], ...] = field(default_factory=lambda: ({}, {}, {}))
     oom_retried: bool = False
     ctx_override: int | None = None
     evict_all: bool = False
@@ -260,6 +275,10 @@ class Scheduler:
         self._requests: dict[int, _Req] = {}  # waiting and granted
         self._backoff: dict[str, _Backoff] = {}  # model_key -> its recent load failures
         self._n_waiting = 0
+        self._seq = 0
+        # Grant times, for the queue's drain rate (Reject.retry_after): all and per model.
+        self._drained: collections.deque[float] = collections.deque(maxlen=_DRAIN_SAMPLES)
+        self._drained_by: dict[str, collections.deque[float]] = {}
         self._next_id = 0
         self._version = 0  # bumps on any change to runners, memory or inventory
         self._rooms_cache: tuple[int, list[Room], int] | None = None
@@ -297,6 +316,10 @@ class Scheduler:
     def snapshot(self) -> SchedulerSnapshot:
         """An immutable view of the current state (for /api/ps, metrics and logs)."""
         waiting = {k: len(w.reqs) for k, w in self._waiting.items()}
+        classes = {
+            k: (len(w.classes[0]), len(w.classes[1]), len(w.classes[2]))
+            for k, w in self._waiting.items()
+        }
         runners = []
         for r in self._runners.values():
             state = r.state
@@ -342,6 +365,7 @@ class Scheduler:
         return SchedulerSnapshot(
             runners=tuple(runners),
             waiting=waiting,
+            waiting_classes=classes,
             queued=self._n_waiting,
             in_flight=sum(len(r.in_flight) for r in self._runners.values()),
             max_loaded=self.max_loaded,
@@ -352,6 +376,45 @@ class Scheduler:
             reclaiming=tuple(self._reclaims),
         )
 
+    def requests(self, now: float) -> list[RequestView]:
+        """Every request waiting or granted: waiting ones by model in service order, each
+        model's in the order they will be served, then the running ones."""
+        out: list[RequestView] = []
+        waiting = list(self._waiting.values())
+        waiting.sort(key=lambda w: self._rank(self._head(w, now), now))
+        for w in waiting:
+            r = self._current.get(w.key)
+            state = (
+                RequestState.LOADING
+                if r is not None and r.state == RunnerState.LOADING
+                else RequestState.WAITING
+            )
+            for i, q in enumerate(sorted(w.reqs.values(), key=lambda q: self._rank(q, now))):
+                out.append(
+                    RequestView(
+                        req_id=q.req_id,
+                        model_key=q.model_key,
+                        state=state,
+                        priority=Priority(q.priority),
+                        position=i + 1,
+                        waited=now - q.arrived,
+                    )
+                )
+        for q in self._requests.values():
+            if q.runner_id is not None:
+                out.append(
+                    RequestView(
+                        req_id=q.req_id,
+                        model_key=q.model_key,
+                        state=RequestState.RUNNING,
+                        priority=Priority(q.priority),
+                        position=0,
+                        waited=q.granted_at - q.arrived,
+                        runner_id=q.runner_id,
+                    )
+                )
+        return out
+
     # -- event handlers ----------------------------------------------------------------------
 
     def _on_arrived(self, ev: RequestArrived, now: float, out: list[Effect]) -> None:
@@ -361,7 +424,18 @@ class Scheduler:
             out.append(Reject(ev.req_id, Refusal.SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE))
             return
         policy = ev.policy or DEFAULT_POLICY
-        req = _Req(ev.req_id, ev.model_key, ev.facts, ev.options, ev.keep_alive, policy)
+        self._seq += 1
+        req = _Req(
+            ev.req_id,
+            ev.model_key,
+            ev.facts,
+            ev.options,
+            ev.keep_alive,
+            policy,
+            int(policy.priority if ev.priority is None else ev.priority),
+            self._seq,
+            now,
+        )
         # Fast path: nobody waits for this model and its runner has a free compatible slot.
         if ev.model_key not in self._waiting:
             r = self._current.get(ev.model_key)
@@ -374,17 +448,20 @@ class Scheduler:
                 self._requests[req.req_id] = req
                 self._grant(req, r, now, out)
                 return
-        if self._n_waiting >= self.limits.max_queue:
-            out.append(Reject(ev.req_id, Refusal.QUEUE_FULL, QUEUE_FULL_MESSAGE))
-            return
         w = self._waiting.get(ev.model_key)
+        if self._n_waiting >= self.limits.max_queue:
+            retry = self._retry_after(self._drained, self._n_waiting, now)
+            out.append(Reject(ev.req_id, Refusal.QUEUE_FULL, QUEUE_FULL_MESSAGE, retry))
+            return
         if policy.max_queue and w is not None and len(w.reqs) >= policy.max_queue:
-            out.append(Reject(ev.req_id, Refusal.QUEUE_FULL, QUEUE_FULL_MESSAGE))
+            retry = self._retry_after(self._drained_by.get(w.key), len(w.reqs), now)
+            out.append(Reject(ev.req_id, Refusal.QUEUE_FULL, QUEUE_FULL_MESSAGE, retry))
             return
         if w is None:
             w = self._waiting[ev.model_key] = _Waiting(ev.model_key, policy)
         w.policy = policy
         w.reqs[req.req_id] = req
+        w.classes[req.priority][req.req_id] = req
         self._requests[req.req_id] = req
         self._n_waiting += 1
 
@@ -542,6 +619,7 @@ class Scheduler:
     def _unqueue(self, req: _Req) -> None:
         w = self._waiting.get(req.model_key)
         if w is not None and w.reqs.pop(req.req_id, None) is not None:
+            del w.classes[req.priority][req.req_id]
             self._n_waiting -= 1
             w.blocked_at = -1
             if not w.reqs:
@@ -550,6 +628,12 @@ class Scheduler:
 
     def _grant(self, req: _Req, r: _Runner, now: float, out: list[Effect]) -> None:
         req.runner_id = r.id
+        req.granted_at = now
+        self._drained.append(now)
+        d = self._drained_by.get(req.model_key)
+        if d is None:
+            d = self._drained_by[req.model_key] = collections.deque(maxlen=_DRAIN_SAMPLES)
+        d.append(now)
         r.in_flight.add(req.req_id)
         r.deadline = None
         r.last_used = now
@@ -753,7 +837,10 @@ class Scheduler:
             self._version += 1
         # 2. Serve waiting models in the order they started waiting.
         if self._waiting:
-            for w in list(self._waiting.values()):
+            waiting = list(self._waiting.values())
+            if len(waiting) > 1:  # the model whose head comes first in class order first
+                waiting.sort(key=lambda w: self._rank(self._head(w, now), now))
+            for w in waiting:
                 if w.reqs:
                     self._serve(w, now, out)
         # 3. Idle runners: expiring ones, and those past their keep-alive deadline.
@@ -767,7 +854,7 @@ class Scheduler:
     def _serve(self, w: _Waiting, now: float, out: list[Effect]) -> None:
         key = w.key
         while w.reqs:
-            head = next(iter(w.reqs.values()))
+            head = self._head(w, now)
             r = self._current.get(key)
             if r is not None:
                 if w.compat is None or w.compat[0] is not r or w.compat[1] is not head:
@@ -802,8 +889,39 @@ class Scheduler:
             self._load(w, head, now, out)
             return
 
+    def _rank(self, req: _Req, now: float) -> tuple[int, int]:
+        """Service order: (class after aging, arrival). A request moves up one class per
+        ``Limits.priority_aging`` seconds waited, so a low one never starves: it ranks with
+        the high ones after 2 x aging and then goes before every later arrival."""
+        aged = int((now - req.arrived) // self.limits.priority_aging)
+        return (max(0, req.priority - aged), req.seq)
+
+    def _head(self, w: _Waiting, now: float) -> _Req:
+        """The request of ``w`` served next: the best rank among its classes' oldest."""
+        best: _Req | None = None
+        rank: tuple[int, int] | None = None
+        for d in w.classes:
+            if d:
+                q = next(iter(d.values()))
+                k = self._rank(q, now)
+                if rank is None or k < rank:
+                    best, rank = q, k
+        assert best is not None, "a waiting model has requests"
+        return best
+
+    def _retry_after(self, grants, queued: int, now: float) -> float:
+        """Seconds until ``queued`` waiting requests have drained at the recent grant rate."""
+        if not grants:
+            return RETRY_AFTER_UNKNOWN
+        span = now - grants[0]
+        if span <= 0:
+            return 1.0
+        rate = len(grants) / span
+        return min(RETRY_AFTER_MAX, max(1.0, math.ceil(queued / rate)))
+
     def _unqueue_for_grant(self, w: _Waiting, req: _Req) -> None:
         del w.reqs[req.req_id]
+        del w.classes[req.priority][req.req_id]
         self._n_waiting -= 1
         if not w.reqs:
             del self._waiting[w.key]
@@ -872,11 +990,13 @@ class Scheduler:
         # Victim order: idle before busy; idle by soonest deadline then least recently used,
         # busy by shortest keep-alive then least recently used. Short of GPU memory, runners
         # holding GPU memory go first (a CPU runner only goes so the model can load alone).
+        cls = self._rank(head, now)[0]
         victims = sorted(
             (o for o in others if o.state == RunnerState.READY and not o.expiring and not o.pinned),
             key=lambda o: (
                 reason == "gpu" and not o.placement.gpus,
                 bool(o.in_flight),
+                o.policy.priority <= cls,  # idle models of a lower class than the head first
                 o.keep_alive
                 if o.in_flight
                 else (o.deadline if o.deadline is not None else math.inf),

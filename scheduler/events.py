@@ -40,7 +40,9 @@ Effects
   ``reason``: a :class:`StopReason`.
   Never emitted for a runner with requests in flight.
 * :class:`Grant` - the request may use the runner (one slot, in flight until RequestFinished).
-* :class:`Reject` - the request never waited: queue full (or shutting down) (:class:`Refusal`).
+* :class:`Reject` - the request never waited: queue full (or shutting down) (:class:`Refusal`);
+  a full queue says in ``retry_after`` when it will have drained at the rate requests recently
+  left it.
 * :class:`Fail` - the request waited and cannot be served (load failure, model too big,
   shutting down) (:class:`Refusal`).
 * :class:`Abort` - a *granted* request lost its runner (crash); end its response with ``message``.
@@ -196,6 +198,7 @@ class Reject(msgspec.Struct, frozen=True):
     req_id: int
     reason: Refusal
     message: str
+    retry_after: float | None = None  # s until the queue has drained at its recent rate
 
 
 class Fail(msgspec.Struct, frozen=True):

@@ -272,6 +272,26 @@ class RunnerView(msgspec.Struct, frozen=True, kw_only=True):
     pinned: bool = False  # its policy pins it: never evicted, never expires
 
 
+class RequestState(StrEnum):
+    """A request as ``Scheduler.requests`` shows it."""
+
+    WAITING = "waiting"
+    LOADING = "loading"  # waiting, and its model's runner is loading
+    RUNNING = "running"  # granted a slot
+
+
+class RequestView(msgspec.Struct, frozen=True, kw_only=True):
+    """One request the scheduler holds (``Scheduler.requests(now)``, for GET /api/requests)."""
+
+    req_id: int
+    model_key: str
+    state: RequestState
+    priority: Priority  # its class as it arrived
+    position: int  # 1-based place in its model's queue in service order; 0 when running
+    waited: float  # s waited: until now, or until its grant when running
+    runner_id: str | None = None
+
+
 class GpuView(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     name: str
@@ -285,6 +305,8 @@ class GpuView(msgspec.Struct, frozen=True, kw_only=True):
 class SchedulerSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     runners: tuple[RunnerView, ...]
     waiting: dict[str, int]  # model_key -> requests waiting (all of them count for max_queue)
+    # model_key -> requests waiting per class (high, normal, low) as they arrived
+    waiting_classes: dict[str, tuple[int, int, int]] = {}
     queued: int  # total waiting
     in_flight: int
     max_loaded: int  # effective (auto resolved)

@@ -21,6 +21,7 @@ from corral.daemon.api import (
     openai,
     openai_responses,
     ps,
+    requests,
 )
 from corral.daemon.api.keys import CONFIG, METRICS, STORE, SUPERVISOR
 from corral.daemon.api.middleware_errors import error_middleware
@@ -56,7 +57,7 @@ def make_app(
     if middleware.is_loopback_bind(config.bind_host):
         mws.append(middleware.host_middleware(middleware.HostPolicy(hostname)))
     # auth inside the error middleware: its refusals get the route's error shape
-    mws += [middleware.json_not_found, error_middleware, auth.authorize]
+    mws += [middleware.json_not_found, error_middleware, auth.authorize, requests.tickets]
     app = web.Application(middlewares=mws, client_max_size=CLIENT_MAX_SIZE)
     app[CONFIG] = config
     app[STORE] = store
@@ -72,4 +73,5 @@ def make_app(
     metrics.add_routes(app)
     anthropic.add_routes(app)
     openai_responses.add_routes(app)
+    requests.add_routes(app)
     return app

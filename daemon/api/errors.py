@@ -11,11 +11,13 @@ that gives each its status, and the middleware answers them as it answers an ``A
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Mapping
 
 from corral.daemon.errors import (
     Busy,
+    Cancelled,
     CorralError,
     Failed,
     InvalidRequest,
@@ -31,7 +33,9 @@ STATUS: dict[type[CorralError], int] = {
     RegistryUnreachable: 502,
     Busy: 503,
     NoSpace: 507,
+    Cancelled: 499,  # nginx's "client closed request": not a server failure, not to retry
 }
+DEFAULT_RETRY_AFTER = 5.0  # s: a 503 whose cause gives no estimate
 
 
 class ApiError(Exception):
@@ -63,8 +67,27 @@ def http_status(err: ApiError | CorralError) -> int:
 
 
 def as_api_error(err: ApiError | CorralError) -> ApiError:
-    """``err`` as the web layer's error (a domain error gets its status from :data:`STATUS`)."""
-    return err if isinstance(err, ApiError) else ApiError(STATUS[type(err)], err.message)
+    """``err`` as the web layer's error (a domain error gets its status from :data:`STATUS`; a
+    Busy one that knows when the queue will have drained says so in ``Retry-After``)."""
+    if isinstance(err, ApiError):
+        return err
+    headers = None
+    if isinstance(err, Busy) and err.retry_after is not None:
+        headers = {"Retry-After": _seconds(err.retry_after)}
+    return ApiError(STATUS[type(err)], err.message, headers=headers)
+
+
+def response_headers(err: ApiError) -> dict[str, str]:
+    """The error response's headers: its own, and ``Retry-After`` on every 503 (whole seconds,
+    at least 1; :data:`DEFAULT_RETRY_AFTER` when nothing better is known)."""
+    headers = dict(err.headers or {})
+    if err.status == 503 and "Retry-After" not in headers:
+        headers["Retry-After"] = _seconds(DEFAULT_RETRY_AFTER)
+    return headers
+
+
+def _seconds(s: float) -> str:
+    return str(max(1, math.ceil(s)))
 
 
 def openai_error_type(status: int) -> str:

@@ -5,6 +5,7 @@
 * aiohttp's own ``HTTPException`` (404 unknown path, 405, 413 body too large, ...) passes through
   unchanged, except that 413 gets a JSON body.
 * A domain ``CorralError`` -> the status ``errors.STATUS`` gives its class, bodies as above.
+* Every 503 carries ``Retry-After`` (the queue's drain estimate when there is one).
 * Any other exception -> 500 with its text; the traceback is logged, never sent.
 * Cancellation (client gone) propagates.
 
@@ -26,6 +27,7 @@ from corral.daemon.api.errors import (
     as_api_error,
     native_body,
     openai_body,
+    response_headers,
 )
 from corral.daemon.errors import CorralError
 
@@ -41,7 +43,7 @@ def error_response(request: web.Request, err: ApiError) -> web.Response:
         body = openai_body(err)
     else:
         body = native_body(err)
-    return web.json_response(body, status=err.status, headers=err.headers)
+    return web.json_response(body, status=err.status, headers=response_headers(err))
 
 
 @web.middleware

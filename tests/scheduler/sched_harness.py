@@ -221,6 +221,10 @@ class Harness:
         in_flight = sum(r.in_flight for r in snap.runners)
         if in_flight != len(self.granted):
             raise InvariantError(f"in flight {in_flight} != harness {len(self.granted)}")
+        views = self.s.requests(self.now)
+        running = {v.req_id for v in views if v.state == "running"}
+        if running != set(self.granted) or len(views) - len(running) != len(waiting):
+            raise InvariantError(f"request list {views} != waiting {waiting}, {self.granted}")
 
     # -- queries -----------------------------------------------------------------------------
 

@@ -49,8 +49,11 @@ def test_max_queue_counts_requests_waiting_for_a_slot_on_a_loaded_model() -> Non
     rid, a = start_ready(h, "m")
     assert h.arrive("m", facts(1 * GB)) == []  # waits for the slot
     assert h.arrive("m", facts(1 * GB)) == []
-    assert h.arrive("m", facts(1 * GB)) == [Reject(4, Refusal.QUEUE_FULL, QUEUE_FULL_MESSAGE)]
-    assert h.arrive("other", facts(1 * GB)) == [Reject(5, Refusal.QUEUE_FULL, QUEUE_FULL_MESSAGE)]
+    # Retry-After: one grant just now, two waiting -> 1 s (the floor)
+    assert h.arrive("m", facts(1 * GB)) == [Reject(4, Refusal.QUEUE_FULL, QUEUE_FULL_MESSAGE, 1.0)]
+    assert h.arrive("other", facts(1 * GB)) == [
+        Reject(5, Refusal.QUEUE_FULL, QUEUE_FULL_MESSAGE, 1.0)
+    ]
     assert h.do(RequestFinished(a)) == [Grant(2, rid)]
     assert h.s.snapshot().queued == 1
 

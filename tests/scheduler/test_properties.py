@@ -16,6 +16,7 @@ from corral.scheduler import (
     Limits,
     ModelPolicy,
     PolicyChanged,
+    Priority,
     Reject,
     RequestCancelled,
     RequestFinished,
@@ -46,7 +47,7 @@ POLICIES = [
     {},
     {
         "m0": ModelPolicy(name="m0", pinned=True),
-        "m1": ModelPolicy(name="m1", num_parallel=3, max_queue=2),
+        "m1": ModelPolicy(name="m1", num_parallel=3, max_queue=2, priority=Priority.LOW),
         "m2": ModelPolicy(name="m2", gpus=("1",)),
     },
     {"m0": ModelPolicy(name="m0", pinned=True), "m2": ModelPolicy(name="m2", pinned=True)},
@@ -57,7 +58,10 @@ INVENTORIES = [
     inventory(host_total=48 * GB, host_free=40 * GB),
 ]
 
-_arrive = st.tuples(st.just("arrive"), st.integers(0, 3), st.integers(0, 2), st.integers(0, 3))
+_arrive = st.tuples(
+    st.just("arrive"), st.integers(0, 3), st.integers(0, 2), st.integers(0, 3), st.integers(0, 3)
+)
+PRIORITIES = [None, Priority.HIGH, Priority.NORMAL, Priority.LOW]
 _finish = st.tuples(st.just("finish"), st.integers(0, 50))
 _ready = st.tuples(st.just("ready"), st.integers(0, 50), st.booleans())
 _stopped = st.tuples(st.just("stopped"), st.integers(0, 50))
@@ -124,7 +128,14 @@ def run(h: Harness, actions, policies: dict | None = None) -> None:
         kind = act[0]
         if kind == "arrive":
             name, f = MODELS[act[1]]
-            h.arrive(name, f, OPTIONS[act[2]], KEEP_ALIVE[act[3]], policy=policies.get(name))
+            h.arrive(
+                name,
+                f,
+                OPTIONS[act[2]],
+                KEEP_ALIVE[act[3]],
+                policy=policies.get(name),
+                priority=PRIORITIES[act[4]],
+            )
         elif kind == "policy":
             policies = POLICIES[act[1]]
             h.do(PolicyChanged({name: policies.get(name, ModelPolicy()) for name, _ in MODELS}))
@@ -220,6 +231,7 @@ def test_random_event_sequences_keep_invariants(
             num_parallel=parallel,
             max_queue=max_queue,
             default_keep_alive=300.0,
+            priority_aging=10.0,
         ),
         inv=INVENTORIES[inv],
     )

@@ -209,7 +209,7 @@ def test_sched_get_runner() -> None:
     a_runner = eff[0].runner_id
     assert h.s.snapshot().queued == 1
     eff = h.arrive("b", facts(1 * GB))
-    assert eff == [Reject(2, Refusal.QUEUE_FULL, QUEUE_FULL_MESSAGE)]
+    assert eff == [Reject(2, Refusal.QUEUE_FULL, QUEUE_FULL_MESSAGE, 5.0)]  # nothing drained: 5 s
     assert QUEUE_FULL_MESSAGE == "server busy, please try again.  maximum pending requests exceeded"
     h.do(RunnerReady(a_runner))
     h.do(RequestFinished(1), dt=0.001)
