@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import aiohttp
 
 
 def free_port() -> int:
@@ -18,3 +26,50 @@ def pct(values: list[float], p: float) -> float:
         return float("nan")
     v = sorted(values)
     return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+
+
+def spawn_daemon(models: Path, **env: str) -> tuple[subprocess.Popen, str]:
+    """``corral serve`` on a free port with the store ``models`` and ``env`` set; returns once it
+    listens (its log is drained in a thread so it never blocks on a full pipe)."""
+    port = free_port()
+    full = {
+        **os.environ,
+        "OLLAMA_HOST": f"127.0.0.1:{port}",
+        "OLLAMA_MODELS": str(models),
+        "CORRAL_DEFAULT_MODEL": "",
+        **env,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corral.daemon.cli", "serve"],
+        env=full,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr
+    for line in proc.stderr:
+        if "Listening" in line:
+            break
+    else:
+        raise SystemExit("daemon did not start")
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+    return proc, f"http://127.0.0.1:{port}"
+
+
+async def create_model(s: aiohttp.ClientSession, url: str, gguf: Path, name: str) -> str:
+    """Upload ``gguf`` and create model ``name`` from it; returns ``name:latest``."""
+    data = gguf.read_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    async with s.post(f"{url}/api/blobs/{digest}", data=data) as r:
+        assert r.status in (200, 201), await r.text()
+    async with s.post(
+        f"{url}/api/create", json={"model": name, "files": {gguf.name: digest}, "stream": False}
+    ) as r:
+        assert r.status == 200, await r.text()
+    return f"{name}:latest"
+
+
+def load_note() -> str:
+    """How loaded the machine is (``uptime``'s load averages and the core count)."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} / {five:.1f} (1 / 5 min) on {os.cpu_count()} cores"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import statistics
@@ -30,6 +29,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import common  # noqa: E402
 from bench.common import free_port, pct  # noqa: E402
 from tests.fixtures.tiny_gguf import write_tiny_llama  # noqa: E402
 
@@ -148,14 +148,7 @@ async def main(n: int) -> None:
         daemon, daemon_url = spawn_daemon(tmp_path / "models", tmp_path / "daemon.log")
         try:
             async with aiohttp.ClientSession() as s:
-                digest = "sha256:" + hashlib.sha256(model.read_bytes()).hexdigest()
-                async with s.post(f"{daemon_url}/api/blobs/{digest}", data=model.read_bytes()) as r:
-                    assert r.status in (200, 201)
-                async with s.post(
-                    f"{daemon_url}/api/create",
-                    json={"model": "tiny", "files": {"tiny.gguf": digest}, "stream": False},
-                ) as r:
-                    assert r.status == 200, await r.text()
+                await common.create_model(s, daemon_url, model, "tiny")
                 direct_body = {"prompt": "hi", "options": {"num_predict": 8}, "stream": True}
                 daemon_body = {
                     "model": "tiny",

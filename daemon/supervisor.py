@@ -1083,9 +1083,11 @@ class Supervisor:
             ),
             None,
         )
-        why = self._next_load.pop(eff.model_key, None)
+        why = None if eff.replica else self._next_load.pop(eff.model_key, None)
         fields: dict[str, Any] = {}
-        if old is not None:  # still running (busy, or stopping right now)
+        if eff.replica:  # another runner beside the model's busy one(s)
+            why = ("replica", eff.options)
+        elif old is not None:  # still running (busy, or stopping right now)
             why = ("reload", old.start_effect.options)
             fields["previous_pid"] = old.proc.pid
         reason = "new" if why is None else why[0]
@@ -1133,7 +1135,7 @@ class Supervisor:
                     stderr=r.proc.stderr_tail()[-STDERR_TAIL:],
                 )
                 self.metrics.load_failures.labels(r.name, "true" if oom else "false").inc()
-                if oom:
+                if oom and not r.start_effect.replica:
                     self._next_load[r.model_key] = ("oom_retry", r.start_effect.options)
                 self._forget(r.runner_id)  # reaped: nothing will stop it
                 self.post(RunnerLoadFailed(runner_id=r.runner_id, reason=exc.reason, oom=oom))

@@ -27,7 +27,8 @@ Decisions on every event (``_pump``):
        free; two requests for one model share a load; loads of different models run at once;
    2d. otherwise choose eviction victims (idle first: those of a lower class than the head,
        then soonest deadline, then least recently used; then busy ones by shortest
-       keep-alive) until the model would fit once they are gone; busy victims become ``expiring``, nobody is killed with requests in flight.
+       keep-alive; extra replicas before all others) until the model would fit once they are
+       gone; busy victims become ``expiring``, nobody is killed with requests in flight.
        When nothing else is loaded, partial offload is allowed; when even that cannot fit the
        host, the waiting requests fail with Ollama's system-memory message.
        A model waiting for evictions *claims* what it will take: models after it in the pass
@@ -48,6 +49,13 @@ Decisions on every event (``_pump``):
    failure long after the last one (past ``retry_at + load_backoff_max``) counts from 1 again.
    A load that took longer than its backoff (a hung load killed at the stall timeout) may
    be retried by the next request at once.
+
+6. Replicas: a model waiting with every slot of its runners busy, whose next request has
+   waited ``Limits.replica_after`` and whose policy allows more runners, gets another one
+   (``StartRunner.replica``) on free memory only - a GPU its runners do not use first, never by
+   eviction, never on what an earlier model claimed. Grants go to the least busy of its runners
+   with a free slot. Extra replicas expire after ``Limits.replica_keep_alive`` idle and are the
+   first eviction victims; when the primary goes, the oldest replica takes its place.
 
 Memory accounting ("trust the smaller number"): usable on a GPU for a new runner is
 ``min(measured free, total - reserved) - OLLAMA_GPU_OVERHEAD - backend minimum`` where
@@ -187,10 +195,12 @@ class _Runner:
     idle_reason: StopReason = StopReason.EXPIRED  # of a stop at its idle deadline
     n_ctx: int = 0  # per slot as the runner reported it (0 = not reported)
     policy: ModelPolicy = DEFAULT_POLICY
+    replica: bool = False  # an extra runner of its model (decision 6)
 
     @property
     def pinned(self) -> bool:
-        return self.policy.pinned
+        """Its policy pins the model: its primary runner (not the extra replicas) stays."""
+        return self.policy.pinned and not self.replica
 
 
 @dataclass(slots=True, eq=False)
@@ -270,11 +280,14 @@ class Scheduler:
         self.max_loaded = limits.max_loaded or 3 * max(len(inventory.gpus), 1)
         self._runners: dict[str, _Runner] = {}
         self._current: dict[str, _Runner] = {}  # model_key -> runner taking new grants
+        self._extra: dict[str, list[_Runner]] = {}  # model_key -> its replicas taking grants
+        self._replica_due: dict[str, float] = {}  # model_key -> when a replica may start
         self._reclaims: dict[str, _Reclaim] = {}
         self._waiting: dict[str, _Waiting] = {}  # ordered by when the model started waiting
         self._requests: dict[int, _Req] = {}  # waiting and granted
         self._backoff: dict[str, _Backoff] = {}  # model_key -> its recent load failures
         self._n_waiting = 0
+        self._n_class = [0, 0, 0]  # waiting requests per class (Priority)
         self._seq = 0
         # Grant times, for the queue's drain rate (Reject.retry_after): all and per model.
         self._drained: collections.deque[float] = collections.deque(maxlen=_DRAIN_SAMPLES)
@@ -311,6 +324,9 @@ class Scheduler:
         for c in self._reclaims.values():
             if c.deadline < best:
                 best = c.deadline
+        for t in self._replica_due.values():
+            if t < best:
+                best = t
         return None if best == math.inf else best
 
     def snapshot(self) -> SchedulerSnapshot:
@@ -345,6 +361,7 @@ class Scheduler:
                     ready_at=r.ready_at,
                     last_used=r.last_used,
                     pinned=r.pinned,
+                    replica=r.replica,
                 )
             )
         reserved = self._reserved_gpu()
@@ -441,13 +458,14 @@ class Scheduler:
             r = self._current.get(ev.model_key)
             if (
                 r is not None
-                and r.state == RunnerState.READY
-                and len(r.in_flight) < r.parallel
+                and (r.state == RunnerState.READY or ev.model_key in self._extra)
                 and not needs_reload(r.options, r.facts, ev.options)
             ):
-                self._requests[req.req_id] = req
-                self._grant(req, r, now, out)
-                return
+                r = self._free_runner(r)
+                if r is not None:
+                    self._requests[req.req_id] = req
+                    self._grant(req, r, now, out)
+                    return
         w = self._waiting.get(ev.model_key)
         if self._n_waiting >= self.limits.max_queue:
             retry = self._retry_after(self._drained, self._n_waiting, now)
@@ -462,6 +480,7 @@ class Scheduler:
         w.policy = policy
         w.reqs[req.req_id] = req
         w.classes[req.priority][req.req_id] = req
+        self._n_class[req.priority] += 1
         self._requests[req.req_id] = req
         self._n_waiting += 1
 
@@ -578,6 +597,8 @@ class Scheduler:
         r = self._current.get(ev.model_key)
         if r is None or r.pinned:
             return
+        for x in list(self._extra.get(ev.model_key, ())):
+            self._retire(x, StopReason.UNLOAD, now, out)
         if r.state == RunnerState.LOADING:
             r.keep_alive = 0.0  # serve whoever waits for this load, then unload when idle
             r.idle_reason = StopReason.UNLOAD
@@ -620,6 +641,7 @@ class Scheduler:
         w = self._waiting.get(req.model_key)
         if w is not None and w.reqs.pop(req.req_id, None) is not None:
             del w.classes[req.priority][req.req_id]
+            self._n_class[req.priority] -= 1
             self._n_waiting -= 1
             w.blocked_at = -1
             if not w.reqs:
@@ -653,7 +675,10 @@ class Scheduler:
 
     def _set_idle_deadline(self, r: _Runner, now: float) -> None:
         if r.state == RunnerState.READY and not r.in_flight:
-            r.deadline = None if math.isinf(r.keep_alive) else now + max(0.0, r.keep_alive)
+            keep = r.keep_alive
+            if r.replica:  # 6. extra replicas expire first
+                keep = min(keep, self.limits.replica_keep_alive)
+            r.deadline = None if math.isinf(keep) else now + max(0.0, keep)
 
     def _fail_waiters(
         self,
@@ -678,8 +703,7 @@ class Scheduler:
         r.state = RunnerState.STOPPING
         r.expiring = True
         r.deadline = None
-        if self._current.get(r.model_key) is r:
-            del self._current[r.model_key]
+        self._unlist(r)
         self._version += 1
         out.append(StopRunner(r.id, reason))
 
@@ -688,11 +712,38 @@ class Scheduler:
         if not r.expiring:
             r.expiring = True
             r.stop_reason = reason
-        if self._current.get(r.model_key) is r:
-            del self._current[r.model_key]
+        self._unlist(r)
         self._version += 1
         if r.state == RunnerState.READY and not r.in_flight:
             self._stop(r, reason, out)
+
+    def _unlist(self, r: _Runner) -> None:
+        """``r`` takes no new grants any more: off its model's runners (when it was the
+        primary, the oldest replica takes its place)."""
+        key = r.model_key
+        extras = self._extra.get(key)
+        if self._current.get(key) is r:
+            del self._current[key]
+            if extras:
+                nxt = extras.pop(0)
+                nxt.replica = False
+                self._current[key] = nxt
+        elif extras and r in extras:
+            extras.remove(r)
+        if extras is not None and not extras:
+            del self._extra[key]
+
+    def _free_runner(self, r: _Runner) -> _Runner | None:
+        """A runner of ``r``'s model with a free slot (ready, taking grants): the primary ``r``
+        first, else the least busy of its replicas; None when all are full."""
+        if r.state == RunnerState.READY and len(r.in_flight) < r.parallel:
+            return r
+        best = None
+        for x in self._extra.get(r.model_key, ()):
+            if x.state == RunnerState.READY and len(x.in_flight) < x.parallel:
+                if best is None or len(x.in_flight) < len(best.in_flight):
+                    best = x
+        return best
 
     def _gone(self, r: _Runner, now: float, out: list[Effect], reason: str) -> None:
         """The process of ``r`` is gone: abort its requests, keep its GPU memory reclaiming."""
@@ -701,8 +752,7 @@ class Scheduler:
             out.append(Abort(rid, r.id, reason))
         r.in_flight.clear()
         del self._runners[r.id]
-        if self._current.get(r.model_key) is r:
-            del self._current[r.model_key]
+        self._unlist(r)
         used = {g: b for g, b in zip(r.placement.gpus, r.placement.gpu_bytes, strict=True) if b > 0}
         if used:
             free = {g.id: g.free for g in self.inventory.gpus}
@@ -723,6 +773,8 @@ class Scheduler:
         key = r.model_key
         was_current = self._current.get(key) is r
         self._gone(r, now, out, reason)
+        if r.replica:
+            return  # the model is served by its other runners; no backoff for it
         w = self._waiting.get(key)
         if w is not None and was_current and oom and not r.oom_retried:
             if self._oom_retry(w, r):
@@ -835,14 +887,20 @@ class Scheduler:
         for rid in [rid for rid, c in self._reclaims.items() if c.deadline <= now]:
             del self._reclaims[rid]
             self._version += 1
-        # 2. Serve waiting models in the order they started waiting.
+        # 2. Serve waiting models by the rank of their next requests.
+        if self._replica_due:
+            self._replica_due.clear()
         if self._waiting:
             waiting = list(self._waiting.values())
-            if len(waiting) > 1:  # the model whose head comes first in class order first
+            if len(waiting) > 1 and self._mixed():
+                # the model whose next request ranks first goes first (with one class only,
+                # the order models started waiting in is that order already)
                 waiting.sort(key=lambda w: self._rank(self._head(w, now), now))
+            n = self._n_class
+            plain = not (n[0] or n[2])
             for w in waiting:
                 if w.reqs:
-                    self._serve(w, now, out)
+                    self._serve(w, now, out, plain)
         # 3. Idle runners: expiring ones, and those past their keep-alive deadline.
         for r in list(self._runners.values()):
             if r.state == RunnerState.READY and not r.in_flight:
@@ -851,24 +909,36 @@ class Scheduler:
                 elif r.deadline is not None and r.deadline <= now:
                     self._stop(r, r.idle_reason, out)
 
-    def _serve(self, w: _Waiting, now: float, out: list[Effect]) -> None:
+    def _serve(self, w: _Waiting, now: float, out: list[Effect], plain: bool) -> None:
+        """Decision 2 for one model (``plain``: only normal-class requests wait anywhere)."""
         key = w.key
         while w.reqs:
-            head = self._head(w, now)
+            # the next request (inline for the usual case: all normal, FIFO in arrival order)
+            head = next(iter(w.reqs.values())) if plain else self._head(w, now)
             r = self._current.get(key)
             if r is not None:
                 if w.compat is None or w.compat[0] is not r or w.compat[1] is not head:
                     w.compat = (r, head, not needs_reload(r.options, r.facts, head.options))
                 if w.compat[2]:
-                    # 2a. Compatible: grant a free slot, or wait (loading / all slots busy).
+                    # 2a. Compatible: grant a free slot (primary or replica, the least busy),
+                    # or wait (loading / all slots busy) - and maybe start a replica (6).
+                    free = r
                     if r.state != RunnerState.READY or len(r.in_flight) >= r.parallel:
-                        return
+                        if not self._extra and w.policy.replicas == 1:
+                            return  # the usual case: one runner, busy or loading
+                        free = self._free_runner(r)
+                        if free is None:
+                            if r.state == RunnerState.READY and w.policy.replicas > 1:
+                                self._replica(w, r, head, now, out)
+                            return
                     self._unqueue_for_grant(w, head)
-                    self._grant(head, r, now, out)
+                    self._grant(head, free, now, out)
                     continue
                 if r.state == RunnerState.LOADING:
                     return  # let the load finish; the head reloads it afterwards
-                # 2b. Options changed: retire the loaded runner and load anew.
+                # 2b. Options changed: retire the loaded runner (and its replicas), load anew.
+                for x in list(self._extra.get(key, ())):
+                    self._retire(x, StopReason.RELOAD, now, out)
                 self._retire(r, StopReason.RELOAD, now, out)
             b = self._backoff.get(key)
             if (
@@ -896,8 +966,16 @@ class Scheduler:
         aged = int((now - req.arrived) // self.limits.priority_aging)
         return (max(0, req.priority - aged), req.seq)
 
+    def _mixed(self) -> bool:
+        """Requests of more than one class wait."""
+        n = self._n_class
+        return (n[0] > 0) + (n[1] > 0) + (n[2] > 0) > 1
+
     def _head(self, w: _Waiting, now: float) -> _Req:
         """The request of ``w`` served next: the best rank among its classes' oldest."""
+        high, normal, low = w.classes
+        if not high and not low:
+            return next(iter(normal.values()))  # one class (the usual case): FIFO
         best: _Req | None = None
         rank: tuple[int, int] | None = None
         for d in w.classes:
@@ -922,6 +1000,7 @@ class Scheduler:
     def _unqueue_for_grant(self, w: _Waiting, req: _Req) -> None:
         del w.reqs[req.req_id]
         del w.classes[req.priority][req.req_id]
+        self._n_class[req.priority] -= 1
         self._n_waiting -= 1
         if not w.reqs:
             del self._waiting[w.key]
@@ -996,6 +1075,7 @@ class Scheduler:
             key=lambda o: (
                 reason == "gpu" and not o.placement.gpus,
                 bool(o.in_flight),
+                not o.replica,  # extra replicas first
                 o.policy.priority <= cls,  # idle models of a lower class than the head first
                 o.keep_alive
                 if o.in_flight
@@ -1021,6 +1101,57 @@ class Scheduler:
             )
             return
         self._block(w, prospect if isinstance(prospect, Placement) else _ALL)
+
+    def _replica(self, w: _Waiting, r: _Runner, head: _Req, now: float, out: list[Effect]) -> None:
+        """6. Another runner of a busy model: when its next request has waited
+        ``Limits.replica_after`` and its policy allows more runners, one starts where memory
+        and a loaded-model slot are free now - on a GPU its other runners do not use first;
+        never by evicting anything, never on what an earlier waiting model claimed."""
+        key = w.key
+        extras = self._extra.get(key, [])
+        if 1 + len(extras) >= w.policy.replicas or any(
+            x.state != RunnerState.READY for x in extras
+        ):
+            return
+        due = head.arrived + self.limits.replica_after
+        if now < due:
+            self._replica_due[key] = due
+            return
+        if self._closing or self._claim_all:
+            return
+        if len(self._runners) + self._claim_slots >= self.max_loaded:
+            return
+        metal = bool(self.inventory.gpus) and all(g.library == "metal" for g in self.inventory.gpus)
+        est = estimate(r.facts, r.options, r.parallel, metal=metal)
+        rooms, host_usable = self._claimed_rooms()
+        rooms = _allowed(rooms, w.policy)
+        used = {g for x in (r, *extras) for g in x.placement.gpus}
+        p = None
+        other = [(g, u) for g, u in rooms if g.id not in used]
+        if other:
+            p = place(est, r.options, other, host_usable, spread=self.limits.sched_spread)
+        if not isinstance(p, Placement):
+            p = place(est, r.options, rooms, host_usable, spread=self.limits.sched_spread)
+        if not isinstance(p, Placement) or (r.placement.gpus and not p.gpus):
+            return  # no room now (a GPU model's replica on the CPU would only slow it down)
+        self._next_id += 1
+        x = _Runner(
+            id=f"r{self._next_id}",
+            model_key=key,
+            facts=r.facts,
+            options=r.options,
+            placement=p,
+            parallel=r.parallel,
+            keep_alive=r.keep_alive,
+            started_at=now,
+            last_used=now,
+            policy=w.policy,
+            replica=True,
+        )
+        self._runners[x.id] = x
+        self._extra.setdefault(key, []).append(x)
+        self._version += 1
+        out.append(StartRunner(x.id, key, r.options, p, r.parallel, replica=True))
 
     def _block(self, w: _Waiting, claim: Claim) -> None:
         """``w`` waits for memory or a slot: remember what it will take, and claim it now."""

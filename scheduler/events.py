@@ -182,6 +182,7 @@ class StartRunner(msgspec.Struct, frozen=True):
     options: RunnerOptions
     placement: Placement
     parallel: int
+    replica: bool = False  # another runner of a model that has one (its policy's replicas)
 
 
 class StopRunner(msgspec.Struct, frozen=True):

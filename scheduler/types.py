@@ -270,6 +270,7 @@ class RunnerView(msgspec.Struct, frozen=True, kw_only=True):
     ready_at: float | None
     last_used: float  # last grant or release
     pinned: bool = False  # its policy pins it: never evicted, never expires
+    replica: bool = False  # an extra runner of its model (expires and is evicted first)
 
 
 class RequestState(StrEnum):

@@ -2,8 +2,10 @@
 
 Ollama's fields in Ollama's order (``name``, ``model``, ``size``, ``digest``, ``details``,
 ``expires_at``, ``size_vram``, ``context_length``), then corral's (``state``, ``gpus``,
-``num_parallel``, ``in_flight``, ``queued``, ``pid``, and with a policy file ``pinned`` and
-``policy``: the keys that apply to the model); longest-lived first. A runner still
+``num_parallel``, ``in_flight``, ``queued``, ``pid``, with a policy file ``pinned`` and
+``policy``: the keys that apply to the model, and ``runners``: pid, state, GPUs and in-flight of
+each of its runners, the first one and its replicas); longest-lived first. One entry per model:
+replicas add their memory, GPUs and in-flight requests to their model's entry. A runner still
 loading is not listed (Ollama lists a model once its runner is healthy). ``context_length`` is
 the runner's own per-slot context (what it reported when ready), not the requested one.
 """
@@ -31,8 +33,12 @@ def ps_models(sup: Any) -> list[dict[str, Any]]:
     snap = sup.snapshot()
     now, wall_now = sup.now(), time.time()
     rows: list[tuple[float, dict[str, Any]]] = []
+    replicas: dict[str, list[Any]] = {}
     for v in snap.runners:
-        if v.state == RunnerState.LOADING:
+        if v.replica:
+            replicas.setdefault(v.model_key, []).append(v)
+    for v in snap.runners:
+        if v.state == RunnerState.LOADING or v.replica:
             continue
         if v.state in (RunnerState.EXPIRING, RunnerState.STOPPING):
             remaining = 0.0
@@ -53,35 +59,63 @@ def ps_models(sup: Any) -> list[dict[str, Any]]:
             # Every layer is on GPU: Ollama's full-offload rule reports size == size_vram
             # (what stays in host memory - token embeddings, pinned buffers - is not "CPU").
             size = p.vram
-        proc = sup.runner_process(v.runner_id) if v.pid is None else None
+        extra = replicas.get(v.model_key, [])
+        ready = [x for x in extra if x.state != RunnerState.LOADING]
+        gpus: dict[str, int] = {}
+        for x in (v, *ready):
+            for g, b in zip(x.placement.gpus, x.placement.gpu_bytes, strict=True):
+                if b > 0:
+                    gpus[g] = gpus.get(g, 0) + b
         rows.append(
             (
                 wall,
                 {
                     "name": name,
                     "model": name,
-                    "size": size,
+                    "size": size + sum(x.placement.total for x in ready),
                     "digest": getattr(record, "digest", ""),
                     "details": details or {},
                     "expires_at": rfc3339(wall),
-                    "size_vram": p.vram,
+                    "size_vram": p.vram + sum(x.placement.vram for x in ready),
                     "context_length": v.context_length,
                     "state": v.state,
                     "gpus": [
-                        {"id": g, "name": sup.gpu_name(g), "vram": b}
-                        for g, b in zip(p.gpus, p.gpu_bytes, strict=True)
-                        if b > 0
+                        {"id": g, "name": sup.gpu_name(g), "vram": b} for g, b in gpus.items()
                     ],
                     "num_parallel": v.parallel,
-                    "in_flight": v.in_flight,
+                    "in_flight": v.in_flight + sum(x.in_flight for x in extra),
                     "queued": v.queued,
-                    "pid": v.pid if v.pid is not None else (proc.pid if proc is not None else None),
+                    "pid": _pid(sup, v),
                     **_policy_fields(sup, name, v.pinned),
+                    "runners": [
+                        {
+                            "pid": _pid(sup, x),
+                            "state": x.state,
+                            "gpus": [
+                                g
+                                for g, b in zip(
+                                    x.placement.gpus, x.placement.gpu_bytes, strict=True
+                                )
+                                if b > 0
+                            ],
+                            "in_flight": x.in_flight,
+                            "replica": x.replica,
+                        }
+                        for x in (v, *extra)
+                    ],
                 },
             )
         )
     rows.sort(key=lambda x: x[0], reverse=True)
     return [row for _, row in rows]
+
+
+def _pid(sup: Any, v: Any) -> int | None:
+    """The runner's pid: as reported when ready, else its process's (still loading)."""
+    if v.pid is not None:
+        return v.pid
+    proc = sup.runner_process(v.runner_id)
+    return proc.pid if proc is not None else None
 
 
 def _policy_fields(sup: Any, name: str, pinned: bool) -> dict[str, Any]:

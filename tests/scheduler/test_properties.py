@@ -51,6 +51,11 @@ POLICIES = [
         "m2": ModelPolicy(name="m2", gpus=("1",)),
     },
     {"m0": ModelPolicy(name="m0", pinned=True), "m2": ModelPolicy(name="m2", pinned=True)},
+    {
+        "m0": ModelPolicy(name="m0", replicas=3),
+        "m1": ModelPolicy(name="m1", replicas=2, priority=Priority.HIGH),
+        "m2": ModelPolicy(name="m2", replicas=2, pinned=True),
+    },
 ]
 INVENTORIES = [
     inventory(metal(total=24 * GB, free=24 * GB), host_total=64 * GB, host_free=60 * GB),
@@ -232,6 +237,8 @@ def test_random_event_sequences_keep_invariants(
             max_queue=max_queue,
             default_keep_alive=300.0,
             priority_aging=10.0,
+            replica_after=0.0,
+            replica_keep_alive=5.0,
         ),
         inv=INVENTORIES[inv],
     )
