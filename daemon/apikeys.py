@@ -57,6 +57,8 @@ class ApiKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     models: tuple[str, ...] = ()
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
+    # the class of its requests that send no X-Corral-Priority and whose model's policy names none
+    priority: Literal["high", "normal", "low"] | None = None
 
     def allows_model(self, model: str) -> bool:
         """Whether this key may use the model named ``model`` (as a client wrote it). A key
@@ -163,6 +165,8 @@ def entry_toml(key: ApiKey) -> str:
         lines.append(f"requests_per_minute = {key.requests_per_minute}")
     if key.tokens_per_minute:
         lines.append(f"tokens_per_minute = {key.tokens_per_minute}")
+    if key.priority:
+        lines.append(f"priority = {json.dumps(key.priority)}")
     return "\n".join(lines) + "\n"
 
 

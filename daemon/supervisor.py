@@ -633,7 +633,11 @@ class Supervisor:
         self._waiters[req_id] = fut
         ticket = CURRENT.get()
         live = self._live[req_id] = _Live(ticket, model.name)
-        priority = ticket.priority if ticket is not None else None
+        priority = None
+        if ticket is not None:  # the header, else the model's policy, else the key's default
+            priority = ticket.priority
+            if priority is None and rule.priority is None:
+                priority = ticket.key_priority
         self._records[key] = model
         # The blob must outlive a copy/delete onto this name until a runner holds it.
         if self.store is not None:

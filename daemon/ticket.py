@@ -1,7 +1,8 @@
 """Who is asking: the request's public id, its priority class and the client's address.
 
 The API layer makes a :class:`Ticket` for every inference request (``X-Request-Id``, kept when
-the client sent one; ``X-Corral-Priority``) and sets :data:`CURRENT` for the handler's task, so
+the client sent one; ``X-Corral-Priority``; the API key's default ``priority``) and sets
+:data:`CURRENT` for the handler's task, so
 ``Supervisor.acquire`` - called from several routes' helpers - knows it without every helper
 passing it on. Outside a request (start-up preloads, tests) there is none.
 """
@@ -21,6 +22,7 @@ class Ticket(msgspec.Struct, frozen=True):
     id: str  # the X-Request-Id the response carries
     priority: Priority | None = None  # X-Corral-Priority; None = the model's policy
     client: str = ""  # the client's address
+    key_priority: Priority | None = None  # its API key's default, when the model's policy has none
 
 
 CURRENT: ContextVar[Ticket | None] = ContextVar("corral_ticket", default=None)

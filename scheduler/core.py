@@ -926,11 +926,12 @@ class Scheduler:
                     if r.state != RunnerState.READY or len(r.in_flight) >= r.parallel:
                         if not self._extra and w.policy.replicas == 1:
                             return  # the usual case: one runner, busy or loading
-                        free = self._free_runner(r)
-                        if free is None:
+                        other = self._free_runner(r)
+                        if other is None:
                             if r.state == RunnerState.READY and w.policy.replicas > 1:
                                 self._replica(w, r, head, now, out)
                             return
+                        free = other
                     self._unqueue_for_grant(w, head)
                     self._grant(head, free, now, out)
                     continue
@@ -987,7 +988,9 @@ class Scheduler:
         assert best is not None, "a waiting model has requests"
         return best
 
-    def _retry_after(self, grants, queued: int, now: float) -> float:
+    def _retry_after(
+        self, grants: collections.deque[float] | None, queued: int, now: float
+    ) -> float:
         """Seconds until ``queued`` waiting requests have drained at the recent grant rate."""
         if not grants:
             return RETRY_AFTER_UNKNOWN
@@ -995,7 +998,7 @@ class Scheduler:
         if span <= 0:
             return 1.0
         rate = len(grants) / span
-        return min(RETRY_AFTER_MAX, max(1.0, math.ceil(queued / rate)))
+        return float(min(RETRY_AFTER_MAX, max(1.0, math.ceil(queued / rate))))
 
     def _unqueue_for_grant(self, w: _Waiting, req: _Req) -> None:
         del w.reqs[req.req_id]

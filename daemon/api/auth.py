@@ -19,7 +19,7 @@ decides, in this order:
 
 Refusals are :class:`ApiError` s, so the error middleware (outside this one) answers in the
 route's shape (native, OpenAI, Anthropic). A key is never logged; its name is. Every admin
-action (create, copy, delete, pull, push, blob upload) writes one ``audit`` line with the
+action (create, copy, delete, pull, push, blob upload, cancel_request) writes one ``audit`` line with the
 action, the key's name (None without keys), the client's address, the models (or blob) it
 names and the status, refused attempts included.
 """
@@ -49,7 +49,7 @@ log = structlog.get_logger("corral.daemon.api.auth")
 # The authenticated key of a request (absent without a key file or on an open route).
 KEY: web.RequestKey[ApiKey] = web.RequestKey("corral_key", ApiKey)
 
-Action = str  # create | copy | delete | pull | push | blob_upload
+Action = str  # create | copy | delete | pull | push | blob_upload | cancel_request
 _NAMES: web.RequestKey[list] = web.RequestKey("corral.auth_models", list)
 
 
@@ -87,6 +87,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("DELETE", "/api/delete"): Rule("admin", _M, action="delete"),
     ("POST", "/api/pull"): Rule("admin", _M, action="pull"),
     ("POST", "/api/push"): Rule("admin", _M, action="push"),
+    # every client's requests and addresses; ending one: the operator's
+    ("GET", "/api/requests"): Rule("admin"),
+    ("DELETE", "/api/requests/{id}"): Rule("admin", action="cancel_request"),
     ("POST", "/v1/chat/completions"): _INFER,
     ("POST", "/v1/completions"): _INFER,
     ("POST", "/v1/embeddings"): _INFER,

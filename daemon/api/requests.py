@@ -2,7 +2,8 @@
 
 * Every inference request gets a ticket (:mod:`corral.daemon.ticket`): its ``X-Request-Id`` (the
   client's own is kept, else a new one) and its class from ``X-Corral-Priority``
-  (``high``/``normal``/``low``; absent = the model's policy). The response carries
+  (``high``/``normal``/``low``; absent = the model's policy, else the API key's ``priority``).
+  The response carries
   ``X-Request-Id`` whatever its status, streamed or not.
 * ``GET /api/requests``: every request waiting, loading or running, waiting ones in the order
   they will be served: ``id``, ``model``, ``state``, ``priority``, ``position`` (in its model's
@@ -19,6 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from corral.daemon.api import auth
 from corral.daemon.api.errors import ApiError
 from corral.daemon.api.keys import SUPERVISOR
 from corral.daemon.api.responses import json_response
@@ -65,7 +67,9 @@ async def tickets(request: web.Request, handler: Handler) -> web.StreamResponse:
         priority = PRIORITIES.get(raw.strip().lower())
         if priority is None:
             raise ApiError(400, 'X-Corral-Priority must be "high", "normal" or "low"')
-    token = CURRENT.set(Ticket(rid, priority, request.remote or ""))
+    key = request.get(auth.KEY)
+    key_priority = PRIORITIES[key.priority] if key is not None and key.priority else None
+    token = CURRENT.set(Ticket(rid, priority, request.remote or "", key_priority))
     try:
         return await handler(request)
     finally:

@@ -33,6 +33,7 @@ from corral.daemon.models.store import Store
 from corral.daemon.params import RequestOptions
 from corral.daemon.runner_client import RunnerClient, RunnerLease
 from corral.daemon.runner_http import RunnerHTTP
+from corral.daemon.ticket import CURRENT, Ticket
 from corral.runner import protocol
 from corral.scheduler import RunnerView, SchedulerSnapshot
 from tests.daemon.registry_server import make_gguf
@@ -192,6 +193,7 @@ class FakeSupervisor:
     def __init__(self, http: RunnerHTTP) -> None:
         self.http = http  # the scripted runner's connections
         self.acquired: list[tuple[str, RequestOptions, float | None, str]] = []
+        self.tickets: list[Ticket | None] = []  # who asked, per acquire
         self.leases: list[Lease] = []
         self.unloaded: list[str] = []
         self.fail: ApiError | CorralError | None = None
@@ -211,6 +213,7 @@ class FakeSupervisor:
         if self.fail is not None:
             raise self.fail
         self.acquired.append((model.name, options, keep_alive, kind))
+        self.tickets.append(CURRENT.get())
         lease = Lease(self)
         self.leases.append(lease)
         self.active += 1

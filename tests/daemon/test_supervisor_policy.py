@@ -94,11 +94,15 @@ async def test_pins_that_cannot_all_fit_stop_the_start(make_sup, models):
 
 
 async def test_per_model_slots_queue_and_defaults(make_sup, models):
-    text = '[models."tiny0:latest"]\nnum_parallel = 3\nmax_queue = 1\nkeep_alive = "1h"\n'
+    text = (
+        '[models."tiny0:latest"]\nnum_parallel = 3\nmax_queue = 1\nkeep_alive = "1h"\n'
+        "num_ctx = 256\n"
+    )
     sup = await started(make_sup, text, models(0))
     m = models(0)
     leases = [await acquire(sup, m) for _ in range(3)]  # three slots at once
     assert {ls.runner_id for ls in leases} == {leases[0].runner_id}
+    assert leases[0].n_ctx == 256  # the policy's num_ctx: neither request nor Modelfile sets it
     waiting = asyncio.ensure_future(sup.acquire(m, None, None))
     await until(sup, lambda: sup.snapshot().queued == 1)
     with pytest.raises(Busy):  # its own queue limit of 1
