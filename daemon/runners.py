@@ -17,7 +17,8 @@ One :class:`RunnerProcess` owns one ``python -m corral.runner`` child (STYLE rul
 * **stop** = SIGTERM to the group, bounded wait, SIGKILL to the group, then wait for the reap.
 * **reports**: ``KvCacheReport`` lines (what the saved prompt cache did) go to ``on_report``.
 * **relay**: after Ready the event pipe also carries the completion events of relay-mode
-  requests (``Relay`` lines, see runner/server.py); :meth:`RunnerProcess.open_relay` gives a
+  requests (``Relay`` lines, and one ``RelayStep`` line per decode step with the text of all
+  its streams, see runner/server.py); :meth:`RunnerProcess.open_relay` gives a
   request an id and the queue its events are put in, :data:`GONE` once the pipe has closed.
 
 Contracts: ``start()`` either returns ``Ready`` with the child running, or raises
@@ -46,12 +47,14 @@ import msgspec
 import structlog
 
 from corral.runner.protocol import (
+    CompletionChunk,
     KvCacheReport,
     LaunchSpec,
     LoadFailed,
     Loading,
     Ready,
     Relay,
+    RelayStep,
     decode_event,
     encode,
 )
@@ -433,6 +436,13 @@ class RunnerProcess:
             if stripped.startswith(b"{"):
                 try:
                     event = decode_event(stripped)
+                    if isinstance(event, RelayStep):  # one decode step's text, many streams
+                        relays = self._relays
+                        for relay_id, text in zip(event.ids, event.content, strict=False):
+                            queue = relays.get(relay_id)
+                            if queue is not None:
+                                queue.put_nowait(CompletionChunk(content=text))
+                        return
                     if isinstance(event, Relay):
                         queue = self._relays.get(event.id)
                         if queue is not None:

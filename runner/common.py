@@ -6,6 +6,7 @@ back and never emitted). No llama_cpp here.
 from __future__ import annotations
 
 import codecs
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -53,11 +54,16 @@ class Job:
         self.cancelled = threading.Event()
         self.submitted_at = time.perf_counter_ns()
         # set by the engine that accepts it: the prompt's tokens, its images by position,
-        # whether the prompt was cut to fit the slot, the engine's sampler state
+        # whether the prompt was cut to fit the slot, the engine's sampler state, the seed of
+        # its draws, its relay id when its text goes to the engine's relay_chunks (else 0), and
+        # the generated tokens that end it with "length"
         self.prompt: list[int] = []
         self.media: dict[int, Any] = {}
         self.truncated = False
         self.sampler: Any = None
+        self.seed = 0
+        self.relay = 0
+        self.limit = 0
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -79,6 +85,11 @@ class EngineLike(Protocol):
     # Where the engine sends what its saved prompt cache did (runner/kvcache.py); the runner
     # sets it to the event pipe before ``load``.
     report: Callable[[KvCacheReport], None]
+    # Relay mode (set by the server before any submit): the text chunks of a step's relay jobs
+    # (CompletionRequest.relay, streaming) come here in ONE call per step, (relay ids, texts),
+    # before the step's other events; a job's other events still go to its emit. None: every
+    # event goes to emit.
+    relay_chunks: Callable[[list[int], list[str]], None] | None
 
     def load(self, progress: Callable[[float], None]) -> None: ...
     def start(self) -> None: ...
@@ -125,14 +136,32 @@ class TextStream:
     def __init__(self, stop: list[str]) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stop = [s for s in stop if s]
+        # a piece can only start or complete a stop string if it holds the string's first
+        # character (when nothing is held back)
+        firsts = "".join(sorted({s[0] for s in self._stop}))
+        self._first = re.compile(f"[{re.escape(firsts)}]") if firsts else None
         self._held = ""
+        self._partial = False  # the decoder holds the first bytes of a character
         self.stopped = False
         self.text: list[str] = []  # everything released, for stream=false
 
     def feed(self, piece: bytes) -> str:
         if self.stopped:
             return ""
-        return self._release(self._held + self._decoder.decode(piece), final=False)
+        text = self._decoder.decode(piece)
+        self._partial = bool(self._decoder.getstate()[0])
+        return self._release(self._held + text, final=False)
+
+    def passes(self, text: str) -> bool:
+        """Whether whole-character ``text`` (a token's piece) would come out of :meth:`feed`
+        unchanged, in a stream (``self.text`` is not kept): nothing is held back or half
+        decoded and it holds no stop string's first character."""
+        return not (
+            self._held
+            or self._partial
+            or self.stopped
+            or (self._first is not None and self._first.search(text))
+        )
 
     def finish(self) -> str:
         """Release what is held at the end of the generation (a broken trailing character

@@ -13,13 +13,24 @@ Each step of the decode thread:
 1. drops cancelled jobs (their slot is free at once; the slot's KV is kept as its prompt cache),
 2. admits waiting jobs into free slots, choosing the free slot whose cached tokens share the
    longest prefix with the prompt; only the tokens after that prefix are evaluated,
-3. builds ONE llama_batch: the next token of every decoding sequence, then prompt chunks of
-   sequences in prefill while the batch has room (``num_batch``),
-4. calls llama_decode once,
-5. samples every sequence whose logits were produced with its own sampler chain (numpy's argmax
-   for a plain greedy chain), turns the token into text (whole UTF-8 characters, stop strings
-   held back), and finishes, shifts or continues it,
-6. hands the step's events to their jobs' ``emit``, all at once at the end of the step.
+3. builds ONE llama_batch over numpy arrays (``_Batch``): the next token of every decoding
+   sequence written with a few array stores, then prompt chunks of sequences in prefill while
+   the batch has room (``num_batch``),
+4. calls llama_decode once (a small pure-decode batch on one OpenMP thread when that measured
+   faster, ``_threads_for``),
+5. reads the step's logits as one (rows x vocab) array and chooses every row's token at once
+   (``_choose``: one argmax for the greedy rows, runner/sampling.py for the usual sampling
+   chains, llama.cpp's own chain per sequence only for penalties, typical_p or a grammar), then
+   takes each token (``_take_rows``): a token with a complete, plain piece (the piece table)
+   that cannot touch a stop string or a limit costs a few list operations; anything else (the
+   first token, end of generation, stop strings, partial UTF-8, logprobs, a full context) goes
+   through ``_accept``,
+6. hands the step's events over at its end: the text of the relay jobs (the daemon's streams)
+   in ONE ``relay_chunks`` call for all of them, every other event to its job's ``emit``.
+
+Per step, the Python work that grows with the number of sequences is those list operations
+(about a microsecond per sequence); everything else is a fixed number of numpy and ctypes
+calls (docs/DESIGN.md "Per-step cost").
 
 Embeddings use a second context with ``embeddings = true`` on the same llama_model (created at
 load for an embedding model, else on the first /embed), driven by the caller's thread (the server
@@ -36,6 +47,7 @@ import ctypes
 import json
 import math
 import os
+import random
 import re
 import sys
 import threading
@@ -48,7 +60,7 @@ import psutil
 import structlog
 from llama_cpp import llama_grammar
 
-from corral.runner import images, kvcache
+from corral.runner import images, kvcache, sampling
 from corral.runner.common import (
     BadRequest,
     Emit,
@@ -243,7 +255,16 @@ class _Slot:
         self.t_start = 0
         self.t_first = 0
         self.sampler, self.grammar = job.sampler
-        self.argmax = self.grammar is None and _only_greedy(self.sampler)
+        # how the token is chosen (Engine._choose): numpy's argmax (greedy), a numpy chain
+        # (runner/sampling.py), else llama.cpp's chain (penalties, typical_p, a grammar)
+        o = job.request.options
+        self.argmax = self.sampler is None and sampling.greedy(o)
+        self.chain = (
+            None if self.sampler is not None or self.argmax else sampling.Chain(o, job.seed)
+        )
+        self.relay = job.relay  # > 0: its text goes to the engine's relay_chunks
+        self.limit = job.limit  # generated tokens that end it with "length"
+        self.fast = False  # the next token may be taken by Engine._take_rows' short path
         # the grammar waits until the model is past its thinking (format_after), see _sample
         self.grammar_wait = job.request.format_after if self.grammar else None
         self.generated = ""  # generated text while the grammar waits
@@ -256,20 +277,54 @@ class _Slot:
         self.job = None
 
 
-def _only_greedy(chain) -> bool:
-    """Whether the chain is llama.cpp's greedy sampler alone: its pick is the first largest logit,
-    which is numpy's argmax (~25 us) without the 262k-entry candidate array that
-    llama_sampler_sample fills first (~300 us per token, on the decode thread between steps)."""
-    return (
-        llama_cpp.llama_sampler_chain_n(chain) == 1
-        and llama_cpp.llama_sampler_name(llama_cpp.llama_sampler_chain_get(chain, 0)) == b"greedy"
-    )
-
-
 def _free_samplers(pair: tuple[object, object]) -> None:
     for smpl in pair:
         if smpl:
             llama_cpp.llama_sampler_free(smpl)
+
+
+class _Batch:
+    """The decode batch: a llama_batch whose arrays are numpy memory (one sequence per token), so
+    a step writes the tokens of all its sequences with a few array stores, not five ctypes stores
+    per token. ``raw`` is what llama_decode gets; nothing here is freed by llama.cpp."""
+
+    def __init__(self, size: int) -> None:
+        self.token = np.zeros(size, dtype=np.int32)
+        self.pos = np.zeros(size, dtype=np.int32)
+        self.seq = np.zeros(size, dtype=np.int32)
+        self.logits = np.zeros(size, dtype=np.int8)
+        self._n_seq = np.ones(size, dtype=np.int32)
+        i32 = ctypes.POINTER(ctypes.c_int32)
+        base = self.seq.ctypes.data
+        self._seq_ptrs = (i32 * size)(*(ctypes.cast(base + 4 * i, i32) for i in range(size)))
+        self.raw = llama_cpp.llama_batch(
+            n_tokens=0,
+            token=self.token.ctypes.data_as(i32),
+            embd=None,
+            pos=self.pos.ctypes.data_as(i32),
+            n_seq_id=self._n_seq.ctypes.data_as(i32),
+            seq_id=self._seq_ptrs,
+            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
+
+    def next_tokens(self, tokens: list[int], pos: list[int], seqs: list[int]) -> None:
+        """Entries 0..n-1: one token per sequence, each with logits."""
+        n = len(tokens)
+        self.token[:n] = tokens
+        self.pos[:n] = pos
+        self.seq[:n] = seqs
+        self.logits[:n] = 1
+
+    def run(self, at: int, tokens: list[int], pos: int, seq: int, last: bool) -> None:
+        """Entries at..at+len-1: prompt tokens of one sequence from position ``pos``; logits for
+        the last one if ``last``."""
+        end = at + len(tokens)
+        self.token[at:end] = tokens
+        self.pos[at:end] = np.arange(pos, pos + len(tokens), dtype=np.int32)
+        self.seq[at:end] = seq
+        self.logits[at:end] = 0
+        if last:
+            self.logits[end - 1] = 1
 
 
 class _Candidates:
@@ -323,8 +378,11 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._slots: list[_Slot] = []
-        self._cost: dict[int, float] = {}  # EMA seconds of a pure-decode llama_decode by batch size
+        # EMA seconds of a pure-decode llama_decode by (batch size, OpenMP threads)
+        self._cost: dict[tuple[int, int], float] = {}
         self._explore = 0
+        self._explore_threads = 0
+        self._threads_now = self.n_threads  # what llama_set_n_threads last set
         self._embd_lock = threading.Lock()
         # events of the current step, handed over when it ends: the HTTP side then wakes once per
         # step, not in the middle of sampling (where every ctypes call lets it take the GIL)
@@ -333,6 +391,14 @@ class Engine:
         # where saved-prompt-cache counts go (the runner sends them up the event pipe)
         self.report: Callable[[KvCacheReport], None] = lambda report: None
         self._prefix: kvcache.PromptCache | None = None
+        # relay mode: the server's sink for a step's text chunks of relay jobs (ids, texts)
+        self.relay_chunks: Callable[[list[int], list[str]], None] | None = None
+        self._relay_ids: list[int] = []  # this step's, for relay_chunks
+        self._relay_texts: list[str] = []
+        # token -> its piece: text when it is whole UTF-8, else bytes; None not looked up yet
+        # or an end of generation (see _piece_entry)
+        self._pieces: list[str | bytes | None] = []
+        self._views: dict[tuple[int, int], np.ndarray] = {}  # logits views by (address, rows)
         self._keepalive: list[object] = []  # ctypes objects llama.cpp points at
 
     # -- load --------------------------------------------------------------------------------
@@ -402,7 +468,8 @@ class Engine:
             self.n_ctx_per_slot = llama_cpp.llama_n_ctx_seq(ctx)
             self.can_shift = bool(llama_cpp.llama_memory_can_shift(self.mem))
             self.n_batch = max(self.spec.num_batch, self.parallel)
-            self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+            self._batch = _Batch(self.n_batch)
+            self._pieces = [None] * self.n_vocab
             self._slots = [_Slot(i) for i in range(self.parallel)]
             self._candidates = _Candidates(self.n_vocab)
             self._one = _Candidates(1)
@@ -506,7 +573,6 @@ class Engine:
             self.vision.close()
             self.vision = None
         if self.ctx is not None:
-            llama_cpp.llama_batch_free(self.batch)
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
         with self._embd_lock:
@@ -623,7 +689,12 @@ class Engine:
         job.prompt = prompt
         job.media = media
         job.truncated = truncated
-        job.sampler = (self._sampler(opts, prompt), self._grammar(request.format))
+        grammar = self._grammar(request.format)
+        numpy_picks = grammar is None and (sampling.greedy(opts) or sampling.numpy_chain(opts))
+        job.sampler = (None if numpy_picks else self._sampler(opts, prompt), grammar)
+        job.seed = opts.seed if opts.seed >= 0 else random.getrandbits(64)
+        job.relay = request.relay if request.stream and self.relay_chunks is not None else 0
+        job.limit = self._limit(opts)
         with self._cond:
             if self._stopping:
                 _free_samplers(job.sampler)
@@ -631,6 +702,15 @@ class Engine:
             self._inbox.append(job)
             self._cond.notify_all()
         return job
+
+    def _limit(self, o: SamplingOptions) -> int:
+        """Generated tokens after which a job ends with "length": num_predict, and
+        LaunchSpec.predict_limit x num_ctx (a model that never ends its turn can't hold a slot
+        forever)."""
+        caps = [o.num_predict] if o.num_predict > 0 else []
+        if self.spec.predict_limit:
+            caps.append(self.spec.predict_limit * self.n_ctx_per_slot)
+        return min(caps, default=sys.maxsize)
 
     def _grammar(self, fmt: object):
         """The grammar sampler for format "json" or a JSON schema (None without a format). It is
@@ -763,10 +843,15 @@ class Engine:
         try:
             self._step_slots()
         finally:
+            ids, texts = self._relay_ids, self._relay_texts
+            if ids:
+                self._relay_ids, self._relay_texts = [], []
+                assert self.relay_chunks is not None
+                self.relay_chunks(ids, texts)  # before the events: a job's last chunk, then done
             out, self._outbox = self._outbox, []
             for emit, event in out:
                 emit(event)
-            if out:
+            if out or ids:
                 self.after_emit()
 
     def _post(self, job: Job, event: CompletionChunk | CompletionDone | CompletionError) -> None:
@@ -796,11 +881,36 @@ class Engine:
         k = len(active)
         if k == 1 or any(s.pending for s in active):
             return [active]
-        c1, ck = self._cost.get(1), self._cost.get(k)
+        c1, ck = self._best_cost(1), self._best_cost(k)
         self._explore += 1
         if c1 is None or ck is None or c1 * k >= ck or self._explore % 32 == 0:
             return [active]
         return [[s] for s in active]
+
+    def _best_cost(self, n: int) -> float | None:
+        known = [c for (size, _), c in self._cost.items() if size == n]
+        return min(known) if known else None
+
+    def _threads_for(self, n: int) -> int:
+        """OpenMP threads for a pure-decode batch of ``n`` tokens: all of them, or one when that
+        measured faster. A small step (a tiny model, a few sequences of a small one) does so
+        little at each of the graph's ~70-300 nodes that the threads' barrier hand-offs cost
+        more than they share, and on a machine whose cores are shared with other processes a
+        partner thread that lost its core stalls every barrier. The count not in use is tried
+        again every 32nd such step while the two measured within 1.5x of each other, else every
+        256th (at most ~0.4 % of the steps of a model that gains from its threads)."""
+        full = self.n_threads
+        if full == 1:
+            return 1
+        many, one = self._cost.get((n, full)), self._cost.get((n, 1))
+        if many is None:
+            return full
+        if one is None:
+            return 1
+        self._explore_threads += 1
+        best, other = (1, full) if one < many else (full, 1)
+        every = 32 if max(one, many) < 1.5 * min(one, many) else 256
+        return other if self._explore_threads % every == 0 else best
 
     def _decode_group(self, group: list[_Slot]) -> None:
         now = time.perf_counter_ns()
@@ -809,17 +919,26 @@ class Engine:
         for s in group:
             while s.job is not None and s.pending and s.pending[0] < 0:
                 self._eval_image(s, now)
-        # 3b. one batch: next tokens first, then prompt chunks while there is room
-        n = 0
+        # 3b. one batch: next tokens first, then prompt chunks while there is room. ``rows``:
+        # the slots whose logits this decode produces, in batch order (= their logits rows)
+        rows: list[_Slot] = []
+        tokens: list[int] = []
+        pos: list[int] = []
+        seqs: list[int] = []
         for s in group:
             s.batch_index = -1
-            if s.next_token is not None:
-                self._put(n, s.next_token, len(s.cache), s.id, True)
-                s.cache.append(s.next_token)
+            t = s.next_token
+            if t is not None:
+                s.batch_index = len(rows)
+                rows.append(s)
+                tokens.append(t)
+                pos.append(len(s.cache))
+                seqs.append(s.id)
+                s.cache.append(t)
                 s.next_token = None
-                s.batch_index = n
-                n += 1
-        pure_decode = n
+        b = self._batch
+        b.next_tokens(tokens, pos, seqs)
+        n = pure_decode = len(rows)
         for s in group:
             if not s.pending or n >= self.n_batch or s.pending[0] < 0:
                 continue
@@ -829,21 +948,26 @@ class Engine:
             if s.media:
                 take = take[: next((i for i, t in enumerate(take) if t < 0), len(take))]
             del s.pending[: len(take)]
-            for i, t in enumerate(take):
-                last = not s.pending and i == len(take) - 1
-                self._put(n, t, len(s.cache), s.id, last)
-                s.cache.append(t)
-                if last:
-                    s.batch_index = n
-                n += 1
-        self.batch.n_tokens = n
-        # 4. decode
+            last = not s.pending
+            b.run(n, take, len(s.cache), s.id, last)
+            s.cache += take
+            n += len(take)
+            if last:
+                s.batch_index = n - 1
+                rows.append(s)
+        b.raw.n_tokens = n
+        # 4. decode (a pure-decode batch with the thread count that measured faster)
+        threads = self._threads_for(n) if pure_decode == n else self.n_threads
+        if threads != self._threads_now:
+            llama_cpp.llama_set_n_threads(self.ctx, threads, threads)
+            self._threads_now = threads
         t0 = time.perf_counter()
-        rc = llama_cpp.llama_decode(self.ctx, self.batch)
+        rc = llama_cpp.llama_decode(self.ctx, b.raw)
         if pure_decode == n and rc == 0:
-            old = self._cost.get(n)
+            key = (n, threads)
+            old = self._cost.get(key)
             took = time.perf_counter() - t0
-            self._cost[n] = took if old is None else 0.8 * old + 0.2 * took
+            self._cost[key] = took if old is None else 0.8 * old + 0.2 * took
         if rc != 0:
             reason = f"llama_decode failed ({rc})"
             for s in group:
@@ -854,18 +978,99 @@ class Engine:
                 if job is not None and not job.cancelled.is_set():
                     self._post(job, CompletionError(error=reason))
             return
-        # 5. sample (before the next llama_decode overwrites the logits)
-        for s in group:
-            if s.batch_index >= 0 and s.job is not None:
-                self._sample(s)
+        # 5. choose and take every row's token (before the next llama_decode overwrites them)
+        if rows:
+            self._take_rows(rows, self._choose(rows, self._logit_rows(len(rows))))
 
-    def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
-        b = self.batch
-        b.token[i] = token
-        b.pos[i] = pos
-        b.n_seq_id[i] = 1
-        b.seq_id[i][0] = seq
-        b.logits[i] = logits
+    def _logit_rows(self, n: int) -> np.ndarray:
+        """The last decode's logits, one row per output in batch order (a view of llama.cpp's
+        buffer, valid until the next llama_decode)."""
+        ptr = llama_cpp.llama_get_logits(self.ctx)
+        key = (ctypes.addressof(ptr.contents), n)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) > 256:
+                self._views.clear()
+            view = self._views[key] = np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab))
+        return view
+
+    def _choose(self, rows: list[_Slot], logits: np.ndarray) -> list[int]:
+        """The next token of every row: one argmax for the greedy rows, runner/sampling.py for
+        the numpy chains, llama.cpp's chain (``_pick``) for the others, one by one."""
+        n = len(rows)
+        greedy = [i for i, s in enumerate(rows) if s.argmax]
+        if len(greedy) == n:
+            return logits.argmax(axis=1).tolist()
+        tokens = logits.argmax(axis=1).tolist() if greedy else [0] * n
+        drawn = [i for i, s in enumerate(rows) if s.chain is not None]
+        if drawn:
+            chains = [rows[i].chain for i in drawn]
+            sub = logits if len(drawn) == n else logits[drawn]
+            for i, t in zip(drawn, sampling.sample(sub, chains).tolist(), strict=True):  # type: ignore[arg-type]
+                tokens[i] = t
+        if len(greedy) + len(drawn) < n:
+            for i, s in enumerate(rows):
+                if not s.argmax and s.chain is None:
+                    tokens[i] = self._pick(s)
+        return tokens
+
+    def _take_rows(self, rows: list[_Slot], tokens: list[int]) -> None:
+        """Take each row's token. The short path, for a streaming job past its first token that
+        needs nothing else from this one (not an end of generation, no logprobs, no thinking
+        before a grammar, no limit or full context reached): count it, queue it for the next
+        batch and its text for the step's events, the piece from the piece table (a whole UTF-8
+        piece that cannot touch a stop string passes as is, anything else through the job's
+        TextStream). Anything else goes through _accept."""
+        pieces = self._pieces
+        n_ctx = self.n_ctx_per_slot
+        ids, texts = self._relay_ids, self._relay_texts
+        for s, token in zip(rows, tokens, strict=True):
+            piece = pieces[token]
+            if piece is None:
+                piece = self._piece_entry(token)  # still None: an end of generation
+            job = s.job
+            if (
+                piece is None
+                or job is None
+                or not s.fast
+                or s.n_generated + 1 >= s.limit
+                or len(s.cache) >= n_ctx
+            ):
+                self._accept(s, token)
+                continue
+            s.n_generated += 1
+            s.tokens.append(token)
+            stream = s.text
+            if isinstance(piece, str) and stream.passes(piece):
+                text = piece
+            else:
+                text = stream.feed(piece if isinstance(piece, bytes) else piece.encode())
+                if stream.stopped:
+                    if text:
+                        self._post(job, CompletionChunk(content=text))
+                    self._finish(s, "stop")
+                    continue
+            s.next_token = token
+            if not text:
+                continue
+            if s.relay:
+                ids.append(s.relay)
+                texts.append(text)
+            else:
+                self._post(job, CompletionChunk(content=text))
+
+    def _piece_entry(self, token: int) -> str | bytes | None:
+        """Fill the piece table's entry of ``token``: its piece as text when it is whole UTF-8,
+        else its bytes; None (left unfilled) for an end of generation."""
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            return None
+        raw = self.piece(token)
+        try:
+            entry: str | bytes = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            entry = raw
+        self._pieces[token] = entry
+        return entry
 
     def _eval_image(self, s: _Slot, now: int) -> None:
         """Encode the image at the head of ``s.pending`` and decode its embeddings into the
@@ -923,11 +1128,16 @@ class Engine:
         b.logits[i] = logits
 
     def _sample(self, s: _Slot) -> None:
+        """Choose and take the token of one slot (a prompt that ended in an image)."""
+        self._accept(s, self._pick(s))
+
+    def _accept(self, s: _Slot, token: int) -> None:
+        """Take ``token`` as the slot's next one, in full: the first token's timing, end of
+        generation, logprobs, thinking before a grammar, stop strings, limits, a full context."""
         job = s.job
         assert job is not None
         req = job.request
         o = req.options
-        token = self._pick(s)
         now = time.perf_counter_ns()
         if not s.t_first:
             s.t_first = now
@@ -949,13 +1159,7 @@ class Engine:
             self._post(job, CompletionChunk(content=out, logprobs=take_logprobs(s.logprobs)))
         if s.text.stopped:
             return self._finish(s, "stop")
-        if o.num_predict > 0 and s.n_generated >= o.num_predict:
-            return self._finish(s, "length")
-        # a model that never ends its turn can't hold a slot forever (LaunchSpec.predict_limit)
-        if (
-            self.spec.predict_limit
-            and s.n_generated >= self.spec.predict_limit * self.n_ctx_per_slot
-        ):
+        if s.n_generated >= s.limit:  # num_predict, or LaunchSpec.predict_limit (see _limit)
             return self._finish(s, "length")
         if len(s.cache) >= self.n_ctx_per_slot:  # the next token has no cell left
             shift = self.spec.shift if req.shift is None else req.shift
@@ -963,6 +1167,7 @@ class Engine:
                 return self._finish(s, "length")
             self._shift(s, o.num_keep)
         s.next_token = token
+        s.fast = req.stream and not req.logprobs and s.grammar_wait is None
 
     def _pick(self, s: _Slot) -> int:
         """Sample and accept the slot's next token. With a grammar, llama.cpp's common_sampler
@@ -971,6 +1176,8 @@ class Engine:
         against the grammar at every step is ~100 ms)."""
         if s.argmax:  # greedy keeps no state: nothing to accept
             return int(self._logits(s.batch_index).argmax())
+        if s.chain is not None:
+            return int(sampling.sample(self._logits(s.batch_index)[None, :], [s.chain])[0])
         if s.grammar is None or s.grammar_wait is not None:
             return llama_cpp.llama_sampler_sample(s.sampler, self.ctx, s.batch_index)
         logits = self._logits(s.batch_index)

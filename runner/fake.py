@@ -104,6 +104,9 @@ class FakeEngine:
         self._emitted = 0  # tokens over the process, for crash_after_tokens
         self.after_emit: Callable[[], None] = no_op
         self.report: Callable[[KvCacheReport], None] = lambda report: None  # keeps no KV
+        self.relay_chunks: Callable[[list[int], list[str]], None] | None = None
+        self._relay_ids: list[int] = []  # this step's text of relay jobs, as the real engine
+        self._relay_texts: list[str] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -191,11 +194,19 @@ class FakeEngine:
                 self._admit()
                 for seq in self._active:
                     self._step(seq)
-                self.after_emit()
+                self._hand_over()
                 self._active = [s for s in self._active if not s.done]
             rest = period - (time.perf_counter() - t0)
             if rest > 0:
                 time.sleep(rest)
+
+    def _hand_over(self) -> None:
+        """The step's events are out: its relay text first (one call), then after_emit."""
+        if self._relay_ids:
+            assert self.relay_chunks is not None
+            self.relay_chunks(self._relay_ids, self._relay_texts)
+            self._relay_ids, self._relay_texts = [], []
+        self.after_emit()
 
     def _admit(self) -> None:
         while self._waiting and len(self._active) < self.parallel:
@@ -241,14 +252,18 @@ class FakeEngine:
                 if past_thinking(seq.generated, *seq.grammar_wait):
                     seq.grammar_wait, seq.json = None, True
             out = seq.text.feed(piece)
-            if out and job.request.stream:
+            relayed = job.request.relay and job.request.stream and self.relay_chunks is not None
+            if out and relayed and not seq.logprobs:
+                self._relay_ids.append(job.request.relay)
+                self._relay_texts.append(out)
+            elif out and job.request.stream:
                 job.emit(CompletionChunk(content=out, logprobs=take_logprobs(seq.logprobs)))
             self._emitted += 1
             if (
                 self.knobs.crash_after_tokens is not None
                 and self._emitted >= self.knobs.crash_after_tokens
             ):
-                self.after_emit()  # what was emitted so far is out, as with a real crash mid-stream
+                self._hand_over()  # what was emitted so far is out, as with a real crash mid-stream
                 os._exit(1)
             if len(seq.tokens) - seq.n_prompt < seq.limit and not seq.text.stopped:
                 return

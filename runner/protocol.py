@@ -350,12 +350,23 @@ class Relay(msgspec.Struct, frozen=True, kw_only=True, tag="relay", tag_field="t
     event: CompletionEvent
 
 
-_event_decoder: msgspec.json.Decoder[RunnerEvent | Relay | KvCacheReport] = msgspec.json.Decoder(
-    RunnerEvent | Relay | KvCacheReport
+class RelayStep(msgspec.Struct, frozen=True, kw_only=True, tag="step", tag_field="type"):
+    """The text of one decode step for several relay requests, one line for all of them:
+    ``content[i]`` is a CompletionChunk (without logprobs) of request ``ids[i]``. A step writes
+    it before its Relay lines (a request's last chunk comes before its done)."""
+
+    ids: list[int]
+    content: list[str]
+
+
+_event_decoder: msgspec.json.Decoder[RunnerEvent | Relay | RelayStep | KvCacheReport] = (
+    msgspec.json.Decoder(RunnerEvent | Relay | RelayStep | KvCacheReport)
 )
 
 
-def decode_event(line: bytes | str) -> Loading | Ready | LoadFailed | Relay | KvCacheReport:
+def decode_event(
+    line: bytes | str,
+) -> Loading | Ready | LoadFailed | Relay | RelayStep | KvCacheReport:
     """Raise msgspec.ValidationError/DecodeError on an unknown tag, version or a bad field."""
     return _event_decoder.decode(line)
 

@@ -7,11 +7,13 @@ cancellation is on), which frees the slot at the engine's next step. While drain
 new work is refused with 503.
 
 Relay mode (``CompletionRequest.relay`` = id, streaming, when the runner was started by the
-daemon): the events do not go through this HTTP response but up the event pipe as ``Relay``
-lines, written by the decode thread itself, one write per step for all sequences
-(:class:`PipeRelay`). That takes the event loop out of the per-token path: no wake-up of this
-process's loop thread and one write per step instead of one per stream, so the two decode
-threads lose fewer time slices to the HTTP side on a machine with as many cores as threads.
+daemon): the events do not go through this HTTP response but up the event pipe, written by the
+decode thread itself, one write per step for all sequences (:class:`PipeRelay`): the step's
+text chunks as ONE ``RelayStep`` line (the engine hands them over in one ``relay_chunks`` call),
+any other event (a first token, logprobs, a done) as a ``Relay`` line. That takes the event
+loop out of the per-token path: no wake-up of this process's loop thread and one write per step
+instead of one per stream, so the two decode threads lose fewer time slices to the HTTP side on
+a machine with as many cores as threads.
 The HTTP request stays open as the job's handle: it ends (``{}``) once the job's last event is
 in the pipe, and closing it cancels the job.
 """
@@ -40,6 +42,7 @@ from corral.runner.protocol import (
     ErrorResponse,
     Health,
     Relay,
+    RelayStep,
     TokenizeRequest,
     TokenizeResponse,
     encode,
@@ -95,16 +98,23 @@ class _Mailbox:
 
 
 class PipeRelay:
-    """Completion events of relay-mode jobs, written up the event pipe (``write``) as Relay lines:
-    :meth:`put` (decode thread) collects a burst, :meth:`flush` (the engine's ``after_emit``)
-    writes it at once, then runs the end callbacks of the jobs that finished in it, so a job's
-    HTTP handle ends only after its last event is in the pipe."""
+    """Completion events of relay-mode jobs, written up the event pipe (``write``): :meth:`chunks`
+    (the engine's ``relay_chunks``) takes a step's text chunks as one RelayStep line, :meth:`put`
+    (decode thread) any other event as a Relay line; :meth:`flush` (the engine's ``after_emit``)
+    writes the burst at once, RelayStep lines first, then runs the end callbacks of the jobs that
+    finished in it, so a job's HTTP handle ends only after its last event is in the pipe."""
 
     def __init__(self, write: Callable[[bytes], None]) -> None:
         self._write = write
         self._lock = threading.Lock()
+        self._steps: list[bytes] = []
         self._lines: list[bytes] = []
         self._ended: list[Callable[[], None]] = []
+
+    def chunks(self, ids: list[int], texts: list[str]) -> None:
+        line = encode(RelayStep(ids=ids, content=texts))
+        with self._lock:
+            self._steps.append(line)
 
     def put(
         self,
@@ -120,9 +130,10 @@ class PipeRelay:
 
     def flush(self) -> None:
         with self._lock:
-            if not self._lines:
+            if not self._lines and not self._steps:
                 return
-            lines, self._lines = self._lines, []
+            lines = self._steps + self._lines
+            self._steps, self._lines = [], []
             ended, self._ended = self._ended, []
             lines.append(b"")
             self._write(b"\n".join(lines))  # under the lock: bursts reach the pipe in order
@@ -138,6 +149,7 @@ class RunnerServer:
         self.relay = relay
         if relay is not None:
             engine.after_emit = relay.flush
+            engine.relay_chunks = relay.chunks
         self.draining = False
         self.inflight = 0
         self._idle = asyncio.Event()

@@ -261,6 +261,38 @@ async def test_streams_come_up_the_event_pipe_and_a_killed_runner_ends_them():
         await r.stop(grace=5)
 
 
+async def test_a_step_line_fans_its_text_out_to_the_open_relays(tmp_path):
+    """One RelayStep line (a decode step's text for several streams) puts a CompletionChunk in
+    each open relay's queue, in order with the Relay lines after it; ids not open (closed, or
+    never opened) are dropped."""
+    go = tmp_path / "go"
+    code = (
+        "import sys, os, time, json\n"
+        "sys.stdin.readline()\n"
+        "out = os.fdopen(1, 'wb', buffering=0)\n"
+        "out.write(json.dumps({'type': 'ready', 'version': 1, 'port': 1, 'pid': os.getpid(),"
+        " 'n_ctx': 8, 'n_ctx_per_slot': 8, 'parallel': 2}).encode() + b'\\n')\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+        'out.write(b\'{"type":"step","ids":[1,2,3],"content":["a","b","c"]}\\n\''
+        ' b\'{"type":"relay","id":1,"event":{"type":"done","eval_count":1}}\\n\')\n'
+        "sys.stdin.readline()\n"
+    )
+    r = RunnerProcess("m:1", argv=script(code))
+    await asyncio.wait_for(r.start(spec(), load_timeout=10), SAFETY)
+    try:
+        (one, q1), (two, _) = r.open_relay(), r.open_relay()
+        assert (one, two) == (1, 2)
+        r.close_relay(two)
+        go.touch()
+        async with asyncio.timeout(SAFETY):
+            first, last = await q1.get(), await q1.get()
+        assert first == CompletionChunk(content="a")
+        assert isinstance(last, CompletionDone) and last.eval_count == 1
+        assert q1.empty()
+    finally:
+        await r.stop(grace=5)
+
+
 async def test_relays_left_early_or_finished_leave_nothing_behind():
     """Eight relayed streams on a 4-slot runner, half abandoned after their first token (a
     client gone): every stream ends as it should, no relay queue stays registered and the

@@ -8,9 +8,27 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from corral.runner.protocol import LaunchSpec
 from corral.runner.server import PipeRelay, RunnerServer
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_gguf):
+    """The real engine (llama.cpp) on the tiny model, loaded and started, one per test module:
+    parallel 4, 256 cells per slot, one thread."""
+    pytest.importorskip("llama_cpp")
+    from corral.runner.engine import Engine
+
+    e = Engine(
+        LaunchSpec(model_path=str(tiny_gguf), num_ctx=256, parallel=4, num_thread=1, num_batch=256)
+    )
+    e.load(lambda p: None)
+    e.start()
+    yield e
+    e.close()
 
 
 @asynccontextmanager

@@ -15,6 +15,7 @@ from corral.runner.protocol import (
     FakeKnobs,
     LaunchSpec,
     Relay,
+    RelayStep,
     decode_event,
 )
 from corral.runner.server import PipeRelay
@@ -181,14 +182,27 @@ async def test_events_waiting_together_go_out_in_one_http_chunk(engine):
 
 
 class Pipe:
-    """The event pipe's write end as PipeRelay sees it: every write kept, decoded."""
+    """The event pipe's write end as PipeRelay sees it: every write kept, decoded into Relay
+    events (a RelayStep line is a chunk for each of its ids, as the daemon reads it)."""
 
     def __init__(self) -> None:
         self.writes: list[list[Relay]] = []
+        self.steps = 0  # RelayStep lines seen
 
     def write(self, data: bytes) -> None:
         assert data.endswith(b"\n")
-        self.writes.append([decode_event(line) for line in data.splitlines()])
+        out: list[Relay] = []
+        for line in data.splitlines():
+            event = decode_event(line)
+            if isinstance(event, RelayStep):
+                self.steps += 1
+                out += [
+                    Relay(id=i, event=CompletionChunk(content=text))
+                    for i, text in zip(event.ids, event.content, strict=True)
+                ]
+            else:
+                out.append(event)
+        self.writes.append(out)
 
     def events(self, relay_id: int) -> list:
         return [r.event for w in self.writes for r in w if r.id == relay_id]
@@ -214,9 +228,11 @@ async def test_relay_events_go_up_the_pipe_one_write_per_step():
             assert [e.content for e in events[:-1]] == plain_chunks
             assert events[-1].eval_count == plain_done["eval_count"] == 6
             assert all(isinstance(e, CompletionChunk) for e in events[:-1])
-        # both sequences step together: their events of a step share one write
+        # both sequences step together: their events of a step share one write, the text of
+        # both in one RelayStep line
         assert any({r.id for r in w} == {1, 2} for w in pipe.writes)
         assert len(pipe.writes) <= 8  # 6 tokens + done, two streams: per step, not per event
+        assert 5 <= pipe.steps <= 12
     finally:
         engine.close()
 
