@@ -40,6 +40,33 @@ prompts, 128 generated) gives the text-generation ceiling at the same
 N, and corral's share of it. `uptime`'s load is printed with every round: other processes on a
 2-core machine move the numbers a lot (see below).
 
+Where the runner's CPU per token goes on the tiny model, 32 streams x 512 greedy tokens on 32
+slots, corral alone (no llama-server beside it: it was not built yet), per-process CPU from
+/proc, llama_decode's share from the `decode` hooks, py-spy/perf on the runner; the machine was
+shared with 7 other engineers' builds and test suites (load average 11-20), so absolute figures
+are inflated and only the split is meant:
+
+                              runner CPU    of which        runner outside   daemon CPU
+                              per token     llama_decode    llama_decode     per token
+  before (main at 3856599)    250-307 us    86-92 %         ~30-40 us        46-78 us
+  after (bf9f3b2)             199-215 us    90-91 %         ~19-21 us        39-43 us
+
+  * The issue's premise ("a decode that takes microseconds") does not hold at 512 tokens: perf
+    on the runner puts ~45 % of its samples in flash attention (ggml_compute_forward_flash_attn_ext,
+    expf, ggml_vec_dot_f16: 32 sequences x 8 head-layers x a 256-768-cell KV window per token),
+    ~15 % in libgomp's barrier spin and ~10 % in the kernel's futex wake-ups; llama_decode alone,
+    in-process on one thread, costs ~270-300 us CPU per token of a 32-sequence step here. That
+    is llama.cpp's work and llama-server pays the same per token.
+  * The Python around it (decode thread, per step of 32): before, ~1.27 ms (pick 0.45 ms: a
+    numpy view per row through np.ctypeslib and one argmax each; detokenise 0.22 ms: a
+    ctypes piece() call and an incremental decoder per token; per token a CompletionChunk, an
+    emit, a msgspec encode of a Relay line; five ctypes stores per batch entry; EOG via ctypes);
+    after, ~0.58 ms with the real decode and 0.13 ms with llama_decode stubbed (one argmax for
+    the step, a piece table, one RelayStep line; the rest is per-sequence list work and, on the
+    tiny model's random output, the ~25 % of tokens that are lone UTF-8 bytes and go through
+    the TextStream). The in-process figures per step, llama_decode stubbed, are in
+    docs/DESIGN.md "Per-step cost".
+
 Where the time went at 4 streams (`--timeline 4`: the runner's decode loop wrapped with timers by
 bench/timeline_hooks, CPU seconds per process and thread from /proc; ms per decode step of 4
 sequences, means over the ~130 steps of one run of 4 x 128 tokens; before = main at 47458ed,
@@ -256,7 +283,13 @@ class LlamaServer:
     label = "llama-server"
 
     def __init__(
-        self, binary: Path, model: Path, n: int, threads: int, env: dict[str, str]
+        self,
+        binary: Path,
+        model: Path,
+        n: int,
+        threads: int,
+        env: dict[str, str],
+        ctx_per_slot: int = 4096,
     ) -> None:
         self.pids: dict[str, int] = {}
         self.port = free_port()
@@ -269,7 +302,7 @@ class LlamaServer:
                 "-np",
                 str(n),
                 "-c",
-                str(n * 4096),
+                str(n * ctx_per_slot),
                 "-t",
                 str(threads),
                 "-tb",
@@ -640,13 +673,18 @@ async def long_prompt(session: aiohttp.ClientSession, url: str, n_tokens: int) -
 async def prefill(args, server_bin: Path, model: Model, store: Path) -> None:
     """Time to the one generated token of an ``--prefill-tokens`` prompt, one slot each, no
     prompt cache (every round's prompt starts differently), A-B-A-B."""
-    a = LlamaServer(server_bin / "llama-server", model.path, 1, args.threads, server_env(args))
+    ctx = args.prefill_tokens + 512
+    a = LlamaServer(server_bin / "llama-server", model.path, 1, args.threads, server_env(args), ctx)
     b = Corral(store, 1, args.threads, model.name)
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as s:
             await b.create(s, model.path)
             await a.ready(s)
             await b.ready(s)
+            opts = {"num_ctx": ctx, "num_predict": 1, "num_thread": args.threads}
+            warm = {"model": b.name, "prompt": "hi", "raw": True, "stream": False, "options": opts}
+            async with s.post(b.url + "/api/generate", json=warm) as resp:  # loads with num_ctx
+                assert resp.status == 200, await resp.text()
             text = await long_prompt(s, a.url, args.prefill_tokens)
             times: dict[str, list[float]] = {"llama-server": [], "corral": []}
             for r in range(args.rounds):
@@ -672,7 +710,7 @@ async def prefill(args, server_bin: Path, model: Model, store: Path) -> None:
                                 "temperature": 0,
                                 "num_predict": 1,
                                 "num_thread": args.threads,
-                                "num_ctx": args.prefill_tokens + 512,
+                                "num_ctx": ctx,
                             },
                         }
                         async with s.post(b.url + "/api/generate", json=body) as resp:
