@@ -4,10 +4,48 @@ Baseline and subject are measured in the same run with the same FakeEngine knobs
   direct  -> a runner process we spawn ourselves (`python -m corral.runner`, FakeEngine), its
              /completion endpoint called straight;
   daemon  -> `corral serve` (CORRAL_RUNNER_ENGINE=fake) with the tiny model, /api/generate.
-Prints p50/p99 added TTFT in ms (target: p50 <= 2 ms) and requests/s for tiny non-streaming
-requests (num_predict 1) through both, with the ratio.
+Prints p50/p99 added TTFT in ms (target: p50 <= 1 ms) and, for tiny non-streaming requests
+(num_predict 1) one after another, requests/s through both measured A-B-A-B in 10 blocks, their
+ratio (target >= 0.6) and the CPU µs per request of the daemon, its runner and the direct runner
+(user + system time of each process over its blocks). The daemon's log goes to a file: a pipe
+drained by a thread of this process took the client's GIL for every request's log line.
 
     ./dev bench daemon_overhead [--n 200]
+
+A request's fixed cost (issue 18, point 5). Where the daemon's event loop spent its busy time on
+2,000 tiny non-streaming /api/generate requests (py-spy samples of the daemon, share of the
+loop's non-idle samples; a socket write that wakes the peer shows the time the daemon lost its
+CPU to it, on this 2-core machine shared with seven other sessions, load average 12-18):
+
+  part of a request                                    before (5dac2bc)   after (05f7873)
+  runner call: aiohttp ClientSession request + parse         34%              21%
+  aiohttp server: parse, handler task, response write        28%              54%
+  request log line (structlog; two writes per line)          14%               6%
+  acquire/release: hop to the supervisor task and back        8%               6%
+  options, prompt render, JSON answer                         6%               7%
+  Host/CORS/metrics/error middlewares                         4%               5%
+  resolve: store stat, GGUF stat + parse-cache, caps          4%               2%
+  Job.events left to the loop's finalizer: self-pipe, task    2%               0
+
+What changed: the runner calls go through runner_http.RunnerHTTP (per-runner keep-alive
+connections, a pre-built head, one write, a small parser) instead of an aiohttp client request;
+a request's arrival and release are dispatched by the scheduler in the request's own task when
+nothing is queued (no round trip through the supervisor's task; a free slot is granted at
+acquire's first step); completion_job closes the job's event generator (every writer stopped at
+Done and left it to the loop's finalizer: a self-pipe write, a wake-up and a task per request);
+the model's GGUF facts and capabilities are kept per store record (one stat); the Host check
+keeps each header's verdict; one write per log line; the blob digest regex cached.
+
+Same run, A-B-A-B (tmp ab harness: direct runner, daemon at 5dac2bc, daemon at 05f7873), load
+average 16: daemon CPU per tiny request 2267 -> 1567 µs; requests/s 72 -> 95 against 278 direct
+(0.26 -> 0.34). This bench alone at 05f7873, load average 16: direct 272/s, daemon 117/s,
+ratio 0.43, added TTFT p50 0.48 ms; before these changes, load average 11-12: 0.26-0.34
+(0.39 on a quieter machine when the issue was written). The runner behind the daemon costs more
+CPU per request than the same runner called directly (880 vs 720 µs): the daemon's call is slower,
+so the runner sleeps between requests and wakes with cold caches on a machine this loaded.
+What is left is mostly aiohttp's server side (a request object, a task, headers) and the
+loopback hops themselves: client -> daemon -> runner -> daemon -> client is two more process
+wake-ups than direct, which on an oversubscribed machine cost more than the CPU.
 """
 
 from __future__ import annotations

@@ -415,6 +415,11 @@ class RunnerProcess:
     def _on_data(self, fd: int, data: bytes) -> None:
         self._last_activity = self._clock()
         buf = self._partial[fd]
+        if not buf and data.endswith(b"\n"):  # whole lines, as a relay step comes: no copies
+            for line in data[:-1].split(b"\n"):
+                self._on_line(fd, line)
+            self._wake.set()
+            return
         buf.extend(data)
         while True:
             nl = buf.find(b"\n")

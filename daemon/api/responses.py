@@ -61,12 +61,22 @@ class LazyStream:
         goes out with it in one write."""
         if self.gone:
             return
-        self._held.append(self.prefix + payload + self.suffix)
-        if not hold:
-            await self._flush()
+        frame = self.prefix + payload + self.suffix
+        if hold:
+            self._held.append(frame)
+            return
+        if self._held:  # per token the usual case is none: no list, no join
+            self._held.append(frame)
+            frame = b"".join(self._held)
+            self._held.clear()
+        await self._send(frame)
 
     async def _flush(self) -> None:
-        frames, self._held = b"".join(self._held), []
+        frames = b"".join(self._held)
+        self._held.clear()
+        await self._send(frames)
+
+    async def _send(self, frames: bytes) -> None:
         try:
             if self.response is None:
                 self.response = web.StreamResponse(headers=self.headers)
