@@ -912,6 +912,11 @@ class Engine:
         every = 32 if max(one, many) < 1.5 * min(one, many) else 256
         return other if self._explore_threads % every == 0 else best
 
+    def _use_threads(self, threads: int) -> None:
+        if threads != self._threads_now:
+            llama_cpp.llama_set_n_threads(self.ctx, threads, threads)
+            self._threads_now = threads
+
     def _decode_group(self, group: list[_Slot]) -> None:
         now = time.perf_counter_ns()
         # 3a. images at the head of a prompt: encoded and decoded on their own (an embeddings
@@ -958,9 +963,7 @@ class Engine:
         b.raw.n_tokens = n
         # 4. decode (a pure-decode batch with the thread count that measured faster)
         threads = self._threads_for(n) if pure_decode == n else self.n_threads
-        if threads != self._threads_now:
-            llama_cpp.llama_set_n_threads(self.ctx, threads, threads)
-            self._threads_now = threads
+        self._use_threads(threads)
         t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(self.ctx, b.raw)
         if pure_decode == n and rc == 0:
@@ -1098,6 +1101,7 @@ class Engine:
                 for i in range(k):
                     self._put_embd(batch, i, pos0 + off + i, s.id, last and off + i == n_tok - 1)
                 batch.n_tokens = k
+                self._use_threads(self.n_threads)  # a step may have left one thread set
                 rc = llama_cpp.llama_decode(self.ctx, batch)
                 if rc != 0:
                     raise RuntimeError(f"llama_decode failed ({rc}) on an image")
