@@ -39,8 +39,10 @@ keeps each header's verdict; one write per log line; the blob digest regex cache
 Same run, A-B-A-B (tmp ab harness: direct runner, daemon at 5dac2bc, daemon at 05f7873), load
 average 16: daemon CPU per tiny request 2267 -> 1567 µs; requests/s 72 -> 95 against 278 direct
 (0.26 -> 0.34). This bench alone at 05f7873, load average 16: direct 272/s, daemon 117/s,
-ratio 0.43, added TTFT p50 0.48 ms; before these changes, load average 11-12: 0.26-0.34
-(0.39 on a quieter machine when the issue was written). The runner behind the daemon costs more
+ratio 0.43, added TTFT p50 0.48 ms; at 79f4743, load average 14, two runs: 0.29 and 0.29
+(314/91 and 235/68 per s), added TTFT p50 0.21 and 0.64 ms, daemon 1470 and 2120 µs per
+request. Before these changes, load average 11-12: 0.26-0.34 (0.39 on a quieter machine when
+the issue was written). The target, 0.6, is not reached. The runner behind the daemon costs more
 CPU per request than the same runner called directly (880 vs 720 µs): the daemon's call is slower,
 so the runner sleeps between requests and wakes with cold caches on a machine this loaded.
 What is left is mostly aiohttp's server side (a request object, a task, headers) and the
