@@ -19,9 +19,9 @@ decides, in this order:
 
 Refusals are :class:`ApiError` s, so the error middleware (outside this one) answers in the
 route's shape (native, OpenAI, Anthropic). A key is never logged; its name is. Every admin
-action (create, copy, delete, pull, push, blob upload, cancel_request) writes one ``audit`` line with the
-action, the key's name (None without keys), the client's address, the models (or blob) it
-names and the status, refused attempts included.
+action (create, copy, delete, pull, push, blob upload, cancel_request) writes one ``audit`` line
+with the action, the key's name (None without keys), the client's address, the models (or blob)
+it names and the status, refused attempts included.
 """
 
 from __future__ import annotations
