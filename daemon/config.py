@@ -43,6 +43,10 @@ FOREVER = math.inf
 DEFAULT_KEEP_ALIVE = 300.0
 DEFAULT_LOAD_TIMEOUT = 300.0
 DEFAULT_MAX_QUEUE = 512
+DEFAULT_MAX_BODY = 32 << 20  # CORRAL_MAX_BODY: bytes of a request body (blob uploads excepted)
+DEFAULT_HEADER_TIMEOUT = 10.0  # CORRAL_HEADER_TIMEOUT
+DEFAULT_BODY_TIMEOUT = 60.0  # CORRAL_BODY_TIMEOUT
+DEFAULT_IDLE_TIMEOUT = 75.0  # CORRAL_IDLE_TIMEOUT
 DEFAULT_PORT = 11434
 DEFAULT_PREDICT_LIMIT = 10  # CORRAL_PREDICT_LIMIT: generated tokens per request <= 10 x num_ctx
 DEFAULT_PRIORITY_AGING = 30.0
@@ -512,6 +516,11 @@ SUMMARY_VARS = (
     "CORRAL_KV_CACHE_SIZE",
     "CORRAL_KV_CACHE_MEMORY",
     *("CORRAL_API_KEYS_FILE", "CORRAL_METRICS_AUTH", "CORRAL_TLS_CERT", "CORRAL_TLS_KEY"),
+    "CORRAL_MAX_BODY",
+    "CORRAL_HEADER_TIMEOUT",
+    "CORRAL_BODY_TIMEOUT",
+    "CORRAL_IDLE_TIMEOUT",
+    "CORRAL_MAX_CLIENT_CONNECTIONS",
 )
 
 
@@ -614,6 +623,20 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     kv_cache_size: int = DEFAULT_KV_CACHE_SIZE
     # CORRAL_KV_CACHE_MEMORY: saved bytes left in the page cache (the rest is dropped from memory)
     kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY
+    # CORRAL_MAX_BODY (bytes or a size like 64MiB): longest request body; over it a 413.
+    # Blob uploads (POST /api/blobs/:digest) stream to disk and are not bounded. 0 = no limit
+    max_body: int = DEFAULT_MAX_BODY
+    # Slow clients (durations as OLLAMA_KEEP_ALIVE's; <= 0 = none). CORRAL_HEADER_TIMEOUT: a
+    # request's line and headers must be in this long after its first byte, else the connection
+    # is closed. CORRAL_BODY_TIMEOUT: its body this long after its handler started, else a 408
+    # (a blob upload: may not pause this long). Writing a response is never timed.
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    # CORRAL_IDLE_TIMEOUT: an idle keep-alive connection is closed after this
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    # CORRAL_MAX_CLIENT_CONNECTIONS: open connections per client address; each request on one
+    # beyond it is a 429 with Retry-After. 0 = no cap (a flood meets OLLAMA_MAX_QUEUE's 503s)
+    max_client_connections: int = 0
 
     # ---- exposure: API keys and TLS (issue 19; daemon/apikeys.py, daemon/api/auth.py) ----
     # CORRAL_API_KEYS_FILE: the key file; None = no keys, every client is let in (Ollama's way)
@@ -677,6 +700,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
                 warn(name, s, default)
                 return default
             return n
+
+        def limit(name: str, default: float) -> float:
+            d = duration(name, default)
+            return FOREVER if d is None or d <= 0 else d
 
         def duration(name: str, default: float) -> float | None:
             s = var(name)
@@ -801,6 +828,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             tls_cert=tls_cert,
             tls_key=tls_key,
             api_key=Secret(var("OLLAMA_API_KEY")),
+            max_body=size("CORRAL_MAX_BODY", DEFAULT_MAX_BODY),
+            header_timeout=limit("CORRAL_HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT),
+            body_timeout=limit("CORRAL_BODY_TIMEOUT", DEFAULT_BODY_TIMEOUT),
+            idle_timeout=limit("CORRAL_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT),
+            max_client_connections=uint("CORRAL_MAX_CLIENT_CONNECTIONS", 0),
         )
 
     def env_summary(self) -> dict[str, str]:
@@ -836,4 +868,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             "CORRAL_METRICS_AUTH": str(self.metrics_auth).lower(),
             "CORRAL_TLS_CERT": str(self.tls_cert or ""),
             "CORRAL_TLS_KEY": str(self.tls_key or ""),
+            "CORRAL_MAX_BODY": str(self.max_body),
+            "CORRAL_HEADER_TIMEOUT": format_duration(self.header_timeout),
+            "CORRAL_BODY_TIMEOUT": format_duration(self.body_timeout),
+            "CORRAL_IDLE_TIMEOUT": format_duration(self.idle_timeout),
+            "CORRAL_MAX_CLIENT_CONNECTIONS": str(self.max_client_connections),
         }

@@ -23,6 +23,10 @@ class InvalidRequest(CorralError):
     """The request (a name, digest, option, Modelfile, file) is wrong: the client must change it."""
 
 
+class TooLarge(CorralError):
+    """The request is larger than a limit allows (a runner's own body limit)."""
+
+
 class NotFound(CorralError):
     """The named model, blob or registry object does not exist."""
 

@@ -32,7 +32,14 @@ from typing import Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
-from corral.daemon.errors import Busy, Cancelled, CorralError, Failed, InvalidRequest
+from corral.daemon.errors import (
+    Busy,
+    Cancelled,
+    CorralError,
+    Failed,
+    InvalidRequest,
+    TooLarge,
+)
 from corral.daemon.runner_http import RunnerHTTP
 from corral.daemon.runners import GONE, RunnerProcess
 from corral.runner import protocol
@@ -248,8 +255,9 @@ class RunnerClient:
 
 def refusal(status: int, body: bytes) -> CorralError:
     """A runner's non-200 answer as a domain error: the ``error`` of its JSON body (else the
-    body, else the status); 400 is the client's (:class:`InvalidRequest`), 503 try later
-    (:class:`Busy`), any other status :class:`Failed`."""
+    body, else the status); 413 too large for the runner (:class:`TooLarge`), any other 4xx
+    the client's (:class:`InvalidRequest`), 503 try later (:class:`Busy`), any other status
+    :class:`Failed`: a runner's refusal never surfaces as a 500."""
     text = body.decode("utf-8", "replace").strip()
     try:
         data = msgspec.json.decode(text)
@@ -258,7 +266,9 @@ def refusal(status: int, body: bytes) -> CorralError:
     except msgspec.DecodeError:
         pass
     text = text or f"runner answered {status}"
-    if status == 400:
+    if status == 413:
+        return TooLarge(f"request too large for the model runner ({text})")
+    if 400 <= status < 500:
         return InvalidRequest(text)
     if status == 503:
         return Busy(text)

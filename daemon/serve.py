@@ -23,7 +23,7 @@ from aiohttp import web
 
 from corral.daemon import logging as corral_logging
 from corral.daemon import tls
-from corral.daemon.api import auth
+from corral.daemon.api import auth, limits
 from corral.daemon.api.app import make_app
 from corral.daemon.apikeys import KeyFileError, Keyring
 from corral.daemon.config import Config, HostAddr
@@ -109,7 +109,8 @@ async def run(
     app.on_shutdown.append(_stop_supervisor)
     # handler_cancellation: a client that goes away cancels its handler, so a request waiting
     # in the scheduler queue leaves it at once and a stream frees its slot.
-    runner = web.AppRunner(
+    # GuardedRunner: header timer, idle limit and per-address cap (api/limits.py).
+    runner = limits.GuardedRunner(
         app,
         access_log=None,
         handle_signals=False,

@@ -68,7 +68,13 @@ chown "$ids" "$root$home" "$root$home/models"
 install -d -m 0755 "$(dirname "$unit")"
 # quoted for systemd (a path may hold spaces), escaped for sed
 esc="$(printf '%s' "$exe" | sed -e 's/[\\&#]/\\&/g')"
-sed -e "s#^ExecStart=.*#ExecStart=\"$esc\" serve#" "$here/corral.service" > "$unit.tmp"
+# the unit's ProtectHome=yes hides /home, /root and /run/user: a checkout there stays readable
+case "$prefix/" in
+  /home/*|/root/*|/run/user/*) home_rule="s#^ProtectHome=yes\$#ProtectHome=read-only#" ;;
+  *) home_rule="" ;;
+esac
+sed -e "s#^ExecStart=.*#ExecStart=\"$esc\" serve#" ${home_rule:+-e "$home_rule"} \
+  "$here/corral.service" > "$unit.tmp"
 chmod 0644 "$unit.tmp"
 mv "$unit.tmp" "$unit"
 

@@ -14,6 +14,7 @@ from aiohttp import web
 from corral.daemon.api import (
     anthropic,
     auth,
+    limits,
     metrics,
     middleware,
     native_infer,
@@ -33,10 +34,6 @@ if TYPE_CHECKING:
     from corral.daemon.models.store import Store
     from corral.daemon.supervisor import Supervisor
 
-# JSON bodies (chat with base64 images) may be large; blob uploads are streamed and not bounded
-# by this limit.
-CLIENT_MAX_SIZE = 256 * 1024 * 1024
-
 
 def make_app(
     config: Config,
@@ -49,17 +46,29 @@ def make_app(
     """The daemon's web application. ``hostname`` overrides the machine name the Host check
     accepts (tests). ``keyring``: the API keys already read (else ``config.api_keys_file`` is
     read here; ``apikeys.KeyFileError`` if it cannot be)."""
+    conns = limits.Connections.of(config)
     mws = [
         metrics.count_requests,
         middleware.request_log,
+        limits.connection_middleware(conns),
         middleware.cors_middleware(config.origins),
     ]
     if middleware.is_loopback_bind(config.bind_host):
         mws.append(middleware.host_middleware(middleware.HostPolicy(hostname)))
-    # auth inside the error middleware: its refusals get the route's error shape
-    mws += [middleware.json_not_found, error_middleware, auth.authorize, requests.tickets]
-    app = web.Application(middlewares=mws, client_max_size=CLIENT_MAX_SIZE)
+    # the body limits and auth inside the error middleware: their refusals get the route's error
+    # shape; the limits outside auth, which reads admin bodies for the model names it checks
+    bodies = limits.body_limits(config.max_body, config.body_timeout)
+    mws += [
+        middleware.json_not_found,
+        error_middleware,
+        bodies,
+        auth.authorize,
+        requests.tickets,
+    ]
+    # request.read() refuses a body over client_max_size (0: none); blob uploads stream instead
+    app = web.Application(middlewares=mws, client_max_size=config.max_body)
     app[CONFIG] = config
+    app[limits.CONNECTIONS] = conns  # serve's GuardedRunner counts and times them
     app[STORE] = store
     app[SUPERVISOR] = supervisor
     # The supervisor's registry (it counts loads and evictions); a test double may have none.

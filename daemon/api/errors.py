@@ -24,11 +24,13 @@ from corral.daemon.errors import (
     NoSpace,
     NotFound,
     RegistryUnreachable,
+    TooLarge,
 )
 
 STATUS: dict[type[CorralError], int] = {
     InvalidRequest: 400,
     NotFound: 404,
+    TooLarge: 413,
     Failed: 500,
     RegistryUnreachable: 502,
     Busy: 503,

@@ -10,6 +10,7 @@ supervisor, and the server still answering.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -21,10 +22,12 @@ from typing import Any
 import hypothesis.strategies as st
 import ollama
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 
 from corral.daemon.api.app import make_app
+from corral.daemon.api.limits import GuardedRunner
 from corral.daemon.api.native_models import REGISTRY
 from corral.daemon.config import Config, HostAddr, SimulatedGpu
 from corral.daemon.gpu import SimulatedProbe
@@ -53,6 +56,13 @@ WEATHER_TOOL = {
         },
     },
 }
+
+
+class GuardedTestServer(TestServer):
+    """aiohttp's TestServer with ``serve``'s runner (connections guarded, api/limits.py)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return GuardedRunner(self.app, **kwargs)
 
 
 @dataclass
@@ -107,14 +117,15 @@ def config() -> Config:
     )
 
 
-@pytest.fixture
-async def env(tmp_path: Path, tiny_gguf: Path) -> AsyncIterator[Env]:
+@contextlib.asynccontextmanager
+async def open_env(tmp_path: Path, tiny_gguf: Path, cfg: Config) -> AsyncIterator[Env]:
+    """The real app over a real supervisor with FakeEngine runners and a store holding TINY and
+    THINKING, served on loopback as ``serve`` serves it (:class:`GuardedTestServer`)."""
     root = tmp_path / "models"
     store = Store(root)
     layer = await store.write_blob_bytes(tiny_gguf.read_bytes())
     await store.create(TINY, files={"tiny.gguf": layer.digest}, template=TOOLS_CHATML)
     await store.create(THINKING, files={"tiny.gguf": layer.digest}, template=THINKER)
-    cfg = config()
     sup = Supervisor(
         cfg,
         store,
@@ -127,13 +138,19 @@ async def env(tmp_path: Path, tiny_gguf: Path) -> AsyncIterator[Env]:
     # Pulls (e.g. a create `from` a model that isn't local) go to a closed loopback port, never
     # off this machine.
     app[REGISTRY] = Registry(store, base_url_for=lambda name: "http://127.0.0.1:9")
-    client = TestClient(TestServer(app, host="127.0.0.1"))
+    client = TestClient(GuardedTestServer(app, host="127.0.0.1"))
     await client.start_server()
     try:
         yield Env(root, store, sup, client)
     finally:
         await client.close()
         await asyncio.wait_for(sup.close(), SAFETY)
+
+
+@pytest.fixture
+async def env(tmp_path: Path, tiny_gguf: Path) -> AsyncIterator[Env]:
+    async with open_env(tmp_path, tiny_gguf, config()) as e:
+        yield e
 
 
 # ---- the table ---------------------------------------------------------------------------------

@@ -179,6 +179,39 @@ def test_image_installs_with_the_readme_command_and_runs_as_the_pod_user():
     assert container()["args"] == ["serve"]
 
 
+def test_pod_runs_read_only_unprivileged_and_writes_only_to_its_volumes():
+    """Read-only root filesystem, no privilege escalation, no capabilities, non-root, the
+    runtime's seccomp profile; and every place the daemon writes (its store, HOME's caches,
+    temporary files) is a mounted volume, not the image."""
+    pod = kind("statefulset.yaml", "StatefulSet")["spec"]["template"]["spec"]
+    c = container()
+    sec = c["securityContext"]
+    assert sec["readOnlyRootFilesystem"] is True
+    assert sec["allowPrivilegeEscalation"] is False and sec["privileged"] is False
+    assert sec["capabilities"] == {"drop": ["ALL"]}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    claims = {
+        t["metadata"]["name"]
+        for t in kind("statefulset.yaml", "StatefulSet")["spec"]["volumeClaimTemplates"]
+    }
+    mounts = [m["mountPath"] for m in c["volumeMounts"] if m["name"] in volumes.keys() | claims]
+    assert len(mounts) == len(c["volumeMounts"])
+    image_env = dict(
+        re.findall(
+            r"(\w+)=(\S+)", (KUBE / "Dockerfile").read_text().split("ENV ", 1)[1].split("EXPOSE")[0]
+        )
+    )
+    cfg = Config.from_env({**image_env, **kind("configmap.yaml", "ConfigMap")["data"]})
+    written = [cfg.models, cfg.cache_dir, Path(image_env["HOME"]), Path("/tmp")]
+    for path in written:
+        assert path is not None
+        assert any(str(path) == m or str(path).startswith(m + "/") for m in mounts), path
+
+
 async def test_probe_endpoints_behave_as_the_manifest_expects(tmp_path, tiny_gguf):
     """/ is live at once; /readyz is 503 until the start-up preload has loaded the model, 200
     then, and 503 again as soon as shutdown begins (the replica leaves the endpoints)."""

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import plistlib
+import re
 import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -130,6 +132,68 @@ def test_systemd_analyze_verify_accepts_the_installed_unit(tmp_path: Path, root:
     unit = (root / "etc/systemd/system/corral.service").read_text()
     stop = int(unit.split("TimeoutStopSec=")[1].split()[0])
     assert stop > SHUTDOWN_BUDGET
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_the_unit_is_sandboxed_to_its_store_and_the_gpus():
+    unit = unit_settings((REPO / "systemd/corral.service").read_text())
+    store = [v for v in unit["Environment"] if "OLLAMA_MODELS=" in v][0].split("=", 1)[1]
+    home = [v for v in unit["Environment"] if "HOME=" in v][0].split("=", 1)[1].strip('"')
+    writable = unit["ReadWritePaths"][0].split()
+    assert any(store.strip('"').startswith(w + "/") for w in writable) and home in writable
+    for key, value in {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "DevicePolicy": "closed",
+        "CapabilityBoundingSet": "",
+        "RestrictSUIDSGID": "yes",
+        "SystemCallArchitectures": "native",
+    }.items():
+        assert unit[key] == [value], key
+    assert {"char-nvidia* rw", "char-drm rw", "char-kfd rw"} <= set(unit["DeviceAllow"])
+    assert "MemoryDenyWriteExecute" not in unit and "PrivateDevices" not in unit
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
+def test_systemd_analyze_security_rates_the_unit_ok():
+    res = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(REPO / "systemd/corral.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if "--offline" in res.stderr:
+        pytest.skip(f"systemd-analyze too old for --offline: {res.stderr.strip()}")
+    score = re.search(r"Overall exposure level for corral\.service: ([\d.]+) (\w+)", res.stdout)
+    assert score, res.stdout[-500:] + res.stderr
+    assert float(score.group(1)) <= 2.0 and score.group(2) == "OK", score.group(0)
+
+
+@needs_tools
+@pytest.mark.skipif(not os.access("/home", os.W_OK), reason="needs a writable /home")
+def test_a_checkout_under_home_keeps_it_readable(root: Path):
+    home_dir = Path(tempfile.mkdtemp(dir="/home", prefix="corral-test-"))
+    try:
+        prefix = fake_prefix(home_dir)
+        res = run(SYSTEMD_INSTALL, "--prefix", prefix, "--root", root)
+        assert res.returncode == 0, res.stderr
+        unit = unit_settings((root / "etc/systemd/system/corral.service").read_text())
+        assert unit["ProtectHome"] == ["read-only"]
+        assert unit["ExecStart"] == [f'"{prefix}/.venv/bin/corral" serve']
+    finally:
+        shutil.rmtree(home_dir)
 
 
 def test_systemd_install_refuses_without_an_installed_checkout(tmp_path: Path, root: Path):
