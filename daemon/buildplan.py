@@ -145,6 +145,7 @@ class Machine:
     cuda_driver: bool = True  # the NVIDIA driver library (libcuda.so.1) loads here
     vulkan_gpus: int = 0  # Vulkan devices that are GPUs (not a CPU rasteriser like llvmpipe)
     vulkan_sdk: bool = False  # loader + headers, SPIR-V headers and glslc: ggml-vulkan builds
+    vulkan_missing: tuple[str, ...] = ()  # what it lacks otherwise, for the error
 
 
 @dataclass(frozen=True)
@@ -245,8 +246,9 @@ def plan(m: Machine, override: str = "auto", cuda_architectures: str = "") -> Bu
         if backend == "metal" and m.os != "darwin":
             raise PlanError("CORRAL_LLAMA_BACKEND=metal needs macOS")
         if backend == "vulkan" and not m.vulkan_sdk:
+            lacks = ", ".join(m.vulkan_missing) or "the Vulkan build tools"
             raise PlanError(
-                "CORRAL_LLAMA_BACKEND=vulkan but the Vulkan build tools are missing: it needs the "
+                f"CORRAL_LLAMA_BACKEND=vulkan but this machine lacks {lacks}: the build needs the "
                 "Vulkan loader and headers, SPIR-V headers and glslc (Debian/Ubuntu: apt-get "
                 "install libvulkan-dev spirv-headers glslc)"
             )
@@ -401,12 +403,13 @@ def cuda_driver_loads() -> bool:
     return True
 
 
-def vulkan_facts() -> tuple[int, bool]:
-    """(Vulkan GPUs seen, the Vulkan build tools present).
+def vulkan_facts() -> tuple[int, tuple[str, ...]]:
+    """(Vulkan GPUs seen, what ggml-vulkan's build lacks here: () when it can build).
 
     GPUs: `vulkaninfo --summary`'s devices that are not a CPU rasteriser (llvmpipe, SwiftShader);
-    without vulkaninfo, the kernel's DRM render nodes. Tools: glslc on PATH, the loader's
-    development library and header, and SPIR-V headers' CMake package (ggml-vulkan needs all)."""
+    without vulkaninfo, the kernel's DRM render nodes. The build needs glslc on PATH, the loader's
+    development library, headers new enough for VK_EXT_layer_settings (Debian 12's 1.3.239 are
+    not: ggml-vulkan.cpp fails to compile, seen here) and SPIR-V headers' CMake package."""
     if shutil.which("vulkaninfo"):
         summary = _run_all(["vulkaninfo", "--summary"])
         types = re.findall(r"deviceType\s*=\s*PHYSICAL_DEVICE_TYPE_(\w+)", summary)
@@ -414,19 +417,30 @@ def vulkan_facts() -> tuple[int, bool]:
     else:
         gpus = len(list(Path("/dev/dri").glob("renderD*"))) if Path("/dev/dri").is_dir() else 0
     sdk = Path(os.environ.get("VULKAN_SDK", "/usr"))
-    include_dirs = [sdk / "include", Path("/usr/include"), Path("/usr/local/include")]
-    header = any((d / "vulkan" / "vulkan.h").is_file() for d in include_dirs)
-    loader = ctypes.util.find_library("vulkan") is not None
-    spirv = (
-        any(
-            Path(d).glob("**/SPIRV-HeadersConfig.cmake")
-            for d in ("/usr/share/cmake", "/usr/lib/cmake", "/usr/local/share", "/usr/share")
-            if Path(d).is_dir()
+    cores = [
+        d / "vulkan" / "vulkan_core.h"
+        for d in (sdk / "include", Path("/usr/include"), Path("/usr/local/include"))
+    ]
+    core = next((c for c in cores if c.is_file()), None)
+    missing = []
+    if not shutil.which("glslc"):
+        missing.append("glslc")
+    if ctypes.util.find_library("vulkan") is None:
+        missing.append("the Vulkan loader (libvulkan)")
+    if core is None:
+        missing.append("the Vulkan headers")
+    elif "VK_EXT_layer_settings" not in core.read_text(errors="replace"):
+        version = re.search(r"#define VK_HEADER_VERSION (\d+)", core.read_text(errors="replace"))
+        missing.append(
+            f"Vulkan headers newer than 1.3.{version.group(1) if version else '?'} "
+            "(VK_EXT_layer_settings, in the LunarG SDK or a newer libvulkan-dev)"
         )
-        if header
-        else False
-    )
-    return gpus, bool(shutil.which("glslc") and header and loader and spirv)
+    roots = ("/usr/share/cmake", "/usr/lib/cmake", "/usr/local/share", "/usr/local/lib/cmake")
+    if not any(
+        next(Path(d).glob("**/SPIRV-HeadersConfig.cmake"), None) for d in roots if Path(d).is_dir()
+    ):
+        missing.append("SPIR-V headers (spirv-headers)")
+    return gpus, tuple(missing)
 
 
 def cpu_flags(os_name: str) -> frozenset[str]:
@@ -513,7 +527,7 @@ def probe_machine(nvml: tuple[int, tuple[str, ...]] | None = None) -> Machine:
     n_amd, targets = amd_gpus(hipcc) if os_name == "linux" else (0, ())
     cuda_version, cublas = cuda_toolkit(nvcc)
     driver = cuda_driver_loads() if os_name == "linux" else False
-    n_vk, vk_sdk = vulkan_facts() if os_name == "linux" else (0, False)
+    n_vk, vk_missing = vulkan_facts() if os_name == "linux" else (0, ("Linux",))
     return Machine(
         os_name,
         arch,
@@ -528,7 +542,8 @@ def probe_machine(nvml: tuple[int, tuple[str, ...]] | None = None) -> Machine:
         cublas=cublas,
         cuda_driver=driver,
         vulkan_gpus=n_vk,
-        vulkan_sdk=vk_sdk,
+        vulkan_sdk=not vk_missing,
+        vulkan_missing=vk_missing,
     )
 
 

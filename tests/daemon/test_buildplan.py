@@ -156,6 +156,9 @@ def test_vulkan_for_gpus_without_their_vendor_toolkit():
     )
     assert lb.plan(linux(vulkan_gpus=1)).backend == "cpu"
     assert lb.plan(linux(vulkan_sdk=True)).backend == "cpu"
+    old = linux(vulkan_missing=("Vulkan headers newer than 1.3.239 (VK_EXT_layer_settings)",))
+    with pytest.raises(lb.PlanError, match="newer than 1.3.239"):
+        lb.plan(old, "vulkan")
     forced = lb.plan(linux(vulkan_sdk=True), "vulkan")  # a build box: forced, as for CUDA
     assert forced.backend == "vulkan" and "CORRAL_LLAMA_BACKEND=vulkan" in forced.reason
 
