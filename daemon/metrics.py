@@ -15,7 +15,10 @@ For the Gateway API Inference Extension's endpoint picker the daemon also export
 server-wide gauges, the model-server protocol's vLLM names: ``vllm:num_requests_waiting``
 (TotalQueuedRequests), ``vllm:num_requests_running`` (TotalRunningRequests),
 ``vllm:kv_cache_usage_perc`` and its older name ``vllm:gpu_cache_usage_perc`` (KVCacheUtilization,
-0..1) and ``vllm:lora_requests_info`` (no adapters: empty adapter labels, value = scrape time).
+0..1), ``vllm:lora_requests_info`` (no adapters: empty adapter labels, value = scrape time) and
+``vllm:cache_config_info`` (value 1; labels ``block_size`` 1, since llama.cpp reuses a cached
+prefix to the token, and ``num_gpu_blocks``, the KV cells of the ready runners: the picker's
+prefix-cache scorer sizes its index with them and raises the block size to its own minimum).
 One series per family: the picker takes the first sample of a family, so per-model series there
 would hide the others.
 """
@@ -377,6 +380,13 @@ class _StateCollector(Collector):
         )
         lora.add_metric(["0", "", ""], time.time())
         yield lora
+        cache = _gauge(
+            "vllm:cache_config_info",
+            "KV cache: tokens per block (llama.cpp caches per token), blocks (all runners).",
+            ["block_size", "num_gpu_blocks", "enable_prefix_caching"],
+        )
+        cache.add_metric(["1", str(cells), "True"], 1)
+        yield cache
 
 
 def _value(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -59,7 +59,7 @@ from corral.daemon.errors import (
     InvalidRequest,
     model_not_found,
 )
-from corral.daemon.gpu import GpuProbe, engine_verdict, make_probe
+from corral.daemon.gpu import GpuProbe, SimulatedProbe, engine_verdict, make_probe
 from corral.daemon.kvstats import KvCacheStats
 from corral.daemon.metrics import Metrics
 from corral.daemon.model_inputs import (
@@ -70,6 +70,7 @@ from corral.daemon.model_inputs import (
     projector_facts,
     runner_options,
 )
+from corral.daemon.models import default_model
 from corral.daemon.params import RequestOptions
 from corral.daemon.policy import ModelRule, Policy, PolicyError
 from corral.daemon.policy import load as load_policy
@@ -841,6 +842,17 @@ class Supervisor:
             return
         self.post(UnloadRequested(model_key=model_key(model)))
 
+    def adopt(self, gone: ModelLike, heir: ModelLike) -> None:
+        """``gone`` left the store and ``heir``, which is still there, has the same weights (the
+        same model key): the runners started for ``gone`` stay, named ``heir`` from now on."""
+        name = getattr(gone, "name", None)
+        for r in self._runners.values():
+            if name is not None and getattr(r.record, "name", None) == name:
+                r.record = heir
+        key = model_key(heir)
+        if getattr(self._records.get(key), "name", None) == name:
+            self._records[key] = heir
+
     def report_out_of_memory(self, lease: Lease) -> None:
         """A granted request failed with an out-of-memory error at run time: every runner
         unloads as soon as it is idle (Ollama's runtime-OOM rule)."""
@@ -861,6 +873,11 @@ class Supervisor:
     def model_name(self, model_key: str) -> str:
         """The name a model was last asked for by (its blob path if never)."""
         return getattr(self._records.get(model_key), "name", None) or model_key
+
+    @property
+    def gpus_simulated(self) -> bool:
+        """The GPUs are CORRAL_SIMULATE_GPUS's, on paper."""
+        return isinstance(self.probe, SimulatedProbe)
 
     def gpu_name(self, gpu_id: str) -> str:
         return self._gpu_names.get(gpu_id, gpu_id)
@@ -1189,11 +1206,24 @@ class Supervisor:
     ) -> tuple[dict[str, int] | None, int | None]:
         """Ready.memory by Gpu.id: what the runner measured replaces the plan.
 
-        An empty report (the FakeEngine on paper GPUs) keeps the estimate. A report with no GPU
-        device for a GPU placement means llama.cpp computes on the CPU (a build without that GPU
-        backend): it is logged and reported as measured (no VRAM), never as planned.
+        An empty report (the FakeEngine on paper GPUs) keeps the estimate, and so does a
+        placement on simulated GPUs (CORRAL_SIMULATE_GPUS): they are paper on purpose and the
+        plan is what an operator asked to see; a ``simulated placement kept`` line logs what the
+        runner measured. A report with no GPU device for a real GPU placement means llama.cpp
+        computes on the CPU (a build without that GPU backend): it is logged and reported as
+        measured (no VRAM), never as planned.
         """
         if not ready.memory:
+            return None, None
+        if eff.placement.gpus and self.gpus_simulated:
+            log.info(
+                "simulated placement kept",
+                runner_id=eff.runner_id,
+                gpus=list(eff.placement.gpus),
+                gpu_bytes=list(eff.placement.gpu_bytes),
+                cpu_bytes=eff.placement.cpu_bytes,
+                measured={d: m.total for d, m in ready.memory.items()},
+            )
             return None, None
         gpus = eff.placement.gpus
         gpu_bytes: dict[str, int] = {}
@@ -1382,6 +1412,8 @@ class Supervisor:
         facts = facts_from_info(info, size)
         if projector is not None:
             facts = projector_facts(facts, projector)
+        if getattr(model, "model_digest", None) == default_model.embedded_digest():
+            facts = msgspec.structs.replace(facts, num_parallel=default_model.DEFAULT_PARALLEL)
         self._facts[key] = facts
         return facts
 

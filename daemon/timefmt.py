@@ -2,7 +2,8 @@
 
 Ollama's times are Go ``time.Time`` values written by ``encoding/json``, i.e. ``RFC3339Nano``:
 fraction digits with trailing zeros dropped (no fraction at all on a whole second), ``Z`` for UTC
-(``created_at``) and the local offset for local times (``modified_at``, ``expires_at``).
+(``created_at``) and the local offset for local times (``modified_at``, ``expires_at``) - also
+``Z`` when that offset is zero (Go's ``Z07:00`` layout: a machine on UTC never writes ``+00:00``).
 Python has microseconds, so at most six digits.
 """
 
@@ -26,7 +27,7 @@ def rfc3339(epoch: float, *, utc: bool = False) -> str:
         when = when.astimezone()
     text = when.isoformat(timespec="seconds")  # ...T14:09:12+02:00 / +00:00
     head, zone = text[:19], text[19:]
-    return _join(head, when.microsecond, "Z" if utc else zone)
+    return _join(head, when.microsecond, "Z" if utc or zone == "+00:00" else zone)
 
 
 def now_utc() -> str:

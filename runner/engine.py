@@ -245,7 +245,7 @@ class _Slot:
         self.job = job
         self.media: dict[int, images.Span] = job.media
         self.pending = prompt[n_cached:]  # prompt tokens (and image cells) still to evaluate
-        self.n_prompt_eval = len(self.pending)
+        self.n_prompt, self.n_cached = len(prompt), n_cached  # for the counts of the final record
         self.tokens = list(prompt)  # prompt + generated, for the final record
         self.n_generated = 0
         self.next_token: int | None = None  # sampled, to be decoded at the next step
@@ -1260,7 +1260,8 @@ class Engine:
             logprobs=take_logprobs(s.logprobs),
             content="" if job.request.stream else "".join(s.text.text),
             done_reason=reason,
-            prompt_eval_count=s.n_prompt_eval,
+            prompt_eval_count=s.n_prompt,
+            prompt_eval_cached_count=s.n_cached,
             prompt_eval_duration=max(1, first - (s.t_start or first)),
             eval_count=s.n_generated,
             eval_duration=max(1, now - first),

@@ -3,7 +3,9 @@
 It keeps the real engine's ordering: a load that takes time and reports progress, at most
 ``parallel`` sequences decoding at once (the rest wait in FIFO order), one token per sequence per
 step at ``tokens_per_second``, cancellation at the next step, stop strings and num_predict honoured,
-a final CompletionDone with counts and durations. Vocabulary: ids 0..255 are bytes, 256+k is
+a final CompletionDone with counts and durations, a prompt cache as the real one reports it (a
+prompt's longest common prefix with what one of the last ``parallel`` sequences left in its slot,
+at least one token evaluated). Vocabulary: ids 0..255 are bytes, 256+k is
 ``WORDS[k]``; so tokenize/detokenize round-trip and ``tokens`` of the final record detokenize to
 prompt + output.
 """
@@ -72,6 +74,7 @@ class _Seq:
         self.job = job
         self.tokens = list(prompt)
         self.n_prompt = len(prompt)
+        self.n_cached = 0
         self.limit = limit
         self.capped = capped  # limit is LaunchSpec.predict_limit x num_ctx
         self.rng = rng
@@ -102,6 +105,9 @@ class FakeEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._emitted = 0  # tokens over the process, for crash_after_tokens
+        # what the last `parallel` sequences left in their slots (prompt + output but the last
+        # token, which was sampled and never decoded), newest last
+        self._slot_caches: collections.deque[list[int]] = collections.deque(maxlen=spec.parallel)
         self.after_emit: Callable[[], None] = no_op
         self.report: Callable[[KvCacheReport], None] = lambda report: None  # keeps no KV
         self.relay_chunks: Callable[[list[int], list[str]], None] | None = None
@@ -227,7 +233,9 @@ class FakeEngine:
             capped = 0 < cap < n
             rng = random.Random(o.seed if o.seed >= 0 else None)
             prompt = job.prompt[-self.n_ctx_per_slot + 1 :]
-            self._active.append(_Seq(job, prompt, max(0, cap if capped else n), rng, capped))
+            seq = _Seq(job, prompt, max(0, cap if capped else n), rng, capped)
+            seq.n_cached = max((_common(c, prompt) for c in self._slot_caches), default=0)
+            self._active.append(seq)
 
     def _step(self, seq: _Seq) -> None:
         job = seq.job
@@ -280,11 +288,13 @@ class FakeEngine:
             else "stop"
         )
         seq.done = True
+        self._slot_caches.append(seq.tokens[:-1] if n_gen else seq.tokens)
         job.emit(
             CompletionDone(
                 content="" if job.request.stream else "".join(seq.text.text),
                 done_reason=reason,
                 prompt_eval_count=seq.n_prompt,
+                prompt_eval_cached_count=seq.n_cached,
                 prompt_eval_duration=max(1, first - seq.started),
                 eval_count=n_gen,
                 eval_duration=max(1, now - first),
@@ -336,3 +346,14 @@ class FakeEngine:
             norm = math.sqrt(sum(v * v for v in vec)) or 1.0
             out.append([v / norm for v in vec])
         return EmbedResponse(embeddings=out, prompt_eval_count=count)
+
+
+def _common(cache: list[int], prompt: list[int]) -> int:
+    """Tokens of ``prompt`` a slot holding ``cache`` need not evaluate: the common prefix, less
+    the prompt's last token (a prompt is never served from the cache whole)."""
+    n = 0
+    for a, b in zip(cache, prompt[:-1], strict=False):
+        if a != b:
+            break
+        n += 1
+    return n

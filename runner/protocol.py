@@ -314,10 +314,9 @@ class CompletionChunk(
 class CompletionDone(msgspec.Struct, frozen=True, kw_only=True, tag="done", tag_field="type"):
     content: str = ""  # the whole text when stream=false, else ""
     done_reason: DoneReason = "stop"
-    prompt_eval_count: int = (
-        0  # prompt tokens actually evaluated (a prompt-cache hit is not counted)
-    )
-    prompt_eval_duration: int = 0  # ns
+    prompt_eval_count: int = 0  # the whole prompt's tokens (image cells included), cached or not
+    prompt_eval_cached_count: int = 0  # of those, the ones the slot's prompt cache already held
+    prompt_eval_duration: int = 0  # ns, evaluating the others
     eval_count: int = 0  # tokens generated
     eval_duration: int = 0  # ns
     tokens: list[int] = msgspec.field(

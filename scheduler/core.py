@@ -1036,7 +1036,7 @@ class Scheduler:
             w.evict_all = False
         opts = self._launch_options(w, head)
         facts = head.facts
-        parallel = parallel_for(facts, policy.num_parallel or self.limits.num_parallel)
+        parallel = parallel_for(facts, self.limits.num_parallel, policy.num_parallel)
         metal = bool(self.inventory.gpus) and all(g.library == "metal" for g in self.inventory.gpus)
         est = estimate(facts, opts, parallel, metal=metal)
         # "Alone": nothing else holds memory but pinned runners, which never leave.

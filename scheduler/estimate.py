@@ -77,11 +77,15 @@ def minimum_memory(library: str) -> int:
     return 0
 
 
-def parallel_for(facts: ModelFacts, num_parallel: int) -> int:
-    """Slots for a runner of this model: 1 for embedding-only models and single-sequence archs."""
+def parallel_for(facts: ModelFacts, num_parallel: int, policy: int = 0) -> int:
+    """Slots for a runner of this model: 1 for embedding-only models and single-sequence archs;
+    else the policy's ``num_parallel`` when it has one; else OLLAMA_NUM_PARALLEL, or the model's
+    own ``num_parallel`` when that is more."""
     if facts.is_embedding_model or facts.architecture in SINGLE_PARALLEL_ARCHS:
         return 1
-    return max(1, num_parallel)
+    if policy > 0:
+        return policy
+    return max(1, num_parallel, facts.num_parallel)
 
 
 def effective_num_ctx(facts: ModelFacts, num_ctx: int) -> int:

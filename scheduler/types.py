@@ -77,6 +77,7 @@ class ModelFacts(msgspec.Struct, frozen=True, kw_only=True):
     output_bytes: int = 0  # output_norm + output head (token_embd when tied): the "+1" layer
     token_embd_bytes: int = 0
     is_embedding_model: bool = False  # no completion capability -> parallel 1
+    num_parallel: int = 0  # slots the model asks for at least (0: OLLAMA_NUM_PARALLEL alone)
     has_vision: bool = False  # num_ctx floor 2048
     projector_bytes: int = 0  # vision projector weights (loaded on the first GPU, or CPU)
     projector_graph: int = 0  # its encoder's compute buffer for one image

@@ -268,7 +268,16 @@ def _stop_reason(done: core.Done, tool_use: bool) -> str:
 
 
 def _usage(done: core.Done) -> dict[str, int]:
-    return {"input_tokens": done.prompt_eval_count, "output_tokens": done.eval_count}
+    """Anthropic's usage splits the prompt: input_tokens are the tokens evaluated, the ones the
+    prompt cache held are cache_read_input_tokens (their sum is the whole prompt); nothing is
+    ever written to a cache on request, so cache_creation_input_tokens is 0."""
+    cached = done.prompt_eval_cached_count
+    return {
+        "input_tokens": done.prompt_eval_count - cached,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+        "output_tokens": done.eval_count,
+    }
 
 
 def _tool_block(call: dict[str, Any], with_input: bool = True) -> dict[str, Any]:

@@ -162,8 +162,9 @@ class Delta:
 @dataclass(slots=True)
 class Done:
     done_reason: str
-    prompt_eval_count: int
-    prompt_eval_duration: int
+    prompt_eval_count: int  # the whole prompt, as Ollama counts it
+    prompt_eval_cached_count: int  # of which the runner's prompt cache held (not evaluated)
+    prompt_eval_duration: int  # evaluating the rest
     eval_count: int
     eval_duration: int
     total_duration: int
@@ -276,12 +277,14 @@ class Generation:
                     if self.meter is not None:
                         self.meter(ev.eval_count)
                     if self.series is not None:
-                        self.series.prompt_tokens.inc(ev.prompt_eval_count)
+                        evaluated = ev.prompt_eval_count - ev.prompt_eval_cached_count
+                        self.series.prompt_tokens.inc(evaluated)
                         self.series.generated_tokens.inc(ev.eval_count)
                         self.series.duration.observe(time.monotonic() - self.started)
                     yield Done(
                         done_reason=ev.done_reason,
                         prompt_eval_count=ev.prompt_eval_count,
+                        prompt_eval_cached_count=ev.prompt_eval_cached_count,
                         prompt_eval_duration=ev.prompt_eval_duration,
                         eval_count=ev.eval_count,
                         eval_duration=ev.eval_duration,

@@ -46,6 +46,7 @@ def _metrics(done: core.Done) -> dict[str, Any]:
         "total_duration": done.total_duration,
         "load_duration": done.load_duration,
         "prompt_eval_count": done.prompt_eval_count,
+        "prompt_eval_cached_count": done.prompt_eval_cached_count,
         "prompt_eval_duration": done.prompt_eval_duration,
         "eval_count": done.eval_count,
         "eval_duration": done.eval_duration,
@@ -154,7 +155,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
                 "created_at": now_utc(),
                 "response": "",
                 "done": False,
-                "_debug_info": prepare.debug_info(prompt or ""),
+                "_debug_info": prepare.debug_info(prompt or "", len(images)),
             }
         )
     stream = _stream_flag(req.stream)

@@ -2,8 +2,10 @@
 pull, push.
 
 Handlers read ``app[STORE]`` (and ``app[SUPERVISOR]`` when present, to unload a deleted or
-replaced model without waiting for it). Bodies are decoded with msgspec into the Structs below:
-unknown fields are ignored, a wrong type is a 400 naming the field, malformed JSON a 400.
+replaced model without waiting for it, unless a model still in the store has the same weights:
+a runner is keyed by its weights file, so it is that model's runner too and keeps running).
+Bodies are decoded with msgspec into the Structs below: unknown fields are ignored, a wrong type
+is a 400 naming the field, malformed JSON a 400.
 Progress endpoints stream NDJSON (one compact object per line) unless ``"stream": false``; an
 error before the first line gets a real status, a later one is a final ``{"error": ...}`` line.
 """
@@ -27,6 +29,7 @@ from corral.daemon.api.errors import ApiError
 from corral.daemon.api.keys import STORE, SUPERVISOR
 from corral.daemon.api.responses import LazyStream, json_response
 from corral.daemon.errors import CorralError, NotFound
+from corral.daemon.model_inputs import model_key
 from corral.daemon.models import modelfile
 from corral.daemon.models.registry import Registry
 from corral.daemon.models.store import (
@@ -137,11 +140,22 @@ def _registry(request: web.Request) -> Registry:
 _background: set[asyncio.Task[Any]] = set()
 
 
-def _unload_soon(request: web.Request, record: ModelRecord) -> None:
-    """Ask the supervisor (if any) to unload ``record``; never waits for it."""
+def _retire_soon(request: web.Request, record: ModelRecord) -> None:
+    """``record`` left the store (deleted, or replaced by a create or a copy): its runner unloads
+    as soon as it is idle, unless another model in the store uses the same weights (the same
+    runner key), whose runner it is as well: then it stays and is shown under that model's
+    name. Never waits for the unload."""
     supervisor = request.app.get(SUPERVISOR) if SUPERVISOR in request.app else None
     hook = getattr(supervisor, "unload", None) if supervisor is not None else None
-    if hook is None:
+    if hook is None or record.model_path is None:
+        return
+    key = model_key(record)
+    heir = next(
+        (r for r in _store(request).list() if r.model_path is not None and model_key(r) == key),
+        None,
+    )
+    if heir is not None:
+        supervisor.adopt(record, heir)
         return
 
     async def run() -> None:
@@ -290,7 +304,7 @@ async def create(request: web.Request) -> web.StreamResponse:
 
     async def pull_missing(name: ModelName, progress: ProgressFn | None) -> None:
         # As Ollama's parseFromModel: default registry options (CreateRequest has no insecure).
-        await _registry(request).pull(name, insecure=False, progress=progress)
+        await _as_ollama_fails(_registry(request).pull(name, insecure=False, progress=progress))
 
     async def work(progress: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
         await store.create(
@@ -308,7 +322,7 @@ async def create(request: web.Request) -> web.StreamResponse:
             pull=pull_missing,
         )
         if replaced is not None:
-            _unload_soon(request, replaced)
+            _retire_soon(request, replaced)
 
     return await run_progress(request, req.stream, work)
 
@@ -331,7 +345,13 @@ async def post_blob(request: web.Request) -> web.Response:
 
 async def copy(request: web.Request) -> web.Response:
     req = await read_body(request, CopyRequest)
-    await _store(request).copy(req.source, req.destination)
+    replaced = None
+    store = _store(request)
+    with contextlib.suppress(CorralError):  # an invalid name: copy says which one
+        replaced = store.resolve(req.destination) if store.exists(req.destination) else None
+    await store.copy(req.source, req.destination)
+    if replaced is not None:
+        _retire_soon(request, replaced)
     return web.Response(status=200)
 
 
@@ -340,7 +360,7 @@ async def delete(request: web.Request) -> web.Response:
     if not req.target():
         raise ApiError(400, "model is required")
     record = await _store(request).delete(req.target())
-    _unload_soon(request, record)
+    _retire_soon(request, record)
     return web.Response(status=200)
 
 
@@ -354,9 +374,20 @@ async def _transfer(request: web.Request, op: str) -> web.StreamResponse:
     registry = _registry(request)
 
     async def work(progress: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
-        await getattr(registry, op)(name, insecure=req.insecure, progress=progress)
+        transfer = getattr(registry, op)(name, insecure=req.insecure, progress=progress)
+        await (_as_ollama_fails(transfer) if op == "pull" else transfer)
 
     return await run_progress(request, req.stream, work)
+
+
+async def _as_ollama_fails(pulling: Awaitable[Any]) -> None:
+    """Await a pull; whatever fails in it (a model the registry lacks, an unreachable registry,
+    a full disk) is a 500 with its text, as Ollama answers every error of PullModel (streamed
+    before the first line, or with ``stream: false``)."""
+    try:
+        await pulling
+    except CorralError as e:
+        raise ApiError(500, e.message) from None
 
 
 async def pull(request: web.Request) -> web.StreamResponse:

@@ -343,10 +343,18 @@ def _completion_id(prefix: str) -> str:
     return f"{prefix}-{random.randint(0, 998)}"
 
 
-def _usage(done: core.Done | None) -> dict[str, int]:
+def _usage(done: core.Done | None) -> dict[str, Any]:
+    """OpenAI's usage: prompt_tokens is the whole prompt, the part the prompt cache held is
+    prompt_tokens_details.cached_tokens."""
     p = done.prompt_eval_count if done else 0
     c = done.eval_count if done else 0
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    cached = done.prompt_eval_cached_count if done else 0
+    return {
+        "prompt_tokens": p,
+        "completion_tokens": c,
+        "total_tokens": p + c,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def tool_calls_out(calls: list[dict[str, Any]], start: int = 0) -> list[dict[str, Any]]:

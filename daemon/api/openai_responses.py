@@ -12,8 +12,11 @@ message), ``reasoning`` (the next assistant message's thinking); ``max_output_to
 stored responses: a 400.
 
 Answer: a ``response`` object whose ``output`` is [reasoning?] + function calls, or [reasoning?]
-+ one assistant message with an ``output_text`` part; ``status`` ``completed``, or
-``incomplete`` (``max_output_tokens``) when the generation hit its limit; ``usage``. Streamed as
++ one assistant message with an ``output_text`` part; ``status`` ``completed`` also when the
+generation hit ``max_output_tokens``, as Ollama answers (``incomplete_details`` null, the stream
+ends with ``response.completed``: the Agents SDK fails an ``incomplete`` response with
+ModelBehaviorError, so an agent whose reply reaches its limit would fail here and work against
+Ollama); ``usage``. Streamed as
 ``response.created``, ``response.in_progress``, ``response.output_item.added`` …
 ``response.completed`` events with a ``sequence_number``. Errors use OpenAI's shape.
 """
@@ -252,14 +255,13 @@ class _Result:
     def obj(self, status: str, done: core.Done | None = None) -> dict[str, Any]:
         r = self.req
         fmt = msgspec.to_builtins(r.text.format) if r.text and r.text.format else {"type": "text"}
-        incomplete = done is not None and done.done_reason == "length"
         usage = None
         if done is not None:
             usage = {
                 "input_tokens": done.prompt_eval_count,
                 "output_tokens": done.eval_count,
                 "total_tokens": done.prompt_eval_count + done.eval_count,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": done.prompt_eval_cached_count},
                 "output_tokens_details": {"reasoning_tokens": 0},
             }
         return {
@@ -267,8 +269,8 @@ class _Result:
             "object": "response",
             "created_at": self.created,
             "completed_at": int(time.time()) if done is not None else None,
-            "status": "incomplete" if incomplete else status,
-            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "status": status,
+            "incomplete_details": None,
             "model": self.model,
             "previous_response_id": None,
             "instructions": r.instructions or None,

@@ -225,9 +225,10 @@ def warn_ignored(model: str, keys: Sequence[str]) -> None:
         log.warning("api.options_ignored", model=model, ignored=list(keys))
 
 
-def debug_info(prompt: str) -> dict[str, Any]:
-    """``_debug_info`` of a ``_debug_render_only`` answer (images are not counted yet)."""
-    return {"rendered_template": prompt, "image_count": 0}
+def debug_info(prompt: str, n_images: int) -> dict[str, Any]:
+    """``_debug_info`` of a ``_debug_render_only`` answer: the prompt and the request's images
+    in it (Ollama's ``len(media)``)."""
+    return {"rendered_template": prompt, "image_count": n_images}
 
 
 # ---- /api/chat -----------------------------------------------------------------------------------
@@ -342,7 +343,7 @@ async def start_chat(
             "created_at": now_utc(),
             "message": {"role": "", "content": ""},
             "done": False,
-            "_debug_info": debug_info(prompt or ""),
+            "_debug_info": debug_info(prompt or "", len(images)),
         }
     return completion_job(
         app,

@@ -5,7 +5,9 @@ Ollama's fields in Ollama's order (``name``, ``model``, ``size``, ``digest``, ``
 ``num_parallel``, ``in_flight``, ``queued``, ``pid``, with a policy file ``pinned`` and
 ``policy``: the keys that apply to the model, and ``runners``: pid, state, GPUs and in-flight of
 each of its runners, the first one and its replicas); longest-lived first. One entry per model:
-replicas add their memory, GPUs and in-flight requests to their model's entry. A runner still
+replicas add their memory, GPUs and in-flight requests to their model's entry. Each ``gpus``
+entry of simulated GPUs (CORRAL_SIMULATE_GPUS) says ``"simulated": true``; their placement is
+the plan, whatever the runner measured. A runner still
 loading is not listed (Ollama lists a model once its runner is healthy). ``context_length`` is
 the runner's own per-slot context (what it reported when ready), not the requested one.
 """
@@ -34,6 +36,7 @@ def ps_models(sup: Any) -> list[dict[str, Any]]:
     now, wall_now = sup.now(), time.time()
     rows: list[tuple[float, dict[str, Any]]] = []
     replicas: dict[str, list[Any]] = {}
+    simulated = {"simulated": True} if getattr(sup, "gpus_simulated", False) else {}
     for v in snap.runners:
         if v.replica:
             replicas.setdefault(v.model_key, []).append(v)
@@ -80,7 +83,8 @@ def ps_models(sup: Any) -> list[dict[str, Any]]:
                     "context_length": v.context_length,
                     "state": v.state,
                     "gpus": [
-                        {"id": g, "name": sup.gpu_name(g), "vram": b} for g, b in gpus.items()
+                        {"id": g, "name": sup.gpu_name(g), "vram": b, **simulated}
+                        for g, b in gpus.items()
                     ],
                     "num_parallel": v.parallel,
                     "in_flight": v.in_flight + sum(x.in_flight for x in extra),

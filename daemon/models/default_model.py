@@ -86,9 +86,16 @@ from corral.daemon.params import typed_params
 log = structlog.get_logger("corral.default_model")
 
 # The first paragraph is the system prompt (or a sentence that sets the scene), then three example
-# turns: a base model copies the form it sees, so it answers in one short line as they do.
+# turns: a base model copies the form it sees, so it answers in one short line as they do. Tools
+# (front ends send theirs with every chat: Open WebUI 36) are named in one line, which gives the
+# model Ollama's `tools` capability at the cost of a few tokens; a call is a JSON object on the
+# Assistant line (tool-call tag "{", as Ollama infers it), a result a "Tool:" line.
 DEFAULT_TEMPLATE = """{{- if .System }}{{ .System }}
 {{- else }}A conversation between a curious user and a helpful assistant that answers briefly.
+{{- end }}
+{{- if .Tools }}
+The assistant may call a tool by answering with one JSON object {"name": ..., "arguments": {...}}.
+Tools:{{ range $i, $t := .Tools }}{{ if $i }},{{ end }} {{ $t.Function.Name }}{{ end }}.
 {{- end }}
 
 User: Hello!
@@ -99,17 +106,35 @@ User: Write a short poem about rain.
 Assistant: Soft rain on the roof, a quiet song all night.
 {{ range .Messages }}
 {{- if eq .Role "user" }}User: {{ .Content }}
-{{ else if eq .Role "assistant" }}Assistant: {{ .Content }}
+{{ else if eq .Role "assistant" }}Assistant:
+{{- if .ToolCalls }}{{ range .ToolCalls }} {"name": "{{ .Function.Name }}", "arguments": {{ .Function.Arguments }}}{{ end }}
+{{ else }} {{ .Content }}
+{{ end }}
+{{- else if eq .Role "tool" }}Tool: {{ .Content }}
 {{ end }}
 {{- end }}Assistant:"""
 
+# The next turn ends the answer however a transcript spells its labels: front ends write their
+# own (Open WebUI's title and tag prompts: "USER:" / "ASSISTANT:"), and a base model continues
+# them in their spelling; without these a 1000-token title request ran to its end.
+_LABELS = [
+    f"\n{who}:" for role in ("User", "Assistant") for who in (role, role.upper(), role.lower())
+]
+
 DEFAULT_PARAMETERS: dict[str, Any] = {
     "num_predict": 128,
-    "stop": ["\nUser:", "\nAssistant:", "\n\n"],
+    "stop": [*_LABELS, "\n\n"],
     "temperature": 0.4,
     "top_k": 64,
     "top_p": 0.95,
 }
+
+
+# Slots of a runner of the embedded weights (at least: a larger OLLAMA_NUM_PARALLEL wins). A front
+# end's background requests (Open WebUI's title, tags and follow-ups) each get a slot beside the
+# user's chat instead of holding it; the model is tiny and so is its KV cache per slot (18
+# blocks, one KV head, 5 of 6 blocks on a 512-token window: ~20 MB at 4096 tokens).
+DEFAULT_PARALLEL = 4
 
 
 @dataclass(frozen=True)
@@ -128,6 +153,13 @@ def embedded_gemma() -> Embedded | None:
     except ImportError:
         return None
     return Embedded(pkg.MODEL_NAME, f"sha256:{pkg.EXPECTED_SHA256}", pkg.assemble)
+
+
+def embedded_digest() -> str | None:
+    """The ``sha256:`` digest of the embedded GGUF (None without the package; after the first
+    call the import is a lookup)."""
+    embedded = embedded_gemma()
+    return embedded.digest if embedded is not None else None
 
 
 async def _chunks(path: Path, size: int = 1 << 20) -> AsyncIterator[bytes]:

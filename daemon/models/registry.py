@@ -5,8 +5,10 @@ parallel GETs into ``blobs/sha256-<hex>-partial`` (progress per part in ``-parti
 files, Ollama's format, so a restarted pull continues where the last one stopped), then each new
 blob is hashed; a match is renamed into place, a mismatch is deleted and the pull fails without
 touching anything already stored. Finally the manifest is written byte for byte. A full disk
-ends the pull at once (507, no retries, as Ollama aborts on ENOSPC) with no manifest written; the
-``-partial`` file keeps what was written and a later pull resumes from there.
+ends the pull at once (no retries, as Ollama aborts on ENOSPC) with no manifest written; the
+``-partial`` file keeps what was written and a later pull resumes from there. The routes answer
+every failure of a transfer with Ollama's status, 500 (see ``api/native_models``); the texts are
+Ollama's, an unreachable registry's in Go's words (:func:`go_request_error`).
 
 Push: per blob ``HEAD`` (present -> skip), else ``POST .../blobs/uploads/``, ``PATCH`` the bytes
 in parts, ``PUT <location>?digest=``; then ``PUT .../manifests/<tag>``.
@@ -24,12 +26,13 @@ import itertools
 import os
 import random
 import re
+import socket
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urljoin
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import aiohttp
 import msgspec
@@ -291,7 +294,7 @@ class Registry:
                 body = await resp.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             # the registry could not be reached: an upstream failure, not ours
-            raise RegistryUnreachable(f"pull model manifest: {e or type(e).__name__}") from None
+            raise RegistryUnreachable(f"pull model manifest: {go_request_error(url, e)}") from None
         if resp.status == 404:
             raise NotFound("pull model manifest: file does not exist")
         if resp.status >= 400:
@@ -599,6 +602,38 @@ class Registry:
 
 class _TransferError(Exception):
     pass
+
+
+def go_request_error(url: str, e: BaseException, method: str = "GET") -> str:
+    """A request to ``url`` that failed with ``e``, in the words of Go's HTTP client (Ollama's
+    error texts carry them): ``Get "<url>": dial tcp 127.0.0.1:9: connect: connection refused``,
+    ``dial tcp: lookup <host>: no such host``, ``dial tcp <addr>: i/o timeout``; an error Go has
+    no fixed text for keeps its own."""
+    parts = urlsplit(url)
+    addr = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    os_error = getattr(e, "os_error", None)
+    if isinstance(e, aiohttp.ClientConnectorCertificateError):
+        detail = f"tls: failed to verify certificate: {e.certificate_error}"
+    elif isinstance(os_error, socket.gaierror):
+        no_host = os_error.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None))
+        detail = f"dial tcp: lookup {parts.hostname}: " + (
+            "no such host" if no_host else _lower(os_error.strerror or str(os_error))
+        )
+    elif isinstance(os_error, OSError) and os_error.errno is not None:
+        detail = f"dial tcp {addr}: connect: {_lower(os.strerror(os_error.errno))}"
+    elif isinstance(e, _CONNECT_TIMEOUT):
+        detail = f"dial tcp {addr}: i/o timeout"
+    else:
+        detail = str(e) or type(e).__name__
+    return f'{method.capitalize()} "{url}": {detail}'
+
+
+_CONNECT_TIMEOUT = getattr(aiohttp, "ConnectionTimeoutError", ())  # aiohttp >= 3.10
+
+
+def _lower(text: str) -> str:
+    """C's strerror as Go's syscall texts write it (lower-case first letter)."""
+    return text[:1].lower() + text[1:]
 
 
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:

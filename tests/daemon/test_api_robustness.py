@@ -1106,13 +1106,21 @@ async def test_ollama_client_parses_everything(env: Env) -> None:
 
 
 async def test_create_from_unreachable_registry(env: Env) -> None:
-    """A `from` that isn't local is pulled; with the registry unreachable that is an upstream
-    failure (502 with the reason), not a server error, and nothing is stored."""
+    """A `from` that isn't local is pulled; with the registry unreachable that is Ollama's
+    500 with Go's words for it (not the HTTP library's), and nothing is stored; a pull says the
+    same."""
     before = tree(env.root)
+    error = (
+        'pull model manifest: Get "http://127.0.0.1:9/v2/library/unknown-model/manifests/latest"'
+        ": dial tcp 127.0.0.1:9: connect: connection refused"
+    )
     r = await env.client.post(
         "/api/create", json={"model": "x", "from": "unknown-model", "stream": False}
     )
-    body = await r.json()
-    assert r.status == 502, body
-    assert body["error"].startswith("pull model manifest: ")
+    assert (r.status, await r.json()) == (500, {"error": error})
+    r = await env.client.post("/api/pull", json={"model": "unknown-model", "stream": False})
+    assert (r.status, await r.json()) == (500, {"error": error})
+    r = await env.client.post("/api/pull", json={"model": "unknown-model"})
+    lines = [json.loads(x) for x in (await r.read()).splitlines()]
+    assert r.status == 200 and lines == [{"status": "pulling manifest"}, {"error": error}]
     assert tree(env.root) == before

@@ -69,10 +69,43 @@ def test_system_replaces_the_scene_and_turns_are_transcript_lines():
     )
 
 
+def test_tools_are_named_and_calls_and_results_are_transcript_lines():
+    """The template uses .Tools (Ollama's `tools` capability: a front end's chat with tools is
+    answered, not refused) and names them in one line; a call is the JSON object the tool-call
+    parser reads (tag "{")."""
+    template = GoTemplate(dm.DEFAULT_TEMPLATE)
+    assert template.supports_tools and template.tool_call_tag() == "{"
+    tools = [
+        {"type": "function", "function": {"name": n, "description": "d", "parameters": {}}}
+        for n in ("get_weather", "search_web")
+    ]
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
+        {"role": "tool", "content": "22C"},
+    ]
+    assert template.render(messages, tools) == (
+        SCENE + "\nThe assistant may call a tool by answering with one JSON object "
+        '{"name": ..., "arguments": {...}}.\nTools: get_weather, search_web.\n\n'
+        + EXAMPLES
+        + "User: Weather in Paris?\n"
+        + 'Assistant: {"name": "get_weather", "arguments": {"city":"Paris"}}\n'
+        + "Tool: 22C\nAssistant:"
+    )
+    assert template.render(messages[:1]) == render(messages[:1])  # no tools: as before
+
+
 def test_parameters_bound_the_answer_and_stop_at_the_next_turn_or_paragraph():
     p = dm.DEFAULT_PARAMETERS
     assert 0 < p["num_predict"] <= 256
     assert "\nUser:" in p["stop"] and "\n\n" in p["stop"]
+    # the labels of the transcripts front ends write (Open WebUI's title prompt), in any case
+    for label in ("User", "USER", "user", "Assistant", "ASSISTANT", "assistant"):
+        assert f"\n{label}:" in p["stop"]
     # what `corral show gemma3:270m --parameters` prints: one line per value, Go-quoted
     lines = format_parameters(p).splitlines()
     assert f"{'num_predict':<30} {p['num_predict']}" in lines
@@ -223,8 +256,12 @@ async def serving(
 
 
 async def loaded(url: str) -> list[str]:
+    return [m["name"] for m in await ps(url)]
+
+
+async def ps(url: str) -> list[dict]:
     async with aiohttp.ClientSession() as s, s.get(url + "/api/ps") as r:
-        return [m["name"] for m in (await r.json())["models"]]
+        return (await r.json())["models"]
 
 
 async def test_serve_on_a_fresh_store_imports_and_preloads_the_default(
@@ -247,6 +284,9 @@ async def test_serve_on_a_fresh_store_imports_and_preloads_the_default(
             ) as r:
                 body = await r.json()
         assert body["done"] and body["done_reason"] in ("stop", "length")
+        # slots for a front end's background requests beside the user's chat
+        [row] = await ps(url)
+        assert row["num_parallel"] == dm.DEFAULT_PARALLEL == 4
 
 
 async def test_serve_on_an_existing_store_loads_nothing(

@@ -261,6 +261,31 @@ async def test_measured_gpu_memory_replaces_the_estimate(models):
         await asyncio.wait_for(sup.close(), SAFETY)
 
 
+async def test_simulated_gpus_show_the_simulated_placement_whatever_the_runner_measures(models):
+    """CORRAL_SIMULATE_GPUS is paper on purpose: /api/ps shows the plan on them (marked
+    simulated) also when the runner measured CPU memory only, as the real engine on a machine
+    without GPUs does, or other GPU figures; the log says what it measured."""
+    for measured in ({"CPU": {"weights": 7 << 20, "kv": 1 << 20}}, {"CUDA0": {"weights": 1 << 20}}):
+        probe = SimulatedProbe([{"name": "Sim A100", "total": 24 * GiB}], host=HOST)
+        with capture_logs() as logs:
+            sup = await start(cfg(fake_knobs={"memory": measured}), probe, None)
+            try:
+                async with await acquire(sup, models(0)):
+                    pass
+                (row,) = ps_models(sup)
+                (view,) = sup.snapshot().runners
+                assert view.placement.gpus == ("0",) and view.placement.vram > 1 << 20
+                assert row["size_vram"] == view.placement.vram
+                assert row["gpus"] == [
+                    {"id": "0", "name": "Sim A100", "vram": view.placement.vram, "simulated": True}
+                ]
+            finally:
+                await asyncio.wait_for(sup.close(), SAFETY)
+        (note,) = [e for e in logs if e["event"] == "simulated placement kept"]
+        assert note["measured"] == {d: sum(m.values()) for d, m in measured.items()}
+        assert note["gpus"] == ["0"] and note["gpu_bytes"] == [view.placement.vram]
+
+
 async def test_the_fake_engine_and_simulated_gpus_are_not_gated(models):
     config = cfg()
     sup = Supervisor(config, probe=SimulatedProbe([{"total": 24 * GiB}], host=HOST))

@@ -154,12 +154,23 @@ async def test_types_and_inference_extension_names(make_env):
         "vllm:kv_cache_usage_perc",
         "vllm:gpu_cache_usage_perc",
         "vllm:lora_requests_info",
+        "vllm:cache_config_info",
     ):
         assert s.types[name] == "gauge", name
         assert sum(1 for (n, _) in s.values if n == name) == 1, name
     assert s.get("vllm:num_requests_waiting") == 0 and s.get("vllm:num_requests_running") == 0
     assert s.has(
         "vllm:lora_requests_info", max_lora="0", running_lora_adapters="", waiting_lora_adapters=""
+    )
+    # the picker's cache info: a block is a token (llama.cpp), no runner yet: no blocks
+    assert (
+        s.get(
+            "vllm:cache_config_info",
+            block_size="1",
+            num_gpu_blocks="0",
+            enable_prefix_caching="True",
+        )
+        == 1
     )
     for name in (
         "corral_http_requests",
@@ -300,6 +311,10 @@ async def test_in_flight_queued_kv_and_rejections(make_env):
     assert s1.get("corral_queue_depth") == 1
     kv = s1.get("vllm:kv_cache_usage_perc")
     assert 0 < kv < 1 and s1.get("vllm:gpu_cache_usage_perc") == kv
+    [runner] = env.sup.snapshot().runners
+    cells = str(runner.context_length * runner.parallel)  # the KV cells of the one runner
+    info = {"block_size": "1", "num_gpu_blocks": cells, "enable_prefix_caching": "True"}
+    assert s1.get("vllm:cache_config_info", **info) == 1
     assert s1.get("corral_model_kv_cache_usage_ratio", model=A) == kv  # the only runner
     assert diff(s1, s0, "corral_requests_rejected_total", reason="queue_full") == 1
     assert (

@@ -4,10 +4,13 @@ resume of an interrupted pull, wrong digests, registry errors, and the HTTP rout
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import ollama
@@ -15,7 +18,7 @@ import pytest
 
 from corral.daemon.api.native_models import REGISTRY
 from corral.daemon.errors import CorralError
-from corral.daemon.models.registry import Registry
+from corral.daemon.models.registry import Registry, go_request_error
 from corral.daemon.models.store import MEDIA_MODEL, MEDIA_PARAMS, MEDIA_TEMPLATE, Store
 from tests.daemon.registry_server import OLLAMA_TEMPLATE, RegistryServer
 from tests.daemon.test_api_models import Server
@@ -211,6 +214,31 @@ async def test_pull_errors(
     assert not (tmp_path / "manifests").exists()
 
 
+def test_unreachable_registry_texts_are_gos() -> None:
+    """What Ollama's errors carry when the registry cannot be reached: Go's net/http texts."""
+    url = "https://registry.ollama.ai/v2/library/gemma3/manifests/1b"
+    key = SimpleNamespace(host="registry.ollama.ai", port=443, ssl=True)
+
+    def connector(os_error: OSError) -> aiohttp.ClientConnectorError:
+        return aiohttp.ClientConnectorError(key, os_error)  # type: ignore[arg-type]
+
+    head = f'Get "{url}": '
+    no_host = connector(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+    assert go_request_error(url, no_host) == head + (
+        "dial tcp: lookup registry.ollama.ai: no such host"
+    )
+    again = connector(socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"))
+    assert go_request_error(url, again) == head + (
+        "dial tcp: lookup registry.ollama.ai: temporary failure in name resolution"
+    )
+    unreachable = connector(OSError(errno.ENETUNREACH, "Network is unreachable"))
+    assert go_request_error(url, unreachable) == head + (
+        "dial tcp registry.ollama.ai:443: connect: network is unreachable"
+    )
+    timeout = aiohttp.ConnectionTimeoutError("Connection timeout to host")
+    assert go_request_error(url, timeout) == head + "dial tcp registry.ollama.ai:443: i/o timeout"
+
+
 async def test_http_scheme_needs_insecure(tmp_path: Path, reg: RegistryServer) -> None:
     with pytest.raises(CorralError, match="insecure protocol http"):
         await registry(Store(tmp_path)).pull(f"http://{reg.host}/library/tiny")
@@ -290,8 +318,7 @@ async def test_pull_and_push_routes(srv: Server, reg: RegistryServer, tiny_gguf:
         assert (await client.push(f"{reg.host}/me/copy:1", insecure=True)).status == "success"
         assert ("me/copy", "1") in reg.manifests
 
-        # unknown model: 200 stream with a final error line; stream=false: 404 (Ollama: 500;
-        # a model the registry doesn't have is the client's error, not the server's)
+        # unknown model: 200 stream with a final error line; stream=false: 500, as Ollama
         with pytest.raises(ollama.ResponseError) as exc:
             async for _ in await client.pull(
                 f"{reg.host}/library/nope", insecure=True, stream=True
@@ -300,7 +327,8 @@ async def test_pull_and_push_routes(srv: Server, reg: RegistryServer, tiny_gguf:
         assert exc.value.error == "pull model manifest: file does not exist"
         with pytest.raises(ollama.ResponseError) as exc:
             await client.pull(f"{reg.host}/library/nope", insecure=True)
-        assert exc.value.status_code == 404
+        assert exc.value.status_code == 500
+        assert exc.value.error == "pull model manifest: file does not exist"
     finally:
         await client._client.aclose()
 
@@ -368,7 +396,8 @@ async def test_create_from_missing_model_pulls_it_first(
         assert (await client.create(model="derived2", from_=base)).status == "success"
         assert reg.requests == []
 
-        # unknown `from`: streaming ⇒ the pull's error line; stream=false ⇒ 404; nothing stored
+        # unknown `from`: streaming ⇒ the pull's error line; stream=false ⇒ 500 (Ollama's
+        # parseFromModel error); nothing stored
         before = tree(srv.root)
         with pytest.raises(ollama.ResponseError) as exc:
             async for _ in await client.create(
@@ -378,7 +407,7 @@ async def test_create_from_missing_model_pulls_it_first(
         assert exc.value.error == "pull model manifest: file does not exist"
         with pytest.raises(ollama.ResponseError) as exc:
             await client.create(model="bad", from_=f"{reg.host}/library/nope")
-        assert exc.value.status_code == 404
+        assert exc.value.status_code == 500
         assert exc.value.error == "pull model manifest: file does not exist"
         assert tree(srv.root) == before
         assert not srv.store.exists("bad") and not srv.store.exists(f"{reg.host}/library/nope")

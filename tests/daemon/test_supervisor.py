@@ -218,9 +218,12 @@ async def test_ps_rows_have_ollamas_fields_and_our_extras(make_sup, models):
         assert row["num_parallel"] == 1
         assert row["pid"] == sup.runner_process(lease.runner_id).pid
         assert row["size"] >= row["size_vram"] > 0
-        assert row["gpus"] == [{"id": "0", "name": "Sim 24G", "vram": row["size_vram"]}]
+        assert row["gpus"] == [
+            {"id": "0", "name": "Sim 24G", "vram": row["size_vram"], "simulated": True}
+        ]
+        # local time: its offset, or Z on a machine on UTC (as Go writes it)
         assert re.fullmatch(
-            r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?[+-]\d\d:\d\d", row["expires_at"]
+            r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?([+-]\d\d:\d\d|Z)", row["expires_at"]
         )
     await sup.wait_processed()
     # Idle: expires about keep-alive from now; longest-lived first.

@@ -3,16 +3,39 @@
 from __future__ import annotations
 
 import re
+import time
 from datetime import datetime
+
+import pytest
 
 from corral.daemon.timefmt import now_utc, rfc3339
 
 
-def test_local_time_trims_zeros_and_has_offset() -> None:
+@pytest.fixture
+def local_zone(monkeypatch):
+    """Set the process's local time zone (a POSIX TZ string: no tz database needed)."""
+
+    def set_zone(tz: str) -> None:
+        monkeypatch.setenv("TZ", tz)
+        time.tzset()
+
+    yield set_zone
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_local_time_trims_zeros_and_has_offset(local_zone) -> None:
+    local_zone("CET-1")
     text = rfc3339(1_700_000_000.5)
-    assert re.fullmatch(r"2023-11-\d\dT\d\d:\d\d:20\.5[+-]\d\d:\d\d", text)
-    assert "." not in rfc3339(1_700_000_000.0)
+    assert text == "2023-11-14T23:13:20.5+01:00"
+    assert rfc3339(1_700_000_000.0) == "2023-11-14T23:13:20+01:00"
     assert datetime.fromisoformat(text).timestamp() == 1_700_000_000.5
+
+
+def test_local_time_on_a_utc_machine_ends_in_z(local_zone) -> None:
+    """Go writes a zero offset as Z (layout Z07:00): never +00:00."""
+    local_zone("UTC0")
+    assert rfc3339(1_700_000_000.5) == "2023-11-14T22:13:20.5Z"
 
 
 def test_utc_ends_in_z_and_trims_zeros() -> None:

@@ -90,8 +90,63 @@ def test_kustomization_lists_every_core_manifest():
     k = yaml.safe_load((KUBE / "kustomization.yaml").read_text())
     assert sorted(k["resources"]) == sorted(CORE)
     assert sorted(p.name for p in KUBE.glob("*.yaml")) == sorted(
-        CORE + ["kustomization.yaml", "inferencepool.yaml"]
+        CORE + ["kustomization.yaml", "inferencepool.yaml", "endpointpicker.yaml"]
     )
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_endpoint_picker_validates_strictly(version):
+    kinds = [d["kind"] for d in docs("endpointpicker.yaml")]
+    assert sorted(kinds) == sorted(
+        ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment", "Service"]
+    )
+    for doc in docs("endpointpicker.yaml"):
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_the_pool_points_at_the_llm_d_routers_endpoint_picker():
+    """The picker moved to the llm-d Router: its image, bound to the pool, the Service and the
+    plugin config it is started with; its metrics source is where corral serves the names."""
+    pool = kind("inferencepool.yaml", "InferencePool")
+    svc = kind("endpointpicker.yaml", "Service")
+    deploy = kind("endpointpicker.yaml", "Deployment")
+    (epp,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert epp["image"].startswith("ghcr.io/llm-d/llm-d-router-endpoint-picker:")
+    ref = pool["spec"]["endpointPickerRef"]
+    assert ref["name"] == svc["metadata"]["name"]
+    (grpc,) = [p for p in svc["spec"]["ports"] if p["port"] == ref["port"]["number"]]
+    assert grpc["appProtocol"] == "kubernetes.io/h2c"
+    assert grpc["targetPort"] in [p["containerPort"] for p in epp["ports"]]
+    assert (
+        svc["spec"]["selector"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
+    )
+    args = epp["args"]
+    assert args[args.index("--pool-name") + 1] == pool["metadata"]["name"]
+    assert args[args.index("--pool-group") + 1] == pool["apiVersion"].split("/")[0]
+    # the plugin file: mounted from the ConfigMap where --config-file says
+    config_file = Path(args[args.index("--config-file") + 1])
+    (mount,) = epp["volumeMounts"]
+    assert str(config_file.parent) == mount["mountPath"]
+    (volume,) = deploy["spec"]["template"]["spec"]["volumes"]
+    assert volume["name"] == mount["name"]
+    cm = kind("endpointpicker.yaml", "ConfigMap")
+    assert volume["configMap"]["name"] == cm["metadata"]["name"]
+    plugins = yaml.safe_load(cm["data"][config_file.name])
+    types = [p["type"] for p in plugins["plugins"]]
+    assert {"queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer"} <= set(types)
+    assert "core-metrics-extractor" in types  # vllm names by default: corral's
+    (source,) = [p for p in plugins["plugins"] if p["type"] == "metrics-data-source"]
+    assert source["parameters"]["path"] == "/metrics"
+    refs = {p["pluginRef"] for prof in plugins["schedulingProfiles"] for p in prof["plugins"]}
+    assert refs <= set(types)
+    # RBAC: the picker's account may watch the pool's pods and the pool
+    sa = kind("endpointpicker.yaml", "ServiceAccount")
+    assert deploy["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+    binding = kind("endpointpicker.yaml", "RoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"]}]
+    rules = kind("endpointpicker.yaml", "Role")["rules"]
+    granted = {(g, r) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]}
+    assert {("", "pods"), ("inference.networking.k8s.io", "inferencepools")} <= granted
 
 
 def test_custom_resources_have_no_bundled_schema_and_match_the_statefulset():

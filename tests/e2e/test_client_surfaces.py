@@ -1,11 +1,17 @@
 """The surfaces today's clients use, against ``corral serve`` with the tiny model: the real
 ``anthropic`` SDK on /v1/messages, the real ``openai`` SDK on /v1/responses and chat logprobs,
-the real ``ollama`` client on thinking and logprobs, streamed and not. ``tiny-think`` is the tiny
+the real ``ollama`` client on thinking and logprobs, streamed and not; the OpenAI Agents SDK on
+/v1/responses; token counts through all of them. ``tiny-think`` is the tiny
 model with a thinking template that opens ``<think>`` in the prompt: whatever the model writes
 is thinking until it closes the tag, and no tag may reach the answer."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import urllib.request
+
+import agents
 import anthropic
 import ollama
 import openai
@@ -91,7 +97,7 @@ def test_anthropic_thinking(claude):
 
 def test_openai_responses(oai):
     r = oai.responses.create(model="tiny", input="hi", instructions="be brief", max_output_tokens=6)
-    assert r.status == "incomplete" and r.output_text and r.usage.output_tokens == 6
+    assert r.status == "completed" and r.output_text and r.usage.output_tokens == 6
     events = list(oai.responses.create(model="tiny", input="hi", max_output_tokens=5, stream=True))
     assert events[0].type == "response.created" and events[-1].type == "response.completed"
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
@@ -145,3 +151,66 @@ def test_logprobs(client, oai):
     with pytest.raises(ollama.ResponseError) as err:
         client.generate(model="tiny", prompt="x", logprobs=True, top_logprobs=21)
     assert err.value.status_code == 400
+
+
+def test_agents_sdk_reply_cut_by_max_tokens(daemon):
+    """The OpenAI Agents SDK on /v1/responses: an agent whose reply reaches max_tokens gets its
+    text (as from Ollama: status completed), streamed or not, instead of ModelBehaviorError."""
+    agents.set_tracing_disabled(True)  # traces go to OpenAI's servers
+    client = openai.AsyncOpenAI(base_url=daemon.url + "/v1", api_key="local", max_retries=0)
+    agent = agents.Agent(
+        name="brief",
+        instructions="be brief",
+        model=agents.OpenAIResponsesModel(model="tiny", openai_client=client),
+        model_settings=agents.ModelSettings(max_tokens=5),
+    )
+
+    async def run() -> tuple[str, str, int]:
+        try:
+            result = await agents.Runner.run(agent, "hi")
+            streamed = agents.Runner.run_streamed(agent, "hi")
+            deltas = [
+                e.data.delta
+                async for e in streamed.stream_events()
+                if e.type == "raw_response_event" and e.data.type == "response.output_text.delta"
+            ]
+            assert streamed.final_output == "".join(deltas)
+            return result.final_output, streamed.final_output, result.context_wrapper.usage
+        finally:
+            await client.close()
+
+    text, streamed_text, usage = asyncio.run(run())
+    assert text and streamed_text and usage.output_tokens == 5
+
+
+def test_prompt_tokens_count_the_whole_prompt_with_the_cached_part_apart(daemon, oai, claude):
+    """The same chat twice: the whole prompt is counted both times (Ollama's prompt_eval_count);
+    the second time all of it but the last token came from the prompt cache, which each API
+    reports in its own field."""
+    messages = [{"role": "user", "content": "count the tokens of this chat, all of them"}]
+    first, again = (
+        oai.chat.completions.create(model="tiny", max_tokens=2, messages=messages) for _ in range(2)
+    )
+    assert first.usage.prompt_tokens == again.usage.prompt_tokens > 5
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    body = {"model": "tiny", "messages": messages, "stream": False, "options": {"num_predict": 2}}
+    native = [
+        json.loads(
+            urllib.request.urlopen(
+                urllib.request.Request(daemon.url + "/api/chat", data=json.dumps(body).encode()),
+                timeout=60,
+            ).read()
+        )
+        for _ in range(2)
+    ]
+    assert native[0]["prompt_eval_count"] == native[1]["prompt_eval_count"] > 5
+    assert native[1]["prompt_eval_cached_count"] == native[1]["prompt_eval_count"] - 1
+    with ollama.Client(host=daemon.url) as c:
+        assert c.chat(**body).prompt_eval_count == native[1]["prompt_eval_count"]
+    # Anthropic's usage splits the prompt: evaluated + read from the cache = the whole
+    msgs = [claude.messages.create(model="tiny", max_tokens=2, messages=messages) for _ in "ab"]
+    u = msgs[1].usage
+    assert (u.input_tokens, u.cache_read_input_tokens) == (1, first.usage.prompt_tokens - 1)
+    assert u.cache_creation_input_tokens == 0
+    u0 = msgs[0].usage
+    assert u0.input_tokens + u0.cache_read_input_tokens == first.usage.prompt_tokens

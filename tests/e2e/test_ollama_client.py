@@ -154,6 +154,39 @@ def test_preload_unload_and_ps(client, tiny, daemon):
     assert wait_until(lambda: not daemon.runner_pids())
 
 
+def test_delete_create_copy_keep_the_runner_of_a_model_sharing_its_weights(
+    client, tiny, daemon, tmp_path
+):
+    """A runner is keyed by its weights file: deleting, re-creating or copying over a model that
+    shares it with another leaves it running (shown under a remaining model's name); a deleted
+    model whose weights no other model uses has its runner stop once idle."""
+    client.generate(model=tiny, prompt="", keep_alive="10m")
+    (pid,) = daemon.runner_pids()
+    client.copy(tiny, "tmpx")
+    client.delete("tmpx")  # Open WebUI users tidying their list
+    client.create(model="tmpy", from_=tiny, system="be brief")
+    client.create(model="tmpy", from_=tiny, system="be very brief")  # replaces tmpy
+    client.copy(tiny, "tmpy")  # over tmpy
+    assert [m.model for m in client.ps().models] == [tiny] and daemon.runner_pids() == {pid}
+    # a runner started for tmpy, which is deleted: tiny has the weights, the runner is its own
+    client.generate(model=tiny, prompt="", keep_alive=0)
+    assert wait_until(lambda: not daemon.runner_pids())
+    client.generate(model="tmpy", prompt="", keep_alive="10m")
+    (pid,) = daemon.runner_pids()
+    client.delete("tmpy")
+    assert [m.model for m in client.ps().models] == [tiny]
+    r = client.generate(model=tiny, prompt="hi", options={"num_predict": 2})
+    assert r.done and daemon.runner_pids() == {pid}
+    # weights of its own: its runner stops (the other model's stays)
+    path = write_tiny_llama(tmp_path / "solo.gguf", seed=3)
+    client.create(model="solo", files={"solo.gguf": client.create_blob(path)})
+    client.generate(model="solo", prompt="", keep_alive="10m")
+    assert len(daemon.runner_pids()) == 2
+    client.delete("solo")
+    assert wait_until(lambda: [m.model for m in client.ps().models] == [tiny])
+    assert wait_until(lambda: daemon.runner_pids() == {pid})
+
+
 def test_unknown_model_is_404(client):
     with pytest.raises(ollama.ResponseError) as err:
         client.generate(model="nope", prompt="x")

@@ -262,3 +262,37 @@ def test_anthropic_image_blocks(daemon):
                 model="txt", max_tokens=2, messages=[{"role": "user", "content": [block]}]
             )
         assert "does not support vision" in str(err.value)
+
+
+def test_debug_render_only_counts_the_images(daemon):
+    """``_debug_render_only`` answers how many images the rendered prompt holds (Ollama's
+    ``image_count``), for generate and chat, without running the model."""
+    b64 = base64.b64encode(PNG).decode()
+    gen = httpx.post(
+        daemon.url + "/api/generate",
+        json={
+            "model": "vis",
+            "prompt": "what is this",
+            "images": [b64],
+            "_debug_render_only": True,
+        },
+        timeout=60,
+    ).json()
+    assert gen["_debug_info"]["image_count"] == 1
+    messages = [
+        {"role": "user", "content": "two", "images": [b64, b64]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "and one more", "images": [b64]},
+    ]
+    chat = httpx.post(
+        daemon.url + "/api/chat",
+        json={"model": "vis", "messages": messages, "_debug_render_only": True},
+        timeout=60,
+    ).json()
+    assert chat["_debug_info"]["image_count"] == 3 and chat["done"] is False
+    plain = httpx.post(
+        daemon.url + "/api/chat",
+        json={"model": "vis", "messages": messages[1:2], "_debug_render_only": True},
+        timeout=60,
+    ).json()
+    assert plain["_debug_info"]["image_count"] == 0

@@ -185,6 +185,9 @@ async def test_invalid_schema_is_400(engine):
 
 
 async def test_prompt_cache_second_turn_evaluates_only_new_tokens(engine):
+    """prompt_eval_count is the whole prompt every time (Ollama's count, cache_n + prompt_n);
+    prompt_eval_cached_count the part the slot's cache held, which was not evaluated."""
+
     async def count(text: str, special: bool) -> int:
         body = await (
             await client.post("/tokenize", json={"content": text, "add_special": special})
@@ -195,17 +198,25 @@ async def test_prompt_cache_second_turn_evaluates_only_new_tokens(engine):
         turn1 = "the first turn of a chat about water and the earth and people who live near it"
         chunks, done1 = await complete(client, prompt=turn1, options={**GREEDY, "num_predict": 10})
         n1 = await count(turn1, True)
-        assert 0 < done1["prompt_eval_count"] <= n1
+        assert done1["prompt_eval_count"] == n1
+        assert 0 <= done1["prompt_eval_cached_count"] < n1
         # a follow-up as text: at least the first turn's prompt is reused
         turn2 = turn1 + "".join(chunks) + " and then a follow up question"
         _, done2 = await complete(client, prompt=turn2, options={**GREEDY, "num_predict": 5})
-        assert done2["prompt_eval_count"] <= await count(turn2, True) - (n1 - 1)
+        assert done2["prompt_eval_count"] == await count(turn2, True)
+        assert n1 - 1 <= done2["prompt_eval_cached_count"] < done2["prompt_eval_count"]
+        # the same prompt again: all of it but the last token from the cache, still counted
+        _, again = await complete(client, prompt=turn2, options={**GREEDY, "num_predict": 5})
+        assert again["prompt_eval_count"] == done2["prompt_eval_count"]
+        assert again["prompt_eval_cached_count"] == again["prompt_eval_count"] - 1
         # generate's context: the previous tokens + new text; only the new part (and the last
         # generated token, which was sampled but never decoded) is evaluated
         _, done3 = await complete(
             client, tokens=done2["tokens"], prompt=" next", options={**GREEDY, "num_predict": 3}
         )
-        assert done3["prompt_eval_count"] == await count(" next", False) + 1
+        assert done3["prompt_eval_count"] == len(done2["tokens"]) + await count(" next", False)
+        evaluated = done3["prompt_eval_count"] - done3["prompt_eval_cached_count"]
+        assert evaluated == await count(" next", False) + 1
 
 
 async def test_context_shift_keeps_generating(engine):

@@ -103,7 +103,9 @@ async def test_image_is_evaluated_at_its_marker_and_cached(engine):
         _, again = await complete(
             client, prompt=prompt, images=[B64], options={**GREEDY, "num_predict": 6}
         )
-        assert again["prompt_eval_count"] == 1  # everything but the last token came from the cache
+        # the whole prompt is counted, image cells included; all but its last token was cached
+        assert again["prompt_eval_count"] == first["prompt_eval_count"]
+        assert again["prompt_eval_cached_count"] == again["prompt_eval_count"] - 1
         _, other = await complete(
             client,
             prompt=prompt,
@@ -111,9 +113,9 @@ async def test_image_is_evaluated_at_its_marker_and_cached(engine):
             options={**GREEDY, "num_predict": 6},
         )
         n_prefix = len(await _tokens(client, "look at the picture "))
-        assert (
-            other["prompt_eval_count"] == first["prompt_eval_count"] - n_prefix
-        )  # new image, same prefix
+        # new image, same prefix: the prefix came from the cache
+        assert other["prompt_eval_count"] == first["prompt_eval_count"]
+        assert other["prompt_eval_cached_count"] == n_prefix
 
 
 async def test_the_image_changes_the_output(engine):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from corral.scheduler import ModelFacts, RunnerOptions
@@ -198,6 +199,14 @@ def test_parallel_for_embedding_and_single_sequence_models() -> None:
     assert parallel_for(ModelFacts(architecture="mllama", file_size=1, block_count=1), 4) == 1
     assert parallel_for(LLAMA3_8B, 4) == 4
     assert parallel_for(LLAMA3_8B, 0) == 1
+
+
+def test_parallel_for_a_model_asking_for_slots() -> None:
+    """The embedded model asks for 4: more than OLLAMA_NUM_PARALLEL 1, less than 8; a policy's
+    num_parallel is what the operator wrote, either way."""
+    tiny = msgspec.structs.replace(LLAMA3_8B, num_parallel=4)
+    assert [parallel_for(tiny, n) for n in (1, 4, 8)] == [4, 4, 8]
+    assert parallel_for(tiny, 1, policy=2) == 2 and parallel_for(LLAMA3_8B, 1, policy=3) == 3
 
 
 def test_minimum_memory_by_backend() -> None:
