@@ -85,7 +85,15 @@ def test_generate_with_an_image_and_the_prompt_cache(client):
     # the template puts the image's own user message first: its 16 cells plus the tag-less text
     assert first.prompt_eval_count >= plain.prompt_eval_count + IMAGE_TOKENS - 2
     again = client.generate(model="vis", prompt="what is this", images=[PNG], options=OPTS)
-    assert again.prompt_eval_count == 1  # image and text came from the slot's cache
+    assert again.prompt_eval_count == first.prompt_eval_count  # the whole prompt, as Ollama
+    # image and text came from the slot's cache: all but the last token
+    body = {"model": "vis", "prompt": "what is this", "stream": False, "options": OPTS}
+    raw = httpx.post(
+        client._client.base_url.join("/api/generate"),
+        json={**body, "images": [base64.b64encode(PNG).decode()]},
+        timeout=120,
+    ).json()
+    assert raw["prompt_eval_cached_count"] == raw["prompt_eval_count"] - 1
     other = client.generate(
         model="vis", prompt="what is this", images=[image_bytes("JPEG", seed=12)], options=OPTS
     )
@@ -104,7 +112,7 @@ def test_chat_images_and_streaming(client):
     assert parts[-1].done and parts[-1].prompt_eval_count >= 2 * IMAGE_TOKENS
     assert "".join(p.message.content for p in parts)
     again = client.chat(model="vis", messages=messages, options=OPTS)
-    assert again.prompt_eval_count == 1
+    assert again.prompt_eval_count == parts[-1].prompt_eval_count  # the whole prompt
 
 
 def test_corrupt_image_and_text_model_are_400(client):
