@@ -44,6 +44,32 @@ class BadRequest(Exception):
     """The request cannot be served as given (HTTP 400); nothing was started."""
 
 
+# Ollama's answer (llm/llama_server.go) to a prompt longer than the slot when context shift is off
+PROMPT_TOO_LONG = (
+    "the prompt is longer than the context length currently available to the model; shorten the "
+    "prompt, adjust the context length in settings, or use a model with a longer context length"
+)
+INPUT_TOO_LONG = "the input length exceeds the context length"
+
+
+def prompt_cut(n_prompt: int, n_ctx: int, num_keep: int, truncate: bool, shift: bool) -> int:
+    """How long a prompt of ``n_prompt`` tokens may stay in a slot of ``n_ctx`` cells, as Ollama
+    0.33 decides it (``completionPromptForRequest``): all of it when it leaves a cell for the
+    answer; else BadRequest when ``truncate`` is off, or when context shift is off (Ollama's
+    text); else the first ``num_keep`` tokens and the tail, together
+    ``n_ctx - max((n_ctx - keep) // 2, 1)`` (``contextShiftPromptLimit``: about half of what is
+    not kept stays free for the answer, as the old runners' first shift left it). Returns the
+    length to keep; the caller cuts ``prompt[:keep] + prompt[-(length - keep):]``."""
+    if n_prompt <= n_ctx - 1:
+        return n_prompt
+    if not truncate:
+        raise BadRequest(INPUT_TOO_LONG)
+    if not shift:
+        raise BadRequest(PROMPT_TOO_LONG)
+    keep = min(max(0, num_keep), n_ctx - 1)
+    return n_ctx - max((n_ctx - keep) // 2, 1)
+
+
 class Job:
     """One submitted completion. ``cancel()`` is thread-safe and takes effect at the next decode
     step: the sequence's slot and KV are freed and nothing more is emitted."""

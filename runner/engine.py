@@ -69,6 +69,7 @@ from corral.runner.common import (
     TextStream,
     no_op,
     past_thinking,
+    prompt_cut,
     take_logprobs,
 )
 from corral.runner.protocol import (
@@ -661,11 +662,11 @@ class Engine:
             raise BadRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
         opts = request.options
         truncated = False
-        limit = self.n_ctx_per_slot - 1  # room for at least one generated token
+        shift = (self.spec.shift if request.shift is None else request.shift) and self.can_shift
+        n_ctx = self.n_ctx_per_slot
+        limit = prompt_cut(len(prompt), n_ctx, opts.num_keep, request.truncate, shift)
         if len(prompt) > limit:
-            if not request.truncate:
-                raise BadRequest("the input length exceeds the context length")
-            keep = images.span_edges(media, max(0, min(opts.num_keep, limit // 2)))[0]
+            keep = images.span_edges(media, max(0, min(opts.num_keep, n_ctx - 1)))[0]
             tail = images.span_edges(media, len(prompt) - (limit - keep))[1]  # images are cut whole
             media = {
                 i if i < keep else i - tail + keep: sp

@@ -29,6 +29,7 @@ from corral.runner.common import (
     TextStream,
     no_op,
     past_thinking,
+    prompt_cut,
     take_logprobs,
 )
 from corral.runner.protocol import (
@@ -153,10 +154,17 @@ class FakeEngine:
             raise BadRequest("empty prompt")
         if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
             raise BadRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
-        if len(prompt) >= self.n_ctx_per_slot and not request.truncate:
-            raise BadRequest("the input length exceeds the context length")
+        # the real engine's cut of a prompt that leaves no cell for the answer
+        shift = self.spec.shift if request.shift is None else request.shift
+        num_keep = request.options.num_keep
+        limit = prompt_cut(len(prompt), self.n_ctx_per_slot, num_keep, request.truncate, shift)
+        truncated = len(prompt) > limit
+        if truncated:
+            keep = min(max(0, num_keep), self.n_ctx_per_slot - 1)
+            prompt = prompt[:keep] + prompt[len(prompt) - (limit - keep) :]
         job = Job(request, emit)
         job.prompt = prompt
+        job.truncated = truncated
         with self._cond:
             if self._stopping:
                 raise BadRequest("runner is shutting down")
@@ -232,7 +240,7 @@ class FakeEngine:
             cap = self.spec.predict_limit * self.n_ctx_per_slot
             capped = 0 < cap < n
             rng = random.Random(o.seed if o.seed >= 0 else None)
-            prompt = job.prompt[-self.n_ctx_per_slot + 1 :]
+            prompt = job.prompt
             seq = _Seq(job, prompt, max(0, cap if capped else n), rng, capped)
             seq.n_cached = max((_common(c, prompt) for c in self._slot_caches), default=0)
             self._active.append(seq)
@@ -295,6 +303,7 @@ class FakeEngine:
                 done_reason=reason,
                 prompt_eval_count=seq.n_prompt,
                 prompt_eval_cached_count=seq.n_cached,
+                truncated=job.truncated,
                 prompt_eval_duration=max(1, first - seq.started),
                 eval_count=n_gen,
                 eval_duration=max(1, now - first),

@@ -133,7 +133,8 @@ async def test_last_message_alone_too_long_is_sent_for_the_runner_to_cut(
     with structlog.testing.capture_logs() as logs:
         status, body = await chat(env, [SYSTEM, *HISTORY[:2], long])
     assert status == 200, body
-    assert body["prompt_eval_count"] == NUM_CTX - 1  # the runner kept the tail
+    # the runner kept num_keep (4) + the tail, half of the rest of the slot left for the answer
+    assert body["prompt_eval_count"] == NUM_CTX - (NUM_CTX - 4) // 2
     # the whole prompt and [system, assistant, long] were too long: [system, long] is sent
     assert tokenize_calls == [
         rendered([SYSTEM, *HISTORY[:2], long]),

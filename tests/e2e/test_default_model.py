@@ -132,3 +132,71 @@ def test_gemma_chat_openai(daemon):
             if ch.choices
         )
     assert text.strip()
+
+
+# Open WebUI's title prompt (open_webui/config.py DEFAULT_TITLE_GENERATION_PROMPT_TEMPLATE, the
+# history as its misc.py writes it): the base model continues its USER:/ASSISTANT: transcript
+OPEN_WEBUI_TITLE = """### Task:
+Generate a concise title summarizing the chat history.
+### Guidelines:
+- The title should clearly represent the main theme or subject of the conversation.
+- Keep it short: 2-4 words is best.
+- Do not use emojis, quotation marks, or special formatting.
+- Write the title in the chat's primary language; default to English if multilingual.
+- Prioritize accuracy over creativity.
+- Your entire response must consist solely of the JSON object, without any introductory or concluding text.
+- The output must be a single, raw JSON object, without any markdown code fences or other encapsulating text.
+- Ensure no conversational text, affirmations, or explanations precede or follow the raw JSON output, as this will cause direct parsing failure.
+### Output:
+JSON format: { "title": "your concise title here" }
+### Examples:
+- { "title": "Stock Trends" },
+- { "title": "Chocolate Chip Cookies" },
+- { "title": "Music Streaming" },
+- { "title": "Remote Work" }
+### Chat History:
+<chat_history>
+USER: Hi! What is the capital of France?
+ASSISTANT: The capital of France is Paris.
+</chat_history>"""
+
+
+def tool(i: int) -> dict:
+    return {
+        "type": "function",
+        "function": {
+            "name": f"builtin_tool_{i}",
+            "description": "A front end's built-in tool.",
+            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+        },
+    }
+
+
+def test_a_front_ends_chat_with_its_tools_is_answered(daemon):
+    """Open WebUI sends its 36 built-in tools with every message: the model has the tools
+    capability (its template names them) and answers."""
+    with ollama.Client(host=daemon.url) as c:
+        assert "tools" in c.show("gemma3:270m").capabilities
+        r = c.chat(
+            model="gemma3:270m",
+            messages=[{"role": "user", "content": "Hi! What is the capital of France?"}],
+            tools=[tool(i) for i in range(36)],
+            options={"temperature": 0},
+        )
+    assert r.done and (r.message.content.strip() or r.message.tool_calls), r
+    assert r.eval_count <= CAP
+
+
+def test_a_title_request_ends_at_the_next_turn_in_any_case(daemon):
+    """Open WebUI's title request (num_predict 1000) ends with the model's turn, not after
+    1000 tokens, and the chat has slots beside it (4 for the embedded weights)."""
+    with ollama.Client(host=daemon.url) as c:
+        r = c.chat(
+            model="gemma3:270m",
+            messages=[{"role": "user", "content": OPEN_WEBUI_TITLE}],
+            options={"num_predict": 1000, "temperature": 0},
+        )
+        assert r.done_reason == "stop" and r.eval_count < 200, r
+        [row] = c.ps().models
+    raw = json.loads(urllib.request.urlopen(daemon.url + "/api/ps", timeout=30).read())
+    assert raw["models"][0]["num_parallel"] == 4 and row.model == "gemma3:270m"

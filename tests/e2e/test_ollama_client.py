@@ -7,11 +7,14 @@ where stated (create → list → show → …), each asserting what it needs.
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import ollama
 import pytest
 
+from corral.runner.common import INPUT_TOO_LONG, PROMPT_TOO_LONG
 from tests.e2e.conftest import start_daemon, wait_until
 from tests.fixtures.tiny_gguf import write_tiny_llama
 
@@ -185,6 +188,29 @@ def test_delete_create_copy_keep_the_runner_of_a_model_sharing_its_weights(
     client.delete("solo")
     assert wait_until(lambda: [m.model for m in client.ps().models] == [tiny])
     assert wait_until(lambda: daemon.runner_pids() == {pid})
+
+
+def test_per_request_shift_and_truncate(daemon, tiny):
+    """A prompt longer than the slot (num_ctx 256): cut to num_keep + the tail with half of the
+    rest left for the answer (Ollama 0.33), a 400 with Ollama's text when the request turns
+    context shift off, or the input-length 400 with truncate off."""
+    words = " ".join(["water"] * 400)
+
+    def generate(**extra) -> tuple[int, dict]:
+        body = {"model": tiny, "prompt": words, "stream": False, "raw": True, **extra}
+        body["options"] = {"num_ctx": 256, "num_predict": 2, "temperature": 0}
+        req = urllib.request.Request(daemon.url + "/api/generate", data=json.dumps(body).encode())
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    status, body = generate()
+    assert status == 200 and body["prompt_eval_count"] == 256 - (256 - 4) // 2
+    assert generate(shift=False) == (400, {"error": PROMPT_TOO_LONG})
+    assert generate(truncate=False) == (400, {"error": INPUT_TOO_LONG})
+    assert generate(shift=True)[0] == 200
 
 
 def test_unknown_model_is_404(client):

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from corral.runner.common import BadRequest
+from corral.runner.common import INPUT_TOO_LONG, PROMPT_TOO_LONG, BadRequest
 from corral.runner.protocol import CompletionChunk, CompletionRequest, SamplingOptions
 from tests.runner.conftest import complete, serve, wait_until
 
@@ -237,9 +237,17 @@ async def test_long_prompt_is_truncated_or_refused(engine):
         _, done = await complete(
             client, prompt=words, options={**GREEDY, "num_predict": 2, "num_keep": 4}
         )
-        assert done["truncated"] and done["prompt_eval_count"] <= 255
+        # Ollama 0.33's cut: the first num_keep tokens and the tail, about half of the rest of
+        # the slot left for the answer: 256 - (256 - 4) // 2
+        assert done["truncated"] and done["prompt_eval_count"] == 130
+        body = {"content": words, "add_special": True}
+        full = (await (await client.post("/tokenize", json=body)).json())["tokens"]
+        assert done["tokens"][:130] == full[:4] + full[-126:]
         r = await client.post("/completion", json={"prompt": words, "truncate": False})
-        assert r.status == 400
+        assert (r.status, (await r.json())["error"]) == (400, INPUT_TOO_LONG)
+        # context shift off: nothing to cut by, Ollama's 400
+        r = await client.post("/completion", json={"prompt": words, "shift": False})
+        assert (r.status, (await r.json())["error"]) == (400, PROMPT_TOO_LONG)
     with pytest.raises(BadRequest):
         engine.submit(CompletionRequest(tokens=[10**6]), lambda ev: None)
 
