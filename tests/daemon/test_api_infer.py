@@ -115,6 +115,30 @@ async def test_generate_template_override_and_errors(env: Env) -> None:
     assert status == 400 and body["error"].startswith("template: :1:")  # Ollama: 500
 
 
+async def test_leaving_the_store_unloads_only_weights_no_model_uses(env: Env) -> None:
+    """Delete, or replace by create or copy: the model's runner (keyed by its weights) unloads
+    only when no model left in the store has those weights; else it is adopted by one that has.
+    "plain" and "chatml" share one GGUF here."""
+    c = client(env)
+    await c.copy("chatml", "tmpx")
+    await c.delete("tmpx")
+    await c.create(model="tmpy", from_="chatml", system="a")
+    await c.create(model="tmpy", from_="chatml", system="b")  # replaces tmpy
+    await c.copy("plain", "tmpy")  # over tmpy
+    assert env.supervisor.unloaded == []
+    gone = [g for g, _ in env.supervisor.adopted]
+    assert gone == ["tmpx:latest", "tmpy:latest", "tmpy:latest"]
+    await c.delete("tmpy")
+    assert env.supervisor.unloaded == []  # qwen, chatml, plain, thinker still have the weights
+    for name in ("qwen", "chatml", "plain", "embedder"):
+        await c.delete(name)
+    # the embedder's weights are its own; thinker is the last with the others'
+    assert env.supervisor.unloaded == ["embedder:latest"]
+    await c.delete("thinker")
+    assert env.supervisor.unloaded == ["embedder:latest", "thinker:latest"]
+    env.assert_released()
+
+
 async def test_preload_and_unload(env: Env) -> None:
     res = await client(env).generate(model="chatml")
     assert res.done_reason == "load" and res.response == ""

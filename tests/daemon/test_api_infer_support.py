@@ -196,6 +196,7 @@ class FakeSupervisor:
         self.tickets: list[Ticket | None] = []  # who asked, per acquire
         self.leases: list[Lease] = []
         self.unloaded: list[str] = []
+        self.adopted: list[tuple[str, str]] = []  # (model gone, model with its weights)
         self.fail: ApiError | CorralError | None = None
         self.active = 0
         self.runners: list[RunnerView] = []  # what snapshot() reports (/api/ps)
@@ -221,6 +222,9 @@ class FakeSupervisor:
 
     async def unload(self, model: Any) -> None:
         self.unloaded.append(model.name)
+
+    def adopt(self, gone: Any, heir: Any) -> None:
+        self.adopted.append((gone.name, heir.name))
 
     def snapshot(self) -> SchedulerSnapshot:
         return SchedulerSnapshot(
