@@ -146,8 +146,7 @@ def _retire_soon(request: web.Request, record: ModelRecord) -> None:
     runner key), whose runner it is as well: then it stays and is shown under that model's
     name. Never waits for the unload."""
     supervisor = request.app.get(SUPERVISOR) if SUPERVISOR in request.app else None
-    hook = getattr(supervisor, "unload", None) if supervisor is not None else None
-    if hook is None or record.model_path is None:
+    if supervisor is None or record.model_path is None:
         return
     key = model_key(record)
     heir = next(
@@ -160,7 +159,7 @@ def _retire_soon(request: web.Request, record: ModelRecord) -> None:
 
     async def run() -> None:
         try:
-            await hook(record)
+            await supervisor.unload(record)
         except Exception as e:  # best effort
             log.warning("models.unload_failed", model=record.name, error=str(e))
 

@@ -90,7 +90,8 @@ log = structlog.get_logger("corral.default_model")
 # (front ends send theirs with every chat: Open WebUI 36) are named in one line, which gives the
 # model Ollama's `tools` capability at the cost of a few tokens; a call is a JSON object on the
 # Assistant line (tool-call tag "{", as Ollama infers it), a result a "Tool:" line.
-DEFAULT_TEMPLATE = """{{- if .System }}{{ .System }}
+DEFAULT_TEMPLATE = (
+    """{{- if .System }}{{ .System }}
 {{- else }}A conversation between a curious user and a helpful assistant that answers briefly.
 {{- end }}
 {{- if .Tools }}
@@ -107,12 +108,14 @@ Assistant: Soft rain on the roof, a quiet song all night.
 {{ range .Messages }}
 {{- if eq .Role "user" }}User: {{ .Content }}
 {{ else if eq .Role "assistant" }}Assistant:
-{{- if .ToolCalls }}{{ range .ToolCalls }} {"name": "{{ .Function.Name }}", "arguments": {{ .Function.Arguments }}}{{ end }}
+{{- if .ToolCalls }}{{ range .ToolCalls }} {"name": "{{ .Function.Name }}", """
+    """"arguments": {{ .Function.Arguments }}}{{ end }}
 {{ else }} {{ .Content }}
 {{ end }}
 {{- else if eq .Role "tool" }}Tool: {{ .Content }}
 {{ end }}
 {{- end }}Assistant:"""
+)
 
 # The next turn ends the answer however a transcript spells its labels: front ends write their
 # own (Open WebUI's title and tag prompts: "USER:" / "ASSISTANT:"), and a base model continues

@@ -136,29 +136,36 @@ def test_gemma_chat_openai(daemon):
 
 # Open WebUI's title prompt (open_webui/config.py DEFAULT_TITLE_GENERATION_PROMPT_TEMPLATE, the
 # history as its misc.py writes it): the base model continues its USER:/ASSISTANT: transcript
-OPEN_WEBUI_TITLE = """### Task:
-Generate a concise title summarizing the chat history.
-### Guidelines:
-- The title should clearly represent the main theme or subject of the conversation.
-- Keep it short: 2-4 words is best.
-- Do not use emojis, quotation marks, or special formatting.
-- Write the title in the chat's primary language; default to English if multilingual.
-- Prioritize accuracy over creativity.
-- Your entire response must consist solely of the JSON object, without any introductory or concluding text.
-- The output must be a single, raw JSON object, without any markdown code fences or other encapsulating text.
-- Ensure no conversational text, affirmations, or explanations precede or follow the raw JSON output, as this will cause direct parsing failure.
-### Output:
-JSON format: { "title": "your concise title here" }
-### Examples:
-- { "title": "Stock Trends" },
-- { "title": "Chocolate Chip Cookies" },
-- { "title": "Music Streaming" },
-- { "title": "Remote Work" }
-### Chat History:
-<chat_history>
-USER: Hi! What is the capital of France?
-ASSISTANT: The capital of France is Paris.
-</chat_history>"""
+OPEN_WEBUI_TITLE = "\n".join(
+    [
+        "### Task:",
+        "Generate a concise title summarizing the chat history.",
+        "### Guidelines:",
+        "- The title should clearly represent the main theme or subject of the conversation.",
+        "- Keep it short: 2-4 words is best.",
+        "- Do not use emojis, quotation marks, or special formatting.",
+        "- Write the title in the chat's primary language; default to English if multilingual.",
+        "- Prioritize accuracy over creativity.",
+        "- Your entire response must consist solely of the JSON object, without any "
+        "introductory or concluding text.",
+        "- The output must be a single, raw JSON object, without any markdown code "
+        "fences or other encapsulating text.",
+        "- Ensure no conversational text, affirmations, or explanations precede or "
+        "follow the raw JSON output, as this will cause direct parsing failure.",
+        "### Output:",
+        'JSON format: { "title": "your concise title here" }',
+        "### Examples:",
+        '- { "title": "Stock Trends" },',
+        '- { "title": "Chocolate Chip Cookies" },',
+        '- { "title": "Music Streaming" },',
+        '- { "title": "Remote Work" }',
+        "### Chat History:",
+        "<chat_history>",
+        "USER: Hi! What is the capital of France?",
+        "ASSISTANT: The capital of France is Paris.",
+        "</chat_history>",
+    ]
+)
 
 
 def tool(i: int) -> dict:
