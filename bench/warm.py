@@ -221,7 +221,10 @@ async def main(rounds: int) -> None:
         ttft = statistics.median(t for t, _ in results[c])
         load = statistics.median(rec["load_duration"] / 1e9 for _, rec in results[c])
         pe = statistics.median(rec["prompt_eval_duration"] / 1e9 for _, rec in results[c])
-        n = statistics.median(rec["prompt_eval_count"] for _, rec in results[c])
+        n = statistics.median(
+            rec["prompt_eval_count"] - rec.get("prompt_eval_cached_count", 0)
+            for _, rec in results[c]
+        )
         ready = statistics.median(t - rec["load_duration"] / 1e9 for t, rec in results[c])
         same = all(rec["response"] == answer for _, rec in results[c])
         print(

@@ -285,13 +285,13 @@ async def test_sliding_window_model_restores_through_checkpoints(gemma_gguf, tmp
         text1, done1 = await first.run(prompt=GEMMA_PROMPT, options=GREEDY)
         assert done1["prompt_eval_count"] > 512
         again, done_again = await first.run(prompt=GEMMA_PROMPT, options=GREEDY)
-        assert (again, done_again["prompt_eval_count"]) == (text1, 1)
+        assert (again, evaluated(done_again)) == (text1, 1)
     finally:
         first.close()
     second = Runner(gemma_gguf, tmp_path, **spec)
     try:
         text2, done2 = await second.run(prompt=GEMMA_PROMPT, options=GREEDY)
-        assert (text2, done2["prompt_eval_count"]) == (text1, 1)
+        assert (text2, evaluated(done2)) == (text1, 1)
         more = GEMMA_PROMPT + text1 + " Item 99: the dog"
         text3, done3 = await second.run(prompt=more, options=GREEDY)
     finally:
@@ -303,4 +303,4 @@ async def test_sliding_window_model_restores_through_checkpoints(gemma_gguf, tmp
     finally:
         fresh_runner.close()
     assert text3 == want3
-    assert done3["prompt_eval_count"] < 40 < fresh3["prompt_eval_count"]
+    assert evaluated(done3) < 40 < evaluated(fresh3)
