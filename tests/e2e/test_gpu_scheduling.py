@@ -120,7 +120,10 @@ def started(d: Daemon, model: str) -> bool:
 def assert_whole_on(row: dict, gpu_id: str, gpu_name: str) -> None:
     """The model is entirely on one GPU."""
     assert row["size_vram"] == row["size"] > 0, row
-    assert row["gpus"] == [{"id": gpu_id, "name": gpu_name, "vram": row["size_vram"]}], row
+    # every GPU here is simulated (CORRAL_SIMULATE_GPUS), and /api/ps says so (issue 20 point 5)
+    assert row["gpus"] == [
+        {"id": gpu_id, "name": gpu_name, "vram": row["size_vram"], "simulated": True}
+    ], row
 
 
 def assert_spec_matches(d: Daemon, row: dict, *, n_layers: int) -> dict:
