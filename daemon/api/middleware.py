@@ -76,8 +76,19 @@ CORS_HEADERS = ",".join(
         "X-Stainless-Runtime",
         "X-Stainless-Runtime-Version",
         "X-Stainless-Timeout",
+        # beyond Ollama's list, so a browser front end can send what corral reads or its clients
+        # send: an API key the Anthropic way, the Anthropic SDK's headers (/v1/messages), a
+        # request id, a priority
+        "X-Api-Key",
+        "Anthropic-Version",
+        "Anthropic-Beta",
+        "Anthropic-Dangerous-Direct-Browser-Access",
+        "X-Request-Id",
+        "X-Corral-Priority",
     )
 )
+# response headers a browser script may read: the request's id and when to retry a 429/503
+CORS_EXPOSE_HEADERS = "X-Request-Id,Retry-After"
 CORS_MAX_AGE = "43200"
 
 
@@ -131,7 +142,10 @@ def cors_middleware(origins: Iterable[str]) -> Callable[..., Awaitable[web.Strea
                     "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
                 )
             return web.Response(status=204, headers=headers)
-        cors_headers = {"Access-Control-Allow-Origin": allow_origin}
+        cors_headers = {
+            "Access-Control-Allow-Origin": allow_origin,
+            "Access-Control-Expose-Headers": CORS_EXPOSE_HEADERS,
+        }
         if not policy.allow_all:
             cors_headers["Vary"] = "Origin"
         # added by add_cors_headers when the response (also a stream) sends its headers

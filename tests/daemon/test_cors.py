@@ -256,3 +256,43 @@ async def test_host_options_is_204(client: TestClient) -> None:
     for _ in range(2):
         r = await client.options("/ok", headers={"Host": "localhost"})
         assert r.status == 204
+
+
+async def test_preflight_allows_what_browser_clients_send(client: TestClient) -> None:
+    """A browser front end using an API key (``X-Api-Key``, as the Anthropic SDK sends it), the
+    Anthropic SDK's own headers, a request id or a priority passes the preflight: a browser
+    refuses the real request when one requested header is missing from the allowed list."""
+    wanted = [
+        "x-api-key",
+        "anthropic-version",
+        "anthropic-dangerous-direct-browser-access",
+        "x-request-id",
+        "x-corral-priority",
+        "authorization",
+        "content-type",
+        "x-stainless-os",
+    ]
+    r = await client.options(
+        "/v1/messages",
+        headers={
+            "Origin": "https://app.example.com",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": ",".join(wanted),
+        },
+    )
+    assert r.status == 204
+    allowed = {h.strip().lower() for h in r.headers["Access-Control-Allow-Headers"].split(",")}
+    assert [h for h in wanted if h not in allowed] == []
+
+
+async def test_cross_origin_responses_expose_request_id_and_retry_after(
+    client: TestClient,
+) -> None:
+    for r in (
+        await client.get("/ok", headers={"Origin": "https://app.example.com"}),
+        await client.post("/stream", headers={"Origin": "http://localhost:5173"}),
+    ):
+        exposed = {h.strip().lower() for h in r.headers["Access-Control-Expose-Headers"].split(",")}
+        assert exposed == {"x-request-id", "retry-after"}
+    r = await client.get("/ok")
+    assert "Access-Control-Expose-Headers" not in r.headers
