@@ -12,7 +12,8 @@ seen and the toolkits found it derives the backend, the CMake options, extra env
 wheel cache key. `probe_machine()` gathers those facts (reads /proc/cpuinfo or sysctl, looks for
 nvcc / hipcc, asks NVML or nvidia-smi for compute capabilities); it is the only part that touches
 the system. `CORRAL_LLAMA_BACKEND=auto|cpu|cuda|hip|metal|vulkan` overrides the backend;
-`CORRAL_CUDA_ARCHITECTURES` (a CMake list, e.g. `89` or `80;90`) overrides the CUDA targets.
+`CORRAL_CUDA_ARCHITECTURES` (a CMake list, e.g. `89` or `80;90`) overrides the CUDA targets;
+`CORRAL_VULKAN_INCLUDE` (a folder holding vulkan/vulkan.hpp) chooses the Vulkan headers.
 
 Decision tree of the backend (numbers appear in the code):
  1. an override other than `auto` wins; `cuda`/`hip` without their compiler is an error.
@@ -22,7 +23,8 @@ Decision tree of the backend (numbers appear in the code):
  4. AMD GPUs seen and ROCm's hipcc found: HIP (gfx targets from rocminfo when known).
  5. a Vulkan GPU seen (an NVIDIA GPU without the CUDA toolkit, an AMD GPU without ROCm, an Intel
     GPU), with the Vulkan loader, its headers, SPIR-V headers and `glslc` present: Vulkan, as
-    Ollama ships it for those GPUs.
+    Ollama ships it for those GPUs. The headers must be `VULKAN_MIN_HEADERS` or newer; the plan
+    reads the version of the very headers the build will use (see `vulkan_headers`).
  6. otherwise CPU. A toolkit without a GPU is not a reason to build for it (a CUDA build takes
     an hour on two cores and its runner would find no device); the override forces it.
 
@@ -74,6 +76,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 BACKENDS = ("auto", "cpu", "cuda", "hip", "metal", "vulkan")
+
+# The oldest Vulkan headers ggml-vulkan compiles with: llama.cpp's own CI builds it on Ubuntu 24.04
+# with that release's libvulkan-dev (1.3.275). Debian 12's 1.3.239 lack VK_EXT_layer_settings
+# (1.3.272) and fail to compile (`'LayerSettingEXT' is not a member of 'vk'`, seen here).
+VULKAN_MIN_HEADERS = (1, 3, 275)
 
 # CMAKE_CUDA_ARCHITECTURES for a machine whose GPUs cannot be asked (a build box), by the CUDA
 # toolkit's version: real code for the common cards — 70 V100, 75 T4/RTX 20xx, 80 A100/A30,
@@ -146,6 +153,8 @@ class Machine:
     vulkan_gpus: int = 0  # Vulkan devices that are GPUs (not a CPU rasteriser like llvmpipe)
     vulkan_sdk: bool = False  # loader + headers, SPIR-V headers and glslc: ggml-vulkan builds
     vulkan_missing: tuple[str, ...] = ()  # what it lacks otherwise, for the error
+    vulkan_include: str = ""  # CORRAL_VULKAN_INCLUDE, given to CMake ("": CMake's own search)
+    vulkan_headers: str = ""  # the version of the headers the build compiles with, "1.4.309"
 
 
 @dataclass(frozen=True)
@@ -249,8 +258,9 @@ def plan(m: Machine, override: str = "auto", cuda_architectures: str = "") -> Bu
             lacks = ", ".join(m.vulkan_missing) or "the Vulkan build tools"
             raise PlanError(
                 f"CORRAL_LLAMA_BACKEND=vulkan but this machine lacks {lacks}: the build needs the "
-                "Vulkan loader and headers, SPIR-V headers and glslc (Debian/Ubuntu: apt-get "
-                "install libvulkan-dev spirv-headers glslc)"
+                f"Vulkan loader, headers {'.'.join(map(str, VULKAN_MIN_HEADERS))} or newer, SPIR-V "
+                "headers and glslc (Debian 13 / Ubuntu 24.04: apt-get install libvulkan-dev "
+                "spirv-headers glslc)"
             )
         if backend == "cuda" and not m.cublas:
             raise PlanError(_NO_CUBLAS.format(nvcc=m.nvcc))
@@ -327,6 +337,11 @@ def plan(m: Machine, override: str = "auto", cuda_architectures: str = "") -> Bu
         args.append("-DGGML_METAL=ON")
     elif backend == "vulkan":
         args.append("-DGGML_VULKAN=ON")
+        if m.vulkan_include:
+            args.append("-DVulkan_INCLUDE_DIR=" + m.vulkan_include)
+        why += f"; Vulkan headers {m.vulkan_headers or '?'}"
+        if m.vulkan_include:
+            why += f" from {m.vulkan_include}"
     elif m.os == "darwin":
         args.append("-DGGML_METAL=OFF")  # an Intel Mac: CPU build
     reason = f"llama.cpp build: {backend} ({cpu_desc}) because {why}"
@@ -403,44 +418,95 @@ def cuda_driver_loads() -> bool:
     return True
 
 
-def vulkan_facts() -> tuple[int, tuple[str, ...]]:
-    """(Vulkan GPUs seen, what ggml-vulkan's build lacks here: () when it can build).
+def vulkan_headers_version(include: Path) -> tuple[int, int, int] | None:
+    """The version of the Vulkan headers under ``include`` (its vulkan/vulkan_core.h), or None."""
+    try:
+        text = (include / "vulkan" / "vulkan_core.h").read_text(errors="replace")
+    except OSError:
+        return None
+    patch = re.search(r"#define VK_HEADER_VERSION (\d+)", text)
+    api = re.search(
+        r"#define VK_HEADER_VERSION_COMPLETE VK_MAKE_API_VERSION\(\s*0,\s*(\d+),\s*(\d+),", text
+    )
+    if not patch:
+        return None
+    major, minor = (int(api.group(1)), int(api.group(2))) if api else (1, 0)
+    return major, minor, int(patch.group(1))
+
+
+def vulkan_headers(
+    environ: Mapping[str, str] | None = None,
+    system: tuple[Path, ...] = (Path("/usr/local/include"), Path("/usr/include")),
+) -> tuple[str, str, str]:
+    """(include dir to give CMake or "", the version "1.4.309" of the headers the build will
+    compile with, what is wrong with them or "").
+
+    The headers are those CMake's FindVulkan and the compiler will really use:
+    `CORRAL_VULKAN_INCLUDE` (then passed as Vulkan_INCLUDE_DIR, the first on the include path),
+    else `$VULKAN_SDK/include` (FindVulkan's hint), else the compiler's own order, /usr/local
+    before /usr. They must have vulkan.hpp and be at least `VULKAN_MIN_HEADERS`."""
+    env = os.environ if environ is None else environ
+    explicit = env.get("CORRAL_VULKAN_INCLUDE", "").strip()
+    if explicit:
+        where, dirs = "CORRAL_VULKAN_INCLUDE=" + explicit, [Path(explicit)]
+        if re.search(r"\s", explicit):
+            return "", "", f"{where}: a folder without spaces (CMAKE_ARGS splits on them)"
+    else:
+        sdk = env.get("VULKAN_SDK", "").strip()
+        where, dirs = "", [*([Path(sdk, "include")] if sdk else []), *system]
+    found = next((d for d in dirs if (d / "vulkan" / "vulkan_core.h").is_file()), None)
+    if found is None:
+        return "", "", (f"{where} has no vulkan/vulkan_core.h" if where else "the Vulkan headers")
+    version = vulkan_headers_version(found)
+    shown = ".".join(map(str, version)) if version else "?"
+    least = ".".join(map(str, VULKAN_MIN_HEADERS))
+    if version is None or version < VULKAN_MIN_HEADERS:
+        return (
+            "",
+            shown,
+            (
+                f"Vulkan headers {least} or newer (those in {found} are {shown}; newer ones: "
+                "Debian 13's or Ubuntu 24.04's libvulkan-dev, the LunarG SDK, or Khronos' "
+                "Vulkan-Headers with CORRAL_VULKAN_INCLUDE=<their include folder>)"
+            ),
+        )
+    if not (found / "vulkan" / "vulkan.hpp").is_file():
+        return "", shown, f"the Vulkan C++ headers (vulkan.hpp) beside {found}/vulkan/vulkan_core.h"
+    return (str(found) if explicit else ""), shown, ""
+
+
+def vulkan_facts(environ: Mapping[str, str] | None = None) -> tuple[int, tuple[str, ...], str, str]:
+    """(Vulkan GPUs seen, what ggml-vulkan's build lacks here: () when it can build, the include
+    dir to give CMake or "", the headers' version).
 
     GPUs: `vulkaninfo --summary`'s devices that are not a CPU rasteriser (llvmpipe, SwiftShader);
     without vulkaninfo, the kernel's DRM render nodes. The build needs glslc on PATH, the loader's
-    development library, headers new enough for VK_EXT_layer_settings (Debian 12's 1.3.239 are
-    not: ggml-vulkan.cpp fails to compile, seen here) and SPIR-V headers' CMake package."""
+    development library, headers as :func:`vulkan_headers` checks them (Debian 12's 1.3.239 are
+    too old: ggml-vulkan.cpp fails to compile, seen here) and SPIR-V headers' CMake package."""
+    env = os.environ if environ is None else environ
     if shutil.which("vulkaninfo"):
         summary = _run_all(["vulkaninfo", "--summary"])
         types = re.findall(r"deviceType\s*=\s*PHYSICAL_DEVICE_TYPE_(\w+)", summary)
         gpus = sum(1 for t in types if t != "CPU")
     else:
         gpus = len(list(Path("/dev/dri").glob("renderD*"))) if Path("/dev/dri").is_dir() else 0
-    sdk = Path(os.environ.get("VULKAN_SDK", "/usr"))
-    cores = [
-        d / "vulkan" / "vulkan_core.h"
-        for d in (sdk / "include", Path("/usr/include"), Path("/usr/local/include"))
-    ]
-    core = next((c for c in cores if c.is_file()), None)
+    include, version, headers_problem = vulkan_headers(env)
     missing = []
     if not shutil.which("glslc"):
         missing.append("glslc")
     if ctypes.util.find_library("vulkan") is None:
         missing.append("the Vulkan loader (libvulkan)")
-    if core is None:
-        missing.append("the Vulkan headers")
-    elif "VK_EXT_layer_settings" not in core.read_text(errors="replace"):
-        version = re.search(r"#define VK_HEADER_VERSION (\d+)", core.read_text(errors="replace"))
-        missing.append(
-            f"Vulkan headers newer than 1.3.{version.group(1) if version else '?'} "
-            "(VK_EXT_layer_settings, in the LunarG SDK or a newer libvulkan-dev)"
-        )
-    roots = ("/usr/share/cmake", "/usr/lib/cmake", "/usr/local/share", "/usr/local/lib/cmake")
+    if headers_problem:
+        missing.append(headers_problem)
+    roots = [env.get("VULKAN_SDK", "")]  # ggml-vulkan adds it to CMAKE_PREFIX_PATH
+    roots += ["/usr/share/cmake", "/usr/lib/cmake", "/usr/local/share", "/usr/local/lib/cmake"]
     if not any(
-        next(Path(d).glob("**/SPIRV-HeadersConfig.cmake"), None) for d in roots if Path(d).is_dir()
+        next(Path(d).glob("**/SPIRV-HeadersConfig.cmake"), None)
+        for d in roots
+        if d and Path(d).is_dir()
     ):
         missing.append("SPIR-V headers (spirv-headers)")
-    return gpus, tuple(missing)
+    return gpus, tuple(missing), include, version
 
 
 def cpu_flags(os_name: str) -> frozenset[str]:
@@ -527,7 +593,9 @@ def probe_machine(nvml: tuple[int, tuple[str, ...]] | None = None) -> Machine:
     n_amd, targets = amd_gpus(hipcc) if os_name == "linux" else (0, ())
     cuda_version, cublas = cuda_toolkit(nvcc)
     driver = cuda_driver_loads() if os_name == "linux" else False
-    n_vk, vk_missing = vulkan_facts() if os_name == "linux" else (0, ("Linux",))
+    n_vk, vk_missing, vk_include, vk_headers = (
+        vulkan_facts() if os_name == "linux" else (0, ("Linux",), "", "")
+    )
     return Machine(
         os_name,
         arch,
@@ -544,6 +612,8 @@ def probe_machine(nvml: tuple[int, tuple[str, ...]] | None = None) -> Machine:
         vulkan_gpus=n_vk,
         vulkan_sdk=not vk_missing,
         vulkan_missing=vk_missing,
+        vulkan_include=vk_include,
+        vulkan_headers=vk_headers,
     )
 
 

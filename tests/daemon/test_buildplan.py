@@ -156,11 +156,84 @@ def test_vulkan_for_gpus_without_their_vendor_toolkit():
     )
     assert lb.plan(linux(vulkan_gpus=1)).backend == "cpu"
     assert lb.plan(linux(vulkan_sdk=True)).backend == "cpu"
-    old = linux(vulkan_missing=("Vulkan headers newer than 1.3.239 (VK_EXT_layer_settings)",))
-    with pytest.raises(lb.PlanError, match="newer than 1.3.239"):
+    old = linux(
+        vulkan_missing=("Vulkan headers 1.3.275 or newer (those in /usr/include are 1.3.239",)
+    )
+    with pytest.raises(
+        lb.PlanError, match=r"1\.3\.275 or newer \(those in /usr/include are 1\.3\.239"
+    ):
         lb.plan(old, "vulkan")
     forced = lb.plan(linux(vulkan_sdk=True), "vulkan")  # a build box: forced, as for CUDA
     assert forced.backend == "vulkan" and "CORRAL_LLAMA_BACKEND=vulkan" in forced.reason
+
+
+def vulkan_include(root: Path, version: tuple[int, int, int], hpp: bool = True) -> Path:
+    """A folder of Vulkan headers as Khronos lays them out, of ``version``."""
+    (root / "vulkan").mkdir(parents=True)
+    major, minor, patch = version
+    (root / "vulkan" / "vulkan_core.h").write_text(
+        f"#define VK_HEADER_VERSION {patch}\n\n// Complete version of this file\n"
+        f"#define VK_HEADER_VERSION_COMPLETE VK_MAKE_API_VERSION(0, {major}, {minor}, "
+        "VK_HEADER_VERSION)\n"
+    )
+    if hpp:
+        (root / "vulkan" / "vulkan.hpp").write_text("#include <vulkan/vulkan.h>\n")
+    return root
+
+
+def test_the_vulkan_headers_checked_are_those_the_build_compiles_with(tmp_path):
+    """CORRAL_VULKAN_INCLUDE first (given to CMake), then $VULKAN_SDK/include (FindVulkan's hint),
+    then the compiler's order, /usr/local before /usr; each is held to VULKAN_MIN_HEADERS."""
+    usr = vulkan_include(tmp_path / "usr", (1, 3, 239))  # Debian 12's
+    local = vulkan_include(tmp_path / "local", (1, 4, 309))
+    vulkan_include(tmp_path / "sdk" / "include", (1, 3, 275))
+    mine = vulkan_include(tmp_path / "mine", (1, 4, 341))
+    system = (tmp_path / "nothing", usr)
+    include, version, problem = lb.vulkan_headers({}, system)
+    assert (include, version) == ("", "1.3.239")
+    assert "1.3.275 or newer" in problem and str(usr) in problem and "1.3.239" in problem
+    assert "CORRAL_VULKAN_INCLUDE" in problem  # says how to use newer ones
+    assert lb.vulkan_headers({}, (local, usr)) == ("", "1.4.309", "")
+    sdk_env = {"VULKAN_SDK": str(tmp_path / "sdk")}
+    assert lb.vulkan_headers(sdk_env, (local, usr)) == ("", "1.3.275", "")
+    explicit = {"VULKAN_SDK": str(tmp_path / "sdk"), "CORRAL_VULKAN_INCLUDE": str(mine)}
+    assert lb.vulkan_headers(explicit, (local, usr)) == (str(mine), "1.4.341", "")
+    # what cannot build is said, with the folder it looked at
+    assert lb.vulkan_headers({}, (tmp_path / "nothing",)) == ("", "", "the Vulkan headers")
+    gone = {"CORRAL_VULKAN_INCLUDE": str(tmp_path / "gone")}
+    assert "gone has no vulkan/vulkan_core.h" in lb.vulkan_headers(gone, (local,))[2]
+    no_hpp = vulkan_include(tmp_path / "c-only", (1, 4, 309), hpp=False)
+    _, _, problem = lb.vulkan_headers({"CORRAL_VULKAN_INCLUDE": str(no_hpp)}, (local,))
+    assert "vulkan.hpp" in problem
+    spaced = vulkan_include(tmp_path / "a b", (1, 4, 309))
+    assert "without spaces" in lb.vulkan_headers({"CORRAL_VULKAN_INCLUDE": str(spaced)}, ())[2]
+    # the oldest accepted: Ubuntu 24.04's, llama.cpp's own CI; one release older is refused
+    edge = vulkan_include(tmp_path / "edge", (1, 3, 274))
+    assert lb.vulkan_headers({}, (edge,))[2].startswith("Vulkan headers 1.3.275 or newer")
+
+
+def test_vulkan_facts_name_what_the_build_lacks_from_the_real_header_check(tmp_path):
+    old = vulkan_include(tmp_path / "old", (1, 3, 239))
+    gpus, missing, include, version = lb.vulkan_facts(
+        {"CORRAL_VULKAN_INCLUDE": str(old), "PATH": os.environ.get("PATH", "")}
+    )
+    assert include == "" and version == "1.3.239"
+    assert any(f"those in {old} are 1.3.239" in m for m in missing)
+    with pytest.raises(lb.PlanError, match="those in .* are 1.3.239"):
+        lb.plan(linux(vulkan_missing=missing), "vulkan")
+
+
+def test_chosen_vulkan_headers_go_to_cmake_and_into_the_reason_and_key():
+    plain = lb.plan(linux(vulkan_sdk=True, vulkan_headers="1.3.275"), "vulkan")
+    assert "Vulkan_INCLUDE_DIR" not in args(plain)  # CMake's own search finds the same ones
+    assert "Vulkan headers 1.3.275" in plain.reason
+    own = linux(vulkan_sdk=True, vulkan_include="/opt/vk/include", vulkan_headers="1.4.309")
+    p = lb.plan(own, "vulkan")
+    assert args(p)["Vulkan_INCLUDE_DIR"] == "/opt/vk/include"
+    assert "Vulkan headers 1.4.309 from /opt/vk/include" in p.reason
+    assert p.key("0.3.36", "3.11", b"x") != plain.key("0.3.36", "3.11", b"x")
+    # a CPU or CUDA build does not carry it
+    assert "Vulkan_INCLUDE_DIR" not in args(lb.plan(own, "cpu"))
 
 
 def test_gpu_without_toolkit_is_a_cpu_build_with_a_warning_that_says_how():
