@@ -82,6 +82,14 @@ BACKENDS = ("auto", "cpu", "cuda", "hip", "metal", "vulkan")
 # (1.3.272) and fail to compile (`'LayerSettingEXT' is not a member of 'vk'`, seen here).
 VULKAN_MIN_HEADERS = (1, 3, 275)
 
+# GLSL extensions ggml-vulkan compiles its fastest shaders with when glslc has them (its CMake
+# tests each and silently leaves the shaders out otherwise): the quantized matmul by integer dot
+# products and the cooperative-matrix matmul. Debian 12's glslc (shaderc 2023.2) has neither.
+GLSLC_FEATURES = {
+    "GL_EXT_integer_dot_product": "integer-dot quantized matmul",
+    "GL_KHR_cooperative_matrix": "cooperative-matrix matmul",
+}
+
 # CMAKE_CUDA_ARCHITECTURES for a machine whose GPUs cannot be asked (a build box), by the CUDA
 # toolkit's version: real code for the common cards — 70 V100, 75 T4/RTX 20xx, 80 A100/A30,
 # 86 RTX 30xx/A10/A40, 89 RTX 40xx/L4/L40, 90 H100/H200, 100 B200 and 120 RTX 50xx (both 12.8+;
@@ -155,6 +163,7 @@ class Machine:
     vulkan_missing: tuple[str, ...] = ()  # what it lacks otherwise, for the error
     vulkan_include: str = ""  # CORRAL_VULKAN_INCLUDE, given to CMake ("": CMake's own search)
     vulkan_headers: str = ""  # the version of the headers the build compiles with, "1.4.309"
+    glslc_lacks: tuple[str, ...] = ()  # GLSL extensions of GLSLC_FEATURES glslc cannot compile
 
 
 @dataclass(frozen=True)
@@ -339,6 +348,13 @@ def plan(m: Machine, override: str = "auto", cuda_architectures: str = "") -> Bu
         args.append("-DGGML_VULKAN=ON")
         if m.vulkan_include:
             args.append("-DVulkan_INCLUDE_DIR=" + m.vulkan_include)
+        if m.glslc_lacks:
+            shaders = " and ".join(GLSLC_FEATURES.get(e, e) for e in m.glslc_lacks)
+            warnings.append(
+                f"this glslc cannot compile {', '.join(m.glslc_lacks)}: the Vulkan build leaves "
+                f"out ggml's {shaders} shaders, slower on GPUs that have them (a newer glslc: "
+                "Debian 13's, the LunarG SDK)"
+            )
         why += f"; Vulkan headers {m.vulkan_headers or '?'}"
         if m.vulkan_include:
             why += f" from {m.vulkan_include}"
@@ -475,6 +491,29 @@ def vulkan_headers(
     return (str(found) if explicit else ""), shown, ""
 
 
+def glslc_lacks(glslc: str | None) -> tuple[str, ...]:
+    """The extensions of GLSLC_FEATURES that ``glslc`` refuses, tested as ggml's CMake does."""
+    if not glslc:
+        return ()
+    lacks = []
+    for ext in GLSLC_FEATURES:
+        shader = f"#version 460\n#extension {ext} : require\nvoid main() {{}}\n"
+        try:
+            r = subprocess.run(
+                [glslc, "-o", os.devnull, "-fshader-stage=compute", "--target-env=vulkan1.3", "-"],
+                input=shader,
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if f"extension not supported: {ext}" in r.stderr:
+            lacks.append(ext)
+    return tuple(lacks)
+
+
 def vulkan_facts(environ: Mapping[str, str] | None = None) -> tuple[int, tuple[str, ...], str, str]:
     """(Vulkan GPUs seen, what ggml-vulkan's build lacks here: () when it can build, the include
     dir to give CMake or "", the headers' version).
@@ -596,6 +635,7 @@ def probe_machine(nvml: tuple[int, tuple[str, ...]] | None = None) -> Machine:
     n_vk, vk_missing, vk_include, vk_headers = (
         vulkan_facts() if os_name == "linux" else (0, ("Linux",), "", "")
     )
+    lacks = glslc_lacks(shutil.which("glslc")) if os_name == "linux" and not vk_missing else ()
     return Machine(
         os_name,
         arch,
@@ -614,6 +654,7 @@ def probe_machine(nvml: tuple[int, tuple[str, ...]] | None = None) -> Machine:
         vulkan_missing=vk_missing,
         vulkan_include=vk_include,
         vulkan_headers=vk_headers,
+        glslc_lacks=lacks,
     )
 
 

@@ -330,3 +330,25 @@ def test_this_environment_runs_the_build_the_function_derives_for_this_machine()
     assert installed["backend"] == want.backend
     assert installed["cmake_args"] == want.cmake_args_str
     assert "-DGGML_AMX_INT8=OFF" in installed["cmake_args"]
+
+
+def test_glslc_without_the_fast_shader_extensions_is_a_warning_not_an_error(tmp_path):
+    """ggml's CMake silently leaves shaders out for what glslc cannot compile; the plan says so."""
+    glslc = tmp_path / "glslc"  # answers as shaderc 2023.2 does (Debian 12) for what it lacks
+    glslc.write_text(
+        "#!/bin/sh\n"
+        'src=$(cat); case "$*" in *-fshader-stage=compute*) ;; *) exit 2 ;; esac\n'
+        'case "$src" in *GL_KHR_cooperative_matrix*)\n'
+        "  echo \"<stdin>:2: error: '#extension' : extension not supported: "
+        'GL_KHR_cooperative_matrix" >&2; exit 1 ;; esac\n'
+    )
+    glslc.chmod(0o755)
+    assert lb.glslc_lacks(str(glslc)) == ("GL_KHR_cooperative_matrix",)
+    assert lb.glslc_lacks(str(tmp_path / "absent")) == ()
+    assert lb.glslc_lacks(None) == ()
+    m = linux(vulkan_sdk=True, glslc_lacks=("GL_EXT_integer_dot_product",))
+    p = lb.plan(m, "vulkan")
+    assert p.backend == "vulkan" and len(p.warnings) == 1
+    assert "integer-dot quantized matmul shaders" in p.warnings[0]
+    assert lb.plan(linux(vulkan_sdk=True), "vulkan").warnings == ()
+    assert lb.plan(m, "cpu").warnings == ()  # only a Vulkan build is concerned
