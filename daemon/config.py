@@ -507,6 +507,7 @@ SUMMARY_VARS = (
     "OLLAMA_DEBUG",
     "OLLAMA_NOPRUNE",
     "CORRAL_LOG_FORMAT",
+    "CORRAL_EVENT_LOOP",
     "CORRAL_RUNNER_ENGINE",
     "CORRAL_DEFAULT_MODEL",
     "CORRAL_PREDICT_LIMIT",
@@ -587,6 +588,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     cuda_visible_devices: str | None = None
     # CORRAL_LOG_FORMAT
     log_format: Literal["text", "json"] = "text"
+    # CORRAL_EVENT_LOOP: the daemon's event loop; "auto" = uvloop where it is installed (a core
+    # dependency except on Windows, which it does not support), else asyncio's own
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     # CORRAL_SIMULATE_GPUS: None = probe real devices; () = simulate a machine without GPUs
     simulate_gpus: tuple[SimulatedGpu, ...] | None = None
     # A value `corral serve` must not start with (a bad CORRAL_SIMULATE_GPUS: probing the real
@@ -739,6 +743,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             warn("CORRAL_LOG_FORMAT", log_format, "text")
             log_format = "text"
 
+        event_loop = var("CORRAL_EVENT_LOOP").lower() or "auto"
+        if event_loop not in ("auto", "uvloop", "asyncio"):
+            warn("CORRAL_EVENT_LOOP", event_loop, "auto")
+            event_loop = "auto"
+
         engine = var("CORRAL_RUNNER_ENGINE").lower() or "llama"
         if engine not in ("llama", "fake"):
             warn("CORRAL_RUNNER_ENGINE", engine, "llama")
@@ -807,6 +816,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             noprune=parse_bool(var("OLLAMA_NOPRUNE")),
             cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
             log_format=log_format,  # type: ignore[arg-type]
+            event_loop=event_loop,  # type: ignore[arg-type]
             simulate_gpus=simulate,
             startup_error=startup_error,
             runner_engine=engine,  # type: ignore[arg-type]
@@ -856,6 +866,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             "OLLAMA_DEBUG": logging.getLevelName(self.log_level),
             "OLLAMA_NOPRUNE": str(self.noprune).lower(),
             "CORRAL_LOG_FORMAT": self.log_format,
+            "CORRAL_EVENT_LOOP": self.event_loop,
             "CORRAL_RUNNER_ENGINE": self.runner_engine,
             "CORRAL_DEFAULT_MODEL": self.default_model if self.default_model_explicit else "",
             "CORRAL_PREDICT_LIMIT": str(self.predict_limit),

@@ -18,6 +18,7 @@ connection raises :class:`ConnectionError`. Use from the event loop thread only.
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 MAX_HEAD = 64 * 1024  # a runner's answer head is a few hundred bytes
 
@@ -42,8 +43,8 @@ class _Connection(asyncio.Protocol):
     # ---- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (uvloop's are not asyncio.Transport instances)
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self._state in ("idle", "done"):

@@ -41,7 +41,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import msgspec
 import structlog
@@ -303,8 +303,8 @@ class RunnerProcess:
         try:
             if self.stopping:  # stop() was called while we were spawning
                 raise RunnerStartError("runner stopped while starting", kind="stopped")
-            stdin = transport.get_pipe_transport(0)
-            assert isinstance(stdin, asyncio.WriteTransport)
+            # a write transport, though not an asyncio.WriteTransport instance on uvloop
+            stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
             stdin.write(encode(spec) + b"\n")
             # What the child received, for tests and debugging (e2e tests match it to /api/ps
             # by pid: layers, tensor split and main GPU must agree with the placement).

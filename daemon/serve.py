@@ -48,12 +48,30 @@ def serve(config: Config) -> int:
         log.error("serve failed", error=config.startup_error)
         return 1
     try:
-        asyncio.run(run(config))
+        with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
+            runner.run(run(config))
     # address in use, a bad policy file, pins not fitting, a bad key file or certificate
     except (OSError, PolicyError, KeyFileError, tls.TLSError) as exc:
         log.error("serve failed", error=str(exc))
         return 1
     return 0
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``corral serve`` runs on (``CORRAL_EVENT_LOOP``): uvloop unless the
+    setting is ``asyncio`` or uvloop is not installed (Windows, which it does not support), in
+    which case asyncio's own (None). A request's fixed cost is mostly the loop's: its
+    transports, callbacks and timers cost about half as much CPU on uvloop (issue 18;
+    ``bench/daemon_overhead`` measures both)."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            log.warning("uvloop is not installed, running on asyncio's event loop")
+        return None
+    return uvloop.new_event_loop
 
 
 async def run(
@@ -131,7 +149,12 @@ async def run(
         )
         await site.start()
         addresses = [f"{s[0]}:{s[1]}" for s in (runner.addresses or [])]
-        log.info("Listening", addresses=addresses, version=VERSION)
+        log.info(
+            "Listening",
+            addresses=addresses,
+            version=VERSION,
+            event_loop=type(loop).__module__.partition(".")[0],
+        )
         if ready is not None:
             res = ready(config.client_url)
             if asyncio.iscoroutine(res):

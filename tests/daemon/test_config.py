@@ -452,12 +452,15 @@ def test_cuda_visible_devices_passthrough() -> None:
 def test_corral_variables() -> None:
     c = cfg(
         CORRAL_LOG_FORMAT="json",
+        CORRAL_EVENT_LOOP="AsyncIO",
         CORRAL_RUNNER_ENGINE="fake",
         CORRAL_SIMULATE_GPUS='[{"id":"0","name":"Sim A100","total":85899345920,'
         '"free":85899345920,"library":"cuda","integrated":false}]',
         CORRAL_FAKE_KNOBS='{"load_seconds": 0.1}',
     )
     assert c.log_format == "json"
+    assert c.event_loop == "asyncio"
+    assert cfg().event_loop == "auto"
     assert c.runner_engine == "fake"
     assert c.simulate_gpus == (
         SimulatedGpu(
@@ -478,6 +481,7 @@ def test_corral_variables() -> None:
     ("name", "value", "field", "default"),
     [
         ("CORRAL_LOG_FORMAT", "xml", "log_format", "text"),
+        ("CORRAL_EVENT_LOOP", "trio", "event_loop", "auto"),
         ("CORRAL_RUNNER_ENGINE", "vllm", "runner_engine", "llama"),
         ("CORRAL_FAKE_KNOBS", "[1]", "fake_knobs", None),
     ],
