@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from corral.daemon.prompt.gotemplate import go_json
 from corral.daemon.prompt.templates import GoTemplate, JinjaTemplate, TemplateError, for_model
@@ -385,3 +387,84 @@ def test_jinja_tools_and_errors() -> None:
         JinjaTemplate("ok\n{% if %}")
     with pytest.raises(TemplateError):
         JinjaTemplate("{{ ''.__class__.__mro__ }}").render([])
+
+
+class RescanningParser(ToolCallParser):
+    """The parser scanning its whole buffer again for every chunk (as it did before issue 18):
+    the reference the resumed scans must agree with."""
+
+    _resume = False
+
+
+# pieces of model output around tool calls: tags (also cut), names (also a prefix of another),
+# JSON with nesting, strings holding brackets, quotes and backslashes, and text that is not JSON
+_PIECES = [
+    "<tool_call>",
+    "<tool",
+    "_call>",
+    "</tool_call>",
+    "[TOOL_CALLS]",
+    "Sure. ",
+    "\n",
+    " ",
+    '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+    '{"name": "get", "parameters": {"q": "{[}]"}}',
+    '{"get_weather": {"a": [1, {"b": 2}]}}',
+    '{"name": "get", "arguments": "{\\"x\\": \\"y\\"}"}',
+    '[{"name": "get_weather", "arguments": {"x": "}"}}]',
+    "get",
+    "get_wea",
+    "ther",
+    '{"a": 1}',
+    "{not json}",
+    "{",
+    "}",
+    "[",
+    "]",
+    '"',
+    "\\",
+    '\\"',
+    '"x\\\\"',
+]
+
+
+@given(
+    tag=st.sampled_from(["<tool_call>", "{", "[TOOL_CALLS]", "["]),
+    pieces=st.lists(st.sampled_from(_PIECES), max_size=14),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12),
+    by_char=st.booleans(),
+)
+@example(  # a chunk ending in a backslash inside a string: the next quote is escaped
+    tag="[",
+    pieces=['[{"name": "get", "arguments": {"q": "a\\"]"}}, {"name": "get"}]'],
+    cuts=[],
+    by_char=True,
+)
+@settings(max_examples=400, deadline=None)
+def test_resumed_scans_parse_as_rescanning_the_buffer(
+    tag: str, pieces: list[str], cuts: list[int], by_char: bool
+) -> None:
+    text = "".join(pieces)
+    bounds = sorted({0, len(text), *(c % (len(text) + 1) for c in cuts)})
+    chunks = (
+        list(text) if by_char else [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    )
+    assert feed(ToolCallParser(tag, TOOLS), chunks) == feed(RescanningParser(tag, TOOLS), chunks)
+
+
+def test_a_long_call_streamed_token_by_token_is_scanned_once() -> None:
+    """A call of n characters arriving a few characters at a time: the scans look at each
+    character a bounded number of times (O(n)), where rescanning looked at the whole buffer for
+    every chunk (O(n²)). Same call either way."""
+    city = "x" * 2_000
+    text = '<tool_call>{"name": "get_weather", "arguments": {"city": "' + city + '"}}</tool_call>'
+    chunks = [text[i : i + 3] for i in range(0, len(text), 3)]
+    resumed, rescanning = (
+        ToolCallParser("<tool_call>", TOOLS),
+        RescanningParser("<tool_call>", TOOLS),
+    )
+    got = feed(resumed, chunks)
+    assert got == feed(rescanning, chunks)
+    assert got[0][0]["function"]["arguments"] == {"city": city}
+    assert resumed.scanned <= 3 * len(text)
+    assert rescanning.scanned > 100 * len(text)
