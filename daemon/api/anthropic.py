@@ -34,7 +34,7 @@ from corral.daemon.api import options as opts
 from corral.daemon.api import prepare
 from corral.daemon.api.errors import ApiError, anthropic_error, as_api_error
 from corral.daemon.api.keys import SUPERVISOR
-from corral.daemon.api.responses import LazyStream, json_response
+from corral.daemon.api.responses import LazyStream, json_response, send_json
 from corral.daemon.errors import CorralError
 from corral.daemon.params import RequestOptions
 from corral.daemon.prompt.thinking import NO_THINK, Think
@@ -328,7 +328,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
             if whole.content:
                 content.append({"type": "text", "text": whole.content})
             content += [_tool_block(c) for c in whole.tool_calls]
-            return json_response(
+            return await send_json(
+                request,
                 {
                     "id": msg_id,
                     "type": "message",
@@ -338,7 +339,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
                     "stop_reason": _stop_reason(done, bool(whole.tool_calls)),
                     "stop_sequence": None,
                     "usage": _usage(done),
-                }
+                },
             )
         return await _stream(request, job, msg_id, req.model, len(json.dumps(data)) // 4)
 

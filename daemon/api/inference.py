@@ -6,7 +6,7 @@
   events (``lease.runner.completion``, :mod:`corral.daemon.runner_client`) into :class:`Delta`
   items (thinking split off by :class:`~corral.daemon.prompt.thinking.ThinkingSplitter`, tool
   calls parsed by ``toolcalls``) and one final :class:`Done`;
-* :func:`embed_texts`: embeddings through a lease.
+* :func:`embedding`: embeddings through a lease.
 
 How a request becomes a Generation (checks, prompt rendering, history truncation, the slot) is
 :mod:`corral.daemon.api.prepare`; how bytes travel to and from a runner is the runner client's.
@@ -21,7 +21,7 @@ import secrets
 import stat
 import string
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,7 +194,8 @@ class Generation:
             d.thinking, text = self.thinking.add(text)
         if self.tools is not None and text:
             calls, text = self.tools.add(text)
-            d.tool_calls = [{"id": tool_call_id(), **c} for c in calls]
+            if calls:
+                d.tool_calls = [{"id": tool_call_id(), **c} for c in calls]
         d.content = text
         return d
 
@@ -332,7 +333,8 @@ def shorten(vec: list[float], dimensions: int | None) -> list[float]:
     return [v / norm for v in cut]
 
 
-async def embed_texts(
+@contextlib.asynccontextmanager
+async def embedding(
     app: web.Application,
     model: Model,
     inputs: list[str],
@@ -340,16 +342,19 @@ async def embed_texts(
     options: dict[str, Any] | None,
     keep_alive: float | None,
     truncate: bool | None,
-) -> tuple[protocol.EmbedResponse, int]:
-    """Embeddings for ``inputs`` (loads the model even when empty) -> (response, load ns)."""
+) -> AsyncIterator[tuple[protocol.EmbedResponse, int]]:
+    """Embeddings for ``inputs`` (loads the model even when empty) -> (response, load ns),
+    given while the slot is still held: a route sends its answer inside (``send_json``) and
+    the slot is released after it, off the client's path."""
     started = time.monotonic()
     merged = RequestOptions.build(model.record.parameters, options)
     lease = await app[SUPERVISOR].acquire(model.record, merged, keep_alive, kind="embedding")
     async with lease:
         load = int((time.monotonic() - started) * 1e9)
         if not inputs:
-            return protocol.EmbedResponse(embeddings=[], prompt_eval_count=0), load
+            yield protocol.EmbedResponse(embeddings=[], prompt_eval_count=0), load
+            return
         body = protocol.EmbedRequest(input=inputs, truncate=truncate is not False)
         resp = await lease.runner.embed(body)
         app[METRICS].model(model.record.name).prompt_tokens.inc(resp.prompt_eval_count)
-        return resp, load
+        yield resp, load

@@ -8,6 +8,8 @@
 * Every 503 carries ``Retry-After`` (the queue's drain estimate when there is one).
 * Any other exception -> 500 with its text; the traceback is logged, never sent.
 * Cancellation (client gone) propagates.
+* A failure after the handler sent its answer itself (``responses.send_json``) is only logged:
+  the answer stands.
 
 Streaming handlers that already sent their headers cannot change the status any more; they must
 report a late error themselves as a final ``{"error": ...}`` line (see ``native_models``).
@@ -29,6 +31,7 @@ from corral.daemon.api.errors import (
     openai_body,
     response_headers,
 )
+from corral.daemon.api.responses import SENT
 from corral.daemon.errors import CorralError
 
 log = structlog.get_logger(__name__)
@@ -51,11 +54,22 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except (ApiError, CorralError) as err:
-        return error_response(request, as_api_error(err))
+        return _after_answer(request, err) or error_response(request, as_api_error(err))
     except web.HTTPRequestEntityTooLarge as exc:
         return error_response(request, ApiError(413, exc.text or "request body too large"))
     except (web.HTTPException, asyncio.CancelledError):
         raise
     except Exception as exc:  # the one place that turns bugs into a 500
         log.exception("api.unhandled", path=request.path, method=request.method)
-        return error_response(request, ApiError(500, str(exc) or type(exc).__name__))
+        sent = _after_answer(request, exc)
+        return sent or error_response(request, ApiError(500, str(exc) or type(exc).__name__))
+
+
+def _after_answer(request: web.Request, exc: Exception) -> web.StreamResponse | None:
+    """The answer the handler already sent (``responses.send_json``) when ``exc`` came after
+    it, while it tidied up: nothing more can reach the client (a second answer would corrupt
+    the connection), so the failure is only logged."""
+    sent = request.get(SENT)
+    if sent is not None and isinstance(exc, ApiError | CorralError):  # others: logged already
+        log.error("api.failed_after_answer", path=request.path, error=str(exc))
+    return sent

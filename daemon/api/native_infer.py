@@ -22,7 +22,7 @@ from corral.daemon.api import prepare
 from corral.daemon.api.errors import ApiError
 from corral.daemon.api.keys import SUPERVISOR
 from corral.daemon.api.middleware import LOG_MODEL
-from corral.daemon.api.responses import LazyStream, json_response
+from corral.daemon.api.responses import LazyStream, json_response, send_json
 from corral.daemon.errors import CorralError
 from corral.daemon.params import RequestOptions
 from corral.daemon.timefmt import now_utc
@@ -61,7 +61,7 @@ async def _drive(
     object; ``whole`` is the whole output (:meth:`Generation.result`), empty when streamed."""
     if not stream:
         whole, done = await job.result()
-        return json_response(final_obj(done, whole))
+        return await send_json(request, final_obj(done, whole))
     out = LazyStream.ndjson(request)
     try:
         async for ev in job.events():
@@ -310,35 +310,36 @@ async def embed(request: web.Request) -> web.Response:
     req, keep_alive = await read_request(request, opts.EmbedRequest, _NOT_FOUND)
     inputs = _embed_inputs(req.input)
     model = await core.resolve(request.app, req.model, style="store")
-    res, load = await core.embed_texts(
+    async with core.embedding(
         request.app,
         model,
         inputs,
         options=req.options,
         keep_alive=keep_alive,
         truncate=req.truncate,
-    )
-    if not inputs:
-        return json_response({"model": req.model, "embeddings": []})
-    return json_response(
-        {
-            "model": req.model,
-            "embeddings": [core.shorten(v, req.dimensions) for v in res.embeddings],
-            "total_duration": int((time.monotonic() - started) * 1e9),
-            "load_duration": load,
-            "prompt_eval_count": res.prompt_eval_count,
-        }
-    )
+    ) as (res, load):
+        if not inputs:
+            return await send_json(request, {"model": req.model, "embeddings": []})
+        return await send_json(
+            request,
+            {
+                "model": req.model,
+                "embeddings": [core.shorten(v, req.dimensions) for v in res.embeddings],
+                "total_duration": int((time.monotonic() - started) * 1e9),
+                "load_duration": load,
+                "prompt_eval_count": res.prompt_eval_count,
+            },
+        )
 
 
 async def embeddings(request: web.Request) -> web.Response:
     req, keep_alive = await read_request(request, opts.EmbeddingsRequest, _REQUIRED)
     model = await core.resolve(request.app, req.model, style="store")
     inputs = [req.prompt] if req.prompt else []
-    res, _ = await core.embed_texts(
+    async with core.embedding(
         request.app, model, inputs, options=req.options, keep_alive=keep_alive, truncate=True
-    )
-    return json_response({"embedding": res.embeddings[0] if res.embeddings else []})
+    ) as (res, _):
+        return await send_json(request, {"embedding": res.embeddings[0] if res.embeddings else []})
 
 
 def add_routes(app: web.Application) -> None:

@@ -28,7 +28,7 @@ from corral.daemon.api import options as opts
 from corral.daemon.api.errors import ApiError, as_api_error, openai_body
 from corral.daemon.api.keys import STORE
 from corral.daemon.api.middleware import LOG_MODEL
-from corral.daemon.api.responses import LazyStream, json_response
+from corral.daemon.api.responses import LazyStream, json_response, send_json
 from corral.daemon.errors import CorralError, NotFound
 from corral.daemon.params import RequestOptions
 from corral.daemon.prompt.thinking import NO_THINK, Think
@@ -462,7 +462,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             }
             if logprobs.enabled:
                 choice["logprobs"] = {"content": chat_logprobs(whole.logprobs)}
-            return json_response(
+            return await send_json(
+                request,
                 {
                     "id": cid,
                     "object": "chat.completion",
@@ -471,7 +472,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                     "system_fingerprint": FINGERPRINT,
                     "choices": [choice],
                     "usage": _usage(done),
-                }
+                },
             )
 
         head = {
@@ -610,7 +611,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             }
             if logprobs.enabled:
                 choice["logprobs"] = legacy.of(whole.logprobs)
-            return json_response({**head, "choices": [choice], "usage": _usage(done)})
+            return await send_json(request, {**head, "choices": [choice], "usage": _usage(done)})
 
         chunk = _chunks(head)
 
@@ -652,29 +653,30 @@ async def embeddings(request: web.Request) -> web.Response:
             "Supported values: ['float', 'base64'].",
         )
     model = await core.resolve(request.app, model_name, style="store")
-    res, _ = await core.embed_texts(
+    async with core.embedding(
         request.app, model, inputs, options=None, keep_alive=None, truncate=True
-    )
-    data = []
-    for i, vec in enumerate(res.embeddings):
-        vec = core.shorten(vec, body.dimensions)
-        value: Any = (
-            vec
-            if encoding == "float"
-            else base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
-        )
-        data.append({"object": "embedding", "embedding": value, "index": i})
-    return json_response(
-        {
-            "object": "list",
-            "data": data,
-            "model": model_name,
-            "usage": {
-                "prompt_tokens": res.prompt_eval_count,
-                "total_tokens": res.prompt_eval_count,
+    ) as (res, _):
+        data = []
+        for i, vec in enumerate(res.embeddings):
+            vec = core.shorten(vec, body.dimensions)
+            value: Any = (
+                vec
+                if encoding == "float"
+                else base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+            )
+            data.append({"object": "embedding", "embedding": value, "index": i})
+        return await send_json(
+            request,
+            {
+                "object": "list",
+                "data": data,
+                "model": model_name,
+                "usage": {
+                    "prompt_tokens": res.prompt_eval_count,
+                    "total_tokens": res.prompt_eval_count,
+                },
             },
-        }
-    )
+        )
 
 
 # ---- /v1/models --------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from corral.daemon.api import openai as oa
 from corral.daemon.api import options as opts
 from corral.daemon.api import prepare
 from corral.daemon.api.errors import ApiError, as_api_error, openai_body
-from corral.daemon.api.responses import LazyStream, json_response
+from corral.daemon.api.responses import LazyStream, send_json
 from corral.daemon.errors import CorralError
 from corral.daemon.prompt.thinking import NO_THINK, Think
 
@@ -360,7 +360,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
                 result.thinking.append(whole.thinking)
             result.text.append(whole.content)
             result.add_calls(whole.tool_calls)
-            return json_response(result.obj("completed", done))
+            return await send_json(request, result.obj("completed", done))
         return await _stream(request, job, result)
 
 

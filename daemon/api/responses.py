@@ -24,6 +24,26 @@ def json_response(obj: Any, status: int = 200) -> web.Response:
     )
 
 
+# the answer a handler sent itself (:func:`send_json`): what the error middleware keeps when
+# something fails in the tidying up after it (a second answer would corrupt the connection)
+SENT: web.RequestKey[web.StreamResponse] = web.RequestKey("corral.sent", web.StreamResponse)
+
+
+async def send_json(request: web.Request, obj: Any, status: int = 200) -> web.Response:
+    """:func:`json_response`, sent at once: the client has its answer while the handler tidies
+    up (releases the runner slot, closes the job) and the middlewares write the request's log
+    line and count it. What a request costs after its answer is then off the client's path: a
+    client sending one request after another waits for it only when it is faster than that
+    tidying up (issue 18). A client gone meanwhile is not an error here (as with aiohttp's
+    own write of a returned response)."""
+    response = json_response(obj, status)
+    request[SENT] = response
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await response.prepare(request)
+        await response.write_eof()
+    return response
+
+
 class LazyStream:
     """Frames ``prefix + payload + suffix``; the response (with ``headers``) is prepared at the
     first one. ``gone`` turns true when the client closed the connection; later frames are

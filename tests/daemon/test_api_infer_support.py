@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -185,6 +186,8 @@ class Lease:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
+        if self.sup.hold_release is not None:  # a test holds the slot after the answer
+            await self.sup.hold_release.wait()
         self.released += 1
         self.sup.active -= 1
 
@@ -201,6 +204,7 @@ class FakeSupervisor:
         self.active = 0
         self.runners: list[RunnerView] = []  # what snapshot() reports (/api/ps)
         self.records: dict[str, Any] = {}
+        self.hold_release: asyncio.Event | None = None  # set: leases may end
 
     async def acquire(
         self,
