@@ -13,6 +13,13 @@ sends and waits for the answer's head, giving a :class:`Reply` whose body is rea
 end gives its connection back for the next request; one closed before (a client gone, a
 cancelled task) closes the connection, which is how a runner learns to cancel the job. A broken
 connection raises :class:`ConnectionError`. Use from the event loop thread only.
+
+A kept-alive connection the runner closes as a request goes out on it (its keep-alive timer
+fired in the same moment, e.g. a runner that was stopped or starved past it) fails before a
+byte of an answer: the runner never read the request, so it goes again on a fresh connection
+(HTTP's keep-alive race, RFC 9112 section 9.3.1; Go's net/http does the same). Nothing else is
+retried, and nothing here has a timer: a loop busy for longer than any timeout (a flood on a
+loaded machine) never fails a call by itself.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._error: Exception | None = None
         self.lost = False
+        self.answered = False  # a byte of an answer arrived since the last send
 
     # ---- asyncio.Protocol
 
@@ -50,6 +58,7 @@ class _Connection(asyncio.Protocol):
         if self._state in ("idle", "done"):
             self._fail(ConnectionError("runner sent data without a request"))
             return
+        self.answered = True
         self._buf += data
         try:
             self._parse()
@@ -70,7 +79,7 @@ class _Connection(asyncio.Protocol):
         """Write one request; the future is done once the answer's head is parsed."""
         assert self.transport is not None
         self._state, self._buf, self._pieces = "head", bytearray(), []
-        self._error, self.status = None, 0
+        self._error, self.status, self.answered = None, 0, False
         self._head = asyncio.get_running_loop().create_future()
         self.transport.write(data)
         return self._head
@@ -266,25 +275,32 @@ class RunnerHTTP:
                 len(body),
             )
         )
-        conn = await self._connection()
-        try:
-            await conn.send(head + body)
-        except BaseException:
-            conn.abandon()
-            raise
-        return Reply(conn, self)
+        while True:
+            conn, reused = await self._connection()
+            try:
+                await conn.send(head + body)
+            except ConnectionError:
+                conn.abandon()
+                if reused and not conn.answered:  # closed while idle: the request was not read
+                    continue
+                raise
+            except BaseException:
+                conn.abandon()
+                raise
+            return Reply(conn, self)
 
-    async def _connection(self) -> _Connection:
+    async def _connection(self) -> tuple[_Connection, bool]:
+        """A connection for the next request, and whether it is a kept-alive one."""
         while self._idle:
             conn = self._idle.pop()
             if not conn.lost and conn.transport is not None and not conn.transport.is_closing():
-                return conn
+                return conn, True
         loop = asyncio.get_running_loop()
         try:
             _, conn = await loop.create_connection(_Connection, self.host, self.port)
         except OSError as e:
             raise ConnectionError(f"cannot reach the runner: {e}") from e
-        return conn
+        return conn, False
 
     def close(self) -> None:
         """Close the idle connections; later requests fail (those in flight end as they do)."""

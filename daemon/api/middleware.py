@@ -8,6 +8,7 @@ also for rejected ones), :func:`cors_middleware` (Ollama's gin-contrib/cors conf
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 import time
@@ -30,7 +31,9 @@ LOG_MODEL: web.RequestKey[str] = web.RequestKey("corral.model", str)
 
 @web.middleware
 async def request_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One ``api.request`` line per request: method, path, model, status, duration."""
+    """One ``api.request`` line per request: method, path, model, status, duration. A request
+    whose client went away before its answer ended is ``status=499`` (nginx's "client closed
+    request", as /metrics counts it), never a 500: nothing failed on our side."""
     start = time.perf_counter()
     status = 500
     try:
@@ -39,6 +42,9 @@ async def request_log(request: web.Request, handler: Handler) -> web.StreamRespo
         return response
     except web.HTTPException as exc:
         status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = 499
         raise
     finally:
         fields = {

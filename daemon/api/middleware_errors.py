@@ -7,6 +7,9 @@
 * A domain ``CorralError`` -> the status ``errors.STATUS`` gives its class, bodies as above.
 * Every 503 carries ``Retry-After`` (the queue's drain estimate when there is one).
 * Any other exception -> 500 with its text; the traceback is logged, never sent.
+* A domain error answered with a 5xx other than 503 (a load, a runner or a transfer failed) is
+  logged (``api.failed``, with its text): the request log line alone says only ``status=500``.
+  A 503 (overload, shutting down) is routine under load and is counted in /metrics instead.
 * Cancellation (client gone) propagates.
 * A failure after the handler sent its answer itself (``responses.send_json``) is only logged:
   the answer stands.
@@ -54,7 +57,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except (ApiError, CorralError) as err:
-        return _after_answer(request, err) or error_response(request, as_api_error(err))
+        sent = _after_answer(request, err)
+        if sent is not None:
+            return sent
+        api_err = as_api_error(err)
+        if api_err.status >= 500 and api_err.status != 503:
+            log.warning(
+                "api.failed", path=request.path, status=api_err.status, error=api_err.message
+            )
+        return error_response(request, api_err)
     except web.HTTPRequestEntityTooLarge as exc:
         return error_response(request, ApiError(413, exc.text or "request body too large"))
     except (web.HTTPException, asyncio.CancelledError):

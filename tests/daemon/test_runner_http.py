@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
@@ -145,3 +145,102 @@ async def test_nothing_listening_is_a_connection_error() -> None:
     with pytest.raises(ConnectionError):
         await client.request("POST", "/completion", b"{}")
     client.close()
+
+
+class KeepAliveRace(asyncio.Protocol):
+    """A runner whose keep-alive timer fires just as a request comes in on an idle connection:
+    it answers the first request of each connection, then closes the connection on the next one
+    without reading it (``partial``: after a first line of an answer, a runner that broke in
+    the middle of it instead)."""
+
+    connections = 0
+    requests: list[int]  # the connection number of each request received
+
+    def __init__(self, partial: bool = False) -> None:
+        self.partial = partial
+        self.served = 0
+        self.buf = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        KeepAliveRace.connections += 1
+        self.number = KeepAliveRace.connections
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while b"\r\n\r\n" in self.buf:
+            head, _, rest = self.buf.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            if len(rest) < length:
+                return
+            self.buf = rest[length:]
+            KeepAliveRace.requests.append(self.number)
+            if self.served:
+                if self.partial:
+                    self.transport.write(b"HTTP/1.1 200 OK\r\n")
+                self.transport.close()
+                return
+            self.served += 1
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+@pytest.fixture
+async def racing() -> AsyncIterator[Callable[[bool], Awaitable[RunnerHTTP]]]:
+    servers = []
+
+    async def start(partial: bool = False) -> RunnerHTTP:
+        KeepAliveRace.connections, KeepAliveRace.requests = 0, []
+        server = await asyncio.get_running_loop().create_server(
+            lambda: KeepAliveRace(partial), "127.0.0.1", 0
+        )
+        servers.append(server)
+        return RunnerHTTP("127.0.0.1", server.sockets[0].getsockname()[1])
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def ask(client: RunnerHTTP) -> bytes:
+    async with await client.request("POST", "/completion", b"{}") as reply:
+        assert reply.status == 200
+        return await reply.read()
+
+
+async def test_a_request_the_runner_closed_its_idle_connection_on_goes_again(racing) -> None:
+    """The keep-alive race: the request on the kept-alive connection is closed unread; it goes
+    again on a fresh connection and is answered (before: a ConnectionError, a 500 to the
+    client with "llama runner process has terminated: runner closed the connection")."""
+    client = await racing()
+    assert await ask(client) == b"ok"
+    assert await ask(client) == b"ok"
+    assert KeepAliveRace.requests == [1, 1, 2]  # the unread one, then on a fresh connection
+    client.close()
+
+
+async def test_a_broken_answer_or_a_fresh_connection_is_not_tried_again(racing) -> None:
+    client = await racing(partial=True)
+    assert await ask(client) == b"ok"
+    with pytest.raises(ConnectionError):
+        await ask(client)  # the runner had begun to answer: it read the request
+    assert KeepAliveRace.requests == [1, 1]
+    client.close()
+
+
+async def test_no_timer_fails_a_call_on_a_loop_busy_past_any_timeout(served, monkeypatch) -> None:
+    """The flood test's 500s under load ("llama runner process has terminated: Connection
+    timeout to host http://127.0.0.1:<port>/completion"): aiohttp's client, which the runner
+    calls went through before this client, timed each connect (sock_connect, 10 s). A loop busy
+    with a flood for longer than that, on a loaded machine, ran the expired timer in the same
+    step as the completed loopback connect, and the request failed. Here an hour passes while
+    a connect and its answer are under way: the call still succeeds."""
+    server, client = served
+    loop = asyncio.get_running_loop()
+    real = loop.time
+    call = asyncio.ensure_future(client.request("POST", "/echo", b"x"))
+    await asyncio.sleep(0)  # the connect is under way
+    monkeypatch.setattr(loop, "time", lambda: real() + 3600)
+    async with await call as reply:
+        assert await reply.read() == b"got:x"
