@@ -250,6 +250,9 @@ class FakeEngine:
         if job.cancelled.is_set():
             seq.done = True
             return
+        hold = self.knobs.hold_tokens_while
+        if hold is not None and seq.first_token_at and os.path.exists(hold):
+            return
         generated = len(seq.tokens) - seq.n_prompt
         if generated < seq.limit and not seq.text.stopped:
             if seq.json:

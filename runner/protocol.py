@@ -63,6 +63,9 @@ class FakeKnobs(msgspec.Struct, frozen=True, kw_only=True):
     # The load hangs without a sign of life (no progress, no output; a stuck driver or disk)
     # for as long as this file exists, then carries on.
     hang_load_while: str | None = None
+    # After its first token a sequence decodes nothing for as long as this file exists (a
+    # stream a test holds open however slow the machine), then carries on.
+    hold_tokens_while: str | None = None
 
 
 class KvCacheSpec(msgspec.Struct, frozen=True, kw_only=True):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -31,6 +31,7 @@ from tests.fixtures.virtual_gguf import write_virtual_llama
 pytestmark = pytest.mark.timeout(120)
 
 GiB = 1 << 30
+SAFETY = 60.0  # s: a wait that only a broken daemon reaches (never a measure of speed)
 
 
 def gpus_env(*gpus: tuple[str, float, float]) -> str:
@@ -50,13 +51,26 @@ def gpus_env(*gpus: tuple[str, float, float]) -> str:
     )
 
 
-def env(gpus: str, *, load_time: float = 0.0, **extra: str) -> dict[str, str]:
+def env(
+    gpus: str,
+    *,
+    hang_load_while: Path | None = None,
+    hold_tokens_while: Path | None = None,
+    **extra: str,
+) -> dict[str, str]:
+    """The daemon's environment: simulated ``gpus``, FakeEngine runners. While the file
+    ``hang_load_while`` exists loads do not end, while ``hold_tokens_while`` exists streams stop
+    after their first token: a test holds a load or a stream open for as long as it needs,
+    however slow the machine."""
+    knobs: dict = {"tokens_per_second": 50, "default_num_predict": 4}
+    if hang_load_while is not None:
+        knobs["hang_load_while"] = str(hang_load_while)
+    if hold_tokens_while is not None:
+        knobs["hold_tokens_while"] = str(hold_tokens_while)
     return {
         "CORRAL_SIMULATE_GPUS": gpus,
         "CORRAL_RUNNER_ENGINE": "fake",
-        "CORRAL_FAKE_KNOBS": json.dumps(
-            {"tokens_per_second": 50, "default_num_predict": 4, "load_time": load_time}
-        ),
+        "CORRAL_FAKE_KNOBS": json.dumps(knobs),
         "CORRAL_LOG_FORMAT": "json",
         "OLLAMA_CONTEXT_LENGTH": "2048",
         **extra,
@@ -105,6 +119,17 @@ def launch_spec(d: Daemon, pid: int) -> dict:
         if rec.get("event") == "runner launch spec" and rec.get("pid") == pid:
             return rec["spec"]
     raise AssertionError(f"no launch spec logged for pid {pid}")
+
+
+async def wait_for_log(pred, timeout: float = SAFETY) -> bool:
+    """Wait until ``pred()`` (a check of the daemon's log) holds; False after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not pred():
+        if loop.time() > end:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 def started(d: Daemon, model: str) -> bool:
@@ -278,26 +303,25 @@ async def test_num_gpu_zero_runs_on_cpu(tmp_path, session):
 
 
 async def test_loaded_model_is_served_while_another_loads(tmp_path, session):
-    """No head-of-line blocking (Ollama #5724): a load never holds up a loaded model."""
-    load_time = 4.0
+    """No head-of-line blocking (Ollama #5724): a load never holds up a loaded model. b's load
+    is held open until the requests for a have been answered: with head-of-line blocking they
+    would wait for it forever (SAFETY turns that into a failure)."""
+    hold = tmp_path / "hold-loads"
     gpus = gpus_env(("Sim A", 6, 6), ("Sim B", 8, 8))
-    with start_daemon(tmp_path, **env(gpus, load_time=load_time)) as d:
+    with start_daemon(tmp_path, **env(gpus, hang_load_while=hold)) as d:
         a = await create_model(session, d, tmp_path, "a", 5.0)
         b = await create_model(session, d, tmp_path, "b", 5.0)
-        await generate(session, d, a)  # loaded (takes load_time)
+        await generate(session, d, a)  # loaded
+        hold.touch()
         loading_b = asyncio.create_task(generate(session, d, b))
-        t0 = time.monotonic()
-        while not started(d, b):
-            assert time.monotonic() - t0 < 10, "b's runner never started"
-            await asyncio.sleep(0.02)
-        # b is loading now; requests for a are answered at once, several in a row.
+        assert await wait_for_log(lambda: started(d, b)), "b's runner never started"
+        # b is loading now (and stays so); requests for a are answered, several in a row.
         for _ in range(3):
-            t1 = time.monotonic()
-            r = await generate(session, d, a, options={"num_predict": 2})
+            r = await asyncio.wait_for(generate(session, d, a, options={"num_predict": 2}), SAFETY)
             assert r["done"] is True
-            assert time.monotonic() - t1 < 1.5
         assert not loading_b.done()
         assert b not in await ps(session, d)  # loads are not listed yet
+        hold.unlink()
         assert (await loading_b)["done"] is True
         rows = await ps(session, d)
         assert_whole_on(rows[a], "1", "Sim B")
@@ -324,26 +348,32 @@ async def test_gpu_used_by_others_is_not_overcommitted(tmp_path, session):
 
 async def test_busy_model_is_only_evicted_once_its_stream_ends(tmp_path, session):
     """The only victim is busy: it turns ``expiring`` (no new grants), streams to the end, and
-    only then stops; the new model waits for it and then takes the GPU."""
+    only then stops; the new model waits for it and then takes the GPU. The stream is held after
+    its first token until the test has seen all that, however slow the machine."""
+    hold = tmp_path / "hold-tokens"
     gpus = gpus_env(("Sim A", 8, 8))
-    with start_daemon(tmp_path, **env(gpus)) as d:
+    with start_daemon(tmp_path, **env(gpus, hold_tokens_while=hold)) as d:
         p = await create_model(session, d, tmp_path, "p", 5.0)
         q = await create_model(session, d, tmp_path, "q", 5.0)
         await generate(session, d, p)
         pid_p = (await ps(session, d))[p]["pid"]
+        hold.touch()
         async with session.post(
             f"{d.url}/api/generate",
             json={"model": p, "prompt": "hi", "options": {"num_predict": 100}},
         ) as stream:
             assert json.loads(await stream.content.readline())["done"] is False
             waiting_q = asyncio.create_task(generate(session, d, q))
-            t0 = time.monotonic()
+            loop = asyncio.get_running_loop()
+            end = loop.time() + SAFETY
             while (await ps(session, d))[p]["state"] != "expiring":
-                assert time.monotonic() - t0 < 10
+                assert loop.time() < end
                 await asyncio.sleep(0.02)
             assert not waiting_q.done()
+            hold.unlink()
             lines = [json.loads(raw) async for raw in stream.content if raw.strip()]
         assert lines[-1]["done"] is True and not any("error" in x for x in lines)
+        assert lines[-1]["eval_count"] == 100
         assert (await waiting_q)["done"] is True
         rows = await ps(session, d)
         assert set(rows) == {q}
@@ -363,17 +393,20 @@ async def test_main_gpu_pins_the_model_to_that_gpu(tmp_path, session):
 
 
 async def test_two_models_load_at_the_same_time_on_two_gpus(tmp_path, session):
-    """Loads of different models overlap (Ollama loads one model at a time)."""
-    load_time = 3.0
+    """Loads of different models overlap (Ollama loads one model at a time): both loads are held
+    open, and both runners start while neither has finished."""
+    hold = tmp_path / "hold-loads"
+    hold.touch()
     gpus = gpus_env(("Sim A", 6, 6), ("Sim B", 8, 8))
-    with start_daemon(tmp_path, **env(gpus, load_time=load_time)) as d:
+    with start_daemon(tmp_path, **env(gpus, hang_load_while=hold)) as d:
         a = await create_model(session, d, tmp_path, "a", 5.0)
         b = await create_model(session, d, tmp_path, "b", 5.0)
-        t0 = time.monotonic()
-        ra, rb = await asyncio.gather(generate(session, d, a), generate(session, d, b))
-        elapsed = time.monotonic() - t0
+        both = asyncio.gather(generate(session, d, a), generate(session, d, b))
+        assert await wait_for_log(lambda: started(d, a) and started(d, b))
+        assert not both.done() and not [line for line in d.log if "runner ready" in line]
+        hold.unlink()
+        ra, rb = await both
         assert ra["done"] and rb["done"]
-        assert elapsed < 2 * load_time - 0.5, elapsed
         rows = await ps(session, d)
         assert {g["id"] for r in rows.values() for g in r["gpus"]} == {"0", "1"}
         for r in rows.values():

@@ -18,9 +18,11 @@ pytestmark = pytest.mark.timeout(120)
 
 
 async def open_stream(s: aiohttp.ClientSession, url: str, model: str, **headers: str):
+    """A stream that outlasts the test however slow the machine (minutes of tokens): the test
+    ends it."""
     resp = await s.post(
         f"{url}/api/generate",
-        json={"model": model, "prompt": "hi", "options": {"num_predict": 400}},
+        json={"model": model, "prompt": "hi", "options": {"num_predict": 100_000}},
         headers=headers,
     )
     assert resp.status == 200

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -20,17 +21,19 @@ from tests.fixtures.tiny_gguf import write_tiny_llama
 
 pytestmark = pytest.mark.timeout(120)
 
+ENDLESS = 100_000  # tokens of a stream the test ends itself (it outlasts any slow machine)
 QUEUE_FULL = "server busy, please try again.  maximum pending requests exceeded"
 
 
-def fake_env(tokens_per_second: float = 40.0, **extra: str) -> dict[str, str]:
-    return {
-        "CORRAL_RUNNER_ENGINE": "fake",
-        "CORRAL_FAKE_KNOBS": json.dumps(
-            {"tokens_per_second": tokens_per_second, "default_num_predict": 400}
-        ),
-        **extra,
-    }
+def fake_env(
+    tokens_per_second: float = 40.0, *, hold_tokens_while: Path | None = None, **extra: str
+) -> dict[str, str]:
+    """FakeEngine runners; while the file ``hold_tokens_while`` exists their streams stop after
+    the first token (held open for the test however slow the machine)."""
+    knobs: dict = {"tokens_per_second": tokens_per_second, "default_num_predict": 400}
+    if hold_tokens_while is not None:
+        knobs["hold_tokens_while"] = str(hold_tokens_while)
+    return {"CORRAL_RUNNER_ENGINE": "fake", "CORRAL_FAKE_KNOBS": json.dumps(knobs), **extra}
 
 
 async def create_model(s: aiohttp.ClientSession, url: str, tmp_path, name: str, seed: int) -> str:
@@ -116,10 +119,13 @@ async def test_max_loaded_models_evicts_idle_runner(tmp_path, session):
 async def test_keep_alive_expiry_stops_runner(tmp_path, session):
     with start_daemon(tmp_path) as d:
         a = await create_model(session, d.url, tmp_path, "a", 1)
-        r = await generate(session, d.url, a, keep_alive="1s", options={"num_predict": 2})
+        r = await generate(session, d.url, a, keep_alive="1h", options={"num_predict": 2})
         assert r["_status"] == 200
         [row] = await ps(session, d.url)
         assert row["expires_at"]
+        # the next request's keep-alive replaces the runner's (Ollama): it expires 1 s after it
+        r = await generate(session, d.url, a, keep_alive="1s", options={"num_predict": 2})
+        assert r["_status"] == 200
         assert await wait_ps(session, d.url, lambda rows: not rows, timeout=15) == []
         loop = asyncio.get_running_loop()
         end = loop.time() + 10
@@ -132,7 +138,7 @@ async def test_max_queue_rejects_waiters_on_a_loaded_model(tmp_path, session):
     env = fake_env(OLLAMA_NUM_PARALLEL="1", OLLAMA_MAX_QUEUE="1")
     with start_daemon(tmp_path, **env) as d:
         a = await create_model(session, d.url, tmp_path, "a", 1)
-        first = await Stream(session, d.url, a, options={"num_predict": 200}).open()
+        first = await Stream(session, d.url, a, options={"num_predict": ENDLESS}).open()
         assert (await first.line())["done"] is False  # granted, holds the only slot
         waiter = asyncio.create_task(generate(session, d.url, a, options={"num_predict": 1}))
         await wait_ps(session, d.url, lambda rows: rows and rows[0].get("queued") == 1)
@@ -143,8 +149,11 @@ async def test_max_queue_rejects_waiters_on_a_loaded_model(tmp_path, session):
 
 
 async def test_num_parallel_streams_interleave(tmp_path, session):
-    with start_daemon(tmp_path, **fake_env(20.0, OLLAMA_NUM_PARALLEL="2")) as d:
+    hold = tmp_path / "hold-tokens"
+    env = fake_env(20.0, hold_tokens_while=hold, OLLAMA_NUM_PARALLEL="2")
+    with start_daemon(tmp_path, **env) as d:
         a = await create_model(session, d.url, tmp_path, "a", 1)
+        hold.touch()  # each stream stops after its first token until both are seen running
         s1 = await Stream(session, d.url, a, options={"num_predict": 10}).open()
         s2 = await Stream(session, d.url, a, options={"num_predict": 10}).open()
         # both streams deliver their first token before either one is done
@@ -152,6 +161,7 @@ async def test_num_parallel_streams_interleave(tmp_path, session):
         assert l1["done"] is False and l2["done"] is False
         rows = await ps(session, d.url)
         assert rows[0]["in_flight"] == 2 and rows[0]["num_parallel"] == 2
+        hold.unlink()
         r1, r2 = await asyncio.gather(s1.rest(), s2.rest())
         assert r1[-1]["done"] and r2[-1]["done"]
 
@@ -174,7 +184,7 @@ async def test_num_ctx_change_reloads(tmp_path, session):
 async def test_runner_killed_mid_stream_ends_with_error_and_reloads(tmp_path, session):
     with start_daemon(tmp_path, **fake_env(20.0)) as d:
         a = await create_model(session, d.url, tmp_path, "a", 1)
-        s1 = await Stream(session, d.url, a, options={"num_predict": 200}).open()
+        s1 = await Stream(session, d.url, a, options={"num_predict": ENDLESS}).open()
         assert (await s1.line())["done"] is False
         [row] = await ps(session, d.url)
         os.kill(row["pid"], signal.SIGKILL)
@@ -202,7 +212,7 @@ async def test_cancelled_while_queued_frees_queue_place(tmp_path, session):
     env = fake_env(20.0, OLLAMA_NUM_PARALLEL="1", OLLAMA_MAX_QUEUE="1")
     with start_daemon(tmp_path, **env) as d:
         a = await create_model(session, d.url, tmp_path, "a", 1)
-        holder = await Stream(session, d.url, a, options={"num_predict": 400}).open()
+        holder = await Stream(session, d.url, a, options={"num_predict": ENDLESS}).open()
         assert (await holder.line())["done"] is False
         queued = asyncio.create_task(generate(session, d.url, a, options={"num_predict": 1}))
         await wait_ps(session, d.url, lambda rows: rows and rows[0].get("queued") == 1)
