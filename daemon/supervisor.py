@@ -420,7 +420,8 @@ class Supervisor:
         self._sched: Scheduler | None = None
         self._inbox: collections.deque[Event] = collections.deque()
         self._wake = asyncio.Event()
-        self._changed = asyncio.Event()  # replaced after every dispatch (test hooks)
+        # set after the next dispatch, made when someone waits for one (wait_until)
+        self._changed: asyncio.Event | None = None
         self._dispatching = False
         self._sleep_until: float | None = None  # the owner's next deadline (None: none)
         self._owner: asyncio.Task[None] | None = None
@@ -921,6 +922,8 @@ class Supervisor:
         while not predicate():
             if self._owner is None or self._owner.done():
                 raise RuntimeError("supervisor is not running")
+            if self._changed is None:
+                self._changed = asyncio.Event()
             await self._changed.wait()
 
     # ------------------------------------------------------------------ the owner task
@@ -999,8 +1002,9 @@ class Supervisor:
         finally:
             self._dispatching = False
             self.processed += 1
-            changed, self._changed = self._changed, asyncio.Event()
-            changed.set()
+            changed, self._changed = self._changed, None
+            if changed is not None:
+                changed.set()
         # Memory moves when a runner starts, reports its real use or goes away: read the probe
         # again (a simulated probe also learns what our runners hold then).
         if isinstance(event, (RunnerStopped, RunnerExited, RunnerReady, RunnerLoadFailed)) or any(

@@ -275,27 +275,9 @@ class Generation:
                         d.more = True
                         yield d
                     generated = 0  # the final count replaces the chunks'
-                    if self.meter is not None:
-                        self.meter(ev.eval_count)
-                    if self.series is not None:
-                        evaluated = ev.prompt_eval_count - ev.prompt_eval_cached_count
-                        self.series.prompt_tokens.inc(evaluated)
-                        self.series.generated_tokens.inc(ev.eval_count)
-                        self.series.duration.observe(time.monotonic() - self.started)
-                    yield Done(
-                        done_reason=ev.done_reason,
-                        prompt_eval_count=ev.prompt_eval_count,
-                        prompt_eval_cached_count=ev.prompt_eval_cached_count,
-                        prompt_eval_duration=ev.prompt_eval_duration,
-                        eval_count=ev.eval_count,
-                        eval_duration=ev.eval_duration,
-                        total_duration=int((time.monotonic() - self.started) * 1e9),
-                        load_duration=self.load_duration,
-                        tokens=ev.tokens,
-                    )
+                    yield self._done(ev)
         except CorralError as e:
-            if isinstance(e, Failed) and is_out_of_memory(e.message):
-                self.lease.out_of_memory()  # at run time: every runner unloads when idle
+            self._failed(e)
             if held is not None:  # what came before the error still reaches the client
                 held.more, d, held = False, held, None
                 yield d
@@ -304,9 +286,42 @@ class Generation:
             if self.meter is not None and generated:  # cut short: charge what was sent
                 self.meter(generated)
 
+    def _done(self, ev: protocol.CompletionDone) -> Done:
+        """The final record: the key charged, the model's metrics, the durations."""
+        if self.meter is not None:
+            self.meter(ev.eval_count)
+        if self.series is not None:
+            evaluated = ev.prompt_eval_count - ev.prompt_eval_cached_count
+            self.series.prompt_tokens.inc(evaluated)
+            self.series.generated_tokens.inc(ev.eval_count)
+            self.series.duration.observe(time.monotonic() - self.started)
+        return Done(
+            done_reason=ev.done_reason,
+            prompt_eval_count=ev.prompt_eval_count,
+            prompt_eval_cached_count=ev.prompt_eval_cached_count,
+            prompt_eval_duration=ev.prompt_eval_duration,
+            eval_count=ev.eval_count,
+            eval_duration=ev.eval_duration,
+            total_duration=int((time.monotonic() - self.started) * 1e9),
+            load_duration=self.load_duration,
+            tokens=ev.tokens,
+        )
+
+    def _failed(self, e: CorralError) -> None:
+        if isinstance(e, Failed) and is_out_of_memory(e.message):
+            self.lease.out_of_memory()  # at run time: every runner unloads when idle
+
     async def result(self) -> tuple[Delta, Done]:
         """A non-streamed answer: the whole output as one Delta (content and thinking joined,
-        every tool call and logprob) and the Done."""
+        every tool call and logprob) and the Done.
+
+        A request the runner answers whole (not streamed) takes one round trip
+        (:meth:`RunnerClient.complete`), its text processed as :meth:`events` would (the
+        same Delta and Done), without the two generators of a stream: a tiny request's fixed
+        cost (issue 18)."""
+        assert self.body is not None
+        if not self.body.stream:
+            return await self._answered_whole(self.body)
         content: list[str] = []
         thinking: list[str] = []
         whole = Delta()
@@ -319,6 +334,26 @@ class Generation:
             whole.tool_calls += ev.tool_calls
             whole.logprobs += ev.logprobs
         raise ApiError(500, "runner ended without a final record")
+
+    async def _answered_whole(self, body: protocol.CompletionRequest) -> tuple[Delta, Done]:
+        """:meth:`result` of a request the runner answers whole: its text processed as
+        :meth:`_events` processes a final record's (the same Delta, metrics and Done)."""
+        try:
+            final = await self.lease.runner.complete(body)
+        except CorralError as e:
+            self._failed(e)
+            raise
+        whole = self._process(final.content) if final.content else Delta()
+        last = self._sent(0.0) if whole else 0.0
+        rest = self._flush()
+        if rest:
+            self._sent(last)
+            whole.content += rest.content
+            whole.thinking += rest.thinking
+            whole.tool_calls += rest.tool_calls
+        if final.logprobs:
+            whole.logprobs = list(final.logprobs)
+        return whole, self._done(final)
 
 
 # ---- embeddings ----------------------------------------------------------------------------------

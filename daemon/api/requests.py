@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-import secrets
+import os
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -49,7 +49,7 @@ MAX_ID = 128
 def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id")
     if given is None or given == "":
-        return secrets.token_hex(12)
+        return os.urandom(12).hex()  # secrets.token_hex(12), without its two Python calls
     if len(given) > MAX_ID or not given.isprintable() or not given.isascii():
         raise ApiError(400, f"X-Request-Id must be 1 to {MAX_ID} printable ASCII characters")
     return given
