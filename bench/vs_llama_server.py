@@ -67,6 +67,47 @@ are inflated and only the split is meant:
     the TextStream). The in-process figures per step, llama_decode stubbed, are in
     docs/DESIGN.md "Per-step cost".
 
+One stream, tiny model (issue 18, third round). The lead's quiet run of main at b6fb374 (load
+0.4-0.9) had the runner at 293 us (greedy) and 391 us (temperature 0.8) CPU per token at 1
+stream, llama_decode 68 % and 49 % of it: ~95 and ~200 us per token outside llama_decode, where
+the 32-stream steps spend ~13. Found with the engine in-process (tiny model, 32 slots of 4096
+cells, 2 threads, one sequence of 512 tokens relayed to a pipe read by another process; the
+decode thread's CPU per step by phase from thread clocks around each method; ~1 us of it is
+the timers) and A-B pairs of corral alone (daemon + runner, the runner's threads' CPU from
+/proc/PID/task/*/schedstat; load ~10 from others' tests, so absolute figures run high):
+
+  decode thread, us per step      logits  choose    take  threads  relay   rest   outside
+  (1 sequence)                    view    (pick)    rows  choice   write          llama_decode
+  before, greedy                  3.9       4.9     6.3   2.1      6.9     23     46.8
+  after,  greedy                  2.0       3.1     5.3   1.5      3.9     13     29.3
+  before, temperature 0.8         5.2     111.3     6.9   2.4     11.0     29    166.3
+  after,  temperature 0.8         2.4      35.1     5.0   1.7      4.7     15     64.0
+
+  corral alone, 1 stream          runner CPU per token   llama_decode   outside it
+  before, greedy (2 pairs)        267 / 277 us           75 / 78 %      ~67 / ~61 us
+  after,  greedy                  245 / 229 us           80 / 76 %      ~49 / ~55 us
+  before, temperature 0.8         382 / 430 us           49 / 52 %      ~195 / ~206 us
+  after,  temperature 0.8         278 / 293 us           62 / 64 %      ~106 / ~105 us
+
+  * Sampling one row was the temperature gap: sampling.sample's ~50 numpy calls (the batch
+    path's masks, per-chain arrays, counts) at ~2-3 us each right after llama_decode has
+    evicted the caches. sampling.sample_one runs the same chain on the one row in ~15 calls
+    (the kept entries are a prefix of the sorted top k: binary search in the cumulative sums,
+    no masks; nothing after the sort when one token is left) and draws exactly the token
+    sample() draws (tests/runner/test_sampling.py compares them over ~3,000 rows). The
+    splitmix draws come 64 at a time from numpy (uniforms), not ~10 big-int operations a draw.
+    The top k of a vocabulary of 8k logits or more comes from column maxima (one vectorised
+    max, then k x B candidates): 1.5x (32k logits) to 3x (262k) faster than before.
+  * The rest was per-step bookkeeping that scaled with the slots, not the sequences: the loop
+    scanned all 32 slots three times per step (cancelled?, active?, any work?) and took the
+    condition's lock every step; now an active list kept at admit/free and a lock-free check
+    when nothing new arrived. One row: scalar stores into the batch, one argmax on the row
+    view, the logits' address as an int (no ctypes pointer objects); a step with only text
+    writes its RelayStep line at once (one encode, one write; no flush, no list swaps).
+  * Not in the runner: at 1 stream corral's runner, daemon and client share 2 cores, each
+    token waking two processes (runner -> daemon pipe, daemon -> client socket); llama-server's
+    token wakes one thread. The daemon's per-token cost is another engineer's (daemon/).
+
 Where the time went at 4 streams (`--timeline 4`: the runner's decode loop wrapped with timers by
 bench/timeline_hooks, CPU seconds per process and thread from /proc; ms per decode step of 4
 sequences, means over the ~130 steps of one run of 4 x 128 tokens; before = main at 47458ed,

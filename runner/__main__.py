@@ -50,11 +50,13 @@ class EventPipe:
     def write(self, data: bytes) -> None:
         """Whole lines, all of them (a pipe may take a long write in parts); blocks while the
         daemon's end of the pipe is full."""
-        view = memoryview(data)
         with self._lock:
             try:
-                while view:
-                    view = view[self._out.write(view) or 0 :]
+                done = self._out.write(data) or 0  # a short line goes whole (PIPE_BUF)
+                if done < len(data):
+                    view = memoryview(data)[done:]
+                    while view:
+                        view = view[self._out.write(view) or 0 :]
             except (BrokenPipeError, ValueError):
                 pass  # the daemon stopped reading; stdin EOF will end us
 

@@ -103,6 +103,11 @@ _KV_TYPES = {
     "q5_0": llama_cpp.GGML_TYPE_Q5_0,
     "q5_1": llama_cpp.GGML_TYPE_Q5_1,
 }
+# llama_get_logits returning the address as an int (llama_cpp's binding returns a float pointer,
+# whose .contents / cast cost an object each): the step's logits view is cached by address
+_logits_address = llama_cpp.llama_cpp._lib["llama_get_logits"]
+_logits_address.argtypes, _logits_address.restype = [ctypes.c_void_p], ctypes.c_void_p
+
 _SPLIT = {
     "none": llama_cpp.LLAMA_SPLIT_MODE_NONE,
     "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER,
@@ -311,6 +316,9 @@ class _Batch:
     def next_tokens(self, tokens: list[int], pos: list[int], seqs: list[int]) -> None:
         """Entries 0..n-1: one token per sequence, each with logits."""
         n = len(tokens)
+        if n == 1:  # scalar stores: a list's conversion costs more for one entry
+            self.token[0], self.pos[0], self.seq[0], self.logits[0] = tokens[0], pos[0], seqs[0], 1
+            return
         self.token[:n] = tokens
         self.pos[:n] = pos
         self.seq[:n] = seqs
@@ -379,6 +387,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._slots: list[_Slot] = []
+        self._active: list[_Slot] = []  # the slots with a job, in slot order (decode thread)
         # EMA seconds of a pure-decode llama_decode by (batch size, OpenMP threads)
         self._cost: dict[tuple[int, int], float] = {}
         self._explore = 0
@@ -769,6 +778,16 @@ class Engine:
     def _loop(self) -> None:
         try:
             while True:
+                # a step that follows a step with nothing new: no lock (the flags and the inbox
+                # are read atomically; anything that arrives now is seen at the next step)
+                if (
+                    self._active
+                    and not self._inbox
+                    and self._cancel_all is None
+                    and not self._stopping
+                ):
+                    self._step()
+                    continue
                 with self._cond:
                     while (
                         not self._stopping
@@ -791,7 +810,7 @@ class Engine:
             raise
 
     def _has_work(self) -> bool:
-        return bool(self._waiting) or any(s.job is not None for s in self._slots)
+        return bool(self._waiting or self._active)
 
     def _fail_everything(self, reason: str) -> None:
         for slot in self._slots:
@@ -812,6 +831,7 @@ class Engine:
         per slot the cells could not serve another sequence anyway."""
         slot.release()
         slot.last_used = self.steps
+        self._active = [s for s in self._slots if s.job is not None]
 
     def _admit(self) -> None:
         # drop jobs cancelled while waiting
@@ -839,6 +859,7 @@ class Engine:
             assert self._prefix is not None
             n = self._prefix.reuse(slot, prompt, n, job.media)
             slot.start(job, prompt, n, job.truncated)
+            self._active = [s for s in self._slots if s.job is not None]
 
     def _step(self) -> None:
         try:
@@ -849,10 +870,10 @@ class Engine:
                 self._relay_ids, self._relay_texts = [], []
                 assert self.relay_chunks is not None
                 self.relay_chunks(ids, texts)  # before the events: a job's last chunk, then done
-            out, self._outbox = self._outbox, []
-            for emit, event in out:
-                emit(event)
-            if out or ids:
+            if self._outbox:
+                out, self._outbox = self._outbox, []
+                for emit, event in out:
+                    emit(event)
                 self.after_emit()
 
     def _post(self, job: Job, event: CompletionChunk | CompletionDone | CompletionError) -> None:
@@ -861,12 +882,13 @@ class Engine:
 
     def _step_slots(self) -> None:
         # 1. cancelled sequences leave at once
-        for slot in self._slots:
+        for slot in self._active:
             if slot.job is not None and slot.job.cancelled.is_set():
                 self._free(slot)
         # 2. new work joins
-        self._admit()
-        active = [s for s in self._slots if s.job is not None]
+        if self._waiting:
+            self._admit()
+        active = self._active
         if not active:
             return
         # 3-5. normally ONE batch for all; see _split for the exception
@@ -919,12 +941,11 @@ class Engine:
             self._threads_now = threads
 
     def _decode_group(self, group: list[_Slot]) -> None:
-        now = time.perf_counter_ns()
         # 3a. images at the head of a prompt: encoded and decoded on their own (an embeddings
         # batch cannot carry tokens); a prompt ending in an image samples from it right away
         for s in group:
             while s.job is not None and s.pending and s.pending[0] < 0:
-                self._eval_image(s, now)
+                self._eval_image(s, time.perf_counter_ns())
         # 3b. one batch: next tokens first, then prompt chunks while there is room. ``rows``:
         # the slots whose logits this decode produces, in batch order (= their logits rows)
         rows: list[_Slot] = []
@@ -949,7 +970,7 @@ class Engine:
             if not s.pending or n >= self.n_batch or s.pending[0] < 0:
                 continue
             if not s.t_start:
-                s.t_start = now
+                s.t_start = time.perf_counter_ns()
             take = s.pending[: self.n_batch - n]
             if s.media:
                 take = take[: next((i for i, t in enumerate(take) if t < 0), len(take))]
@@ -989,12 +1010,12 @@ class Engine:
     def _logit_rows(self, n: int) -> np.ndarray:
         """The last decode's logits, one row per output in batch order (a view of llama.cpp's
         buffer, valid until the next llama_decode)."""
-        ptr = llama_cpp.llama_get_logits(self.ctx)
-        key = (ctypes.addressof(ptr.contents), n)
+        key = (_logits_address(self.ctx), n)
         view = self._views.get(key)
         if view is None:
             if len(self._views) > 256:
                 self._views.clear()
+            ptr = ctypes.cast(key[0], ctypes.POINTER(ctypes.c_float))
             view = self._views[key] = np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab))
         return view
 
@@ -1002,12 +1023,24 @@ class Engine:
         """The next token of every row: one argmax for the greedy rows, runner/sampling.py for
         the numpy chains, llama.cpp's chain (``_pick``) for the others, one by one."""
         n = len(rows)
+        if n == 1:  # one row: no lists, and sampling.sample_one (the same draw as sample's)
+            s = rows[0]
+            if s.argmax:
+                return [int(logits[0].argmax())]
+            if s.chain is not None:
+                return [sampling.sample_one(logits[0], s.chain)]
+            return [self._pick(s)]
         greedy = [i for i, s in enumerate(rows) if s.argmax]
         if len(greedy) == n:
             return logits.argmax(axis=1).tolist()
         tokens = logits.argmax(axis=1).tolist() if greedy else [0] * n
         drawn = [i for i, s in enumerate(rows) if s.chain is not None]
-        if drawn:
+        if len(drawn) == 1:
+            i = drawn[0]
+            chain = rows[i].chain
+            assert chain is not None
+            tokens[i] = sampling.sample_one(logits[i], chain)
+        elif drawn:
             chains = [rows[i].chain for i in drawn]
             sub = logits if len(drawn) == n else logits[drawn]
             for i, t in zip(drawn, sampling.sample(sub, chains).tolist(), strict=True):  # type: ignore[arg-type]
@@ -1182,7 +1215,7 @@ class Engine:
         if s.argmax:  # greedy keeps no state: nothing to accept
             return int(self._logits(s.batch_index).argmax())
         if s.chain is not None:
-            return int(sampling.sample(self._logits(s.batch_index)[None, :], [s.chain])[0])
+            return sampling.sample_one(self._logits(s.batch_index), s.chain)
         if s.grammar is None or s.grammar_wait is not None:
             return llama_cpp.llama_sampler_sample(s.sampler, self.ctx, s.batch_index)
         logits = self._logits(s.batch_index)

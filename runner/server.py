@@ -10,7 +10,7 @@ Relay mode (``CompletionRequest.relay`` = id, streaming, when the runner was sta
 daemon): the events do not go through this HTTP response but up the event pipe, written by the
 decode thread itself, one write per step for all sequences (:class:`PipeRelay`): the step's
 text chunks as ONE ``RelayStep`` line (the engine hands them over in one ``relay_chunks`` call),
-any other event (a first token, logprobs, a done) as a ``Relay`` line. That takes the event
+any other event (a first token, logprobs, a done) as a ``Relay`` line after it. That takes the event
 loop out of the per-token path: no wake-up of this process's loop thread and one write per step
 instead of one per stream, so the two decode threads lose fewer time slices to the HTTP side on
 a machine with as many cores as threads.
@@ -99,10 +99,13 @@ class _Mailbox:
 
 class PipeRelay:
     """Completion events of relay-mode jobs, written up the event pipe (``write``): :meth:`chunks`
-    (the engine's ``relay_chunks``) takes a step's text chunks as one RelayStep line, :meth:`put`
-    (decode thread) any other event as a Relay line; :meth:`flush` (the engine's ``after_emit``)
-    writes the burst at once, RelayStep lines first, then runs the end callbacks of the jobs that
-    finished in it, so a job's HTTP handle ends only after its last event is in the pipe."""
+    (the engine's ``relay_chunks``, once per step) takes a step's text chunks as one RelayStep
+    line, :meth:`put` (decode thread) any other event as a Relay line; :meth:`flush` (the
+    engine's ``after_emit``) writes the burst at once, RelayStep lines first, then runs the end
+    callbacks of the jobs that finished in it, so a job's HTTP handle ends only after its last
+    event is in the pipe. A RelayStep line with nothing else queued (the usual step: text only,
+    the engine emits its other events after handing the chunks over) is written at once: one
+    encode and one write per step, no flush."""
 
     def __init__(self, write: Callable[[bytes], None]) -> None:
         self._write = write
@@ -114,7 +117,10 @@ class PipeRelay:
     def chunks(self, ids: list[int], texts: list[str]) -> None:
         line = encode(RelayStep(ids=ids, content=texts))
         with self._lock:
-            self._steps.append(line)
+            if self._lines:  # events queued before the step's text: flush writes it first
+                self._steps.append(line)
+            else:
+                self._write(line + b"\n")
 
     def put(
         self,
@@ -130,7 +136,7 @@ class PipeRelay:
 
     def flush(self) -> None:
         with self._lock:
-            if not self._lines and not self._steps:
+            if not self._lines:
                 return
             lines = self._steps + self._lines
             self._steps, self._lines = [], []

@@ -145,14 +145,61 @@ def test_a_seed_repeats_and_rows_do_not_interfere(reference):
     assert len(set(alone)) > 1  # the draws do move on
 
 
-def test_top_k_of_a_wide_vocabulary_is_exact():
-    """The block-maxima top k (vocabularies >= 4 k x 256) equals a full sort's."""
-    rng = np.random.default_rng(0)
-    logits = rng.standard_normal((6, 262144)).astype(np.float32) * 4
+@pytest.mark.parametrize("vocab", [1530, 8192, 32000, 128256, 262144, 262147])
+def test_top_k_is_exact_and_one_row_matches_the_batch(vocab):
+    """The column-maxima top k (8k logits and more, a vocabulary not divisible by the block rows
+    too) equals a full sort's, and the one-row version gives the same indices in the same order
+    as the batch version gives for that row (what makes sample_one's draws sample's)."""
+    rng = np.random.default_rng(vocab)
+    logits = rng.standard_normal((3, vocab)).astype(np.float32) * 4
     for k in (1, 40, 256):
         got = np.sort(sampling._top_k(logits, k), axis=1)
         want = np.sort(np.argsort(-logits, axis=1)[:, :k], axis=1)
         assert (got == want).all(), k
+        for r in range(3):
+            assert (
+                sampling._top_k(logits[r : r + 1], k)[0] == sampling._top_k_row(logits[r], k)
+            ).all()
+
+
+def test_one_row_draws_what_the_batch_draws():
+    """sample_one (a step with one drawn row) picks the token sample() picks for that row, draw
+    after draw: random logits of several widths and scales, ties, every chain shape (top_p,
+    min_p, both, a cut to one token, top_k 1 and 256)."""
+    rng = np.random.default_rng(0)
+    chains = [
+        *CHAINS,
+        SamplingOptions(temperature=0.3, top_k=256, top_p=0.95, min_p=0.01),
+        SamplingOptions(temperature=2.0, top_k=1),
+        SamplingOptions(temperature=0.7, top_k=40, top_p=0.05),  # nearly always one token left
+    ]
+    cases = 0
+    for vocab in (30, 1530, 32000):
+        for trial in range(12):
+            logits = (rng.standard_normal((4, vocab)) * rng.uniform(0.3, 8)).astype(np.float32)
+            if trial % 3 == 0:
+                logits[:, ::5] = np.round(logits[:, ::5])  # exact ties
+            for o in chains:
+                seeds = rng.integers(0, 2**63, 4).tolist()
+                batch = [sampling.Chain(o, s) for s in seeds]
+                alone = [sampling.Chain(o, s) for s in seeds]
+                for _ in range(3):
+                    want = sampling.sample(logits, batch).tolist()
+                    got = [sampling.sample_one(logits[i], alone[i]) for i in range(4)]
+                    assert got == want, (vocab, o)
+                    cases += 4
+    assert [c.draws for c in alone] == [3] * 4 and cases > 3000
+
+
+def test_draws_are_splitmix_counters():
+    """The draws a chain takes 64 at a time (uniforms) are uniform(seed, i), bit for bit."""
+    for seed in (0, 1, 12345, 2**63 + 5, 2**64 - 1):
+        for first in (0, 63, 1000, 2**40):
+            want = [sampling.uniform(seed, i) for i in range(first, first + 70)]
+            assert sampling.uniforms(seed, first, 70) == want
+    c = sampling.Chain(CHAINS[0], 99)
+    assert [c.next_u() for _ in range(130)] == [sampling.uniform(99, i) for i in range(130)]
+    assert c.draws == 130
 
 
 def test_which_options_numpy_draws():
