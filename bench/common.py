@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import aiohttp
+import psutil
 
 
 def free_port() -> int:
@@ -18,6 +19,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def model_runners(pid: int) -> list[psutil.Process]:
+    """The runner processes of daemon ``pid`` that serve a model: not its spare runner while
+    it waits for a load (``--spare``; a spare that got its LaunchSpec names itself
+    corral-runner, runner/__main__.py)."""
+    out = []
+    try:
+        kids = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return out
+    for k in kids:
+        try:
+            cmd = k.cmdline()
+            if "corral.runner" in " ".join(cmd) and (
+                "--spare" not in cmd or k.name() == "corral-runner"
+            ):
+                out.append(k)
+        except psutil.Error:
+            continue
+    return out
 
 
 def pct(values: list[float], p: float) -> float:

@@ -70,7 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import common  # noqa: E402
-from bench.common import free_port, pct  # noqa: E402
+from bench.common import free_port, model_runners, pct  # noqa: E402
 from tests.fixtures.tiny_gguf import write_tiny_llama  # noqa: E402
 
 KNOBS = {"tokens_per_second": 100000.0, "default_num_predict": 8}
@@ -236,7 +236,7 @@ async def main(n: int) -> None:
                     "daemon": (
                         f"{daemon_url}/api/generate",
                         small_daemon,
-                        {"daemon": daemon_proc, "runner": daemon_proc.children()[0]},
+                        {"daemon": daemon_proc, "runner": model_runners(daemon_proc.pid)[0]},
                     ),
                 }
                 for url, body, _ in paths.values():

@@ -38,7 +38,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, pct  # noqa: E402
+from bench.common import free_port, model_runners, pct  # noqa: E402
 from tests.e2e.test_faults_runner import create_from_file  # noqa: E402
 from tests.fixtures.tiny_gguf import write_tiny_llama  # noqa: E402
 
@@ -92,9 +92,7 @@ class Daemon:
 
     def sample(self) -> tuple[float, int, int]:
         """(RSS MiB, open fds, runner processes) of the daemon."""
-        runners = [
-            c for c in self.ps.children(recursive=True) if "corral.runner" in " ".join(c.cmdline())
-        ]
+        runners = model_runners(self.proc.pid)
         return self.ps.memory_info().rss / 2**20, self.ps.num_fds(), len(runners)
 
     def stop(self) -> int:

@@ -218,7 +218,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port  # noqa: E402
+from bench.common import free_port, model_runners  # noqa: E402
 from bench.prompts import PROMPTS, chat  # noqa: E402
 
 MODEL_NAME = "gemma3-bench:270m"
@@ -442,7 +442,7 @@ class Corral:
         body = {"model": self.name, "prompt": "", "options": {"num_thread": self.threads}}
         async with session.post(self.url + "/api/generate", json=body) as r:  # loads the model
             assert r.status == 200, await r.text()
-        self.pids = {"daemon": self.proc.pid, "runner": children(self.proc.pid)[0]}
+        self.pids = {"daemon": self.proc.pid, "runner": model_runners(self.proc.pid)[0].pid}
 
     async def stream(
         self, session: aiohttp.ClientSession, prompt: str, tokens: int, opts: dict
@@ -566,11 +566,6 @@ def cpu_seconds(pid: int) -> dict[int, float]:
                 fields = f.read().rsplit(")", 1)[1].split()
             out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
     return out
-
-
-def children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(x) for x in f.read().split()]
 
 
 def thread_delta(before: dict[int, float], after: dict[int, float]) -> dict[int, float]:

@@ -41,7 +41,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port  # noqa: E402
+from bench.common import free_port, model_runners  # noqa: E402
 from tests.fixtures.tiny_gguf import write_tiny_llama  # noqa: E402
 
 MODEL = "gemma3:270m"
@@ -92,14 +92,8 @@ class Daemon:
 
     async def runners_at_most(self, n: int) -> None:
         """Until at most ``n`` runner processes of this daemon are left (a stopping one may
-        still be saving its prompt caches)."""
-        while True:
-            try:
-                kids = psutil.Process(self.proc.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                return
-            if sum(1 for k in kids if _alive(k) and "corral.runner" in _cmd(k)) <= n:
-                return
+        still be saving its prompt caches; the spare runner waiting for a load is none)."""
+        while len([k for k in model_runners(self.proc.pid) if _alive(k)]) > n:
             await asyncio.sleep(0.05)
 
     def stop(self) -> None:
@@ -112,13 +106,6 @@ def _alive(p: psutil.Process) -> bool:
         return p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
-
-
-def _cmd(p: psutil.Process) -> str:
-    try:
-        return " ".join(p.cmdline())
-    except psutil.Error:
-        return ""
 
 
 async def generate(s: aiohttp.ClientSession, url: str, model: str, **body) -> tuple[float, dict]:

@@ -516,6 +516,7 @@ SUMMARY_VARS = (
     "CORRAL_KV_CACHE_DIR",
     "CORRAL_KV_CACHE_SIZE",
     "CORRAL_KV_CACHE_MEMORY",
+    "CORRAL_SPARE_RUNNER",
     *("CORRAL_API_KEYS_FILE", "CORRAL_METRICS_AUTH", "CORRAL_TLS_CERT", "CORRAL_TLS_KEY"),
     "CORRAL_MAX_BODY",
     "CORRAL_HEADER_TIMEOUT",
@@ -627,6 +628,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     kv_cache_size: int = DEFAULT_KV_CACHE_SIZE
     # CORRAL_KV_CACHE_MEMORY: saved bytes left in the page cache (the rest is dropped from memory)
     kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY
+    # CORRAL_SPARE_RUNNER: keep one runner process started ahead, its imports done, for the
+    # next load (docs/DESIGN.md "Spare runner"); None (unset) = on for the llama engine, off
+    # for the fake one (whose start costs nothing worth hiding)
+    spare_runner: bool | None = None
     # CORRAL_MAX_BODY (bytes or a size like 64MiB): longest request body; over it a 413.
     # Blob uploads (POST /api/blobs/:digest) stream to disk and are not bounded. 0 = no limit
     max_body: int = DEFAULT_MAX_BODY
@@ -653,6 +658,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     tls_key: Path | None = None
     # OLLAMA_API_KEY: what the `corral` client verbs send as `Authorization: Bearer`
     api_key: Secret = Secret("")
+
+    @property
+    def use_spare_runner(self) -> bool:
+        """Whether `corral serve` keeps a spare runner (CORRAL_SPARE_RUNNER, else by engine)."""
+        return self.runner_engine == "llama" if self.spare_runner is None else self.spare_runner
 
     @property
     def kv_cache_path(self) -> Path:
@@ -833,6 +843,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             kv_cache_dir=Path(kv_dir_raw).expanduser() if kv_dir_raw else None,
             kv_cache_size=size("CORRAL_KV_CACHE_SIZE", DEFAULT_KV_CACHE_SIZE),
             kv_cache_memory=size("CORRAL_KV_CACHE_MEMORY", DEFAULT_KV_CACHE_MEMORY),
+            spare_runner=parse_optional_bool(var("CORRAL_SPARE_RUNNER")),
             api_keys_file=Path(keys_file).expanduser() if keys_file else None,
             metrics_auth=parse_bool(var("CORRAL_METRICS_AUTH")),
             tls_cert=tls_cert,
@@ -875,6 +886,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             "CORRAL_KV_CACHE_DIR": str(self.kv_cache_path),
             "CORRAL_KV_CACHE_SIZE": str(self.kv_cache_size),
             "CORRAL_KV_CACHE_MEMORY": str(self.kv_cache_memory),
+            "CORRAL_SPARE_RUNNER": str(self.use_spare_runner).lower(),
             "CORRAL_API_KEYS_FILE": str(self.api_keys_file or ""),
             "CORRAL_METRICS_AUTH": str(self.metrics_auth).lower(),
             "CORRAL_TLS_CERT": str(self.tls_cert or ""),

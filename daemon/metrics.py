@@ -81,6 +81,7 @@ class Source(Protocol):
     def model_name(self, model_key: str) -> str: ...
     def gpu_name(self, gpu_id: str) -> str: ...
     def runner_clients(self) -> Mapping[str, RunnerClient]: ...
+    def spare_memory(self) -> int: ...
 
 
 class ModelSeries:
@@ -214,6 +215,11 @@ class Metrics:
             "corral_auth_refused",
             "Requests refused by the API key check: missing, invalid (401), scope, model (403).",
             ["reason"],
+            registry=r,
+        )
+        self.spare_runner_uses = Counter(
+            "corral_spare_runner_uses",
+            "Runner loads that started in the spare runner (imports done ahead).",
             registry=r,
         )
         self._models: dict[str, ModelSeries] = {}
@@ -360,6 +366,11 @@ class _StateCollector(Collector):
         yield _value("corral_queue_depth", "Requests waiting, all models.", n_queued)
         yield _value(
             "corral_requests_in_flight", "Granted requests being served, all models.", n_running
+        )
+        yield _value(
+            "corral_spare_runner_resident_bytes",
+            "Resident memory of the spare runner waiting for the next load (0: none).",
+            src.spare_memory() if src is not None else 0,
         )
         yield _value(
             "corral_models_loaded",

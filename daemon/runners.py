@@ -4,7 +4,9 @@ One :class:`RunnerProcess` owns one ``python -m corral.runner`` child (STYLE rul
 
 * **spawn** in its own session/process group (``start_new_session=True``) so a stop can signal
   the whole group; the ``LaunchSpec`` is written as one JSON line on stdin and stdin then stays
-  open (EOF tells the child the daemon is gone).
+  open (EOF tells the child the daemon is gone). :meth:`RunnerProcess.spawn` alone starts a
+  *spare* runner (``--spare ENGINE``: its imports done while it waits); :meth:`RunnerProcess.start`
+  later sends it the spec, with the same handshake as a runner spawned by ``start`` itself.
 * **handshake**: :meth:`RunnerProcess.start` reads the child's stdout events (``Loading``...
   then ``Ready`` or ``LoadFailed``). It fails at once when the child exits, and after
   ``load_timeout`` seconds *without progress*: any byte on stdout or stderr pushes the stall
@@ -225,6 +227,8 @@ class RunnerProcess:
         self.stopping = False  # stop() was called: the exit is expected
         self._spawning = False
         self._spawned = asyncio.Event()  # subprocess_exec finished (or failed)
+        self._started = False  # start() was called (a spare waits for it after spawn())
+        self._spawn_error = ""
         self._relays: dict[int, asyncio.Queue] = {}
         self._relay_ids = itertools.count(1)
         self._events_closed = False  # the event pipe (fd 1) has closed
@@ -267,19 +271,21 @@ class RunnerProcess:
         last = self.last_error()
         return f"{text}: {last}" if last else text
 
-    async def start(self, spec: LaunchSpec, *, load_timeout: float | None) -> Ready:
-        """Spawn the child, send ``spec`` and wait for the handshake (see the module contract)."""
+    async def spawn(self, extra_argv: Sequence[str] = ()) -> None:
+        """Spawn the child without a LaunchSpec yet: a spare runner (``extra_argv`` is then
+        ``--spare ENGINE``) that does its imports while it waits for :meth:`start`. Raises
+        :class:`RunnerStartError` (kind ``spawn``) when the process cannot be started."""
         if self._transport is not None or self._spawning:
-            raise RuntimeError("RunnerProcess.start() called twice")
+            raise RuntimeError("RunnerProcess spawned twice")
         if self.stopping:
             raise RunnerStartError("runner stopped before it started", kind="stopped")
         loop = asyncio.get_running_loop()
-        self._last_activity = self._clock()
         self._spawning = True
         try:
             transport, _ = await loop.subprocess_exec(
                 lambda: _Protocol(self),
                 *self._argv,
+                *extra_argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -287,9 +293,10 @@ class RunnerProcess:
                 env=self._env,
             )
         except OSError as exc:
+            self._spawn_error = f"unable to start runner: {exc}"
             self._exited.set()
             self._done.set()
-            raise RunnerStartError(f"unable to start runner: {exc}", kind="spawn") from exc
+            raise RunnerStartError(self._spawn_error, kind="spawn") from exc
         finally:
             self._spawning = False
             self._spawned.set()
@@ -299,7 +306,39 @@ class RunnerProcess:
         self._watcher = asyncio.create_task(
             self._watch_exit(), name=f"runner-exit-{self.runner_id}"
         )
-        log.debug("runner spawned", runner_id=self.runner_id, pid=self.pid)
+        log.debug("runner spawned", runner_id=self.runner_id, pid=self.pid, spare=bool(extra_argv))
+
+    @property
+    def env(self) -> dict[str, str] | None:
+        """The child's environment (None: the daemon's own, inherited)."""
+        return self._env
+
+    @property
+    def spare(self) -> bool:
+        """Spawned (or being spawned) by :meth:`spawn`, alive and still waiting for its
+        LaunchSpec: :meth:`start` may take it."""
+        return (
+            (self.running or self._spawning)
+            and not self._started
+            and not self.stopping
+            and not self._exited.is_set()
+        )
+
+    async def start(self, spec: LaunchSpec, *, load_timeout: float | None) -> Ready:
+        """Spawn the child (unless :meth:`spawn` did), send ``spec`` and wait for the handshake
+        (see the module contract)."""
+        if self._started:
+            raise RuntimeError("RunnerProcess.start() called twice")
+        self._started = True
+        if self._spawning:  # a spare still being spawned
+            await self._spawned.wait()
+        if self._transport is None:
+            if self._exited.is_set():  # the spare's spawn failed
+                raise RunnerStartError(self._spawn_error, kind="spawn")
+            await self.spawn()
+        assert self._transport is not None
+        transport = self._transport
+        self._last_activity = self._clock()  # the stall timer runs from the spec, not the spawn
         try:
             if self.stopping:  # stop() was called while we were spawning
                 raise RunnerStartError("runner stopped while starting", kind="stopped")

@@ -47,6 +47,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import msgspec
+import psutil
 import structlog
 
 from corral.daemon import engine_probe, gguf_info
@@ -431,6 +432,10 @@ class Supervisor:
         self._live: dict[int, _Live] = {}  # requests from RequestArrived to release
         self._waits: dict[tuple[str, int], Any] = {}  # (model, class) -> its wait histogram
         self._runners: dict[str, _Child] = {}
+        # the spare runner: started ahead (imports done), waiting for the next load's spec
+        # (docs/DESIGN.md "Spare runner"); None when there is none
+        self._spare: RunnerProcess | None = None
+        self._spare_ids = itertools.count(1)
         self._records: dict[str, Any] = {}  # model_key -> the record last asked for
         self._facts: dict[str, ModelFacts] = {}  # blob path -> facts
         self._ids = itertools.count(1)
@@ -500,6 +505,9 @@ class Supervisor:
         self._sched = Scheduler(self._limits, inventory)
         self._owner = asyncio.create_task(self._run(), name="supervisor")
         self._owner.add_done_callback(self._owner_done)
+        # the first spare gets the environment of a load on every GPU (one GPU: any GPU load);
+        # spawned before the preload can ask for it
+        await self._refill_spare(self._runner_env(tuple(g.id for g in inventory.gpus)))
         log.info(
             "supervisor started",
             gpus=len(inventory.gpus),
@@ -573,6 +581,9 @@ class Supervisor:
                     in_flight=len(self._leases),
                 )
         procs = [r.proc for r in self._runners.values()]  # 4. stop runners in parallel
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            procs.append(spare)
         log.info("supervisor shutting down", shutdown_step="stop_runners", runners=len(procs))
         if procs:
             await asyncio.gather(*(p.stop(self.stop_grace) for p in procs), return_exceptions=True)
@@ -1058,6 +1069,72 @@ class Supervisor:
 
     # ------------------------------------------------------------------ runners
 
+    def _runner_env(self, gpus: Sequence[str]) -> dict[str, str] | None:
+        """The environment of a runner placed on ``gpus`` (runners.child_env)."""
+        return child_env(self.probe.visible_devices(gpus), huge_pages=self._huge_pages)
+
+    def _new_process(self, runner_id: str, env: dict[str, str] | None) -> RunnerProcess:
+        # Stall timeouts are about a real process: real time, whatever the scheduler's clock.
+        return RunnerProcess(
+            runner_id,
+            env=env,
+            on_exit=self._on_runner_exit,
+            on_report=self._on_kv_report,
+            argv=self._argv,
+        )
+
+    def _take_spare(self, env: dict[str, str] | None) -> RunnerProcess | None:
+        """The spare runner for a load with ``env``, if there is a live one with exactly that
+        environment (the same argv: the daemon has one). Any other spare is stopped."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        if spare.spare and spare.env == env:
+            self.metrics.spare_runner_uses.inc()
+            return spare
+        why = (
+            "exited"
+            if spare.returncode is not None
+            else "another environment"
+            if spare.env != env
+            else "stopping"
+        )
+        log.info("spare runner not used", spare_pid=spare.pid, reason=why)
+        self._spawn(spare.stop(1.0), f"stop-{spare.runner_id}")
+        return None
+
+    async def _refill_spare(self, env: dict[str, str] | None) -> None:
+        """Keep one spare runner with ``env`` (the last load's: the likeliest next one)."""
+        if not self.config.use_spare_runner or self._closing:
+            return
+        old = self._spare
+        if old is not None:
+            if old.spare and old.env == env:
+                return
+            await old.stop(1.0)
+            if self._spare is not old or self._closing:
+                return  # taken or replaced meanwhile
+        proc = self._spare = self._new_process(f"spare{next(self._spare_ids)}", env)
+        try:
+            await proc.spawn(("--spare", self.config.runner_engine))
+        except RunnerStartError as exc:
+            if self._spare is proc:
+                self._spare = None
+            if exc.kind != "stopped":
+                log.warning("spare runner not started", reason=exc.reason)
+            return
+        log.debug("spare runner started", runner_id=proc.runner_id, pid=proc.pid)
+
+    def spare_memory(self) -> int:
+        """Resident bytes of the spare runner (0 without one): /metrics shows what it costs."""
+        spare = self._spare
+        if spare is None or spare.pid is None or not spare.spare:
+            return 0
+        try:
+            return psutil.Process(spare.pid).memory_info().rss
+        except psutil.Error:
+            return 0
+
     def _launch_spec(self, eff: StartRunner) -> LaunchSpec:
         o, p = eff.options, eff.placement
         facts = self._facts.get(eff.model_key)
@@ -1086,15 +1163,13 @@ class Supervisor:
         )
 
     def _start_runner(self, eff: StartRunner) -> None:
-        env = child_env(self.probe.visible_devices(eff.placement.gpus), huge_pages=self._huge_pages)
-        # Stall timeouts are about a real process: real time, whatever the scheduler's clock.
-        proc = RunnerProcess(
-            eff.runner_id,
-            env=env,
-            on_exit=self._on_runner_exit,
-            on_report=self._on_kv_report,
-            argv=self._argv,
-        )
+        env = self._runner_env(eff.placement.gpus)
+        proc = self._take_spare(env)
+        spare = proc is not None
+        if proc is not None:
+            proc.runner_id = eff.runner_id
+        else:
+            proc = self._new_process(eff.runner_id, env)
         r = _Child(eff.runner_id, eff.model_key, proc, self._records.get(eff.model_key), eff)
         # Why this load: a reload (an older runner of the model is retiring: which options
         # changed), the retry after an out-of-memory load, or a new load.
@@ -1135,10 +1210,14 @@ class Supervisor:
             split=p.split_mode,
             num_ctx=eff.options.num_ctx,
             parallel=eff.parallel,
+            spare=spare,
             **fields,
         )
         self.metrics.loads.labels(r.name, reason).inc()
         r.task = self._spawn(self._launch(r), f"load-{eff.runner_id}")
+        # the next spare starts now: its imports (one thread) overlap this load (mostly one
+        # thread: reading the model) rather than the first request's prompt (all threads)
+        self._spawn(self._refill_spare(env), f"spare-after-{eff.runner_id}")
 
     async def _launch(self, r: _Child) -> None:
         """Spawn the runner and wait for its handshake (the scheduler's ``_load`` decided the

@@ -2,6 +2,13 @@
 
 ``python -m corral.runner --probe`` prints one EngineProbe JSON line (runner/devices.py) and exits.
 
+``python -m corral.runner --spare ENGINE`` is a spare runner (docs/DESIGN.md "Spare runner"): the
+daemon starts it before it knows which model it will load, so it does its imports (and, for the
+real engine, llama.cpp's backend initialisation) while nobody waits, then waits at step 2 like
+any runner, named ``corral-spare`` (``/proc/self/comm``) until its LaunchSpec comes. A failed
+warm-up changes nothing: the load then fails (or works) as it would have in a fresh runner.
+Every runner names itself ``corral-runner`` once it has read its LaunchSpec.
+
 Sequence (docs/DESIGN.md "Runner process protocol"):
 1. stdout becomes the event pipe: its fd is duplicated for events and fd 1 is pointed at stderr,
    so nothing else (llama.cpp, a stray print) can corrupt the pipe.
@@ -213,9 +220,42 @@ def openmp_wait_policy(env: dict[str, str] | os._Environ) -> None:
         env["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
 
 
+# Process names (comm: what ps, top and psutil's name() show): a spare runner while it waits
+# for its LaunchSpec, then every runner once it has one
+SPARE_NAME = b"corral-spare"
+RUNNER_NAME = b"corral-runner"
+_COMM = "/proc/self/comm"  # Linux; elsewhere the name stays the interpreter's
+
+
+def set_process_name(name: bytes) -> None:
+    """Name this process (its main thread, and the threads it starts from now on)."""
+    try:
+        with open(_COMM, "wb") as f:
+            f.write(name)
+    except OSError:
+        pass
+
+
+def warm_up(engine: str) -> None:
+    """What a runner of ``engine`` does before it reads its LaunchSpec, done ahead: the imports
+    (aiohttp's server, numpy, llama_cpp) and llama.cpp's backend initialisation."""
+    try:
+        import corral.runner.server
+
+        if engine == "fake":
+            import corral.runner.fake  # noqa: F401
+        else:
+            from corral.runner.engine import init_backend
+
+            init_backend()
+    except Exception:  # the real load will meet it again and say so
+        log.exception("spare runner warm-up failed")
+
+
 def main() -> int:
     openmp_wait_policy(os.environ)
-    if sys.argv[1:] == ["--probe"]:
+    args = sys.argv[1:]
+    if args == ["--probe"]:
         from corral.runner.devices import probe
 
         events = take_stdout()  # llama.cpp's own log lines go to stderr, the answer to stdout
@@ -223,7 +263,11 @@ def main() -> int:
         return 0
     events = take_stdout()
     configure_logging()
+    if args[:1] == ["--spare"]:
+        set_process_name(SPARE_NAME)
+        warm_up(args[1] if len(args) > 1 else "llama")
     line = sys.stdin.buffer.readline()
+    set_process_name(RUNNER_NAME)
     if not line.strip():
         return 0
     try:

@@ -208,6 +208,18 @@ class _LlamaLog:
 _LOG: _LlamaLog | None = None
 
 
+def init_backend() -> _LlamaLog:
+    """llama.cpp's backend initialisation and our log callback, once per process (the first
+    load, or a spare runner's warm-up) and the identity of the build (kvcache.build_id, read
+    from the libraries' bytes)."""
+    global _LOG
+    if _LOG is None:
+        llama_cpp.llama_backend_init()
+        _LOG = _LlamaLog()
+        kvcache.build_id()
+    return _LOG
+
+
 class _SchemaConverter(llama_grammar.SchemaConverter):
     """llama-cpp-python's converter writes constants with json.dumps' ASCII escapes, which the
     GBNF parser reads back as code points: a non-BMP character (an emoji) becomes two surrogates,
@@ -415,13 +427,10 @@ class Engine:
 
     def load(self, progress: Callable[[float], None]) -> None:
         """Blocking. Raise LoadError(reason, oom) when the model or the context cannot be made."""
-        global _LOG
-        if _LOG is None:
-            llama_cpp.llama_backend_init()
-            _LOG = _LlamaLog()
-        _LOG.capture = True
-        _LOG.verbose = self.spec.verbose
-        _LOG.memory.clear()
+        llog = init_backend()
+        llog.capture = True
+        llog.verbose = self.spec.verbose
+        llog.memory.clear()
         spec = self.spec
         if not os.path.exists(spec.model_path):
             raise LoadError(f"model file not found: {spec.model_path}")
@@ -456,8 +465,8 @@ class Engine:
 
         model = llama_cpp.llama_model_load_from_file(spec.model_path.encode(), mp)
         if not model:
-            _LOG.flush()
-            raise LoadError(self._failure_text("failed to load model"), oom=_LOG.oom_seen())
+            llog.flush()
+            raise LoadError(self._failure_text("failed to load model"), oom=llog.oom_seen())
         self.model = model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
@@ -468,9 +477,9 @@ class Engine:
             cp = self._context_params()
             ctx = llama_cpp.llama_init_from_model(model, cp)
             if not ctx:
-                _LOG.flush()
+                llog.flush()
                 raise LoadError(
-                    self._failure_text("failed to create the context"), oom=_LOG.oom_seen()
+                    self._failure_text("failed to create the context"), oom=llog.oom_seen()
                 )
             self.ctx = ctx
             self.mem = llama_cpp.llama_get_memory(ctx)
@@ -491,14 +500,14 @@ class Engine:
                     use_gpu=spec.n_gpu_layers != 0,
                     n_threads=self.n_threads,
                     failure_text=self._failure_text,
-                    log_callback=_LOG._callback,
+                    log_callback=llog._callback,
                 )
         else:
             self._embedding_context()  # raises LoadError
             self.n_ctx = self.n_ctx_per_slot
-        _LOG.flush()
-        _LOG.capture = False
-        self.memory = _LOG.usage()
+        llog.flush()
+        llog.capture = False
+        self.memory = llog.usage()
         progress(1.0)
 
     def _failure_text(self, what: str) -> str:

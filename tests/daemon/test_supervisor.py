@@ -648,3 +648,74 @@ def test_huge_pages_usable_and_the_child_tunable(tmp_path):
     theirs = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
     assert child_env(None, theirs, huge_pages=True) == theirs  # the user's choice wins
     assert child_env(None) is None and child_env("1", {}) == {"CUDA_VISIBLE_DEVICES": "1"}
+
+
+# ------------------------------------------------------------------------------ spare runner
+
+
+async def spare_ready(sup: Supervisor) -> int:
+    """The pid of the supervisor's spare runner once it is spawned (safety net only)."""
+
+    def spawned() -> bool:
+        return sup._spare is not None and sup._spare.pid is not None and sup._spare.spare
+
+    await until(sup, spawned)
+    assert sup._spare is not None and sup._spare.pid is not None
+    return sup._spare.pid
+
+
+def spare_uses(sup: Supervisor) -> float:
+    return sup.metrics.registry.get_sample_value("corral_spare_runner_uses_total") or 0.0
+
+
+async def test_loads_start_in_the_spare_runner_and_the_next_spare_follows(make_sup, models):
+    sup = await make_sup(config(spare_runner=True))
+    first = await spare_ready(sup)
+    async with await acquire(sup, models(0)) as lease:
+        proc = sup.runner_process(lease.runner_id)
+        assert proc is not None and proc.pid == first  # the load took the spare
+        assert lease.load_duration > 0
+        async with await lease.runner.http.request("GET", "/health") as reply:
+            assert reply.status == 200
+    second = await spare_ready(sup)
+    assert second != first and spare_uses(sup) == 1
+    assert sup.spare_memory() > 0  # what /metrics reports it costs
+    async with await acquire(sup, models(1)) as lease:
+        assert sup.runner_process(lease.runner_id).pid == second
+    third = await spare_ready(sup)
+    await asyncio.wait_for(sup.close(), SAFETY)
+    assert not any(pid_alive(p) for p in (first, second, third))  # spares die with it
+
+
+async def test_a_spare_of_another_environment_or_dead_is_not_used(make_sup, models):
+    sup = await make_sup(config(spare_runner=True))
+    first = await spare_ready(sup)
+    first_proc = sup._spare
+    assert first_proc is not None
+    sup.probe.visible_devices = lambda gpus: "GPU-other"  # type: ignore[method-assign]
+    async with await acquire(sup, models(0)) as lease:
+        proc = sup.runner_process(lease.runner_id)
+        assert proc is not None and proc.pid != first
+        assert (proc.env or {})["CUDA_VISIBLE_DEVICES"] == "GPU-other"
+    await asyncio.wait_for(first_proc.wait_exited(), SAFETY)  # stopped, not left waiting
+    second = await spare_ready(sup)  # the next one has the environment of that load
+    second_proc = sup._spare
+    assert second_proc is not None and second_proc.env == proc.env
+    os.kill(second, signal.SIGKILL)
+    await asyncio.wait_for(second_proc.wait_exited(), SAFETY)
+    assert not second_proc.spare
+    async with await acquire(sup, models(1)) as lease:
+        fresh = sup.runner_process(lease.runner_id)
+        assert fresh is not None and fresh.pid not in (first, second)
+        assert lease.runner.base_url.startswith("http://127.0.0.1:")
+    assert spare_uses(sup) == 0
+
+
+async def test_no_spare_runner_unless_asked_for_with_the_fake_engine(make_sup, models):
+    sup = await make_sup()  # the fake engine's default: off
+    async with await acquire(sup, models(0)):
+        pass
+    assert sup._spare is None and sup.spare_memory() == 0
+    assert not Config(runner_engine="fake").use_spare_runner
+    assert Config(runner_engine="llama").use_spare_runner
+    assert not Config(runner_engine="llama", spare_runner=False).use_spare_runner

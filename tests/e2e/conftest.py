@@ -39,8 +39,10 @@ class Daemon:
     def log_text(self) -> str:
         return "\n".join(self.log)
 
-    def runner_pids(self) -> set[int]:
-        """Pids of this daemon's runner children (``python -m corral.runner``)."""
+    def runner_pids(self, spares: bool = False) -> set[int]:
+        """Pids of this daemon's runner children (``python -m corral.runner``); the spare
+        runner waiting for a load (``--spare``, not yet named ``corral-runner`` by a LaunchSpec)
+        only with ``spares``."""
         import psutil
 
         try:
@@ -50,7 +52,10 @@ class Daemon:
         pids = set()
         for k in kids:
             with contextlib.suppress(psutil.Error):
-                if "corral.runner" in " ".join(k.cmdline()):
+                cmd = k.cmdline()
+                if "corral.runner" in " ".join(cmd) and (
+                    spares or "--spare" not in cmd or k.name() == "corral-runner"
+                ):
                     pids.add(k.pid)
         return pids
 
@@ -67,11 +72,12 @@ class Daemon:
 
 @contextlib.contextmanager
 def start_daemon(
-    tmp_path: Path, scheme: str = "http", **env_overrides: str | None
+    tmp_path: Path, scheme: str = "http", exit_code: int = 0, **env_overrides: str | None
 ) -> Iterator[Daemon]:
     """A daemon on a free port with an empty store; ``env_overrides`` set variables (None
     unsets one, e.g. ``CORRAL_DEFAULT_MODEL=None`` for what a fresh install does); ``scheme``
-    ``https`` with ``CORRAL_TLS_CERT``/``CORRAL_TLS_KEY`` among them serves HTTPS."""
+    ``https`` with ``CORRAL_TLS_CERT``/``CORRAL_TLS_KEY`` among them serves HTTPS.
+    ``exit_code``: how the test leaves the daemon (a test that kills it: ``-9``)."""
     models = tmp_path / "models"
     models.mkdir(exist_ok=True)
     port = free_port()
@@ -116,12 +122,12 @@ def start_daemon(
     try:
         yield d
     finally:
-        pids = d.runner_pids()
+        pids = d.runner_pids(spares=True)
         rc = d.stop()
         t.join(5)
         if proc.stderr is not None:
             proc.stderr.close()
-        assert rc == 0, f"daemon exited {rc}:\n{d.log_text()[-4000:]}"
+        assert rc == exit_code, f"daemon exited {rc}:\n{d.log_text()[-4000:]}"
         # No runner process may outlive the daemon.
         assert not [p for p in pids if pid_alive(p)]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.e2e.conftest import pid_alive, start_daemon
+from tests.e2e.conftest import pid_alive, start_daemon, wait_until
 from tests.fixtures.tiny_gguf import write_tiny_llama
 
 pytestmark = pytest.mark.timeout(120)
@@ -64,3 +64,29 @@ async def test_sigterm_stops_within_the_unit_timeout(tmp_path):
             assert rc == 0
             assert elapsed < stop_timeout, elapsed
             assert not [p for p in pids if pid_alive(p)]
+
+
+async def test_the_spare_runner_serves_a_load_and_dies_with_a_killed_daemon(tmp_path):
+    """CORRAL_SPARE_RUNNER: a load starts in the spare runner (its pid answers), a new spare
+    waits named ``corral-spare``, and a daemon killed without a word (SIGKILL: no shutdown)
+    leaves no spare behind: its stdin closes and it exits."""
+    env = {"CORRAL_RUNNER_ENGINE": "fake", "CORRAL_SPARE_RUNNER": "1"}
+    with start_daemon(tmp_path, exit_code=-signal.SIGKILL, **env) as d:
+        assert wait_until(lambda: len(d.runner_pids(spares=True)) == 1)
+        (spare,) = d.runner_pids(spares=True)
+        assert d.runner_pids() == set()  # a spare is no runner of a model yet
+        async with aiohttp.ClientSession() as s:
+            await create(s, d.url, tmp_path, "a", 1)
+            async with s.post(
+                f"{d.url}/api/generate",
+                json={"model": "a", "prompt": "", "stream": False},
+            ) as r:
+                assert r.status == 200, await r.text()
+        assert d.runner_pids() == {spare}  # the model's runner is the former spare
+        assert wait_until(lambda: len(d.runner_pids(spares=True)) == 2)
+        spares = d.runner_pids(spares=True) - {spare}
+        # logfmt writes a true flag as its bare name
+        assert [x for x in d.log if "starting runner" in x and re.search(r"\sspare(\s|$)", x)]
+        d.proc.kill()
+        d.proc.wait(10)
+        assert wait_until(lambda: not [p for p in {spare, *spares} if pid_alive(p)])

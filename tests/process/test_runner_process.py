@@ -27,19 +27,25 @@ from corral.runner.protocol import (
 
 
 class Child:
-    def __init__(self, spec: LaunchSpec | bytes, stderr_path: Path) -> None:
+    def __init__(
+        self, spec: LaunchSpec | bytes | None, stderr_path: Path, args: tuple[str, ...] = ()
+    ) -> None:
         self.stderr_path = stderr_path
         with stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "corral.runner"],
+                [sys.executable, "-m", "corral.runner", *args],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,
             )
+        self.events: list[Loading | Ready | LoadFailed] = []
+        if spec is not None:
+            self.send(spec)
+
+    def send(self, spec: LaunchSpec | bytes) -> None:
         line = spec if isinstance(spec, bytes) else encode(spec)
         self.proc.stdin.write(line + b"\n")
         self.proc.stdin.flush()
-        self.events: list[Loading | Ready | LoadFailed] = []
 
     def handshake(self) -> Ready | LoadFailed:
         """Read events until Ready or LoadFailed (EOF first is a test failure)."""
@@ -79,8 +85,8 @@ class Child:
 def spawn(tmp_path):
     children: list[Child] = []
 
-    def make(spec: LaunchSpec | bytes) -> Child:
-        c = Child(spec, tmp_path / f"stderr-{len(children)}.log")
+    def make(spec: LaunchSpec | bytes | None, *args: str) -> Child:
+        c = Child(spec, tmp_path / f"stderr-{len(children)}.log", args)
         children.append(c)
         return c
 
@@ -229,6 +235,25 @@ def test_tiny_model_end_to_end(spawn, tiny_gguf):
     c.proc.send_signal(signal.SIGTERM)
     assert c.proc.wait(20) == 0
     assert c.proc.stdout.read() == b""
+
+
+def test_a_spare_runner_loads_the_tiny_model_as_a_fresh_one_does(spawn, tiny_gguf):
+    """A spare (imports and llama.cpp's backend done before its spec) answers exactly as a
+    runner started with its spec, and measures the same memory."""
+    spec = LaunchSpec(model_path=str(tiny_gguf), num_ctx=256, parallel=2, num_thread=1)
+    body = {"prompt": "hello", "options": {"temperature": 0, "num_predict": 8}}
+    fresh, spare = spawn(spec), spawn(None, "--spare", "llama")
+    spare.send(spec)  # read once its warm-up is over
+    answers, memory = [], []
+    for c in (fresh, spare):
+        ready = c.handshake()
+        assert isinstance(ready, Ready), c.stderr()
+        answers.append(lines(c.post("/completion", body))[-1]["tokens"])
+        memory.append(ready.memory["CPU"])
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.proc.wait(20) == 0
+    assert answers[0] == answers[1] and len(answers[0]) > 8
+    assert memory[0] == memory[1] and memory[1].weights > 500_000
 
 
 def test_missing_model_file_fails(spawn, tmp_path):

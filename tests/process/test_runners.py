@@ -1,4 +1,5 @@
-"""RunnerProcess with real children: the FakeEngine runner and small scripted stand-ins."""
+"""RunnerProcess with real children: the FakeEngine runner and small scripted stand-ins, and
+spare runners (spawned ahead, started later)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 
 import aiohttp
 import msgspec
+import psutil
 import pytest
 
 from corral.daemon.errors import Failed
@@ -331,3 +333,80 @@ async def test_relays_left_early_or_finished_leave_nothing_behind():
     finally:
         client.http.close()
         await r.stop(grace=5)
+
+
+async def _name_becomes(pid: int, name: str) -> None:
+    """Until the process's name (comm) is ``name`` (it sets it itself; safety net only)."""
+    while psutil.Process(pid).name() != name:
+        await asyncio.sleep(0.01)
+
+
+async def test_a_spare_runner_waits_named_then_loads_like_a_fresh_one():
+    exits = Exits()
+    r = RunnerProcess("spare1", on_exit=exits)
+    await asyncio.wait_for(r.spawn(("--spare", "fake")), SAFETY)
+    assert r.spare and r.pid is not None and r.ready is None
+    await asyncio.wait_for(_name_becomes(r.pid, "corral-spare"), SAFETY)
+    r.runner_id = "m:1"  # the supervisor's adoption
+    ready = await asyncio.wait_for(r.start(spec(load_time=0.05), load_timeout=10), SAFETY)
+    assert ready.pid == r.pid and not r.spare
+    assert psutil.Process(r.pid).name() == "corral-runner"  # as every runner with a spec
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{ready.port}/health") as resp:
+            assert resp.status == 200
+    with pytest.raises(RuntimeError):
+        await r.start(spec(), load_timeout=10)
+    assert await asyncio.wait_for(r.stop(grace=5), SAFETY) == 0
+    assert exits.calls == [("m:1", 0)]
+
+
+async def test_a_spare_runner_exits_when_the_daemon_is_gone_or_stops_it():
+    gone = RunnerProcess("spare1")
+    await asyncio.wait_for(gone.spawn(("--spare", "fake")), SAFETY)
+    stopped = RunnerProcess("spare2")
+    await asyncio.wait_for(stopped.spawn(("--spare", "fake")), SAFETY)
+    assert gone._transport is not None
+    gone._transport.get_pipe_transport(0).close()  # stdin EOF: what a dead daemon leaves
+    assert await asyncio.wait_for(gone.wait_exited(), SAFETY) == 0
+    assert not gone.spare
+    assert await asyncio.wait_for(stopped.stop(grace=5), SAFETY) is not None
+    assert not stopped.spare and not pid_alive(stopped.pid)
+    with pytest.raises(RunnerStartError) as ei:
+        await stopped.start(spec(), load_timeout=10)
+    assert ei.value.kind == "stopped"
+
+
+async def test_the_stall_timeout_of_a_spare_runs_from_its_launch_spec():
+    # A spare waits for its spec as long as it must; the load timeout is about the load.
+    code = (
+        "import sys, os, json\n"
+        "sys.stdin.readline()\n"
+        "print(json.dumps({'type': 'ready', 'version': 1, 'port': 1, 'pid': os.getpid(),\n"
+        "    'n_ctx': 8, 'n_ctx_per_slot': 8, 'parallel': 1}), flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    r = RunnerProcess("spare1", argv=script(code))
+    await asyncio.wait_for(r.spawn(("--spare", "fake")), SAFETY)
+    await asyncio.sleep(0.5)  # longer than the load timeout below, silent
+    ready = await asyncio.wait_for(r.start(spec(), load_timeout=0.3), SAFETY)
+    assert ready.pid == r.pid
+    await asyncio.wait_for(r.stop(grace=5), SAFETY)
+
+
+async def test_start_waits_for_a_spare_still_being_spawned_and_a_failed_spawn_fails_it():
+    r = RunnerProcess("spare1")
+    spawning = asyncio.create_task(r.spawn(("--spare", "fake")))
+    await asyncio.sleep(0)
+    assert r.spare  # being spawned counts: start() waits for it
+    ready = await asyncio.wait_for(r.start(spec(), load_timeout=10), SAFETY)
+    await spawning
+    assert ready.pid == r.pid
+    await asyncio.wait_for(r.stop(grace=5), SAFETY)
+
+    bad = RunnerProcess("spare2", argv=("/nonexistent/python",))
+    with pytest.raises(RunnerStartError) as ei:
+        await bad.spawn(("--spare", "fake"))
+    assert ei.value.kind == "spawn" and not bad.spare
+    with pytest.raises(RunnerStartError) as ei:
+        await bad.start(spec(), load_timeout=10)
+    assert ei.value.kind == "spawn" and "/nonexistent/python" in ei.value.reason
