@@ -51,3 +51,40 @@ def test_simulated_probe_reports_free_minus_what_our_runners_hold():
     assert [g.free for g in probe.read().gpus] == [0, 7 * GiB]
     probe.note_usage({})
     assert [g.free for g in probe.read().gpus] == [6 * GiB, 8 * GiB]
+
+
+def test_parsed_headers_are_kept_on_disk_for_the_next_daemon_run(tmp_path, monkeypatch):
+    """gguf_info.use_disk_cache: a new run (an empty memory cache) reads the parse back instead
+    of walking the header; a changed file is parsed again; a corrupt cache file is parsed again
+    and rewritten; without a directory nothing is kept."""
+    cache = tmp_path / "cache"
+    model = write_virtual_llama(tmp_path / "m.gguf", weights_gib=1.0)
+    monkeypatch.setattr(gguf_info, "_disk", None)
+    gguf_info.use_disk_cache(cache)
+    gguf_info.clear_cache()
+    first = gguf_info.read_info(model)
+    (kept,) = cache.iterdir()
+    parses: list[str] = []
+    real_parse = gguf_info._parse
+
+    def counting(p):
+        parses.append(str(p))
+        return real_parse(p)
+
+    monkeypatch.setattr(gguf_info, "_parse", counting)
+    gguf_info.clear_cache()  # what a restart leaves
+    assert gguf_info.read_info(model) == first and parses == []
+    kept.write_bytes(b"\x93garbage")
+    gguf_info.clear_cache()
+    assert gguf_info.read_info(model) == first and len(parses) == 1
+    gguf_info.clear_cache()
+    assert gguf_info.read_info(model) == first and len(parses) == 1  # rewritten whole
+    write_virtual_llama(model, weights_gib=2.0)  # the same path, another file
+    os.utime(model, ns=(1, 1))
+    gguf_info.clear_cache()
+    assert gguf_info.read_info(model).tensor_bytes > first.tensor_bytes and len(parses) == 2
+    gguf_info.use_disk_cache(None)
+    gguf_info.clear_cache()
+    before = sorted(cache.iterdir())
+    gguf_info.read_info(model)
+    assert len(parses) == 3 and sorted(cache.iterdir()) == before
