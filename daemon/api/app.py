@@ -48,8 +48,7 @@ def make_app(
     read here; ``apikeys.KeyFileError`` if it cannot be)."""
     conns = limits.Connections.of(config)
     mws = [
-        metrics.count_requests,
-        middleware.request_log,
+        middleware.request_log,  # also counts the request for /metrics
         limits.connection_middleware(conns),
         middleware.cors_middleware(config.origins),
     ]

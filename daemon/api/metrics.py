@@ -1,4 +1,5 @@
-"""``GET /metrics`` (Prometheus text format) and the middleware counting requests by route.
+"""``GET /metrics`` (Prometheus text format) and ``GET /readyz``. Requests are counted by route in
+``middleware.request_log``, the middleware that logs them.
 
 The registry and its series live in :mod:`corral.daemon.metrics` (one per daemon, owned by the
 supervisor, reached here as ``app[METRICS]``). A scrape first polls the ready runners' ``/health``
@@ -7,36 +8,10 @@ for their KV-cache use (bounded, concurrent), then renders; no request pays for 
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
 from corral.daemon.api.keys import METRICS, SUPERVISOR
-from corral.daemon.api.middleware import Handler
 from corral.daemon.metrics import CONTENT_TYPE
-
-CLIENT_CLOSED = "499"  # the client went away before the response ended (nginx's code)
-
-
-@web.middleware
-async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """``corral_http_requests_total{route,method,status}``; the route is the matched pattern
-    (``/api/blobs/{digest}``), ``unmatched`` for unknown paths (bounded label values)."""
-    status = "500"
-    try:
-        response = await handler(request)
-        status = str(response.status)
-        return response
-    except web.HTTPException as exc:
-        status = str(exc.status)
-        raise
-    except asyncio.CancelledError:
-        status = CLIENT_CLOSED
-        raise
-    finally:
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        request.app[METRICS].count_request(route, request.method, status)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from corral.daemon.api.errors import ApiError
+from corral.daemon.api.keys import METRICS
 from corral.daemon.api.middleware_errors import error_response
 
 log = structlog.get_logger("corral.daemon.api")
@@ -31,9 +32,10 @@ LOG_MODEL: web.RequestKey[str] = web.RequestKey("corral.model", str)
 
 @web.middleware
 async def request_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One ``api.request`` line per request: method, path, model, status, duration. A request
+    """One ``api.request`` line per request: method, path, model, status, duration, and its
+    count in /metrics (one middleware for both: a request's fixed cost, issue 18). A request
     whose client went away before its answer ended is ``status=499`` (nginx's "client closed
-    request", as /metrics counts it), never a 500: nothing failed on our side."""
+    request"), never a 500: nothing failed on our side."""
     start = time.perf_counter()
     status = 500
     try:
@@ -57,6 +59,13 @@ async def request_log(request: web.Request, handler: Handler) -> web.StreamRespo
         if model:
             fields["model"] = model
         log.info("api.request", **fields)
+        # corral_http_requests_total{route,method,status}: the route is the matched pattern
+        # (``/api/blobs/{digest}``), ``unmatched`` for unknown paths (bounded label values)
+        counts = request.app.get(METRICS)
+        if counts is not None:  # an app without the daemon's metrics (tests)
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "unmatched"
+            counts.count_request(route, request.method, str(status))
 
 
 # ---- CORS --------------------------------------------------------------------------------------
