@@ -10,7 +10,10 @@ ratio (target >= 0.6) and the CPU µs per request of the daemon, its runner and 
 (user + system time of each process over its blocks). The daemon's log goes to a file: a pipe
 drained by a thread of this process took the client's GIL for every request's log line.
 
-    ./dev bench daemon_overhead [--n 200]
+    ./dev bench daemon_overhead [--n 200] [--loops]
+
+``--loops`` adds the same daemon on asyncio's own event loop (``CORRAL_EVENT_LOOP=asyncio``) to
+the A-B blocks: the default loop (uvloop where installed) against it in one run.
 
 A request's fixed cost (issue 18, point 5). Where the daemon's event loop spent its busy time on
 2,000 tiny non-streaming /api/generate requests (py-spy samples of the daemon, share of the
@@ -48,6 +51,43 @@ so the runner sleeps between requests and wakes with cold caches on a machine th
 What is left is mostly aiohttp's server side (a request object, a task, headers) and the
 loopback hops themselves: client -> daemon -> runner -> daemon -> client is two more process
 wake-ups than direct, which on an oversubscribed machine cost more than the CPU.
+
+Second pass (b6fb374 -> 48f6eba; the lead's quiet-machine figure at b6fb374: 0.50, daemon 900
+µs per request). Where a tiny /api/generate's time goes inside the daemon, median µs from its
+first byte (an instrumented daemon: perf_counter marks at the protocol, the handler's steps,
+the runner write and the answer write; 3,000 requests, two runs each, load average 5):
+
+  phase                                                     b6fb374    48f6eba
+  first byte -> first middleware (aiohttp: parse, task)       86-89      80-84
+  the ten middlewares                                         21-22      19-20
+  handler: body, resolve, options, prompt, job set-up        98-105     97-103
+  acquire (scheduler arrival and grant)                       43-47      40-43
+  -> the request is written to the runner                   283-302    265-279
+  runner's answer -> the client's answer written            312-349    193-335
+  after the client's answer (release, close, log, metrics)      0       115-120
+
+What changed: the answer goes out first (responses.send_json: every inference route's whole
+answer is written before the slot's release, the job's close, the log line and the metrics, so
+they overlap the client's next request instead of delaying its answer; embeddings likewise); a
+non-streamed completion takes one round trip and no generator (RunnerClient.complete); the log
+line renders in half the time (logging.Logfmt, same bytes: 31 -> 16 µs); no asyncio.Event per
+scheduler dispatch; the daemon runs on uvloop. After these figures, one middleware logs and
+counts a request (one layer less each way).
+Same sitting, A-B-A-B (direct runner, b6fb374 and 48f6eba daemons alternating in 10 blocks of
+3,000 requests, three pairs), load average 9 -> 7: daemon CPU per request 803/773/777 ->
+717/730/680 µs, ratio to the direct rate 0.37/0.38/0.37 -> 0.39/0.41/0.40. The instrumented
+pairs above: 367/403 -> 443/533 requests/s, daemon CPU 707 -> 620/630 µs. This bench at 48f6eba,
+load average 10: direct 1110/s, daemon 564/s, ratio 0.51, added TTFT p50 0.46 ms, daemon 800 µs.
+
+uvloop (``--loops``, same daemon on each loop in the same blocks, load average 5-7, 3,000
+requests): ratio 0.46 vs 0.44 and 0.46 vs 0.41 on asyncio's loop, CPU per request 667 vs 667 and
+690 vs 697 µs: a few per cent of rate, no CPU to speak of (the loop's own work is a small share).
+
+What is left on this machine: the runner's CPU per request rises when it idles between requests
+(a runner called back to back by the daemon's own client: 347 µs; the same client with 0.8 ms of
+other work between requests: 567 µs; load average 7): its executor and decode threads park and
+wake per request, and every µs the daemon adds makes the runner's part dearer too. That is the
+runner's (issue 18 point 3's runner side), as are two of the four process wake-ups per request.
 """
 
 from __future__ import annotations
@@ -104,10 +144,10 @@ def spawn_runner(model: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("runner exited before Ready")
 
 
-def spawn_daemon(models: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """``corral serve`` on a free port, its log going to ``log_path``: a file, not a pipe this
-    process drains, so no thread of the client wakes for each request's log line and takes the
-    GIL from it (the direct runner's log goes nowhere)."""
+def spawn_daemon(models: Path, log_path: Path, **env: str) -> tuple[subprocess.Popen, str]:
+    """``corral serve`` on a free port (``env`` set), its log going to ``log_path``: a file, not
+    a pipe this process drains, so no thread of the client wakes for each request's log line and
+    takes the GIL from it (the direct runner's log goes nowhere)."""
     port = free_port()
     env = {
         **os.environ,
@@ -117,6 +157,7 @@ def spawn_daemon(models: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
         "CORRAL_RUNNER_ENGINE": "fake",
         "CORRAL_FAKE_KNOBS": json.dumps(KNOBS),
         "OLLAMA_KEEP_ALIVE": "-1",
+        **env,
     }
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
@@ -180,15 +221,23 @@ async def rates(
     }
 
 
-async def main(n: int) -> None:
+async def main(n: int, loops: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         model = write_tiny_llama(tmp_path / "tiny.gguf", seed=1)
         runner, runner_url = spawn_runner(model)
         daemon, daemon_url = spawn_daemon(tmp_path / "models", tmp_path / "daemon.log")
+        procs = [runner, daemon]
+        if loops:  # the same daemon on asyncio's own event loop, measured in the same blocks
+            other, other_url = spawn_daemon(
+                tmp_path / "models-asyncio", tmp_path / "asyncio.log", CORRAL_EVENT_LOOP="asyncio"
+            )
+            procs.append(other)
         try:
             async with aiohttp.ClientSession() as s:
                 await common.create_model(s, daemon_url, model, "tiny")
+                if loops:
+                    await common.create_model(s, other_url, model, "tiny")
                 direct_body = {"prompt": "hi", "options": {"num_predict": 8}, "stream": True}
                 daemon_body = {
                     "model": "tiny",
@@ -239,6 +288,14 @@ async def main(n: int) -> None:
                         {"daemon": daemon_proc, "runner": model_runners(daemon_proc.pid)[0]},
                     ),
                 }
+                if loops:
+                    other_proc = psutil.Process(other.pid)
+                    await timed(s, f"{other_url}/api/generate", small_daemon, 5)  # loads it
+                    paths["daemon on asyncio"] = (
+                        f"{other_url}/api/generate",
+                        small_daemon,
+                        {"daemon": other_proc, "runner": other_proc.children()[0]},
+                    )
                 for url, body, _ in paths.values():
                     await timed(s, url, body, 50)  # warm
                 got = await rates(s, paths, n)
@@ -252,8 +309,15 @@ async def main(n: int) -> None:
                     f"{cpu_daemon['runner']:.0f}); runner called directly "
                     f"{cpu_direct['runner']:.0f}"
                 )
+                if loops:
+                    r_other, cpu_other = got["daemon on asyncio"]
+                    print(
+                        f"the daemon on asyncio's loop (CORRAL_EVENT_LOOP=asyncio): {r_other:.0f}"
+                        f"/s, ratio {r_other / r_direct:.2f}; CPU µs per tiny request "
+                        f"{cpu_other['daemon']:.0f} (its runner {cpu_other['runner']:.0f})"
+                    )
         finally:
-            for p in (runner, daemon):
+            for p in procs:
                 p.terminate()
                 p.wait(30)
 
@@ -261,4 +325,10 @@ async def main(n: int) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200)
-    asyncio.run(main(ap.parse_args().n))
+    ap.add_argument(
+        "--loops",
+        action="store_true",
+        help="also a daemon on asyncio's own event loop, A-B with the default one (uvloop)",
+    )
+    args = ap.parse_args()
+    asyncio.run(main(args.n, args.loops))
