@@ -188,6 +188,12 @@ async def generate(request: web.Request) -> web.StreamResponse:
         head = b'{"model":' + _enc.encode(req.model) + b',"created_at":"'
 
         def chunk_line(d: core.Delta) -> bytes:
+            if not d.thinking and not d.logprobs:  # a token's usual frame: one bytes object
+                return b'%b%b","response":%b,"done":false}' % (
+                    head,
+                    now_utc().encode(),
+                    _enc.encode(d.content),
+                )
             line = head + now_utc().encode() + b'","response":' + _enc.encode(d.content)
             if d.thinking:
                 line += b',"thinking":' + _enc.encode(d.thinking)
@@ -266,6 +272,12 @@ async def chat(request: web.Request) -> web.StreamResponse:
             return msg
 
         def chunk_line(d: core.Delta) -> bytes:
+            if not d.thinking and not d.tool_calls and not d.logprobs:  # a token's usual frame
+                return b'%b%b","message":{"role":"assistant","content":%b},"done":false}' % (
+                    head,
+                    now_utc().encode(),
+                    _enc.encode(d.content),
+                )
             line = (
                 head
                 + now_utc().encode()
