@@ -272,6 +272,10 @@ FUNCTION_IMPORTS = {
     ("corral.runner.devices", "llama_cpp._ggml"): "as above",
     ("corral.daemon.gpu", "pynvml"): "NVML is loaded only when real NVIDIA GPUs are probed",
     (
+        "corral.daemon.serve",
+        "uvloop",
+    ): "the event loop CORRAL_EVENT_LOOP asks for; uvloop is not installed on Windows",
+    (
         "corral.daemon.buildplan",
         "pynvml",
     ): "runs as a plain file at install time, before dependencies exist",
