@@ -43,6 +43,7 @@ log = structlog.get_logger("corral.daemon.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+END_OF_HEADERS = b"\r\n\r\n"
 IDLE_FOREVER = 1e9  # s: aiohttp's keep-alive timer takes a number (0 would close at once)
 
 # (method, route) whose body is streamed, not read whole: bounded only by the disk
@@ -151,8 +152,14 @@ CONNECTIONS: web.AppKey[Connections] = web.AppKey("connections", Connections)
 class _Guard(asyncio.Protocol):
     """One connection's aiohttp protocol (``inner``), wrapped: every transport callback is
     passed on; on the way it counts the connection for its address and times the headers of
-    each request from their first byte (``busy`` while a handler runs: its body and its
-    response are not headers)."""
+    each request from their first byte until the blank line that ends them (``headers_in``:
+    then until its handler has ended nothing is timed; ``busy`` while the handler runs: its body
+    and its response are not headers).
+
+    The timer stops when the headers have arrived, not when the handler starts: a daemon busy
+    with a flood may start a handler long after its request came in (uvloop runs a due timer
+    before the callbacks the previous step queued), and a request that came in whole must not
+    be cut as a slowloris for the daemon's own lateness."""
 
     def __init__(self, conns: Connections, inner: Any) -> None:
         self.conns = conns
@@ -161,6 +168,8 @@ class _Guard(asyncio.Protocol):
         self.address = ""
         self.excess = False
         self.busy = False
+        self.headers_in = False
+        self._tail = b""  # the last bytes seen while timing headers (a blank line cut in two)
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -174,10 +183,17 @@ class _Guard(asyncio.Protocol):
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if not self.busy and self.timer is None and not math.isinf(self.conns.header_timeout):
-            self.timer = asyncio.get_running_loop().call_later(
-                self.conns.header_timeout, self._headers_late
-            )
+        if not (self.busy or self.headers_in or math.isinf(self.conns.header_timeout)):
+            if self.timer is None:
+                self.timer = asyncio.get_running_loop().call_later(
+                    self.conns.header_timeout, self._headers_late
+                )
+            if END_OF_HEADERS in data or (self._tail and END_OF_HEADERS in self._tail + data[:3]):
+                self.headers_in = True
+                self._tail = b""
+                self._cancel_timer()
+            else:
+                self._tail = (self._tail + data)[-3:] if len(data) < 3 else data[-3:]
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -204,7 +220,9 @@ class _Guard(asyncio.Protocol):
         self._cancel_timer()
 
     def end(self) -> None:
-        self.busy = False
+        """The handler has ended: the connection's next bytes are the next request's."""
+        self.busy = self.headers_in = False
+        self._tail = b""
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
@@ -214,7 +232,7 @@ class _Guard(asyncio.Protocol):
     def _headers_late(self) -> None:
         self.timer = None
         transport = self.transport
-        if self.busy or transport is None or transport.is_closing():
+        if self.busy or self.headers_in or transport is None or transport.is_closing():
             return
         if transport.get_write_buffer_size():  # a response still going out: not idle yet
             self.timer = asyncio.get_running_loop().call_later(

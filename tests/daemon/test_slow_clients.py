@@ -19,6 +19,7 @@ import aiohttp
 import msgspec
 import pytest
 
+from corral.daemon.api import limits
 from corral.daemon.api.limits import CONNECTIONS
 from corral.daemon.config import (
     DEFAULT_BODY_TIMEOUT,
@@ -286,3 +287,66 @@ def test_slow_client_settings() -> None:
     assert (c.header_timeout, c.body_timeout, c.idle_timeout) == (5.0, 120.0, FOREVER)
     assert c.max_client_connections == 16
     assert Config.from_env({"CORRAL_BODY_TIMEOUT": "soon"}).body_timeout == DEFAULT_BODY_TIMEOUT
+
+
+class _Inner:
+    """aiohttp's request handler as the guard sees it."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def connection_made(self, transport: object) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def force_close(self) -> None:
+        self.closed = True
+
+
+class _Transport:
+    def get_extra_info(self, name: str) -> object:
+        return ("127.0.0.1", 40000)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def _guard(conns: limits.Connections) -> tuple[limits._Guard, _Inner]:
+    inner = _Inner()
+    guard = limits._Guard(conns, inner)
+    guard.connection_made(_Transport())  # type: ignore[arg-type]
+    return guard, inner
+
+
+async def test_a_request_in_whole_is_not_cut_however_late_its_handler_starts() -> None:
+    """A daemon busy with a flood may run a connection's header timer before the handler of the
+    request that came in on it (uvloop runs due timers before the callbacks queued by the
+    step before): once the blank line that ends the headers is in, the timer is off. Before,
+    it ran until the handler started, and such a request was closed unanswered."""
+    conns = limits.Connections(header_timeout=LIMIT)
+    guard, inner = _guard(conns)
+    guard.data_received(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r")
+    assert guard.timer is not None
+    guard.data_received(b"\n{}")  # the blank line cut in two
+    assert guard.timer is None
+    guard._headers_late()  # what a late timer would do before the handler starts
+    assert not inner.closed
+    guard.data_received(b"more body")  # the body before the handler: still nothing timed
+    assert guard.timer is None
+    guard.begin()
+    guard.end()  # the next request on the connection is timed again
+    guard.data_received(b"GET /api/tags HTTP/1.1\r\n")
+    assert guard.timer is not None
+    guard.timer.cancel()
+
+    slow, slow_inner = _guard(conns)  # a slowloris: the headers never end
+    slow.data_received(b"POST /api/generate HTTP/1.1\r\nHost: x\r\n")
+    assert slow.timer is not None
+    slow.timer.cancel()
+    slow._headers_late()
+    assert slow_inner.closed
