@@ -21,8 +21,8 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from corral.daemon import gguf_info, tls
 from corral.daemon import logging as corral_logging
-from corral.daemon import tls
 from corral.daemon.api import auth, limits
 from corral.daemon.api.app import make_app
 from corral.daemon.apikeys import KeyFileError, Keyring
@@ -99,6 +99,9 @@ async def run(
     log.info("server config", **config.env_summary())
     policy = load_policy(config.policy_path) if config.policy_path else Policy()
     _raise_fd_limit()
+    # GGUF headers parsed once for all daemon runs (the store's default-model import and the
+    # first request after a restart read them), before anything reads one
+    gguf_info.use_disk_cache(config.cache_dir / "gguf-info" if config.cache_dir else None)
     store = Store(config.models, noprune=config.noprune)
     if not config.noprune:
         await asyncio.to_thread(store.prune)

@@ -478,10 +478,6 @@ class Supervisor:
     async def start(self) -> None:
         """Ask the engine what it can do, gate the GPUs by it, read the inventory, build the
         Scheduler and start the owner task."""
-        # GGUF headers parsed once for all daemon runs (the first request after a restart)
-        gguf_info.use_disk_cache(
-            self.config.cache_dir / "gguf-info" if self.config.cache_dir is not None else None
-        )
         engine = self.engine = await self._probe_engine()
         if engine is not None and not self._probe_given:  # macOS: the Metal device is the engine's
             self.probe = make_probe(self.config, engine=engine)
