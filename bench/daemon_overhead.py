@@ -79,9 +79,22 @@ Same sitting, A-B-A-B (direct runner, b6fb374 and 48f6eba daemons alternating in
 pairs above: 367/403 -> 443/533 requests/s, daemon CPU 707 -> 620/630 µs. This bench at 48f6eba,
 load average 10: direct 1110/s, daemon 564/s, ratio 0.51, added TTFT p50 0.46 ms, daemon 800 µs.
 
+At 114ab09 (all of the above), same sitting, A-B-A-B against b6fb374 (direct runner and both
+daemons alternating in 10 blocks; load average 4.5 -> 3.4), daemon CPU per tiny request:
+/api/generate 703/733/700 -> 697/613/633 µs, /api/chat 720/810 -> 680/655, /api/embed 545/535
+-> 520/520, /v1/chat/completions 715/690 -> 645/665; the rates in those blocks moved within
+their noise except /api/embed's (807/801 -> 862/849 per s). This bench at 114ab09, load average
+4.0-4.5, two runs: ratio 0.45 and 0.55 (direct 958 and 949/s, daemon 436 and 519/s), added
+TTFT p50 0.38 and 0.37 ms, daemon 730 and 675 µs per request (its runner 585 and 560, the
+runner called directly 510 and 410). The target, 0.6, is not shown on this shared machine.
+
 uvloop (``--loops``, same daemon on each loop in the same blocks, load average 5-7, 3,000
 requests): ratio 0.46 vs 0.44 and 0.46 vs 0.41 on asyncio's loop, CPU per request 667 vs 667 and
 690 vs 697 µs: a few per cent of rate, no CPU to speak of (the loop's own work is a small share).
+
+Streams are not slower for it: ``vs_llama_server --model tiny --rounds 2`` at bcd5b91 (load
+average 5-7), the daemon's CPU per generated token at 1/8/32 streams 39/31/24 µs on uvloop and
+68/37/25 µs with CORRAL_EVENT_LOOP=asyncio (its docstring's 39-43 µs at 32 streams before).
 
 What is left on this machine: the runner's CPU per request rises when it idles between requests
 (a runner called back to back by the daemon's own client: 347 µs; the same client with 0.8 ms of
