@@ -1250,7 +1250,10 @@ class Supervisor:
             await r.proc.stop(1.0)
             if not asked:
                 self._forget(r.runner_id)
-                self.post(RunnerLoadFailed(runner_id=r.runner_id, reason=str(exc)))
+                # the client's error says what failed even for an exception with no message
+                what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                reason = f"unable to start runner: {what}"
+                self.post(RunnerLoadFailed(runner_id=r.runner_id, reason=reason))
             return
         r.ready = ready
         gpu_bytes, cpu_bytes = self._memory_report(r.start_effect, ready)

@@ -516,6 +516,23 @@ async def test_load_failure_with_oom_is_a_500_with_the_runners_message(make_sup,
     assert sup.snapshot().queued == 0
 
 
+async def test_a_bug_starting_a_runner_is_a_500_that_names_it(make_sup, models):
+    """An exception with no message while starting a runner (an ``assert`` in a library, say)
+    still gives the client an error that says something, never ``{"error": ""}``."""
+    sup = await make_sup(config())
+
+    def broken(effect):
+        raise AssertionError()
+
+    sup._launch_spec = broken
+    with pytest.raises(CorralError) as ei:
+        await acquire(sup, models(0))
+    assert http_status(ei.value) == 500
+    assert ei.value.message == "unable to start runner: AssertionError"
+    await until(sup, lambda: not loaded(sup))
+    assert sup.snapshot().queued == 0
+
+
 async def test_stall_timeout_fails_the_load(make_sup, models):
     sup = await make_sup(config(load_timeout=0.5), runner_argv=SILENT_RUNNER)
     t0 = time.monotonic()
