@@ -16,6 +16,26 @@ cache can change: restore or prefill, and the first token), the prompt evaluatio
 answers are the same.
 
     ./dev bench warm [--rounds 2]
+
+Measured (2 rounds each, 2 cores shared with other work; medians; every case with the spare
+runner and the GGUF header cache, docs/DESIGN.md "Spare runner"):
+  load 3.5-3.8   cold 13.32 s   expiry 1.74 s (7.6x)   evict 2.76 s (4.8x)   restart 3.23 s (4.1x)
+  load 3.3-3.9   cold  7.29 s   expiry 1.73 s (4.2x)   evict 2.36 s (3.1x)   restart 1.51 s (4.8x)
+  load 4.4 (runners in 4 KiB pages, GLIBC_TUNABLES=glibc.malloc.hugetlb=0)
+                 cold 11.35 s   expiry 1.77 s (6.4x)   evict 2.15 s (5.3x)   restart 2.29 s (5.0x)
+After the load every restored case evaluates 1 token instead of 1,997 (48-70x lower than cold's
+prefill) and gives the same greedy answer; what remains is the load: 1.4-3.0 s of the daemon's
+load_duration. Where it goes (a warm spare, load ~3): the LaunchSpec to llama.cpp's first line
+0.04 s (a fresh runner: 0.8-1 s of imports at load 5-10, what the spare does ahead); metadata
+and the 262k-token vocabulary 0.35-0.45 s (llama.cpp formats every array of the header for its
+log); weights 0.1-0.6 s and KV 0.1-0.6 s (first touches of ~0.5 GB, slowest in fresh 2 MiB
+pages: A-B-A-B-A-B, a runner's load 1.2-1.8 s in 4 KiB pages, 3.1-4.0 s in huge pages, load
+4-5); then the restore (a 22 MB file, 0.05-0.1 s) and the first token. The evict and restart
+cases also find the spare still importing when their load starts (the tiny model's load took the
+previous one 0.4 s earlier; the daemon started 0.02 s earlier). The ratio falls as the machine
+gets quieter: a cold prefill uses both cores and slows down more under load than a load does
+(before this work, at load 16-17: cold 50.3 s, expiry 12.3 s, 4.1x; at load 4.5-5.2 with the
+spare runner: expiry 1.60 s, 11.0x, evict 3.5x, restart 3.6x).
 """
 
 from __future__ import annotations
