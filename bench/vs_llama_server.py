@@ -2,7 +2,7 @@
 
     ./dev bench vs_llama_server [--streams 1,4,8] [--rounds 4] [--tokens 128] [--threads 2]
                                 [--server stock|patched] [--same-spin] [--no-ceiling]
-                                [--temperature 0.8]
+                                [--temperature 0.8] [--flash-attention auto|on|off]
     ./dev bench vs_llama_server --model tiny     # the serving path's own cost (see below)
     ./dev bench vs_llama_server --prefill        # a 5,000-token prompt, 1 token generated
     ./dev bench vs_llama_server --timeline 4     # only: where the time goes at 4 streams
@@ -107,6 +107,41 @@ the timers) and A-B pairs of corral alone (daemon + runner, the runner's threads
   * Not in the runner: at 1 stream corral's runner, daemon and client share 2 cores, each
     token waking two processes (runner -> daemon pipe, daemon -> client socket); llama-server's
     token wakes one thread. The daemon's per-token cost is another engineer's (daemon/).
+
+llama_decode's own cost per token, tiny model, 32 sequences (issue 18's "runner CPU per token at
+32 streams <= 60 us" cannot be met on this CPU: llama_decode alone costs more). Measured twice,
+the same day, load ~3-4 from others' nice-15 tests, OpenMP spin 2000 as corral's runner:
+
+  * in-process (corral's context: 32 slots x 4096 cells, n_batch 512; each sequence filled to
+    the window, then 64 steps of 32 tokens; process CPU, all threads, best of 3):
+                              1 thread         2 threads
+    window 256, FA auto (on)  146 us CPU       200 us CPU     per generated token
+    window 512, FA auto (on)  250              330
+    window 256, FA off        102              174
+    window 512, FA off        152              240
+  * llama.cpp's own llama-batched-bench (corral's patched build, -lm none, 32 sequences; CPU of
+    a run with G generated tokens less that of the same run with 1, over 32 x (G - 1)):
+                              1 thread                    2 threads
+    windows 32-544, FA auto   134 us CPU (7,008 tok/s)    154 us CPU (10,154 tok/s)
+    windows 256-512, FA auto  164 (5,596)                 205 (4,620)
+    windows 512-768, FA auto  241 (2,656)                 295 (3,328)
+    windows 32-544, FA off     77 (13,073)                 98 (16,557)
+    windows 256-512, FA off    83 (12,023)                107 (15,877)
+    windows 512-768, FA off   124 (8,040)                 149 (10,832)
+  A 512-token stream from a short prompt decodes at windows ~10-520: ~130-150 us of CPU per
+  token inside llama_decode with flash attention (what llama.cpp's "auto" and Ollama choose on
+  a CPU, and what llama-server runs by default), 77-83 without, before any Python. The second
+  thread costs more CPU than it saves at this size (barrier hand-offs between ~70 tiny graph
+  nodes; at 1 sequence a 2-thread step costs ~1.8 ms against 0.14 ms on one thread, which is
+  why the engine measures both and takes the faster, see Engine._threads_for).
+  Flash attention on this CPU: its per-cell online softmax (expf per KV cell and head: perf
+  puts ~13 % of the runner in libm's expf, ~21 % in ggml_compute_forward_flash_attn_ext at one
+  stream) costs more than the KQ/softmax/KQV matmuls at a head size of 16; Gemma 3 270M's prefill
+  too (llama-batched-bench, 4,096 tokens: 198-228 tok/s with it, 252-294 without). It stays
+  "auto" (on): that is llama.cpp's and Ollama's choice on a CPU, quantized KV caches need it, and
+  without it the compute buffer holds a KQ matrix of n_ctx x n_ubatch x heads floats (512 MiB for
+  an 8B model at 8k cells), which the scheduler's estimate does not count. An operator can turn
+  it off (OLLAMA_FLASH_ATTENTION=0); `--flash-attention off` runs both servers without it.
 
 Where the time went at 4 streams (`--timeline 4`: the runner's decode loop wrapped with timers by
 bench/timeline_hooks, CPU seconds per process and thread from /proc; ms per decode step of 4
@@ -311,6 +346,19 @@ async def timed_stream(session: aiohttp.ClientSession, url: str, body: dict) -> 
     return first, last
 
 
+def fa_args(args) -> list[str]:
+    """llama-server's (and llama-batched-bench's) flash attention: --flash-attention, default
+    auto, what both servers decide by themselves (on, on a CPU)."""
+    return ["-fa", args.flash_attention]
+
+
+def corral_env(args) -> dict[str, str]:
+    """corral's side of --flash-attention (OLLAMA_FLASH_ATTENTION; unset for auto)."""
+    if args.flash_attention == "auto":
+        return {}
+    return {"OLLAMA_FLASH_ATTENTION": "true" if args.flash_attention == "on" else "false"}
+
+
 def server_env(args) -> dict[str, str]:
     """llama-server's extra environment: with --same-spin, the OpenMP spin corral's runner sets."""
     if not args.same_spin:
@@ -331,6 +379,7 @@ class LlamaServer:
         threads: int,
         env: dict[str, str],
         ctx_per_slot: int = 4096,
+        extra: list[str] | None = None,
     ) -> None:
         self.pids: dict[str, int] = {}
         self.port = free_port()
@@ -352,6 +401,7 @@ class LlamaServer:
                 "127.0.0.1",
                 "--port",
                 str(self.port),
+                *(extra or []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -500,7 +550,7 @@ async def warm(server, model: Model, args, n: int) -> None:
 
 
 def batched_bench(
-    binary: Path, model: Path, sizes: list[int], threads: int, tokens: int
+    binary: Path, model: Path, sizes: list[int], threads: int, tokens: int, fa: list[str]
 ) -> dict[int, float]:
     """Text-generation tok/s of llama-batched-bench (no HTTP, no sampling) per batch size, set up
     as corral's CPU runner is: its OpenMP spin (runner/__main__.py), the weights read into
@@ -533,6 +583,7 @@ def batched_bench(
             str(threads),
             "-lm",
             "none",
+            *fa,
             "--output-format",
             "jsonl",
         ],
@@ -632,9 +683,20 @@ async def timeline(args, server_bin: Path, model: Model, store: Path, n: int) ->
     and the CPU seconds per process and thread of one run of each."""
     out = Path(tempfile.mkdtemp(prefix="corral-timeline-")) / "steps"
     a = LlamaServer(
-        server_bin / "llama-server", model.path, slots(args, n), args.threads, server_env(args)
+        server_bin / "llama-server",
+        model.path,
+        slots(args, n),
+        args.threads,
+        server_env(args),
+        extra=fa_args(args),
     )
-    b = Corral(store, slots(args, n), args.threads, model.name, hook_env(out, "full"))
+    b = Corral(
+        store,
+        slots(args, n),
+        args.threads,
+        model.name,
+        {**hook_env(out, "full"), **corral_env(args)},
+    )
     try:
         async with aiohttp.ClientSession() as s:
             await b.create(s, model.path)
@@ -710,8 +772,16 @@ async def prefill(args, server_bin: Path, model: Model, store: Path) -> None:
     """Time to the one generated token of an ``--prefill-tokens`` prompt, one slot each, no
     prompt cache (every round's prompt starts differently), A-B-A-B."""
     ctx = args.prefill_tokens + 512
-    a = LlamaServer(server_bin / "llama-server", model.path, 1, args.threads, server_env(args), ctx)
-    b = Corral(store, 1, args.threads, model.name)
+    a = LlamaServer(
+        server_bin / "llama-server",
+        model.path,
+        1,
+        args.threads,
+        server_env(args),
+        ctx,
+        fa_args(args),
+    )
+    b = Corral(store, 1, args.threads, model.name, corral_env(args))
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as s:
             await b.create(s, model.path)
@@ -783,11 +853,22 @@ async def compare(
     args, server_bin: Path, model: Model, store: Path, n: int, created: list[bool]
 ) -> dict:
     a = LlamaServer(
-        server_bin / "llama-server", model.path, slots(args, n), args.threads, server_env(args)
+        server_bin / "llama-server",
+        model.path,
+        slots(args, n),
+        args.threads,
+        server_env(args),
+        extra=fa_args(args),
     )
     out = Path(tempfile.mkdtemp(prefix="corral-split-")) / "totals"
     split = DecodeSplit(out)
-    b = Corral(store, slots(args, n), args.threads, model.name, hook_env(out, "decode"))
+    b = Corral(
+        store,
+        slots(args, n),
+        args.threads,
+        model.name,
+        {**hook_env(out, "decode"), **corral_env(args)},
+    )
     try:
         if not created:
             async with aiohttp.ClientSession() as s:
@@ -864,6 +945,13 @@ def main() -> None:
     ap.add_argument(
         "--timeline", type=int, metavar="N", help="only: where the time goes at N streams"
     )
+    ap.add_argument(
+        "--flash-attention",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="on both servers (llama-server -fa, corral OLLAMA_FLASH_ATTENTION); auto: each "
+        "decides, which is on for a CPU",
+    )
     ap.add_argument("--prefill", action="store_true", help="only: a long prompt's prefill")
     ap.add_argument("--prefill-tokens", type=int, default=5000)
     args = ap.parse_args()
@@ -881,7 +969,8 @@ def main() -> None:
         print(
             f"llama-server: {server_bin} ({args.server}{', ' if args.same_spin else ''}"
             f"{' '.join(f'{k}={v}' for k, v in server_env(args).items())});  model "
-            f"{model.path.name};  temperature {args.temperature};  load {load()}",
+            f"{model.path.name};  temperature {args.temperature};  flash attention "
+            f"{args.flash_attention};  load {load()}",
             flush=True,
         )
         if args.prefill:
@@ -897,7 +986,12 @@ def main() -> None:
             results[n] = asyncio.run(compare(args, server_bin, model, store, n, created))
         ceiling = (
             batched_bench(
-                ceiling_bin / "llama-batched-bench", model.path, sizes, args.threads, args.tokens
+                ceiling_bin / "llama-batched-bench",
+                model.path,
+                sizes,
+                args.threads,
+                args.tokens,
+                fa_args(args),
             )
             if ceiling_bin
             else {}
