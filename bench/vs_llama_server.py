@@ -678,10 +678,10 @@ def slots(args, n: int) -> int:
     return args.slots or n
 
 
-async def timeline(args, server_bin: Path, model: Model, store: Path, n: int) -> None:
-    """corral and llama-server at N streams: the runner's per-step timeline (bench/timeline_hooks)
-    and the CPU seconds per process and thread of one run of each."""
-    out = Path(tempfile.mkdtemp(prefix="corral-timeline-")) / "steps"
+def servers(
+    args, server_bin: Path, model: Model, store: Path, n: int, hooks: dict[str, str]
+) -> tuple[LlamaServer, Corral]:
+    """Both servers for N streams (``hooks``: the runner's timeline hooks)."""
     a = LlamaServer(
         server_bin / "llama-server",
         model.path,
@@ -690,13 +690,15 @@ async def timeline(args, server_bin: Path, model: Model, store: Path, n: int) ->
         server_env(args),
         extra=fa_args(args),
     )
-    b = Corral(
-        store,
-        slots(args, n),
-        args.threads,
-        model.name,
-        {**hook_env(out, "full"), **corral_env(args)},
-    )
+    b = Corral(store, slots(args, n), args.threads, model.name, {**hooks, **corral_env(args)})
+    return a, b
+
+
+async def timeline(args, server_bin: Path, model: Model, store: Path, n: int) -> None:
+    """corral and llama-server at N streams: the runner's per-step timeline (bench/timeline_hooks)
+    and the CPU seconds per process and thread of one run of each."""
+    out = Path(tempfile.mkdtemp(prefix="corral-timeline-")) / "steps"
+    a, b = servers(args, server_bin, model, store, n, hook_env(out, "full"))
     try:
         async with aiohttp.ClientSession() as s:
             await b.create(s, model.path)
@@ -852,23 +854,9 @@ async def prefill(args, server_bin: Path, model: Model, store: Path) -> None:
 async def compare(
     args, server_bin: Path, model: Model, store: Path, n: int, created: list[bool]
 ) -> dict:
-    a = LlamaServer(
-        server_bin / "llama-server",
-        model.path,
-        slots(args, n),
-        args.threads,
-        server_env(args),
-        extra=fa_args(args),
-    )
     out = Path(tempfile.mkdtemp(prefix="corral-split-")) / "totals"
     split = DecodeSplit(out)
-    b = Corral(
-        store,
-        slots(args, n),
-        args.threads,
-        model.name,
-        {**hook_env(out, "decode"), **corral_env(args)},
-    )
+    a, b = servers(args, server_bin, model, store, n, hook_env(out, "decode"))
     try:
         if not created:
             async with aiohttp.ClientSession() as s:
