@@ -3,8 +3,11 @@
 The daemon never loads llama.cpp itself, so it runs the probe in a child process (the same argv
 its runners use) and reads one :class:`EngineProbe` JSON line. The answer is cached per engine
 build: the key is the llama_cpp package's shared libraries (path, size, mtime) plus
-``CUDA_VISIBLE_DEVICES``, so a reinstall or another device mask probes again. The cache holds
-what the engine *can* do (its devices and backends); free memory always comes from the GPU probes.
+``CUDA_VISIBLE_DEVICES`` and the other backends' device and driver selections (`DEVICE_VARIABLES`),
+so a reinstall or another device mask probes again. The cache holds what the engine *can* do (its
+devices and backends); free memory always comes from the GPU probes. A GPU build that found no
+device is not cached: the driver installed or the container given the GPU afterwards is seen at
+the next start, not hidden by the first answer.
 
 Contracts: :func:`probe_engine` never raises. A probe that cannot run (no llama_cpp, a library
 that fails to load, a timeout) answers an EngineProbe with ``error`` set and no GPU device, so
@@ -31,6 +34,15 @@ log = structlog.get_logger(__name__)
 
 PROBE_TIMEOUT = 120.0  # importing llama.cpp with CUDA can take a while on a cold disk
 
+# what else chooses the devices llama.cpp sees (CUDA_VISIBLE_DEVICES comes from the config)
+DEVICE_VARIABLES = (
+    "GGML_VK_VISIBLE_DEVICES",
+    "VK_DRIVER_FILES",
+    "VK_ICD_FILENAMES",
+    "HIP_VISIBLE_DEVICES",
+    "ROCR_VISIBLE_DEVICES",
+)
+
 
 def engine_fingerprint(visible_devices: str | None) -> str | None:
     """A key that changes when the llama_cpp libraries change; None when llama_cpp is absent."""
@@ -38,7 +50,7 @@ def engine_fingerprint(visible_devices: str | None) -> str | None:
     if spec is None or spec.origin is None:
         return None
     lib = Path(spec.origin).parent / "lib"
-    parts = [str(visible_devices)]
+    parts = [str(visible_devices), *(f"{v}={os.environ.get(v)}" for v in DEVICE_VARIABLES)]
     try:
         for f in sorted(lib.iterdir()):
             st = f.stat()
@@ -93,7 +105,7 @@ async def probe_engine(
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
             pass
     result = await run_probe(argv)
-    if path is not None and result.error is None:
+    if path is not None and result.error is None and not result.idle_gpu_backends():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")

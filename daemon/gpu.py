@@ -326,6 +326,8 @@ def engine_verdict(
         )
     for backend in engine.idle_gpu_backends():
         said = [e for e in engine.backend_errors if backend.lower() in e.lower()]
+        if not said and backend == engine.unregistered_gpu_backend():
+            said = [f"it did not start: no {backend} driver"]
         parts.append(
             f"llama.cpp's {backend} backend found no device"
             + (f" ({said[0]})" if said else "")

@@ -175,6 +175,8 @@ class EngineDevice(msgspec.Struct, frozen=True, kw_only=True):
 
 # ggml backend registry names that drive GPUs
 _GPU_BACKEND_NAMES = frozenset({"cuda", "rocm", "hip", "metal", "mtl", "vulkan", "sycl", "musa"})
+# scripts/install-llama.sh's backend (the build record) -> the name llama.cpp registers it under
+_BUILT_BACKEND = {"cuda": "CUDA", "vulkan": "Vulkan", "hip": "ROCm", "metal": "Metal"}
 
 
 class EngineProbe(msgspec.Struct, frozen=True, kw_only=True, tag="probe", tag_field="type"):
@@ -199,13 +201,25 @@ class EngineProbe(msgspec.Struct, frozen=True, kw_only=True, tag="probe", tag_fi
 
     def idle_gpu_backends(self) -> list[str]:
         """GPU backends compiled in that found no device (a CUDA build without a GPU or driver),
-        as llama.cpp names them; the CPU and accelerator-only backends (BLAS, RPC) never count."""
+        as llama.cpp names them; the CPU and accelerator-only backends (BLAS, RPC) never count.
+
+        Also the build's own GPU backend when llama.cpp did not register it at all: ggml-vulkan
+        drops itself, silently, where the Vulkan loader finds no driver (no ICD), seen here."""
         with_devices = {d.backend.lower() for d in self.devices}
-        return [
+        idle = [
             b
             for b in self.backends
             if b.lower() not in with_devices and b.lower() in _GPU_BACKEND_NAMES
         ]
+        unregistered = self.unregistered_gpu_backend()
+        return [*idle, unregistered] if unregistered else idle
+
+    def unregistered_gpu_backend(self) -> str | None:
+        """The build's GPU backend when llama.cpp did not register it (see idle_gpu_backends)."""
+        built = _BUILT_BACKEND.get(self.build.get("backend", ""))
+        if built and self.backends and built.lower() not in {b.lower() for b in self.backends}:
+            return built
+        return None
 
 
 _probe_decoder = msgspec.json.Decoder(EngineProbe)

@@ -141,7 +141,7 @@ def test_an_engine_that_failed_to_load_says_so():
 # finds no device, and llama.cpp logged why.
 CUDA_NO_DEVICE = EngineProbe(
     llama_cpp_python="0.3.36",
-    gpu_offload=True,
+    gpu_offload=False,
     devices=[CPU_DEV],
     build={"backend": "cuda"},
     backends=["CUDA", "CPU"],
@@ -170,6 +170,35 @@ def test_a_backend_with_its_device_or_a_cpu_helper_backend_is_not_idle():
     assert blas.idle_gpu_backends() == [] and engine_verdict([], blas) == (frozenset(), None)
     vulkan = EngineProbe(devices=[CPU_DEV], backends=["Vulkan", "CPU"])
     assert engine_verdict([], vulkan)[1] == (
+        "llama.cpp's Vulkan backend found no device; models run on the CPU"
+    )
+
+
+def test_a_gpu_build_whose_backend_did_not_even_register_still_says_why():
+    """A Vulkan build where the Vulkan loader finds no driver at all (no ICD: a container without
+    the GPU's driver): ggml-vulkan drops itself without a word and the probe lists only the CPU
+    backend, as `VK_DRIVER_FILES=/nonexistent.json python -m corral.runner --probe` printed for
+    the wheel scripts/check-gpu-build.sh vulkan built here."""
+    no_icd = EngineProbe(devices=[CPU_DEV], build={"backend": "vulkan"}, backends=["CPU"])
+    assert no_icd.idle_gpu_backends() == ["Vulkan"]
+    assert engine_verdict([], no_icd) == (
+        frozenset(),
+        "llama.cpp's Vulkan backend found no device (it did not start: no Vulkan driver); "
+        "models run on the CPU",
+    )
+    # a CPU build, an old probe line without the backends list, a registered backend: no claim
+    assert (
+        EngineProbe(
+            devices=[CPU_DEV], build={"backend": "cpu"}, backends=["CPU"]
+        ).idle_gpu_backends()
+        == []
+    )
+    assert EngineProbe(devices=[CPU_DEV], build={"backend": "vulkan"}).idle_gpu_backends() == []
+    registered = EngineProbe(
+        devices=[CPU_DEV], build={"backend": "vulkan"}, backends=["Vulkan", "CPU"]
+    )
+    assert registered.idle_gpu_backends() == ["Vulkan"]  # once, with the plain message
+    assert engine_verdict([], registered)[1] == (
         "llama.cpp's Vulkan backend found no device; models run on the CPU"
     )
 

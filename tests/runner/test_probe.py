@@ -60,6 +60,30 @@ async def test_the_daemon_probes_once_per_engine_build(tmp_path):
     assert calls.read_text() == "xx"
 
 
+async def test_a_gpu_build_without_a_device_is_probed_again_at_each_start(tmp_path):
+    """The driver may be installed (or the container given its GPU) after the first start."""
+    no_device = EngineProbe(build={"backend": "cuda"}, backends=["CUDA", "CPU"])
+    argv, calls = _counting_probe(tmp_path, no_device)
+    cache = tmp_path / "cache"
+    for _ in range(2):
+        assert (await engine_probe.probe_engine(cache, None, argv=argv)).idle_gpu_backends()
+    assert calls.read_text() == "xx" and not list(cache.glob("engine-probe-*.json"))
+
+
+async def test_another_vulkan_device_or_driver_selection_probes_again(tmp_path, monkeypatch):
+    argv, calls = _counting_probe(tmp_path, EngineProbe(llama_cpp_python="9.9"))
+    cache = tmp_path / "cache"
+    for var in ("GGML_VK_VISIBLE_DEVICES", "VK_DRIVER_FILES"):
+        monkeypatch.delenv(var, raising=False)
+    await engine_probe.probe_engine(cache, None, argv=argv)
+    await engine_probe.probe_engine(cache, None, argv=argv)
+    monkeypatch.setenv("GGML_VK_VISIBLE_DEVICES", "1")
+    await engine_probe.probe_engine(cache, None, argv=argv)
+    monkeypatch.setenv("VK_DRIVER_FILES", "/nonexistent.json")
+    await engine_probe.probe_engine(cache, None, argv=argv)
+    assert calls.read_text() == "xxx"
+
+
 @pytest.mark.parametrize(
     ("argv", "text"),
     [
