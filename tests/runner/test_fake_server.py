@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import pytest
 
@@ -18,7 +19,7 @@ from corral.runner.protocol import (
     RelayStep,
     decode_event,
 )
-from corral.runner.server import PipeRelay
+from corral.runner.server import INLINE_SUBMIT, PipeRelay
 from tests.runner.conftest import complete, serve, wait_until
 
 
@@ -287,3 +288,32 @@ async def test_relay_is_for_streams_only(engine):
             json={"prompt": "x", "stream": False, "relay": 4, "options": {"num_predict": 3}},
         )
         assert (await resp.json())["eval_count"] == 3 and pipe.writes == []
+
+
+async def test_small_completions_are_submitted_on_the_loop_others_in_a_thread(engine, monkeypatch):
+    """A short prompt without images or a format skips the executor hop (a tiny request's two
+    thread wake-ups); a long one, or one with a format grammar, is tokenized off the loop."""
+    threads: list[str] = []
+    submit = engine.submit
+
+    def recording(request, emit):
+        threads.append(threading.current_thread().name)
+        return submit(request, emit)
+
+    monkeypatch.setattr(engine, "submit", recording)
+    loop_thread = threading.current_thread().name
+    bodies = [
+        {"prompt": "x" * INLINE_SUBMIT},
+        {"prompt": "x" * (INLINE_SUBMIT + 1)},
+        {"prompt": "x", "tokens": [1] * INLINE_SUBMIT},
+        {"prompt": "x", "format": "json"},
+        {"prompt": "", "tokens": []},  # refused (400) wherever it is submitted
+    ]
+    async with serve(engine) as (client, _):
+        statuses = []
+        for body in bodies:
+            body |= {"stream": False, "options": {"num_predict": 1}}
+            statuses.append((await client.post("/completion", json=body)).status)
+    assert statuses == [200, 200, 200, 200, 400]
+    on_loop = [name == loop_thread for name in threads]
+    assert on_loop == [True, False, False, False, True]
