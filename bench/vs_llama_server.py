@@ -104,9 +104,20 @@ the timers) and A-B pairs of corral alone (daemon + runner, the runner's threads
     when nothing new arrived. One row: scalar stores into the batch, one argmax on the row
     view, the logits' address as an int (no ctypes pointer objects); a step with only text
     writes its RelayStep line at once (one encode, one write; no flush, no list swaps).
+  * The bench after it (main at 6729c1b, `--rounds 2`, load 2.0-3.6; before: the lead's quiet
+    run of b6fb374 above), runner CPU per token at 1 / 8 / 32 streams and llama_decode's share:
+      greedy           293 / 182 / 167 us (68 / 84 / 92 %) -> 244 / 159 / 140 us (76 / 88 / 95 %)
+      temperature 0.8  391 / 199 / 172 us (49 / 75 / 87 %) -> 293 / 179 / 161 us (64 / 77 / 87 %)
+    ratios to llama-server 1.06 / 1.49 / 1.55 (greedy) and 1.79 / 1.06 / 1.78 (temperature;
+    llama-server at its default spin). Outside llama_decode at 1 stream: greedy ~94 -> ~59 us,
+    temperature ~199 -> ~105 us per token; the in-process figures above are lower because
+    there the pipe's reader is `cat`, not the daemon and the client sharing the two cores.
   * Not in the runner: at 1 stream corral's runner, daemon and client share 2 cores, each
     token waking two processes (runner -> daemon pipe, daemon -> client socket); llama-server's
-    token wakes one thread. The daemon's per-token cost is another engineer's (daemon/).
+    token wakes one thread. The daemon's per-token cost is another engineer's (daemon/). The
+    timeline (`--timeline 1`) shows it as wall time: the step's hand-over (the pipe write)
+    takes ~0.27 ms of wall against ~5 us of CPU (in-process) when the woken daemon preempts the
+    decode thread on a busy core.
 
 llama_decode's own cost per token, tiny model, 32 sequences (issue 18's "runner CPU per token at
 32 streams <= 60 us" cannot be met on this CPU: llama_decode alone costs more). Measured twice,
@@ -142,6 +153,12 @@ the same day, load ~3-4 from others' nice-15 tests, OpenMP spin 2000 as corral's
   without it the compute buffer holds a KQ matrix of n_ctx x n_ubatch x heads floats (512 MiB for
   an 8B model at 8k cells), which the scheduler's estimate does not count. An operator can turn
   it off (OLLAMA_FLASH_ATTENTION=0); `--flash-attention off` runs both servers without it.
+  Prefill (issue 18 point 4), `--prefill --same-spin --rounds 3` on main at 6729c1b, load
+  3.4-4.1: llama-server best 19.11 s, corral 18.85 s, 1.01x (rounds 0.85, 1.11, 1.01). corral's
+  prompt steps run on all threads (only pure-decode steps may take one) in n_batch 512 chunks of
+  n_ubatch 512, as llama-server's ubatches; the engine's prefill in-process (253-295 tok/s at
+  4,096 tokens) matched llama-batched-bench with corral's kernels (269-272 tok/s; -b 512 vs
+  -b 2048 within noise), so no corral-specific loss is left to close on this machine.
 
 Where the time went at 4 streams (`--timeline 4`: the runner's decode loop wrapped with timers by
 bench/timeline_hooks, CPU seconds per process and thread from /proc; ms per decode step of 4
