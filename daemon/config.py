@@ -16,6 +16,9 @@ A bad value never raises: a structlog warning names the variable, the value and 
 Pure helpers shared with the API: :func:`parse_go_duration` (strict Go syntax, raises with Go's
 message), :func:`parse_duration` (env rule), :func:`keep_alive_from_json` (the request field),
 :func:`format_duration` (Go's ``Duration.String``).
+
+Length: over 900 lines because every variable the daemon reads is here with its parsing and its
+default, beside the one reader of the environment; split, the env rule would be spread again.
 """
 
 from __future__ import annotations
@@ -87,6 +90,17 @@ _NUM = re.compile(r"([0-9]*)(?:\.([0-9]*))?")
 _UNIT = re.compile(r"[^0-9.]*")
 _INT = re.compile(r"[+-]?[0-9]+")
 _UINT = re.compile(r"[0-9]+")
+
+
+# What else chooses the devices llama.cpp sees, besides CUDA_VISIBLE_DEVICES (the engine probe's
+# cache key covers them): Vulkan's device mask and driver (ICD) files, ROCm's device masks.
+DEVICE_VARIABLES = (
+    "GGML_VK_VISIBLE_DEVICES",
+    "VK_DRIVER_FILES",
+    "VK_ICD_FILENAMES",
+    "HIP_VISIBLE_DEVICES",
+    "ROCR_VISIBLE_DEVICES",
+)
 
 
 def _parse_go_duration_ns(s: str) -> int:
@@ -587,6 +601,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     noprune: bool = False
     # CUDA_VISIBLE_DEVICES as given (None = unset); passed through to runners
     cuda_visible_devices: str | None = None
+    # the other backends' device and driver selections that are set (DEVICE_VARIABLES, "NAME=value"
+    # joined by ";"): part of the engine probe's cache key
+    device_selection: str = ""
     # CORRAL_LOG_FORMAT
     log_format: Literal["text", "json"] = "text"
     # CORRAL_EVENT_LOOP: the daemon's event loop; "auto" = uvloop where it is installed (a core
@@ -825,6 +842,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             log_level=log_level_from_debug(var("OLLAMA_DEBUG")),
             noprune=parse_bool(var("OLLAMA_NOPRUNE")),
             cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
+            device_selection=";".join(f"{v}={env[v]}" for v in DEVICE_VARIABLES if v in env),
             log_format=log_format,  # type: ignore[arg-type]
             event_loop=event_loop,  # type: ignore[arg-type]
             simulate_gpus=simulate,

@@ -3,7 +3,8 @@
 The daemon never loads llama.cpp itself, so it runs the probe in a child process (the same argv
 its runners use) and reads one :class:`EngineProbe` JSON line. The answer is cached per engine
 build: the key is the llama_cpp package's shared libraries (path, size, mtime) plus
-``CUDA_VISIBLE_DEVICES`` and the other backends' device and driver selections (`DEVICE_VARIABLES`),
+``CUDA_VISIBLE_DEVICES`` and the other backends' device and driver selections (config's
+``device_selection``),
 so a reinstall or another device mask probes again. The cache holds what the engine *can* do (its
 devices and backends); free memory always comes from the GPU probes. A GPU build that found no
 device is not cached: the driver installed or the container given the GPU afterwards is seen at
@@ -34,23 +35,14 @@ log = structlog.get_logger(__name__)
 
 PROBE_TIMEOUT = 120.0  # importing llama.cpp with CUDA can take a while on a cold disk
 
-# what else chooses the devices llama.cpp sees (CUDA_VISIBLE_DEVICES comes from the config)
-DEVICE_VARIABLES = (
-    "GGML_VK_VISIBLE_DEVICES",
-    "VK_DRIVER_FILES",
-    "VK_ICD_FILENAMES",
-    "HIP_VISIBLE_DEVICES",
-    "ROCR_VISIBLE_DEVICES",
-)
 
-
-def engine_fingerprint(visible_devices: str | None) -> str | None:
+def engine_fingerprint(visible_devices: str | None, selection: str = "") -> str | None:
     """A key that changes when the llama_cpp libraries change; None when llama_cpp is absent."""
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or spec.origin is None:
         return None
     lib = Path(spec.origin).parent / "lib"
-    parts = [str(visible_devices), *(f"{v}={os.environ.get(v)}" for v in DEVICE_VARIABLES)]
+    parts = [str(visible_devices), selection]
     try:
         for f in sorted(lib.iterdir()):
             st = f.stat()
@@ -94,10 +86,15 @@ async def run_probe(
 
 
 async def probe_engine(
-    cache_dir: Path | None, visible_devices: str | None, argv: Sequence[str] = RUNNER_ARGV
+    cache_dir: Path | None,
+    visible_devices: str | None,
+    argv: Sequence[str] = RUNNER_ARGV,
+    selection: str = "",
 ) -> EngineProbe:
-    """The engine's answer, from the cache when this build was probed before."""
-    key = engine_fingerprint(visible_devices)
+    """The engine's answer, from the cache when this build was probed before.
+
+    ``selection``: Config.device_selection (the other backends' device and driver choices)."""
+    key = engine_fingerprint(visible_devices, selection)
     path = cache_dir / f"engine-probe-{key}.json" if cache_dir is not None and key else None
     if path is not None:
         try:

@@ -473,7 +473,9 @@ class Supervisor:
         cfg = self.config
         if cfg.runner_engine == "fake" or cfg.simulate_gpus is not None:
             return None
-        return await engine_probe.probe_engine(cfg.cache_dir, cfg.cuda_visible_devices, self._argv)
+        return await engine_probe.probe_engine(
+            cfg.cache_dir, cfg.cuda_visible_devices, self._argv, cfg.device_selection
+        )
 
     async def start(self) -> None:
         """Ask the engine what it can do, gate the GPUs by it, read the inventory, build the

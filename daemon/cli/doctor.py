@@ -222,7 +222,9 @@ async def collect(
     (None: ``platform.libc_ver``), injectable for tests.
     """
     if engine is None:
-        engine = await engine_probe.probe_engine(config.cache_dir, config.cuda_visible_devices)
+        engine = await engine_probe.probe_engine(
+            config.cache_dir, config.cuda_visible_devices, selection=config.device_selection
+        )
     nv = NvmlProbe(visible_devices=config.cuda_visible_devices, nvml=nvml)
     readings, nvidia = await asyncio.to_thread(_read_nvml, nv)
     machine = await asyncio.to_thread(buildplan.probe_machine, nvidia)

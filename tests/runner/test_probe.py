@@ -70,17 +70,15 @@ async def test_a_gpu_build_without_a_device_is_probed_again_at_each_start(tmp_pa
     assert calls.read_text() == "xx" and not list(cache.glob("engine-probe-*.json"))
 
 
-async def test_another_vulkan_device_or_driver_selection_probes_again(tmp_path, monkeypatch):
+async def test_another_vulkan_device_or_driver_selection_probes_again(tmp_path):
     argv, calls = _counting_probe(tmp_path, EngineProbe(llama_cpp_python="9.9"))
     cache = tmp_path / "cache"
-    for var in ("GGML_VK_VISIBLE_DEVICES", "VK_DRIVER_FILES"):
-        monkeypatch.delenv(var, raising=False)
-    await engine_probe.probe_engine(cache, None, argv=argv)
-    await engine_probe.probe_engine(cache, None, argv=argv)
-    monkeypatch.setenv("GGML_VK_VISIBLE_DEVICES", "1")
-    await engine_probe.probe_engine(cache, None, argv=argv)
-    monkeypatch.setenv("VK_DRIVER_FILES", "/nonexistent.json")
-    await engine_probe.probe_engine(cache, None, argv=argv)
+    env = {"GGML_VK_VISIBLE_DEVICES": "1", "PATH": "/bin"}
+    for selection in ("", "", Config.from_env(env).device_selection):
+        await engine_probe.probe_engine(cache, None, argv=argv, selection=selection)
+    assert Config.from_env(env).device_selection == "GGML_VK_VISIBLE_DEVICES=1"
+    no_icd = Config.from_env({"VK_DRIVER_FILES": "/nonexistent.json"}).device_selection
+    await engine_probe.probe_engine(cache, None, argv=argv, selection=no_icd)
     assert calls.read_text() == "xxx"
 
 
