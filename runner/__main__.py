@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import BinaryIO
 
 import msgspec
@@ -236,6 +237,20 @@ def set_process_name(name: bytes) -> None:
         pass
 
 
+def event_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The runner's event loop, as the daemon's (``CORRAL_EVENT_LOOP``, inherited): uvloop
+    unless asyncio's own is asked for or uvloop is missing (Windows; the daemon warns). A tiny
+    request's runner CPU is largely the loop's wake-ups from the decode thread and its
+    transports (fake engine, load 3.3: 208 -> 135 us back to back, 220 -> 173 us with gaps)."""
+    if os.environ.get("CORRAL_EVENT_LOOP", "").lower() == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def warm_up(engine: str) -> None:
     """What a runner of ``engine`` does before it reads its LaunchSpec, done ahead: the imports
     (aiohttp's server, numpy, llama_cpp) and llama.cpp's backend initialisation."""
@@ -266,6 +281,7 @@ def main() -> int:
     if args[:1] == ["--spare"]:
         set_process_name(SPARE_NAME)
         warm_up(args[1] if len(args) > 1 else "llama")
+    factory = event_loop()  # before the spec: a spare imports uvloop while nobody waits
     line = sys.stdin.buffer.readline()
     set_process_name(RUNNER_NAME)
     if not line.strip():
@@ -276,7 +292,8 @@ def main() -> int:
         events.send(LoadFailed(reason=f"bad launch spec: {e}"))
         return 2
     configure_logging(spec.verbose)
-    return asyncio.run(run(spec, events))
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(run(spec, events))
 
 
 if __name__ == "__main__":

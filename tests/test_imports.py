@@ -263,6 +263,10 @@ FUNCTION_IMPORTS = {
     ): "imported after the engine is chosen, so --probe stays a bare llama.cpp load",
     ("corral.runner.__main__", "corral.runner.devices"): "imports llama_cpp (--probe only)",
     (
+        "corral.runner.__main__",
+        "uvloop",
+    ): "the event loop CORRAL_EVENT_LOOP asks for; uvloop is not installed on Windows",
+    (
         "corral.daemon.cli.main",
         "corral.daemon.serve",
     ): "the server (aiohttp.web app, supervisor, prometheus-client) is ~0.45 s of imports "

@@ -201,3 +201,24 @@ def test_runner_sets_openmp_spin_unless_the_user_chose():
         env = dict(mine)
         openmp_wait_policy(env)
         assert env == mine
+
+
+def test_runner_runs_on_the_daemons_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CORRAL_EVENT_LOOP, inherited from the daemon: uvloop unless asyncio's own is asked for or
+    uvloop is missing."""
+    import sys
+
+    from corral.runner.__main__ import event_loop
+
+    uvloop = pytest.importorskip("uvloop")  # a core dependency except on Windows
+    for value in (None, "auto", "uvloop", "UVLOOP"):
+        if value is None:
+            monkeypatch.delenv("CORRAL_EVENT_LOOP", raising=False)
+        else:
+            monkeypatch.setenv("CORRAL_EVENT_LOOP", value)
+        assert event_loop() is uvloop.new_event_loop
+    monkeypatch.setenv("CORRAL_EVENT_LOOP", "AsyncIO")
+    assert event_loop() is None
+    monkeypatch.setenv("CORRAL_EVENT_LOOP", "uvloop")
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    assert event_loop() is None
