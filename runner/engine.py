@@ -541,6 +541,9 @@ class Engine:
             cp.n_ubatch = min(cp.n_batch, 512)
             cp.n_seq_max = self.parallel
             cp.kv_unified = False  # one KV stream per slot, num_ctx cells each
+            # llama.cpp's default is the full-size sliding-window cache; llama-server's (and
+            # ours) the small one: window + ubatch cells per slot (runner/kvcache.py)
+            cp.swa_full = spec.swa_full
             cp.embeddings = False
         return cp
 

@@ -7,8 +7,9 @@ prompt needs no evaluation, restoring a saved prefix when that gives more),
 after a context shift and :meth:`PromptCache.save_all` when the runner stops (not on a crash).
 
 Cutting a sequence back: with a plain KV cache any prefix can stay. Sliding-window layers (Gemma
-3: 512 positions) keep only the cells the next token can see, so a cut is valid only when the
-cells the window needs are still there: llama.cpp's state keeps positions ``pos_max - n_swa + 1
+3: 512 positions) in llama-server's small cache (``swa_full`` off: window + ubatch cells per
+slot) overwrite the cells no later token sees, so a cut is valid only when the cells the window
+needs are still there: llama.cpp's state keeps positions ``pos_max - n_swa + 1
 .. pos_max``, and after cutting to ``n`` the next token (at ``n``) needs ``n - n_swa + 1 ..``, so
 ``pos_min <= n + 1 - n_swa``, i.e. at most one cell may go. A recurrent state cannot be cut at
 all. For those models each slot keeps a **checkpoint** at the end of its last prompt (the
@@ -114,6 +115,7 @@ class PromptCache:
                 type_k=spec.kv_cache_type,
                 type_v=spec.kv_cache_type,
                 flash_attention=spec.flash_attention,
+                swa_full=spec.swa_full,
             )
             self.store = kvstore.Store(kv.dir, key, kv.disk_bytes, kv.memory_bytes)
             self.store.read_ahead()  # this key's newest files into memory while we wait

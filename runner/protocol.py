@@ -96,6 +96,10 @@ class LaunchSpec(msgspec.Struct, frozen=True, kw_only=True, tag="launch", tag_fi
     split_mode: Literal["none", "layer", "row"] = "layer"
     flash_attention: bool | None = None  # None: llama.cpp decides (auto)
     kv_cache_type: KvCacheType = "f16"
+    # llama.cpp's full-size sliding-window cache (llama-server --swa-full): every sliding layer
+    # holds num_ctx cells per slot. False (llama-server's default): num_swa + ubatch cells per
+    # slot, and a prompt is reused past the window through the slot's checkpoint
+    swa_full: bool = False
     use_mmap: bool = True
     num_thread: int = 0  # 0: llama.cpp's default (physical cores)
     num_batch: int = 512

@@ -8,8 +8,11 @@ Rules kept from Ollama's estimator:
 1. Weights per block from the tensor table (``ModelFacts.layer_bytes``); without it the file's
    bytes minus the output layer spread evenly over the blocks.
 2. KV cache per block = cells x (key_length + value_length) x head_count_kv x bytes/element.
-   Cells = ``num_ctx x parallel``; sliding-window blocks hold at most
-   ``parallel x sliding_window + batch`` cells (Gemma 3: 5 of every 6 blocks).
+   Cells = ``num_ctx x parallel``; sliding-window blocks (Gemma 3: 5 of every 6) hold what
+   the runner's llama.cpp context allocates with its small sliding-window cache (one KV stream
+   per slot, ``swa_full`` off): per slot ``sliding_window + ubatch`` cells (``ubatch = min(batch,
+   512)``) padded to 256, at most ``num_ctx`` (Ollama's unified cache: ``parallel x
+   sliding_window + batch`` in all).
 3. Bytes per element: f16 2; q8_0 and q4_0 use ggml's block sizes (34/32 and 18/32 bytes) and
    only when flash attention is explicitly on (llama.cpp needs it for a quantized V cache);
    otherwise f16 (the larger, safe number).
@@ -197,7 +200,8 @@ def estimate(
     k, v = _head_dims(facts)
     heads = _heads_kv(facts)
     sliding = sliding_pattern(facts)
-    swa_cells = min(ctx_total, max(1, parallel) * facts.sliding_window + batch)
+    ubatch = min(batch, 512)
+    swa_cells = max(1, parallel) * min(num_ctx, -(-(facts.sliding_window + ubatch) // 256) * 256)
     kv = tuple(
         int((swa_cells if sliding[i] else ctx_total) * (k + v) * heads[i] * bpe)
         for i in range(facts.block_count)

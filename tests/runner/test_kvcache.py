@@ -112,6 +112,7 @@ async def test_a_file_of_another_key_is_never_used(tiny_gguf, tiny_gguf_factory,
         Runner(other_model, tmp_path),  # another model
         Runner(tiny_gguf, tmp_path, num_ctx=256),  # another slot size
         Runner(tiny_gguf, tmp_path, kv_cache_type="f32"),  # another KV type
+        Runner(tiny_gguf, tmp_path, swa_full=True),  # the full-size sliding-window cache
     ):
         try:
             # the file moved into this runner's own key directory: its header's key decides
@@ -266,41 +267,53 @@ def test_the_build_identity_is_stable():
     assert kvcache.build_id() == kvcache.build_id() and len(kvcache.build_id()) == 32
 
 
-GEMMA_PROMPT = " ".join(  # ~570 tokens: beyond the 512-cell window
-    f"Item {i}: the {w} is on the table."
-    for i, w in enumerate(["cat", "hat", "cup", "pen"] * 12)
-    if i < 46
+GEMMA_PROMPT = " ".join(  # ~1,000 tokens: beyond the 512-cell window and the 768-cell cache
+    f"Item {i}: the {w} is on the table." for i, w in enumerate(["cat", "hat", "cup", "pen"] * 20)
 )
 
 
 @pytest.mark.gemma
 @pytest.mark.slow
 async def test_sliding_window_model_restores_through_checkpoints(gemma_gguf, tmp_path):
-    """Gemma 3's sliding-window layers (512 cells) keep only the cells the next token sees, so
-    a prefix can be cut back by one cell at most: a repeated ~570-token prompt goes through the
-    prompt-end checkpoint, in the same runner and in the next one (restored from the file)."""
-    spec = {"num_ctx": 1024, "parallel": 1, "num_thread": 2, "num_batch": 512}
+    """Gemma 3's sliding-window layers (512 positions) get llama-server's small cache: window +
+    ubatch = 640 cells, padded to 768, per slot, so a ~1,000-token prompt overwrites its first
+    cells and the sequence can no longer be cut back anywhere. The repeated prompt goes through
+    the prompt-end checkpoint, in the same runner and in the next one (restored from the
+    file); a continuation (the answer and a new line) evaluates only what is new, in the same
+    runner and after the restore, with the same greedy text as a fresh prefill."""
+    import llama_cpp
+
+    spec = {"num_ctx": 2048, "parallel": 1, "num_thread": 2, "num_batch": 128}
+
+    def more_of(text: str) -> str:
+        return GEMMA_PROMPT + text + " Item 99: the dog"
+
     first = Runner(gemma_gguf, tmp_path, **spec)
     try:
         text1, done1 = await first.run(prompt=GEMMA_PROMPT, options=GREEDY)
-        assert done1["prompt_eval_count"] > 512
+        assert done1["prompt_eval_count"] > 900
+        # the small cache really wrapped: the first positions are gone
+        assert llama_cpp.llama_memory_seq_pos_min(first.engine.mem, 0) > 0
         again, done_again = await first.run(prompt=GEMMA_PROMPT, options=GREEDY)
         assert (again, evaluated(done_again)) == (text1, 1)
+        text_more, done_more = await first.run(prompt=more_of(text1), options=GREEDY)
+        assert evaluated(done_more) < 40
+        again, done_again = await first.run(prompt=GEMMA_PROMPT, options=GREEDY)
+        assert (again, evaluated(done_again)) == (text1, 1)  # the checkpoint is still there
     finally:
         first.close()
     second = Runner(gemma_gguf, tmp_path, **spec)
     try:
         text2, done2 = await second.run(prompt=GEMMA_PROMPT, options=GREEDY)
         assert (text2, evaluated(done2)) == (text1, 1)
-        more = GEMMA_PROMPT + text1 + " Item 99: the dog"
-        text3, done3 = await second.run(prompt=more, options=GREEDY)
+        text3, done3 = await second.run(prompt=more_of(text1), options=GREEDY)
     finally:
         second.close(save_by=0)
     assert second.total("restores") == 1
     fresh_runner = Runner(gemma_gguf, None, **spec)
     try:
-        want3, fresh3 = await fresh_runner.run(prompt=more, options=GREEDY)
+        want3, fresh3 = await fresh_runner.run(prompt=more_of(text1), options=GREEDY)
     finally:
         fresh_runner.close()
-    assert text3 == want3
+    assert text3 == text_more == want3
     assert evaluated(done3) < 40 < evaluated(fresh3)

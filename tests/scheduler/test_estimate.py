@@ -57,15 +57,25 @@ def test_gemma3_sliding_window_layers() -> None:
     est = estimate(GEMMA3_270M, RunnerOptions(num_ctx=4096, num_batch=512))
     per_cell = (256 + 256) * 1 * 2
     assert est.layer_kv[5] == 4096 * per_cell  # global layer: the whole context
-    assert est.layer_kv[0] == (512 + 512) * per_cell  # sliding: window + batch
+    assert est.layer_kv[0] == (512 + 512) * per_cell  # sliding: window + ubatch
     assert est.kv_total == 3 * 4096 * per_cell + 15 * 1024 * per_cell
 
 
-def test_sliding_window_grows_with_parallel_but_not_past_context() -> None:
-    est = estimate(GEMMA3_270M, RunnerOptions(num_ctx=1024, num_batch=512), parallel=4)
+def test_sliding_window_is_per_slot_and_not_past_the_slot() -> None:
+    """What llama.cpp allocates for the runner's context (one KV stream per slot, small
+    sliding-window cache): Gemma 3 270M, 4 slots x 4096 at batch 512 logs 60.00 MiB for its 15
+    sliding layers (1024 cells x 4 seqs) and 48.00 MiB for its 3 global ones."""
     per_cell = 512 * 2
-    assert est.ctx_total == 4096
-    assert est.layer_kv[0] == min(4096, 4 * 512 + 512) * per_cell
+    est = estimate(GEMMA3_270M, RunnerOptions(num_ctx=4096, num_batch=512), parallel=4)
+    assert est.layer_kv[0] == 4 * 1024 * per_cell
+    assert est.kv_total == 60 * MiB + 48 * MiB
+    # a smaller batch: window + ubatch padded to 256 cells per slot (512 + 128 -> 768)
+    small = estimate(GEMMA3_270M, RunnerOptions(num_ctx=4096, num_batch=128), parallel=2)
+    assert small.layer_kv[0] == 2 * 768 * per_cell
+    # never more than the slot's own context
+    short = estimate(GEMMA3_270M, RunnerOptions(num_ctx=512, num_batch=512), parallel=4)
+    assert short.ctx_total == 2048
+    assert short.layer_kv[0] == 4 * 512 * per_cell
 
 
 def test_explicit_sliding_layers_win() -> None:
