@@ -13,7 +13,8 @@ drained by a thread of this process took the client's GIL for every request's lo
     ./dev bench daemon_overhead [--n 200] [--loops]
 
 ``--loops`` adds the same daemon on asyncio's own event loop (``CORRAL_EVENT_LOOP=asyncio``) to
-the A-B blocks: the default loop (uvloop where installed) against it in one run.
+the A-B blocks: the default loop (uvloop where installed) against it in one run. Its runner
+inherits the setting (since f2a7d47; the direct runner is on the default loop).
 
 A request's fixed cost (issue 18, point 5). Where the daemon's event loop spent its busy time on
 2,000 tiny non-streaming /api/generate requests (py-spy samples of the daemon, share of the
@@ -101,6 +102,32 @@ What is left on this machine: the runner's CPU per request rises when it idles b
 other work between requests: 567 µs; load average 7): its executor and decode threads park and
 wake per request, and every µs the daemon adds makes the runner's part dearer too. That is the
 runner's (issue 18 point 3's runner side), as are two of the four process wake-ups per request.
+
+The runner's side (e57a1b7, f2a7d47). Threads of a runner per tiny non-streaming /completion
+(fake engine; a raw keep-alive client, back to back and with 0.8 ms of busy work between
+requests; per-thread voluntary context switches from /proc): ~7 per request before: the loop
+woke for the request, handed engine.submit to an executor thread (a wake-up), which woke the
+decode thread and then the loop (its future), the decode thread woke the loop with the answer. A
+small completion (prompt + tokens <= 256, no images, no format: server.INLINE_SUBMIT) is now
+submitted on the loop: 3 per request (the request, the decode thread, the answer), the fewest
+while decoding keeps its own thread. A-B in one run, load 4.3-4.7: runner CPU per request 348 ->
+150 µs back to back, 420 -> 275 µs with gaps. The runner then runs on uvloop as the daemon does
+(CORRAL_EVENT_LOOP, inherited): 208 -> 135 and 220 -> 173 µs (load 3.3). Where the runner's loop
+thread is busy after both (py-spy, 6,000 requests with gaps, load 3.4): the answer's socket send
+26% (the kernel's loopback and the client's wake-up), aiohttp's protocol, request, router and
+response objects ~45%, waking the decode thread (Condition.notify) 8%, the handler's own work
+(body decode, submit, answer encode) ~7%; the decode thread is busy ~3% of the time. What is
+left is aiohttp's server and the wake-ups themselves. This bench, b6a47cc (before) and f2a7d47
+alternating, three pairs, load 3.6 -> 3.3: direct 1355/1381/1373 -> 2202/2270/2087 per s, daemon
+652/634/711 -> 775/777/764 per s, the runner behind the daemon 580/520/433 -> 347/347/340 µs per
+request, called directly 507/453/420 -> 240 µs, the daemon 740/707/600 -> 620/587/607 µs. The
+ratio FELL, 0.48/0.46/0.52 -> 0.35/0.34/0.37: the direct baseline is the same runner, so it
+gains the same µs (and more: called back to back it idles less), while the daemon's own ~600 µs
+per request and its two extra process wake-ups stay. 0.6 now asks the daemon path for ~0.76 ms
+per request (1,320/s) against ~1.3 ms: the daemon's part, not the runner's.
+Streams are not slower for it: ``vs_llama_server --model tiny --rounds 2 --streams 1,32``,
+85be8c7 and f2a7d47 alternating (two runs each, load 3.0-4.6), runner CPU per token per round
+215/254/195/176 vs 215/195/215/215 µs at 1 stream, 151/132/137/132 vs 138/151/131/132 µs at 32.
 """
 
 from __future__ import annotations
