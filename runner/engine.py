@@ -843,6 +843,11 @@ class Engine:
         per slot the cells could not serve another sequence anyway."""
         slot.release()
         slot.last_used = self.steps
+        self._refresh_active()
+
+    def _refresh_active(self) -> None:
+        """``_active``, the slots with a job in slot order: kept, not derived per step, because
+        every step walks it; set again whenever a slot starts or is freed."""
         self._active = [s for s in self._slots if s.job is not None]
 
     def _admit(self) -> None:
@@ -871,7 +876,7 @@ class Engine:
             assert self._prefix is not None
             n = self._prefix.reuse(slot, prompt, n, job.media)
             slot.start(job, prompt, n, job.truncated)
-            self._active = [s for s in self._slots if s.job is not None]
+            self._refresh_active()
 
     def _step(self) -> None:
         try:
