@@ -213,6 +213,8 @@ class _JsonWalk:
         """(index, character) of the characters of ``text`` from :attr:`pos` on that are
         outside strings (quotes and escapes left out); the walk's state follows each one, so
         a caller may stop at any of them and go on later."""
+        # the state is stored where a caller may stop (at a yield) and at the end, not per
+        # character: a caller stops only at a character it was given
         in_str, esc = self.in_str, self.esc
         for i in range(self.pos, len(text)):
             c = text[i]
@@ -225,8 +227,7 @@ class _JsonWalk:
             elif not in_str:
                 self.pos, self.in_str, self.esc = i + 1, in_str, esc
                 yield i, c
-                continue
-            self.pos, self.in_str, self.esc = i + 1, in_str, esc
+        self.pos, self.in_str, self.esc = len(text), in_str, esc
 
 
 _CLOSERS = {"{": "}", "[": "]"}
