@@ -333,13 +333,18 @@ class _Child:
 class _Live:
     """A request from its arrival to its release: who asked (for GET /api/requests and DELETE)."""
 
-    __slots__ = ("ticket", "model", "lease", "cancelled")
+    __slots__ = ("ticket", "model", "cancelled")
 
     def __init__(self, ticket: Ticket | None, model: str) -> None:
         self.ticket = ticket
         self.model = model
-        self.lease: Lease | None = None
         self.cancelled: str | None = None
+
+
+def _public_id(live: _Live | None, req_id: int) -> str:
+    """A request's id as GET/DELETE /api/requests name it: its ticket's, else internal-N."""
+    ticket = live.ticket if live is not None else None
+    return ticket.id if ticket is not None else f"internal-{req_id}"
 
 
 class RequestInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -699,7 +704,6 @@ class Supervisor:
             r.proc,
         )
         self._leases[req_id] = lease
-        live.lease = lease
         self._observe_wait(model.name, priority, policy, lease.load_duration)
         if live.cancelled is not None:  # cancelled in the instant it was granted
             lease.cancel(live.cancelled)
@@ -726,10 +730,10 @@ class Supervisor:
         for v in self._sched.requests(self._clock()):
             live = self._live.get(v.req_id)
             ticket = live.ticket if live is not None else None
-            lease = live.lease if live is not None else None
+            lease = self._leases.get(v.req_id)
             out.append(
                 RequestInfo(
-                    id=ticket.id if ticket is not None else f"internal-{v.req_id}",
+                    id=_public_id(live, v.req_id),
                     model=live.model if live is not None else self.model_name(v.model_key),
                     state=v.state,
                     priority=v.priority.name.lower(),
@@ -749,12 +753,12 @@ class Supervisor:
         n = 0
         message = f"request {request_id} was cancelled"
         for req_id, live in list(self._live.items()):
-            public = live.ticket.id if live.ticket is not None else f"internal-{req_id}"
-            if public != request_id:
+            if _public_id(live, req_id) != request_id:
                 continue
             n += 1
-            if live.lease is not None:
-                live.lease.cancel(message)
+            lease = self._leases.get(req_id)
+            if lease is not None:
+                lease.cancel(message)
                 continue
             fut = self._waiters.get(req_id)
             if fut is not None and not fut.done():

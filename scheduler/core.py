@@ -329,6 +329,12 @@ class Scheduler:
                 best = t
         return None if best == math.inf else best
 
+    @property
+    def _metal(self) -> bool:
+        """Every GPU of the inventory is Apple's (Metal): the estimator's unified-memory rule."""
+        gpus = self.inventory.gpus
+        return bool(gpus) and all(g.library == "metal" for g in gpus)
+
     def snapshot(self) -> SchedulerSnapshot:
         """An immutable view of the current state (for /api/ps, metrics and logs)."""
         waiting = {k: len(w.reqs) for k, w in self._waiting.items()}
@@ -1037,8 +1043,7 @@ class Scheduler:
         opts = self._launch_options(w, head)
         facts = head.facts
         parallel = parallel_for(facts, self.limits.num_parallel, policy.num_parallel)
-        metal = bool(self.inventory.gpus) and all(g.library == "metal" for g in self.inventory.gpus)
-        est = estimate(facts, opts, parallel, metal=metal)
+        est = estimate(facts, opts, parallel, metal=self._metal)
         # "Alone": nothing else holds memory but pinned runners, which never leave.
         alone = not self._reclaims and all(o.pinned and not o.expiring for o in others)
         if self._claim_all:
@@ -1124,8 +1129,7 @@ class Scheduler:
             return
         if len(self._runners) + self._claim_slots >= self.max_loaded:
             return
-        metal = bool(self.inventory.gpus) and all(g.library == "metal" for g in self.inventory.gpus)
-        est = estimate(r.facts, r.options, r.parallel, metal=metal)
+        est = estimate(r.facts, r.options, r.parallel, metal=self._metal)
         rooms, host_usable = self._claimed_rooms()
         rooms = _allowed(rooms, w.policy)
         used = {g for x in (r, *extras) for g in x.placement.gpus}
