@@ -111,12 +111,7 @@ class RunnerClient:
         data = await self._round_trip("/completion", body)
         if not data.strip():
             raise await self._gone(ConnectionError("stream ended without done"))
-        try:
-            ev = protocol.decode_completion_event(data.strip())
-        except msgspec.DecodeError as e:
-            raise Failed(f"bad line from runner: {e}") from None
-        if isinstance(ev, protocol.CompletionError):
-            raise Failed(ev.error)
+        ev = _event(data.strip())
         if not isinstance(ev, protocol.CompletionDone):
             raise Failed("runner answered a whole completion with a chunk")
         return ev
@@ -194,9 +189,7 @@ class RunnerClient:
                     *lines, rest = (rest + data + b"\n" * eof).split(b"\n")
                     lines = [line for line in lines if line.strip()]
                     for i, line in enumerate(lines):
-                        ev = protocol.decode_completion_event(line)
-                        if isinstance(ev, protocol.CompletionError):
-                            raise Failed(ev.error)
+                        ev = _event(line)
                         if isinstance(ev, protocol.CompletionDone):
                             yield ev, i < len(lines) - 1
                             return
@@ -204,8 +197,6 @@ class RunnerClient:
                         yield ev, i < len(lines) - 1
         except ConnectionError as e:
             raise await self._gone(e) from None
-        except msgspec.DecodeError as e:
-            raise Failed(f"bad line from runner: {e}") from None
         finally:
             self._stop = None
         raise await self._gone(ConnectionError("stream ended without done"))
@@ -274,6 +265,18 @@ class RunnerClient:
             relay.close_relay(relay_id)
             if task not in _ending:
                 task.cancel()  # closes the request: the runner cancels the job
+
+
+def _event(line: bytes) -> protocol.CompletionChunk | protocol.CompletionDone:
+    """One NDJSON line of a ``/completion`` answer; an error record or a line that is not one
+    raises :class:`Failed`."""
+    try:
+        ev = protocol.decode_completion_event(line)
+    except msgspec.DecodeError as e:
+        raise Failed(f"bad line from runner: {e}") from None
+    if isinstance(ev, protocol.CompletionError):
+        raise Failed(ev.error)
+    return ev
 
 
 def refusal(status: int, body: bytes) -> CorralError:
