@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import load_note
 from tests.e2e.conftest import start_daemon
 from tests.e2e.test_body_memory import PeakRss, send_body
 
@@ -26,7 +26,7 @@ MiB = 1 << 20
 
 
 async def main(size: int, clients: int) -> None:
-    print(f"load average {os.getloadavg()}")
+    print(load_note())
     with tempfile.TemporaryDirectory() as tmp, start_daemon(Path(tmp)) as d:
         port = int(d.url.rsplit(":", 1)[1])
         await asyncio.gather(*(send_body(port, "/api/chat", 2 * MiB, c) for c in (False, True)))

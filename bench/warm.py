@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import shutil
@@ -61,7 +60,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, model_runners  # noqa: E402
+from bench.common import create_model, free_port, model_runners  # noqa: E402
 from tests.fixtures.tiny_gguf import write_tiny_llama  # noqa: E402
 
 MODEL = "gemma3:270m"
@@ -155,14 +154,7 @@ async def unloaded(s: aiohttp.ClientSession, url: str) -> None:
 
 
 async def create_tiny(s: aiohttp.ClientSession, url: str, tmp: Path) -> str:
-    path = write_tiny_llama(tmp / "tiny.gguf", seed=1)
-    digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    async with s.post(f"{url}/api/blobs/{digest}", data=path.read_bytes()) as r:
-        assert r.status in (200, 201)
-    body = {"model": "tiny", "files": {path.name: digest}, "stream": False}
-    async with s.post(f"{url}/api/create", json=body) as r:
-        assert r.status == 200, await r.text()
-    return "tiny:latest"
+    return await create_model(s, url, write_tiny_llama(tmp / "tiny.gguf", seed=1), "tiny")
 
 
 def uptime() -> str:
