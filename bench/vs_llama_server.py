@@ -252,7 +252,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -270,7 +269,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, model_runners  # noqa: E402
+from bench.common import create_model, free_port, model_runners  # noqa: E402
 from bench.prompts import PROMPTS, chat  # noqa: E402
 
 MODEL_NAME = "gemma3-bench:270m"
@@ -496,14 +495,7 @@ class Corral:
         drain(self.proc.stderr)
 
     async def create(self, session: aiohttp.ClientSession, model: Path) -> None:
-        digest = "sha256:" + hashlib.sha256(model.read_bytes()).hexdigest()
-        async with session.post(f"{self.url}/api/blobs/{digest}", data=model.read_bytes()) as r:
-            assert r.status in (200, 201), await r.text()
-        async with session.post(
-            f"{self.url}/api/create",
-            json={"model": self.name, "files": {model.name: digest}, "stream": False},
-        ) as r:
-            assert r.status == 200, await r.text()
+        await create_model(session, self.url, model, self.name)
 
     async def ready(self, session: aiohttp.ClientSession) -> None:
         body = {"model": self.name, "prompt": "", "options": {"num_thread": self.threads}}
