@@ -33,6 +33,7 @@ from corral.daemon.policy import Policy, PolicyError
 from corral.daemon.policy import load as load_policy
 from corral.daemon.supervisor import Supervisor
 from corral.daemon.version import VERSION
+from corral.runner import eventloop
 
 log = structlog.get_logger("corral.serve")
 
@@ -58,20 +59,13 @@ def serve(config: Config) -> int:
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The event loop ``corral serve`` runs on (``CORRAL_EVENT_LOOP``): uvloop unless the
-    setting is ``asyncio`` or uvloop is not installed (Windows, which it does not support), in
-    which case asyncio's own (None). A request's fixed cost is mostly the loop's: its
-    transports, callbacks and timers cost about half as much CPU on uvloop (issue 18;
-    ``bench/daemon_overhead`` measures both)."""
-    if choice == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        if choice == "uvloop":
-            log.warning("uvloop is not installed, running on asyncio's event loop")
-        return None
-    return uvloop.new_event_loop
+    """The event loop ``corral serve`` runs on (``CORRAL_EVENT_LOOP``, the runners' too:
+    :func:`corral.runner.eventloop.loop_factory`); an explicit ``uvloop`` that is not installed
+    says so."""
+    factory = eventloop.loop_factory(choice)
+    if factory is None and choice == "uvloop":
+        log.warning("uvloop is not installed, running on asyncio's event loop")
+    return factory
 
 
 async def run(

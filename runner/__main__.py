@@ -37,6 +37,7 @@ import structlog
 from aiohttp import web
 
 from corral.runner.common import LoadError
+from corral.runner.eventloop import loop_factory
 from corral.runner.protocol import LaunchSpec, LoadFailed, Loading, Ready, decode_launch, encode
 
 log = structlog.get_logger("corral.runner")
@@ -238,17 +239,11 @@ def set_process_name(name: bytes) -> None:
 
 
 def event_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The runner's event loop, as the daemon's (``CORRAL_EVENT_LOOP``, inherited): uvloop
-    unless asyncio's own is asked for or uvloop is missing (Windows; the daemon warns). A tiny
-    request's runner CPU is largely the loop's wake-ups from the decode thread and its
+    """The runner's event loop, as the daemon's (``CORRAL_EVENT_LOOP``, inherited;
+    :func:`corral.runner.eventloop.loop_factory`; a missing uvloop is the daemon's to warn of). A
+    tiny request's runner CPU is largely the loop's wake-ups from the decode thread and its
     transports (fake engine, load 3.3: 208 -> 135 us back to back, 220 -> 173 us with gaps)."""
-    if os.environ.get("CORRAL_EVENT_LOOP", "").lower() == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
+    return loop_factory(os.environ.get("CORRAL_EVENT_LOOP", "").lower())
 
 
 def warm_up(engine: str) -> None:

@@ -1,14 +1,16 @@
 """Import directions (docs/DESIGN.md, shared/STYLE.md), checked by parsing every module.
 
-Allowed: ``daemon -> scheduler``, ``daemon -> runner.protocol``, ``runner.* -> runner.*``.
+Allowed: ``daemon -> scheduler``, ``daemon -> runner.protocol``, ``daemon -> runner.eventloop``
+(the event loop both run on), ``runner.* -> runner.*``.
 ``scheduler`` imports nothing of ours and only stdlib + msgspec, and none of the stdlib modules that
 mean I/O, clock, environment, concurrency or logging. ``daemon`` never imports ``runner.engine`` /
 ``runner.fake`` / ``runner.server`` / ``runner.__main__``. Only ``runner/engine.py``,
 ``runner/kvcache.py`` (the sequence-state calls), ``runner/images.py`` (its multimodal half) and
 ``runner/devices.py`` (the engine probe) import ``llama_cpp``; ``runner/protocol.py`` needs nothing
-but msgspec. Only the api layer (``daemon/api``) and the composition root (``daemon/serve.py``,
-which builds the app) import ``daemon.api``: the domain raises ``daemon.errors`` and never the web
-layer's errors. ``daemon/api`` never imports ``daemon.runners``: it talks to runners through
+but msgspec; it and ``runner/eventloop.py`` import nothing else of ours. Only the api layer
+(``daemon/api``) and the composition root (``daemon/serve.py``, which builds the app) import
+``daemon.api``: the domain raises ``daemon.errors`` and never the web layer's errors.
+``daemon/api`` never imports ``daemon.runners``: it talks to runners through
 ``daemon.runner_client`` alone. No import cycle among our modules, and no import inside a function
 (it hides an arrow from this test and from a reader) except the few in ``FUNCTION_IMPORTS``, each
 with its reason.
@@ -94,6 +96,9 @@ def _within(name: str, pkg: str) -> bool:
     return name == pkg or name.startswith(pkg + ".")
 
 
+# The runner modules the daemon may import: the wire types, and the event loop both run on.
+RUNNER_SHARED = ("corral.runner.protocol", "corral.runner.eventloop")
+
 # serve builds the aiohttp app from the api layer and the domain objects it wires together.
 API_IMPORTERS = {"corral.daemon.serve"}
 
@@ -109,19 +114,13 @@ def _violations(module: str, imported: str) -> str | None:
             if top not in sys.stdlib_module_names and top not in ("msgspec", "__future__"):
                 return f"scheduler may use only the stdlib and msgspec, not {top}"
     if module.startswith("corral.daemon") and _within(imported, "corral.runner"):
-        if imported not in ("corral.runner", "corral.runner.protocol") and not _within(
-            imported, "corral.runner.protocol"
-        ):
-            return "daemon may import only runner.protocol"
+        if imported != "corral.runner" and not any(_within(imported, m) for m in RUNNER_SHARED):
+            return "daemon may import only runner.protocol and runner.eventloop"
     if module.startswith("corral.runner"):
         if _within(imported, "corral.daemon") or _within(imported, "corral.scheduler"):
             return "runner imports only runner modules"
-        if (
-            module == "corral.runner.protocol"
-            and _is_ours(imported)
-            and not _within(imported, "corral.runner.protocol")
-        ):
-            return "runner.protocol imports nothing else of ours"
+        if module in RUNNER_SHARED and _is_ours(imported) and not _within(imported, module):
+            return f"{module.removeprefix('corral.')} imports nothing else of ours"
     if (
         _within(imported, "corral.daemon.api")
         and not _within(module, "corral.daemon.api")
@@ -171,6 +170,9 @@ def test_import_directions(module: str, path: Path) -> None:
         ("corral.daemon.supervisor", "corral.scheduler", True),
         ("corral.daemon.supervisor", "corral.runner.protocol", True),
         ("corral.daemon.supervisor", "corral.runner.engine", False),
+        ("corral.daemon.serve", "corral.runner.eventloop", True),
+        ("corral.daemon.serve", "corral.runner.common", False),
+        ("corral.runner.eventloop", "corral.runner.common", False),
         ("corral.daemon.supervisor", "corral.runner.fake", False),
         ("corral.daemon.supervisor", "llama_cpp", False),
         ("corral.runner.server", "corral.runner.engine", True),
@@ -263,9 +265,10 @@ FUNCTION_IMPORTS = {
     ): "imported after the engine is chosen, so --probe stays a bare llama.cpp load",
     ("corral.runner.__main__", "corral.runner.devices"): "imports llama_cpp (--probe only)",
     (
-        "corral.runner.__main__",
+        "corral.runner.eventloop",
         "uvloop",
-    ): "the event loop CORRAL_EVENT_LOOP asks for; uvloop is not installed on Windows",
+    ): "the event loop CORRAL_EVENT_LOOP asks for (daemon and runner); uvloop is not installed "
+    "on Windows",
     (
         "corral.daemon.cli.main",
         "corral.daemon.serve",
@@ -275,10 +278,6 @@ FUNCTION_IMPORTS = {
     ("corral.runner.devices", "llama_cpp"): "the engine probe loads llama.cpp only when run",
     ("corral.runner.devices", "llama_cpp._ggml"): "as above",
     ("corral.daemon.gpu", "pynvml"): "NVML is loaded only when real NVIDIA GPUs are probed",
-    (
-        "corral.daemon.serve",
-        "uvloop",
-    ): "the event loop CORRAL_EVENT_LOOP asks for; uvloop is not installed on Windows",
     (
         "corral.daemon.buildplan",
         "pynvml",
