@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import subprocess
@@ -10,8 +9,10 @@ import sys
 import threading
 from pathlib import Path
 
-import aiohttp
 import psutil
+
+# the e2e tests' one way to upload a GGUF and create a model from it
+from tests.e2e.conftest import create_model as create_model
 
 
 def free_port() -> int:
@@ -76,19 +77,6 @@ def spawn_daemon(models: Path, **env: str) -> tuple[subprocess.Popen, str]:
         raise SystemExit("daemon did not start")
     threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
     return proc, f"http://127.0.0.1:{port}"
-
-
-async def create_model(s: aiohttp.ClientSession, url: str, gguf: Path, name: str) -> str:
-    """Upload ``gguf`` and create model ``name`` from it; returns ``name:latest``."""
-    data = gguf.read_bytes()
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    async with s.post(f"{url}/api/blobs/{digest}", data=data) as r:
-        assert r.status in (200, 201), await r.text()
-    async with s.post(
-        f"{url}/api/create", json={"model": name, "files": {gguf.name: digest}, "stream": False}
-    ) as r:
-        assert r.status == 200, await r.text()
-    return f"{name}:latest"
 
 
 def load_note() -> str:

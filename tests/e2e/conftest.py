@@ -8,6 +8,7 @@ own daemon with :func:`start_daemon`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import socket
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+
+from tests.fixtures.tiny_gguf import write_tiny_llama
 
 
 def free_port() -> int:
@@ -149,6 +152,27 @@ def wait_until(pred, timeout: float = 20.0, interval: float = 0.02) -> bool:
             return True
         time.sleep(interval)
     return pred()
+
+
+async def create_model(s: aiohttp.ClientSession, url: str, gguf: Path, name: str) -> str:
+    """Upload ``gguf`` and create model ``name`` from it; returns ``name:latest`` (the benchmarks
+    use it too: ``bench/common``)."""
+    data = gguf.read_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    async with s.post(f"{url}/api/blobs/{digest}", data=data) as r:
+        assert r.status in (200, 201), await r.text()
+    async with s.post(
+        f"{url}/api/create", json={"model": name, "files": {gguf.name: digest}, "stream": False}
+    ) as r:
+        assert r.status == 200, await r.text()
+    return f"{name}:latest"
+
+
+async def create_tiny(
+    s: aiohttp.ClientSession, url: str, tmp_path: Path, name: str, seed: int
+) -> str:
+    """The tiny model written with ``seed`` (another seed, another blob) as model ``name``."""
+    return await create_model(s, url, write_tiny_llama(tmp_path / f"{name}.gguf", seed=seed), name)
 
 
 @pytest.fixture

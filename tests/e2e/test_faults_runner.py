@@ -21,25 +21,13 @@ import json
 import re
 from datetime import datetime
 
-import aiohttp
 import pytest
 
-from tests.e2e.conftest import pid_alive, start_daemon
-from tests.e2e.test_scheduler_http import create_model, generate
+from tests.e2e.conftest import create_model, create_tiny, pid_alive, start_daemon
+from tests.e2e.test_scheduler_http import generate
 from tests.fixtures.tiny_gguf import write_tiny_llama
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
-
-
-async def create_from_file(s: aiohttp.ClientSession, url: str, name: str, data: bytes) -> str:
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    async with s.post(f"{url}/api/blobs/{digest}", data=data) as r:
-        assert r.status in (200, 201), await r.text()
-    async with s.post(
-        f"{url}/api/create", json={"model": name, "files": {"m.gguf": digest}, "stream": False}
-    ) as r:
-        assert r.status == 200, await r.text()
-    return f"{name}:latest"
 
 
 def starts_of(log: list[str], model: str) -> list[str]:
@@ -72,9 +60,11 @@ async def test_crash_loop_backs_off_and_other_models_keep_serving(tmp_path, sess
     backoff every retry would load and that never happens."""
     good_path = write_tiny_llama(tmp_path / "good.gguf", seed=1)
     whole = write_tiny_llama(tmp_path / "whole.gguf", seed=2).read_bytes()
+    bad_path = tmp_path / "bad.gguf"
+    bad_path.write_bytes(whole[: len(whole) - 4096])
     with start_daemon(tmp_path) as d:
-        good = await create_from_file(session, d.url, "good", good_path.read_bytes())
-        bad = await create_from_file(session, d.url, "bad", whole[: len(whole) - 4096])
+        good = await create_model(session, d.url, good_path, "good")
+        bad = await create_model(session, d.url, bad_path, "bad")
         first = await generate(session, d.url, bad, options={"num_predict": 2})
         assert first["_status"] == 500, first
         error = first["error"]
@@ -139,7 +129,7 @@ async def test_hung_load_is_killed_at_the_load_timeout_and_the_next_request_load
         "CORRAL_FAKE_KNOBS": json.dumps({"hang_load_while": str(hang)}),
     }
     with start_daemon(tmp_path, **env) as d:
-        model = await create_model(session, d.url, tmp_path, "m", 1)
+        model = await create_tiny(session, d.url, tmp_path, "m", 1)
         waiters = await asyncio.gather(
             *(generate(session, d.url, model, options={"num_predict": 2}) for _ in range(3))
         )
@@ -166,17 +156,17 @@ async def test_hung_load_is_killed_at_the_load_timeout_and_the_next_request_load
 async def test_copy_onto_a_name_being_loaded_is_safe(tmp_path, session):
     """``cp B A`` while A's runner is loading: the load still has A's weights (its blob is held
     until the runner is gone, then removed), later requests for A get B."""
-    a_data = write_tiny_llama(tmp_path / "a.gguf", seed=1).read_bytes()
-    b_data = write_tiny_llama(tmp_path / "b.gguf", seed=2).read_bytes()
+    a_path = write_tiny_llama(tmp_path / "a.gguf", seed=1)
+    b_path = write_tiny_llama(tmp_path / "b.gguf", seed=2)
     greedy = {"num_predict": 6, "temperature": 0, "seed": 1}
     with start_daemon(tmp_path) as d:
-        a = await create_from_file(session, d.url, "a", a_data)
-        b = await create_from_file(session, d.url, "b", b_data)
+        a = await create_model(session, d.url, a_path, "a")
+        b = await create_model(session, d.url, b_path, "b")
         ref = {}
         for m in (a, b):  # what each model answers, then unloaded
             ref[m] = (await generate(session, d.url, m, options=greedy, keep_alive=0))["response"]
         assert ref[a] != ref[b]
-        a_blob = d.models / "blobs" / ("sha256-" + hashlib.sha256(a_data).hexdigest())
+        a_blob = d.models / "blobs" / ("sha256-" + hashlib.sha256(a_path.read_bytes()).hexdigest())
         loop = asyncio.get_running_loop()
         end = loop.time() + 30
         while any(p for p in d.runner_pids()) and loop.time() < end:

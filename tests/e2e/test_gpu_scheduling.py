@@ -18,14 +18,13 @@ hundred MiB and the sizes below are the models' weights plus that.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.e2e.conftest import Daemon, pid_alive, start_daemon
+from tests.e2e.conftest import Daemon, create_model, pid_alive, start_daemon
 from tests.fixtures.virtual_gguf import write_virtual_llama
 
 pytestmark = pytest.mark.timeout(120)
@@ -80,19 +79,11 @@ def env(
 # ------------------------------------------------------------------------------------ helpers
 
 
-async def create_model(
+async def create_virtual(
     s: aiohttp.ClientSession, d: Daemon, tmp_path, name: str, weights_gib: float
 ) -> str:
     path = write_virtual_llama(tmp_path / f"{name}.gguf", weights_gib=weights_gib, name=name)
-    data = path.read_bytes()
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    async with s.post(f"{d.url}/api/blobs/{digest}", data=data) as r:
-        assert r.status in (200, 201), await r.text()
-    async with s.post(
-        f"{d.url}/api/create", json={"model": name, "files": {path.name: digest}, "stream": False}
-    ) as r:
-        assert r.status == 200, await r.text()
-    return f"{name}:latest"
+    return await create_model(s, d.url, path, name)
 
 
 async def ps(s: aiohttp.ClientSession, d: Daemon) -> dict[str, dict]:
@@ -186,8 +177,8 @@ async def test_model_goes_to_gpu_with_most_free_then_next_model_to_the_other(tmp
     # GPU 0 is the bigger card but 4 GiB of it are used by someone else: GPU 1 has more free.
     gpus = gpus_env(("Sim A", 10, 6), ("Sim B", 8, 8))
     with start_daemon(tmp_path, **env(gpus)) as d:
-        a = await create_model(session, d, tmp_path, "a", 5.0)
-        b = await create_model(session, d, tmp_path, "b", 5.0)
+        a = await create_virtual(session, d, tmp_path, "a", 5.0)
+        b = await create_virtual(session, d, tmp_path, "b", 5.0)
         await generate(session, d, a)
         row_a = (await ps(session, d))[a]
         assert_whole_on(row_a, "1", "Sim B")
@@ -208,7 +199,7 @@ async def test_model_goes_to_gpu_with_most_free_then_next_model_to_the_other(tmp
 async def test_model_too_big_for_one_gpu_is_split_over_two(tmp_path, session):
     gpus = gpus_env(("Sim A", 6, 6), ("Sim B", 8, 8))
     with start_daemon(tmp_path, **env(gpus)) as d:
-        big = await create_model(session, d, tmp_path, "big", 10.0)
+        big = await create_virtual(session, d, tmp_path, "big", 10.0)
         await generate(session, d, big)
         row = (await ps(session, d))[big]
         assert row["size_vram"] == row["size"] > 10 * GiB
@@ -228,7 +219,7 @@ async def test_model_too_big_for_one_gpu_is_split_over_two(tmp_path, session):
 async def test_sched_spread_puts_even_a_small_model_on_every_gpu(tmp_path, session):
     gpus = gpus_env(("Sim A", 6, 6), ("Sim B", 8, 8))
     with start_daemon(tmp_path, **env(gpus, OLLAMA_SCHED_SPREAD="1")) as d:
-        small = await create_model(session, d, tmp_path, "small", 1.0)
+        small = await create_virtual(session, d, tmp_path, "small", 1.0)
         await generate(session, d, small)
         row = (await ps(session, d))[small]
         assert row["size_vram"] == row["size"]
@@ -244,9 +235,9 @@ async def test_sched_spread_puts_even_a_small_model_on_every_gpu(tmp_path, sessi
 async def test_new_model_evicts_the_idle_model_not_the_busy_one(tmp_path, session):
     gpus = gpus_env(("Sim A", 6, 6), ("Sim B", 8, 8))
     with start_daemon(tmp_path, **env(gpus)) as d:
-        busy = await create_model(session, d, tmp_path, "busy", 5.0)
-        idle = await create_model(session, d, tmp_path, "idle", 5.0)
-        new = await create_model(session, d, tmp_path, "new", 5.0)
+        busy = await create_virtual(session, d, tmp_path, "busy", 5.0)
+        idle = await create_virtual(session, d, tmp_path, "idle", 5.0)
+        new = await create_virtual(session, d, tmp_path, "new", 5.0)
         # busy is loaded first (the least recently used one), idle second; one per GPU.
         await generate(session, d, busy)
         await generate(session, d, idle)
@@ -279,7 +270,7 @@ async def test_new_model_evicts_the_idle_model_not_the_busy_one(tmp_path, sessio
 async def test_model_larger_than_all_vram_is_partially_offloaded(tmp_path, session):
     gpus = gpus_env(("Sim A", 6, 6), ("Sim B", 8, 8))
     with start_daemon(tmp_path, **env(gpus)) as d:
-        huge = await create_model(session, d, tmp_path, "huge", 16.0)
+        huge = await create_virtual(session, d, tmp_path, "huge", 16.0)
         await generate(session, d, huge)
         row = (await ps(session, d))[huge]
         assert 0 < row["size_vram"] < row["size"]
@@ -293,7 +284,7 @@ async def test_model_larger_than_all_vram_is_partially_offloaded(tmp_path, sessi
 async def test_num_gpu_zero_runs_on_cpu(tmp_path, session):
     gpus = gpus_env(("Sim A", 6, 6), ("Sim B", 8, 8))
     with start_daemon(tmp_path, **env(gpus)) as d:
-        m = await create_model(session, d, tmp_path, "m", 1.0)
+        m = await create_virtual(session, d, tmp_path, "m", 1.0)
         await generate(session, d, m, options={"num_gpu": 0})
         row = (await ps(session, d))[m]
         assert row["size_vram"] == 0 and row["gpus"] == [] and row["size"] > 0
@@ -309,8 +300,8 @@ async def test_loaded_model_is_served_while_another_loads(tmp_path, session):
     hold = tmp_path / "hold-loads"
     gpus = gpus_env(("Sim A", 6, 6), ("Sim B", 8, 8))
     with start_daemon(tmp_path, **env(gpus, hang_load_while=hold)) as d:
-        a = await create_model(session, d, tmp_path, "a", 5.0)
-        b = await create_model(session, d, tmp_path, "b", 5.0)
+        a = await create_virtual(session, d, tmp_path, "a", 5.0)
+        b = await create_virtual(session, d, tmp_path, "b", 5.0)
         await generate(session, d, a)  # loaded
         hold.touch()
         loading_b = asyncio.create_task(generate(session, d, b))
@@ -333,8 +324,8 @@ async def test_gpu_used_by_others_is_not_overcommitted(tmp_path, session):
     loaded there, a 3 GiB model does not fit next to it; the idle one is evicted first."""
     gpus = gpus_env(("Sim A", 10, 6))
     with start_daemon(tmp_path, **env(gpus)) as d:
-        x = await create_model(session, d, tmp_path, "x", 5.0)
-        y = await create_model(session, d, tmp_path, "y", 3.0)
+        x = await create_virtual(session, d, tmp_path, "x", 5.0)
+        y = await create_virtual(session, d, tmp_path, "y", 3.0)
         await generate(session, d, x)
         row_x = (await ps(session, d))[x]
         assert_whole_on(row_x, "0", "Sim A")
@@ -353,8 +344,8 @@ async def test_busy_model_is_only_evicted_once_its_stream_ends(tmp_path, session
     hold = tmp_path / "hold-tokens"
     gpus = gpus_env(("Sim A", 8, 8))
     with start_daemon(tmp_path, **env(gpus, hold_tokens_while=hold)) as d:
-        p = await create_model(session, d, tmp_path, "p", 5.0)
-        q = await create_model(session, d, tmp_path, "q", 5.0)
+        p = await create_virtual(session, d, tmp_path, "p", 5.0)
+        q = await create_virtual(session, d, tmp_path, "q", 5.0)
         await generate(session, d, p)
         pid_p = (await ps(session, d))[p]["pid"]
         hold.touch()
@@ -384,7 +375,7 @@ async def test_busy_model_is_only_evicted_once_its_stream_ends(tmp_path, session
 async def test_main_gpu_pins_the_model_to_that_gpu(tmp_path, session):
     gpus = gpus_env(("Sim A", 6, 6), ("Sim B", 8, 8))
     with start_daemon(tmp_path, **env(gpus)) as d:
-        m = await create_model(session, d, tmp_path, "m", 1.0)
+        m = await create_virtual(session, d, tmp_path, "m", 1.0)
         await generate(session, d, m, options={"main_gpu": 0})  # not the one with most free
         row = (await ps(session, d))[m]
         assert_whole_on(row, "0", "Sim A")
@@ -399,8 +390,8 @@ async def test_two_models_load_at_the_same_time_on_two_gpus(tmp_path, session):
     hold.touch()
     gpus = gpus_env(("Sim A", 6, 6), ("Sim B", 8, 8))
     with start_daemon(tmp_path, **env(gpus, hang_load_while=hold)) as d:
-        a = await create_model(session, d, tmp_path, "a", 5.0)
-        b = await create_model(session, d, tmp_path, "b", 5.0)
+        a = await create_virtual(session, d, tmp_path, "a", 5.0)
+        b = await create_virtual(session, d, tmp_path, "b", 5.0)
         both = asyncio.gather(generate(session, d, a), generate(session, d, b))
         assert await wait_for_log(lambda: started(d, a) and started(d, b))
         assert not both.done() and not [line for line in d.log if "runner ready" in line]

@@ -13,8 +13,8 @@ import pytest
 
 from corral.daemon.cli import doctor
 from corral.daemon.config import Config
-from tests.e2e.conftest import start_daemon
-from tests.e2e.test_scheduler_http import create_model, generate, wait_ps
+from tests.e2e.conftest import create_tiny, start_daemon
+from tests.e2e.test_scheduler_http import generate, wait_ps
 
 
 def evaluated(done: dict) -> int:
@@ -44,8 +44,8 @@ async def ask(session, url: str, model: str, **extra) -> dict:
 async def test_the_prompt_cache_survives_eviction_expiry_and_restart(tmp_path, session):
     env = {"OLLAMA_MAX_LOADED_MODELS": "1"}
     with start_daemon(tmp_path, **env) as d:
-        a = await create_model(session, d.url, tmp_path, "a", 1)
-        b = await create_model(session, d.url, tmp_path, "b", 2)
+        a = await create_tiny(session, d.url, tmp_path, "a", 1)
+        b = await create_tiny(session, d.url, tmp_path, "b", 2)
         cold = await ask(session, d.url, a)
         assert evaluated(cold) > 100
         # eviction by another model: a's runner stops and saves
@@ -77,8 +77,8 @@ async def test_the_prompt_cache_survives_eviction_expiry_and_restart(tmp_path, s
 
 async def test_no_saving_when_the_cache_is_off(tmp_path, session):
     with start_daemon(tmp_path, OLLAMA_MAX_LOADED_MODELS="1", CORRAL_KV_CACHE_SIZE="0") as d:
-        a = await create_model(session, d.url, tmp_path, "a", 1)
-        b = await create_model(session, d.url, tmp_path, "b", 2)
+        a = await create_tiny(session, d.url, tmp_path, "a", 1)
+        b = await create_tiny(session, d.url, tmp_path, "b", 2)
         cold = await ask(session, d.url, a)
         await ask(session, d.url, b)
         again = await ask(session, d.url, a)

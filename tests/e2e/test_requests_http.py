@@ -11,8 +11,8 @@ import json
 import aiohttp
 import pytest
 
-from tests.e2e.conftest import start_daemon
-from tests.e2e.test_scheduler_http import create_model, fake_env
+from tests.e2e.conftest import create_tiny, start_daemon
+from tests.e2e.test_scheduler_http import fake_env
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,7 +47,7 @@ async def listed(s: aiohttp.ClientSession, url: str, pred, timeout: float = 20.0
 async def test_see_order_and_cancel_requests(tmp_path, session):
     env = fake_env(tokens_per_second=40.0, OLLAMA_NUM_PARALLEL="1", OLLAMA_MAX_QUEUE="2")
     with start_daemon(tmp_path, **env) as d:
-        m = await create_model(session, d.url, tmp_path, "m", 1)
+        m = await create_tiny(session, d.url, tmp_path, "m", 1)
         # X-Request-Id: made up when the client sends none, the client's own kept
         async with session.post(
             f"{d.url}/api/generate",

@@ -16,8 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.e2e.conftest import pid_alive, start_daemon
-from tests.fixtures.tiny_gguf import write_tiny_llama
+from tests.e2e.conftest import create_tiny, pid_alive, start_daemon
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,20 +33,6 @@ def fake_env(
     if hold_tokens_while is not None:
         knobs["hold_tokens_while"] = str(hold_tokens_while)
     return {"CORRAL_RUNNER_ENGINE": "fake", "CORRAL_FAKE_KNOBS": json.dumps(knobs), **extra}
-
-
-async def create_model(s: aiohttp.ClientSession, url: str, tmp_path, name: str, seed: int) -> str:
-    path = write_tiny_llama(tmp_path / f"{name}.gguf", seed=seed)
-    import hashlib
-
-    digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    async with s.post(f"{url}/api/blobs/{digest}", data=path.read_bytes()) as r:
-        assert r.status in (200, 201), await r.text()
-    async with s.post(
-        f"{url}/api/create", json={"model": name, "files": {path.name: digest}, "stream": False}
-    ) as r:
-        assert r.status == 200, await r.text()
-    return f"{name}:latest"
 
 
 async def ps(s: aiohttp.ClientSession, url: str) -> list[dict]:
@@ -105,8 +90,8 @@ class Stream:
 
 async def test_max_loaded_models_evicts_idle_runner(tmp_path, session):
     with start_daemon(tmp_path, OLLAMA_MAX_LOADED_MODELS="1") as d:
-        a = await create_model(session, d.url, tmp_path, "a", 1)
-        b = await create_model(session, d.url, tmp_path, "b", 2)
+        a = await create_tiny(session, d.url, tmp_path, "a", 1)
+        b = await create_tiny(session, d.url, tmp_path, "b", 2)
         assert (await generate(session, d.url, a, options={"num_predict": 2}))["_status"] == 200
         [row_a] = await ps(session, d.url)
         assert row_a["model"] == a
@@ -118,7 +103,7 @@ async def test_max_loaded_models_evicts_idle_runner(tmp_path, session):
 
 async def test_keep_alive_expiry_stops_runner(tmp_path, session):
     with start_daemon(tmp_path) as d:
-        a = await create_model(session, d.url, tmp_path, "a", 1)
+        a = await create_tiny(session, d.url, tmp_path, "a", 1)
         r = await generate(session, d.url, a, keep_alive="1h", options={"num_predict": 2})
         assert r["_status"] == 200
         [row] = await ps(session, d.url)
@@ -137,7 +122,7 @@ async def test_keep_alive_expiry_stops_runner(tmp_path, session):
 async def test_max_queue_rejects_waiters_on_a_loaded_model(tmp_path, session):
     env = fake_env(OLLAMA_NUM_PARALLEL="1", OLLAMA_MAX_QUEUE="1")
     with start_daemon(tmp_path, **env) as d:
-        a = await create_model(session, d.url, tmp_path, "a", 1)
+        a = await create_tiny(session, d.url, tmp_path, "a", 1)
         first = await Stream(session, d.url, a, options={"num_predict": ENDLESS}).open()
         assert (await first.line())["done"] is False  # granted, holds the only slot
         waiter = asyncio.create_task(generate(session, d.url, a, options={"num_predict": 1}))
@@ -152,7 +137,7 @@ async def test_num_parallel_streams_interleave(tmp_path, session):
     hold = tmp_path / "hold-tokens"
     env = fake_env(20.0, hold_tokens_while=hold, OLLAMA_NUM_PARALLEL="2")
     with start_daemon(tmp_path, **env) as d:
-        a = await create_model(session, d.url, tmp_path, "a", 1)
+        a = await create_tiny(session, d.url, tmp_path, "a", 1)
         hold.touch()  # each stream stops after its first token until both are seen running
         s1 = await Stream(session, d.url, a, options={"num_predict": 10}).open()
         s2 = await Stream(session, d.url, a, options={"num_predict": 10}).open()
@@ -168,7 +153,7 @@ async def test_num_parallel_streams_interleave(tmp_path, session):
 
 async def test_num_ctx_change_reloads(tmp_path, session):
     with start_daemon(tmp_path) as d:
-        a = await create_model(session, d.url, tmp_path, "a", 1)
+        a = await create_tiny(session, d.url, tmp_path, "a", 1)
         await generate(session, d.url, a, options={"num_ctx": 256, "num_predict": 1})
         [r1] = await ps(session, d.url)
         assert r1["context_length"] == 256
@@ -183,7 +168,7 @@ async def test_num_ctx_change_reloads(tmp_path, session):
 
 async def test_runner_killed_mid_stream_ends_with_error_and_reloads(tmp_path, session):
     with start_daemon(tmp_path, **fake_env(20.0)) as d:
-        a = await create_model(session, d.url, tmp_path, "a", 1)
+        a = await create_tiny(session, d.url, tmp_path, "a", 1)
         s1 = await Stream(session, d.url, a, options={"num_predict": ENDLESS}).open()
         assert (await s1.line())["done"] is False
         [row] = await ps(session, d.url)
@@ -198,7 +183,7 @@ async def test_runner_killed_mid_stream_ends_with_error_and_reloads(tmp_path, se
 
 async def test_client_disconnect_frees_slot(tmp_path, session):
     with start_daemon(tmp_path, **fake_env(20.0, OLLAMA_NUM_PARALLEL="1")) as d:
-        a = await create_model(session, d.url, tmp_path, "a", 1)
+        a = await create_tiny(session, d.url, tmp_path, "a", 1)
         s1 = await Stream(session, d.url, a, options={"num_predict": 400}).open()
         assert (await s1.line())["done"] is False
         s1.close()
@@ -211,7 +196,7 @@ async def test_client_disconnect_frees_slot(tmp_path, session):
 async def test_cancelled_while_queued_frees_queue_place(tmp_path, session):
     env = fake_env(20.0, OLLAMA_NUM_PARALLEL="1", OLLAMA_MAX_QUEUE="1")
     with start_daemon(tmp_path, **env) as d:
-        a = await create_model(session, d.url, tmp_path, "a", 1)
+        a = await create_tiny(session, d.url, tmp_path, "a", 1)
         holder = await Stream(session, d.url, a, options={"num_predict": ENDLESS}).open()
         assert (await holder.line())["done"] is False
         queued = asyncio.create_task(generate(session, d.url, a, options={"num_predict": 1}))

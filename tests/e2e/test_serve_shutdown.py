@@ -6,7 +6,6 @@ never cut off or hung."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import re
 import signal
@@ -16,23 +15,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.e2e.conftest import pid_alive, start_daemon, wait_until
-from tests.fixtures.tiny_gguf import write_tiny_llama
+from tests.e2e.conftest import create_tiny, pid_alive, start_daemon, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "corral.service"
-
-
-async def create(s: aiohttp.ClientSession, url: str, tmp_path: Path, name: str, seed: int) -> None:
-    data = write_tiny_llama(tmp_path / f"{name}.gguf", seed=seed).read_bytes()
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    async with s.post(f"{url}/api/blobs/{digest}", data=data) as r:
-        assert r.status in (200, 201)
-    async with s.post(
-        f"{url}/api/create", json={"model": name, "files": {"m.gguf": digest}, "stream": False}
-    ) as r:
-        assert r.status == 200, await r.text()
 
 
 async def test_sigterm_stops_within_the_unit_timeout(tmp_path):
@@ -45,8 +32,8 @@ async def test_sigterm_stops_within_the_unit_timeout(tmp_path):
         OLLAMA_MAX_LOADED_MODELS="2",
     ) as d:
         async with aiohttp.ClientSession() as s:
-            await create(s, d.url, tmp_path, "a", 1)
-            await create(s, d.url, tmp_path, "b", 2)
+            await create_tiny(s, d.url, tmp_path, "a", 1)
+            await create_tiny(s, d.url, tmp_path, "b", 2)
             async with s.post(
                 f"{d.url}/api/generate", json={"model": "b", "prompt": "", "stream": False}
             ) as r:
@@ -76,7 +63,7 @@ async def test_the_spare_runner_serves_a_load_and_dies_with_a_killed_daemon(tmp_
         (spare,) = d.runner_pids(spares=True)
         assert d.runner_pids() == set()  # a spare is no runner of a model yet
         async with aiohttp.ClientSession() as s:
-            await create(s, d.url, tmp_path, "a", 1)
+            await create_tiny(s, d.url, tmp_path, "a", 1)
             async with s.post(
                 f"{d.url}/api/generate",
                 json={"model": "a", "prompt": "", "stream": False},
