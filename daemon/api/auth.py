@@ -57,17 +57,20 @@ _NAMES: web.RequestKey[list] = web.RequestKey("corral.auth_models", list)
 class Rule:
     """What a route needs: ``scope`` (None = open), the body fields that name models (matched
     ignoring case, as Go's JSON decoding does), a path parameter naming one, and the audited
-    admin ``action``."""
+    admin ``action``. ``ticket``: an inference request (it gets a ticket: ``X-Request-Id``,
+    ``X-Corral-Priority``; :mod:`corral.daemon.api.requests`)."""
 
     scope: Scope | None
     fields: tuple[str, ...] = ()
     path_model: str | None = None
     action: Action | None = None
+    ticket: bool = False
 
 
 OPEN = Rule(None)
 _M = ("model", "name")
-_INFER = Rule("inference", ("model",))
+_GENERATE = Rule("inference", _M, ticket=True)
+_INFER = Rule("inference", ("model",), ticket=True)
 RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/"): OPEN,
     ("GET", "/readyz"): OPEN,
@@ -76,10 +79,10 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/api/tags"): Rule("inference"),
     ("GET", "/api/ps"): Rule("inference"),
     ("POST", "/api/show"): Rule("inference", _M),
-    ("POST", "/api/generate"): Rule("inference", _M),
-    ("POST", "/api/chat"): Rule("inference", _M),
-    ("POST", "/api/embed"): Rule("inference", _M),
-    ("POST", "/api/embeddings"): Rule("inference", _M),
+    ("POST", "/api/generate"): _GENERATE,
+    ("POST", "/api/chat"): _GENERATE,
+    ("POST", "/api/embed"): _GENERATE,
+    ("POST", "/api/embeddings"): _GENERATE,
     ("POST", "/api/create"): Rule("admin", ("model", "name", "from"), action="create"),
     ("HEAD", "/api/blobs/{digest}"): Rule("admin"),
     ("POST", "/api/blobs/{digest}"): Rule("admin", action="blob_upload"),

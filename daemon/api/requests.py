@@ -29,19 +29,9 @@ from corral.daemon.ticket import CURRENT, PRIORITIES, Ticket
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("corral.request_id", str)
+# the POST routes whose rule says they are inference requests
 INFERENCE_PATHS = frozenset(
-    {
-        "/api/generate",
-        "/api/chat",
-        "/api/embed",
-        "/api/embeddings",
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/messages",
-        "/v1/messages/count_tokens",
-        "/v1/responses",
-    }
+    path for (method, path), rule in auth.RULES.items() if method == "POST" and rule.ticket
 )
 MAX_ID = 128
 

@@ -58,3 +58,32 @@ async def test_tickets_carry_the_id_the_header_class_and_the_keys_default(tmp_pa
             e, "GET", "/api/requests", None, {"Authorization": f"Bearer {user}"}
         )
         assert status == 403
+
+
+INFERENCE_ROUTES = [
+    "/api/generate",
+    "/api/chat",
+    "/api/embed",
+    "/api/embeddings",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/responses",
+]
+
+
+async def test_every_inference_route_and_no_other_gets_a_ticket(tmp_path: Path) -> None:
+    """The ticket routes are the auth rules marked ``ticket`` (requests.INFERENCE_PATHS): each
+    inference route reads X-Corral-Priority before its handler runs; model management does
+    not, whatever the header says."""
+    bad = {"X-Corral-Priority": "urgent"}
+    async with make_env(tmp_path) as e:
+        for path in INFERENCE_ROUTES:
+            status, body, _ = await call(e, "POST", path, GEN, bad)
+            assert status == 400 and "X-Corral-Priority" in str(body), (path, body)
+        for method, path in [("POST", "/api/show"), ("GET", "/api/tags"), ("GET", "/v1/models")]:
+            status, _, headers = await call(e, method, path, GEN if method == "POST" else None, bad)
+            assert status == 200, path
+            assert "x-request-id" not in {k.lower() for k in headers}, path
