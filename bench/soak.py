@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import free_port, model_runners, pct  # noqa: E402
-from tests.e2e.test_faults_runner import create_from_file  # noqa: E402
+from tests.e2e.conftest import create_model  # noqa: E402
 from tests.fixtures.tiny_gguf import write_tiny_llama  # noqa: E402
 
 KNOBS = {"tokens_per_second": 200.0, "default_num_predict": 16, "load_time": 0.2}
@@ -171,11 +171,8 @@ async def soak(args: argparse.Namespace) -> int:
             timeout = aiohttp.ClientTimeout(total=120)
             async with aiohttp.ClientSession(timeout=timeout) as s:
                 models = [
-                    await create_from_file(
-                        s,
-                        d.url,
-                        f"soak{k}",
-                        write_tiny_llama(root / f"m{k}.gguf", seed=k + 1).read_bytes(),
+                    await create_model(
+                        s, d.url, write_tiny_llama(root / f"m{k}.gguf", seed=k + 1), f"soak{k}"
                     )
                     for k in range(args.models)
                 ]

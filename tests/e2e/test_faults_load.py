@@ -32,8 +32,8 @@ import aiohttp
 import psutil
 import pytest
 
-from tests.e2e.conftest import start_daemon
-from tests.e2e.test_scheduler_http import QUEUE_FULL, create_model, fake_env, generate, ps
+from tests.e2e.conftest import create_tiny, start_daemon
+from tests.e2e.test_scheduler_http import QUEUE_FULL, fake_env, generate, ps
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 # The flood's waits are safety nets for a broken daemon, never a measure of speed: on a 2-core
@@ -154,7 +154,7 @@ async def test_flood_rejects_exactly_the_overflow_and_loses_nothing(tmp_path):
             conn = aiohttp.TCPConnector(limit=0, force_close=True)  # a connection per client
             timeout = aiohttp.ClientTimeout(total=FLOOD_SAFETY)
             async with aiohttp.ClientSession(connector=conn, timeout=timeout) as s:
-                model = await create_model(s, d.url, tmp_path, "flood", 1)
+                model = await create_tiny(s, d.url, tmp_path, "flood", 1)
                 await _flood_once(s, d.url, model, 1, asyncio.Event(), 1)  # loads the runner
                 idle = rss(d.proc.pid)
                 cpu0 = cpu_seconds(d.proc.pid)
@@ -257,7 +257,7 @@ async def test_churn_four_models_on_two_slots(tmp_path):
     with start_daemon(tmp_path, OLLAMA_MAX_LOADED_MODELS="2") as d:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=240)) as s:
             models = [
-                await create_model(s, d.url, tmp_path, f"m{k}", k + 1) for k in range(CHURN_MODELS)
+                await create_tiny(s, d.url, tmp_path, f"m{k}", k + 1) for k in range(CHURN_MODELS)
             ]
             ref = {}
             for m in models:  # each model's answer when asked alone

@@ -11,8 +11,7 @@ import sys
 import aiohttp
 import pytest
 
-from tests.e2e.conftest import free_port, start_daemon, wait_until
-from tests.e2e.test_serve_shutdown import create
+from tests.e2e.conftest import create_tiny, free_port, start_daemon, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,7 +46,7 @@ async def test_sighup_reloads_pins_and_ps_shows_the_policy(tmp_path):
         tmp_path, CORRAL_RUNNER_ENGINE="fake", CORRAL_POLICY=str(f), OLLAMA_KEEP_ALIVE="0"
     ) as d:
         async with aiohttp.ClientSession() as s:
-            await create(s, d.url, tmp_path, "a", 1)
+            await create_tiny(s, d.url, tmp_path, "a", 1)
 
             async def ps() -> list[dict]:
                 async with s.get(f"{d.url}/api/ps") as r:

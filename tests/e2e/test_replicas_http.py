@@ -11,11 +11,9 @@ import json
 import aiohttp
 import pytest
 
-from tests.e2e.conftest import start_daemon
-from tests.e2e.test_gpu_scheduling import create_model as create_virtual
+from tests.e2e.conftest import create_tiny, start_daemon
+from tests.e2e.test_gpu_scheduling import create_virtual, gpus_env
 from tests.e2e.test_gpu_scheduling import env as gpu_env
-from tests.e2e.test_gpu_scheduling import gpus_env
-from tests.e2e.test_scheduler_http import create_model as create_tiny
 
 pytestmark = pytest.mark.timeout(180)
 
