@@ -759,7 +759,7 @@ class Scheduler:
         r.in_flight.clear()
         del self._runners[r.id]
         self._unlist(r)
-        used = {g: b for g, b in zip(r.placement.gpus, r.placement.gpu_bytes, strict=True) if b > 0}
+        used = r.placement.held
         if used:
             free = {g.id: g.free for g in self.inventory.gpus}
             self._reclaims[r.id] = _Reclaim(

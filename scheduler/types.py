@@ -170,6 +170,12 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True):
     def total(self) -> int:
         return self.vram + self.cpu_bytes
 
+    @property
+    def held(self) -> dict[str, int]:
+        """GPU id -> bytes, for the GPUs this placement holds memory on (a GPU of ``gpus`` with
+        a zero share holds none), in ``gpus`` order."""
+        return {g: b for g, b in zip(self.gpus, self.gpu_bytes, strict=True) if b > 0}
+
     def bytes_on(self, gpu_id: str) -> int:
         for g, b in zip(self.gpus, self.gpu_bytes, strict=True):
             if g == gpu_id:

@@ -66,9 +66,8 @@ def ps_models(sup: Any) -> list[dict[str, Any]]:
         ready = [x for x in extra if x.state != RunnerState.LOADING]
         gpus: dict[str, int] = {}
         for x in (v, *ready):
-            for g, b in zip(x.placement.gpus, x.placement.gpu_bytes, strict=True):
-                if b > 0:
-                    gpus[g] = gpus.get(g, 0) + b
+            for g, b in x.placement.held.items():
+                gpus[g] = gpus.get(g, 0) + b
         rows.append(
             (
                 wall,
@@ -95,13 +94,7 @@ def ps_models(sup: Any) -> list[dict[str, Any]]:
                         {
                             "pid": _pid(sup, x),
                             "state": x.state,
-                            "gpus": [
-                                g
-                                for g, b in zip(
-                                    x.placement.gpus, x.placement.gpu_bytes, strict=True
-                                )
-                                if b > 0
-                            ],
+                            "gpus": list(x.placement.held),
                             "in_flight": x.in_flight,
                             "replica": x.replica,
                         }

@@ -128,6 +128,12 @@ def test_graph_is_reserved_on_every_gpu_holding_layers() -> None:
     assert sum(two.gpu_bytes) == layers + 2 * e.graph_partial
 
 
+def test_held_names_the_gpus_with_a_share_and_their_bytes() -> None:
+    p = Placement(gpus=("0", "1", "2"), gpu_bytes=(5, 0, 7), tensor_split=(3, 0, 4))
+    assert p.held == {"0": 5, "2": 7} and list(p.held) == ["0", "2"]
+    assert Placement().held == {}
+
+
 @pytest.mark.parametrize(
     ("n", "text"),
     [
