@@ -43,7 +43,7 @@ from prometheus_client.registry import Collector
 
 from corral.daemon.runner_client import RunnerClient
 from corral.runner.protocol import KvCacheReport
-from corral.scheduler import RunnerState
+from corral.scheduler import PRIORITIES, RunnerState
 
 disable_created_metrics()  # no *_created series: half the output, nothing a dashboard reads
 
@@ -52,7 +52,7 @@ disable_created_metrics()  # no *_created series: half the output, nothing a das
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATES = tuple(RunnerState)
 _LOADED = (RunnerState.READY, RunnerState.EXPIRING)
-PRIORITY_NAMES = ("high", "normal", "low")  # scheduler.Priority order
+PRIORITY_NAMES = tuple(PRIORITIES)  # scheduler.Priority order
 HEALTH_TIMEOUT = 0.5  # s per runner /health poll at scrape time
 
 # Latency buckets (seconds). TTFT spans a warm runner (ms) to a cold load (minutes).

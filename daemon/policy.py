@@ -35,8 +35,7 @@ from typing import Any
 import msgspec
 
 from corral.daemon.config import keep_alive_from_json
-from corral.daemon.ticket import PRIORITIES
-from corral.scheduler import ModelPolicy, Priority
+from corral.scheduler import PRIORITIES, ModelPolicy, Priority
 
 KEYS = (
     "num_parallel",

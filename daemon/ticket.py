@@ -15,8 +15,6 @@ import msgspec
 
 from corral.scheduler import Priority
 
-PRIORITIES: dict[str, Priority] = {p.name.lower(): p for p in Priority}
-
 
 class Ticket(msgspec.Struct, frozen=True):
     id: str  # the X-Request-Id the response carries
@@ -27,4 +25,4 @@ class Ticket(msgspec.Struct, frozen=True):
 
 CURRENT: ContextVar[Ticket | None] = ContextVar("corral_ticket", default=None)
 
-__all__ = ["CURRENT", "PRIORITIES", "Ticket"]
+__all__ = ["CURRENT", "Ticket"]

@@ -17,8 +17,8 @@ Public API (stable; the daemon's supervisor is written against it):
   PolicyChanged, Tick, Shutdown; effects: StartRunner, StopRunner, Grant, Reject, Fail, Abort;
   their vocabularies StopReason and Refusal (``events`` module).
 * data: Gpu, HostMemory, Inventory, ModelFacts, RunnerOptions, Estimate, Placement, NoFit,
-  Limits, RunnerState, RunnerView, GpuView, SchedulerSnapshot, ModelPolicy, Priority (``types``
-  module).
+  Limits, RunnerState, RunnerView, GpuView, SchedulerSnapshot, ModelPolicy, Priority and PRIORITIES
+  (``types`` module).
 * helpers: estimate(), place(), usable_memory(), needs_reload(), default_num_ctx(),
   effective_num_ctx(), parallel_for(), is_out_of_memory(), minimum_memory().
 """
@@ -63,6 +63,7 @@ from .placement import place, usable_memory
 from .types import (
     DEFAULT_POLICY,
     FOREVER,
+    PRIORITIES,
     Estimate,
     Gpu,
     GpuView,
@@ -125,6 +126,7 @@ __all__ = [
     "PolicyChanged",
     "ModelPolicy",
     "Priority",
+    "PRIORITIES",
     "RequestState",
     "RequestView",
     "DEFAULT_POLICY",

@@ -198,6 +198,10 @@ class Priority(enum.IntEnum):
     LOW = 2
 
 
+# a class by its name (X-Corral-Priority, a key's or a model's ``priority``), in serving order
+PRIORITIES: dict[str, Priority] = {p.name.lower(): p for p in Priority}
+
+
 class ModelPolicy(msgspec.Struct, frozen=True, kw_only=True):
     """What the operator's policy file says about one model (the daemon resolves it by name and
     sends it with every request; the scheduler keeps the latest one per model).

@@ -24,7 +24,8 @@ from corral.daemon.api import auth
 from corral.daemon.api.errors import ApiError
 from corral.daemon.api.keys import SUPERVISOR
 from corral.daemon.api.responses import json_response
-from corral.daemon.ticket import CURRENT, PRIORITIES, Ticket
+from corral.daemon.ticket import CURRENT, Ticket
+from corral.scheduler import PRIORITIES
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
