@@ -898,15 +898,15 @@ class Scheduler:
             self._replica_due.clear()
         if self._waiting:
             waiting = list(self._waiting.values())
-            if len(waiting) > 1 and self._mixed():
-                # the model whose next request ranks first goes first (with one class only,
-                # the order models started waiting in is that order already)
+            # one class waits (the usual case): nothing to rank; every model's next request is
+            # its oldest, and models are served in the order they started waiting
+            fifo = not self._mixed()
+            if len(waiting) > 1 and not fifo:
+                # the model whose next request ranks first goes first
                 waiting.sort(key=lambda w: self._rank(self._head(w, now), now))
-            n = self._n_class
-            plain = not (n[0] or n[2])
             for w in waiting:
                 if w.reqs:
-                    self._serve(w, now, out, plain)
+                    self._serve(w, now, out, fifo)
         # 3. Idle runners: expiring ones, and those past their keep-alive deadline.
         for r in list(self._runners.values()):
             if r.state == RunnerState.READY and not r.in_flight:
@@ -915,12 +915,13 @@ class Scheduler:
                 elif r.deadline is not None and r.deadline <= now:
                     self._stop(r, r.idle_reason, out)
 
-    def _serve(self, w: _Waiting, now: float, out: list[Effect], plain: bool) -> None:
-        """Decision 2 for one model (``plain``: only normal-class requests wait anywhere)."""
+    def _serve(self, w: _Waiting, now: float, out: list[Effect], fifo: bool) -> None:
+        """Decision 2 for one model (``fifo``: one class waits, see _pump)."""
         key = w.key
         while w.reqs:
-            # the next request (inline for the usual case: all normal, FIFO in arrival order)
-            head = next(iter(w.reqs.values())) if plain else self._head(w, now)
+            # what _head would answer; inline, as a call per waiting model per dispatch is a
+            # measurable share of one (bench/scheduler: ~7 % of p50 with 12 models waiting)
+            head = next(iter(w.reqs.values())) if fifo else self._head(w, now)
             r = self._current.get(key)
             if r is not None:
                 if w.compat is None or w.compat[0] is not r or w.compat[1] is not head:
