@@ -431,6 +431,17 @@ class NvmlProbe(_ProbeBase):
         self._state = "ready"
         return True
 
+    def _count(self) -> int | None:
+        """NVML's device count (every device, CUDA_VISIBLE_DEVICES aside); None when NVML is
+        unusable or the count fails (warned once)."""
+        if not self._init():
+            return None
+        try:
+            return int(self._nvml.nvmlDeviceGetCount())
+        except Exception as exc:
+            self._warn_once("count", error=str(exc))
+            return None
+
     def _warn_once(self, key: str, **kw: Any) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -457,14 +468,10 @@ class NvmlProbe(_ProbeBase):
 
     def gpu_readings(self) -> list[GpuReading]:
         with self._lock:
-            if not self._init():
+            count = self._count()
+            if count is None:
                 return []
             nv = self._nvml
-            try:
-                count = int(nv.nvmlDeviceGetCount())
-            except Exception as exc:
-                self._warn_once("count", error=str(exc))
-                return []
             handles: list[Any] = []
             uuids: list[str | None] = []
             for i in range(count):
@@ -514,14 +521,10 @@ class NvmlProbe(_ProbeBase):
         None when NVML is unavailable. A device whose capability cannot be read is counted
         without one. Blocks like :meth:`gpu_readings`."""
         with self._lock:
-            if not self._init():
+            count = self._count()
+            if count is None:
                 return None
             nv = self._nvml
-            try:
-                count = int(nv.nvmlDeviceGetCount())
-            except Exception as exc:
-                self._warn_once("count", error=str(exc))
-                return None
             caps: list[str] = []
             for i in range(count):
                 try:
