@@ -222,6 +222,16 @@ def openmp_wait_policy(env: dict[str, str] | os._Environ) -> None:
         env["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
 
 
+def blas_threads(env: dict[str, str] | os._Environ) -> None:
+    """One OpenBLAS thread (numpy's) unless the user set OPENBLAS_NUM_THREADS: the runner does
+    no BLAS work (its numpy is element-wise: argmax, sampling; llama.cpp has its own threads),
+    but OpenBLAS starts a worker per core when numpy is imported, which busy-waits before it
+    sleeps: a spare runner's warm-up took 0.60-0.81 s of CPU with one thread against 0.67-0.89 s
+    with two (2 cores, load 4-5, five alternating runs), CPU that a load running meanwhile on
+    the same cores misses. Must run before numpy is imported."""
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 # Process names (comm: what ps, top and psutil's name() show): a spare runner while it waits
 # for its LaunchSpec, then every runner once it has one
 SPARE_NAME = b"corral-spare"
@@ -264,6 +274,7 @@ def warm_up(engine: str) -> None:
 
 def main() -> int:
     openmp_wait_policy(os.environ)
+    blas_threads(os.environ)
     args = sys.argv[1:]
     if args == ["--probe"]:
         from corral.runner.devices import probe

@@ -368,8 +368,9 @@ def test_importing_the_scheduler_loads_no_io_stack() -> None:
 # daemon/runners.py copies the whole environment for the runner processes it spawns; it does
 # not read settings from it. daemon/buildplan.py runs at build time (scripts/install-llama.sh,
 # before corral is installed) and finds toolkits as a build does (PATH, CUDA_HOME, ROCM_PATH).
-# runner/__main__.py sets the OpenMP wait policy in its own environment before llama.cpp's
-# libgomp loads (GOMP_SPINCOUNT, unless the user chose one); it reads no setting from it.
+# runner/__main__.py sets the OpenMP wait policy and numpy's BLAS threads in its own environment
+# before llama.cpp's libgomp and numpy load (GOMP_SPINCOUNT, OPENBLAS_NUM_THREADS, unless the user
+# chose them); it reads no setting from it.
 ENVIRON_ALLOWED = {
     "daemon/config.py",
     "daemon/runners.py",

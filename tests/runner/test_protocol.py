@@ -203,6 +203,17 @@ def test_runner_sets_openmp_spin_unless_the_user_chose():
         assert env == mine
 
 
+def test_runner_keeps_numpys_blas_to_one_thread_unless_the_user_chose():
+    from corral.runner.__main__ import blas_threads
+
+    env: dict[str, str] = {}
+    blas_threads(env)
+    assert env == {"OPENBLAS_NUM_THREADS": "1"}
+    env = {"OPENBLAS_NUM_THREADS": "4"}
+    blas_threads(env)
+    assert env == {"OPENBLAS_NUM_THREADS": "4"}
+
+
 def test_runner_runs_on_the_daemons_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     """CORRAL_EVENT_LOOP, inherited from the daemon: uvloop unless asyncio's own is asked for or
     uvloop is missing."""
