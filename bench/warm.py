@@ -44,6 +44,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -101,13 +102,16 @@ class Daemon:
                 break
         else:
             raise SystemExit("corral serve did not start")
+        self.loads: list[str] = []  # per load of MODEL: what it started in (its log line)
         # keep reading its log, or it blocks on a full pipe
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
-        for _ in self.proc.stderr:
-            pass
+        for line in self.proc.stderr:
+            if "starting runner" in line and f"model={MODEL}" in line:
+                m = re.search(r"\sspare=(\w+)", line)
+                self.loads.append(m.group(1) if m else "fresh")
 
     async def runners_at_most(self, n: int) -> None:
         """Until at most ``n`` runner processes of this daemon are left (a stopping one may
@@ -170,6 +174,13 @@ async def main(rounds: int) -> None:
     kv = models / "kvcache"
     results: dict[str, list[tuple[float, dict]]] = {c: [] for c in CASES}
     loads = []
+    # per case and round: what its load started in (the daemon's log: a warm spare runner, one
+    # still warming up, or a fresh process)
+    started: dict[str, list[str]] = {c: [] for c in CASES}
+
+    def note(c: str, d: Daemon) -> None:
+        started[c].append(d.loads[-1] if d.loads else "?")
+
     timeout = aiohttp.ClientTimeout(total=None)
     async with aiohttp.ClientSession(timeout=timeout) as s:
         d = Daemon(models, MODEL)  # imports the embedded model and preloads it
@@ -184,21 +195,25 @@ async def main(rounds: int) -> None:
                 await d.runners_at_most(0)
                 shutil.rmtree(kv, ignore_errors=True)
                 results["cold"].append(await generate(s, d.url, MODEL, keep_alive="2s", **ask))
+                note("cold", d)
                 # expiry: that runner expires after 2 s, saving on its way out
                 await unloaded(s, d.url)
                 await d.runners_at_most(0)
                 results["expiry"].append(await generate(s, d.url, MODEL, **ask))
+                note("expiry", d)
                 # eviction: the tiny model takes the only place
                 await generate(s, d.url, tiny, prompt="hi", options={"num_predict": 2})
                 await d.runners_at_most(1)
                 results["evict"].append(await generate(s, d.url, MODEL, **ask))
+                note("evict", d)
                 # restart: no preload this time, the model is in the store
                 d.stop()
                 d = Daemon(models, "")
                 results["restart"].append(await generate(s, d.url, MODEL, **ask))
+                note("restart", d)
                 print(
                     f"round {r + 1}: "
-                    + ", ".join(f"{c} {results[c][-1][0]:.2f}s" for c in CASES)
+                    + ", ".join(f"{c} {results[c][-1][0]:.2f}s ({started[c][-1]})" for c in CASES)
                     + f" (load average {loads[-1]})",
                     flush=True,
                 )
@@ -213,7 +228,7 @@ async def main(rounds: int) -> None:
     )
     print(
         f"{'case':8} {'TTFT':>8} {'cold/case':>10} {'load':>7} {'TTFT-load':>10} {'cold/case':>10}"
-        f" {'prompt eval':>12} {'evaluated':>10}  same answer"
+        f" {'prompt eval':>12} {'evaluated':>10}  same answer  load started in"
     )
     cold_ready = statistics.median(t - rec["load_duration"] / 1e9 for t, rec in results["cold"])
     for c in CASES:
@@ -228,7 +243,7 @@ async def main(rounds: int) -> None:
         same = all(rec["response"] == answer for _, rec in results[c])
         print(
             f"{c:8} {ttft:7.2f}s {cold / ttft:9.1f}x {load:6.2f}s {ready:9.2f}s "
-            f"{cold_ready / ready:9.1f}x {pe:11.3f}s {n:10.0f}  {same}"
+            f"{cold_ready / ready:9.1f}x {pe:11.3f}s {n:10.0f}  {same!s:11}  {'/'.join(started[c])}"
         )
 
 

@@ -55,6 +55,10 @@ DEFAULT_PREDICT_LIMIT = 10  # CORRAL_PREDICT_LIMIT: generated tokens per request
 DEFAULT_PRIORITY_AGING = 30.0
 DEFAULT_KV_CACHE_SIZE = 8 << 30  # CORRAL_KV_CACHE_SIZE: saved prompt caches on disk (all models)
 DEFAULT_KV_CACHE_MEMORY = 2 << 30  # CORRAL_KV_CACHE_MEMORY: of them, kept in the page cache
+# CORRAL_SPARE_RUNNER: spare runners kept with the llama engine (docs/DESIGN.md "Spare runner"):
+# two, so a load that follows another within a spare's warm-up (~0.5 s quiet) finds one warm
+DEFAULT_SPARE_RUNNERS = 2
+MAX_SPARE_RUNNERS = 8  # more is refused (each is a process of ~64 MiB, doing nothing)
 
 # Appended to every OLLAMA_ORIGINS list, in this order (17 entries).
 DEFAULT_ORIGINS: tuple[str, ...] = (
@@ -645,10 +649,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     kv_cache_size: int = DEFAULT_KV_CACHE_SIZE
     # CORRAL_KV_CACHE_MEMORY: saved bytes left in the page cache (the rest is dropped from memory)
     kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY
-    # CORRAL_SPARE_RUNNER: keep one runner process started ahead, its imports done, for the
-    # next load (docs/DESIGN.md "Spare runner"); None (unset) = on for the llama engine, off
-    # for the fake one (whose start costs nothing worth hiding)
-    spare_runner: bool | None = None
+    # CORRAL_SPARE_RUNNER: how many runner processes are kept started ahead, their imports done,
+    # for the next loads (docs/DESIGN.md "Spare runner"); true = DEFAULT_SPARE_RUNNERS, false
+    # = 0; None (unset) = DEFAULT_SPARE_RUNNERS for the llama engine, 0 for the fake one (whose
+    # start costs nothing worth hiding)
+    spare_runner: int | None = None
     # CORRAL_MAX_BODY (bytes or a size like 64MiB): longest request body; over it a 413.
     # Blob uploads (POST /api/blobs/:digest) stream to disk and are not bounded. 0 = no limit
     max_body: int = DEFAULT_MAX_BODY
@@ -677,9 +682,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     api_key: Secret = Secret("")
 
     @property
-    def use_spare_runner(self) -> bool:
-        """Whether `corral serve` keeps a spare runner (CORRAL_SPARE_RUNNER, else by engine)."""
-        return self.runner_engine == "llama" if self.spare_runner is None else self.spare_runner
+    def spare_runners(self) -> int:
+        """How many spare runners `corral serve` keeps (CORRAL_SPARE_RUNNER, else by engine)."""
+        if self.spare_runner is not None:
+            return self.spare_runner
+        return DEFAULT_SPARE_RUNNERS if self.runner_engine == "llama" else 0
 
     @property
     def kv_cache_path(self) -> Path:
@@ -721,6 +728,17 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
                 default=default,
                 **({"reason": reason} if reason else {}),
             )
+
+        def spares(name: str) -> int | None:
+            s = var(name)
+            if s == "":
+                return None
+            words = {"t": DEFAULT_SPARE_RUNNERS, "true": DEFAULT_SPARE_RUNNERS, "f": 0, "false": 0}
+            n = parse_uint(s) if s.lower() not in words else words[s.lower()]
+            if n is None or n > MAX_SPARE_RUNNERS:
+                warn(name, s, "by engine", f"a count from 0 to {MAX_SPARE_RUNNERS}, true or false")
+                return None
+            return n
 
         def uint(name: str, default: int) -> int:
             s = var(name)
@@ -861,7 +879,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             kv_cache_dir=Path(kv_dir_raw).expanduser() if kv_dir_raw else None,
             kv_cache_size=size("CORRAL_KV_CACHE_SIZE", DEFAULT_KV_CACHE_SIZE),
             kv_cache_memory=size("CORRAL_KV_CACHE_MEMORY", DEFAULT_KV_CACHE_MEMORY),
-            spare_runner=parse_optional_bool(var("CORRAL_SPARE_RUNNER")),
+            spare_runner=spares("CORRAL_SPARE_RUNNER"),
             api_keys_file=Path(keys_file).expanduser() if keys_file else None,
             metrics_auth=parse_bool(var("CORRAL_METRICS_AUTH")),
             tls_cert=tls_cert,
@@ -904,7 +922,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             "CORRAL_KV_CACHE_DIR": str(self.kv_cache_path),
             "CORRAL_KV_CACHE_SIZE": str(self.kv_cache_size),
             "CORRAL_KV_CACHE_MEMORY": str(self.kv_cache_memory),
-            "CORRAL_SPARE_RUNNER": str(self.use_spare_runner).lower(),
+            "CORRAL_SPARE_RUNNER": str(self.spare_runners),
             "CORRAL_API_KEYS_FILE": str(self.api_keys_file or ""),
             "CORRAL_METRICS_AUTH": str(self.metrics_auth).lower(),
             "CORRAL_TLS_CERT": str(self.tls_cert or ""),

@@ -82,6 +82,7 @@ class Source(Protocol):
     def gpu_name(self, gpu_id: str) -> str: ...
     def runner_clients(self) -> Mapping[str, RunnerClient]: ...
     def spare_memory(self) -> int: ...
+    def spare_runners(self) -> tuple[int, int]: ...
 
 
 class ModelSeries:
@@ -219,7 +220,7 @@ class Metrics:
         )
         self.spare_runner_uses = Counter(
             "corral_spare_runner_uses",
-            "Runner loads that started in the spare runner (imports done ahead).",
+            "Runner loads that started in a spare runner (imports done ahead).",
             registry=r,
         )
         self._models: dict[str, ModelSeries] = {}
@@ -369,9 +370,18 @@ class _StateCollector(Collector):
         )
         yield _value(
             "corral_spare_runner_resident_bytes",
-            "Resident memory of the spare runner waiting for the next load (0: none).",
+            "Resident memory of the spare runners waiting for the next loads (0: none).",
             src.spare_memory() if src is not None else 0,
         )
+        spares = _gauge(
+            "corral_spare_runners",
+            "Spare runners waiting for a load: warm (a load starts at once) or warming up.",
+            ["state"],
+        )
+        warm, warming = src.spare_runners() if src is not None else (0, 0)
+        spares.add_metric(["warm"], warm)
+        spares.add_metric(["warming"], warming)
+        yield spares
         yield _value(
             "corral_models_loaded",
             "Runners ready (or expiring).",

@@ -5,7 +5,8 @@ One :class:`RunnerProcess` owns one ``python -m corral.runner`` child (STYLE rul
 * **spawn** in its own session/process group (``start_new_session=True``) so a stop can signal
   the whole group; the ``LaunchSpec`` is written as one JSON line on stdin and stdin then stays
   open (EOF tells the child the daemon is gone). :meth:`RunnerProcess.spawn` alone starts a
-  *spare* runner (``--spare ENGINE``: its imports done while it waits); :meth:`RunnerProcess.start`
+  *spare* runner (``--spare ENGINE``: its imports done while it waits, then its ``Warm`` line:
+  :attr:`RunnerProcess.warm`, :meth:`RunnerProcess.wait_warm`); :meth:`RunnerProcess.start`
   later sends it the spec, with the same handshake as a runner spawned by ``start`` itself.
 * **handshake**: :meth:`RunnerProcess.start` reads the child's stdout events (``Loading``...
   then ``Ready`` or ``LoadFailed``). It fails at once when the child exits, and after
@@ -57,6 +58,7 @@ from corral.runner.protocol import (
     Ready,
     Relay,
     RelayStep,
+    Warm,
     decode_event,
     encode,
 )
@@ -228,6 +230,9 @@ class RunnerProcess:
         self._spawning = False
         self._spawned = asyncio.Event()  # subprocess_exec finished (or failed)
         self._started = False  # start() was called (a spare waits for it after spawn())
+        self.warm = False  # a spare's Warm line came: its warm-up is done
+        # set once a spare is warm or no longer waiting (taken, stopping, exited)
+        self._settled = asyncio.Event()
         self._spawn_error = ""
         self._relays: dict[int, asyncio.Queue] = {}
         self._relay_ids = itertools.count(1)
@@ -295,6 +300,7 @@ class RunnerProcess:
         except OSError as exc:
             self._spawn_error = f"unable to start runner: {exc}"
             self._exited.set()
+            self._settled.set()
             self._done.set()
             raise RunnerStartError(self._spawn_error, kind="spawn") from exc
         finally:
@@ -324,12 +330,19 @@ class RunnerProcess:
             and not self._exited.is_set()
         )
 
+    async def wait_warm(self) -> bool:
+        """Block until this spare is warm (True) or no longer a waiting spare (False: taken by
+        :meth:`start` before its warm-up ended, stopping or exited)."""
+        await self._settled.wait()
+        return self.warm and self.spare
+
     async def start(self, spec: LaunchSpec, *, load_timeout: float | None) -> Ready:
         """Spawn the child (unless :meth:`spawn` did), send ``spec`` and wait for the handshake
         (see the module contract)."""
         if self._started:
             raise RuntimeError("RunnerProcess.start() called twice")
         self._started = True
+        self._settled.set()
         if self._spawning:  # a spare still being spawned
             await self._spawned.wait()
         if self._transport is None:
@@ -369,6 +382,7 @@ class RunnerProcess:
         the spawn makes ``start()`` fail with kind ``"stopped"``.
         """
         self.stopping = True
+        self._settled.set()
         if self._spawning:
             await self._spawned.wait()
         return await self._terminate(grace)
@@ -496,6 +510,10 @@ class RunnerProcess:
                         if self._on_report is not None:
                             self._on_report(self, event)
                         return
+                    if isinstance(event, Warm):
+                        self.warm = True
+                        self._settled.set()
+                        return
                     self._events.append(event)
                     return
                 except (msgspec.DecodeError, msgspec.ValidationError):
@@ -529,6 +547,7 @@ class RunnerProcess:
         assert self._transport is not None
         self.returncode = self._transport.get_returncode()
         self._exited.set()
+        self._settled.set()
         self._wake.set()
 
     async def _watch_exit(self) -> None:

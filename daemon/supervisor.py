@@ -437,9 +437,12 @@ class Supervisor:
         self._live: dict[int, _Live] = {}  # requests from RequestArrived to release
         self._waits: dict[tuple[str, int], Any] = {}  # (model, class) -> its wait histogram
         self._runners: dict[str, _Child] = {}
-        # the spare runner: started ahead (imports done), waiting for the next load's spec
-        # (docs/DESIGN.md "Spare runner"); None when there is none
-        self._spare: RunnerProcess | None = None
+        # the spare runners: started ahead (imports done), waiting for the next loads' specs
+        # (docs/DESIGN.md "Spare runner"), oldest first; the environment they are kept in (the
+        # last load's) and the task that spawns them, one at a time
+        self._spares: list[RunnerProcess] = []
+        self._spare_env: dict[str, str] | None = None
+        self._refilling: asyncio.Task[None] | None = None
         self._spare_ids = itertools.count(1)
         self._records: dict[str, Any] = {}  # model_key -> the record last asked for
         self._facts: dict[str, ModelFacts] = {}  # blob path -> facts
@@ -512,9 +515,8 @@ class Supervisor:
         self._sched = Scheduler(self._limits, inventory)
         self._owner = asyncio.create_task(self._run(), name="supervisor")
         self._owner.add_done_callback(self._owner_done)
-        # the first spare gets the environment of a load on every GPU (one GPU: any GPU load);
-        # spawned before the preload can ask for it
-        await self._refill_spare(self._runner_env(tuple(g.id for g in inventory.gpus)))
+        # the first spares get the environment of a load on every GPU (one GPU: any GPU load)
+        self._refill_spares(self._runner_env(tuple(g.id for g in inventory.gpus)))
         log.info(
             "supervisor started",
             gpus=len(inventory.gpus),
@@ -541,7 +543,7 @@ class Supervisor:
 
     async def kill_all(self) -> None:
         """Last resort when the shutdown budget is exhausted: SIGKILL every runner group, reap."""
-        procs = [r.proc for r in self._runners.values()]
+        procs = [r.proc for r in self._runners.values()] + self._spares
         if procs:
             await asyncio.gather(*(p.stop(0.0) for p in procs), return_exceptions=True)
 
@@ -588,9 +590,8 @@ class Supervisor:
                     in_flight=len(self._leases),
                 )
         procs = [r.proc for r in self._runners.values()]  # 4. stop runners in parallel
-        spare, self._spare = self._spare, None
-        if spare is not None:
-            procs.append(spare)
+        procs += self._spares
+        self._spares = []
         log.info("supervisor shutting down", shutdown_step="stop_runners", runners=len(procs))
         if procs:
             await asyncio.gather(*(p.stop(self.stop_grace) for p in procs), return_exceptions=True)
@@ -1090,56 +1091,77 @@ class Supervisor:
         )
 
     def _take_spare(self, env: dict[str, str] | None) -> RunnerProcess | None:
-        """The spare runner for a load with ``env``, if there is a live one with exactly that
-        environment (the same argv: the daemon has one). Any other spare is stopped."""
-        spare, self._spare = self._spare, None
-        if spare is None:
+        """A spare runner for a load with ``env`` (the same argv: the daemon has one): a warm
+        one if there is one, else the oldest still warming up (nearest its end); None when no
+        live spare has exactly that environment (the refill that follows replaces them)."""
+        fits = [p for p in self._spares if p.spare and p.env == env]
+        if not fits:
             return None
-        if spare.spare and spare.env == env:
-            self.metrics.spare_runner_uses.inc()
-            return spare
-        why = (
-            "exited"
-            if spare.returncode is not None
-            else "another environment"
-            if spare.env != env
-            else "stopping"
-        )
-        log.info("spare runner not used", spare_pid=spare.pid, reason=why)
-        self._spawn(spare.stop(1.0), f"stop-{spare.runner_id}")
-        return None
+        spare = next((p for p in fits if p.warm), fits[0])
+        self._spares.remove(spare)
+        self.metrics.spare_runner_uses.inc()
+        return spare
 
-    async def _refill_spare(self, env: dict[str, str] | None) -> None:
-        """Keep one spare runner with ``env`` (the last load's: the likeliest next one)."""
-        if not self.config.use_spare_runner or self._closing:
+    def _refill_spares(self, env: dict[str, str] | None) -> None:
+        """Keep ``config.spare_runners`` spares with ``env`` (the last load's: the likeliest
+        next one): spares of another environment are stopped, the missing ones spawned by one
+        task, each once the one before is warm, so at most one warm-up at a time competes with
+        the loads for the CPU."""
+        self._spare_env = env
+        if self.config.spare_runners <= 0 or self._closing:
             return
-        old = self._spare
-        if old is not None:
-            if old.spare and old.env == env:
+        if self._refilling is None or self._refilling.done():
+            self._refilling = self._spawn(self._refill(), "spares")
+
+    async def _refill(self) -> None:
+        while not self._closing:
+            env = self._spare_env
+            for p in [p for p in self._spares if not p.spare or p.env != env]:
+                self._spares.remove(p)
+                if p.spare:  # waiting, in another environment (the others exited or stop)
+                    log.info("spare runner stopped", spare_pid=p.pid, reason="another environment")
+                    self._spawn(p.stop(1.0), f"stop-{p.runner_id}")
+            warming = next((p for p in self._spares if not p.warm), None)
+            if warming is not None:  # one warm-up at a time
+                if not await warming.wait_warm() and warming in self._spares:
+                    if warming.returncode is not None and not warming.stopping:
+                        # died in its warm-up: the next load tries again, not this loop
+                        log.warning(
+                            "spare runner exited", pid=warming.pid, returncode=warming.returncode
+                        )
+                        self._spares.remove(warming)
+                        return
+                continue
+            if len(self._spares) >= self.config.spare_runners:
                 return
-            await old.stop(1.0)
-            if self._spare is not old or self._closing:
-                return  # taken or replaced meanwhile
-        proc = self._spare = self._new_process(f"spare{next(self._spare_ids)}", env)
-        try:
-            await proc.spawn(("--spare", self.config.runner_engine))
-        except RunnerStartError as exc:
-            if self._spare is proc:
-                self._spare = None
-            if exc.kind != "stopped":
-                log.warning("spare runner not started", reason=exc.reason)
-            return
-        log.debug("spare runner started", runner_id=proc.runner_id, pid=proc.pid)
+            proc = self._new_process(f"spare{next(self._spare_ids)}", env)
+            self._spares.append(proc)
+            try:
+                await proc.spawn(("--spare", self.config.runner_engine))
+            except RunnerStartError as exc:
+                if proc in self._spares:
+                    self._spares.remove(proc)
+                if exc.kind != "stopped":
+                    log.warning("spare runner not started", reason=exc.reason)
+                return
+            log.debug("spare runner started", runner_id=proc.runner_id, pid=proc.pid)
+
+    def spare_runners(self) -> tuple[int, int]:
+        """Spare runners waiting for a load: (warm, still warming up)."""
+        waiting = [p for p in self._spares if p.spare]
+        warm = sum(1 for p in waiting if p.warm)
+        return warm, len(waiting) - warm
 
     def spare_memory(self) -> int:
-        """Resident bytes of the spare runner (0 without one): /metrics shows what it costs."""
-        spare = self._spare
-        if spare is None or spare.pid is None or not spare.spare:
-            return 0
-        try:
-            return psutil.Process(spare.pid).memory_info().rss
-        except psutil.Error:
-            return 0
+        """Resident bytes of the spare runners (0 without one): /metrics shows what they cost."""
+        total = 0
+        for p in self._spares:
+            if p.pid is not None and p.spare:
+                try:
+                    total += psutil.Process(p.pid).memory_info().rss
+                except psutil.Error:
+                    pass
+        return total
 
     def _launch_spec(self, eff: StartRunner) -> LaunchSpec:
         o, p = eff.options, eff.placement
@@ -1171,9 +1193,11 @@ class Supervisor:
     def _start_runner(self, eff: StartRunner) -> None:
         env = self._runner_env(eff.placement.gpus)
         proc = self._take_spare(env)
-        spare = proc is not None
+        # the log says whether the load started in a spare, and whether its warm-up was over
+        spare: str | bool = False
         if proc is not None:
             proc.runner_id = eff.runner_id
+            spare = "warm" if proc.warm else "warming"
         else:
             proc = self._new_process(eff.runner_id, env)
         r = _Child(eff.runner_id, eff.model_key, proc, self._records.get(eff.model_key), eff)
@@ -1223,7 +1247,7 @@ class Supervisor:
         r.task = self._spawn(self._launch(r), f"load-{eff.runner_id}")
         # the next spare starts now: its imports (one thread) overlap this load (mostly one
         # thread: reading the model) rather than the first request's prompt (all threads)
-        self._spawn(self._refill_spare(env), f"spare-after-{eff.runner_id}")
+        self._refill_spares(env)
 
     async def _launch(self, r: _Child) -> None:
         """Spawn the runner and wait for its handshake (the scheduler's ``_load`` decided the

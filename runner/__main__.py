@@ -5,8 +5,9 @@
 ``python -m corral.runner --spare ENGINE`` is a spare runner (docs/DESIGN.md "Spare runner"): the
 daemon starts it before it knows which model it will load, so it does its imports (and, for the
 real engine, llama.cpp's backend initialisation) while nobody waits, then waits at step 2 like
-any runner, named ``corral-spare`` (``/proc/self/comm``) until its LaunchSpec comes. A failed
-warm-up changes nothing: the load then fails (or works) as it would have in a fresh runner.
+any runner, named ``corral-spare`` (``/proc/self/comm``) until its LaunchSpec comes. Its warm-up
+done, it writes one ``Warm`` event. A failed warm-up changes nothing (``Warm`` is written all the
+same): the load then fails (or works) as it would have in a fresh runner.
 Every runner names itself ``corral-runner`` once it has read its LaunchSpec.
 
 Sequence (docs/DESIGN.md "Runner process protocol"):
@@ -38,7 +39,15 @@ from aiohttp import web
 
 from corral.runner.common import LoadError
 from corral.runner.eventloop import loop_factory
-from corral.runner.protocol import LaunchSpec, LoadFailed, Loading, Ready, decode_launch, encode
+from corral.runner.protocol import (
+    LaunchSpec,
+    LoadFailed,
+    Loading,
+    Ready,
+    Warm,
+    decode_launch,
+    encode,
+)
 
 log = structlog.get_logger("corral.runner")
 
@@ -284,10 +293,13 @@ def main() -> int:
         return 0
     events = take_stdout()
     configure_logging()
-    if args[:1] == ["--spare"]:
+    spare = args[:1] == ["--spare"]
+    if spare:
         set_process_name(SPARE_NAME)
         warm_up(args[1] if len(args) > 1 else "llama")
     factory = event_loop()  # before the spec: a spare imports uvloop while nobody waits
+    if spare:
+        events.send(Warm())  # the daemon prefers a warm spare and spawns the next one now
     line = sys.stdin.buffer.readline()
     set_process_name(RUNNER_NAME)
     if not line.strip():

@@ -143,7 +143,16 @@ class LoadFailed(msgspec.Struct, frozen=True, kw_only=True, tag="failed", tag_fi
     oom: bool = False
 
 
-RunnerEvent = Loading | Ready | LoadFailed  # the handshake; after Ready the pipe also carries Relay
+class Warm(msgspec.Struct, frozen=True, kw_only=True, tag="warm", tag_field="type"):
+    """A spare runner (``--spare ENGINE``) has done its warm-up (imports, llama.cpp's backend)
+    and waits for its LaunchSpec: a load sent to it now starts at once. Its first line; a runner
+    spawned with its spec never writes it."""
+
+    version: Version = PROTOCOL_VERSION
+
+
+# the handshake (Warm first from a spare); after Ready the pipe also carries Relay
+RunnerEvent = Warm | Loading | Ready | LoadFailed
 
 
 class KvCacheReport(msgspec.Struct, frozen=True, kw_only=True, tag="kvcache", tag_field="type"):
@@ -386,7 +395,7 @@ _event_decoder: msgspec.json.Decoder[RunnerEvent | Relay | RelayStep | KvCacheRe
 
 def decode_event(
     line: bytes | str,
-) -> Loading | Ready | LoadFailed | Relay | RelayStep | KvCacheReport:
+) -> Warm | Loading | Ready | LoadFailed | Relay | RelayStep | KvCacheReport:
     """Raise msgspec.ValidationError/DecodeError on an unknown tag, version or a bad field."""
     return _event_decoder.decode(line)
 

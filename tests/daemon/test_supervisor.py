@@ -670,57 +670,123 @@ def test_huge_pages_usable_and_the_child_tunable(tmp_path):
 # ------------------------------------------------------------------------------ spare runner
 
 
-async def spare_ready(sup: Supervisor) -> int:
-    """The pid of the supervisor's spare runner once it is spawned (safety net only)."""
+async def spares_warm(sup: Supervisor, n: int) -> list[int]:
+    """The pids of the supervisor's waiting spare runners once ``n`` of them are warm, oldest
+    first (polled: a spare's warm-up dispatches nothing; the timeout is a safety net only)."""
 
-    def spawned() -> bool:
-        return sup._spare is not None and sup._spare.pid is not None and sup._spare.spare
+    def warm() -> list[int]:
+        return [p.pid for p in sup._spares if p.spare and p.warm and p.pid is not None]
 
-    await until(sup, spawned)
-    assert sup._spare is not None and sup._spare.pid is not None
-    return sup._spare.pid
+    async def wait() -> None:
+        while len(warm()) < n:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(wait(), SAFETY)
+    return warm()
 
 
 def spare_uses(sup: Supervisor) -> float:
     return sup.metrics.registry.get_sample_value("corral_spare_runner_uses_total") or 0.0
 
 
-async def test_loads_start_in_the_spare_runner_and_the_next_spare_follows(make_sup, models):
-    sup = await make_sup(config(spare_runner=True))
-    first = await spare_ready(sup)
-    async with await acquire(sup, models(0)) as lease:
-        proc = sup.runner_process(lease.runner_id)
-        assert proc is not None and proc.pid == first  # the load took the spare
-        assert lease.load_duration > 0
-        async with await lease.runner.http.request("GET", "/health") as reply:
-            assert reply.status == 200
-    second = await spare_ready(sup)
-    assert second != first and spare_uses(sup) == 1
-    assert sup.spare_memory() > 0  # what /metrics reports it costs
-    async with await acquire(sup, models(1)) as lease:
-        assert sup.runner_process(lease.runner_id).pid == second
-    third = await spare_ready(sup)
+def spare_gauge(sup: Supervisor, state: str) -> float | None:
+    return sup.metrics.registry.get_sample_value("corral_spare_runners", {"state": state})
+
+
+def load_lines(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == "starting runner"]
+
+
+async def test_two_loads_in_a_row_both_start_in_a_warm_spare_and_spares_follow(make_sup, models):
+    sup = await make_sup(config(spare_runner=2))
+    first, second = await spares_warm(sup, 2)
+    assert spare_gauge(sup, "warm") == 2 and spare_gauge(sup, "warming") == 0
+    assert sup.spare_memory() > 0  # what /metrics reports they cost
+    with structlog.testing.capture_logs() as logs:
+        async with await acquire(sup, models(0)) as a:
+            assert a.load_duration > 0
+            async with await acquire(sup, models(1)) as b:  # right after: the other warm one
+                procs = [sup.runner_process(x.runner_id) for x in (a, b)]
+                assert [p.pid for p in procs if p is not None] == [first, second]
+                async with await b.runner.http.request("GET", "/health") as reply:
+                    assert reply.status == 200
+    assert [e["spare"] for e in load_lines(logs)] == ["warm", "warm"]
+    assert spare_uses(sup) == 2
+    followers = await spares_warm(sup, 2)  # both replaced, in the last load's environment
+    assert not {first, second} & set(followers)
     await asyncio.wait_for(sup.close(), SAFETY)
-    assert not any(pid_alive(p) for p in (first, second, third))  # spares die with it
+    assert not any(pid_alive(p) for p in (first, second, *followers))  # spares die with it
+    assert sup.spare_runners() == (0, 0) and sup.spare_memory() == 0
+
+
+async def test_a_load_takes_the_spare_still_warming_up_rather_than_spawning_one(make_sup, models):
+    sup = await make_sup(config(spare_runner=1))
+    await spares_warm(sup, 1)
+    with structlog.testing.capture_logs() as logs:
+        async with await acquire(sup, models(0)):
+            pass
+        assert len(sup._spares) == 1  # its follower, spawned when that load started
+        follower = sup._spares[0]  # maybe still being spawned
+        async with await acquire(sup, models(1)) as lease:
+            assert sup.runner_process(lease.runner_id) is follower
+    spares = [e["spare"] for e in load_lines(logs)]
+    assert spares[0] == "warm" and spares[1] in ("warm", "warming")  # as far as it got
+
+
+# A stand-in spare runner: warm (its Warm line) once the file it is given is gone
+HELD_SPARE = (
+    "import os, sys, time\n"
+    "from corral.runner.protocol import Warm, encode\n"
+    "while os.path.exists(sys.argv[1]):\n"
+    "    time.sleep(0.01)\n"
+    "os.write(1, encode(Warm()) + b'\\n')\n"
+    "sys.stdin.readline()\n"
+)
+
+
+async def test_spares_are_spawned_one_at_a_time_and_one_dying_in_its_warm_up_ends_it(
+    make_sup, tmp_path
+):
+    # two warm-ups at once would compete with a load for the CPU: the next spare is spawned
+    # once the one before is warm
+    hold = tmp_path / "hold"
+    hold.touch()
+    argv = (sys.executable, "-c", HELD_SPARE, str(hold))  # then --spare ENGINE
+    sup = await make_sup(config(spare_runner=2), runner_argv=argv)
+    await asyncio.sleep(0.3)  # the first one spawned (and held); a second would be by now
+    assert len(sup._spares) == 1 and not sup._spares[0].warm
+    assert spare_gauge(sup, "warming") == 1
+    hold.unlink()
+    assert len(await spares_warm(sup, 2)) == 2
+    assert sup._refilling is not None
+    await asyncio.wait_for(sup._refilling, SAFETY)  # two are kept, no more
+    assert len(sup._spares) == 2
+
+    # a spare that dies in its warm-up is not spawned again and again: the next load tries
+    with structlog.testing.capture_logs() as logs:
+        dying = await make_sup(config(spare_runner=2), runner_argv=(sys.executable, "-c", "pass"))
+        assert dying._refilling is not None
+        await asyncio.wait_for(dying._refilling, SAFETY)
+    assert [e for e in logs if e["event"] == "spare runner exited"]
+    assert dying.spare_runners() == (0, 0) and not dying._spares
 
 
 async def test_a_spare_of_another_environment_or_dead_is_not_used(make_sup, models):
-    sup = await make_sup(config(spare_runner=True))
-    first = await spare_ready(sup)
-    first_proc = sup._spare
-    assert first_proc is not None
+    sup = await make_sup(config(spare_runner=1))
+    (first,) = await spares_warm(sup, 1)
+    first_proc = sup._spares[0]
     sup.probe.visible_devices = lambda gpus: "GPU-other"  # type: ignore[method-assign]
     async with await acquire(sup, models(0)) as lease:
         proc = sup.runner_process(lease.runner_id)
         assert proc is not None and proc.pid != first
         assert (proc.env or {})["CUDA_VISIBLE_DEVICES"] == "GPU-other"
     await asyncio.wait_for(first_proc.wait_exited(), SAFETY)  # stopped, not left waiting
-    second = await spare_ready(sup)  # the next one has the environment of that load
-    second_proc = sup._spare
-    assert second_proc is not None and second_proc.env == proc.env
+    (second,) = await spares_warm(sup, 1)  # the next one has the environment of that load
+    second_proc = sup._spares[0]
+    assert second_proc.env == proc.env
     os.kill(second, signal.SIGKILL)
     await asyncio.wait_for(second_proc.wait_exited(), SAFETY)
-    assert not second_proc.spare
+    assert not second_proc.spare and sup.spare_runners() == (0, 0)
     async with await acquire(sup, models(1)) as lease:
         fresh = sup.runner_process(lease.runner_id)
         assert fresh is not None and fresh.pid not in (first, second)
@@ -729,10 +795,24 @@ async def test_a_spare_of_another_environment_or_dead_is_not_used(make_sup, mode
 
 
 async def test_no_spare_runner_unless_asked_for_with_the_fake_engine(make_sup, models):
-    sup = await make_sup()  # the fake engine's default: off
+    sup = await make_sup()  # the fake engine's default: none
     async with await acquire(sup, models(0)):
         pass
-    assert sup._spare is None and sup.spare_memory() == 0
-    assert not Config(runner_engine="fake").use_spare_runner
-    assert Config(runner_engine="llama").use_spare_runner
-    assert not Config(runner_engine="llama", spare_runner=False).use_spare_runner
+    assert not sup._spares and sup.spare_memory() == 0 and spare_gauge(sup, "warm") == 0
+    assert Config(runner_engine="fake").spare_runners == 0
+    assert Config(runner_engine="llama").spare_runners == 2
+    assert Config(runner_engine="llama", spare_runner=0).spare_runners == 0
+
+
+def test_corral_spare_runner_is_a_count_or_a_bool():
+    def count(value: str, engine: str = "llama") -> int:
+        env = {"CORRAL_SPARE_RUNNER": value, "CORRAL_RUNNER_ENGINE": engine}
+        return Config.from_env(env).spare_runners
+
+    assert [count(v) for v in ("", "0", "1", "3", "8", "true", "false", "f")] == [
+        2, 0, 1, 3, 8, 2, 0, 0,
+    ]  # fmt: skip
+    assert count("", "fake") == 0 and count("true", "fake") == 2 and count("1", "fake") == 1
+    with structlog.testing.capture_logs() as logs:
+        assert count("9") == 2 and count("-1") == 2 and count("many", "fake") == 0
+    assert [e["variable"] for e in logs] == ["CORRAL_SPARE_RUNNER"] * 3

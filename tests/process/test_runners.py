@@ -347,6 +347,7 @@ async def test_a_spare_runner_waits_named_then_loads_like_a_fresh_one():
     await asyncio.wait_for(r.spawn(("--spare", "fake")), SAFETY)
     assert r.spare and r.pid is not None and r.ready is None
     await asyncio.wait_for(_name_becomes(r.pid, "corral-spare"), SAFETY)
+    assert await asyncio.wait_for(r.wait_warm(), SAFETY) and r.warm  # its Warm line came
     r.runner_id = "m:1"  # the supervisor's adoption
     ready = await asyncio.wait_for(r.start(spec(load_time=0.05), load_timeout=10), SAFETY)
     assert ready.pid == r.pid and not r.spare
@@ -368,9 +369,10 @@ async def test_a_spare_runner_exits_when_the_daemon_is_gone_or_stops_it():
     assert gone._transport is not None
     gone._transport.get_pipe_transport(0).close()  # stdin EOF: what a dead daemon leaves
     assert await asyncio.wait_for(gone.wait_exited(), SAFETY) == 0
-    assert not gone.spare
+    assert not gone.spare and not await gone.wait_warm()
     assert await asyncio.wait_for(stopped.stop(grace=5), SAFETY) is not None
     assert not stopped.spare and not pid_alive(stopped.pid)
+    assert not await stopped.wait_warm()  # a stopped spare is no warm one
     with pytest.raises(RunnerStartError) as ei:
         await stopped.start(spec(), load_timeout=10)
     assert ei.value.kind == "stopped"
@@ -401,6 +403,7 @@ async def test_start_waits_for_a_spare_still_being_spawned_and_a_failed_spawn_fa
     ready = await asyncio.wait_for(r.start(spec(), load_timeout=10), SAFETY)
     await spawning
     assert ready.pid == r.pid
+    assert not await r.wait_warm()  # taken before its warm-up ended: no spare any more
     await asyncio.wait_for(r.stop(grace=5), SAFETY)
 
     bad = RunnerProcess("spare2", argv=("/nonexistent/python",))

@@ -21,6 +21,7 @@ from corral.runner.protocol import (
     MemoryUse,
     Ready,
     SamplingOptions,
+    Warm,
     decode_completion_event,
     decode_event,
     decode_launch,
@@ -28,6 +29,7 @@ from corral.runner.protocol import (
 )
 
 EVENTS = [
+    Warm(),
     Loading(progress=0.5),
     Ready(
         port=1234,
