@@ -195,7 +195,7 @@ after = this code, run one after the other at load ~3.2):
 Then (2026-11-30, second round of work) two more changes, found with per-process CPU seconds,
 py-spy and llama-batched-bench A/B pairs on a quiet machine (load 1-2, nothing else running):
 
-  * Relay mode (runner/server.py, DESIGN "Runner HTTP API"): the events of the daemon's
+  * Relay mode (runner/server.py, DESIGN "Request pipe"): the events of the daemon's
     streaming requests go up the runner's event pipe, written by the decode thread once per
     step for all sequences, instead of one NDJSON HTTP response per stream through the
     runner's event loop. py-spy had 60-80 % of the runner loop thread's CPU in the loopback

@@ -1,24 +1,27 @@
 """The daemon's one face of a runner process: every call to a runner and what its refusals mean.
 
-:class:`RunnerClient` owns the runner's HTTP API of docs/DESIGN.md as the daemon uses it
-(Ollama's ``LlamaServer`` in ``llm/server.go`` is the model): :meth:`~RunnerClient.completion`
-(relay mode through the runner's event pipe, or the NDJSON lines of the HTTP response),
-:meth:`~RunnerClient.tokenize`, :meth:`~RunnerClient.embed` and :meth:`~RunnerClient.health`.
-Nothing else in the daemon builds a runner URL or decodes a runner's answer.
+:class:`RunnerClient` owns the runner's protocol as the daemon uses it (Ollama's ``LlamaServer``
+in ``llm/server.go`` is the model): :meth:`~RunnerClient.completion` and
+:meth:`~RunnerClient.complete` through the runner's request pipe (a Submit line on its stdin,
+the events up its event pipe: :class:`~corral.daemon.runners.RequestPipe`), and
+:meth:`~RunnerClient.tokenize`, :meth:`~RunnerClient.embed` and :meth:`~RunnerClient.health`
+over its HTTP API. Nothing else in the daemon builds a runner URL or decodes a runner's answer.
 
 Refusals and failures become domain errors (``daemon/errors.py``; the api layer gives them their
-status): a runner's 400 is :class:`InvalidRequest`, its 503 :class:`Busy`, any other refusal, an
-``error`` event, a broken connection or a bad line :class:`Failed`, whose text is the runner's
-exit reason when it died (the lease's ``failure`` hook waits briefly for it).
+status): a runner's 400 (an HTTP status or a Refused line's) is :class:`InvalidRequest`, its 503
+:class:`Busy`, any other refusal, an ``error`` event, a broken connection or a bad line
+:class:`Failed`, whose text is the runner's exit reason when it died (the lease's ``failure``
+hook waits briefly for it). Every completion ends exactly once: its done, its error or refusal,
+the event pipe's end (the runner died) or a cancel.
 
 :meth:`RunnerClient.cancel` (DELETE /api/requests/{id}) ends the call in progress at once and
-every later one with :class:`Cancelled`: a relayed stream gets a sentinel in its queue, an HTTP
-answer is closed; either way the runner's job is closed and cancelled there. ``tokens`` counts
-the completion chunks received (about one per token) for GET /api/requests.
+every later one with :class:`Cancelled`: a completion gets a sentinel in its queue (and the
+runner a Cancel line), an HTTP answer is closed. ``tokens`` counts the completion chunks received
+(about one per token) for GET /api/requests.
 
-The calls go through :class:`~corral.daemon.runner_http.RunnerHTTP`, the runner's pool of
-keep-alive connections (one per runner, owned by the supervisor): a request's fixed cost is one
-write and a small parser, not an aiohttp client request (issue 18).
+The HTTP calls go through :class:`~corral.daemon.runner_http.RunnerHTTP`, the runner's pool of
+keep-alive connections (one per runner, owned by the supervisor): one write and a small parser,
+not an aiohttp client request (issue 18).
 
 :class:`RunnerLease` is what a route holds while it uses a runner: the supervisor's ``Lease`` and
 the API tests' fake both implement it, so nothing probes a lease for what it can do.
@@ -41,32 +44,28 @@ from corral.daemon.errors import (
     TooLarge,
 )
 from corral.daemon.runner_http import RunnerHTTP
-from corral.daemon.runners import GONE, RunnerProcess
+from corral.daemon.runners import GONE, BadLine, RequestPipe
 from corral.runner import protocol
 
 Events = AsyncGenerator[tuple[protocol.CompletionChunk | protocol.CompletionDone, bool], None]
 FailureHook = Callable[[], Awaitable[str | None]]
 
-RELAY_END_GRACE = 5.0  # s: a relay job's HTTP handle ended; its events are in the pipe already
 _T = TypeVar("_T")
+_CANCELLED = object()  # put in a completion's queue by RunnerClient.cancel
 
 
 class RunnerClient:
-    """Talks to one runner for one lease. ``process`` (the daemon's own child) enables relay
-    mode for streaming completions; ``failure`` gives the client-facing reason a runner that
-    broke a connection is gone (None when it is not known to be gone)."""
+    """Talks to one runner for one lease: completions through ``pipe`` (the runner process's
+    request pipe), the rest over ``http``; ``failure`` gives the client-facing reason a runner
+    that broke off is gone (None when it is not known to be gone)."""
 
-    __slots__ = ("http", "process", "_failure", "tokens", "_cancelled", "_stop")
+    __slots__ = ("http", "pipe", "_failure", "tokens", "_cancelled", "_stop")
 
     def __init__(
-        self,
-        http: RunnerHTTP,
-        *,
-        process: RunnerProcess | None = None,
-        failure: FailureHook | None = None,
+        self, http: RunnerHTTP, pipe: RequestPipe, *, failure: FailureHook | None = None
     ) -> None:
         self.http = http
-        self.process = process
+        self.pipe = pipe
         self._failure = failure
         self.tokens = 0  # completion chunks received (~ tokens)
         self._cancelled: str | None = None
@@ -90,31 +89,73 @@ class RunnerClient:
     def base_url(self) -> str:
         return f"http://{self.http.host}:{self.http.port}"
 
-    def completion(self, body: protocol.CompletionRequest) -> Events:
+    async def completion(self, body: protocol.CompletionRequest) -> Events:
         """The runner's completion events, each with whether another one already arrived with
         it (a writer may then hold it back and send both in one write: fewer wake-ups per token
-        for a client that fell behind). An error event or a broken connection raises
-        :class:`Failed`, a refusal the error of its status (module docstring).
-
-        A streaming request to a runner process of ours goes in relay mode (the events come up
-        its event pipe); otherwise they are the NDJSON lines of the HTTP response. The generator
-        is returned as it is: no extra frame per token, and closing it closes the relay at once."""
-        if self.process is not None and body.stream:
-            return self._relayed(self.process, body)
-        return self._http_lines(body)
+        for a client that fell behind). An error event, a refusal or the runner's end raises
+        (module docstring); leaving early (closing the generator) cancels the runner's job."""
+        pipe = self.pipe
+        relay_id, queue = self._open()
+        ended = False  # the runner ended the job (done, error, refusal, its own end)
+        try:
+            pipe.submit(relay_id, body)
+            while True:
+                ev = await queue.get()
+                if type(ev) is protocol.CompletionChunk:
+                    self.tokens += 1
+                    yield ev, not queue.empty()
+                    continue
+                ended = _ends(ev)
+                if type(ev) is protocol.CompletionDone:
+                    yield ev, not queue.empty()
+                    return
+                raise await self._ended(ev)
+        finally:
+            self._stop = None
+            pipe.close(relay_id, cancel=not ended)
 
     async def complete(self, body: protocol.CompletionRequest) -> protocol.CompletionDone:
         """A completion the runner answers whole (``body.stream`` False): its one final record,
-        ``content`` the whole text. Refusals, error records and broken connections raise as
-        in :meth:`completion`. One round trip, no generator (a tiny request's fixed cost)."""
+        ``content`` the whole text. Refusals, error records and the runner's end raise as in
+        :meth:`completion`. No generator (a tiny request's fixed cost)."""
         assert not body.stream
-        data = await self._round_trip("/completion", body)
-        if not data.strip():
-            raise await self._gone(ConnectionError("stream ended without done"))
-        ev = _event(data.strip())
-        if not isinstance(ev, protocol.CompletionDone):
-            raise Failed("runner answered a whole completion with a chunk")
-        return ev
+        pipe = self.pipe
+        relay_id, queue = self._open()
+        ev: object = None
+        try:
+            pipe.submit(relay_id, body)
+            ev = await queue.get()
+            while type(ev) is protocol.CompletionChunk:  # a whole answer has none; skipped
+                ev = await queue.get()
+        finally:
+            self._stop = None
+            pipe.close(relay_id, cancel=not _ends(ev))
+        if type(ev) is protocol.CompletionDone:
+            return ev
+        raise await self._ended(ev)
+
+    def _open(self) -> tuple[int, asyncio.Queue]:
+        """A completion's id and queue, which :meth:`cancel` ends with a sentinel; a client
+        cancelled already raises at once."""
+        if self._cancelled is not None:
+            raise Cancelled(self._cancelled)
+        relay_id, queue = self.pipe.open()
+        self._stop = lambda: queue.put_nowait(_CANCELLED)
+        return relay_id, queue
+
+    async def _ended(self, ev: object) -> CorralError:
+        """The error of a completion's last event when it is not a done."""
+        if ev is _CANCELLED:
+            return Cancelled(self._cancelled or "request cancelled")
+        if ev is GONE:
+            return await self._gone(ConnectionError("stream ended without done"))
+        if isinstance(ev, protocol.CompletionError):
+            return Failed(ev.error)
+        if isinstance(ev, protocol.Refused):
+            return refused(ev.status, ev.error)
+        if isinstance(ev, BadLine):
+            return Failed(ev.error)
+        return Failed(f"unexpected event from runner: {type(ev).__name__}")
 
     async def tokenize(
         self, text: str, *, add_special: bool = True, parse_special: bool = True
@@ -144,10 +185,7 @@ class RunnerClient:
     # ---- internals
 
     async def _post(self, path: str, body: msgspec.Struct, kind: type[_T]) -> _T:
-        return msgspec.json.decode(await self._round_trip(path, body), type=kind)
-
-    async def _round_trip(self, path: str, body: msgspec.Struct) -> bytes:
-        """POST ``body`` and read the whole answer; a refusal raises its error, a broken
+        """POST ``body`` and decode the whole answer; a refusal raises its error, a broken
         connection :meth:`_gone`'s."""
         try:
             async with await self.http.request("POST", path, protocol.encode(body)) as reply:
@@ -159,131 +197,29 @@ class RunnerClient:
             self._stop = None
         if reply.status != 200:
             raise refusal(reply.status, data)
-        return data
+        return msgspec.json.decode(data, type=kind)
 
     async def _gone(self, exc: BaseException) -> CorralError:
-        """A runner that broke the connection: its exit reason with its last stderr line when
-        known (the hook waits briefly for the exit to be noticed), else the connection error;
-        :class:`Cancelled` when the connection was closed because the request was cancelled."""
+        """A runner that broke off: its exit reason with its last stderr line when known (the
+        hook waits briefly for the exit to be noticed), else the connection error;
+        :class:`Cancelled` when the call was ended because the request was cancelled."""
         if self._cancelled is not None:
             return Cancelled(self._cancelled)
         reason = await self._failure() if self._failure is not None else None
         return Failed(reason or f"llama runner process has terminated: {exc}")
 
-    async def _http_lines(self, body: protocol.CompletionRequest) -> Events:
-        """The events as NDJSON lines of the ``/completion`` HTTP response."""
-        try:
-            async with await self.http.request(
-                "POST", "/completion", protocol.encode(body)
-            ) as reply:
-                if reply.status != 200:
-                    raise refusal(reply.status, await reply.read())
-                self._watch(reply.close)
-                rest = b""
-                eof = False
-                while not eof:
-                    data = await reply.readany()  # whatever has arrived; b"" at the end
-                    eof = not data
-                    # whole lines only; at the end also the last one (a non-streamed answer has
-                    # no \n)
-                    *lines, rest = (rest + data + b"\n" * eof).split(b"\n")
-                    lines = [line for line in lines if line.strip()]
-                    for i, line in enumerate(lines):
-                        ev = _event(line)
-                        if isinstance(ev, protocol.CompletionDone):
-                            yield ev, i < len(lines) - 1
-                            return
-                        self.tokens += 1
-                        yield ev, i < len(lines) - 1
-        except ConnectionError as e:
-            raise await self._gone(e) from None
-        finally:
-            self._stop = None
-        raise await self._gone(ConnectionError("stream ended without done"))
 
-    async def _relayed(self, relay: RunnerProcess, body: protocol.CompletionRequest) -> Events:
-        """Relay mode: the events arrive in the queue :meth:`RunnerProcess.open_relay` gives;
-        the HTTP request is the job's handle (a refusal's status and error, its end, and closing
-        it cancels the job). Its end is put in the same queue, so one ``get`` per event waits
-        for both."""
-        if self._cancelled is not None:
-            raise Cancelled(self._cancelled)
-        relay_id, queue = relay.open_relay()
-        handle_end = object()
-        cancelled = object()
-        self._stop = lambda: queue.put_nowait(cancelled)
-
-        async def handle() -> CorralError | None:
-            try:
-                async with await self.http.request(
-                    "POST",
-                    "/completion",
-                    protocol.encode(msgspec.structs.replace(body, relay=relay_id)),
-                ) as reply:
-                    data = await reply.read()
-                return refusal(reply.status, data) if reply.status != 200 else None
-            finally:
-                queue.put_nowait(handle_end)
-
-        task = asyncio.ensure_future(handle())
-        deadline: float | None = None
-        try:
-            while True:
-                if deadline is None:
-                    ev = await queue.get()
-                else:
-                    try:
-                        async with asyncio.timeout_at(deadline):
-                            ev = await queue.get()
-                    except TimeoutError:
-                        ev = GONE
-                if ev is handle_end:
-                    try:
-                        refused = task.result()
-                    except ConnectionError as e:
-                        raise await self._gone(e) from None
-                    if refused is not None:
-                        raise refused
-                    deadline = asyncio.get_running_loop().time() + RELAY_END_GRACE
-                    continue
-                if ev is cancelled:
-                    raise Cancelled(self._cancelled or "request cancelled")
-                if ev is GONE:
-                    raise await self._gone(ConnectionError("stream ended without done"))
-                if isinstance(ev, protocol.CompletionError):
-                    raise Failed(ev.error)
-                if isinstance(ev, protocol.CompletionDone):
-                    # the handle ends by itself in a moment, keeping its connection for reuse
-                    _ending.add(task)
-                    task.add_done_callback(_ended)
-                    yield ev, not queue.empty()
-                    return
-                self.tokens += 1
-                yield ev, not queue.empty()
-        finally:
-            self._stop = None
-            relay.close_relay(relay_id)
-            if task not in _ending:
-                task.cancel()  # closes the request: the runner cancels the job
+def _ends(ev: object) -> bool:
+    """Whether the runner ended its job with ``ev`` (else the daemon cancels it there)."""
+    return ev is not None and ev is not _CANCELLED and type(ev) not in _GOING_ON
 
 
-def _event(line: bytes) -> protocol.CompletionChunk | protocol.CompletionDone:
-    """One NDJSON line of a ``/completion`` answer; an error record or a line that is not one
-    raises :class:`Failed`."""
-    try:
-        ev = protocol.decode_completion_event(line)
-    except msgspec.DecodeError as e:
-        raise Failed(f"bad line from runner: {e}") from None
-    if isinstance(ev, protocol.CompletionError):
-        raise Failed(ev.error)
-    return ev
+_GOING_ON = (protocol.CompletionChunk, BadLine)
 
 
 def refusal(status: int, body: bytes) -> CorralError:
-    """A runner's non-200 answer as a domain error: the ``error`` of its JSON body (else the
-    body, else the status); 413 too large for the runner (:class:`TooLarge`), any other 4xx
-    the client's (:class:`InvalidRequest`), 503 try later (:class:`Busy`), any other status
-    :class:`Failed`: a runner's refusal never surfaces as a 500."""
+    """A runner's non-200 HTTP answer as a domain error: :func:`refused` with the ``error`` of
+    its JSON body (else the body, else the status)."""
     text = body.decode("utf-8", "replace").strip()
     try:
         data = msgspec.json.decode(text)
@@ -291,6 +227,14 @@ def refusal(status: int, body: bytes) -> CorralError:
             text = data["error"]
     except msgspec.DecodeError:
         pass
+    return refused(status, text)
+
+
+def refused(status: int, text: str) -> CorralError:
+    """A runner's refusal (an HTTP status or a Refused line) as a domain error: 413 too large
+    for the runner (:class:`TooLarge`), any other 4xx the client's (:class:`InvalidRequest`),
+    503 try later (:class:`Busy`), any other status :class:`Failed`: a runner's refusal never
+    surfaces as a 500."""
     text = text or f"runner answered {status}"
     if status == 413:
         return TooLarge(f"request too large for the model runner ({text})")
@@ -299,15 +243,6 @@ def refusal(status: int, body: bytes) -> CorralError:
     if status == 503:
         return Busy(text)
     return Failed(text)
-
-
-_ending: set[asyncio.Future[CorralError | None]] = set()  # relay handles left to end after done
-
-
-def _ended(task: asyncio.Future[CorralError | None]) -> None:
-    _ending.discard(task)
-    if not task.cancelled():
-        task.exception()  # retrieved: a late connection error is of no interest any more
 
 
 @runtime_checkable

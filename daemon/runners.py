@@ -19,10 +19,11 @@ One :class:`RunnerProcess` owns one ``python -m corral.runner`` child (STYLE rul
   whatever the cause of the exit.
 * **stop** = SIGTERM to the group, bounded wait, SIGKILL to the group, then wait for the reap.
 * **reports**: ``KvCacheReport`` lines (what the saved prompt cache did) go to ``on_report``.
-* **relay**: after Ready the event pipe also carries the completion events of relay-mode
-  requests (``Relay`` lines, and one ``RelayStep`` line per decode step with the text of all
-  its streams, see runner/server.py); :meth:`RunnerProcess.open_relay` gives a
-  request an id and the queue its events are put in, :data:`GONE` once the pipe has closed.
+* **request pipe**: after Ready, completions go to the runner as lines on its stdin and their
+  events come back on the event pipe (``Relay`` lines, one ``RelayStep`` line per decode step
+  with the text of all its streams, a ``Refused`` line; see runner/server.py):
+  ``RunnerProcess.requests`` (:class:`RequestPipe`) gives a request an id and the queue its
+  events are put in, :data:`GONE` once the event pipe has closed.
 
 Contracts: ``start()`` either returns ``Ready`` with the child running, or raises
 :class:`RunnerStartError` (or is cancelled) with the child stopped and reaped. ``stop()`` is
@@ -44,20 +45,25 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal, cast
+from typing import Literal, NamedTuple, cast
 
 import msgspec
 import structlog
 
 from corral.runner.protocol import (
+    MAX_REQUEST,
+    Cancel,
     CompletionChunk,
+    CompletionRequest,
     KvCacheReport,
     LaunchSpec,
     LoadFailed,
     Loading,
     Ready,
+    Refused,
     Relay,
     RelayStep,
+    Submit,
     Warm,
     decode_event,
     encode,
@@ -71,7 +77,23 @@ STDERR_TAIL_LINES = 20
 MAX_LINE = 8192  # longer stderr lines are cut (a runaway log line must not grow memory)
 MAX_EVENT_LINE = 256 << 20  # the event pipe carries only the runner's own JSON lines; a
 # done record lists the prompt + generated tokens
-GONE = object()  # put in every open relay queue once the event pipe has closed
+GONE = object()  # put in every open request's queue once the event pipe has closed
+
+
+class BadLine(NamedTuple):
+    """Put in a request's queue for an event-pipe line naming it that does not decode."""
+
+    error: str
+
+
+class _Ids(msgspec.Struct):
+    """The request ids a line names, read loosely (a line that does not decode as an event)."""
+
+    id: int = 0
+    ids: list[int] = msgspec.field(default_factory=list)
+
+
+_ids_decoder = msgspec.json.Decoder(_Ids)
 PIPE_DRAIN_AFTER_EXIT = 1.0  # seconds to wait for a dead child's pipes before closing them
 
 # Lines that look like an error, in llama.cpp's, CUDA's and Python's words (Ollama keeps
@@ -178,6 +200,82 @@ def child_env(
     return env
 
 
+class RequestPipe:
+    """The daemon's end of a runner's request pipe: :meth:`open` gives a request its id and
+    the queue its events arrive in (CompletionChunk, CompletionDone, CompletionError, Refused,
+    then :data:`GONE` if the runner's event pipe closes first); :meth:`submit` writes it, one
+    line; :meth:`close` forgets it, with a Cancel line when the runner has not ended it.
+    ``write`` sends bytes on the runner's stdin; :meth:`dispatch` takes the runner's answers
+    (decoded event-pipe lines), :meth:`gone` the event pipe's end. Event loop thread only."""
+
+    __slots__ = ("_write", "_queues", "_ids", "_gone")
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self._write = write
+        self._queues: dict[int, asyncio.Queue] = {}
+        self._ids = itertools.count(1)
+        self._gone = False
+
+    def open(self) -> tuple[int, asyncio.Queue]:
+        relay_id = next(self._ids)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[relay_id] = queue
+        if self._gone:
+            queue.put_nowait(GONE)
+        return relay_id, queue
+
+    def submit(self, relay_id: int, request: CompletionRequest) -> None:
+        """Write the request; one over the runner's MAX_REQUEST is refused here (413)."""
+        line = encode(Submit(id=relay_id, request=request))
+        if len(line) > MAX_REQUEST:
+            error = f"{len(line)} bytes, the limit is {MAX_REQUEST}"
+            self.dispatch(Refused(id=relay_id, status=413, error=error))
+            return
+        self._write(line + b"\n")
+
+    def close(self, relay_id: int, *, cancel: bool) -> None:
+        """Late events for ``relay_id`` are dropped from now on; ``cancel``: the runner stops
+        its job (the request ended here before the runner ended it)."""
+        self._queues.pop(relay_id, None)
+        if cancel and not self._gone:
+            self._write(encode(Cancel(id=relay_id)) + b"\n")
+
+    @property
+    def open_count(self) -> int:
+        """Requests opened and not closed yet."""
+        return len(self._queues)
+
+    def dispatch(self, event: Relay | RelayStep | Refused) -> None:
+        queues = self._queues
+        if isinstance(event, RelayStep):  # one decode step's text, many streams
+            for relay_id, text in zip(event.ids, event.content, strict=False):
+                queue = queues.get(relay_id)
+                if queue is not None:
+                    queue.put_nowait(CompletionChunk(content=text))
+            return
+        queue = queues.get(event.id)
+        if queue is not None:
+            queue.put_nowait(event.event if type(event) is Relay else event)
+
+    def bad_line(self, line: bytes, error: Exception) -> None:
+        """An event-pipe line that does not decode: each open request it names gets a
+        :class:`BadLine` (a line naming none is only logged, as any stray output)."""
+        try:
+            named = _ids_decoder.decode(line)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        for relay_id in {named.id, *named.ids}:
+            queue = self._queues.get(relay_id)
+            if queue is not None:
+                queue.put_nowait(BadLine(f"bad line from runner: {error}"))
+
+    def gone(self) -> None:
+        if not self._gone:
+            self._gone = True
+            for queue in self._queues.values():
+                queue.put_nowait(GONE)
+
+
 class _Protocol(asyncio.SubprocessProtocol):
     def __init__(self, owner: RunnerProcess) -> None:
         self._owner = owner
@@ -234,34 +332,14 @@ class RunnerProcess:
         # set once a spare is warm or no longer waiting (taken, stopping, exited)
         self._settled = asyncio.Event()
         self._spawn_error = ""
-        self._relays: dict[int, asyncio.Queue] = {}
-        self._relay_ids = itertools.count(1)
-        self._events_closed = False  # the event pipe (fd 1) has closed
+        self._stdin: asyncio.WriteTransport | None = None  # after the LaunchSpec was written
+        self.requests = RequestPipe(self._send)
 
     # ------------------------------------------------------------------ public
 
     @property
     def running(self) -> bool:
         return self._transport is not None and not self._exited.is_set()
-
-    def open_relay(self) -> tuple[int, asyncio.Queue]:
-        """An id for CompletionRequest.relay and the queue that receives its events (then
-        :data:`GONE` if the runner's event pipe closes). Close it with :meth:`close_relay`."""
-        relay_id = next(self._relay_ids)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._relays[relay_id] = queue
-        if self._events_closed:
-            queue.put_nowait(GONE)
-        return relay_id, queue
-
-    @property
-    def open_relays(self) -> int:
-        """Relays opened and not closed yet (requests streaming from this runner)."""
-        return len(self._relays)
-
-    def close_relay(self, relay_id: int) -> None:
-        """Late events for ``relay_id`` are dropped from now on."""
-        self._relays.pop(relay_id, None)
 
     def stderr_tail(self) -> list[str]:
         return list(self._tail)
@@ -358,6 +436,7 @@ class RunnerProcess:
             # a write transport, though not an asyncio.WriteTransport instance on uvloop
             stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
             stdin.write(encode(spec) + b"\n")
+            self._stdin = stdin
             # What the child received, for tests and debugging (e2e tests match it to /api/ps
             # by pid: layers, tensor split and main GPU must agree with the placement).
             log.debug(
@@ -494,17 +573,8 @@ class RunnerProcess:
             if stripped.startswith(b"{"):
                 try:
                     event = decode_event(stripped)
-                    if isinstance(event, RelayStep):  # one decode step's text, many streams
-                        relays = self._relays
-                        for relay_id, text in zip(event.ids, event.content, strict=False):
-                            queue = relays.get(relay_id)
-                            if queue is not None:
-                                queue.put_nowait(CompletionChunk(content=text))
-                        return
-                    if isinstance(event, Relay):
-                        queue = self._relays.get(event.id)
-                        if queue is not None:
-                            queue.put_nowait(event.event)
+                    if isinstance(event, RelayStep | Relay | Refused):
+                        self.requests.dispatch(event)
                         return
                     if isinstance(event, KvCacheReport):
                         if self._on_report is not None:
@@ -516,8 +586,10 @@ class RunnerProcess:
                         return
                     self._events.append(event)
                     return
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    pass
+                except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                    # a line the runner wrote for open requests that does not decode (a
+                    # protocol bug): they fail with it rather than wait for nothing
+                    self.requests.bad_line(stripped, e)
         text = raw.decode("utf-8", errors="replace").rstrip()
         if not text.strip():
             return
@@ -534,14 +606,14 @@ class RunnerProcess:
             self._on_line(fd, line)
         self._open_pipes.discard(fd)
         if fd == 1:
-            self._close_relays()
+            self.requests.gone()
         self._wake.set()
 
-    def _close_relays(self) -> None:
-        if not self._events_closed:
-            self._events_closed = True
-            for queue in self._relays.values():
-                queue.put_nowait(GONE)
+    def _send(self, data: bytes) -> None:
+        """Bytes for the runner's request pipe (its stdin); nothing once it has exited (its
+        event pipe's end tells every open request)."""
+        if self._stdin is not None and not self._stdin.is_closing():
+            self._stdin.write(data)
 
     def _on_process_exited(self) -> None:
         assert self._transport is not None
@@ -563,7 +635,7 @@ class RunnerProcess:
             self._signal_group(signal.SIGKILL)
         assert self._transport is not None
         self._transport.close()
-        self._close_relays()
+        self.requests.gone()
         self._done.set()
         self._wake.set()
         log.debug(

@@ -198,7 +198,7 @@ class Lease:
         http: RunnerHTTP,
         n_ctx: int,
         load_duration: float,
-        proc: RunnerProcess | None,
+        proc: RunnerProcess,
     ) -> None:
         self._sup = sup
         self.req_id = req_id
@@ -206,7 +206,7 @@ class Lease:
         self.n_ctx = n_ctx  # per slot
         self.load_duration = load_duration  # seconds from acquire() to the grant
         self._proc = proc
-        self.runner = RunnerClient(http, process=proc, failure=self.wait_failure)
+        self.runner = RunnerClient(http, proc.requests, failure=self.wait_failure)
         self._released = False
         self._abort_message: str | None = None
         self.aborted = asyncio.Event()  # set when the runner was lost under this lease
@@ -252,9 +252,7 @@ class Lease:
         if self._abort_message is not None:
             return self._abort_message
         p = self._proc
-        if p is not None and p.returncode is not None:
-            return p.exit_reason()
-        return None
+        return p.exit_reason() if p.returncode is not None else None
 
     async def wait_failure(self, timeout: float = 2.0) -> str | None:
         """After a broken runner stream: wait (bounded) until the runner's exit is known.
@@ -264,12 +262,11 @@ class Lease:
         """
         if (reason := self.failure_reason()) is not None:
             return reason
-        if self._proc is not None:
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._proc.wait_exited()
-            except TimeoutError:
-                pass
+        try:
+            async with asyncio.timeout(timeout):
+                await self._proc.wait_exited()
+        except TimeoutError:
+            pass
         return self.failure_reason()
 
 
@@ -904,7 +901,7 @@ class Supervisor:
     def runner_clients(self) -> dict[str, RunnerClient]:
         """Clients of the runners that are ready and still running, by runner id (/metrics)."""
         return {
-            rid: RunnerClient(r.http())
+            rid: RunnerClient(r.http(), r.proc.requests)
             for rid, r in self._runners.items()
             if r.ready is not None and r.proc.returncode is None
         }

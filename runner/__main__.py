@@ -15,7 +15,8 @@ Sequence (docs/DESIGN.md "Runner process protocol"):
    so nothing else (llama.cpp, a stray print) can corrupt the pipe.
 2. Read one LaunchSpec JSON line from stdin (a bad line: LoadFailed, exit 2; EOF: exit 0).
 3. Loading events, load the engine in a worker thread; failure: LoadFailed(reason, oom), exit 1.
-4. Bind 127.0.0.1:0, emit Ready(port, pid, n_ctx, memory...), serve HTTP.
+4. Bind 127.0.0.1:0, emit Ready(port, pid, n_ctx, memory...), serve HTTP, and read the request
+   pipe: stdin's lines after the LaunchSpec (Submit, Cancel), on the event loop.
 5. stdin EOF (the daemon is gone): cancel everything, exit 0. SIGTERM/SIGINT: refuse new work,
    let in-flight work finish within LaunchSpec.grace_period, cancel the rest, exit 0.
    Either one during the load exits 0 at once.
@@ -111,8 +112,10 @@ def make_engine(spec: LaunchSpec):
     return Engine(spec)
 
 
-async def run(spec: LaunchSpec, events: EventPipe) -> int:
-    from corral.runner.server import PipeRelay, RunnerServer
+async def run(spec: LaunchSpec, events: EventPipe, rest: bytes = b"") -> int:
+    """Load, serve and stop one runner; ``rest``: what followed the LaunchSpec line in its read
+    of stdin (the request pipe's first bytes; none by the protocol)."""
+    from corral.runner.server import PipeReader, PipeRelay, RunnerServer
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -135,12 +138,11 @@ async def run(spec: LaunchSpec, events: EventPipe) -> int:
         loop.add_signal_handler(signal.SIGTERM, request_stop, "sigterm")
     loop.add_signal_handler(signal.SIGINT, request_stop, "sigterm")
 
-    def watch_stdin() -> None:  # thread: EOF means the daemon is gone
-        while sys.stdin.buffer.read(4096):
-            pass
-        loop.call_soon_threadsafe(request_stop, "stdin eof")
-
-    threading.Thread(target=watch_stdin, name="stdin-watch", daemon=True).start()
+    # stdin: the request pipe, read on the loop; its EOF means the daemon is gone
+    _, reader = await loop.connect_read_pipe(
+        lambda: PipeReader(lambda: request_stop("stdin eof"), rest),
+        open(sys.stdin.fileno(), "rb", buffering=0, closefd=False),
+    )
 
     engine = make_engine(spec)
     engine.report = events.send
@@ -159,6 +161,7 @@ async def run(spec: LaunchSpec, events: EventPipe) -> int:
     load_ns = time.perf_counter_ns() - t0
     engine.start()
     server = RunnerServer(engine, relay=PipeRelay(events.write))
+    reader.start(server.pipe_line)
     runner = web.AppRunner(server.app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -281,6 +284,19 @@ def warm_up(engine: str) -> None:
         log.exception("spare runner warm-up failed")
 
 
+def read_line(fd: int) -> tuple[bytes, bytes]:
+    """The first line of ``fd`` and what came after it in the same reads (unbuffered: the
+    request pipe that follows the LaunchSpec is read on the event loop); b"" at EOF."""
+    data = b""
+    while b"\n" not in data:
+        got = os.read(fd, 65536)
+        if not got:
+            return data, b""
+        data += got
+    line, _, rest = data.partition(b"\n")
+    return line, rest
+
+
 def main() -> int:
     openmp_wait_policy(os.environ)
     blas_threads(os.environ)
@@ -300,7 +316,7 @@ def main() -> int:
     factory = event_loop()  # before the spec: a spare imports uvloop while nobody waits
     if spare:
         events.send(Warm())  # the daemon prefers a warm spare and spawns the next one now
-    line = sys.stdin.buffer.readline()
+    line, rest = read_line(sys.stdin.fileno())
     set_process_name(RUNNER_NAME)
     if not line.strip():
         return 0
@@ -311,11 +327,11 @@ def main() -> int:
         return 2
     configure_logging(spec.verbose)
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(run(spec, events))
+        return runner.run(run(spec, events, rest))
 
 
 if __name__ == "__main__":
     code = main()
     sys.stderr.flush()
-    # Hard exit: the stdin watcher and llama.cpp's threads must not keep the process alive.
+    # Hard exit: llama.cpp's threads and the executor's must not keep the process alive.
     os._exit(code)

@@ -661,8 +661,9 @@ class Engine:
 
     # -- submit (any thread) --------------------------------------------------------------------
 
-    def submit(self, request: CompletionRequest, emit: Emit) -> Job:
-        """Validate, tokenize, build the sampler chain; queue the job. Raise BadRequest."""
+    def submit(self, request: CompletionRequest, emit: Emit, relay: int = 0) -> Job:
+        """Validate, tokenize, build the sampler chain; queue the job (``relay``: see
+        EngineLike.submit). Raise BadRequest."""
         if self.ctx is None:
             raise BadRequest("this runner was loaded for embeddings only")
         prompt = list(request.tokens or [])
@@ -715,7 +716,7 @@ class Engine:
         numpy_picks = grammar is None and (sampling.greedy(opts) or sampling.numpy_chain(opts))
         job.sampler = (None if numpy_picks else self._sampler(opts, prompt), grammar)
         job.seed = opts.seed if opts.seed >= 0 else random.getrandbits(64)
-        job.relay = request.relay if request.stream and self.relay_chunks is not None else 0
+        job.relay = relay if request.stream and self.relay_chunks is not None else 0
         job.limit = self._limit(opts)
         with self._cond:
             if self._stopping:

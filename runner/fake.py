@@ -146,7 +146,7 @@ class FakeEngine:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def submit(self, request: CompletionRequest, emit: Emit) -> Job:
+    def submit(self, request: CompletionRequest, emit: Emit, relay: int = 0) -> Job:
         prompt = list(request.tokens or [])
         if request.prompt:
             prompt += self.tokenize(request.prompt, request.add_special, True)
@@ -165,6 +165,7 @@ class FakeEngine:
         job = Job(request, emit)
         job.prompt = prompt
         job.truncated = truncated
+        job.relay = relay if request.stream and self.relay_chunks is not None else 0
         with self._cond:
             if self._stopping:
                 raise BadRequest("runner is shutting down")
@@ -271,9 +272,8 @@ class FakeEngine:
                 if past_thinking(seq.generated, *seq.grammar_wait):
                     seq.grammar_wait, seq.json = None, True
             out = seq.text.feed(piece)
-            relayed = job.request.relay and job.request.stream and self.relay_chunks is not None
-            if out and relayed and not seq.logprobs:
-                self._relay_ids.append(job.request.relay)
+            if out and job.relay and not seq.logprobs:
+                self._relay_ids.append(job.relay)
                 self._relay_texts.append(out)
             elif out and job.request.stream:
                 job.emit(CompletionChunk(content=out, logprobs=take_logprobs(seq.logprobs)))

@@ -1,8 +1,9 @@
 """Wire types shared by the daemon and the runner child process.
 
 Everything that crosses the process boundary is a msgspec Struct defined here and encoded as JSON:
-the ``LaunchSpec`` the daemon writes on the child's stdin, the lifecycle events the child writes on
-its stdout (one JSON line each), and the bodies of the runner's HTTP API. Every message carries a
+the ``LaunchSpec`` the daemon writes on the child's stdin and the completion requests that follow
+it there (``Submit``, ``Cancel``), the lifecycle and completion events the child writes on its
+stdout (one JSON line each), and the bodies of the runner's HTTP API. Every message carries a
 ``type`` tag; top-level launch/event messages also carry ``version`` (``Literal[1]``), so a message
 from a different protocol version or with an unknown tag fails to decode instead of being guessed
 at. No pickle anywhere.
@@ -151,7 +152,7 @@ class Warm(msgspec.Struct, frozen=True, kw_only=True, tag="warm", tag_field="typ
     version: Version = PROTOCOL_VERSION
 
 
-# the handshake (Warm first from a spare); after Ready the pipe also carries Relay
+# the handshake (Warm first from a spare); after Ready: PipeEvent
 RunnerEvent = Warm | Loading | Ready | LoadFailed
 
 
@@ -323,10 +324,6 @@ class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True):
     stream: bool = True
     add_special: bool = True  # add BOS etc. when tokenizing `prompt` (ignored for `tokens`)
     shift: bool | None = None  # None: the LaunchSpec's setting
-    # >= 1 (streaming only): the events go up the runner's event pipe as Relay lines with this
-    # id, written by the decode thread once per step for all its sequences; the HTTP response
-    # then carries no events, it ends when the job has ended and closing it cancels the job
-    relay: int = 0
     truncate: bool = True  # a prompt longer than the slot keeps num_keep + the tail; else 400
     images: list[bytes] = msgspec.field(default_factory=list)  # base64 in JSON; "[img-N]" in
     # the prompt is images[N] (a runner without a projector leaves the markers as text)
@@ -371,16 +368,59 @@ def decode_completion_event(
     return _completion_event_decoder.decode(line)
 
 
+# ----------------------------------------------------------------------------------------------
+# The request pipe (daemon -> runner, the child's stdin after the LaunchSpec line, one JSON line
+# each) and its answers on the event pipe (runner -> daemon, after Ready)
+
+
+class Submit(msgspec.Struct, frozen=True, kw_only=True, tag="completion", tag_field="type"):
+    """A completion for the runner's engine; every event of it comes back up the event pipe
+    with ``id`` (Relay, RelayStep), or one Refused line. ``id`` >= 1, unique per runner while
+    the request is open."""
+
+    id: int
+    request: CompletionRequest
+
+
+class Cancel(msgspec.Struct, frozen=True, kw_only=True, tag="cancel", tag_field="type"):
+    """The daemon gave up request ``id`` (its client went away, DELETE /api/requests): the job
+    stops at the engine's next step and nothing more comes for it. An unknown id (the job has
+    ended already) is ignored."""
+
+    id: int
+
+
+PipeRequest = Submit | Cancel
+# the longest request a runner takes, a Submit line or an HTTP body (the daemon refuses a longer
+# Submit with 413 itself: the runner never reads it)
+MAX_REQUEST = 64 << 20
+_pipe_request_decoder = msgspec.json.Decoder(PipeRequest)
+
+
+def decode_pipe_request(line: bytes | str) -> Submit | Cancel:
+    """Raise msgspec.ValidationError/DecodeError on an unknown tag or a bad field."""
+    return _pipe_request_decoder.decode(line)
+
+
+class Refused(msgspec.Struct, frozen=True, kw_only=True, tag="refused", tag_field="type"):
+    """Request ``id`` was not started, for the reason an HTTP status would give: 400 a bad
+    request (the engine's BadRequest, a line that does not decode), 503 the runner is
+    draining, 500 the runner's own failure. Its only answer."""
+
+    id: int
+    status: int
+    error: str
+
+
 class Relay(msgspec.Struct, frozen=True, kw_only=True, tag="relay", tag_field="type"):
-    """One completion event of a ``relay`` request (CompletionRequest.relay = ``id``) on the event
-    pipe, after Ready."""
+    """One completion event of request ``id`` (a Submit) on the event pipe."""
 
     id: int
     event: CompletionEvent
 
 
 class RelayStep(msgspec.Struct, frozen=True, kw_only=True, tag="step", tag_field="type"):
-    """The text of one decode step for several relay requests, one line for all of them:
+    """The text of one decode step for several streamed requests, one line for all of them:
     ``content[i]`` is a CompletionChunk (without logprobs) of request ``ids[i]``. A step writes
     it before its Relay lines (a request's last chunk comes before its done)."""
 
@@ -388,14 +428,13 @@ class RelayStep(msgspec.Struct, frozen=True, kw_only=True, tag="step", tag_field
     content: list[str]
 
 
-_event_decoder: msgspec.json.Decoder[RunnerEvent | Relay | RelayStep | KvCacheReport] = (
-    msgspec.json.Decoder(RunnerEvent | Relay | RelayStep | KvCacheReport)
-)
+PipeEvent = RunnerEvent | Relay | RelayStep | Refused | KvCacheReport
+_event_decoder: msgspec.json.Decoder[PipeEvent] = msgspec.json.Decoder(PipeEvent)
 
 
 def decode_event(
     line: bytes | str,
-) -> Warm | Loading | Ready | LoadFailed | Relay | RelayStep | KvCacheReport:
+) -> Warm | Loading | Ready | LoadFailed | Relay | RelayStep | Refused | KvCacheReport:
     """Raise msgspec.ValidationError/DecodeError on an unknown tag, version or a bad field."""
     return _event_decoder.decode(line)
 

@@ -1,27 +1,28 @@
-"""The runner's HTTP API (aiohttp), in front of an engine (real or fake).
+"""The runner's two faces in front of an engine (real or fake): the request pipe and HTTP.
 
-Contract (docs/DESIGN.md "Runner HTTP API"): JSON bodies are the msgspec structs of
-``corral.runner.protocol``. ``/completion`` streams NDJSON lines, each a tagged CompletionEvent,
-the last one ``done`` or ``error``. A client that disconnects cancels its job (handler
-cancellation is on), which frees the slot at the engine's next step. While draining (SIGTERM),
-new work is refused with 503.
+The request pipe (docs/DESIGN.md "Request pipe"; the daemon's completions): the runner's stdin
+after its LaunchSpec carries ``Submit`` and ``Cancel`` lines, read on the event loop
+(:class:`PipeReader`, :meth:`RunnerServer.pipe_line`); a request's events go up the event pipe,
+written by the decode thread itself, one write per step for all sequences (:class:`PipeRelay`):
+the step's text chunks as ONE ``RelayStep`` line (the engine hands them over in one
+``relay_chunks`` call), any other event (a first token, logprobs, a done, a whole answer) as a
+``Relay`` line after it; a request that is not started gets one ``Refused`` line. The event loop
+wakes once per request (its line) and never per token or for the answer: no HTTP request, no
+answer write from the loop, no wake-up of the loop by the decode thread.
 
-Relay mode (``CompletionRequest.relay`` = id, streaming, when the runner was started by the
-daemon): the events do not go through this HTTP response but up the event pipe, written by the
-decode thread itself, one write per step for all sequences (:class:`PipeRelay`): the step's
-text chunks as ONE ``RelayStep`` line (the engine hands them over in one ``relay_chunks`` call),
-any other event (a first token, logprobs, a done) as a ``Relay`` line after it. That takes the event
-loop out of the per-token path: no wake-up of this process's loop thread and one write per step
-instead of one per stream, so the two decode threads lose fewer time slices to the HTTP side on
-a machine with as many cores as threads.
-The HTTP request stays open as the job's handle: it ends (``{}``) once the job's last event is
-in the pipe, and closing it cancels the job.
+The HTTP API (docs/DESIGN.md "Runner HTTP API": direct clients, and the daemon's embeddings,
+tokenize and health): JSON bodies are the msgspec structs of ``corral.runner.protocol``.
+``/completion`` streams NDJSON lines, each a tagged CompletionEvent, the last one ``done`` or
+``error``. A client that disconnects cancels its job (handler cancellation is on), which frees
+the slot at the engine's next step. While draining (SIGTERM), new work is refused with 503 (a
+piped request with Refused 503).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -30,8 +31,10 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from corral.runner.common import BadRequest, EngineLike
+from corral.runner.common import BadRequest, EngineLike, Job
 from corral.runner.protocol import (
+    MAX_REQUEST,
+    Cancel,
     CompletionChunk,
     CompletionDone,
     CompletionError,
@@ -41,10 +44,13 @@ from corral.runner.protocol import (
     EmbedRequest,
     ErrorResponse,
     Health,
+    Refused,
     Relay,
     RelayStep,
+    Submit,
     TokenizeRequest,
     TokenizeResponse,
+    decode_pipe_request,
     encode,
 )
 
@@ -110,14 +116,14 @@ class _Mailbox:
 
 
 class PipeRelay:
-    """Completion events of relay-mode jobs, written up the event pipe (``write``): :meth:`chunks`
-    (the engine's ``relay_chunks``, once per step) takes a step's text chunks as one RelayStep
-    line, :meth:`put` (decode thread) any other event as a Relay line; :meth:`flush` (the
-    engine's ``after_emit``) writes the burst at once, RelayStep lines first, then runs the end
-    callbacks of the jobs that finished in it, so a job's HTTP handle ends only after its last
-    event is in the pipe. A RelayStep line with nothing else queued (the usual step: text only,
-    the engine emits its other events after handing the chunks over) is written at once: one
-    encode and one write per step, no flush."""
+    """Completion events of the request pipe's jobs, written up the event pipe (``write``):
+    :meth:`chunks` (the engine's ``relay_chunks``, once per step) takes a step's text chunks as
+    one RelayStep line, :meth:`put` (decode thread) any other event as a Relay line; :meth:`flush`
+    (the engine's ``after_emit``) writes the burst at once, RelayStep lines first, then runs the
+    end callbacks of the jobs that finished in it (their last event is in the pipe). A RelayStep
+    line with nothing else queued (the usual step: text only, the engine emits its other events
+    after handing the chunks over) is written at once: one encode and one write per step, no
+    flush. :meth:`refuse` writes a request's Refused line (any thread)."""
 
     def __init__(self, write: Callable[[bytes], None]) -> None:
         self._write = write
@@ -158,9 +164,74 @@ class PipeRelay:
         for end in ended:
             end()
 
+    def refuse(self, relay_id: int, status: int, error: str) -> None:
+        line = encode(Refused(id=relay_id, status=status, error=error)) + b"\n"
+        with self._lock:
+            self._write(line)
+
+
+class PipeReader(asyncio.Protocol):
+    """The runner's stdin after the LaunchSpec line, on the event loop: whole lines to
+    ``on_line`` (set once the server exists: :meth:`start`; none come before Ready), EOF to
+    ``on_eof`` (the daemon is gone). A line may arrive in many reads (a request with images)."""
+
+    def __init__(self, on_eof: Callable[[], None], rest: bytes = b"") -> None:
+        self.on_line: Callable[[bytes], None] | None = None
+        self._on_eof = on_eof
+        self._buf = bytearray(rest)  # what followed the LaunchSpec line in its read
+        self._early: list[bytes] = []  # lines before start (by the protocol, none)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._buf and data.endswith(b"\n"):  # whole lines, the usual read: no copies
+            for line in data[:-1].split(b"\n"):
+                self._line(line)
+            return
+        self._buf += data
+        if b"\n" in data:
+            self._split()
+
+    def start(self, on_line: Callable[[bytes], None]) -> None:
+        """Lines go to ``on_line`` from now on, starting with any that came before."""
+        self.on_line = on_line
+        early, self._early = self._early, []
+        for line in early:
+            on_line(line)
+        if b"\n" in self._buf:
+            self._split()
+
+    def _split(self) -> None:
+        *lines, rest = self._buf.split(b"\n")
+        self._buf = bytearray(rest)
+        for line in lines:
+            self._line(bytes(line))
+
+    def _line(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        if self.on_line is None:
+            self._early.append(line)
+            return
+        self.on_line(line)
+
+    def eof_received(self) -> bool:
+        self._on_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:  # a read error: the daemon's end is as good as gone
+            self._on_eof()
+
+
+# what a piped job's table holds before engine.submit returned (off the loop) / once it was
+# cancelled meanwhile
+_SUBMITTING = object()
+_CANCELLED = object()
+_LINE_ID = re.compile(rb'"id"\s*:\s*(\d+)')
+
 
 class RunnerServer:
-    """Owns the aiohttp app; ``draining`` and ``inflight`` are read by the shutdown sequence."""
+    """Owns the aiohttp app and the request pipe's jobs (``relay``: their events' way up the
+    event pipe); ``draining`` and ``inflight`` are read by the shutdown sequence."""
 
     def __init__(self, engine: EngineLike, relay: PipeRelay | None = None) -> None:
         self.engine = engine
@@ -169,12 +240,18 @@ class RunnerServer:
             engine.after_emit = relay.flush
             engine.relay_chunks = relay.chunks
         self.draining = False
-        self.inflight = 0
+        self._http_inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # the request pipe's jobs by id, until their last event is in the pipe or the daemon
+        # cancels them: written by the loop and (at a job's end) the decode thread
+        self._piped: dict[int, Any] = {}
+        self._piped_lock = threading.Lock()
+        self._piped_waiter: asyncio.Event | None = None  # wait_idle's, while it waits
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._embed_lock = asyncio.Lock()
         self._mailbox: _Mailbox | None = None
-        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_errors])
+        app = web.Application(client_max_size=MAX_REQUEST, middlewares=[_errors])
         app.router.add_get("/health", self.health)
         app.router.add_post("/completion", self.completion)
         app.router.add_post("/embed", self.embed)
@@ -182,19 +259,120 @@ class RunnerServer:
         app.router.add_post("/detokenize", self.detokenize)
         self.app = app
 
+    @property
+    def inflight(self) -> int:
+        """Requests started and not ended: HTTP ones and the request pipe's."""
+        return self._http_inflight + len(self._piped)
+
     async def wait_idle(self) -> None:
         """Return once no request is in flight."""
         await self._idle.wait()
+        while self._piped:
+            # the decode thread sets it when it ends the last piped job and sees a waiter
+            self._piped_waiter = waiter = asyncio.Event()
+            if self._piped:
+                await waiter.wait()
+        self._piped_waiter = None
+
+    # -- the request pipe (on the event loop) ------------------------------------------------
+
+    def pipe_line(self, line: bytes) -> None:
+        """One line of the request pipe: a Submit or a Cancel."""
+        assert self.relay is not None
+        try:
+            msg = decode_pipe_request(line)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            found = _LINE_ID.search(line)  # refuse it by its id if it has one
+            log.error("bad request line", error=str(e), line=line[:200])
+            if found:
+                self.relay.refuse(int(found.group(1)), 400, f"bad request line: {e}")
+            return
+        if isinstance(msg, Cancel):
+            self._cancel_piped(msg.id)
+        else:
+            self._submit_piped(msg)
+
+    def _submit_piped(self, msg: Submit) -> None:
+        relay = self.relay
+        assert relay is not None
+        relay_id, req = msg.id, msg.request
+        if self.draining:
+            relay.refuse(relay_id, 503, "runner is shutting down")
+            return
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        piped, lock = self._piped, self._piped_lock
+
+        def emit(event: Any) -> None:  # decode thread: the event goes up the pipe
+            relay.put(relay_id, event, ended)
+
+        def ended() -> None:  # decode thread, after the job's last event was written
+            with lock:
+                piped.pop(relay_id, None)
+            self._wake_idle()
+
+        piped[relay_id] = _SUBMITTING
+        if _inline(req):
+            self._piped_submitted(relay_id, req, emit)
+        else:
+            self._loop.run_in_executor(None, self._piped_submitted, relay_id, req, emit)
+
+    def _piped_submitted(self, relay_id: int, req: CompletionRequest, emit: Any) -> None:
+        """engine.submit for a piped request (on the loop, or an executor thread for a big
+        one): the job is kept for a cancel, or refused, or cancelled if a cancel came meanwhile."""
+        relay = self.relay
+        assert relay is not None
+        try:
+            job = self.engine.submit(req, emit, relay_id)
+        except BadRequest as e:
+            self._piped_refused(relay_id, 400, str(e))
+            return
+        except Exception as e:  # an engine bug: the daemon's request fails, the runner lives
+            log.exception("piped request failed", id=relay_id)
+            self._piped_refused(relay_id, 500, f"{type(e).__name__}: {e}")
+            return
+        with self._piped_lock:
+            state = self._piped.get(relay_id)
+            if state is _CANCELLED:
+                del self._piped[relay_id]
+            elif state is _SUBMITTING:  # not ended already
+                self._piped[relay_id] = job
+        if state is _CANCELLED:
+            job.cancel()
+            self._wake_idle()
+
+    def _piped_refused(self, relay_id: int, status: int, error: str) -> None:
+        with self._piped_lock:
+            self._piped.pop(relay_id, None)
+        assert self.relay is not None
+        self.relay.refuse(relay_id, status, error)
+        self._wake_idle()
+
+    def _cancel_piped(self, relay_id: int) -> None:
+        with self._piped_lock:
+            job = self._piped.pop(relay_id, None)
+            if job is _SUBMITTING:  # submit still running off the loop: it cancels the job
+                self._piped[relay_id] = _CANCELLED
+        if isinstance(job, Job):
+            job.cancel()
+            self._wake_idle()
+
+    def _wake_idle(self) -> None:
+        """wait_idle's waiter, once no piped job is left (any thread; read after the pop: a
+        waiter set before it is seen, one set after it sees the table empty)."""
+        waiter = self._piped_waiter
+        if waiter is not None and not self._piped and self._loop is not None:
+            self._loop.call_soon_threadsafe(waiter.set)
 
     # -- helpers -----------------------------------------------------------------------------
 
     def _enter(self) -> None:
-        self.inflight += 1
+        self._http_inflight += 1
         self._idle.clear()
 
     def _leave(self) -> None:
-        self.inflight -= 1
-        if self.inflight == 0:
+        self._http_inflight -= 1
+        if self._http_inflight == 0:
             self._idle.set()
 
     @staticmethod
@@ -240,22 +418,11 @@ class RunnerServer:
             self._mailbox = _Mailbox(loop)
         mailbox = self._mailbox
 
+        def emit(event: Any) -> None:  # decode thread
+            mailbox.put(queue, event)
+
         try:
             req = await self._body(request, CompletionRequest)
-            relay = self.relay if req.relay and req.stream else None
-            if relay is not None:
-                relay_id = req.relay
-
-                def emit(event: Any) -> None:  # decode thread: the event goes up the pipe
-                    relay.put(relay_id, event, ended)
-
-                def ended() -> None:  # after the job's last event was written
-                    mailbox.put(queue, None)
-            else:
-
-                def emit(event: Any) -> None:  # decode thread
-                    mailbox.put(queue, event)
-
             if _inline(req):
                 job = self.engine.submit(req, emit)
             else:
@@ -263,9 +430,6 @@ class RunnerServer:
         except BadRequest as e:
             return self._error(400, str(e))
         try:
-            if relay is not None:
-                await queue.get()
-                return web.Response(body=b"{}", content_type="application/json")
             if not req.stream:
                 while True:
                     event = await queue.get()

@@ -17,6 +17,7 @@ from corral.daemon.params import RequestOptions
 from corral.daemon.prompt.toolcalls import ToolCallParser
 from corral.daemon.runner_client import Events, RunnerClient, RunnerLease
 from corral.daemon.runner_http import RunnerHTTP
+from corral.daemon.runners import RequestPipe
 from corral.runner import protocol
 from corral.scheduler import QUEUE_FULL_MESSAGE as QUEUE_FULL
 from corral.scheduler import Placement, RunnerOptions, RunnerView
@@ -671,7 +672,11 @@ async def test_a_runner_out_of_memory_at_run_time_is_reported(error, reported):
 def test_the_fake_leases_are_runner_leases():
     """The API tests drive the api layer with fakes of the supervisor's Lease: they must have
     its face (daemon.runner_client.RunnerLease), as the real one does (test_supervisor)."""
-    sup = FakeSupervisor(RunnerHTTP("127.0.0.1", 1))  # nothing is sent
+
+    def unused(data: bytes) -> None:
+        raise AssertionError("nothing is sent")
+
+    sup = FakeSupervisor(RunnerHTTP("127.0.0.1", 1), RequestPipe(unused))
     assert isinstance(Lease(sup), RunnerLease)
 
     async def lines(body):

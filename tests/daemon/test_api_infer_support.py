@@ -1,8 +1,11 @@
 """Test doubles and fixtures for the inference API tests (no tests here).
 
-* :class:`ScriptedRunner` speaks the runner HTTP API of docs/DESIGN.md (``/completion`` NDJSON
-  of tagged ``CompletionChunk``/``CompletionDone``/``error`` lines, ``/embed``, ``/health``) with
-  the protocol structs, and answers with a script the test sets; it records every request.
+* :class:`ScriptedRunner` speaks the runner protocol of docs/DESIGN.md with the protocol
+  structs: completions through the request pipe (the ``Submit``/``Cancel`` lines the daemon's
+  :class:`~corral.daemon.runners.RequestPipe` writes, answered with event-pipe lines -
+  ``RelayStep``, ``Relay``, ``Refused`` - decoded and dispatched as a runner process's are),
+  ``/embed``, ``/tokenize`` and ``/health`` over HTTP; it answers with a script the test sets
+  and records every request.
 * :class:`FakeSupervisor` has the ``Supervisor`` surface the API uses (``acquire`` -> a
   ``RunnerLease``: async context manager with the real ``RunnerClient``, n_ctx, load_duration,
   out_of_memory; ``unload``, ``ps``) and
@@ -34,6 +37,7 @@ from corral.daemon.models.store import Store
 from corral.daemon.params import RequestOptions
 from corral.daemon.runner_client import RunnerClient, RunnerLease
 from corral.daemon.runner_http import RunnerHTTP
+from corral.daemon.runners import RequestPipe
 from corral.daemon.ticket import CURRENT, Ticket
 from corral.runner import protocol
 from corral.scheduler import RunnerView, SchedulerSnapshot
@@ -66,77 +70,95 @@ class ScriptedRunner:
         self.script = Script()
         self.requests: list[protocol.CompletionRequest] = []
         self.embeds: list[protocol.EmbedRequest] = []
+        self.cancels: list[int] = []  # ids of the Cancel lines received
+        self.pipe = RequestPipe(self._received)  # the daemon's end of the request pipe
+        self._jobs: dict[int, asyncio.Task[None]] = {}
         app = web.Application()
         app.router.add_get("/health", self.health)
-        app.router.add_post("/completion", self.completion)
         app.router.add_post("/embed", self.embed)
         app.router.add_post("/tokenize", self.tokenize)
         self.app = app
+
+    def _received(self, data: bytes) -> None:
+        """What the daemon wrote on the runner's stdin: whole request lines."""
+        assert data.endswith(b"\n")
+        for line in data.splitlines():
+            msg = protocol.decode_pipe_request(line)
+            if isinstance(msg, protocol.Cancel):
+                self.cancels.append(msg.id)
+                job = self._jobs.pop(msg.id, None)
+                if job is not None:
+                    job.cancel()
+            else:
+                self._jobs[msg.id] = asyncio.get_running_loop().create_task(self._answer(msg))
+
+    def _send(self, *events: msgspec.Struct) -> None:
+        """Event-pipe lines, written at once (one read on the daemon's side)."""
+        data = b"".join(protocol.encode(ev) + b"\n" for ev in events)
+        for line in data.splitlines():
+            self.pipe.dispatch(protocol.decode_event(line))  # type: ignore[arg-type]
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(
             body=protocol.encode(protocol.Health(slots_total=1)), content_type="application/json"
         )
 
-    async def completion(self, request: web.Request) -> web.StreamResponse:
-        req = msgspec.json.decode(await request.read(), type=protocol.CompletionRequest)
+    async def _answer(self, msg: protocol.Submit) -> None:
+        """The scripted answer to one Submit, as a runner writes it: a step's plain text as a
+        RelayStep line, a chunk with logprobs, the done and an error as Relay lines."""
+        req, rid = msg.request, msg.id
         self.requests.append(req)
         s = self.script
-        if s.status != 200:
-            return web.Response(
-                body=protocol.encode(protocol.ErrorResponse(error=s.status_error)),
-                status=s.status,
-                content_type="application/json",
+        try:
+            await asyncio.sleep(0)  # the answer comes later than the request, as it would
+            if s.status != 200:
+                self._send(protocol.Refused(id=rid, status=s.status, error=s.status_error))
+                return
+            chunks = s.reply(req) if s.reply is not None else s.chunks
+            probs = (
+                [
+                    protocol.TokenLogprob(token=c, logprob=-0.5 - i, bytes=list(c.encode()))
+                    for i, c in enumerate(chunks)
+                ]
+                if req.logprobs
+                else None
             )
-        chunks = s.reply(req) if s.reply is not None else s.chunks
-        probs = (
-            [
-                protocol.TokenLogprob(token=c, logprob=-0.5 - i, bytes=list(c.encode()))
-                for i, c in enumerate(chunks)
-            ]
-            if req.logprobs
-            else None
-        )
-        prompt_tokens = list(req.tokens or []) + list((req.prompt or "").encode())
-        done = protocol.CompletionDone(
-            content="" if req.stream else "".join(chunks),
-            done_reason=s.done_reason,
-            prompt_eval_count=len(prompt_tokens),
-            prompt_eval_duration=1000,
-            eval_count=len(chunks),
-            eval_duration=2000,
-            tokens=prompt_tokens + list(range(len(chunks))),
-            logprobs=None if req.stream else probs,
-        )
-        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await resp.prepare(request)
-        if s.together and req.stream:
-            await resp.write(
-                b"".join(
-                    protocol.encode(protocol.CompletionChunk(content=c)) + b"\n" for c in chunks
+            prompt_tokens = list(req.tokens or []) + list((req.prompt or "").encode())
+            done = protocol.CompletionDone(
+                content="" if req.stream else "".join(chunks),
+                done_reason=s.done_reason,  # type: ignore[arg-type]
+                prompt_eval_count=len(prompt_tokens),
+                prompt_eval_duration=1000,
+                eval_count=len(chunks),
+                eval_duration=2000,
+                tokens=prompt_tokens + list(range(len(chunks))),
+                logprobs=None if req.stream else probs,
+            )
+            # the error after error_after chunks (a whole answer: instead of it)
+            fails = s.error_after is not None and (not req.stream or s.error_after < len(chunks))
+            lines: list[msgspec.Struct] = []
+            for i, c in enumerate(chunks if req.stream else []):
+                if fails and i == s.error_after:
+                    break
+                if probs:
+                    chunk = protocol.CompletionChunk(content=c, logprobs=probs[i : i + 1])
+                    lines.append(protocol.Relay(id=rid, event=chunk))
+                else:
+                    lines.append(protocol.RelayStep(ids=[rid], content=[c]))
+            if fails:
+                lines.append(
+                    protocol.Relay(id=rid, event=protocol.CompletionError(error="runner exploded"))
                 )
-                + protocol.encode(done)
-                + b"\n"
-            )
-            return resp
-        if req.stream:
-            for i, c in enumerate(chunks):
-                if s.error_after is not None and i == s.error_after:
-                    await resp.write(
-                        msgspec.json.encode({"type": "error", "error": "runner exploded"}) + b"\n"
-                    )
-                    return resp
-                chunk = protocol.CompletionChunk(
-                    content=c, logprobs=probs[i : i + 1] if probs else None
-                )
-                await resp.write(protocol.encode(chunk) + b"\n")
-        elif s.error_after is not None:
-            await resp.write(
-                msgspec.json.encode({"type": "error", "error": "runner exploded"}) + b"\n"
-            )
-            return resp
-        await resp.write(protocol.encode(done) + b"\n")
-        return resp
+            else:
+                lines.append(protocol.Relay(id=rid, event=done))
+            if s.together:
+                self._send(*lines)
+                return
+            for line in lines:
+                self._send(line)
+                await asyncio.sleep(0)
+        finally:
+            self._jobs.pop(rid, None)
 
     async def tokenize(self, request: web.Request) -> web.Response:
         """A byte tokenizer with a BOS token (id 1) when add_special."""
@@ -172,7 +194,7 @@ class Lease:
 
     def __init__(self, sup: FakeSupervisor) -> None:
         self.sup = sup
-        self.runner = RunnerClient(sup.http)
+        self.runner = RunnerClient(sup.http, sup.pipe)
         self.runner_id = "r1"
         self.n_ctx = 4096
         self.load_duration = 0.001
@@ -193,8 +215,9 @@ class Lease:
 
 
 class FakeSupervisor:
-    def __init__(self, http: RunnerHTTP) -> None:
+    def __init__(self, http: RunnerHTTP, pipe: RequestPipe) -> None:
         self.http = http  # the scripted runner's connections
+        self.pipe = pipe  # and its request pipe
         self.acquired: list[tuple[str, RequestOptions, float | None, str]] = []
         self.tickets: list[Ticket | None] = []  # who asked, per acquire
         self.leases: list[Lease] = []
@@ -334,7 +357,7 @@ async def make_env(
     runner_srv = TestServer(runner.app)
     await runner_srv.start_server()
     http = RunnerHTTP("127.0.0.1", runner_srv.port)
-    sup = FakeSupervisor(http)
+    sup = FakeSupervisor(http, runner.pipe)
     config = config or Config(host=HostAddr(host="127.0.0.1", port=11434))
     app = make_app(config, store, sup, **app_kwargs)  # type: ignore[arg-type]
     srv = TestServer(app)

@@ -192,12 +192,11 @@ def test_max_body_setting() -> None:
 
 
 @pytest.mark.slow
-# the daemon posts the 65 MiB body to the runner as bytes: aiohttp's advice, ignored by default
-@pytest.mark.filterwarnings("ignore:Sending a large body directly:ResourceWarning")
 @pytest.mark.parametrize("path", ["/api/generate", "/v1/completions"])
 async def test_a_runner_refusal_is_not_a_500(tmp_path: Path, tiny_gguf: Path, path: str) -> None:
-    """With CORRAL_MAX_BODY above the runner's own 64 MiB, a 65 MiB prompt passes the daemon and
-    the runner refuses it (413): the client gets that 413, not a 500."""
+    """With CORRAL_MAX_BODY above the runner's own 64 MiB (protocol.MAX_REQUEST), a 65 MiB
+    prompt passes the daemon's limit and is refused as too large for the runner (413, before
+    the request pipe): the client gets that 413, not a 500."""
     cfg = msgspec.structs.replace(config(), max_body=100 << 20)
     async with open_env(tmp_path, tiny_gguf, cfg) as env:
         prompt = "x" * (65 << 20)

@@ -640,7 +640,7 @@ async def test_runners_ask_glibc_for_huge_pages(
     sup = await make_sup(config() if gpus else config(simulate_gpus=()))
     with structlog.testing.capture_logs() as logs:
         async with await acquire(sup, models(0), options=RequestOptions(use_mmap=asked)) as lease:
-            spec, env = _spec_and_env(logs, lease.runner.process.pid)
+            spec, env = _spec_and_env(logs, sup.runner_process(lease.runner_id).pid)
     assert spec["use_mmap"] is mmap and (spec["n_gpu_layers"] > 0) is bool(gpus)
     assert (env.get("GLIBC_TUNABLES") == "glibc.malloc.hugetlb=1") is huge
 

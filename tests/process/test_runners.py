@@ -15,7 +15,7 @@ import msgspec
 import psutil
 import pytest
 
-from corral.daemon.errors import Failed
+from corral.daemon.errors import Busy, Cancelled, Failed, InvalidRequest
 from corral.daemon.runner_client import RunnerClient
 from corral.daemon.runner_http import RunnerHTTP
 from corral.daemon.runners import GONE, RunnerProcess, RunnerStartError, describe_returncode
@@ -224,13 +224,13 @@ def _client(proc: RunnerProcess, port: int) -> RunnerClient:
         await proc.wait_exited()
         return proc.exit_reason()
 
-    return RunnerClient(RunnerHTTP("127.0.0.1", port), process=proc, failure=failure)
+    return RunnerClient(RunnerHTTP("127.0.0.1", port), proc.requests, failure=failure)
 
 
 async def test_streams_come_up_the_event_pipe_and_a_killed_runner_ends_them():
-    """Relay mode end to end: the runner client sends the request with a relay id, the events arrive
-    through the child's event pipe (not the HTTP response), in order, ending with done; a
-    runner killed mid-stream ends the stream with its exit reason, and later relays at once."""
+    """The request pipe end to end: the runner client sends the request on the child's stdin,
+    the events arrive through its event pipe, in order, ending with done; a runner killed
+    mid-stream ends the stream with its exit reason, and later requests at once."""
     r = RunnerProcess("m:1")
     ready = await asyncio.wait_for(r.start(spec(tokens_per_second=300), load_timeout=10), SAFETY)
     client = _client(r, ready.port)
@@ -243,7 +243,7 @@ async def test_streams_come_up_the_event_pipe_and_a_killed_runner_ends_them():
             async with s.post(client.base_url + "/completion", data=encode(body)) as resp:
                 plain = [json.loads(line) async for line in resp.content]  # the same job over HTTP
             assert [e.content for e in got[:-1]] == [x["content"] for x in plain[:-1]]
-            assert r.open_relay()[0] == 2  # the client used relay id 1
+            assert r.requests.open()[0] == 2  # the client used id 1
 
             long = client.completion(
                 CompletionRequest(prompt="a", options=SamplingOptions(num_predict=100000))
@@ -256,7 +256,7 @@ async def test_streams_come_up_the_event_pipe_and_a_killed_runner_ends_them():
                     async for _ in long:
                         pass
             assert "signal: killed" in err.value.message
-            _, queue = r.open_relay()  # the pipe is closed: a new relay is gone at once
+            _, queue = r.requests.open()  # the pipe is closed: a new request is gone at once
             assert queue.get_nowait() is GONE
     finally:
         client.http.close()
@@ -282,9 +282,9 @@ async def test_a_step_line_fans_its_text_out_to_the_open_relays(tmp_path):
     r = RunnerProcess("m:1", argv=script(code))
     await asyncio.wait_for(r.start(spec(), load_timeout=10), SAFETY)
     try:
-        (one, q1), (two, _) = r.open_relay(), r.open_relay()
+        (one, q1), (two, _) = r.requests.open(), r.requests.open()
         assert (one, two) == (1, 2)
-        r.close_relay(two)
+        r.requests.close(two, cancel=False)
         go.touch()
         async with asyncio.timeout(SAFETY):
             first, last = await q1.get(), await q1.get()
@@ -322,7 +322,7 @@ async def test_relays_left_early_or_finished_leave_nothing_behind():
 
             outcomes = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(8))), SAFETY)
             assert sorted(outcomes) == ["done"] * 4 + ["left"] * 4
-            assert r.open_relays == 0
+            assert r.requests.open_count == 0
             async with asyncio.timeout(SAFETY):
                 while True:
                     async with s.get(client.base_url + "/health") as resp:
@@ -332,6 +332,121 @@ async def test_relays_left_early_or_finished_leave_nothing_behind():
                     await asyncio.sleep(0.02)
     finally:
         client.http.close()
+        await r.stop(grace=5)
+
+
+async def _held_runner(hold) -> tuple[RunnerProcess, RunnerClient]:
+    """A fake-engine runner whose sequences decode nothing after their first token while
+    ``hold`` exists, and a client of it."""
+    r = RunnerProcess("m:1")
+    ready = await asyncio.wait_for(
+        r.start(spec(tokens_per_second=2000, hold_tokens_while=str(hold)), load_timeout=10),
+        SAFETY,
+    )
+    return r, _client(r, ready.port)
+
+
+async def _health(client: RunnerClient) -> dict:
+    async with aiohttp.ClientSession() as s, s.get(client.base_url + "/health") as resp:
+        return await resp.json()
+
+
+async def test_whole_answers_refusals_and_cancels_through_the_request_pipe(tmp_path):
+    """A whole answer is one round trip through the pipe; a bad request is the runner's
+    InvalidRequest; a cancel ends the call at once with Cancelled and the runner's job with a
+    Cancel line (its slot empties); a killed runner ends a whole answer with its exit reason."""
+    hold = tmp_path / "hold"
+    r, client = await _held_runner(hold)
+    try:
+        async with asyncio.timeout(SAFETY):
+            done = await client.complete(
+                CompletionRequest(prompt="hi", stream=False, options=SamplingOptions(num_predict=3))
+            )
+            assert done.eval_count == 3 and done.content
+            with pytest.raises(InvalidRequest, match="empty prompt"):
+                await client.complete(CompletionRequest(prompt="", stream=False))
+            hold.touch()  # a sequence decodes nothing after its first token
+            whole = asyncio.ensure_future(
+                client.complete(CompletionRequest(prompt="a", stream=False))
+            )
+            while (await _health(client))["slots_busy"] == 0:
+                await asyncio.sleep(0.01)
+            client.cancel("request cancelled by its owner")
+            with pytest.raises(Cancelled):
+                await whole
+            while (await _health(client))["slots_busy"] != 0:  # the Cancel line freed it
+                await asyncio.sleep(0.01)
+            assert r.requests.open_count == 0
+            other = _client(r, client.http.port)
+            whole = asyncio.ensure_future(
+                other.complete(CompletionRequest(prompt="b", stream=False))
+            )
+            while (await _health(other))["slots_busy"] == 0:
+                await asyncio.sleep(0.01)
+            os.killpg(r.pid, signal.SIGKILL)
+            with pytest.raises(Failed, match="signal: killed"):
+                await whole
+            assert r.requests.open_count == 0
+            other.http.close()
+    finally:
+        client.http.close()
+        await r.stop(grace=5)
+
+
+async def test_a_draining_runner_refuses_new_requests_and_finishes_its_own(tmp_path):
+    """SIGTERM: a new request is refused (Busy, the runner's 503), the one in flight still ends
+    with its done within the grace period."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    r, client = await _held_runner(hold)
+    try:
+        async with asyncio.timeout(SAFETY):
+            stream = client.completion(
+                CompletionRequest(prompt="a", options=SamplingOptions(num_predict=5))
+            )
+            first, _ = await anext(stream)
+            assert isinstance(first, CompletionChunk)
+            os.kill(r.pid, signal.SIGTERM)
+            while (await _health(client))["status"] != "draining":
+                await asyncio.sleep(0.01)
+            with pytest.raises(Busy, match="shutting down"):
+                await _client(r, client.http.port).complete(
+                    CompletionRequest(prompt="b", stream=False)
+                )
+            hold.unlink()
+            rest = [ev async for ev, _ in stream]
+            assert isinstance(rest[-1], CompletionDone) and rest[-1].eval_count == 5
+            assert await r.wait_exited() == 0
+    finally:
+        client.http.close()
+        await r.stop(grace=5)
+
+
+async def test_a_bad_line_from_the_runner_fails_the_request_it_names():
+    """An event-pipe line for a request that does not decode (a protocol bug in the runner)
+    fails that request (not a wait for nothing) and cancels its job in the runner; the runner
+    reads the Cancel line."""
+    code = (
+        "import sys, os, json\n"
+        "sys.stdin.readline()\n"
+        "out = os.fdopen(1, 'wb', buffering=0)\n"
+        "out.write(json.dumps({'type': 'ready', 'version': 1, 'port': 1, 'pid': os.getpid(),"
+        " 'n_ctx': 8, 'n_ctx_per_slot': 8, 'parallel': 2}).encode() + b'\\n')\n"
+        "sub = json.loads(sys.stdin.readline())\n"
+        "out.write(json.dumps({'type': 'relay', 'id': sub['id'], 'event': {'type': 'bogus'}})"
+        ".encode() + b'\\n')\n"
+        "cancel = json.loads(sys.stdin.readline())\n"
+        "sys.exit(0 if cancel == {'type': 'cancel', 'id': sub['id']} else 3)\n"
+    )
+    r = RunnerProcess("m:1", argv=script(code))
+    await asyncio.wait_for(r.start(spec(), load_timeout=10), SAFETY)
+    client = RunnerClient(RunnerHTTP("127.0.0.1", 1), r.requests)
+    try:
+        async with asyncio.timeout(SAFETY):
+            with pytest.raises(Failed, match="bad line from runner"):
+                await client.complete(CompletionRequest(prompt="x", stream=False))
+            assert await r.wait_exited() == 0  # it read the Cancel line for its request
+    finally:
         await r.stop(grace=5)
 
 

@@ -1,25 +1,32 @@
-"""The runner's HTTP API over the FakeEngine (no llama.cpp)."""
+"""The runner's HTTP API and request pipe over the FakeEngine (no llama.cpp)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import threading
+from typing import Any
 
+import msgspec
 import pytest
 
 from corral.runner.fake import FakeEngine
 from corral.runner.protocol import (
+    Cancel,
     CompletionChunk,
     CompletionDone,
     CompletionError,
+    CompletionRequest,
     FakeKnobs,
     LaunchSpec,
+    Refused,
     Relay,
     RelayStep,
+    Submit,
     decode_event,
+    encode,
 )
-from corral.runner.server import INLINE_SUBMIT, PipeRelay
+from corral.runner.server import INLINE_SUBMIT, PipeReader, PipeRelay, RunnerServer
 from tests.runner.conftest import complete, serve, wait_until
 
 
@@ -179,20 +186,21 @@ async def test_events_waiting_together_go_out_in_one_http_chunk(engine):
         ]
 
 
-# ---- relay mode: events up the event pipe, the HTTP request as the job's handle ------------------
+# ---- the request pipe: Submit/Cancel lines in, events up the event pipe ----------------------
 
 
 class Pipe:
     """The event pipe's write end as PipeRelay sees it: every write kept, decoded into Relay
-    events (a RelayStep line is a chunk for each of its ids, as the daemon reads it)."""
+    events (a RelayStep line is a chunk for each of its ids, as the daemon reads it) and
+    Refused lines."""
 
     def __init__(self) -> None:
-        self.writes: list[list[Relay]] = []
+        self.writes: list[list[Relay | Refused]] = []
         self.steps = 0  # RelayStep lines seen
 
     def write(self, data: bytes) -> None:
         assert data.endswith(b"\n")
-        out: list[Relay] = []
+        out: list[Relay | Refused] = []
         for line in data.splitlines():
             event = decode_event(line)
             if isinstance(event, RelayStep):
@@ -202,28 +210,45 @@ class Pipe:
                     for i, text in zip(event.ids, event.content, strict=True)
                 ]
             else:
+                assert isinstance(event, Relay | Refused)
                 out.append(event)
         self.writes.append(out)
 
     def events(self, relay_id: int) -> list:
-        return [r.event for w in self.writes for r in w if r.id == relay_id]
+        return [
+            r.event if isinstance(r, Relay) else r
+            for w in self.writes
+            for r in w
+            if r.id == relay_id
+        ]
+
+    async def ended(self, relay_id: int) -> Any:
+        """The last event of request ``relay_id`` once it came (a done, an error, a refusal)."""
+        await wait_until(
+            lambda: any(not isinstance(e, CompletionChunk) for e in self.events(relay_id))
+        )
+        return self.events(relay_id)[-1]
 
 
-async def test_relay_events_go_up_the_pipe_one_write_per_step():
+def submit(server: RunnerServer, relay_id: int, **body: Any) -> None:
+    """The daemon's Submit line for ``body`` (a CompletionRequest's fields)."""
+    request = msgspec.convert(body, CompletionRequest)
+    server.pipe_line(encode(Submit(id=relay_id, request=request)))
+
+
+async def test_piped_events_go_up_the_pipe_one_write_per_step():
     engine = fake(parallel=2, tokens_per_second=500)
     pipe = Pipe()
     try:
-        async with serve(engine, PipeRelay(pipe.write)) as (client, _):
+        async with serve(engine, PipeRelay(pipe.write)) as (client, server):
             body = {"prompt": "hi", "options": {"num_predict": 6, "seed": 3}}
-            plain_chunks, plain_done = await complete(client, **body)
-
-            async def relayed(relay_id: int) -> None:
-                resp = await client.post("/completion", json={**body, "relay": relay_id})
-                assert resp.status == 200 and await resp.json() == {}
-                # the handle ends only once the job's last event is in the pipe
-                assert isinstance(pipe.events(relay_id)[-1], CompletionDone)
-
-            await asyncio.gather(relayed(1), relayed(2))
+            plain_chunks, plain_done = await complete(client, **body)  # the same over HTTP
+            submit(server, 1, **body)
+            submit(server, 2, **body)
+            assert server.inflight == 2
+            for relay_id in (1, 2):
+                assert isinstance(await pipe.ended(relay_id), CompletionDone)
+            await wait_until(lambda: server.inflight == 0)  # both ended: their table is empty
         for relay_id in (1, 2):
             events = pipe.events(relay_id)
             assert [e.content for e in events[:-1]] == plain_chunks
@@ -238,70 +263,108 @@ async def test_relay_events_go_up_the_pipe_one_write_per_step():
         engine.close()
 
 
-async def test_relay_handle_closed_cancels_the_job():
+async def test_a_whole_answer_is_one_relay_line(engine):
+    pipe = Pipe()
+    async with serve(engine, PipeRelay(pipe.write)) as (_, server):
+        submit(server, 4, prompt="x", stream=False, options={"num_predict": 3})
+        done = await pipe.ended(4)
+        assert done.eval_count == 3 and len(done.content) > 0
+        assert pipe.events(4) == [done] and pipe.steps == 0
+
+
+async def test_a_cancel_line_stops_the_job_and_nothing_more_comes():
     engine = fake(parallel=1, tokens_per_second=200)
     pipe = Pipe()
     try:
-        async with serve(engine, PipeRelay(pipe.write)) as (client, _):
-            task = asyncio.ensure_future(
-                client.post(
-                    "/completion",
-                    json={"prompt": "a", "relay": 7, "options": {"num_predict": 100000}},
-                )
-            )
+        async with serve(engine, PipeRelay(pipe.write)) as (client, server):
+            submit(server, 7, prompt="a", options={"num_predict": 100000})
             await wait_until(lambda: len(pipe.events(7)) >= 2)
-            task.cancel()  # the daemon's request goes away
+            server.pipe_line(encode(Cancel(id=7)))
+            assert server.inflight == 0
             await wait_until(lambda: engine.busy() == 0)
             n = len(pipe.events(7))
             _, done = await complete(client, prompt="b", options={"num_predict": 2})
             assert done["eval_count"] == 2
-            assert len(pipe.events(7)) == n and not any(
-                isinstance(e, CompletionDone) for e in pipe.events(7)
-            )
+            assert len(pipe.events(7)) == n
+            assert not any(isinstance(e, CompletionDone) for e in pipe.events(7))
+            server.pipe_line(encode(Cancel(id=7)))  # again, or for an id that ended: ignored
+            server.pipe_line(encode(Cancel(id=99)))
     finally:
         engine.close()
 
 
-async def test_relay_refusal_is_the_http_status_and_errors_come_through_the_pipe(engine):
+async def test_refusals_and_errors_come_through_the_pipe(engine):
     pipe = Pipe()
-    async with serve(engine, PipeRelay(pipe.write)) as (client, _):
-        r = await client.post("/completion", json={"prompt": "", "relay": 1})
-        assert r.status == 400 and "empty prompt" in (await r.json())["error"]
-        assert pipe.writes == []
-        task = asyncio.ensure_future(
-            client.post(
-                "/completion", json={"prompt": "a", "relay": 2, "options": {"num_predict": 100000}}
-            )
-        )
+    async with serve(engine, PipeRelay(pipe.write)) as (_, server):
+        submit(server, 1, prompt="")  # the engine's BadRequest
+        assert pipe.events(1) == [Refused(id=1, status=400, error="empty prompt")]
+        server.pipe_line(b'{"type":"completion","id":3,"request":{"prompt":5}}')  # bad field
+        (bad,) = pipe.events(3)
+        assert bad.status == 400 and "bad request line" in bad.error
+        writes = len(pipe.writes)
+        server.pipe_line(b"not json")  # no id to answer: logged only
+        server.pipe_line(b'{"type":"launch"}')
+        assert len(pipe.writes) == writes
+        submit(server, 2, prompt="a", options={"num_predict": 100000})
         await wait_until(lambda: len(pipe.events(2)) >= 1)
         engine.cancel_all("runner is shutting down")
-        resp = await task
-        assert resp.status == 200 and await resp.json() == {}
-        assert pipe.events(2)[-1] == CompletionError(error="runner is shutting down")
+        assert await pipe.ended(2) == CompletionError(error="runner is shutting down")
+        await wait_until(lambda: server.inflight == 0)
 
 
-async def test_relay_is_for_streams_only(engine):
+async def test_draining_refuses_piped_work_and_waits_for_what_runs():
+    """SIGTERM's drain: a new piped request is refused (503, Busy in the daemon); wait_idle
+    returns only once the piped job in flight has ended."""
+    engine = fake(parallel=1, tokens_per_second=200)
     pipe = Pipe()
-    async with serve(engine, PipeRelay(pipe.write)) as (client, _):
-        resp = await client.post(
-            "/completion",
-            json={"prompt": "x", "stream": False, "relay": 4, "options": {"num_predict": 3}},
-        )
-        assert (await resp.json())["eval_count"] == 3 and pipe.writes == []
+    try:
+        async with serve(engine, PipeRelay(pipe.write)) as (_, server):
+            submit(server, 1, prompt="a", options={"num_predict": 20})
+            await wait_until(lambda: len(pipe.events(1)) >= 1)
+            server.draining = True
+            submit(server, 2, prompt="b")
+            assert pipe.events(2) == [Refused(id=2, status=503, error="runner is shutting down")]
+            idle = asyncio.ensure_future(server.wait_idle())
+            await asyncio.sleep(0)
+            assert not idle.done() and server.inflight == 1
+            await asyncio.wait_for(idle, 10)
+            assert isinstance(pipe.events(1)[-1], CompletionDone)
+            await asyncio.wait_for(server.wait_idle(), 10)  # nothing in flight: at once
+    finally:
+        engine.close()
+
+
+async def test_a_request_line_may_come_in_pieces_and_lines_together():
+    """The runner's reader of its stdin: a line split over reads (a big request), several in
+    one read, and what followed the LaunchSpec line in its read."""
+    lines: list[bytes] = []
+    eofs: list[bool] = []
+    reader = PipeReader(lambda: eofs.append(True), rest=b'{"a"')
+    reader.data_received(b":1}\n{")  # before start: kept for it
+    assert lines == []
+    reader.start(lines.append)
+    assert lines == [b'{"a":1}']
+    reader.data_received(b'"b":2}\n\n{"c":3}\n')
+    reader.data_received(b'{"d":')
+    reader.data_received(b"4}\n")
+    assert lines == [b'{"a":1}', b'{"b":2}', b'{"c":3}', b'{"d":4}']
+    reader.eof_received()
+    assert eofs == [True]
 
 
 async def test_small_completions_are_submitted_on_the_loop_others_in_a_thread(engine, monkeypatch):
     """A short prompt without images or a format skips the executor hop (a tiny request's two
     thread wake-ups); a long one, or one with a format grammar, is tokenized off the loop."""
     threads: list[str] = []
-    submit = engine.submit
+    engine_submit = engine.submit
 
-    def recording(request, emit):
+    def recording(request, emit, *relay):
         threads.append(threading.current_thread().name)
-        return submit(request, emit)
+        return engine_submit(request, emit, *relay)
 
     monkeypatch.setattr(engine, "submit", recording)
     loop_thread = threading.current_thread().name
+    pipe = Pipe()
     bodies = [
         {"prompt": "x" * INLINE_SUBMIT},
         {"prompt": "x" * (INLINE_SUBMIT + 1)},
@@ -309,11 +372,15 @@ async def test_small_completions_are_submitted_on_the_loop_others_in_a_thread(en
         {"prompt": "x", "format": "json"},
         {"prompt": "", "tokens": []},  # refused (400) wherever it is submitted
     ]
-    async with serve(engine) as (client, _):
+    async with serve(engine, PipeRelay(pipe.write)) as (client, server):
         statuses = []
         for body in bodies:
             body |= {"stream": False, "options": {"num_predict": 1}}
             statuses.append((await client.post("/completion", json=body)).status)
-    assert statuses == [200, 200, 200, 200, 400]
+        for relay_id, body in enumerate(bodies, 1):  # the request pipe decides alike
+            submit(server, relay_id, **body)
+            ended = await pipe.ended(relay_id)
+            statuses.append(ended.status if isinstance(ended, Refused) else 200)
+    assert statuses == [200, 200, 200, 200, 400] * 2
     on_loop = [name == loop_thread for name in threads]
-    assert on_loop == [True, False, False, False, True]
+    assert on_loop == [True, False, False, False, True] * 2

@@ -232,8 +232,8 @@ def run_all(
     engine: Engine, requests: list[CompletionRequest], relay: list[str] | None = None
 ) -> list[list[int]]:
     """Submit every request at once (4 decode together, the rest queue); the generated tokens of
-    each. With ``relay`` the steps' text goes to relay_chunks (collected there), as in the
-    daemon's relay mode."""
+    each. With ``relay`` the requests are submitted with relay ids and the steps' text goes to
+    relay_chunks (collected there), as for the request pipe's streams."""
     done: dict[int, CompletionDone | CompletionError] = {}
     finished = threading.Semaphore(0)
     engine.relay_chunks = (lambda ids, texts: relay.extend(texts)) if relay is not None else None
@@ -248,7 +248,7 @@ def run_all(
 
     try:
         for i, req in enumerate(requests):
-            engine.submit(req, emitter(i))
+            engine.submit(req, emitter(i), i + 1 if relay is not None else 0)
         for _ in requests:
             assert finished.acquire(timeout=120)
     finally:
@@ -276,7 +276,7 @@ def test_greedy_is_llamas_own_greedy_output(engine, reference, relay):
     texts: list[str] = []
     got = run_all(
         engine,
-        [CompletionRequest(prompt=p, options=opts, relay=i + 1) for i, p in enumerate(PROMPTS)],
+        [CompletionRequest(prompt=p, options=opts) for p in PROMPTS],
         texts if relay else None,
     )
     assert got == want
