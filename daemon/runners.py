@@ -392,6 +392,15 @@ class RunnerProcess:
         )
         log.debug("runner spawned", runner_id=self.runner_id, pid=self.pid, spare=bool(extra_argv))
 
+    def attach(
+        self,
+        on_exit: Callable[[RunnerProcess, int], None],
+        on_report: Callable[[RunnerProcess, KvCacheReport], None],
+    ) -> None:
+        """The owner's callbacks (see ``__init__``), for a spare spawned before its owner."""
+        self._on_exit = on_exit
+        self._on_report = on_report
+
     @property
     def env(self) -> dict[str, str] | None:
         """The child's environment (None: the daemon's own, inherited)."""

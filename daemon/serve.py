@@ -9,7 +9,6 @@ drain within a budget, stop runners in parallel, close the probe. The whole stop
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import resource
 import signal
@@ -22,7 +21,6 @@ import structlog
 from aiohttp import web
 
 from corral.daemon import gguf_info, tls
-from corral.daemon import logging as corral_logging
 from corral.daemon.api import auth, limits
 from corral.daemon.api.app import make_app
 from corral.daemon.apikeys import KeyFileError, Keyring
@@ -31,9 +29,9 @@ from corral.daemon.models.default_model import ensure_default_model
 from corral.daemon.models.store import Store
 from corral.daemon.policy import Policy, PolicyError
 from corral.daemon.policy import load as load_policy
+from corral.daemon.runners import RunnerProcess
 from corral.daemon.supervisor import Supervisor
 from corral.daemon.version import VERSION
-from corral.runner import eventloop
 
 log = structlog.get_logger("corral.serve")
 
@@ -43,14 +41,11 @@ STREAM_DRAIN = 5.0
 DEFAULT_CLIENT_URL = HostAddr().url  # where `corral` clients look without OLLAMA_HOST
 
 
-def serve(config: Config) -> int:
-    corral_logging.configure(level=config.log_level, json=config.log_format == "json")
-    if config.startup_error is not None:  # e.g. a bad CORRAL_SIMULATE_GPUS: never guess
-        log.error("serve failed", error=config.startup_error)
-        return 1
+def serve(config: Config, runner: asyncio.Runner, spare: RunnerProcess | None = None) -> int:
+    """Run the daemon on ``runner``'s loop until a signal; the exit status. ``corral serve``
+    comes here from :func:`corral.daemon.boot.serve`, which made the loop and ``spare``."""
     try:
-        with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
-            runner.run(run(config))
+        runner.run(run(config, spare=spare))
     # address in use, a bad policy file, pins not fitting, a bad key file or certificate
     except (OSError, PolicyError, KeyFileError, tls.TLSError) as exc:
         log.error("serve failed", error=str(exc))
@@ -58,22 +53,14 @@ def serve(config: Config) -> int:
     return 0
 
 
-def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The event loop ``corral serve`` runs on (``CORRAL_EVENT_LOOP``, the runners' too:
-    :func:`corral.runner.eventloop.loop_factory`); an explicit ``uvloop`` that is not installed
-    says so."""
-    factory = eventloop.loop_factory(choice)
-    if factory is None and choice == "uvloop":
-        log.warning("uvloop is not installed, running on asyncio's event loop")
-    return factory
-
-
 async def run(
     config: Config,
     ready: Callable[[str], Awaitable[None] | None] | None = None,
     stop: asyncio.Event | None = None,
+    spare: RunnerProcess | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop`` is set). ``ready`` gets the listening URL.
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set). ``ready`` gets the listening URL;
+    ``spare``: a spare runner spawned already, for the supervisor to adopt.
     SIGHUP reloads the policy file, the API key file and the TLS certificate. Raises PolicyError
     when the policy file is bad or its pinned models cannot all be loaded (after shutting down
     what started). A key file or certificate that cannot be used stops the start
@@ -101,7 +88,7 @@ async def run(
         await asyncio.to_thread(store.prune)
     default = await ensure_default_model(store, config)
 
-    supervisor = Supervisor(config, store, policy=policy)
+    supervisor = Supervisor(config, store, policy=policy, spare=spare)
     await supervisor.start()
     failed: list[PolicyError] = []
     app = make_app(config, store, supervisor, keyring=keyring)
@@ -246,8 +233,3 @@ def first_command(config: Config, model: str | None) -> str:
     if model is None:
         return f"{corral} list"
     return f"{corral} run {model} 'The capital of France is'"
-
-
-if __name__ == "__main__":  # pragma: no cover
-    logging.basicConfig()
-    sys.exit(serve(Config.from_env()))

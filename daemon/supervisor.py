@@ -376,9 +376,12 @@ class Supervisor:
         engine: EngineProbe | None | Literal["probe"] = "probe",
         metrics: Metrics | None = None,
         policy: Policy | None = None,
+        spare: RunnerProcess | None = None,
     ) -> None:
         """``engine``: what the llama.cpp build can do. ``"probe"`` asks it at start (skipped for
         the fake engine and simulated GPUs, which are paper on purpose); tests pass an answer.
+        ``spare``: a spare runner spawned before the supervisor (``corral serve``'s first, by
+        :mod:`corral.daemon.boot`), kept if its environment is the spares' at :meth:`start`.
         ``policy``: the operator's policy; None = read ``config.policy_path`` (a bad file raises
         :class:`~corral.daemon.policy.PolicyError`), or no policy without one."""
         self.config = config
@@ -438,6 +441,9 @@ class Supervisor:
         # (docs/DESIGN.md "Spare runner"), oldest first; the environment they are kept in (the
         # last load's) and the task that spawns them, one at a time
         self._spares: list[RunnerProcess] = []
+        if spare is not None:
+            spare.attach(on_exit=self._on_runner_exit, on_report=self._on_kv_report)
+            self._spares.append(spare)
         self._spare_env: dict[str, str] | None = None
         self._refilling: asyncio.Task[None] | None = None
         self._spare_ids = itertools.count(1)

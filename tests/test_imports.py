@@ -270,10 +270,15 @@ FUNCTION_IMPORTS = {
     ): "the event loop CORRAL_EVENT_LOOP asks for (daemon and runner); uvloop is not installed "
     "on Windows",
     (
-        "corral.daemon.cli.main",
+        "corral.daemon.boot",
         "corral.daemon.serve",
     ): "the server (aiohttp.web app, supervisor, prometheus-client) is ~0.45 s of imports "
-    "that client commands such as `corral list` never use",
+    "that client commands such as `corral list` never use, and `corral serve` imports them "
+    "after its first spare runner's spawn, so that the spare's warm-up overlaps them",
+    (
+        "corral.daemon.cli.entry",
+        "corral.daemon.cli.main",
+    ): "the client verbs' imports (prompt_toolkit, doctor's; ~0.3 s) `corral serve` never uses",
     ("corral.runner.images", "PIL"): "Pillow (~50 ms) only when a request carries an image",
     ("corral.runner.devices", "llama_cpp"): "the engine probe loads llama.cpp only when run",
     ("corral.runner.devices", "llama_cpp._ggml"): "as above",

@@ -2,6 +2,6 @@
 
 import sys
 
-from corral.daemon.cli.main import main
+from corral.daemon.cli.entry import main
 
 sys.exit(main())

@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 
+from corral.daemon import boot
 from corral.daemon.apikeys import (
     SCOPES,
     ApiKey,
@@ -471,10 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.version:
         out(f"corral version is {VERSION}")
         return 0
-    if args.verb in ("serve", "start"):
-        from corral.daemon.serve import serve  # see FUNCTION_IMPORTS in tests/test_imports.py
-
-        return serve(config)
+    if args.verb in ("serve", "start"):  # `corral serve` comes by cli.entry, not here
+        return boot.serve(config)
     if args.verb is None:
         build_parser().print_help()
         return 0

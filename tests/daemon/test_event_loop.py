@@ -1,4 +1,4 @@
-"""The daemon's event loop (``CORRAL_EVENT_LOOP``, ``serve.loop_factory``): uvloop where it is
+"""The daemon's event loop (``CORRAL_EVENT_LOOP``, ``boot.loop_factory``): uvloop where it is
 installed unless asyncio's own is asked for; asyncio's where uvloop is missing (Windows)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 import pytest
 from structlog.testing import capture_logs
 
-from corral.daemon.serve import loop_factory
+from corral.daemon.boot import loop_factory
 
 uvloop = pytest.importorskip("uvloop")  # a core dependency except on Windows
 

@@ -29,7 +29,7 @@ from corral.daemon.gpu import SimulatedProbe
 from corral.daemon.model_inputs import runner_options
 from corral.daemon.params import RequestOptions
 from corral.daemon.runner_client import RunnerLease
-from corral.daemon.runners import child_env, huge_pages_usable
+from corral.daemon.runners import RunnerProcess, child_env, huge_pages_usable
 from corral.daemon.supervisor import DECISIONS, Lease, Supervisor
 from corral.runner import protocol
 from corral.scheduler import QUEUE_FULL_MESSAGE as QUEUE_FULL
@@ -769,6 +769,28 @@ async def test_spares_are_spawned_one_at_a_time_and_one_dying_in_its_warm_up_end
         await asyncio.wait_for(dying._refilling, SAFETY)
     assert [e for e in logs if e["event"] == "spare runner exited"]
     assert dying.spare_runners() == (0, 0) and not dying._spares
+
+
+async def test_a_spare_spawned_before_the_supervisor_is_adopted_or_stopped(make_sup, models):
+    # `corral serve` spawns its first spare before the server's imports (daemon/boot.py)
+    cfg = config(spare_runner=1)
+    gpus = tuple(g.id for g in cfg.simulate_gpus or ())
+    visible = SimulatedProbe(cfg.simulate_gpus).visible_devices(gpus)
+    env = child_env(visible, huge_pages=huge_pages_usable())  # the supervisor's first spares
+    early = RunnerProcess("spare0", env=env)
+    await asyncio.wait_for(early.spawn(("--spare", "fake")), SAFETY)
+    sup = await make_sup(cfg, spare=early)
+    assert sup._spares == [early]
+    async with await acquire(sup, models(0)) as lease:
+        assert sup.runner_process(lease.runner_id) is early  # its spec went to the early spare
+    assert spare_uses(sup) == 1
+
+    other = RunnerProcess("spare0", env={**(env or {}), "CUDA_VISIBLE_DEVICES": "elsewhere"})
+    await asyncio.wait_for(other.spawn(("--spare", "fake")), SAFETY)
+    sup = await make_sup(cfg, spare=other)
+    await asyncio.wait_for(other.wait_exited(), SAFETY)  # not the spares' environment: stopped
+    (pid,) = await spares_warm(sup, 1)
+    assert pid != other.pid
 
 
 async def test_a_spare_of_another_environment_or_dead_is_not_used(make_sup, models):
