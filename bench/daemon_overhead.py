@@ -16,118 +16,63 @@ drained by a thread of this process took the client's GIL for every request's lo
 the A-B blocks: the default loop (uvloop where installed) against it in one run. Its runner
 inherits the setting (since f2a7d47; the direct runner is on the default loop).
 
-A request's fixed cost (issue 18, point 5). Where the daemon's event loop spent its busy time on
-2,000 tiny non-streaming /api/generate requests (py-spy samples of the daemon, share of the
-loop's non-idle samples; a socket write that wakes the peer shows the time the daemon lost its
-CPU to it, on this 2-core machine shared with seven other sessions, load average 12-18):
+A request's fixed cost (issue 18, point 5; target: ratio >= 0.6, added TTFT p50 <= 1 ms).
+Requests go one after another, so the CPU of every process on the chain client -> daemon ->
+runner -> daemon -> client adds up, and each process wake-up too. Where it stands at 48a0ec5
+(the request pipe), this bench, load 1.7-2.5: direct 1691/s, daemon 757/s, ratio 0.45, added
+TTFT p50 0.60 ms; CPU per tiny request: daemon 817 us, its runner 233 us, the runner called
+directly 340 us. 0.6 asks ~985 us per request through the daemon against ~1,320 us: ~340 us
+less, nearly all of it the daemon's own Python (the client's share is the same on both paths).
 
-  part of a request                                    before (5dac2bc)   after (05f7873)
-  runner call: aiohttp ClientSession request + parse         34%              21%
-  aiohttp server: parse, handler task, response write        28%              54%
-  request log line (structlog; two writes per line)          14%               6%
-  acquire/release: hop to the supervisor task and back        8%               6%
-  options, prompt render, JSON answer                         6%               7%
-  Host/CORS/metrics/error middlewares                         4%               5%
-  resolve: store stat, GGUF stat + parse-cache, caps          4%               2%
-  Job.events left to the loop's finalizer: self-pipe, task    2%               0
+How it got here, each step measured A-B in one run against the code before it (direct runner
+and both daemons alternating in 10 blocks; load averages in brackets; the machine is shared):
 
-What changed: the runner calls go through runner_http.RunnerHTTP (per-runner keep-alive
-connections, a pre-built head, one write, a small parser) instead of an aiohttp client request;
-a request's arrival and release are dispatched by the scheduler in the request's own task when
-nothing is queued (no round trip through the supervisor's task; a free slot is granted at
-acquire's first step); completion_job closes the job's event generator (every writer stopped at
-Done and left it to the loop's finalizer: a self-pipe write, a wake-up and a task per request);
-the model's GGUF facts and capabilities are kept per store record (one stat); the Host check
-keeps each header's verdict; one write per log line; the blob digest regex cached.
+1. The daemon's side of a request (5dac2bc -> 48f6eba -> 114ab09). Its runner calls through
+   runner_http.RunnerHTTP (keep-alive connections, a pre-built head, one write, a small parser)
+   instead of an aiohttp client request; arrival and release dispatched by the scheduler in the
+   request's own task when nothing waits; the job's event generator closed (not left to the
+   loop's finalizer); the model's GGUF facts and capabilities kept per store record; the Host
+   check's verdict per header kept; the answer written before the release, the log line and the
+   metrics (responses.send_json), so those overlap the client's next request; a whole answer
+   in one round trip without a generator (RunnerClient.complete); the log line rendered in half
+   the time (logging.Logfmt); no asyncio.Event per dispatch; the daemon on uvloop. Daemon CPU
+   per tiny request 2267 -> 1567 us (load 16), then 803/773/777 -> 717/730/680 us (load 9-7);
+   per route at 114ab09 against b6fb374 (load 4.5-3.4): /api/generate 703/733/700 ->
+   697/613/633, /api/chat 720/810 -> 680/655, /api/embed 545/535 -> 520/520,
+   /v1/chat/completions 715/690 -> 645/665. uvloop against asyncio's loop (``--loops``, load
+   5-7): a few per cent of rate, no CPU to speak of.
+   Where a tiny /api/generate's time went inside the daemon at 48f6eba (median us from its first
+   byte, perf_counter marks, 3,000 requests, load 5): aiohttp's parse and handler task 80-84,
+   the middlewares 19-20, the handler (body, resolve, options, prompt, job set-up) 97-103, the
+   scheduler's arrival and grant 40-43, the runner call 265-279 after the first byte (the write
+   to the runner included), the runner's answer to the client's answer 193-335, after the
+   answer (release, close, log, metrics) 115-120.
+2. The runner's side (e57a1b7, f2a7d47): a small completion (prompt + tokens <= 256, no images,
+   no format: server.INLINE_SUBMIT) is submitted on the event loop, not through an executor
+   thread (two thread wake-ups less: ~7 -> 3 voluntary context switches per request), and the
+   runner runs on uvloop as the daemon does. Runner called directly by a raw keep-alive client
+   (load 4.3-4.7, then 3.3): CPU per request 348 -> 150 -> 135 us back to back, 420 -> 275 ->
+   173 us with 0.8 ms of other work between requests. This bench's ratio FELL with it
+   (0.48/0.46/0.52 -> 0.35/0.34/0.37, load 3.6-3.3): the direct baseline is the same runner,
+   so it gains the same (direct 1355-1381 -> 2087-2270/s), while the daemon's own cost stays.
+3. The request pipe (48a0ec5, docs/DESIGN.md "Request pipe"): the daemon's completions go to
+   the runner as a line on its stdin and come back on its event pipe, written by the decode
+   thread: no HTTP request, no aiohttp handler, no answer write by the runner's loop, no
+   wake-up of that loop for the answer. Against cf87fd9, four pairs (load 2.2-3.1): ratio
+   0.37/0.30/0.38/0.42 -> 0.41/0.36/0.51/0.53, the daemon's runner 427/460/463/417 ->
+   230/217/193/200 us per request, the daemon's own CPU unchanged (~730-800 us). Against
+   98032e6, three pairs (load 3.1-2.5): 0.35/0.36/0.31 -> 0.45/0.44/0.40, runner 567/557/680
+   -> 233/253/293 us, daemon 1037/1050/1527 -> 963/1017/1430 us. Streams are not slower:
+   ``vs_llama_server --model tiny --rounds 2 --streams 1,32``, 48a0ec5 and 98032e6 alternating,
+   two runs each (load 3.4-3.9): daemon CPU per token 156/146 vs 137/146 us at 1 stream, 41/37
+   vs 39/43 at 32; runner 303/313 vs 342/313 and 182/175 vs 179/194 us.
 
-Same run, A-B-A-B (tmp ab harness: direct runner, daemon at 5dac2bc, daemon at 05f7873), load
-average 16: daemon CPU per tiny request 2267 -> 1567 µs; requests/s 72 -> 95 against 278 direct
-(0.26 -> 0.34). This bench alone at 05f7873, load average 16: direct 272/s, daemon 117/s,
-ratio 0.43, added TTFT p50 0.48 ms; at 79f4743, load average 14, two runs: 0.29 and 0.29
-(314/91 and 235/68 per s), added TTFT p50 0.21 and 0.64 ms, daemon 1470 and 2120 µs per
-request. Before these changes, load average 11-12: 0.26-0.34 (0.39 on a quieter machine when
-the issue was written). The target, 0.6, is not reached. The runner behind the daemon costs more
-CPU per request than the same runner called directly (880 vs 720 µs): the daemon's call is slower,
-so the runner sleeps between requests and wakes with cold caches on a machine this loaded.
-What is left is mostly aiohttp's server side (a request object, a task, headers) and the
-loopback hops themselves: client -> daemon -> runner -> daemon -> client is two more process
-wake-ups than direct, which on an oversubscribed machine cost more than the CPU.
-
-Second pass (b6fb374 -> 48f6eba; the lead's quiet-machine figure at b6fb374: 0.50, daemon 900
-µs per request). Where a tiny /api/generate's time goes inside the daemon, median µs from its
-first byte (an instrumented daemon: perf_counter marks at the protocol, the handler's steps,
-the runner write and the answer write; 3,000 requests, two runs each, load average 5):
-
-  phase                                                     b6fb374    48f6eba
-  first byte -> first middleware (aiohttp: parse, task)       86-89      80-84
-  the ten middlewares                                         21-22      19-20
-  handler: body, resolve, options, prompt, job set-up        98-105     97-103
-  acquire (scheduler arrival and grant)                       43-47      40-43
-  -> the request is written to the runner                   283-302    265-279
-  runner's answer -> the client's answer written            312-349    193-335
-  after the client's answer (release, close, log, metrics)      0       115-120
-
-What changed: the answer goes out first (responses.send_json: every inference route's whole
-answer is written before the slot's release, the job's close, the log line and the metrics, so
-they overlap the client's next request instead of delaying its answer; embeddings likewise); a
-non-streamed completion takes one round trip and no generator (RunnerClient.complete); the log
-line renders in half the time (logging.Logfmt, same bytes: 31 -> 16 µs); no asyncio.Event per
-scheduler dispatch; the daemon runs on uvloop. After these figures, one middleware logs and
-counts a request (one layer less each way).
-Same sitting, A-B-A-B (direct runner, b6fb374 and 48f6eba daemons alternating in 10 blocks of
-3,000 requests, three pairs), load average 9 -> 7: daemon CPU per request 803/773/777 ->
-717/730/680 µs, ratio to the direct rate 0.37/0.38/0.37 -> 0.39/0.41/0.40. The instrumented
-pairs above: 367/403 -> 443/533 requests/s, daemon CPU 707 -> 620/630 µs. This bench at 48f6eba,
-load average 10: direct 1110/s, daemon 564/s, ratio 0.51, added TTFT p50 0.46 ms, daemon 800 µs.
-
-At 114ab09 (all of the above), same sitting, A-B-A-B against b6fb374 (direct runner and both
-daemons alternating in 10 blocks; load average 4.5 -> 3.4), daemon CPU per tiny request:
-/api/generate 703/733/700 -> 697/613/633 µs, /api/chat 720/810 -> 680/655, /api/embed 545/535
--> 520/520, /v1/chat/completions 715/690 -> 645/665; the rates in those blocks moved within
-their noise except /api/embed's (807/801 -> 862/849 per s). This bench at 114ab09, load average
-4.0-4.5, two runs: ratio 0.45 and 0.55 (direct 958 and 949/s, daemon 436 and 519/s), added
-TTFT p50 0.38 and 0.37 ms, daemon 730 and 675 µs per request (its runner 585 and 560, the
-runner called directly 510 and 410). The target, 0.6, is not shown on this shared machine.
-
-uvloop (``--loops``, same daemon on each loop in the same blocks, load average 5-7, 3,000
-requests): ratio 0.46 vs 0.44 and 0.46 vs 0.41 on asyncio's loop, CPU per request 667 vs 667 and
-690 vs 697 µs: a few per cent of rate, no CPU to speak of (the loop's own work is a small share).
-
-Streams are not slower for it: ``vs_llama_server --model tiny --rounds 2`` at bcd5b91 (load
-average 5-7), the daemon's CPU per generated token at 1/8/32 streams 39/31/24 µs on uvloop and
-68/37/25 µs with CORRAL_EVENT_LOOP=asyncio (its docstring's 39-43 µs at 32 streams before).
-
-What is left on this machine: the runner's CPU per request rises when it idles between requests
-(a runner called back to back by the daemon's own client: 347 µs; the same client with 0.8 ms of
-other work between requests: 567 µs; load average 7): its executor and decode threads park and
-wake per request, and every µs the daemon adds makes the runner's part dearer too. That is the
-runner's (issue 18 point 3's runner side), as are two of the four process wake-ups per request.
-
-The runner's side (e57a1b7, f2a7d47). Threads of a runner per tiny non-streaming /completion
-(fake engine; a raw keep-alive client, back to back and with 0.8 ms of busy work between
-requests; per-thread voluntary context switches from /proc): ~7 per request before: the loop
-woke for the request, handed engine.submit to an executor thread (a wake-up), which woke the
-decode thread and then the loop (its future), the decode thread woke the loop with the answer. A
-small completion (prompt + tokens <= 256, no images, no format: server.INLINE_SUBMIT) is now
-submitted on the loop: 3 per request (the request, the decode thread, the answer), the fewest
-while decoding keeps its own thread. A-B in one run, load 4.3-4.7: runner CPU per request 348 ->
-150 µs back to back, 420 -> 275 µs with gaps. The runner then runs on uvloop as the daemon does
-(CORRAL_EVENT_LOOP, inherited): 208 -> 135 and 220 -> 173 µs (load 3.3). Where the runner's loop
-thread is busy after both (py-spy, 6,000 requests with gaps, load 3.4): the answer's socket send
-26% (the kernel's loopback and the client's wake-up), aiohttp's protocol, request, router and
-response objects ~45%, waking the decode thread (Condition.notify) 8%, the handler's own work
-(body decode, submit, answer encode) ~7%; the decode thread is busy ~3% of the time. What is
-left is aiohttp's server and the wake-ups themselves. This bench, b6a47cc (before) and f2a7d47
-alternating, three pairs, load 3.6 -> 3.3: direct 1355/1381/1373 -> 2202/2270/2087 per s, daemon
-652/634/711 -> 775/777/764 per s, the runner behind the daemon 580/520/433 -> 347/347/340 µs per
-request, called directly 507/453/420 -> 240 µs, the daemon 740/707/600 -> 620/587/607 µs. The
-ratio FELL, 0.48/0.46/0.52 -> 0.35/0.34/0.37: the direct baseline is the same runner, so it
-gains the same µs (and more: called back to back it idles less), while the daemon's own ~600 µs
-per request and its two extra process wake-ups stay. 0.6 now asks the daemon path for ~0.76 ms
-per request (1,320/s) against ~1.3 ms: the daemon's part, not the runner's.
-Streams are not slower for it: ``vs_llama_server --model tiny --rounds 2 --streams 1,32``,
-85be8c7 and f2a7d47 alternating (two runs each, load 3.0-4.6), runner CPU per token per round
-215/254/195/176 vs 215/195/215/215 µs at 1 stream, 151/132/137/132 vs 138/151/131/132 µs at 32.
+What is left is the daemon's own ~700-800 us of Python per request: aiohttp's server side (the
+request object, its task, the headers, the answer's write), the middlewares, the handler's
+steps and the log line, each a few per cent (py-spy and perf: ~73 % of the daemon's CPU in the
+interpreter, ~13 % in the kernel, uvloop and aiohttp's C parts ~7 %); no single part that one
+change removes. The runner's part (~200 us: its loop's read of the line, the submit, a wake-up
+of its decode thread, the answer's write) is now below the direct runner's own (~340 us).
 """
 
 from __future__ import annotations
