@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import collections
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -133,6 +134,8 @@ from .types import (
     SchedulerSnapshot,
 )
 
+_OLDEST = operator.attrgetter("oldest")  # a waiting model's oldest request's seq
+
 _MMAP_HOST_MARGIN = 8_000_000_000  # Ollama's host-pressure margin: max(8 GB, total / 10)
 _ALL: Literal["all"] = "all"  # a claim on everything: the model must load alone
 Claim = Placement | Literal["all"] | None  # what a blocked model waits for (None: nothing fits)
@@ -163,6 +166,7 @@ class _Waiting:
     key: str
     policy: ModelPolicy  # of its latest request
     reqs: dict[int, _Req] = field(default_factory=dict)  # all of them, in arrival order
+    oldest: int = 0  # the seq of the first of ``reqs`` (kept as they come and go)
     # the same requests by class (Priority): FIFO within each
     classes: tuple[dict[int, _Req], ...] = field(default_factory=lambda: ({}, {}, {}))
     oom_retried: bool = False
@@ -283,7 +287,7 @@ class Scheduler:
         self._extra: dict[str, list[_Runner]] = {}  # model_key -> its replicas taking grants
         self._replica_due: dict[str, float] = {}  # model_key -> when a replica may start
         self._reclaims: dict[str, _Reclaim] = {}
-        self._waiting: dict[str, _Waiting] = {}  # ordered by when the model started waiting
+        self._waiting: dict[str, _Waiting] = {}  # models with waiting requests
         self._requests: dict[int, _Req] = {}  # waiting and granted
         self._backoff: dict[str, _Backoff] = {}  # model_key -> its recent load failures
         self._n_waiting = 0
@@ -484,6 +488,8 @@ class Scheduler:
         if w is None:
             w = self._waiting[ev.model_key] = _Waiting(ev.model_key, policy)
         w.policy = policy
+        if not w.reqs:
+            w.oldest = req.seq
         w.reqs[req.req_id] = req
         w.classes[req.priority][req.req_id] = req
         self._n_class[req.priority] += 1
@@ -645,13 +651,9 @@ class Scheduler:
 
     def _unqueue(self, req: _Req) -> None:
         w = self._waiting.get(req.model_key)
-        if w is not None and w.reqs.pop(req.req_id, None) is not None:
-            del w.classes[req.priority][req.req_id]
-            self._n_class[req.priority] -= 1
-            self._n_waiting -= 1
+        if w is not None and req.req_id in w.reqs:
             w.blocked_at = -1
-            if not w.reqs:
-                del self._waiting[req.model_key]
+            self._unqueue_for_grant(w, req)
         self._requests.pop(req.req_id, None)
 
     def _grant(self, req: _Req, r: _Runner, now: float, out: list[Effect]) -> None:
@@ -898,12 +900,16 @@ class Scheduler:
             self._replica_due.clear()
         if self._waiting:
             waiting = list(self._waiting.values())
-            # one class waits (the usual case): nothing to rank; every model's next request is
-            # its oldest, and models are served in the order they started waiting
+            # one class waits (the usual case): every model's next request is its oldest
             fifo = not self._mixed()
-            if len(waiting) > 1 and not fifo:
-                # the model whose next request ranks first goes first
-                waiting.sort(key=lambda w: self._rank(self._head(w, now), now))
+            if len(waiting) > 1:
+                # the model whose next request ranks first goes first; with one class that is
+                # the oldest head (not the model that started waiting first: the request that
+                # made it wait may be gone, cancelled or granted, while a later one waits)
+                if fifo:
+                    waiting.sort(key=_OLDEST)
+                else:
+                    waiting.sort(key=lambda w: self._rank(self._head(w, now), now))
             for w in waiting:
                 if w.reqs:
                     self._serve(w, now, out, fifo)
@@ -1008,12 +1014,15 @@ class Scheduler:
         return float(min(RETRY_AFTER_MAX, max(1.0, math.ceil(queued / rate))))
 
     def _unqueue_for_grant(self, w: _Waiting, req: _Req) -> None:
+        """``req`` leaves ``w``'s queue (granted, or by :meth:`_unqueue`)."""
         del w.reqs[req.req_id]
         del w.classes[req.priority][req.req_id]
         self._n_class[req.priority] -= 1
         self._n_waiting -= 1
         if not w.reqs:
             del self._waiting[w.key]
+        elif req.seq == w.oldest:
+            w.oldest = next(iter(w.reqs.values())).seq
 
     def _launch_options(self, w: _Waiting, head: _Req) -> RunnerOptions:
         opts = head.options

@@ -27,6 +27,7 @@ from corral.scheduler import (
     Scheduler,
     Shutdown,
     StartRunner,
+    StopReason,
     StopRunner,
     Tick,
 )
@@ -100,6 +101,24 @@ def test_loaded_model_requests_are_not_held_up_by_a_model_waiting_for_eviction()
     rl, _ = start_ready(h2, "l", 1 * GB)
     assert h2.arrive("big", facts(20 * GB)) == []
     assert h2.arrive("l", facts(1 * GB)) == [Grant(4, rl)]
+
+
+def test_models_waiting_for_the_same_memory_go_by_their_oldest_request() -> None:
+    """a started waiting first, but the request that made it wait was cancelled: c's request
+    is now older than any of a's, so c loads first when the memory frees (decision 2: models by
+    their next requests' ranks, not by when they started waiting)."""
+    h = Harness(Limits(num_parallel=1), inv=GPU24)
+    rx, x = start_ready(h, "x", 20 * GB)
+    a1 = h._next_req + 1
+    assert h.arrive("a", facts(15 * GB), dt=1.0) == []  # needs x gone; x is busy
+    assert h.arrive("c", facts(15 * GB), dt=1.0) == []  # only one of a and c fits
+    assert h.arrive("a", facts(15 * GB), dt=1.0) == []
+    assert h.do(RequestCancelled(a1), dt=1.0) == []
+    assert h.s.snapshot().waiting == {"a": 1, "c": 1}
+    assert h.do(RequestFinished(x)) == [StopRunner(rx, StopReason.EVICTED)]
+    h.do(RunnerStopped(rx))
+    start = only(h.do(InventoryUpdated(GPU24)), StartRunner)  # x's memory is seen free
+    assert start.model_key == "c"
 
 
 def test_two_requests_for_one_unloaded_model_share_one_load() -> None:
