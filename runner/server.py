@@ -178,17 +178,23 @@ class PipeReader(asyncio.Protocol):
     def __init__(self, on_eof: Callable[[], None], rest: bytes = b"") -> None:
         self.on_line: Callable[[bytes], None] | None = None
         self._on_eof = on_eof
-        self._buf = bytearray(rest)  # what followed the LaunchSpec line in its read
+        self._parts: list[bytes] = []  # the line in progress, as read (joined once, at its end)
         self._early: list[bytes] = []  # lines before start (by the protocol, none)
+        self.data_received(rest)  # what followed the LaunchSpec line in its read
 
     def data_received(self, data: bytes) -> None:
-        if not self._buf and data.endswith(b"\n"):  # whole lines, the usual read: no copies
-            for line in data[:-1].split(b"\n"):
-                self._line(line)
+        if b"\n" not in data:
+            if data:
+                self._parts.append(data)
             return
-        self._buf += data
-        if b"\n" in data:
-            self._split()
+        lines = data.split(b"\n")
+        if self._parts:  # the end of a line that came in pieces: one copy of it
+            self._parts.append(lines[0])
+            lines[0] = b"".join(self._parts)
+        rest = lines.pop()
+        self._parts = [rest] if rest else []
+        for line in lines:
+            self._line(line)
 
     def start(self, on_line: Callable[[bytes], None]) -> None:
         """Lines go to ``on_line`` from now on, starting with any that came before."""
@@ -196,14 +202,6 @@ class PipeReader(asyncio.Protocol):
         early, self._early = self._early, []
         for line in early:
             on_line(line)
-        if b"\n" in self._buf:
-            self._split()
-
-    def _split(self) -> None:
-        *lines, rest = self._buf.split(b"\n")
-        self._buf = bytearray(rest)
-        for line in lines:
-            self._line(bytes(line))
 
     def _line(self, line: bytes) -> None:
         if not line.strip():
