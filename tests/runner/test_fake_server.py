@@ -293,6 +293,23 @@ async def test_a_cancel_line_stops_the_job_and_nothing_more_comes():
         engine.close()
 
 
+async def test_a_cancel_while_a_big_request_is_submitted_off_the_loop_cancels_it():
+    """A prompt over INLINE_SUBMIT is submitted from an executor thread; a Cancel line that
+    comes meanwhile (or just after) still stops its job, and its table entry goes."""
+    engine = fake(parallel=1, tokens_per_second=200)
+    pipe = Pipe()
+    try:
+        async with serve(engine, PipeRelay(pipe.write)) as (_, server):
+            for relay_id in (1, 2, 3):
+                submit(server, relay_id, prompt="x" * (INLINE_SUBMIT + 1))
+                server.pipe_line(encode(Cancel(id=relay_id)))
+            await wait_until(lambda: server.inflight == 0)
+            await wait_until(lambda: engine.busy() == 0 and engine.queued() == 0)
+            assert not any(isinstance(e, CompletionDone) for i in (1, 2, 3) for e in pipe.events(i))
+    finally:
+        engine.close()
+
+
 async def test_refusals_and_errors_come_through_the_pipe(engine):
     pipe = Pipe()
     async with serve(engine, PipeRelay(pipe.write)) as (_, server):
