@@ -10,19 +10,23 @@ spawn and load; they differ in what is saved:
   restart  `corral serve` stopped (SIGTERM) and started again on the same store
 Each round runs the four in that order (A-B-C-D, A-B-C-D, ...): the cold baseline is measured
 between the others, under the same machine load. Prints per case the median TTFT, load time
-(the daemon's load_duration: spawn, weights, context), TTFT minus that load (what the saved
-cache can change: restore or prefill, and the first token), the prompt evaluation
-(prompt_eval_duration) and tokens evaluated, the ratios cold / case, and whether the greedy
-answers are the same.
+(the daemon's load_duration, from the request's acquire to its grant) split into the model load
+inside the runner (`runner`: the Ready event's load_duration, the daemon's `model_load_s`) and
+the rest (`other`: scheduling, the runner's spawn or a spare runner's warm-up still under way,
+the handshake), TTFT minus the load (what the saved cache can change: restore or prefill, and
+the first token), the prompt evaluation (prompt_eval_duration) and tokens evaluated, the ratios
+cold / case, whether the greedy answers are the same, and per round what the load started in
+(the daemon's `starting runner` line: a `warm` spare runner, one still `warming` up, `fresh`).
 
     ./dev bench warm [--rounds 2]
 
-Measured (2 rounds each, 2 cores shared with other work; medians; every case with the spare
-runner and the GGUF header cache, docs/DESIGN.md "Spare runner"):
-  load 3.5-3.8   cold 13.32 s   expiry 1.74 s (7.6x)   evict 2.76 s (4.8x)   restart 3.23 s (4.1x)
-  load 3.3-3.9   cold  7.29 s   expiry 1.73 s (4.2x)   evict 2.36 s (3.1x)   restart 1.51 s (4.8x)
-  load 4.4 (runners in 4 KiB pages, GLIBC_TUNABLES=glibc.malloc.hugetlb=0)
-                 cold 11.35 s   expiry 1.77 s (6.4x)   evict 2.15 s (5.3x)   restart 2.29 s (5.0x)
+Measured (2 cores shared with other work; medians), A-B in one sitting against 47107ad (one
+spare runner, spawned at the supervisor's start), 2 rounds each, load 1.7-2.4:
+  47107ad   cold 5.90 s   expiry 1.35 s (4.4x)   evict 1.80 s (3.3x)   restart 2.34 s (2.5x)
+  now       cold 6.12 s   expiry 1.27 s (4.8x)   evict 1.45 s (4.2x)   restart 1.28 s (4.8x)
+Earlier (one spare; load 3.5-3.8): cold 13.32 s, expiry 1.74 s (7.6x), evict 2.76 s (4.8x),
+restart 3.23 s (4.1x); runners in 4 KiB pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=0, load 4.4):
+cold 11.35 s, expiry 1.77 s (6.4x), evict 2.15 s (5.3x), restart 2.29 s (5.0x).
 After the load every restored case evaluates 1 token instead of 1,997 (48-70x lower than cold's
 prefill) and gives the same greedy answer; what remains is the load: 1.4-3.0 s of the daemon's
 load_duration. Where it goes (a warm spare, load ~3): the LaunchSpec to llama.cpp's first line
@@ -30,9 +34,22 @@ load_duration. Where it goes (a warm spare, load ~3): the LaunchSpec to llama.cp
 and the 262k-token vocabulary 0.35-0.45 s (llama.cpp formats every array of the header for its
 log); weights 0.1-0.6 s and KV 0.1-0.6 s (first touches of ~0.5 GB, slowest in fresh 2 MiB
 pages: A-B-A-B-A-B, a runner's load 1.2-1.8 s in 4 KiB pages, 3.1-4.0 s in huge pages, load
-4-5); then the restore (a 22 MB file, 0.05-0.1 s) and the first token. The evict and restart
-cases also find the spare still importing when their load starts (the tiny model's load took the
-previous one 0.4 s earlier; the daemon started 0.02 s earlier). The ratio falls as the machine
+4-5); then the restore (a 22 MB file, 0.05-0.1 s) and the first token. What precedes the
+runner's own load (`other`) is the same in every case since the two spare runners and the
+early first spare (docs/DESIGN.md "Spare runner"): A-B alternating in one sitting, 1 round each,
+twice, against 47107ad (one spare, spawned at the supervisor's start), load 3.2-4.1:
+               expiry        evict         restart
+  47107ad      0.02/0.02 s   0.65/0.77 s   0.74/1.06 s   (evict: the tiny model's load took the
+                                                          only spare 0.4 s before; restart: the
+                                                          spare spawned 5 ms before listening)
+  now          0.01/0.04 s   0.02/0.03 s   0.09/0.21 s   (restart: the first spare still `warming`
+                                                          at the request in these two rounds)
+  (an earlier pair, load 3.2-3.6: now 0.05/0.05, 0.06/0.04, 0.19/0.11 s, every load in a `warm`
+  spare.) The first spare, spawned 0.3-0.6 s after exec at load 4.5, was warm 0.4-0.6 s before
+  the daemon listened in three starts of an empty store (47107ad: 0.9-1.0 s after); what keeps
+  restart's `other` at 0.1-0.2 s with a warm spare is not found yet (the daemon's acquire to its
+  `starting runner` line takes ~5 ms). The runner's own load varied 0.8-4.5 s between runs at
+  these loads: `other`, not TTFT, is what the spares changed. The ratio falls as the machine
 gets quieter: a cold prefill uses both cores and slows down more under load than a load does
 (before this work, at load 16-17: cold 50.3 s, expiry 12.3 s, 4.1x; at load 4.5-5.2 with the
 spare runner: expiry 1.60 s, 11.0x, evict 3.5x, restart 3.6x).
@@ -102,16 +119,23 @@ class Daemon:
                 break
         else:
             raise SystemExit("corral serve did not start")
-        self.loads: list[str] = []  # per load of MODEL: what it started in (its log line)
+        # per load of MODEL, from the log: what it started in (a warm spare runner, one still
+        # warming up, a fresh process) and the runner's own load time (its Ready line)
+        self.loads: list[str] = []
+        self.inside: list[float] = []
         # keep reading its log, or it blocks on a full pipe
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
-            if "starting runner" in line and f"model={MODEL}" in line:
-                m = re.search(r"\sspare=(\w+)", line)
-                self.loads.append(m.group(1) if m else "fresh")
+            if f"model={MODEL}" not in line:
+                continue
+            if "starting runner" in line:
+                m = re.search(r"\sspare(=\w+)?(\s|$)", line)  # older daemons: a bare flag
+                self.loads.append(((m.group(1) or "=spare")[1:]) if m else "fresh")
+            elif "runner ready" in line and (m := re.search(r"\smodel_load_s=([\d.]+)", line)):
+                self.inside.append(float(m.group(1)))
 
     async def runners_at_most(self, n: int) -> None:
         """Until at most ``n`` runner processes of this daemon are left (a stopping one may
@@ -174,12 +198,13 @@ async def main(rounds: int) -> None:
     kv = models / "kvcache"
     results: dict[str, list[tuple[float, dict]]] = {c: [] for c in CASES}
     loads = []
-    # per case and round: what its load started in (the daemon's log: a warm spare runner, one
-    # still warming up, or a fresh process)
+    # per case and round: what its load started in, the runner's own load time
     started: dict[str, list[str]] = {c: [] for c in CASES}
+    inside: dict[str, list[float]] = {c: [] for c in CASES}
 
     def note(c: str, d: Daemon) -> None:
         started[c].append(d.loads[-1] if d.loads else "?")
+        inside[c].append(d.inside[-1] if d.inside else float("nan"))
 
     timeout = aiohttp.ClientTimeout(total=None)
     async with aiohttp.ClientSession(timeout=timeout) as s:
@@ -227,13 +252,19 @@ async def main(rounds: int) -> None:
         f"rounds, load average per round: {'; '.join(loads)} (2 cores)"
     )
     print(
-        f"{'case':8} {'TTFT':>8} {'cold/case':>10} {'load':>7} {'TTFT-load':>10} {'cold/case':>10}"
-        f" {'prompt eval':>12} {'evaluated':>10}  same answer  load started in"
+        f"{'case':8} {'TTFT':>8} {'cold/case':>10} {'load':>7} {'runner':>7} {'other':>6}"
+        f" {'TTFT-load':>10} {'cold/case':>10} {'prompt eval':>12} {'evaluated':>10}"
+        "  same answer  load started in"
     )
     cold_ready = statistics.median(t - rec["load_duration"] / 1e9 for t, rec in results["cold"])
     for c in CASES:
         ttft = statistics.median(t for t, _ in results[c])
         load = statistics.median(rec["load_duration"] / 1e9 for _, rec in results[c])
+        own = statistics.median(inside[c])
+        other = statistics.median(
+            rec["load_duration"] / 1e9 - x
+            for (_, rec), x in zip(results[c], inside[c], strict=True)
+        )
         pe = statistics.median(rec["prompt_eval_duration"] / 1e9 for _, rec in results[c])
         n = statistics.median(
             rec["prompt_eval_count"] - rec.get("prompt_eval_cached_count", 0)
@@ -242,8 +273,9 @@ async def main(rounds: int) -> None:
         ready = statistics.median(t - rec["load_duration"] / 1e9 for t, rec in results[c])
         same = all(rec["response"] == answer for _, rec in results[c])
         print(
-            f"{c:8} {ttft:7.2f}s {cold / ttft:9.1f}x {load:6.2f}s {ready:9.2f}s "
-            f"{cold_ready / ready:9.1f}x {pe:11.3f}s {n:10.0f}  {same!s:11}  {'/'.join(started[c])}"
+            f"{c:8} {ttft:7.2f}s {cold / ttft:9.1f}x {load:6.2f}s {own:6.2f}s {other:5.2f}s"
+            f" {ready:9.2f}s {cold_ready / ready:9.1f}x {pe:11.3f}s {n:10.0f}"
+            f"  {same!s:11}  {'/'.join(started[c])}"
         )
 
 

@@ -1299,6 +1299,9 @@ class Supervisor:
             port=ready.port,
             n_ctx=ready.n_ctx_per_slot,
             load_s=round(took, 3),
+            # of it the model load inside the runner; the rest its spawn or a spare's warm-up
+            # still under way, and the handshake
+            model_load_s=round(ready.load_duration / 1e9, 3),
             memory={d: m.total for d, m in ready.memory.items()},
         )
         self.metrics.load_duration.labels(r.name).observe(took)

@@ -392,6 +392,7 @@ async def test_decision_lines_load_evict_reload_expire_crash(make_env, log_lines
     assert expire["pid"] == pid_b and expire["keep_alive"] == 0
     ready = [json.loads(x) for x in out.getvalue().splitlines() if '"runner ready"' in x]
     assert [r["model"] for r in ready] == [A, B, B] and all(r["pid"] for r in ready)
+    assert all(0 <= r["model_load_s"] <= r["load_s"] for r in ready)  # the runner's own part
 
 
 async def test_decision_lines_crash_with_stderr_tail_key_value(make_env, log_lines):
