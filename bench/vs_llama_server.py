@@ -25,8 +25,9 @@ stream that stopped early at an end-of-turn would make the comparison unfair, so
 
   A = llama-server  (`-np N -c N*4096 -t 2 -tb 2`), built by scripts/build-llama-server.sh from
       llama-cpp-python 0.3.36's vendored llama.cpp with corral's CPU flags, stock by default
-      (`--server patched`: with scripts/patch-llama.py, as corral's own wheel; `--same-spin`:
-      with the GOMP_SPINCOUNT corral's runner sets, see below);
+      (`--server patched`: with scripts/patch-llama.py's decode edits, as corral's own wheel,
+      whose load edits change nothing measured here; `--same-spin`: with the GOMP_SPINCOUNT
+      corral's runner sets, see below);
   B = corral serve  (OLLAMA_NUM_PARALLEL=N, a temporary store with the model created in it,
       num_thread 2, num_ctx 4096 per slot, so the same context per slot as A).
 

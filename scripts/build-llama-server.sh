@@ -4,11 +4,13 @@
 # flags as corral's build (the build plan of scripts/install-llama.sh), for bench/vs_llama_server.py.
 #
 #   scripts/build-llama-server.sh stock     # llama.cpp as shipped
-#   scripts/build-llama-server.sh patched   # with scripts/patch-llama.py's edits, like corral's wheel
+#   scripts/build-llama-server.sh patched   # with scripts/patch-llama.py's decode edits, as corral's wheel
+#                                           # (its load edits change nothing these binaries measure)
 #
 # Prints the folder holding the two binaries on its last stdout line (build output goes to
 # stderr). The binaries are kept in ~/.cache/corral/llama-server/<key> (CORRAL_LLAMA_SERVER_DIR
-# overrides the parent), key = version + CMake options + patch, so a second call returns at once.
+# overrides the parent), key = version + CMake options + decode edits, so a second call returns at
+# once.
 # Statically linked (-DBUILD_SHARED_LIBS=OFF): a shared build leaves the binaries needing
 # libllama-server-impl.so and friends from the build tree, which is deleted afterwards.
 # Only the two targets are built (~10-20 minutes on 2 cores for both variants).
@@ -32,11 +34,11 @@ cpu_args=()
 for a in $LLAMA_CMAKE_ARGS; do
   case "$a" in -DGGML_CUDA*|-DGGML_HIP*|-DCMAKE_CUDA*|-DAMDGPU*|-DGGML_METAL*) ;; *) cpu_args+=("$a") ;; esac
 done
-patch_sha=$(sha256sum < "$HERE/patch-llama.py" | cut -c1-64)
+patch_sha=$("$PY" "$HERE/patch-llama.py" --digest decode)
 extra=(-DBUILD_SHARED_LIBS=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
        -DLLAMA_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=Release)
 parent="${CORRAL_LLAMA_SERVER_DIR:-$HOME/.cache/corral/llama-server}"
-dir_of() {  # the cache folder of a variant: key = version + CMake options + patch (or "stock")
+dir_of() {  # the cache folder of a variant: key = version + CMake options + decode edits (or "stock")
   local patch_id=stock
   if [ "$1" = patched ]; then patch_id="$patch_sha"; fi
   echo "$parent/$(printf '%s\n' "$VERSION" "${cpu_args[*]}" "${extra[*]}" "$patch_id" | sha256sum | cut -c1-16)"
@@ -58,7 +60,7 @@ tar xzf "$src"/llama_cpp_python-*.tar.gz -C "$src"
 sdist="$src/llama_cpp_python-$VERSION"
 cmake -S "$sdist/vendor/llama.cpp" -B "$src/build" "${cpu_args[@]}" "${extra[@]}" >&2
 for v in "${missing[@]}"; do
-  if [ "$v" = patched ]; then "$PY" "$HERE/patch-llama.py" "$sdist"; fi
+  if [ "$v" = patched ]; then "$PY" "$HERE/patch-llama.py" "$sdist" --only decode; fi
   cmake --build "$src/build" --target llama-server llama-batched-bench -j"${CORRAL_BUILD_JOBS:-2}" >&2
   out=$(dir_of "$v")
   mkdir -p "$out.tmp"

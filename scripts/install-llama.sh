@@ -2,7 +2,7 @@
 # Installs llama-cpp-python into the active Python environment, built for this machine: the
 # backend (CPU, CUDA, HIP, Metal) and the CPU instruction sets are chosen by daemon/buildplan.py
 # (it prints its choice and the reason; CORRAL_LLAMA_BACKEND=auto|cpu|cuda|hip|metal overrides),
-# from the sdist with the source edits of scripts/patch-llama.py (batched decode speed, see there).
+# from the sdist with the source edits of scripts/patch-llama.py (decode and load speed, see there).
 # The wheel is kept in a folder keyed by version + backend + flags + Python + patch, because pip's
 # own wheel cache ignores CMAKE_ARGS and would silently reuse a wheel built without them.
 set -euo pipefail
