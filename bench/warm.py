@@ -20,24 +20,40 @@ cold / case, whether the greedy answers are the same, and per round what the loa
 
     ./dev bench warm [--rounds 2]
 
-Measured (2 cores shared with other work; medians), A-B in one sitting against 47107ad (one
-spare runner, spawned at the supervisor's start), 2 rounds each, load 1.7-2.4:
-  47107ad   cold 5.90 s   expiry 1.35 s (4.4x)   evict 1.80 s (3.3x)   restart 2.34 s (2.5x)
-  now       cold 6.12 s   expiry 1.27 s (4.8x)   evict 1.45 s (4.2x)   restart 1.28 s (4.8x)
-Earlier (one spare; load 3.5-3.8): cold 13.32 s, expiry 1.74 s (7.6x), evict 2.76 s (4.8x),
-restart 3.23 s (4.1x); runners in 4 KiB pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=0, load 4.4):
-cold 11.35 s, expiry 1.77 s (6.4x), evict 2.15 s (5.3x), restart 2.29 s (5.0x).
-After the load every restored case evaluates 1 token instead of 1,997 (48-70x lower than cold's
-prefill) and gives the same greedy answer; what remains is the load: 1.4-3.0 s of the daemon's
-load_duration. Where it goes (a warm spare, load ~3): the LaunchSpec to llama.cpp's first line
-0.04 s (a fresh runner: 0.8-1 s of imports at load 5-10, what the spare does ahead); metadata
-and the 262k-token vocabulary 0.35-0.45 s (llama.cpp formats every array of the header for its
-log); weights 0.1-0.6 s and KV 0.1-0.6 s (first touches of ~0.5 GB, slowest in fresh 2 MiB
-pages: A-B-A-B-A-B, a runner's load 1.2-1.8 s in 4 KiB pages, 3.1-4.0 s in huge pages, load
-4-5); then the restore (a 22 MB file, 0.05-0.1 s) and the first token. What precedes the
-runner's own load (`other`) is the same in every case since the two spare runners and the
-early first spare (docs/DESIGN.md "Spare runner"): A-B alternating in one sitting, 1 round each,
-twice, against 47107ad (one spare, spawned at the supervisor's start), load 3.2-4.1:
+Measured (2 cores shared with other work; medians):
+  167c0da, 2 rounds, load 1.1: cold 5.07 s   expiry 0.59 s (8.7x)   evict 0.59 s (8.6x)
+                               restart 0.62 s (8.2x); the runner's load 0.58 / 0.45 / 0.41 /
+                               0.40 s, restore and first token 0.09-0.15 s
+  A-B in one sitting, 1 round each, twice, load 1.0-1.6: llama.cpp's libraries before / after
+  scripts/patch-llama.py's load edits (the daemon's runners on LLAMA_CPP_LIB_PATH):
+    before   cold 5.34/5.09 s   expiry 1.10/0.93 s   evict 1.33/1.31 s   restart 1.37/1.40 s
+             (the runner's load 0.72-1.18 s)
+    after    cold 5.45/4.69 s   expiry 0.79/0.54 s   evict 1.09/0.55 s   restart 1.09/0.63 s
+             (the runner's load 0.38-0.89 s)
+  A-B in one sitting against 47107ad (one spare runner, spawned at the supervisor's start),
+  2 rounds each, load 1.7-2.4:
+    47107ad  cold 5.90 s   expiry 1.35 s (4.4x)   evict 1.80 s (3.3x)   restart 2.34 s (2.5x)
+    2 spares cold 6.12 s   expiry 1.27 s (4.8x)   evict 1.45 s (4.2x)   restart 1.28 s (4.8x)
+             (98032e6, 030f41f: two spare runners, the first spawned before the daemon's imports)
+After the load every restored case evaluates 1 token instead of 1,997 (30-47x lower than cold's
+prefill) and gives the same greedy answer; what remains is the load. A ready runner's load of
+Gemma 3 (the runner's share), from timing probes in a build of the wheel's source (thread CPU,
+load 3-4), before -> after the load edits:
+  the GGUF header (262,144 token strings read)          ~45 ms
+  the metadata dump (formatted whole for its log)       ~100 ms -> <1 ms
+  the tokens into the vocabulary's hash map             65-100 ms
+  the special-token passes over the vocabulary          ~175 ms -> 12-25 ms
+  the token-piece cache                                 25-45 ms
+  weights read into memory (235 MiB), the context       0.07-0.15 s quiet; seconds under load, in
+                                                        fresh 2 MiB pages (DESIGN "Huge pages")
+  ~1,500 log lines through the runner's Python callback ~20 ms
+10x at load ~1 (a TTFT of ~0.5 s) needs ~0.1 s more off that load: what is left of it is
+llama.cpp's own work (the hash map, the piece cache) and first touches of fresh memory.
+llama_model_load_from_file alone (mmap, as llama.cpp's default), A-B alternating, load 6:
+0.90-1.64 -> 0.55-0.77 s. What precedes the runner's own load (`other`) is the same in every case
+since the two spare runners and the early first spare (docs/DESIGN.md "Spare runner"): A-B
+alternating in one sitting, 1 round each, twice, against 47107ad (one spare, spawned at the
+supervisor's start), load 3.2-4.1:
                expiry        evict         restart
   47107ad      0.02/0.02 s   0.65/0.77 s   0.74/1.06 s   (evict: the tiny model's load took the
                                                           only spare 0.4 s before; restart: the
